@@ -1,0 +1,214 @@
+"""Load a `Config` from a YAML file plus `section.key=value` overrides.
+
+The YAML file's top-level keys are section names (parallel, model, train, data,
+logging); each section maps keys to values. Overrides from the command line use
+the same names with a dot (`parallel.tp=2`) and win over the file. Every value,
+from YAML or the command line, is coerced to its field's declared type.
+"""
+
+import difflib
+import os
+
+import yaml
+
+from .schema import SECTIONS, Config, ConfigError, field_types, split_optional
+
+# Spellings accepted as "no value" for Optional fields. YAML already maps
+# null/~ to None; "none" is added because people type it on the command line.
+_NULL_WORDS = {"null", "none", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _type_name(tp) -> str:
+    base, optional = split_optional(tp)
+    return f"{base.__name__} or null" if optional else base.__name__
+
+
+def _unknown(kind: str, name: str, valid: list[str], prefix: str = "") -> ConfigError:
+    """Error for an unknown section/key, suggesting the closest valid spelling."""
+    msg = f"unknown {kind} '{prefix}{name}'"
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        msg += f" (did you mean '{prefix}{close[0]}'?)"
+    where = f" of section '{prefix[:-1]}'" if prefix else ""
+    return ConfigError(f"{msg}; valid {kind}s{where}: {', '.join(valid)}")
+
+
+def coerce(value, tp, key: str):
+    """Convert `value` to the declared type `tp`, or raise ConfigError naming `key`."""
+    base, optional = split_optional(tp)
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in _NULL_WORDS
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: got null, expected {_type_name(tp)}")
+
+    bad = ConfigError(
+        f"{key}: cannot use {value!r} (a {type(value).__name__}), expected {_type_name(tp)}"
+    )
+    # bool is checked first and excluded below because bool is a subclass of int:
+    # `parallel.tp=true` must not silently become tp=1.
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if base is int:
+        if isinstance(value, int):
+            return value
+        try:
+            # float() first so "1e3" and 1000.0 are accepted; fractions are not.
+            f = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            raise bad from None
+        if f is not None and f.is_integer():
+            return int(f)
+        raise bad
+    if base is float:
+        # yaml.safe_load("3e-4") is the *string* "3e-4" (YAML 1.1 floats need a
+        # dot), so strings are converted explicitly here.
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise bad
+    raise bad  # a field type this loader does not know; keep it loud
+
+
+def _set(cfg: Config, section: str, key: str, value, prefix_err: str = "") -> None:
+    """Coerce and assign cfg.<section>.<key> = value, checking both names."""
+    if section not in SECTIONS:
+        raise ConfigError(prefix_err + str(_unknown("section", section, list(SECTIONS))))
+    types = field_types(SECTIONS[section])
+    if key not in types:
+        raise ConfigError(prefix_err + str(_unknown("key", key, list(types), f"{section}.")))
+    try:
+        setattr(getattr(cfg, section), key, coerce(value, types[key], f"{section}.{key}"))
+    except ConfigError as e:
+        raise ConfigError(prefix_err + str(e)) from None
+
+
+def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
+    """Build a Config from {section: {key: value}}; `source` names it in errors."""
+    cfg = Config()
+    if data is None:  # an empty YAML file means all defaults
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    where = f"{source}: "
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(where + str(_unknown("section", str(section), list(SECTIONS))))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, section, str(key), value, where)
+    return cfg
+
+
+def _parse_value(raw: str, tp):
+    """Parse a command-line value string with YAML, before type coercion."""
+    base, _ = split_optional(tp)
+    if base is str:
+        # Keep strings verbatim: YAML would turn `out_dir=0123` into an int
+        # (octal, even) and `out_dir=on` into a bool.
+        if raw.strip().lower() in _NULL_WORDS:
+            return None
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        return parsed if isinstance(parsed, str) else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # let coerce() report it with the expected type
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings to cfg in place (and return it)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' has no '=': write it as section.key=value, e.g. parallel.tp=2")
+        name, raw = item.split("=", 1)
+        name = name.strip()
+        if name.count(".") != 1:
+            raise ConfigError(
+                f"override key '{name}' must be section.key (one dot), e.g. parallel.tp; "
+                f"sections: {', '.join(SECTIONS)}"
+            )
+        section, key = name.split(".")
+        types = field_types(SECTIONS[section]) if section in SECTIONS else {}
+        # Unknown names keep the raw string; _set reports them.
+        value = _parse_value(raw, types[key]) if key in types else raw
+        _set(cfg, section, key, value)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Read `path` (YAML; None = defaults only), then apply `overrides`.
+
+    The result is not validated: call validate(cfg, world_size) once the world
+    size is known.
+    """
+    data = None
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    cfg = config_from_dict(data, source=f"config file '{path}'")
+    return apply_overrides(cfg, list(overrides or []))
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into (config path or None, list of key=value overrides).
+
+    Accepts `--config FILE`, `--config=FILE` and bare `section.key=value` tokens;
+    anything else raises ConfigError naming it.
+    """
+    path = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file name: --config FILE")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if tok.startswith("--config="):
+            path = tok.split("=", 1)[1]
+            if not path:
+                raise ConfigError("--config= needs a file name: --config=FILE")
+        elif "=" in tok and not tok.startswith("-"):
+            overrides.append(tok)
+        else:
+            raise ConfigError(
+                f"unexpected argument '{tok}': expected --config FILE or section.key=value overrides"
+            )
+        i += 1
+    return path, overrides
+

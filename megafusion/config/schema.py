@@ -1,0 +1,137 @@
+"""Typed configuration dataclasses for megafusion.
+
+One dataclass per YAML section (parallel, model, train, data, logging), gathered
+in `Config`. Defaults describe a tiny dense model that runs on one CPU process.
+This module is pure Python: it runs before any process group exists, so it must
+not import torch or megatron.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration could not be loaded, parsed or validated."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel size
+    pp: int = 1  # pipeline parallel size
+    vpp: int | None = None  # virtual pipeline chunks per stage; None or 1 = off
+    sp: bool = False  # sequence parallel (needs tp > 1)
+    ep: int = 1  # expert parallel; reserved, must be 1 until MoE exists
+    cp: int = 1  # context parallel; reserved, must be 1
+    distributed_optimizer: bool = False
+
+    def vpp_size(self) -> int:
+        """Virtual pipeline chunks per stage, with None meaning 1."""
+        return 1 if self.vpp is None else self.vpp
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dense"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # kv heads; None = same as heads
+    ffn_hidden_size: int | None = None  # None = 4 * hidden_size
+    vocab_size: int = 256
+    seq_length: int = 64
+    qk_norm: bool = True
+    z_loss_weight: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    params_dtype: str = "auto"  # auto|fp32|bf16; auto = fp32 on CPU, bf16 on GPU
+    attention_backend: str = "auto"  # auto|sdpa|flex|te
+
+    # The None defaults are resolved on demand rather than in __post_init__,
+    # so that overriding hidden_size later still changes the derived values.
+    def effective_num_query_groups(self) -> int:
+        """Number of key/value heads (num_query_groups, or the head count)."""
+        if self.num_query_groups is None:
+            return self.num_attention_heads
+        return self.num_query_groups
+
+    def effective_ffn_hidden_size(self) -> int:
+        """MLP inner width (ffn_hidden_size, or 4 * hidden_size)."""
+        if self.ffn_hidden_size is None:
+            return 4 * self.hidden_size
+        return self.ffn_hidden_size
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # only "synthetic" for now
+    docs_per_sequence: int = 1  # packed documents per sequence (document masking)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    out_dir: str = "runs/default"
+    dump_losses: str | None = None  # JSON file for per-step losses
+    dump_grads: str | None = None  # .pt file for first-step full gradients
+
+
+@dataclass
+class Config:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (section -> key -> value), e.g. for logging or YAML."""
+        return dataclasses.asdict(self)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size: world_size // (tp * pp * cp).
+
+        ep is not in the product: for dense models it consumes no ranks, and in
+        megatron-core expert parallelism is carved out of the data-parallel
+        ranks rather than multiplying the world size.
+        """
+        p = self.parallel
+        return world_size // (p.tp * p.pp * p.cp)
+
+
+# Section name -> dataclass, in the order of Config's fields.
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+}
+
+
+def field_types(cls: type) -> dict[str, typing.Any]:
+    """Declared type of each field of a section dataclass (annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def split_optional(tp: typing.Any) -> tuple[type, bool]:
+    """(base type, allows None) for `X` or `X | None`."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False

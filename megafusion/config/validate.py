@@ -1,0 +1,262 @@
+"""Validation of a loaded `Config` against the number of processes.
+
+`validate` collects every problem it finds and raises one ConfigError listing
+them all, so a user fixes a config in one round instead of one error at a time.
+Each problem names the offending keys, their values and a concrete fix.
+"""
+
+from .schema import SECTIONS, Config, ConfigError, field_types, split_optional
+
+PARAMS_DTYPES = ("auto", "fp32", "bf16")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
+DATA_SOURCES = ("synthetic",)
+WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _braces(xs) -> str:
+    return "{" + ", ".join(str(x) for x in xs) + "}"
+
+
+def _near(value: int, step: int) -> str:
+    """The multiples of `step` nearest to `value`, as 'a or b'."""
+    lo = (value // step) * step
+    hi = lo + step
+    return f"{lo} or {hi}" if lo >= step else str(hi)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_problems(cfg: Config) -> list[str]:
+    """Fields whose Python type does not match the schema (e.g. set by hand)."""
+    problems = []
+    for section, cls in SECTIONS.items():
+        obj = getattr(cfg, section)
+        for name, tp in field_types(cls).items():
+            v = getattr(obj, name)
+            base, optional = split_optional(tp)
+            if v is None and optional:
+                continue
+            ok = {
+                bool: isinstance(v, bool),
+                int: _is_int(v),
+                float: isinstance(v, (int, float)) and not isinstance(v, bool),
+                str: isinstance(v, str),
+            }.get(base, True)
+            if not ok:
+                problems.append(
+                    f"{section}.{name}={v!r} is a {type(v).__name__}, expected {base.__name__}"
+                    f"{' or null' if optional else ''}: set it to a {base.__name__} value"
+                )
+    return problems
+
+
+def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[str]:
+    p, m, t, d, lg = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.logging
+    problems = []
+
+    def at_least(key: str, v, low: int) -> None:
+        if v < low:
+            problems.append(f"{key}={v} must be >= {low}: set {key} to {low} or more")
+
+    if world_size < 1:
+        problems.append(f"world size {world_size} ({WORLD}) must be >= 1")
+    for key, v in [
+        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep), ("parallel.cp", p.cp),
+        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+        ("data.docs_per_sequence", d.docs_per_sequence), ("logging.log_interval", lg.log_interval),
+    ]:
+        at_least(key, v, 1)
+    for key, v in [("parallel.vpp", p.vpp), ("model.num_query_groups", m.num_query_groups),
+                   ("model.ffn_hidden_size", m.ffn_hidden_size)]:
+        if v is not None and v < 1:
+            problems.append(f"{key}={v} must be >= 1 or null: set {key}=null to use the default")
+    at_least("model.seq_length", m.seq_length, 2)
+    at_least("model.vocab_size", m.vocab_size, 2)
+    at_least("train.warmup_steps", t.warmup_steps, 0)
+
+    for key, v in [("train.lr", t.lr), ("train.adam_eps", t.adam_eps), ("model.norm_eps", m.norm_eps),
+                   ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta)]:
+        if not v > 0:
+            problems.append(f"{key}={v} must be > 0: set {key} to a positive number")
+    for key, v in [("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
+                   ("train.clip_grad", t.clip_grad), ("model.z_loss_weight", m.z_loss_weight)]:
+        if not v >= 0:
+            problems.append(f"{key}={v} must be >= 0: set {key} to 0 or a positive number")
+    if t.lr > 0 and t.min_lr > t.lr:
+        problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}: set train.min_lr <= train.lr")
+    for key, v in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
+        if not 0 <= v < 1:
+            problems.append(f"{key}={v} must be in [0, 1): e.g. {key}=0.9")
+
+    for key, v, allowed in [("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
+                            ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
+                            ("data.source", d.source, DATA_SOURCES),
+                            ("model.arch", m.arch, tuple(known_archs))]:
+        if v not in allowed:
+            problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
+
+    if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:
+        problems.append(
+            f"data.docs_per_sequence={d.docs_per_sequence} exceeds model.seq_length // 2 = "
+            f"{m.seq_length // 2} (each packed document needs at least 2 tokens): set "
+            f"data.docs_per_sequence to at most {m.seq_length // 2} or raise model.seq_length"
+        )
+    return problems
+
+
+def _model_shape_problems(cfg: Config) -> list[str]:
+    """Head/width/vocab divisibility, assuming all values are positive."""
+    p, m = cfg.parallel, cfg.model
+    tp, heads = p.tp, m.num_attention_heads
+    problems = []
+    if heads % tp:
+        problems.append(
+            f"model.num_attention_heads={heads} is not divisible by parallel.tp={tp}: "
+            f"choose parallel.tp in {_braces(_divisors(heads))} or change the head count"
+        )
+    if m.num_query_groups is not None:
+        groups = m.num_query_groups
+        if heads % groups:
+            problems.append(
+                f"model.num_query_groups={groups} does not divide model.num_attention_heads={heads}: "
+                f"choose model.num_query_groups in {_braces(_divisors(heads))}"
+            )
+        elif groups % tp:
+            fits = [g for g in _divisors(heads) if g % tp == 0]
+            alt = f"model.num_query_groups in {_braces(fits)} or " if fits else ""
+            problems.append(
+                f"model.num_query_groups={groups} (key/value heads) is not divisible by parallel.tp={tp}"
+                f" (each tensor-parallel rank needs whole kv heads): choose {alt}"
+                f"parallel.tp in {_braces(_divisors(groups))}"
+            )
+    if m.hidden_size % heads:
+        problems.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={heads}: "
+            f"set model.hidden_size to {_near(m.hidden_size, heads)}, or change the head count"
+        )
+    ffn = m.effective_ffn_hidden_size()
+    if ffn % tp:
+        what = (f"model.ffn_hidden_size={ffn}" if m.ffn_hidden_size is not None
+                else f"model.ffn_hidden_size (default 4 x model.hidden_size = {ffn})")
+        problems.append(
+            f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {_near(ffn, tp)}"
+        )
+    if m.vocab_size % tp:
+        nxt = -(-m.vocab_size // tp) * tp
+        problems.append(
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp} (megafusion does not "
+            f"pad the vocabulary): set model.vocab_size={nxt} (the next multiple of {tp}) or change parallel.tp"
+        )
+    if p.sp and m.seq_length % tp:
+        problems.append(
+            f"parallel.sp=true splits the sequence across tensor-parallel ranks, but model.seq_length="
+            f"{m.seq_length} is not divisible by parallel.tp={tp}: set model.seq_length to "
+            f"{_near(m.seq_length, tp)} or parallel.sp=false"
+        )
+    return problems
+
+
+def _layout_problems(cfg: Config, world_size: int) -> list[str]:
+    """Process-grid, pipeline and batch checks, assuming all values are positive."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    vpp = p.vpp_size()
+    problems = []
+    if p.sp and p.tp == 1:
+        problems.append(
+            "parallel.sp=true (sequence parallel) needs parallel.tp>1: set parallel.tp=2 or more, or parallel.sp=false"
+        )
+    if p.cp != 1:
+        problems.append(f"parallel.cp={p.cp}: context parallelism is reserved, not implemented yet: set parallel.cp=1")
+    if p.ep > 1 and m.arch == "dense":
+        problems.append(
+            f"parallel.ep={p.ep}: parallel.ep>1 needs a MoE model (model.arch=moe/moma), "
+            f"not available for arch=dense: set parallel.ep=1"
+        )
+    chunks = p.pp * vpp
+    if m.num_layers % chunks:
+        problems.append(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = "
+            f"{p.pp} x {vpp} = {chunks} (parallel.vpp={p.vpp if p.vpp is not None else 'null'}; every model "
+            f"chunk needs the same number of layers): set model.num_layers to {_near(m.num_layers, chunks)}, "
+            f"or change parallel.pp / parallel.vpp"
+        )
+    if vpp > 1 and p.pp == 1:
+        problems.append(
+            f"parallel.vpp={p.vpp} (interleaved virtual pipeline) needs parallel.pp>1, got parallel.pp=1: "
+            f"set parallel.pp=2 or more, or parallel.vpp=null"
+        )
+
+    mp = p.tp * p.pp * p.cp
+    if world_size >= 1 and world_size % mp:
+        problems.append(
+            f"world size {world_size} ({WORLD}) is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+            f"{p.tp} x {p.pp} x {p.cp} = {mp}: start a multiple of {mp} processes "
+            f"(e.g. {_near(world_size, mp)}) or lower parallel.tp / parallel.pp"
+        )
+        return problems  # dp is undefined, so the batch checks below cannot run
+    if world_size < 1:
+        return problems
+    dp = world_size // mp
+    if p.ep > 1 and m.arch != "dense" and (dp * p.cp) % p.ep:
+        # megatron-core carves expert parallelism out of the data-parallel ranks.
+        problems.append(
+            f"parallel.ep={p.ep} does not divide dp x parallel.cp = {dp} x {p.cp}: "
+            f"choose parallel.ep in {_braces(_divisors(dp * p.cp))}"
+        )
+    step = t.micro_batch_size * dp
+    dp_how = (f"dp = world size {world_size} / (parallel.tp x parallel.pp x parallel.cp = "
+              f"{p.tp} x {p.pp} x {p.cp}) = {dp}")
+    if t.global_batch_size % step:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x dp = "
+            f"{t.micro_batch_size} x {dp} = {step}, where {dp_how}: set train.global_batch_size to "
+            f"{_near(t.global_batch_size, step)} (a multiple of {step}) or change train.micro_batch_size"
+        )
+    elif vpp > 1 and p.pp > 1:
+        # megatron-core's interleaved schedule (microbatch_group_size_per_vp_stage
+        # defaults to pp) rejects a microbatch count that is not a multiple of pp.
+        n_micro = t.global_batch_size // step
+        if n_micro % p.pp:
+            problems.append(
+                f"with parallel.vpp={p.vpp}, megatron-core's interleaved schedule needs the number of "
+                f"microbatches per data-parallel rank, train.global_batch_size / (train.micro_batch_size x dp)"
+                f" = {t.global_batch_size} / {step} = {n_micro}, to be divisible by parallel.pp={p.pp} "
+                f"({dp_how}): set train.global_batch_size to {_near(t.global_batch_size, step * p.pp)}"
+                f" (a multiple of {step * p.pp})"
+            )
+    return problems
+
+
+def validate(cfg: Config, world_size: int, known_archs: tuple = ("dense",)) -> None:
+    """Raise ConfigError listing every problem of `cfg` for `world_size` processes.
+
+    `known_archs` is the set of model.arch values the caller can build. The
+    raised error carries the individual messages in its `problems` attribute.
+    """
+    problems = _type_problems(cfg)
+    if not problems:
+        problems = _range_problems(cfg, world_size, known_archs)
+        # Divisibility checks divide by these; skip them until they are positive.
+        p, m = cfg.parallel, cfg.model
+        positive = [p.tp, p.pp, p.cp, p.ep, p.vpp_size(), m.num_layers, m.hidden_size,
+                    m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size(),
+                    m.vocab_size, m.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size]
+        if all(v >= 1 for v in positive):
+            problems += _model_shape_problems(cfg) + _layout_problems(cfg, world_size)
+    if problems:
+        n = len(problems)
+        err = ConfigError(
+            f"invalid configuration for world size {world_size} ({n} problem{'s' if n > 1 else ''}):\n"
+            + "\n".join(f"  - {msg}" for msg in problems)
+        )
+        err.problems = problems
+        raise err

@@ -1,0 +1,1 @@
+"""Data: synthetic token streams now; tokenizers, shards and packing come next."""

@@ -1,0 +1,1 @@
+"""Parallelism-aware, model-agnostic layers built on megatron-core's parallel linears."""

@@ -1,0 +1,1 @@
+"""Model families as megatron-core layer specs, and the registry that assembles them."""

@@ -1,0 +1,74 @@
+"""Where each parameter shard sits in its full tensor, and how to move between the two.
+
+megatron-core marks tensor-parallel weights with ``tensor_model_parallel``,
+``partition_dim`` and ``partition_stride``: the full tensor is cut into ``tp * stride``
+equal chunks along ``partition_dim`` and rank r holds chunks ``r, r + tp, ...`` (stride 2 is
+SwiGLU's ``[gate; up]`` fc1, so that each rank holds matching gate and up rows). Layer
+indices in local parameter names restart at 0 on every pipeline stage / virtual chunk;
+``global_param_names`` rewrites them to the global layer number, which is what makes
+layouts comparable and init layout-independent.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def global_param_names(model_chunk) -> dict[str, torch.nn.Parameter]:
+    """``{global name: parameter}`` for one model chunk (DDP wrappers are looked through)."""
+    model = _unwrap(model_chunk)
+    layers = model.decoder.layers if hasattr(model, "decoder") else []
+    out = {}
+    for name, param in model.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            global_idx = layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{global_idx}." + name[match.end():]
+        out[name] = param
+    return out
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if is_tp_sharded(param):
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def shard_of_full(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """The slice of ``full`` that ``param`` holds on tensor-parallel rank ``tp_rank``."""
+    if not is_tp_sharded(param) or tp == 1:
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = full.chunk(tp * stride, dim=dim)
+    return torch.cat(chunks[tp_rank::tp], dim=dim)
+
+
+def gather_full(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """All-gather a tensor-parallel shard (a weight or its gradient) to the full tensor."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if not is_tp_sharded(param) or tp == 1:
+        return shard.clone()
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    # rank r holds chunks r, r+tp, ...: put them back in global chunk order.
+    ordered = [pieces[r][s] for s in range(stride) for r in range(tp)]
+    return torch.cat(ordered, dim=dim)

@@ -1,0 +1,49 @@
+"""Architecture registry: ``model.arch`` name -> layer-spec builder, and model assembly.
+
+``build_model_chunks`` returns one megatron-core ``GPTModel`` per virtual-pipeline chunk held
+by this rank (a list of one without VPP), with layout-independent weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megafusion.layers.norm import RMSNorm
+from megafusion.models.dense import dense_layer_spec
+from megafusion.models.init import initialize_weights
+
+ARCHS: dict[str, Callable[..., ModuleSpec]] = {"dense": dense_layer_spec}
+
+
+def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
+    if cfg.model.arch not in ARCHS:
+        raise ValueError(f"model.arch={cfg.model.arch!r} is unknown: choose one of {sorted(ARCHS)}")
+    layer_spec = ARCHS[cfg.model.arch](cfg)
+    chunks = []
+    for vp_stage in range(runtime.vpp or 1):
+        vp = vp_stage if runtime.vpp else None
+        num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
+        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=RMSNorm)
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block,
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rope_theta),
+            vp_stage=vp,
+        )
+        chunks.append(model.to(runtime.device))
+    initialize_weights(
+        chunks, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, runtime.tp_rank, runtime.tp
+    )
+    return chunks

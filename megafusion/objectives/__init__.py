@@ -1,0 +1,1 @@
+"""Training objectives: next-token LM loss (with z-loss); diffusion comes later."""

@@ -1,0 +1,47 @@
+"""Next-token cross entropy over vocab-parallel logits, with optional z-loss.
+
+Cross entropy is megatron-core's ``vocab_parallel_cross_entropy`` (the logits stay sharded
+over tensor-parallel ranks). The z-loss (``z_loss_weight * logsumexp(logits)^2``, PaLM /
+Chameleon) needs the log-partition over the *full* vocabulary, so it is assembled from a
+max all-reduce (no gradient needed: it only shifts for stability) and a differentiable
+sum all-reduce of ``exp(logits - max)``.
+
+Returned values are sums over unmasked tokens, not means: megatron-core's schedules with
+``calculate_per_token_loss`` divide by the token count of the whole global batch, which
+makes the loss exactly the same whatever the microbatch / data-parallel split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last (vocab-parallel) dimension, differentiable."""
+    local_max = logits.detach().amax(dim=-1)
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
+    return local_max + torch.log(sum_exp)
+
+
+def lm_loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, z_loss_weight: float
+) -> dict[str, torch.Tensor]:
+    """Per-microbatch sums: ``total`` (to backpropagate), ``lm``, ``z`` and ``tokens``.
+
+    logits: ``[b, s, vocab/tp]``; labels, loss_mask: ``[b, s]``.
+    """
+    logits = logits.float()
+    mask = loss_mask.float()
+    z = torch.zeros((), device=logits.device)
+    if z_loss_weight > 0:
+        z = (vocab_parallel_logsumexp(logits).square() * mask).sum()
+    # vocab_parallel_cross_entropy may work in place on its input: give it its own copy.
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
+    lm = (ce * mask).sum()
+    return {"total": lm + z_loss_weight * z, "lm": lm, "z": z, "tokens": mask.sum().to(torch.int)}

@@ -1,0 +1,6 @@
+"""Runtime: device/backend choice, process groups, CPU compatibility layer, seeding."""
+
+from megafusion.runtime.distributed import Runtime, initialize, shutdown
+from megafusion.runtime.seed import seed_everything
+
+__all__ = ["Runtime", "initialize", "shutdown", "seed_everything"]

@@ -1,0 +1,107 @@
+"""Device and backend choice, process-group setup through megatron-core, and teardown.
+
+``initialize(cfg)`` is the one entry point: it picks CUDA + NCCL when a GPU is present and
+CPU + gloo otherwise (installing :mod:`megafusion.runtime.cpu_compat` in that case), starts
+``torch.distributed`` from torchrun's environment variables (or as a single process when
+they are absent), and creates megatron-core's tensor / pipeline / virtual-pipeline /
+context / expert / data-parallel groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs and which coordinates it holds in the parallel layout."""
+
+    device: torch.device
+    backend: str
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last global rank holds the last pipeline stage, where the loss is known."""
+        return self.rank == self.world_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group() -> tuple[str, torch.device]:
+    """Start torch.distributed from torchrun's env (or alone) on the right backend."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        from megafusion.runtime import cpu_compat
+
+        cpu_compat.enable()
+    if "RANK" not in os.environ:  # a plain `python -m megafusion.train`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    return backend, device
+
+
+def initialize(cfg) -> Runtime:
+    """Create the process groups for ``cfg.parallel``; the config must be validated already."""
+    from megatron.core import parallel_state as ps
+
+    backend, device = init_process_group()
+    par = cfg.parallel
+    vpp = par.vpp if par.vpp and par.vpp > 1 else None
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+    )
+    return Runtime(
+        device=device,
+        backend=backend,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp=par.tp,
+        pp=par.pp,
+        dp=ps.get_data_parallel_world_size(),
+        vpp=vpp,
+    )
+
+
+def shutdown() -> None:
+    """Tear down megatron-core's groups and the default group (safe to call twice)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

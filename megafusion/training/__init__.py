@@ -1,0 +1,1 @@
+"""Training loop and its pieces (forward step, optimizer, gradient gathering)."""
