@@ -59,4 +59,10 @@ def build_transformer_config(cfg, device: torch.device) -> TransformerConfig:
         calculate_per_token_loss=True,
         # The schedules need activation shapes known up front: fixed [s, b, h] per stage.
         variable_seq_lengths=False,
+        # gloo matches point-to-point messages between two ranks in posting order. With
+        # PP=2 both neighbours are the same rank, and the batched path posts
+        # "send grad, send activation" against "recv activation, recv grad": same shapes,
+        # silently swapped (seen with VPP). The unbatched path puts the two directions on
+        # different process groups, which keeps them apart.
+        batch_p2p_comm=device.type == "cuda",
     )

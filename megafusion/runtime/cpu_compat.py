@@ -17,10 +17,10 @@ available, and patches exactly this:
 2. ``torch.cuda.current_device`` returns the CPU device; ``torch.cuda.Stream`` /
    ``Event`` / ``stream`` / ``default_stream`` / ``current_stream`` / ``synchronize`` become
    no-op stand-ins (everything on CPU is synchronous);
-
-Not patched: megatron's CUDA RNG tracker (``model_parallel_cuda_manual_seed``). It is only
-needed for dropout inside tensor-parallel regions; megafusion's CPU runs use no dropout
-and seed the CPU generator directly (:mod:`megafusion.runtime.seed`).
+3. the CUDA generator calls (``torch.cuda.get_rng_state`` / ``set_rng_state`` /
+   ``manual_seed`` and megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) act on
+   the CPU generator, so megatron's RNG tracker works: sequence parallelism and dropout
+   fork it to give each tensor-parallel rank its own stream, exactly as on a GPU.
 
 On a machine with CUDA nothing here runs, so GPU behaviour is untouched.
 """
@@ -126,6 +126,13 @@ def enable() -> None:
     cuda.current_stream = lambda device=None: _NoOpStream()
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.manual_seed = torch.manual_seed
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _MODE = _CudaOnCpuMode()
     _MODE.__enter__()
     _ENABLED = True

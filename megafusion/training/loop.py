@@ -121,9 +121,10 @@ def train(cfg, runtime=None) -> list[float]:
             if grads is not None:
                 os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_grads)), exist_ok=True)
                 torch.save(grads, cfg.logging.dump_grads)
+        # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
+        scheduler.step(increment=1)
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
         sums = _step_sums(store, runtime.device)
         tokens = sums[3].item()
         loss = sums[0].item() / tokens
