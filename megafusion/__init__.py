@@ -4,4 +4,12 @@ Layers of the package (each imports only from the ones above it): config, runtim
 ops, layers, models, objectives, data, training / cli. See docs/architecture.md.
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# megatron-core warns at import time, once per module, that Transformer Engine / Apex are
+# missing and it falls back to torch. That is the expected state on CPU and says nothing
+# about the run; the training banner states which kernels are in use instead.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")

@@ -11,7 +11,7 @@ import os
 import sys
 
 from megafusion.config import ConfigError, load_config, parse_cli, validate
-from megafusion.models.registry import ARCHS
+from megafusion.models import ARCHS
 
 
 def load_and_validate(argv: list[str]):

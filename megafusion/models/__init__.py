@@ -1,1 +1,8 @@
-"""Model families as megatron-core layer specs, and the registry that assembles them."""
+"""Model families as megatron-core layer specs, and the registry that assembles them.
+
+``ARCHS`` maps each ``model.arch`` name to ``"module:function"`` building its layer spec. It
+is resolved lazily so that config validation can list the names without importing
+megatron-core.
+"""
+
+ARCHS: dict[str, str] = {"dense": "megafusion.models.dense:dense_layer_spec"}

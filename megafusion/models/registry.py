@@ -1,4 +1,4 @@
-"""Architecture registry: ``model.arch`` name -> layer-spec builder, and model assembly.
+"""Model assembly: the layer spec of ``model.arch`` (see ``megafusion.models.ARCHS``) into GPTModels.
 
 ``build_model_chunks`` returns one megatron-core ``GPTModel`` per virtual-pipeline chunk held
 by this rank (a list of one without VPP), with layout-independent weights.
@@ -6,24 +6,26 @@ by this rank (a list of one without VPP), with layout-independent weights.
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
 
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megafusion.layers.norm import RMSNorm
-from megafusion.models.dense import dense_layer_spec
+from megafusion.models import ARCHS
 from megafusion.models.init import initialize_weights
 
-ARCHS: dict[str, Callable[..., ModuleSpec]] = {"dense": dense_layer_spec}
+
+def layer_spec_builder(arch: str):
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHS)}")
+    module, function = ARCHS[arch].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
-    if cfg.model.arch not in ARCHS:
-        raise ValueError(f"model.arch={cfg.model.arch!r} is unknown: choose one of {sorted(ARCHS)}")
-    layer_spec = ARCHS[cfg.model.arch](cfg)
+    layer_spec = layer_spec_builder(cfg.model.arch)(cfg)
     chunks = []
     for vp_stage in range(runtime.vpp or 1):
         vp = vp_stage if runtime.vpp else None

@@ -49,6 +49,9 @@ def _free_port() -> int:
 def init_process_group() -> tuple[str, torch.device]:
     """Start torch.distributed from torchrun's env (or alone) on the right backend."""
     use_cuda = torch.cuda.is_available()
+    # megatron-core overlaps tensor-parallel communication with compute only when CUDA runs
+    # one hardware queue; it must be set before the CUDA context exists (harmless on CPU).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not use_cuda:
         from megafusion.runtime import cpu_compat
 

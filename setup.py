@@ -1,0 +1,24 @@
+"""Install megafusion: `pip install -e .` (add `-r requirements-ci.txt` for the pinned CPU build)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megafusion",
+    version="0.1.0",
+    description="Megatron-style distributed pretraining for mixed-modal early-fusion models",
+    packages=find_packages(include=["megafusion", "megafusion.*"]),
+    python_requires=">=3.10",
+    # GPU users get their own CUDA torch; CI pins the CPU build in requirements-ci.txt.
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["megafusion=megafusion.cli:main"]},
+)
