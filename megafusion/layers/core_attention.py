@@ -29,6 +29,18 @@ try:  # FlexAttention exists in every torch this project supports (>= 2.6)
 except ImportError:  # pragma: no cover - guarded for unusual builds
     BlockMask, flex_attention = None, None
 
+_compiled_flex = None
+
+
+def _flex(q, k, v, **kwargs):
+    """FlexAttention, compiled on GPU (eager flex materialises the scores); eager on CPU."""
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, **kwargs)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, **kwargs)
+
 
 class MaskedCoreAttention(MegatronModule):
     """Softmax attention with an arbitrary mask; no parameters (nothing in the state dict)."""
@@ -72,7 +84,7 @@ class MaskedCoreAttention(MegatronModule):
         if BlockMask is not None and isinstance(attention_mask, BlockMask):
             if dropout:
                 raise ValueError("attention dropout is not available with FlexAttention block masks")
-            out = flex_attention(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
+            out = _flex(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
         else:
             if attention_mask is None:
                 mask, causal = None, (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal

@@ -1,0 +1,39 @@
+"""The CPU layer maps megatron-core's CUDA requests to the CPU and nothing else."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_cuda_requests_land_on_cpu(runtime):
+    from megafusion.runtime import cpu_compat
+
+    assert cpu_compat.is_enabled() and not torch.cuda.is_available()
+    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.ones(2).cuda().device.type == "cpu"
+    assert torch.ones(2).to("cuda").device.type == "cpu"
+    # The optimizer's dtype dispatch reads these names.
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    # Conversions through .type(dtype) still work.
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        stream.wait_stream(torch.cuda.default_stream())
+    torch.cuda.synchronize()
+
+
+def test_megatron_rng_tracker_forks_the_cpu_generator(runtime):
+    from megatron.core import tensor_parallel
+
+    from megafusion.runtime import seed_everything
+
+    seed_everything(5)
+    before = torch.rand(3)
+    seed_everything(5)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        inside = torch.rand(3)
+    after = torch.rand(3)
+    assert not torch.equal(inside, before), "the fork must use its own stream"
+    assert torch.equal(after, before), "the default stream resumes where it was"

@@ -1,0 +1,65 @@
+"""The commands a user types: the README's main job, the 4-process layout, and bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+STEP = re.compile(r"^step\s+(\d+)/(\d+) \| loss ([0-9.]+)", re.M)
+
+
+def run(cmd, timeout=600):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def losses_of(stdout: str) -> list[float]:
+    return [float(m.group(3)) for m in STEP.finditer(stdout)]
+
+
+def test_torchrun_tp2_pp2_runs_to_completion_and_learns():
+    """The issue's acceptance command, verbatim."""
+    torchrun = shutil.which("torchrun") or str(ROOT / ".venv/bin/torchrun")
+    proc = run([torchrun, "--nproc-per-node", "4", "-m", "megafusion.train", "--config",
+                "examples/configs/tiny_dense.yaml", "parallel.tp=2", "parallel.pp=2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "tp 2 x pp 2 x dp 1" in proc.stdout
+    losses = losses_of(proc.stdout)
+    assert len(losses) == 20, proc.stdout
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, f"loss did not fall: {losses}"
+
+
+def test_console_command_equals_module_entry_point():
+    args = ["--config", "examples/configs/tiny_dense.yaml", "train.steps=3"]
+    console = shutil.which("megafusion")
+    via_console = run([console, "train", *args]) if console else run([sys.executable, "-m", "megafusion.cli", "train", *args])
+    via_module = run([sys.executable, "-m", "megafusion.train", *args])
+    assert via_console.returncode == via_module.returncode == 0, via_console.stderr[-3000:]
+    assert losses_of(via_console.stdout) == losses_of(via_module.stdout)
+    assert len(losses_of(via_module.stdout)) == 3
+
+
+def test_invalid_layout_fails_before_training_with_actionable_message():
+    proc = run([sys.executable, "-m", "megafusion.train", "--config", "examples/configs/tiny_dense.yaml",
+                "parallel.tp=3", "parallel.sp=true"])
+    assert proc.returncode == 2
+    assert "model.num_attention_heads=4 is not divisible by parallel.tp=3" in proc.stderr
+    assert "world size 1" in proc.stderr and "step" not in proc.stdout
+
+
+def test_unknown_key_and_missing_file_are_named():
+    proc = run([sys.executable, "-m", "megafusion.train", "--config", "examples/configs/tiny_dense.yaml",
+                "parallel.tpp=2"])
+    assert proc.returncode == 2 and "parallel.tpp" in proc.stderr and "parallel.tp" in proc.stderr
+    proc = run([sys.executable, "-m", "megafusion.train", "--config", "no/such/file.yaml"])
+    assert proc.returncode == 2 and "no/such/file.yaml" in proc.stderr
+
+
+def test_unknown_cli_command():
+    proc = run([sys.executable, "-m", "megafusion.cli", "trian"])
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
