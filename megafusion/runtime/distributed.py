@@ -56,18 +56,23 @@ def init_process_group() -> tuple[str, torch.device]:
         from megafusion.runtime import cpu_compat
 
         cpu_compat.enable()
-    if "RANK" not in os.environ:  # a plain `python -m megafusion.train`: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        if "RANK" in os.environ:  # torchrun (or srun + torchrun) set up the rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain `python -m megafusion.train`: one process, a private TCP store.
+            # The environment is left alone, so child processes do not inherit a rendezvous.
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                timeout=timeout,
+            )
     return backend, device
 
 
