@@ -9,9 +9,11 @@ Pure Python (no torch, no megatron): it runs before any process group exists.
 
 from .loader import apply_overrides, config_from_dict, load_config, parse_cli
 from .schema import (
+    CheckpointConfig,
     Config,
     ConfigError,
     DataConfig,
+    EvalConfig,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -26,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "DataConfig",
+    "CheckpointConfig",
+    "EvalConfig",
     "LoggingConfig",
     "load_config",
     "parse_cli",

@@ -81,14 +81,46 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # only "synthetic" for now
-    docs_per_sequence: int = 1  # packed documents per sequence (document masking)
+    # synthetic: arithmetic token streams (no tokenizer); builtin: the generated mixed-modal
+    # sets named in `builtin`; indexed: a dataset written by `megafusion data prepare` at `path`.
+    source: str = "synthetic"
+    docs_per_sequence: int = 1  # synthetic only: packed documents per sequence
+    builtin: str = "shapes,digits"  # comma-separated built-in sets (source=builtin)
+    num_samples: int = 4000  # source=builtin: generated shapes samples (digits: all 1797)
+    path: str | None = None  # source=indexed: the prefix given to `megafusion data prepare`
+    tokenizer: str | None = None  # SentencePiece model; null = train one on the built-in text
+    text_vocab_size: int = 384  # size of the SentencePiece model trained on first use
+    image_size: int = 16  # images are resized to image_size x image_size pixels
+    patch_size: int = 2  # pixel-patch codec: one token per patch_size x patch_size patch
+    pixel_levels: int = 4  # pixel-patch codec: quantisation levels per colour channel
+    val_fraction: float = 0.05  # documents held out for evaluation
+    cache_dir: str = "runs/cache"  # where built-in tokenizers and packed data are cached
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # null = <logging.out_dir>/checkpoints
+    interval: int = 0  # save every N steps (0 = only at the end); the end is always saved
+    keep_last: int = 2  # complete checkpoints kept on disk
+    resume: bool = True  # continue from <dir>/latest when it exists
+    save: bool = True  # false: never write checkpoints
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # evaluate every N steps (0 = only at the end)
+    batches: int = 2  # global batches of held-out data per evaluation
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 1
     out_dir: str = "runs/default"
+    wandb: bool = True  # Weights & Biases, offline unless WANDB_MODE says otherwise
+    wandb_project: str = "megafusion"
+    tensorboard: bool = False  # needs the tensorboard package
+    progress: bool = True  # a progress bar when a terminal is attached
+    peak_tflops: float | None = None  # per-GPU peak for MFU where the device is not in the table
     dump_losses: str | None = None  # JSON file for per-step losses
     dump_grads: str | None = None  # .pt file for first-step full gradients
 
@@ -99,6 +131,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:

@@ -9,7 +9,8 @@ from .schema import SECTIONS, Config, ConfigError, field_types, split_optional
 
 PARAMS_DTYPES = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "builtin", "indexed")
+BUILTIN_SETS = ("shapes", "digits")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
 
@@ -104,6 +105,29 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
 
+    c, ev = cfg.checkpoint, cfg.eval
+    for key, v, low in [("checkpoint.interval", c.interval, 0), ("checkpoint.keep_last", c.keep_last, 1),
+                        ("eval.interval", ev.interval, 0), ("eval.batches", ev.batches, 1),
+                        ("data.num_samples", d.num_samples, 1), ("data.text_vocab_size", d.text_vocab_size, 16),
+                        ("data.image_size", d.image_size, 1), ("data.patch_size", d.patch_size, 1),
+                        ("data.pixel_levels", d.pixel_levels, 2)]:
+        at_least(key, v, low)
+    if lg.peak_tflops is not None and not lg.peak_tflops > 0:
+        problems.append(f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
+                        f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989")
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")
+    if d.image_size >= 1 and d.patch_size >= 1 and d.image_size % d.patch_size:
+        problems.append(f"data.image_size={d.image_size} is not divisible by data.patch_size={d.patch_size}: "
+                        f"set data.image_size to {_near(d.image_size, d.patch_size)}")
+    if d.source == "builtin":
+        sets = [x.strip() for x in d.builtin.split(",") if x.strip()]
+        bad = [x for x in sets if x not in BUILTIN_SETS]
+        if bad or not sets:
+            problems.append(f"data.builtin={d.builtin!r} names unknown sets {bad or '(none)'}: use a comma-separated "
+                            f"subset of {', '.join(BUILTIN_SETS)}, e.g. data.builtin=shapes,digits")
+    if d.source == "indexed" and not d.path:
+        problems.append("data.source=indexed needs data.path: the output prefix given to `megafusion data prepare`")
     if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:
         problems.append(
             f"data.docs_per_sequence={d.docs_per_sequence} exceeds model.seq_length // 2 = "
