@@ -14,10 +14,18 @@ setup(
         "megatron-core>=0.16.1,<0.17",
         "numpy",
         "pyyaml>=6",
+        # megatron-core's dist_checkpointing writers need psutil but do not declare it.
+        "psutil",
+        "sentencepiece>=0.2",
+        "scikit-learn>=1.3",  # ships the handwritten-digits images of the built-in set
+        "pillow>=10",
+        "tqdm",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "triton": ["triton>=3.0"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.cli:main"]},

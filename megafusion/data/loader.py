@@ -1,0 +1,136 @@
+"""From packed rows to microbatches: the train/validation split and the sample order.
+
+- ``split_documents`` holds out a deterministic fraction of documents for validation. Which
+  documents are held out depends on ``seed`` and each document's *content* (a hash of its
+  tokens and modalities), not on its position, so reordering or adding input shards does not
+  reshuffle the split of the documents that were already there.
+- ``MicrobatchSource`` maps sample ``i`` of the run (0, 1, 2, ... forever) to a packed row
+  through a fresh permutation per epoch (``epoch = i // num_rows``, permutation drawn from a
+  numpy Generator seeded with ``(seed, epoch)``). Sample ``i`` depends only on
+  ``(rows, seed, i)``: the loader's whole state is the number of samples consumed so far, and
+  resuming a run means calling ``microbatch(consumed, size)`` with that number again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
+from megafusion.data.types import NUM_MODALITIES, DataError, TokenizedDocument
+
+
+def _content_score(doc: TokenizedDocument, seed: int) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(np.ascontiguousarray(doc.tokens, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(doc.modalities, dtype=np.uint8).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def split_documents(docs: list[TokenizedDocument], val_fraction: float, seed: int
+                    ) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
+    """``(train, val)``: ``round(len(docs) * val_fraction)`` documents go to ``val``.
+
+    The held-out documents are those with the smallest ``hash(seed, content)`` (ties broken by
+    position). Both lists keep the input order. ``train`` always keeps at least one document
+    (if there is one); with ``val_fraction > 0`` and at least two documents ``val`` gets at least
+    one.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"split_documents: val_fraction={val_fraction} must be in [0, 1)")
+    n = len(docs)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(n - 1, 0))  # training never loses its last document
+    if n_val == 0:
+        return list(docs), []
+    ranked = sorted(range(n), key=lambda i: (_content_score(docs[i], seed), i))
+    held = set(ranked[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in held]
+    val = [d for i, d in enumerate(docs) if i in held]
+    return train, val
+
+
+class MicrobatchSource:
+    """Microbatches of packed rows in a seeded, per-epoch shuffled order (see the module doc)."""
+
+    _CACHED_EPOCHS = 4  # a microbatch spans at most a few epochs; older permutations are dropped
+
+    def __init__(self, rows: PackedRows, seed: int, name: str = "dataset"):
+        if rows.num_rows == 0:
+            raise DataError(f"{name}: no packed rows to draw samples from (the split is empty); add documents or "
+                            "lower data.val_fraction")
+        if seed < 0:
+            raise ValueError(f"MicrobatchSource: seed must be >= 0, got {seed}")
+        self.rows = rows
+        self.seed = int(seed)
+        self.name = name
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def seq_length(self) -> int:
+        return self.rows.row_length - 1
+
+    def tokens_per_modality(self) -> dict[str, int]:
+        """Document tokens (padding excluded) per modality name, over all rows (one epoch)."""
+        return self.rows.tokens_per_modality()
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._perms[epoch] = perm
+            while len(self._perms) > self._CACHED_EPOCHS:
+                self._perms.popitem(last=False)
+        return perm
+
+    def row_indices(self, first_sample: int, size: int) -> np.ndarray:
+        """The packed rows that samples ``first_sample .. first_sample + size - 1`` read."""
+        if first_sample < 0 or size < 1:
+            raise ValueError(f"row_indices: need first_sample >= 0 and size >= 1, got {first_sample}, {size}")
+        samples = np.arange(first_sample, first_sample + size)
+        epochs, offsets = np.divmod(samples, self.num_rows)
+        return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+    def microbatch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
+        """Samples ``first_sample .. first_sample + size - 1`` as a microbatch dict (see types.py)."""
+        idx = self.row_indices(first_sample, size)
+        tok = self.rows.tokens[idx]
+        mod = self.rows.modalities[idx].astype(np.int64)
+        doc = self.rows.document_ids[idx]
+        pos = self.rows.positions[idx]
+        # Predict the next token only inside a document: not across a document boundary, and
+        # never a padding token (padding shares one id, so check it separately).
+        loss_mask = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] != PAD_DOCUMENT_ID)
+        modality_ids = mod[:, :-1]
+
+        def t(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+        return {
+            "tokens": t(tok[:, :-1]),
+            "labels": t(tok[:, 1:]),
+            "position_ids": t(pos[:, :-1]),
+            "document_ids": t(doc[:, :-1]),
+            "modality_ids": t(modality_ids),
+            "label_modality_ids": t(mod[:, 1:]),
+            "loss_mask": t(loss_mask, torch.float32),
+            "modality_counts": t(np.bincount(modality_ids.ravel(), minlength=NUM_MODALITIES)),
+        }
+
+    def describe(self) -> str:
+        per = ", ".join(f"{k} {v}" for k, v in self.tokens_per_modality().items())
+        return (f"{self.name}: {self.num_rows} rows of {self.seq_length + 1} tokens ({per}, "
+                f"padding {self.rows.padding_tokens()})")
+
+
+__all__ = ["split_documents", "MicrobatchSource"]

@@ -1,0 +1,178 @@
+"""Checkpoints through megatron-core ``dist_checkpointing``: save, resume, reshard, prune.
+
+Layout of ``checkpoint.dir``::
+
+    step_0000100/      one dist_checkpointing directory per saved step
+      ...              (sharded tensors + common.pt written by megatron-core)
+      megafusion.json  written last by rank 0: step, config, data description
+    latest             text file naming the newest *complete* step directory
+
+A save is complete only when every rank has written its shards (barrier), then rank 0
+writes ``megafusion.json`` and atomically replaces ``latest`` (write + ``os.replace``). A
+crash anywhere before that leaves ``latest`` naming the previous complete checkpoint, and
+the half-written directory is ignored and removed by the next successful save.
+
+Tensors are saved under their global names (megatron-core's sharded state dicts), with
+the distributed optimizer's state in the ``fully_sharded_model_space`` format, so a run can
+resume into another TP / PP / VPP / DP layout. What is saved: model chunks, optimizer
+state, LR scheduler, the step and the number of consumed samples (the data loader's whole
+state: samples are a pure function of their index), and the config; the CPU RNG state is
+not needed (nothing in a training step draws random numbers on this path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+MANIFEST = "megafusion.json"
+FORMAT_VERSION = 1
+# Model keys whose change makes a checkpoint's tensors meaningless for the new model.
+SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "vocab_size", "qk_norm")
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names the directory and what is wrong."""
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    state = {}
+    for i, chunk in enumerate(model):
+        # The unwrapped module: keys read "decoder.layers.3.mlp.linear_fc1.weight", not "module.…".
+        state[f"model{i}" if len(model) > 1 else "model"] = chunk.module.sharded_state_dict()
+    model_sd = {}
+    for value in state.values():
+        model_sd.update(value)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+    return state
+
+
+def _model_keys(cfg) -> dict:
+    m = cfg.model
+    values = {k: getattr(m, k) for k in SHAPE_KEYS}
+    values["num_query_groups"] = m.effective_num_query_groups()
+    values["ffn_hidden_size"] = m.effective_ffn_hidden_size()
+    return values
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, consumed_samples: int,
+                    cfg, data_meta: dict | None, keep_last: int) -> Path:
+    """Save on every rank; returns the step directory (complete when this returns)."""
+    path = step_dir(root, step)
+    if dist.get_rank() == 0:
+        if path.exists():  # a leftover of an interrupted save of the same step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["progress"] = {"step": step, "consumed_samples": consumed_samples}
+    dist_checkpointing.save(state, str(path))
+    _fault_point("after_shards", step)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
+                    "model": _model_keys(cfg), "data": data_meta, "config": cfg.to_dict()}
+        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
+        _atomic_write(Path(root) / LATEST, path.name + "\n")
+        _prune(Path(root), keep_last)
+    dist.barrier()
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop older and incomplete ones."""
+    latest = (root / LATEST).read_text().strip()
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    complete = [p for p in steps if (p / MANIFEST).exists()]
+    keep = set(complete[-keep_last:]) | {root / latest}
+    for p in steps:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The directory ``latest`` names, or None when there is no complete checkpoint."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / MANIFEST).exists():
+        raise CheckpointError(
+            f"{pointer} names {path}, which is not a complete megafusion checkpoint (no {MANIFEST}): "
+            f"point {pointer} at a complete step directory, or delete it to start from scratch"
+        )
+    return path
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable ({err}): the checkpoint is damaged") from err
+
+
+def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None) -> None:
+    """Refuse a checkpoint whose model (or tokenizer) differs from the run's, naming each key."""
+    ours = _model_keys(cfg)
+    theirs = manifest.get("model", {})
+    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    saved_data, now = manifest.get("data") or {}, data_meta or {}
+    for key in ("tokenizer", "codec"):
+        if saved_data.get(key) != now.get(key):
+            diffs.append(f"data {key}: checkpoint {saved_data.get(key)!r}, this run {now.get(key)!r}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run:\n  - " + "\n  - ".join(diffs)
+            + "\nuse the checkpoint's settings, or start fresh with checkpoint.resume=false or another checkpoint.dir"
+        )
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Load a checkpoint saved in any layout into this one; returns its ``progress`` dict."""
+    state = _sharded_state_dict(model, optimizer, is_loading=True)
+    state["scheduler"] = None
+    state["progress"] = None
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # megatron raises assorted types for missing/corrupt shards
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    for i, chunk in enumerate(model):
+        chunk.module.load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    return loaded["progress"]
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Test hook: ``MEGAFUSION_FAULT=<where>:<step>`` kills the process here (crash tests)."""
+    fault = os.environ.get("MEGAFUSION_FAULT", "")
+    if fault == f"{where}:{step}":
+        print(f"[megafusion] MEGAFUSION_FAULT: dying at {where} of step {step}", flush=True)
+        os._exit(17)
+
+
+def resolve_dir(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or os.path.join(cfg.logging.out_dir, "checkpoints"))
+
