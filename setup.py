@@ -20,11 +20,11 @@ setup(
         "scikit-learn>=1.3",  # ships the handwritten-digits images of the built-in set
         "pillow>=10",
         "tqdm",
+        "wandb",  # offline by default; logging.wandb=false switches it off
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "triton": ["triton>=3.0"],
-        "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
     },

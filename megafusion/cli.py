@@ -1,20 +1,34 @@
 """The ``megafusion`` console command: ``megafusion <subcommand> ...``.
 
 Subcommands:
-- ``train --config FILE [section.key=value ...]``: the same as ``python -m megafusion.train``
-  (one process here; launch multi-process runs with ``torchrun -m megafusion.train`` or
-  ``launch/torchrun.sh``).
+- ``train --config FILE [section.key=value ...] [--dry-run]``: the same as
+  ``python -m megafusion.train`` (one process here; launch multi-process runs with
+  ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
+- ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
+- ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
+- ``tokenizer train ...``: a SentencePiece model from the text of shards.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = """usage: megafusion <command> [args]
 
 commands:
-  train --config FILE [section.key=value ...]   train a model (see examples/configs/)
+  train --config FILE [section.key=value ...] [--dry-run]   train a model (see examples/configs/)
+  flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
+  data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
+  tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
 """
+
+COMMANDS = {
+    "train": "megafusion.train:main",
+    "flops": "megafusion.models.flops_cli:main",
+    "data": "megafusion.data.cli_data:main",
+    "tokenizer": "megafusion.data.cli_tokenizer:main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from megafusion.train import main as train_main
-
-        return train_main(rest)
+    if command in COMMANDS:
+        module, function = COMMANDS[command].split(":")
+        return getattr(importlib.import_module(module), function)(rest)
     print(f"megafusion: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,6 +1,7 @@
 """``python -m megafusion.train --config FILE [section.key=value ...]``.
 
-Works alone (one process) and under ``torchrun`` (any world size). The config is loaded and
+Works alone (one process) and under ``torchrun`` (any world size); ``--dry-run`` prints the
+resolved parallel layout (see :mod:`megafusion.launch_plan`) instead. The config is loaded and
 validated against the world size before any process group exists, so a layout that cannot
 work stops here with a message that names the key and the fix.
 """
@@ -22,16 +23,27 @@ def load_and_validate(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dry-run" in argv:  # print the resolved layout: which rank holds what; train nothing
+        from megafusion.launch_plan import dry_run_main
+
+        return dry_run_main([a for a in argv if a != "--dry-run"])
     try:
-        cfg = load_and_validate(sys.argv[1:] if argv is None else argv)
+        cfg = load_and_validate(argv)
     except ConfigError as err:
         print(f"megafusion: {err}", file=sys.stderr)
         return 2
     from megafusion.runtime import shutdown
     from megafusion.training.loop import train
 
+    from megafusion.data.types import DataError
+    from megafusion.training.checkpoint import CheckpointError
+
     try:
         train(cfg)
+    except (DataError, CheckpointError) as err:  # bad input: say what and where, no traceback
+        print(f"megafusion: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         shutdown()
     return 0

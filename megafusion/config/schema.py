@@ -38,7 +38,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # kv heads; None = same as heads
     ffn_hidden_size: int | None = None  # None = 4 * hidden_size
-    vocab_size: int = 256
+    vocab_size: int | None = None  # null: 256 for synthetic data, else the tokenizer's (padded to 128)
     seq_length: int = 64
     qk_norm: bool = True
     z_loss_weight: float = 0.0
@@ -95,6 +95,10 @@ class DataConfig:
     pixel_levels: int = 4  # pixel-patch codec: quantisation levels per colour channel
     val_fraction: float = 0.05  # documents held out for evaluation
     cache_dir: str = "runs/cache"  # where built-in tokenizers and packed data are cached
+
+    def packs_documents(self) -> bool:
+        """Whether rows can hold several documents, i.e. attention needs the document mask."""
+        return self.source != "synthetic" or self.docs_per_sequence > 1
 
 
 @dataclass

@@ -81,7 +81,8 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if v is not None and v < 1:
             problems.append(f"{key}={v} must be >= 1 or null: set {key}=null to use the default")
     at_least("model.seq_length", m.seq_length, 2)
-    at_least("model.vocab_size", m.vocab_size, 2)
+    if m.vocab_size is not None:
+        at_least("model.vocab_size", m.vocab_size, 2)
     at_least("train.warmup_steps", t.warmup_steps, 0)
 
     for key, v in [("train.lr", t.lr), ("train.adam_eps", t.adam_eps), ("model.norm_eps", m.norm_eps),
@@ -174,7 +175,7 @@ def _model_shape_problems(cfg: Config) -> list[str]:
         problems.append(
             f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {_near(ffn, tp)}"
         )
-    if m.vocab_size % tp:
+    if m.vocab_size is not None and m.vocab_size % tp:
         nxt = -(-m.vocab_size // tp) * tp
         problems.append(
             f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp} (megafusion does not "
@@ -273,7 +274,7 @@ def validate(cfg: Config, world_size: int, known_archs: tuple = ("dense",)) -> N
         p, m = cfg.parallel, cfg.model
         positive = [p.tp, p.pp, p.cp, p.ep, p.vpp_size(), m.num_layers, m.hidden_size,
                     m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size(),
-                    m.vocab_size, m.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size]
+                    m.vocab_size or 2, m.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size]
         if all(v >= 1 for v in positive):
             problems += _model_shape_problems(cfg) + _layout_problems(cfg, world_size)
     if problems:

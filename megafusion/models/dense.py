@@ -41,7 +41,7 @@ def core_attention_module(backend: str) -> type:
 def dense_layer_spec(cfg) -> ModuleSpec:
     qk_norm = RMSNorm if cfg.model.qk_norm else IdentityOp
     # Packed documents need an arbitrary mask; a single document per row is plain causal.
-    mask_type = AttnMaskType.causal if cfg.data.docs_per_sequence == 1 else AttnMaskType.arbitrary
+    mask_type = AttnMaskType.arbitrary if cfg.data.packs_documents() else AttnMaskType.causal
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -72,22 +72,11 @@ def flops_report(cfg, batch: dict) -> str:
 
 def representative_batch(cfg) -> tuple[dict, str]:
     """A microbatch to report on, and where it came from."""
-    if cfg.data.source != "synthetic":
-        try:
-            from megafusion.data.loader import representative_microbatch  # provided by the data module
-        except ImportError:
-            pass
-        else:
-            return representative_microbatch(cfg), f"data.source={cfg.data.source}"
-    from megafusion.data.synthetic import synthetic_microbatch
+    from megafusion.data.sources import build_data
 
-    m = cfg.model
-    batch = synthetic_microbatch(0, cfg.train.micro_batch_size, cfg.train.seed, m.seq_length, m.vocab_size,
-                                 cfg.data.docs_per_sequence)
-    where = f"synthetic, {cfg.data.docs_per_sequence} packed document(s) per row, all text"
-    if cfg.data.source != "synthetic":
-        where += f" (no batch source for data.source={cfg.data.source} is importable yet)"
-    return batch, where
+    data = build_data(cfg)
+    cfg.model.vocab_size = data.vocab_size
+    return data.train.microbatch(0, cfg.train.micro_batch_size), data.train.describe()
 
 
 def summary(cfg) -> str:
@@ -132,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         # FLOPs do not depend on the layout: validate against the smallest world it accepts.
         p = cfg.parallel
         validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
+        batch, where = representative_batch(cfg)  # first: the data decides the vocabulary
         report = summary(cfg)
-        batch, where = representative_batch(cfg)
         report += f"\nper modality on a representative microbatch ({where}):\n" + flops_report(cfg, batch)
     except (ConfigError, ValueError) as err:
         print(f"megafusion flops: {err}\n{USAGE}", file=sys.stderr)

@@ -30,11 +30,14 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, z_loss_weight: float
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, z_loss_weight: float,
+    label_modality_ids: torch.Tensor | None = None, num_modalities: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Per-microbatch sums: ``total`` (to backpropagate), ``lm``, ``z`` and ``tokens``.
+    """Per-microbatch sums: ``total`` (to backpropagate), ``lm``, ``z``, ``tokens``, and
+    ``lm_per_modality`` / ``tokens_per_modality`` (``[num_modalities]``, by the modality of
+    the predicted token; a scatter-add on the device, no host sync).
 
-    logits: ``[b, s, vocab/tp]``; labels, loss_mask: ``[b, s]``.
+    logits: ``[b, s, vocab/tp]``; labels, loss_mask, label_modality_ids: ``[b, s]``.
     """
     logits = logits.float()
     mask = loss_mask.float()
@@ -44,4 +47,10 @@ def lm_loss_sums(
     # vocab_parallel_cross_entropy may work in place on its input: give it its own copy.
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
     lm = (ce * mask).sum()
-    return {"total": lm + z_loss_weight * z, "lm": lm, "z": z, "tokens": mask.sum().to(torch.int)}
+    if label_modality_ids is None:
+        label_modality_ids = torch.zeros_like(labels)
+    index = label_modality_ids.reshape(-1)
+    per_mod = torch.zeros(num_modalities, device=logits.device).index_add_(0, index, (ce * mask).reshape(-1).detach())
+    tok_mod = torch.zeros(num_modalities, device=logits.device).index_add_(0, index, mask.reshape(-1))
+    return {"total": lm + z_loss_weight * z, "lm": lm, "z": z, "tokens": mask.sum().to(torch.int),
+            "lm_per_modality": per_mod, "tokens_per_modality": tok_mod}

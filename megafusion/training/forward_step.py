@@ -2,7 +2,11 @@
 
 Every pipeline stage (and every virtual chunk) pulls the same microbatch from its own
 iterator: the first stage needs the tokens, every stage needs the attention mask, the last
-stage needs labels and loss mask. Metadata travels with the batch; no stage asks another.
+stage needs labels, loss mask and the modality of each label. Metadata travels with the
+batch; no stage asks another.
+
+The loss function reports one vector per microbatch (``REPORT_FIELDS``), summed over the
+step's microbatches and data-parallel ranks by the loop.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from functools import partial
 
 import torch
 
+from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.layers.masks import block_mask, dense_mask
 from megafusion.objectives.lm_loss import lm_loss_sums
 
+REPORT_FIELDS = ("total", "lm", "z", "tokens",
+                 *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES))
 
-def attention_mask_for(batch: dict, backend: str, docs_per_sequence: int, device: torch.device):
+
+def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
     """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask."""
-    if docs_per_sequence == 1 and backend != "flex":
+    if not packs_documents and backend != "flex":
         return None
     doc_ids = batch["document_ids"].to(device)
     if backend == "flex":
@@ -25,21 +33,29 @@ def attention_mask_for(batch: dict, backend: str, docs_per_sequence: int, device
     return dense_mask(doc_ids)
 
 
-def _loss_func(labels, loss_mask, z_loss_weight, logits):
-    sums = lm_loss_sums(logits, labels, loss_mask, z_loss_weight)
-    report = torch.stack([sums["total"].detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()])
-    return sums["total"], sums["tokens"], {"sums": report}
+def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, logits):
+    sums = lm_loss_sums(logits, labels, loss_mask, z_loss_weight, label_modality_ids, NUM_MODALITIES)
+    report = torch.cat([
+        torch.stack([sums["total"].detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
+        sums["lm_per_modality"], sums["tokens_per_modality"],
+    ])
+    return sums["total"], sums["tokens"], {"report": report}
 
 
 def make_forward_step(cfg, device: torch.device):
-    backend, docs, z_weight = cfg.model.attention_backend, cfg.data.docs_per_sequence, cfg.model.z_loss_weight
+    """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
+
+    Packed real data always needs the document mask; synthetic data only when it packs
+    several documents per row.
+    """
+    backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        mask = attention_mask_for(batch, backend, docs, device)
-        logits = model(
-            batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None
-        )
-        return logits, partial(_loss_func, batch["labels"].to(device), batch["loss_mask"].to(device), z_weight)
+        mask = attention_mask_for(batch, backend, packs, device)
+        logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None)
+        loss = partial(_loss_func, batch["labels"].to(device), batch["loss_mask"].to(device),
+                       batch["label_modality_ids"].to(device), z_weight)
+        return logits, loss
 
     return forward_step

@@ -1,10 +1,12 @@
-"""The training loop: model chunks + DDP + optimizer + megatron-core pipeline schedules.
+"""The training loop: data, model chunks + DDP + optimizer, megatron-core pipeline schedules,
+evaluation, checkpoints and metrics.
 
-``train(cfg)`` runs ``cfg.train.steps`` optimizer steps on any TP x PP (x VPP) x DP layout and
-returns the per-step losses (identical on every rank). Each step pulls
+``train(cfg)`` runs optimizer steps up to ``cfg.train.steps`` on any TP x PP (x VPP) x DP
+layout, resuming from ``checkpoint.dir/latest`` when there is one, and returns the per-step
+losses of the steps it ran (identical on every rank). Each step takes
 ``global_batch_size / (micro_batch_size x dp)`` microbatches per data-parallel rank; rank d
-takes the d-th contiguous slice of the global batch, so the samples of a step are the same
-in every layout.
+reads the d-th contiguous slice of the global batch, so the samples of a step are the same
+in every layout and after a resume.
 """
 
 from __future__ import annotations
@@ -19,46 +21,18 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megafusion.data.synthetic import synthetic_microbatch
+from megafusion.data.sources import build_data
+from megafusion.data.types import MODALITY_NAMES
+from megafusion.models.flops import batch_flops, parameter_counts
 from megafusion.models.registry import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.runtime import initialize, seed_everything
-from megafusion.training.forward_step import make_forward_step
+from megafusion.training import checkpoint as ckpt
+from megafusion.training.forward_step import REPORT_FIELDS, make_forward_step
 from megafusion.training.grads import full_gradients
+from megafusion.training.metrics import MetricsLogger, memory_gb
+from megafusion.training.mfu import describe_peak, mfu, peak_tflops
 from megafusion.training.optim import build_optimizer
-
-
-def _microbatches(cfg, step: int, runtime):
-    t, m = cfg.train, cfg.model
-    per_rank = t.global_batch_size // runtime.dp
-    first = step * t.global_batch_size + runtime.dp_rank * per_rank
-    for k in range(per_rank // t.micro_batch_size):
-        yield synthetic_microbatch(
-            first + k * t.micro_batch_size, t.micro_batch_size, t.seed, m.seq_length, m.vocab_size,
-            cfg.data.docs_per_sequence,
-        )
-
-
-def _step_sums(forward_data_store, device) -> torch.Tensor:
-    """[total, lm, z, tokens] summed over the global batch, known on every rank."""
-    sums = torch.zeros(4, device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        for item in forward_data_store:
-            sums += item["sums"]
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-    dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # other stages add zeros
-    return sums
-
-
-def _gather_to_rank0(obj: dict) -> dict | None:
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, parts, dst=0)
-    if parts is None:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
 
 
 def build(cfg, runtime):
@@ -81,64 +55,188 @@ def build(cfg, runtime):
     return model, optimizer, scheduler, tconfig
 
 
+class Trainer:
+    """One run: holds the pieces and runs steps / evaluations on them."""
+
+    def __init__(self, cfg, runtime):
+        self.cfg, self.rt = cfg, runtime
+        t = cfg.train
+        self.per_rank = t.global_batch_size // runtime.dp
+        self.num_microbatches = self.per_rank // t.micro_batch_size
+        self.data = build_data(cfg, runtime.tp, dist.get_rank() == 0, dist.barrier)
+        cfg.model.vocab_size = self.data.vocab_size  # the data decides the vocabulary
+        self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime)
+        self.forward_step = make_forward_step(cfg, runtime.device)
+        self.forward_backward = get_forward_backward_func()
+
+    def _microbatches(self, source, first_sample: int) -> list[dict]:
+        mbs = self.cfg.train.micro_batch_size
+        first = first_sample + self.rt.dp_rank * self.per_rank
+        return [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
+
+    def _run(self, microbatches: list[dict], forward_only: bool):
+        iterators = [iter(microbatches) for _ in self.model]
+        return self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
+        """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
+        report = torch.zeros(len(REPORT_FIELDS), device=self.rt.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for item in store:
+                report += item["report"]
+        vec = torch.cat([report, extra.to(report.device, report.dtype)])
+        # Every pipeline stage holds the same `extra`: reduce it over DP only, the report over
+        # DP and then PP (stages without the loss add zeros).
+        dist.all_reduce(vec, group=ps.get_data_parallel_group())
+        report = vec[: len(REPORT_FIELDS)]
+        dist.all_reduce(report, group=ps.get_pipeline_model_parallel_group())
+        out = dict(zip(REPORT_FIELDS, report.tolist()))
+        out["extra"] = vec[len(REPORT_FIELDS):].tolist()
+        return out
+
+    def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
+        start = time.perf_counter()
+        microbatches = self._microbatches(self.data.train, consumed)
+        flops = sum(batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"])["total"] for mb in microbatches)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self._run(microbatches, forward_only=False)
+        if dump_grads:
+            _dump_gradients(self.model, self.cfg.parallel.distributed_optimizer, dump_grads)
+        # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
+        self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        r = self._reduce(store, torch.tensor([float(flops)]))
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
+        record = {"step": step + 1, "total_steps": self.cfg.train.steps,
+                  "consumed_samples": consumed + self.cfg.train.global_batch_size,
+                  "loss": r["total"] / r["tokens"], "loss/lm": r["lm"] / r["tokens"], "z_loss": r["z"] / r["tokens"]}
+        record.update(_per_modality(r, "loss"))
+        record.update({"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
+                       "tflops_per_gpu": tflops, "mfu": mfu(tflops * 1e12, self.peak),
+                       "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed})
+        return record
+
+    def evaluate(self, step: int) -> dict | None:
+        if self.data.val is None:
+            return None
+        total = None
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            for b in range(self.cfg.eval.batches):
+                first = b * self.cfg.train.global_batch_size
+                r = self._reduce(self._run(self._microbatches(self.data.val, first), forward_only=True),
+                                 torch.zeros(0))
+                total = r if total is None else {k: total[k] + r[k] for k in REPORT_FIELDS}
+        for chunk in self.model:
+            chunk.train()
+        record = {"step": step, "val/loss": total["total"] / total["tokens"], "val/tokens": int(total["tokens"])}
+        record.update(_per_modality(total, "val/loss"))
+        return record
+
+    @property
+    def peak(self):
+        return peak_tflops(self.rt.device, self.cfg.logging.peak_tflops)
+
+
+def _per_modality(r: dict, prefix: str) -> dict:
+    return {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
+
+
+def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
+    grads = full_gradients(model, distributed_optimizer)
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(grads, parts, dst=0)
+    if parts is not None:
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(merged, path)
+
+
+def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, resumed_from) -> None:
+    cfg, rt = trainer.cfg, trainer.rt
+    params = parameter_counts(cfg)
+    log.say(
+        f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active), vocab {cfg.model.vocab_size} | "
+        f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
+        f"{' | sequence parallel' if cfg.parallel.sp else ''}"
+        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
+        f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
+    )
+    for line in trainer.data.describe().splitlines():
+        log.say(f"[megafusion] data {line}")
+    if trainer.peak is None:
+        log.say(f"[megafusion] {describe_peak(rt.device, cfg.logging.peak_tflops)}")
+    log.say(f"[megafusion] metrics -> {os.path.join(cfg.logging.out_dir, 'metrics.jsonl')}"
+            f"{' (+ wandb offline)' if cfg.logging.wandb else ''} | checkpoints -> "
+            f"{ckpt_root if cfg.checkpoint.save else 'off (checkpoint.save=false)'}")
+    if resumed_from:
+        log.say(f"[megafusion] resumed from {resumed_from}")
+
+
+def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
+    cfg = trainer.cfg
+    if not cfg.checkpoint.resume:
+        return 0, 0, None
+    path = ckpt.latest_checkpoint(root)
+    if path is None:
+        return 0, 0, None
+    ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
+    progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    return progress["step"], progress["consumed_samples"], str(path)
+
+
 def train(cfg, runtime=None) -> list[float]:
     runtime = runtime or initialize(cfg)
     seed_everything(cfg.train.seed)
-    model, optimizer, scheduler, tconfig = build(cfg, runtime)
-    forward_step = make_forward_step(cfg, runtime.device)
-    forward_backward = get_forward_backward_func()
-    t = cfg.train
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * runtime.dp)
-    log = runtime.is_logging_rank
-    if log:
-        print(
-            f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} | "
-            f"world {runtime.world_size} = tp {runtime.tp} x pp {runtime.pp}"
-            f"{f' (vpp {runtime.vpp})' if runtime.vpp else ''} x dp {runtime.dp}"
-            f"{' | sequence parallel' if cfg.parallel.sp else ''}"
-            f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
-            f"{runtime.device.type} / {runtime.backend} | {num_microbatches} microbatches/step",
-            flush=True,
-        )
-    losses = []
-    for step in range(t.steps):
-        start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        iterators = [_microbatches(cfg, step, runtime) for _ in model]
-        store = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model) > 1 else iterators[0],
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=num_microbatches,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
-        if step == 0 and cfg.logging.dump_grads:
-            grads = _gather_to_rank0(full_gradients(model, cfg.parallel.distributed_optimizer))
-            if grads is not None:
-                os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_grads)), exist_ok=True)
-                torch.save(grads, cfg.logging.dump_grads)
-        # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
-        scheduler.step(increment=1)
-        lr = optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = optimizer.step()
-        sums = _step_sums(store, runtime.device)
-        tokens = sums[3].item()
-        loss = sums[0].item() / tokens
-        losses.append(loss)
-        elapsed = time.perf_counter() - start
-        if log and (step + 1) % cfg.logging.log_interval == 0:
-            print(
-                f"step {step + 1:>5}/{t.steps} | loss {loss:.5f} | lm {sums[1].item() / tokens:.5f} | "
-                f"z {sums[2].item() / tokens:.4f} | lr {lr:.3e} | "
-                f"grad_norm {grad_norm:.4f} | {tokens / elapsed:,.0f} tok/s | {elapsed:.2f}s",
-                flush=True,
-            )
+    trainer = Trainer(cfg, runtime)
+    root = ckpt.resolve_dir(cfg)
+    start_step, consumed, resumed_from = _resume(trainer, root)
+    t, c = cfg.train, cfg.checkpoint
+    log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step)
+    _banner(trainer, log, root, resumed_from)
+    losses, saved_at = [], start_step
+    try:
+        for step in range(start_step, t.steps):
+            dump = cfg.logging.dump_grads if step == 0 else None
+            record = trainer.train_step(step, consumed, dump)
+            consumed = record["consumed_samples"]
+            losses.append(record["loss"])
+            last = step + 1 == t.steps
+            if (step + 1) % cfg.logging.log_interval == 0 or last:
+                log.log(record)
+            if (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0) or last:
+                val = trainer.evaluate(step + 1)
+                if val is not None:
+                    log.log(val)
+            if c.save and ((c.interval and (step + 1) % c.interval == 0) or last):
+                path = ckpt.save_checkpoint(root, step + 1, trainer.model, trainer.optimizer, trainer.scheduler,
+                                            consumed, cfg, trainer.data.meta, c.keep_last)
+                saved_at = step + 1
+                log.say(f"[megafusion] saved checkpoint {path}")
+        if start_step >= t.steps:
+            log.say(f"[megafusion] nothing to do: the checkpoint is at step {start_step} >= train.steps={t.steps}")
+    finally:
+        log.close()
     if cfg.logging.dump_losses and dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_losses)), exist_ok=True)
         with open(cfg.logging.dump_losses, "w") as f:
-            json.dump({"losses": losses, "world_size": runtime.world_size, "config": cfg.to_dict()}, f, indent=1)
+            json.dump({"first_step": start_step + 1, "losses": losses, "saved_at": saved_at,
+                       "world_size": runtime.world_size, "config": cfg.to_dict()}, f, indent=1)
     return losses

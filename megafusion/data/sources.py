@@ -1,0 +1,145 @@
+"""From ``cfg.data`` to the train / validation sample sources a run draws microbatches from.
+
+``build_data(cfg)`` is the one entry point the training loop, ``megafusion flops`` and the
+evaluation use. Three sources:
+
+- ``synthetic``: arithmetic token streams (no tokenizer; all tokens are text);
+- ``builtin``: the generated captioned shapes and scikit-learn's handwritten digits, with a
+  SentencePiece model trained on their captions on first use (cached in
+  ``data.cache_dir``) unless ``data.tokenizer`` names one, and the pixel-patch image codec;
+- ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
+  tokenizer and codec made it).
+
+Documents are split into train / validation by content hash, packed whole into rows of
+``model.seq_length + 1`` tokens, and served by ``MicrobatchSource`` (sample i of the run is a
+pure function of i and the seed, so the loader's state is the consumed-sample count).
+The model's vocabulary is the tokenizer's, padded to a multiple of 128 so that every
+power-of-two tensor-parallel size divides it and checkpoints move between layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from megafusion.data.synthetic import synthetic_microbatch
+from megafusion.data.types import NUM_MODALITIES, DataError
+
+VOCAB_MULTIPLE = 128
+SYNTHETIC_VOCAB = 256
+
+
+class SyntheticSource:
+    """Synthetic packed documents in the microbatch format of :mod:`megafusion.data.types`."""
+
+    def __init__(self, seed: int, seq_length: int, vocab_size: int, docs_per_sequence: int):
+        self.seed, self.seq_length, self.vocab_size, self.docs = seed, seq_length, vocab_size, docs_per_sequence
+
+    def microbatch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
+        batch = synthetic_microbatch(first_sample, size, self.seed, self.seq_length, self.vocab_size, self.docs)
+        text = torch.zeros_like(batch["tokens"])  # every synthetic token is text
+        batch.update(modality_ids=text, label_modality_ids=text.clone(),
+                     modality_counts=torch.tensor([text.numel()] + [0] * (NUM_MODALITIES - 1)))
+        return batch
+
+    def describe(self) -> str:
+        return f"synthetic: {self.docs} document(s) per row of {self.seq_length} tokens, vocab {self.vocab_size}"
+
+
+@dataclass
+class DataBundle:
+    train: object  # .microbatch(first_sample, size) -> dict
+    val: object | None
+    vocab_size: int  # the model's (padded) vocabulary
+    meta: dict = field(default_factory=dict)  # what made the tokens: stored with checkpoints
+    tokenizer: object | None = None
+
+    def describe(self) -> str:
+        lines = [f"train   {self.train.describe()}"]
+        if self.val is not None:
+            lines.append(f"val     {self.val.describe()}")
+        return "\n".join(lines)
+
+
+def padded_vocab(tokenizer_vocab: int, requested: int | None, tp: int) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of 128, or the configured size."""
+    if requested is None:
+        return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if requested < tokenizer_vocab:
+        raise DataError(f"model.vocab_size={requested} is smaller than the tokenizer's {tokenizer_vocab} ids: "
+                        f"set model.vocab_size=null (derived from the data) or >= {tokenizer_vocab}")
+    if requested % tp:
+        raise DataError(f"model.vocab_size={requested} is not divisible by parallel.tp={tp}: set model.vocab_size=null")
+    return requested
+
+
+def _builtin_documents(cfg):
+    from megafusion.data.builtin_digits import digits_documents
+    from megafusion.data.builtin_shapes import shapes_documents
+
+    d = cfg.data
+    docs = []
+    for name in (x.strip() for x in d.builtin.split(",") if x.strip()):
+        if name == "shapes":
+            docs += shapes_documents(d.num_samples, cfg.train.seed, d.image_size)
+        elif name == "digits":
+            docs += digits_documents(d.image_size)
+    return docs
+
+
+def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, barrier: Callable[[], None]):
+    """The SentencePiece model path: configured, or trained once (by the first rank) and cached."""
+    from megafusion.data.tokenizer import builtin_tokenizer
+
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if texts is None:
+        raise DataError("data.tokenizer is required for data.source=indexed: the SentencePiece model the dataset "
+                        "was prepared with")
+    corpus = texts()
+    if is_first_rank:
+        builtin_tokenizer(cfg.data.cache_dir, corpus, cfg.data.text_vocab_size)
+    barrier()  # the others reuse the cached file instead of training it again
+    return builtin_tokenizer(cfg.data.cache_dir, corpus, cfg.data.text_vocab_size)
+
+
+def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[], None] = lambda: None) -> DataBundle:
+    """Build the train / validation sources for ``cfg`` (the same on every rank)."""
+    d, m, seed = cfg.data, cfg.model, cfg.train.seed
+    if d.source == "synthetic":
+        vocab = m.vocab_size or SYNTHETIC_VOCAB
+        make = lambda s: SyntheticSource(s, m.seq_length, vocab, d.docs_per_sequence)  # noqa: E731
+        return DataBundle(make(seed), make(seed + 1_000_000), vocab, {"source": "synthetic", "vocab_size": vocab})
+
+    from megafusion.data.codecs import build_codec
+    from megafusion.data.loader import MicrobatchSource, split_documents
+    from megafusion.data.packing import pack_documents
+    from megafusion.data.tokenizer import MultimodalTokenizer
+
+    if d.source == "builtin":
+        documents = _builtin_documents(cfg)
+        codec = build_codec("pixel", image_size=d.image_size, patch_size=d.patch_size, levels=d.pixel_levels)
+        texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
+        tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
+        tokenized = [tokenizer.encode_document(doc) for doc in documents]
+        where = f"builtin:{d.builtin}"
+    else:  # indexed
+        from megafusion.data.indexed import read_indexed
+
+        tokenized, meta = read_indexed(d.path)
+        if "name" not in meta.get("codec", {}):
+            raise DataError(f"{d.path}.meta.json has no codec description: re-run `megafusion data prepare`")
+        codec = build_codec(**meta["codec"])
+        tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier), codec)
+        tokenizer.check_compatible(meta["tokenizer"], f"{d.path}.meta.json")
+        where = f"indexed:{d.path}"
+    train_docs, val_docs = split_documents(tokenized, d.val_fraction, seed)
+    vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)
+    train = MicrobatchSource(pack_documents(train_docs, m.seq_length, tokenizer.pad_id), seed, f"{where} train")
+    val = (MicrobatchSource(pack_documents(val_docs, m.seq_length, tokenizer.pad_id), seed + 1, f"{where} val")
+           if val_docs else None)
+    meta = {"source": where, "vocab_size": vocab, "tokenizer": tokenizer.config(), "codec": codec.config()}
+    return DataBundle(train, val, vocab, meta, tokenizer)
+
