@@ -22,11 +22,11 @@ def losses_of(stdout: str) -> list[float]:
     return [float(m.group(3)) for m in STEP.finditer(stdout)]
 
 
-def test_torchrun_tp2_pp2_runs_to_completion_and_learns():
-    """The issue's acceptance command, verbatim."""
+def test_torchrun_tp2_pp2_runs_to_completion_and_learns(tmp_path):
+    """The core issue's acceptance command (output redirected to a fresh directory)."""
     torchrun = shutil.which("torchrun") or str(ROOT / ".venv/bin/torchrun")
     proc = run([torchrun, "--nproc-per-node", "4", "-m", "megafusion.train", "--config",
-                "examples/configs/tiny_dense.yaml", "parallel.tp=2", "parallel.pp=2"])
+                "examples/configs/tiny_dense.yaml", "parallel.tp=2", "parallel.pp=2", f"logging.out_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "tp 2 x pp 2 x dp 1" in proc.stdout
     losses = losses_of(proc.stdout)
@@ -34,11 +34,12 @@ def test_torchrun_tp2_pp2_runs_to_completion_and_learns():
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, f"loss did not fall: {losses}"
 
 
-def test_console_command_equals_module_entry_point():
-    args = ["--config", "examples/configs/tiny_dense.yaml", "train.steps=3"]
+def test_console_command_equals_module_entry_point(tmp_path):
+    args = ["--config", "examples/configs/tiny_dense.yaml", "train.steps=3", "logging.wandb=false"]
     console = shutil.which("megafusion")
-    via_console = run([console, "train", *args]) if console else run([sys.executable, "-m", "megafusion.cli", "train", *args])
-    via_module = run([sys.executable, "-m", "megafusion.train", *args])
+    first = [*args, f"logging.out_dir={tmp_path / 'console'}"]
+    via_console = run([console, "train", *first]) if console else run([sys.executable, "-m", "megafusion.cli", "train", *first])
+    via_module = run([sys.executable, "-m", "megafusion.train", *args, f"logging.out_dir={tmp_path / 'module'}"])
     assert via_console.returncode == via_module.returncode == 0, via_console.stderr[-3000:]
     assert losses_of(via_console.stdout) == losses_of(via_module.stdout)
     assert len(losses_of(via_module.stdout)) == 3

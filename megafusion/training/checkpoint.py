@@ -89,6 +89,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, co
         _atomic_write(Path(root) / LATEST, path.name + "\n")
         _prune(Path(root), keep_last)
     dist.barrier()
+    _fault_point("after_save", step)
     return path
 
 
@@ -169,7 +170,12 @@ def _fault_point(where: str, step: int) -> None:
     """Test hook: ``MEGAFUSION_FAULT=<where>:<step>`` kills the process here (crash tests)."""
     fault = os.environ.get("MEGAFUSION_FAULT", "")
     if fault == f"{where}:{step}":
+        import psutil
+
         print(f"[megafusion] MEGAFUSION_FAULT: dying at {where} of step {step}", flush=True)
+        # Like a node failure, take the helpers (dist_checkpointing's writer processes) along.
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
         os._exit(17)
 
 
