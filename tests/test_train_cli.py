@@ -64,3 +64,14 @@ def test_unknown_key_and_missing_file_are_named():
 def test_unknown_cli_command():
     proc = run([sys.executable, "-m", "megafusion.cli", "trian"])
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
+
+
+def test_train_dry_run_prints_layout_and_trains_nothing(tmp_path):
+    proc = run([sys.executable, "-m", "megafusion.train", "--dry-run", "--config", "examples/configs/tiny_dense.yaml",
+                "parallel.tp=2", "parallel.pp=2", "--world-size", "8", "--nproc-per-node", "4",
+                f"logging.out_dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world 8 = tp 2 x pp 2 x dp 2" in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"^\s+\d+\s+\d\s+\d\s", line)]
+    assert len(rows) == 8 and rows[4][:6] == ["4", "1", "0", "0", "1", "0"]  # rank 4: node 1, tp 0, pp 1, dp 0
+    assert "loss" not in proc.stdout and not any(tmp_path.iterdir())
