@@ -55,6 +55,18 @@ def test_resume_into_another_layout(runs, layout):
     _assert_close(losses, full[3:], 1e-5, f"resumed into {overrides}")
 
 
+def test_distributed_optimizer_resumes_into_another_dp_and_tp(runs):
+    """DP=2 with the distributed optimizer, stopped at step 3, resumed as TP=2 (DP=1)."""
+    tmp, full, _ = runs
+    ckpt = tmp / "distopt_ckpt"
+    distopt = ["parallel.distributed_optimizer=true", "checkpoint.save=true", f"checkpoint.dir={ckpt}"]
+    _, _, out = run_train(tmp, 2, CONFIG, distopt, "distopt_stopped", env=STOP, expect_rc=1)  # torchrun's code
+    assert out.count("dying at after_save of step 3") == 2
+    losses, _, out = run_train(tmp, 2, CONFIG, [*distopt, "parallel.tp=2"], "distopt_tp2")
+    assert "resumed from" in out and "step_0000003" in out
+    _assert_close(losses, full[3:], 1e-5, "distributed optimizer, DP=2 -> TP=2")
+
+
 def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(runs):
     tmp, full, ckpt = runs
     crashed = tmp / "crashed_ckpt"
@@ -88,3 +100,6 @@ def test_incompatible_checkpoint_is_refused_with_the_reason(runs):
     assert str(copy / "step_0000003") in out
     assert "model.hidden_size: checkpoint 32, this run 64" in out
     assert "checkpoint.resume=false" in out
+    _, _, out = run_train(tmp, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={copy}",
+                                           "parallel.distributed_optimizer=true"], "other_optimizer", expect_rc=2)
+    assert "parallel.distributed_optimizer: checkpoint False, this run True" in out

@@ -13,7 +13,8 @@ crash anywhere before that leaves ``latest`` naming the previous complete checkp
 the half-written directory is ignored and removed by the next successful save.
 
 Tensors are saved under their global names (megatron-core's sharded state dicts), with
-the distributed optimizer's state in the ``fully_sharded_model_space`` format, so a run can
+the distributed optimizer's state in the ``fully_reshardable`` format (one canonical tensor
+per parameter, like the plain optimizer's), so a run can
 resume into another TP / PP / VPP / DP layout. What is saved: model chunks, optimizer
 state, LR scheduler, the step and the number of consumed samples (the data loader's whole
 state: samples are a pure function of their index), and the config; the CPU RNG state is
@@ -27,6 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -36,7 +38,7 @@ FORMAT_VERSION = 1
 # Model keys whose change makes a checkpoint's tensors meaningless for the new model.
 SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "vocab_size", "qk_norm")
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -143,6 +145,11 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None) ->
     for key in ("tokenizer", "codec"):
         if saved_data.get(key) != now.get(key):
             diffs.append(f"data {key}: checkpoint {saved_data.get(key)!r}, this run {now.get(key)!r}")
+    saved_distopt = manifest.get("config", {}).get("parallel", {}).get("distributed_optimizer")
+    if saved_distopt is not None and saved_distopt != cfg.parallel.distributed_optimizer:
+        # The two optimizers store their state in different formats (megatron-core 0.16).
+        diffs.append(f"parallel.distributed_optimizer: checkpoint {saved_distopt}, this run "
+                     f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)")
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} does not fit this run:\n  - " + "\n  - ".join(diffs)
@@ -150,9 +157,82 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None) ->
         )
 
 
+def _loading_state_dict(model, optimizer) -> dict:
+    """The sharded state dict to load into, working around a megatron-core 0.16.1 assertion.
+
+    Without Apex / Transformer Engine (torch's Adam, e.g. on CPU) the DistributedOptimizer's
+    ``state_dict()`` asserts that all parameter states share one ``step``, and a fresh
+    optimizer has none. Give them a temporary ``step`` while the state dict is built, then
+    remove it: ``load_state_dict`` restores the checkpoint's step and refuses extra keys.
+    """
+    primed = []
+    for torch_opt in _torch_adams(optimizer):
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                state = torch_opt.state[p]
+                if "step" not in state:
+                    # The moments as megatron's init_state_fn makes them (it skips non-empty states).
+                    state.setdefault("exp_avg", torch.zeros_like(p.data))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+                    state["step"] = torch.tensor(0.0)
+                    primed.append(state)
+    state = _sharded_state_dict(model, optimizer, is_loading=True)
+    for param_state in primed:
+        del param_state["step"]
+    return state
+
+
+def _keep_step_on_fully_reshardable_load() -> None:
+    """Patch a megatron-core 0.16.1 bug in loading ``fully_reshardable`` optimizer state.
+
+    With torch's Adam (no Apex / Transformer Engine) every parameter's optimizer state holds a
+    ``step``, which the checkpoint stores once, not per tensor; ``load_state_dict`` restores it
+    first and then ``_set_main_param_and_optimizer_states`` looks for it among each
+    parameter's tensors (KeyError). Keep the restored value instead. With Apex / TE the
+    state has no ``step`` and this changes nothing.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megafusion_patched", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    set_states._megafusion_patched = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _torch_adams(optimizer):
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if type(inner).__name__ == "DistributedOptimizer" and isinstance(torch_opt, torch.optim.Adam):
+            yield torch_opt
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own ``step`` tensor after a distributed-optimizer load.
+
+    megatron-core 0.16.1 restores torch Adam's ``step`` as *one* tensor shared by all
+    parameter states; Adam increments it in place once per parameter, so the bias
+    correction after a resume was wrong (found by the resume-parity test).
+    """
+    for torch_opt in _torch_adams(optimizer):
+        for state in torch_opt.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Load a checkpoint saved in any layout into this one; returns its ``progress`` dict."""
-    state = _sharded_state_dict(model, optimizer, is_loading=True)
+    _keep_step_on_fully_reshardable_load()
+    state = _loading_state_dict(model, optimizer)
     state["scheduler"] = None
     state["progress"] = None
     try:
@@ -162,6 +242,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     return loaded["progress"]
 
