@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from megafusion.data.types import DataError
     from megafusion.training.checkpoint import CheckpointError
+    from megafusion.training.metrics import MissingDependencyError
 
     try:
         train(cfg)
-    except (DataError, CheckpointError) as err:  # bad input: say what and where, no traceback
+    except (DataError, CheckpointError, MissingDependencyError) as err:  # bad input: say what and where, no traceback
         print(f"megafusion: {err}", file=sys.stderr, flush=True)
         return 2
     finally:

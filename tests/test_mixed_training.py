@@ -69,3 +69,15 @@ def test_raw_shards_to_indexed_dataset_to_training(tmp_path):
                           ["data.source=indexed", f"data.path={tmp_path / 'ds'}",
                            f"data.tokenizer={tmp_path / 'other.model'}"], "wrong_tok", expect_rc=2)
     assert "ds.meta.json" in err and "different tokenizer" in err
+
+
+def test_missing_logging_backend_is_named_with_the_fix(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:  # then the backend just works
+        run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", ["train.steps=1", "logging.tensorboard=true"], "tb")
+        assert list((tmp_path / "tb" / "tensorboard").iterdir())
+        return
+    _, _, out = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", ["train.steps=1", "logging.tensorboard=true"],
+                          "tb", expect_rc=2)
+    assert "pip install tensorboard" in out and "logging.tensorboard=false" in out

@@ -15,7 +15,7 @@ the half-written directory is ignored and removed by the next successful save.
 Tensors are saved under their global names (megatron-core's sharded state dicts), with
 the distributed optimizer's state in the ``fully_reshardable`` format (one canonical tensor
 per parameter, like the plain optimizer's), so a run can
-resume into another TP / PP / VPP / DP layout. What is saved: model chunks, optimizer
+resume into another TP / PP / VPP / DP layout (with the same optimizer kind). What is saved: model chunks, optimizer
 state, LR scheduler, the step and the number of consumed samples (the data loader's whole
 state: samples are a pure function of their index), and the config; the CPU RNG state is
 not needed (nothing in a training step draws random numbers on this path).

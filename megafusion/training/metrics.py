@@ -21,6 +21,10 @@ import torch
 from megafusion.data.types import MODALITY_NAMES
 
 
+class MissingDependencyError(RuntimeError):
+    """A logging backend was asked for but its package is not installed."""
+
+
 def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -111,7 +115,7 @@ def _start_wandb(cfg):
     try:
         import wandb
     except ImportError as err:
-        raise RuntimeError("logging.wandb=true needs the wandb package: pip install wandb, or set "
+        raise MissingDependencyError("logging.wandb=true needs the wandb package: pip install wandb, or set "
                            "logging.wandb=false") from err
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -123,6 +127,6 @@ def _start_tensorboard(out_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise RuntimeError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+        raise MissingDependencyError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
                            "or set logging.tensorboard=false") from err
     return SummaryWriter(os.path.join(out_dir, "tensorboard"))
