@@ -46,21 +46,15 @@ COMBOS = [
 WORKER = textwrap.dedent(
     """
     import json, os, sys
-    from megafusion.config import Config
     from megafusion.runtime import initialize, shutdown
     from megatron.core import parallel_state as ps
+
+    from tests.test_launch import _cfg
 
     combos, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     records = []
     for overrides, build in combos:
-        cfg = Config()
-        m = cfg.model
-        m.hidden_size, m.num_attention_heads, m.num_query_groups = 16, 4, 4
-        m.ffn_hidden_size, m.vocab_size, m.seq_length = 32, 64, 8
-        m.num_layers = overrides.get("num_layers", 4)
-        for k in ("tp", "pp", "vpp", "cp", "ep"):
-            if k in overrides:
-                setattr(cfg.parallel, k, overrides[k])
+        cfg = _cfg(overrides)  # the same config the layout() side of the test uses
         rt = initialize(cfg)
         rec = {"rank": rt.rank, "node": int(os.environ["GROUP_RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
                "tp": rt.tp_rank, "pp": rt.pp_rank, "dp": rt.dp_rank,
