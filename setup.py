@@ -21,6 +21,9 @@ setup(
         "pillow>=10",
         "tqdm",
         "wandb",  # offline by default; logging.wandb=false switches it off
+        "diffusers>=0.30",  # VQ / KL image autoencoders and noise schedulers, loaded from local paths
+        "safetensors",
+        "matplotlib",  # experiment plots in bench/results
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -11,6 +11,9 @@ import typing
 from dataclasses import dataclass, field
 
 
+MOT_PARTS = ("attention", "ffn", "norms")
+
+
 class ConfigError(ValueError):
     """A configuration could not be loaded, parsed or validated."""
 
@@ -47,6 +50,17 @@ class ModelConfig:
     init_std: float = 0.02
     params_dtype: str = "auto"  # auto|fp32|bf16; auto = fp32 on CPU, bf16 on GPU
     attention_backend: str = "auto"  # auto|sdpa|flex|te
+    # arch=mot: which parts get one copy per modality (comma-separated attention, ffn, norms,
+    # or "all"); attention = Q/K/V and output projections, norms = every RMSNorm incl. QK-norm
+    # and the final norm. Self-attention itself always stays global over the whole sequence.
+    untie: str = "all"
+
+    def untied_parts(self) -> tuple[str, ...]:
+        """The parts of a MoT layer that are untied by modality, in canonical order."""
+        names = [p.strip() for p in self.untie.split(",") if p.strip()]
+        if "all" in names:
+            return MOT_PARTS
+        return tuple(p for p in MOT_PARTS if p in names)
 
     # The None defaults are resolved on demand rather than in __post_init__,
     # so that overriding hidden_size later still changes the derived values.

@@ -5,7 +5,7 @@ them all, so a user fixes a config in one round instead of one error at a time.
 Each problem names the offending keys, their values and a concrete fix.
 """
 
-from .schema import SECTIONS, Config, ConfigError, field_types, split_optional
+from .schema import MOT_PARTS, SECTIONS, Config, ConfigError, field_types, split_optional
 
 PARAMS_DTYPES = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
@@ -113,6 +113,11 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
                         ("data.image_size", d.image_size, 1), ("data.patch_size", d.patch_size, 1),
                         ("data.pixel_levels", d.pixel_levels, 2)]:
         at_least(key, v, low)
+    untie = [x.strip() for x in m.untie.split(",") if x.strip()]
+    bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
+    if bad_parts:
+        problems.append(f"model.untie={m.untie!r} names unknown parts {bad_parts}: use a comma-separated subset "
+                        f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)")
     if lg.peak_tflops is not None and not lg.peak_tflops > 0:
         problems.append(f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
                         f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989")

@@ -5,4 +5,10 @@ is resolved lazily so that config validation can list the names without importin
 megatron-core.
 """
 
-ARCHS: dict[str, str] = {"dense": "megafusion.models.dense:dense_layer_spec"}
+ARCHS: dict[str, str] = {
+    "dense": "megafusion.models.dense:dense_layer_spec",
+    "mot": "megafusion.models.mot:mot_layer_spec",
+}
+
+# Families whose layers read the per-token modality routing (megafusion.layers.routing).
+ROUTED_ARCHS = frozenset({"mot"})

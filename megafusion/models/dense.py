@@ -38,31 +38,40 @@ def core_attention_module(backend: str) -> type:
     return TEDotProductAttention
 
 
-def dense_layer_spec(cfg) -> ModuleSpec:
-    qk_norm = RMSNorm if cfg.model.qk_norm else IdentityOp
+def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_row=RowParallelLinear,
+                           attention_norm=RMSNorm, mlp_norm=RMSNorm, qk_norm=RMSNorm, mlp=None) -> ModuleSpec:
+    """The pre-norm Llama-style layer; other families swap in their own modules (see ``mot.py``).
+
+    ``mlp`` is the MLP module class (default: megatron's SwiGLU ``MLP`` from the two linears).
+    """
     # Packed documents need an arbitrary mask; a single document per row is plain causal.
     mask_type = AttnMaskType.arbitrary if cfg.data.packs_documents() else AttnMaskType.causal
+    if mlp is None:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                              linear_fc2=RowParallelLinear))
+    qk_norm = qk_norm if cfg.model.qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=attention_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=linear_column,
                     core_attention=core_attention_module(cfg.model.attention_backend),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=linear_row,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            pre_mlp_layernorm=mlp_norm,
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def dense_layer_spec(cfg) -> ModuleSpec:
+    return transformer_layer_spec(cfg)

@@ -1,4 +1,7 @@
-"""Exact parameter counts and analytic model FLOPs of the dense family.
+"""Exact parameter counts and analytic model FLOPs of the dense and MoT families.
+
+A MoT token meets exactly one modality's copy of every untied matrix, so its FLOPs per token
+are the dense model's of the same width and depth; only ``parameter_counts`` differs.
 
 What is counted
 ---------------
@@ -60,11 +63,14 @@ ATTENTION_MODES = ("mask", "full")
 FLOP_COUNTER_KERNELS = ("fused", "math", "cpu")
 
 
+FAMILIES = ("dense", "mot")
+
+
 def _dims(cfg) -> dict[str, int]:
     m = cfg.model
-    if m.arch != "dense":
+    if m.arch not in FAMILIES:
         raise ValueError(
-            f"model.arch={m.arch!r}: megafusion.models.flops only has formulas for 'dense'; add this "
+            f"model.arch={m.arch!r}: megafusion.models.flops has formulas for {', '.join(FAMILIES)}; add this "
             f"architecture's parameter and FLOP formulas there (MoE: count active experts for 'active')"
         )
     heads = m.num_attention_heads
@@ -79,34 +85,41 @@ def _dims(cfg) -> dict[str, int]:
     }
 
 
+def _copies(cfg, part: str) -> int:
+    """How many copies of a layer part the model holds: one per modality where MoT unties it."""
+    if cfg.model.arch == "mot" and part in cfg.model.untied_parts():
+        return NUM_MODALITIES
+    return 1
+
+
 def parameter_counts(cfg) -> dict[str, int]:
     """Exact parameter counts of the model that ``build_model_chunks`` builds (all ranks together).
 
     Keys: ``total``; ``embedding`` (input lookup table); ``output_layer`` (untied); ``norm``
     (every RMSNorm weight incl. QK-norm); ``non_embedding`` = total - embedding - output_layer
-    (Kaplan et al.'s N); ``matmul`` = every weight that multiplies each token (total -
-    embedding - norm: the "N" of the 6N rule, output layer included); ``active`` =
-    parameters used per token (dense: == total; MoE will count only the routed experts).
+    (Kaplan et al.'s N); ``matmul`` = weights that multiply each token (the "N" of the 6N
+    rule, output layer included; MoT: one modality's copy, since a token only meets its own);
+    ``active`` = parameters used per token (dense: == total; MoT: one modality's copy of every
+    untied part; MoE will count only the routed experts).
     """
     k = _dims(cfg)
-    h, d, ffn = k["hidden"], k["head_dim"], k["ffn"]
-    qkv = h * (k["heads"] + 2 * k["groups"]) * d
-    proj = k["heads"] * d * h
+    h, d, ffn, L = k["hidden"], k["head_dim"], k["ffn"], k["layers"]
+    attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
     mlp = h * 2 * ffn + ffn * h
-    layer_norms = 2 * h + (2 * d if cfg.model.qk_norm else 0)  # input, pre-MLP (+ q, k per head)
-    per_layer = qkv + proj + mlp + layer_norms
+    norms = L * (2 * h + (2 * d if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
     embedding = k["vocab"] * h
     output_layer = h * k["vocab"]
-    norm = k["layers"] * layer_norms + h  # + final norm
-    total = embedding + k["layers"] * per_layer + h + output_layer
+    active_matmul = L * (attention + mlp) + output_layer
+    total = (embedding + output_layer + L * attention * _copies(cfg, "attention")
+             + L * mlp * _copies(cfg, "ffn") + norms * _copies(cfg, "norms"))
     return {
         "total": total,
         "embedding": embedding,
         "output_layer": output_layer,
-        "norm": norm,
+        "norm": norms * _copies(cfg, "norms"),
         "non_embedding": total - embedding - output_layer,
-        "matmul": total - embedding - norm,
-        "active": total,
+        "matmul": active_matmul,
+        "active": embedding + active_matmul + norms,
     }
 
 

@@ -18,13 +18,26 @@ import zlib
 
 import torch
 
+from megafusion.data.types import MODALITY_NAMES
 from megafusion.models.param_layout import full_shape, global_param_names, shard_of_full
 
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
+def tied_name(name: str) -> str:
+    """The dense name of a modality-partitioned parameter: ``mlp.image.linear_fc1.weight`` ->
+    ``mlp.linear_fc1.weight``, ``input_layernorm.text.weight`` -> ``input_layernorm.weight``."""
+    parts = name.split(".")
+    return ".".join(p for p in parts if p not in MODALITY_NAMES)
+
+
 def _param_std(name: str, init_std: float, num_layers: int) -> float | None:
-    """Std of the normal init for ``name``, or None for parameters initialised to one."""
+    """Std of the normal init for ``name``, or None for parameters initialised to one.
+
+    Each modality's copy of a MoT parameter follows its dense counterpart's scheme but is
+    drawn independently (the generator is keyed by the full, modality-qualified name).
+    """
+    name = tied_name(name)
     if name.endswith("layernorm.weight"):
         return None
     if name.endswith(_RESIDUAL_OUT):

@@ -12,7 +12,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megafusion.layers.norm import RMSNorm
 from megafusion.models import ARCHS
 from megafusion.models.init import initialize_weights
 
@@ -30,7 +29,9 @@ def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
     for vp_stage in range(runtime.vpp or 1):
         vp = vp_stage if runtime.vpp else None
         num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
-        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=RMSNorm)
+        # The final norm is the family's attention norm (per modality when MoT unties norms).
+        final_norm = layer_spec.submodules.input_layernorm
+        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=block,

@@ -9,9 +9,21 @@ weights are filled afterwards by :mod:`megafusion.models.init`, identically in e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
+
+from megafusion.data.types import MODALITY_NAMES
+
+
+@dataclass
+class MegafusionTransformerConfig(TransformerConfig):
+    """megatron-core's config plus what modality-partitioned layers need to know."""
+
+    # One weight copy per name in modality-partitioned modules, in modality-id order.
+    modalities: tuple[str, ...] = MODALITY_NAMES
 
 
 def _skip_init(weight: torch.Tensor) -> None:
@@ -25,11 +37,11 @@ def resolve_dtype(params_dtype: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[params_dtype]
 
 
-def build_transformer_config(cfg, device: torch.device) -> TransformerConfig:
+def build_transformer_config(cfg, device: torch.device) -> MegafusionTransformerConfig:
     m, p = cfg.model, cfg.parallel
     dtype = resolve_dtype(m.params_dtype, device)
     vpp = p.vpp if p.vpp and p.vpp > 1 else None
-    return TransformerConfig(
+    return MegafusionTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,

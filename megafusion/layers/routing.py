@@ -1,0 +1,105 @@
+"""Per-token modality routing for modality-partitioned layers (Mixture-of-Transformers).
+
+megatron-core hands a transformer layer's linears, norms and MLP nothing but hidden states,
+so the routing of one microbatch travels beside the model call instead of through it::
+
+    routing = ModalityRouting.from_modality_ids(batch["modality_ids"], batch["modality_counts"], device)
+    with modality_routing(routing):
+        logits = model(tokens, position_ids, attention_mask)
+
+Every modality-partitioned module reads :func:`current_routing` during its forward; the
+backward needs nothing (autograd kept the index tensors). Each pipeline stage and virtual
+chunk builds the routing from its own copy of the microbatch, so no stage asks another.
+
+What the routing holds, in megatron-core's token order (hidden states are ``[s, b, h]``;
+flattening the first two dims gives token ``i = pos * b + row``):
+
+- ``token_modality`` ``[s * b]``: the modality of each token, on the device;
+- ``order`` / ``inverse_order``: a stable sort of the tokens by modality and its inverse;
+- ``counts``: tokens per modality as Python ints, from the batch's host-side
+  ``modality_counts``, so routing never synchronises with the device.
+
+Under sequence parallelism each tensor-parallel rank holds a contiguous slice of the
+sequence between the linears; :meth:`ModalityRouting.modality_of` returns the modality of
+exactly the tokens a tensor holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state as ps
+
+_ACTIVE: list["ModalityRouting"] = []
+
+
+@dataclass(frozen=True)
+class ModalityRouting:
+    token_modality: torch.Tensor  # [s * b] int64, megatron order (pos-major)
+    order: torch.Tensor  # [s * b] int64: tokens sorted by modality (stable)
+    inverse_order: torch.Tensor  # [s * b] int64: argsort(order)
+    counts: tuple[int, ...]  # tokens per modality, host ints
+    seq_length: int
+    micro_batch_size: int
+
+    @classmethod
+    def from_modality_ids(cls, modality_ids: torch.Tensor, modality_counts: torch.Tensor | None,
+                          device: torch.device, num_modalities: int) -> "ModalityRouting":
+        """Routing of one ``[b, s]`` microbatch whose metadata lives on the host.
+
+        ``modality_counts`` (``[num_modalities]``, counted when the batch was made) is checked
+        against the ids here, on the host, so a broken data pipeline fails loudly instead of
+        mis-routing tokens.
+        """
+        if modality_ids.device.type != "cpu":
+            raise ValueError("ModalityRouting.from_modality_ids wants the batch's host (CPU) modality_ids; "
+                             "build the routing before moving the batch to the device")
+        b, s = modality_ids.shape
+        flat = modality_ids.t().reshape(-1).to(torch.int64)  # [s, b] order, like the hidden states
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_modalities):
+            raise ValueError(f"modality_ids must lie in [0, {num_modalities}); got "
+                             f"[{int(flat.min())}, {int(flat.max())}]")
+        counted = torch.bincount(flat, minlength=num_modalities)
+        if modality_counts is not None and not torch.equal(counted, modality_counts.to(torch.int64)):
+            raise ValueError(f"batch modality_counts {modality_counts.tolist()} disagree with its "
+                             f"modality_ids ({counted.tolist()}): the data loader is inconsistent")
+        order = torch.sort(flat, stable=True).indices
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - three identical moves
+        return cls(move(flat), move(order), move(inverse), tuple(int(c) for c in counted), s, b)
+
+    def modality_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Modality of each token of ``x`` (``[s or s/tp, b, ...]``), shaped ``[x.shape[0], b]``."""
+        ids = self.token_modality.view(self.seq_length, self.micro_batch_size)
+        rows = x.shape[0]
+        if rows == self.seq_length:
+            return ids
+        tp = ps.get_tensor_model_parallel_world_size()
+        if rows * tp == self.seq_length:  # a sequence-parallel slice: this rank's part
+            start = ps.get_tensor_model_parallel_rank() * rows
+            return ids[start:start + rows]
+        raise ValueError(f"a tensor of {rows} positions matches neither the microbatch's sequence "
+                         f"({self.seq_length}) nor its sequence-parallel slice")
+
+
+@contextlib.contextmanager
+def modality_routing(routing: ModalityRouting):
+    """Make ``routing`` the one modality-partitioned modules read inside the block."""
+    _ACTIVE.append(routing)
+    try:
+        yield routing
+    finally:
+        _ACTIVE.pop()
+
+
+def current_routing() -> ModalityRouting:
+    if not _ACTIVE:
+        raise RuntimeError(
+            "a modality-partitioned (MoT) module ran without routing: call the model inside "
+            "`with megafusion.layers.routing.modality_routing(ModalityRouting.from_modality_ids(...))` "
+            "(megafusion's forward step does this for every microbatch)"
+        )
+    return _ACTIVE[-1]

@@ -1,0 +1,54 @@
+"""Grouped GEMM over row groups, and the row permutations that make groups contiguous.
+
+Contract (shared by every backend):
+
+- ``x`` is ``[n, k]`` with its rows already sorted by group: the first ``counts[0]`` rows
+  belong to group 0, the next ``counts[1]`` to group 1, and so on;
+- ``weights[g]`` is ``[m, k]`` (``torch.nn.functional.linear``'s layout, i.e. megatron's
+  ``ColumnParallelLinear.weight``);
+- ``counts`` is a sequence of Python ints known on the host (from batch metadata), so no
+  backend ever has to synchronise with the device to learn the group sizes;
+- the result is ``[n, m]`` with ``y[rows of g] = x[rows of g] @ weights[g].T``.
+
+Each row is multiplied by exactly one weight: the FLOPs are those of one dense matmul over
+all rows, never ``len(weights)`` times that. A group with zero rows still takes part in
+autograd (its weight gets an all-zero gradient), so every parameter always has a gradient
+and data-parallel reductions see the same set of gradients on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch",)
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Sequence[int]) -> None:
+    if len(weights) != len(counts):
+        raise ValueError(f"grouped_linear: {len(weights)} weights but {len(counts)} group counts")
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"grouped_linear: group counts {list(counts)} sum to {sum(counts)}, "
+                         f"but the input has {x.shape[0]} rows")
+
+
+def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Sequence[int],
+                   backend: str = "torch") -> torch.Tensor:
+    """``y[rows of g] = x[rows of g] @ weights[g].T`` for contiguous row groups (see module doc)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_linear backend {backend!r} is not available; choose one of {BACKENDS}")
+    _check(x, weights, list(counts))
+    parts = torch.split(x, list(counts), dim=0)
+    return torch.cat([F.linear(part, w) for part, w in zip(parts, weights)], dim=0)
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``[n, ...]`` in group order: ``x[order]`` (``order`` from a stable argsort)."""
+    return x.index_select(0, order)
+
+
+def unpermute_rows(y: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
+    """Back to the original row order: ``y[inverse_order]`` where ``inverse_order = argsort(order)``."""
+    return y.index_select(0, inverse_order)
