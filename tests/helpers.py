@@ -39,3 +39,19 @@ def run_train(tmp_path: Path, nproc: int, config: str, overrides: list[str], tag
         return None, None, proc.stdout + proc.stderr
     dumped = json.loads(losses.read_text())
     return dumped["losses"], (torch.load(grads) if grads.exists() else None), proc.stdout
+
+
+def assert_same_training(reference, run, layout: str, rel_tol: float) -> None:
+    """``run`` = (losses, first-step full gradients) equals ``reference`` step by step, gradient by gradient."""
+    (ref_losses, ref_grads), (losses, grads) = reference, run
+    assert len(losses) == len(ref_losses) > 0
+    for step, (got, want) in enumerate(zip(losses, ref_losses), start=1):
+        assert abs(got - want) <= rel_tol * abs(want), f"{layout} step {step}: loss {got!r} vs {want!r}"
+
+    assert sorted(grads) == sorted(ref_grads), "the layout holds different parameters than one process"
+    for name, want in ref_grads.items():
+        got = grads[name]
+        assert got.shape == want.shape, f"{name}: gathered shape {tuple(got.shape)} vs {tuple(want.shape)}"
+        assert want.norm() > 0, f"{name}: zero reference gradient makes the comparison vacuous"
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel <= rel_tol, f"{layout}: gradient of {name} differs by {rel:.2e} (relative)"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megafusion.config import Config
+from megafusion.data.types import MODALITY_NAMES
 from megafusion.data.synthetic import synthetic_microbatch
 from megafusion.layers.masks import dense_mask
 from megafusion.models.param_layout import global_param_names
@@ -34,29 +35,55 @@ def rope(x, theta):
     return x * cos[None, :, None] + rotated * sin[None, :, None]
 
 
-def reference_logits(w: dict, tokens, doc_ids, m):
+def modality_key(name: str, modality: str) -> str:
+    """The MoT key of one modality's copy: ``mlp.image.linear_fc1.weight``, ``x.image.weight``."""
+    if ".mlp." in name:
+        return name.replace(".mlp.", f".mlp.{modality}.")
+    return name[: -len("weight")] + f"{modality}.weight"
+
+
+def apply(w: dict, name: str, x, fn, modality_ids):
+    """``fn(x, weight)`` with the dense weight, or each token with its modality's copy (MoT).
+
+    The reference computes every modality's result for every token and then selects: the
+    simplest correct form, independent of the model's routing.
+    """
+    if name in w:
+        return fn(x, w[name])
+    out = 0
+    for m, modality in enumerate(MODALITY_NAMES):
+        keep = (modality_ids == m).view(*modality_ids.shape, *([1] * (x.dim() - 2)))
+        out = out + torch.where(keep, fn(x, w[modality_key(name, modality)]), 0.0)
+    return out
+
+
+def reference_logits(w: dict, tokens, doc_ids, m, modality_ids=None, allowed=None):
+    """Float64 logits; ``modality_ids`` [b, s] picks MoT copies, ``allowed`` [b, 1, s, s] overrides the mask."""
     heads, groups = m.num_attention_heads, m.effective_num_query_groups()
     d, per = m.hidden_size // heads, heads // groups
     b, s = tokens.shape
-    allowed = ~dense_mask(doc_ids)
+    mod = torch.zeros_like(tokens) if modality_ids is None else modality_ids
+    allowed = ~dense_mask(doc_ids) if allowed is None else allowed
+    linear = lambda x, wt: x @ wt.T  # noqa: E731
+    norm = lambda x, wt: rms(x, wt, m.norm_eps)  # noqa: E731
     h = w["embedding.word_embeddings.weight"][tokens]
     for i in range(m.num_layers):
         p = f"decoder.layers.{i}."
-        x = rms(h, w[p + "input_layernorm.weight"], m.norm_eps)
-        qkv = (x @ w[p + "self_attention.linear_qkv.weight"].T).view(b, s, groups, per + 2, d)
+        x = apply(w, p + "input_layernorm.weight", h, norm, mod)
+        qkv = apply(w, p + "self_attention.linear_qkv.weight", x, linear, mod).view(b, s, groups, per + 2, d)
         q = qkv[:, :, :, :per].reshape(b, s, heads, d)
         k, v = qkv[:, :, :, per], qkv[:, :, :, per + 1]
-        q = rope(rms(q, w[p + "self_attention.q_layernorm.weight"], m.norm_eps), m.rope_theta)
-        k = rope(rms(k, w[p + "self_attention.k_layernorm.weight"], m.norm_eps), m.rope_theta)
+        q = rope(apply(w, p + "self_attention.q_layernorm.weight", q, norm, mod), m.rope_theta)
+        k = rope(apply(w, p + "self_attention.k_layernorm.weight", k, norm, mod), m.rope_theta)
         k, v = k.repeat_interleave(per, dim=2), v.repeat_interleave(per, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d**0.5
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         attn = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, heads * d)
-        h = h + attn @ w[p + "self_attention.linear_proj.weight"].T
-        x = rms(h, w[p + "pre_mlp_layernorm.weight"], m.norm_eps)
-        gate, up = (x @ w[p + "mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
-        h = h + (F.silu(gate) * up) @ w[p + "mlp.linear_fc2.weight"].T
-    return rms(h, w["decoder.final_layernorm.weight"], m.norm_eps) @ w["output_layer.weight"].T
+        h = h + apply(w, p + "self_attention.linear_proj.weight", attn, linear, mod)
+        x = apply(w, p + "pre_mlp_layernorm.weight", h, norm, mod)
+        gate, up = apply(w, p + "mlp.linear_fc1.weight", x, linear, mod).chunk(2, dim=-1)
+        h = h + apply(w, p + "mlp.linear_fc2.weight", F.silu(gate) * up, linear, mod)
+    return apply(w, "decoder.final_layernorm.weight", h, norm, mod) @ w["output_layer.weight"].T
 
 
 def test_dense_model_matches_float64_reference(runtime):

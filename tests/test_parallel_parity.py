@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import run_train
+from tests.helpers import assert_same_training, run_train
 
 CONFIG = "tests/configs/parity.yaml"
 LAYOUTS = {
@@ -32,21 +32,10 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path):
-    ref_losses, ref_grads = reference
     nproc, overrides = LAYOUTS[layout]
     losses, grads, _ = run_train(tmp_path, nproc, CONFIG, overrides, layout)
-
-    assert len(losses) == len(ref_losses) == 5
-    for step, (got, want) in enumerate(zip(losses, ref_losses), start=1):
-        assert abs(got - want) <= REL_TOL * abs(want), f"{layout} step {step}: loss {got!r} vs {want!r}"
-
-    assert sorted(grads) == sorted(ref_grads), "the layout holds different parameters than one process"
-    for name, want in ref_grads.items():
-        got = grads[name]
-        assert got.shape == want.shape, f"{name}: gathered shape {tuple(got.shape)} vs {tuple(want.shape)}"
-        assert want.norm() > 0, f"{name}: zero reference gradient makes the comparison vacuous"
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel <= REL_TOL, f"{layout}: gradient of {name} differs by {rel:.2e} (relative)"
+    assert len(losses) == 5
+    assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 
 def test_layouts_are_not_trivially_equal(reference, tmp_path):

@@ -105,8 +105,14 @@ class DataConfig:
     tokenizer: str | None = None  # SentencePiece model; null = train one on the built-in text
     text_vocab_size: int = 384  # size of the SentencePiece model trained on first use
     image_size: int = 16  # images are resized to image_size x image_size pixels
-    patch_size: int = 2  # pixel-patch codec: one token per patch_size x patch_size patch
+    patch_size: int = 2  # pixel / vq codecs: one token per patch_size x patch_size patch
     pixel_levels: int = 4  # pixel-patch codec: quantisation levels per colour channel
+    # source=builtin image codec (indexed data carries its own): pixel|vq|vqgan. vq = k-means patch
+    # codebook (Chameleon-style discrete image tokens); vqgan = a pretrained diffusers VQModel.
+    image_codec: str = "pixel"
+    vq_codebook: str | None = None  # vq: codebook file; null = fit one on the built-in images (cached)
+    vq_codebook_size: int = 256  # vq: codebook entries (image codes) when fitting one
+    vqgan_path: str | None = None  # vqgan: local directory of a diffusers VQModel (save_pretrained)
     val_fraction: float = 0.05  # documents held out for evaluation
     cache_dir: str = "runs/cache"  # where built-in tokenizers and packed data are cached
 

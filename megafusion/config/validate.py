@@ -11,6 +11,7 @@ PARAMS_DTYPES = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
 DATA_SOURCES = ("synthetic", "builtin", "indexed")
 BUILTIN_SETS = ("shapes", "digits")
+IMAGE_CODECS = ("pixel", "vq", "vqgan")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
 
@@ -102,6 +103,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
     for key, v, allowed in [("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
                             ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
                             ("data.source", d.source, DATA_SOURCES),
+                            ("data.image_codec", d.image_codec, IMAGE_CODECS),
                             ("model.arch", m.arch, tuple(known_archs))]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
@@ -111,7 +113,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
                         ("eval.interval", ev.interval, 0), ("eval.batches", ev.batches, 1),
                         ("data.num_samples", d.num_samples, 1), ("data.text_vocab_size", d.text_vocab_size, 16),
                         ("data.image_size", d.image_size, 1), ("data.patch_size", d.patch_size, 1),
-                        ("data.pixel_levels", d.pixel_levels, 2)]:
+                        ("data.pixel_levels", d.pixel_levels, 2), ("data.vq_codebook_size", d.vq_codebook_size, 2)]:
         at_least(key, v, low)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
@@ -123,7 +125,8 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
                         f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989")
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")
-    if d.image_size >= 1 and d.patch_size >= 1 and d.image_size % d.patch_size:
+    # vqgan ignores patch_size: its latent grid comes from the model.
+    if d.image_codec != "vqgan" and d.image_size >= 1 and d.patch_size >= 1 and d.image_size % d.patch_size:
         problems.append(f"data.image_size={d.image_size} is not divisible by data.patch_size={d.patch_size}: "
                         f"set data.image_size to {_near(d.image_size, d.patch_size)}")
     if d.source == "builtin":
@@ -132,6 +135,9 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if bad or not sets:
             problems.append(f"data.builtin={d.builtin!r} names unknown sets {bad or '(none)'}: use a comma-separated "
                             f"subset of {', '.join(BUILTIN_SETS)}, e.g. data.builtin=shapes,digits")
+    if d.image_codec == "vqgan" and not d.vqgan_path:
+        problems.append("data.image_codec=vqgan needs data.vqgan_path: a local directory holding a diffusers "
+                        "VQModel (as written by VQModel.save_pretrained)")
     if d.source == "indexed" and not d.path:
         problems.append("data.source=indexed needs data.path: the output prefix given to `megafusion data prepare`")
     if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:

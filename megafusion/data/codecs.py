@@ -7,7 +7,9 @@ is quantised to ``levels`` evenly spaced values in 0..255 and the code is
 but exactly invertible on images that are already patch-constant with quantised colours, which
 is what makes it a good, checkable codec for the built-in data sets.
 
-``build_codec(name, **params)`` makes a codec by name from a config.
+``build_codec(name, **params)`` makes a codec by name from a config. The learned codecs
+("vq", "vqgan") live in ``megafusion.data.vq_codec`` and add themselves to ``CODECS`` when it is
+imported (at the bottom of this module).
 """
 
 from __future__ import annotations
@@ -122,3 +124,8 @@ def build_codec(name: str, **params) -> ImageCodec:
         accepted = [p for p in inspect.signature(CODECS[name].__init__).parameters if p != "self"]
         raise DataError(f"image codec {name!r}: bad parameters {sorted(params)} ({exc}); "
                         f"it takes {', '.join(accepted)}") from None
+
+
+# At the bottom: vq_codec imports this module's helpers, and registers "vq" / "vqgan" in CODECS.
+# A plain `import` (not `from ... import`) also works when vq_codec is the module imported first.
+import megafusion.data.vq_codec  # noqa: E402,F401

@@ -6,7 +6,9 @@ evaluation use. Three sources:
 - ``synthetic``: arithmetic token streams (no tokenizer; all tokens are text);
 - ``builtin``: the generated captioned shapes and scikit-learn's handwritten digits, with a
   SentencePiece model trained on their captions on first use (cached in
-  ``data.cache_dir``) unless ``data.tokenizer`` names one, and the pixel-patch image codec;
+  ``data.cache_dir``) unless ``data.tokenizer`` names one, and the image codec named by
+  ``data.image_codec`` (pixel patches; a k-means patch codebook, fitted on the built-in images
+  and cached the same way unless ``data.vq_codebook`` names one; or a local pretrained VQGAN);
 - ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
   tokenizer and codec made it).
 
@@ -105,6 +107,35 @@ def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, 
     return builtin_tokenizer(cfg.data.cache_dir, corpus, cfg.data.text_vocab_size)
 
 
+def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], None]):
+    """The ``data.image_codec`` codec for the built-in images (a vq codebook is fitted by the first rank)."""
+    from megafusion.data.codecs import build_codec
+    from megafusion.data.types import ImageSegment
+    from megafusion.data.vq_codec import builtin_vq_codebook
+
+    d = cfg.data
+    if d.image_codec == "pixel":
+        return build_codec("pixel", image_size=d.image_size, patch_size=d.patch_size, levels=d.pixel_levels)
+    if d.image_codec == "vqgan":
+        return build_codec("vqgan", path=d.vqgan_path, image_size=d.image_size)
+    if d.vq_codebook:
+        codec = build_codec("vq", codebook=d.vq_codebook)
+        # A codebook for other sizes would silently resize the images and cut other patches.
+        if (codec.image_size, codec.patch_size) != (d.image_size, d.patch_size):
+            raise DataError(f"data.vq_codebook={d.vq_codebook} was fitted for image_size={codec.image_size} "
+                            f"patch_size={codec.patch_size}, but data.image_size={d.image_size} data.patch_size="
+                            f"{d.patch_size}: set them to match, or fit a codebook for these sizes "
+                            f"(`megafusion tokenizer fit-vq`, or data.vq_codebook=null)")
+        return codec
+    images = [seg.pixels for doc in documents for seg in doc.segments if isinstance(seg, ImageSegment)]
+    fit = lambda: builtin_vq_codebook(d.cache_dir, images, d.image_size, d.patch_size,  # noqa: E731
+                                      d.vq_codebook_size, cfg.train.seed)
+    if is_first_rank:
+        fit()
+    barrier()  # the others load the cached codebook instead of fitting it again
+    return fit()
+
+
 def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[], None] = lambda: None) -> DataBundle:
     """Build the train / validation sources for ``cfg`` (the same on every rank)."""
     d, m, seed = cfg.data, cfg.model, cfg.train.seed
@@ -120,7 +151,7 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
 
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
-        codec = build_codec("pixel", image_size=d.image_size, patch_size=d.patch_size, levels=d.pixel_levels)
+        codec = _builtin_codec(cfg, documents, is_first_rank, barrier)
         texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
         tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
         tokenized = [tokenizer.encode_document(doc) for doc in documents]
