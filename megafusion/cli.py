@@ -6,7 +6,9 @@ Subcommands:
   ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
 - ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
 - ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
-- ``tokenizer train ...``: a SentencePiece model from the text of shards.
+- ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
+  image patch codebook (the ``vq`` image codec).
+- ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ commands:
   flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
   data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
+  tokenizer fit-vq --builtin shapes --out CODEBOOK          fit a k-means image patch codebook
+  convert dense-to-mot --input CKPT --output DIR            MoT weights copied from a dense checkpoint
 """
 
 COMMANDS = {
@@ -28,6 +32,7 @@ COMMANDS = {
     "flops": "megafusion.models.flops_cli:main",
     "data": "megafusion.data.cli_data:main",
     "tokenizer": "megafusion.data.cli_tokenizer:main",
+    "convert": "megafusion.models.convert:main",
 }
 
 

@@ -95,8 +95,8 @@ def test_config_and_registry():
     params = {k: v for k, v in cfg.items() if k != "name"}
     again = build_codec(cfg["name"], **params)
     assert again.config() == cfg
-    with pytest.raises(DataError, match="known codecs: pixel"):
-        build_codec("vqgan", image_size=16)
+    with pytest.raises(DataError, match="known codecs: pixel, vq, vqgan"):
+        build_codec("vqvae", image_size=16)
     with pytest.raises(DataError, match="image_size, patch_size, levels"):
         build_codec("pixel", image_size=16, patch=4, levels=5)
 

@@ -33,7 +33,8 @@ def shape_images() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def fitted(shape_images, tmp_path_factory) -> VQPatchCodec:
-    return fit_vq_codebook(shape_images, SIZE, PATCH, K, seed=0, out_path=str(tmp_path_factory.mktemp("vq") / "cb.safetensors"))
+    out = tmp_path_factory.mktemp("vq") / "cb.safetensors"
+    return fit_vq_codebook(shape_images, SIZE, PATCH, K, seed=0, out_path=str(out))
 
 
 def reference_codes(pixels: np.ndarray, codebook: np.ndarray, image_size: int, patch: int) -> np.ndarray:
@@ -89,7 +90,8 @@ def test_kmeans_beats_a_codebook_of_random_patches(fitted, shape_images, tmp_pat
     patches = np.unique(np.concatenate([
         img.reshape(8, 2, 8, 2, 3).transpose(0, 2, 1, 3, 4).reshape(64, 12) for img in shape_images]), axis=0)
     pick = np.random.default_rng(0).choice(len(patches), K, replace=False)
-    random_codec = VQPatchCodec(save_vq_codebook(patches[pick] / 255.0, SIZE, PATCH, str(tmp_path / "rand.safetensors")))
+    random_path = save_vq_codebook(patches[pick] / 255.0, SIZE, PATCH, str(tmp_path / "rand.safetensors"))
+    random_codec = VQPatchCodec(random_path)
     fitted_err, random_err = mean_sq_error(fitted, shape_images), mean_sq_error(random_codec, shape_images)
     assert fitted_err < 0.8 * random_err, (fitted_err, random_err)
 
@@ -154,9 +156,10 @@ def test_cli_fit_vq(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     direct = fit_vq_codebook(images_of(docs), SIZE, PATCH, 16, 0, str(tmp_path / "direct.safetensors"))
     assert out.read_bytes() == open(direct.path, "rb").read()  # PNG shards keep the pixels exact
-    assert tokenizer_cli([*args[:-1], str(tmp_path / "b.safetensors"), "--builtin", "shapes", "--num-samples", "30"]) == 0
+    builtin = ["--builtin", "shapes", "--num-samples", "30"]
+    assert tokenizer_cli([*args[:-1], str(tmp_path / "b.safetensors"), *builtin]) == 0
     assert (tmp_path / "b.safetensors").read_bytes() == out.read_bytes()  # the same 30 images (seed 0)
-    assert tokenizer_cli([*args[:6], "999", *args[7:], "--builtin", "shapes", "--num-samples", "30"]) == 2
+    assert tokenizer_cli([*args[:6], "999", *args[7:], *builtin]) == 2
     assert "at most" in capsys.readouterr().err
     assert tokenizer_cli(["fit-vq", "--out", str(out)]) == 2  # neither --input nor --builtin: usage error
 

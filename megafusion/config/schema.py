@@ -128,6 +128,10 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept on disk
     resume: bool = True  # continue from <dir>/latest when it exists
     save: bool = True  # false: never write checkpoints
+    # Start a *new* run (step 0, fresh optimizer) from this checkpoint's model weights, e.g. a
+    # dense checkpoint converted by `megafusion convert dense-to-mot`. Ignored when the run
+    # resumes from checkpoint.dir.
+    init_from: str | None = None
 
 
 @dataclass

@@ -50,10 +50,7 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
-    state = {}
-    for i, chunk in enumerate(model):
-        # The unwrapped module: keys read "decoder.layers.3.mlp.linear_fc1.weight", not "module.…".
-        state[f"model{i}" if len(model) > 1 else "model"] = chunk.module.sharded_state_dict()
+    state = _model_state(model)
     model_sd = {}
     for value in state.values():
         model_sd.update(value)
@@ -66,7 +63,66 @@ def _model_keys(cfg) -> dict:
     values = {k: getattr(m, k) for k in SHAPE_KEYS}
     values["num_query_groups"] = m.effective_num_query_groups()
     values["ffn_hidden_size"] = m.effective_ffn_hidden_size()
+    if m.arch == "mot":  # which parts hold one tensor per modality
+        values["untie"] = ",".join(m.untied_parts())
     return values
+
+
+def _model_state(model) -> dict:
+    # The unwrapped module: keys read "decoder.layers.3.mlp.linear_fc1.weight", not "module.…".
+    chunks = [getattr(chunk, "module", chunk) for chunk in model]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _write_manifest(root: Path | None, path: Path, manifest: dict, keep_last: int = 0) -> None:
+    """Rank 0 completes a checkpoint: manifest last, then (for a run directory) ``latest`` and pruning."""
+    _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
+    if root is not None:
+        _atomic_write(root / LATEST, path.name + "\n")
+        _prune(root, keep_last)
+
+
+def save_weights(path: str | Path, model, cfg, data_meta: dict | None, origin: dict) -> Path:
+    """A model-only checkpoint (no optimizer, step 0) that runs start from with ``checkpoint.init_from``."""
+    path = Path(path)
+    if dist.get_rank() == 0:
+        if path.exists() and any(path.iterdir()):
+            raise CheckpointError(f"{path} exists and is not empty: choose a new output directory")
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_model_state(model), str(path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_manifest(None, path, {"format_version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
+                                     "weights_only": True, "origin": origin, "model": _model_keys(cfg),
+                                     "data": data_meta, "config": cfg.to_dict()})
+    dist.barrier()
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or a run's checkpoint directory (then the step ``latest`` names)."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    found = latest_checkpoint(path) if (path / LATEST).exists() else None
+    if found is None:
+        raise CheckpointError(f"{path} is neither a megafusion checkpoint (no {MANIFEST}) nor a checkpoint "
+                              f"directory with a '{LATEST}' file: give a step directory or a run's checkpoint.dir")
+    return found
+
+
+def load_weights(path: Path, model) -> None:
+    """Load only the model tensors of checkpoint ``path`` (saved in any layout) into ``model``."""
+    state = _model_state(model)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # megatron raises assorted types for missing/corrupt shards
+        raise CheckpointError(f"cannot load the model weights of {path}: {type(err).__name__}: {err}") from err
+    for key, chunk in zip(state, model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, consumed_samples: int,
@@ -87,9 +143,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, co
     if dist.get_rank() == 0:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
                     "model": _model_keys(cfg), "data": data_meta, "config": cfg.to_dict()}
-        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
-        _atomic_write(Path(root) / LATEST, path.name + "\n")
-        _prune(Path(root), keep_last)
+        _write_manifest(Path(root), path, manifest, keep_last)
     dist.barrier()
     _fault_point("after_save", step)
     return path
@@ -136,8 +190,16 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({err}): the checkpoint is damaged") from err
 
 
-def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None) -> None:
-    """Refuse a checkpoint whose model (or tokenizer) differs from the run's, naming each key."""
+def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, weights_only: bool = False) -> None:
+    """Refuse a checkpoint whose model (or tokenizer) differs from the run's, naming each key.
+
+    ``weights_only``: only the model tensors will be loaded (``checkpoint.init_from``), so the
+    optimizer kind does not matter; otherwise (a resume) a model-only checkpoint is refused.
+    """
+    if manifest.get("weights_only") and not weights_only:
+        raise CheckpointError(f"{path} holds model weights only (no optimizer or progress), so a run cannot "
+                              f"resume from it: start a new run from it with checkpoint.init_from={path} "
+                              f"and a checkpoint.dir of its own")
     ours = _model_keys(cfg)
     theirs = manifest.get("model", {})
     diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in ours.items() if theirs.get(k) != v]
@@ -146,7 +208,7 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None) ->
         if saved_data.get(key) != now.get(key):
             diffs.append(f"data {key}: checkpoint {saved_data.get(key)!r}, this run {now.get(key)!r}")
     saved_distopt = manifest.get("config", {}).get("parallel", {}).get("distributed_optimizer")
-    if saved_distopt is not None and saved_distopt != cfg.parallel.distributed_optimizer:
+    if not weights_only and saved_distopt is not None and saved_distopt != cfg.parallel.distributed_optimizer:
         # The two optimizers store their state in different formats (megatron-core 0.16).
         diffs.append(f"parallel.distributed_optimizer: checkpoint {saved_distopt}, this run "
                      f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)")

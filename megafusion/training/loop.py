@@ -168,7 +168,7 @@ def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
         torch.save(merged, path)
 
 
-def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, resumed_from) -> None:
+def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
     cfg, rt = trainer.cfg, trainer.rt
     params = parameter_counts(cfg)
     log.say(
@@ -186,20 +186,27 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, resumed_from) -> No
     log.say(f"[megafusion] metrics -> {os.path.join(cfg.logging.out_dir, 'metrics.jsonl')}"
             f"{' (+ wandb offline)' if cfg.logging.wandb else ''} | checkpoints -> "
             f"{ckpt_root if cfg.checkpoint.save else 'off (checkpoint.save=false)'}")
-    if resumed_from:
-        log.say(f"[megafusion] resumed from {resumed_from}")
+    if origin:
+        log.say(f"[megafusion] {origin}")
 
 
 def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
+    """(first step, consumed samples, where the weights came from) for a resume, a warm start or neither."""
     cfg = trainer.cfg
-    if not cfg.checkpoint.resume:
-        return 0, 0, None
-    path = ckpt.latest_checkpoint(root)
+    path = ckpt.latest_checkpoint(root) if cfg.checkpoint.resume else None
     if path is None:
+        if cfg.checkpoint.init_from:  # a new run that starts from another run's weights
+            init = ckpt.resolve_checkpoint(cfg.checkpoint.init_from)
+            ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
+            ckpt.load_weights(init, trainer.model)
+            # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
+            # or the first step would write the random init back over the loaded weights.
+            trainer.optimizer.reload_model_params()
+            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer)"
         return 0, 0, None
     ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
     progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
-    return progress["step"], progress["consumed_samples"], str(path)
+    return progress["step"], progress["consumed_samples"], f"resumed from {path}"
 
 
 def train(cfg, runtime=None) -> list[float]:
@@ -207,10 +214,10 @@ def train(cfg, runtime=None) -> list[float]:
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
     root = ckpt.resolve_dir(cfg)
-    start_step, consumed, resumed_from = _resume(trainer, root)
+    start_step, consumed, origin = _resume(trainer, root)
     t, c = cfg.train, cfg.checkpoint
     log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step)
-    _banner(trainer, log, root, resumed_from)
+    _banner(trainer, log, root, origin)
     losses, saved_at = [], start_step
     try:
         for step in range(start_step, t.steps):
