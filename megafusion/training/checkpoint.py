@@ -126,7 +126,7 @@ def load_weights(path: Path, model) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, consumed_samples: int,
-                    cfg, data_meta: dict | None, keep_last: int) -> Path:
+                    cfg, data_meta: dict | None, keep_last: int, flops_total: float = 0.0) -> Path:
     """Save on every rank; returns the step directory (complete when this returns)."""
     path = step_dir(root, step)
     if dist.get_rank() == 0:
@@ -136,7 +136,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, co
     dist.barrier()
     state = _sharded_state_dict(model, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
-    state["progress"] = {"step": step, "consumed_samples": consumed_samples}
+    state["progress"] = {"step": step, "consumed_samples": consumed_samples, "flops_total": flops_total}
     dist_checkpointing.save(state, str(path))
     _fault_point("after_shards", step)
     dist.barrier()  # every rank's shards are on disk

@@ -68,6 +68,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime)
         self.forward_step = make_forward_step(cfg, runtime.device)
         self.forward_backward = get_forward_backward_func()
+        self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
 
     def _microbatches(self, source, first_sample: int) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
@@ -88,7 +89,7 @@ class Trainer:
 
     def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
         """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
-        report = torch.zeros(len(REPORT_FIELDS), device=self.rt.device)
+        report = torch.zeros(len(REPORT_FIELDS), device=self.rt.device, dtype=torch.float64)  # FLOPs need 64 bits
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for item in store:
                 report += item["report"]
@@ -105,7 +106,12 @@ class Trainer:
     def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
         start = time.perf_counter()
         microbatches = self._microbatches(self.data.train, consumed)
-        flops = sum(batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"])["total"] for mb in microbatches)
+        # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
+        flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
+        for mb in microbatches:
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"])
+            flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
+                                  dtype=torch.float64)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -116,17 +122,22 @@ class Trainer:
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
-        r = self._reduce(store, torch.tensor([float(flops)]))
+        r = self._reduce(store, flops)
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
+        self.flops_seen += r["extra"][0]
         record = {"step": step + 1, "total_steps": self.cfg.train.steps,
                   "consumed_samples": consumed + self.cfg.train.global_batch_size,
                   "loss": r["total"] / r["tokens"], "loss/lm": r["lm"] / r["tokens"], "z_loss": r["z"] / r["tokens"]}
         record.update(_per_modality(r, "loss"))
         record.update({"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
                        "tflops_per_gpu": tflops, "mfu": mfu(tflops * 1e12, self.peak),
-                       "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed})
+                       "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed,
+                       # model FLOPs (forward + backward, all ranks): this step, per modality, and
+                       # since step 0 (kept across resumes): the x axis of loss-vs-compute curves
+                       "flops": r["extra"][0], "flops_total": self.flops_seen})
+        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
         return record
 
     def evaluate(self, step: int) -> dict | None:
@@ -206,6 +217,7 @@ def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
         return 0, 0, None
     ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
     progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    trainer.flops_seen = float(progress.get("flops_total", 0.0))
     return progress["step"], progress["consumed_samples"], f"resumed from {path}"
 
 
@@ -234,7 +246,8 @@ def train(cfg, runtime=None) -> list[float]:
                     log.log(val)
             if c.save and ((c.interval and (step + 1) % c.interval == 0) or last):
                 path = ckpt.save_checkpoint(root, step + 1, trainer.model, trainer.optimizer, trainer.scheduler,
-                                            consumed, cfg, trainer.data.meta, c.keep_last)
+                                            consumed, cfg, trainer.data.meta, c.keep_last,
+                                            flops_total=trainer.flops_seen)
                 saved_at = step + 1
                 log.say(f"[megafusion] saved checkpoint {path}")
         if start_step >= t.steps:

@@ -4,7 +4,9 @@ Only the logging rank (the last global rank, which holds the last pipeline stage
 Each logged step is one JSON line in ``<logging.out_dir>/metrics.jsonl`` with at least
 ``step``, ``loss``, ``loss/<modality>``, ``lr``, ``grad_norm``, ``tokens_per_s``,
 ``tflops_per_gpu``, ``mfu`` (null where the device's peak is unknown) and ``mem_gb`` (peak
-CUDA memory on a GPU, resident set size on a CPU); evaluations add ``val/...`` keys.
+CUDA memory on a GPU, resident set size on a CPU), ``flops`` (model FLOPs of the step, all ranks),
+``flops/<modality>`` and ``flops_total`` (since step 0, kept across resumes); evaluations add
+``val/...`` keys.
 The console gets a compact line with the same numbers, or a progress bar when a terminal
 is attached. W&B runs offline unless ``WANDB_MODE`` says otherwise (sync later with
 ``wandb sync``); ``logging.wandb=false`` switches it off. TensorBoard is opt-in.
