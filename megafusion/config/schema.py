@@ -111,7 +111,8 @@ class DataConfig:
     # codebook (Chameleon-style discrete image tokens); vqgan = a pretrained diffusers VQModel.
     image_codec: str = "pixel"
     vq_codebook: str | None = None  # vq: codebook file; null = fit one on the built-in images (cached)
-    vq_codebook_size: int = 256  # vq: codebook entries (image codes) when fitting one
+    vq_codebook_size: int = 128  # vq: codebook entries (image codes) when fitting one (the built-in
+    # 16px images with 2px patches hold ~169 distinct patches: more entries than that cannot be fitted)
     vqgan_path: str | None = None  # vqgan: local directory of a diffusers VQModel (save_pretrained)
     val_fraction: float = 0.05  # documents held out for evaluation
     cache_dir: str = "runs/cache"  # where built-in tokenizers and packed data are cached

@@ -272,12 +272,17 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
-def validate(cfg: Config, world_size: int, known_archs: tuple = ("dense",)) -> None:
+def validate(cfg: Config, world_size: int, known_archs: tuple | None = None) -> None:
     """Raise ConfigError listing every problem of `cfg` for `world_size` processes.
 
-    `known_archs` is the set of model.arch values the caller can build. The
+    `known_archs` is the set of model.arch values the caller can build (default: all registered
+    in megafusion.models.ARCHS). The
     raised error carries the individual messages in its `problems` attribute.
     """
+    if known_archs is None:
+        from megafusion.models import ARCHS  # a plain dict: no torch / megatron import
+
+        known_archs = tuple(ARCHS)
     problems = _type_problems(cfg)
     if not problems:
         problems = _range_problems(cfg, world_size, known_archs)

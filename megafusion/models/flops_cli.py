@@ -42,7 +42,7 @@ def flops_report(cfg, batch: dict) -> str:
     n = F.parameter_counts(cfg)
     tokens = stats["tokens"]
     b, s = tuple(doc.shape) if doc.dim() == 2 else (1, doc.shape[-1])
-    six_n = 6 * n["total"] * tokens
+    six_n = 6 * n["active"] * tokens
     lines = [
         f"microbatch [{b} x {s}] = {tokens} tokens, mean {stats['mean_attended_keys']:.2f} keys per query "
         f"(causal, same document)",
@@ -59,7 +59,7 @@ def flops_report(cfg, batch: dict) -> str:
     lines += [
         f"  total     {_n(stats['total'])} = {_n(stats['total'] / tokens)}/token "
         f"(dense matmuls {_n(stats['dense'])}, attention {_n(stats['attention'])})",
-        f"  6*N*tokens {_n(six_n)} (N = {n['total']:,} total params; exact / 6NT = "
+        f"  6*N*tokens {_n(six_n)} (N = {n['active']:,} active params; exact / 6NT = "
         f"{stats['total'] / six_n:.3f})",
         f"  mask ignored (every query x all {s} keys, the mask-blind count of FlopCounterMode): "
         f"{_n(full['total'])} ({full['total'] / stats['total']:.3f}x)",
@@ -103,7 +103,7 @@ def summary(cfg) -> str:
         f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)",
         f"  {'causal attention':<{w}}{_n(attn):>16}  (seq {s}: mean {keys:g} keys per query)",
         f"  {'total':<{w}}{_n(total):>16}",
-        f"  {'6N rule (N = total)':<{w}}{_n(6 * n['total']):>16}  (exact / 6N = {total / (6 * n['total']):.3f})",
+        f"  {'6N rule (N = active)':<{w}}{_n(6 * n['active']):>16}  (exact / 6N = {total / (6 * n['active']):.3f})",
         f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True)):>16}",
     ])
 
