@@ -267,3 +267,30 @@ def test_cli_prepare(tmp_path, capsys):
     assert len(read_indexed(out)[0]) == 3
     assert main(["prepare", "--input", str(tmp_path / "nope"), "--tokenizer", sp_model, "--output", out]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_prepare_with_a_vq_codebook_fitted_on_the_shards(tmp_path, capsys):
+    """The Chameleon path for real data: fit-vq on the shards, prepare with it, codes match the codec."""
+    from megafusion.data.cli_data import main
+    from megafusion.data.cli_tokenizer import main as tokenizer_main
+    from megafusion.data.codecs import build_codec
+    from megafusion.data.shards import read_shards
+    from megafusion.data.tokenizer import MultimodalTokenizer, train_sentencepiece
+
+    shard, lines = make_shard(tmp_path)
+    texts = [seg["text"] for line in lines for seg in line["segments"] if "text" in seg]
+    sp_model = train_sentencepiece(texts * 5, 40, str(tmp_path / "sp"))
+    codebook = str(tmp_path / "codebook.safetensors")
+    assert tokenizer_main(["fit-vq", "--input", str(shard), "--image-size", "8", "--patch-size", "2",
+                           "--codebook-size", "8", "--out", codebook]) == 0
+    out = str(tmp_path / "vq" / "data")
+    base = ["prepare", "--input", str(shard), "--tokenizer", sp_model, "--output", out, "--image-size", "8"]
+    assert main([*base, "--image-codec", "vq"]) == 2
+    assert "--vq-codebook" in capsys.readouterr().err
+    assert main([*base, "--image-codec", "vq", "--vq-codebook", codebook]) == 0
+    docs, meta = read_indexed(out)
+    codec = build_codec(**meta["codec"])
+    assert codec.name == "vq" and codec.vocab_size == 8
+    tok = MultimodalTokenizer.from_files(sp_model, codec)
+    for a, b in zip((tok.encode_document(d) for d in read_shards([str(shard)])), docs):
+        np.testing.assert_array_equal(a.tokens, b.tokens)

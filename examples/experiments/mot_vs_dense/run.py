@@ -1,0 +1,102 @@
+"""Train dense, then MoT, on the same config, data, seed and steps; then compare them (analyze.py).
+
+``python examples/experiments/mot_vs_dense/run.py [--steps N] [--out-dir runs/mot_vs_dense]
+[--results bench/results] [--config FILE] [--analyze-only] [section.key=value ...]``
+
+Each run is ``python -m megafusion.train --config FILE [overrides] model.arch=ARCH
+logging.out_dir=OUT/ARCH`` in the repository root. The runs go one after the other, never side
+by side, because their wall clocks are compared. Console output is shown and kept in
+``OUT/ARCH/train.log``; the commands and process times go to ``OUT/run_info.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import analyze  # this folder is on sys.path when run as a script
+
+HERE = Path(__file__).resolve().parent
+ROOT = analyze.ROOT
+# Set per run by this script: overriding them would break the like-for-like comparison.
+RESERVED = ("model.arch", "logging.out_dir")
+
+
+def _shown(path: Path | str) -> str:
+    """A path relative to the repository root where it lies inside it (shorter commands).
+
+    abspath, not resolve: resolving symlinks would turn the venv's python into the base one."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, steps: int | None) -> list[str]:
+    extra = [f"train.steps={steps}"] if steps is not None else []
+    return [_shown(sys.executable), "-m", "megafusion.train", "--config", _shown(config), *overrides, *extra,
+            f"model.arch={arch}", f"logging.out_dir={_shown(run_dir)}"]
+
+
+def run_one(cmd: list[str], run_dir: Path) -> float:
+    """Run one training to completion, echoing and logging its output; return its process wall time."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # MetricsLogger appends to metrics.jsonl: a leftover from an earlier run would be mixed in.
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log_path = run_dir / "train.log"
+    print(f"[mot_vs_dense] {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        rc = proc.wait()
+    elapsed = time.perf_counter() - start
+    if rc != 0:
+        raise SystemExit(f"[mot_vs_dense] training failed (exit code {rc}); its output is in {log_path}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="train.steps of both runs (default: the config's)")
+    parser.add_argument("--out-dir", default="runs/mot_vs_dense", help="runs go to OUT/dense and OUT/mot")
+    parser.add_argument("--results", default="bench/results", help="where mot_vs_dense.{json,md,png} go")
+    parser.add_argument("--config", default=str(HERE / "config.yaml"), help="the shared config")
+    parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
+    args = parser.parse_intermixed_args(argv)
+    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in RESERVED]
+    if bad:
+        parser.error(f"{', '.join(bad)}: overrides must be section.key=value and may not set "
+                     f"{' or '.join(RESERVED)} (this script sets them per run; use --out-dir)")
+    out_dir, results = Path(args.out_dir).resolve(), Path(args.results).resolve()
+    if not args.analyze_only:
+        config = Path(args.config).resolve()
+        if not config.is_file():
+            parser.error(f"--config {args.config}: no such file")
+        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "train_commands": {}, "run_seconds": {}}
+        for arch in analyze.ARCHS:  # sequential on purpose: the wall clocks are compared
+            cmd = train_command(config, args.overrides, arch, out_dir / arch, args.steps)
+            info["train_commands"][arch] = cmd
+            info["run_seconds"][arch] = run_one(cmd, out_dir / arch)
+            print(f"[mot_vs_dense] {arch} took {info['run_seconds'][arch]:.1f} s", flush=True)
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    try:
+        result = analyze.write_results(out_dir, results)
+    except analyze.AnalysisError as err:
+        print(f"[mot_vs_dense] {err}", file=sys.stderr)
+        return 2
+    print(analyze.markdown(result))
+    print(f"[mot_vs_dense] wrote {_shown(results / analyze.RESULT_NAME)}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
