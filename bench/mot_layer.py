@@ -212,7 +212,8 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
     def step():
         outs = []
         for x, y in pairs:
-            outs += [ops.permute_rows(x, routing.order), ops.unpermute_rows(y, routing.inverse_order)]
+            outs += [ops.permute_rows(x, routing.order, routing.inverse_order),
+                     ops.unpermute_rows(y, routing.order, routing.inverse_order)]
         torch.autograd.backward(outs, grads)
 
     return step, [t for pair in pairs for t in pair]
@@ -347,6 +348,13 @@ def git_commit() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def versions() -> dict:
     import megatron.core
 
@@ -409,10 +417,13 @@ def run(args, argv: list[str]) -> dict:
         seed_everything(args.seed)
         device = runtime.device
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        load_before = load_average()
         measured = measure(args, cfg, device)
         return {"benchmark": "mot_layer", "quick": args.quick, "device": device_info(device),
                 "versions": versions(), "commit": git_commit(), "date": started,
-                "command": shlex.join(["python", "-m", "bench.mot_layer", *argv]), **measured}
+                "command": shlex.join(["python", "-m", "bench.mot_layer", *argv]),
+                # Other work on a shared host slows both layers; this says how busy it was.
+                "load_average_1min": {"start": load_before, "end": load_average()}, **measured}
     finally:
         shutdown()
 

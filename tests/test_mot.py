@@ -217,3 +217,15 @@ def test_grouped_linear_matches_float64_reference():
     assert torch.equal(weights[1].grad, torch.zeros_like(weights[1]))  # empty group: zero, not None
     with pytest.raises(ValueError, match="sum to"):
         ops.grouped_linear(x, weights, [1, 1, 1])
+
+
+def test_row_permutation_and_its_gradient_are_exact_inverses():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, (2, 7), generator=gen)
+    routing = ModalityRouting.from_modality_ids(ids, None, torch.device("cpu"), 3)
+    x = torch.randn(14, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = ops.permute_rows(x, routing.order, routing.inverse_order)
+    assert torch.equal(y, x[routing.order])
+    assert torch.equal(ops.unpermute_rows(y, routing.order, routing.inverse_order), x)
+    assert torch.autograd.gradcheck(lambda t: ops.permute_rows(t, routing.order, routing.inverse_order), (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.unpermute_rows(t, routing.order, routing.inverse_order), (x,))

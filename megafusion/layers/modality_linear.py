@@ -62,8 +62,8 @@ def routed(x: torch.Tensor, routing: ModalityRouting, fn) -> torch.Tensor:
     in the sizes ``routing.counts``.
     """
     s, b = x.shape[0], x.shape[1]
-    rows = ops.permute_rows(x.reshape(s * b, -1), routing.order)
-    out = ops.unpermute_rows(fn(rows), routing.inverse_order)
+    rows = ops.permute_rows(x.reshape(s * b, -1), routing.order, routing.inverse_order)
+    out = ops.unpermute_rows(fn(rows), routing.order, routing.inverse_order)
     return out.view(s, b, -1)
 
 

@@ -44,11 +44,29 @@ def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Seq
     return torch.cat([F.linear(part, w) for part, w in zip(parts, weights)], dim=0)
 
 
-def permute_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index``; the backward is the gather by its inverse.
+
+    ``index_select``'s own backward is a zero-fill plus scatter-add (atomics on GPU, not
+    deterministic); for a permutation the inverse gather gives the same result exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` ``[n, ...]`` in group order: ``x[order]`` (``order`` from a stable argsort)."""
-    return x.index_select(0, order)
+    return _Permute.apply(x, order, inverse_order)
 
 
-def unpermute_rows(y: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
-    """Back to the original row order: ``y[inverse_order]`` where ``inverse_order = argsort(order)``."""
-    return y.index_select(0, inverse_order)
+def unpermute_rows(y: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
+    """Back to the original row order: ``y[inverse_order]``, the inverse of :func:`permute_rows`."""
+    return _Permute.apply(y, inverse_order, order)
