@@ -8,6 +8,7 @@ parameter's gradient of the LM loss must agree.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,10 +67,11 @@ def reference_logits(w: dict, tokens, doc_ids, m, modality_ids=None, allowed=Non
     allowed = ~dense_mask(doc_ids) if allowed is None else allowed
     linear = lambda x, wt: x @ wt.T  # noqa: E731
     norm = lambda x, wt: rms(x, wt, m.norm_eps)  # noqa: E731
+    post = m.norm_placement == "post"  # h + norm(f(h)) instead of h + f(norm(h))
     h = w["embedding.word_embeddings.weight"][tokens]
     for i in range(m.num_layers):
         p = f"decoder.layers.{i}."
-        x = apply(w, p + "input_layernorm.weight", h, norm, mod)
+        x = h if post else apply(w, p + "input_layernorm.weight", h, norm, mod)
         qkv = apply(w, p + "self_attention.linear_qkv.weight", x, linear, mod).view(b, s, groups, per + 2, d)
         q = qkv[:, :, :, :per].reshape(b, s, heads, d)
         k, v = qkv[:, :, :, per], qkv[:, :, :, per + 1]
@@ -79,15 +81,19 @@ def reference_logits(w: dict, tokens, doc_ids, m, modality_ids=None, allowed=Non
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d**0.5
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         attn = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, heads * d)
-        h = h + apply(w, p + "self_attention.linear_proj.weight", attn, linear, mod)
-        x = apply(w, p + "pre_mlp_layernorm.weight", h, norm, mod)
+        out = apply(w, p + "self_attention.linear_proj.weight", attn, linear, mod)
+        h = h + (apply(w, p + "post_attention_layernorm.weight", out, norm, mod) if post else out)
+        x = h if post else apply(w, p + "pre_mlp_layernorm.weight", h, norm, mod)
         gate, up = apply(w, p + "mlp.linear_fc1.weight", x, linear, mod).chunk(2, dim=-1)
-        h = h + apply(w, p + "mlp.linear_fc2.weight", F.silu(gate) * up, linear, mod)
+        out = apply(w, p + "mlp.linear_fc2.weight", F.silu(gate) * up, linear, mod)
+        h = h + (apply(w, p + "post_mlp_layernorm.weight", out, norm, mod) if post else out)
     return apply(w, "decoder.final_layernorm.weight", h, norm, mod) @ w["output_layer.weight"].T
 
 
-def test_dense_model_matches_float64_reference(runtime):
+@pytest.mark.parametrize("norm_placement", ["pre", "post"])
+def test_dense_model_matches_float64_reference(runtime, norm_placement):
     cfg = Config()
+    cfg.model.norm_placement = norm_placement
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 32, 4
     cfg.model.num_query_groups, cfg.model.ffn_hidden_size, cfg.model.vocab_size = 2, 48, 64
     cfg.model.seq_length, cfg.data.docs_per_sequence, cfg.model.init_std = 16, 3, 0.2

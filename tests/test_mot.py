@@ -66,8 +66,10 @@ def lm_loss(logits, batch):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
 
-def test_mot_matches_float64_reference(runtime):
+@pytest.mark.parametrize("norm_placement", ["pre", "post"])
+def test_mot_matches_float64_reference(runtime, norm_placement):
     cfg = small_cfg()
+    cfg.model.norm_placement = norm_placement
     model = build(cfg, runtime)
     batch = batch_with_modalities(cfg)
     assert 0 < int(batch["modality_ids"].sum()) < batch["modality_ids"].numel()

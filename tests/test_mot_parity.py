@@ -36,3 +36,12 @@ def test_mot_layout_matches_single_process(layout, reference, tmp_path):
     losses, grads, _ = run_train(tmp_path, nproc, CONFIG, MOT + overrides, layout)
     assert len(losses) == 5
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
+
+
+def test_post_norm_mot_with_tp2_and_sequence_parallel_matches_single_process(tmp_path):
+    """Norms on the sublayer outputs (``model.norm_placement=post``) act on sequence-parallel slices."""
+    post = [*MOT, "model.norm_placement=post"]
+    reference = run_train(tmp_path, 1, CONFIG, post, "post_single")[:2]
+    assert any("post_mlp_layernorm.image" in name for name in reference[1])
+    run = run_train(tmp_path, 2, CONFIG, [*post, "parallel.tp=2", "parallel.sp=true"], "post_tp2_sp")[:2]
+    assert_same_training(reference, run, "post-norm tp2_sp", REL_TOL)

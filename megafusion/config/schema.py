@@ -54,6 +54,9 @@ class ModelConfig:
     # or "all"); attention = Q/K/V and output projections, norms = every RMSNorm incl. QK-norm
     # and the final norm. Self-attention itself always stays global over the whole sequence.
     untie: str = "all"
+    # pre: x + f(norm(x)) (Llama, megatron-core); post: x + norm(f(x)), the "norm reordering" of
+    # Chameleon and of the MoT paper's algorithm.
+    norm_placement: str = "pre"
 
     def untied_parts(self) -> tuple[str, ...]:
         """The parts of a MoT layer that are untied by modality, in canonical order."""

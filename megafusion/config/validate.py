@@ -102,6 +102,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
 
     for key, v, allowed in [("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
                             ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
+                            ("model.norm_placement", m.norm_placement, ("pre", "post")),
                             ("data.source", d.source, DATA_SOURCES),
                             ("data.image_codec", d.image_codec, IMAGE_CODECS),
                             ("model.arch", m.arch, tuple(known_archs))]:

@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megafusion.layers.core_attention import MaskedCoreAttention
 from megafusion.layers.norm import RMSNorm
+from megafusion.layers.post_norm_layer import PostNormLayerSubmodules, PostNormTransformerLayer
 
 
 def core_attention_module(backend: str) -> type:
@@ -40,7 +41,8 @@ def core_attention_module(backend: str) -> type:
 
 def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_row=RowParallelLinear,
                            attention_norm=RMSNorm, mlp_norm=RMSNorm, qk_norm=RMSNorm, mlp=None) -> ModuleSpec:
-    """The pre-norm Llama-style layer; other families swap in their own modules (see ``mot.py``).
+    """The Llama-style layer (pre-norm, or post-norm with ``model.norm_placement=post``); other
+    families swap in their own modules (see ``mot.py``).
 
     ``mlp`` is the MLP module class (default: megatron's SwiGLU ``MLP`` from the two linears).
     """
@@ -50,10 +52,13 @@ def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_ro
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                               linear_fc2=RowParallelLinear))
     qk_norm = qk_norm if cfg.model.qk_norm else IdentityOp
+    post = cfg.model.norm_placement == "post"
+    norms = ({"post_attention_layernorm": attention_norm, "post_mlp_layernorm": mlp_norm} if post else {})
     return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=attention_norm,
+        module=PostNormTransformerLayer if post else TransformerLayer,
+        submodules=(PostNormLayerSubmodules if post else TransformerLayerSubmodules)(
+            **norms,
+            input_layernorm=IdentityOp if post else attention_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask_type},
@@ -66,11 +71,17 @@ def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_ro
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=mlp_norm,
+            pre_mlp_layernorm=IdentityOp if post else mlp_norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def final_norm_of(layer_spec: ModuleSpec) -> type:
+    """The block's final norm: the family's attention norm (per modality when MoT unties norms)."""
+    sub = layer_spec.submodules
+    return getattr(sub, "post_attention_layernorm", None) or sub.input_layernorm
 
 
 def dense_layer_spec(cfg) -> ModuleSpec:

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megafusion.models import ARCHS
+from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
 
 
@@ -29,9 +30,7 @@ def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
     for vp_stage in range(runtime.vpp or 1):
         vp = vp_stage if runtime.vpp else None
         num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
-        # The final norm is the family's attention norm (per modality when MoT unties norms).
-        final_norm = layer_spec.submodules.input_layernorm
-        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)
+        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm_of(layer_spec))
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=block,

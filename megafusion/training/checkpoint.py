@@ -65,6 +65,8 @@ def _model_keys(cfg) -> dict:
     values["ffn_hidden_size"] = m.effective_ffn_hidden_size()
     if m.arch == "mot":  # which parts hold one tensor per modality
         values["untie"] = ",".join(m.untied_parts())
+    if m.norm_placement != "pre":  # other norm keys (absent from older manifests: pre)
+        values["norm_placement"] = m.norm_placement
     return values
 
 

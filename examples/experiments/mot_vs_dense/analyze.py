@@ -184,8 +184,12 @@ def analyze_runs(out_dir: Path) -> dict:
     for a in ARCHS:
         axes = cumulative_axes(runs[a])
         last = runs[a]["train"][-1]["step"]
+        times = sorted(r["step_time_s"] for r in runs[a]["train"])
+        # The median step time is robust to a few steps slowed by other work on the machine; a sum
+        # far above steps x median says the wall clock was disturbed.
         summary[a] = {"metrics": runs[a]["path"], "steps": last, "flops_total": axes[last][0],
-                      "wall_clock_s": axes[last][1], "final_eval_step": val[a]["step"][-1]}
+                      "wall_clock_s": axes[last][1], "median_step_s": times[len(times) // 2],
+                      "final_eval_step": val[a]["step"][-1]}
     if summary["dense"]["steps"] != summary["mot"]["steps"]:
         print(f"warning: dense ran {summary['dense']['steps']} steps and MoT {summary['mot']['steps']}: the "
               f"fractions are still relative to dense's totals", file=sys.stderr)
@@ -278,7 +282,7 @@ def markdown(result: dict) -> str:
         params = (f"{p[a]['total'] / 1e6:.3f}M parameters, {p[a]['active'] / 1e6:.3f}M active per token"
                   if p.get(a) else "parameters unknown (no train.log)")
         lines.append(f"- {a}: {r[a]['steps']} steps, {r[a]['flops_total']:.4g} training FLOPs, "
-                     f"{r[a]['wall_clock_s']:.1f} s of step wall clock; {params}")
+                     f"{r[a]['wall_clock_s']:.1f} s of step wall clock (median step {r[a]['median_step_s']:.3f} s); {params}")
     for title, key in (("Validation loss (held-out documents, evaluated every few steps)", "validation"),
                        (f"Training loss, EMA-smoothed (beta {result['ema_beta']}; in-sample, every step)",
                         "train_loss_ema")):
