@@ -63,7 +63,7 @@ def test_fractions_on_known_curves(runs, tmp_path):
     assert val["text"]["reached"] and val["text"]["mot_step"] == pytest.approx(50)
     assert val["text"]["flops_fraction"] == pytest.approx(0.5)
     assert val["text"]["wall_fraction"] == pytest.approx(0.75)
-    assert val["overall"]["flops_fraction"] == pytest.approx(0.8)
+    assert val["overall"]["flops_fraction"] == pytest.approx(0.8) and not val["overall"]["at_first_point"]
     assert not val["image"]["reached"] and val["image"]["flops_fraction"] is None
     assert val["image"]["mot_final"] == pytest.approx(4.0)
     # The smoothed training loss lags equally in both runs: reached for text near 50%, never for image.
@@ -89,6 +89,11 @@ def test_ema_and_crossing_helpers():
     assert analyze.first_crossing([1, 2, 3], [5.0, 4.0, 2.0], 3.0) == (2.5, 1.5)
     assert analyze.first_crossing([1, 2, 3], [2.0, 1.0, 0.5], 3.0) == (1, 0.0)  # already below: first point
     assert analyze.first_crossing([1, 2], [5.0, 4.0], 3.0) is None
+    early = analyze.compare({"flops": [1.0, 2.0], "wall_s": [1.0, 2.0], "step": [1, 2], **dict.fromkeys(
+        analyze.MODALITIES, [3.0, 2.0])}, {"flops": [1.0, 2.0], "wall_s": [2.0, 4.0], "step": [1, 2], **dict.fromkeys(
+        analyze.MODALITIES, [1.5, 1.0])})
+    assert early["text"]["at_first_point"] and early["text"]["flops_fraction"] == 0.5  # an upper bound
+    assert analyze._pct(0.5, upper_bound=True) == "<= 50.0%"
 
 
 def test_missing_and_appended_metrics_are_explained(tmp_path, runs):
