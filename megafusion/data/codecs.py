@@ -39,6 +39,18 @@ def check_rgb_image(pixels, source: str = "") -> np.ndarray:
     return pixels
 
 
+def check_codes(codes, codec) -> np.ndarray:
+    """``codes`` as an array if it is one image's worth of integer codes in ``codec``'s range, else DataError."""
+    codes = np.asarray(codes)
+    if codes.shape != (codec.tokens_per_image,) or not np.issubdtype(codes.dtype, np.integer):
+        raise DataError(f"{codec.name} codec: decode needs {codec.tokens_per_image} integer codes, got "
+                        f"{codes.dtype} array of shape {tuple(codes.shape)}")
+    if codes.size and (codes.min() < 0 or codes.max() >= codec.vocab_size):
+        raise DataError(f"{codec.name} codec: codes must be in [0, {codec.vocab_size}), got "
+                        f"min {codes.min()} max {codes.max()}")
+    return codes
+
+
 def resize_nearest(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-index resize of an ``[H, W, ...]`` array: output row i reads input row ``i*H//height``.
 
@@ -90,13 +102,7 @@ class PixelPatchCodec:
         return codes.reshape(-1).astype(np.int64)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.shape != (self.tokens_per_image,) or not np.issubdtype(codes.dtype, np.integer):
-            raise DataError(f"pixel codec: decode needs {self.tokens_per_image} integer codes, got "
-                            f"{codes.dtype} array of shape {tuple(codes.shape)}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise DataError(f"pixel codec: codes must be in [0, {self.vocab_size}), got "
-                            f"min {codes.min()} max {codes.max()}")
+        codes = check_codes(codes, self)
         L = self.levels
         q = np.stack([codes // (L * L), (codes // L) % L, codes % L], axis=-1)
         colours = self.level_values[q].reshape(self.grid, self.grid, 3)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megafusion.data.codecs import CODECS, check_rgb_image, resize_nearest
+from megafusion.data.codecs import CODECS, check_codes, check_rgb_image, resize_nearest
 from megafusion.data.types import DataError
 
 CODEBOOK_FORMAT = "megafusion.vq_codebook"
@@ -143,13 +143,7 @@ class VQPatchCodec:
         return self.nearest(patches.astype(np.float64) / 255.0)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.shape != (self.tokens_per_image,) or not np.issubdtype(codes.dtype, np.integer):
-            raise DataError(f"vq codec: decode needs {self.tokens_per_image} integer codes, got "
-                            f"{codes.dtype} array of shape {tuple(codes.shape)}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise DataError(f"vq codec: codes must be in [0, {self.vocab_size}), got min {codes.min()} "
-                            f"max {codes.max()}")
+        codes = check_codes(codes, self)
         g, p = self.grid, self.patch_size
         values = np.clip(np.round(self.codebook[codes].astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
         return values.reshape(g, g, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * p, g * p, 3)
@@ -270,13 +264,7 @@ class VQGANCodec:
         return indices.reshape(-1).cpu().numpy().astype(np.int64)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.shape != (self.tokens_per_image,) or not np.issubdtype(codes.dtype, np.integer):
-            raise DataError(f"vqgan codec: decode needs {self.tokens_per_image} integer codes, got "
-                            f"{codes.dtype} array of shape {tuple(codes.shape)}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise DataError(f"vqgan codec: codes must be in [0, {self.vocab_size}), got min {codes.min()} "
-                            f"max {codes.max()}")
+        codes = check_codes(codes, self)
         indices = self.torch.from_numpy(codes.astype(np.int64))
         with self.torch.no_grad():
             if self.model.config.lookup_from_codebook:  # decode then looks the indices up itself
