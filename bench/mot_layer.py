@@ -11,7 +11,7 @@ Measured, alternating dense and MoT every iteration so that background load hits
 
 - the whole layer, forward + backward (``out.backward(grad)`` with a fixed random ``grad``);
 - the MLP alone (megatron's SwiGLU ``MLP`` vs ``ModalityMLP``);
-- the routing alone: the ``index_select`` permute / unpermute pairs (forward + backward) that
+- the routing alone: the permute / unpermute pairs (``megafusion.ops``) (forward + backward) that
   the MoT layer does around its QKV, output projection and MLP, and those of the MLP only.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` around one forward +
@@ -41,13 +41,14 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
 import torch
+
+from bench.provenance import cpu_cores, cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -308,18 +309,8 @@ def measure(args, cfg, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------- provenance
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def device_info(device: torch.device) -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_cores()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_").removeprefix("nvidia_")
@@ -329,23 +320,6 @@ def device_info(device: torch.device) -> dict:
     # On CPU megatron-core runs under megafusion's compat layer (a TorchFunctionMode), as in training.
     return {"type": "cpu", "name": f"{cpu_name()} ({cores} cores)", "slug": "cpu", "cores": cores,
             "threads": torch.get_num_threads(), "cpu_compat": cpu_compat.is_enabled()}
-
-
-def git(*args: str) -> str | None:
-    try:
-        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-def git_commit() -> str:
-    sha = git("rev-parse", "--short", "HEAD")
-    if sha is None:
-        return "unknown"
-    # Read-only: no index refresh (another process may be committing). Results don't count as dirt.
-    dirty = git("--no-optional-locks", "status", "--porcelain", "--", ".", ":(exclude)bench/results")
-    return f"{sha}-dirty" if dirty else sha
 
 
 def load_average() -> float | None:

@@ -8,7 +8,6 @@ run (fp32, relative difference <= 1e-5). Layouts run as real ``torchrun`` jobs o
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.helpers import assert_same_training, run_train
 

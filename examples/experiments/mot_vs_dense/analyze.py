@@ -29,13 +29,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
+sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
+from bench.provenance import git_commit, machine  # noqa: E402
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
 EMA_BETA = 0.95  # ~20-step window: smooths step-to-step batch noise, lags the curve by ~20 steps
@@ -206,38 +206,6 @@ def _thin(curve: dict, every: int = 5) -> dict:
 
 
 # --------------------------------------------------------------------------- provenance
-def commit() -> str:
-    """Short HEAD, "-dirty" when tracked files differ from it (as ``git describe --dirty``)."""
-    def git(*args):
-        # --no-optional-locks: a read-only query must not take the index lock another git may hold
-        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30)
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def machine() -> str:
-    """GPU name where the runs would have used one, else the CPU model and core count."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-        threads = f", torch {torch.get_num_threads()} threads"
-    except ImportError:
-        threads = ""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        model = names[0].strip() if names else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores{threads}"
-
-
 def parameter_counts(out_dir: Path, info: dict) -> dict:
     """Exact total / active parameters of both models, from the config run.py used and the
     vocabulary size the run banner printed (the data decides the vocabulary)."""
@@ -340,7 +308,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
     result = analyze_runs(out_dir)
     info_path = out_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    result = {"commit": commit(), "machine": machine(),
+    result = {"commit": git_commit(), "machine": machine(),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "command": info.get("command", f"(analysis only) {' '.join(sys.argv)}"),
               "train_commands": info.get("train_commands", {}), "run_seconds": info.get("run_seconds", {}),

@@ -1,0 +1,57 @@
+"""Where a recorded figure came from: the commit and the machine, for every result in bench/results.
+
+Read-only git queries (``--no-optional-locks``: another git process may hold the index lock).
+A checkout is "-dirty" when tracked files other than ``bench/results`` differ from HEAD (a
+benchmark that rewrites earlier results does not mark its own commit dirty).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """Short HEAD, with "-dirty" when tracked files (bench/results aside) differ from it."""
+    sha = git("rev-parse", "--short", "HEAD")
+    if sha is None:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return f"{sha}-dirty" if dirty else sha
+
+
+def cpu_name() -> str:
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if names:
+            return names[0].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine() -> str:
+    """The GPU(s) where torch sees one, else the CPU model, cores and torch threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{cpu_name()}, {cpu_cores()} cores, torch {torch.get_num_threads()} threads"
