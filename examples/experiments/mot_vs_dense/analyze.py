@@ -303,13 +303,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def write_results(out_dir: Path, results_dir: Path) -> dict:
     """Analyse the runs under ``out_dir`` and write the json / md / png into ``results_dir``."""
     result = analyze_runs(out_dir)
     info_path = out_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    result = {"commit": git_commit(), "machine": machine(),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
+    result = {"commit": info.get("commit", git_commit()), "machine": info.get("machine", machine()),
+              "date_utc": info.get("date_utc", utc_now()),
               "command": info.get("command", f"(analysis only) {' '.join(sys.argv)}"),
               "train_commands": info.get("train_commands", {}), "run_seconds": info.get("run_seconds", {}),
               "parameters": parameter_counts(out_dir, info), **result}

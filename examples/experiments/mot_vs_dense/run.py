@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         config = Path(args.config).resolve()
         if not config.is_file():
             parser.error(f"--config {args.config}: no such file")
-        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "train_commands": {}, "run_seconds": {}}
+        # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
+        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": analyze.git_commit(),
+                "machine": analyze.machine(), "date_utc": analyze.utc_now(), "train_commands": {}, "run_seconds": {}}
         for arch in analyze.ARCHS:  # sequential on purpose: the wall clocks are compared
             cmd = train_command(config, args.overrides, arch, out_dir / arch, args.steps)
             info["train_commands"][arch] = cmd
