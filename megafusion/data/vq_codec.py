@@ -22,11 +22,11 @@ import json
 import os
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
 from megafusion.data.codecs import CODECS, check_codes, check_rgb_image, resize_nearest
+from megafusion.data.diffusers_local import load_local_model
 from megafusion.data.types import DataError
 
 CODEBOOK_FORMAT = "megafusion.vq_codebook"
@@ -214,33 +214,16 @@ class VQGANCodec:
     name = "vqgan"
 
     def __init__(self, path: str, image_size: int):
-        path = os.path.abspath(os.fspath(path))
-        expected = ("a local directory holding a diffusers VQModel (config.json + weights, as written by "
-                    "VQModel.save_pretrained); set data.vqgan_path to it")
-        if not os.path.isdir(path):
-            raise DataError(f"vqgan codec: {path} is not a directory; expected {expected}")
-        try:
-            class_name = json.loads(Path(path, "config.json").read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise DataError(f"vqgan codec: {path}/config.json cannot be read ({exc}); expected {expected}") from None
-        if class_name != "VQModel":
-            raise DataError(f"vqgan codec: {path} holds a {class_name or 'model of unknown class'}, not a VQModel; "
-                            f"expected {expected}")
         import torch
-        from diffusers import VQModel
 
-        try:
-            model = VQModel.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - diffusers / hub raise many kinds for a broken directory
-            raise DataError(f"vqgan codec: cannot load the VQModel in {path} ({type(exc).__name__}: {exc}); "
-                            f"expected {expected}") from None
+        path, model = load_local_model(path, "VQModel", "vqgan codec", "data.vqgan_path")
         factor = 2 ** (len(model.config.block_out_channels) - 1)  # every encoder block but the last halves
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < factor \
                 or image_size % factor:
             raise DataError(f"vqgan codec: image_size={image_size!r} must be a positive multiple of {factor} (the "
                             f"model in {path} downsamples by {factor}); set data.image_size accordingly")
         self.torch = torch
-        self.model = model.eval().requires_grad_(False)
+        self.model = model
         self.path, self.image_size = path, int(image_size)
         self.vocab_size = int(model.config.num_vq_embeddings)
         # The latent grid, read off one encoded dummy image rather than re-deriving the conv arithmetic.

@@ -1,9 +1,29 @@
 """Attention masks built from per-token metadata (never from token values).
 
 A microbatch carries ``document_ids`` ``[b, s]``: tokens of one packed document share an
-id. Query i may attend key j iff j <= i and both belong to the same document. Later
-objectives (Transfusion) add bidirectional spans for image patches through the same
-functions.
+id. Query i may attend key j iff j <= i and both belong to the same document.
+
+Transfusion (Zhou et al., arXiv 2408.11039) adds optional ``image_ids`` ``[b, s]`` int64:
+``NO_IMAGE`` (-1) for tokens that are not image patches, else an id shared by all patches
+of one image (unique within the row, so images of different documents never share an id).
+The mixed mask is causal over the sequence plus bidirectional inside each image::
+
+    allowed(i, j) = same_document(i, j) and (j <= i or image_ids[i] == image_ids[j] != -1)
+
+Documents are never crossed, even by an image id that (wrongly) repeats across documents.
+Begin/end-of-image markers are text tokens (see ``megafusion.data.types``), so they stay
+causal: the begin marker does not see the patches after it. :func:`image_spans_from_modality`
+derives ``image_ids`` from the per-token modalities.
+
+Positions. The model uses megatron-core's rotary embedding, which is built from the sequence
+length: every token's RoPE position is its row index ``0 .. s-1`` (the batch's
+``position_ids`` are only read by learned absolute embeddings). Image patches are not given
+special positions: the patches of one image keep consecutive positions in raster order. This
+is fine because (1) RoPE only encodes the relative offset ``i - j`` in the scores, and inside
+a document the row offset equals the offset within the document, so packing does not shift
+anything; (2) the bidirectional span lets every patch attend every other patch of its image
+whatever the order, so raster order costs no visibility, it only fixes which relative offset
+each patch pair sees (a 2-D RoPE over patch rows/columns would be a separate change).
 
 Two forms of the same mask:
 - ``dense_mask``: boolean ``[b, 1, s, s]`` in megatron-core's convention (``True`` =
@@ -15,23 +35,81 @@ from __future__ import annotations
 
 import torch
 
+from megafusion.data.types import Modality
 
-def dense_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Causal + same-document mask, ``True`` where attention is blocked: ``[b, 1, s, s]``."""
+NO_IMAGE = -1  # the image id of every token that is not an image patch
+
+
+def _check_image_ids(document_ids: torch.Tensor, image_ids) -> torch.Tensor | None:
+    if image_ids is None:
+        return None
+    if not isinstance(image_ids, torch.Tensor):
+        # Guards the old positional call ``block_mask(doc, 64)`` (block_size moved after image_ids).
+        raise TypeError(f"image_ids must be a [b, s] int64 tensor or None, got {type(image_ids).__name__}")
+    if image_ids.shape != document_ids.shape:
+        raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}, document_ids {tuple(document_ids.shape)}: "
+                         "both must be [b, s]")
+    if image_ids.is_floating_point() or image_ids.dtype == torch.bool:
+        raise ValueError(f"image_ids must be an integer tensor (-1 = not an image patch), got {image_ids.dtype}")
+    return image_ids.to(document_ids.device)
+
+
+def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal + same-document (+ bidirectional per image) mask, ``True`` = blocked: ``[b, 1, s, s]``.
+
+    ``image_ids=None`` gives the text-only mask (causal + same document).
+    """
+    image_ids = _check_image_ids(document_ids, image_ids)
     s = document_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril_()
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return ~(same_doc & causal)[:, None]
+    if image_ids is None:
+        return ~(same_doc & causal)[:, None]
+    same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids != NO_IMAGE)[:, :, None]
+    return ~(same_doc & (causal | same_image))[:, None]
 
 
-def block_mask(document_ids: torch.Tensor, block_size: int = 128):
-    """The same mask as :func:`dense_mask`, as a FlexAttention ``BlockMask``."""
+def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None, block_size: int = 128):
+    """The same mask as :func:`dense_mask`, as a FlexAttention ``BlockMask``.
+
+    ``s`` need not be a multiple of ``block_size`` (FlexAttention pads the last block).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(b, h, q, kv):
-        return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
+    image_ids = _check_image_ids(document_ids, image_ids)
+
+    if image_ids is None:
+        def mask_mod(b, h, q, kv):
+            return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
+    else:
+        def mask_mod(b, h, q, kv):
+            q_img = image_ids[b, q]
+            same_image = (q_img == image_ids[b, kv]) & (q_img != NO_IMAGE)
+            return (document_ids[b, q] == document_ids[b, kv]) & ((kv <= q) | same_image)
 
     b, s = document_ids.shape
     return create_block_mask(
         mask_mod, B=b, H=None, Q_LEN=s, KV_LEN=s, device=document_ids.device, BLOCK_SIZE=block_size
     )
+
+
+def image_spans_from_modality(modality_ids: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """``image_ids`` ``[b, s]`` int64 from per-token modalities: one image per run of image tokens.
+
+    Each maximal run of ``Modality.IMAGE`` tokens inside one document is one image; a run that
+    crosses a document boundary is split there. Images are numbered 0, 1, 2, ... along each
+    row (unique within the row); every other token gets ``NO_IMAGE`` (-1). Two images placed
+    back to back with nothing between them are indistinguishable here and become one image:
+    the tokenizer separates images with begin/end-of-image text tokens, and a pipeline that
+    does not should pass explicit ``image_ids`` instead of calling this.
+    """
+    if modality_ids.shape != document_ids.shape or modality_ids.dim() != 2:
+        raise ValueError(f"modality_ids {tuple(modality_ids.shape)} and document_ids {tuple(document_ids.shape)} "
+                         "must both be [b, s]")
+    is_image = modality_ids == int(Modality.IMAGE)
+    # A run starts at an image token whose left neighbour is not an image token of the same document.
+    continues = torch.zeros_like(is_image)
+    continues[:, 1:] = is_image[:, :-1] & (document_ids[:, 1:] == document_ids[:, :-1])
+    starts = is_image & ~continues
+    number = starts.to(torch.int64).cumsum(dim=1) - 1
+    return torch.where(is_image, number, torch.full_like(number, NO_IMAGE))

@@ -1,0 +1,42 @@
+"""Load a pretrained diffusers model from a local directory only (image tokenizers and VAEs).
+
+Runs never download: a model is whatever ``save_pretrained`` wrote into a directory the user
+names. Every failure is a ``DataError`` naming the directory, what was found and what is
+expected, instead of a hub traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megafusion.data.types import DataError
+
+
+def load_local_model(path, class_name: str, what: str, setting: str):
+    """The diffusers ``class_name`` model saved in ``path``, frozen and in eval mode.
+
+    ``what`` names the user of the model in messages (e.g. ``vqgan codec``) and ``setting`` the
+    config key or flag that gives the path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    expected = (f"a local directory holding a diffusers {class_name} (config.json + weights, as written by "
+                f"{class_name}.save_pretrained); set {setting} to it")
+    if not os.path.isdir(path):
+        raise DataError(f"{what}: {path} is not a directory; expected {expected}")
+    try:
+        found = json.loads(Path(path, "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{what}: {path}/config.json cannot be read ({exc}); expected {expected}") from None
+    if found != class_name:
+        raise DataError(f"{what}: {path} holds a {found or 'model of unknown class'}, not a {class_name}; "
+                        f"expected {expected}")
+    import diffusers
+
+    try:
+        model = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - diffusers / hub raise many kinds for a broken directory
+        raise DataError(f"{what}: cannot load the {class_name} in {path} ({type(exc).__name__}: {exc}); "
+                        f"expected {expected}") from None
+    return path, model.eval().requires_grad_(False)
