@@ -154,31 +154,61 @@ def flops_per_token(cfg, attended_keys: float, forward_only: bool = False) -> fl
     return dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * attended_keys
 
 
-def attended_keys(document_ids: torch.Tensor) -> torch.Tensor:
-    """Keys each query attends under causal + same-document masking: ``[b, s]`` int64.
+def _rank_in_group(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For flat int64 columns of equal length: each element's 1-based rank among the elements with
+    the same tuple of values (in original order), and the size of that group.
 
-    Query i attends key j iff j <= i and ``document_ids[j] == document_ids[i]`` (the rule of
-    :func:`megafusion.layers.masks.dense_mask`), so the count is the number of tokens of its
-    document up to and including itself: its position within the document + 1 for contiguous
-    packed documents, and still exact if an id reappears later in the row. Vectorised: a stable
-    sort groups each (row, document) and the rank within the group is the answer.
+    ``torch.unique(dim=0)`` numbers the groups (no arithmetic key, so ids of any size cannot
+    overflow); a stable sort keeps original order inside a group, so the rank is the position
+    in the sorted order minus the group's first position.
+    """
+    group = torch.unique(torch.stack(columns, dim=1), dim=0, return_inverse=True)[1]
+    order = torch.sort(group, stable=True).indices
+    sorted_group = group[order]
+    idx = torch.arange(group.numel(), dtype=torch.int64, device=group.device)
+    new_group = torch.ones_like(sorted_group, dtype=torch.bool)
+    new_group[1:] = sorted_group[1:] != sorted_group[:-1]
+    group_start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
+    rank = torch.empty_like(idx)
+    rank[order] = idx - group_start + 1
+    size = torch.bincount(group)[group]
+    return rank, size
+
+
+def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys each query attends under the mask of :mod:`megafusion.layers.masks`: ``[b, s]`` int64.
+
+    Query i attends key j iff ``document_ids[j] == document_ids[i]`` and (j <= i, or both are
+    patches of one image: ``image_ids[i] == image_ids[j] != -1``). So the count is
+
+        (tokens of i's document up to and including i)
+        + (patches of i's image in i's document that come after i),
+
+    i.e. its position within the document + 1 for contiguous packed documents, plus the rest of
+    its image; still exact if a document or image id reappears later in the row.
+    ``image_ids=None`` (or all -1) is causal + same document. Vectorised, no ``s x s`` tensor: a
+    stable sort per (row, document) and per (row, document, image) gives ranks and group sizes,
+    O(b s log(b s)).
     """
     doc = torch.as_tensor(document_ids).to(torch.int64)
     if doc.dim() == 1:
         doc = doc[None]
     b, s = doc.shape
+    if image_ids is not None:
+        img = torch.as_tensor(image_ids).to(device=doc.device, dtype=torch.int64)
+        if img.numel() != doc.numel():
+            raise ValueError(f"image_ids has shape {tuple(img.shape)}, document_ids {tuple(doc.shape)}: "
+                             "both must be [b, s]")
+        img = img.reshape(b, s)
     if doc.numel() == 0:
         return torch.zeros(b, s, dtype=torch.int64, device=doc.device)
-    doc = doc - doc.min()
-    key = (torch.arange(b, dtype=torch.int64, device=doc.device)[:, None] * (int(doc.max()) + 1) + doc).reshape(-1)
-    order = torch.sort(key, stable=True).indices  # within a group: original (causal) order
-    sorted_key = key[order]
-    idx = torch.arange(key.numel(), dtype=torch.int64, device=doc.device)
-    new_group = torch.ones_like(sorted_key, dtype=torch.bool)
-    new_group[1:] = sorted_key[1:] != sorted_key[:-1]
-    group_start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
-    counts = torch.empty_like(idx)
-    counts[order] = idx - group_start + 1
+    row = torch.arange(b, dtype=torch.int64, device=doc.device)[:, None].expand(b, s).reshape(-1)
+    counts, _ = _rank_in_group(row, doc.reshape(-1))
+    if image_ids is not None:
+        flat_img = img.reshape(-1)
+        rank, size = _rank_in_group(row, doc.reshape(-1), flat_img)
+        is_patch = flat_img != -1  # NO_IMAGE in megafusion.layers.masks
+        counts = counts + torch.where(is_patch, size - rank, torch.zeros_like(rank))
     return counts.view(b, s)
 
 
@@ -196,12 +226,13 @@ def batch_flops(
     attention: str = "mask",
     forward_only: bool = False,
     keys: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
 ) -> dict:
     """Model FLOPs of one microbatch (forward + backward unless ``forward_only``), exactly.
 
-    ``attention="mask"`` counts each query's real keys (causal, same document: see
-    :func:`attended_keys`; pass ``keys`` ``[b, s]`` for another mask, e.g. from
-    :func:`attended_keys_from_mask`); ``"full"`` counts every query against all ``s`` keys, as a
+    ``attention="mask"`` counts each query's real keys (causal, same document, plus the
+    bidirectional image spans when ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
+    pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`); ``"full"`` counts every query against all ``s`` keys, as a
     mask-ignoring counter does. Every token is charged its own dense matmuls (output layer
     included) and its attention, and the split is by the modality of that (query) token;
     ``modality_ids=None`` means all text. ``loss_mask`` changes no FLOP (logits are computed at
@@ -213,6 +244,8 @@ def batch_flops(
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}")
+    if keys is not None and image_ids is not None:
+        raise ValueError("batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), not both")
     doc = torch.as_tensor(document_ids).detach().cpu()
     if doc.dim() == 1:
         doc = doc[None]
@@ -228,7 +261,8 @@ def batch_flops(
     elif keys is not None:
         nkeys = torch.as_tensor(keys).detach().cpu().to(torch.int64).reshape(b, s)
     else:
-        nkeys = attended_keys(doc)
+        img = None if image_ids is None else torch.as_tensor(image_ids).detach().cpu()
+        nkeys = attended_keys(doc, img)
 
     dense_tok = dense_flops_per_token(cfg, forward_only)
     per_key = attention_flops_per_key(cfg, forward_only)
