@@ -27,7 +27,7 @@ all H query heads, so it is H, not G).
 Backward = 2 x forward for every matmul (input and weight gradients; every weight, including
 layer 0's QKV, needs both since the embedding is trained), so forward + backward = 3 x
 forward. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
-the scores in the backward is not counted, and with the real mask (causal, same document)
+the scores in the backward is not counted, and with the real mask (causal, same document, bidirectional within an image when ``image_ids`` are given)
 masked-out pairs are not counted.
 
 What FlopCounterMode counts for attention (measured with torch 2.13 and read in
@@ -232,8 +232,8 @@ def batch_flops(
 
     ``attention="mask"`` counts each query's real keys (causal, same document, plus the
     bidirectional image spans when ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
-    pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`); ``"full"`` counts every query against all ``s`` keys, as a
-    mask-ignoring counter does. Every token is charged its own dense matmuls (output layer
+    pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`);
+    ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every token is charged its own dense matmuls (output layer
     included) and its attention, and the split is by the modality of that (query) token;
     ``modality_ids=None`` means all text. ``loss_mask`` changes no FLOP (logits are computed at
     every position) and is only used to report ``loss_tokens_per_modality``.
@@ -245,7 +245,8 @@ def batch_flops(
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}")
     if keys is not None and image_ids is not None:
-        raise ValueError("batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), not both")
+        raise ValueError("batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), "
+                         "not both")
     doc = torch.as_tensor(document_ids).detach().cpu()
     if doc.dim() == 1:
         doc = doc[None]
