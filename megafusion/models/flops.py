@@ -27,8 +27,8 @@ all H query heads, so it is H, not G).
 Backward = 2 x forward for every matmul (input and weight gradients; every weight, including
 layer 0's QKV, needs both since the embedding is trained), so forward + backward = 3 x
 forward. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
-the scores in the backward is not counted, and with the real mask (causal, same document, bidirectional within an image when ``image_ids`` are given)
-masked-out pairs are not counted.
+the scores in the backward is not counted, and with the real mask (causal, same document,
+bidirectional within an image when ``image_ids`` are given) masked-out pairs are not counted.
 
 What FlopCounterMode counts for attention (measured with torch 2.13 and read in
 ``torch/utils/flop_counter.py``; see ``tests/test_flops.py``)
