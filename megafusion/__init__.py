@@ -13,3 +13,7 @@ __version__ = "0.1.0"
 # about the run; the training banner states which kernels are in use instead.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# megatron-core 0.16 dist_checkpointing still calls torch's deprecated ShardedTensor /
+# load_state_dict APIs on every load; nothing a user can act on (it is megatron's to move).
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
