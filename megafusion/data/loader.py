@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
-from megafusion.data.types import NUM_MODALITIES, DataError, TokenizedDocument
+from megafusion.data.types import NUM_MODALITIES, DataError, Modality, TokenizedDocument
 
 
 def _content_score(doc: TokenizedDocument, seed: int) -> int:
@@ -116,7 +116,7 @@ class MicrobatchSource:
         def t(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
-        return {
+        batch = {
             "tokens": t(tok[:, :-1]),
             "labels": t(tok[:, 1:]),
             "position_ids": t(pos[:, :-1]),
@@ -126,6 +126,25 @@ class MicrobatchSource:
             "loss_mask": t(loss_mask, torch.float32),
             "modality_counts": t(np.bincount(modality_ids.ravel(), minlength=NUM_MODALITIES)),
         }
+        if self.rows.latents is not None:
+            self._add_latents(batch, idx)
+        return batch
+
+    def _add_latents(self, batch: dict, idx: np.ndarray) -> None:
+        """Transfusion rows: ``image_ids``, ``latents``, and image positions out of the LM loss."""
+        from megafusion.layers.masks import image_spans_from_modality
+
+        image_ids = image_spans_from_modality(batch["modality_ids"], batch["document_ids"])
+        latents = [self.rows.latents[i] for i in idx]
+        for row, (ids, lat) in enumerate(zip(image_ids, latents)):
+            if int(ids.max()) + 1 != lat.shape[0]:
+                raise DataError(f"{self.name}: packed row {int(idx[row])} has {int(ids.max()) + 1} image spans but "
+                                f"{lat.shape[0]} latents; the dataset is inconsistent: rebuild it")
+        image = int(Modality.IMAGE)
+        text_only = (batch["modality_ids"] != image) & (batch["label_modality_ids"] != image)
+        batch["loss_mask"] = batch["loss_mask"] * text_only
+        batch["image_ids"] = image_ids
+        batch["latents"] = torch.from_numpy(np.concatenate(latents))
 
     def describe(self) -> str:
         per = ", ".join(f"{k} {v}" for k, v in self.tokens_per_modality().items())

@@ -28,12 +28,15 @@ class PackedRows:
     - ``document_ids`` (int64): documents numbered 0, 1, 2, ... within each row;
       padding is ``PAD_DOCUMENT_ID`` (-1).
     - ``positions`` (int64): position of each token within its document; padding is 0.
+    - ``latents`` (Transfusion only, else None): per row, float32 ``[images, C, h, w]``, the
+      latents of the row's images in order (see :mod:`megafusion.data.transfusion_data`).
     """
 
     tokens: np.ndarray
     modalities: np.ndarray
     document_ids: np.ndarray
     positions: np.ndarray
+    latents: list[np.ndarray] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -94,4 +97,11 @@ def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) 
         modalities[r, start:start + n] = doc.modalities
         document_ids[r, start:start + n] = doc_id
         positions[r, start:start + n] = np.arange(n)
-    return PackedRows(tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions)
+    latents = None
+    if docs and "latents" in docs[0].meta:  # Transfusion: each row keeps its documents' latents
+        per_row: list[list[np.ndarray]] = [[] for _ in range(num_rows)]
+        for doc, (r, _, _) in zip(docs, placements):
+            per_row[r].append(doc.meta["latents"])
+        latents = [np.concatenate(parts) for parts in per_row]
+    return PackedRows(tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions,
+                      latents=latents)
