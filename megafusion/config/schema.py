@@ -126,6 +126,22 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    # lm: next-token loss on every token (text pieces and discrete image codes: Chameleon);
+    # transfusion: text keeps the next-token loss, images are continuous latents trained with a
+    # diffusion loss in the same sequence (data.source=builtin; see docs/architecture.md).
+    name: str = "lm"
+    diffusion_weight: float = 5.0  # lambda in loss = LM + lambda * diffusion (Transfusion: 5)
+    noise_schedule: str = "cosine"  # cosine|linear (diffusers DDPMScheduler betas)
+    prediction: str = "epsilon"  # epsilon|v_prediction|flow
+    train_timesteps: int = 1000
+    latent_codec: str = "pixels"  # pixels (the image in [-1, 1]) | kl (a local diffusers AutoencoderKL)
+    vae_path: str | None = None  # latent_codec=kl: the AutoencoderKL directory (save_pretrained)
+    latent_patch_size: int = 2  # one sequence position per latent_patch_size^2 latent patch
+    patchify: str = "linear"  # linear|unet (the paper's U-Net down/up blocks)
+
+
+@dataclass
 class CheckpointConfig:
     dir: str | None = None  # null = <logging.out_dir>/checkpoints
     interval: int = 0  # save every N steps (0 = only at the end); the end is always saved
@@ -163,6 +179,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -10,6 +10,7 @@ from .schema import MOT_PARTS, SECTIONS, Config, ConfigError, field_types, split
 PARAMS_DTYPES = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
 DATA_SOURCES = ("synthetic", "builtin", "indexed")
+OBJECTIVES = ("lm", "transfusion")
 BUILTIN_SETS = ("shapes", "digits")
 IMAGE_CODECS = ("pixel", "vq", "vqgan")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
@@ -121,6 +122,28 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
     if bad_parts:
         problems.append(f"model.untie={m.untie!r} names unknown parts {bad_parts}: use a comma-separated subset "
                         f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)")
+    o = cfg.objective
+    for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
+                            ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
+                            ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "flow")),
+                            ("objective.latent_codec", o.latent_codec, ("pixels", "kl")),
+                            ("objective.patchify", o.patchify, ("linear", "unet"))]:
+        if v not in allowed:
+            problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
+    if o.name == "transfusion":
+        at_least("objective.train_timesteps", o.train_timesteps, 2)
+        at_least("objective.latent_patch_size", o.latent_patch_size, 1)
+        if o.diffusion_weight < 0:
+            problems.append(f"objective.diffusion_weight={o.diffusion_weight} must be >= 0: e.g. 5.0 (Transfusion)")
+        if d.source != "builtin":
+            problems.append(f"objective.name=transfusion reads images as latents from the built-in sets for now: "
+                            f"set data.source=builtin (data.source={d.source!r} carries no images or only codes)")
+        if o.latent_codec == "kl" and not o.vae_path:
+            problems.append("objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
+                            "AutoencoderKL saved with save_pretrained")
+        if o.latent_codec == "pixels" and d.image_size % max(o.latent_patch_size, 1):
+            problems.append(f"objective.latent_patch_size={o.latent_patch_size} does not divide data.image_size="
+                            f"{d.image_size} (pixel latents are the image): choose a divisor of {d.image_size}")
     if lg.peak_tflops is not None and not lg.peak_tflops > 0:
         problems.append(f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
                         f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989")

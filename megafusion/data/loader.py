@@ -128,6 +128,9 @@ class MicrobatchSource:
         }
         if self.rows.latents is not None:
             self._add_latents(batch, idx)
+            # Which samples these are: the forward step keys each image's noise on it, so every
+            # parallel layout draws the same noise for the same image.
+            batch["sample_ids"] = torch.arange(first_sample, first_sample + size)
         return batch
 
     def _add_latents(self, batch: dict, idx: np.ndarray) -> None:

@@ -136,6 +136,17 @@ def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], No
     return fit()
 
 
+def _latent_placeholders(cfg):
+    """objective=transfusion: images become latents; the tokenizer only places their patches."""
+    from megafusion.data.latent_codecs import build_latent_codec
+    from megafusion.data.transfusion_data import PlaceholderCodec
+
+    o = cfg.objective
+    params = {"path": o.vae_path} if o.latent_codec == "kl" else {}
+    return PlaceholderCodec(build_latent_codec(o.latent_codec, image_size=cfg.data.image_size, **params),
+                            o.latent_patch_size)
+
+
 def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[], None] = lambda: None) -> DataBundle:
     """Build the train / validation sources for ``cfg`` (the same on every rank)."""
     d, m, seed = cfg.data, cfg.model, cfg.train.seed
@@ -148,13 +159,16 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
     from megafusion.data.loader import MicrobatchSource, split_documents
     from megafusion.data.packing import pack_documents
     from megafusion.data.tokenizer import MultimodalTokenizer
+    from megafusion.data.transfusion_data import encode_transfusion_document
 
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
-        codec = _builtin_codec(cfg, documents, is_first_rank, barrier)
+        transfusion = cfg.objective.name == "transfusion"
+        codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
         texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
         tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
-        tokenized = [tokenizer.encode_document(doc) for doc in documents]
+        encode = (lambda doc: encode_transfusion_document(tokenizer, doc)) if transfusion else tokenizer.encode_document
+        tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"
     else:  # indexed
         from megafusion.data.indexed import read_indexed

@@ -24,14 +24,23 @@ def layer_spec_builder(arch: str):
     return getattr(importlib.import_module(module), function)
 
 
-def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
+def build_model_chunks(cfg, tconfig, runtime, latent_shape: tuple[int, int, int] | None = None) -> list[GPTModel]:
+    """``latent_shape`` (``[C, H, W]`` of one image latent) is needed for ``objective.name=transfusion``;
+    None means the pixel latents of ``data.image_size`` images."""
     layer_spec = layer_spec_builder(cfg.model.arch)(cfg)
+    model_cls, extra = GPTModel, {}
+    if cfg.objective.name == "transfusion":
+        from megafusion.models.transfusion import TransfusionGPTModel
+
+        size = cfg.data.image_size
+        model_cls = TransfusionGPTModel
+        extra = {"objective": cfg.objective, "latent_shape": tuple(latent_shape or (3, size, size))}
     chunks = []
     for vp_stage in range(runtime.vpp or 1):
         vp = vp_stage if runtime.vpp else None
         num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
         block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm_of(layer_spec))
-        model = GPTModel(
+        model = model_cls(
             config=tconfig,
             transformer_layer_spec=block,
             vocab_size=cfg.model.vocab_size,
@@ -43,6 +52,7 @@ def build_model_chunks(cfg, tconfig, runtime) -> list[GPTModel]:
             position_embedding_type="rope",
             rotary_base=int(cfg.model.rope_theta),
             vp_stage=vp,
+            **extra,
         )
         chunks.append(model.to(runtime.device))
     initialize_weights(

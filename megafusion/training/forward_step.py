@@ -22,19 +22,26 @@ from megafusion.layers.masks import block_mask, dense_mask
 from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.models import ROUTED_ARCHS
 from megafusion.objectives.lm_loss import lm_loss_sums
+from megafusion.objectives.transfusion import combined_loss, noised_images, schedule_for
 
 REPORT_FIELDS = ("total", "lm", "z", "tokens",
-                 *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES))
+                 *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES),
+                 "diffusion", "diffusion_elements")  # the last two stay 0 for objective.name=lm
 
 
 def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
-    """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask."""
-    if not packs_documents and backend != "flex":
+    """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask.
+
+    Transfusion batches (``image_ids``) always get a mask: patches of one image see each other.
+    """
+    image_ids = batch.get("image_ids")
+    if not packs_documents and backend != "flex" and image_ids is None:
         return None
     doc_ids = batch["document_ids"].to(device)
+    image_ids = None if image_ids is None else image_ids.to(device)
     if backend == "flex":
-        return block_mask(doc_ids)
-    return dense_mask(doc_ids)
+        return block_mask(doc_ids, image_ids)
+    return dense_mask(doc_ids, image_ids)
 
 
 def routing_for(batch: dict, device: torch.device):
@@ -44,13 +51,18 @@ def routing_for(batch: dict, device: torch.device):
     return modality_routing(routing)
 
 
-def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, logits):
+def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, diffusion, output):
+    """Sums of one microbatch; ``diffusion`` = None (LM) or (target, weight, step LM tokens, step elements)."""
+    logits, prediction = output if isinstance(output, tuple) else (output, None)
     sums = lm_loss_sums(logits, labels, loss_mask, z_loss_weight, label_modality_ids, NUM_MODALITIES)
+    total, diff, elements = sums["total"], sums["total"].new_zeros(()), sums["total"].new_zeros(())
+    if diffusion is not None:
+        total, diff, elements = combined_loss(total, prediction, *diffusion)
     report = torch.cat([
-        torch.stack([sums["total"].detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
-        sums["lm_per_modality"], sums["tokens_per_modality"],
+        torch.stack([total.detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
+        sums["lm_per_modality"], sums["tokens_per_modality"], torch.stack([diff, elements]),
     ])
-    return sums["total"], sums["tokens"], {"report": report}
+    return total, sums["tokens"], {"report": report}
 
 
 def make_forward_step(cfg, device: torch.device):
@@ -61,14 +73,20 @@ def make_forward_step(cfg, device: torch.device):
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
     routed = cfg.model.arch in ROUTED_ARCHS
+    objective = cfg.objective
+    schedule = schedule_for(objective) if objective.name == "transfusion" else None
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         mask = attention_mask_for(batch, backend, packs, device)
+        extra, diffusion = {}, None
+        if schedule is not None:
+            extra["images"], target = noised_images(batch, schedule, cfg.train.seed, device)
+            diffusion = (target, objective.diffusion_weight, batch["step_lm_tokens"], batch["step_image_elements"])
         with routing_for(batch, device) if routed else contextlib.nullcontext():
-            logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None)
+            output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
         loss = partial(_loss_func, batch["labels"].to(device), batch["loss_mask"].to(device),
-                       batch["label_modality_ids"].to(device), z_weight)
-        return logits, loss
+                       batch["label_modality_ids"].to(device), z_weight, diffusion)
+        return output, loss
 
     return forward_step

@@ -35,10 +35,10 @@ from megafusion.training.mfu import describe_peak, mfu, peak_tflops
 from megafusion.training.optim import build_optimizer
 
 
-def build(cfg, runtime):
+def build(cfg, runtime, latent_shape=None):
     """Model chunks wrapped in megatron DDP, optimizer, scheduler, and the TransformerConfig."""
     tconfig = build_transformer_config(cfg, runtime.device)
-    chunks = build_model_chunks(cfg, tconfig, runtime)
+    chunks = build_model_chunks(cfg, tconfig, runtime, latent_shape)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -65,7 +65,9 @@ class Trainer:
         self.num_microbatches = self.per_rank // t.micro_batch_size
         self.data = build_data(cfg, runtime.tp, dist.get_rank() == 0, dist.barrier)
         cfg.model.vocab_size = self.data.vocab_size  # the data decides the vocabulary
-        self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime)
+        codec = getattr(self.data.tokenizer, "codec", None)
+        latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
+        self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime, latent_shape)
         self.forward_step = make_forward_step(cfg, runtime.device)
         self.forward_backward = get_forward_backward_func()
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
@@ -73,7 +75,16 @@ class Trainer:
     def _microbatches(self, source, first_sample: int) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
         first = first_sample + self.rt.dp_rank * self.per_rank
-        return [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
+        batches = [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
+        if self.cfg.objective.name == "transfusion":
+            # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.
+            step = source.microbatch(first_sample, self.cfg.train.global_batch_size)
+            counts = {"step_lm_tokens": float(step["loss_mask"].sum()),
+                      "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
+                      if step["latents"].shape[0] else 0.0}
+            for batch in batches:
+                batch.update(counts)
+        return batches
 
     def _run(self, microbatches: list[dict], forward_only: bool):
         iterators = [iter(microbatches) for _ in self.model]
@@ -164,7 +175,11 @@ class Trainer:
 
 
 def _per_modality(r: dict, prefix: str) -> dict:
-    return {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
+    """LM loss per modality (where it has tokens) and, for Transfusion, the diffusion loss."""
+    out = {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
+    if r["diffusion_elements"] > 0:
+        out[f"{prefix}/diffusion"] = r["diffusion"] / r["diffusion_elements"]
+    return out
 
 
 def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:

@@ -101,9 +101,10 @@ def _compact(r: dict, with_step: bool = True) -> str:
     """``step 12/200 | loss 3.210 (text 2.901 image 3.512) | lr ... | ...`` or a val line."""
     head = f"step {r['step']:>5}" if with_step else ""
     if "loss" not in r:  # an evaluation record
-        per = " ".join(f"{m} {r[f'val/loss/{m}']:.4f}" for m in MODALITY_NAMES if f"val/loss/{m}" in r)
+        per = " ".join(f"{m} {r[f'val/loss/{m}']:.4f}" for m in (*MODALITY_NAMES, "diffusion")
+                       if f"val/loss/{m}" in r)
         return f"{head} | val loss {r['val/loss']:.4f} ({per}) | {r.get('val/tokens', 0):,} tokens"
-    per = " ".join(f"{m} {r[f'loss/{m}']:.4f}" for m in MODALITY_NAMES if f"loss/{m}" in r)
+    per = " ".join(f"{m} {r[f'loss/{m}']:.4f}" for m in (*MODALITY_NAMES, "diffusion") if f"loss/{m}" in r)
     parts = [
         f"loss {r['loss']:.4f} ({per})" if per else f"loss {r['loss']:.4f}",
         f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s",

@@ -1,0 +1,70 @@
+"""The Transfusion objective for one microbatch: image noise, model inputs, and the combined loss.
+
+``loss = LM + lambda * diffusion`` (Zhou et al., arXiv 2408.11039), both averaged over the
+*global* batch exactly, whatever the layout: megatron-core divides the returned sum by the
+step's LM-token count ``T`` (``calculate_per_token_loss``), so the diffusion sum enters as
+``lambda * diffusion_sum * T / E``, with ``E`` the step's diffusion elements; the trainer
+counts ``T`` and ``E`` on the host for the whole global batch (``step_lm_tokens`` and
+``step_image_elements`` in every microbatch).
+
+Noise and timesteps of image ``k`` of sample ``i`` come from a generator keyed by
+``(seed, i, k)``: every pipeline stage of every layout draws the same numbers for the same
+image, which is what lets TP / PP / DP runs match one process.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from megafusion.models.transfusion import ImageInputs
+from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
+
+DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
+
+
+def schedule_for(objective) -> NoiseSchedule:
+    return NoiseSchedule(objective.noise_schedule, objective.train_timesteps, objective.prediction)
+
+
+def _image_generator(seed: int, sample: int, image: int) -> torch.Generator:
+    key = zlib.crc32(f"{seed}:{sample}:{image}".encode())
+    return torch.Generator().manual_seed(key)
+
+
+def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device):
+    """``(ImageInputs, target)`` for the microbatch's images (``target`` ``[n, C, H, W]``)."""
+    image_ids, latents = batch["image_ids"], batch["latents"]
+    counts = (image_ids.max(dim=1).values + 1).tolist()  # host tensors: no device sync
+    noise, steps = [], []
+    for row, count in enumerate(counts):
+        for k in range(count):
+            gen = _image_generator(seed, int(batch["sample_ids"][row]), k)
+            steps.append(schedule.sample_timesteps(1, generator=gen))
+            noise.append(torch.randn(latents.shape[1:], generator=gen))
+    n = len(noise)
+    if n:
+        noise, t = torch.stack(noise), torch.cat(steps)
+    else:
+        noise, t = torch.zeros_like(latents), schedule.sample_timesteps(0)
+    x0 = latents.float()
+    noised, target = schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t)
+    positions = (image_ids.reshape(-1) >= 0).nonzero().flatten()
+    images = ImageInputs(image_ids=image_ids.to(device), noised=noised.to(device),
+                         timesteps=schedule.model_timesteps(t).to(device), count=n, positions=positions.to(device))
+    return images, target.to(device)
+
+
+def combined_loss(lm_total: torch.Tensor, prediction, target, weight: float, step_lm_tokens: float,
+                  step_image_elements: float):
+    """``(loss sum for megatron, diffusion sum, diffusion elements)`` of one microbatch."""
+    if prediction is None:
+        zero = lm_total.new_zeros(())
+        return lm_total, zero, zero
+    sums = diffusion_loss_sums(prediction.float(), target.float())
+    if step_lm_tokens <= 0:
+        raise ValueError("a Transfusion step without any text token to predict cannot be normalised: "
+                         "every document needs a caption (the LM loss averages over text tokens)")
+    scale = weight * step_lm_tokens / step_image_elements
+    return lm_total + scale * sums["diffusion"], sums["diffusion"].detach(), sums["elements"].float()
