@@ -65,3 +65,18 @@ def test_a_sequence_without_images_gives_the_lm_models_loss(runtime):
     logits, prediction = tf_model(batch["tokens"], batch["position_ids"], mask, labels=None, images=no_images)
     assert prediction is None
     assert torch.equal(loss(logits), want)
+
+
+def test_image_modules_start_with_zero_biases_and_unit_norms(runtime):
+    from megafusion.models.param_layout import global_param_names
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 32, 4
+    cfg.objective.name, cfg.objective.patchify, cfg.objective.latent_patch_size = "transfusion", "unet", 4
+    cfg.data.image_size, cfg.model.vocab_size = 16, 64
+    params = global_param_names(build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)[0])
+    biases = [n for n in params if n.endswith(".bias")]
+    assert biases and all(torch.equal(params[n], torch.zeros_like(params[n])) for n in biases)
+    norms = ["image_patch_embed.down_blocks.0.resnets.0.norm1.weight", "image_patch_head.norm_out.weight"]
+    assert all(torch.equal(params[n], torch.ones_like(params[n])) for n in norms)
+    assert params["image_patch_embed.proj.weight"].std() > 0

@@ -138,6 +138,9 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if d.source != "builtin":
             problems.append(f"objective.name=transfusion reads images as latents from the built-in sets for now: "
                             f"set data.source=builtin (data.source={d.source!r} carries no images or only codes)")
+        if o.patchify == "unet" and cfg.parallel.pp > 1:
+            problems.append("objective.patchify=unet needs parallel.pp=1 (its head reads the embed's skip "
+                            "activations); use objective.patchify=linear with pipeline parallelism")
         if o.latent_codec == "kl" and not o.vae_path:
             problems.append("objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
                             "AutoencoderKL saved with save_pretrained")

@@ -7,13 +7,14 @@ compare layouts step by step, and what a user expects when changing the layout o
 
 Scheme (Megatron/GPT-2): weights ~ N(0, init_std); the two projections that write into
 the residual stream (``linear_proj``, ``linear_fc2``) ~ N(0, init_std / sqrt(2 L)); norm
-weights = 1. The full tensor is built on the CPU (as megatron's ``use_cpu_initialization``
-does) and copied to the device.
+weights = 1; biases (Transfusion's patch and timestep modules) = 0. The full tensor is
+built on the CPU (as megatron's ``use_cpu_initialization`` does) and copied to the device.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 
 import torch
@@ -31,15 +32,22 @@ def tied_name(name: str) -> str:
     return ".".join(p for p in parts if p not in MODALITY_NAMES)
 
 
-def _param_std(name: str, init_std: float, num_layers: int) -> float | None:
-    """Std of the normal init for ``name``, or None for parameters initialised to one.
+_ONES, _ZEROS = "ones", "zeros"
+_NORM_WEIGHT = re.compile(r"norm\w*\.weight$")  # layernorm.weight, and GroupNorm norm1 / norm_out (U-Net)
+
+
+def param_init(name: str, init_std: float, num_layers: int):
+    """How ``name`` starts: ``"ones"`` (norm weights), ``"zeros"`` (biases: only the image
+    patch / timestep modules of Transfusion have any), or the std of a normal draw.
 
     Each modality's copy of a MoT parameter follows its dense counterpart's scheme but is
     drawn independently (the generator is keyed by the full, modality-qualified name).
     """
     name = tied_name(name)
-    if name.endswith("layernorm.weight"):
-        return None
+    if _NORM_WEIGHT.search(name):
+        return _ONES
+    if name.endswith(".bias"):
+        return _ZEROS
     if name.endswith(_RESIDUAL_OUT):
         return init_std / math.sqrt(2.0 * num_layers)
     return init_std
@@ -49,10 +57,10 @@ def _param_std(name: str, init_std: float, num_layers: int) -> float | None:
 def initialize_weights(model_chunks, seed: int, init_std: float, num_layers: int, tp_rank: int, tp: int):
     for chunk in model_chunks:
         for name, param in global_param_names(chunk).items():
-            std = _param_std(name, init_std, num_layers)
-            if std is None:
-                param.fill_(1.0)
+            how = param_init(name, init_std, num_layers)
+            if how in (_ONES, _ZEROS):
+                param.fill_(1.0 if how == _ONES else 0.0)
                 continue
             gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.empty(full_shape(param, tp), dtype=torch.float32).normal_(0.0, std, generator=gen)
+            full = torch.empty(full_shape(param, tp), dtype=torch.float32).normal_(0.0, how, generator=gen)
             param.copy_(shard_of_full(full, param, tp_rank, tp).to(param.dtype))

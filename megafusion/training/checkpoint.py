@@ -67,6 +67,9 @@ def _model_keys(cfg) -> dict:
         values["untie"] = ",".join(m.untied_parts())
     if m.norm_placement != "pre":  # other norm keys (absent from older manifests: pre)
         values["norm_placement"] = m.norm_placement
+    o = cfg.objective
+    if o.name != "lm":  # image patch modules of their own shapes (absent from older manifests: lm)
+        values["objective"] = f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}"
     return values
 
 
