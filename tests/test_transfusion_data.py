@@ -83,3 +83,25 @@ def test_inconsistent_latents_are_refused(setup):
     rows.latents[0] = rows.latents[0][:-1]
     with pytest.raises(DataError, match="latents; the dataset is inconsistent"):
         MicrobatchSource(rows, seed=0).microbatch(0, rows.num_rows)
+
+
+def test_images_without_a_caption_before_them_get_capped_noise(setup):
+    import torch
+
+    from megafusion.objectives.diffusion import NoiseSchedule
+    from megafusion.objectives.transfusion import captioned, noised_images
+
+    docs, tok, _ = setup
+    picture = docs[0].segments[1]
+    image_first = Document([picture, TextSegment("a caption after the image.")], source="first")
+    rows = pack_documents([encode_transfusion_document(tok, d) for d in [image_first, docs[0]]], 95, tok.pad_id)
+    batch = MicrobatchSource(rows, seed=0).microbatch(0, 1)
+    batch["sample_ids"] = torch.tensor([0])
+    assert [captioned(batch, 0, k) for k in range(3)] == [False, True, True]
+    schedule = NoiseSchedule("cosine", 1000)
+    capped = []
+    for seed in range(20):
+        images, _ = noised_images(batch, schedule, seed, torch.device("cpu"), uncaptioned_max_t=10)
+        capped.append(images.timesteps.tolist())
+    assert all(t[0] <= 10 for t in capped)
+    assert max(t[1] for t in capped) > 10  # captioned images are not capped

@@ -139,6 +139,9 @@ class ObjectiveConfig:
     vae_path: str | None = None  # latent_codec=kl: the AutoencoderKL directory (save_pretrained)
     latent_patch_size: int = 2  # one sequence position per latent_patch_size^2 latent patch
     patchify: str = "linear"  # linear|unet (the paper's U-Net down/up blocks)
+    # Images with no text before them in their document get timesteps <= this (Transfusion: 500
+    # of 1000), so that captioning an image trains on mostly-clean images; -1 = no cap.
+    uncaptioned_max_t: int = 500
 
 
 @dataclass

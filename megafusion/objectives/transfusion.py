@@ -7,9 +7,11 @@ step's LM-token count ``T`` (``calculate_per_token_loss``), so the diffusion sum
 counts ``T`` and ``E`` on the host for the whole global batch (``step_lm_tokens`` and
 ``step_image_elements`` in every microbatch).
 
-Noise and timesteps of image ``k`` of sample ``i`` come from a generator keyed by
-``(seed, i, k)``: every pipeline stage of every layout draws the same numbers for the same
-image, which is what lets TP / PP / DP runs match one process.
+An image with no text before it in its document (image first, then its caption) gets
+timesteps ``<= objective.uncaptioned_max_t`` (Transfusion: 500 of 1000): captioning is
+learnt from mostly clean images. Noise and timesteps of image ``k`` of sample ``i`` come from
+a generator keyed by ``(seed, i, k)``: every pipeline stage of every layout draws the same
+numbers for the same image, which is what lets TP / PP / DP runs match one process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zlib
 
 import torch
 
+from megafusion.data.types import Modality
 from megafusion.models.transfusion import ImageInputs
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 
@@ -33,7 +36,18 @@ def _image_generator(seed: int, sample: int, image: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device):
+def captioned(batch: dict, row: int, image: int) -> bool:
+    """Whether image ``image`` of ``row`` has text of its own document before it (besides the
+    document's first token and the image's begin marker): the caption-first case."""
+    image_ids, docs, mods = batch["image_ids"][row], batch["document_ids"][row], batch["modality_ids"][row]
+    start = int((image_ids == image).nonzero()[0])
+    doc = docs[start]
+    before = (docs[:start - 1] == doc) & (mods[:start - 1] == int(Modality.TEXT))
+    return int(before.sum()) > 1  # the document's first token (bos) is always there
+
+
+def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device,
+                  uncaptioned_max_t: int = -1):
     """``(ImageInputs, target)`` for the microbatch's images (``target`` ``[n, C, H, W]``)."""
     image_ids, latents = batch["image_ids"], batch["latents"]
     counts = (image_ids.max(dim=1).values + 1).tolist()  # host tensors: no device sync
@@ -41,7 +55,8 @@ def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch
     for row, count in enumerate(counts):
         for k in range(count):
             gen = _image_generator(seed, int(batch["sample_ids"][row]), k)
-            steps.append(schedule.sample_timesteps(1, generator=gen))
+            cap = None if uncaptioned_max_t < 0 or captioned(batch, row, k) else uncaptioned_max_t
+            steps.append(schedule.sample_timesteps(1, generator=gen, max_t=cap))
             noise.append(torch.randn(latents.shape[1:], generator=gen))
     n = len(noise)
     if n:

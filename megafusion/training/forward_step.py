@@ -81,7 +81,8 @@ def make_forward_step(cfg, device: torch.device):
         mask = attention_mask_for(batch, backend, packs, device)
         extra, diffusion = {}, None
         if schedule is not None:
-            extra["images"], target = noised_images(batch, schedule, cfg.train.seed, device)
+            extra["images"], target = noised_images(batch, schedule, cfg.train.seed, device,
+                                                    objective.uncaptioned_max_t)
             diffusion = (target, objective.diffusion_weight, batch["step_lm_tokens"], batch["step_image_elements"])
         with routing_for(batch, device) if routed else contextlib.nullcontext():
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
