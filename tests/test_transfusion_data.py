@@ -105,3 +105,39 @@ def test_images_without_a_caption_before_them_get_capped_noise(setup):
         capped.append(images.timesteps.tolist())
     assert all(t[0] <= 10 for t in capped)
     assert max(t[1] for t in capped) > 10  # captioned images are not capped
+
+
+def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
+    import torch
+
+    from megafusion.layers.masks import block_mask, dense_mask
+    from megafusion.models.flops import attended_keys_from_mask
+    from megafusion.objectives.transfusion import attended_keys, caption_dropout
+
+    docs, tok, _ = setup
+    rows = pack_documents([encode_transfusion_document(tok, d) for d in docs], 95, tok.pad_id)
+    batch = MicrobatchSource(rows, seed=0).microbatch(0, 8)
+    batch["sample_ids"] = torch.arange(8)
+    assert torch.equal(caption_dropout(batch, 1, 0.0), torch.zeros_like(batch["image_ids"]))
+    first_key = caption_dropout(batch, 1, 0.5)
+    assert torch.equal(first_key, caption_dropout(batch, 1, 0.5))  # keyed, not random per call
+    batch["first_key"] = first_key
+    dropped = first_key > 0
+    assert dropped.any() and (batch["image_ids"][dropped] >= 0).all()
+
+    doc, img = batch["document_ids"], batch["image_ids"]
+    mask = dense_mask(doc, img, first_key)
+    plain = dense_mask(doc, img)
+    b, s = doc.shape
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    for r in range(b):  # brute force: the rule of dense_mask's docstring
+        for i in range(s):
+            for j in range(s):
+                hidden = first_key[r, i] > 0 and j < first_key[r, i] and not starts[r, j]
+                assert bool(mask[r, 0, i, j]) == (bool(plain[r, 0, i, j]) or hidden)
+    assert torch.equal(attended_keys(batch), attended_keys_from_mask(mask))
+    flex = block_mask(doc, img, block_size=32, first_key=first_key)
+    q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    for r in range(b):
+        assert torch.equal(flex.mask_mod(torch.tensor(r), torch.tensor(0), q, kv), ~mask[r, 0])

@@ -142,6 +142,9 @@ class ObjectiveConfig:
     # Images with no text before them in their document get timesteps <= this (Transfusion: 500
     # of 1000), so that captioning an image trains on mostly-clean images; -1 = no cap.
     uncaptioned_max_t: int = 500
+    # Fraction of captioned images trained without their caption (their patches see only <bos>
+    # <boi> and the image): the unconditional branch of classifier-free guidance.
+    caption_dropout: float = 0.1
 
 
 @dataclass

@@ -138,6 +138,8 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if d.source != "builtin":
             problems.append(f"objective.name=transfusion reads images as latents from the built-in sets for now: "
                             f"set data.source=builtin (data.source={d.source!r} carries no images or only codes)")
+        if not 0 <= o.caption_dropout < 1:
+            problems.append(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1): e.g. 0.1")
         if not -1 <= o.uncaptioned_max_t < o.train_timesteps:
             problems.append(f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
                             f"below objective.train_timesteps={o.train_timesteps}, e.g. {o.train_timesteps // 2}")

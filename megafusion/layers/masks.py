@@ -54,22 +54,41 @@ def _check_image_ids(document_ids: torch.Tensor, image_ids) -> torch.Tensor | No
     return image_ids.to(document_ids.device)
 
 
-def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` bool: the first token of each document (a change of id from the left)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None,
+               first_key: torch.Tensor | None = None) -> torch.Tensor:
     """Causal + same-document (+ bidirectional per image) mask, ``True`` = blocked: ``[b, 1, s, s]``.
 
-    ``image_ids=None`` gives the text-only mask (causal + same document).
+    ``image_ids=None`` gives the text-only mask (causal + same document). ``first_key`` ``[b, s]``
+    (optional) hides from query ``i`` every key before position ``first_key[i]`` except its
+    document's first token: caption dropout for classifier-free guidance gives a dropped image's
+    patches ``first_key`` = its ``<boi>``, so they see ``<bos> <boi>`` and their own image, exactly
+    the unconditional prompt of generation.
     """
     image_ids = _check_image_ids(document_ids, image_ids)
     s = document_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril_()
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
     if image_ids is None:
-        return ~(same_doc & causal)[:, None]
-    same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids != NO_IMAGE)[:, :, None]
-    return ~(same_doc & (causal | same_image))[:, None]
+        allowed = same_doc & causal
+    else:
+        same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids != NO_IMAGE)[:, :, None]
+        allowed = same_doc & (causal | same_image)
+    if first_key is not None:
+        keys = torch.arange(s, device=document_ids.device)
+        visible = (keys[None, None, :] >= first_key[:, :, None]) | _document_starts(document_ids)[:, None, :]
+        allowed = allowed & visible
+    return ~allowed[:, None]
 
 
-def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None, block_size: int = 128):
+def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None, block_size: int = 128,
+               first_key: torch.Tensor | None = None):
     """The same mask as :func:`dense_mask`, as a FlexAttention ``BlockMask``.
 
     ``s`` need not be a multiple of ``block_size`` (FlexAttention pads the last block).
@@ -79,13 +98,22 @@ def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None
     image_ids = _check_image_ids(document_ids, image_ids)
 
     if image_ids is None:
-        def mask_mod(b, h, q, kv):
+        def base(b, q, kv):
             return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
     else:
-        def mask_mod(b, h, q, kv):
+        def base(b, q, kv):
             q_img = image_ids[b, q]
             same_image = (q_img == image_ids[b, kv]) & (q_img != NO_IMAGE)
             return (document_ids[b, q] == document_ids[b, kv]) & ((kv <= q) | same_image)
+
+    if first_key is None:
+        def mask_mod(b, h, q, kv):
+            return base(b, q, kv)
+    else:
+        starts = _document_starts(document_ids)
+
+        def mask_mod(b, h, q, kv):
+            return base(b, q, kv) & ((kv >= first_key[b, q]) | starts[b, kv])
 
     b, s = document_ids.shape
     return create_block_mask(

@@ -31,8 +31,8 @@ def schedule_for(objective) -> NoiseSchedule:
     return NoiseSchedule(objective.noise_schedule, objective.train_timesteps, objective.prediction)
 
 
-def _image_generator(seed: int, sample: int, image: int) -> torch.Generator:
-    key = zlib.crc32(f"{seed}:{sample}:{image}".encode())
+def _image_generator(seed: int, sample: int, image: int, salt: str = "noise") -> torch.Generator:
+    key = zlib.crc32(f"{salt}:{seed}:{sample}:{image}".encode())
     return torch.Generator().manual_seed(key)
 
 
@@ -44,6 +44,43 @@ def captioned(batch: dict, row: int, image: int) -> bool:
     doc = docs[start]
     before = (docs[:start - 1] == doc) & (mods[:start - 1] == int(Modality.TEXT))
     return int(before.sum()) > 1  # the document's first token (bos) is always there
+
+
+def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
+    """``first_key`` ``[b, s]`` for :func:`megafusion.layers.masks.dense_mask`: 0, except for the
+    patches of a dropped image, whose first visible key (besides ``<bos>``) is their ``<boi>``.
+
+    Each captioned image is dropped with probability ``rate``, from a generator keyed by (seed,
+    sample, image) like its noise, so every layout drops the same images.
+    """
+    image_ids = batch["image_ids"]
+    first_key = torch.zeros_like(image_ids)
+    if rate <= 0:
+        return first_key
+    for row, count in enumerate((image_ids.max(dim=1).values + 1).tolist()):
+        for k in range(count):
+            gen = _image_generator(seed, int(batch["sample_ids"][row]), k, salt="caption-dropout")
+            if torch.rand((), generator=gen) < rate and captioned(batch, row, k):
+                patches = image_ids[row] == k
+                first_key[row][patches] = int(patches.nonzero()[0]) - 1  # the image's <boi>
+    return first_key
+
+
+def attended_keys(batch: dict) -> torch.Tensor:
+    """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
+    from megafusion.models.flops import attended_keys as mixed_keys
+
+    keys = mixed_keys(batch["document_ids"], batch["image_ids"])
+    dropped = batch["first_key"] > 0
+    if dropped.any():
+        # A dropped patch sees <bos>, <boi> and every patch of its image.
+        size = torch.zeros_like(keys)
+        for row in range(keys.shape[0]):
+            ids = batch["image_ids"][row]
+            counts = torch.bincount(ids[ids >= 0])
+            size[row][ids >= 0] = counts[ids[ids >= 0]]
+        keys = torch.where(dropped, size + 2, keys)
+    return keys
 
 
 def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device,

@@ -34,14 +34,15 @@ def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device:
 
     Transfusion batches (``image_ids``) always get a mask: patches of one image see each other.
     """
-    image_ids = batch.get("image_ids")
+    image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
     if not packs_documents and backend != "flex" and image_ids is None:
         return None
     doc_ids = batch["document_ids"].to(device)
     image_ids = None if image_ids is None else image_ids.to(device)
+    first_key = None if first_key is None else first_key.to(device)  # caption dropout (Transfusion)
     if backend == "flex":
-        return block_mask(doc_ids, image_ids)
-    return dense_mask(doc_ids, image_ids)
+        return block_mask(doc_ids, image_ids, first_key=first_key)
+    return dense_mask(doc_ids, image_ids, first_key)
 
 
 def routing_for(batch: dict, device: torch.device):

@@ -28,6 +28,8 @@ from megafusion.models.registry import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.runtime import initialize, seed_everything
 from megafusion.training import checkpoint as ckpt
+from megafusion.objectives.transfusion import attended_keys as transfusion_keys
+from megafusion.objectives.transfusion import caption_dropout
 from megafusion.training.forward_step import REPORT_FIELDS, make_forward_step
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, memory_gb
@@ -72,7 +74,7 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
 
-    def _microbatches(self, source, first_sample: int) -> list[dict]:
+    def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
         first = first_sample + self.rt.dp_rank * self.per_rank
         batches = [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
@@ -83,7 +85,9 @@ class Trainer:
                       "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
                       if step["latents"].shape[0] else 0.0}
             for batch in batches:
-                batch.update(counts)
+                # Caption dropout trains the unconditional branch; evaluation keeps every caption.
+                rate = self.cfg.objective.caption_dropout if training else 0.0
+                batch.update(counts, first_key=caption_dropout(batch, self.cfg.train.seed, rate))
         return batches
 
     def _run(self, microbatches: list[dict], forward_only: bool):
@@ -120,7 +124,8 @@ class Trainer:
         # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
-            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"])
+            keys = transfusion_keys(mb) if "first_key" in mb else None  # the mask with image spans
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], keys=keys)
             flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
                                   dtype=torch.float64)
         for chunk in self.model:
@@ -160,7 +165,7 @@ class Trainer:
         with torch.no_grad():
             for b in range(self.cfg.eval.batches):
                 first = b * self.cfg.train.global_batch_size
-                r = self._reduce(self._run(self._microbatches(self.data.val, first), forward_only=True),
+                r = self._reduce(self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
                                  torch.zeros(0))
                 total = r if total is None else {k: total[k] + r[k] for k in REPORT_FIELDS}
         for chunk in self.model:
