@@ -52,7 +52,7 @@ class ImageInputs:
 class TransfusionGPTModel(GPTModel):
     def __init__(self, *args, objective, latent_shape: tuple[int, int, int], **kwargs):
         super().__init__(*args, **kwargs)
-        hidden, (channels, height, width) = self.config.hidden_size, latent_shape
+        hidden, channels = self.config.hidden_size, latent_shape[0]
         self.latent_shape, self.patch_size, self.unet = latent_shape, objective.latent_patch_size, \
             objective.patchify == "unet"
         if self.unet and not (self.pre_process and self.post_process):
