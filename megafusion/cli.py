@@ -9,6 +9,7 @@ Subcommands:
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
   image patch codebook (the ``vq`` image codec).
 - ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint.
+- ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ commands:
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
   tokenizer fit-vq --builtin shapes --out CODEBOOK          fit a k-means image patch codebook
   convert dense-to-mot --input CKPT --output DIR            MoT weights copied from a dense checkpoint
+  generate --ckpt CKPT --prompt TEXT --out DIR [--image]    text and images from a Transfusion checkpoint
 """
 
 COMMANDS = {
@@ -33,6 +35,7 @@ COMMANDS = {
     "data": "megafusion.data.cli_data:main",
     "tokenizer": "megafusion.data.cli_tokenizer:main",
     "convert": "megafusion.models.convert:main",
+    "generate": "megafusion.generate:main",
 }
 
 
