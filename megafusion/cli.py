@@ -10,6 +10,7 @@ Subcommands:
   image patch codebook (the ``vq`` image codec).
 - ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint.
 - ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
+- ``eval ...``: held-out loss per modality and caption consistency of generated shapes images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ commands:
   tokenizer fit-vq --builtin shapes --out CODEBOOK          fit a k-means image patch codebook
   convert dense-to-mot --input CKPT --output DIR            MoT weights copied from a dense checkpoint
   generate --ckpt CKPT --prompt TEXT --out DIR [--image]    text and images from a Transfusion checkpoint
+  eval --ckpt CKPT [--samples N]                            validation loss + caption consistency (shapes)
 """
 
 COMMANDS = {
@@ -36,6 +38,7 @@ COMMANDS = {
     "tokenizer": "megafusion.data.cli_tokenizer:main",
     "convert": "megafusion.models.convert:main",
     "generate": "megafusion.generate:main",
+    "eval": "megafusion.evaluate:main",
 }
 
 

@@ -47,35 +47,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class Generator:
-    """A Transfusion model, its tokenizer and latent codec, in this process."""
+def load_transfusion_config(ckpt: str):
+    """(checkpoint step directory, its config for one process); refuses non-Transfusion checkpoints."""
+    from megafusion.config.loader import config_from_dict
+    from megafusion.config.schema import ParallelConfig
+    from megafusion.training import checkpoint as ck
 
-    def __init__(self, ckpt: str):
-        from megafusion.config.loader import config_from_dict
-        from megafusion.config.schema import ParallelConfig
+    path = ck.resolve_checkpoint(ckpt)
+    cfg = config_from_dict(ck.read_manifest(path)["config"], source=str(path / ck.MANIFEST))
+    if cfg.objective.name != "transfusion":
+        raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
+                                 f"images can only be sampled from Transfusion checkpoints")
+    cfg.parallel = ParallelConfig()  # dist_checkpointing reshards any layout into one process
+    return path, cfg
+
+
+class Generator:
+    """A Transfusion model (an unwrapped ``TransfusionGPTModel``), its tokenizer and latent codec."""
+
+    def __init__(self, cfg, runtime, tokenizer, model):
+        from megafusion.objectives.transfusion import schedule_for
+
+        self.cfg, self.runtime, self.tokenizer, self.model = cfg, runtime, tokenizer, model
+        self.latent = tokenizer.codec.latent_codec
+        self.schedule = schedule_for(cfg.objective)
+        self.patches = tokenizer.codec.tokens_per_image
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str) -> "Generator":
         from megafusion.data.sources import build_data
         from megafusion.models.registry import build_model_chunks
         from megafusion.models.transformer_config import build_transformer_config
-        from megafusion.objectives.transfusion import schedule_for
         from megafusion.runtime import initialize
         from megafusion.training import checkpoint as ck
 
-        path = ck.resolve_checkpoint(ckpt)
-        cfg = config_from_dict(ck.read_manifest(path)["config"], source=str(path / ck.MANIFEST))
-        if cfg.objective.name != "transfusion":
-            raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
-                                     f"megafusion generate samples images from Transfusion checkpoints")
-        cfg.parallel = ParallelConfig()
-        self.cfg, self.runtime = cfg, initialize(cfg)
+        path, cfg = load_transfusion_config(ckpt)
+        runtime = initialize(cfg)
         data = build_data(cfg)
-        self.tokenizer, self.latent = data.tokenizer, data.tokenizer.codec.latent_codec
         cfg.model.vocab_size = data.vocab_size
-        tconfig = build_transformer_config(cfg, self.runtime.device)
-        self.model = build_model_chunks(cfg, tconfig, self.runtime, self.latent.latent_shape)[0]
-        ck.load_weights(path, [self.model])
-        self.model.eval()
-        self.schedule = schedule_for(cfg.objective)
-        self.patches = self.tokenizer.codec.tokens_per_image
+        latent_shape = data.tokenizer.codec.latent_codec.latent_shape
+        model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)[0]
+        ck.load_weights(path, [model])
+        return cls(cfg, runtime, data.tokenizer, model.eval())
 
     # --- one forward pass over a sequence ------------------------------------------------------
 
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("megafusion generate: --steps must be >= 1", file=sys.stderr)
         return 2
     try:
-        generator = Generator(args.ckpt)
+        generator = Generator.from_checkpoint(args.ckpt)
     except (CheckpointError, ConfigError, DataError) as err:
         print(f"megafusion generate: {err}", file=sys.stderr)
         return 2

@@ -46,3 +46,36 @@ def test_generate_names_what_is_wrong(checkpoint, tmp_path):
     assert proc.returncode == 2 and "neither a megafusion checkpoint" in proc.stderr
     proc = generate("--ckpt", checkpoint / "ckpt", "--prompt", "x", "--out", tmp_path, "--steps", 0)
     assert proc.returncode == 2 and "--steps" in proc.stderr
+
+
+def test_caption_consistency_scores_an_oracle_perfectly_and_a_wrong_painter_at_zero():
+    from megafusion.data.builtin_shapes import ShapeSpec, render_shape
+    from megafusion.evaluate import consistency, held_out_captions
+
+    pairs = held_out_captions(12, train_seed=3)
+    assert len({text for text, _ in pairs}) > 1
+
+    def oracle(i, text):
+        spec = ShapeSpec(**pairs[i][1], background="black", scale=0.9, dx=0.0, dy=0.0)
+        return render_shape(spec, 24)
+
+    def wrong(i, text):
+        want = pairs[i][1]
+        colour = "red" if want["colour"] != "red" else "blue"
+        shape = "circle" if want["shape"] != "circle" else "square"
+        position = "center" if want["position"] != "center" else "top left"
+        return render_shape(ShapeSpec(colour, shape, position, "black", 0.9, 0.0, 0.0), 24)
+
+    assert consistency(pairs, oracle)["accuracy"] == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    assert consistency(pairs, wrong)["accuracy"] == {"colour": 0.0, "shape": 0.0, "position": 0.0, "all": 0.0}
+
+
+def test_eval_reports_validation_loss_and_consistency(checkpoint):
+    cmd = [sys.executable, "-m", "megafusion.cli", "eval", "--ckpt", str(checkpoint / "ckpt"), "--samples", "3",
+           "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["validation"]["val/loss/diffusion"] > 0 and report["validation"]["val/loss/text"] > 0
+    assert report["caption_consistency"]["samples"] == 3
+    assert set(report["caption_consistency"]["accuracy"]) == {"colour", "shape", "position", "all"}
