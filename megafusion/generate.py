@@ -135,7 +135,9 @@ class Generator:
         from megafusion.objectives.diffusion import make_sampler
 
         kind = "euler" if self.schedule.is_flow else args.sampler
-        sampler = make_sampler(kind, self.schedule, args.steps)
+        # Pixel latents live in [-1, 1]: clip the x0 estimates there (VAE latents have no fixed range).
+        clip = 1.0 if self.cfg.objective.latent_codec == "pixels" else None
+        sampler = make_sampler(kind, self.schedule, args.steps, clip_range=clip)
         k = len(spans) - 1
 
         def predict(x, t, hide=None):

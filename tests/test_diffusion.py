@@ -233,3 +233,17 @@ def test_guidance(kind, prediction):
     assert not torch.allclose(guided, plain)
     with pytest.raises(ValueError, match="uncond_fn"):
         run(cond_fn, guidance_scale=2.0)
+
+
+def test_clip_range_clips_x0_estimates_only_when_asked():
+    from megafusion.objectives.diffusion import NoiseSchedule, make_sampler
+
+    schedule = NoiseSchedule("cosine", 1000)
+    assert not make_sampler("ddim", schedule, 5).config.clip_sample
+    clipped = make_sampler("ddim", schedule, 5, clip_range=1.0)
+    assert clipped.config.clip_sample and clipped.config.clip_sample_range == 1.0
+    x = torch.full((1, 3, 2, 2), 0.5)
+    wild = torch.full_like(x, 50.0)  # an absurd noise prediction
+    t = clipped.timesteps[0]
+    out = clipped.step(wild, t, x).prev_sample
+    assert out.abs().max() < 2.0  # x0 was clipped to [-1, 1] before the update

@@ -200,7 +200,8 @@ class FlowEulerSampler:
         self.ts = [1.0 - i / num_inference_steps for i in range(num_inference_steps + 1)]
 
 
-def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, timestep_spacing: str = "trailing"):
+def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, timestep_spacing: str = "trailing",
+                 clip_range: float | None = None):
     """A sampler for ``denoise``: diffusers ``DDPMScheduler`` / ``DDIMScheduler`` built by
     ``from_config`` of the training schedule (so the same betas, prediction type, no
     clipping) with ``set_timesteps(num_inference_steps)`` done; for a flow schedule,
@@ -213,6 +214,9 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, t
     ``sqrt(2e-9)``: its errors at that first step are amplified thousands of times (a
     perfect model is still exact, see the tests). v_prediction and flow have no such
     problem; for an epsilon model that misbehaves there, try ``leading`` or more steps.
+    ``clip_range``: clip each x0 estimate to ``[-clip_range, clip_range]`` (diffusers'
+    ``clip_sample``): right for latents with a known range (pixels in [-1, 1]), wrong for VAE
+    latents (None: no clipping). It also tames that first-step amplification.
     """
     if not 1 <= num_inference_steps <= schedule.num_train_timesteps:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {schedule.num_train_timesteps}]")
@@ -224,7 +228,8 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, t
         raise _choice_error(f"sampler for a {schedule.prediction} schedule", kind, SAMPLERS)
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise _choice_error("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-    sampler = SAMPLERS[kind].from_config(schedule.scheduler.config, timestep_spacing=timestep_spacing)
+    clip = {"clip_sample": True, "clip_sample_range": float(clip_range)} if clip_range else {}
+    sampler = SAMPLERS[kind].from_config(schedule.scheduler.config, timestep_spacing=timestep_spacing, **clip)
     sampler.set_timesteps(num_inference_steps)
     return sampler
 
