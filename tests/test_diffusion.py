@@ -245,5 +245,5 @@ def test_clip_range_clips_x0_estimates_only_when_asked():
     x = torch.full((1, 3, 2, 2), 0.5)
     wild = torch.full_like(x, 50.0)  # an absurd noise prediction
     t = clipped.timesteps[0]
-    out = clipped.step(wild, t, x).prev_sample
-    assert out.abs().max() < 2.0  # x0 was clipped to [-1, 1] before the update
+    assert clipped.step(wild, t, x).pred_original_sample.abs().max() <= 1.0
+    assert make_sampler("ddim", schedule, 5).step(wild, t, x).pred_original_sample.abs().max() > 1.0
