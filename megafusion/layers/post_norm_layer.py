@@ -40,11 +40,14 @@ class PostNormTransformerLayer(TransformerLayer):
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
-                attention_bias=None, packed_seq_params=None, inference_context=None, **unused):
-        if inference_context is not None:
-            raise NotImplementedError("norm_placement=post has no megatron inference path; generate with pre-norm")
+                attention_bias=None, packed_seq_params=None, inference_context=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, sequence_len_offset=None, **unused):
+        # Everything megatron's self-attention reads (incl. its inference KV cache) is passed on
+        # unchanged; norms and MLP are per-token and need none of it.
         attention, _ = self.self_attention(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                                           inference_context=inference_context, rotary_pos_cos=rotary_pos_cos,
+                                           rotary_pos_sin=rotary_pos_sin, sequence_len_offset=sequence_len_offset)
         hidden_states = hidden_states + self.post_attention_layernorm(attention)
         mlp, _ = self.mlp(hidden_states)
         output = hidden_states + self.post_mlp_layernorm(mlp)
