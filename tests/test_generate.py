@@ -29,16 +29,20 @@ def generate(*args):
 
 
 def test_generated_images_are_pngs_of_the_trained_size_and_reproducible(checkpoint):
-    runs = []
-    for tag in ("a", "b"):
+    runs, texts = [], []
+    for tag, cache in (("a", []), ("b", ["--no-kv-cache"])):  # the KV cache changes nothing
         proc = generate("--ckpt", checkpoint / "ckpt", "--prompt", "a red circle.", "--prompt", "a blue square.",
-                        "--out", checkpoint / tag, "--image", "--steps", 3, "--max-new-tokens", 2, "--cfg", 2.0)
+                        "--out", checkpoint / tag, "--image", "--steps", 3, "--max-new-tokens", 2, "--cfg", 2.0,
+                        "--temperature", 1.0, *cache)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert [line["prompt"] for line in lines] == ["a red circle.", "a blue square."]
         runs.append([np.asarray(Image.open(f)) for line in lines for f in line["images"]])
+        texts.append([line["text"] for line in lines])
     assert len(runs[0]) == 2 and all(image.shape == (12, 12, 3) for image in runs[0])
-    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    assert [line["text"] for line in lines] == texts[0]
+    # Float rounding of the two computations may move a pixel across a quantisation step.
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(*runs))
 
 
 def test_generate_names_what_is_wrong(checkpoint, tmp_path):
