@@ -29,6 +29,12 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_up_block
 
+# The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet); ``megafusion.models.flops``
+# counts its parameters and FLOPs from these same numbers.
+UNET_CHANNELS = (32, 64)
+UNET_LAYERS_PER_BLOCK = 1
+UNET_NORM_GROUPS = 8
+
 
 def _check_latents(x: torch.Tensor, p: int):
     if x.ndim != 4:
@@ -111,8 +117,9 @@ class UNetPatchEmbed(torch.nn.Module):
     transformer and the U-Net).
     """
 
-    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, channels=(32, 64),
-                 temb_channels: int | None = None, layers_per_block: int = 1, norm_groups: int = 8):
+    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, channels=UNET_CHANNELS,
+                 temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
+                 norm_groups: int = UNET_NORM_GROUPS):
         super().__init__()
         self.channels = tuple(channels)
         self.patch_size = patch_size
@@ -147,8 +154,9 @@ class UNetPatchHead(torch.nn.Module):
     (H and W read from ``skips[0]``). Built with the embed's ``channels``,
     ``layers_per_block`` and ``norm_groups``."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, channels=(32, 64),
-                 temb_channels: int | None = None, layers_per_block: int = 1, norm_groups: int = 8):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, channels=UNET_CHANNELS,
+                 temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
+                 norm_groups: int = UNET_NORM_GROUPS):
         super().__init__()
         self.channels = tuple(channels)
         self.patch_size = patch_size

@@ -49,13 +49,37 @@ What FlopCounterMode counts for attention (measured with torch 2.13 and read in
 
 :func:`flop_counter_flops` predicts all three; :func:`batch_flops` with ``attention="full"``
 is the dense (mask-ignoring) equivalent in model FLOPs.
+
+Transfusion's image modules (``objective.name=transfusion``)
+------------------------------------------------------------
+:class:`~megafusion.models.transfusion.TransfusionGPTModel` adds three modules that run once per
+*image* (not per token): ``image_time_embed`` (Linear ``F -> h``, SiLU, Linear ``h -> h`` on
+``F = 256`` sinusoidal features), ``image_patch_embed`` and ``image_patch_head``: with
+``objective.patchify=linear`` one Linear per patch (``C p^2 <-> h``, ``(H/p)(W/p)`` patches of a
+``[C, H, W]`` latent); with ``unet`` diffusers' down / up blocks, whose 3x3 convolutions over the
+full ``H x W`` latent (``2 * C_in * C_out * k^2`` FLOPs per output pixel) are far larger than
+the linear patchify. :func:`image_module_layers` lists every Linear / Conv2d / GroupNorm of
+them (their parameters and forward multiply-adds per image), which gives
+``parameter_counts(cfg)["image_modules"]`` and :func:`image_flops_per_image`; ``batch_flops``
+charges them per image to the *image* modality (key ``image_modules``). Counted as above:
+matmuls and convolutions only (GroupNorm, SiLU, interpolation, the sinusoidal features: 0).
+The backward computes a weight gradient for every layer but an input gradient only where the
+input needs one: the layers that read data (``conv_in`` / the linear embed on the noised
+latents, ``linear_1`` on the sinusoidal features) cost forward + weight gradient = 2 x forward,
+every other layer 3 x forward, exactly what runs and what FlopCounterMode counts (see
+``tests/test_flops_transfusion.py``). They are model FLOPs counted once: that every TP rank
+computes these small modules in full is not counted again. The latent shape is ``(3, S, S)``
+for ``latent_codec=pixels`` (``S = data.image_size``); for ``kl`` it depends on the VAE, so
+callers pass ``latent_shape`` (the codec's ``latent_shape``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES
+from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES, Modality
 
 MATMUL_FLOPS_PER_MAC = 2
 BACKWARD_FACTOR = 2  # backward of a matmul = 2 matmuls of the same size (grad input, grad weight)
@@ -64,6 +88,7 @@ FLOP_COUNTER_KERNELS = ("fused", "math", "cpu")
 
 
 FAMILIES = ("dense", "mot")
+IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # TransfusionGPTModel's names
 
 
 def _dims(cfg) -> dict[str, int]:
@@ -92,16 +117,33 @@ def _copies(cfg, part: str) -> int:
     return 1
 
 
-def parameter_counts(cfg) -> dict[str, int]:
+def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, int]:
     """Exact parameter counts of the model that ``build_model_chunks`` builds (all ranks together).
 
     Keys: ``total``; ``embedding`` (input lookup table); ``output_layer`` (untied); ``norm``
-    (every RMSNorm weight incl. QK-norm); ``non_embedding`` = total - embedding - output_layer
-    (Kaplan et al.'s N); ``matmul`` = weights that multiply each token (the "N" of the 6N
-    rule, output layer included; MoT: one modality's copy, since a token only meets its own);
-    ``active`` = parameters used per token (dense: == total; MoT: one modality's copy of every
-    untied part; MoE will count only the routed experts).
+    (every RMSNorm weight of the transformer incl. QK-norm); ``non_embedding`` = total -
+    embedding - output_layer (Kaplan et al.'s N); ``matmul`` = weights that multiply each token
+    (the "N" of the 6N rule, output layer included; MoT: one modality's copy, since a token only
+    meets its own); ``active`` = parameters used per token (dense: == total; MoT: one modality's
+    copy of every untied part; MoE will count only the routed experts); ``image_modules``: the
+    Transfusion image modules (0 for ``objective.name=lm``), split into ``image_time_embed``,
+    ``image_patch_embed`` and ``image_patch_head``. They are in ``total``, ``non_embedding`` and
+    ``active`` (image tokens use them), not in ``matmul``: they run once per image, not per token.
+    ``latent_shape`` ``[C, H, W]`` is needed for ``objective.latent_codec=kl`` (see
+    :func:`image_latent_shape`).
     """
+    counts = _transformer_parameter_counts(cfg)
+    layers = image_module_layers(cfg, latent_shape)
+    images = {name: sum(layer.params for layer in layers.get(name, ())) for name in IMAGE_MODULES}
+    image_total = sum(images.values())
+    counts["total"] += image_total
+    counts["non_embedding"] += image_total
+    counts["active"] += image_total
+    return {**counts, "image_modules": image_total, **images}
+
+
+def _transformer_parameter_counts(cfg) -> dict[str, int]:
+    """:func:`parameter_counts` of the GPTModel alone (no image modules): needs no latent shape."""
     k = _dims(cfg)
     h, d, ffn, L = k["hidden"], k["head_dim"], k["ffn"], k["layers"]
     attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
@@ -123,13 +165,206 @@ def parameter_counts(cfg) -> dict[str, int]:
     }
 
 
+# ------------------------------------------------------------------ Transfusion image modules
+@dataclass(frozen=True)
+class ImageLayer:
+    """One parameterised layer of an image module, for one image.
+
+    ``name`` is its parameter prefix inside the module (e.g. ``down_blocks.0.resnets.0.conv1``),
+    ``kind`` one of ``linear``, ``conv``, ``norm`` (GroupNorm: parameters, no matmul FLOPs),
+    ``macs`` its forward multiply-adds per image, ``input_grad`` whether the backward computes
+    the gradient of its input (False where the input is data, which needs none).
+    """
+
+    name: str
+    kind: str
+    params: int
+    macs: int = 0
+    input_grad: bool = True
+
+    def flops(self, forward_only: bool = False) -> int:
+        # Backward: the weight gradient always (a matmul of the forward's size), the input's only if needed.
+        passes = 1 if forward_only else 2 + int(self.input_grad)
+        return MATMUL_FLOPS_PER_MAC * self.macs * passes
+
+
+def layers_flops(layers, forward_only: bool = False) -> int:
+    """Matmul + convolution FLOPs of ``layers`` (an iterable of :class:`ImageLayer`) for one image."""
+    return sum(layer.flops(forward_only) for layer in layers)
+
+
+def _linear(name: str, n_in: int, n_out: int, rows: int, input_grad: bool = True) -> ImageLayer:
+    """``Linear(n_in, n_out)`` (with bias) applied to ``rows`` vectors of one image."""
+    return ImageLayer(name, "linear", n_in * n_out + n_out, n_in * n_out * rows, input_grad)
+
+
+def _conv(name: str, c_in: int, c_out: int, kernel: int, out_hw: tuple[int, int],
+          input_grad: bool = True) -> ImageLayer:
+    """``Conv2d(c_in, c_out, kernel)`` (with bias) producing an ``out_hw`` map: one MAC per weight per output pixel."""
+    weights = c_in * c_out * kernel * kernel
+    return ImageLayer(name, "conv", weights + c_out, weights * out_hw[0] * out_hw[1], input_grad)
+
+
+def _group_norm(name: str, channels: int) -> ImageLayer:
+    return ImageLayer(name, "norm", 2 * channels)  # affine weight and bias; element-wise: 0 FLOPs
+
+
+def _resnet(prefix: str, c_in: int, c_out: int, temb_channels: int, hw: tuple[int, int]) -> list[ImageLayer]:
+    """diffusers' ``ResnetBlock2D`` (default time embedding norm) at resolution ``hw``."""
+    layers = [
+        _group_norm(f"{prefix}.norm1", c_in),
+        _conv(f"{prefix}.conv1", c_in, c_out, 3, hw),
+        _linear(f"{prefix}.time_emb_proj", temb_channels, c_out, rows=1),  # temb is one vector per image
+        _group_norm(f"{prefix}.norm2", c_out),
+        _conv(f"{prefix}.conv2", c_out, c_out, 3, hw),
+    ]
+    if c_in != c_out:  # diffusers adds the 1x1 shortcut only where the width changes
+        layers.append(_conv(f"{prefix}.conv_shortcut", c_in, c_out, 1, hw))
+    return layers
+
+
+def _patch_grid(patch_size: int, height: int, width: int) -> int:
+    """Patches per image, with the latent checked as ``patchify`` checks it."""
+    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
+        raise ValueError(f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
+                         f"{patch_size} patches: the patch size must divide both")
+    return (height // patch_size) * (width // patch_size)
+
+
+def _unet_levels(patch_size: int, channels) -> int:
+    """Number of 2x downsamplings k = len(channels) - 1, checked as ``UNetPatchEmbed`` checks it."""
+    if not channels:
+        raise ValueError("channels must name at least one U-Net block width, e.g. (32, 64)")
+    levels = len(channels) - 1
+    if patch_size % 2**levels:
+        raise ValueError(f"patch_size {patch_size} must be a multiple of the U-Net's downsampling factor "
+                         f"{2**levels} (2^(len(channels)-1) for channels={tuple(channels)})")
+    return levels
+
+
+def timestep_embedding_layers(hidden_size: int, frequency_dim: int) -> list[ImageLayer]:
+    """``TimestepEmbedding(hidden_size, frequency_dim)``: one feature vector per image."""
+    return [_linear("mlp.linear_1", frequency_dim, hidden_size, rows=1, input_grad=False),  # reads sin/cos features
+            _linear("mlp.linear_2", hidden_size, hidden_size, rows=1)]
+
+
+def linear_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int,
+                              width: int) -> list[ImageLayer]:
+    """``LinearPatchEmbed`` on one ``[in_channels, height, width]`` latent (it reads the latent: no input gradient)."""
+    tokens = _patch_grid(patch_size, height, width)
+    return [_linear("proj", in_channels * patch_size**2, hidden_size, tokens, input_grad=False)]
+
+
+def linear_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int,
+                             width: int) -> list[ImageLayer]:
+    """``LinearPatchHead`` producing one ``[out_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    return [_linear("proj", hidden_size, out_channels * patch_size**2, tokens)]
+
+
+def unet_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int, width: int,
+                            channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
+    """``UNetPatchEmbed`` (same arguments) on one ``[in_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    levels = _unet_levels(patch_size, channels)
+    temb = hidden_size if temb_channels is None else temb_channels
+    # conv_in reads the noised latents, which need no gradient.
+    layers = [_conv("conv_in", in_channels, channels[0], 3, (height, width), input_grad=False)]
+    prev = channels[0]
+    for i, c in enumerate(channels):  # block i works at 1/2^i resolution
+        for j in range(layers_per_block):
+            layers += _resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else c, c, temb,
+                              (height // 2**i, width // 2**i))
+        if i < levels:  # a 3x3 stride-2 conv halves the resolution
+            layers.append(_conv(f"down_blocks.{i}.downsamplers.0.conv", c, c, 3,
+                                (height // 2**(i + 1), width // 2**(i + 1))))
+        prev = c
+    inner = patch_size // 2**levels
+    return layers + [_linear("proj", channels[-1] * inner**2, hidden_size, tokens)]
+
+
+def unet_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int, width: int,
+                           channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
+    """``UNetPatchHead`` (same arguments) producing one ``[out_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    levels = _unet_levels(patch_size, channels)
+    temb = hidden_size if temb_channels is None else temb_channels
+    inner = patch_size // 2**levels
+    layers = [_linear("proj", hidden_size, channels[-1] * inner**2, tokens)]
+    rev = tuple(channels)[::-1]
+    out = rev[0]
+    for i in range(len(rev)):  # up block i works at 1/2^(levels - i) resolution, as UNetPatchHead builds it
+        prev, out = out, rev[i]
+        skip_in = rev[min(i + 1, levels)]
+        scale = levels - i
+        for j in range(layers_per_block + 1):  # each resnet concatenates one skip to its input
+            skip = skip_in if j == layers_per_block else out
+            layers += _resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else out) + skip, out, temb,
+                              (height // 2**scale, width // 2**scale))
+        if i < levels:  # nearest 2x upsampling (0 FLOPs), then a 3x3 conv at the doubled resolution
+            layers.append(_conv(f"up_blocks.{i}.upsamplers.0.conv", out, out, 3,
+                                (height // 2**(scale - 1), width // 2**(scale - 1))))
+    return layers + [_group_norm("norm_out", channels[0]),
+                     _conv("conv_out", channels[0], out_channels, 3, (height, width))]
+
+
+def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """``[C, H, W]`` of one image latent: ``latent_shape`` when given, else the pixel latent of
+    ``data.image_size`` (as ``build_model_chunks`` assumes); ``latent_codec=kl`` must pass it."""
+    if latent_shape is not None:
+        shape = tuple(int(x) for x in latent_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"latent_shape must be [C, H, W] of positive sizes, got {tuple(latent_shape)}")
+        return shape
+    codec = cfg.objective.latent_codec
+    if codec != "pixels":
+        raise ValueError(f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
+                         f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
+                         f".latent_shape) to count the image modules")
+    size = cfg.data.image_size
+    return (3, size, size)
+
+
+def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, list[ImageLayer]]:
+    """The layers of ``TransfusionGPTModel``'s image modules, keyed by module name (``IMAGE_MODULES``),
+    for one image of ``latent_shape`` (see :func:`image_latent_shape`); empty for ``objective.name=lm``."""
+    o = cfg.objective
+    if o.name != "transfusion":
+        return {}
+    # Imported here: these modules import diffusers (seconds), which LM-only callers never need.
+    from megafusion.layers.patchify import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+    from megafusion.layers.timestep import FREQUENCY_DIM
+
+    channels, height, width = image_latent_shape(cfg, latent_shape)
+    hidden, p = cfg.model.hidden_size, o.latent_patch_size
+    if o.patchify == "unet":
+        embed = unet_patch_embed_layers(channels, p, hidden, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
+        head = unet_patch_head_layers(hidden, p, channels, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
+    elif o.patchify == "linear":
+        embed = linear_patch_embed_layers(channels, p, hidden, height, width)
+        head = linear_patch_head_layers(hidden, p, channels, height, width)
+    else:
+        raise ValueError(f"objective.patchify={o.patchify!r} must be 'linear' or 'unet'")
+    return {"image_time_embed": timestep_embedding_layers(hidden, FREQUENCY_DIM),
+            "image_patch_embed": embed, "image_patch_head": head}
+
+
+def image_flops_per_image(cfg, latent_shape: tuple[int, int, int] | None = None,
+                          forward_only: bool = False) -> dict[str, int]:
+    """Model FLOPs of the image modules for one image (forward + backward unless ``forward_only``):
+    one key per module of ``IMAGE_MODULES`` and ``total``; all 0 for ``objective.name=lm``."""
+    layers = image_module_layers(cfg, latent_shape)
+    out = {name: layers_flops(layers.get(name, ()), forward_only) for name in IMAGE_MODULES}
+    return {**out, "total": sum(out.values())}
+
+
 def _passes(forward_only: bool) -> int:
     return 1 if forward_only else 1 + BACKWARD_FACTOR
 
 
 def dense_flops_per_token(cfg, forward_only: bool = False) -> int:
     """FLOPs of every weight matmul for one token (QKV, proj, MLP, output layer)."""
-    return MATMUL_FLOPS_PER_MAC * parameter_counts(cfg)["matmul"] * _passes(forward_only)
+    return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
 
 
 def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
@@ -217,6 +452,29 @@ def attended_keys_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (~mask.bool()).sum(-1).squeeze(1).to(torch.int64)
 
 
+def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Tensor) -> int:
+    """Images whose Transfusion modules run in the microbatch (0 for ``objective.name=lm``: no such modules)."""
+    if cfg.objective.name != "transfusion":
+        if num_images:
+            raise ValueError(f"batch_flops: num_images={num_images} but objective.name={cfg.objective.name!r} "
+                             "has no image modules (its images are tokens, counted as tokens)")
+        return 0
+    if num_images is not None:
+        if int(num_images) < 0:
+            raise ValueError(f"batch_flops: num_images must be >= 0, got {num_images}")
+        return int(num_images)
+    if image_ids is not None:  # distinct (row, image) pairs: image numbers restart in every row
+        ids = torch.as_tensor(image_ids).detach().cpu().to(torch.int64).reshape(modality_ids.shape)
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+        is_patch = ids != -1  # NO_IMAGE in megafusion.layers.masks
+        return int(torch.unique(torch.stack([rows[is_patch], ids[is_patch]]), dim=1).shape[1])
+    if bool((modality_ids == int(Modality.IMAGE)).any()):
+        # Silently charging nothing would under-count every Transfusion step.
+        raise ValueError("batch_flops: objective.name=transfusion and the microbatch has image tokens: pass "
+                         "num_images (the microbatch's latents.shape[0]) or image_ids to count the image modules")
+    return 0
+
+
 def batch_flops(
     cfg,
     document_ids: torch.Tensor,
@@ -227,6 +485,8 @@ def batch_flops(
     forward_only: bool = False,
     keys: torch.Tensor | None = None,
     image_ids: torch.Tensor | None = None,
+    num_images: int | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
 ) -> dict:
     """Model FLOPs of one microbatch (forward + backward unless ``forward_only``), exactly.
 
@@ -238,9 +498,16 @@ def batch_flops(
     ``modality_ids=None`` means all text. ``loss_mask`` changes no FLOP (logits are computed at
     every position) and is only used to report ``loss_tokens_per_modality``.
 
-    Returns ints: ``total``, ``dense``, ``attention``, ``tokens``, ``per_modality``,
-    ``attention_per_modality``, ``tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the
-    float ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
+    ``objective.name=transfusion`` also charges each image its image modules
+    (:func:`image_flops_per_image` of ``latent_shape``, needed for ``latent_codec=kl``) to the
+    image modality: ``num_images`` images (the microbatch's ``latents.shape[0]``), or, when it
+    is None, the images numbered in ``image_ids``. A Transfusion microbatch with image tokens
+    but neither is an error; for ``lm`` there are no image modules.
+
+    Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``attention``
+    + ``image_modules``; ``tokens``, ``images``, ``per_modality``, ``attention_per_modality``,
+    ``tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
+    ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}")
@@ -267,18 +534,23 @@ def batch_flops(
 
     dense_tok = dense_flops_per_token(cfg, forward_only)
     per_key = attention_flops_per_key(cfg, forward_only)
+    images = _count_images(cfg, num_images, image_ids, mod)
+    image_flops = images * image_flops_per_image(cfg, latent_shape, forward_only)["total"] if images else 0
     flat_mod = mod.reshape(-1)
     tokens_m = torch.bincount(flat_mod, minlength=NUM_MODALITIES)
     keys_m = torch.zeros(NUM_MODALITIES, dtype=torch.int64).index_add_(0, flat_mod, nkeys.reshape(-1))
     attn_m = [per_key * int(keys_m[i]) for i in range(NUM_MODALITIES)]
     dense_m = [dense_tok * int(tokens_m[i]) for i in range(NUM_MODALITIES)]
+    image_m = [image_flops if i == int(Modality.IMAGE) else 0 for i in range(NUM_MODALITIES)]
     out = {
-        "total": sum(attn_m) + sum(dense_m),
+        "total": sum(attn_m) + sum(dense_m) + image_flops,
         "dense": sum(dense_m),
         "attention": sum(attn_m),
+        "image_modules": image_flops,
         "tokens": b * s,
+        "images": images,
         "mean_attended_keys": float(nkeys.double().mean()) if nkeys.numel() else 0.0,
-        "per_modality": {n: dense_m[i] + attn_m[i] for i, n in enumerate(MODALITY_NAMES)},
+        "per_modality": {n: dense_m[i] + attn_m[i] + image_m[i] for i, n in enumerate(MODALITY_NAMES)},
         "attention_per_modality": {n: attn_m[i] for i, n in enumerate(MODALITY_NAMES)},
         "tokens_per_modality": {n: int(tokens_m[i]) for i, n in enumerate(MODALITY_NAMES)},
         "forward_only": forward_only,

@@ -10,6 +10,10 @@ Batches: a data module may provide ``megafusion.data.loader.representative_micro
 returning a microbatch dict (``document_ids``, ``modality_ids``, optionally ``loss_mask``);
 until one exists, the synthetic packed documents of ``megafusion.data.synthetic`` are used (no
 ``modality_ids``: all text). :func:`flops_report` takes any microbatch dict.
+
+Transfusion (``objective.name=transfusion``): the image modules (timestep embedding, patch
+embedding and head) are counted per image; their latent shape and the number of images come
+from the microbatch's ``latents`` ``[images, C, H, W]``.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ def flops_report(cfg, batch: dict) -> str:
     ``loss_mask`` are optional.
     """
     doc = batch["document_ids"]
-    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"))
-    full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full")
-    n = F.parameter_counts(cfg)
+    images = _images(batch)
+    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **images)
+    full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
+    n = F.parameter_counts(cfg, images["latent_shape"])
     tokens = stats["tokens"]
     b, s = tuple(doc.shape) if doc.dim() == 2 else (1, doc.shape[-1])
     six_n = 6 * n["active"] * tokens
@@ -58,7 +63,9 @@ def flops_report(cfg, batch: dict) -> str:
         lines.append(f"  {name:<10}{t:>10}{per_tok:>14}{attn:>11}{share:>8}")
     lines += [
         f"  total     {_n(stats['total'])} = {_n(stats['total'] / tokens)}/token "
-        f"(dense matmuls {_n(stats['dense'])}, attention {_n(stats['attention'])})",
+        f"(dense matmuls {_n(stats['dense'])}, attention {_n(stats['attention'])}"
+        + (f", image modules {_n(stats['image_modules'])} for {stats['images']} images" if stats["images"] else "")
+        + ")",
         f"  6*N*tokens {_n(six_n)} (N = {n['active']:,} active params; exact / 6NT = "
         f"{stats['total'] / six_n:.3f})",
         f"  mask ignored (every query x all {s} keys, the mask-blind count of FlopCounterMode): "
@@ -70,6 +77,14 @@ def flops_report(cfg, batch: dict) -> str:
     return "\n".join(lines)
 
 
+def _images(batch: dict) -> dict:
+    """``num_images`` and ``latent_shape`` for ``batch_flops`` from a Transfusion microbatch's ``latents``."""
+    latents = batch.get("latents")
+    if latents is None:
+        return {"num_images": None, "latent_shape": None}
+    return {"num_images": int(latents.shape[0]), "latent_shape": tuple(latents.shape[1:])}
+
+
 def representative_batch(cfg) -> tuple[dict, str]:
     """A microbatch to report on, and where it came from."""
     from megafusion.data.sources import build_data
@@ -79,17 +94,18 @@ def representative_batch(cfg) -> tuple[dict, str]:
     return data.train.microbatch(0, cfg.train.micro_batch_size), data.train.describe()
 
 
-def summary(cfg) -> str:
-    """Parameters and per-token FLOPs at full causal attention over ``model.seq_length``."""
+def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
+    """Parameters and per-token FLOPs at full causal attention over ``model.seq_length``, and
+    (Transfusion) the image modules' per image; ``latent_shape`` is needed for ``latent_codec=kl``."""
     m = cfg.model
-    n = F.parameter_counts(cfg)
+    n = F.parameter_counts(cfg, latent_shape)
     s = m.seq_length
     keys = F.causal_mean_attended_keys(s)
     dense = F.dense_flops_per_token(cfg)
     attn = F.attention_flops_per_key(cfg) * keys
     total = dense + attn
     w = 22
-    return "\n".join([
+    lines = [
         f"model: arch {m.arch}, {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
         f"({m.effective_num_query_groups()} kv), ffn {m.effective_ffn_hidden_size()}, vocab {m.vocab_size}, "
         f"seq {s}",
@@ -99,13 +115,20 @@ def summary(cfg) -> str:
         f"  {'output layer':<{w}}{n['output_layer']:>16,}",
         f"  {'non-embedding':<{w}}{n['non_embedding']:>16,}  (total - embedding - output layer)",
         f"  {'active':<{w}}{n['active']:>16,}",
+        *([f"  {'image modules':<{w}}{n['image_modules']:>16,}  (objective.patchify={cfg.objective.patchify}; "
+           "in total, non-embedding and active)"] if n["image_modules"] else []),
         "model FLOPs per token, forward + backward (matmuls only, multiply-add = 2, backward = 2 x forward):",
         f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)",
         f"  {'causal attention':<{w}}{_n(attn):>16}  (seq {s}: mean {keys:g} keys per query)",
         f"  {'total':<{w}}{_n(total):>16}",
         f"  {'6N rule (N = active)':<{w}}{_n(6 * n['active']):>16}  (exact / 6N = {total / (6 * n['active']):.3f})",
         f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True)):>16}",
-    ])
+    ]
+    if n["image_modules"]:
+        per_image = F.image_flops_per_image(cfg, latent_shape)
+        lines.append(f"image modules per image, forward + backward: {_n(per_image['total'])} (" + ", ".join(
+            f"{name} {_n(per_image[name])}" for name in F.IMAGE_MODULES) + ")")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.parallel
         validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
         batch, where = representative_batch(cfg)  # first: the data decides the vocabulary
-        report = summary(cfg)
+        report = summary(cfg, _images(batch)["latent_shape"])
         report += f"\nper modality on a representative microbatch ({where}):\n" + flops_report(cfg, batch)
     except (ConfigError, ValueError) as err:
         print(f"megafusion flops: {err}\n{USAGE}", file=sys.stderr)

@@ -69,6 +69,7 @@ class Trainer:
         cfg.model.vocab_size = self.data.vocab_size  # the data decides the vocabulary
         codec = getattr(self.data.tokenizer, "codec", None)
         latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
+        self.latent_shape = latent_shape  # Transfusion: what the image modules' FLOPs and parameters depend on
         self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime, latent_shape)
         self.forward_step = make_forward_step(cfg, runtime.device)
         self.forward_backward = get_forward_backward_func()
@@ -125,7 +126,10 @@ class Trainer:
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
             keys = transfusion_keys(mb) if "first_key" in mb else None  # the mask with image spans
-            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], keys=keys)
+            # Transfusion: each image also runs the time embedding, patch embedding and head.
+            images = mb["latents"].shape[0] if "latents" in mb else None
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], keys=keys, num_images=images,
+                                  latent_shape=self.latent_shape)
             flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
                                   dtype=torch.float64)
         for chunk in self.model:
@@ -201,7 +205,7 @@ def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
 
 def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
     cfg, rt = trainer.cfg, trainer.rt
-    params = parameter_counts(cfg)
+    params = parameter_counts(cfg, trainer.latent_shape)
     log.say(
         f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active), vocab {cfg.model.vocab_size} | "
