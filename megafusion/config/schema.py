@@ -129,7 +129,8 @@ class DataConfig:
 class ObjectiveConfig:
     # lm: next-token loss on every token (text pieces and discrete image codes: Chameleon);
     # transfusion: text keeps the next-token loss, images are continuous latents trained with a
-    # diffusion loss in the same sequence (data.source=builtin; see docs/architecture.md).
+    # diffusion loss in the same sequence (data.source=builtin, or indexed from `data prepare
+    # --latent-codec`; see docs/architecture.md).
     name: str = "lm"
     diffusion_weight: float = 5.0  # lambda in loss = LM + lambda * diffusion (Transfusion: 5)
     noise_schedule: str = "cosine"  # cosine|linear (diffusers DDPMScheduler betas)

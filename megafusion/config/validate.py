@@ -135,9 +135,10 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         at_least("objective.latent_patch_size", o.latent_patch_size, 1)
         if o.diffusion_weight < 0:
             problems.append(f"objective.diffusion_weight={o.diffusion_weight} must be >= 0: e.g. 5.0 (Transfusion)")
-        if d.source != "builtin":
-            problems.append(f"objective.name=transfusion reads images as latents from the built-in sets for now: "
-                            f"set data.source=builtin (data.source={d.source!r} carries no images or only codes)")
+        if d.source == "synthetic":
+            problems.append("objective.name=transfusion needs images, and data.source=synthetic has none: set "
+                            "data.source=builtin, or data.source=indexed with a dataset from `megafusion data "
+                            "prepare ... --latent-codec pixels|kl`")
         if not 0 <= o.caption_dropout < 1:
             problems.append(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1): e.g. 0.1")
         if not -1 <= o.uncaptioned_max_t < o.train_timesteps:

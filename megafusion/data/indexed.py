@@ -17,7 +17,9 @@ Everything is written under temporary names first (a failed write leaves an exis
 untouched); then the old meta is removed, the new ``.bin`` / ``.idx`` renamed into place and the
 new meta written last, atomically. A dataset without a meta file is a half-written one.
 
-Per-document ``TokenizedDocument.meta`` dicts are not stored (only tokens, modalities, source).
+Per-document ``TokenizedDocument.meta`` dicts are not stored (only tokens, modalities, source);
+a caller with more per-document data (Transfusion latents) writes it as a *sidecar* file that
+joins the same all-or-nothing write (see ``write_indexed``).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _decode_sources(runs: list, where: str) -> list[str]:
 # writing
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     """blake2b of a file: the meta records it so any flipped byte is caught on read."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -132,7 +134,7 @@ def _check_document(doc: TokenizedDocument, index: int, vocab_size: int) -> tupl
     return tokens, mods.astype(np.int64)
 
 
-def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict) -> dict:
+def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, sidecar=None) -> dict:
     """Write ``docs`` (streamed, in order) to ``prefix.{bin,idx,meta.json}``.
 
     ``meta`` must hold ``vocab_size`` (it picks the token dtype) and be JSON-serialisable; it
@@ -141,6 +143,13 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict) ->
     Raises ``DataError`` for an empty input, an empty document, or ids out of range (naming the
     document's source); then the partial files are removed and any dataset already at ``prefix``
     is left as it was.
+
+    ``sidecar`` (optional) is a writer of more files of the same dataset, fed by the caller while
+    ``docs`` is consumed (e.g. ``megafusion.data.indexed_latents.LatentWriter``). It joins the same
+    all-or-nothing write: ``finish() -> dict`` is called once every document is written and
+    returns more meta keys (its sizes and checksums); ``commit()`` moves its files into place
+    after the old meta is removed and before the new one is written; ``abort()`` removes its
+    temporary files when anything fails; ``paths`` lists its final files.
     """
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -185,15 +194,22 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict) ->
             # megatron cannot even mmap an empty .bin, so an empty dataset is unreadable.
             raise DataError(f"{prefix}: no documents to write; check the --input shards")
         builder.finalize(tmp_idx)
+        extra = sidecar.finish() if sidecar is not None else {}
+        clash = sorted(set(extra) & (set(RESERVED_META_KEYS) | set(meta)))
+        if clash:
+            raise ValueError(f"write_indexed: the sidecar's meta keys {clash} are already taken; rename them")
     except BaseException:
         builder.data_file.close()
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)
+        if sidecar is not None:
+            sidecar.abort()
         raise
 
     tokens_by_name = {name: int(c) for name, c in zip(MODALITY_NAMES, counts)}
     full = dict(meta)
+    full.update(extra)
     full.update({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -202,7 +218,7 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict) ->
         "items": items,
         "tokens": tokens_by_name,
         "files": {"bin_bytes": os.path.getsize(tmp_bin), "idx_bytes": os.path.getsize(tmp_idx),
-                  "bin_blake2b": _file_digest(tmp_bin), "idx_blake2b": _file_digest(tmp_idx)},
+                  "bin_blake2b": file_digest(tmp_bin), "idx_blake2b": file_digest(tmp_idx)},
         "document_sources": _encode_sources(sources),
     })
     # Old meta first (a new .bin beside an old meta would look complete), then the data, and the
@@ -211,13 +227,16 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict) ->
         os.remove(paths["meta"])
     os.replace(tmp_bin, paths["bin"])
     os.replace(tmp_idx, paths["idx"])
+    if sidecar is not None:
+        sidecar.commit()
     with open(tmp_meta, "w") as f:
         json.dump(full, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp_meta, paths["meta"])
     return {"documents": len(sources), "items": items, "tokens": tokens_by_name,
-            "files": [paths["bin"], paths["idx"], paths["meta"]]}
+            "files": [paths["bin"], paths["idx"], *(sidecar.paths if sidecar is not None else []),
+                      paths["meta"]]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +284,7 @@ def _check_files(prefix: str, meta: dict) -> None:
                             f"was replaced after the meta was written; {_rerun_hint(prefix)}")
     for kind in ("bin", "idx"):
         want = meta["files"].get(f"{kind}_blake2b")
-        if want is not None and _file_digest(paths[kind]) != want:
+        if want is not None and file_digest(paths[kind]) != want:
             raise DataError(f"{paths[kind]}: contents do not match the checksum in {paths['meta']}: the file is "
                             f"corrupt or was replaced after the meta was written; {_rerun_hint(prefix)}")
     from megatron.core.datasets.indexed_dataset import DType
@@ -378,4 +397,4 @@ def read_indexed(prefix: str) -> tuple[list[TokenizedDocument], dict]:
     return docs, meta
 
 
-__all__ = ["write_indexed", "read_indexed", "read_meta", "dataset_paths", "token_dtype"]
+__all__ = ["write_indexed", "read_indexed", "read_meta", "dataset_paths", "token_dtype", "file_digest"]

@@ -10,7 +10,9 @@ evaluation use. Three sources:
   ``data.image_codec`` (pixel patches; a k-means patch codebook, fitted on the built-in images
   and cached the same way unless ``data.vq_codebook`` names one; or a local pretrained VQGAN);
 - ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
-  tokenizer and codec made it).
+  tokenizer and codec made it). With ``objective.name=transfusion`` it must have been prepared
+  with ``--latent-codec`` and the objective's latent settings (``PREFIX.latents.npy`` holds its
+  image latents, see :mod:`megafusion.data.indexed_latents`).
 
 Documents are split into train / validation by content hash, packed whole into rows of
 ``model.seq_length + 1`` tokens, and served by ``MicrobatchSource`` (sample i of the run is a
@@ -21,6 +23,7 @@ power-of-two tensor-parallel size divides it and checkpoints move between layout
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -147,6 +150,58 @@ def _latent_placeholders(cfg):
                             o.latent_patch_size)
 
 
+def _check_latent_settings(cfg, info: dict) -> None:
+    """The run's latent settings are those the Transfusion dataset was prepared with (else a DataError)."""
+    o, d = cfg.objective, cfg.data
+    codec = info.get("codec") or {}
+    pairs = [("objective.latent_codec", "--latent-codec", o.latent_codec, codec.get("name")),
+             ("objective.latent_patch_size", "--latent-patch-size", o.latent_patch_size, info.get("patch_size")),
+             ("data.image_size", "--image-size", d.image_size, codec.get("image_size"))]
+    if "kl" in (o.latent_codec, codec.get("name")):
+        # The codec stores the VAE directory as an absolute path (load_local_model).
+        mine = os.path.abspath(o.vae_path) if o.vae_path else None
+        pairs.append(("objective.vae_path", "--vae-path", mine, codec.get("path")))
+    diffs = [f"{key}={mine!r} but the dataset was prepared with {flag} {theirs!r}"
+             for key, flag, mine, theirs in pairs if mine != theirs]
+    if diffs:
+        raise DataError(f"{d.path}.meta.json: {'; '.join(diffs)}: set the config to the dataset's values, or "
+                        f"re-run `megafusion data prepare ... --output {d.path}` with the config's")
+
+
+def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
+    """(documents, codec, tokenizer) of the ``data.source=indexed`` dataset, checked against the run."""
+    from megafusion.data.codecs import build_codec
+    from megafusion.data.indexed import read_indexed
+    from megafusion.data.indexed_latents import META_KEY, attach_latents, latent_info, read_latents
+    from megafusion.data.tokenizer import MultimodalTokenizer
+
+    path = cfg.data.path
+    tokenized, meta = read_indexed(path)
+    if "name" not in meta.get("codec", {}):
+        raise DataError(f"{path}.meta.json has no codec description: re-run `megafusion data prepare`")
+    if transfusion:
+        info = latent_info(path, meta)
+        _check_latent_settings(cfg, info)  # before the VAE is loaded for nothing
+        codec = _latent_placeholders(cfg)
+        if list(codec.latent_codec.latent_shape) != info["shape"]:
+            raise DataError(f"{path}.meta.json: its latents have shape {info['shape']} but objective.latent_codec="
+                            f"{cfg.objective.latent_codec} now gives {list(codec.latent_codec.latent_shape)} (the "
+                            f"VAE changed since the data was prepared): re-run `megafusion data prepare ... "
+                            f"--output {path}`")
+    elif META_KEY in meta:
+        raise DataError(f"{path}.meta.json: the dataset holds image latents (prepared with --latent-codec "
+                        f"{meta[META_KEY].get('codec', {}).get('name')!r}) for objective.name=transfusion, but "
+                        f"objective.name={cfg.objective.name}: set objective.name=transfusion with the dataset's "
+                        f"latent settings, or re-run `megafusion data prepare` without --latent-codec for image codes")
+    else:
+        codec = build_codec(**meta["codec"])
+    tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier), codec)
+    tokenizer.check_compatible(meta["tokenizer"], f"{path}.meta.json")
+    if transfusion:
+        attach_latents(tokenized, read_latents(path, meta), path)
+    return tokenized, codec, tokenizer
+
+
 def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[], None] = lambda: None) -> DataBundle:
     """Build the train / validation sources for ``cfg`` (the same on every rank)."""
     d, m, seed = cfg.data, cfg.model, cfg.train.seed
@@ -155,15 +210,14 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         make = lambda s: SyntheticSource(s, m.seq_length, vocab, d.docs_per_sequence)  # noqa: E731
         return DataBundle(make(seed), make(seed + 1_000_000), vocab, {"source": "synthetic", "vocab_size": vocab})
 
-    from megafusion.data.codecs import build_codec
     from megafusion.data.loader import MicrobatchSource, split_documents
     from megafusion.data.packing import pack_documents
     from megafusion.data.tokenizer import MultimodalTokenizer
     from megafusion.data.transfusion_data import encode_transfusion_document
 
+    transfusion = cfg.objective.name == "transfusion"
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
-        transfusion = cfg.objective.name == "transfusion"
         codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
         texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
         tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
@@ -171,14 +225,7 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"
     else:  # indexed
-        from megafusion.data.indexed import read_indexed
-
-        tokenized, meta = read_indexed(d.path)
-        if "name" not in meta.get("codec", {}):
-            raise DataError(f"{d.path}.meta.json has no codec description: re-run `megafusion data prepare`")
-        codec = build_codec(**meta["codec"])
-        tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier), codec)
-        tokenizer.check_compatible(meta["tokenizer"], f"{d.path}.meta.json")
+        tokenized, codec, tokenizer = _indexed_documents(cfg, transfusion, is_first_rank, barrier)
         where = f"indexed:{d.path}"
     train_docs, val_docs = split_documents(tokenized, d.val_fraction, seed)
     vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)

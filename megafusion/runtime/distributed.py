@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +39,6 @@ class Runtime:
         return self.rank == self.world_size - 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group() -> tuple[str, torch.device]:
     """Start torch.distributed from torchrun's env (or alone) on the right backend."""
     use_cuda = torch.cuda.is_available()
@@ -67,12 +60,10 @@ def init_process_group() -> tuple[str, torch.device]:
         timeout = datetime.timedelta(minutes=10)
         if "RANK" in os.environ:  # torchrun (or srun + torchrun) set up the rendezvous
             dist.init_process_group(backend=backend, timeout=timeout)
-        else:  # a plain `python -m megafusion.train`: one process, a private TCP store.
-            # The environment is left alone, so child processes do not inherit a rendezvous.
-            dist.init_process_group(
-                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                timeout=timeout,
-            )
+        else:  # a plain `python -m megafusion.train`: one process, an in-memory store.
+            # No TCP port: picking a free one and binding it later races with other processes on
+            # the host. The environment is left alone, so child processes inherit no rendezvous.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return backend, device
 
 
