@@ -1,12 +1,26 @@
 """Compare a dense and a MoT run: loss vs training FLOPs and vs wall clock, and how much of
 dense's budget MoT needs to reach dense's final loss.
 
-``python examples/experiments/mot_vs_dense/analyze.py [--out-dir runs/mot_vs_dense] [--results bench/results]``
+``python examples/experiments/mot_vs_dense/analyze.py [--setting lm|transfusion] [--out-dir DIR] [--results bench/results]``
 
 Reads ``<out-dir>/dense/metrics.jsonl`` and ``<out-dir>/mot/metrics.jsonl`` (written by
 ``megafusion train``; ``run.py`` produces both) and, when present, ``<out-dir>/run_info.json``
 (the commands, written by ``run.py``) and ``<out-dir>/<arch>/train.log`` (the run banner, for
-the vocabulary size). For each modality (text, image) and overall:
+the vocabulary size).
+
+Two settings (``SETTINGS``), told apart by the ``objective.name`` the runs trained with:
+
+- ``lm`` (Chameleon): text pieces and discrete image codes, one next-token loss; the image loss
+  is ``loss/image`` / ``val/loss/image``. Default runs ``runs/mot_vs_dense``, results
+  ``mot_vs_dense.*``.
+- ``transfusion``: text next-token loss + diffusion loss on continuous image latents; the image
+  loss is ``loss/diffusion`` / ``val/loss/diffusion`` and ``loss`` (overall) is text +
+  ``objective.diffusion_weight`` x diffusion. Default runs ``runs/mot_vs_dense_transfusion``,
+  results ``mot_vs_dense_transfusion.*``.
+
+The setting is ``--setting`` where given, else the ``objective.name`` of the config the runs used
+(``run_info.json``'s commands), else whichever image loss the metrics files log. For each
+modality (text, image) and overall:
 
 - the validation-loss curve against cumulative training FLOPs (``flops_total`` of the step the
   evaluation follows) and cumulative wall clock (the sum of ``step_time_s``: optimizer steps
@@ -18,8 +32,8 @@ the vocabulary size). For each modality (text, image) and overall:
 - the same on the training loss smoothed by a bias-corrected EMA over steps: a denser but
   in-sample measure (one point per step instead of one per evaluation).
 
-Writes ``mot_vs_dense.json`` (every number), ``mot_vs_dense.md`` (the table) and
-``mot_vs_dense.png`` (the curves) into the results directory.
+Writes ``<name>.json`` (every number), ``<name>.md`` (the table) and ``<name>.png`` (the
+curves) into the results directory, ``<name>`` being the setting's ``result_name``.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
@@ -39,7 +54,7 @@ from bench.provenance import git_commit, machine  # noqa: E402
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
 EMA_BETA = 0.95  # ~20-step window: smooths step-to-step batch noise, lags the curve by ~20 steps
-RESULT_NAME = "mot_vs_dense"
+RESULT_NAME = "mot_vs_dense"  # the lm setting's; see Setting.result_name
 RUN_COMMAND = "python examples/experiments/mot_vs_dense/run.py"
 
 
@@ -47,17 +62,69 @@ class AnalysisError(RuntimeError):
     """The runs to compare are missing or unusable; the message says which file and what to do."""
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What differs between the experiment's two settings; everything else is shared."""
+
+    name: str  # the runs' objective.name
+    image_loss: str  # metrics suffix of the image loss: loss/<image_loss>, val/loss/<image_loss>
+    image_label: str  # the image row's name in the table and the plot
+    result_name: str  # <results>/<result_name>.{json,md,png}
+    out_dir: str  # default directory of the runs (relative: the scripts are run from the repository root)
+    config: str  # default config: a file in this folder
+    title: str  # heading of the markdown report
+    plot_title: str  # start of the figure's title
+    paper: str  # what the MoT paper reports for this setting (the report's closing note)
+
+    @property
+    def run_command(self) -> str:
+        """The command that produces this setting's runs (for error messages)."""
+        return RUN_COMMAND if self.name == "lm" else f"{RUN_COMMAND} --setting {self.name}"
+
+    def label(self, modality: str) -> str:
+        return self.image_label if modality == "image" else modality
+
+
+SETTINGS = {
+    # The lm strings are those of the first published report: its files must not change.
+    "lm": Setting(name="lm", image_loss="image", image_label="image", result_name=RESULT_NAME,
+                  out_dir="runs/mot_vs_dense", config="config.yaml",
+                  title="MoT vs dense (Chameleon setting, built-in shapes + digits, vq image codes)",
+                  plot_title="MoT vs dense",
+                  paper="The MoT paper reports 55.8% of the FLOPs for the 7B Chameleon setting"),
+    "transfusion": Setting(
+        name="transfusion", image_loss="diffusion", image_label="image (diffusion)",
+        result_name=f"{RESULT_NAME}_transfusion", out_dir="runs/mot_vs_dense_transfusion",
+        config="config_transfusion.yaml",
+        title="MoT vs dense (Transfusion setting, built-in shapes: text next-token loss + diffusion loss on "
+              "pixel latents)",
+        plot_title="MoT vs dense, Transfusion setting",
+        paper="The MoT paper reports that in the 7B Transfusion setting MoT matches dense's image performance "
+              "with one third of the FLOPs"),
+}
+
+
+def get_setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise AnalysisError(f"unknown setting {name!r}: use one of {', '.join(SETTINGS)}")
+    return SETTINGS[name]
+
+
 # --------------------------------------------------------------------------- reading runs
-def _key(modality: str, prefix: str) -> str:
-    """metrics.jsonl key of a loss: ``loss`` / ``loss/text`` / ``val/loss/image`` ..."""
-    return prefix if modality == "overall" else f"{prefix}/{modality}"
+def _key(modality: str, prefix: str, setting: Setting) -> str:
+    """metrics.jsonl key of a loss: ``loss`` / ``loss/text`` / ``val/loss/image`` / ``val/loss/diffusion`` ..."""
+    if modality == "overall":
+        return prefix
+    return f"{prefix}/{setting.image_loss if modality == 'image' else modality}"
 
 
-def load_run(run_dir: Path) -> dict:
-    """Training and evaluation records of one run, as per-step lists (steps strictly increasing)."""
+def load_run(run_dir: Path, run_command: str = RUN_COMMAND) -> dict:
+    """Training and evaluation records of one run, as per-step lists (steps strictly increasing).
+
+    ``run_command`` is what the error messages tell the user to (re)run."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise AnalysisError(f"{path} does not exist: produce both runs with `{RUN_COMMAND}` "
+        raise AnalysisError(f"{path} does not exist: produce both runs with `{run_command}` "
                             f"(or analyse another directory with --out-dir)")
     train, evals = [], []
     with open(path, encoding="utf-8") as f:
@@ -74,14 +141,14 @@ def load_run(run_dir: Path) -> dict:
         if any(b <= a for a, b in zip(steps, steps[1:])):
             # MetricsLogger appends: a second run into the same directory repeats steps.
             raise AnalysisError(f"{path}: {kind} steps are not increasing (a second run appended to the same "
-                                f"file?): delete {run_dir} and rerun `{RUN_COMMAND}`")
+                                f"file?): delete {run_dir} and rerun `{run_command}`")
     if not train or not evals:
         raise AnalysisError(f"{path} has {len(train)} training and {len(evals)} evaluation records; need both "
                             f"(log every step: logging.log_interval=1)")
     missing = [k for k in ("step_time_s", "flops_total") if k not in train[0]]
     if missing:
         raise AnalysisError(f"{path}: training records lack {', '.join(missing)} (written by a megafusion older "
-                            f"than the FLOPs metrics?): rerun `{RUN_COMMAND}`")
+                            f"than the FLOPs metrics?): rerun `{run_command}`")
     steps = [r["step"] for r in train]
     if steps != list(range(steps[0], steps[0] + len(steps))):
         raise AnalysisError(f"{path}: training steps are not consecutive; the wall-clock and EMA curves need "
@@ -98,14 +165,14 @@ def cumulative_axes(run: dict) -> dict[int, tuple[float, float]]:
     return out
 
 
-def val_curves(run: dict) -> dict:
+def val_curves(run: dict, setting: Setting) -> dict:
     """Per evaluation: step, FLOPs and wall clock so far, and the validation loss per modality."""
     axes = cumulative_axes(run)
     points = [r for r in run["eval"] if r["step"] in axes]  # an evaluation follows a logged step
     curve = {"step": [r["step"] for r in points], "flops": [axes[r["step"]][0] for r in points],
              "wall_s": [axes[r["step"]][1] for r in points]}
     for m in MODALITIES:
-        curve[m] = [r.get(_key(m, "val/loss"), math.nan) for r in points]
+        curve[m] = [r.get(_key(m, "val/loss", setting), math.nan) for r in points]
     return curve
 
 
@@ -120,14 +187,95 @@ def ema(values: list[float], beta: float = EMA_BETA) -> list[float]:
     return out
 
 
-def train_curves(run: dict, beta: float = EMA_BETA) -> dict:
+def train_curves(run: dict, setting: Setting, beta: float = EMA_BETA) -> dict:
     """Per step: FLOPs and wall clock so far, and the EMA-smoothed training loss per modality."""
     axes = cumulative_axes(run)
     curve = {"step": [r["step"] for r in run["train"]], "flops": [axes[r["step"]][0] for r in run["train"]],
              "wall_s": [axes[r["step"]][1] for r in run["train"]]}
     for m in MODALITIES:
-        curve[m] = ema([r.get(_key(m, "loss"), math.nan) for r in run["train"]], beta)
+        curve[m] = ema([r.get(_key(m, "loss", setting), math.nan) for r in run["train"]], beta)
     return curve
+
+
+# --------------------------------------------------------------------------- which setting
+def read_run_info(out_dir: Path) -> dict:
+    """``run_info.json`` of run.py (the commands, provenance), or {} where there is none."""
+    path = out_dir / "run_info.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AnalysisError(f"{path} is not JSON ({err}): delete it (the analysis then infers the setting "
+                            f"from the metrics) or rerun the runs") from None
+
+
+def run_config(info: dict, arch: str):
+    """The config one run trained with: the file and overrides of its command in run_info.json
+    (None where unknown: no command, or the file has gone since)."""
+    cmd = info.get("train_commands", {}).get(arch)
+    if not cmd or "--config" not in cmd:
+        return None
+    from megafusion.config import ConfigError, load_config  # only needed (and imported) with run_info.json
+
+    config = cmd[cmd.index("--config") + 1]
+    path = config if os.path.isabs(config) else str(ROOT / config)
+    if not os.path.isfile(path):
+        return None  # parameter_counts says so; the setting then comes from the metrics
+    overrides = [t for t in cmd[cmd.index("--config") + 2:] if "=" in t]
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        raise AnalysisError(f"the {arch} run's command in run_info.json no longer loads ({err}): rerun it") from None
+
+
+def setting_from_info(info: dict, out_dir: Path) -> str | None:
+    """objective.name of the configs both runs used (None where run_info.json does not say)."""
+    names = {a: cfg.objective.name for a in ARCHS if (cfg := run_config(info, a)) is not None}
+    if len(set(names.values())) > 1:  # run.py never does this; a hand-edited run_info.json might
+        raise AnalysisError(f"{out_dir / 'run_info.json'}: the runs trained with different objectives {names}: "
+                            f"rerun both with one config")
+    return next(iter(names.values()), None)
+
+
+def setting_from_metrics(runs: dict) -> str:
+    """The setting whose image loss the evaluation records log (for runs without run_info.json)."""
+    logged = {name for name, s in SETTINGS.items()
+              if any(f"val/loss/{s.image_loss}" in r for run in runs.values() for r in run["eval"])}
+    if len(logged) != 1:
+        paths = " and ".join(run["path"] for run in runs.values())
+        keys = " or ".join(f"val/loss/{s.image_loss} ({s.name})" for s in SETTINGS.values())
+        raise AnalysisError(f"{paths}: cannot tell the setting from the metrics (they log "
+                            f"{'both' if logged else 'neither'} of {keys}): pass --setting lm|transfusion")
+    return logged.pop()
+
+
+def check_image_loss(runs: dict, setting: Setting) -> None:
+    """Both runs must log the setting's image loss: without it the image row would be all n/a."""
+    key = f"val/loss/{setting.image_loss}"
+    for run in runs.values():
+        if any(key in r for r in run["eval"]):
+            continue
+        others = [s for s in SETTINGS.values() if s is not setting and any(
+            f"val/loss/{s.image_loss}" in r for r in run["eval"])]
+        why = (f"it logs val/loss/{others[0].image_loss}, so these look like {others[0].name}-setting runs: "
+               f"analyse them with --setting {others[0].name}" if others else
+               f"no held-out image was evaluated? produce the runs with `{setting.run_command}`")
+        raise AnalysisError(f"{run['path']}: no evaluation record has {key}, the image loss of the "
+                            f"{setting.name} setting (objective.name={setting.name}); {why}")
+
+
+def resolve_setting(explicit: str | None, info: dict, out_dir: Path) -> str | None:
+    """--setting, checked against the runs' configs; else the configs' (None: ask the metrics)."""
+    declared = setting_from_info(info, out_dir)
+    if explicit is not None:
+        get_setting(explicit)
+        if declared is not None and declared != explicit:
+            raise AnalysisError(f"--setting {explicit}, but the runs in {out_dir} trained with objective.name="
+                                f"{declared} (per {out_dir / 'run_info.json'}): pass --setting {declared} "
+                                f"or leave it out")
+        return explicit
+    return declared
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -176,11 +324,17 @@ def compare(dense: dict, mot: dict) -> dict:
     return out
 
 
-def analyze_runs(out_dir: Path) -> dict:
-    """Load both runs under ``out_dir`` and compute every number of the report (no files written)."""
-    runs = {a: load_run(out_dir / a) for a in ARCHS}
-    val = {a: val_curves(runs[a]) for a in ARCHS}
-    smooth = {a: train_curves(runs[a]) for a in ARCHS}
+def analyze_runs(out_dir: Path, setting: str | None = None) -> dict:
+    """Load both runs under ``out_dir`` and compute every number of the report (no files written).
+
+    ``setting`` (lm / transfusion) decides which metrics key is the image loss; None: the one the
+    runs' configs (run_info.json), else their metrics, say."""
+    known = resolve_setting(setting, read_run_info(out_dir), out_dir)
+    runs = {a: load_run(out_dir / a, get_setting(known).run_command if known else RUN_COMMAND) for a in ARCHS}
+    chosen = get_setting(known or setting_from_metrics(runs))
+    check_image_loss(runs, chosen)
+    val = {a: val_curves(runs[a], chosen) for a in ARCHS}
+    smooth = {a: train_curves(runs[a], chosen) for a in ARCHS}
     summary = {}
     for a in ARCHS:
         axes = cumulative_axes(runs[a])
@@ -194,7 +348,8 @@ def analyze_runs(out_dir: Path) -> dict:
     if summary["dense"]["steps"] != summary["mot"]["steps"]:
         print(f"warning: dense ran {summary['dense']['steps']} steps and MoT {summary['mot']['steps']}: the "
               f"fractions are still relative to dense's totals", file=sys.stderr)
-    return {"runs": summary, "validation": compare(val["dense"], val["mot"]),
+    return {"setting": chosen.name, "image_loss": f"val/loss/{chosen.image_loss}", "runs": summary,
+            "validation": compare(val["dense"], val["mot"]),
             "train_loss_ema": compare(smooth["dense"], smooth["mot"]), "ema_beta": EMA_BETA,
             "curves": {"validation": val, "train_loss_ema": {a: _thin(smooth[a]) for a in ARCHS}}}
 
@@ -209,19 +364,19 @@ def _thin(curve: dict, every: int = 5) -> dict:
 def parameter_counts(out_dir: Path, info: dict) -> dict:
     """Exact total / active parameters of both models, from the config run.py used and the
     vocabulary size the run banner printed (the data decides the vocabulary)."""
-    from megafusion.config import load_config
     from megafusion.models.flops import parameter_counts as counts
 
     out = {}
     for a in ARCHS:
-        log, cmd = out_dir / a / "train.log", info.get("train_commands", {}).get(a)
+        log = out_dir / a / "train.log"
         found = re.search(r"parameters \([\d.]+M active\), vocab (\d+)", log.read_text()) if log.is_file() else None
-        if not found or not cmd:
-            out[a] = None  # e.g. metrics files from elsewhere: no banner to read
+        cfg = run_config(info, a) if found else None
+        if cfg is None:
+            out[a] = None  # e.g. metrics files from elsewhere: no banner or command to read
+            if found and info.get("train_commands", {}).get(a):
+                print(f"warning: the config of the {a} run (run_info.json's command) no longer exists: "
+                      f"its parameter counts are unknown", file=sys.stderr)
             continue
-        config = cmd[cmd.index("--config") + 1]
-        overrides = [t for t in cmd[cmd.index("--config") + 2:] if "=" in t]
-        cfg = load_config(str(ROOT / config) if not os.path.isabs(config) else config, overrides)
         cfg.model.vocab_size = int(found.group(1))
         c = counts(cfg)
         out[a] = {"total": c["total"], "active": c["active"], "non_embedding": c["non_embedding"],
@@ -238,11 +393,25 @@ def _loss(x) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
+def _objective_line(result: dict) -> list[str]:
+    """Transfusion only: what the image row and the overall row measure (the lm report has no such line)."""
+    if result["setting"] != "transfusion":
+        return []
+    o = result.get("objective") or {}
+    weight = o.get("diffusion_weight", "objective.diffusion_weight")
+    target = f", {o['prediction']} target" if "prediction" in o else ""
+    return [f"- objective: text next-token loss + diffusion loss on image latents{target}; the "
+            f"*{SETTINGS['transfusion'].image_label}* row is `{result['image_loss']}` (mean squared error per "
+            f"latent element, noise draws fixed per held-out image), *overall* is the training loss "
+            f"text + {weight} x diffusion (+ z-loss)"]
+
+
 def markdown(result: dict) -> str:
     r, p = result["runs"], result["parameters"]
-    lines = ["# MoT vs dense (Chameleon setting, built-in shapes + digits, vq image codes)", "",
+    setting = get_setting(result.get("setting", "lm"))
+    lines = [f"# {setting.title}", "",
              f"- commit: `{result['commit']}`", f"- machine: {result['machine']}", f"- date (UTC): {result['date_utc']}",
-             f"- command: `{result['command']}`"]
+             f"- command: `{result['command']}`", *_objective_line(result)]
     for a in ARCHS:
         cmd = result["train_commands"].get(a)
         if cmd:
@@ -260,14 +429,13 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|"]
         for m in MODALITIES:
             row = result[key][m]
-            lines.append(f"| {m} | {_loss(row['dense_final'])} | {_loss(row['mot_final'])} | "
+            lines.append(f"| {setting.label(m)} | {_loss(row['dense_final'])} | {_loss(row['mot_final'])} | "
                          f"{_pct(row['flops_fraction'], row['at_first_point'])} | "
                          f"{_pct(row['wall_fraction'], row['at_first_point'])} |")
     lines += ["", "Fraction to match: the training FLOPs (or step wall clock) MoT spent until its loss first "
               "reached dense's final loss, over dense's total; linear interpolation between evaluation points "
               "('<=': already below at MoT's first point, an upper bound). "
-              "The MoT paper reports 55.8% of the FLOPs for the 7B Chameleon setting; this is a tiny model on "
-              "a CPU, one seed.", ""]
+              f"{setting.paper}; this is a tiny model on a CPU, one seed.", ""]
     return "\n".join(lines)
 
 
@@ -278,6 +446,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves, val = result["curves"]["validation"], result["validation"]
+    setting = get_setting(result.get("setting", "lm"))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
     colours = {"dense": "tab:blue", "mot": "tab:orange"}
     for row, (axis, label) in enumerate((("flops", "training FLOPs"), ("wall_s", "wall clock of steps (s)"))):
@@ -292,12 +461,12 @@ def plot(result: dict, path: Path) -> None:
             if hit is not None:
                 ax.axvline(hit, color=colours["mot"], linestyle=":", linewidth=0.8,
                            label=f"MoT matches at {_pct(frac)}")
-            ax.set_title(f"val loss, {m}: MoT needs {_pct(frac, val[m]['at_first_point'])}")
+            ax.set_title(f"val loss, {setting.label(m)}: MoT needs {_pct(frac, val[m]['at_first_point'])}")
             ax.set_xlabel(label)
             ax.set_ylabel("validation loss")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"MoT vs dense, commit {result['commit']}, {result['machine']}", fontsize=10)
+    fig.suptitle(f"{setting.plot_title}, commit {result['commit']}, {result['machine']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -307,19 +476,26 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_results(out_dir: Path, results_dir: Path) -> dict:
-    """Analyse the runs under ``out_dir`` and write the json / md / png into ``results_dir``."""
-    result = analyze_runs(out_dir)
-    info_path = out_dir / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+def result_base(results_dir: Path, setting: str) -> Path:
+    """``<results_dir>/<name>``: the json / md / png of a setting's report differ only in suffix."""
+    return Path(results_dir) / get_setting(setting).result_name
+
+
+def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) -> dict:
+    """Analyse the runs under ``out_dir`` and write the json / md / png into ``results_dir``
+    (file names per setting: see :func:`analyze_runs` for how it is chosen when None)."""
+    result = analyze_runs(out_dir, setting)
+    info = read_run_info(out_dir)
+    config = run_config(info, "dense")
     # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
     result = {"commit": info.get("commit", git_commit()), "machine": info.get("machine", machine()),
               "date_utc": info.get("date_utc", utc_now()),
               "command": info.get("command", f"(analysis only) {' '.join(sys.argv)}"),
               "train_commands": info.get("train_commands", {}), "run_seconds": info.get("run_seconds", {}),
+              "objective": asdict(config.objective) if config is not None else None,
               "parameters": parameter_counts(out_dir, info), **result}
     results_dir.mkdir(parents=True, exist_ok=True)
-    base = results_dir / RESULT_NAME
+    base = result_base(results_dir, result["setting"])
     Path(f"{base}.json").write_text(json.dumps(result, indent=1) + "\n")
     Path(f"{base}.md").write_text(markdown(result))
     plot(result, Path(f"{base}.png"))
@@ -328,16 +504,21 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="runs/mot_vs_dense", help="holds dense/ and mot/ (default: %(default)s)")
+    parser.add_argument("--setting", choices=list(SETTINGS), default=None,
+                        help="lm (Chameleon) or transfusion; default: the runs' objective.name (run_info.json), "
+                             "else the image loss their metrics log")
+    parser.add_argument("--out-dir", default=None, help="holds dense/ and mot/ (default: runs/mot_vs_dense, "
+                        "or runs/mot_vs_dense_transfusion with --setting transfusion)")
     parser.add_argument("--results", default="bench/results", help="where the json/md/png go (default: %(default)s)")
     args = parser.parse_args(argv)
+    out_dir = args.out_dir or SETTINGS[args.setting or "lm"].out_dir
     try:
-        result = write_results(Path(args.out_dir), Path(args.results))
+        result = write_results(Path(out_dir), Path(args.results), args.setting)
     except AnalysisError as err:
         print(f"analyze: {err}", file=sys.stderr)
         return 2
     print(markdown(result))
-    print(f"wrote {Path(args.results) / RESULT_NAME}.json, .md, .png")
+    print(f"wrote {result_base(Path(args.results), result['setting'])}.json, .md, .png")
     return 0
 
 

@@ -1,7 +1,14 @@
 """Train dense, then MoT, on the same config, data, seed and steps; then compare them (analyze.py).
 
-``python examples/experiments/mot_vs_dense/run.py [--steps N] [--out-dir runs/mot_vs_dense]
+``python examples/experiments/mot_vs_dense/run.py [--setting lm|transfusion] [--steps N] [--out-dir DIR]
 [--results bench/results] [--config FILE] [--analyze-only] [section.key=value ...]``
+
+The setting is the config's ``objective.name`` (after the overrides): ``lm`` (Chameleon:
+``config.yaml``, the default) or ``transfusion`` (``config_transfusion.yaml``). ``--setting``
+picks that setting's config when no ``--config`` is given; either way the setting chooses the
+default ``--out-dir`` (``runs/mot_vs_dense`` / ``runs/mot_vs_dense_transfusion``) and the report's
+name (``mot_vs_dense`` / ``mot_vs_dense_transfusion``). So ``--setting transfusion`` and
+``--config examples/experiments/mot_vs_dense/config_transfusion.yaml`` do the same.
 
 Each run is ``python -m megafusion.train --config FILE [overrides] model.arch=ARCH
 logging.out_dir=OUT/ARCH`` in the repository root. The runs go one after the other, never side
@@ -42,6 +49,36 @@ def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, 
             f"model.arch={arch}", f"logging.out_dir={_shown(run_dir)}"]
 
 
+def config_setting(config: Path, overrides: list[str]) -> str:
+    """objective.name of ``config`` with ``overrides`` applied: the setting the runs will train in."""
+    from megafusion.config import ConfigError, load_config
+
+    try:
+        name = load_config(str(config), overrides).objective.name
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    if name not in analyze.SETTINGS:
+        raise ValueError(f"{_shown(config)}: objective.name={name} is neither of "
+                         f"{', '.join(analyze.SETTINGS)}; this experiment compares in those settings only")
+    return name
+
+
+def choose_setting(setting: str | None, config: str | None, overrides: list[str]) -> tuple[str | None, Path | None]:
+    """(setting, config) from --setting / --config: the config decides, --setting only picks the default
+    config and must agree with it. (None, None) when neither is given: analyze.py then asks the runs.
+    ValueError (the message says what to change) on a missing config or a disagreement."""
+    if config is None and setting is None:
+        return None, None
+    path = Path(config).resolve() if config is not None else HERE / analyze.SETTINGS[setting].config
+    if not path.is_file():
+        raise ValueError(f"--config {config}: no such file")
+    found = config_setting(path, overrides)
+    if setting is not None and found != setting:
+        raise ValueError(f"--setting {setting}, but {_shown(path)} (with the overrides) has "
+                         f"objective.name={found}: drop --setting or --config, or make them agree")
+    return found, path
+
+
 def run_one(cmd: list[str], run_dir: Path) -> float:
     """Run one training to completion, echoing and logging its output; return its process wall time."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,10 +102,15 @@ def run_one(cmd: list[str], run_dir: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=list(analyze.SETTINGS), default=None,
+                        help="lm (Chameleon, config.yaml) or transfusion (config_transfusion.yaml); default: "
+                             "the --config's objective.name, else lm")
     parser.add_argument("--steps", type=int, default=None, help="train.steps of both runs (default: the config's)")
-    parser.add_argument("--out-dir", default="runs/mot_vs_dense", help="runs go to OUT/dense and OUT/mot")
-    parser.add_argument("--results", default="bench/results", help="where mot_vs_dense.{json,md,png} go")
-    parser.add_argument("--config", default=str(HERE / "config.yaml"), help="the shared config")
+    parser.add_argument("--out-dir", default=None, help="runs go to OUT/dense and OUT/mot (default: "
+                        "runs/mot_vs_dense, or runs/mot_vs_dense_transfusion in the transfusion setting)")
+    parser.add_argument("--results", default="bench/results",
+                        help="where mot_vs_dense[_transfusion].{json,md,png} go (default: %(default)s)")
+    parser.add_argument("--config", default=None, help="the shared config (default: the setting's)")
     parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
     args = parser.parse_intermixed_args(argv)
@@ -76,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"{', '.join(bad)}: overrides must be section.key=value and may not set "
                      f"{' or '.join(RESERVED)} (this script sets them per run; use --out-dir)")
-    out_dir, results = Path(args.out_dir).resolve(), Path(args.results).resolve()
+    # --analyze-only without --setting/--config: analyze.py reads the setting from the runs.
+    try:
+        setting, config = choose_setting(args.setting, args.config, args.overrides)
+        if config is None and not args.analyze_only:
+            setting, config = choose_setting("lm", None, args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    out_dir = Path(args.out_dir or analyze.SETTINGS[setting or "lm"].out_dir).resolve()
+    results = Path(args.results).resolve()
     if not args.analyze_only:
-        config = Path(args.config).resolve()
-        if not config.is_file():
-            parser.error(f"--config {args.config}: no such file")
         # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
         info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": analyze.git_commit(),
                 "machine": analyze.machine(), "date_utc": analyze.utc_now(), "train_commands": {}, "run_seconds": {}}
@@ -91,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[mot_vs_dense] {arch} took {info['run_seconds'][arch]:.1f} s", flush=True)
         (out_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
     try:
-        result = analyze.write_results(out_dir, results)
+        result = analyze.write_results(out_dir, results, setting)
     except analyze.AnalysisError as err:
         print(f"[mot_vs_dense] {err}", file=sys.stderr)
         return 2
     print(analyze.markdown(result))
-    print(f"[mot_vs_dense] wrote {_shown(results / analyze.RESULT_NAME)}.json, .md, .png")
+    print(f"[mot_vs_dense] wrote {_shown(analyze.result_base(results, result['setting']))}.json, .md, .png")
     return 0
 
 
