@@ -66,6 +66,7 @@ def test_add_noise_and_targets(schedule, shape):
     closed_v = ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()
     torch.testing.assert_close(v.target(x0, noise, t).double(), closed_v, rtol=0, atol=1e-6)
     torch.testing.assert_close(v.add_noise(x0, noise, t), xt, rtol=0, atol=0)
+    assert torch.equal(NoiseSchedule(schedule, prediction="sample").target(x0, noise, t), x0)
 
 
 def test_add_noise_keeps_dtype_and_computes_in_fp32():
@@ -124,8 +125,8 @@ def test_max_t_caps_noise():
 def test_unknown_names_list_choices():
     with pytest.raises(ValueError, match="'cosine', 'linear'"):
         NoiseSchedule("sigmoid")
-    with pytest.raises(ValueError, match="'epsilon', 'v_prediction', 'flow'"):
-        NoiseSchedule(prediction="sample")
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction', 'sample', 'flow'"):
+        NoiseSchedule(prediction="x0")
     with pytest.raises(ValueError, match="'ddpm', 'ddim'"):
         make_sampler("euler", NoiseSchedule(), 10)
     with pytest.raises(ValueError, match="'euler'"):
@@ -171,6 +172,8 @@ def oracle(ns: NoiseSchedule, x0: torch.Tensor):
             return noise - x0
         ab = broadcast(ns.alphas_cumprod.to(xt.device)[t_model.long()], xt.ndim).to(xt.dtype)
         noise = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        if ns.prediction == "sample":
+            return x0.expand_as(xt)
         return noise if ns.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
     return fn
 
@@ -179,6 +182,7 @@ def oracle(ns: NoiseSchedule, x0: torch.Tensor):
     ("cosine", "epsilon", "ddim", "trailing"), ("linear", "epsilon", "ddim", "trailing"),
     ("cosine", "v_prediction", "ddim", "trailing"), ("cosine", "epsilon", "ddpm", "trailing"),
     ("cosine", "epsilon", "ddim", "leading"), ("cosine", "flow", "euler", "trailing"),
+    ("cosine", "sample", "ddim", "trailing"), ("linear", "sample", "ddpm", "trailing"),
 ])
 def test_denoise_with_oracle_recovers_x0(schedule, prediction, kind, spacing):
     ns = NoiseSchedule(schedule, prediction=prediction)

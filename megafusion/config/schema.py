@@ -134,7 +134,7 @@ class ObjectiveConfig:
     name: str = "lm"
     diffusion_weight: float = 5.0  # lambda in loss = LM + lambda * diffusion (Transfusion: 5)
     noise_schedule: str = "cosine"  # cosine|linear (diffusers DDPMScheduler betas)
-    prediction: str = "epsilon"  # epsilon|v_prediction|flow
+    prediction: str = "epsilon"  # epsilon|v_prediction|sample (x0)|flow
     train_timesteps: int = 1000
     latent_codec: str = "pixels"  # pixels (the image in [-1, 1]) | kl (a local diffusers AutoencoderKL)
     vae_path: str | None = None  # latent_codec=kl: the AutoencoderKL directory (save_pretrained)

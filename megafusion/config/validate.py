@@ -125,7 +125,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
     o = cfg.objective
     for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
                             ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
-                            ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "flow")),
+                            ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
                             ("objective.latent_codec", o.latent_codec, ("pixels", "kl")),
                             ("objective.patchify", o.patchify, ("linear", "unet"))]:
         if v not in allowed:

@@ -2,8 +2,8 @@
 
 What is here, and what is borrowed:
 
-- ``NoiseSchedule``: the forward process and the regression target. For ``epsilon`` and
-  ``v_prediction`` it holds a diffusers ``DDPMScheduler`` and uses its ``alphas_cumprod``,
+- ``NoiseSchedule``: the forward process and the regression target. For ``epsilon``,
+  ``v_prediction`` and ``sample`` (the clean latent x0) it holds a diffusers ``DDPMScheduler`` and uses its ``alphas_cumprod``,
   ``add_noise`` and ``get_velocity``, so the numbers are diffusers' by construction. For
   ``flow`` (rectified flow) it is the closed form ``x_t = (1 - t) x0 + t noise``, target
   ``noise - x0``, with continuous ``t`` in ``[0, 1]``; diffusers has no training-side helper
@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
-PREDICTIONS = ("epsilon", "v_prediction", "flow")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 FLOW_SAMPLERS = ("euler",)
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
@@ -47,7 +47,9 @@ class NoiseSchedule:
     schedule: ``cosine`` (diffusers ``squaredcos_cap_v2``: Nichol & Dhariwal's cosine
     alpha-bar, betas capped at 0.999) or ``linear`` (DDPM: betas linear from ``beta_start``
     to ``beta_end``); ignored for ``flow``, whose path is fixed.
-    prediction: ``epsilon``, ``v_prediction`` or ``flow``.
+    prediction: ``epsilon``, ``v_prediction``, ``sample`` (x0: the squared error then weighs
+    every noise level alike in latent space, where epsilon's shrinks the high-noise levels,
+    which decide the layout an image's caption asks for, by their tiny SNR) or ``flow``.
 
     Attributes: ``num_train_timesteps``, ``prediction``, ``scheduler`` (the diffusers
     ``DDPMScheduler``; None for flow), ``betas`` and ``alphas_cumprod`` (float64 copies of
@@ -147,10 +149,12 @@ class NoiseSchedule:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Regression target: ``noise`` (epsilon), ``sqrt(ab_t) noise - sqrt(1 - ab_t) x0``
-        (v_prediction, diffusers ``get_velocity``) or ``noise - x0`` (flow)."""
+        (v_prediction, diffusers ``get_velocity``), ``x0`` (sample) or ``noise - x0`` (flow)."""
         self._check(x0, noise, t)
         if self.prediction == "epsilon":
             return noise
+        if self.prediction == "sample":
+            return x0
         if self.is_flow:
             return noise - x0
         dtype = self._compute_dtype(x0)
