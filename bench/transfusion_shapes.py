@@ -3,10 +3,11 @@ their captions: ``bench/results/transfusion_shapes.{json,md}``.
 
     python -m bench.transfusion_shapes [--config examples/configs/tiny_transfusion.yaml]
         [--samples 90] [--sampler ddpm] [--steps 50] [--cfg 3.0] [--seed 0]
-        [--skip-train] [--out bench/results/transfusion_shapes.json] [section.key=value ...]
+        [--ckpt CKPT] [--out bench/results/transfusion_shapes.json] [section.key=value ...]
 
-1. ``megafusion train --config CONFIG [overrides]`` (timed; skipped with ``--skip-train``, which
-   evaluates the checkpoint the config's run already wrote);
+1. ``megafusion train --config CONFIG [overrides]`` from scratch, timed, into a new directory
+   ``runs/transfusion_shapes/<UTC time>`` (unless ``logging.out_dir`` is overridden); ``--ckpt``
+   skips training and evaluates that checkpoint instead;
 2. ``megafusion eval`` on its last checkpoint: per-modality validation loss, and the caption
    consistency of images generated from held-out captions (captions of a seed training never
    drew), read back by the ``read_shape`` checker, against chance;
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps per image")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-train", action="store_true", help="evaluate the run's existing checkpoint")
+    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint instead of training (its config is "
+                   "the checkpoint's; --config and overrides are then only recorded)")
     p.add_argument("--quick", action="store_true", help="a few steps and samples (tests); writes only with --out")
     p.add_argument("--out", default=None, help=f"result JSON (default {DEFAULT_OUT}; none for --quick)")
     p.add_argument("overrides", nargs="*", help="section.key=value for training")
@@ -74,7 +76,8 @@ def markdown(results: list[dict]) -> str:
                      f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |")
     lines += ["", "Commands:", ""]
     for r in results:
-        lines.append(f"- `{r['commit']}`: `{r['command']}`; train: `{r['train_command']}`; eval: `{r['eval_command']}`")
+        train = f"train: `{r['train_command']}`; " if r["train_command"] else "(an existing checkpoint); "
+        lines.append(f"- `{r['commit']}`: `{r['command']}`; {train}eval: `{r['eval_command']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -89,23 +92,29 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.steps = min(args.samples, 3), min(args.steps, 2)
     from megafusion.config import load_config
 
+    if not any(o.startswith("logging.out_dir=") for o in overrides):
+        # A fresh directory: resuming or appending to an earlier run would change what is measured.
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        overrides.append(f"logging.out_dir=runs/transfusion_shapes/{stamp}")
     cfg = load_config(str(ROOT / args.config), overrides)
-    ckpt = cfg.checkpoint.dir or str(Path(cfg.logging.out_dir) / "checkpoints")
+    ckpt = args.ckpt or str(Path(cfg.logging.out_dir) / "checkpoints")
     train_cmd = [sys.executable, "-m", "megafusion.train", "--config", args.config, *overrides,
-                 f"checkpoint.dir={ckpt}", f"checkpoint.interval={cfg.train.steps}", "checkpoint.save=true"]
+                 f"checkpoint.dir={ckpt}", f"checkpoint.interval={cfg.train.steps}", "checkpoint.save=true",
+                 "checkpoint.resume=false"]
     train_seconds = None
-    if not args.skip_train:
+    if args.ckpt is None:
         _, train_seconds = _run(train_cmd)
     eval_cmd = [sys.executable, "-m", "megafusion.cli", "eval", "--ckpt", ckpt, "--samples", str(args.samples),
                 "--sampler", args.sampler, "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
-                "--out", str(Path(cfg.logging.out_dir) / "eval")]
+                "--out", str(Path(ckpt).parent / "eval")]
     stdout, _ = _run(eval_cmd)
     report = json.loads(stdout[stdout.index("{"):])
     consistency = report["caption_consistency"]
     result = {"commit": git_commit(), "machine": machine(),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "command": shlex.join(["python", "-m", "bench.transfusion_shapes", *argv]),
-              "config": args.config, "overrides": overrides, "train_command": shlex.join(train_cmd[1:]),
+              "config": args.config, "overrides": overrides,
+              "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,
               "eval_command": shlex.join(eval_cmd[1:]), "train_seconds": train_seconds, "step": report["step"],
               "validation": report["validation"], "samples": consistency["samples"],
               "accuracy": consistency["accuracy"], "chance": consistency["chance"], "sampling": report["sampling"]}
