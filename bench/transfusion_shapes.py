@@ -74,6 +74,14 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| `{r['commit']}` | {r['machine']} | {r['date_utc']} | `{r['config']}` | {r['step']} | {wall} "
                      f"| {val.get('val/loss/text', float('nan')):.4f} | {val.get('val/loss/diffusion', float('nan')):.4f} "
                      f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |")
+    gaps = [r for r in results if r.get("caption_gap")]
+    if gaps:
+        lines += ["", "Diffusion loss of the held-out images under their own caption vs another's (`caption_gap`):", ""]
+        for r in gaps:
+            g = r["caption_gap"]
+            pairs = ", ".join(f"noise {lv}: {m:.4f} vs {w:.4f}" for lv, m, w in zip(g["noise_level"], g["matching"],
+                                                                              g["mismatched"]))
+            lines.append(f"- `{r['commit']}`: {pairs}")
     lines += ["", "Commands:", ""]
     for r in results:
         train = f"train: `{r['train_command']}`; " if r["train_command"] else "(an existing checkpoint); "
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,
               "eval_command": shlex.join(eval_cmd[1:]), "train_seconds": train_seconds, "step": report["step"],
               "validation": report["validation"], "samples": consistency["samples"],
-              "accuracy": consistency["accuracy"], "chance": consistency["chance"], "sampling": report["sampling"]}
+              "accuracy": consistency["accuracy"], "chance": consistency["chance"], "sampling": report["sampling"],
+              "caption_gap": report["caption_gap"]}
     print(json.dumps(result, indent=1))
     out = args.out or (None if args.quick else DEFAULT_OUT)
     if out:

@@ -10,7 +10,10 @@ use; for each, an image is generated from the caption (``megafusion generate``'s
 classifier-free guidance) and read back by ``read_shape`` (a checker, not a learned model:
 nearest palette colour, mass distribution, centroid cell). Accuracy is the fraction of images
 whose colour / shape / position (and all three) match the caption, with the chance levels of
-each attribute beside them. One JSON object goes to stdout; ``--out`` also keeps the PNGs.
+each attribute beside them. ``caption_gap``: the diffusion loss of the same held-out images
+under their own caption and under another's, at a few noise levels, without sampling (a model
+that ignores its captions scores the same under both). One JSON object goes to stdout;
+``--out`` also keeps the PNGs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 HELD_OUT_SEED_OFFSET = 7919  # captions from a stream the training set (train.seed) never drew
+GAP_NOISE_LEVELS = (0.3, 0.6, 0.9)  # fractions of the training noise range (1 = pure noise)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,12 +41,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def held_out_captions(num: int, train_seed: int):
-    """``(caption, attributes)`` pairs from the shapes generator under a seed training did not use."""
+def held_out_samples(num: int, train_seed: int):
+    """``(ShapeSpec, caption)`` pairs from the shapes generator under a seed training did not use."""
     from megafusion.data.builtin_shapes import _sample
 
-    return [(text, spec.attributes()) for spec, text, _ in
-            (_sample(train_seed + HELD_OUT_SEED_OFFSET, i) for i in range(num))]
+    return [(spec, text) for spec, text, _ in (_sample(train_seed + HELD_OUT_SEED_OFFSET, i) for i in range(num))]
+
+
+def held_out_captions(num: int, train_seed: int):
+    """``(caption, attributes)`` pairs of :func:`held_out_samples`."""
+    return [(text, spec.attributes()) for spec, text in held_out_samples(num, train_seed)]
+
+
+def caption_gap(predict, encode, samples, schedule, levels=GAP_NOISE_LEVELS, seed: int = 0) -> dict:
+    """Diffusion loss of held-out images under their own caption and under another image's.
+
+    ``predict(caption, x_t, model_t)`` is the model's prediction for the latent ``x_t``
+    ``[1, C, H, W]`` after ``caption``; ``encode(spec)`` the latent of a spec's rendered image;
+    ``samples`` ``(spec, caption)`` pairs. At each noise level (a fraction of the training
+    timesteps) every image is noised once and scored with its caption and with the next
+    sample's: a model that reads its captions has the lower loss under the matching one; equal
+    losses mean the caption is ignored. Cheap (two forwards per image and level, no sampling),
+    and it isolates what sampling accuracy mixes with sampler error.
+    """
+    T = schedule.num_train_timesteps
+    out = {"noise_level": list(levels), "matching": [], "mismatched": []}
+    for level in levels:
+        t = torch.tensor([level]) if schedule.is_flow else torch.tensor([round(level * (T - 1))])
+        sums = {"matching": 0.0, "mismatched": 0.0}
+        for i, (spec, caption) in enumerate(samples):
+            x0 = torch.as_tensor(encode(spec)).float()[None]
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            x_t, target = schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t)
+            other = samples[(i + 1) % len(samples)][1]
+            for key, text in (("matching", caption), ("mismatched", other)):
+                pred = predict(text, x_t, schedule.model_timesteps(t))
+                sums[key] += float((pred.float().cpu() - target).square().mean())
+        for key, total in sums.items():
+            out[key].append(total / max(len(samples), 1))
+    return out
 
 
 def consistency(pairs, generate_image, out: Path | None = None) -> dict:
@@ -69,6 +106,7 @@ def consistency(pairs, generate_image, out: Path | None = None) -> dict:
 
 
 def evaluate(args) -> dict:
+    from megafusion.data.builtin_shapes import render_shape
     from megafusion.generate import Generator, load_transfusion_config
     from megafusion.runtime import initialize
     from megafusion.runtime.seed import seed_everything
@@ -100,8 +138,11 @@ def evaluate(args) -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     result = consistency(held_out_captions(args.samples, cfg.train.seed), generate_image, out)
+    encode = lambda spec: generator.latent.encode(render_shape(spec, cfg.data.image_size))  # noqa: E731
+    gap = caption_gap(generator.image_prediction, encode, held_out_samples(args.samples, cfg.train.seed),
+                      generator.schedule, seed=args.seed)
     return {"checkpoint": str(path), "step": step, "validation": {k: v for k, v in val.items() if k != "step"},
-            "caption_consistency": result,
+            "caption_consistency": result, "caption_gap": gap,
             "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}}
 
 

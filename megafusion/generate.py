@@ -165,6 +165,14 @@ class Generator:
                                             inference_context=cache, runtime_gather_output=True)
         return logits[0, -1], prediction
 
+    def image_prediction(self, caption: str, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        """The diffusion prediction for the latent ``x_t`` ``[1, C, H, W]`` of an image right
+        after ``<bos>`` + ``caption``, at model timestep ``model_t`` ``[1]`` (one full forward)."""
+        tok = self.tokenizer
+        prompt = [tok.bos_id, *tok.encode_text(caption), tok.boi_id]
+        seq = _Sequence(prompt + [tok.image_offset] * self.patches, [(len(prompt), len(prompt) + self.patches)])
+        return self._forward(seq, 0, None, current=(x_t, model_t))[1]
+
     # --- sampling --------------------------------------------------------------------------------
 
     def _next_token(self, logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:

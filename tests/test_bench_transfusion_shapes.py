@@ -20,6 +20,7 @@ def test_quick_run_records_accuracy_chance_and_provenance(tmp_path):
     assert set(result["accuracy"]) == set(result["chance"]) == {"colour", "shape", "position", "all"}
     assert result["chance"]["colour"] == 1 / 6 and result["chance"]["position"] == 1 / 9
     assert result["commit"] and result["machine"] and "transfusion_small.yaml" in result["train_command"]
-    assert result["validation"]["val/loss/diffusion"] > 0
+    assert result["validation"]["val/loss/diffusion"] > 0 and len(result["caption_gap"]["matching"]) == 3
     table = out.with_suffix(".md").read_text()
     assert result["commit"] in table and "(0.167)" in table  # accuracy (chance) cells
+    assert "noise 0.9: " in table

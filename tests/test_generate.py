@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.helpers import ROOT, run_train
@@ -83,3 +84,28 @@ def test_eval_reports_validation_loss_and_consistency(checkpoint):
     assert report["validation"]["val/loss/diffusion"] > 0 and report["validation"]["val/loss/text"] > 0
     assert report["caption_consistency"]["samples"] == 3
     assert set(report["caption_consistency"]["accuracy"]) == {"colour", "shape", "position", "all"}
+    gap = report["caption_gap"]
+    assert len(gap["matching"]) == len(gap["mismatched"]) == len(gap["noise_level"]) == 3
+    assert all(loss > 0 for loss in gap["matching"] + gap["mismatched"])
+
+
+def test_caption_gap_is_zero_for_an_oracle_and_none_for_a_caption_blind_model():
+    from megafusion.data.builtin_shapes import render_shape
+    from megafusion.data.latent_codecs import PixelLatentCodec
+    from megafusion.evaluate import caption_gap, held_out_samples
+    from megafusion.objectives.diffusion import NoiseSchedule
+
+    samples = held_out_samples(6, train_seed=3)
+    codec = PixelLatentCodec(12)
+
+    def encode(spec):
+        return codec.encode(render_shape(spec, 12))
+
+    x0_of = {text: torch.as_tensor(encode(spec)).float()[None] for spec, text in samples}
+    assert len(x0_of) == len(samples)
+    schedule = NoiseSchedule("cosine", prediction="sample")
+    gap = caption_gap(lambda caption, x_t, t: x0_of[caption], encode, samples, schedule)  # knows each caption's x0
+    assert gap["noise_level"] == [0.3, 0.6, 0.9]
+    assert gap["matching"] == [0.0, 0.0, 0.0] and min(gap["mismatched"]) > 0.01
+    blind = caption_gap(lambda caption, x_t, t: x_t, encode, samples, schedule)  # ignores the caption
+    assert blind["matching"] == blind["mismatched"] and min(blind["matching"]) > 0
