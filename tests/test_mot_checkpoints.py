@@ -34,6 +34,16 @@ def test_mot_resumes_into_tp2_with_sequence_parallel(tmp_path):
         assert abs(a - b) <= 1e-5 * abs(b), (losses, full[3:])
 
 
+def assert_mot_gradients_sum_to_dense(m_grads: dict, d_grads: dict) -> None:
+    """Each dense gradient equals the sum of its MoT copies' (a converted model's first step)."""
+    summed = {}
+    for name, grad in m_grads.items():
+        summed[tied_name(name)] = summed.get(tied_name(name), 0) + grad
+    assert sorted(summed) == sorted(d_grads)
+    for name, want in d_grads.items():
+        assert ((summed[name] - want).norm() / want.norm()).item() < 1e-5, name
+
+
 def convert(src, out, *extra):
     cmd = [sys.executable, "-m", "megafusion.cli", "convert", "dense-to-mot", "--input", str(src),
            "--output", str(out), *extra]
@@ -63,12 +73,7 @@ def test_converted_mot_starts_exactly_where_the_dense_model_is(converted, layout
                                                           f"checkpoint.init_from={mot_init}"], f"mot_init{nproc}")
     assert "initialised from" in out
     assert abs(m_loss[0] - d_loss[0]) <= 1e-5 * abs(d_loss[0]), (m_loss, d_loss)
-    summed = {}
-    for name, grad in m_grads.items():
-        summed[tied_name(name)] = summed.get(tied_name(name), 0) + grad
-    assert sorted(summed) == sorted(d_grads)
-    for name, want in d_grads.items():
-        assert ((summed[name] - want).norm() / want.norm()).item() < 1e-5, name
+    assert_mot_gradients_sum_to_dense(m_grads, d_grads)
 
 
 def test_weights_only_checkpoint_cannot_be_resumed_and_bad_input_is_named(converted, tmp_path):
@@ -86,3 +91,21 @@ def test_weights_only_checkpoint_cannot_be_resumed_and_bad_input_is_named(conver
     _, _, out = run_train(tmp_path, 1, CONFIG, [*MOT, "model.untie=ffn", "train.steps=1",
                                                 f"checkpoint.init_from={mot_init}"], "wrong_untie", expect_rc=2)
     assert "model.untie" in out
+
+
+def test_converted_transfusion_mot_starts_exactly_where_the_dense_model_is(tmp_path):
+    """The same on the Transfusion objective: the image modules (patch embedding, head, timestep
+    embedding) carry over unchanged and the diffusion loss is dense's too."""
+    config = "tests/configs/transfusion_small.yaml"
+    dense_ckpt = tmp_path / "dense_ckpt"
+    run_train(tmp_path, 1, config, ["train.steps=2", "checkpoint.save=true", f"checkpoint.dir={dense_ckpt}",
+                                    "logging.dump_grads=null"], "dense")
+    proc = convert(dense_ckpt, tmp_path / "mot_init")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_step = ["train.steps=1", "checkpoint.save=false"]
+    d_loss, d_grads, _ = run_train(tmp_path, 1, config, [*one_step, f"checkpoint.init_from={dense_ckpt}"], "d")
+    m_loss, m_grads, _ = run_train(tmp_path, 1, config, [*MOT, *one_step, f"checkpoint.init_from={tmp_path / 'mot_init'}"],
+                                   "m")
+    assert abs(m_loss[0] - d_loss[0]) <= 1e-5 * abs(d_loss[0]), (m_loss, d_loss)
+    assert any("image_patch_head" in name for name in d_grads)
+    assert_mot_gradients_sum_to_dense(m_grads, d_grads)
