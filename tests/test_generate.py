@@ -109,3 +109,23 @@ def test_caption_gap_is_zero_for_an_oracle_and_none_for_a_caption_blind_model():
     assert gap["matching"] == [0.0, 0.0, 0.0] and min(gap["mismatched"]) > 0.01
     blind = caption_gap(lambda caption, x_t, t: x_t, encode, samples, schedule)  # ignores the caption
     assert blind["matching"] == blind["mismatched"] and min(blind["matching"]) > 0
+
+
+def test_generation_from_a_pipeline_and_tensor_parallel_checkpoint_matches_one_process(checkpoint, tmp_path):
+    """The same 2 training steps under TP=2 and under PP=2 x VPP=2 (the parity tests show the
+    weights agree): images generated from either checkpoint, resharded into one process, are
+    the one-process checkpoint's."""
+    images = {}
+    for layout, overrides in (("one", None), ("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2", "parallel.vpp=2"])):
+        ckpt = checkpoint / "ckpt"
+        if overrides is not None:
+            ckpt = tmp_path / layout
+            run_train(tmp_path, 2, CONFIG, ["train.steps=2", "checkpoint.save=true", f"checkpoint.dir={ckpt}",
+                                            "logging.dump_grads=null", *overrides], layout)
+        proc = generate("--ckpt", ckpt, "--prompt", "a green square at the top.", "--out", tmp_path / f"{layout}_png",
+                        "--image", "--steps", 3, "--max-new-tokens", 0, "--cfg", 2.0)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        images[layout] = np.asarray(Image.open(tmp_path / f"{layout}_png" / "0_0.png")).astype(int)
+    assert images["one"].std() > 0
+    for layout in ("tp2", "pp2"):
+        assert np.abs(images[layout] - images["one"]).max() <= 1, layout

@@ -84,6 +84,8 @@ def test_unet_embed_head_shapes_and_gradients(channels, patch, layers):
     tokens, skips = embed(x, temb)
     assert tokens.shape == (2, (8 // patch) * (12 // patch), hidden)
     assert len(skips) == len(channels) * (layers + 1) and skips[0].shape == (2, channels[0], 8, 12)
+    # what a last pipeline stage, holding only the head, allocates to receive them
+    assert [tuple(s.shape) for s in skips] == embed.skip_shapes(2, 8, 12) == head.skip_shapes(2, 8, 12)
     out = head(tokens, skips, temb)
     assert out.shape == x.shape
     out.square().sum().backward()

@@ -46,7 +46,8 @@ def test_resume_same_layout_is_exact(runs):
     assert (copy / "latest").read_text().strip() == "step_0000006"
 
 
-@pytest.mark.parametrize("layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]),
+                                    (2, ["parallel.pp=2", "parallel.vpp=2"])], ids=["tp2", "pp2", "pp2_vpp2"])
 def test_resume_into_another_layout(runs, layout):
     tmp, full, ckpt = runs
     nproc, overrides = layout

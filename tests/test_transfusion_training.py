@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -42,6 +44,44 @@ def test_transfusion_with_mot_layers_matches_single_process_under_tp2(tmp_path):
     reference = run_train(tmp_path, 1, CONFIG, mot, "mot_single")[:2]
     run = run_train(tmp_path, 2, CONFIG, [*mot, "parallel.tp=2"], "mot_tp2")[:2]
     assert_same_training(reference, run, "transfusion + MoT tp2", REL_TOL)
+
+
+# The U-Net needs a patch size that is a multiple of its downsampling factor 2: 16x16 images in
+# 4x4 patches (still 16 positions per image). Evaluating after step 2 as well runs forward-only
+# schedules between training steps.
+UNET = ["objective.patchify=unet", "data.image_size=16", "objective.latent_patch_size=4", "eval.interval=2"]
+UNET_LAYOUTS = {
+    # the skips and temb cross from the first to the last stage, their gradients back
+    "unet_pp2": (2, ["parallel.pp=2"]),
+    "unet_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "unet_tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
+}
+
+
+def _evaluations(out_dir) -> list[dict]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "val/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def unet_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tf_unet_ref")
+    losses, grads, _ = run_train(tmp, 1, CONFIG, UNET, "single")
+    assert any(name.startswith("image_patch_embed.down_blocks") for name in grads)
+    return losses, grads, _evaluations(tmp / "single")
+
+
+@pytest.mark.parametrize("layout", list(UNET_LAYOUTS))
+def test_unet_transfusion_under_pipeline_parallelism_matches_single_process(layout, unet_reference, tmp_path):
+    nproc, overrides = UNET_LAYOUTS[layout]
+    losses, grads, _ = run_train(tmp_path, nproc, CONFIG, [*UNET, *overrides], layout)
+    ref_losses, ref_grads, ref_evals = unet_reference
+    assert_same_training((ref_losses, ref_grads), (losses, grads), layout, REL_TOL)
+    evals = _evaluations(tmp_path / layout)
+    assert [e["step"] for e in evals] == [e["step"] for e in ref_evals] == [2, 4]
+    for got, want in zip(evals, ref_evals):
+        for key in ("val/loss", "val/loss/diffusion"):
+            assert abs(got[key] - want[key]) <= REL_TOL * abs(want[key]), f"{layout} step {got['step']}: {key}"
 
 
 def test_a_sequence_without_images_gives_the_lm_models_loss(runtime):

@@ -144,9 +144,6 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if not -1 <= o.uncaptioned_max_t < o.train_timesteps:
             problems.append(f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
                             f"below objective.train_timesteps={o.train_timesteps}, e.g. {o.train_timesteps // 2}")
-        if o.patchify == "unet" and cfg.parallel.pp > 1:
-            problems.append("objective.patchify=unet needs parallel.pp=1 (its head reads the embed's skip "
-                            "activations); use objective.patchify=linear with pipeline parallelism")
         if o.latent_codec == "kl" and not o.vae_path:
             problems.append("objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
                             "AutoencoderKL saved with save_pretrained")

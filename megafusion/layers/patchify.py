@@ -22,6 +22,9 @@ Two ways in and out of the transformer (Transfusion, sec. 3.2):
   ``f``) and projected to ``hidden``. The head mirrors it (``UNet2DModel``'s layout, no
   middle block). ``skips`` is a tuple of ``(k + 1) * (layers_per_block + 1)`` tensors,
   the first ``[n, c_0, H, W]``; it must come from the same forward as ``tokens``.
+  ``unet_skip_shapes`` (also ``embed.skip_shapes`` / ``head.skip_shapes``) gives their
+  shapes without running the embed: what a pipeline stage that only holds the head receives
+  (``megafusion.runtime.stage_channel``).
 """
 
 from __future__ import annotations
@@ -109,6 +112,22 @@ def _unet_plan(patch_size: int, channels, norm_groups: int) -> tuple[int, int]:
     return factor, patch_size // factor
 
 
+def unet_skip_shapes(n: int, height: int, width: int, channels=UNET_CHANNELS,
+                     layers_per_block: int = UNET_LAYERS_PER_BLOCK) -> list[tuple[int, ...]]:
+    """Shapes of the ``skips`` that ``UNetPatchEmbed(channels=channels, layers_per_block=...)``
+    returns for ``n`` latents of ``height x width``, in order: ``conv_in``'s output, then per
+    down block its ``layers_per_block`` resnet outputs and (all but the last block) its
+    downsampler's output (a 3x3 stride-2 convolution with padding 1: ``ceil(size / 2)``)."""
+    channels = tuple(channels)
+    shapes, h, w = [(n, channels[0], height, width)], height, width
+    for i, c in enumerate(channels):
+        shapes += [(n, c, h, w)] * layers_per_block
+        if i < len(channels) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((n, c, h, w))
+    return shapes
+
+
 class UNetPatchEmbed(torch.nn.Module):
     """U-Net down blocks, then patchify + Linear: ``latents [n, C, H, W]``, ``temb [n,
     temb_channels]`` -> ``(tokens [n, (H/p)(W/p), hidden], skips)``. See the module docstring.
@@ -121,7 +140,7 @@ class UNetPatchEmbed(torch.nn.Module):
                  temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
                  norm_groups: int = UNET_NORM_GROUPS):
         super().__init__()
-        self.channels = tuple(channels)
+        self.channels, self.layers_per_block = tuple(channels), layers_per_block
         self.patch_size = patch_size
         self.factor, self.inner_patch = _unet_plan(patch_size, self.channels, norm_groups)
         temb_channels = hidden_size if temb_channels is None else temb_channels
@@ -137,6 +156,10 @@ class UNetPatchEmbed(torch.nn.Module):
             prev = c
         self.down_blocks = torch.nn.ModuleList(blocks)
         self.proj = torch.nn.Linear(self.channels[-1] * self.inner_patch**2, hidden_size)
+
+    def skip_shapes(self, n: int, height: int, width: int) -> list[tuple[int, ...]]:
+        """The shapes of ``forward``'s ``skips`` for ``n`` latents of ``height x width``."""
+        return unet_skip_shapes(n, height, width, self.channels, self.layers_per_block)
 
     def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         _check_latents(latents, self.patch_size)
@@ -158,7 +181,7 @@ class UNetPatchHead(torch.nn.Module):
                  temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
                  norm_groups: int = UNET_NORM_GROUPS):
         super().__init__()
-        self.channels = tuple(channels)
+        self.channels, self.layers_per_block = tuple(channels), layers_per_block
         self.patch_size = patch_size
         self.factor, self.inner_patch = _unet_plan(patch_size, self.channels, norm_groups)
         temb_channels = hidden_size if temb_channels is None else temb_channels
@@ -180,6 +203,10 @@ class UNetPatchHead(torch.nn.Module):
         self.norm_out = torch.nn.GroupNorm(norm_groups, self.channels[0], eps=1e-6)
         self.act = torch.nn.SiLU()
         self.conv_out = torch.nn.Conv2d(self.channels[0], out_channels, kernel_size=3, padding=1)
+
+    def skip_shapes(self, n: int, height: int, width: int) -> list[tuple[int, ...]]:
+        """The shapes of the ``skips`` this head reads for ``n`` images of ``height x width``."""
+        return unet_skip_shapes(n, height, width, self.channels, self.layers_per_block)
 
     def forward(self, tokens: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
         if len(skips) != self.num_skips:

@@ -9,6 +9,13 @@ the full sequence, so their gradients agree across TP ranks without communicatio
 - last pipeline stage: ``image_patch_head`` (hidden states of the image positions -> the
   diffusion prediction, e.g. the noise).
 
+With ``objective.patchify=unet`` the head also reads the embed's skip activations and the
+timestep embedding. On one stage they are kept on the module between the embed and the head;
+with pipeline parallelism the first stage sends them to the last stage, and the last stage
+sends their gradients back, over ``megafusion.runtime.stage_channel`` (a point-to-point
+channel of its own, outside megatron's schedule; see that module for the protocol). The last
+stage then holds no timestep embedding of its own: it uses the first stage's.
+
 Images sit in the token stream as placeholder tokens (``data/transfusion_data.py``). Their
 input is the placeholder's embedding *plus* the patch embedding: megatron-core computes the
 embeddings (incl. its sequence-parallel scatter) as for any token, and the image
@@ -36,6 +43,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
 from megafusion.layers.timestep import TimestepEmbedding
+from megafusion.runtime import stage_channel
 
 
 @dataclass
@@ -55,19 +63,42 @@ class TransfusionGPTModel(GPTModel):
         hidden, channels = self.config.hidden_size, latent_shape[0]
         self.latent_shape, self.patch_size, self.unet = latent_shape, objective.latent_patch_size, \
             objective.patchify == "unet"
-        if self.unet and not (self.pre_process and self.post_process):
-            # The U-Net head needs the embed's skip activations and timestep embedding.
-            raise ValueError("objective.patchify=unet needs the whole model on one pipeline stage "
-                             "(parallel.pp=1); use objective.patchify=linear with pipeline parallelism")
+        self._stage_channel = None
+        if self.unet and self.pre_process != self.post_process:
+            # The U-Net head needs the embed's skip activations and timestep embedding: the first
+            # and the last stage exchange them (and their gradients) over the stage channel.
+            self._stage_channel = stage_channel.get_channel()
+            if self._stage_channel is None:
+                raise RuntimeError("objective.patchify=unet split over pipeline stages needs the stage channel "
+                                   "between the first and the last stage: build the model after "
+                                   "megafusion.runtime.initialize(cfg), which opens it when parallel.pp > 1")
         embed, head = (UNetPatchEmbed, UNetPatchHead) if self.unet else (LinearPatchEmbed, LinearPatchHead)
-        if self.pre_process or self.unet:
-            self.image_time_embed = TimestepEmbedding(hidden)
         if self.pre_process:
+            self.image_time_embed = TimestepEmbedding(hidden)
             self.image_patch_embed = embed(channels, self.patch_size, hidden)
         if self.post_process:
             self.image_patch_head = head(hidden, self.patch_size, channels)
             self._final_hidden = None
             self.output_layer.register_forward_pre_hook(self._capture_final_hidden)
+
+    def _sent_shapes(self, count: int) -> list[tuple[int, ...]]:
+        """What crosses the stage channel for ``count`` images: the skips, then ``temb``."""
+        _, height, width = self.latent_shape
+        module = self.image_patch_embed if self.pre_process else self.image_patch_head
+        return [*module.skip_shapes(count, height, width), (count, self.config.hidden_size)]
+
+    def _channel_dtype(self) -> torch.dtype:
+        """The image modules' dtype (the same on both ends): what the channel carries."""
+        module = self.image_patch_embed if self.pre_process else self.image_patch_head
+        return module.proj.weight.dtype
+
+    def _check_sent(self, count: int, skips, temb) -> None:
+        # The last stage allocates what it receives from these shapes: a mismatch would hang or
+        # corrupt the exchange, so it fails here, on the host, first.
+        got, want = [tuple(t.shape) for t in (*skips, temb)], self._sent_shapes(count)
+        if got != want:
+            raise RuntimeError(f"stage channel: the U-Net embed gave skips + temb of shapes {got}, but the last "
+                               f"stage expects {want} (latent shape {self.latent_shape}, {count} images)")
 
     def _capture_final_hidden(self, module, args):
         self._final_hidden = args[0]
@@ -76,8 +107,13 @@ class TransfusionGPTModel(GPTModel):
         """``[s, b, h]``: patch (+ time) embeddings at the image positions, zero elsewhere."""
         temb = self.image_time_embed(images.timesteps)
         if self.unet:
-            tokens, self._skips = self.image_patch_embed(images.noised, temb)
-            self._temb = temb
+            tokens, skips = self.image_patch_embed(images.noised, temb)
+            if self.post_process:  # the head is on this stage
+                self._skips, self._temb = skips, temb
+            else:
+                self._check_sent(images.count, skips, temb)
+                tokens = stage_channel.SendToLastStage.apply(self._stage_channel, self._channel_dtype(), tokens,
+                                                             *skips, temb)
         else:
             tokens = self.image_patch_embed(images.noised, temb)
         b, s = images.image_ids.shape
@@ -109,7 +145,14 @@ class TransfusionGPTModel(GPTModel):
         rows = rows.view(images.count, -1, hidden.shape[-1])
         _, height, width = self.latent_shape
         if self.unet:
-            prediction = self.image_patch_head(rows, self._skips, self._temb)
+            if self.pre_process:
+                skips, temb = self._skips, self._temb
+                self._skips = self._temb = None
+            else:  # from the first stage (its forward of this microbatch sent them)
+                rows, *received = stage_channel.RecvFromFirstStage.apply(
+                    self._stage_channel, self._sent_shapes(images.count), self._channel_dtype(), rows)
+                skips, temb = tuple(received[:-1]), received[-1]
+            prediction = self.image_patch_head(rows, skips, temb)
         else:
             prediction = self.image_patch_head(rows, height, width)
         return logits, prediction

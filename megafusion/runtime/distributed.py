@@ -4,7 +4,8 @@
 CPU + gloo otherwise (installing :mod:`megafusion.runtime.cpu_compat` in that case), starts
 ``torch.distributed`` from torchrun's environment variables (or as a single process when
 they are absent), and creates megatron-core's tensor / pipeline / virtual-pipeline /
-context / expert / data-parallel groups.
+context / expert / data-parallel groups, plus, for ``objective.patchify=unet`` with
+``parallel.pp > 1``, the first-to-last-stage channel (``megafusion.runtime.stage_channel``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megafusion.runtime import stage_channel
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ def initialize(cfg) -> Runtime:
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
     )
+    stage_channel.close_channel()
+    o = cfg.objective
+    if par.pp > 1 and o.name == "transfusion" and o.patchify == "unet":
+        stage_channel.open_channel(device)  # collective: every rank creates every pair's group
     return Runtime(
         device=device,
         backend=backend,
@@ -101,6 +108,7 @@ def shutdown() -> None:
     """Tear down megatron-core's groups and the default group (safe to call twice)."""
     from megatron.core import parallel_state as ps
 
+    stage_channel.close_channel()
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

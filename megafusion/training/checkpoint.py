@@ -51,10 +51,9 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     state = _model_state(model)
-    model_sd = {}
-    for value in state.values():
-        model_sd.update(value)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+    # The nested {"model0": ..., "model1": ...} as megatron-LM passes it: merging the chunks into one
+    # dict would collide on their chunk-local keys ("decoder.layers.0...") under virtual pipelining.
+    state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=_OPTIM_METADATA)
     return state
 
 

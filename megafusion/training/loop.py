@@ -26,6 +26,7 @@ from megafusion.data.types import MODALITY_NAMES
 from megafusion.models.flops import batch_flops, parameter_counts
 from megafusion.models.registry import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.runtime import stage_channel
 from megafusion.runtime import initialize, seed_everything
 from megafusion.training import checkpoint as ckpt
 from megafusion.objectives.transfusion import attended_keys as transfusion_keys
@@ -93,7 +94,7 @@ class Trainer:
 
     def _run(self, microbatches: list[dict], forward_only: bool):
         iterators = [iter(microbatches) for _ in self.model]
-        return self.forward_backward(
+        store = self.forward_backward(
             forward_step_func=self.forward_step,
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
@@ -102,6 +103,8 @@ class Trainer:
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
+        stage_channel.drain()  # the U-Net's first-to-last-stage sends (pp > 1) still in flight
+        return store
 
     def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
         """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
