@@ -55,3 +55,15 @@ def assert_same_training(reference, run, layout: str, rel_tol: float) -> None:
         assert want.norm() > 0, f"{name}: zero reference gradient makes the comparison vacuous"
         rel = ((got - want).norm() / want.norm()).item()
         assert rel <= rel_tol, f"{layout}: gradient of {name} differs by {rel:.2e} (relative)"
+
+
+def save_tiny_vae(path: Path):
+    """A tiny random diffusers ``AutoencoderKL`` (16x16 images -> 4x4x4 latents), saved at ``path``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    vae.save_pretrained(path)
+    return vae

@@ -25,7 +25,7 @@ from megafusion.data.sources import build_data
 from megafusion.data.tokenizer import MultimodalTokenizer, train_sentencepiece
 from megafusion.data.transfusion_data import PlaceholderCodec, encode_transfusion_document
 from megafusion.data.types import DataError, Document, ImageSegment, TextSegment
-from tests.helpers import assert_same_training, run_train
+from tests.helpers import assert_same_training, run_train, save_tiny_vae
 
 CONFIG = "tests/configs/transfusion_small.yaml"  # shapes, 200 samples, seed 3, 12 px, latent patches of 3
 NUM, SEED, SIZE, PATCH = 200, 3, 12, 3
@@ -166,14 +166,8 @@ def test_prepare_flags_and_a_failed_prepare_keeps_the_old_dataset(prepared, tmp_
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=16, scaling_factor=0.5)
     path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
+    save_tiny_vae(path)
     return str(path)
 
 

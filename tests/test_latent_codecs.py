@@ -8,6 +8,7 @@ import torch
 
 from megafusion.data.latent_codecs import build_latent_codec
 from megafusion.data.types import DataError
+from tests.helpers import save_tiny_vae
 
 
 def test_pixel_latents_round_trip_and_scale():
@@ -26,15 +27,8 @@ def test_pixel_latents_round_trip_and_scale():
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=16, scaling_factor=0.5)
     path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path, vae
+    return path, save_tiny_vae(path)
 
 
 def test_kl_codec_is_the_vae_posterior_mean_times_scaling_factor(tiny_vae):
