@@ -269,7 +269,7 @@ def test_run_py_end_to_end_tiny_transfusion(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "mot_vs_dense_transfusion.json").read_text())
     assert result["setting"] == "transfusion" and result["image_loss"] == "val/loss/diffusion"
-    assert result["objective"]["name"] == "transfusion" and result["objective"]["prediction"] == "flow"
+    assert result["objective"]["name"] == "transfusion" and result["objective"]["prediction"] == "sample"
     assert result["runs"]["dense"]["steps"] == result["runs"]["mot"]["steps"] == 4
     assert result["runs"]["mot"]["flops_total"] == pytest.approx(result["runs"]["dense"]["flops_total"])
     val = result["validation"]
