@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
+        # `megafusion convert hf-to-mf / mf-to-hf` (imported only there); rope_parameters configs.
+        "hf": ["transformers>=5.0"],
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],

@@ -8,7 +8,8 @@ Subcommands:
 - ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
   image patch codebook (the ``vq`` image codec).
-- ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint.
+- ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint;
+  ``convert hf-to-mf`` / ``mf-to-hf``: Hugging Face Llama checkpoints in and out.
 - ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
 - ``eval ...``: held-out loss per modality and caption consistency of generated shapes images.
 """
@@ -27,6 +28,8 @@ commands:
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
   tokenizer fit-vq --builtin shapes --out CODEBOOK          fit a k-means image patch codebook
   convert dense-to-mot --input CKPT --output DIR            MoT weights copied from a dense checkpoint
+  convert hf-to-mf --hf DIR --output CKPT [--config-out F]  import a Hugging Face Llama (safetensors)
+  convert mf-to-hf --input CKPT --output DIR                export a dense checkpoint as a Hugging Face Llama
   generate --ckpt CKPT --prompt TEXT --out DIR [--image]    text and images from a Transfusion checkpoint
   eval --ckpt CKPT [--samples N]                            validation loss + caption consistency (shapes)
 """

@@ -230,7 +230,7 @@ class Generator:
             seq.latents.append(x0)
             images.append(self.latent.decode(x0[0].numpy()))
             seq.tokens.append(tok.eoi_id)
-        return tok.sp.decode([t for t in text_ids if t < tok.text_vocab_size]), images
+        return tok.decode_text([t for t in text_ids if t < tok.text_vocab_size]), images
 
 
 @dataclass

@@ -58,6 +58,12 @@ def coerce(value, tp, key: str):
         if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
             return value.strip().lower() in _TRUE_WORDS
         raise bad
+    if base is dict:
+        # A mapping (YAML, or `section.key={a: 1, b: 2}` on the command line); its keys are
+        # checked by validate(), which knows what each dict field may hold.
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        raise bad
     if isinstance(value, bool):
         raise bad
     if base is int:

@@ -46,6 +46,9 @@ class ModelConfig:
     qk_norm: bool = True
     z_loss_weight: float = 0.0
     rope_theta: float = 10000.0
+    # null, or Llama-3 RoPE frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings} (Hugging Face's rope_type "llama3"; see models/rope.py).
+    rope_scaling: dict | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
     params_dtype: str = "auto"  # auto|fp32|bf16; auto = fp32 on CPU, bf16 on GPU
@@ -57,6 +60,9 @@ class ModelConfig:
     # pre: x + f(norm(x)) (Llama, megatron-core); post: x + norm(f(x)), the "norm reordering" of
     # Chameleon and of the MoT paper's algorithm.
     norm_placement: str = "pre"
+    # true: the output layer reuses the input embedding's weight (megatron-core's
+    # share_embeddings_and_output_weights; under PP the last stage keeps a synced copy).
+    tie_embeddings: bool = False
 
     def untied_parts(self) -> tuple[str, ...]:
         """The parts of a MoT layer that are untied by modality, in canonical order."""
@@ -105,7 +111,9 @@ class DataConfig:
     builtin: str = "shapes,digits"  # comma-separated built-in sets (source=builtin)
     num_samples: int = 4000  # source=builtin: generated shapes samples (digits: all 1797)
     path: str | None = None  # source=indexed: the prefix given to `megafusion data prepare`
-    tokenizer: str | None = None  # SentencePiece model; null = train one on the built-in text
+    # SentencePiece .model, or Hugging Face tokenizer.json (or its directory: text ids kept, image
+    # tokens appended); null = train a SentencePiece model on the built-in text
+    tokenizer: str | None = None
     text_vocab_size: int = 384  # size of the SentencePiece model trained on first use
     image_size: int = 16  # images are resized to image_size x image_size pixels
     patch_size: int = 2  # pixel / vq codecs: one token per patch_size x patch_size patch

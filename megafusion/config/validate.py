@@ -13,6 +13,7 @@ DATA_SOURCES = ("synthetic", "builtin", "indexed")
 OBJECTIVES = ("lm", "transfusion")
 BUILTIN_SETS = ("shapes", "digits")
 IMAGE_CODECS = ("pixel", "vq", "vqgan")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
 
@@ -50,6 +51,7 @@ def _type_problems(cfg: Config) -> list[str]:
                 int: _is_int(v),
                 float: isinstance(v, (int, float)) and not isinstance(v, bool),
                 str: isinstance(v, str),
+                dict: isinstance(v, dict),
             }.get(base, True)
             if not ok:
                 problems.append(
@@ -117,6 +119,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
                         ("data.image_size", d.image_size, 1), ("data.patch_size", d.patch_size, 1),
                         ("data.pixel_levels", d.pixel_levels, 2), ("data.vq_codebook_size", d.vq_codebook_size, 2)]:
         at_least(key, v, low)
+    problems += _rope_scaling_problems(m.rope_scaling)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
     if bad_parts:
@@ -177,6 +180,30 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
             f"data.docs_per_sequence to at most {m.seq_length // 2} or raise model.seq_length"
         )
     return problems
+
+
+def _rope_scaling_problems(scaling: dict | None) -> list[str]:
+    """``model.rope_scaling``: null, or exactly the four Llama-3 values with usable magnitudes."""
+    if scaling is None:
+        return []
+    example = ("e.g. model.rope_scaling={factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+               "original_max_position_embeddings: 8192} (Llama 3.1), or null for plain RoPE")
+    missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
+    unknown = [k for k in scaling if k not in ROPE_SCALING_KEYS]
+    if missing or unknown:
+        what = "; ".join(x for x in (f"missing {missing}" if missing else "",
+                                     f"unknown {unknown}" if unknown else "") if x)
+        return [f"model.rope_scaling holds Llama-3 RoPE scaling, exactly the keys {', '.join(ROPE_SCALING_KEYS)} "
+                f"({what}): {example}"]
+    bad = [k for k, v in scaling.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0]
+    if bad:
+        named = ", ".join(f"{k}={scaling[k]!r}" for k in bad)
+        return [f"model.rope_scaling: {named} must be positive numbers: {example}"]
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        # The smoothing between the two wavelength bands divides by their difference.
+        return [f"model.rope_scaling: high_freq_factor={scaling['high_freq_factor']} must be larger than "
+                f"low_freq_factor={scaling['low_freq_factor']}: {example}"]
+    return []
 
 
 def _model_shape_problems(cfg: Config) -> list[str]:

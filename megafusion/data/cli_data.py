@@ -1,17 +1,20 @@
 """``megafusion data prepare``: shards -> tokenized, indexed dataset on disk.
 
-    megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer SP_MODEL \\
+    megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER \\
         --output PREFIX [--image-size 16 --patch-size 2 --pixel-levels 4]
         [--image-codec pixel|vq|vqgan --vq-codebook FILE --vqgan-path DIR]
     # Transfusion (objective.name=transfusion): images as continuous latents
-    megafusion data prepare --input ... --tokenizer SP_MODEL --output PREFIX \\
+    megafusion data prepare --input ... --tokenizer TOKENIZER --output PREFIX \\
         --latent-codec pixels|kl [--vae-path DIR] [--latent-patch-size 2] [--image-size 16]
 
+``TOKENIZER`` is a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json`` (or the
+directory holding it; see ``megafusion.data.text_tokenizers``).
 Reads the shards (``megafusion.data.shards.read_shards``), tokenizes every document with the
-sentencepiece model plus the image codec (pixel patches by default; ``vq`` takes a codebook
+text tokenizer plus the image codec (pixel patches by default; ``vq`` takes a codebook
 from ``megafusion tokenizer fit-vq``, ``vqgan`` a local diffusers VQModel), and writes ``PREFIX.bin``, ``PREFIX.idx`` and
 ``PREFIX.meta.json`` (``megafusion.data.indexed``). The meta records the tokenizer and codec
-configs so a training run can check that its model matches the data.
+configs (the tokenizer by content hash, its file for messages) so a training run can check
+that its model matches the data.
 
 With ``--latent-codec`` the dataset is for Transfusion: the tokens are exactly those of
 ``encode_transfusion_document`` (an image = ``<boi>``, one placeholder per
@@ -22,11 +25,12 @@ With ``--latent-codec`` the dataset is for Transfusion: the tokens are exactly t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megafusion.data.types import DataError
 
-USAGE = "megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer SP_MODEL --output PREFIX"
+USAGE = "megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER --output PREFIX"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                           description="Tokenize text+image shards into PREFIX.{bin,idx,meta.json}.")
     prep.add_argument("--input", action="append", required=True, metavar="SHARD_OR_DIR",
                       help="a shard file or a directory of shards (repeatable; read in the given order)")
-    prep.add_argument("--tokenizer", required=True, metavar="SP_MODEL", help="sentencepiece .model file")
+    prep.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
+                      help="SentencePiece .model, or Hugging Face tokenizer.json (or the directory holding it)")
     prep.add_argument("--output", required=True, metavar="PREFIX", help="output prefix (PREFIX.bin, ...)")
     prep.add_argument("--image-size", type=int, default=16, help="images are resized to this size (default 16)")
     # The discrete-code flags default to None so that a clash with --latent-codec can be told apart
@@ -118,6 +123,9 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec) -> dict:
     tok = MultimodalTokenizer.from_files(tokenizer_path, codec)
     meta = {
         "tokenizer": tok.config(),
+        # Only for messages (a run with another tokenizer is told which file made the data); the
+        # check itself compares the content hash in "tokenizer".
+        "tokenizer_file": os.path.abspath(tok.path),
         "codec": codec.config(),
         "vocab_size": int(tok.vocab_size),
         "pad_id": int(tok.pad_id),

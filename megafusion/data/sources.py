@@ -6,7 +6,8 @@ evaluation use. Three sources:
 - ``synthetic``: arithmetic token streams (no tokenizer; all tokens are text);
 - ``builtin``: the generated captioned shapes and scikit-learn's handwritten digits, with a
   SentencePiece model trained on their captions on first use (cached in
-  ``data.cache_dir``) unless ``data.tokenizer`` names one, and the image codec named by
+  ``data.cache_dir``) unless ``data.tokenizer`` names a text tokenizer (a SentencePiece
+  ``.model``, or a Hugging Face ``tokenizer.json`` or its directory), and the image codec named by
   ``data.image_codec`` (pixel patches; a k-means patch codebook, fitted on the built-in images
   and cached the same way unless ``data.vq_codebook`` names one; or a local pretrained VQGAN);
 - ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
@@ -94,15 +95,18 @@ def _builtin_documents(cfg):
     return docs
 
 
-def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, barrier: Callable[[], None]):
-    """The SentencePiece model path: configured, or trained once (by the first rank) and cached."""
+def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, barrier: Callable[[], None],
+               prepared_with: str | None = None):
+    """The text tokenizer's path: configured (a SentencePiece model or a Hugging Face tokenizer.json /
+    directory), or a SentencePiece model trained once (by the first rank) on ``texts`` and cached."""
     from megafusion.data.tokenizer import builtin_tokenizer
 
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
     if texts is None:
-        raise DataError("data.tokenizer is required for data.source=indexed: the SentencePiece model the dataset "
-                        "was prepared with")
+        known = f" ({prepared_with})" if prepared_with else ""
+        raise DataError(f"data.tokenizer is required for data.source=indexed: the text tokenizer the dataset was "
+                        f"prepared with{known}, a SentencePiece .model or a Hugging Face tokenizer.json")
     corpus = texts()
     if is_first_rank:
         builtin_tokenizer(cfg.data.cache_dir, corpus, cfg.data.text_vocab_size)
@@ -195,8 +199,9 @@ def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Cal
                         f"latent settings, or re-run `megafusion data prepare` without --latent-codec for image codes")
     else:
         codec = build_codec(**meta["codec"])
-    tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier), codec)
-    tokenizer.check_compatible(meta["tokenizer"], f"{path}.meta.json")
+    prepared_with = meta.get("tokenizer_file")  # recorded by `data prepare` (absent in older datasets)
+    tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier, prepared_with), codec)
+    tokenizer.check_compatible(meta["tokenizer"], f"{path}.meta.json", prepared_with)
     if transfusion:
         attach_latents(tokenized, read_latents(path, meta), path)
     return tokenized, codec, tokenizer

@@ -1,13 +1,18 @@
 """The joint text + image tokenizer, and training of its SentencePiece text part.
 
-Joint vocabulary (``n_text`` = SentencePiece pieces, ``V`` = codec vocabulary)::
+Joint vocabulary (``n_text`` = the text tokenizer's ids, ``V`` = codec vocabulary)::
 
-    [0, n_text)                      SentencePiece pieces (pad = 0, unk = 1, bos = 2, eos = 3)
+    [0, n_text)                      text ids, exactly as the text tokenizer gives them
     n_text                           <boi>  begin of image (a TEXT token: the text side predicts it)
     n_text + 1                       <eoi>  end of image   (TEXT as well)
     [n_text + 2, n_text + 2 + V)     image code c -> image_offset + c
 
-A document becomes ``[bos] + per segment (text pieces | [boi] codes [eoi]) + [eos]``; every
+The text tokenizer (``megafusion.data.text_tokenizers``) is a SentencePiece model (pad = 0,
+unk = 1, bos = 2, eos = 3 when trained here) or a Hugging Face ``tokenizer.json`` (its whole
+vocabulary, its own bos / eos, pad = eos: ``megafusion.data.hf_tokenizer``); megafusion's
+tokens come after it, so a Hugging Face model's text ids stay what they were.
+
+A document becomes ``[bos] + per segment (text ids | [boi] codes [eoi]) + [eos]``; every
 token is TEXT except the image codes.
 
 SentencePiece training (``train_sentencepiece``) is BPE, single-threaded, unshuffled, over
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from megafusion.data.text_tokenizers import TextTokenizer, load_text_tokenizer
 from megafusion.data.types import (
     DataError, Document, ImageCodec, ImageSegment, Modality, Segment, TextSegment, TokenizedDocument,
 )
@@ -123,37 +129,21 @@ def builtin_tokenizer(cache_dir: str, texts: list[str], vocab_size: int) -> str:
 
 
 class MultimodalTokenizer:
-    """SentencePiece text pieces + ``<boi>`` / ``<eoi>`` + image codes (layout: module docstring)."""
+    """Text ids + ``<boi>`` / ``<eoi>`` + image codes (layout: module docstring).
 
-    def __init__(self, sp: spm.SentencePieceProcessor, codec: ImageCodec, model_sha256: str, model_path: str = ""):
-        self.sp = sp
+    ``text`` is any :class:`~megafusion.data.text_tokenizers.TextTokenizer` (SentencePiece or
+    Hugging Face); only its interface is used here.
+    """
+
+    def __init__(self, text: TextTokenizer, codec: ImageCodec):
+        self.text = text
         self.codec = codec
-        self.model_sha256 = model_sha256
-        self.model_path = model_path
-        self._n_text = sp.get_piece_size()
-        for name, piece_id in (("pad", sp.pad_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id())):
-            if piece_id < 0:
-                raise DataError(f"{model_path or 'sentencepiece model'}: has no {name} piece; train it with "
-                                "`megafusion tokenizer train` (which sets pad=0 unk=1 bos=2 eos=3)")
+        self._n_text = text.vocab_size
 
     @classmethod
-    def from_files(cls, sp_model_path: str, codec: ImageCodec) -> "MultimodalTokenizer":
-        try:
-            data = Path(sp_model_path).read_bytes()
-        except OSError as exc:
-            raise DataError(f"{sp_model_path}: cannot read the SentencePiece model ({exc.strerror or exc}); "
-                            "check the path, or train one with `megafusion tokenizer train --input SHARDS "
-                            "--vocab-size N --output PREFIX`") from None
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.load_from_serialized_proto(data)
-        except (RuntimeError, OSError, TypeError) as exc:
-            raise DataError(f"{sp_model_path}: not a valid SentencePiece model ({exc}); the file is corrupt or "
-                            "of another kind: retrain it with `megafusion tokenizer train`") from None
-        if sp.get_piece_size() == 0:
-            raise DataError(f"{sp_model_path}: SentencePiece model with no pieces; retrain it with "
-                            "`megafusion tokenizer train`")
-        return cls(sp, codec, hashlib.sha256(data).hexdigest(), str(sp_model_path))
+    def from_files(cls, tokenizer_path: str, codec: ImageCodec) -> "MultimodalTokenizer":
+        """``tokenizer_path``: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` or its directory."""
+        return cls(load_text_tokenizer(tokenizer_path), codec)
 
     # --- layout ---------------------------------------------------------------------------------
 
@@ -162,16 +152,21 @@ class MultimodalTokenizer:
         return self._n_text
 
     @property
+    def path(self) -> str:
+        """The text tokenizer's file (for messages)."""
+        return self.text.path
+
+    @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        return self.text.pad_id
 
     @property
     def bos_id(self) -> int:
-        return self.sp.bos_id()
+        return self.text.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self.text.eos_id
 
     @property
     def boi_id(self) -> int:
@@ -190,22 +185,34 @@ class MultimodalTokenizer:
         return self._n_text + 2 + self.codec.vocab_size
 
     def config(self) -> dict:
-        """What must match between a dataset, a checkpoint and this tokenizer."""
-        return {"sentencepiece_sha256": self.model_sha256, "n_text": self._n_text,
-                "vocab_size": self.vocab_size, "codec": dict(self.codec.config())}
+        """What must match between a dataset, a checkpoint and this tokenizer (the text tokenizer's
+        content hash, not its path: the same file moved elsewhere still matches)."""
+        return {**self.text.identity(), "n_text": self._n_text, "vocab_size": self.vocab_size,
+                "codec": dict(self.codec.config())}
 
-    def check_compatible(self, other: dict, where: str) -> None:
-        """DataError naming ``where`` (e.g. a dataset or checkpoint) if its tokenizer config differs."""
+    def check_compatible(self, other: dict, where: str, other_file: str | None = None) -> None:
+        """DataError naming ``where`` (e.g. a dataset or checkpoint) if its tokenizer config differs.
+
+        ``other_file``: the tokenizer file ``where`` was made with, when known (named in the message).
+        """
         mine = self.config()
-        diffs = [f"{k}: {other.get(k)!r} there, {mine[k]!r} here" for k in mine if other.get(k) != mine[k]]
+        keys = [*mine, *(k for k in other if k not in mine)]  # a key only one side has differs too
+        diffs = [f"{k}: {other.get(k)!r} there, {mine.get(k)!r} here" for k in keys if other.get(k) != mine.get(k)]
         if diffs:
-            raise DataError(f"{where}: made with a different tokenizer ({'; '.join(diffs)}); use the same "
-                            "SentencePiece model and codec settings, or re-tokenize the data")
+            made = f" ({other_file})" if other_file else ""
+            raise DataError(f"{where}: made with a different tokenizer{made} than this one ({self.path}) "
+                            f"({'; '.join(diffs)}); use the same text tokenizer (SentencePiece model or Hugging "
+                            "Face tokenizer.json) and codec settings, or re-tokenize the data")
 
     # --- encode / decode ------------------------------------------------------------------------
 
     def encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        """Text ids of ``text`` (no bos / eos)."""
+        return self.text.encode(text)
+
+    def decode_text(self, ids) -> str:
+        """The text of text ids (all ``< text_vocab_size``)."""
+        return self.text.decode(ids)
 
     def encode_image(self, pixels: np.ndarray, source: str = "") -> np.ndarray:
         """Joint-vocabulary ids of the image codes (no ``<boi>`` / ``<eoi>``)."""
@@ -263,7 +270,7 @@ class MultimodalTokenizer:
 
         def flush_text():
             if text_ids:
-                text = self.sp.decode(text_ids)
+                text = self.text.decode(text_ids)
                 if text:
                     segments.append(TextSegment(text))
                 text_ids.clear()

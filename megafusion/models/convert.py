@@ -1,8 +1,10 @@
 """``megafusion convert ...``: turn one model family's checkpoint into another's.
 
     megafusion convert dense-to-mot --input CKPT --output DIR [--untie all]
+    megafusion convert hf-to-mf --hf DIR --output CKPT_DIR [--config-out FILE.yaml] [--vocab-size N]
+    megafusion convert mf-to-hf --input CKPT --output DIR [--vocab-size N]
 
-warm-starts a Mixture-of-Transformers from a dense checkpoint (MoT paper, and the first step
+``dense-to-mot`` warm-starts a Mixture-of-Transformers from a dense checkpoint (MoT paper, and the first step
 of LMFusion): every untied module gets one copy of the dense module per modality, tied
 modules, the embedding and the output layer are copied as they are. The result is a
 model-only checkpoint (no optimizer, step 0) with the dense run's data description; train
@@ -12,6 +14,9 @@ drift apart in training, the MoT computes exactly the dense model's logits.
 ``CKPT`` is a step directory or a run's checkpoint directory (its ``latest`` step), saved
 in any parallel layout; the conversion runs in one process and the output loads into any
 layout (megatron-core dist_checkpointing reshards at load).
+
+``hf-to-mf`` / ``mf-to-hf`` import and export Hugging Face ``LlamaForCausalLM`` checkpoints:
+see :mod:`megafusion.models.hf_convert`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,45 @@ def _parser() -> argparse.ArgumentParser:
     d2m.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the MoT weights")
     d2m.add_argument("--untie", default="all",
                      help="parts to untie: comma-separated attention, ffn, norms, or all (default all)")
+    h2m = commands.add_parser("hf-to-mf", help="a dense megafusion checkpoint from a Hugging Face LlamaForCausalLM")
+    h2m.add_argument("--hf", required=True, metavar="DIR", help="directory with config.json and *.safetensors")
+    h2m.add_argument("--output", required=True, metavar="CKPT_DIR", help="new, empty directory for the weights")
+    h2m.add_argument("--config-out", metavar="FILE", help="also write the model: section as YAML here")
+    h2m.add_argument("--vocab-multiple", type=int, default=128,
+                     help="pad the vocabulary with zero rows to a multiple of this (default 128)")
+    h2m.add_argument("--vocab-size", type=int,
+                     help="pad the vocabulary with zero rows to exactly this many (e.g. room for image codes)")
+    m2h = commands.add_parser("mf-to-hf", help="a Hugging Face LlamaForCausalLM from a dense megafusion checkpoint")
+    m2h.add_argument("--input", required=True, metavar="CKPT", help="dense step directory or checkpoint.dir")
+    m2h.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the HF model")
+    m2h.add_argument("--vocab-size", type=int,
+                     help="vocabulary rows to keep (default: the imported HF model's, else all)")
     return parser
+
+
+def _run(args) -> str:
+    """Run the chosen conversion; returns the line to print."""
+    if args.command == "dense-to-mot":
+        out = dense_to_mot(args.input, args.output, args.untie)
+        return (f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
+                f"checkpoint.init_from={out}")
+    from megafusion.models import hf_convert
+
+    if args.command == "hf-to-mf":
+        section = hf_convert.hf_to_mf(args.hf, args.output, args.config_out, args.vocab_multiple, args.vocab_size)
+        overrides = " ".join(f"model.{k}={_cli_value(v)}" for k, v in section.items())
+        where = f" (model section in {args.config_out})" if args.config_out else ""
+        return (f"[megafusion] wrote dense weights to {args.output}{where}: use checkpoint.init_from={args.output} "
+                f"with {overrides}")
+    out = hf_convert.mf_to_hf(args.input, args.output, args.vocab_size)
+    return f"[megafusion] wrote a LlamaForCausalLM to {out}: transformers' from_pretrained({str(out)!r}) loads it"
+
+
+def _cli_value(value) -> str:
+    """A value as a section.key=value override would spell it."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def dense_to_mot(src: str, out: str, untie: str = "all") -> str:
@@ -81,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exit_:  # argparse already printed the problem
         return int(exit_.code or 0)
+    from megafusion.models.hf_convert import ConversionError
+    from megafusion.models.hf_llama import UnsupportedModel
+
     try:
-        out = dense_to_mot(args.input, args.output, args.untie)
-    except (CheckpointError, ConfigError) as err:
-        print(f"megafusion convert: {err}", file=sys.stderr)
+        line = _run(args)
+    except (CheckpointError, ConfigError, ConversionError, UnsupportedModel) as err:
+        print(f"megafusion convert {args.command}: {err}", file=sys.stderr)
         return 2
-    print(f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
-          f"checkpoint.init_from={out}")
+    print(line)
     return 0

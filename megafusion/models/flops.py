@@ -150,8 +150,10 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
     mlp = h * 2 * ffn + ffn * h
     norms = L * (2 * h + (2 * d if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
     embedding = k["vocab"] * h
-    output_layer = h * k["vocab"]
-    active_matmul = L * (attention + mlp) + output_layer
+    output_matmul = h * k["vocab"]
+    # Tied (model.tie_embeddings): the output layer multiplies by the embedding's own weight.
+    output_layer = 0 if cfg.model.tie_embeddings else output_matmul
+    active_matmul = L * (attention + mlp) + output_matmul
     total = (embedding + output_layer + L * attention * _copies(cfg, "attention")
              + L * mlp * _copies(cfg, "ffn") + norms * _copies(cfg, "norms"))
     return {
@@ -161,7 +163,7 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
         "norm": norms * _copies(cfg, "norms"),
         "non_embedding": total - embedding - output_layer,
         "matmul": active_matmul,
-        "active": embedding + active_matmul + norms,
+        "active": embedding + output_layer + L * (attention + mlp) + norms,
     }
 
 

@@ -20,7 +20,8 @@ import zlib
 import torch
 
 from megafusion.data.types import MODALITY_NAMES
-from megafusion.models.param_layout import full_shape, global_param_names, shard_of_full
+from megafusion.models.param_layout import (EMBEDDING, full_shape, global_param_names, is_tied_output_copy,
+                                            shard_of_full)
 
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -57,6 +58,8 @@ def param_init(name: str, init_std: float, num_layers: int):
 def initialize_weights(model_chunks, seed: int, init_std: float, num_layers: int, tp_rank: int, tp: int):
     for chunk in model_chunks:
         for name, param in global_param_names(chunk).items():
+            if is_tied_output_copy(name, param):
+                name = EMBEDDING  # megatron synced it at build; the same draw keeps it synced
             how = param_init(name, init_std, num_layers)
             if how in (_ONES, _ZEROS):
                 param.fill_(1.0 if how == _ONES else 0.0)

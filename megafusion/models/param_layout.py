@@ -40,6 +40,19 @@ def global_param_names(model_chunk) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+
+
+def is_tied_output_copy(name: str, param: torch.Tensor) -> bool:
+    """The last pipeline stage's copy of a tied embedding (``model.tie_embeddings`` with PP > 1).
+
+    megatron-core flags it ``shared_embedding``; it always equals the first stage's embedding
+    (same start, all-reduced gradients), so it is drawn like the embedding and reported once.
+    """
+    return name == OUTPUT_LAYER and bool(getattr(param, "shared_embedding", False))
+
+
 def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 

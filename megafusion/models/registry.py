@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megafusion.models import ARCHS
 from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
+from megafusion.models.rope import apply_rope_scaling, rotary_base
 
 
 def layer_spec_builder(arch: str):
@@ -48,12 +49,15 @@ def build_model_chunks(cfg, tconfig, runtime, latent_shape: tuple[int, int, int]
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             parallel_output=True,
-            share_embeddings_and_output_weights=False,
+            # Tied: under PP the last stage holds a copy that megatron-core syncs from the first
+            # stage at build and by gradient all-reduce (its embedding group) in every step.
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(cfg.model.rope_theta),
+            rotary_base=rotary_base(cfg.model.rope_theta),
             vp_stage=vp,
             **extra,
         )
+        apply_rope_scaling(model, cfg.model.rope_scaling)
         chunks.append(model.to(runtime.device))
     initialize_weights(
         chunks, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, runtime.tp_rank, runtime.tp

@@ -66,6 +66,8 @@ def _model_keys(cfg) -> dict:
         values["untie"] = ",".join(m.untied_parts())
     if m.norm_placement != "pre":  # other norm keys (absent from older manifests: pre)
         values["norm_placement"] = m.norm_placement
+    if m.tie_embeddings:  # no output_layer.weight (absent from older manifests: untied)
+        values["tie_embeddings"] = True
     o = cfg.objective
     if o.name != "lm":  # image patch modules of their own shapes (absent from older manifests: lm)
         values["objective"] = f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}"
@@ -206,9 +208,13 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
                               f"and a checkpoint.dir of its own")
     ours = _model_keys(cfg)
     theirs = manifest.get("model", {})
-    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, this run {v!r}" for k, v in ours.items() if theirs.get(k) != v]
-    saved_data, now = manifest.get("data") or {}, data_meta or {}
-    for key in ("tokenizer", "codec"):
+    # Both ways: the optional keys are written only when not at their default, so a key only
+    # the checkpoint has (e.g. tie_embeddings) is a difference too.
+    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, this run {ours.get(k)!r}"
+             for k in (*ours, *(k for k in theirs if k not in ours)) if theirs.get(k) != ours.get(k)]
+    saved_data, now = manifest.get("data"), data_meta or {}
+    # A checkpoint that records no data (imported from Hugging Face) has no tokenizer to compare.
+    for key in ("tokenizer", "codec") if saved_data is not None else ():
         if saved_data.get(key) != now.get(key):
             diffs.append(f"data {key}: checkpoint {saved_data.get(key)!r}, this run {now.get(key)!r}")
     saved_distopt = manifest.get("config", {}).get("parallel", {}).get("distributed_optimizer")

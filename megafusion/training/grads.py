@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megafusion.models.param_layout import gather_full, global_param_names
+from megafusion.models.param_layout import gather_full, global_param_names, is_tied_output_copy
 
 
 def _all_gather_distopt_shards(ddp_chunk) -> None:
@@ -32,5 +32,7 @@ def full_gradients(model_chunks, distributed_optimizer: bool) -> dict[str, torch
         if distributed_optimizer:
             _all_gather_distopt_shards(chunk)
         for name, param in global_param_names(chunk).items():
+            if is_tied_output_copy(name, param):
+                continue  # the embedding's gradient, all-reduced into both copies: reported once
             grads[name] = gather_full(param.main_grad, param).float().cpu()
     return grads
