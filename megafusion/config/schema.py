@@ -63,6 +63,14 @@ class ModelConfig:
     # true: the output layer reuses the input embedding's weight (megatron-core's
     # share_embeddings_and_output_weights; under PP the last stage keeps a synced copy).
     tie_embeddings: bool = False
+    # arch=mot, untie=all: LMFusion. Every text copy, the embedding and the output layer stay frozen
+    # (no gradients, no optimizer state); the image copies, Transfusion's image modules and the rows of
+    # the tokens after the text vocabulary (<boi>, <eoi>, image ids, padding) train. Start it from a
+    # pretrained model: checkpoint.init_from a dense (e.g. `convert hf-to-mf`) or MoT checkpoint.
+    freeze_text: bool = False
+    # freeze_text: embedding / output rows [0, N) that stay frozen; null = the data's text tokenizer
+    # size (set by the run, like vocab_size). Rows >= N get a trainable delta (models/lmfusion.py).
+    frozen_vocab_rows: int | None = None
 
     def untied_parts(self) -> tuple[str, ...]:
         """The parts of a MoT layer that are untied by modality, in canonical order."""

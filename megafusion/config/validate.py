@@ -125,6 +125,14 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
     if bad_parts:
         problems.append(f"model.untie={m.untie!r} names unknown parts {bad_parts}: use a comma-separated subset "
                         f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)")
+    if m.freeze_text:
+        if m.arch != "mot" or set(m.untied_parts()) != set(MOT_PARTS):
+            problems.append(f"model.freeze_text=true (LMFusion) needs model.arch=mot and model.untie=all (got arch="
+                            f"{m.arch!r}, untie={m.untie!r}): a part shared by text and image cannot be frozen "
+                            f"for text and trained for images")
+        if m.frozen_vocab_rows is not None and not 0 < m.frozen_vocab_rows <= (m.vocab_size or m.frozen_vocab_rows):
+            problems.append(f"model.frozen_vocab_rows={m.frozen_vocab_rows} must be in [1, model.vocab_size]: "
+                            f"or null (the text tokenizer's size)")
     o = cfg.objective
     for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
                             ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),

@@ -26,7 +26,12 @@ all H query heads, so it is H, not G).
 
 Backward = 2 x forward for every matmul (input and weight gradients; every weight, including
 layer 0's QKV, needs both since the embedding is trained), so forward + backward = 3 x
-forward. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
+forward. LMFusion (``model.freeze_text``) is the exception: frozen weights get no weight gradient
+(megatron-core's ``linear_with_frozen_weight``, autograd in the grouped GEMMs), so the output
+layer costs 2 x forward for every token and the layers 2 x forward for text tokens (their text
+copies are frozen), while image tokens, attention and the new-row output delta stay at 3 x
+(:func:`dense_flops_per_token`); the input gradient is still needed everywhere, since image tokens
+attend to text keys and values. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
 the scores in the backward is not counted, and with the real mask (causal, same document,
 bidirectional within an image when ``image_ids`` are given) masked-out pairs are not counted.
 
@@ -83,6 +88,7 @@ from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES, Modality
 
 MATMUL_FLOPS_PER_MAC = 2
 BACKWARD_FACTOR = 2  # backward of a matmul = 2 matmuls of the same size (grad input, grad weight)
+FROZEN_PASSES = 2  # a frozen weight's matmul: forward + input gradient, no weight gradient
 ATTENTION_MODES = ("mask", "full")
 FLOP_COUNTER_KERNELS = ("fused", "math", "cpu")
 
@@ -127,8 +133,12 @@ def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> d
     meets its own); ``active`` = parameters used per token (dense: == total; MoT: one modality's
     copy of every untied part; MoE will count only the routed experts); ``image_modules``: the
     Transfusion image modules (0 for ``objective.name=lm``), split into ``image_time_embed``,
-    ``image_patch_embed`` and ``image_patch_head``. They are in ``total``, ``non_embedding`` and
-    ``active`` (image tokens use them), not in ``matmul``: they run once per image, not per token.
+    ``image_patch_embed`` and ``image_patch_head``. They are in ``total``, ``non_embedding``,
+    ``active`` and ``trainable`` (image tokens use them), not in ``matmul``: they run once per image,
+    not per token. ``trainable``: what the optimizer updates and holds state for (``total`` but
+    for LMFusion, ``model.freeze_text``, which freezes the embedding, the output layer and every
+    text copy); ``new_token_rows``: LMFusion's input and output deltas of the new vocabulary rows
+    (in ``total``, ``active``, ``trainable`` and, the output delta, ``matmul``).
     ``latent_shape`` ``[C, H, W]`` is needed for ``objective.latent_codec=kl`` (see
     :func:`image_latent_shape`).
     """
@@ -136,34 +146,58 @@ def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> d
     layers = image_module_layers(cfg, latent_shape)
     images = {name: sum(layer.params for layer in layers.get(name, ())) for name in IMAGE_MODULES}
     image_total = sum(images.values())
-    counts["total"] += image_total
-    counts["non_embedding"] += image_total
-    counts["active"] += image_total
+    for key in ("total", "non_embedding", "active", "trainable"):
+        counts[key] += image_total
     return {**counts, "image_modules": image_total, **images}
+
+
+def new_token_rows(cfg) -> int:
+    """LMFusion (``model.freeze_text``): vocabulary rows with a trainable delta (0 otherwise)."""
+    m = cfg.model
+    if not m.freeze_text:
+        return 0
+    if m.frozen_vocab_rows is None:
+        raise ValueError("model.freeze_text=true: model.frozen_vocab_rows is unset (a run sets it from the text "
+                         "tokenizer's size); set it to count LMFusion's parameters and FLOPs")
+    return m.vocab_size - m.frozen_vocab_rows
+
+
+def _matmul_parts(cfg) -> dict[str, int]:
+    """Weights that multiply each token, by where they sit: ``layers`` (one modality's copy),
+    ``output`` (the output layer), ``new_rows`` (LMFusion's output delta: its own matmul)."""
+    k = _dims(cfg)
+    h, d, ffn = k["hidden"], k["head_dim"], k["ffn"]
+    attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
+    mlp = h * 2 * ffn + ffn * h
+    return {"attention": attention, "mlp": mlp, "layers": k["layers"] * (attention + mlp),
+            "output": h * k["vocab"], "new_rows": h * new_token_rows(cfg)}
 
 
 def _transformer_parameter_counts(cfg) -> dict[str, int]:
     """:func:`parameter_counts` of the GPTModel alone (no image modules): needs no latent shape."""
-    k = _dims(cfg)
-    h, d, ffn, L = k["hidden"], k["head_dim"], k["ffn"], k["layers"]
-    attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
-    mlp = h * 2 * ffn + ffn * h
-    norms = L * (2 * h + (2 * d if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
+    k, parts = _dims(cfg), _matmul_parts(cfg)
+    h, L = k["hidden"], k["layers"]
+    attention, mlp = parts["attention"], parts["mlp"]
+    norms = L * (2 * h + (2 * k["head_dim"] if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
     embedding = k["vocab"] * h
-    output_matmul = h * k["vocab"]
     # Tied (model.tie_embeddings): the output layer multiplies by the embedding's own weight.
-    output_layer = 0 if cfg.model.tie_embeddings else output_matmul
-    active_matmul = L * (attention + mlp) + output_matmul
-    total = (embedding + output_layer + L * attention * _copies(cfg, "attention")
+    output_layer = 0 if cfg.model.tie_embeddings else parts["output"]
+    deltas = 2 * parts["new_rows"]  # LMFusion: an input and an output delta (even when tied)
+    active_matmul = parts["layers"] + parts["output"] + parts["new_rows"]
+    total = (embedding + output_layer + deltas + L * attention * _copies(cfg, "attention")
              + L * mlp * _copies(cfg, "ffn") + norms * _copies(cfg, "norms"))
+    # LMFusion freezes the embedding, the output layer and the text copy of every (untied) part.
+    frozen = embedding + output_layer + parts["layers"] + norms if cfg.model.freeze_text else 0
     return {
         "total": total,
         "embedding": embedding,
         "output_layer": output_layer,
+        "new_token_rows": deltas,
         "norm": norms * _copies(cfg, "norms"),
-        "non_embedding": total - embedding - output_layer,
+        "non_embedding": total - embedding - output_layer - deltas,
         "matmul": active_matmul,
-        "active": embedding + output_layer + L * (attention + mlp) + norms,
+        "active": embedding + output_layer + deltas + parts["layers"] + norms,
+        "trainable": total - frozen,
     }
 
 
@@ -364,9 +398,24 @@ def _passes(forward_only: bool) -> int:
     return 1 if forward_only else 1 + BACKWARD_FACTOR
 
 
-def dense_flops_per_token(cfg, forward_only: bool = False) -> int:
-    """FLOPs of every weight matmul for one token (QKV, proj, MLP, output layer)."""
-    return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
+def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None = None) -> int:
+    """FLOPs of every weight matmul for one token (QKV, proj, MLP, output layer).
+
+    LMFusion (``model.freeze_text``): a frozen weight gets no weight gradient, so its matmuls cost
+    forward + input gradient = 2 x forward: the output layer for every token, the layers for text
+    tokens (their text copies are frozen; image tokens' image copies train, 3 x). The new-row output
+    delta trains (3 x). The count then depends on the token's ``modality`` (a ``Modality``), which
+    must be given.
+    """
+    parts = _matmul_parts(cfg)
+    if forward_only or not cfg.model.freeze_text:
+        return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
+    if modality is None:
+        raise ValueError("model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): "
+                         "pass modality")
+    layers_passes = FROZEN_PASSES if int(modality) == int(Modality.TEXT) else _passes(False)
+    return MATMUL_FLOPS_PER_MAC * (parts["layers"] * layers_passes + parts["output"] * FROZEN_PASSES
+                                   + parts["new_rows"] * _passes(False))
 
 
 def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
@@ -534,7 +583,7 @@ def batch_flops(
         img = None if image_ids is None else torch.as_tensor(image_ids).detach().cpu()
         nkeys = attended_keys(doc, img)
 
-    dense_tok = dense_flops_per_token(cfg, forward_only)
+    dense_tok = [dense_flops_per_token(cfg, forward_only, m) for m in Modality]
     per_key = attention_flops_per_key(cfg, forward_only)
     images = _count_images(cfg, num_images, image_ids, mod)
     image_flops = images * image_flops_per_image(cfg, latent_shape, forward_only)["total"] if images else 0
@@ -542,7 +591,7 @@ def batch_flops(
     tokens_m = torch.bincount(flat_mod, minlength=NUM_MODALITIES)
     keys_m = torch.zeros(NUM_MODALITIES, dtype=torch.int64).index_add_(0, flat_mod, nkeys.reshape(-1))
     attn_m = [per_key * int(keys_m[i]) for i in range(NUM_MODALITIES)]
-    dense_m = [dense_tok * int(tokens_m[i]) for i in range(NUM_MODALITIES)]
+    dense_m = [dense_tok[i] * int(tokens_m[i]) for i in range(NUM_MODALITIES)]
     image_m = [image_flops if i == int(Modality.IMAGE) else 0 for i in range(NUM_MODALITIES)]
     out = {
         "total": sum(attn_m) + sum(dense_m) + image_flops,

@@ -162,7 +162,9 @@ def write_model_yaml(path: str, section: dict, src: Path) -> None:
 
     header = (f"# The model of the Hugging Face Llama in {src} (megafusion convert hf-to-mf).\n"
               f"# Use with checkpoint.init_from=<its converted checkpoint>; seq_length, params_dtype and\n"
-              f"# the rest of the model section are the run's own choice.\n")
+              f"# the rest of the model section are the run's own choice. vocab_size is the import's rows: set\n"
+              f"# model.vocab_size=null when the run's data adds ids (<boi>, <eoi>, image ids); the warm start\n"
+              f"# grows the vocabulary (new rows start at zero).\n")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(header + yaml.safe_dump({"model": section}, sort_keys=False))
 

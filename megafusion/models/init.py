@@ -7,8 +7,8 @@ compare layouts step by step, and what a user expects when changing the layout o
 
 Scheme (Megatron/GPT-2): weights ~ N(0, init_std); the two projections that write into
 the residual stream (``linear_proj``, ``linear_fc2``) ~ N(0, init_std / sqrt(2 L)); norm
-weights = 1; biases (Transfusion's patch and timestep modules) = 0. The full tensor is
-built on the CPU (as megatron's ``use_cpu_initialization`` does) and copied to the device.
+weights = 1; biases (Transfusion's patch and timestep modules) and LMFusion's new-row deltas = 0.
+The full tensor is built on the CPU (as megatron's ``use_cpu_initialization`` does) and copied to the device.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import zlib
 import torch
 
 from megafusion.data.types import MODALITY_NAMES
+from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
 from megafusion.models.param_layout import (EMBEDDING, full_shape, global_param_names, is_tied_output_copy,
                                             shard_of_full)
 
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
+_NEW_TOKEN_ROWS = (INPUT_ROWS, OUTPUT_ROWS)
 
 
 def tied_name(name: str) -> str:
@@ -45,6 +47,8 @@ def param_init(name: str, init_std: float, num_layers: int):
     drawn independently (the generator is keyed by the full, modality-qualified name).
     """
     name = tied_name(name)
+    if name.startswith(_NEW_TOKEN_ROWS):  # LMFusion's deltas: the model starts as its checkpoint
+        return _ZEROS
     if _NORM_WEIGHT.search(name):
         return _ONES
     if name.endswith(".bias"):

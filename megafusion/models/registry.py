@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megafusion.models import ARCHS
 from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
+from megafusion.models.lmfusion import attach_new_token_rows, freeze_text
 from megafusion.models.rope import apply_rope_scaling, rotary_base
 
 
@@ -58,8 +59,23 @@ def build_model_chunks(cfg, tconfig, runtime, latent_shape: tuple[int, int, int]
             **extra,
         )
         apply_rope_scaling(model, cfg.model.rope_scaling)
+        if cfg.model.freeze_text:
+            attach_new_token_rows(model, frozen_vocab_rows(cfg))
         chunks.append(model.to(runtime.device))
     initialize_weights(
         chunks, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, runtime.tp_rank, runtime.tp
     )
+    if cfg.model.freeze_text:  # before DDP: megatron-core gives frozen weights no buffers or state
+        for chunk in chunks:
+            freeze_text(chunk)
     return chunks
+
+
+def frozen_vocab_rows(cfg) -> int:
+    """``model.frozen_vocab_rows``, which the run sets from its data (the text tokenizer's size)."""
+    rows = cfg.model.frozen_vocab_rows
+    if rows is None:
+        raise ValueError("model.freeze_text=true needs model.frozen_vocab_rows: the number of vocabulary rows "
+                         "that stay frozen (the text tokenizer's size; a run sets it from data.tokenizer, "
+                         "synthetic data has none: set it explicitly)")
+    return rows

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +72,9 @@ def _model_keys(cfg) -> dict:
     o = cfg.objective
     if o.name != "lm":  # image patch modules of their own shapes (absent from older manifests: lm)
         values["objective"] = f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}"
+    if m.freeze_text:  # LMFusion: the new-row deltas (absent from older manifests: off)
+        values["freeze_text"] = True
+        values["frozen_vocab_rows"] = m.frozen_vocab_rows
     return values
 
 
@@ -120,15 +124,44 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_weights(path: Path, model) -> None:
-    """Load only the model tensors of checkpoint ``path`` (saved in any layout) into ``model``."""
+def load_weights(path: Path, model, warm: WarmStart | None = None) -> None:
+    """Load only the model tensors of checkpoint ``path`` (saved in any layout) into ``model``,
+    bridging what ``warm`` (from :func:`check_compatible`) allows."""
+    from megafusion.models.init import tied_name
+
+    warm = warm or WarmStart()
     state = _model_state(model)
+    skipped = {key: set() for key in state}  # per chunk: local keys the checkpoint does not hold
+    for key, sharded in state.items():
+        for local in list(sharded):
+            parts = local.split(".")
+            if parts[0] in warm.new_modules or (warm.from_dense and "image" in parts):
+                del sharded[local]
+                skipped[key].add(local)
+            elif warm.from_dense and "text" in parts:  # read the dense tensor under its dense key
+                sharded[local].key = tied_name(sharded[local].key)
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as err:  # megatron raises assorted types for missing/corrupt shards
         raise CheckpointError(f"cannot load the model weights of {path}: {type(err).__name__}: {err}") from err
     for key, chunk in zip(state, model):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
+        module = getattr(chunk, "module", chunk)
+        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        if set(missing) - skipped[key] or unexpected:
+            raise CheckpointError(f"{path}: the model's tensors do not match the checkpoint's: missing "
+                                  f"{sorted(set(missing) - skipped[key])}, unexpected {sorted(unexpected)}")
+        if warm.from_dense:
+            _copy_text_into_image(module)
+
+
+@torch.no_grad()
+def _copy_text_into_image(module) -> None:
+    """MoT warm start: every image copy becomes its (just loaded) text copy: same shapes, same shards."""
+    params = dict(module.named_parameters())
+    for name, param in params.items():
+        parts = name.split(".")
+        if "image" in parts:
+            param.copy_(params[".".join("text" if p == "image" else p for p in parts)])
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, consumed_samples: int,
@@ -196,11 +229,59 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({err}): the checkpoint is damaged") from err
 
 
-def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, weights_only: bool = False) -> None:
+@dataclass
+class WarmStart:
+    """How ``checkpoint.init_from`` fills a model that differs from the checkpoint's in the ways a
+    warm start allows (``check_compatible`` decides; ``load_weights`` does it)."""
+
+    from_dense: bool = False  # a dense checkpoint into model.arch=mot: every modality copy = the dense module
+    vocab: tuple[int, int] | None = None  # (checkpoint rows, run rows): a grown vocabulary, new rows zero
+    new_modules: tuple[str, ...] = ()  # module names the checkpoint lacks: they keep their initialisation
+
+    def describe(self) -> str:
+        parts = []
+        if self.from_dense:
+            parts.append("dense -> MoT: each modality copy starts as the dense module")
+        if self.vocab:
+            parts.append(f"vocabulary grown from {self.vocab[0]} to {self.vocab[1]} rows (new rows start at zero)")
+        if self.new_modules:
+            parts.append(f"new (initialised, not loaded): {', '.join(self.new_modules)}")
+        return "; ".join(parts)
+
+
+def _warm_start(ours: dict, theirs: dict, diffs: dict[str, tuple]) -> WarmStart:
+    """Take the differences a warm start can bridge out of ``diffs`` (key -> (checkpoint, run))."""
+    from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
+    from megafusion.models.flops import IMAGE_MODULES
+
+    warm, new = WarmStart(), []
+    if diffs.get("arch") == ("dense", "mot"):
+        warm.from_dense = True
+        del diffs["arch"]
+        diffs.pop("untie", None)  # the dense checkpoint has no untied parts: every part is copied
+    vocab = diffs.get("vocab_size")
+    if vocab and isinstance(vocab[0], int) and vocab[0] < vocab[1]:
+        warm.vocab = vocab
+        del diffs["vocab_size"]
+    if "objective" in diffs and "objective" not in theirs and ours.get("objective", "").startswith("transfusion"):
+        new += IMAGE_MODULES  # a language model into Transfusion: the image modules are new
+        del diffs["objective"]
+    if "freeze_text" in diffs and "freeze_text" not in theirs:
+        new += (INPUT_ROWS, OUTPUT_ROWS)  # into LMFusion: the new-row deltas start at zero
+        del diffs["freeze_text"]
+        diffs.pop("frozen_vocab_rows", None)
+    warm.new_modules = tuple(new)
+    return warm
+
+
+def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None,
+                     weights_only: bool = False) -> WarmStart:
     """Refuse a checkpoint whose model (or tokenizer) differs from the run's, naming each key.
 
     ``weights_only``: only the model tensors will be loaded (``checkpoint.init_from``), so the
-    optimizer kind does not matter; otherwise (a resume) a model-only checkpoint is refused.
+    optimizer kind does not matter, and a warm start may also grow the vocabulary, go from a
+    dense model to MoT, from a language model to Transfusion and into LMFusion (the returned
+    :class:`WarmStart` says how); otherwise (a resume) a model-only checkpoint is refused.
     """
     if manifest.get("weights_only") and not weights_only:
         raise CheckpointError(f"{path} holds model weights only (no optimizer or progress), so a run cannot "
@@ -210,13 +291,19 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
     theirs = manifest.get("model", {})
     # Both ways: the optional keys are written only when not at their default, so a key only
     # the checkpoint has (e.g. tie_embeddings) is a difference too.
-    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, this run {ours.get(k)!r}"
-             for k in (*ours, *(k for k in theirs if k not in ours)) if theirs.get(k) != ours.get(k)]
+    model_diffs = {k: (theirs.get(k), ours.get(k)) for k in (*ours, *(k for k in theirs if k not in ours))
+                   if theirs.get(k) != ours.get(k)}
+    warm = _warm_start(ours, theirs, model_diffs) if weights_only else WarmStart()
+    diffs = [f"model.{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in model_diffs.items()]
     saved_data, now = manifest.get("data"), data_meta or {}
-    # A checkpoint that records no data (imported from Hugging Face) has no tokenizer to compare.
-    for key in ("tokenizer", "codec") if saved_data is not None else ():
-        if saved_data.get(key) != now.get(key):
-            diffs.append(f"data {key}: checkpoint {saved_data.get(key)!r}, this run {now.get(key)!r}")
+    # A checkpoint that records no data (imported from Hugging Face) has no tokenizer to compare. A
+    # warm start needs only the text ids to agree: image ids and codes may be new.
+    keys = ("tokenizer", "codec") if not weights_only else ("text tokenizer",)
+    for key in keys if saved_data is not None else ():
+        a, b = (_text_identity(saved_data), _text_identity(now)) if key == "text tokenizer" else \
+            (saved_data.get(key), now.get(key))
+        if a != b:
+            diffs.append(f"data {key}: checkpoint {a!r}, this run {b!r}")
     saved_distopt = manifest.get("config", {}).get("parallel", {}).get("distributed_optimizer")
     if not weights_only and saved_distopt is not None and saved_distopt != cfg.parallel.distributed_optimizer:
         # The two optimizers store their state in different formats (megatron-core 0.16).
@@ -227,6 +314,15 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
             f"checkpoint {path} does not fit this run:\n  - " + "\n  - ".join(diffs)
             + "\nuse the checkpoint's settings, or start fresh with checkpoint.resume=false or another checkpoint.dir"
         )
+    return warm
+
+
+def _text_identity(data_meta: dict) -> dict | None:
+    """The part of a data description that fixes what the text ids mean."""
+    tokenizer = data_meta.get("tokenizer")
+    if tokenizer is None:
+        return None
+    return {k: v for k, v in tokenizer.items() if k not in ("vocab_size", "codec")}
 
 
 def _loading_state_dict(model, optimizer) -> dict:

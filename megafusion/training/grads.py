@@ -26,13 +26,13 @@ def _all_gather_distopt_shards(ddp_chunk) -> None:
 
 
 def full_gradients(model_chunks, distributed_optimizer: bool) -> dict[str, torch.Tensor]:
-    """``{global parameter name: full gradient (fp32, CPU)}`` for the parameters this rank holds."""
+    """``{global parameter name: full gradient (fp32, CPU)}`` for the trained parameters this rank holds."""
     grads = {}
     for chunk in model_chunks:
         if distributed_optimizer:
             _all_gather_distopt_shards(chunk)
         for name, param in global_param_names(chunk).items():
-            if is_tied_output_copy(name, param):
-                continue  # the embedding's gradient, all-reduced into both copies: reported once
+            if is_tied_output_copy(name, param) or not param.requires_grad:
+                continue  # the embedding's gradient, all-reduced into both copies: reported once; frozen: none
             grads[name] = gather_full(param.main_grad, param).float().cpu()
     return grads

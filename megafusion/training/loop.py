@@ -68,6 +68,8 @@ class Trainer:
         self.num_microbatches = self.per_rank // t.micro_batch_size
         self.data = build_data(cfg, runtime.tp, dist.get_rank() == 0, dist.barrier)
         cfg.model.vocab_size = self.data.vocab_size  # the data decides the vocabulary
+        if cfg.model.freeze_text and cfg.model.frozen_vocab_rows is None and self.data.tokenizer is not None:
+            cfg.model.frozen_vocab_rows = self.data.tokenizer.text_vocab_size  # LMFusion: the text rows stay
         codec = getattr(self.data.tokenizer, "codec", None)
         latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
         self.latent_shape = latent_shape  # Transfusion: what the image modules' FLOPs and parameters depend on
@@ -235,12 +237,17 @@ def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
     if path is None:
         if cfg.checkpoint.init_from:  # a new run that starts from another run's weights
             init = ckpt.resolve_checkpoint(cfg.checkpoint.init_from)
-            ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
-            ckpt.load_weights(init, trainer.model)
+            warm = ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
+            ckpt.load_weights(init, trainer.model, warm)
             # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
             # or the first step would write the random init back over the loaded weights.
             trainer.optimizer.reload_model_params()
-            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer)"
+            how = warm.describe()
+            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{'; ' + how if how else ''})"
+        if cfg.model.freeze_text:
+            raise ckpt.CheckpointError("model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
+                                       "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
+                                       "`megafusion convert hf-to-mf`)")
         return 0, 0, None
     ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
     progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
