@@ -94,7 +94,7 @@ class Generator:
         path, cfg = load_transfusion_config(ckpt)
         runtime = initialize(cfg)
         data = build_data(cfg)
-        cfg.model.vocab_size = data.vocab_size
+        data.set_model_vocabulary(cfg.model)
         latent_shape = data.tokenizer.codec.latent_codec.latent_shape
         model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)[0]
         ck.load_weights(path, [model])

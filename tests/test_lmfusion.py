@@ -7,7 +7,8 @@
   steps leave every text tensor bit-identical and the text logits exactly as they were, and
   DP=2 with the distributed optimizer, PP=2 and TP=2+SP train exactly like one process;
 - from a tiny random Hugging Face Llama (imported with a smaller vocabulary, grown at load),
-  the trained LMFusion model's text logits equal transformers' to 1e-5.
+  the trained LMFusion model's text logits equal transformers' to 1e-5, and ``mf-to-hf`` exports its
+  text path as that Llama, bit for bit.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
 # ------------------------------------------------------------------ from a Hugging Face Llama
 
 def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime):
+    from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
     from tests.test_hf_llama import convert, ok, tiny_llama_config
@@ -227,6 +229,12 @@ def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime):
     with torch.no_grad():
         want = llama(tokens).logits
     torch.testing.assert_close(got[..., :n], want, rtol=0, atol=1e-5)
+    # Exported, the text path is the original Llama, bit for bit.
+    line = ok(convert("mf-to-hf", "--input", tmp_path / "lmf", "--output", tmp_path / "export"))
+    assert "text path" in line
+    original, exported = (load_file(tmp_path / d / "model.safetensors") for d in ("llama", "export"))
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
 
 
 def _model_section(path) -> dict:

@@ -62,6 +62,13 @@ class DataBundle:
     meta: dict = field(default_factory=dict)  # what made the tokens: stored with checkpoints
     tokenizer: object | None = None
 
+    def set_model_vocabulary(self, model_cfg) -> None:
+        """The data decides the model's vocabulary: ``vocab_size`` and, for LMFusion
+        (``freeze_text``), the frozen rows (the text tokenizer's ids) unless set explicitly."""
+        model_cfg.vocab_size = self.vocab_size
+        if model_cfg.freeze_text and model_cfg.frozen_vocab_rows is None and self.tokenizer is not None:
+            model_cfg.frozen_vocab_rows = self.tokenizer.text_vocab_size
+
     def describe(self) -> str:
         lines = [f"train   {self.train.describe()}"]
         if self.val is not None:

@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="pad the vocabulary with zero rows to a multiple of this (default 128)")
     h2m.add_argument("--vocab-size", type=int,
                      help="pad the vocabulary with zero rows to exactly this many (e.g. room for image codes)")
-    m2h = commands.add_parser("mf-to-hf", help="a Hugging Face LlamaForCausalLM from a dense megafusion checkpoint")
-    m2h.add_argument("--input", required=True, metavar="CKPT", help="dense step directory or checkpoint.dir")
+    m2h = commands.add_parser("mf-to-hf", help="a Hugging Face LlamaForCausalLM from a megafusion checkpoint's "
+                                               "text path (dense, or a MoT / Transfusion / LMFusion model's text half)")
+    m2h.add_argument("--input", required=True, metavar="CKPT", help="step directory or checkpoint.dir")
     m2h.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the HF model")
     m2h.add_argument("--vocab-size", type=int,
                      help="vocabulary rows to keep (default: the imported HF model's, else all)")
@@ -70,8 +71,10 @@ def _run(args) -> str:
         where = f" (model section in {args.config_out})" if args.config_out else ""
         return (f"[megafusion] wrote dense weights to {args.output}{where}: use checkpoint.init_from={args.output} "
                 f"with {overrides}")
-    out = hf_convert.mf_to_hf(args.input, args.output, args.vocab_size)
-    return f"[megafusion] wrote a LlamaForCausalLM to {out}: transformers' from_pretrained({str(out)!r}) loads it"
+    out, text_half = hf_convert.mf_to_hf(args.input, args.output, args.vocab_size)
+    what = " (the model's text path: its image copies / image modules are not part of a Llama)" if text_half else ""
+    return (f"[megafusion] wrote a LlamaForCausalLM to {out}{what}: transformers' from_pretrained({str(out)!r}) "
+            f"loads it")
 
 
 def _cli_value(value) -> str:

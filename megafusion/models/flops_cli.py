@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from megafusion.data.types import MODALITY_NAMES
+from megafusion.data.types import MODALITY_NAMES, Modality
 from megafusion.models import flops as F
 
 USAGE = "usage: megafusion flops --config FILE [section.key=value ...]"
@@ -90,7 +90,7 @@ def representative_batch(cfg) -> tuple[dict, str]:
     from megafusion.data.sources import build_data
 
     data = build_data(cfg)
-    cfg.model.vocab_size = data.vocab_size
+    data.set_model_vocabulary(cfg.model)
     return data.train.microbatch(0, cfg.train.micro_batch_size), data.train.describe()
 
 
@@ -101,7 +101,9 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
     n = F.parameter_counts(cfg, latent_shape)
     s = m.seq_length
     keys = F.causal_mean_attended_keys(s)
-    dense = F.dense_flops_per_token(cfg)
+    # LMFusion: a text token's frozen weights skip their weight gradients; report text tokens' count
+    # (image tokens' is on its own line).
+    dense = F.dense_flops_per_token(cfg, modality=Modality.TEXT)
     attn = F.attention_flops_per_key(cfg) * keys
     total = dense + attn
     w = 22
@@ -115,12 +117,15 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         f"  {'output layer':<{w}}{n['output_layer']:>16,}",
         f"  {'non-embedding':<{w}}{n['non_embedding']:>16,}  (total - embedding - output layer)",
         f"  {'active':<{w}}{n['active']:>16,}",
+        *([f"  {'trainable':<{w}}{n['trainable']:>16,}  (LMFusion: the rest is frozen)"] if m.freeze_text else []),
         *([f"  {'image modules':<{w}}{n['image_modules']:>16,}  (objective.patchify={cfg.objective.patchify}; "
            "in total, non-embedding and active)"] if n["image_modules"] else []),
         "model FLOPs per token, forward + backward (matmuls only, multiply-add = 2, backward = 2 x forward):",
-        f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)",
+        *([f"  {'dense matmuls, text':<{w}}{_n(dense):>16}  (frozen weights: forward + input gradient only)",
+           f"  {'dense matmuls, image':<{w}}{_n(F.dense_flops_per_token(cfg, modality=Modality.IMAGE)):>16}"]
+          if m.freeze_text else [f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)"]),
         f"  {'causal attention':<{w}}{_n(attn):>16}  (seq {s}: mean {keys:g} keys per query)",
-        f"  {'total':<{w}}{_n(total):>16}",
+        f"  {'total' + (', text' if m.freeze_text else ''):<{w}}{_n(total):>16}",
         f"  {'6N rule (N = active)':<{w}}{_n(6 * n['active']):>16}  (exact / 6N = {total / (6 * n['active']):.3f})",
         f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True)):>16}",
     ]

@@ -11,10 +11,13 @@ rows to a multiple of ``--vocab-multiple``, so any tensor-parallel size up to it
 to ``--vocab-size`` rows).
 Train or evaluate from it in any TP / PP layout with ``checkpoint.init_from=CKPT_DIR`` and the
 ``model:`` section it prints (``--config-out`` also writes it as YAML). ``mf-to-hf`` loads a
-dense checkpoint saved in any layout and writes ``config.json`` + safetensors with
+checkpoint saved in any layout and writes ``config.json`` + safetensors with
 transformers' ``save_pretrained``; the padding rows are dropped (``--vocab-size``, default:
 the vocabulary of the HF model it was imported from, found through ``checkpoint.init_from``
-for runs started from an import; else all rows are kept).
+for runs started from an import; else all rows are kept). From a MoT, Transfusion or LMFusion
+checkpoint it exports the text path: the text copies under dense names, no image modules, and
+LMFusion's new-token deltas folded into their rows (for an LMFusion model trained from an
+import this gives back the imported Llama exactly).
 
 Both run in one process (TP = PP = 1: megatron-core's dist_checkpointing reshards) and hold
 the model once in the checkpoint's dtype plus one copy of its tensors. The tensor mapping is
@@ -191,8 +194,9 @@ def _hf_origin(manifest: dict, hops: int = 8) -> dict:
     return {}
 
 
-def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> Path:
-    """Convert; returns the output directory."""
+def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, bool]:
+    """Convert; returns the output directory and whether only the model's text path was exported
+    (a MoT's text copies, a Transfusion model without its image modules)."""
     from megafusion.config.loader import config_from_dict
     from megafusion.config.schema import ParallelConfig
     from megafusion.models.param_layout import global_param_names
@@ -207,10 +211,11 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> Path:
     path = ckpt.resolve_checkpoint(src)
     manifest = ckpt.read_manifest(path)
     cfg = config_from_dict(manifest["config"], source=str(path / ckpt.MANIFEST))
-    if cfg.objective.name != "lm":
-        raise ConversionError(f"{path} was trained with objective.name={cfg.objective.name!r}: its image "
-                              f"modules have no place in a LlamaForCausalLM; only objective.name=lm exports")
-    model_section = cfg.to_dict()["model"]
+    # The text path is the Llama: a MoT's text copies (image copies left out), without Transfusion's
+    # image modules (the checkpoint's other tensors are simply not read).
+    text_half = cfg.model.arch == "mot" or cfg.objective.name != "lm"
+    cfg.objective.name = "lm"
+    model_section = {**cfg.to_dict()["model"], "arch": "dense"}
     hf_llama.check_exportable(model_section)
     origin = _hf_origin(manifest)
     vocab = vocab_size or origin.get("hf_vocab_size") or cfg.model.vocab_size
@@ -226,6 +231,8 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> Path:
         state = {name: p.detach().cpu() for name, p in global_param_names(model[0]).items()}
     finally:
         shutdown()
+    if text_half:
+        state = text_path_state(state)
     hf_state = hf_llama.mf_to_hf(state, model_section, vocab)
     dtype = state[hf_llama.MF_EMBED].dtype
     kept = {k: v for k, v in (origin.get("hf_config") or {}).items() if k in _KEPT_HF_FIELDS}
@@ -242,4 +249,21 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> Path:
                               f"{result.missing_keys}, unexpected {result.unexpected_keys})")
     hf_model.tie_weights()
     hf_model.save_pretrained(str(target))
-    return target
+    return target, text_half
+
+
+def text_path_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A MoT / LMFusion model's text path under dense names: the text copies (image copies dropped)
+    and, for LMFusion, the embedding and output rows with their trained new-token deltas folded in."""
+    from megafusion.models.init import tied_name
+    from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
+    from megafusion.models.param_layout import EMBEDDING, OUTPUT_LAYER
+
+    out = {tied_name(k): v for k, v in state.items()
+           if "image" not in k.split(".") and not k.startswith((INPUT_ROWS, OUTPUT_ROWS))}
+    for delta_key, key in ((INPUT_ROWS, EMBEDDING), (OUTPUT_ROWS, OUTPUT_LAYER)):
+        delta = state.get(f"{delta_key}.weight")
+        if delta is not None and key in out:
+            out[key] = out[key].clone()
+            out[key][out[key].shape[0] - delta.shape[0]:] += delta
+    return out

@@ -67,9 +67,7 @@ class Trainer:
         self.per_rank = t.global_batch_size // runtime.dp
         self.num_microbatches = self.per_rank // t.micro_batch_size
         self.data = build_data(cfg, runtime.tp, dist.get_rank() == 0, dist.barrier)
-        cfg.model.vocab_size = self.data.vocab_size  # the data decides the vocabulary
-        if cfg.model.freeze_text and cfg.model.frozen_vocab_rows is None and self.data.tokenizer is not None:
-            cfg.model.frozen_vocab_rows = self.data.tokenizer.text_vocab_size  # LMFusion: the text rows stay
+        self.data.set_model_vocabulary(cfg.model)
         codec = getattr(self.data.tokenizer, "codec", None)
         latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
         self.latent_shape = latent_shape  # Transfusion: what the image modules' FLOPs and parameters depend on
@@ -211,9 +209,12 @@ def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
 def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
     cfg, rt = trainer.cfg, trainer.rt
     params = parameter_counts(cfg, trainer.latent_shape)
+    frozen = (f", {params['trainable'] / 1e6:.2f}M trainable: LMFusion, text rows < {cfg.model.frozen_vocab_rows} "
+              f"and text copies frozen" if cfg.model.freeze_text else "")
     log.say(
         f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active), vocab {cfg.model.vocab_size} | "
+        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active{frozen}), "
+        f"vocab {cfg.model.vocab_size} | "
         f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
         f"{' | sequence parallel' if cfg.parallel.sp else ''}"
         f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
