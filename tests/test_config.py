@@ -178,6 +178,20 @@ def test_parse_cli_forms():
     assert parse_cli(["parallel.tp=2", "--config=b.yaml", "x.y=1"]) == ("b.yaml", ["parallel.tp=2", "x.y=1"])
 
 
+def test_several_config_files_layer_key_by_key(tmp_path):
+    base, model = tmp_path / "run.yaml", tmp_path / "model.yaml"
+    base.write_text("model:\n  num_layers: 4\n  hidden_size: 128\ntrain:\n  steps: 7\n")
+    model.write_text("model:\n  hidden_size: 64\n  rope_scaling: {factor: 8.0, low_freq_factor: 1.0, "
+                     "high_freq_factor: 4.0, original_max_position_embeddings: 64}\n")
+    paths, overrides = parse_cli(["--config", str(base), f"--config={model}", "train.steps=9"])
+    assert paths == [str(base), str(model)]
+    cfg = load_config(paths, overrides)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps) == (4, 64, 9)
+    assert cfg.model.rope_scaling["factor"] == 8.0
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config([str(base), str(tmp_path / "missing.yaml")])
+
+
 @pytest.mark.parametrize("argv,bad", [(["--foo"], "--foo"), (["stray"], "stray"), (["--config"], "--config"),
                                       (["--config="], "--config=")])
 def test_parse_cli_rejects(argv, bad):

@@ -169,32 +169,48 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Read `path` (YAML; None = defaults only), then apply `overrides`.
+def load_config(path: str | list[str] | None, overrides: list[str] | None = None) -> Config:
+    """Read `path` (YAML; a list: several files, each later one overriding the earlier ones key by
+    key; None = defaults only), then apply `overrides`.
 
     The result is not validated: call validate(cfg, world_size) once the world
     size is known.
     """
+    paths = [path] if isinstance(path, str) else list(path or [])
     data = None
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist")
+    for one in paths:
+        if not os.path.isfile(one):
+            raise ConfigError(f"config file '{one}' does not exist")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+            with open(one, encoding="utf-8") as f:
+                layer = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    cfg = config_from_dict(data, source=f"config file '{path}'")
+            raise ConfigError(f"config file '{one}' is not valid YAML: {e}") from None
+        data = _merged(data, layer)
+    cfg = config_from_dict(data, source=f"config file{'s' if len(paths) > 1 else ''} "
+                                        f"{', '.join(repr(p) for p in paths)}")
     return apply_overrides(cfg, list(overrides or []))
 
 
-def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Split argv into (config path or None, list of key=value overrides).
+def _merged(base, layer):
+    """``layer`` over ``base``: sections merge key by key; anything else (``layer`` not a mapping,
+    e.g. a malformed file) replaces, and ``config_from_dict`` reports what is wrong with it."""
+    if isinstance(base, dict) and isinstance(layer, dict):
+        out = dict(base)
+        for key, value in layer.items():
+            out[key] = _merged(base.get(key), value) if isinstance(value, dict) and key in base else value
+        return out
+    return layer if layer is not None else base
 
-    Accepts `--config FILE`, `--config=FILE` and bare `section.key=value` tokens;
-    anything else raises ConfigError naming it.
+
+def parse_cli(argv: list[str]) -> tuple[str | list[str] | None, list[str]]:
+    """Split argv into (config path(s) or None, list of key=value overrides).
+
+    Accepts `--config FILE`, `--config=FILE` (repeatable: later files override earlier ones key
+    by key, e.g. a run config and the model section `convert hf-to-mf --config-out` wrote) and
+    bare `section.key=value` tokens; anything else raises ConfigError naming it.
     """
-    path = None
+    paths: list[str] = []
     overrides: list[str] = []
     i = 0
     while i < len(argv):
@@ -202,12 +218,12 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
         if tok == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a file name: --config FILE")
-            path = argv[i + 1]
+            paths.append(argv[i + 1])
             i += 2
             continue
         if tok.startswith("--config="):
-            path = tok.split("=", 1)[1]
-            if not path:
+            paths.append(tok.split("=", 1)[1])
+            if not paths[-1]:
                 raise ConfigError("--config= needs a file name: --config=FILE")
         elif "=" in tok and not tok.startswith("-"):
             overrides.append(tok)
@@ -216,5 +232,5 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
                 f"unexpected argument '{tok}': expected --config FILE or section.key=value overrides"
             )
         i += 1
-    return path, overrides
+    return (paths[0] if len(paths) == 1 else paths or None), overrides
 
