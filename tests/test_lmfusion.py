@@ -244,3 +244,39 @@ def _model_section(path) -> dict:
     return {k: ("{" + ", ".join(f"{a}: {b}" for a, b in v.items()) + "}" if isinstance(v, dict) else
                 "null" if v is None else str(v).lower() if isinstance(v, bool) else v)
             for k, v in section.items() if k != "vocab_size"}  # the data's vocabulary: grown at load
+
+
+# ------------------------------------------------------------------ what a warm start bridges, and what not
+
+def _manifest(cfg) -> dict:
+    return {"model": ck._model_keys(cfg), "config": cfg.to_dict(), "data": None}
+
+
+def test_warm_start_bridges_only_what_it_can(tmp_path):
+    run = load_config(str(ROOT / CONFIG), [*LMFUSION, "model.vocab_size=384", "model.frozen_vocab_rows=300"])
+    dense = load_config(str(ROOT / CONFIG), ["objective.name=lm", "model.vocab_size=320"])
+    warm = ck.check_compatible(tmp_path, _manifest(dense), run, None, weights_only=True)
+    assert warm.from_dense and warm.vocab == (320, 384)
+    assert set(warm.new_modules) == {*flops.IMAGE_MODULES, INPUT_ROWS, OUTPUT_ROWS}
+    with pytest.raises(ck.CheckpointError, match="model.arch: checkpoint 'dense', this run 'mot'"):
+        ck.check_compatible(tmp_path, _manifest(dense), run, None)  # a resume bridges nothing
+    for change, words in [("model.vocab_size=512", "vocab_size: checkpoint 512"),  # never shrinks
+                          ("model.hidden_size=64", "hidden_size"), ("model.tie_embeddings=true", "tie_embeddings")]:
+        other = load_config(str(ROOT / CONFIG), ["objective.name=lm", "model.vocab_size=320", change])
+        with pytest.raises(ck.CheckpointError, match=words):
+            ck.check_compatible(tmp_path, _manifest(other), run, None, weights_only=True)
+    lmfusion = load_config(str(ROOT / CONFIG), [*LMFUSION, "model.vocab_size=384", "model.frozen_vocab_rows=200"])
+    with pytest.raises(ck.CheckpointError, match="frozen_vocab_rows: checkpoint 200, this run 300"):
+        ck.check_compatible(tmp_path, _manifest(lmfusion), run, None, weights_only=True)
+
+
+def test_lmfusion_needs_a_pretrained_model_and_a_fitting_config(tmp_path):
+    from megafusion.config import ConfigError, validate
+
+    for overrides, words in [(["model.freeze_text=true"], "needs model.arch=mot and model.untie=all"),
+                             ([*LMFUSION, "model.untie=ffn"], "needs model.arch=mot and model.untie=all"),
+                             ([*LMFUSION, "data.source=synthetic", "objective.name=lm"], "frozen_vocab_rows")]:
+        with pytest.raises(ConfigError, match=words):
+            validate(load_config(str(ROOT / CONFIG), overrides), 1)
+    _, _, out = run_train(tmp_path, 1, CONFIG, [*LMFUSION, "train.steps=1"], "no_init", expect_rc=2)
+    assert "give it with checkpoint.init_from" in out

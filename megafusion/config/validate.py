@@ -130,9 +130,13 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
             problems.append(f"model.freeze_text=true (LMFusion) needs model.arch=mot and model.untie=all (got arch="
                             f"{m.arch!r}, untie={m.untie!r}): a part shared by text and image cannot be frozen "
                             f"for text and trained for images")
+        if m.frozen_vocab_rows is None and d.source == "synthetic":
+            problems.append("model.freeze_text=true with data.source=synthetic needs model.frozen_vocab_rows (no "
+                            "tokenizer says which ids are text): e.g. model.frozen_vocab_rows=200")
         if m.frozen_vocab_rows is not None and not 0 < m.frozen_vocab_rows <= (m.vocab_size or m.frozen_vocab_rows):
-            problems.append(f"model.frozen_vocab_rows={m.frozen_vocab_rows} must be in [1, model.vocab_size]: "
-                            f"or null (the text tokenizer's size)")
+            problems.append(f"model.frozen_vocab_rows={m.frozen_vocab_rows} must be in [1, model.vocab_size="
+                            f"{m.vocab_size}]: set it to the text vocabulary's size, or null to take the text "
+                            f"tokenizer's")
     o = cfg.objective
     for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
                             ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),

@@ -68,6 +68,10 @@ class DataBundle:
         model_cfg.vocab_size = self.vocab_size
         if model_cfg.freeze_text and model_cfg.frozen_vocab_rows is None and self.tokenizer is not None:
             model_cfg.frozen_vocab_rows = self.tokenizer.text_vocab_size
+        if model_cfg.freeze_text and not 0 < (model_cfg.frozen_vocab_rows or 0) <= self.vocab_size:
+            raise DataError(f"model.frozen_vocab_rows={model_cfg.frozen_vocab_rows} does not fit the data's vocabulary "
+                            f"of {self.vocab_size} rows: set it to the text vocabulary's size (at most "
+                            f"{self.vocab_size}), or null to take the text tokenizer's")
 
     def describe(self) -> str:
         lines = [f"train   {self.train.describe()}"]
