@@ -11,7 +11,8 @@ Subcommands:
 - ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint;
   ``convert hf-to-mf`` / ``mf-to-hf``: Hugging Face Llama checkpoints in and out.
 - ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
-- ``eval ...``: held-out loss per modality and caption consistency of generated shapes images.
+- ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
+  ``eval --ckpt CKPT --text FILE``: the mean next-token loss on a plain text file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ commands:
   convert mf-to-hf --input CKPT --output DIR                export a dense checkpoint as a Hugging Face Llama
   generate --ckpt CKPT --prompt TEXT --out DIR [--image]    text and images from a Transfusion checkpoint
   eval --ckpt CKPT [--samples N]                            validation loss + caption consistency (shapes)
+  eval --ckpt CKPT --text FILE [--tokenizer T]              mean next-token loss on a plain text file
 """
 
 COMMANDS = {

@@ -2,6 +2,12 @@
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
         [--seed 0] [--out DIR]
+    [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
+        [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
+
+With ``--text``: the mean next-token loss of any LM or Transfusion checkpoint (dense or MoT, any
+parallel layout) on a plain text file, e.g. to check a Hugging Face import against
+transformers; see :mod:`megafusion.text_eval`, which runs it. Without it:
 
 For a Transfusion checkpoint trained on the built-in captioned shapes: the validation loss of
 its held-out split (text LM loss and diffusion loss, ``eval.batches`` global batches), then
@@ -38,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddim", "ddpm", "euler"), default="ddim")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", help="directory to keep the generated PNGs in")
+    p.add_argument("--text", metavar="FILE", help="instead: the mean next-token loss on this plain text file "
+                   "(any LM or Transfusion checkpoint; options: --text FILE --help)")
     return p
+
+
+def _wants_text(argv: list[str]) -> bool:
+    return any(a == "--text" or a.startswith("--text=") for a in argv)
 
 
 def held_out_samples(num: int, train_seed: int):
@@ -152,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     from megafusion.runtime import shutdown
     from megafusion.training.checkpoint import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if _wants_text(argv):
+        from megafusion.text_eval import main as text_main
+
+        return text_main(argv)
     try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args = _parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if args.samples < 1 or args.steps < 1:

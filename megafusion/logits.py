@@ -12,8 +12,10 @@ parallelism (VPP included) run exactly as in training. Overrides take ``section.
 on top of the checkpoint's config (``model.seq_length`` becomes ``s``). Text-only: MoT
 checkpoints route every token to the text weights.
 
-:func:`load_model` and :func:`forward_logits` are the pieces for other text evaluations; the
-importer tests compare these logits with transformers'.
+:func:`load_model` and :func:`forward_logits` are the pieces for other text evaluations
+(``megafusion eval --text``, :mod:`megafusion.text_eval`, loads Transfusion checkpoints too and
+reduces each row's logits to loss sums on the device); the importer tests compare these logits
+with transformers'.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import sys
 import torch
 
 
-def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int):
+def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, transfusion_text: bool = False):
     """(config, runtime, model chunks) of checkpoint ``ckpt`` in the layout ``overrides`` name,
-    for ``batch`` rows of ``seq_length`` tokens (one row per microbatch)."""
+    for ``batch`` rows of ``seq_length`` tokens (one row per microbatch).
+
+    ``transfusion_text``: also accept ``objective.name=transfusion`` checkpoints (their model is
+    built with its image modules, of the checkpoint's latent shape, and run on text alone)."""
     from megafusion.config import apply_overrides, validate
     from megafusion.config.loader import config_from_dict
     from megafusion.models.registry import build_model_chunks
@@ -38,21 +43,49 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int):
 
     path = ck.resolve_checkpoint(ckpt)
     cfg = config_from_dict(ck.read_manifest(path)["config"], source=str(path / ck.MANIFEST))
-    if cfg.objective.name != "lm":
+    accepted = ("lm", "transfusion") if transfusion_text else ("lm",)
+    if cfg.objective.name not in accepted:
         raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
                                  f"text logits are read from objective.name=lm checkpoints")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     apply_overrides(cfg, [*overrides, f"model.seq_length={seq_length}", "train.micro_batch_size=1"])
     cfg.train.global_batch_size = batch * cfg.data_parallel_size(world)
     validate(cfg, world)
+    latent_shape = checkpoint_latent_shape(cfg, path) if cfg.objective.name == "transfusion" else None
     runtime = initialize(cfg)
-    chunks = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)
+    chunks = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)
     ck.load_weights(path, chunks)
     return cfg, runtime, [chunk.eval() for chunk in chunks]
 
 
-def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Logits ``[b, s, vocab]`` (fp32, CPU) of ``tokens`` ``[b, s]`` on last-stage ranks, None elsewhere."""
+def checkpoint_latent_shape(cfg, path) -> tuple[int, int, int]:
+    """``[C, H, W]`` of one image latent of a Transfusion checkpoint (its image modules' shapes):
+    ``(3, S, S)`` for ``objective.latent_codec=pixels`` (``S = data.image_size``), else read off
+    the VAE at ``objective.vae_path`` (loaded, on the CPU, only for that)."""
+    from megafusion.data.latent_codecs import build_latent_codec
+    from megafusion.data.types import DataError
+    from megafusion.training.checkpoint import CheckpointError
+
+    o, size = cfg.objective, cfg.data.image_size
+    if o.latent_codec == "pixels":
+        return (3, size, size)
+    try:
+        return tuple(build_latent_codec(o.latent_codec, path=o.vae_path, image_size=size).latent_shape)
+    except DataError as err:
+        raise CheckpointError(
+            f"{path} is a Transfusion checkpoint with objective.latent_codec={o.latent_codec}: the shapes of its "
+            f"image modules come from the VAE at objective.vae_path={o.vae_path!r}, which cannot be loaded ({err}); "
+            f"make that directory available, or pass objective.vae_path=DIR naming the same AutoencoderKL") from None
+
+
+def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
+    """Logits ``[b, s, vocab]`` (fp32, CPU) of ``tokens`` ``[b, s]`` on last-stage ranks, None elsewhere.
+
+    ``reduce(logits, i)``: instead of the logits, keep what it returns for row ``i`` (called on
+    the last stage with that row's logits ``[1, s, vocab]`` as the model gives them, on the
+    device, the full vocabulary on every tensor-parallel rank); the result is then the list of
+    those values in row order. Keeps only the reductions in memory, not every row's logits.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -64,7 +97,11 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor) -> torch.Tensor |
     device = runtime.device
     routed = cfg.model.arch in ROUTED_ARCHS
     rows = [{"tokens": tokens[i:i + 1], "document_ids": torch.zeros(1, s, dtype=torch.int64),
-             "modality_ids": torch.full((1, s), int(Modality.TEXT), dtype=torch.int64)} for i in range(b)]
+             "modality_ids": torch.full((1, s), int(Modality.TEXT), dtype=torch.int64), "index": i}
+            for i in range(b)]
+    whole = reduce is None
+    if whole:
+        reduce = lambda logits, i: logits.float().cpu()  # noqa: E731
 
     def step(data_iterator, model):
         row = next(data_iterator)
@@ -73,7 +110,12 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor) -> torch.Tensor |
         with routing_for(row, device) if routed else contextlib.nullcontext():
             # runtime_gather_output: the full vocabulary on every tensor-parallel rank.
             out = model(row["tokens"].to(device), positions, mask, labels=None, runtime_gather_output=True)
-        return out, lambda output, non_loss_data=True: output.detach().float().cpu()
+
+        def keep(output, non_loss_data=True, i=row["index"]):
+            # A Transfusion model gives (logits, image prediction): None without images.
+            return reduce((output[0] if isinstance(output, tuple) else output).detach(), i)
+
+        return out, keep
 
     with torch.no_grad():
         store = get_forward_backward_func()(
@@ -84,7 +126,7 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor) -> torch.Tensor |
             forward_only=True, collect_non_loss_data=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return torch.cat(store)
+    return torch.cat(store) if whole else list(store)
 
 
 def _parser() -> argparse.ArgumentParser:

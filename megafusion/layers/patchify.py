@@ -30,7 +30,6 @@ Two ways in and out of the transformer (Transfusion, sec. 3.2):
 from __future__ import annotations
 
 import torch
-from diffusers.models.unets.unet_2d_blocks import get_down_block, get_up_block
 
 # The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet); ``megafusion.models.flops``
 # counts its parameters and FLOPs from these same numbers.
@@ -145,9 +144,11 @@ class UNetPatchEmbed(torch.nn.Module):
         self.factor, self.inner_patch = _unet_plan(patch_size, self.channels, norm_groups)
         temb_channels = hidden_size if temb_channels is None else temb_channels
         self.conv_in = torch.nn.Conv2d(in_channels, self.channels[0], kernel_size=3, padding=1)
+        from diffusers.models.unets import unet_2d_blocks as unet_blocks  # slow to import: only when used
+
         blocks, prev = [], self.channels[0]
         for i, c in enumerate(self.channels):
-            blocks.append(get_down_block(
+            blocks.append(unet_blocks.get_down_block(
                 "DownBlock2D", num_layers=layers_per_block, in_channels=prev, out_channels=c,
                 temb_channels=temb_channels, add_downsample=i < len(self.channels) - 1, resnet_eps=1e-6,
                 resnet_act_fn="silu", resnet_groups=norm_groups, downsample_padding=1,
@@ -189,12 +190,14 @@ class UNetPatchHead(torch.nn.Module):
         self.proj = torch.nn.Linear(hidden_size, self.channels[-1] * self.inner_patch**2)
         # UNet2DModel's up path: block i reads the skips of down block k-i (plus the
         # downsampler's / conv_in's output), hence layers_per_block + 1 resnets each.
+        from diffusers.models.unets import unet_2d_blocks as unet_blocks
+
         rev = self.channels[::-1]
         blocks, out = [], rev[0]
         for i in range(len(rev)):
             prev, out = out, rev[i]
             skip_in = rev[min(i + 1, len(rev) - 1)]
-            blocks.append(get_up_block(
+            blocks.append(unet_blocks.get_up_block(
                 "UpBlock2D", num_layers=layers_per_block + 1, in_channels=skip_in, out_channels=out,
                 prev_output_channel=prev, temb_channels=temb_channels, add_upsample=i < len(rev) - 1,
                 resnet_eps=1e-6, resnet_act_fn="silu", resnet_groups=norm_groups, attention_head_dim=1,

@@ -11,8 +11,6 @@ State dict: ``mlp.linear_1.{weight,bias}`` ``[hidden, frequency_dim]``,
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import TimestepEmbedding as _DiffusersTimestepMLP
-from diffusers.models.embeddings import Timesteps
 
 FREQUENCY_DIM = 256  # sinusoidal features per timestep (DiT); megafusion.models.flops counts with it
 
@@ -21,6 +19,10 @@ class TimestepEmbedding(torch.nn.Module):
     """``[n]`` int or float timesteps -> ``[n, hidden_size]`` in the module's dtype."""
 
     def __init__(self, hidden_size: int, frequency_dim: int = FREQUENCY_DIM):
+        # Imported here: diffusers takes seconds to import, and LM runs never build this module.
+        from diffusers.models.embeddings import TimestepEmbedding as _DiffusersTimestepMLP
+        from diffusers.models.embeddings import Timesteps
+
         super().__init__()
         self.frequencies = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = _DiffusersTimestepMLP(frequency_dim, hidden_size, act_fn="silu")

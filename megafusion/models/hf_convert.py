@@ -175,21 +175,31 @@ def write_model_yaml(path: str, section: dict, src: Path) -> None:
 # ------------------------------------------------------------------ mf-to-hf
 
 
-def _hf_origin(manifest: dict, hops: int = 8) -> dict:
-    """The ``origin`` of the hf-to-mf import a checkpoint descends from: its own, or (for a run
-    started with ``checkpoint.init_from``) that of the checkpoint it started from; {} if none."""
+def _parent(manifest: dict):
+    """The checkpoint ``manifest``'s weights came from: ``checkpoint.init_from``, or the input of a
+    ``convert dense-to-mot``; None if neither."""
+    parent = ((manifest.get("config") or {}).get("checkpoint") or {}).get("init_from")
+    origin = manifest.get("origin") or {}
+    if not parent and origin.get("conversion") == "dense-to-mot":
+        parent = origin.get("converted_from")
+    return parent
+
+
+def hf_origin(manifest: dict, hops: int = 8) -> dict:
+    """The ``origin`` of the ``hf-to-mf`` import a checkpoint descends from (its own, or through
+    ``checkpoint.init_from`` / ``convert dense-to-mot``), {} if none (or the chain is broken)."""
     from megafusion.training import checkpoint as ckpt
 
     for _ in range(hops):
         origin = manifest.get("origin") or {}
         if origin.get("conversion") == "hf-to-mf":
             return origin
-        parent = (manifest.get("config") or {}).get("checkpoint", {}).get("init_from")
+        parent = _parent(manifest)
+        if not parent:
+            break
         try:
-            manifest = ckpt.read_manifest(ckpt.resolve_checkpoint(parent)) if parent else None
+            manifest = ckpt.read_manifest(ckpt.resolve_checkpoint(parent))
         except ckpt.CheckpointError:  # moved or deleted since: export every vocabulary row
-            manifest = None
-        if manifest is None:
             break
     return {}
 
@@ -217,7 +227,7 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     cfg.objective.name = "lm"
     model_section = {**cfg.to_dict()["model"], "arch": "dense"}
     hf_llama.check_exportable(model_section)
-    origin = _hf_origin(manifest)
+    origin = hf_origin(manifest)
     vocab = vocab_size or origin.get("hf_vocab_size") or cfg.model.vocab_size
     if not 1 <= vocab <= cfg.model.vocab_size:
         raise ConversionError(f"--vocab-size {vocab} must be between 1 and the model's {cfg.model.vocab_size} rows")

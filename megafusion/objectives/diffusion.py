@@ -27,12 +27,10 @@ import math
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SAMPLERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}  # diffusers classes, imported when used
 FLOW_SAMPLERS = ("euler",)
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 
@@ -67,7 +65,7 @@ class NoiseSchedule:
         self.schedule = schedule
         self.num_train_timesteps = int(num_train_timesteps)
         self.prediction = prediction
-        self.scheduler: DDPMScheduler | None = None
+        self.scheduler = None  # diffusers DDPMScheduler
         self.betas: torch.Tensor | None = None
         self.alphas_cumprod: torch.Tensor | None = None
         if prediction == "flow":
@@ -76,6 +74,8 @@ class NoiseSchedule:
         # as defaults, and the samplers built from this config must see exactly these.
         # clip_sample=False: latents are not confined to [-1, 1] as pixels are.
         # timestep_spacing: only read by samplers; make_sampler says why "trailing".
+        from diffusers import DDPMScheduler  # here, not at import: diffusers takes seconds to import
+
         self.scheduler = DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=SCHEDULES[schedule], prediction_type=prediction, clip_sample=False,
@@ -233,7 +233,9 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, t
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise _choice_error("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     clip = {"clip_sample": True, "clip_sample_range": float(clip_range)} if clip_range else {}
-    sampler = SAMPLERS[kind].from_config(schedule.scheduler.config, timestep_spacing=timestep_spacing, **clip)
+    import diffusers
+
+    sampler = getattr(diffusers, SAMPLERS[kind]).from_config(schedule.scheduler.config, timestep_spacing=timestep_spacing, **clip)
     sampler.set_timesteps(num_inference_steps)
     return sampler
 
@@ -269,6 +271,8 @@ def denoise(model_fn: ModelFn, shape: tuple[int, ...], sampler, generator: torch
             return cond
         uncond = uncond_fn(x, t)
         return uncond + guidance_scale * (cond - uncond)
+
+    from diffusers.utils.torch_utils import randn_tensor
 
     x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype) * sampler.init_noise_sigma
     if isinstance(sampler, FlowEulerSampler):
