@@ -7,6 +7,7 @@ benchmark that rewrites earlier results does not mark its own commit dirty).
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import re
@@ -55,3 +56,8 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return f"{cpu_name()}, {cpu_cores()} cores, torch {torch.get_num_threads()} threads"
+
+
+def utc_now() -> str:
+    """The current UTC time as results record it: ``2026-11-23T19:56:44Z``."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -31,7 +31,6 @@ Writes ``lmfusion.json`` (every number and the curves), ``lmfusion.md`` (the tab
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -39,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import git_commit, machine  # noqa: E402
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402
+from megafusion.curves import first_crossing, value_at  # noqa: E402
 
 RESULT_NAME = "lmfusion"
 RUN_COMMAND = "python examples/experiments/lmfusion/run.py"
@@ -137,27 +137,6 @@ def run_summary(run: dict, seconds: float | None) -> dict:
 
 
 # --------------------------------------------------------------------------- the comparison
-def first_crossing(xs: list[float], ys: list[float], target: float) -> tuple[float, float] | None:
-    """(x, position) where ``ys`` first gets <= ``target``, linearly interpolated between points;
-    ``position`` is the fractional index (``i - 1 + t``). At the very first point: that point (an
-    upper bound: nothing earlier to interpolate from). None if never."""
-    for i, y in enumerate(ys):
-        if not y <= target:  # NaN never counts
-            continue
-        if i == 0:
-            return xs[0], 0.0
-        y0 = ys[i - 1]
-        t = (y0 - target) / (y0 - y) if y0 != y else 1.0
-        return xs[i - 1] + t * (xs[i] - xs[i - 1]), float(i - 1 + t)
-    return None
-
-
-def _at(values: list[float], position: float) -> float:
-    i = min(int(position), len(values) - 1)
-    frac = position - i
-    return values[i] if frac == 0 else values[i] + frac * (values[i + 1] - values[i])
-
-
 def reach(curve: dict, other: dict, metric: str = "image", best: bool = False) -> dict:
     """Where ``curve`` first reaches ``other``'s final ``metric`` loss (``best``: its lowest, which
     does not depend on the noise of the last evaluation alone)."""
@@ -168,7 +147,7 @@ def reach(curve: dict, other: dict, metric: str = "image", best: bool = False) -
     hit = first_crossing(curve["flops"], curve[metric], target) if math.isfinite(target) else None
     if hit is not None:
         flops, pos = hit
-        row.update(reached=True, at_first_point=pos == 0, flops=flops, step=_at(curve["step"], pos),
+        row.update(reached=True, at_first_point=pos == 0, flops=flops, step=value_at(curve["step"], pos),
                    fraction_of_other_flops=flops / other["flops"][-1], fraction_of_own_flops=flops / curve["flops"][-1])
     return row
 
@@ -379,10 +358,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def write_results(out_dir: Path, results_dir: Path) -> dict:

@@ -39,7 +39,6 @@ curves) into the results directory, ``<name>`` being the setting's ``result_name
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -50,7 +49,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import git_commit, machine  # noqa: E402
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402
+from megafusion.curves import first_crossing, value_at  # noqa: E402
+
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
 EMA_BETA = 0.95  # ~20-step window: smooths step-to-step batch noise, lags the curve by ~20 steps
@@ -279,31 +280,6 @@ def resolve_setting(explicit: str | None, info: dict, out_dir: Path) -> str | No
 
 
 # --------------------------------------------------------------------------- the comparison
-def first_crossing(xs: list[float], ys: list[float], target: float) -> tuple[float, float] | None:
-    """(x, t) where ``ys`` first reaches <= ``target``, linearly interpolated between points.
-
-    ``t`` locates it: point ``i - 1 + t`` (so other axes can be interpolated at the same place).
-    At the first point it is that point (no earlier point to interpolate from: an upper bound).
-    None if it never does.
-    """
-    for i, y in enumerate(ys):
-        if not y <= target:  # NaN never counts
-            continue
-        if i == 0:
-            return xs[0], 0.0
-        y0 = ys[i - 1]
-        t = (y0 - target) / (y0 - y) if y0 != y else 1.0
-        return xs[i - 1] + t * (xs[i] - xs[i - 1]), float(i - 1 + t)
-    return None
-
-
-def _at(values: list[float], position: float) -> float:
-    """``values`` linearly interpolated at a fractional index."""
-    i = min(int(position), len(values) - 1)
-    frac = position - i
-    return values[i] if frac == 0 else values[i] + frac * (values[i + 1] - values[i])
-
-
 def compare(dense: dict, mot: dict) -> dict:
     """Per modality: final losses and what MoT needed to reach dense's final loss (curves from *_curves)."""
     total_flops, total_wall = dense["flops"][-1], dense["wall_s"][-1]
@@ -317,8 +293,8 @@ def compare(dense: dict, mot: dict) -> dict:
         hit = first_crossing(mot["flops"], mot[m], target) if not math.isnan(target) else None
         if hit is not None:
             flops, pos = hit
-            wall = _at(mot["wall_s"], pos)
-            row.update(reached=True, at_first_point=pos == 0, mot_step=_at(mot["step"], pos), mot_flops=flops, mot_wall_s=wall,
+            wall = value_at(mot["wall_s"], pos)
+            row.update(reached=True, at_first_point=pos == 0, mot_step=value_at(mot["step"], pos), mot_flops=flops, mot_wall_s=wall,
                        flops_fraction=flops / total_flops, wall_fraction=wall / total_wall)
         out[m] = row
     return out
@@ -470,10 +446,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def result_base(results_dir: Path, setting: str) -> Path:
