@@ -127,7 +127,9 @@ def test_crossing_helpers():
 
 
 def test_budget_rule_and_model_section(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))  # run.py imports analyze from its folder
+    # run.py does `import analyze` (its folder is on sys.path as a script); both experiments have an
+    # analyze.py, so hand it this folder's module by name rather than through sys.path and a cache.
+    monkeypatch.setitem(sys.modules, "analyze", analyze)
     run = _load("lmfusion_run", "run.py")
     # MoT costs 1.2x per step: 8 steps (96) fit in LMFusion's 100, 9 (108) do not.
     budget = run.mot_steps_for_budget([10.0] * 10, [12.0, 12.0])

@@ -208,7 +208,9 @@ def test_setting_unknown_from_metrics_is_explained(tmp_path):
 
 def test_run_py_setting_and_config_must_agree(monkeypatch):
     """--setting picks the setting's config; a --config of the other setting is refused (before any training)."""
-    monkeypatch.syspath_prepend(str(HERE))  # run.py imports analyze from its folder
+    # run.py does `import analyze` (its folder is on sys.path as a script); both experiments have an
+    # analyze.py, so hand it this folder's module by name rather than through sys.path and a cache.
+    monkeypatch.setitem(sys.modules, "analyze", analyze)
     spec = importlib.util.spec_from_file_location("mot_vs_dense_run", HERE / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
