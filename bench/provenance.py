@@ -61,3 +61,14 @@ def machine() -> str:
 def utc_now() -> str:
     """The current UTC time as results record it: ``2026-11-23T19:56:44Z``."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def recorded_or_now(info: dict) -> dict:
+    """``commit``, ``machine``, ``date_utc``, ``command`` of a run as its launcher recorded them in
+    ``info`` (an experiment's run_info.json); each one missing is this process's instead (an
+    analysis of runs whose provenance was not recorded: all we know)."""
+    import sys
+
+    return {"commit": info.get("commit") or git_commit(), "machine": info.get("machine") or machine(),
+            "date_utc": info.get("date_utc") or utc_now(),
+            "command": info.get("command") or f"(analysis only) {' '.join(sys.argv)}"}

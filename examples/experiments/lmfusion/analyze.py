@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import git_commit, machine, utc_now  # noqa: E402
-from megafusion.curves import first_crossing, value_at  # noqa: E402
+from bench.provenance import recorded_or_now  # noqa: E402
+from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 RESULT_NAME = "lmfusion"
 RUN_COMMAND = "python examples/experiments/lmfusion/run.py"
@@ -80,30 +80,8 @@ def read_run_info(out_dir: Path) -> dict:
 def load_run(run_dir: Path) -> dict:
     """Training and evaluation records of one run (steps strictly increasing in each)."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise AnalysisError(f"{path} does not exist: produce the runs with `{RUN_COMMAND}` "
-                            f"(or analyse another directory with --out-dir)")
-    train, evals = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnalysisError(f"{path}:{n} is not JSON ({err}): the run was cut off mid-write? "
-                                    f"Rerun it") from None
-            if "step" not in record:
-                continue
-            if "flops_total" in record:
-                train.append(record)
-            elif any(k.startswith("val/") for k in record):
-                evals.append(record)
-    for kind, records in (("training", train), ("evaluation", evals)):
-        steps = [r["step"] for r in records]
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise AnalysisError(f"{path}: the {kind} steps are not increasing (two runs appended to one file?): "
-                                f"delete the run directory and rerun `{RUN_COMMAND}`")
+    train, evals = read_metrics(path, RUN_COMMAND, AnalysisError)
+    train = [r for r in train if "flops_total" in r]
     if not train:
         raise AnalysisError(f"{path} holds no training record with flops_total: was it written by megafusion train?")
     return {"path": str(path), "train": train, "eval": evals}
@@ -365,9 +343,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     analysed = analyze_runs(out_dir)
     info = read_run_info(out_dir)
-    result = {"commit": info.get("commit", git_commit()), "machine": info.get("machine", machine()),
-              "date_utc": info.get("date_utc", utc_now()),
-              "command": info.get("command", f"(analysis only) {' '.join(sys.argv)}"),
+    result = {**recorded_or_now(info),
               # run.py records them; else those of this analysis (the runs' are unknown)
               "versions": info.get("versions") or {**versions(), "recorded": "at analysis, not by run.py"},
               "launcher": info.get("launcher"), "quick": info.get("quick"), "settings": info.get("settings"),

@@ -52,6 +52,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (in-process steps, machine())
 
 import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = analyze.ROOT
@@ -401,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
         out_dir.mkdir(parents=True, exist_ok=True)
         clean(out_dir)
-        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": analyze.git_commit(),
-                "machine": analyze.machine(), "versions": analyze.versions(), "date_utc": analyze.utc_now(),
+        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": git_commit(),
+                "machine": machine(), "versions": analyze.versions(), "date_utc": utc_now(),
                 "launcher": launcher,
                 "quick": args.quick, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "scale": scale,
                 "steps": [], "complete": False}

@@ -49,8 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import git_commit, machine, utc_now  # noqa: E402
-from megafusion.curves import first_crossing, value_at  # noqa: E402
+from bench.provenance import recorded_or_now  # noqa: E402
+from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
@@ -124,25 +124,7 @@ def load_run(run_dir: Path, run_command: str = RUN_COMMAND) -> dict:
 
     ``run_command`` is what the error messages tell the user to (re)run."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise AnalysisError(f"{path} does not exist: produce both runs with `{run_command}` "
-                            f"(or analyse another directory with --out-dir)")
-    train, evals = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnalysisError(f"{path}:{n} is not JSON ({err}): the run was cut off mid-write? Rerun it") from None
-            (evals if "val/loss" in record else train).append(record)
-    for kind, records in (("training", train), ("evaluation", evals)):
-        steps = [r["step"] for r in records]
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            # MetricsLogger appends: a second run into the same directory repeats steps.
-            raise AnalysisError(f"{path}: {kind} steps are not increasing (a second run appended to the same "
-                                f"file?): delete {run_dir} and rerun `{run_command}`")
+    train, evals = read_metrics(path, run_command, AnalysisError)
     if not train or not evals:
         raise AnalysisError(f"{path} has {len(train)} training and {len(evals)} evaluation records; need both "
                             f"(log every step: logging.log_interval=1)")
@@ -460,9 +442,7 @@ def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) 
     info = read_run_info(out_dir)
     config = run_config(info, "dense")
     # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
-    result = {"commit": info.get("commit", git_commit()), "machine": info.get("machine", machine()),
-              "date_utc": info.get("date_utc", utc_now()),
-              "command": info.get("command", f"(analysis only) {' '.join(sys.argv)}"),
+    result = {**recorded_or_now(info),
               "train_commands": info.get("train_commands", {}), "run_seconds": info.get("run_seconds", {}),
               "objective": asdict(config.objective) if config is not None else None,
               "parameters": parameter_counts(out_dir, info), **result}

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import analyze  # this folder is on sys.path when run as a script
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = analyze.ROOT
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results).resolve()
     if not args.analyze_only:
         # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
-        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": analyze.git_commit(),
-                "machine": analyze.machine(), "date_utc": analyze.utc_now(), "train_commands": {}, "run_seconds": {}}
+        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": git_commit(),
+                "machine": machine(), "date_utc": utc_now(), "train_commands": {}, "run_seconds": {}}
         for arch in analyze.ARCHS:  # sequential on purpose: the wall clocks are compared
             cmd = train_command(config, args.overrides, arch, out_dir / arch, args.steps)
             info["train_commands"][arch] = cmd
