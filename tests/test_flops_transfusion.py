@@ -24,7 +24,7 @@ from megafusion.data.types import Modality
 from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.models import flops
-from megafusion.models.flops_cli import flops_report, summary
+from megafusion.models.flops_cli import _n, flops_report, summary
 from megafusion.models.registry import build_model_chunks
 from megafusion.models.transfusion import ImageInputs
 from megafusion.models.transformer_config import build_transformer_config
@@ -292,9 +292,20 @@ def test_image_flops_scale_with_the_latent_and_check_it():
 def test_flops_cli_reports_the_image_modules():
     cfg = transfusion_cfg("unet")
     tokens, images, modality = image_microbatch(cfg)
-    batch = {"document_ids": torch.zeros_like(tokens), "modality_ids": modality, "latents": images.noised}
+    batch = {"document_ids": torch.zeros_like(tokens), "modality_ids": modality, "latents": images.noised,
+             "image_ids": images.image_ids}
     text = flops_report(cfg, batch)
     stats = flops.batch_flops(cfg, batch["document_ids"], modality, num_images=3)
     assert "image modules" in text and "for 3 images" in text
+    # The report counts the mask training counts: image patches see their whole image.
+    bidirectional = flops.batch_flops(cfg, batch["document_ids"], modality, image_ids=images.image_ids)
+    assert bidirectional["mean_attended_keys"] > stats["mean_attended_keys"]
+    assert f"mean {bidirectional['mean_attended_keys']:.2f} keys per query" in text
+    assert f"total     {_n(bidirectional['total'])}" in text and "bidirectional within each image" in text
+    # ... and the trainer's caption dropout (first_key) where it is drawn, exactly as training does.
+    dropped = {**batch, "first_key": torch.zeros_like(images.image_ids)}
+    dropped["first_key"][0, 2:6] = 1  # row 0's first image is uncaptioned: <bos>, <boi>, its 4 patches
+    keys = flops.microbatch_mask(dropped)["keys"]
+    assert keys[0, 2:6].tolist() == [6] * 4 and torch.equal(keys[1], flops.attended_keys(batch["document_ids"], images.image_ids)[1])
     assert f"{flops.parameter_counts(cfg)['image_modules']:,}" in summary(cfg)
     assert stats["image_modules"] > 0

@@ -526,6 +526,17 @@ def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Te
     return 0
 
 
+def microbatch_mask(batch: dict) -> dict:
+    """``batch_flops`` keyword for a microbatch's real mask: ``keys`` under Transfusion's caption
+    dropout (``first_key``, set by the trainer), else its image spans (``image_ids``), else
+    nothing (causal + same document). Training and ``megafusion flops`` both count through this."""
+    if "first_key" in batch:
+        from megafusion.objectives.transfusion import attended_keys as transfusion_keys  # imports this module
+
+        return {"keys": transfusion_keys(batch)}
+    return {"image_ids": batch["image_ids"]} if "image_ids" in batch else {}
+
+
 def batch_flops(
     cfg,
     document_ids: torch.Tensor,

@@ -2,8 +2,8 @@
 
 Prints the exact parameter counts, the forward + backward model FLOPs per token at full causal
 attention over ``model.seq_length``, and a per-modality report on a representative microbatch
-(real causal + same-document mask) next to the ``6 * N`` rule of thumb. Nothing is built or run:
-the numbers are analytic (see :mod:`megafusion.models.flops`), so this is instant even for
+with the mask training counts (causal, same document, bidirectional within Transfusion's
+images) next to the ``6 * N`` rule of thumb. Nothing is built or run: the numbers are analytic (see :mod:`megafusion.models.flops`), so this is instant even for
 large configs.
 
 Batches: a data module may provide ``megafusion.data.loader.representative_microbatch(cfg)``
@@ -42,7 +42,7 @@ def flops_report(cfg, batch: dict) -> str:
     """
     doc = batch["document_ids"]
     images = _images(batch)
-    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **images)
+    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **F.microbatch_mask(batch), **images)
     full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
     n = F.parameter_counts(cfg, images["latent_shape"])
     tokens = stats["tokens"]
@@ -50,7 +50,7 @@ def flops_report(cfg, batch: dict) -> str:
     six_n = 6 * n["active"] * tokens
     lines = [
         f"microbatch [{b} x {s}] = {tokens} tokens, mean {stats['mean_attended_keys']:.2f} keys per query "
-        f"(causal, same document)",
+        f"(causal, same document{', bidirectional within each image' if 'image_ids' in batch else ''})",
         f"  {'modality':<10}{'tokens':>10}{'FLOPs/token':>14}{'attention':>11}{'share':>8}",
     ]
     for name in MODALITY_NAMES:
@@ -73,7 +73,8 @@ def flops_report(cfg, batch: dict) -> str:
     ]
     if "loss_tokens_per_modality" in stats:
         loss = ", ".join(f"{k} {v:g}" for k, v in stats["loss_tokens_per_modality"].items())
-        lines.append(f"  loss tokens: {loss} (FLOPs are spent on every position regardless)")
+        diffusion = "; image patches train through the diffusion loss" if cfg.objective.name == "transfusion" else ""
+        lines.append(f"  next-token loss tokens: {loss} (FLOPs are spent on every position regardless{diffusion})")
     return "\n".join(lines)
 
 

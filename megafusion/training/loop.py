@@ -23,13 +23,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion.data.sources import build_data
 from megafusion.data.types import MODALITY_NAMES
-from megafusion.models.flops import batch_flops, parameter_counts
+from megafusion.models.flops import batch_flops, microbatch_mask, parameter_counts
 from megafusion.models.registry import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.runtime import stage_channel
 from megafusion.runtime import initialize, seed_everything
 from megafusion.training import checkpoint as ckpt
-from megafusion.objectives.transfusion import attended_keys as transfusion_keys
 from megafusion.objectives.transfusion import caption_dropout
 from megafusion.training.forward_step import REPORT_FIELDS, make_forward_step
 from megafusion.training.grads import full_gradients
@@ -128,11 +127,10 @@ class Trainer:
         # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
-            keys = transfusion_keys(mb) if "first_key" in mb else None  # the mask with image spans
             # Transfusion: each image also runs the time embedding, patch embedding and head.
             images = mb["latents"].shape[0] if "latents" in mb else None
-            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], keys=keys, num_images=images,
-                                  latent_shape=self.latent_shape)
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], num_images=images,
+                                  latent_shape=self.latent_shape, **microbatch_mask(mb))
             flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
                                   dtype=torch.float64)
         for chunk in self.model:
