@@ -139,8 +139,8 @@ class Generator:
             image_ids[0, a:b] = k
             if k == hide:
                 first_key[0, a:b] = a - 1  # the image's <boi>
-        # Rows of the full mask: the run positions against every key up to the last one.
-        mask = dense_mask(torch.zeros_like(image_ids), image_ids, first_key)[:, :, start:].to(device)
+        # The run positions' rows of the full mask, against every key up to the last one.
+        mask = dense_mask(torch.zeros_like(image_ids), image_ids, first_key, first_query=start).to(device)
         image_ids = image_ids[:, start:]
         run = [k for k, (a, _) in enumerate(seq.spans) if a >= start]
         images = None

@@ -105,6 +105,14 @@ def test_dense_mask_matches_brute_force_on_random_layouts(seed):
     # No image ids: exactly the text-only mask, the same as all -1.
     assert torch.equal(dense_mask(doc), brute_force_blocked(doc, None))
     assert torch.equal(dense_mask(doc, torch.full_like(img, NO_IMAGE)), dense_mask(doc))
+    # first_query (KV-cached decoding): the trailing rows alone, equal to the brute force's, also
+    # with a first_key (caption dropout) hiding some random prefix from some queries.
+    first_key = torch.randint(0, 40, (5, 40), generator=gen) * torch.randint(0, 2, (5, 40), generator=gen)
+    for start in (0, 1, 17, 39):
+        assert torch.equal(dense_mask(doc, img, first_query=start), brute_force_blocked(doc, img)[:, :, start:])
+        assert torch.equal(dense_mask(doc, first_query=start), brute_force_blocked(doc, None)[:, :, start:])
+        assert torch.equal(dense_mask(doc, img, first_key, first_query=start),
+                           dense_mask(doc, img, first_key)[:, :, start:])
 
 
 def test_dense_mask_edge_layouts():
@@ -181,6 +189,8 @@ def test_mask_errors_name_the_argument():
         dense_mask(doc, torch.zeros(2, 8))
     with pytest.raises(TypeError, match="image_ids"):
         block_mask(doc, 64)  # the old positional block_size
+    with pytest.raises(ValueError, match=r"first_query=8 must be in \[0, 8\)"):
+        dense_mask(doc, first_query=8)
 
 
 @pytest.mark.parametrize("seed", LAYOUT_SEEDS)

@@ -62,27 +62,34 @@ def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None,
-               first_key: torch.Tensor | None = None) -> torch.Tensor:
+               first_key: torch.Tensor | None = None, first_query: int = 0) -> torch.Tensor:
     """Causal + same-document (+ bidirectional per image) mask, ``True`` = blocked: ``[b, 1, s, s]``.
 
     ``image_ids=None`` gives the text-only mask (causal + same document). ``first_key`` ``[b, s]``
     (optional) hides from query ``i`` every key before position ``first_key[i]`` except its
     document's first token: caption dropout for classifier-free guidance gives a dropped image's
     patches ``first_key`` = its ``<boi>``, so they see ``<bos> <boi>`` and their own image, exactly
-    the unconditional prompt of generation.
+    the unconditional prompt of generation. ``first_query`` > 0 builds only the rows of queries
+    ``first_query .. s-1`` (``[b, 1, s - first_query, s]``, equal to those rows of the whole mask):
+    decoding with a KV cache needs the new positions' rows only, O(s) per token instead of O(s^2).
     """
     image_ids = _check_image_ids(document_ids, image_ids)
     s = document_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril_()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    if not 0 <= first_query < s:
+        raise ValueError(f"first_query={first_query} must be in [0, {s}) (the sequence length)")
+    rows = slice(first_query, None)
+    queries = torch.arange(first_query, s, device=document_ids.device)
+    keys = torch.arange(s, device=document_ids.device)
+    causal = keys[None, :] <= queries[:, None]
+    same_doc = document_ids[:, rows, None] == document_ids[:, None, :]
     if image_ids is None:
         allowed = same_doc & causal
     else:
-        same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids != NO_IMAGE)[:, :, None]
+        q_image = image_ids[:, rows]
+        same_image = (q_image[:, :, None] == image_ids[:, None, :]) & (q_image != NO_IMAGE)[:, :, None]
         allowed = same_doc & (causal | same_image)
     if first_key is not None:
-        keys = torch.arange(s, device=document_ids.device)
-        visible = (keys[None, None, :] >= first_key[:, :, None]) | _document_starts(document_ids)[:, None, :]
+        visible = (keys[None, None, :] >= first_key[:, rows, None]) | _document_starts(document_ids)[:, None, :]
         allowed = allowed & visible
     return ~allowed[:, None]
 
