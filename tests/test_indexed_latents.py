@@ -7,8 +7,10 @@ which shares no code with the latent file; the same documents go through a JSONL
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,7 +128,7 @@ def test_latent_settings_must_match_the_dataset(prepared, tmp_path):
                                         r"--latent-patch-size 3.*re-run `megafusion data prepare"):
         build_data(indexed_config(prepared, "objective.latent_patch_size=4"))
     with pytest.raises(DataError, match=r"objective\.latent_codec='kl' but the dataset was prepared with "
-                                        r"--latent-codec 'pixels'.*objective\.vae_path="):
+                                        r"--latent-codec 'pixels'"):
         build_data(indexed_config(prepared, "objective.latent_codec=kl", f"objective.vae_path={tmp_path}"))
     with pytest.raises(DataError, match=r"data\.image_size=6 but the dataset was prepared with --image-size 12"):
         build_data(indexed_config(prepared, "data.image_size=6"))
@@ -188,11 +190,35 @@ def test_kl_latents_come_from_the_vae_and_its_path_must_match(prepared, tiny_vae
     want = np.stack([codec.encode(seg.pixels) for d in docs for seg in d.segments if hasattr(seg, "pixels")])
     np.testing.assert_allclose(latents, want, atol=1e-6)
     assert latents.shape == (8, 4, 8, 8) and bundle.tokenizer.codec.latent_codec.latent_shape == (4, 8, 8)
+    # The VAE is known by its weights, not its directory: a copy elsewhere reads the same data ...
+    copy = tmp_path / "copied_vae"
+    shutil.copytree(tiny_vae, copy)
+    moved = build_data(indexed_config(prepared, *kl, f"objective.vae_path={copy}", prefix=prefix))
+    assert moved.tokenizer.config() == bundle.tokenizer.config()
+    # ... and other weights (one parameter nudged) are refused, naming both.
+    from diffusers import AutoencoderKL
+
     other = tmp_path / "other_vae"
-    shutil.copytree(tiny_vae, other)
-    with pytest.raises(DataError, match=rf"objective\.vae_path='{other}' but the dataset was prepared with "
-                                        rf"--vae-path '{tiny_vae}'"):
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    vae.save_pretrained(other)
+    with pytest.raises(DataError, match=rf"objective\.vae_path={other} holds weights='blake2b:\w+' but the dataset "
+                                        rf"was prepared with a VAE of weights '{codec.weights}'"):
         build_data(indexed_config(prepared, *kl, f"objective.vae_path={other}", prefix=prefix))
+    # Data and checkpoints recorded before the weights (VAE by path) still match that path only.
+    meta_path = Path(prefix + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    legacy = {"name": "kl", "path": tiny_vae, "image_size": 16}
+    meta["latents"]["codec"] = meta["tokenizer"]["codec"]["latent"] = meta["codec"]["latent"] = legacy
+    meta_path.write_text(json.dumps(meta))
+    build_data(indexed_config(prepared, *kl, prefix=prefix))
+    with pytest.raises(DataError, match=rf"objective\.vae_path='{copy}' but the dataset was prepared with "
+                                        rf"--vae-path '{tiny_vae}'"):
+        build_data(indexed_config(prepared, *kl, f"objective.vae_path={copy}", prefix=prefix))
+    bundle.tokenizer.check_compatible(meta["tokenizer"], "a checkpoint")  # a legacy record of this VAE's path
+    with pytest.raises(DataError, match="different tokenizer"):
+        moved.tokenizer.check_compatible(meta["tokenizer"], "a checkpoint")  # the copy's path is not the recorded one
 
 
 def test_training_from_the_indexed_dataset_equals_training_on_the_builtin_set(prepared, tmp_path):

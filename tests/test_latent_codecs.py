@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+from megafusion.data.diffusers_local import weights_identity
 from megafusion.data.latent_codecs import build_latent_codec
 from megafusion.data.types import DataError
 from tests.helpers import save_tiny_vae
@@ -42,7 +45,18 @@ def test_kl_codec_is_the_vae_posterior_mean_times_scaling_factor(tiny_vae):
     np.testing.assert_allclose(codec.encode(image), want.numpy(), atol=1e-6)
     decoded = codec.decode(codec.encode(image))
     assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
-    assert build_latent_codec(**codec.config()).latent_shape == codec.latent_shape
+    # Recorded by content: a copy of the directory is the same VAE, other weights are not.
+    copy = path.parent / "copy_of_vae"
+    shutil.copytree(path, copy)
+    assert build_latent_codec("kl", path=str(copy), image_size=16).config() == codec.config()
+    assert codec.config()["weights"].startswith("blake2b:") and "path" not in codec.config()
+    other = type(vae).from_pretrained(path)  # not the fixture's model: other tests use it
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    other.save_pretrained(copy)
+    assert weights_identity(copy, "objective.vae_path") != codec.weights
+    with pytest.raises(DataError, match=r"objective\.vae_path=.*holds no saved weights"):
+        weights_identity(path.parent, "objective.vae_path")
 
 
 def test_kl_codec_names_a_bad_directory(tmp_path):

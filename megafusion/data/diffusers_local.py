@@ -2,7 +2,8 @@
 
 Runs never download: a model is whatever ``save_pretrained`` wrote into a directory the user
 names. Every failure is a ``DataError`` naming the directory, what was found and what is
-expected, instead of a hub traceback.
+expected, instead of a hub traceback. ``weights_identity`` names a saved model by its content,
+not its directory, so data prepared with a VAE in one place is usable with a copy elsewhere.
 """
 
 from __future__ import annotations
@@ -40,3 +41,32 @@ def load_local_model(path, class_name: str, what: str, setting: str):
         raise DataError(f"{what}: cannot load the {class_name} in {path} ({type(exc).__name__}: {exc}); "
                         f"expected {expected}") from None
     return path, model.eval().requires_grad_(False)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_identity(path, setting: str) -> str:
+    """``blake2b:<hex>`` of a saved model's content: its weight files (name and bytes, in name
+    order) and its config without diffusers' bookkeeping keys (``_class_name``, ``_diffusers_version``,
+    ...). A copy of the directory has the same identity; other weights or settings do not.
+    ``setting`` (config key or flag giving ``path``) is named when the directory is not a model."""
+    import hashlib
+
+    path = os.path.abspath(os.fspath(path))
+    names = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)) if os.path.isdir(path) else []
+    if not names:
+        raise DataError(f"{setting}={path} holds no saved weights (*.safetensors / *.bin); set it to the directory "
+                        f"the model's save_pretrained wrote")
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        config = json.loads(Path(path, "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{setting}={path}: config.json cannot be read ({exc})") from None
+    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode())
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(path, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return "blake2b:" + h.hexdigest()

@@ -12,7 +12,8 @@ cut into patches by :mod:`megafusion.layers.patchify`):
   VAE's ``scaling_factor`` (deterministic, so prepared data and checkpoints agree); decode
   divides it back out.
 
-``build_latent_codec(**codec.config())`` rebuilds a codec from what datasets and checkpoints store.
+``codec.config()`` is what datasets and checkpoints record and compare: for "kl" the VAE's
+content (``weights_identity``), not its directory, so a moved or copied VAE still matches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from megafusion.data.codecs import check_rgb_image, resize_nearest
-from megafusion.data.diffusers_local import load_local_model
+from megafusion.data.diffusers_local import load_local_model, weights_identity
 from megafusion.data.types import DataError
 
 
@@ -71,7 +72,8 @@ class KLLatentCodec:
         import torch
 
         self.torch = torch
-        self.path, self.model = load_local_model(path, "AutoencoderKL", "kl latent codec", "the codec's path")
+        self.path, self.model = load_local_model(path, "AutoencoderKL", "kl latent codec", "objective.vae_path")
+        self.weights = weights_identity(self.path, "objective.vae_path")
         self.image_size = int(image_size)
         self.scaling_factor = float(self.model.config.scaling_factor)
         # The latent shape, read off one encoded blank image rather than re-deriving the convolutions.
@@ -90,7 +92,7 @@ class KLLatentCodec:
         return _to_pixels(image[0].numpy())
 
     def config(self) -> dict:
-        return {"name": self.name, "path": self.path, "image_size": self.image_size}
+        return {"name": self.name, "weights": self.weights, "image_size": self.image_size}
 
 
 LATENT_CODECS = {"pixels": PixelLatentCodec, "kl": KLLatentCodec}

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from megafusion.data.diffusers_local import weights_identity
 from megafusion.data.synthetic import synthetic_microbatch
 from megafusion.data.types import NUM_MODALITIES, DataError
 
@@ -172,10 +173,13 @@ def _check_latent_settings(cfg, info: dict) -> None:
     pairs = [("objective.latent_codec", "--latent-codec", o.latent_codec, codec.get("name")),
              ("objective.latent_patch_size", "--latent-patch-size", o.latent_patch_size, info.get("patch_size")),
              ("data.image_size", "--image-size", d.image_size, codec.get("image_size"))]
-    if "kl" in (o.latent_codec, codec.get("name")):
-        # The codec stores the VAE directory as an absolute path (load_local_model).
-        mine = os.path.abspath(o.vae_path) if o.vae_path else None
-        pairs.append(("objective.vae_path", "--vae-path", mine, codec.get("path")))
+    if o.latent_codec == codec.get("name") == "kl" and "weights" in codec:
+        # The VAE's content, not its directory: a copy elsewhere (another node, a moved run) matches.
+        pairs.append((f"objective.vae_path={os.path.abspath(o.vae_path)} holds weights", "a VAE of weights",
+                      weights_identity(o.vae_path, "objective.vae_path"), codec["weights"]))
+    elif o.latent_codec == codec.get("name") == "kl":
+        # Datasets prepared before the weights were recorded name the VAE by its absolute path.
+        pairs.append(("objective.vae_path", "--vae-path", os.path.abspath(o.vae_path), codec.get("path")))
     diffs = [f"{key}={mine!r} but the dataset was prepared with {flag} {theirs!r}"
              for key, flag, mine, theirs in pairs if mine != theirs]
     if diffs:
