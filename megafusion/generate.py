@@ -58,16 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_transfusion_config(ckpt: str):
     """(checkpoint step directory, its config for one process); refuses non-Transfusion checkpoints."""
-    from megafusion.config.loader import config_from_dict
-    from megafusion.config.schema import ParallelConfig
     from megafusion.training import checkpoint as ck
 
     path = ck.resolve_checkpoint(ckpt)
-    cfg = config_from_dict(ck.read_manifest(path)["config"], source=str(path / ck.MANIFEST))
+    cfg = ck.run_config(path)
     if cfg.objective.name != "transfusion":
         raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
                                  f"images can only be sampled from Transfusion checkpoints")
-    cfg.parallel = ParallelConfig()  # dist_checkpointing reshards any layout into one process
     return path, cfg
 
 

@@ -35,14 +35,13 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, tra
     ``transfusion_text``: also accept ``objective.name=transfusion`` checkpoints (their model is
     built with its image modules, of the checkpoint's latent shape, and run on text alone)."""
     from megafusion.config import apply_overrides, validate
-    from megafusion.config.loader import config_from_dict
     from megafusion.models.registry import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize
     from megafusion.training import checkpoint as ck
 
     path = ck.resolve_checkpoint(ckpt)
-    cfg = config_from_dict(ck.read_manifest(path)["config"], source=str(path / ck.MANIFEST))
+    cfg = ck.run_config(path)  # the layout: the overrides
     accepted = ("lm", "transfusion") if transfusion_text else ("lm",)
     if cfg.objective.name not in accepted:
         raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "

@@ -190,13 +190,12 @@ class Plan:
 def plan(args, overrides: list[str]) -> Plan:
     """Check every input (checkpoint, tokenizer, text) and cut the windows; no model, no process group."""
     from megafusion.config import apply_overrides
-    from megafusion.config.loader import config_from_dict
     from megafusion.data.text_tokenizers import load_text_tokenizer
     from megafusion.training import checkpoint as ck
 
     path = ck.resolve_checkpoint(args.ckpt)
     manifest = ck.read_manifest(path)
-    cfg = apply_overrides(config_from_dict(manifest["config"], source=str(path / ck.MANIFEST)), list(overrides))
+    cfg = apply_overrides(ck.run_config(path, manifest), list(overrides))
     seq_length = args.seq_length or cfg.model.seq_length
     vocab = cfg.model.vocab_size
     if vocab is None:

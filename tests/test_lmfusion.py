@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion.config import Config, load_config
-from megafusion.config.loader import config_from_dict
 from megafusion.data.synthetic import synthetic_microbatch
 from megafusion.data.types import Modality
 from megafusion.models import flops
@@ -158,7 +157,7 @@ def test_layouts_train_lmfusion_like_one_process(runs, layout):
 
 def _checkpoint(path):
     path = ck.resolve_checkpoint(path)
-    return path, config_from_dict(ck.read_manifest(path)["config"])
+    return path, ck.run_config(path)
 
 
 def text_logits(runtime, cfg, path, tokens, warm=None) -> torch.Tensor:
@@ -201,7 +200,10 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
 
 # ------------------------------------------------------------------ from a Hugging Face Llama
 
-def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_pp2"])
+def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
+    """Untied in one process; tied (Llama-3.2 1B/3B) under PP=2, where the last stage holds a copy
+    of the frozen embedding as its output layer: both must still be the Llama's after training."""
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
@@ -211,16 +213,16 @@ def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime):
     tok_path = shapes_hf(tmp_path)
     n = raw(tok_path).get_vocab_size(with_added_tokens=True)
     torch.manual_seed(5)
-    llama = LlamaForCausalLM(tiny_llama_config(False, vocab_size=n, num_hidden_layers=2)).float().eval()
+    llama = LlamaForCausalLM(tiny_llama_config(tied, vocab_size=n, num_hidden_layers=2)).float().eval()
     llama.save_pretrained(tmp_path / "llama")
     # The import has exactly the Llama's rows: <boi>, <eoi> and the image placeholder grow it at load.
     ok(convert("hf-to-mf", "--hf", tmp_path / "llama", "--output", tmp_path / "import", "--vocab-multiple", "1",
                "--config-out", tmp_path / "model.yaml"))
-    _, _, out = run_train(tmp_path, 1, CONFIG, [
+    _, _, out = run_train(tmp_path, 2 if tied else 1, CONFIG, [
         *[f"model.{k}={v}" for k, v in _model_section(tmp_path / "model.yaml").items()],
         *LMFUSION, "model.seq_length=128", f"data.tokenizer={tok_path.parent}", "train.steps=2",
-        f"checkpoint.init_from={tmp_path / 'import'}", "checkpoint.save=true", f"checkpoint.dir={tmp_path / 'lmf'}"],
-        "lmf")
+        f"checkpoint.init_from={tmp_path / 'import'}", "checkpoint.save=true", f"checkpoint.dir={tmp_path / 'lmf'}",
+        f"parallel.pp={2 if tied else 1}"], "lmf")
     assert f"vocabulary grown from {n} to" in out
     path, cfg = _checkpoint(tmp_path / "lmf")
     assert cfg.model.frozen_vocab_rows == n and cfg.model.vocab_size > n

@@ -167,11 +167,12 @@ def test_no_tokenizer_found_asks_for_one(imported, tmp_path, capsys):
 
 
 def test_transfusion_run_from_the_import_keeps_its_text_loss(imported, tmp_path, capsys):
-    """A Transfusion run (image modules new) started from the import, one step at learning rate 0:
-    evaluated on text alone (no --tokenizer: its data.tokenizer; windows of its model.seq_length),
-    it gives transformers' loss; it refuses a tokenizer other than the one its data recorded."""
+    """A Transfusion run (image modules new) started from the import, one step at learning rate 0,
+    under PP=2: evaluated in one process on text alone (no layout given: any saved layout loads; no
+    --tokenizer: its data.tokenizer; windows of its model.seq_length), it gives transformers' loss;
+    it refuses a tokenizer other than the one its data recorded."""
     seq = 3 * SEQ
-    run_train(tmp_path, 1, str(imported["yaml"]), [
+    run_train(tmp_path, 2, str(imported["yaml"]), ["parallel.pp=2",
         "objective.name=transfusion", "objective.latent_patch_size=3", "data.source=builtin", "data.builtin=shapes",
         "data.num_samples=24", "data.image_size=12", f"data.tokenizer={imported['hf']}",
         f"data.cache_dir={tmp_path / 'cache'}", f"model.seq_length={seq}", "train.steps=1",

@@ -28,8 +28,6 @@ import sys
 import torch
 
 from megafusion.config import load_config
-from megafusion.config.loader import config_from_dict
-from megafusion.config.schema import ParallelConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,11 +93,10 @@ def dense_to_mot(src: str, out: str, untie: str = "all") -> str:
 
     path = ckpt.resolve_checkpoint(src)
     manifest = ckpt.read_manifest(path)
-    dense_cfg = config_from_dict(manifest["config"], source=str(path / ckpt.MANIFEST))
+    dense_cfg = ckpt.run_config(path, manifest)
     if dense_cfg.model.arch != "dense":
         raise ckpt.CheckpointError(f"{path} holds a model.arch={dense_cfg.model.arch!r} model; dense-to-mot "
                                    f"converts dense checkpoints only")
-    dense_cfg.parallel = ParallelConfig()  # the checkpoint reshards into one process
     mot_cfg = copy.deepcopy(dense_cfg)
     mot_cfg.model.arch, mot_cfg.model.untie = "mot", untie
     load_config(None, [f"model.untie={untie}"])  # validates the spelling of --untie early

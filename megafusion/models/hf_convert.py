@@ -207,8 +207,6 @@ def hf_origin(manifest: dict, hops: int = 8) -> dict:
 def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, bool]:
     """Convert; returns the output directory and whether only the model's text path was exported
     (a MoT's text copies, a Transfusion model without its image modules)."""
-    from megafusion.config.loader import config_from_dict
-    from megafusion.config.schema import ParallelConfig
     from megafusion.models.param_layout import global_param_names
     from megafusion.models.registry import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
@@ -220,7 +218,7 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     _check_empty(target)
     path = ckpt.resolve_checkpoint(src)
     manifest = ckpt.read_manifest(path)
-    cfg = config_from_dict(manifest["config"], source=str(path / ckpt.MANIFEST))
+    cfg = ckpt.run_config(path, manifest)
     # The text path is the Llama: a MoT's text copies (image copies left out), without Transfusion's
     # image modules (the checkpoint's other tensors are simply not read).
     text_half = cfg.model.arch == "mot" or cfg.objective.name != "lm"
@@ -233,7 +231,6 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
         raise ConversionError(f"--vocab-size {vocab} must be between 1 and the model's {cfg.model.vocab_size} rows")
     model_section["num_query_groups"] = cfg.model.effective_num_query_groups()
     model_section["ffn_hidden_size"] = cfg.model.effective_ffn_hidden_size()
-    cfg.parallel = ParallelConfig()  # dist_checkpointing reshards any layout into one process
     runtime = initialize(cfg)
     try:
         model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)

@@ -229,6 +229,19 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({err}): the checkpoint is damaged") from err
 
 
+def run_config(path: Path, manifest: dict | None = None):
+    """The config checkpoint ``path`` was trained with, minus its layout: ``parallel`` is one
+    process's (dist_checkpointing reshards any saved layout into whatever the caller then sets).
+    What the tools that run a checkpoint (eval, generate, logits, convert) start from."""
+    from megafusion.config.loader import config_from_dict
+    from megafusion.config.schema import ParallelConfig
+
+    manifest = read_manifest(path) if manifest is None else manifest
+    cfg = config_from_dict(manifest["config"], source=str(path / MANIFEST))
+    cfg.parallel = ParallelConfig()
+    return cfg
+
+
 @dataclass
 class WarmStart:
     """How ``checkpoint.init_from`` fills a model that differs from the checkpoint's in the ways a
