@@ -160,7 +160,7 @@ class Generator:
         with torch.no_grad(), (routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext()):
             logits, prediction = self.model(ids, position_ids, mask, labels=None, images=images,
                                             inference_context=cache, runtime_gather_output=True)
-        return logits[0, -1], prediction
+        return logits[0, -1], (None if prediction is None else prediction.float())  # the sampler works in fp32
 
     def image_prediction(self, caption: str, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
         """The diffusion prediction for the latent ``x_t`` ``[1, C, H, W]`` of an image right

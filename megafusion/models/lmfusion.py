@@ -59,12 +59,14 @@ def is_frozen(name: str) -> bool:
 class NewTokenRows(torch.nn.Module):
     """``weight`` ``[vocab - first, hidden]``: trainable deltas of vocabulary rows ``[first, vocab)``."""
 
-    def __init__(self, first: int, vocab: int, hidden: int):
+    def __init__(self, first: int, vocab: int, hidden: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         if not 0 < first <= vocab:
             raise ValueError(f"model.frozen_vocab_rows={first} must be in [1, model.vocab_size={vocab}]")
         self.first, self.vocab = first, vocab
-        self.weight = torch.nn.Parameter(torch.zeros(vocab - first, hidden))
+        # The model's params_dtype (bf16 on GPUs): megatron's mixed-precision optimizer keeps the
+        # fp32 master copy, as for every other weight.
+        self.weight = torch.nn.Parameter(torch.zeros(vocab - first, hidden, dtype=dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s, h]``: the delta of each position's token (zero for the frozen ids)."""
@@ -86,10 +88,10 @@ def attach_new_token_rows(model, first: int) -> None:
     """Give one GPTModel chunk its new-row deltas (first stage: input, last stage: output) and hooks."""
     config, vocab = model.config, model.vocab_size
     if model.pre_process:
-        model.add_module(INPUT_ROWS, NewTokenRows(first, vocab, config.hidden_size))
+        model.add_module(INPUT_ROWS, NewTokenRows(first, vocab, config.hidden_size, config.params_dtype))
         model.embedding.register_forward_hook(_embedding_hook(model), with_kwargs=True)
     if model.post_process:
-        model.add_module(OUTPUT_ROWS, NewTokenRows(first, vocab, config.hidden_size))
+        model.add_module(OUTPUT_ROWS, NewTokenRows(first, vocab, config.hidden_size, config.params_dtype))
         model.output_layer.register_forward_hook(_output_hook(model), with_kwargs=True)
 
 

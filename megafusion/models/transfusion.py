@@ -80,6 +80,12 @@ class TransfusionGPTModel(GPTModel):
             self.image_patch_head = head(hidden, self.patch_size, channels)
             self._final_hidden = None
             self.output_layer.register_forward_pre_hook(self._capture_final_hidden)
+        # In the transformer's params_dtype (bf16 on GPUs) like every megatron weight: megatron's
+        # mixed-precision optimizer keeps the fp32 master copies, and cannot checkpoint a model
+        # that mixes fp32 and bf16 parameters. Inputs are cast in; the loss is computed in fp32.
+        for name in ("image_time_embed", "image_patch_embed", "image_patch_head"):
+            if hasattr(self, name):
+                getattr(self, name).to(dtype=self.config.params_dtype)
 
     def _sent_shapes(self, count: int) -> list[tuple[int, ...]]:
         """What crosses the stage channel for ``count`` images: the skips, then ``temb``."""
@@ -106,8 +112,9 @@ class TransfusionGPTModel(GPTModel):
     def _image_delta(self, images: ImageInputs) -> torch.Tensor:
         """``[s, b, h]``: patch (+ time) embeddings at the image positions, zero elsewhere."""
         temb = self.image_time_embed(images.timesteps)
+        noised = images.noised.to(self._channel_dtype())  # fp32 latents into bf16 modules
         if self.unet:
-            tokens, skips = self.image_patch_embed(images.noised, temb)
+            tokens, skips = self.image_patch_embed(noised, temb)
             if self.post_process:  # the head is on this stage
                 self._skips, self._temb = skips, temb
             else:
@@ -115,7 +122,7 @@ class TransfusionGPTModel(GPTModel):
                 tokens = stage_channel.SendToLastStage.apply(self._stage_channel, self._channel_dtype(), tokens,
                                                              *skips, temb)
         else:
-            tokens = self.image_patch_embed(images.noised, temb)
+            tokens = self.image_patch_embed(noised, temb)
         b, s = images.image_ids.shape
         flat = torch.zeros(b * s, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
         flat = flat.index_copy(0, images.positions, tokens.reshape(-1, tokens.shape[-1]))
