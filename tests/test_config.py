@@ -260,6 +260,14 @@ def test_vpp_needs_pp():
     validate(make("parallel.vpp=1"), 1)  # vpp=1 means off
 
 
+def test_unet_patch_must_hold_its_downsampling():
+    tf = ["objective.name=transfusion", "data.source=builtin", "objective.patchify=unet", "data.image_size=12"]
+    msg = problems_of(make(*tf, "objective.latent_patch_size=3"), 1)
+    assert_all_in(msg, "objective.latent_patch_size=3", "multiple of 2", "objective.patchify=unet", "2 or 4")
+    validate(make(*tf, "objective.latent_patch_size=2"), 1)
+    validate(make(*tf[:-2], "data.image_size=12", "objective.latent_patch_size=3"), 1)  # linear: any divisor
+
+
 def test_vpp_microbatches_divisible_by_pp():
     # dp=1, 3 microbatches, pp=2 -> interleaved schedule refuses
     msg = problems_of(make("parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",

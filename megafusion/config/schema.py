@@ -141,6 +141,13 @@ class DataConfig:
         return self.source != "synthetic" or self.docs_per_sequence > 1
 
 
+# The small U-Net of objective.patchify=unet: block widths (each block after the first halves
+# the latent) and resnet layers per block. Here, not in layers/patchify.py, so that validation
+# can check objective.latent_patch_size against the downsampling before anything is built.
+UNET_CHANNELS = (32, 64)
+UNET_LAYERS_PER_BLOCK = 1
+
+
 @dataclass
 class ObjectiveConfig:
     # lm: next-token loss on every token (text pieces and discrete image codes: Chameleon);

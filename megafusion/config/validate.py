@@ -5,7 +5,7 @@ them all, so a user fixes a config in one round instead of one error at a time.
 Each problem names the offending keys, their values and a concrete fix.
 """
 
-from .schema import MOT_PARTS, SECTIONS, Config, ConfigError, field_types, split_optional
+from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
 
 PARAMS_DTYPES = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
@@ -162,6 +162,12 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
         if o.latent_codec == "kl" and not o.vae_path:
             problems.append("objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
                             "AutoencoderKL saved with save_pretrained")
+        factor = 2 ** (len(UNET_CHANNELS) - 1)  # the U-Net's downsampling inside each patch
+        if o.patchify == "unet" and o.latent_patch_size >= 1 and o.latent_patch_size % factor:
+            problems.append(f"objective.latent_patch_size={o.latent_patch_size} must be a multiple of {factor} with "
+                            f"objective.patchify=unet (its U-Net halves the latent {len(UNET_CHANNELS) - 1} time(s) "
+                            f"inside each patch): set it to {_near(o.latent_patch_size, factor)}, or use "
+                            f"objective.patchify=linear")
         if o.latent_codec == "pixels" and d.image_size % max(o.latent_patch_size, 1):
             problems.append(f"objective.latent_patch_size={o.latent_patch_size} does not divide data.image_size="
                             f"{d.image_size} (pixel latents are the image): choose a divisor of {d.image_size}")

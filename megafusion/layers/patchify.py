@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import torch
 
-# The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet); ``megafusion.models.flops``
-# counts its parameters and FLOPs from these same numbers.
-UNET_CHANNELS = (32, 64)
-UNET_LAYERS_PER_BLOCK = 1
+from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+
+# The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet): the widths and layers
+# above, and this; ``megafusion.models.flops`` counts its parameters and FLOPs from the same numbers.
 UNET_NORM_GROUPS = 8
 
 

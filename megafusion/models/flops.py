@@ -368,7 +368,7 @@ def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -
     if o.name != "transfusion":
         return {}
     # Imported here: these modules import diffusers (seconds), which LM-only callers never need.
-    from megafusion.layers.patchify import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+    from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
     from megafusion.layers.timestep import FREQUENCY_DIM
 
     channels, height, width = image_latent_shape(cfg, latent_shape)
