@@ -8,6 +8,8 @@ not its directory, so data prepared with a VAE in one place is usable with a cop
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -51,20 +53,26 @@ def weights_identity(path, setting: str) -> str:
     order) and its config without diffusers' bookkeeping keys (``_class_name``, ``_diffusers_version``,
     ...). A copy of the directory has the same identity; other weights or settings do not.
     ``setting`` (config key or flag giving ``path``) is named when the directory is not a model."""
-    import hashlib
-
     path = os.path.abspath(os.fspath(path))
     names = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)) if os.path.isdir(path) else []
     if not names:
         raise DataError(f"{setting}={path} holds no saved weights (*.safetensors / *.bin); set it to the directory "
                         f"the model's save_pretrained wrote")
-    h = hashlib.blake2b(digest_size=16)
     try:
         config = json.loads(Path(path, "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{setting}={path}: config.json cannot be read ({exc})") from None
-    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode())
-    for name in names:
+    settings = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
+    # Hashed once per process and file state (a run checks the data, then loads the codec).
+    stamps = tuple((n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns)
+                   for n in names)
+    return _hash_weights(path, settings, stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(path: str, settings: str, stamps: tuple) -> str:
+    h = hashlib.blake2b(settings.encode(), digest_size=16)
+    for name, _, _ in stamps:
         h.update(name.encode() + b"\0")
         with open(os.path.join(path, name), "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
