@@ -3,8 +3,8 @@
 Prints the exact parameter counts, the forward + backward model FLOPs per token at full causal
 attention over ``model.seq_length``, and a per-modality report on a representative microbatch
 with the mask training counts (causal, same document, bidirectional within Transfusion's
-images) next to the ``6 * N`` rule of thumb. Nothing is built or run: the numbers are analytic (see :mod:`megafusion.models.flops`), so this is instant even for
-large configs.
+images) next to the ``6 * N`` rule of thumb. Nothing is built or run: the numbers are analytic
+(see :mod:`megafusion.models.flops`), so this is instant even for large configs.
 
 Batches: a data module may provide ``megafusion.data.loader.representative_microbatch(cfg)``
 returning a microbatch dict (``document_ids``, ``modality_ids``, optionally ``loss_mask``);
@@ -42,7 +42,8 @@ def flops_report(cfg, batch: dict) -> str:
     """
     doc = batch["document_ids"]
     images = _images(batch)
-    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **F.microbatch_mask(batch), **images)
+    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **F.microbatch_mask(batch),
+                          **images)
     full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
     n = F.parameter_counts(cfg, images["latent_shape"])
     tokens = stats["tokens"]
