@@ -72,3 +72,14 @@ def recorded_or_now(info: dict) -> dict:
     return {"commit": info.get("commit") or git_commit(), "machine": info.get("machine") or machine(),
             "date_utc": info.get("date_utc") or utc_now(),
             "command": info.get("command") or f"(analysis only) {' '.join(sys.argv)}"}
+
+
+def repo_relative(value):
+    """``value`` (nested dicts / lists) with every path string inside this repository written
+    relative to it: results record ``runs/...``, not the machine's checkout directory."""
+    if isinstance(value, dict):
+        return {k: repo_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repo_relative(v) for v in value]
+    prefix = f"{ROOT}{os.sep}"
+    return value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else value

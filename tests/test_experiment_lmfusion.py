@@ -190,3 +190,12 @@ def test_run_py_quick_end_to_end(tmp_path):
                            timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "lmfusion.json").read_text())["date_utc"] == result["date_utc"]
+
+
+def test_results_record_paths_relative_to_the_repository():
+    from bench.provenance import repo_relative
+
+    inside, outside = str(ROOT / "runs" / "lmfusion" / "metrics.jsonl"), "/elsewhere/runs/metrics.jsonl"
+    got = repo_relative({"runs": [{"metrics": inside}, {"metrics": outside}], "steps": 3, "name": str(ROOT) + "x"})
+    assert got == {"runs": [{"metrics": "runs/lmfusion/metrics.jsonl"}, {"metrics": outside}], "steps": 3,
+                   "name": str(ROOT) + "x"}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import recorded_or_now  # noqa: E402
+from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
 from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 RESULT_NAME = "lmfusion"
@@ -350,7 +350,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
               "budget": info.get("budget"), "steps": info.get("steps", []), **analysed}
     results_dir.mkdir(parents=True, exist_ok=True)
     base = results_dir / RESULT_NAME
-    base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    base.with_suffix(".json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
     base.with_suffix(".md").write_text(markdown(result))
     plot(result, base.with_suffix(".png"))
     return result

@@ -49,7 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import recorded_or_now  # noqa: E402
+from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
 from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 ARCHS = ("dense", "mot")
@@ -448,7 +448,7 @@ def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) 
               "parameters": parameter_counts(out_dir, info), **result}
     results_dir.mkdir(parents=True, exist_ok=True)
     base = result_base(results_dir, result["setting"])
-    Path(f"{base}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{base}.json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
     Path(f"{base}.md").write_text(markdown(result))
     plot(result, Path(f"{base}.png"))
     return result
