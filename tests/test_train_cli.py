@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -51,6 +53,18 @@ def test_invalid_layout_fails_before_training_with_actionable_message():
     assert proc.returncode == 2
     assert "model.num_attention_heads=4 is not divisible by parallel.tp=3" in proc.stderr
     assert "world size 1" in proc.stderr and "step" not in proc.stdout
+
+
+def test_flex_attention_training_off_cuda_is_refused_with_the_fix():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("FlexAttention trains on CUDA: nothing to refuse")
+    proc = run([sys.executable, "-m", "megafusion.train", "--config", "examples/configs/tiny_dense.yaml",
+                "model.attention_backend=flex", "logging.wandb=false", "checkpoint.save=false"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.attention_backend=flex trains on CUDA only" in proc.stderr
+    assert "model.attention_backend=sdpa" in proc.stderr and "step" not in proc.stdout
 
 
 def test_unknown_key_and_missing_file_are_named():

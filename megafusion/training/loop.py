@@ -256,6 +256,13 @@ def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
 
 def train(cfg, runtime=None) -> list[float]:
     runtime = runtime or initialize(cfg)
+    if cfg.model.attention_backend == "flex" and runtime.device.type != "cuda":
+        from megafusion.config import ConfigError
+
+        # torch's FlexAttention runs forward on CPU but has no CPU backward (NotImplementedError
+        # at the first step): say so before building anything.
+        raise ConfigError(f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
+                          f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here")
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
     root = ckpt.resolve_dir(cfg)
