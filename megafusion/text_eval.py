@@ -125,7 +125,8 @@ def default_tokenizer(path: Path, manifest: dict) -> tuple[str, str]:
             return str(hf_dir), "hf-to-mf origin"
         tried.append(f"the Hugging Face directory it was imported from, {hf_dir}, holds no tokenizer.json")
     why = "; ".join(tried) if tried else "it records no tokenizer (e.g. trained on synthetic data)"
-    raise TextEvalError(f"{path}: no tokenizer found for this checkpoint ({why}): pass --tokenizer ({_TOKENIZER_KINDS})")
+    raise TextEvalError(f"{path}: no tokenizer found for this checkpoint ({why}): "
+                        f"pass --tokenizer ({_TOKENIZER_KINDS})")
 
 
 def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer") -> None:
@@ -143,7 +144,8 @@ def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer")
         made = f" ({known})" if known else ""
         this = f"--tokenizer {tok.path}" if found == "--tokenizer" else f"{tok.path} (its {found}, changed since)"
         raise TextEvalError(f"{path} was trained with a different tokenizer{made} than {this} "
-                            f"({'; '.join(diffs)}): pass --tokenizer with the tokenizer the checkpoint was trained with")
+                            f"({'; '.join(diffs)}): pass --tokenizer with the tokenizer the checkpoint was "
+                            f"trained with")
 
 
 # ------------------------------------------------------------------ windows and losses

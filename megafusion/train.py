@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, MissingDependencyError) as err:  # bad input: what, where, no traceback
+    # Bad input: say what and where, no traceback.
+    except (ConfigError, DataError, CheckpointError, MissingDependencyError) as err:
         print(f"megafusion: {err}", file=sys.stderr, flush=True)
         return 2
     finally:

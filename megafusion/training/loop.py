@@ -242,7 +242,8 @@ def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
             # or the first step would write the random init back over the loaded weights.
             trainer.optimizer.reload_model_params()
             how = warm.describe()
-            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{'; ' + how if how else ''})"
+            how = f"; {how}" if how else ""
+            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how})"
         if cfg.model.freeze_text:
             raise ckpt.CheckpointError("model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
                                        "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
