@@ -33,5 +33,5 @@ setup(
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["megafusion=megafusion.cli:main"]},
+    entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )

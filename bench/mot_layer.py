@@ -17,7 +17,7 @@ Measured, alternating dense and MoT every iteration so that background load hits
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` around one forward +
 backward of each layer under ``SDPBackend.MATH`` (the CPU flash kernel reports 0 FLOPs, the
 fused CUDA ones ignore causality); the two counts must be equal or the run fails. Achieved
-TFLOP/s use *model* FLOPs (causal attention, see ``megafusion.models.flops``).
+TFLOP/s use *model* FLOPs (causal attention, see ``megafusion.accounting.flops``).
 
 Usage::
 
@@ -221,9 +221,9 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
 
 
 def measure(args, cfg, device: torch.device) -> dict:
-    from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES
+    from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
     from megafusion.layers.routing import ModalityRouting, modality_routing
-    from megafusion.models import flops as F
+    from megafusion.accounting import flops as F
     from megafusion.models.dense import dense_layer_spec
     from megafusion.models.mot import mot_layer_spec
     from megafusion.models.transformer_config import build_transformer_config
@@ -278,7 +278,7 @@ def measure(args, cfg, device: torch.device) -> dict:
     tflops = {n: float(f"{model_flops / (stats[n]['median'] * 1e-3) / 1e12:.4g}") for n in ("dense", "mot")}
     peak = None
     if device.type == "cuda":
-        from megafusion.training.mfu import peak_tflops
+        from megafusion.accounting.mfu import peak_tflops
 
         peak = peak_tflops(device)
     counts = torch.bincount(modality_ids.reshape(-1), minlength=NUM_MODALITIES).tolist()
@@ -300,7 +300,7 @@ def measure(args, cfg, device: torch.device) -> dict:
         "flops": {"dense": counted["dense"], "mot": counted["mot"], "equal": True,
                   "counter": "FlopCounterMode, SDPBackend.MATH (full s x s attention)",
                   "analytic": analytic, "matches_analytic": analytic == counted["dense"],
-                  "model": model_flops, "model_note": "causal attention, megafusion.models.flops"},
+                  "model": model_flops, "model_note": "causal attention, megafusion.accounting.flops"},
         "tflops": tflops,
         "peak_tflops": peak,
         "mfu": None if peak is None else {n: round(v / peak, 4) for n, v in tflops.items()},

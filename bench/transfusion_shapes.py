@@ -106,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"logging.out_dir=runs/transfusion_shapes/{stamp}")
     cfg = load_config(str(ROOT / args.config), overrides)
     ckpt = args.ckpt or str(Path(cfg.logging.out_dir) / "checkpoints")
-    train_cmd = [sys.executable, "-m", "megafusion.train", "--config", args.config, *overrides,
+    train_cmd = [sys.executable, "-m", "megafusion.commands.train", "--config", args.config, *overrides,
                  f"checkpoint.dir={ckpt}", f"checkpoint.interval={cfg.train.steps}", "checkpoint.save=true",
                  "checkpoint.resume=false"]
     train_seconds = None
     if args.ckpt is None:
         _, train_seconds = _run(train_cmd)
-    eval_cmd = [sys.executable, "-m", "megafusion.cli", "eval", "--ckpt", ckpt, "--samples", str(args.samples),
+    eval_cmd = [sys.executable, "-m", "megafusion.commands.main", "eval", "--ckpt", ckpt, "--samples", str(args.samples),
                 "--sampler", args.sampler, "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
                 "--out", str(Path(ckpt).parent / "eval")]
     stdout, _ = _run(eval_cmd)

@@ -1,55 +1,9 @@
-"""``python -m megafusion.train --config FILE [section.key=value ...]``.
+"""``python -m megafusion.train``: the training command (torchrun, launch/ and sbatch call it). Kept as a stable entry point; the code lives in
+:mod:`megafusion.commands.train`."""
 
-Works alone (one process) and under ``torchrun`` (any world size); ``--dry-run`` prints the
-resolved parallel layout (see :mod:`megafusion.launch_plan`) instead. The config is loaded and
-validated against the world size before any process group exists, so a layout that cannot
-work stops here with a message that names the key and the fix.
-"""
-
-from __future__ import annotations
-
-import os
 import sys
 
-from megafusion.config import ConfigError, load_config, parse_cli, validate
-from megafusion.models import ARCHS
-
-
-def load_and_validate(argv: list[str]):
-    path, overrides = parse_cli(argv)
-    cfg = load_config(path, overrides)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), known_archs=tuple(ARCHS))
-    return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--dry-run" in argv:  # print the resolved layout: which rank holds what; train nothing
-        from megafusion.launch_plan import dry_run_main
-
-        return dry_run_main([a for a in argv if a != "--dry-run"])
-    try:
-        cfg = load_and_validate(argv)
-    except ConfigError as err:
-        print(f"megafusion: {err}", file=sys.stderr)
-        return 2
-    from megafusion.runtime import shutdown
-    from megafusion.training.loop import train
-
-    from megafusion.data.types import DataError
-    from megafusion.training.checkpoint import CheckpointError
-    from megafusion.training.metrics import MissingDependencyError
-
-    try:
-        train(cfg)
-    # Bad input: say what and where, no traceback.
-    except (ConfigError, DataError, CheckpointError, MissingDependencyError) as err:
-        print(f"megafusion: {err}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        shutdown()
-    return 0
-
+from megafusion.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

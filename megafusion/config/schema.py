@@ -11,11 +11,10 @@ import typing
 from dataclasses import dataclass, field
 
 
-MOT_PARTS = ("attention", "ffn", "norms")
+from megafusion.core.choices import MOT_PARTS  # noqa: E402,F401
 
 
-class ConfigError(ValueError):
-    """A configuration could not be loaded, parsed or validated."""
+from megafusion.core.errors import ConfigError  # noqa: E402,F401  (re-exported by megafusion.config)
 
 
 @dataclass

@@ -5,14 +5,18 @@ them all, so a user fixes a config in one round instead of one error at a time.
 Each problem names the offending keys, their values and a concrete fix.
 """
 
+from megafusion.core.choices import (
+    ATTENTION_BACKENDS,
+    BUILTIN_SETS,
+    DATA_SOURCES,
+    IMAGE_CODECS,
+    LATENT_CODECS,
+    OBJECTIVES,
+    PARAMS_DTYPES,
+)
+
 from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
 
-PARAMS_DTYPES = ("auto", "fp32", "bf16")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
-DATA_SOURCES = ("synthetic", "builtin", "indexed")
-OBJECTIVES = ("lm", "transfusion")
-BUILTIN_SETS = ("shapes", "digits")
-IMAGE_CODECS = ("pixel", "vq", "vqgan")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
@@ -141,7 +145,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
     for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
                             ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
                             ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
-                            ("objective.latent_codec", o.latent_codec, ("pixels", "kl")),
+                            ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
                             ("objective.patchify", o.patchify, ("linear", "unet"))]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
-from megafusion.data.types import NUM_MODALITIES, DataError, Modality, TokenizedDocument
+from megafusion.core.modality import NUM_MODALITIES, Modality
+from megafusion.core.errors import DataError
+from megafusion.data.types import TokenizedDocument
 
 
 def _content_score(doc: TokenizedDocument, seed: int) -> int:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES, DataError, Modality, TokenizedDocument
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, Modality
+from megafusion.core.errors import DataError
+from megafusion.data.types import TokenizedDocument
 
 # Document id of padding: never a document's id (those are 0, 1, 2, ... within each row), so a
 # padding token never looks like it belongs to the document before it.

@@ -13,7 +13,7 @@ evaluation use. Three sources:
 - ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
   tokenizer and codec made it). With ``objective.name=transfusion`` it must have been prepared
   with ``--latent-codec`` and the objective's latent settings (``PREFIX.latents.npy`` holds its
-  image latents, see :mod:`megafusion.data.indexed_latents`).
+  image latents, see :mod:`megafusion.data.formats.indexed_latents`).
 
 Documents are split into train / validation by content hash, packed whole into rows of
 ``model.seq_length + 1`` tokens, and served by ``MicrobatchSource`` (sample i of the run is a
@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
-from megafusion.data.diffusers_local import weights_identity
-from megafusion.data.synthetic import synthetic_microbatch
-from megafusion.data.types import NUM_MODALITIES, DataError
+from megafusion.data.codecs.diffusers_local import weights_identity
+from megafusion.data.builtin.synthetic import synthetic_microbatch
+from megafusion.core.modality import NUM_MODALITIES
+from megafusion.core.errors import DataError
 
 VOCAB_MULTIPLE = 128
 SYNTHETIC_VOCAB = 256
@@ -94,8 +95,8 @@ def padded_vocab(tokenizer_vocab: int, requested: int | None, tp: int) -> int:
 
 
 def _builtin_documents(cfg):
-    from megafusion.data.builtin_digits import digits_documents
-    from megafusion.data.builtin_shapes import shapes_documents
+    from megafusion.data.builtin.digits import digits_documents
+    from megafusion.data.builtin.shapes import shapes_documents
 
     d = cfg.data
     docs = []
@@ -111,7 +112,7 @@ def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, 
                prepared_with: str | None = None):
     """The text tokenizer's path: configured (a SentencePiece model or a Hugging Face tokenizer.json /
     directory), or a SentencePiece model trained once (by the first rank) on ``texts`` and cached."""
-    from megafusion.data.tokenizer import builtin_tokenizer
+    from megafusion.data.tokenizers.joint import builtin_tokenizer
 
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
@@ -128,9 +129,9 @@ def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, 
 
 def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], None]):
     """The ``data.image_codec`` codec for the built-in images (a vq codebook is fitted by the first rank)."""
-    from megafusion.data.codecs import build_codec
+    from megafusion.data.codecs.registry import build_codec
     from megafusion.data.types import ImageSegment
-    from megafusion.data.vq_codec import builtin_vq_codebook
+    from megafusion.data.codecs.vq import builtin_vq_codebook
 
     d = cfg.data
     if d.image_codec == "pixel":
@@ -157,7 +158,7 @@ def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], No
 
 def _latent_placeholders(cfg):
     """objective=transfusion: images become latents; the tokenizer only places their patches."""
-    from megafusion.data.latent_codecs import build_latent_codec
+    from megafusion.data.codecs.registry import build_latent_codec
     from megafusion.data.transfusion_data import PlaceholderCodec
 
     o = cfg.objective
@@ -189,10 +190,10 @@ def _check_latent_settings(cfg, info: dict) -> None:
 
 def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
     """(documents, codec, tokenizer) of the ``data.source=indexed`` dataset, checked against the run."""
-    from megafusion.data.codecs import build_codec
-    from megafusion.data.indexed import read_indexed
-    from megafusion.data.indexed_latents import META_KEY, attach_latents, latent_info, read_latents
-    from megafusion.data.tokenizer import MultimodalTokenizer
+    from megafusion.data.codecs.registry import build_codec
+    from megafusion.data.formats.indexed import read_indexed
+    from megafusion.data.formats.indexed_latents import META_KEY, attach_latents, latent_info, read_latents
+    from megafusion.data.tokenizers.joint import MultimodalTokenizer
 
     path = cfg.data.path
     tokenized, meta = read_indexed(path)
@@ -232,7 +233,7 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
 
     from megafusion.data.loader import MicrobatchSource, split_documents
     from megafusion.data.packing import pack_documents
-    from megafusion.data.tokenizer import MultimodalTokenizer
+    from megafusion.data.tokenizers.joint import MultimodalTokenizer
     from megafusion.data.transfusion_data import encode_transfusion_document
 
     transfusion = cfg.objective.name == "transfusion"

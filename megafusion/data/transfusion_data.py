@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from megafusion.data.types import DataError, Document, ImageSegment, TokenizedDocument
+from megafusion.core.errors import DataError
+from megafusion.data.types import Document, ImageSegment, TokenizedDocument
 
 
 class PlaceholderCodec:

@@ -7,7 +7,7 @@
 - ``ImageCodec``: turns an RGB ``uint8 [H, W, 3]`` image into ``tokens_per_image`` discrete codes
   in ``[0, vocab_size)`` and back.
 - ``TokenizedDocument``: the flat ``tokens`` (int64) and per-token ``modalities`` (uint8) of one
-  document in the joint vocabulary (see ``megafusion.data.tokenizer``).
+  document in the joint vocabulary (see ``megafusion.data.tokenizers.joint``).
 - A *microbatch* (what the loader yields and every pipeline stage reads) is a dict of tensors:
   ``tokens``, ``labels``, ``position_ids``, ``document_ids``, ``modality_ids``,
   ``label_modality_ids`` (all ``[b, s]`` int64), ``loss_mask`` (``[b, s]`` float) and
@@ -18,19 +18,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Protocol, Union
 
 import numpy as np
 
 
-class Modality(IntEnum):
-    TEXT = 0
-    IMAGE = 1
-
-
-MODALITY_NAMES = tuple(m.name.lower() for m in Modality)
-NUM_MODALITIES = len(MODALITY_NAMES)
+# Re-exported: these names live in megafusion.core, where every layer can import them.
+from megafusion.core.errors import DataError  # noqa: F401
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, Modality  # noqa: F401
 
 
 @dataclass
@@ -75,6 +70,3 @@ class ImageCodec(Protocol):
     def config(self) -> dict:
         """Everything that determines the codes (stored with datasets and checkpoints)."""
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line / member) and what is wrong."""

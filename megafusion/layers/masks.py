@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from megafusion.data.types import Modality
+from megafusion.core.modality import NO_IMAGE, Modality
 
-NO_IMAGE = -1  # the image id of every token that is not an image patch
 
 
 def _check_image_ids(document_ids: torch.Tensor, image_ids) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ import zlib
 
 import torch
 
-from megafusion.data.types import MODALITY_NAMES
+from megafusion.core.modality import MODALITY_NAMES
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
 from megafusion.models.param_layout import (EMBEDDING, full_shape, global_param_names, is_tied_output_copy,
                                             shard_of_full)

@@ -30,7 +30,7 @@ rank computes only the new columns of its own vocabulary shard.
 Frozen weights skip their weight-gradient GEMMs (megatron's ``linear_with_frozen_weight`` for the
 output layer; autograd for the per-modality grouped GEMMs), which ``models/flops.py`` counts.
 Text logits (columns ``< first``) of text-only inputs are exactly the pretrained model's, before
-and after any amount of training (``tests/test_lmfusion.py``).
+and after any amount of training (``tests/models/test_lmfusion.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-from megafusion.data.types import Modality
+from megafusion.core.modality import Modality
 from megafusion.models.param_layout import EMBEDDING, OUTPUT_LAYER
 
 INPUT_ROWS, OUTPUT_ROWS = "embedding_new_rows", "output_new_rows"  # module names on the GPTModel

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megafusion.data.types import MODALITY_NAMES
+from megafusion.core.modality import MODALITY_NAMES
 
 
 @dataclass

@@ -20,7 +20,7 @@ import zlib
 
 import torch
 
-from megafusion.data.types import Modality
+from megafusion.core.modality import Modality
 from megafusion.models.transfusion import ImageInputs
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 
@@ -68,7 +68,7 @@ def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
 
 def attended_keys(batch: dict) -> torch.Tensor:
     """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
-    from megafusion.models.flops import attended_keys as mixed_keys
+    from megafusion.accounting.flops import attended_keys as mixed_keys
 
     keys = mixed_keys(batch["document_ids"], batch["image_ids"])
     dropped = batch["first_key"] > 0

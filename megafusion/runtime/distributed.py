@@ -63,7 +63,7 @@ def init_process_group() -> tuple[str, torch.device]:
         timeout = datetime.timedelta(minutes=10)
         if "RANK" in os.environ:  # torchrun (or srun + torchrun) set up the rendezvous
             dist.init_process_group(backend=backend, timeout=timeout)
-        else:  # a plain `python -m megafusion.train`: one process, an in-memory store.
+        else:  # a plain `python -m megafusion.commands.train`: one process, an in-memory store.
             # No TCP port: picking a free one and binding it later races with other processes on
             # the host. The environment is left alone, so child processes inherit no rendezvous.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -42,8 +42,7 @@ SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_q
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message names the directory and what is wrong."""
+from megafusion.core.errors import CheckpointError  # noqa: E402,F401
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -265,7 +264,7 @@ class WarmStart:
 def _warm_start(ours: dict, theirs: dict, diffs: dict[str, tuple]) -> WarmStart:
     """Take the differences a warm start can bridge out of ``diffs`` (key -> (checkpoint, run))."""
     from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
-    from megafusion.models.flops import IMAGE_MODULES
+    from megafusion.accounting.flops import IMAGE_MODULES
 
     warm, new = WarmStart(), []
     if diffs.get("arch") == ("dense", "mot"):

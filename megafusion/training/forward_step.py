@@ -17,11 +17,11 @@ from functools import partial
 
 import torch
 
-from megafusion.data.types import MODALITY_NAMES, NUM_MODALITIES
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.layers.masks import block_mask, dense_mask
 from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.models import ROUTED_ARCHS
-from megafusion.objectives.lm_loss import lm_loss_sums
+from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.transfusion import combined_loss, noised_images, schedule_for
 
 REPORT_FIELDS = ("total", "lm", "z", "tokens",

@@ -20,11 +20,10 @@ import sys
 
 import torch
 
-from megafusion.data.types import MODALITY_NAMES
+from megafusion.core.modality import MODALITY_NAMES
 
 
-class MissingDependencyError(RuntimeError):
-    """A logging backend was asked for but its package is not installed."""
+from megafusion.core.errors import MissingDependencyError  # noqa: E402,F401
 
 
 def memory_gb(device: torch.device) -> float:

@@ -11,7 +11,7 @@ Reads what ``run.py`` leaves in ``--out-dir``:
 - ``text_lm/metrics.jsonl`` (the text-only pretraining), ``lmfusion/metrics.jsonl`` and
   ``mot_scratch/metrics.jsonl`` (the two mixed-modal runs), written by ``megafusion train``;
 - the runs' final checkpoints (``<run>/checkpoints``), for exact parameter counts
-  (``megafusion.models.flops.parameter_counts`` of the saved config; skipped where absent).
+  (``megafusion.accounting.flops.parameter_counts`` of the saved config; skipped where absent).
 
 Computes, for LMFusion and MoT from scratch:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
 from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
-from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
+from megafusion.evaluation.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 RESULT_NAME = "lmfusion"
 RUN_COMMAND = "python examples/experiments/lmfusion/run.py"
@@ -156,7 +156,7 @@ def parameter_counts(run_dir: Path) -> dict | None:
     (None where there is no checkpoint, e.g. metrics from elsewhere)."""
     try:
         from megafusion.config.loader import config_from_dict
-        from megafusion.models.flops import parameter_counts as counts
+        from megafusion.accounting.flops import parameter_counts as counts
         from megafusion.training import checkpoint as ck
 
         path = ck.resolve_checkpoint(run_dir / "checkpoints")

@@ -31,7 +31,7 @@ step). A rerun first deletes what an earlier run left in ``<out-dir>`` (its own 
 
 ``--quick``: a tiny version of every step (a 1-layer, hidden-32 model, a few steps each) for
 the test, run in this process (``--launcher inprocess``: the same commands through
-``megafusion.cli.main``, which saves each step's ~10 s of imports); the default launcher is one
+``megafusion.commands.main.main``, which saves each step's ~10 s of imports); the default launcher is one
 process per step.
 """
 
@@ -163,7 +163,7 @@ class Runner:
         return output
 
     def _subprocess(self, args: list[str], log) -> tuple[int, str]:
-        cmd = [sys.executable, "-m", "megafusion.cli", *args]
+        cmd = [sys.executable, "-m", "megafusion.commands.main", *args]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines = []
@@ -181,7 +181,7 @@ class Runner:
     def _inprocess(self, args: list[str], log) -> tuple[int, str]:
         from io import StringIO
 
-        from megafusion.cli import main as cli_main
+        from megafusion.commands.main import main as cli_main
 
         captured = StringIO()
         tee = _Tee(sys.__stdout__, log, captured)
@@ -204,7 +204,7 @@ class Runner:
 # --------------------------------------------------------------------------- the steps
 def captions(num: int, seed: int) -> list[str]:
     """The captions of the first ``num`` built-in shapes samples of ``seed``."""
-    from megafusion.data.builtin_shapes import shapes_documents
+    from megafusion.data.builtin.shapes import shapes_documents
 
     return [seg.text for doc in shapes_documents(num, seed, CAPTION_IMAGE_SIZE) for seg in doc.segments
             if hasattr(seg, "text")]
@@ -212,7 +212,7 @@ def captions(num: int, seed: int) -> list[str]:
 
 def caption_choices() -> int:
     """How many distinct captions the generator draws from, uniformly (colour x shape x position x phrasing)."""
-    from megafusion.data import builtin_shapes as bs
+    from megafusion.data.builtin import shapes as bs
 
     return len(bs.PALETTE) * len(bs.SHAPES) * len(bs.POSITIONS) * len(bs.TEMPLATES)
 

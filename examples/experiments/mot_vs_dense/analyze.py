@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
 from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
-from megafusion.curves import first_crossing, read_metrics, value_at  # noqa: E402
+from megafusion.evaluation.curves import first_crossing, read_metrics, value_at  # noqa: E402
 
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
@@ -322,7 +322,7 @@ def _thin(curve: dict, every: int = 5) -> dict:
 def parameter_counts(out_dir: Path, info: dict) -> dict:
     """Exact total / active parameters of both models, from the config run.py used and the
     vocabulary size the run banner printed (the data decides the vocabulary)."""
-    from megafusion.models.flops import parameter_counts as counts
+    from megafusion.accounting.flops import parameter_counts as counts
 
     out = {}
     for a in ARCHS:

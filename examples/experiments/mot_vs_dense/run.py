@@ -46,7 +46,7 @@ def _shown(path: Path | str) -> str:
 
 def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, steps: int | None) -> list[str]:
     extra = [f"train.steps={steps}"] if steps is not None else []
-    return [_shown(sys.executable), "-m", "megafusion.train", "--config", _shown(config), *overrides, *extra,
+    return [_shown(sys.executable), "-m", "megafusion.commands.train", "--config", _shown(config), *overrides, *extra,
             f"model.arch={arch}", f"logging.out_dir={_shown(run_dir)}"]
 
 

@@ -1,0 +1,652 @@
+"""Exact parameter counts and analytic model FLOPs of the dense and MoT families.
+
+A MoT token meets exactly one modality's copy of every untied matrix, so its FLOPs per token
+are the dense model's of the same width and depth; only ``parameter_counts`` differs.
+
+What is counted
+---------------
+Only matrix multiplications, at 2 FLOPs per multiply-add. Softmax, RMSNorm (incl. QK-norm),
+RoPE, SiLU, the gating product, residual adds and the loss are *not* counted: they are
+O(s * h) element-wise work, negligible next to the matmuls, and
+``torch.utils.flop_counter.FlopCounterMode`` does not count them either. The input embedding
+is a table lookup and costs 0 FLOPs (its backward is a scatter-add, also 0 FLOPs here and in
+FlopCounterMode).
+
+Per token and layer, forward (h = hidden, d = head dim, H = heads, G = kv groups, f = ffn):
+
+- QKV projection ``2 * h * (H + 2G) * d``; output projection ``2 * H * d * h``;
+- SwiGLU MLP: fc1 ``2 * h * 2f`` ([gate; up]), fc2 ``2 * f * h``;
+
+plus, once per token, the output layer ``2 * h * vocab``. This *dense* part is proportional to
+tokens and equals exactly ``2 * parameter_counts(cfg)["matmul"]`` per token.
+
+The *attention* part depends on how many keys each query attends: the scores ``QK^T`` and
+``PV`` each cost ``2 * H * d`` FLOPs per (query, attended key) pair (GQA broadcasts K/V to
+all H query heads, so it is H, not G).
+
+Backward = 2 x forward for every matmul (input and weight gradients; every weight, including
+layer 0's QKV, needs both since the embedding is trained), so forward + backward = 3 x
+forward. LMFusion (``model.freeze_text``) is the exception: frozen weights get no weight gradient
+(megatron-core's ``linear_with_frozen_weight``, autograd in the grouped GEMMs), so the output
+layer costs 2 x forward for every token and the layers 2 x forward for text tokens (their text
+copies are frozen), while image tokens, attention and the new-row output delta stay at 3 x
+(:func:`dense_flops_per_token`); the input gradient is still needed everywhere, since image tokens
+attend to text keys and values. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
+the scores in the backward is not counted, and with the real mask (causal, same document,
+bidirectional within an image when ``image_ids`` are given) masked-out pairs are not counted.
+
+What FlopCounterMode counts for attention (measured with torch 2.13 and read in
+``torch/utils/flop_counter.py``; see ``tests/unit/test_flops.py``)
+----------------------------------------------------------------------------------------------
+- The fused CUDA SDPA kernels (flash / memory-efficient / cuDNN) and FlexAttention are
+  counted from the *shapes* of q, k, v only: every query attends all ``s`` keys. ``is_causal``
+  and ``attn_mask`` / ``attn_bias`` are ignored ("NB: We aren't accounting for causal attention
+  here"), FlexAttention's block mask too (only an explicit ``sparsity_hint`` node annotation is
+  honoured). Their backward is counted as 5 bmm (it includes the recomputation of ``QK^T``),
+  so attention forward + backward = 3.5 x forward = ``14 * H * d * s`` per query.
+- The CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (what SDPA dispatches
+  to on CPU, with or without a mask, causal or not) has no flop formula: FlopCounterMode
+  counts **0** attention FLOPs on CPU.
+- The math backend (``sdpa_kernel(SDPBackend.MATH)``) decomposes into ``bmm`` calls that are
+  counted like any matmul: the full ``s x s`` scores (mask ignored, it is applied by an
+  element-wise fill), backward 2 x forward, i.e. ``12 * H * d * s`` per query, which is
+  ``flops_per_token(cfg, attended_keys=s)``.
+
+:func:`flop_counter_flops` predicts all three; :func:`batch_flops` with ``attention="full"``
+is the dense (mask-ignoring) equivalent in model FLOPs.
+
+Transfusion's image modules (``objective.name=transfusion``)
+------------------------------------------------------------
+:class:`~megafusion.models.transfusion.TransfusionGPTModel` adds three modules that run once per
+*image* (not per token): ``image_time_embed`` (Linear ``F -> h``, SiLU, Linear ``h -> h`` on
+``F = 256`` sinusoidal features), ``image_patch_embed`` and ``image_patch_head``: with
+``objective.patchify=linear`` one Linear per patch (``C p^2 <-> h``, ``(H/p)(W/p)`` patches of a
+``[C, H, W]`` latent); with ``unet`` diffusers' down / up blocks, whose 3x3 convolutions over the
+full ``H x W`` latent (``2 * C_in * C_out * k^2`` FLOPs per output pixel) are far larger than
+the linear patchify. :func:`image_module_layers` lists every Linear / Conv2d / GroupNorm of
+them (their parameters and forward multiply-adds per image), which gives
+``parameter_counts(cfg)["image_modules"]`` and :func:`image_flops_per_image`; ``batch_flops``
+charges them per image to the *image* modality (key ``image_modules``). Counted as above:
+matmuls and convolutions only (GroupNorm, SiLU, interpolation, the sinusoidal features: 0).
+The backward computes a weight gradient for every layer but an input gradient only where the
+input needs one: the layers that read data (``conv_in`` / the linear embed on the noised
+latents, ``linear_1`` on the sinusoidal features) cost forward + weight gradient = 2 x forward,
+every other layer 3 x forward, exactly what runs and what FlopCounterMode counts (see
+``tests/unit/test_flops_transfusion.py``). They are model FLOPs counted once: that every TP rank
+computes these small modules in full is not counted again. The latent shape is ``(3, S, S)``
+for ``latent_codec=pixels`` (``S = data.image_size``); for ``kl`` it depends on the VAE, so
+callers pass ``latent_shape`` (the codec's ``latent_shape``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, Modality
+
+MATMUL_FLOPS_PER_MAC = 2
+BACKWARD_FACTOR = 2  # backward of a matmul = 2 matmuls of the same size (grad input, grad weight)
+FROZEN_PASSES = 2  # a frozen weight's matmul: forward + input gradient, no weight gradient
+ATTENTION_MODES = ("mask", "full")
+FLOP_COUNTER_KERNELS = ("fused", "math", "cpu")
+
+
+FAMILIES = ("dense", "mot")
+IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # TransfusionGPTModel's names
+
+
+def _dims(cfg) -> dict[str, int]:
+    m = cfg.model
+    if m.arch not in FAMILIES:
+        raise ValueError(
+            f"model.arch={m.arch!r}: megafusion.accounting.flops has formulas for {', '.join(FAMILIES)}; add this "
+            f"architecture's parameter and FLOP formulas there (MoE: count active experts for 'active')"
+        )
+    heads = m.num_attention_heads
+    return {
+        "layers": m.num_layers,
+        "hidden": m.hidden_size,
+        "heads": heads,
+        "groups": m.effective_num_query_groups(),
+        "head_dim": m.hidden_size // heads,  # the kv_channels given to megatron-core
+        "ffn": m.effective_ffn_hidden_size(),
+        "vocab": m.vocab_size,
+    }
+
+
+def _copies(cfg, part: str) -> int:
+    """How many copies of a layer part the model holds: one per modality where MoT unties it."""
+    if cfg.model.arch == "mot" and part in cfg.model.untied_parts():
+        return NUM_MODALITIES
+    return 1
+
+
+def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, int]:
+    """Exact parameter counts of the model that ``build_model_chunks`` builds (all ranks together).
+
+    Keys: ``total``; ``embedding`` (input lookup table); ``output_layer`` (untied); ``norm``
+    (every RMSNorm weight of the transformer incl. QK-norm); ``non_embedding`` = total -
+    embedding - output_layer (Kaplan et al.'s N); ``matmul`` = weights that multiply each token
+    (the "N" of the 6N rule, output layer included; MoT: one modality's copy, since a token only
+    meets its own); ``active`` = parameters used per token (dense: == total; MoT: one modality's
+    copy of every untied part; MoE will count only the routed experts); ``image_modules``: the
+    Transfusion image modules (0 for ``objective.name=lm``), split into ``image_time_embed``,
+    ``image_patch_embed`` and ``image_patch_head``. They are in ``total``, ``non_embedding``,
+    ``active`` and ``trainable`` (image tokens use them), not in ``matmul``: they run once per image,
+    not per token. ``trainable``: what the optimizer updates and holds state for (``total`` but
+    for LMFusion, ``model.freeze_text``, which freezes the embedding, the output layer and every
+    text copy); ``new_token_rows``: LMFusion's input and output deltas of the new vocabulary rows
+    (in ``total``, ``active``, ``trainable`` and, the output delta, ``matmul``).
+    ``latent_shape`` ``[C, H, W]`` is needed for ``objective.latent_codec=kl`` (see
+    :func:`image_latent_shape`).
+    """
+    counts = _transformer_parameter_counts(cfg)
+    layers = image_module_layers(cfg, latent_shape)
+    images = {name: sum(layer.params for layer in layers.get(name, ())) for name in IMAGE_MODULES}
+    image_total = sum(images.values())
+    for key in ("total", "non_embedding", "active", "trainable"):
+        counts[key] += image_total
+    return {**counts, "image_modules": image_total, **images}
+
+
+def new_token_rows(cfg) -> int:
+    """LMFusion (``model.freeze_text``): vocabulary rows with a trainable delta (0 otherwise)."""
+    m = cfg.model
+    if not m.freeze_text:
+        return 0
+    if m.frozen_vocab_rows is None:
+        raise ValueError("model.freeze_text=true: model.frozen_vocab_rows is unset (a run sets it from the text "
+                         "tokenizer's size); set it to count LMFusion's parameters and FLOPs")
+    return m.vocab_size - m.frozen_vocab_rows
+
+
+def _matmul_parts(cfg) -> dict[str, int]:
+    """Weights that multiply each token, by where they sit: ``layers`` (one modality's copy),
+    ``output`` (the output layer), ``new_rows`` (LMFusion's output delta: its own matmul)."""
+    k = _dims(cfg)
+    h, d, ffn = k["hidden"], k["head_dim"], k["ffn"]
+    attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
+    mlp = h * 2 * ffn + ffn * h
+    return {"attention": attention, "mlp": mlp, "layers": k["layers"] * (attention + mlp),
+            "output": h * k["vocab"], "new_rows": h * new_token_rows(cfg)}
+
+
+def _transformer_parameter_counts(cfg) -> dict[str, int]:
+    """:func:`parameter_counts` of the GPTModel alone (no image modules): needs no latent shape."""
+    k, parts = _dims(cfg), _matmul_parts(cfg)
+    h, L = k["hidden"], k["layers"]
+    attention, mlp = parts["attention"], parts["mlp"]
+    norms = L * (2 * h + (2 * k["head_dim"] if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
+    embedding = k["vocab"] * h
+    # Tied (model.tie_embeddings): the output layer multiplies by the embedding's own weight.
+    output_layer = 0 if cfg.model.tie_embeddings else parts["output"]
+    deltas = 2 * parts["new_rows"]  # LMFusion: an input and an output delta (even when tied)
+    active_matmul = parts["layers"] + parts["output"] + parts["new_rows"]
+    total = (embedding + output_layer + deltas + L * attention * _copies(cfg, "attention")
+             + L * mlp * _copies(cfg, "ffn") + norms * _copies(cfg, "norms"))
+    # LMFusion freezes the embedding, the output layer and the text copy of every (untied) part.
+    frozen = embedding + output_layer + parts["layers"] + norms if cfg.model.freeze_text else 0
+    return {
+        "total": total,
+        "embedding": embedding,
+        "output_layer": output_layer,
+        "new_token_rows": deltas,
+        "norm": norms * _copies(cfg, "norms"),
+        "non_embedding": total - embedding - output_layer - deltas,
+        "matmul": active_matmul,
+        "active": embedding + output_layer + deltas + parts["layers"] + norms,
+        "trainable": total - frozen,
+    }
+
+
+# ------------------------------------------------------------------ Transfusion image modules
+@dataclass(frozen=True)
+class ImageLayer:
+    """One parameterised layer of an image module, for one image.
+
+    ``name`` is its parameter prefix inside the module (e.g. ``down_blocks.0.resnets.0.conv1``),
+    ``kind`` one of ``linear``, ``conv``, ``norm`` (GroupNorm: parameters, no matmul FLOPs),
+    ``macs`` its forward multiply-adds per image, ``input_grad`` whether the backward computes
+    the gradient of its input (False where the input is data, which needs none).
+    """
+
+    name: str
+    kind: str
+    params: int
+    macs: int = 0
+    input_grad: bool = True
+
+    def flops(self, forward_only: bool = False) -> int:
+        # Backward: the weight gradient always (a matmul of the forward's size), the input's only if needed.
+        passes = 1 if forward_only else 2 + int(self.input_grad)
+        return MATMUL_FLOPS_PER_MAC * self.macs * passes
+
+
+def layers_flops(layers, forward_only: bool = False) -> int:
+    """Matmul + convolution FLOPs of ``layers`` (an iterable of :class:`ImageLayer`) for one image."""
+    return sum(layer.flops(forward_only) for layer in layers)
+
+
+def _linear(name: str, n_in: int, n_out: int, rows: int, input_grad: bool = True) -> ImageLayer:
+    """``Linear(n_in, n_out)`` (with bias) applied to ``rows`` vectors of one image."""
+    return ImageLayer(name, "linear", n_in * n_out + n_out, n_in * n_out * rows, input_grad)
+
+
+def _conv(name: str, c_in: int, c_out: int, kernel: int, out_hw: tuple[int, int],
+          input_grad: bool = True) -> ImageLayer:
+    """``Conv2d(c_in, c_out, kernel)`` (with bias) producing an ``out_hw`` map: one MAC per weight per output pixel."""
+    weights = c_in * c_out * kernel * kernel
+    return ImageLayer(name, "conv", weights + c_out, weights * out_hw[0] * out_hw[1], input_grad)
+
+
+def _group_norm(name: str, channels: int) -> ImageLayer:
+    return ImageLayer(name, "norm", 2 * channels)  # affine weight and bias; element-wise: 0 FLOPs
+
+
+def _resnet(prefix: str, c_in: int, c_out: int, temb_channels: int, hw: tuple[int, int]) -> list[ImageLayer]:
+    """diffusers' ``ResnetBlock2D`` (default time embedding norm) at resolution ``hw``."""
+    layers = [
+        _group_norm(f"{prefix}.norm1", c_in),
+        _conv(f"{prefix}.conv1", c_in, c_out, 3, hw),
+        _linear(f"{prefix}.time_emb_proj", temb_channels, c_out, rows=1),  # temb is one vector per image
+        _group_norm(f"{prefix}.norm2", c_out),
+        _conv(f"{prefix}.conv2", c_out, c_out, 3, hw),
+    ]
+    if c_in != c_out:  # diffusers adds the 1x1 shortcut only where the width changes
+        layers.append(_conv(f"{prefix}.conv_shortcut", c_in, c_out, 1, hw))
+    return layers
+
+
+def _patch_grid(patch_size: int, height: int, width: int) -> int:
+    """Patches per image, with the latent checked as ``patchify`` checks it."""
+    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
+        raise ValueError(f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
+                         f"{patch_size} patches: the patch size must divide both")
+    return (height // patch_size) * (width // patch_size)
+
+
+def _unet_levels(patch_size: int, channels) -> int:
+    """Number of 2x downsamplings k = len(channels) - 1, checked as ``UNetPatchEmbed`` checks it."""
+    if not channels:
+        raise ValueError("channels must name at least one U-Net block width, e.g. (32, 64)")
+    levels = len(channels) - 1
+    if patch_size % 2**levels:
+        raise ValueError(f"patch_size {patch_size} must be a multiple of the U-Net's downsampling factor "
+                         f"{2**levels} (2^(len(channels)-1) for channels={tuple(channels)})")
+    return levels
+
+
+def timestep_embedding_layers(hidden_size: int, frequency_dim: int) -> list[ImageLayer]:
+    """``TimestepEmbedding(hidden_size, frequency_dim)``: one feature vector per image."""
+    return [_linear("mlp.linear_1", frequency_dim, hidden_size, rows=1, input_grad=False),  # reads sin/cos features
+            _linear("mlp.linear_2", hidden_size, hidden_size, rows=1)]
+
+
+def linear_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int,
+                              width: int) -> list[ImageLayer]:
+    """``LinearPatchEmbed`` on one ``[in_channels, height, width]`` latent (it reads the latent: no input gradient)."""
+    tokens = _patch_grid(patch_size, height, width)
+    return [_linear("proj", in_channels * patch_size**2, hidden_size, tokens, input_grad=False)]
+
+
+def linear_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int,
+                             width: int) -> list[ImageLayer]:
+    """``LinearPatchHead`` producing one ``[out_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    return [_linear("proj", hidden_size, out_channels * patch_size**2, tokens)]
+
+
+def unet_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int, width: int,
+                            channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
+    """``UNetPatchEmbed`` (same arguments) on one ``[in_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    levels = _unet_levels(patch_size, channels)
+    temb = hidden_size if temb_channels is None else temb_channels
+    # conv_in reads the noised latents, which need no gradient.
+    layers = [_conv("conv_in", in_channels, channels[0], 3, (height, width), input_grad=False)]
+    prev = channels[0]
+    for i, c in enumerate(channels):  # block i works at 1/2^i resolution
+        for j in range(layers_per_block):
+            layers += _resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else c, c, temb,
+                              (height // 2**i, width // 2**i))
+        if i < levels:  # a 3x3 stride-2 conv halves the resolution
+            layers.append(_conv(f"down_blocks.{i}.downsamplers.0.conv", c, c, 3,
+                                (height // 2**(i + 1), width // 2**(i + 1))))
+        prev = c
+    inner = patch_size // 2**levels
+    return layers + [_linear("proj", channels[-1] * inner**2, hidden_size, tokens)]
+
+
+def unet_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int, width: int,
+                           channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
+    """``UNetPatchHead`` (same arguments) producing one ``[out_channels, height, width]`` latent."""
+    tokens = _patch_grid(patch_size, height, width)
+    levels = _unet_levels(patch_size, channels)
+    temb = hidden_size if temb_channels is None else temb_channels
+    inner = patch_size // 2**levels
+    layers = [_linear("proj", hidden_size, channels[-1] * inner**2, tokens)]
+    rev = tuple(channels)[::-1]
+    out = rev[0]
+    for i in range(len(rev)):  # up block i works at 1/2^(levels - i) resolution, as UNetPatchHead builds it
+        prev, out = out, rev[i]
+        skip_in = rev[min(i + 1, levels)]
+        scale = levels - i
+        for j in range(layers_per_block + 1):  # each resnet concatenates one skip to its input
+            skip = skip_in if j == layers_per_block else out
+            layers += _resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else out) + skip, out, temb,
+                              (height // 2**scale, width // 2**scale))
+        if i < levels:  # nearest 2x upsampling (0 FLOPs), then a 3x3 conv at the doubled resolution
+            layers.append(_conv(f"up_blocks.{i}.upsamplers.0.conv", out, out, 3,
+                                (height // 2**(scale - 1), width // 2**(scale - 1))))
+    return layers + [_group_norm("norm_out", channels[0]),
+                     _conv("conv_out", channels[0], out_channels, 3, (height, width))]
+
+
+def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """``[C, H, W]`` of one image latent: ``latent_shape`` when given, else the pixel latent of
+    ``data.image_size`` (as ``build_model_chunks`` assumes); ``latent_codec=kl`` must pass it."""
+    if latent_shape is not None:
+        shape = tuple(int(x) for x in latent_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"latent_shape must be [C, H, W] of positive sizes, got {tuple(latent_shape)}")
+        return shape
+    codec = cfg.objective.latent_codec
+    if codec != "pixels":
+        raise ValueError(f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
+                         f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
+                         f".latent_shape) to count the image modules")
+    size = cfg.data.image_size
+    return (3, size, size)
+
+
+def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, list[ImageLayer]]:
+    """The layers of ``TransfusionGPTModel``'s image modules, keyed by module name (``IMAGE_MODULES``),
+    for one image of ``latent_shape`` (see :func:`image_latent_shape`); empty for ``objective.name=lm``."""
+    o = cfg.objective
+    if o.name != "transfusion":
+        return {}
+    # Imported here: these modules import diffusers (seconds), which LM-only callers never need.
+    from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+    from megafusion.layers.timestep import FREQUENCY_DIM
+
+    channels, height, width = image_latent_shape(cfg, latent_shape)
+    hidden, p = cfg.model.hidden_size, o.latent_patch_size
+    if o.patchify == "unet":
+        embed = unet_patch_embed_layers(channels, p, hidden, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
+        head = unet_patch_head_layers(hidden, p, channels, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
+    elif o.patchify == "linear":
+        embed = linear_patch_embed_layers(channels, p, hidden, height, width)
+        head = linear_patch_head_layers(hidden, p, channels, height, width)
+    else:
+        raise ValueError(f"objective.patchify={o.patchify!r} must be 'linear' or 'unet'")
+    return {"image_time_embed": timestep_embedding_layers(hidden, FREQUENCY_DIM),
+            "image_patch_embed": embed, "image_patch_head": head}
+
+
+def image_flops_per_image(cfg, latent_shape: tuple[int, int, int] | None = None,
+                          forward_only: bool = False) -> dict[str, int]:
+    """Model FLOPs of the image modules for one image (forward + backward unless ``forward_only``):
+    one key per module of ``IMAGE_MODULES`` and ``total``; all 0 for ``objective.name=lm``."""
+    layers = image_module_layers(cfg, latent_shape)
+    out = {name: layers_flops(layers.get(name, ()), forward_only) for name in IMAGE_MODULES}
+    return {**out, "total": sum(out.values())}
+
+
+def _passes(forward_only: bool) -> int:
+    return 1 if forward_only else 1 + BACKWARD_FACTOR
+
+
+def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None = None) -> int:
+    """FLOPs of every weight matmul for one token (QKV, proj, MLP, output layer).
+
+    LMFusion (``model.freeze_text``): a frozen weight gets no weight gradient, so its matmuls cost
+    forward + input gradient = 2 x forward: the output layer for every token, the layers for text
+    tokens (their text copies are frozen; image tokens' image copies train, 3 x). The new-row output
+    delta trains (3 x). The count then depends on the token's ``modality`` (a ``Modality``), which
+    must be given.
+    """
+    parts = _matmul_parts(cfg)
+    if forward_only or not cfg.model.freeze_text:
+        return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
+    if modality is None:
+        raise ValueError("model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): "
+                         "pass modality")
+    layers_passes = FROZEN_PASSES if int(modality) == int(Modality.TEXT) else _passes(False)
+    return MATMUL_FLOPS_PER_MAC * (parts["layers"] * layers_passes + parts["output"] * FROZEN_PASSES
+                                   + parts["new_rows"] * _passes(False))
+
+
+def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
+    """FLOPs of one (query, attended key) pair over all layers: ``QK^T`` and ``PV``, 2*H*d each."""
+    k = _dims(cfg)
+    per_layer = 2 * (MATMUL_FLOPS_PER_MAC * k["heads"] * k["head_dim"])
+    return k["layers"] * per_layer * _passes(forward_only)
+
+
+def causal_mean_attended_keys(seq_length: int) -> float:
+    """Mean keys per query for plain causal attention over ``seq_length`` tokens: (s + 1) / 2."""
+    return (seq_length + 1) / 2
+
+
+def flops_per_token(cfg, attended_keys: float, forward_only: bool = False) -> float:
+    """Model FLOPs per token (forward + backward unless ``forward_only``).
+
+    ``attended_keys`` is the mean number of keys a query attends: ``(s + 1) / 2`` for one causal
+    document of ``s`` tokens (:func:`causal_mean_attended_keys`), ``s`` to count attention the
+    way a mask-ignoring counter does.
+    """
+    return dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * attended_keys
+
+
+def _rank_in_group(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For flat int64 columns of equal length: each element's 1-based rank among the elements with
+    the same tuple of values (in original order), and the size of that group.
+
+    ``torch.unique(dim=0)`` numbers the groups (no arithmetic key, so ids of any size cannot
+    overflow); a stable sort keeps original order inside a group, so the rank is the position
+    in the sorted order minus the group's first position.
+    """
+    group = torch.unique(torch.stack(columns, dim=1), dim=0, return_inverse=True)[1]
+    order = torch.sort(group, stable=True).indices
+    sorted_group = group[order]
+    idx = torch.arange(group.numel(), dtype=torch.int64, device=group.device)
+    new_group = torch.ones_like(sorted_group, dtype=torch.bool)
+    new_group[1:] = sorted_group[1:] != sorted_group[:-1]
+    group_start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
+    rank = torch.empty_like(idx)
+    rank[order] = idx - group_start + 1
+    size = torch.bincount(group)[group]
+    return rank, size
+
+
+def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys each query attends under the mask of :mod:`megafusion.layers.masks`: ``[b, s]`` int64.
+
+    Query i attends key j iff ``document_ids[j] == document_ids[i]`` and (j <= i, or both are
+    patches of one image: ``image_ids[i] == image_ids[j] != -1``). So the count is
+
+        (tokens of i's document up to and including i)
+        + (patches of i's image in i's document that come after i),
+
+    i.e. its position within the document + 1 for contiguous packed documents, plus the rest of
+    its image; still exact if a document or image id reappears later in the row.
+    ``image_ids=None`` (or all -1) is causal + same document. Vectorised, no ``s x s`` tensor: a
+    stable sort per (row, document) and per (row, document, image) gives ranks and group sizes,
+    O(b s log(b s)).
+    """
+    doc = torch.as_tensor(document_ids).to(torch.int64)
+    if doc.dim() == 1:
+        doc = doc[None]
+    b, s = doc.shape
+    if image_ids is not None:
+        img = torch.as_tensor(image_ids).to(device=doc.device, dtype=torch.int64)
+        if img.numel() != doc.numel():
+            raise ValueError(f"image_ids has shape {tuple(img.shape)}, document_ids {tuple(doc.shape)}: "
+                             "both must be [b, s]")
+        img = img.reshape(b, s)
+    if doc.numel() == 0:
+        return torch.zeros(b, s, dtype=torch.int64, device=doc.device)
+    row = torch.arange(b, dtype=torch.int64, device=doc.device)[:, None].expand(b, s).reshape(-1)
+    counts, _ = _rank_in_group(row, doc.reshape(-1))
+    if image_ids is not None:
+        flat_img = img.reshape(-1)
+        rank, size = _rank_in_group(row, doc.reshape(-1), flat_img)
+        is_patch = flat_img != NO_IMAGE
+        counts = counts + torch.where(is_patch, size - rank, torch.zeros_like(rank))
+    return counts.view(b, s)
+
+
+def attended_keys_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Keys per query from a boolean mask ``[b, 1, s, s]`` in megatron's convention (True = blocked)."""
+    return (~mask.bool()).sum(-1).squeeze(1).to(torch.int64)
+
+
+def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Tensor) -> int:
+    """Images whose Transfusion modules run in the microbatch (0 for ``objective.name=lm``: no such modules)."""
+    if cfg.objective.name != "transfusion":
+        if num_images:
+            raise ValueError(f"batch_flops: num_images={num_images} but objective.name={cfg.objective.name!r} "
+                             "has no image modules (its images are tokens, counted as tokens)")
+        return 0
+    if num_images is not None:
+        if int(num_images) < 0:
+            raise ValueError(f"batch_flops: num_images must be >= 0, got {num_images}")
+        return int(num_images)
+    if image_ids is not None:  # distinct (row, image) pairs: image numbers restart in every row
+        ids = torch.as_tensor(image_ids).detach().cpu().to(torch.int64).reshape(modality_ids.shape)
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+        is_patch = ids != NO_IMAGE
+        return int(torch.unique(torch.stack([rows[is_patch], ids[is_patch]]), dim=1).shape[1])
+    if bool((modality_ids == int(Modality.IMAGE)).any()):
+        # Silently charging nothing would under-count every Transfusion step.
+        raise ValueError("batch_flops: objective.name=transfusion and the microbatch has image tokens: pass "
+                         "num_images (the microbatch's latents.shape[0]) or image_ids to count the image modules")
+    return 0
+
+
+def microbatch_mask(batch: dict) -> dict:
+    """``batch_flops`` keyword for a microbatch's real mask: ``keys`` under Transfusion's caption
+    dropout (``first_key``, set by the trainer), else its image spans (``image_ids``), else
+    nothing (causal + same document). Training and ``megafusion flops`` both count through this."""
+    if "first_key" in batch:
+        from megafusion.objectives.transfusion import attended_keys as transfusion_keys  # imports this module
+
+        return {"keys": transfusion_keys(batch)}
+    return {"image_ids": batch["image_ids"]} if "image_ids" in batch else {}
+
+
+def batch_flops(
+    cfg,
+    document_ids: torch.Tensor,
+    modality_ids: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    *,
+    attention: str = "mask",
+    forward_only: bool = False,
+    keys: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    num_images: int | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+) -> dict:
+    """Model FLOPs of one microbatch (forward + backward unless ``forward_only``), exactly.
+
+    ``attention="mask"`` counts each query's real keys (causal, same document, plus the
+    bidirectional image spans when ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
+    pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`);
+    ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every token is charged its own dense matmuls (output layer
+    included) and its attention, and the split is by the modality of that (query) token;
+    ``modality_ids=None`` means all text. ``loss_mask`` changes no FLOP (logits are computed at
+    every position) and is only used to report ``loss_tokens_per_modality``.
+
+    ``objective.name=transfusion`` also charges each image its image modules
+    (:func:`image_flops_per_image` of ``latent_shape``, needed for ``latent_codec=kl``) to the
+    image modality: ``num_images`` images (the microbatch's ``latents.shape[0]``), or, when it
+    is None, the images numbered in ``image_ids``. A Transfusion microbatch with image tokens
+    but neither is an error; for ``lm`` there are no image modules.
+
+    Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``attention``
+    + ``image_modules``; ``tokens``, ``images``, ``per_modality``, ``attention_per_modality``,
+    ``tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
+    ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}")
+    if keys is not None and image_ids is not None:
+        raise ValueError("batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), "
+                         "not both")
+    doc = torch.as_tensor(document_ids).detach().cpu()
+    if doc.dim() == 1:
+        doc = doc[None]
+    b, s = doc.shape
+    if modality_ids is None:
+        mod = torch.zeros(b, s, dtype=torch.int64)
+    else:
+        mod = torch.as_tensor(modality_ids).detach().cpu().to(torch.int64).reshape(b, s)
+        if mod.numel() and (int(mod.min()) < 0 or int(mod.max()) >= NUM_MODALITIES):
+            raise ValueError(f"modality_ids must be in [0, {NUM_MODALITIES}) ({', '.join(MODALITY_NAMES)})")
+    if attention == "full":
+        nkeys = torch.full((b, s), s, dtype=torch.int64)
+    elif keys is not None:
+        nkeys = torch.as_tensor(keys).detach().cpu().to(torch.int64).reshape(b, s)
+    else:
+        img = None if image_ids is None else torch.as_tensor(image_ids).detach().cpu()
+        nkeys = attended_keys(doc, img)
+
+    dense_tok = [dense_flops_per_token(cfg, forward_only, m) for m in Modality]
+    per_key = attention_flops_per_key(cfg, forward_only)
+    images = _count_images(cfg, num_images, image_ids, mod)
+    image_flops = images * image_flops_per_image(cfg, latent_shape, forward_only)["total"] if images else 0
+    flat_mod = mod.reshape(-1)
+    tokens_m = torch.bincount(flat_mod, minlength=NUM_MODALITIES)
+    keys_m = torch.zeros(NUM_MODALITIES, dtype=torch.int64).index_add_(0, flat_mod, nkeys.reshape(-1))
+    attn_m = [per_key * int(keys_m[i]) for i in range(NUM_MODALITIES)]
+    dense_m = [dense_tok[i] * int(tokens_m[i]) for i in range(NUM_MODALITIES)]
+    image_m = [image_flops if i == int(Modality.IMAGE) else 0 for i in range(NUM_MODALITIES)]
+    out = {
+        "total": sum(attn_m) + sum(dense_m) + image_flops,
+        "dense": sum(dense_m),
+        "attention": sum(attn_m),
+        "image_modules": image_flops,
+        "tokens": b * s,
+        "images": images,
+        "mean_attended_keys": float(nkeys.double().mean()) if nkeys.numel() else 0.0,
+        "per_modality": {n: dense_m[i] + attn_m[i] + image_m[i] for i, n in enumerate(MODALITY_NAMES)},
+        "attention_per_modality": {n: attn_m[i] for i, n in enumerate(MODALITY_NAMES)},
+        "tokens_per_modality": {n: int(tokens_m[i]) for i, n in enumerate(MODALITY_NAMES)},
+        "forward_only": forward_only,
+        "attention_mode": attention,
+    }
+    if loss_mask is not None:
+        lm = torch.as_tensor(loss_mask).detach().cpu().reshape(-1).double()
+        counts = torch.zeros(NUM_MODALITIES, dtype=torch.float64).index_add(0, flat_mod, lm)
+        out["loss_tokens_per_modality"] = {n: float(counts[i]) for i, n in enumerate(MODALITY_NAMES)}
+    return out
+
+
+def dense_attention_flops_equivalent(cfg, batch_size: int, seq_length: int, forward_only: bool = False) -> int:
+    """Model FLOPs of a ``[batch_size, seq_length]`` microbatch with every query attending all keys.
+
+    The mask-ignoring count (what FlopCounterMode reports for SDPA's math backend, and for the
+    fused kernels up to the backward recompute: see :func:`flop_counter_flops`).
+    """
+    per_query = dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * seq_length
+    return batch_size * seq_length * per_query
+
+
+def flop_counter_flops(cfg, batch_size: int, seq_length: int, kernel: str = "fused") -> int:
+    """What ``FlopCounterMode`` reports around one forward + backward of the model.
+
+    ``kernel``: ``"fused"`` (CUDA flash / efficient / cuDNN SDPA, or FlexAttention): full
+    ``s x s`` attention, backward = 2.5 x forward (recomputes ``QK^T``); ``"math"``
+    (``SDPBackend.MATH``): full ``s x s``, backward = 2 x forward; ``"cpu"`` (SDPA's default CPU
+    kernel): attention not counted at all. Masks and causality never change the count.
+    """
+    if kernel not in FLOP_COUNTER_KERNELS:
+        raise ValueError(f"kernel={kernel!r} must be one of {FLOP_COUNTER_KERNELS}")
+    tokens = batch_size * seq_length
+    dense = tokens * dense_flops_per_token(cfg)
+    forward_attention = tokens * seq_length * attention_flops_per_key(cfg, forward_only=True)
+    factor = {"fused": 3.5, "math": 3.0, "cpu": 0.0}[kernel]
+    return dense + int(forward_attention * factor)

@@ -1,0 +1,1 @@
+"""megafusion.evaluation"""

@@ -1,0 +1,303 @@
+"""The training loop: data, model chunks + DDP + optimizer, megatron-core pipeline schedules,
+evaluation, checkpoints and metrics.
+
+``train(cfg)`` runs optimizer steps up to ``cfg.train.steps`` on any TP x PP (x VPP) x DP
+layout, resuming from ``checkpoint.dir/latest`` when there is one, and returns the per-step
+losses of the steps it ran (identical on every rank). Each step takes
+``global_batch_size / (micro_batch_size x dp)`` microbatches per data-parallel rank; rank d
+reads the d-th contiguous slice of the global batch, so the samples of a step are the same
+in every layout and after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megafusion.data.sources import build_data
+from megafusion.core.modality import MODALITY_NAMES
+from megafusion.accounting.flops import batch_flops, microbatch_mask, parameter_counts
+from megafusion.models.registry import build_model_chunks
+from megafusion.models.transformer_config import build_transformer_config
+from megafusion.runtime import stage_channel
+from megafusion.runtime import initialize, seed_everything
+from megafusion.training import checkpoint as ckpt
+from megafusion.objectives.transfusion import caption_dropout
+from megafusion.training.forward_step import REPORT_FIELDS, make_forward_step
+from megafusion.training.grads import full_gradients
+from megafusion.training.metrics import MetricsLogger, memory_gb
+from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
+from megafusion.training.optim import build_optimizer
+
+
+def build(cfg, runtime, latent_shape=None):
+    """Model chunks wrapped in megatron DDP, optimizer, scheduler, and the TransformerConfig."""
+    tconfig = build_transformer_config(cfg, runtime.device)
+    chunks = build_model_chunks(cfg, tconfig, runtime, latent_shape)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    model = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    optimizer, scheduler = build_optimizer(cfg, tconfig, model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    return model, optimizer, scheduler, tconfig
+
+
+class Trainer:
+    """One run: holds the pieces and runs steps / evaluations on them."""
+
+    def __init__(self, cfg, runtime):
+        self.cfg, self.rt = cfg, runtime
+        t = cfg.train
+        self.per_rank = t.global_batch_size // runtime.dp
+        self.num_microbatches = self.per_rank // t.micro_batch_size
+        self.data = build_data(cfg, runtime.tp, dist.get_rank() == 0, dist.barrier)
+        self.data.set_model_vocabulary(cfg.model)
+        codec = getattr(self.data.tokenizer, "codec", None)
+        latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
+        self.latent_shape = latent_shape  # Transfusion: what the image modules' FLOPs and parameters depend on
+        self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime, latent_shape)
+        self.forward_step = make_forward_step(cfg, runtime.device)
+        self.forward_backward = get_forward_backward_func()
+        self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
+
+    def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
+        mbs = self.cfg.train.micro_batch_size
+        first = first_sample + self.rt.dp_rank * self.per_rank
+        batches = [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
+        if self.cfg.objective.name == "transfusion":
+            # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.
+            step = source.microbatch(first_sample, self.cfg.train.global_batch_size)
+            counts = {"step_lm_tokens": float(step["loss_mask"].sum()),
+                      "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
+                      if step["latents"].shape[0] else 0.0}
+            for batch in batches:
+                # Caption dropout trains the unconditional branch; evaluation keeps every caption.
+                rate = self.cfg.objective.caption_dropout if training else 0.0
+                batch.update(counts, first_key=caption_dropout(batch, self.cfg.train.seed, rate))
+        return batches
+
+    def _run(self, microbatches: list[dict], forward_only: bool):
+        iterators = [iter(microbatches) for _ in self.model]
+        store = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        stage_channel.drain()  # the U-Net's first-to-last-stage sends (pp > 1) still in flight
+        return store
+
+    def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
+        """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
+        report = torch.zeros(len(REPORT_FIELDS), device=self.rt.device, dtype=torch.float64)  # FLOPs need 64 bits
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for item in store:
+                report += item["report"]
+        vec = torch.cat([report, extra.to(report.device, report.dtype)])
+        # Every pipeline stage holds the same `extra`: reduce it over DP only, the report over
+        # DP and then PP (stages without the loss add zeros).
+        dist.all_reduce(vec, group=ps.get_data_parallel_group())
+        report = vec[: len(REPORT_FIELDS)]
+        dist.all_reduce(report, group=ps.get_pipeline_model_parallel_group())
+        out = dict(zip(REPORT_FIELDS, report.tolist()))
+        out["extra"] = vec[len(REPORT_FIELDS):].tolist()
+        return out
+
+    def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
+        start = time.perf_counter()
+        microbatches = self._microbatches(self.data.train, consumed)
+        # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
+        flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
+        for mb in microbatches:
+            # Transfusion: each image also runs the time embedding, patch embedding and head.
+            images = mb["latents"].shape[0] if "latents" in mb else None
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], num_images=images,
+                                  latent_shape=self.latent_shape, **microbatch_mask(mb))
+            flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
+                                  dtype=torch.float64)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self._run(microbatches, forward_only=False)
+        if dump_grads:
+            _dump_gradients(self.model, self.cfg.parallel.distributed_optimizer, dump_grads)
+        # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
+        self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        r = self._reduce(store, flops)
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
+        self.flops_seen += r["extra"][0]
+        record = {"step": step + 1, "total_steps": self.cfg.train.steps,
+                  "consumed_samples": consumed + self.cfg.train.global_batch_size,
+                  "loss": r["total"] / r["tokens"], "loss/lm": r["lm"] / r["tokens"], "z_loss": r["z"] / r["tokens"]}
+        record.update(_per_modality(r, "loss"))
+        record.update({"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
+                       "tflops_per_gpu": tflops, "mfu": mfu(tflops * 1e12, self.peak),
+                       "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed,
+                       # model FLOPs (forward + backward, all ranks): this step, per modality, and
+                       # since step 0 (kept across resumes): the x axis of loss-vs-compute curves
+                       "flops": r["extra"][0], "flops_total": self.flops_seen})
+        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
+        return record
+
+    def evaluate(self, step: int) -> dict | None:
+        if self.data.val is None:
+            return None
+        total = None
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            for b in range(self.cfg.eval.batches):
+                first = b * self.cfg.train.global_batch_size
+                r = self._reduce(self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
+                                 torch.zeros(0))
+                total = r if total is None else {k: total[k] + r[k] for k in REPORT_FIELDS}
+        for chunk in self.model:
+            chunk.train()
+        record = {"step": step, "val/loss": total["total"] / total["tokens"], "val/tokens": int(total["tokens"])}
+        record.update(_per_modality(total, "val/loss"))
+        return record
+
+    @property
+    def peak(self):
+        return peak_tflops(self.rt.device, self.cfg.logging.peak_tflops)
+
+
+def _per_modality(r: dict, prefix: str) -> dict:
+    """LM loss per modality (where it has tokens) and, for Transfusion, the diffusion loss."""
+    out = {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
+    if r["diffusion_elements"] > 0:
+        out[f"{prefix}/diffusion"] = r["diffusion"] / r["diffusion_elements"]
+    return out
+
+
+def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
+    grads = full_gradients(model, distributed_optimizer)
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(grads, parts, dst=0)
+    if parts is not None:
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(merged, path)
+
+
+def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
+    cfg, rt = trainer.cfg, trainer.rt
+    params = parameter_counts(cfg, trainer.latent_shape)
+    frozen = (f", {params['trainable'] / 1e6:.2f}M trainable: LMFusion, text rows < {cfg.model.frozen_vocab_rows} "
+              f"and text copies frozen" if cfg.model.freeze_text else "")
+    log.say(
+        f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active{frozen}), "
+        f"vocab {cfg.model.vocab_size} | "
+        f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
+        f"{' | sequence parallel' if cfg.parallel.sp else ''}"
+        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
+        f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
+    )
+    for line in trainer.data.describe().splitlines():
+        log.say(f"[megafusion] data {line}")
+    if trainer.peak is None:
+        log.say(f"[megafusion] {describe_peak(rt.device, cfg.logging.peak_tflops)}")
+    log.say(f"[megafusion] metrics -> {os.path.join(cfg.logging.out_dir, 'metrics.jsonl')}"
+            f"{' (+ wandb offline)' if cfg.logging.wandb else ''} | checkpoints -> "
+            f"{ckpt_root if cfg.checkpoint.save else 'off (checkpoint.save=false)'}")
+    if origin:
+        log.say(f"[megafusion] {origin}")
+
+
+def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
+    """(first step, consumed samples, where the weights came from) for a resume, a warm start or neither."""
+    cfg = trainer.cfg
+    path = ckpt.latest_checkpoint(root) if cfg.checkpoint.resume else None
+    if path is None:
+        if cfg.checkpoint.init_from:  # a new run that starts from another run's weights
+            init = ckpt.resolve_checkpoint(cfg.checkpoint.init_from)
+            warm = ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
+            ckpt.load_weights(init, trainer.model, warm)
+            # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
+            # or the first step would write the random init back over the loaded weights.
+            trainer.optimizer.reload_model_params()
+            how = warm.describe()
+            how = f"; {how}" if how else ""
+            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how})"
+        if cfg.model.freeze_text:
+            raise ckpt.CheckpointError("model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
+                                       "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
+                                       "`megafusion convert hf-to-mf`)")
+        return 0, 0, None
+    ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
+    progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    trainer.flops_seen = float(progress.get("flops_total", 0.0))
+    return progress["step"], progress["consumed_samples"], f"resumed from {path}"
+
+
+def train(cfg, runtime=None) -> list[float]:
+    runtime = runtime or initialize(cfg)
+    if cfg.model.attention_backend == "flex" and runtime.device.type != "cuda":
+        from megafusion.config import ConfigError
+
+        # torch's FlexAttention runs forward on CPU but has no CPU backward (NotImplementedError
+        # at the first step): say so before building anything.
+        raise ConfigError(f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
+                          f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here")
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(cfg, runtime)
+    root = ckpt.resolve_dir(cfg)
+    start_step, consumed, origin = _resume(trainer, root)
+    t, c = cfg.train, cfg.checkpoint
+    log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step)
+    _banner(trainer, log, root, origin)
+    losses, saved_at = [], start_step
+    try:
+        for step in range(start_step, t.steps):
+            dump = cfg.logging.dump_grads if step == 0 else None
+            record = trainer.train_step(step, consumed, dump)
+            consumed = record["consumed_samples"]
+            losses.append(record["loss"])
+            last = step + 1 == t.steps
+            if (step + 1) % cfg.logging.log_interval == 0 or last:
+                log.log(record)
+            if (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0) or last:
+                val = trainer.evaluate(step + 1)
+                if val is not None:
+                    log.log(val)
+            if c.save and ((c.interval and (step + 1) % c.interval == 0) or last):
+                path = ckpt.save_checkpoint(root, step + 1, trainer.model, trainer.optimizer, trainer.scheduler,
+                                            consumed, cfg, trainer.data.meta, c.keep_last,
+                                            flops_total=trainer.flops_seen)
+                saved_at = step + 1
+                log.say(f"[megafusion] saved checkpoint {path}")
+        if start_step >= t.steps:
+            log.say(f"[megafusion] nothing to do: the checkpoint is at step {start_step} >= train.steps={t.steps}")
+    finally:
+        log.close()
+    if cfg.logging.dump_losses and dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_losses)), exist_ok=True)
+        with open(cfg.logging.dump_losses, "w") as f:
+            json.dump({"first_step": start_step + 1, "losses": losses, "saved_at": saved_at,
+                       "world_size": runtime.world_size, "config": cfg.to_dict()}, f, indent=1)
+    return losses
