@@ -86,7 +86,7 @@ def dense_to_mot(src: str, out: str, untie: str = "all") -> str:
     """Convert (in this process, TP = PP = 1); returns the output directory."""
     from megafusion.models.init import tied_name
     from megafusion.models.param_layout import global_param_names
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize, shutdown
     from megafusion.training import checkpoint as ckpt

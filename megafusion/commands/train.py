@@ -12,13 +12,14 @@ import os
 import sys
 
 from megafusion.config import ConfigError, load_config, parse_cli, validate
-from megafusion.models import ARCHS
+from megafusion.models.registry import family_names
+from megafusion.objectives.registry import objective_names
 
 
 def load_and_validate(argv: list[str]):
     path, overrides = parse_cli(argv)
     cfg = load_config(path, overrides)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), known_archs=tuple(ARCHS))
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), known_archs=family_names(), known_objectives=objective_names())
     return cfg
 
 

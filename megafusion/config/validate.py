@@ -11,6 +11,7 @@ from megafusion.core.choices import (
     DATA_SOURCES,
     IMAGE_CODECS,
     LATENT_CODECS,
+    MODEL_ARCHS,
     OBJECTIVES,
     PARAMS_DTYPES,
 )
@@ -65,7 +66,7 @@ def _type_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[str]:
+def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_objectives: tuple) -> list[str]:
     p, m, t, d, lg = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.logging
     problems = []
 
@@ -142,7 +143,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple) -> list[st
                             f"{m.vocab_size}]: set it to the text vocabulary's size, or null to take the text "
                             f"tokenizer's")
     o = cfg.objective
-    for key, v, allowed in [("objective.name", o.name, OBJECTIVES),
+    for key, v, allowed in [("objective.name", o.name, tuple(known_objectives)),
                             ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
                             ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
                             ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
@@ -351,20 +352,18 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
-def validate(cfg: Config, world_size: int, known_archs: tuple | None = None) -> None:
+def validate(cfg: Config, world_size: int, known_archs: tuple | None = None,
+             known_objectives: tuple | None = None) -> None:
     """Raise ConfigError listing every problem of `cfg` for `world_size` processes.
 
-    `known_archs` is the set of model.arch values the caller can build (default: all registered
-    in megafusion.models.ARCHS). The
-    raised error carries the individual messages in its `problems` attribute.
+    `known_archs` / `known_objectives`: the model.arch / objective.name values the caller can
+    build (default: the built-in ones of megafusion.core.choices; commands pass the registries'
+    names, which include those registered by plugins). The raised error carries the individual
+    messages in its `problems` attribute.
     """
-    if known_archs is None:
-        from megafusion.models import ARCHS  # a plain dict: no torch / megatron import
-
-        known_archs = tuple(ARCHS)
     problems = _type_problems(cfg)
     if not problems:
-        problems = _range_problems(cfg, world_size, known_archs)
+        problems = _range_problems(cfg, world_size, known_archs or MODEL_ARCHS, known_objectives or OBJECTIVES)
         # Divisibility checks divide by these; skip them until they are positive.
         p, m = cfg.parallel, cfg.model
         positive = [p.tp, p.pp, p.cp, p.ep, p.vpp_size(), m.num_layers, m.hidden_size,

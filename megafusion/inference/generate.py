@@ -83,7 +83,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, ckpt: str, kv_cache: bool = True) -> "Generator":
         from megafusion.data.sources import build_data
-        from megafusion.models.registry import build_model_chunks
+        from megafusion.objectives.build import build_model_chunks
         from megafusion.models.transformer_config import build_transformer_config
         from megafusion.runtime import initialize
         from megafusion.training import checkpoint as ck
@@ -125,6 +125,7 @@ class Generator:
         from megafusion.core.modality import Modality
         from megafusion.layers.masks import dense_mask
         from megafusion.models.transfusion import ImageInputs
+        from megafusion.models.registry import get_family
         from megafusion.training.forward_step import routing_for
 
         if cache is None and start:
@@ -154,7 +155,7 @@ class Generator:
         modality = torch.where(image_ids >= 0, int(Modality.IMAGE), int(Modality.TEXT))
         ids = torch.tensor([seq.tokens[start:]], dtype=torch.int64, device=device)
         position_ids = torch.arange(start, s, device=device)[None]
-        routed = self.cfg.model.arch == "mot"
+        routed = get_family(self.cfg.model.arch).routed
         if cache is not None:
             cache.sequence_len_offset = start
         with torch.no_grad(), (routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext()):

@@ -35,7 +35,7 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, tra
     ``transfusion_text``: also accept ``objective.name=transfusion`` checkpoints (their model is
     built with its image modules, of the checkpoint's latent shape, and run on text alone)."""
     from megafusion.config import apply_overrides, validate
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize
     from megafusion.training import checkpoint as ck
@@ -89,12 +89,12 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megafusion.core.modality import Modality
-    from megafusion.models import ROUTED_ARCHS
+    from megafusion.models.registry import get_family
     from megafusion.training.forward_step import attention_mask_for, routing_for
 
     b, s = tokens.shape
     device = runtime.device
-    routed = cfg.model.arch in ROUTED_ARCHS
+    routed = get_family(cfg.model.arch).routed
     rows = [{"tokens": tokens[i:i + 1], "document_ids": torch.zeros(1, s, dtype=torch.int64),
              "modality_ids": torch.full((1, s), int(Modality.TEXT), dtype=torch.int64), "index": i}
             for i in range(b)]

@@ -105,7 +105,7 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
     from megafusion.config import validate
     from megafusion.config.schema import Config
     from megafusion.models.param_layout import global_param_names
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize, shutdown
     from megafusion.training import checkpoint as ckpt
@@ -207,7 +207,7 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     """Convert; returns the output directory and whether only the model's text path was exported
     (a MoT's text copies, a Transfusion model without its image modules)."""
     from megafusion.models.param_layout import global_param_names
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize, shutdown
     from megafusion.training import checkpoint as ckpt

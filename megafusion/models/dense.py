@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megafusion.layers.core_attention import MaskedCoreAttention
 from megafusion.layers.norm import RMSNorm
 from megafusion.layers.post_norm_layer import PostNormLayerSubmodules, PostNormTransformerLayer
+from megafusion.models.spec import ModelFamily
 
 
 def core_attention_module(backend: str) -> type:
@@ -86,3 +87,10 @@ def final_norm_of(layer_spec: ModuleSpec) -> type:
 
 def dense_layer_spec(cfg) -> ModuleSpec:
     return transformer_layer_spec(cfg)
+
+
+FAMILY = ModelFamily(
+    name="dense",
+    layer_spec=dense_layer_spec,
+    description="Chameleon-style dense transformer: one set of weights for every token",
+)

@@ -19,12 +19,16 @@ dense model's; only the parameter count grows. Modules read the per-token modali
 
 from __future__ import annotations
 
+import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megafusion.core.modality import NUM_MODALITIES
 from megafusion.layers.modality_linear import ModalityColumnParallelLinear, ModalityRowParallelLinear
 from megafusion.layers.modality_mlp import ModalityMLP
 from megafusion.layers.modality_norm import ModalityRMSNorm
 from megafusion.models.dense import transformer_layer_spec
+from megafusion.models.init import tied_name
+from megafusion.models.spec import ModelFamily, WarmStartRule
 
 
 def mot_layer_spec(cfg) -> ModuleSpec:
@@ -37,3 +41,43 @@ def mot_layer_spec(cfg) -> ModuleSpec:
     if "norms" in parts:
         kwargs.update(attention_norm=ModalityRMSNorm, mlp_norm=ModalityRMSNorm, qk_norm=ModalityRMSNorm)
     return transformer_layer_spec(cfg, **kwargs)
+
+
+def copies(cfg, part: str) -> int:
+    """One copy per modality of each untied part (``attention``, ``ffn``, ``norms``)."""
+    return NUM_MODALITIES if part in cfg.model.untied_parts() else 1
+
+
+def manifest_keys(cfg) -> dict:
+    return {"untie": ",".join(cfg.model.untied_parts())}
+
+
+def dense_key(key: str) -> str | None:
+    """The dense checkpoint's key that a MoT tensor starts from: the text copy reads the dense
+    module; the image copy is filled from the text copy after the load (:func:`copy_text_into_image`)."""
+    parts = key.split(".")
+    if "image" in parts:
+        return None
+    return tied_name(key) if "text" in parts else key
+
+
+@torch.no_grad()
+def copy_text_into_image(module) -> None:
+    """Every image copy becomes its (just loaded) text copy: same shapes, same TP shards."""
+    params = dict(module.named_parameters())
+    for name, param in params.items():
+        parts = name.split(".")
+        if "image" in parts:
+            param.copy_(params[".".join("text" if p == "image" else p for p in parts)])
+
+
+FAMILY = ModelFamily(
+    name="mot",
+    layer_spec=mot_layer_spec,
+    routed=True,
+    copies=copies,
+    manifest_keys=manifest_keys,
+    warm_starts={"dense": WarmStartRule(checkpoint_key=dense_key, fill=copy_text_into_image, ignores=("untie",),
+                                        describe="dense -> MoT: each modality copy starts as the dense module")},
+    description="Mixture-of-Transformers: the parts in model.untie have one copy per modality",
+)

@@ -46,6 +46,9 @@ from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.runtime import stage_channel
 
 
+IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # attribute names
+
+
 @dataclass
 class ImageInputs:
     """The images of one microbatch, on the model's device."""
@@ -83,7 +86,7 @@ class TransfusionGPTModel(GPTModel):
         # In the transformer's params_dtype (bf16 on GPUs) like every megatron weight: megatron's
         # mixed-precision optimizer keeps the fp32 master copies, and cannot checkpoint a model
         # that mixes fp32 and bf16 parameters. Inputs are cast in; the loss is computed in fp32.
-        for name in ("image_time_embed", "image_patch_embed", "image_patch_head"):
+        for name in IMAGE_MODULES:
             if hasattr(self, name):
                 getattr(self, name).to(dtype=self.config.params_dtype)
 

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from megafusion.objectives.spec import Objective
+
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """``logsumexp`` over the last (vocab-parallel) dimension, differentiable."""
@@ -54,3 +56,13 @@ def lm_loss_sums(
     tok_mod = torch.zeros(num_modalities, device=logits.device).index_add_(0, index, mask.reshape(-1))
     return {"total": lm + z_loss_weight * z, "lm": lm, "z": z, "tokens": mask.sum().to(torch.int),
             "lm_per_modality": per_mod, "tokens_per_modality": tok_mod}
+
+
+class LanguageModelling(Objective):
+    """Next-token prediction over the joint vocabulary (text pieces and discrete image codes):
+    the LM loss every objective trains, and nothing more."""
+
+    name = "lm"
+
+
+OBJECTIVE = LanguageModelling()

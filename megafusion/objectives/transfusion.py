@@ -21,8 +21,9 @@ import zlib
 import torch
 
 from megafusion.core.modality import Modality
-from megafusion.models.transfusion import ImageInputs
+from megafusion.models.transfusion import IMAGE_MODULES, ImageInputs
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
+from megafusion.objectives.spec import Objective
 
 DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
@@ -120,3 +121,73 @@ def combined_loss(lm_total: torch.Tensor, prediction, target, weight: float, ste
                          "every document needs a caption (the LM loss averages over text tokens)")
     scale = weight * step_lm_tokens / step_image_elements
     return lm_total + scale * sums["diffusion"], sums["diffusion"].detach(), sums["elements"].float()
+
+
+class Transfusion(Objective):
+    """LM loss on text + ``objective.diffusion_weight`` x diffusion loss on the image latents,
+    with the image modules of :class:`~megafusion.models.transfusion.TransfusionGPTModel`."""
+
+    name = "transfusion"
+    report_fields = DIFFUSION_FIELDS
+    extra_modules = IMAGE_MODULES
+
+    def model_class(self, cfg, latent_shape):
+        from megafusion.models.transfusion import TransfusionGPTModel
+
+        size = cfg.data.image_size
+        return TransfusionGPTModel, {"objective": cfg.objective, "latent_shape": tuple(latent_shape or (3, size, size))}
+
+    def needs_stage_channel(self, cfg) -> bool:
+        # The U-Net head reads the embed's skips and timestep embedding from the first stage.
+        return cfg.objective.patchify == "unet"
+
+    def manifest_key(self, cfg) -> str:
+        o = cfg.objective
+        return f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}"
+
+    def prepare_step(self, cfg, source, first_sample, batches, training):
+        # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.
+        step = source.microbatch(first_sample, cfg.train.global_batch_size)
+        counts = {"step_lm_tokens": float(step["loss_mask"].sum()),
+                  "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
+                  if step["latents"].shape[0] else 0.0}
+        # Caption dropout trains the unconditional branch; evaluation keeps every caption.
+        rate = cfg.objective.caption_dropout if training else 0.0
+        for batch in batches:
+            batch.update(counts, first_key=caption_dropout(batch, cfg.train.seed, rate))
+
+    def forward_inputs(self, cfg, batch, device):
+        o = cfg.objective
+        images, target = noised_images(batch, schedule_for(o), cfg.train.seed, device, o.uncaptioned_max_t)
+        return {"images": images}, (target, o.diffusion_weight, batch["step_lm_tokens"], batch["step_image_elements"])
+
+    def loss(self, lm_total, extra_output, context):
+        total, diffusion, elements = combined_loss(lm_total, extra_output, *context)
+        return total, torch.stack([diffusion, elements])
+
+    def metrics(self, sums, prefix):
+        if sums["diffusion_elements"] > 0:
+            return {f"{prefix}/diffusion": sums["diffusion"] / sums["diffusion_elements"]}
+        return {}
+
+    def flops_inputs(self, batch):
+        out = {"keys": attended_keys(batch)} if "first_key" in batch else super().flops_inputs(batch)
+        if "latents" in batch:
+            out["num_images"] = batch["latents"].shape[0]
+        return out
+
+    def accounting_modules(self, cfg, latent_shape):
+        """The image modules of one model, on the meta device (no memory, no init)."""
+        from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
+        from megafusion.layers.timestep import TimestepEmbedding
+
+        o, hidden = cfg.objective, cfg.model.hidden_size
+        channels = (latent_shape or (3, cfg.data.image_size, cfg.data.image_size))[0]
+        embed, head = (UNetPatchEmbed, UNetPatchHead) if o.patchify == "unet" else (LinearPatchEmbed, LinearPatchHead)
+        with torch.device("meta"):
+            return {"image_time_embed": TimestepEmbedding(hidden),
+                    "image_patch_embed": embed(channels, o.latent_patch_size, hidden),
+                    "image_patch_head": head(hidden, o.latent_patch_size, channels)}
+
+
+OBJECTIVE = Transfusion()

@@ -85,10 +85,7 @@ def initialize(cfg) -> Runtime:
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
     )
-    stage_channel.close_channel()
-    o = cfg.objective
-    if par.pp > 1 and o.name == "transfusion" and o.patchify == "unet":
-        stage_channel.open_channel(device)  # collective: every rank creates every pair's group
+    stage_channel.close_channel()  # a model that needs it opens it at build (models.build)
     return Runtime(
         device=device,
         backend=backend,

@@ -133,6 +133,7 @@ class RecvFromFirstStage(torch.autograd.Function):
 
 
 _CHANNEL: StageChannel | None = None
+_OPEN = False
 
 
 def get_channel() -> StageChannel | None:
@@ -140,13 +141,20 @@ def get_channel() -> StageChannel | None:
     return _CHANNEL
 
 
+def is_open() -> bool:
+    """Whether ``open_channel`` ran since the last ``close_channel`` (on every rank alike)."""
+    return _OPEN
+
+
 def open_channel(device: torch.device) -> StageChannel | None:
     """Create the channel's groups: collective over the whole world (call it on every rank,
-    after megatron's ``initialize_model_parallel``). Returns this rank's end, or None."""
+    after megatron's ``initialize_model_parallel``; the model build does when its objective
+    needs it). Returns this rank's end, or None."""
     from megatron.core import parallel_state as ps
 
-    global _CHANNEL
+    global _CHANNEL, _OPEN
     close_channel()
+    _OPEN = True
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return None
     first, last = ps.get_pipeline_model_parallel_first_rank(), ps.get_pipeline_model_parallel_last_rank()
@@ -179,8 +187,8 @@ def open_channel(device: torch.device) -> StageChannel | None:
 def close_channel() -> None:
     """Forget this rank's end, as ``destroy_model_parallel`` forgets megatron's groups. Sends
     still in flight are not waited for: after an error on the peer they would never finish."""
-    global _CHANNEL
-    _CHANNEL = None
+    global _CHANNEL, _OPEN
+    _CHANNEL, _OPEN = None, False
 
 
 def drain() -> None:

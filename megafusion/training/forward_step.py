@@ -6,7 +6,7 @@ modality-partitioned families, the per-token modality routing), the last stage n
 loss mask and the modality of each label. Metadata travels with the
 batch; no stage asks another.
 
-The loss function reports one vector per microbatch (``REPORT_FIELDS``), summed over the
+The loss function reports one vector per microbatch (``report_fields``), summed over the
 step's microbatches and data-parallel ranks by the loop.
 """
 
@@ -20,13 +20,17 @@ import torch
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.layers.masks import block_mask, dense_mask
 from megafusion.layers.routing import ModalityRouting, modality_routing
-from megafusion.models import ROUTED_ARCHS
+from megafusion.models.registry import get_family
 from megafusion.objectives.lm import lm_loss_sums
-from megafusion.objectives.transfusion import combined_loss, noised_images, schedule_for
+from megafusion.objectives.registry import get_objective
 
-REPORT_FIELDS = ("total", "lm", "z", "tokens",
-                 *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES),
-                 "diffusion", "diffusion_elements")  # the last two stay 0 for objective.name=lm
+LM_FIELDS = ("total", "lm", "z", "tokens",
+             *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES))
+
+
+def report_fields(objective) -> tuple[str, ...]:
+    """What one microbatch's loss reports: the LM sums, then the objective's own."""
+    return (*LM_FIELDS, *objective.report_fields)
 
 
 def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
@@ -52,16 +56,14 @@ def routing_for(batch: dict, device: torch.device):
     return modality_routing(routing)
 
 
-def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, diffusion, output):
-    """Sums of one microbatch; ``diffusion`` = None (LM) or (target, weight, step LM tokens, step elements)."""
-    logits, prediction = output if isinstance(output, tuple) else (output, None)
+def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, objective, context, output):
+    """Sums of one microbatch: the LM's, then the objective's (``report_fields``)."""
+    logits, extra = output if isinstance(output, tuple) else (output, None)
     sums = lm_loss_sums(logits, labels, loss_mask, z_loss_weight, label_modality_ids, NUM_MODALITIES)
-    total, diff, elements = sums["total"], sums["total"].new_zeros(()), sums["total"].new_zeros(())
-    if diffusion is not None:
-        total, diff, elements = combined_loss(total, prediction, *diffusion)
+    total, objective_sums = objective.loss(sums["total"], extra, context)
     report = torch.cat([
         torch.stack([total.detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
-        sums["lm_per_modality"], sums["tokens_per_modality"], torch.stack([diff, elements]),
+        sums["lm_per_modality"], sums["tokens_per_modality"], objective_sums.detach().float(),
     ])
     return total, sums["tokens"], {"report": report}
 
@@ -70,25 +72,21 @@ def make_forward_step(cfg, device: torch.device):
     """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
 
     Packed real data always needs the document mask; synthetic data only when it packs
-    several documents per row.
+    several documents per row. Families that route by modality get the microbatch's routing
+    around the model call; the objective adds its model inputs and its loss.
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
-    routed = cfg.model.arch in ROUTED_ARCHS
-    objective = cfg.objective
-    schedule = schedule_for(objective) if objective.name == "transfusion" else None
+    routed = get_family(cfg.model.arch).routed
+    objective = get_objective(cfg.objective.name)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         mask = attention_mask_for(batch, backend, packs, device)
-        extra, diffusion = {}, None
-        if schedule is not None:
-            extra["images"], target = noised_images(batch, schedule, cfg.train.seed, device,
-                                                    objective.uncaptioned_max_t)
-            diffusion = (target, objective.diffusion_weight, batch["step_lm_tokens"], batch["step_image_elements"])
+        extra, context = objective.forward_inputs(cfg, batch, device)
         with routing_for(batch, device) if routed else contextlib.nullcontext():
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
         loss = partial(_loss_func, batch["labels"].to(device), batch["loss_mask"].to(device),
-                       batch["label_modality_ids"].to(device), z_weight, diffusion)
+                       batch["label_modality_ids"].to(device), z_weight, objective, context)
         return output, loss
 
     return forward_step

@@ -23,14 +23,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion.data.sources import build_data
 from megafusion.core.modality import MODALITY_NAMES
-from megafusion.accounting.flops import batch_flops, microbatch_mask, parameter_counts
-from megafusion.models.registry import build_model_chunks
+from megafusion.accounting.flops import batch_flops, parameter_counts
+from megafusion.objectives.build import build_model_chunks
+from megafusion.objectives.registry import get_objective
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.runtime import stage_channel
 from megafusion.runtime import initialize, seed_everything
 from megafusion.training import checkpoint as ckpt
-from megafusion.objectives.transfusion import caption_dropout
-from megafusion.training.forward_step import REPORT_FIELDS, make_forward_step
+from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, memory_gb
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
@@ -70,6 +70,8 @@ class Trainer:
         codec = getattr(self.data.tokenizer, "codec", None)
         latent_shape = codec.latent_codec.latent_shape if hasattr(codec, "latent_codec") else None
         self.latent_shape = latent_shape  # Transfusion: what the image modules' FLOPs and parameters depend on
+        self.objective = get_objective(cfg.objective.name)
+        self.fields = report_fields(self.objective)
         self.model, self.optimizer, self.scheduler, self.tconfig = build(cfg, runtime, latent_shape)
         self.forward_step = make_forward_step(cfg, runtime.device)
         self.forward_backward = get_forward_backward_func()
@@ -79,16 +81,7 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         first = first_sample + self.rt.dp_rank * self.per_rank
         batches = [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
-        if self.cfg.objective.name == "transfusion":
-            # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.
-            step = source.microbatch(first_sample, self.cfg.train.global_batch_size)
-            counts = {"step_lm_tokens": float(step["loss_mask"].sum()),
-                      "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
-                      if step["latents"].shape[0] else 0.0}
-            for batch in batches:
-                # Caption dropout trains the unconditional branch; evaluation keeps every caption.
-                rate = self.cfg.objective.caption_dropout if training else 0.0
-                batch.update(counts, first_key=caption_dropout(batch, self.cfg.train.seed, rate))
+        self.objective.prepare_step(self.cfg, source, first_sample, batches, training)
         return batches
 
     def _run(self, microbatches: list[dict], forward_only: bool):
@@ -107,7 +100,7 @@ class Trainer:
 
     def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
         """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
-        report = torch.zeros(len(REPORT_FIELDS), device=self.rt.device, dtype=torch.float64)  # FLOPs need 64 bits
+        report = torch.zeros(len(self.fields), device=self.rt.device, dtype=torch.float64)  # FLOPs need 64 bits
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for item in store:
                 report += item["report"]
@@ -115,10 +108,10 @@ class Trainer:
         # Every pipeline stage holds the same `extra`: reduce it over DP only, the report over
         # DP and then PP (stages without the loss add zeros).
         dist.all_reduce(vec, group=ps.get_data_parallel_group())
-        report = vec[: len(REPORT_FIELDS)]
+        report = vec[: len(self.fields)]
         dist.all_reduce(report, group=ps.get_pipeline_model_parallel_group())
-        out = dict(zip(REPORT_FIELDS, report.tolist()))
-        out["extra"] = vec[len(REPORT_FIELDS):].tolist()
+        out = dict(zip(self.fields, report.tolist()))
+        out["extra"] = vec[len(self.fields):].tolist()
         return out
 
     def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
@@ -127,10 +120,10 @@ class Trainer:
         # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
-            # Transfusion: each image also runs the time embedding, patch embedding and head.
-            images = mb["latents"].shape[0] if "latents" in mb else None
-            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], num_images=images,
-                                  latent_shape=self.latent_shape, **microbatch_mask(mb))
+            # The objective's mask and extra modules (Transfusion: each image's time embedding,
+            # patch embedding and head) are counted too.
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], latent_shape=self.latent_shape,
+                                  **self.objective.flops_inputs(mb))
             flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
                                   dtype=torch.float64)
         for chunk in self.model:
@@ -151,7 +144,7 @@ class Trainer:
         record = {"step": step + 1, "total_steps": self.cfg.train.steps,
                   "consumed_samples": consumed + self.cfg.train.global_batch_size,
                   "loss": r["total"] / r["tokens"], "loss/lm": r["lm"] / r["tokens"], "z_loss": r["z"] / r["tokens"]}
-        record.update(_per_modality(r, "loss"))
+        record.update(self._per_modality(r, "loss"))
         record.update({"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
                        "tflops_per_gpu": tflops, "mfu": mfu(tflops * 1e12, self.peak),
                        "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed,
@@ -172,24 +165,22 @@ class Trainer:
                 first = b * self.cfg.train.global_batch_size
                 r = self._reduce(self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
                                  torch.zeros(0))
-                total = r if total is None else {k: total[k] + r[k] for k in REPORT_FIELDS}
+                total = r if total is None else {k: total[k] + r[k] for k in self.fields}
         for chunk in self.model:
             chunk.train()
         record = {"step": step, "val/loss": total["total"] / total["tokens"], "val/tokens": int(total["tokens"])}
-        record.update(_per_modality(total, "val/loss"))
+        record.update(self._per_modality(total, "val/loss"))
         return record
+
+    def _per_modality(self, r: dict, prefix: str) -> dict:
+        """LM loss per modality (where it has tokens), then the objective's (Transfusion: diffusion)."""
+        out = {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
+        out.update(self.objective.metrics(r, prefix))
+        return out
 
     @property
     def peak(self):
         return peak_tflops(self.rt.device, self.cfg.logging.peak_tflops)
-
-
-def _per_modality(r: dict, prefix: str) -> dict:
-    """LM loss per modality (where it has tokens) and, for Transfusion, the diffusion loss."""
-    out = {f"{prefix}/{m}": r[f"lm/{m}"] / r[f"tokens/{m}"] for m in MODALITY_NAMES if r[f"tokens/{m}"] > 0}
-    if r["diffusion_elements"] > 0:
-        out[f"{prefix}/diffusion"] = r["diffusion"] / r["diffusion_elements"]
-    return out
 
 
 def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:

@@ -61,7 +61,7 @@ WORKER = textwrap.dedent(
                "groups": {"tp": ps.get_tensor_model_parallel_group().size(),
                           "pp": ps.get_pipeline_model_parallel_world_size()}}
         if build:
-            from megafusion.models.registry import build_model_chunks
+            from megafusion.objectives.build import build_model_chunks
             from megafusion.models.transformer_config import build_transformer_config
             chunks = build_model_chunks(cfg, build_transformer_config(cfg, rt.device), rt)
             rec["chunks"] = [[layer.layer_number - 1 for layer in c.decoder.layers] for c in chunks]

@@ -10,7 +10,7 @@ import torch
 from megafusion.config import Config
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import dense_mask
-from megafusion.models.registry import build_model_chunks
+from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transfusion import ImageInputs
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.lm import lm_loss_sums

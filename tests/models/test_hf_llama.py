@@ -226,7 +226,7 @@ def test_llama3_frequencies_are_transformers_and_use_all_four_values(runtime):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
 
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](tiny_llama_config(False), "cpu")
@@ -250,7 +250,7 @@ def test_llama3_frequencies_are_transformers_and_use_all_four_values(runtime):
 
 def test_tied_parameter_counts_match_the_built_model(runtime):
     from megafusion.accounting import flops
-    from megafusion.models.registry import build_model_chunks
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
 
     cfg = load_config(None, ["model.tie_embeddings=true", "model.vocab_size=256"])

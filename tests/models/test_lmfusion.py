@@ -23,7 +23,7 @@ from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.core.modality import Modality
 from megafusion.accounting import flops
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
-from megafusion.models.registry import build_model_chunks
+from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.training import checkpoint as ck
 from megafusion.training.forward_step import attention_mask_for, routing_for

@@ -26,7 +26,7 @@ from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.accounting.flops import flop_counter_flops, parameter_counts
 from megafusion.models.init import tied_name
 from megafusion.models.param_layout import global_param_names
-from megafusion.models.registry import build_model_chunks
+from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from tests.models.test_dense_reference import reference_logits
 

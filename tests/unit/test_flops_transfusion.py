@@ -25,7 +25,7 @@ from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPa
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.accounting import flops
 from megafusion.commands.flops import _n, flops_report, summary
-from megafusion.models.registry import build_model_chunks
+from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transfusion import ImageInputs
 from megafusion.models.transformer_config import build_transformer_config
 

@@ -1,0 +1,64 @@
+"""What a model family is to the rest of megafusion: ``ModelFamily``.
+
+A family (``model.arch``) is one module under ``megafusion/models/`` that defines ``FAMILY``, a
+``ModelFamily``, and one line in :mod:`megafusion.models.registry`. Everything else asks the
+family instead of branching on its name:
+
+- ``layer_spec(cfg)``: megatron-core's ``ModuleSpec`` of one transformer layer (the block, the
+  embedding and the output layer are megatron's ``GPTModel``; see :mod:`megafusion.models.build`);
+- ``routed``: whether its layers read the per-token modality routing
+  (:mod:`megafusion.layers.routing`), which the forward step, generation and the logits tool then
+  set around every model call;
+- ``copies(cfg, part)``: how many copies of a layer part (``attention``, ``ffn``, ``norms``) the
+  model holds, the only thing parameter and FLOPs accounting need to know beyond the dense
+  formulas (:mod:`megafusion.accounting`); ``active_copies`` how many of them one token meets;
+- ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
+  tensors mean something else (MoT: which parts are untied); a resume compares them;
+- ``warm_starts``: checkpoint families it can start from with ``checkpoint.init_from`` and how
+  (a :class:`WarmStartRule`: which checkpoint tensor each local tensor reads, and what fills the
+  tensors the checkpoint does not have).
+
+A family registered from outside the package (``register_family``, e.g. in a module named in
+``MEGAFUSION_PLUGINS``) is used exactly like the built-in ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+def _one_copy(cfg, part: str) -> int:
+    return 1
+
+
+def _no_keys(cfg) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class WarmStartRule:
+    """How a checkpoint of another family fills this family's model (``checkpoint.init_from``).
+
+    ``checkpoint_key(key)``: the checkpoint's global key that this model's tensor ``key`` reads,
+    or None when the checkpoint has no such tensor (it is then filled by ``fill`` after the
+    load); ``fill(module)``: fills those tensors from the loaded ones (no disk round trip, the
+    same TP shards); ``ignores``: manifest model keys the bridge makes irrelevant (compared
+    otherwise); ``describe``: what the run log says about it.
+    """
+
+    checkpoint_key: Callable[[str], str | None]
+    fill: Callable[[object], None] | None = None
+    ignores: tuple[str, ...] = ()
+    describe: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    layer_spec: Callable  # (cfg) -> megatron ModuleSpec of one layer
+    routed: bool = False
+    copies: Callable[[object, str], int] = _one_copy
+    manifest_keys: Callable[[object], dict] = _no_keys
+    warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)
+    description: str = ""

@@ -1,0 +1,64 @@
+"""What an objective is to the trainer, the forward step, checkpointing and accounting: ``Objective``.
+
+An objective (``objective.name``) is one module under ``megafusion/objectives/`` that defines
+``OBJECTIVE``, an instance of an ``Objective`` subclass, and one line in
+:mod:`megafusion.objectives.registry`. Every objective trains the next-token LM loss of the
+text (and discrete image) tokens; what it adds:
+
+- ``model_class(cfg, latent_shape)``: the ``GPTModel`` subclass and its extra constructor
+  arguments (Transfusion: the image modules), and ``extra_modules``, their attribute names
+  (a warm start from a checkpoint without them initialises them);
+- ``needs_stage_channel(cfg)``: whether the first and last pipeline stage exchange tensors
+  outside megatron's schedule (:mod:`megafusion.runtime.stage_channel`), opened at model build;
+- ``manifest_key(cfg)``: what a checkpoint records of it (None: nothing, a plain LM);
+- ``prepare_step(...)``: host-side work per optimizer step on the step's microbatches (loss
+  normalisers of the whole global batch, caption dropout), identical in every layout;
+- ``forward_inputs(cfg, batch, device)``: extra keyword arguments of the model call, and what
+  the loss needs; ``loss(lm_total, extra_output, context)``: the loss to backpropagate and
+  the sums behind ``report_fields`` (reduced over microbatches and ranks by the trainer);
+  ``metrics(sums, prefix)``: the ``metrics.jsonl`` values made from them;
+- ``flops_inputs(batch)``: what accounting needs to count a microbatch exactly (the keys each
+  query attends under the objective's mask, the images that run the extra modules);
+  ``accounting_modules(cfg, latent_shape)``: the extra modules, built (on the meta device) for
+  parameter and FLOPs counting.
+"""
+
+from __future__ import annotations
+
+
+class Objective:
+    name = ""
+    report_fields: tuple[str, ...] = ()
+    extra_modules: tuple[str, ...] = ()
+
+    def model_class(self, cfg, latent_shape: tuple[int, int, int] | None):
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel, {}
+
+    def needs_stage_channel(self, cfg) -> bool:
+        return False
+
+    def manifest_key(self, cfg) -> str | None:
+        return None
+
+    def prepare_step(self, cfg, source, first_sample: int, batches: list[dict], training: bool) -> None:
+        """Add host-side per-step values to ``batches`` (this rank's microbatches of the step
+        that starts at global sample ``first_sample``); nothing for a plain LM."""
+
+    def forward_inputs(self, cfg, batch: dict, device) -> tuple[dict, object]:
+        return {}, None
+
+    def loss(self, lm_total, extra_output, context):
+        """``(loss sum for megatron, [len(report_fields)] tensor of sums)`` of one microbatch."""
+        return lm_total, lm_total.new_zeros(len(self.report_fields))
+
+    def metrics(self, sums: dict, prefix: str) -> dict:
+        return {}
+
+    def flops_inputs(self, batch: dict) -> dict:
+        """Keywords for :func:`megafusion.accounting.flops.batch_flops` beyond tokens and modalities."""
+        return {"image_ids": batch["image_ids"]} if "image_ids" in batch else {}
+
+    def accounting_modules(self, cfg, latent_shape: tuple[int, int, int] | None) -> dict:
+        return {}
