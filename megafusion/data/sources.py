@@ -174,13 +174,10 @@ def _check_latent_settings(cfg, info: dict) -> None:
     pairs = [("objective.latent_codec", "--latent-codec", o.latent_codec, codec.get("name")),
              ("objective.latent_patch_size", "--latent-patch-size", o.latent_patch_size, info.get("patch_size")),
              ("data.image_size", "--image-size", d.image_size, codec.get("image_size"))]
-    if o.latent_codec == codec.get("name") == "kl" and "weights" in codec:
+    if o.latent_codec == codec.get("name") == "kl":
         # The VAE's content, not its directory: a copy elsewhere (another node, a moved run) matches.
         pairs.append((f"objective.vae_path={os.path.abspath(o.vae_path)} holds weights", "a VAE of weights",
-                      weights_identity(o.vae_path, "objective.vae_path"), codec["weights"]))
-    elif o.latent_codec == codec.get("name") == "kl":
-        # Datasets prepared before the weights were recorded name the VAE by its absolute path.
-        pairs.append(("objective.vae_path", "--vae-path", os.path.abspath(o.vae_path), codec.get("path")))
+                      weights_identity(o.vae_path, "objective.vae_path"), codec.get("weights")))
     diffs = [f"{key}={mine!r} but the dataset was prepared with {flag} {theirs!r}"
              for key, flag, mine, theirs in pairs if mine != theirs]
     if diffs:

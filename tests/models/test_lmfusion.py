@@ -25,6 +25,7 @@ from megafusion.accounting import flops
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
 from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.models.registry import get_family
 from megafusion.training import checkpoint as ck
 from megafusion.training.forward_step import attention_mask_for, routing_for
 from tests.helpers import ROOT, assert_same_training, run_train
@@ -189,7 +190,7 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
     # Text logits: exactly the warm start's (the same model before training), and the dense model's.
     n = cfg.model.frozen_vocab_rows
     tokens = torch.randint(0, n, (1, 40), generator=torch.Generator().manual_seed(1))
-    warm = ck.WarmStart(from_dense=True, new_modules=(INPUT_ROWS, OUTPUT_ROWS))
+    warm = ck.WarmStart(rule=get_family("mot").warm_starts["dense"], new_modules=(INPUT_ROWS, OUTPUT_ROWS))
     before = text_logits(runtime, cfg, dense_path, tokens, warm)
     after = text_logits(runtime, cfg, lmf_path, tokens)
     original = text_logits(runtime, dense_cfg, dense_path, tokens)
@@ -251,14 +252,14 @@ def _model_section(path) -> dict:
 # ------------------------------------------------------------------ what a warm start bridges, and what not
 
 def _manifest(cfg) -> dict:
-    return {"model": ck._model_keys(cfg), "config": cfg.to_dict(), "data": None}
+    return {"model": ck.model_keys(cfg), "config": cfg.to_dict(), "data": None}
 
 
 def test_warm_start_bridges_only_what_it_can(tmp_path):
     run = load_config(str(ROOT / CONFIG), [*LMFUSION, "model.vocab_size=384", "model.frozen_vocab_rows=300"])
     dense = load_config(str(ROOT / CONFIG), ["objective.name=lm", "model.vocab_size=320"])
     warm = ck.check_compatible(tmp_path, _manifest(dense), run, None, weights_only=True)
-    assert warm.from_dense and warm.vocab == (320, 384)
+    assert warm.rule is get_family("mot").warm_starts["dense"] and warm.vocab == (320, 384)
     assert set(warm.new_modules) == {*flops.IMAGE_MODULES, INPUT_ROWS, OUTPUT_ROWS}
     with pytest.raises(ck.CheckpointError, match="model.arch: checkpoint 'dense', this run 'mot'"):
         ck.check_compatible(tmp_path, _manifest(dense), run, None)  # a resume bridges nothing

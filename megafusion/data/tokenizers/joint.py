@@ -195,7 +195,7 @@ class MultimodalTokenizer:
 
         ``other_file``: the tokenizer file ``where`` was made with, when known (named in the message).
         """
-        mine, other = self.config(), self._legacy_vae(other)
+        mine = self.config()
         keys = [*mine, *(k for k in other if k not in mine)]  # a key only one side has differs too
         diffs = [f"{k}: {other.get(k)!r} there, {mine.get(k)!r} here" for k in keys if other.get(k) != mine.get(k)]
         if diffs:
@@ -203,16 +203,6 @@ class MultimodalTokenizer:
             raise DataError(f"{where}: made with a different tokenizer{made} than this one ({self.path}) "
                             f"({'; '.join(diffs)}); use the same text tokenizer (SentencePiece model or Hugging "
                             "Face tokenizer.json) and codec settings, or re-tokenize the data")
-
-    def _legacy_vae(self, other: dict) -> dict:
-        """``other`` with a kl VAE recorded by path (datasets and checkpoints made before the VAE's
-        weights were recorded) read as this tokenizer's VAE when that path is this VAE's directory."""
-        codec = other.get("codec") or {}
-        theirs, latent = codec.get("latent") or {}, getattr(self.codec, "latent_codec", None)
-        if theirs.get("name") == "kl" and "weights" not in theirs and theirs.get("path") == getattr(latent, "path", 0):
-            upgraded = {k: v for k, v in theirs.items() if k != "path"}
-            return {**other, "codec": {**codec, "latent": {**upgraded, "weights": latent.weights}}}
-        return other
 
     # --- encode / decode ------------------------------------------------------------------------
 
