@@ -1,7 +1,8 @@
 """megafusion: Megatron-style distributed pretraining for mixed-modal early-fusion models.
 
-Layers of the package (each imports only from the ones above it): config, runtime,
-ops, layers, models, objectives, data, training / cli. See docs/architecture.md.
+Packages by layer, lowest first (each imports only from the ones below it; the contract is
+``.importlinter``): core; config; runtime, ops; layers; models; objectives; data; accounting;
+training, inference, evaluation, interop, planning; commands. See docs/architecture.md.
 """
 
 import warnings

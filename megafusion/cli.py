@@ -1,5 +1,10 @@
-"""``python -m megafusion.cli``: the megafusion console command. Kept as a stable entry point; the code lives in
-:mod:`megafusion.commands.main`."""
+"""``python -m megafusion.cli``: the ``megafusion`` console command.
+
+A stable entry point; the code lives in :mod:`megafusion.commands.main` (the dispatcher: each
+subcommand runs through :func:`megafusion.commands.main.run`).
+"""
+
+from __future__ import annotations
 
 import sys
 

@@ -1,9 +1,15 @@
-"""``python -m megafusion.evaluate``: megafusion eval (torchrun for --text). Kept as a stable entry point; the code lives in
-:mod:`megafusion.evaluation.captions`."""
+"""``python -m megafusion.evaluate``: ``megafusion eval`` (under torchrun for ``--text`` in a parallel layout).
+
+A stable entry point (torchrun, launch/, sbatch and users call it). The code lives in
+:mod:`megafusion.commands.eval`; its ``main`` runs the command through :func:`megafusion.commands.main.run`
+(a user's error: one line on stderr, exit status 2).
+"""
+
+from __future__ import annotations
 
 import sys
 
-from megafusion.evaluation.captions import main
+from megafusion.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

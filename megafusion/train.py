@@ -1,5 +1,11 @@
-"""``python -m megafusion.train``: the training command (torchrun, launch/ and sbatch call it). Kept as a stable entry point; the code lives in
-:mod:`megafusion.commands.train`."""
+"""``python -m megafusion.train``: the training command (``megafusion train``).
+
+A stable entry point (torchrun, launch/, sbatch and users call it). The code lives in
+:mod:`megafusion.commands.train`; its ``main`` runs the command through :func:`megafusion.commands.main.run`
+(a user's error: one line on stderr, exit status 2).
+"""
+
+from __future__ import annotations
 
 import sys
 

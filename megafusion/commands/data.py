@@ -11,8 +11,8 @@
 directory holding it; see ``megafusion.data.tokenizers.text``).
 Reads the shards (``megafusion.data.formats.shards.read_shards``), tokenizes every document with the
 text tokenizer plus the image codec (pixel patches by default; ``vq`` takes a codebook
-from ``megafusion tokenizer fit-vq``, ``vqgan`` a local diffusers VQModel), and writes ``PREFIX.bin``, ``PREFIX.idx`` and
-``PREFIX.meta.json`` (``megafusion.data.formats.indexed``). The meta records the tokenizer and codec
+from ``megafusion tokenizer fit-vq``, ``vqgan`` a local diffusers VQModel), and writes ``PREFIX.bin``,
+``PREFIX.idx`` and ``PREFIX.meta.json`` (``megafusion.data.formats.indexed``). The meta records the tokenizer and codec
 configs (the tokenizer by content hash, its file for messages) so a training run can check
 that its model matches the data.
 
@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 
+from megafusion.commands.main import run
 from megafusion.core.errors import DataError
 
 USAGE = "megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER --output PREFIX"
@@ -153,17 +154,10 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec) -> dict:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion data`` (e.g. ``["prepare", "--input", ...]``)."""
-    try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exit_:  # argparse has printed usage / help; return its status instead
-        return int(exit_.code or 0)
-    try:
-        stats = prepare(args.input, args.tokenizer, args.output, codec_from_args(args))
-    except DataError as err:
-        print(f"megafusion: {err}", file=sys.stderr)
-        return 2
+    args = _parser().parse_args(argv)
+    stats = prepare(args.input, args.tokenizer, args.output, codec_from_args(args))
     total = sum(stats["tokens"].values())
     per = ", ".join(f"{name} {count}" for name, count in stats["tokens"].items())
     print(f"prepared {stats['documents']} documents, {total} tokens ({per})")
@@ -172,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stored {stats['latents']['count']} image latents of shape {shape} (for objective.name=transfusion)")
     print("wrote " + ", ".join(stats["files"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Errors read "megafusion: <message>" (not "megafusion data: "): tests/data/test_indexed.py asserts that prefix.
+    return run(prepare_command, argv, "megafusion")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The ``megafusion`` console command: ``megafusion <subcommand> ...``.
+"""The ``megafusion`` console command (``megafusion <subcommand> ...``) and :func:`run`, the one way
+every command runs and reports a user's error.
 
 Subcommands:
 - ``train --config FILE [section.key=value ...] [--dry-run]``: the same as
-  ``python -m megafusion.commands.train`` (one process here; launch multi-process runs with
-  ``torchrun -m megafusion.commands.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
+  ``python -m megafusion.train`` (one process here; launch multi-process runs with
+  ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
 - ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
 - ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
@@ -13,12 +14,24 @@ Subcommands:
 - ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
 - ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
   ``eval --ckpt CKPT --text FILE``: the mean next-token loss on a plain text file.
+
+Each command module under :mod:`megafusion.commands` holds only its argument parsing and a
+``main(argv) -> int`` that is ``run(<the command>, argv, <its prog>)``: this console command, the
+``python -m megafusion.<name>`` entry points (``train``, ``cli``, ``evaluate``, ``logits``,
+``generate``, ``launch_plan``) and in-process callers all go through :func:`run`, so every
+command prints a user's error the same way. Nothing here imports torch (``--help`` and
+``--dry-run`` stay fast).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from megafusion.core.errors import MegafusionError
 
 USAGE = """usage: megafusion <command> [args]
 
@@ -36,18 +49,57 @@ commands:
   eval --ckpt CKPT --text FILE [--tokenizer T]              mean next-token loss on a plain text file
 """
 
+# Subcommand -> "module:function", the function being that module's run-wrapped main.
 COMMANDS = {
     "train": "megafusion.commands.train:main",
     "flops": "megafusion.commands.flops:main",
     "data": "megafusion.commands.data:main",
     "tokenizer": "megafusion.commands.tokenizer:main",
     "convert": "megafusion.commands.convert:main",
-    "generate": "megafusion.inference.generate:main",
-    "eval": "megafusion.evaluation.captions:main",
+    "generate": "megafusion.commands.generate:main",
+    "eval": "megafusion.commands.eval:main",
 }
+
+DEBUG_VARIABLE = "MEGAFUSION_DEBUG"  # =1: a user's error also prints its traceback
+
+
+def run(command: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, prog: str = "megafusion",
+        *, runtime: bool = False) -> int:
+    """Run ``command(argv)`` (``argv`` default: ``sys.argv[1:]``) as a command line; returns the exit status.
+
+    - ``command``'s return value is the status (None: 0);
+    - a :class:`~megafusion.core.errors.MegafusionError` (bad input: the message names it and
+      the fix) prints ``<prog>: <message>`` on stderr and gives 2, without a traceback unless
+      the environment has ``MEGAFUSION_DEBUG=1``; any other exception is a bug and propagates;
+    - ``SystemExit`` (argparse's usage errors, status 2, and ``--help``, 0) becomes its status, so
+      in-process callers get a number instead of an exit;
+    - ``runtime=True``: the command may initialise megafusion's runtime (process groups), which
+      is shut down afterwards, whatever happened.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        status = command(argv)
+        return 0 if status is None else int(status)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr, flush=True)  # sys.exit("message"): Python's own behaviour
+        return 1
+    except MegafusionError as err:
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            traceback.print_exc()
+        print(f"{prog}: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        # Only a command that imported the runtime can have started one; importing it here
+        # otherwise would cost a torch import (and tear down a caller's process groups).
+        loaded = sys.modules.get("megafusion.runtime") if runtime else None
+        if loaded is not None:
+            loaded.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``megafusion <command> [args]``: hands ``args`` to the command's ``main``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megafusion.commands.main import run
 from megafusion.core.errors import DataError
 
 
@@ -85,35 +86,28 @@ def _fit_vq(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def tokenizer_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion tokenizer`` (e.g. ``["train", "--input", ...]``)."""
-    try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exit_:  # argparse has printed usage / help; return its status instead
-        return int(exit_.code or 0)
+    args = _parser().parse_args(argv)
     if args.command == "fit-vq":
-        try:
-            return _fit_vq(args)
-        except DataError as exc:
-            print(f"megafusion tokenizer: error: {exc}", file=sys.stderr)
-            return 2
+        return _fit_vq(args)
     # Imported here so that `--help` stays fast.
     import sentencepiece as spm
 
     from megafusion.data.formats.shards import shard_texts
     from megafusion.data.tokenizers.joint import train_sentencepiece
 
-    try:
-        path = train_sentencepiece(shard_texts(args.input), args.vocab_size, args.output,
-                                   character_coverage=args.character_coverage, byte_fallback=args.byte_fallback)
-    except DataError as exc:
-        print(f"megafusion tokenizer: error: {exc}", file=sys.stderr)
-        return 2
+    path = train_sentencepiece(shard_texts(args.input), args.vocab_size, args.output,
+                               character_coverage=args.character_coverage, byte_fallback=args.byte_fallback)
     size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
     if size < args.vocab_size:
         print(f"note: the corpus gave {size} pieces, fewer than --vocab-size {args.vocab_size}", file=sys.stderr)
     print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(tokenizer_command, argv, "megafusion tokenizer")
 
 
 if __name__ == "__main__":

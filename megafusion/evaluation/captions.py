@@ -1,8 +1,9 @@
-"""``megafusion eval``: held-out loss per modality and caption consistency of generated images.
+"""Held-out loss per modality and caption consistency of generated images: what ``megafusion eval``
+runs (its command line: :mod:`megafusion.commands.eval`).
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
         [--seed 0] [--out DIR]
-    [torchrun --nproc-per-node N -m megafusion.evaluation.captions | megafusion eval] --ckpt CKPT --text FILE
+    [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
 With ``--text``: the mean next-token loss of any LM or Transfusion checkpoint (dense or MoT, any
@@ -25,32 +26,12 @@ that ignores its captions scores the same under both). One JSON object goes to s
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 
 HELD_OUT_SEED_OFFSET = 7919  # captions from a stream the training set (train.seed) never drew
 GAP_NOISE_LEVELS = (0.3, 0.6, 0.9)  # fractions of the training noise range (1 = pure noise)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megafusion eval", description="validation loss and caption consistency")
-    p.add_argument("--ckpt", required=True, help="a Transfusion checkpoint trained on data.builtin=shapes")
-    p.add_argument("--samples", type=int, default=60, help="generated images to check (default 60)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler"), default="ddim")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--out", help="directory to keep the generated PNGs in")
-    p.add_argument("--text", metavar="FILE", help="instead: the mean next-token loss on this plain text file "
-                   "(any LM or Transfusion checkpoint; options: --text FILE --help)")
-    return p
-
-
-def _wants_text(argv: list[str]) -> bool:
-    return any(a == "--text" or a.startswith("--text=") for a in argv)
 
 
 def held_out_samples(num: int, train_seed: int):
@@ -118,23 +99,31 @@ def consistency(pairs, generate_image, out: Path | None = None) -> dict:
 
 
 def evaluate(args) -> dict:
+    """The report ``megafusion eval`` prints; ``args``: its options (``ckpt``, ``samples``, ``steps``,
+    ``cfg``, ``sampler``, ``seed``, ``out``)."""
     from megafusion.data.builtin.shapes import render_shape
-    from megafusion.inference.generate import Generator, load_transfusion_config
-    from megafusion.runtime import initialize
+    from megafusion.inference.generate import Generator, image_checkpoint
+    from megafusion.inference.load import model_from_checkpoint
     from megafusion.runtime.seed import seed_everything
     from megafusion.training import checkpoint as ck
     from megafusion.training.trainer import Trainer
 
-    path, cfg = load_transfusion_config(args.ckpt)
+    source = image_checkpoint(args.ckpt, ["logging.wandb=false", "checkpoint.save=false"])
+    path, cfg = source.path, source.cfg
     if "shapes" not in cfg.data.builtin or cfg.data.source != "builtin":
         raise ck.CheckpointError(f"{path} was not trained on the built-in shapes (data.builtin={cfg.data.builtin!r}): "
                                  "caption consistency needs the shapes captions and checker")
-    cfg.logging.wandb, cfg.checkpoint.save = False, False
-    runtime = initialize(cfg)
-    seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, runtime)
-    ck.load_weights(path, trainer.model)
-    step = int(ck.read_manifest(path).get("step", 0))
+    trainers = []
+
+    def with_trainer(run_cfg, runtime):
+        # The validation loss is the trainer's own evaluation (its microbatches, caption handling
+        # and reduction over ranks), so it is the number training logs as val/loss.
+        seed_everything(run_cfg.train.seed)
+        trainers.append(Trainer(run_cfg, runtime))
+        return trainers[0].model, trainers[0].data
+
+    loaded = model_from_checkpoint(source, build=with_trainer)
+    trainer, runtime, step = trainers[0], loaded.runtime, loaded.step
     val = trainer.evaluate(step) or {}
     model = trainer.model[0].module
     generator = Generator(cfg, runtime, trainer.data.tokenizer, model.eval())
@@ -156,35 +145,3 @@ def evaluate(args) -> dict:
     return {"checkpoint": str(path), "step": step, "validation": {k: v for k, v in val.items() if k != "step"},
             "caption_consistency": result, "caption_gap": gap,
             "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megafusion.config import ConfigError
-    from megafusion.core.errors import DataError
-    from megafusion.runtime import shutdown
-    from megafusion.training.checkpoint import CheckpointError
-
-    argv = sys.argv[1:] if argv is None else argv
-    if _wants_text(argv):
-        from megafusion.evaluation.text import main as text_main
-
-        return text_main(argv)
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    if args.samples < 1 or args.steps < 1:
-        print("megafusion eval: --samples and --steps must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(evaluate(args), indent=1), flush=True)
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"megafusion eval: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

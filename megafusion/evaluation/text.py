@@ -1,8 +1,9 @@
-"""``megafusion eval --text``: the mean next-token loss of a checkpoint on a plain text file.
+"""The mean next-token loss of a checkpoint on a plain text file: what ``megafusion eval --text`` runs
+(its command line: :mod:`megafusion.commands.eval`).
 
     megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch 4]
         [--loss-vocab N] [section.key=value ...]
-    torchrun --nproc-per-node N -m megafusion.evaluation.captions --ckpt CKPT --text FILE ... parallel.tp=2 ...
+    torchrun --nproc-per-node N -m megafusion.evaluate --ckpt CKPT --text FILE ... parallel.tp=2 ...
 
 For checking a Hugging Face Llama import (``megafusion convert hf-to-mf``) against the original
 model, and that training (e.g. LMFusion, whose text weights are frozen) left the text ability of
@@ -57,47 +58,24 @@ the checkpoint's, none found) exits with code 2 and a message naming the fix.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megafusion.core.errors import MegafusionError
-
 from megafusion.interop.hf_io import hf_origin
 
 # Keys of a checkpoint's recorded tokenizer (``MultimodalTokenizer.config()``) that are not the
 # text tokenizer's identity.
 _NOT_TEXT_IDENTITY = ("n_text", "vocab_size", "codec")
-_TOKENIZER_KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or the directory holding it"
+TOKENIZER_KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or the directory holding it"
 
 
 class TextEvalError(MegafusionError):
     """Input the text evaluation cannot use; the message names it and the fix."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megafusion eval", description="mean next-token loss of a checkpoint on a plain text file",
-        usage="megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch N] "
-              "[--loss-vocab N] [section.key=value ...]",
-        epilog="section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes "
-               "with torchrun --nproc-per-node N -m megafusion.evaluation.captions ...). Prints one JSON line.")
-    p.add_argument("--ckpt", required=True, help="step directory or checkpoint.dir (any layout)")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 plain text file, evaluated as one document")
-    p.add_argument("--tokenizer", metavar="PATH", help=f"{_TOKENIZER_KINDS} (default: the checkpoint's, if found)")
-    p.add_argument("--seq-length", type=int, metavar="N",
-                   help="tokens per window (default: the checkpoint's model.seq_length)")
-    p.add_argument("--batch", type=int, default=4, metavar="N", help="windows per forward call (default 4)")
-    p.add_argument("--loss-vocab", type=int, metavar="N",
-                   help="softmax over logit columns [0, N) (default: the HF vocabulary for Hugging Face imports "
-                        "and their descendants, else every row of the model's vocabulary)")
-    return p
 
 
 # ------------------------------------------------------------------ lineage and tokenizer
@@ -128,7 +106,7 @@ def default_tokenizer(path: Path, manifest: dict) -> tuple[str, str]:
         tried.append(f"the Hugging Face directory it was imported from, {hf_dir}, holds no tokenizer.json")
     why = "; ".join(tried) if tried else "it records no tokenizer (e.g. trained on synthetic data)"
     raise TextEvalError(f"{path}: no tokenizer found for this checkpoint ({why}): "
-                        f"pass --tokenizer ({_TOKENIZER_KINDS})")
+                        f"pass --tokenizer ({TOKENIZER_KINDS})")
 
 
 def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer") -> None:
@@ -193,13 +171,11 @@ class Plan:
 
 def plan(args, overrides: list[str]) -> Plan:
     """Check every input (checkpoint, tokenizer, text) and cut the windows; no model, no process group."""
-    from megafusion.config import apply_overrides
     from megafusion.data.tokenizers.text import load_text_tokenizer
-    from megafusion.training import checkpoint as ck
+    from megafusion.inference.load import checkpoint_config
 
-    path = ck.resolve_checkpoint(args.ckpt)
-    manifest = ck.read_manifest(path)
-    cfg = apply_overrides(ck.run_config(path, manifest), list(overrides))
+    source = checkpoint_config(args.ckpt, overrides)
+    path, manifest, cfg = source.path, source.manifest, source.cfg
     seq_length = args.seq_length or cfg.model.seq_length
     vocab = cfg.model.vocab_size
     if vocab is None:
@@ -237,7 +213,7 @@ def plan(args, overrides: list[str]) -> Plan:
     p = cfg.parallel
     interleaved = p.pp > 1 and p.vpp_size() > 1
     batch = -(-args.batch // p.pp) * p.pp if interleaved else args.batch  # the interleaved schedule's need
-    return Plan(path, int(manifest.get("step", 0)), list(overrides), text_file, tok, found, seq_length, loss_vocab,
+    return Plan(path, source.step, list(overrides), text_file, tok, found, seq_length, loss_vocab,
                 make_windows(ids, seq_length), batch, interleaved)
 
 
@@ -249,7 +225,8 @@ def evaluate_text(job: Plan) -> dict | None:
 
     from megafusion.inference.logits import forward_logits, load_model
 
-    cfg, runtime, chunks = load_model(str(job.path), job.overrides, job.seq_length, job.batch, transfusion_text=True)
+    loaded = load_model(str(job.path), job.overrides, job.seq_length, job.batch, extra_modules=True)
+    cfg, runtime, chunks = loaded.cfg, loaded.runtime, loaded.chunks
     pp, bos = runtime.pp, job.tokenizer.bos_id
     mine = job.windows[runtime.dp_rank::runtime.dp]  # data-parallel ranks share the windows
     sums = torch.zeros(2, dtype=torch.float64)  # summed loss, predicted tokens
@@ -281,43 +258,3 @@ def evaluate_text(job: Plan) -> dict | None:
             "seq_length": job.seq_length, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
             "loss_vocab": job.loss_vocab,
             "layout": {"tp": runtime.tp, "pp": runtime.pp, "vpp": runtime.vpp or 1, "dp": runtime.dp}}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megafusion.config import ConfigError
-    from megafusion.core.errors import DataError
-    from megafusion.runtime import shutdown
-    from megafusion.training.checkpoint import CheckpointError
-
-    try:
-        args, overrides = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        print(f"megafusion eval: unknown option(s) {' '.join(unknown)} with --text; see megafusion eval --text FILE "
-              f"--help", file=sys.stderr)
-        return 2
-    if args.batch < 1 or (args.seq_length is not None and args.seq_length < 2):
-        print("megafusion eval: --batch must be >= 1 and --seq-length >= 2", file=sys.stderr)
-        return 2
-    errors = (TextEvalError, CheckpointError, ConfigError, DataError)
-    try:
-        job = plan(args, overrides)  # every input check, before any process group exists
-    except errors as err:
-        print(f"megafusion eval: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate_text(job)
-        if result is not None:
-            print(json.dumps(result), flush=True)
-    except errors as err:
-        print(f"megafusion eval: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

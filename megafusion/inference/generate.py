@@ -1,4 +1,5 @@
-"""``megafusion generate``: text and images from a Transfusion checkpoint (one process).
+"""Text and images from a Transfusion checkpoint (one process): ``Generator``, what ``megafusion
+generate`` runs (its command line: :mod:`megafusion.commands.generate`).
 
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]
         --out DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
@@ -21,51 +22,32 @@ text reads the same keys as a full recomputation would give; ``--no-kv-cache`` d
 recomputation at every step (the reference the cache is tested against).
 
 The checkpoint may come from any parallel layout (dist_checkpointing reshards into TP = PP =
-1).
+1); any objective whose spec says ``samples_images`` (Transfusion) generates images.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-IMAGE_SAMPLERS = ("ddim", "ddpm", "euler")
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megafusion generate", description="generate text and images")
-    p.add_argument("--ckpt", required=True, help="a Transfusion checkpoint (step directory or checkpoint.dir)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--out", required=True, help="directory for the PNG files")
-    p.add_argument("--image", action="store_true", help="start an image right after the prompt")
-    p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
-                   help="recompute the whole sequence at every step (the reference the cache is tested against)")
-    return p
-
-
-def load_transfusion_config(ckpt: str):
-    """(checkpoint step directory, its config for one process); refuses non-Transfusion checkpoints."""
+def image_checkpoint(ckpt: str, overrides: list[str] | tuple = ()):
+    """The checkpoint ``ckpt`` names and its run config (a :class:`~megafusion.inference.load.CheckpointRun`);
+    refuses checkpoints whose objective does not sample images."""
+    from megafusion.inference.load import checkpoint_config, objective_names_with
+    from megafusion.objectives.registry import get_objective
     from megafusion.training import checkpoint as ck
 
-    path = ck.resolve_checkpoint(ckpt)
-    cfg = ck.run_config(path)
-    if cfg.objective.name != "transfusion":
-        raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
-                                 f"images can only be sampled from Transfusion checkpoints")
-    return path, cfg
+    source = checkpoint_config(ckpt, overrides)
+    name = source.cfg.objective.name
+    if not get_objective(name).samples_images:
+        able = ", ".join(objective_names_with("samples_images"))
+        raise ck.CheckpointError(f"{source.path} was trained with objective.name={name!r}; images can only be "
+                                 f"sampled from checkpoints of an objective that generates them ({able})")
+    return source
 
 
 class Generator:
@@ -82,20 +64,10 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, ckpt: str, kv_cache: bool = True) -> "Generator":
-        from megafusion.data.sources import build_data
-        from megafusion.objectives.build import build_model_chunks
-        from megafusion.models.transformer_config import build_transformer_config
-        from megafusion.runtime import initialize
-        from megafusion.training import checkpoint as ck
+        from megafusion.inference.load import model_from_checkpoint
 
-        path, cfg = load_transfusion_config(ckpt)
-        runtime = initialize(cfg)
-        data = build_data(cfg)
-        data.set_model_vocabulary(cfg.model)
-        latent_shape = data.tokenizer.codec.latent_codec.latent_shape
-        model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)[0]
-        ck.load_weights(path, [model])
-        return cls(cfg, runtime, data.tokenizer, model.eval(), kv_cache)
+        loaded = model_from_checkpoint(image_checkpoint(ckpt), data=True)
+        return cls(loaded.cfg, loaded.runtime, loaded.data.tokenizer, loaded.chunks[0], kv_cache)
 
     # --- one forward pass over the uncached part of a sequence ---------------------------------
 
@@ -253,43 +225,3 @@ def denoise_image(predict, shape, sampler, gen, guidance: float, hide_index: int
 
     uncond = (lambda x, t: predict(x, t, hide_index)) if guidance != 1.0 else None  # noqa: E731
     return denoise(predict, shape, sampler, gen, guidance_scale=guidance, uncond_fn=uncond)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megafusion.config import ConfigError
-    from megafusion.core.errors import DataError
-    from megafusion.runtime import shutdown
-    from megafusion.training.checkpoint import CheckpointError
-
-    try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    if args.steps < 1:
-        print("megafusion generate: --steps must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        generator = Generator.from_checkpoint(args.ckpt, args.kv_cache)
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"megafusion generate: {err}", file=sys.stderr)
-        return 2
-    try:
-        from PIL import Image
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for i, prompt in enumerate(args.prompt):
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
-            text, images = generator.generate(prompt, args, gen)
-            files = []
-            for k, image in enumerate(images):
-                files.append(str(out / f"{i}_{k}.png"))
-                Image.fromarray(image).save(files[-1])
-            print(json.dumps({"prompt": prompt, "text": text, "images": files}), flush=True)
-    finally:
-        shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
 """Full-vocabulary logits of given token ids from a checkpoint, in any parallel layout.
 
-    [torchrun --nproc-per-node N] python -m megafusion.inference.logits --ckpt CKPT --tokens IN.pt --out OUT.pt
+    [torchrun --nproc-per-node N] python -m megafusion.logits --ckpt CKPT --tokens IN.pt --out OUT.pt
         [parallel.tp=2 parallel.pp=2 ...]
 
-``IN.pt`` holds an int64 tensor ``[b, s]`` of token ids; ``OUT.pt`` gets the fp32 logits
-``[b, s, vocab_size]`` (every vocabulary row, padding included), written by the rank that
-holds the last pipeline stage with tensor- and data-parallel rank 0. Each row is one
-document (causal attention over the whole row, RoPE positions 0 .. s-1) and one microbatch
-of megatron-core's forward-only pipeline schedule, so tensor, sequence and pipeline
-parallelism (VPP included) run exactly as in training. Overrides take ``section.key=value``
-on top of the checkpoint's config (``model.seq_length`` becomes ``s``). Text-only: MoT
-checkpoints route every token to the text weights.
+(the command line: :mod:`megafusion.commands.logits`). ``IN.pt`` holds an int64 tensor ``[b, s]``
+of token ids; ``OUT.pt`` gets the fp32 logits ``[b, s, vocab_size]`` (every vocabulary row,
+padding included), written by the rank that holds the last pipeline stage with tensor- and
+data-parallel rank 0. Each row is one document (causal attention over the whole row, RoPE
+positions 0 .. s-1) and one microbatch of megatron-core's forward-only pipeline schedule, so
+tensor, sequence and pipeline parallelism (VPP included) run exactly as in training. Overrides
+take ``section.key=value`` on top of the checkpoint's config (``model.seq_length`` becomes ``s``).
+Text-only: MoT checkpoints route every token to the text weights.
 
 :func:`load_model` and :func:`forward_logits` are the pieces for other text evaluations
 (``megafusion eval --text``, :mod:`megafusion.evaluation.text`, loads Transfusion checkpoints too and
@@ -20,61 +20,29 @@ with transformers'.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
 
 import torch
 
 
-def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, transfusion_text: bool = False):
-    """(config, runtime, model chunks) of checkpoint ``ckpt`` in the layout ``overrides`` name,
-    for ``batch`` rows of ``seq_length`` tokens (one row per microbatch).
+def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, extra_modules: bool = False):
+    """The model of checkpoint ``ckpt`` (a :class:`~megafusion.inference.load.LoadedModel`) in the
+    layout ``overrides`` name, for ``batch`` rows of ``seq_length`` tokens (one row per microbatch).
 
-    ``transfusion_text``: also accept ``objective.name=transfusion`` checkpoints (their model is
-    built with its image modules, of the checkpoint's latent shape, and run on text alone)."""
-    from megafusion.config import apply_overrides, validate
-    from megafusion.objectives.build import build_model_chunks
-    from megafusion.models.transformer_config import build_transformer_config
-    from megafusion.runtime import initialize
+    ``extra_modules``: also accept checkpoints of an objective that adds modules to the language
+    model (Transfusion's image modules: built for the checkpoint's latent shape, and unused on
+    text); by default only plain language models' logits are read."""
+    from megafusion.inference.load import checkpoint_config, model_from_checkpoint, objective_names_with
+    from megafusion.objectives.registry import get_objective
     from megafusion.training import checkpoint as ck
 
-    path = ck.resolve_checkpoint(ckpt)
-    cfg = ck.run_config(path)  # the layout: the overrides
-    accepted = ("lm", "transfusion") if transfusion_text else ("lm",)
-    if cfg.objective.name not in accepted:
-        raise ck.CheckpointError(f"{path} was trained with objective.name={cfg.objective.name!r}; "
-                                 f"text logits are read from objective.name=lm checkpoints")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    apply_overrides(cfg, [*overrides, f"model.seq_length={seq_length}", "train.micro_batch_size=1"])
-    cfg.train.global_batch_size = batch * cfg.data_parallel_size(world)
-    validate(cfg, world)
-    latent_shape = checkpoint_latent_shape(cfg, path) if cfg.objective.name == "transfusion" else None
-    runtime = initialize(cfg)
-    chunks = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)
-    ck.load_weights(path, chunks)
-    return cfg, runtime, [chunk.eval() for chunk in chunks]
-
-
-def checkpoint_latent_shape(cfg, path) -> tuple[int, int, int]:
-    """``[C, H, W]`` of one image latent of a Transfusion checkpoint (its image modules' shapes):
-    ``(3, S, S)`` for ``objective.latent_codec=pixels`` (``S = data.image_size``), else read off
-    the VAE at ``objective.vae_path`` (loaded, on the CPU, only for that)."""
-    from megafusion.data.codecs.registry import build_latent_codec
-    from megafusion.core.errors import DataError
-    from megafusion.training.checkpoint import CheckpointError
-
-    o, size = cfg.objective, cfg.data.image_size
-    if o.latent_codec == "pixels":
-        return (3, size, size)
-    try:
-        return tuple(build_latent_codec(o.latent_codec, path=o.vae_path, image_size=size).latent_shape)
-    except DataError as err:
-        raise CheckpointError(
-            f"{path} is a Transfusion checkpoint with objective.latent_codec={o.latent_codec}: the shapes of its "
-            f"image modules come from the VAE at objective.vae_path={o.vae_path!r}, which cannot be loaded ({err}); "
-            f"make that directory available, or pass objective.vae_path=DIR naming the same AutoencoderKL") from None
+    source = checkpoint_config(ckpt)  # the layout: the overrides
+    name = source.cfg.objective.name
+    if get_objective(name).extra_modules and not extra_modules:
+        plain = "/".join(objective_names_with("extra_modules", False))
+        raise ck.CheckpointError(f"{source.path} was trained with objective.name={name!r}; "
+                                 f"text logits are read from objective.name={plain} checkpoints")
+    return model_from_checkpoint(source, overrides, rows=(batch, seq_length))
 
 
 def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
@@ -126,45 +94,3 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(store) if whole else list(store)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megafusion.inference.logits", description="logits of token ids")
-    p.add_argument("--ckpt", required=True, help="step directory or checkpoint.dir (any layout)")
-    p.add_argument("--tokens", required=True, help=".pt file with an int64 tensor [batch, seq]")
-    p.add_argument("--out", required=True, help=".pt file for the fp32 logits [batch, seq, vocab]")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from megafusion.config import ConfigError
-    from megafusion.runtime import shutdown
-    from megafusion.training.checkpoint import CheckpointError
-
-    args, overrides = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    tokens = torch.load(args.tokens)
-    if tokens.dim() != 2 or tokens.dtype != torch.int64:
-        print(f"megafusion logits: {args.tokens} must hold an int64 tensor [batch, seq], got "
-              f"{tuple(tokens.shape)} {tokens.dtype}", file=sys.stderr)
-        return 2
-    try:
-        cfg, runtime, chunks = load_model(args.ckpt, overrides, tokens.shape[1], tokens.shape[0])
-    except (CheckpointError, ConfigError) as err:
-        print(f"megafusion logits: {err}", file=sys.stderr)
-        return 2
-    try:
-        if int(tokens.max()) >= cfg.model.vocab_size or int(tokens.min()) < 0:
-            print(f"megafusion logits: {args.tokens} holds ids outside the model's vocabulary "
-                  f"[0, {cfg.model.vocab_size})", file=sys.stderr)
-            return 2
-        logits = forward_logits(cfg, runtime, chunks, tokens)
-        if logits is not None and runtime.tp_rank == 0 and runtime.dp_rank == 0:
-            torch.save(logits, args.out)
-            print(f"[megafusion] logits {tuple(logits.shape)} -> {args.out}", flush=True)
-    finally:
-        shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,14 +32,13 @@ from pathlib import Path
 
 import torch
 
+from megafusion.core.errors import ConversionError
 from megafusion.interop import hf_llama
+from megafusion.training import checkpoint as ck
 
 # Non-architecture fields of the HF config that an export carries over from the imported model.
 _KEPT_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range")
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-from megafusion.core.errors import ConversionError  # noqa: E402,F401
 
 
 def _transformers():
@@ -108,7 +107,6 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
     from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.runtime import initialize, shutdown
-    from megafusion.training import checkpoint as ckpt
 
     src = Path(hf_dir)
     if not src.is_dir():
@@ -151,7 +149,7 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
                 param.copy_(state[name])
         origin = {"conversion": "hf-to-mf", "converted_from": str(src.resolve()), "hf_vocab_size": hf_vocab,
                   "hf_config": {k: hf_cfg.get(k) for k in _KEPT_HF_FIELDS}}
-        ckpt.save_weights(out, model, cfg, None, origin)
+        ck.save_weights(out, model, cfg, None, origin)
     finally:
         shutdown()
     if config_out:
@@ -187,8 +185,6 @@ def _parent(manifest: dict):
 def hf_origin(manifest: dict, hops: int = 8) -> dict:
     """The ``origin`` of the ``hf-to-mf`` import a checkpoint descends from (its own, or through
     ``checkpoint.init_from`` / ``convert dense-to-mot``), {} if none (or the chain is broken)."""
-    from megafusion.training import checkpoint as ckpt
-
     for _ in range(hops):
         origin = manifest.get("origin") or {}
         if origin.get("conversion") == "hf-to-mf":
@@ -197,8 +193,8 @@ def hf_origin(manifest: dict, hops: int = 8) -> dict:
         if not parent:
             break
         try:
-            manifest = ckpt.read_manifest(ckpt.resolve_checkpoint(parent))
-        except ckpt.CheckpointError:  # moved or deleted since: export every vocabulary row
+            manifest = ck.read_manifest(ck.resolve_checkpoint(parent))
+        except ck.CheckpointError:  # moved or deleted since: export every vocabulary row
             break
     return {}
 
@@ -206,21 +202,24 @@ def hf_origin(manifest: dict, hops: int = 8) -> dict:
 def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, bool]:
     """Convert; returns the output directory and whether only the model's text path was exported
     (a MoT's text copies, a Transfusion model without its image modules)."""
+    from megafusion.core.choices import MOT_PARTS
+    from megafusion.inference.load import checkpoint_config, model_from_checkpoint
     from megafusion.models.param_layout import global_param_names
-    from megafusion.objectives.build import build_model_chunks
-    from megafusion.models.transformer_config import build_transformer_config
-    from megafusion.runtime import initialize, shutdown
-    from megafusion.training import checkpoint as ckpt
+    from megafusion.models.registry import get_family
+    from megafusion.objectives.registry import get_objective
+    from megafusion.runtime import shutdown
 
     transformers = _transformers()
     target = Path(out)
     _check_empty(target)
-    path = ckpt.resolve_checkpoint(src)
-    manifest = ckpt.read_manifest(path)
-    cfg = ckpt.run_config(path, manifest)
-    # The text path is the Llama: a MoT's text copies (image copies left out), without Transfusion's
-    # image modules (the checkpoint's other tensors are simply not read).
-    text_half = cfg.model.arch == "mot" or cfg.objective.name != "lm"
+    source = checkpoint_config(src)
+    manifest, cfg = source.manifest, source.cfg
+    # The text path is the Llama: without the copies a family keeps per modality (MoT: the image
+    # copies) and the modules an objective adds (Transfusion: the image modules); the plain LM
+    # is built and the checkpoint's other tensors are simply not read.
+    copies = get_family(cfg.model.arch).copies
+    text_half = (any(copies(cfg, part) > 1 for part in MOT_PARTS)
+                 or bool(get_objective(cfg.objective.name).extra_modules))
     cfg.objective.name = "lm"
     model_section = {**cfg.to_dict()["model"], "arch": "dense"}
     hf_llama.check_exportable(model_section)
@@ -230,11 +229,9 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
         raise ConversionError(f"--vocab-size {vocab} must be between 1 and the model's {cfg.model.vocab_size} rows")
     model_section["num_query_groups"] = cfg.model.effective_num_query_groups()
     model_section["ffn_hidden_size"] = cfg.model.effective_ffn_hidden_size()
-    runtime = initialize(cfg)
+    loaded = model_from_checkpoint(source)
     try:
-        model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)
-        ckpt.load_weights(path, model)
-        state = {name: p.detach().cpu() for name, p in global_param_names(model[0]).items()}
+        state = {name: p.detach().cpu() for name, p in global_param_names(loaded.chunks[0]).items()}
     finally:
         shutdown()
     if text_half:

@@ -11,7 +11,7 @@ family instead of branching on its name:
   set around every model call;
 - ``copies(cfg, part)``: how many copies of a layer part (``attention``, ``ffn``, ``norms``) the
   model holds, the only thing parameter and FLOPs accounting need to know beyond the dense
-  formulas (:mod:`megafusion.accounting`); ``active_copies`` how many of them one token meets;
+  formulas (:mod:`megafusion.accounting`; a token meets one copy of each part);
 - ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
   tensors mean something else (MoT: which parts are untied); a resume compares them;
 - ``warm_starts``: checkpoint families it can start from with ``checkpoint.init_from`` and how

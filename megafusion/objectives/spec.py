@@ -21,6 +21,14 @@ text (and discrete image) tokens; what it adds:
   query attends under the objective's mask, the images that run the extra modules);
   ``accounting_modules(cfg, latent_shape)``: the extra modules, built (on the meta device) for
   parameter and FLOPs counting.
+
+What the tools that run a checkpoint ask of it (instead of its name):
+
+- ``samples_images``: its model denoises continuous image latents in the sequence, its image
+  modules built for one latent's shape ``[C, H, W]``: ``megafusion generate`` and ``megafusion
+  eval`` sample images from its checkpoints only, and a tool that builds its model without the
+  run's data (the logits tool, ``eval --text``) reads that shape off the checkpoint's config
+  (:mod:`megafusion.inference.load`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ class Objective:
     name = ""
     report_fields: tuple[str, ...] = ()
     extra_modules: tuple[str, ...] = ()
+    samples_images = False
 
     def model_class(self, cfg, latent_shape: tuple[int, int, int] | None):
         from megatron.core.models.gpt import GPTModel

@@ -130,6 +130,7 @@ class Transfusion(Objective):
     name = "transfusion"
     report_fields = DIFFUSION_FIELDS
     extra_modules = IMAGE_MODULES
+    samples_images = True
 
     def model_class(self, cfg, latent_shape):
         from megafusion.models.transfusion import TransfusionGPTModel

@@ -1,6 +1,7 @@
 """The resolved parallel layout of a run, computed before any process group exists.
 
-``python -m megafusion.planning.layout --config FILE [section.key=value ...] --world-size 16 --nproc-per-node 8``
+``megafusion train --dry-run --config FILE [section.key=value ...] --world-size 16 --nproc-per-node 8``
+(or ``python -m megafusion.launch_plan ...``; its command line: :mod:`megafusion.commands.dry_run`)
 prints, for the given number of processes, which tensor / pipeline / data (/ context / expert)
 parallel coordinates every global rank gets, which transformer layers it builds (per virtual
 pipeline chunk) and whether it holds the embedding or the output layer.
@@ -19,7 +20,7 @@ API:
   ``embedding`` and ``output_layer`` (bools).
 - ``groups(cfg, world_size) -> dict[str, list[list[int]]]``: the rank groups per dimension.
 - ``format_layout(cfg, world_size, nproc_per_node, per_rank=None) -> str``: header + table.
-- ``dry_run_main(argv) -> int``: the command line (exit 2 on a bad config).
+- ``dry_run(argv) -> int``: what the command line prints (ConfigError on a bad config).
 
 ``node`` is torchrun's node rank (GROUP_RANK): global rank = node x nproc_per_node + local_rank.
 With the c10d rendezvous torchrun does not promise which host gets which node rank, so the
@@ -31,14 +32,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import warnings
 
 from megafusion.config import ConfigError, load_config, parse_cli, validate
 
-USAGE = """usage: python -m megafusion.planning.layout --config FILE [section.key=value ...]
-                                      [--world-size N] [--nnodes N] [--nproc-per-node M]
-                                      [--per-rank | --grouped] [--json]
+USAGE = """usage: python -m megafusion.launch_plan --config FILE [section.key=value ...]
+                                        [--world-size N] [--nnodes N] [--nproc-per-node M]
+                                        [--per-rank | --grouped] [--json]
 
 Prints the parallel layout megatron-core will build for N processes, M per node, without
 starting any process. N and M default to torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, else to
@@ -421,34 +421,24 @@ def layout_json(cfg, world_size: int, nproc_per_node: int, source: str = "") -> 
     return "{\n" + "\n".join(lines) + '\n "ranks": [\n' + ranks + "\n ]\n}"
 
 
-def dry_run_main(argv: list[str]) -> int:
-    """``--config FILE [key=value ...] [--world-size N] [--nproc-per-node M]``: print the layout.
+def dry_run(argv: list[str]) -> int:
+    """``--config FILE [key=value ...] [--world-size N] [--nproc-per-node M]``: print the layout;
+    a configuration that cannot run raises ConfigError."""
+    flags, rest = _take_flags(list(argv))
+    if flags.get("help") or flags.get("h"):
+        print(USAGE)
+        return 0
+    path, overrides = parse_cli(rest)
+    cfg = load_config(path, overrides)
+    world, nproc, source = resolve_world(flags)
+    from megafusion.models.registry import family_names
+    from megafusion.objectives.registry import objective_names
 
-    Returns 0, or 2 (message on stderr) when the arguments or the configuration are invalid.
-    """
-    try:
-        flags, rest = _take_flags(list(argv))
-        if flags.get("help") or flags.get("h"):
-            print(USAGE)
-            return 0
-        path, overrides = parse_cli(rest)
-        cfg = load_config(path, overrides)
-        world, nproc, source = resolve_world(flags)
-        from megafusion.models.registry import family_names
-        from megafusion.objectives.registry import objective_names
-
-        validate(cfg, world, known_archs=family_names(), known_objectives=objective_names())
-        if flags.get("json"):
-            text = layout_json(cfg, world, nproc, source)
-        else:
-            per_rank = True if flags.get("per-rank") else False if flags.get("grouped") else None
-            text = format_layout(cfg, world, nproc, per_rank=per_rank) + f"\n(world size from {source})"
-    except ConfigError as err:
-        print(f"megafusion: {err}", file=sys.stderr)
-        return 2
+    validate(cfg, world, known_archs=family_names(), known_objectives=objective_names())
+    if flags.get("json"):
+        text = layout_json(cfg, world, nproc, source)
+    else:
+        per_rank = True if flags.get("per-rank") else False if flags.get("grouped") else None
+        text = format_layout(cfg, world, nproc, per_rank=per_rank) + f"\n(world size from {source})"
     print(text, flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(dry_run_main(sys.argv[1:]))

@@ -20,7 +20,8 @@ import textwrap
 import pytest
 
 from megafusion.config import Config, load_config
-from megafusion.planning.layout import dry_run_main, format_layout, groups, layout, resolve_world
+from megafusion.commands.dry_run import main as dry_run_main
+from megafusion.planning.layout import format_layout, groups, layout, resolve_world
 from tests.helpers import ROOT
 
 CONFIG = ROOT / "examples/configs/tiny_dense.yaml"

@@ -111,7 +111,7 @@ def test_tensor_parallel_with_the_tokenizer_of_the_origin(imported):
 
 
 def eval_main(args: list[str], capsys) -> tuple[int, str]:
-    from megafusion.evaluation.captions import main
+    from megafusion.commands.eval import main
 
     code = main([str(a) for a in args])  # `megafusion eval` routes --text to megafusion.evaluation.text
     return code, capsys.readouterr().err

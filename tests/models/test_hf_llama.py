@@ -4,7 +4,7 @@ A tiny random ``LlamaForCausalLM`` (4 layers, hidden 64, 4 heads over 2 kv heads
 vocab 200, rope_theta 500000 with Llama-3 scaling whose three wavelength bands all hold
 frequencies at head_dim 16, random RMSNorm weights, fp32), untied and tied, is saved with
 transformers, imported with ``megafusion convert hf-to-mf``, and run by ``python -m
-megafusion.inference.logits`` alone and under torchrun (TP = 2, PP = 2): its logits equal transformers'
+megafusion.logits`` alone and under torchrun (TP = 2, PP = 2): its logits equal transformers'
 on HF's vocabulary rows (the padding rows are zero). ``mf-to-hf`` gives back the original
 safetensors bit for bit, also from a checkpoint trained in a TP = 2 layout.
 """

@@ -1,0 +1,22 @@
+"""``megafusion train --dry-run`` / ``python -m megafusion.launch_plan``: the command line of
+:func:`megafusion.planning.layout.dry_run` (the resolved parallel layout of a run, printed
+without starting any process; ``launch/slurm/train.sbatch --dry-run`` calls it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megafusion.commands.main import run
+from megafusion.planning.layout import dry_run
+
+PROG = "megafusion train --dry-run"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0, or 2 with the message on stderr when the arguments or the configuration are invalid."""
+    return run(dry_run, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""``megafusion eval`` / ``python -m megafusion.evaluate``: the command lines of the evaluations.
+
+    megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
+        [--seed 0] [--out DIR]
+    [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
+        [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
+
+Without ``--text``: validation loss and caption consistency of a Transfusion checkpoint trained on
+the built-in shapes (:mod:`megafusion.evaluation.captions`); with it: the mean next-token loss of
+any LM or Transfusion checkpoint on a plain text file (:mod:`megafusion.evaluation.text`). Each
+prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megafusion.commands.generate import IMAGE_SAMPLERS
+from megafusion.commands.main import run
+from megafusion.core.errors import UsageError
+
+PROG = "megafusion eval"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="validation loss and caption consistency")
+    p.add_argument("--ckpt", required=True, help="a Transfusion checkpoint trained on data.builtin=shapes")
+    p.add_argument("--samples", type=int, default=60, help="generated images to check (default 60)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", help="directory to keep the generated PNGs in")
+    p.add_argument("--text", metavar="FILE", help="instead: the mean next-token loss on this plain text file "
+                   "(any LM or Transfusion checkpoint; options: --text FILE --help)")
+    return p
+
+
+def _text_parser() -> argparse.ArgumentParser:
+    from megafusion.evaluation.text import TOKENIZER_KINDS
+
+    p = argparse.ArgumentParser(
+        prog=PROG, description="mean next-token loss of a checkpoint on a plain text file",
+        usage="megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch N] "
+              "[--loss-vocab N] [section.key=value ...]",
+        epilog="section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes "
+               "with torchrun --nproc-per-node N -m megafusion.evaluate ...). Prints one JSON line.")
+    p.add_argument("--ckpt", required=True, help="step directory or checkpoint.dir (any layout)")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 plain text file, evaluated as one document")
+    p.add_argument("--tokenizer", metavar="PATH", help=f"{TOKENIZER_KINDS} (default: the checkpoint's, if found)")
+    p.add_argument("--seq-length", type=int, metavar="N",
+                   help="tokens per window (default: the checkpoint's model.seq_length)")
+    p.add_argument("--batch", type=int, default=4, metavar="N", help="windows per forward call (default 4)")
+    p.add_argument("--loss-vocab", type=int, metavar="N",
+                   help="softmax over logit columns [0, N) (default: the HF vocabulary for Hugging Face imports "
+                        "and their descendants, else every row of the model's vocabulary)")
+    return p
+
+
+def _wants_text(argv: list[str]) -> bool:
+    return any(a == "--text" or a.startswith("--text=") for a in argv)
+
+
+def eval_command(argv: list[str]) -> int:
+    if _wants_text(argv):
+        return text_command(argv)
+    args = _parser().parse_args(argv)
+    if args.samples < 1 or args.steps < 1:
+        raise UsageError("--samples and --steps must be >= 1")
+    from megafusion.evaluation.captions import evaluate
+
+    print(json.dumps(evaluate(args), indent=1), flush=True)
+    return 0
+
+
+def text_command(argv: list[str]) -> int:
+    """``eval --text``: every input is checked before any process group exists."""
+    args, overrides = _text_parser().parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        raise UsageError(f"unknown option(s) {' '.join(unknown)} with --text; see megafusion eval --text FILE --help")
+    if args.batch < 1 or (args.seq_length is not None and args.seq_length < 2):
+        raise UsageError("--batch must be >= 1 and --seq-length >= 2")
+    from megafusion.evaluation.text import evaluate_text, plan
+
+    result = evaluate_text(plan(args, overrides))
+    if result is not None:  # the rank that prints
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(eval_command, argv, PROG, runtime=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
