@@ -55,16 +55,17 @@ What FlopCounterMode counts for attention (measured with torch 2.13 and read in
 :func:`flop_counter_flops` predicts all three; :func:`batch_flops` with ``attention="full"``
 is the dense (mask-ignoring) equivalent in model FLOPs.
 
-Transfusion's image modules (``objective.name=transfusion``)
-------------------------------------------------------------
+An objective's extra modules (Transfusion's image modules)
+----------------------------------------------------------
 :class:`~megafusion.models.transfusion.TransfusionGPTModel` adds three modules that run once per
 *image* (not per token): ``image_time_embed`` (Linear ``F -> h``, SiLU, Linear ``h -> h`` on
 ``F = 256`` sinusoidal features), ``image_patch_embed`` and ``image_patch_head``: with
 ``objective.patchify=linear`` one Linear per patch (``C p^2 <-> h``, ``(H/p)(W/p)`` patches of a
 ``[C, H, W]`` latent); with ``unet`` diffusers' down / up blocks, whose 3x3 convolutions over the
 full ``H x W`` latent (``2 * C_in * C_out * k^2`` FLOPs per output pixel) are far larger than
-the linear patchify. :func:`image_module_layers` lists every Linear / Conv2d / GroupNorm of
-them (their parameters and forward multiply-adds per image), which gives
+the linear patchify. :func:`image_module_layers` measures every Linear / Conv2d / GroupNorm of
+them (their parameters and forward multiply-adds per image) on the real modules, built on the
+meta device by the objective (:mod:`megafusion.accounting.image_modules`), which gives
 ``parameter_counts(cfg)["image_modules"]`` and :func:`image_flops_per_image`; ``batch_flops``
 charges them per image to the *image* modality (key ``image_modules``). Counted as above:
 matmuls and convolutions only (GroupNorm, SiLU, interpolation, the sinusoidal features: 0).
@@ -80,30 +81,25 @@ callers pass ``latent_shape`` (the codec's ``latent_shape``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, Modality
+from megafusion.layers.attended_keys import attended_keys, attended_keys_from_mask  # noqa: F401  (re-exported)
+from megafusion.models.registry import get_family
+from megafusion.accounting.image_modules import ImageLayer, layers_flops, module_layers  # noqa: F401
+from megafusion.models.transfusion import IMAGE_MODULES
+from megafusion.objectives.registry import get_objective
 
-MATMUL_FLOPS_PER_MAC = 2
+from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC  # noqa: E402
 BACKWARD_FACTOR = 2  # backward of a matmul = 2 matmuls of the same size (grad input, grad weight)
 FROZEN_PASSES = 2  # a frozen weight's matmul: forward + input gradient, no weight gradient
 ATTENTION_MODES = ("mask", "full")
 FLOP_COUNTER_KERNELS = ("fused", "math", "cpu")
 
 
-FAMILIES = ("dense", "mot")
-IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # TransfusionGPTModel's names
-
-
 def _dims(cfg) -> dict[str, int]:
     m = cfg.model
-    if m.arch not in FAMILIES:
-        raise ValueError(
-            f"model.arch={m.arch!r}: megafusion.accounting.flops has formulas for {', '.join(FAMILIES)}; add this "
-            f"architecture's parameter and FLOP formulas there (MoE: count active experts for 'active')"
-        )
     heads = m.num_attention_heads
     return {
         "layers": m.num_layers,
@@ -117,10 +113,9 @@ def _dims(cfg) -> dict[str, int]:
 
 
 def _copies(cfg, part: str) -> int:
-    """How many copies of a layer part the model holds: one per modality where MoT unties it."""
-    if cfg.model.arch == "mot" and part in cfg.model.untied_parts():
-        return NUM_MODALITIES
-    return 1
+    """How many copies of a layer part the model holds (the family says: MoT one per modality of
+    each untied part); a token meets one of them."""
+    return get_family(cfg.model.arch).copies(cfg, part)
 
 
 def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, int]:
@@ -201,149 +196,6 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
     }
 
 
-# ------------------------------------------------------------------ Transfusion image modules
-@dataclass(frozen=True)
-class ImageLayer:
-    """One parameterised layer of an image module, for one image.
-
-    ``name`` is its parameter prefix inside the module (e.g. ``down_blocks.0.resnets.0.conv1``),
-    ``kind`` one of ``linear``, ``conv``, ``norm`` (GroupNorm: parameters, no matmul FLOPs),
-    ``macs`` its forward multiply-adds per image, ``input_grad`` whether the backward computes
-    the gradient of its input (False where the input is data, which needs none).
-    """
-
-    name: str
-    kind: str
-    params: int
-    macs: int = 0
-    input_grad: bool = True
-
-    def flops(self, forward_only: bool = False) -> int:
-        # Backward: the weight gradient always (a matmul of the forward's size), the input's only if needed.
-        passes = 1 if forward_only else 2 + int(self.input_grad)
-        return MATMUL_FLOPS_PER_MAC * self.macs * passes
-
-
-def layers_flops(layers, forward_only: bool = False) -> int:
-    """Matmul + convolution FLOPs of ``layers`` (an iterable of :class:`ImageLayer`) for one image."""
-    return sum(layer.flops(forward_only) for layer in layers)
-
-
-def _linear(name: str, n_in: int, n_out: int, rows: int, input_grad: bool = True) -> ImageLayer:
-    """``Linear(n_in, n_out)`` (with bias) applied to ``rows`` vectors of one image."""
-    return ImageLayer(name, "linear", n_in * n_out + n_out, n_in * n_out * rows, input_grad)
-
-
-def _conv(name: str, c_in: int, c_out: int, kernel: int, out_hw: tuple[int, int],
-          input_grad: bool = True) -> ImageLayer:
-    """``Conv2d(c_in, c_out, kernel)`` (with bias) producing an ``out_hw`` map: one MAC per weight per output pixel."""
-    weights = c_in * c_out * kernel * kernel
-    return ImageLayer(name, "conv", weights + c_out, weights * out_hw[0] * out_hw[1], input_grad)
-
-
-def _group_norm(name: str, channels: int) -> ImageLayer:
-    return ImageLayer(name, "norm", 2 * channels)  # affine weight and bias; element-wise: 0 FLOPs
-
-
-def _resnet(prefix: str, c_in: int, c_out: int, temb_channels: int, hw: tuple[int, int]) -> list[ImageLayer]:
-    """diffusers' ``ResnetBlock2D`` (default time embedding norm) at resolution ``hw``."""
-    layers = [
-        _group_norm(f"{prefix}.norm1", c_in),
-        _conv(f"{prefix}.conv1", c_in, c_out, 3, hw),
-        _linear(f"{prefix}.time_emb_proj", temb_channels, c_out, rows=1),  # temb is one vector per image
-        _group_norm(f"{prefix}.norm2", c_out),
-        _conv(f"{prefix}.conv2", c_out, c_out, 3, hw),
-    ]
-    if c_in != c_out:  # diffusers adds the 1x1 shortcut only where the width changes
-        layers.append(_conv(f"{prefix}.conv_shortcut", c_in, c_out, 1, hw))
-    return layers
-
-
-def _patch_grid(patch_size: int, height: int, width: int) -> int:
-    """Patches per image, with the latent checked as ``patchify`` checks it."""
-    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
-        raise ValueError(f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
-                         f"{patch_size} patches: the patch size must divide both")
-    return (height // patch_size) * (width // patch_size)
-
-
-def _unet_levels(patch_size: int, channels) -> int:
-    """Number of 2x downsamplings k = len(channels) - 1, checked as ``UNetPatchEmbed`` checks it."""
-    if not channels:
-        raise ValueError("channels must name at least one U-Net block width, e.g. (32, 64)")
-    levels = len(channels) - 1
-    if patch_size % 2**levels:
-        raise ValueError(f"patch_size {patch_size} must be a multiple of the U-Net's downsampling factor "
-                         f"{2**levels} (2^(len(channels)-1) for channels={tuple(channels)})")
-    return levels
-
-
-def timestep_embedding_layers(hidden_size: int, frequency_dim: int) -> list[ImageLayer]:
-    """``TimestepEmbedding(hidden_size, frequency_dim)``: one feature vector per image."""
-    return [_linear("mlp.linear_1", frequency_dim, hidden_size, rows=1, input_grad=False),  # reads sin/cos features
-            _linear("mlp.linear_2", hidden_size, hidden_size, rows=1)]
-
-
-def linear_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int,
-                              width: int) -> list[ImageLayer]:
-    """``LinearPatchEmbed`` on one ``[in_channels, height, width]`` latent (it reads the latent: no input gradient)."""
-    tokens = _patch_grid(patch_size, height, width)
-    return [_linear("proj", in_channels * patch_size**2, hidden_size, tokens, input_grad=False)]
-
-
-def linear_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int,
-                             width: int) -> list[ImageLayer]:
-    """``LinearPatchHead`` producing one ``[out_channels, height, width]`` latent."""
-    tokens = _patch_grid(patch_size, height, width)
-    return [_linear("proj", hidden_size, out_channels * patch_size**2, tokens)]
-
-
-def unet_patch_embed_layers(in_channels: int, patch_size: int, hidden_size: int, height: int, width: int,
-                            channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
-    """``UNetPatchEmbed`` (same arguments) on one ``[in_channels, height, width]`` latent."""
-    tokens = _patch_grid(patch_size, height, width)
-    levels = _unet_levels(patch_size, channels)
-    temb = hidden_size if temb_channels is None else temb_channels
-    # conv_in reads the noised latents, which need no gradient.
-    layers = [_conv("conv_in", in_channels, channels[0], 3, (height, width), input_grad=False)]
-    prev = channels[0]
-    for i, c in enumerate(channels):  # block i works at 1/2^i resolution
-        for j in range(layers_per_block):
-            layers += _resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else c, c, temb,
-                              (height // 2**i, width // 2**i))
-        if i < levels:  # a 3x3 stride-2 conv halves the resolution
-            layers.append(_conv(f"down_blocks.{i}.downsamplers.0.conv", c, c, 3,
-                                (height // 2**(i + 1), width // 2**(i + 1))))
-        prev = c
-    inner = patch_size // 2**levels
-    return layers + [_linear("proj", channels[-1] * inner**2, hidden_size, tokens)]
-
-
-def unet_patch_head_layers(hidden_size: int, patch_size: int, out_channels: int, height: int, width: int,
-                           channels, layers_per_block: int, temb_channels: int | None = None) -> list[ImageLayer]:
-    """``UNetPatchHead`` (same arguments) producing one ``[out_channels, height, width]`` latent."""
-    tokens = _patch_grid(patch_size, height, width)
-    levels = _unet_levels(patch_size, channels)
-    temb = hidden_size if temb_channels is None else temb_channels
-    inner = patch_size // 2**levels
-    layers = [_linear("proj", hidden_size, channels[-1] * inner**2, tokens)]
-    rev = tuple(channels)[::-1]
-    out = rev[0]
-    for i in range(len(rev)):  # up block i works at 1/2^(levels - i) resolution, as UNetPatchHead builds it
-        prev, out = out, rev[i]
-        skip_in = rev[min(i + 1, levels)]
-        scale = levels - i
-        for j in range(layers_per_block + 1):  # each resnet concatenates one skip to its input
-            skip = skip_in if j == layers_per_block else out
-            layers += _resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else out) + skip, out, temb,
-                              (height // 2**scale, width // 2**scale))
-        if i < levels:  # nearest 2x upsampling (0 FLOPs), then a 3x3 conv at the doubled resolution
-            layers.append(_conv(f"up_blocks.{i}.upsamplers.0.conv", out, out, 3,
-                                (height // 2**(scale - 1), width // 2**(scale - 1))))
-    return layers + [_group_norm("norm_out", channels[0]),
-                     _conv("conv_out", channels[0], out_channels, 3, (height, width))]
-
-
 def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
     """``[C, H, W]`` of one image latent: ``latent_shape`` when given, else the pixel latent of
     ``data.image_size`` (as ``build_model_chunks`` assumes); ``latent_codec=kl`` must pass it."""
@@ -362,27 +214,23 @@ def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) ->
 
 
 def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, list[ImageLayer]]:
-    """The layers of ``TransfusionGPTModel``'s image modules, keyed by module name (``IMAGE_MODULES``),
-    for one image of ``latent_shape`` (see :func:`image_latent_shape`); empty for ``objective.name=lm``."""
-    o = cfg.objective
-    if o.name != "transfusion":
+    """The layers of the objective's extra modules (Transfusion's image modules), keyed by module
+    name, for one image of ``latent_shape`` (see :func:`image_latent_shape`), measured on the real
+    modules (:mod:`megafusion.accounting.image_modules`); empty when the objective has none."""
+    objective = get_objective(cfg.objective.name)
+    if not objective.extra_modules:
         return {}
-    # Imported here: these modules import diffusers (seconds), which LM-only callers never need.
-    from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
-    from megafusion.layers.timestep import FREQUENCY_DIM
+    shape = image_latent_shape(cfg, latent_shape)
+    _patch_grid(cfg.objective.latent_patch_size, shape[1], shape[2])
+    return {name: module_layers(module, run) for name, (module, run) in objective.accounting_modules(cfg, shape).items()}
 
-    channels, height, width = image_latent_shape(cfg, latent_shape)
-    hidden, p = cfg.model.hidden_size, o.latent_patch_size
-    if o.patchify == "unet":
-        embed = unet_patch_embed_layers(channels, p, hidden, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
-        head = unet_patch_head_layers(hidden, p, channels, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)
-    elif o.patchify == "linear":
-        embed = linear_patch_embed_layers(channels, p, hidden, height, width)
-        head = linear_patch_head_layers(hidden, p, channels, height, width)
-    else:
-        raise ValueError(f"objective.patchify={o.patchify!r} must be 'linear' or 'unet'")
-    return {"image_time_embed": timestep_embedding_layers(hidden, FREQUENCY_DIM),
-            "image_patch_embed": embed, "image_patch_head": head}
+
+def _patch_grid(patch_size: int, height: int, width: int) -> int:
+    """Patches per image, with the latent checked as ``patchify`` checks it."""
+    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
+        raise ValueError(f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
+                         f"{patch_size} patches: the patch size must divide both")
+    return (height // patch_size) * (width // patch_size)
 
 
 def image_flops_per_image(cfg, latent_shape: tuple[int, int, int] | None = None,
@@ -440,72 +288,9 @@ def flops_per_token(cfg, attended_keys: float, forward_only: bool = False) -> fl
     return dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * attended_keys
 
 
-def _rank_in_group(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For flat int64 columns of equal length: each element's 1-based rank among the elements with
-    the same tuple of values (in original order), and the size of that group.
-
-    ``torch.unique(dim=0)`` numbers the groups (no arithmetic key, so ids of any size cannot
-    overflow); a stable sort keeps original order inside a group, so the rank is the position
-    in the sorted order minus the group's first position.
-    """
-    group = torch.unique(torch.stack(columns, dim=1), dim=0, return_inverse=True)[1]
-    order = torch.sort(group, stable=True).indices
-    sorted_group = group[order]
-    idx = torch.arange(group.numel(), dtype=torch.int64, device=group.device)
-    new_group = torch.ones_like(sorted_group, dtype=torch.bool)
-    new_group[1:] = sorted_group[1:] != sorted_group[:-1]
-    group_start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
-    rank = torch.empty_like(idx)
-    rank[order] = idx - group_start + 1
-    size = torch.bincount(group)[group]
-    return rank, size
-
-
-def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Keys each query attends under the mask of :mod:`megafusion.layers.masks`: ``[b, s]`` int64.
-
-    Query i attends key j iff ``document_ids[j] == document_ids[i]`` and (j <= i, or both are
-    patches of one image: ``image_ids[i] == image_ids[j] != -1``). So the count is
-
-        (tokens of i's document up to and including i)
-        + (patches of i's image in i's document that come after i),
-
-    i.e. its position within the document + 1 for contiguous packed documents, plus the rest of
-    its image; still exact if a document or image id reappears later in the row.
-    ``image_ids=None`` (or all -1) is causal + same document. Vectorised, no ``s x s`` tensor: a
-    stable sort per (row, document) and per (row, document, image) gives ranks and group sizes,
-    O(b s log(b s)).
-    """
-    doc = torch.as_tensor(document_ids).to(torch.int64)
-    if doc.dim() == 1:
-        doc = doc[None]
-    b, s = doc.shape
-    if image_ids is not None:
-        img = torch.as_tensor(image_ids).to(device=doc.device, dtype=torch.int64)
-        if img.numel() != doc.numel():
-            raise ValueError(f"image_ids has shape {tuple(img.shape)}, document_ids {tuple(doc.shape)}: "
-                             "both must be [b, s]")
-        img = img.reshape(b, s)
-    if doc.numel() == 0:
-        return torch.zeros(b, s, dtype=torch.int64, device=doc.device)
-    row = torch.arange(b, dtype=torch.int64, device=doc.device)[:, None].expand(b, s).reshape(-1)
-    counts, _ = _rank_in_group(row, doc.reshape(-1))
-    if image_ids is not None:
-        flat_img = img.reshape(-1)
-        rank, size = _rank_in_group(row, doc.reshape(-1), flat_img)
-        is_patch = flat_img != NO_IMAGE
-        counts = counts + torch.where(is_patch, size - rank, torch.zeros_like(rank))
-    return counts.view(b, s)
-
-
-def attended_keys_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Keys per query from a boolean mask ``[b, 1, s, s]`` in megatron's convention (True = blocked)."""
-    return (~mask.bool()).sum(-1).squeeze(1).to(torch.int64)
-
-
 def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Tensor) -> int:
-    """Images whose Transfusion modules run in the microbatch (0 for ``objective.name=lm``: no such modules)."""
-    if cfg.objective.name != "transfusion":
+    """Images whose objective modules run in the microbatch (0 when the objective has none, e.g. ``lm``)."""
+    if not get_objective(cfg.objective.name).extra_modules:
         if num_images:
             raise ValueError(f"batch_flops: num_images={num_images} but objective.name={cfg.objective.name!r} "
                              "has no image modules (its images are tokens, counted as tokens)")
@@ -521,20 +306,9 @@ def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Te
         return int(torch.unique(torch.stack([rows[is_patch], ids[is_patch]]), dim=1).shape[1])
     if bool((modality_ids == int(Modality.IMAGE)).any()):
         # Silently charging nothing would under-count every Transfusion step.
-        raise ValueError("batch_flops: objective.name=transfusion and the microbatch has image tokens: pass "
+        raise ValueError(f"batch_flops: objective.name={cfg.objective.name} and the microbatch has image tokens: pass "
                          "num_images (the microbatch's latents.shape[0]) or image_ids to count the image modules")
     return 0
-
-
-def microbatch_mask(batch: dict) -> dict:
-    """``batch_flops`` keyword for a microbatch's real mask: ``keys`` under Transfusion's caption
-    dropout (``first_key``, set by the trainer), else its image spans (``image_ids``), else
-    nothing (causal + same document). Training and ``megafusion flops`` both count through this."""
-    if "first_key" in batch:
-        from megafusion.objectives.transfusion import attended_keys as transfusion_keys  # imports this module
-
-        return {"keys": transfusion_keys(batch)}
-    return {"image_ids": batch["image_ids"]} if "image_ids" in batch else {}
 
 
 def batch_flops(

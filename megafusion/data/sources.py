@@ -232,8 +232,9 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
     from megafusion.data.packing import pack_documents
     from megafusion.data.tokenizers.joint import MultimodalTokenizer
     from megafusion.data.transfusion_data import encode_transfusion_document
+    from megafusion.objectives.registry import get_objective
 
-    transfusion = cfg.objective.name == "transfusion"
+    transfusion = get_objective(cfg.objective.name).image_latents  # images as latents beside the tokens
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
         codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)

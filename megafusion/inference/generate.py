@@ -22,7 +22,7 @@ text reads the same keys as a full recomputation would give; ``--no-kv-cache`` d
 recomputation at every step (the reference the cache is tested against).
 
 The checkpoint may come from any parallel layout (dist_checkpointing reshards into TP = PP =
-1); any objective whose spec says ``samples_images`` (Transfusion) generates images.
+1); any objective whose spec says ``image_latents`` (Transfusion) generates images.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def image_checkpoint(ckpt: str, overrides: list[str] | tuple = ()):
 
     source = checkpoint_config(ckpt, overrides)
     name = source.cfg.objective.name
-    if not get_objective(name).samples_images:
-        able = ", ".join(objective_names_with("samples_images"))
+    if not get_objective(name).image_latents:
+        able = ", ".join(objective_names_with("image_latents"))
         raise ck.CheckpointError(f"{source.path} was trained with objective.name={name!r}; images can only be "
                                  f"sampled from checkpoints of an objective that generates them ({able})")
     return source

@@ -97,7 +97,7 @@ def model_from_checkpoint(ckpt: str | Path | CheckpointRun, overrides: Sequence[
         validate(cfg, world)
     # Before any process group exists: a VAE that cannot be loaded stops every rank alike, with the message.
     latent_shape = None
-    if build is None and not data and get_objective(cfg.objective.name).samples_images:
+    if build is None and not data and get_objective(cfg.objective.name).image_latents:
         latent_shape = checkpoint_latent_shape(cfg, source.path)
     runtime = initialize(cfg)
     try:

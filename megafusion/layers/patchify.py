@@ -34,7 +34,7 @@ import torch
 from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
 
 # The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet): the widths and layers
-# above, and this; ``megafusion.accounting.flops`` counts its parameters and FLOPs from the same numbers.
+# above, and this (``megafusion.accounting`` measures the built modules, so it follows any change).
 UNET_NORM_GROUPS = 8
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-FREQUENCY_DIM = 256  # sinusoidal features per timestep (DiT); megafusion.accounting.flops counts with it
+FREQUENCY_DIM = 256  # sinusoidal features per timestep (DiT)
 
 
 class TimestepEmbedding(torch.nn.Module):

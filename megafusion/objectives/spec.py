@@ -24,9 +24,10 @@ text (and discrete image) tokens; what it adds:
 
 What the tools that run a checkpoint ask of it (instead of its name):
 
-- ``samples_images``: its model denoises continuous image latents in the sequence, its image
-  modules built for one latent's shape ``[C, H, W]``: ``megafusion generate`` and ``megafusion
-  eval`` sample images from its checkpoints only, and a tool that builds its model without the
+- ``image_latents``: its images are continuous latents (the data carries them beside the
+  tokens, ``megafusion.data.sources``) that its model denoises, its image modules built for one
+  latent's shape ``[C, H, W]``: ``megafusion generate`` and ``megafusion eval`` sample images from
+  its checkpoints only, and a tool that builds its model without the
   run's data (the logits tool, ``eval --text``) reads that shape off the checkpoint's config
   (:mod:`megafusion.inference.load`).
 """
@@ -38,7 +39,7 @@ class Objective:
     name = ""
     report_fields: tuple[str, ...] = ()
     extra_modules: tuple[str, ...] = ()
-    samples_images = False
+    image_latents = False
 
     def model_class(self, cfg, latent_shape: tuple[int, int, int] | None):
         from megatron.core.models.gpt import GPTModel

@@ -69,7 +69,7 @@ def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
 
 def attended_keys(batch: dict) -> torch.Tensor:
     """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
-    from megafusion.accounting.flops import attended_keys as mixed_keys
+    from megafusion.layers.attended_keys import attended_keys as mixed_keys
 
     keys = mixed_keys(batch["document_ids"], batch["image_ids"])
     dropped = batch["first_key"] > 0
@@ -130,7 +130,7 @@ class Transfusion(Objective):
     name = "transfusion"
     report_fields = DIFFUSION_FIELDS
     extra_modules = IMAGE_MODULES
-    samples_images = True
+    image_latents = True
 
     def model_class(self, cfg, latent_shape):
         from megafusion.models.transfusion import TransfusionGPTModel
@@ -178,17 +178,41 @@ class Transfusion(Objective):
         return out
 
     def accounting_modules(self, cfg, latent_shape):
-        """The image modules of one model, on the meta device (no memory, no init)."""
-        from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
+        """The image modules of one model on the meta device (no memory, no init), each with one
+        image's forward as the model runs it: the noised latent and the sinusoidal features are
+        data (no gradient); ``temb``, the head's tokens and the U-Net's skips carry one."""
+        from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+        from megafusion.layers.patchify import (
+            LinearPatchEmbed,
+            LinearPatchHead,
+            UNetPatchEmbed,
+            UNetPatchHead,
+            unet_skip_shapes,
+        )
         from megafusion.layers.timestep import TimestepEmbedding
 
         o, hidden = cfg.objective, cfg.model.hidden_size
-        channels = (latent_shape or (3, cfg.data.image_size, cfg.data.image_size))[0]
-        embed, head = (UNetPatchEmbed, UNetPatchHead) if o.patchify == "unet" else (LinearPatchEmbed, LinearPatchHead)
-        with torch.device("meta"):
-            return {"image_time_embed": TimestepEmbedding(hidden),
-                    "image_patch_embed": embed(channels, o.latent_patch_size, hidden),
-                    "image_patch_head": head(hidden, o.latent_patch_size, channels)}
+        channels, height, width = latent_shape or (3, cfg.data.image_size, cfg.data.image_size)
+        p, unet = o.latent_patch_size, o.patchify == "unet"
+        meta = torch.device("meta")
+        with meta:
+            time_embed = TimestepEmbedding(hidden)
+            embed = (UNetPatchEmbed if unet else LinearPatchEmbed)(channels, p, hidden)
+            head = (UNetPatchHead if unet else LinearPatchHead)(hidden, p, channels)
+
+        def grad(*shape):
+            return torch.empty(shape, device=meta, requires_grad=True)
+
+        latent, temb = torch.empty(1, channels, height, width, device=meta), grad(1, hidden)
+        tokens = grad(1, (height // p) * (width // p), hidden)
+        if unet:
+            skips = [grad(*shape) for shape in unet_skip_shapes(1, height, width, UNET_CHANNELS, UNET_LAYERS_PER_BLOCK)]
+            run_head = lambda: head(tokens, skips, temb)  # noqa: E731
+        else:
+            run_head = lambda: head(tokens, height, width)  # noqa: E731
+        return {"image_time_embed": (time_embed, lambda: time_embed(torch.zeros(1, device=meta))),
+                "image_patch_embed": (embed, lambda: embed(latent, temb)),
+                "image_patch_head": (head, run_head)}
 
 
 OBJECTIVE = Transfusion()

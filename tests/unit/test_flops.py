@@ -28,7 +28,8 @@ from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.core.modality import MODALITY_NAMES, Modality
 from megafusion.layers.masks import dense_mask
 from megafusion.accounting import flops
-from megafusion.commands.flops import flops_report, main
+from megafusion.accounting.report import flops_report
+from megafusion.commands.flops import main
 from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.accounting import mfu as M

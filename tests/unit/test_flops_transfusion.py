@@ -1,8 +1,8 @@
 """FLOPs and parameters of Transfusion's image modules, against independent references.
 
-The closed forms of :mod:`megafusion.accounting.flops` (``image_module_layers`` and friends) are
-checked against torch's ``FlopCounterMode`` around the forward and the backward of the real
-modules (``TimestepEmbedding``, ``Linear``/``UNet`` patch embed and head) at tiny sizes, layer by
+The accounting's per-layer counts (:mod:`megafusion.accounting.image_modules`: forward hooks on
+the modules built on the meta device, one image through them) are checked against torch's
+``FlopCounterMode`` around the forward and the backward of the real (CPU, random) modules (``TimestepEmbedding``, ``Linear``/``UNet`` patch embed and head) at tiny sizes, layer by
 layer, and around a whole ``TransfusionGPTModel``; parameter counts against ``numel`` of the
 real modules and of a built model. FlopCounterMode counts ``mm`` / ``addmm`` / ``convolution``
 (and their backward) only, like the closed forms; the layers that read data (the noised
@@ -21,12 +21,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion.config import Config
 from megafusion.core.modality import Modality
-from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
+from megafusion.layers.patchify import (
+    LinearPatchEmbed,
+    LinearPatchHead,
+    UNetPatchEmbed,
+    UNetPatchHead,
+    unet_skip_shapes,
+)
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.accounting import flops
-from megafusion.commands.flops import _n, flops_report, summary
+from megafusion.accounting.report import _n, flops_report, summary
 from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transfusion import ImageInputs
+from megafusion.objectives.registry import get_objective
 from megafusion.models.transformer_config import build_transformer_config
 
 CONV_OPS = ("aten.convolution", "aten.convolution_backward")
@@ -48,6 +55,18 @@ def measure(forward, loss):
 def per_module(counter) -> dict[str, int]:
     """FLOPs per module name (``Class.sub.module``, as FlopCounterMode names them)."""
     return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def meta_layers(make, run):
+    """The accounting's layers of the module ``make()`` builds on the meta device, for one image
+    through ``run(module)`` (data inputs without gradient, the others with one, as in the model)."""
+    with torch.device("meta"):
+        module = make()
+    return flops.module_layers(module, lambda: run(module))
+
+
+def _meta(*shape, grad: bool = True):
+    return torch.empty(shape, device="meta", requires_grad=grad)
 
 
 def check_layers(module, root: str, layers, n: int, fwd):
@@ -74,7 +93,8 @@ def check_layers(module, root: str, layers, n: int, fwd):
 def test_timestep_embedding_matches_flop_counter():
     hidden, freq, n = 16, 8, 3
     module = TimestepEmbedding(hidden, frequency_dim=freq)
-    layers = flops.timestep_embedding_layers(hidden, freq)
+    layers = meta_layers(lambda: TimestepEmbedding(hidden, frequency_dim=freq),
+                         lambda m: m(torch.zeros(1, device="meta")))
     fwd, train = measure(lambda: module(torch.tensor([1.0, 250.0, 999.0])), lambda out: out.square().sum())
     check_layers(module, "TimestepEmbedding", layers, n, fwd)
     assert train.get_total_flops() == n * flops.layers_flops(layers)
@@ -89,8 +109,10 @@ def test_linear_patch_embed_and_head_match_flop_counter():
     latents = torch.randn(n, c, height, width)  # data: no gradient, as the model's noised latents
     temb = torch.randn(n, hidden, requires_grad=True)
     fwd, train = measure(lambda: head(embed(latents, temb), height, width), lambda out: out.square().sum())
-    embed_layers = flops.linear_patch_embed_layers(c, p, hidden, height, width)
-    head_layers = flops.linear_patch_head_layers(hidden, p, c, height, width)
+    embed_layers = meta_layers(lambda: LinearPatchEmbed(c, p, hidden),
+                               lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden)))
+    head_layers = meta_layers(lambda: LinearPatchHead(hidden, p, c),
+                              lambda m: m(_meta(1, (height // p) * (width // p), hidden), height, width))
     check_layers(embed, "LinearPatchEmbed", embed_layers, n, fwd)
     check_layers(head, "LinearPatchHead", head_layers, n, fwd)
     assert train.get_total_flops() == n * flops.layers_flops(embed_layers + head_layers)  # nothing else counted
@@ -116,11 +138,20 @@ def test_unet_patch_embed_and_head_match_flop_counter(channels, layers_per_block
         return head(tokens, skips, temb)
 
     fwd, train = measure(forward, lambda out: out.square().sum())
-    embed_layers = flops.unet_patch_embed_layers(c, patch, hidden, height, width, channels, layers_per_block)
-    head_layers = flops.unet_patch_head_layers(hidden, patch, c, height, width, channels, layers_per_block)
+    embed_layers, head_layers = unet_layers(c, patch, hidden, height, width, kw)
     check_layers(embed, "UNetPatchEmbed", embed_layers, n, fwd)
     check_layers(head, "UNetPatchHead", head_layers, n, fwd)
     assert train.get_total_flops() == n * flops.layers_flops(embed_layers + head_layers)  # nothing else counted
+
+
+def unet_layers(c, patch, hidden, height, width, kw):
+    skips = unet_skip_shapes(1, height, width, kw["channels"], kw["layers_per_block"])
+    embed = meta_layers(lambda: UNetPatchEmbed(c, patch, hidden, **kw),
+                        lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden)))
+    head = meta_layers(lambda: UNetPatchHead(hidden, patch, c, **kw),
+                       lambda m: m(_meta(1, (height // patch) * (width // patch), hidden),
+                                   [_meta(*shape) for shape in skips], _meta(1, hidden)))
+    return embed, head
 
 
 def test_unet_convolutions_are_counted():
@@ -137,8 +168,8 @@ def test_unet_convolutions_are_counted():
     counter = FlopCounterMode(display=False)
     with counter:
         forward().square().sum().backward()
-    layers = (flops.unet_patch_embed_layers(c, p, hidden, size, size, channels, 1)
-              + flops.unet_patch_head_layers(hidden, p, c, size, size, channels, 1))
+    embed_layers, head_layers = unet_layers(c, p, hidden, size, size, kw)
+    layers = embed_layers + head_layers
     by_op = {str(op): value for op, value in counter.get_flop_counts()["Global"].items()}
     conv = sum(by_op.get(op, 0) for op in CONV_OPS)
     assert conv == n * flops.layers_flops(layer for layer in layers if layer.kind == "conv")
@@ -278,7 +309,7 @@ def test_image_flops_scale_with_the_latent_and_check_it():
     cfg.objective.patchify = "unet"
     unet = flops.image_flops_per_image(cfg, (3, 8, 8))
     assert unet["image_patch_embed"] > 10 * small["image_patch_embed"]
-    with pytest.raises(ValueError, match="patch size must divide"):
+    with pytest.raises(ValueError, match="patch size must divide"):  # checked before any module is built
         flops.image_flops_per_image(cfg, (3, 10, 8))
     cfg.objective.latent_patch_size = 1  # the default U-Net halves once: patches must be even
     with pytest.raises(ValueError, match="downsampling factor"):
@@ -305,7 +336,7 @@ def test_flops_cli_reports_the_image_modules():
     # ... and the trainer's caption dropout (first_key) where it is drawn, exactly as training does.
     dropped = {**batch, "first_key": torch.zeros_like(images.image_ids)}
     dropped["first_key"][0, 2:6] = 1  # row 0's first image is uncaptioned: <bos>, <boi>, its 4 patches
-    keys = flops.microbatch_mask(dropped)["keys"]
+    keys = get_objective("transfusion").flops_inputs(dropped)["keys"]
     assert keys[0, 2:6].tolist() == [6] * 4
     assert torch.equal(keys[1], flops.attended_keys(batch["document_ids"], images.image_ids)[1])  # row 1 untouched
     assert f"{flops.parameter_counts(cfg)['image_modules']:,}" in summary(cfg)
