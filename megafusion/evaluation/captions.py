@@ -105,7 +105,7 @@ def evaluate(args) -> dict:
     from megafusion.inference.generate import Generator, image_checkpoint
     from megafusion.inference.load import model_from_checkpoint
     from megafusion.runtime.seed import seed_everything
-    from megafusion.training import checkpoint as ck
+    from megafusion import checkpoint as ck
     from megafusion.training.trainer import Trainer
 
     source = image_checkpoint(args.ckpt, ["logging.wandb=false", "checkpoint.save=false"])

@@ -39,7 +39,7 @@ def image_checkpoint(ckpt: str, overrides: list[str] | tuple = ()):
     refuses checkpoints whose objective does not sample images."""
     from megafusion.inference.load import checkpoint_config, objective_names_with
     from megafusion.objectives.registry import get_objective
-    from megafusion.training import checkpoint as ck
+    from megafusion import checkpoint as ck
 
     source = checkpoint_config(ckpt, overrides)
     name = source.cfg.objective.name
@@ -98,7 +98,7 @@ class Generator:
         from megafusion.layers.masks import dense_mask
         from megafusion.models.transfusion import ImageInputs
         from megafusion.models.registry import get_family
-        from megafusion.training.forward_step import routing_for
+        from megafusion.layers.routing import routing_for
 
         if cache is None and start:
             raise ValueError("without a KV cache every forward starts at position 0")

@@ -5,7 +5,7 @@ tool, ``megafusion eval`` and ``eval --text``, ``convert dense-to-mot`` and ``mf
 
 1. resolve the checkpoint (a step directory, or a run's ``checkpoint.dir`` and its ``latest``)
    and read the run config it records, minus the training layout
-   (``training.checkpoint.run_config``): :func:`checkpoint_config`, which a tool may call first
+   (``checkpoint.run_config``): :func:`checkpoint_config`, which a tool may call first
    to check or adapt the config before any process group exists;
 2. the caller's ``section.key=value`` overrides on top (the layout to run in);
 3. ``megafusion.runtime.initialize``;
@@ -13,7 +13,7 @@ tool, ``megafusion eval`` and ``eval --text``, ``convert dense-to-mot`` and ``mf
    else, for an objective whose model is built for an image latent shape, that shape read off
    the checkpoint's config;
 5. ``objectives.build.build_model_chunks`` (or the caller's builder, e.g. the trainer's);
-6. ``training.checkpoint.load_weights`` (megatron-core's dist_checkpointing reshards any saved
+6. ``checkpoint.load_weights`` (megatron-core's dist_checkpointing reshards any saved
    layout into this one).
 
 Whoever gets the model owns the runtime and shuts it down (``megafusion.runtime.shutdown``; the
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megafusion.training import checkpoint as ck
+from megafusion import checkpoint as ck
 
 
 @dataclass

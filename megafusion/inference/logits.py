@@ -34,7 +34,7 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, ext
     text); by default only plain language models' logits are read."""
     from megafusion.inference.load import checkpoint_config, model_from_checkpoint, objective_names_with
     from megafusion.objectives.registry import get_objective
-    from megafusion.training import checkpoint as ck
+    from megafusion import checkpoint as ck
 
     source = checkpoint_config(ckpt)  # the layout: the overrides
     name = source.cfg.objective.name
@@ -58,7 +58,8 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
 
     from megafusion.core.modality import Modality
     from megafusion.models.registry import get_family
-    from megafusion.training.forward_step import attention_mask_for, routing_for
+    from megafusion.layers.masks import attention_mask_for
+    from megafusion.layers.routing import routing_for
 
     b, s = tokens.shape
     device = runtime.device

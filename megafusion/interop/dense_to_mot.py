@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 
-from megafusion.training import checkpoint as ck
+from megafusion import checkpoint as ck
 
 
 def dense_to_mot(src: str, out: str, untie: str = "all") -> str:

@@ -34,7 +34,7 @@ import torch
 
 from megafusion.core.errors import ConversionError
 from megafusion.interop import hf_llama
-from megafusion.training import checkpoint as ck
+from megafusion import checkpoint as ck
 
 # Non-architecture fields of the HF config that an export carries over from the imported model.
 _KEPT_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range")

@@ -147,3 +147,19 @@ def image_spans_from_modality(modality_ids: torch.Tensor, document_ids: torch.Te
     starts = is_image & ~continues
     number = starts.to(torch.int64).cumsum(dim=1) - 1
     return torch.where(is_image, number, torch.full_like(number, NO_IMAGE))
+
+
+def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
+    """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask.
+
+    Transfusion batches (``image_ids``) always get a mask: patches of one image see each other.
+    """
+    image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
+    if not packs_documents and backend != "flex" and image_ids is None:
+        return None
+    doc_ids = batch["document_ids"].to(device)
+    image_ids = None if image_ids is None else image_ids.to(device)
+    first_key = None if first_key is None else first_key.to(device)  # caption dropout (Transfusion)
+    if backend == "flex":
+        return block_mask(doc_ids, image_ids, first_key=first_key)
+    return dense_mask(doc_ids, image_ids, first_key)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state as ps
 
+from megafusion.core.modality import NUM_MODALITIES
+
 _ACTIVE: list["ModalityRouting"] = []
 
 
@@ -103,3 +105,10 @@ def current_routing() -> ModalityRouting:
             "(megafusion's forward step does this for every microbatch)"
         )
     return _ACTIVE[-1]
+
+
+def routing_for(batch: dict, device: torch.device):
+    """The modality routing of a microbatch, as a context for the model call (MoT families)."""
+    routing = ModalityRouting.from_modality_ids(batch["modality_ids"], batch.get("modality_counts"),
+                                                device, NUM_MODALITIES)
+    return modality_routing(routing)

@@ -3,7 +3,7 @@
 ``model.freeze_text=true`` (with ``model.arch=mot``, ``model.untie=all``) turns the MoT into
 LMFusion. Start it from a pretrained text model (``checkpoint.init_from`` a dense checkpoint, e.g.
 a Hugging Face Llama imported with ``megafusion convert hf-to-mf``: every image copy then starts
-as a copy of its text module, see ``training/checkpoint/warm_start.py``). What trains and what does not:
+as a copy of its text module, see ``checkpoint/warm_start.py``). What trains and what does not:
 
 - frozen (``requires_grad=False``, so megatron-core's DDP gives them no gradient buffer and its
   optimizers no state): every ``.text.`` copy (Q/K/V, output projection, SwiGLU MLP, every

@@ -18,8 +18,8 @@ from functools import partial
 import torch
 
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
-from megafusion.layers.masks import block_mask, dense_mask
-from megafusion.layers.routing import ModalityRouting, modality_routing
+from megafusion.layers.masks import attention_mask_for
+from megafusion.layers.routing import routing_for
 from megafusion.models.registry import get_family
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
@@ -31,29 +31,6 @@ LM_FIELDS = ("total", "lm", "z", "tokens",
 def report_fields(objective) -> tuple[str, ...]:
     """What one microbatch's loss reports: the LM sums, then the objective's own."""
     return (*LM_FIELDS, *objective.report_fields)
-
-
-def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
-    """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask.
-
-    Transfusion batches (``image_ids``) always get a mask: patches of one image see each other.
-    """
-    image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
-    if not packs_documents and backend != "flex" and image_ids is None:
-        return None
-    doc_ids = batch["document_ids"].to(device)
-    image_ids = None if image_ids is None else image_ids.to(device)
-    first_key = None if first_key is None else first_key.to(device)  # caption dropout (Transfusion)
-    if backend == "flex":
-        return block_mask(doc_ids, image_ids, first_key=first_key)
-    return dense_mask(doc_ids, image_ids, first_key)
-
-
-def routing_for(batch: dict, device: torch.device):
-    """The modality routing of a microbatch, as a context for the model call (MoT families)."""
-    routing = ModalityRouting.from_modality_ids(batch["modality_ids"], batch.get("modality_counts"),
-                                                device, NUM_MODALITIES)
-    return modality_routing(routing)
 
 
 def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, objective, context, output):

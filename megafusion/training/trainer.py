@@ -29,7 +29,7 @@ from megafusion.objectives.registry import get_objective
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.runtime import stage_channel
 from megafusion.runtime import initialize, seed_everything
-from megafusion.training import checkpoint as ckpt
+from megafusion import checkpoint as ckpt
 from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, memory_gb

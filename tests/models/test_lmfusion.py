@@ -26,8 +26,9 @@ from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
 from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.models.registry import get_family
-from megafusion.training import checkpoint as ck
-from megafusion.training.forward_step import attention_mask_for, routing_for
+from megafusion import checkpoint as ck
+from megafusion.layers.masks import attention_mask_for
+from megafusion.layers.routing import routing_for
 from tests.helpers import ROOT, assert_same_training, run_train
 
 CONFIG = "tests/configs/transfusion_small.yaml"

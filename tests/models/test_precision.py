@@ -24,7 +24,7 @@ def test_bf16_transfusion_and_lmfusion_train_and_checkpoint(tmp_path):
     weight: bf16 trains (tracking fp32), saves (megatron's mixed-precision optimizer cannot
     checkpoint a model mixing fp32 and bf16 parameters), and warm-starts LMFusion, which trains
     and saves too."""
-    from megafusion.training import checkpoint as ck
+    from megafusion import checkpoint as ck
     from tests.models.test_hf_llama import checkpoint_tensors
 
     config, steps = "tests/configs/transfusion_small.yaml", ["train.steps=3", "checkpoint.save=true"]

@@ -157,7 +157,7 @@ def parameter_counts(run_dir: Path) -> dict | None:
     try:
         from megafusion.config.loader import config_from_dict
         from megafusion.accounting.flops import parameter_counts as counts
-        from megafusion.training import checkpoint as ck
+        from megafusion import checkpoint as ck
 
         path = ck.resolve_checkpoint(run_dir / "checkpoints")
         cfg = config_from_dict(ck.read_manifest(path)["config"])

@@ -15,11 +15,11 @@ The package by concern:
 - ``warm_start``: ``checkpoint.init_from`` (which differences a new run may bridge, and how);
 - ``mcore_patches``: the megatron-core 0.16.1 workarounds, with the version check.
 
-Importers use ``from megafusion.training import checkpoint as ck`` and the names below.
+Importers use ``from megafusion import checkpoint as ck`` and the names below.
 """
 
 from megafusion.core.errors import CheckpointError
-from megafusion.training.checkpoint.io import (
+from megafusion.checkpoint.io import (
     latest_checkpoint,
     load_checkpoint,
     load_weights,
@@ -29,7 +29,7 @@ from megafusion.training.checkpoint.io import (
     save_weights,
     step_dir,
 )
-from megafusion.training.checkpoint.manifest import (
+from megafusion.checkpoint.manifest import (
     LATEST,
     MANIFEST,
     check_compatible,
@@ -37,7 +37,7 @@ from megafusion.training.checkpoint.manifest import (
     read_manifest,
     run_config,
 )
-from megafusion.training.checkpoint.warm_start import WarmStart
+from megafusion.checkpoint.warm_start import WarmStart
 
 __all__ = [
     "CheckpointError", "LATEST", "MANIFEST", "WarmStart", "check_compatible", "latest_checkpoint",

@@ -84,10 +84,10 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
 
     ``weights_only``: only the model tensors will be loaded (``checkpoint.init_from``), so the
     optimizer kind does not matter, and a warm start may bridge what the run's model family and
-    objective allow (:mod:`megafusion.training.checkpoint.warm_start`; the returned ``WarmStart``
+    objective allow (:mod:`megafusion.checkpoint.warm_start`; the returned ``WarmStart``
     says how); otherwise (a resume) a model-only checkpoint is refused.
     """
-    from megafusion.training.checkpoint.warm_start import WarmStart, plan_warm_start
+    from megafusion.checkpoint.warm_start import WarmStart, plan_warm_start
 
     if manifest.get("weights_only") and not weights_only:
         raise CheckpointError(f"{path} holds model weights only (no optimizer or progress), so a run cannot "

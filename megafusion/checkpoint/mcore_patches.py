@@ -25,7 +25,7 @@ def check_version() -> None:
     if __version__ not in TESTED and os.environ.get(ALLOW_ENV) != "1":
         raise CheckpointError(
             f"megatron-core {__version__} is installed, but megafusion's checkpoint workarounds "
-            f"(megafusion/training/checkpoint/mcore_patches.py) are tested with {', '.join(TESTED)} only: "
+            f"(megafusion/checkpoint/mcore_patches.py) are tested with {', '.join(TESTED)} only: "
             f"pip install megatron-core=={TESTED[-1]}, or set {ALLOW_ENV}=1 to try anyway (then check that "
             f"tests/distributed/test_resume.py passes)")
 

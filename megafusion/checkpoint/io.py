@@ -26,9 +26,9 @@ from megatron.core import dist_checkpointing
 
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import atomic_write
-from megafusion.training.checkpoint import mcore_patches
-from megafusion.training.checkpoint.manifest import LATEST, MANIFEST, new_manifest, write_manifest
-from megafusion.training.checkpoint.warm_start import WarmStart
+from megafusion.checkpoint import mcore_patches
+from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, write_manifest
+from megafusion.checkpoint.warm_start import WarmStart
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
