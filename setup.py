@@ -32,6 +32,7 @@ setup(
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
+        "dev": ["pytest>=8", "ruff==0.17.6", "import-linter==2.17"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )

@@ -56,23 +56,32 @@ RESULT_GLOB = "mot_layer_*.json"
 TABLE_NAME = "mot_layer.md"
 
 SIZES = ("hidden", "heads", "ffn", "seq", "batch", "image_fraction", "images_per_row", "iters", "warmup")
-DEFAULTS = dict(hidden=512, heads=8, ffn=1376, seq=1024, batch=4, image_fraction=0.5, images_per_row=2,
-                iters=20, warmup=5)
-QUICK = dict(hidden=64, heads=4, ffn=176, seq=64, batch=2, image_fraction=0.5, images_per_row=2,
-             iters=3, warmup=1)
+DEFAULTS = dict(
+    hidden=512, heads=8, ffn=1376, seq=1024, batch=4, image_fraction=0.5, images_per_row=2, iters=20, warmup=5
+)
+QUICK = dict(hidden=64, heads=4, ffn=176, seq=64, batch=2, image_fraction=0.5, images_per_row=2, iters=3, warmup=1)
 INIT_STD = 0.02
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.mot_layer", description=__doc__.split("\n")[0])
     # Sizes default to None so that --quick can tell "not given" from "given".
-    for name, kind in (("hidden", int), ("heads", int), ("ffn", int), ("seq", int), ("batch", int),
-                       ("image-fraction", float), ("images-per-row", int), ("iters", int), ("warmup", int)):
+    for name, kind in (
+        ("hidden", int),
+        ("heads", int),
+        ("ffn", int),
+        ("seq", int),
+        ("batch", int),
+        ("image-fraction", float),
+        ("images-per-row", int),
+        ("iters", int),
+        ("warmup", int),
+    ):
         default = DEFAULTS[name.replace("-", "_")]
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"default {default} (--quick: "
-                       f"{QUICK[name.replace('-', '_')]})")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto = bf16 on CUDA, fp32 on CPU")
+        p.add_argument(
+            f"--{name}", type=kind, default=None, help=f"default {default} (--quick: {QUICK[name.replace('-', '_')]})"
+        )
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result JSON (default bench/results/mot_layer_<device>.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few iterations (tests)")
@@ -93,6 +102,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------- inputs and layers
 
+
 def modality_layout(batch: int, seq: int, image_fraction: float, images_per_row: int, seed: int) -> torch.Tensor:
     """``[b, s]`` modality ids (0 text, 1 image): text, image, text, ... spans in every row.
 
@@ -109,7 +119,7 @@ def modality_layout(batch: int, seq: int, image_fraction: float, images_per_row:
         for i in range(images):
             size = n_image // images + (1 if i < n_image % images else 0)
             start = pos + cuts[i] - (cuts[i - 1] if i else 0)  # text span before image i
-            ids[row, start:start + size] = 1
+            ids[row, start : start + size] = 1
             pos = start + size
     return ids
 
@@ -147,6 +157,7 @@ def build_layer(spec, tconfig, device, seed: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------- measurement
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -186,8 +197,12 @@ def time_cases(cases: dict, iters: int, warmup: int, device: torch.device) -> di
 
 def summary(ms: list[float]) -> dict:
     deciles = statistics.quantiles(ms, n=10, method="inclusive")
-    return {"median": round(statistics.median(ms), 4), "p10": round(deciles[0], 4),
-            "p90": round(deciles[-1], 4), "n": len(ms)}
+    return {
+        "median": round(statistics.median(ms), 4),
+        "p10": round(deciles[0], 4),
+        "p90": round(deciles[-1], 4),
+        "n": len(ms),
+    }
 
 
 def count_flops(fn, grads) -> int:
@@ -206,39 +221,53 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
     from megafusion import ops
 
     n = routing.order.numel()
-    pairs = [(torch.randn(n, a, generator=gen).to(device, dtype).requires_grad_(),
-              torch.randn(n, b, generator=gen).to(device, dtype).requires_grad_()) for a, b in widths]
+    pairs = [
+        (
+            torch.randn(n, a, generator=gen).to(device, dtype).requires_grad_(),
+            torch.randn(n, b, generator=gen).to(device, dtype).requires_grad_(),
+        )
+        for a, b in widths
+    ]
     grads = [torch.randn(n, w, generator=gen).to(device, dtype) for pair in widths for w in pair]
 
     def step():
         outs = []
         for x, y in pairs:
-            outs += [ops.permute_rows(x, routing.order, routing.inverse_order),
-                     ops.unpermute_rows(y, routing.order, routing.inverse_order)]
+            outs += [
+                ops.permute_rows(x, routing.order, routing.inverse_order),
+                ops.unpermute_rows(y, routing.order, routing.inverse_order),
+            ]
         torch.autograd.backward(outs, grads)
 
     return step, [t for pair in pairs for t in pair]
 
 
 def measure(args, cfg, device: torch.device) -> dict:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megafusion.accounting import flops as F
     from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
     from megafusion.layers.routing import ModalityRouting, modality_routing
-    from megafusion.accounting import flops as F
     from megafusion.models.dense import dense_layer_spec
     from megafusion.models.mot import mot_layer_spec
     from megafusion.models.transformer_config import build_transformer_config
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     tconfig = build_transformer_config(cfg, device)
     dtype = tconfig.params_dtype
-    layers = {"dense": build_layer(dense_layer_spec(cfg), tconfig, device, args.seed),
-              "mot": build_layer(mot_layer_spec(cfg), tconfig, device, args.seed)}
+    layers = {
+        "dense": build_layer(dense_layer_spec(cfg), tconfig, device, args.seed),
+        "mot": build_layer(mot_layer_spec(cfg), tconfig, device, args.seed),
+    }
     s, b, h = args.seq, args.batch, args.hidden
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(s, b, h, generator=gen).to(device, dtype).requires_grad_()
     grad = torch.randn(s, b, h, generator=gen).to(device, dtype)
-    rope = RotaryEmbedding(tconfig.kv_channels, rotary_percent=1.0, rotary_base=int(cfg.model.rope_theta),
-                           use_cpu_initialization=device.type != "cuda")(s)
+    rope = RotaryEmbedding(
+        tconfig.kv_channels,
+        rotary_percent=1.0,
+        rotary_base=int(cfg.model.rope_theta),
+        use_cpu_initialization=device.type != "cuda",
+    )(s)
     modality_ids = modality_layout(b, s, args.image_fraction, args.images_per_row, args.seed)
     routing = ModalityRouting.from_modality_ids(modality_ids, None, device, NUM_MODALITIES)
 
@@ -246,28 +275,36 @@ def measure(args, cfg, device: torch.device) -> dict:
         def step():
             out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)  # None: causal, as in training
             out.backward(grad)
+
         return step, [x, *layer.parameters()]
 
     def mlp_step(mlp):
         def step():
             out, _ = mlp(x)
             out.backward(grad)
+
         return step, [x, *mlp.parameters()]
 
     heads, groups, d = tconfig.num_attention_heads, tconfig.num_query_groups, tconfig.kv_channels
     qkv, proj = (heads + 2 * groups) * d, heads * d
-    cases = {"dense": layer_step(layers["dense"]), "mot": layer_step(layers["mot"]),
-             "mlp_dense": mlp_step(layers["dense"].mlp), "mlp_mot": mlp_step(layers["mot"].mlp),
-             # QKV (h in, qkv out), output projection (heads*d in, h out), MLP (h in, h out).
-             "routing_layer": routing_case(routing, [(h, qkv), (proj, h), (h, h)], device, dtype, gen),
-             "routing_mlp": routing_case(routing, [(h, h)], device, dtype, gen)}
+    cases = {
+        "dense": layer_step(layers["dense"]),
+        "mot": layer_step(layers["mot"]),
+        "mlp_dense": mlp_step(layers["dense"].mlp),
+        "mlp_mot": mlp_step(layers["mot"].mlp),
+        # QKV (h in, qkv out), output projection (heads*d in, h out), MLP (h in, h out).
+        "routing_layer": routing_case(routing, [(h, qkv), (proj, h), (h, h)], device, dtype, gen),
+        "routing_mlp": routing_case(routing, [(h, h)], device, dtype, gen),
+    }
 
     with modality_routing(routing):  # the dense layer ignores it; MoT modules read it
         counted = {name: count_flops(*cases[name]) for name in ("dense", "mot")}
         if counted["dense"] != counted["mot"]:
-            raise RuntimeError(f"FlopCounterMode counts {counted['mot']} FLOPs for the MoT layer but "
-                               f"{counted['dense']} for dense: MoT must multiply each token by one "
-                               f"modality's weights only (megafusion.ops.grouped_linear)")
+            raise RuntimeError(
+                f"FlopCounterMode counts {counted['mot']} FLOPs for the MoT layer but "
+                f"{counted['dense']} for dense: MoT must multiply each token by one "
+                f"modality's weights only (megafusion.ops.grouped_linear)"
+            )
         times = time_cases(cases, args.iters, args.warmup, device)
 
     tokens = s * b
@@ -283,24 +320,45 @@ def measure(args, cfg, device: torch.device) -> dict:
         peak = peak_tflops(device)
     counts = torch.bincount(modality_ids.reshape(-1), minlength=NUM_MODALITIES).tolist()
     return {
-        "shape": {"hidden": h, "heads": heads, "query_groups": groups, "head_dim": d, "ffn": args.ffn,
-                  "seq": s, "batch": b, "image_fraction": args.image_fraction,
-                  "images_per_row": args.images_per_row,
-                  "tokens": dict(zip(MODALITY_NAMES, counts)), "qk_norm": cfg.model.qk_norm, "rope": True,
-                  "attention": "causal"},
+        "shape": {
+            "hidden": h,
+            "heads": heads,
+            "query_groups": groups,
+            "head_dim": d,
+            "ffn": args.ffn,
+            "seq": s,
+            "batch": b,
+            "image_fraction": args.image_fraction,
+            "images_per_row": args.images_per_row,
+            "tokens": dict(zip(MODALITY_NAMES, counts)),
+            "qk_norm": cfg.model.qk_norm,
+            "rope": True,
+            "attention": "causal",
+        },
         "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype],
-        "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "seed": args.seed,
         "params": {n: sum(p.numel() for p in layer.parameters()) for n, layer in layers.items()},
         "layer_ms": {"dense": stats["dense"], "mot": stats["mot"]},
         "ratio": round(stats["mot"]["median"] / stats["dense"]["median"], 4),
         "mlp_ms": {"dense": stats["mlp_dense"], "mot": stats["mlp_mot"]},
         "mlp_ratio": round(stats["mlp_mot"]["median"] / stats["mlp_dense"]["median"], 4),
-        "routing_ms": {"layer": stats["routing_layer"], "mlp": stats["routing_mlp"],
-                       "what": "index_select permute + unpermute, forward + backward, timed alone"},
-        "flops": {"dense": counted["dense"], "mot": counted["mot"], "equal": True,
-                  "counter": "FlopCounterMode, SDPBackend.MATH (full s x s attention)",
-                  "analytic": analytic, "matches_analytic": analytic == counted["dense"],
-                  "model": model_flops, "model_note": "causal attention, megafusion.accounting.flops"},
+        "routing_ms": {
+            "layer": stats["routing_layer"],
+            "mlp": stats["routing_mlp"],
+            "what": "index_select permute + unpermute, forward + backward, timed alone",
+        },
+        "flops": {
+            "dense": counted["dense"],
+            "mot": counted["mot"],
+            "equal": True,
+            "counter": "FlopCounterMode, SDPBackend.MATH (full s x s attention)",
+            "analytic": analytic,
+            "matches_analytic": analytic == counted["dense"],
+            "model": model_flops,
+            "model_note": "causal attention, megafusion.accounting.flops",
+        },
         "tflops": tflops,
         "peak_tflops": peak,
         "mfu": None if peak is None else {n: round(v / peak, 4) for n, v in tflops.items()},
@@ -308,6 +366,7 @@ def measure(args, cfg, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------- provenance
+
 
 def device_info(device: torch.device) -> dict:
     cores = cpu_cores()
@@ -318,8 +377,14 @@ def device_info(device: torch.device) -> dict:
     from megafusion.runtime import cpu_compat
 
     # On CPU megatron-core runs under megafusion's compat layer (a TorchFunctionMode), as in training.
-    return {"type": "cpu", "name": f"{cpu_name()} ({cores} cores)", "slug": "cpu", "cores": cores,
-            "threads": torch.get_num_threads(), "cpu_compat": cpu_compat.is_enabled()}
+    return {
+        "type": "cpu",
+        "name": f"{cpu_name()} ({cores} cores)",
+        "slug": "cpu",
+        "cores": cores,
+        "threads": torch.get_num_threads(),
+        "cpu_compat": cpu_compat.is_enabled(),
+    }
 
 
 def load_average() -> float | None:
@@ -332,11 +397,15 @@ def load_average() -> float | None:
 def versions() -> dict:
     import megatron.core
 
-    return {"torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+        "python": platform.python_version(),
+    }
 
 
 # ---------------------------------------------------------------------------- table
+
 
 def _ms(stat: dict) -> str:
     return f"{stat['median']:.2f} ({stat['p10']:.2f}-{stat['p90']:.2f})"
@@ -366,9 +435,11 @@ def render_table(results_dir: Path) -> str:
         shape = f"h{sh['hidden']} H{sh['heads']} f{sh['ffn']} s{sh['seq']} b{sh['batch']} img{sh['image_fraction']:g}"
         device = r["device"]["name"] + (" (quick)" if r.get("quick") else "")
         command = r["command"].replace("|", "\\|")
-        lines.append(f"| {device} | {r['commit']} | {r['date']} | {shape} | {r['dtype']} | "
-                     f"{_ms(r['layer_ms']['dense'])} | {_ms(r['layer_ms']['mot'])} | {r['ratio']:.3f} | "
-                     f"{r['mlp_ratio']:.3f} | `{command}` |")
+        lines.append(
+            f"| {device} | {r['commit']} | {r['date']} | {shape} | {r['dtype']} | "
+            f"{_ms(r['layer_ms']['dense'])} | {_ms(r['layer_ms']['mot'])} | {r['ratio']:.3f} | "
+            f"{r['mlp_ratio']:.3f} | `{command}` |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -380,6 +451,7 @@ def write_table(results_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- entry point
+
 
 def run(args, argv: list[str]) -> dict:
     from megafusion.runtime import initialize, seed_everything, shutdown
@@ -393,11 +465,18 @@ def run(args, argv: list[str]) -> dict:
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         load_before = load_average()
         measured = measure(args, cfg, device)
-        return {"benchmark": "mot_layer", "quick": args.quick, "device": device_info(device),
-                "versions": versions(), "commit": git_commit(), "date": started,
-                "command": shlex.join(["python", "-m", "bench.mot_layer", *argv]),
-                # Other work on a shared host slows both layers; this says how busy it was.
-                "load_average_1min": {"start": load_before, "end": load_average()}, **measured}
+        return {
+            "benchmark": "mot_layer",
+            "quick": args.quick,
+            "device": device_info(device),
+            "versions": versions(),
+            "commit": git_commit(),
+            "date": started,
+            "command": shlex.join(["python", "-m", "bench.mot_layer", *argv]),
+            # Other work on a shared host slows both layers; this says how busy it was.
+            "load_average_1min": {"start": load_before, "end": load_average()},
+            **measured,
+        }
     finally:
         shutdown()
 
@@ -410,10 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run(args, argv)
     lm, mm = result["layer_ms"], result["mlp_ms"]
-    print(f"{result['device']['name']} {result['dtype']}: dense {lm['dense']['median']:.3f} ms, "
-          f"MoT {lm['mot']['median']:.3f} ms (x{result['ratio']:.3f}); MLP dense {mm['dense']['median']:.3f} ms, "
-          f"MoT {mm['mot']['median']:.3f} ms (x{result['mlp_ratio']:.3f}); routing alone "
-          f"{result['routing_ms']['layer']['median']:.3f} ms/layer; FLOPs {result['flops']['dense']} (equal)")
+    print(
+        f"{result['device']['name']} {result['dtype']}: dense {lm['dense']['median']:.3f} ms, "
+        f"MoT {lm['mot']['median']:.3f} ms (x{result['ratio']:.3f}); MLP dense {mm['dense']['median']:.3f} ms, "
+        f"MoT {mm['mot']['median']:.3f} ms (x{result['mlp_ratio']:.3f}); routing alone "
+        f"{result['routing_ms']['layer']['median']:.3f} ms/layer; FLOPs {result['flops']['dense']} (equal)"
+    )
     if args.out is None and args.quick:
         print("--quick without --out writes nothing (recorded results are left alone):")
         print(json.dumps(result, indent=2))

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def git(*args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -69,9 +70,12 @@ def recorded_or_now(info: dict) -> dict:
     analysis of runs whose provenance was not recorded: all we know)."""
     import sys
 
-    return {"commit": info.get("commit") or git_commit(), "machine": info.get("machine") or machine(),
-            "date_utc": info.get("date_utc") or utc_now(),
-            "command": info.get("command") or f"(analysis only) {' '.join(sys.argv)}"}
+    return {
+        "commit": info.get("commit") or git_commit(),
+        "machine": info.get("machine") or machine(),
+        "date_utc": info.get("date_utc") or utc_now(),
+        "command": info.get("command") or f"(analysis only) {' '.join(sys.argv)}",
+    }
 
 
 def repo_relative(value):
@@ -82,4 +86,4 @@ def repo_relative(value):
     if isinstance(value, list):
         return [repo_relative(v) for v in value]
     prefix = f"{ROOT}{os.sep}"
-    return value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else value
+    return value[len(prefix) :] if isinstance(value, str) and value.startswith(prefix) else value

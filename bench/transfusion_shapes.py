@@ -40,8 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps per image")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint instead of training (its config is "
-                   "the checkpoint's; --config and overrides are then only recorded)")
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        help="evaluate this checkpoint instead of training (its config is "
+        "the checkpoint's; --config and overrides are then only recorded)",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps and samples (tests); writes only with --out")
     p.add_argument("--out", default=None, help=f"result JSON (default {DEFAULT_OUT}; none for --quick)")
     p.add_argument("overrides", nargs="*", help="section.key=value for training")
@@ -60,27 +64,34 @@ def _run(cmd: list[str]) -> tuple[str, float]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["# Transfusion on the built-in shapes: caption consistency of generated images", "",
-             "Images generated from held-out captions, read back by `read_shape` (colour, shape, grid "
-             "position) and compared with the caption; chance = a uniformly random guess.", "",
-             "| commit | machine | date (UTC) | config | train steps | train wall (s) | val text | val diffusion "
-             "| samples | sampling | colour (chance) | shape (chance) | position (chance) | all (chance) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Transfusion on the built-in shapes: caption consistency of generated images",
+        "",
+        "Images generated from held-out captions, read back by `read_shape` (colour, shape, grid "
+        "position) and compared with the caption; chance = a uniformly random guess.",
+        "",
+        "| commit | machine | date (UTC) | config | train steps | train wall (s) | val text | val diffusion "
+        "| samples | sampling | colour (chance) | shape (chance) | position (chance) | all (chance) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         acc, chance, val = r["accuracy"], r["chance"], r["validation"]
         cells = [f"{acc[k]:.3f} ({chance[k]:.3f})" for k in ("colour", "shape", "position", "all")]
         s = r["sampling"]
         wall = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "n/a"
-        lines.append(f"| `{r['commit']}` | {r['machine']} | {r['date_utc']} | `{r['config']}` | {r['step']} | {wall} "
-                     f"| {val.get('val/loss/text', float('nan')):.4f} | {val.get('val/loss/diffusion', float('nan')):.4f} "
-                     f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |")
+        lines.append(
+            f"| `{r['commit']}` | {r['machine']} | {r['date_utc']} | `{r['config']}` | {r['step']} | {wall} "
+            f"| {val.get('val/loss/text', float('nan')):.4f} | {val.get('val/loss/diffusion', float('nan')):.4f} "
+            f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |"
+        )
     gaps = [r for r in results if r.get("caption_gap")]
     if gaps:
         lines += ["", "Diffusion loss of the held-out images under their own caption vs another's (`caption_gap`):", ""]
         for r in gaps:
             g = r["caption_gap"]
-            pairs = ", ".join(f"noise {lv}: {m:.4f} vs {w:.4f}" for lv, m, w in zip(g["noise_level"], g["matching"],
-                                                                              g["mismatched"]))
+            pairs = ", ".join(
+                f"noise {lv}: {m:.4f} vs {w:.4f}" for lv, m, w in zip(g["noise_level"], g["matching"], g["mismatched"])
+            )
             lines.append(f"- `{r['commit']}`: {pairs}")
     lines += ["", "Commands:", ""]
     for r in results:
@@ -106,27 +117,62 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"logging.out_dir=runs/transfusion_shapes/{stamp}")
     cfg = load_config(str(ROOT / args.config), overrides)
     ckpt = args.ckpt or str(Path(cfg.logging.out_dir) / "checkpoints")
-    train_cmd = [sys.executable, "-m", "megafusion.commands.train", "--config", args.config, *overrides,
-                 f"checkpoint.dir={ckpt}", f"checkpoint.interval={cfg.train.steps}", "checkpoint.save=true",
-                 "checkpoint.resume=false"]
+    train_cmd = [
+        sys.executable,
+        "-m",
+        "megafusion.commands.train",
+        "--config",
+        args.config,
+        *overrides,
+        f"checkpoint.dir={ckpt}",
+        f"checkpoint.interval={cfg.train.steps}",
+        "checkpoint.save=true",
+        "checkpoint.resume=false",
+    ]
     train_seconds = None
     if args.ckpt is None:
         _, train_seconds = _run(train_cmd)
-    eval_cmd = [sys.executable, "-m", "megafusion.commands.main", "eval", "--ckpt", ckpt, "--samples", str(args.samples),
-                "--sampler", args.sampler, "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
-                "--out", str(Path(ckpt).parent / "eval")]
+    eval_cmd = [
+        sys.executable,
+        "-m",
+        "megafusion.commands.main",
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--samples",
+        str(args.samples),
+        "--sampler",
+        args.sampler,
+        "--steps",
+        str(args.steps),
+        "--cfg",
+        str(args.cfg),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(Path(ckpt).parent / "eval"),
+    ]
     stdout, _ = _run(eval_cmd)
-    report = json.loads(stdout[stdout.index("{"):])
+    report = json.loads(stdout[stdout.index("{") :])
     consistency = report["caption_consistency"]
-    result = {"commit": git_commit(), "machine": machine(),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "command": shlex.join(["python", "-m", "bench.transfusion_shapes", *argv]),
-              "config": args.config, "overrides": overrides,
-              "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,
-              "eval_command": shlex.join(eval_cmd[1:]), "train_seconds": train_seconds, "step": report["step"],
-              "validation": report["validation"], "samples": consistency["samples"],
-              "accuracy": consistency["accuracy"], "chance": consistency["chance"], "sampling": report["sampling"],
-              "caption_gap": report["caption_gap"]}
+    result = {
+        "commit": git_commit(),
+        "machine": machine(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": shlex.join(["python", "-m", "bench.transfusion_shapes", *argv]),
+        "config": args.config,
+        "overrides": overrides,
+        "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,
+        "eval_command": shlex.join(eval_cmd[1:]),
+        "train_seconds": train_seconds,
+        "step": report["step"],
+        "validation": report["validation"],
+        "samples": consistency["samples"],
+        "accuracy": consistency["accuracy"],
+        "chance": consistency["chance"],
+        "sampling": report["sampling"],
+        "caption_gap": report["caption_gap"],
+    }
     print(json.dumps(result, indent=1))
     out = args.out or (None if args.quick else DEFAULT_OUT)
     if out:

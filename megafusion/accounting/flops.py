@@ -81,17 +81,20 @@ callers pass ``latent_shape`` (the codec's ``latent_shape``).
 
 from __future__ import annotations
 
-
 import torch
 
+from megafusion.accounting.image_modules import (  # noqa: F401
+    MATMUL_FLOPS_PER_MAC,  # noqa: E402
+    ImageLayer,
+    layers_flops,
+    module_layers,
+)
 from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, Modality
 from megafusion.layers.attended_keys import attended_keys, attended_keys_from_mask  # noqa: F401  (re-exported)
 from megafusion.models.registry import get_family
-from megafusion.accounting.image_modules import ImageLayer, layers_flops, module_layers  # noqa: F401
 from megafusion.models.transfusion import IMAGE_MODULES
 from megafusion.objectives.registry import get_objective
 
-from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC  # noqa: E402
 BACKWARD_FACTOR = 2  # backward of a matmul = 2 matmuls of the same size (grad input, grad weight)
 FROZEN_PASSES = 2  # a frozen weight's matmul: forward + input gradient, no weight gradient
 ATTENTION_MODES = ("mask", "full")
@@ -152,8 +155,10 @@ def new_token_rows(cfg) -> int:
     if not m.freeze_text:
         return 0
     if m.frozen_vocab_rows is None:
-        raise ValueError("model.freeze_text=true: model.frozen_vocab_rows is unset (a run sets it from the text "
-                         "tokenizer's size); set it to count LMFusion's parameters and FLOPs")
+        raise ValueError(
+            "model.freeze_text=true: model.frozen_vocab_rows is unset (a run sets it from the text "
+            "tokenizer's size); set it to count LMFusion's parameters and FLOPs"
+        )
     return m.vocab_size - m.frozen_vocab_rows
 
 
@@ -164,8 +169,13 @@ def _matmul_parts(cfg) -> dict[str, int]:
     h, d, ffn = k["hidden"], k["head_dim"], k["ffn"]
     attention = h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h  # QKV + output projection
     mlp = h * 2 * ffn + ffn * h
-    return {"attention": attention, "mlp": mlp, "layers": k["layers"] * (attention + mlp),
-            "output": h * k["vocab"], "new_rows": h * new_token_rows(cfg)}
+    return {
+        "attention": attention,
+        "mlp": mlp,
+        "layers": k["layers"] * (attention + mlp),
+        "output": h * k["vocab"],
+        "new_rows": h * new_token_rows(cfg),
+    }
 
 
 def _transformer_parameter_counts(cfg) -> dict[str, int]:
@@ -179,8 +189,14 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
     output_layer = 0 if cfg.model.tie_embeddings else parts["output"]
     deltas = 2 * parts["new_rows"]  # LMFusion: an input and an output delta (even when tied)
     active_matmul = parts["layers"] + parts["output"] + parts["new_rows"]
-    total = (embedding + output_layer + deltas + L * attention * _copies(cfg, "attention")
-             + L * mlp * _copies(cfg, "ffn") + norms * _copies(cfg, "norms"))
+    total = (
+        embedding
+        + output_layer
+        + deltas
+        + L * attention * _copies(cfg, "attention")
+        + L * mlp * _copies(cfg, "ffn")
+        + norms * _copies(cfg, "norms")
+    )
     # LMFusion freezes the embedding, the output layer and the text copy of every (untied) part.
     frozen = embedding + output_layer + parts["layers"] + norms if cfg.model.freeze_text else 0
     return {
@@ -206,9 +222,11 @@ def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) ->
         return shape
     codec = cfg.objective.latent_codec
     if codec != "pixels":
-        raise ValueError(f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
-                         f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
-                         f".latent_shape) to count the image modules")
+        raise ValueError(
+            f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
+            f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
+            f".latent_shape) to count the image modules"
+        )
     size = cfg.data.image_size
     return (3, size, size)
 
@@ -222,19 +240,24 @@ def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -
         return {}
     shape = image_latent_shape(cfg, latent_shape)
     _patch_grid(cfg.objective.latent_patch_size, shape[1], shape[2])
-    return {name: module_layers(module, run) for name, (module, run) in objective.accounting_modules(cfg, shape).items()}
+    return {
+        name: module_layers(module, run) for name, (module, run) in objective.accounting_modules(cfg, shape).items()
+    }
 
 
 def _patch_grid(patch_size: int, height: int, width: int) -> int:
     """Patches per image, with the latent checked as ``patchify`` checks it."""
     if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
-        raise ValueError(f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
-                         f"{patch_size} patches: the patch size must divide both")
+        raise ValueError(
+            f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
+            f"{patch_size} patches: the patch size must divide both"
+        )
     return (height // patch_size) * (width // patch_size)
 
 
-def image_flops_per_image(cfg, latent_shape: tuple[int, int, int] | None = None,
-                          forward_only: bool = False) -> dict[str, int]:
+def image_flops_per_image(
+    cfg, latent_shape: tuple[int, int, int] | None = None, forward_only: bool = False
+) -> dict[str, int]:
     """Model FLOPs of the image modules for one image (forward + backward unless ``forward_only``):
     one key per module of ``IMAGE_MODULES`` and ``total``; all 0 for ``objective.name=lm``."""
     layers = image_module_layers(cfg, latent_shape)
@@ -259,11 +282,13 @@ def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None 
     if forward_only or not cfg.model.freeze_text:
         return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
     if modality is None:
-        raise ValueError("model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): "
-                         "pass modality")
+        raise ValueError(
+            "model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): pass modality"
+        )
     layers_passes = FROZEN_PASSES if int(modality) == int(Modality.TEXT) else _passes(False)
-    return MATMUL_FLOPS_PER_MAC * (parts["layers"] * layers_passes + parts["output"] * FROZEN_PASSES
-                                   + parts["new_rows"] * _passes(False))
+    return MATMUL_FLOPS_PER_MAC * (
+        parts["layers"] * layers_passes + parts["output"] * FROZEN_PASSES + parts["new_rows"] * _passes(False)
+    )
 
 
 def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
@@ -292,8 +317,10 @@ def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Te
     """Images whose objective modules run in the microbatch (0 when the objective has none, e.g. ``lm``)."""
     if not get_objective(cfg.objective.name).extra_modules:
         if num_images:
-            raise ValueError(f"batch_flops: num_images={num_images} but objective.name={cfg.objective.name!r} "
-                             "has no image modules (its images are tokens, counted as tokens)")
+            raise ValueError(
+                f"batch_flops: num_images={num_images} but objective.name={cfg.objective.name!r} "
+                "has no image modules (its images are tokens, counted as tokens)"
+            )
         return 0
     if num_images is not None:
         if int(num_images) < 0:
@@ -306,8 +333,10 @@ def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Te
         return int(torch.unique(torch.stack([rows[is_patch], ids[is_patch]]), dim=1).shape[1])
     if bool((modality_ids == int(Modality.IMAGE)).any()):
         # Silently charging nothing would under-count every Transfusion step.
-        raise ValueError(f"batch_flops: objective.name={cfg.objective.name} and the microbatch has image tokens: pass "
-                         "num_images (the microbatch's latents.shape[0]) or image_ids to count the image modules")
+        raise ValueError(
+            f"batch_flops: objective.name={cfg.objective.name} and the microbatch has image tokens: pass "
+            "num_images (the microbatch's latents.shape[0]) or image_ids to count the image modules"
+        )
     return 0
 
 
@@ -329,9 +358,10 @@ def batch_flops(
     ``attention="mask"`` counts each query's real keys (causal, same document, plus the
     bidirectional image spans when ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
     pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`);
-    ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every token is charged its own dense matmuls (output layer
-    included) and its attention, and the split is by the modality of that (query) token;
-    ``modality_ids=None`` means all text. ``loss_mask`` changes no FLOP (logits are computed at
+    ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every
+    token is charged its own dense matmuls (output layer included) and its attention, and the split
+    is by the modality of that (query) token; ``modality_ids=None`` means all text. ``loss_mask``
+    changes no FLOP (logits are computed at
     every position) and is only used to report ``loss_tokens_per_modality``.
 
     ``objective.name=transfusion`` also charges each image its image modules
@@ -348,8 +378,9 @@ def batch_flops(
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r} must be one of {ATTENTION_MODES}")
     if keys is not None and image_ids is not None:
-        raise ValueError("batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), "
-                         "not both")
+        raise ValueError(
+            "batch_flops: pass keys (counted from some mask) or image_ids (the Transfusion mask), not both"
+        )
     doc = torch.as_tensor(document_ids).detach().cpu()
     if doc.dim() == 1:
         doc = doc[None]

@@ -73,10 +73,14 @@ def module_layers(module: torch.nn.Module, run: Callable[[], object]) -> list[Im
     finally:
         for hook in hooks:
             hook.remove()
-    layers = [ImageLayer(names[sub], kind, sum(p.numel() for p in sub.parameters(recurse=False)), macs, grad)
-              for sub, (kind, macs, grad) in calls.items()]
+    layers = [
+        ImageLayer(names[sub], kind, sum(p.numel() for p in sub.parameters(recurse=False)), macs, grad)
+        for sub, (kind, macs, grad) in calls.items()
+    ]
     unused = sum(p.numel() for p in module.parameters()) - sum(layer.params for layer in layers)
     if unused:
-        raise ValueError(f"{type(module).__name__}: {unused} parameters belong to layers one image's forward does "
-                         "not call: its accounting run does not match the model's forward")
+        raise ValueError(
+            f"{type(module).__name__}: {unused} parameters belong to layers one image's forward does "
+            "not call: its accounting run does not match the model's forward"
+        )
     return layers

@@ -77,9 +77,7 @@ def describe_peak(device=None, override: float | None = None) -> str:
         return f"MFU against {float(override):g} TFLOP/s per device ({OVERRIDE_KEY}; device {name!r})"
     peak = table_peak(name)
     if peak is None:
-        return (
-            f"MFU not reported: no peak for {name!r}; set {OVERRIDE_KEY}=<dense bf16 TFLOP/s of one device>"
-        )
+        return f"MFU not reported: no peak for {name!r}; set {OVERRIDE_KEY}=<dense bf16 TFLOP/s of one device>"
     return f"MFU against {peak:g} TFLOP/s per device (dense bf16 peak of {name!r}; override with {OVERRIDE_KEY})"
 
 

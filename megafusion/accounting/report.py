@@ -33,8 +33,9 @@ def flops_report(cfg, batch: dict) -> str:
     doc = batch["document_ids"]
     images = _images(batch)
     objective = get_objective(cfg.objective.name)
-    stats = F.batch_flops(cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"),
-                          **{**objective.flops_inputs(batch), **images})
+    stats = F.batch_flops(
+        cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **{**objective.flops_inputs(batch), **images}
+    )
     full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
     n = F.parameter_counts(cfg, images["latent_shape"])
     tokens = stats["tokens"]
@@ -58,8 +59,7 @@ def flops_report(cfg, batch: dict) -> str:
         f"(dense matmuls {_n(stats['dense'])}, attention {_n(stats['attention'])}"
         + (f", image modules {_n(stats['image_modules'])} for {stats['images']} images" if stats["images"] else "")
         + ")",
-        f"  6*N*tokens {_n(six_n)} (N = {n['active']:,} active params; exact / 6NT = "
-        f"{stats['total'] / six_n:.3f})",
+        f"  6*N*tokens {_n(six_n)} (N = {n['active']:,} active params; exact / 6NT = {stats['total'] / six_n:.3f})",
         f"  mask ignored (every query x all {s} keys, the mask-blind count of FlopCounterMode): "
         f"{_n(full['total'])} ({full['total'] / stats['total']:.3f}x)",
     ]
@@ -102,12 +102,23 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         f"  {'non-embedding':<{w}}{n['non_embedding']:>16,}  (total - embedding - output layer)",
         f"  {'active':<{w}}{n['active']:>16,}",
         *([f"  {'trainable':<{w}}{n['trainable']:>16,}  (LMFusion: the rest is frozen)"] if m.freeze_text else []),
-        *([f"  {'image modules':<{w}}{n['image_modules']:>16,}  (objective.patchify={cfg.objective.patchify}; "
-           "in total, non-embedding and active)"] if n["image_modules"] else []),
+        *(
+            [
+                f"  {'image modules':<{w}}{n['image_modules']:>16,}  (objective.patchify={cfg.objective.patchify}; "
+                "in total, non-embedding and active)"
+            ]
+            if n["image_modules"]
+            else []
+        ),
         "model FLOPs per token, forward + backward (matmuls only, multiply-add = 2, backward = 2 x forward):",
-        *([f"  {'dense matmuls, text':<{w}}{_n(dense):>16}  (frozen weights: forward + input gradient only)",
-           f"  {'dense matmuls, image':<{w}}{_n(F.dense_flops_per_token(cfg, modality=Modality.IMAGE)):>16}"]
-          if m.freeze_text else [f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)"]),
+        *(
+            [
+                f"  {'dense matmuls, text':<{w}}{_n(dense):>16}  (frozen weights: forward + input gradient only)",
+                f"  {'dense matmuls, image':<{w}}{_n(F.dense_flops_per_token(cfg, modality=Modality.IMAGE)):>16}",
+            ]
+            if m.freeze_text
+            else [f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)"]
+        ),
         f"  {'causal attention':<{w}}{_n(attn):>16}  (seq {s}: mean {keys:g} keys per query)",
         f"  {'total' + (', text' if m.freeze_text else ''):<{w}}{_n(total):>16}",
         f"  {'6N rule (N = active)':<{w}}{_n(6 * n['active']):>16}  (exact / 6N = {total / (6 * n['active']):.3f})",
@@ -115,6 +126,9 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
     ]
     if n["image_modules"]:
         per_image = F.image_flops_per_image(cfg, latent_shape)
-        lines.append(f"image modules per image, forward + backward: {_n(per_image['total'])} (" + ", ".join(
-            f"{name} {_n(per_image[name])}" for name in F.IMAGE_MODULES) + ")")
+        lines.append(
+            f"image modules per image, forward + backward: {_n(per_image['total'])} ("
+            + ", ".join(f"{name} {_n(per_image[name])}" for name in F.IMAGE_MODULES)
+            + ")"
+        )
     return "\n".join(lines)

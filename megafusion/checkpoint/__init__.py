@@ -18,7 +18,6 @@ The package by concern:
 Importers use ``from megafusion import checkpoint as ck`` and the names below.
 """
 
-from megafusion.core.errors import CheckpointError
 from megafusion.checkpoint.io import (
     latest_checkpoint,
     load_checkpoint,
@@ -38,9 +37,23 @@ from megafusion.checkpoint.manifest import (
     run_config,
 )
 from megafusion.checkpoint.warm_start import WarmStart
+from megafusion.core.errors import CheckpointError
 
 __all__ = [
-    "CheckpointError", "LATEST", "MANIFEST", "WarmStart", "check_compatible", "latest_checkpoint",
-    "load_checkpoint", "load_weights", "model_keys", "read_manifest", "resolve_checkpoint", "resolve_dir",
-    "run_config", "save_checkpoint", "save_weights", "step_dir",
+    "CheckpointError",
+    "LATEST",
+    "MANIFEST",
+    "WarmStart",
+    "check_compatible",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "model_keys",
+    "read_manifest",
+    "resolve_checkpoint",
+    "resolve_dir",
+    "run_config",
+    "save_checkpoint",
+    "save_weights",
+    "step_dir",
 ]

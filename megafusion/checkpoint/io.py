@@ -24,11 +24,11 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megafusion.core.errors import CheckpointError
-from megafusion.core.io import atomic_write
 from megafusion.checkpoint import mcore_patches
 from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, write_manifest
 from megafusion.checkpoint.warm_start import WarmStart
+from megafusion.core.errors import CheckpointError
+from megafusion.core.io import atomic_write
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -92,8 +92,18 @@ def save_weights(path: str | Path, model, cfg, data_meta: dict | None, origin: d
     return path
 
 
-def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, consumed_samples: int,
-                    cfg, data_meta: dict | None, keep_last: int, flops_total: float = 0.0) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    consumed_samples: int,
+    cfg,
+    data_meta: dict | None,
+    keep_last: int,
+    flops_total: float = 0.0,
+) -> Path:
     """Save on every rank; returns the step directory (complete when this returns)."""
     path = step_dir(root, step)
     if dist.get_rank() == 0:
@@ -121,8 +131,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = latest_checkpoint(path) if (path / LATEST).exists() else None
     if found is None:
-        raise CheckpointError(f"{path} is neither a megafusion checkpoint (no {MANIFEST}) nor a checkpoint "
-                              f"directory with a '{LATEST}' file: give a step directory or a run's checkpoint.dir")
+        raise CheckpointError(
+            f"{path} is neither a megafusion checkpoint (no {MANIFEST}) nor a checkpoint "
+            f"directory with a '{LATEST}' file: give a step directory or a run's checkpoint.dir"
+        )
     return found
 
 
@@ -164,8 +176,10 @@ def load_weights(path: Path, model, warm: WarmStart | None = None) -> None:
         missing, unexpected = module.load_state_dict(loaded[key], strict=False)
         unfilled = set(missing) - skipped[key]
         if unfilled or unexpected:
-            raise CheckpointError(f"{path}: the model's tensors do not match the checkpoint's: missing "
-                                  f"{sorted(unfilled)}, unexpected {sorted(unexpected)}")
+            raise CheckpointError(
+                f"{path}: the model's tensors do not match the checkpoint's: missing "
+                f"{sorted(unfilled)}, unexpected {sorted(unexpected)}"
+            )
         if warm.rule and warm.rule.fill:
             warm.rule.fill(module)
 
@@ -174,8 +188,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Load a checkpoint saved in any layout into this one; returns its ``progress`` dict."""
     mcore_patches.check_version()
     mcore_patches.keep_step_on_fully_reshardable_load()
-    state = mcore_patches.loading_state_dict(lambda: _sharded_state_dict(model, optimizer, is_loading=True),
-                                             optimizer)
+    state = mcore_patches.loading_state_dict(lambda: _sharded_state_dict(model, optimizer, is_loading=True), optimizer)
     state["scheduler"] = None
     state["progress"] = None
     try:

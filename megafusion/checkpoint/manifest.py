@@ -27,8 +27,16 @@ LATEST = "latest"
 MANIFEST = "megafusion.json"
 FORMAT_VERSION = 1
 # Model keys whose change makes a checkpoint's tensors meaningless for the new model.
-SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "vocab_size", "qk_norm")
+SHAPE_KEYS = (
+    "arch",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "qk_norm",
+)
 
 
 def model_keys(cfg) -> dict:
@@ -51,8 +59,15 @@ def model_keys(cfg) -> dict:
 
 
 def new_manifest(cfg, data_meta: dict | None, step: int, consumed_samples: int, **extra) -> dict:
-    return {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples, **extra,
-            "model": model_keys(cfg), "data": data_meta, "config": cfg.to_dict()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "consumed_samples": consumed_samples,
+        **extra,
+        "model": model_keys(cfg),
+        "data": data_meta,
+        "config": cfg.to_dict(),
+    }
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
@@ -90,15 +105,20 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
     from megafusion.checkpoint.warm_start import WarmStart, plan_warm_start
 
     if manifest.get("weights_only") and not weights_only:
-        raise CheckpointError(f"{path} holds model weights only (no optimizer or progress), so a run cannot "
-                              f"resume from it: start a new run from it with checkpoint.init_from={path} "
-                              f"and a checkpoint.dir of its own")
+        raise CheckpointError(
+            f"{path} holds model weights only (no optimizer or progress), so a run cannot "
+            f"resume from it: start a new run from it with checkpoint.init_from={path} "
+            f"and a checkpoint.dir of its own"
+        )
     ours = model_keys(cfg)
     theirs = manifest.get("model", {})
     # Both ways: the optional keys are written only when not at their default, so a key only
     # the checkpoint has (e.g. tie_embeddings) is a difference too.
-    model_diffs = {k: (theirs.get(k), ours.get(k)) for k in (*ours, *(k for k in theirs if k not in ours))
-                   if theirs.get(k) != ours.get(k)}
+    model_diffs = {
+        k: (theirs.get(k), ours.get(k))
+        for k in (*ours, *(k for k in theirs if k not in ours))
+        if theirs.get(k) != ours.get(k)
+    }
     warm = plan_warm_start(cfg, ours, theirs, model_diffs) if weights_only else WarmStart()
     diffs = [f"model.{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in model_diffs.items()]
     saved_data, now = manifest.get("data"), data_meta or {}
@@ -106,18 +126,24 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
     # warm start needs only the text ids to agree: image ids and codes may be new.
     keys = ("tokenizer", "codec") if not weights_only else ("text tokenizer",)
     for key in keys if saved_data is not None else ():
-        a, b = (_text_identity(saved_data), _text_identity(now)) if key == "text tokenizer" else \
-            (saved_data.get(key), now.get(key))
+        a, b = (
+            (_text_identity(saved_data), _text_identity(now))
+            if key == "text tokenizer"
+            else (saved_data.get(key), now.get(key))
+        )
         if a != b:
             diffs.append(f"data {key}: checkpoint {a!r}, this run {b!r}")
     saved_distopt = manifest.get("config", {}).get("parallel", {}).get("distributed_optimizer")
     if not weights_only and saved_distopt is not None and saved_distopt != cfg.parallel.distributed_optimizer:
         # The two optimizers store their state in different formats (megatron-core 0.16).
-        diffs.append(f"parallel.distributed_optimizer: checkpoint {saved_distopt}, this run "
-                     f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)")
+        diffs.append(
+            f"parallel.distributed_optimizer: checkpoint {saved_distopt}, this run "
+            f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)"
+        )
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} does not fit this run:\n  - " + "\n  - ".join(diffs)
+            f"checkpoint {path} does not fit this run:\n  - "
+            + "\n  - ".join(diffs)
             + "\nuse the checkpoint's settings, or start fresh with checkpoint.resume=false or another checkpoint.dir"
         )
     return warm

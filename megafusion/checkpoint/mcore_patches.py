@@ -27,7 +27,8 @@ def check_version() -> None:
             f"megatron-core {__version__} is installed, but megafusion's checkpoint workarounds "
             f"(megafusion/checkpoint/mcore_patches.py) are tested with {', '.join(TESTED)} only: "
             f"pip install megatron-core=={TESTED[-1]}, or set {ALLOW_ENV}=1 to try anyway (then check that "
-            f"tests/distributed/test_resume.py passes)")
+            f"tests/distributed/test_resume.py passes)"
+        )
 
 
 def loading_state_dict(build_state, optimizer) -> dict:

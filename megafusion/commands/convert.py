@@ -26,22 +26,34 @@ def _parser() -> argparse.ArgumentParser:
     d2m = commands.add_parser("dense-to-mot", help="a MoT whose per-modality modules are copies of a dense model's")
     d2m.add_argument("--input", required=True, metavar="CKPT", help="dense step directory or checkpoint.dir")
     d2m.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the MoT weights")
-    d2m.add_argument("--untie", default="all",
-                     help="parts to untie: comma-separated attention, ffn, norms, or all (default all)")
+    d2m.add_argument(
+        "--untie", default="all", help="parts to untie: comma-separated attention, ffn, norms, or all (default all)"
+    )
     h2m = commands.add_parser("hf-to-mf", help="a dense megafusion checkpoint from a Hugging Face LlamaForCausalLM")
     h2m.add_argument("--hf", required=True, metavar="DIR", help="directory with config.json and *.safetensors")
     h2m.add_argument("--output", required=True, metavar="CKPT_DIR", help="new, empty directory for the weights")
     h2m.add_argument("--config-out", metavar="FILE", help="also write the model: section as YAML here")
-    h2m.add_argument("--vocab-multiple", type=int, default=128,
-                     help="pad the vocabulary with zero rows to a multiple of this (default 128)")
-    h2m.add_argument("--vocab-size", type=int,
-                     help="pad the vocabulary with zero rows to exactly this many (e.g. room for image codes)")
-    m2h = commands.add_parser("mf-to-hf", help="a Hugging Face LlamaForCausalLM from a megafusion checkpoint's "
-                                               "text path (dense, or a MoT / Transfusion / LMFusion model's text half)")
+    h2m.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=128,
+        help="pad the vocabulary with zero rows to a multiple of this (default 128)",
+    )
+    h2m.add_argument(
+        "--vocab-size",
+        type=int,
+        help="pad the vocabulary with zero rows to exactly this many (e.g. room for image codes)",
+    )
+    m2h = commands.add_parser(
+        "mf-to-hf",
+        help="a Hugging Face LlamaForCausalLM from a megafusion checkpoint's "
+        "text path (dense, or a MoT / Transfusion / LMFusion model's text half)",
+    )
     m2h.add_argument("--input", required=True, metavar="CKPT", help="step directory or checkpoint.dir")
     m2h.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the HF model")
-    m2h.add_argument("--vocab-size", type=int,
-                     help="vocabulary rows to keep (default: the imported HF model's, else all)")
+    m2h.add_argument(
+        "--vocab-size", type=int, help="vocabulary rows to keep (default: the imported HF model's, else all)"
+    )
     return parser
 
 
@@ -52,8 +64,10 @@ def convert_command(argv: list[str]) -> int:
         from megafusion.interop.dense_to_mot import dense_to_mot
 
         out = dense_to_mot(args.input, args.output, args.untie)
-        print(f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
-              f"checkpoint.init_from={out}")
+        print(
+            f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
+            f"checkpoint.init_from={out}"
+        )
         return 0
     from megafusion.interop import hf_io
 
@@ -61,13 +75,14 @@ def convert_command(argv: list[str]) -> int:
         section = hf_io.hf_to_mf(args.hf, args.output, args.config_out, args.vocab_multiple, args.vocab_size)
         overrides = " ".join(f"model.{k}={_cli_value(v)}" for k, v in section.items())
         where = f" (model section in {args.config_out})" if args.config_out else ""
-        print(f"[megafusion] wrote dense weights to {args.output}{where}: use checkpoint.init_from={args.output} "
-              f"with {overrides}")
+        print(
+            f"[megafusion] wrote dense weights to {args.output}{where}: use checkpoint.init_from={args.output} "
+            f"with {overrides}"
+        )
         return 0
     out, text_half = hf_io.mf_to_hf(args.input, args.output, args.vocab_size)
     what = " (the model's text path: its image copies / image modules are not part of a Llama)" if text_half else ""
-    print(f"[megafusion] wrote a LlamaForCausalLM to {out}{what}: transformers' from_pretrained({str(out)!r}) "
-          f"loads it")
+    print(f"[megafusion] wrote a LlamaForCausalLM to {out}{what}: transformers' from_pretrained({str(out)!r}) loads it")
     return 0
 
 

@@ -37,12 +37,24 @@ USAGE = "megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megafusion data", description="Prepare pretokenized datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize shards into an indexed dataset",
-                          description="Tokenize text+image shards into PREFIX.{bin,idx,meta.json}.")
-    prep.add_argument("--input", action="append", required=True, metavar="SHARD_OR_DIR",
-                      help="a shard file or a directory of shards (repeatable; read in the given order)")
-    prep.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
-                      help="SentencePiece .model, or Hugging Face tokenizer.json (or the directory holding it)")
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize shards into an indexed dataset",
+        description="Tokenize text+image shards into PREFIX.{bin,idx,meta.json}.",
+    )
+    prep.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="SHARD_OR_DIR",
+        help="a shard file or a directory of shards (repeatable; read in the given order)",
+    )
+    prep.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="TOKENIZER",
+        help="SentencePiece .model, or Hugging Face tokenizer.json (or the directory holding it)",
+    )
     prep.add_argument("--output", required=True, metavar="PREFIX", help="output prefix (PREFIX.bin, ...)")
     prep.add_argument("--image-size", type=int, default=16, help="images are resized to this size (default 16)")
     # The discrete-code flags default to None so that a clash with --latent-codec can be told apart
@@ -52,18 +64,29 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--image-codec", choices=("pixel", "vq", "vqgan"), help="image tokenizer (default pixel)")
     prep.add_argument("--vq-codebook", metavar="FILE", help="--image-codec vq: codebook from `tokenizer fit-vq`")
     prep.add_argument("--vqgan-path", metavar="DIR", help="--image-codec vqgan: diffusers VQModel directory")
-    prep.add_argument("--latent-codec", choices=("pixels", "kl"),
-                      help="Transfusion: store images as latents (objective.latent_codec) instead of codes")
-    prep.add_argument("--vae-path", metavar="DIR",
-                      help="--latent-codec kl: diffusers AutoencoderKL directory (objective.vae_path)")
-    prep.add_argument("--latent-patch-size", type=int,
-                      help="--latent-codec: latent patch per placeholder token (objective.latent_patch_size, "
-                           "default 2)")
+    prep.add_argument(
+        "--latent-codec",
+        choices=("pixels", "kl"),
+        help="Transfusion: store images as latents (objective.latent_codec) instead of codes",
+    )
+    prep.add_argument(
+        "--vae-path", metavar="DIR", help="--latent-codec kl: diffusers AutoencoderKL directory (objective.vae_path)"
+    )
+    prep.add_argument(
+        "--latent-patch-size",
+        type=int,
+        help="--latent-codec: latent patch per placeholder token (objective.latent_patch_size, default 2)",
+    )
     return parser
 
 
-_CODE_FLAGS = (("--image-codec", "image_codec"), ("--patch-size", "patch_size"), ("--pixel-levels", "pixel_levels"),
-               ("--vq-codebook", "vq_codebook"), ("--vqgan-path", "vqgan_path"))
+_CODE_FLAGS = (
+    ("--image-codec", "image_codec"),
+    ("--patch-size", "patch_size"),
+    ("--pixel-levels", "pixel_levels"),
+    ("--vq-codebook", "vq_codebook"),
+    ("--vqgan-path", "vqgan_path"),
+)
 
 
 def latent_codec_from_args(args):
@@ -73,11 +96,15 @@ def latent_codec_from_args(args):
 
     clash = [flag for flag, attr in _CODE_FLAGS if getattr(args, attr) is not None]
     if clash:
-        raise DataError(f"--latent-codec stores images as latents, so {', '.join(clash)} (image codes) do not "
-                        "apply: drop them, or drop --latent-codec to prepare image codes for objective.name=lm")
+        raise DataError(
+            f"--latent-codec stores images as latents, so {', '.join(clash)} (image codes) do not "
+            "apply: drop them, or drop --latent-codec to prepare image codes for objective.name=lm"
+        )
     if args.latent_codec == "kl" and not args.vae_path:
-        raise DataError("--latent-codec kl needs --vae-path DIR (a diffusers AutoencoderKL saved locally, the "
-                        "objective.vae_path of the runs that will read the data)")
+        raise DataError(
+            "--latent-codec kl needs --vae-path DIR (a diffusers AutoencoderKL saved locally, the "
+            "objective.vae_path of the runs that will read the data)"
+        )
     if args.latent_codec != "kl" and args.vae_path:
         raise DataError(f"--vae-path is only for --latent-codec kl (got --latent-codec {args.latent_codec}): drop it")
     params = {"path": args.vae_path} if args.latent_codec == "kl" else {}

@@ -33,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", help="directory to keep the generated PNGs in")
-    p.add_argument("--text", metavar="FILE", help="instead: the mean next-token loss on this plain text file "
-                   "(any LM or Transfusion checkpoint; options: --text FILE --help)")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="instead: the mean next-token loss on this plain text file "
+        "(any LM or Transfusion checkpoint; options: --text FILE --help)",
+    )
     return p
 
 
@@ -42,20 +46,27 @@ def _text_parser() -> argparse.ArgumentParser:
     from megafusion.evaluation.text import TOKENIZER_KINDS
 
     p = argparse.ArgumentParser(
-        prog=PROG, description="mean next-token loss of a checkpoint on a plain text file",
+        prog=PROG,
+        description="mean next-token loss of a checkpoint on a plain text file",
         usage="megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch N] "
-              "[--loss-vocab N] [section.key=value ...]",
+        "[--loss-vocab N] [section.key=value ...]",
         epilog="section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes "
-               "with torchrun --nproc-per-node N -m megafusion.evaluate ...). Prints one JSON line.")
+        "with torchrun --nproc-per-node N -m megafusion.evaluate ...). Prints one JSON line.",
+    )
     p.add_argument("--ckpt", required=True, help="step directory or checkpoint.dir (any layout)")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 plain text file, evaluated as one document")
     p.add_argument("--tokenizer", metavar="PATH", help=f"{TOKENIZER_KINDS} (default: the checkpoint's, if found)")
-    p.add_argument("--seq-length", type=int, metavar="N",
-                   help="tokens per window (default: the checkpoint's model.seq_length)")
+    p.add_argument(
+        "--seq-length", type=int, metavar="N", help="tokens per window (default: the checkpoint's model.seq_length)"
+    )
     p.add_argument("--batch", type=int, default=4, metavar="N", help="windows per forward call (default 4)")
-    p.add_argument("--loss-vocab", type=int, metavar="N",
-                   help="softmax over logit columns [0, N) (default: the HF vocabulary for Hugging Face imports "
-                        "and their descendants, else every row of the model's vocabulary)")
+    p.add_argument(
+        "--loss-vocab",
+        type=int,
+        metavar="N",
+        help="softmax over logit columns [0, N) (default: the HF vocabulary for Hugging Face imports "
+        "and their descendants, else every row of the model's vocabulary)",
+    )
     return p
 
 

@@ -38,8 +38,7 @@ def flops_command(argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     # FLOPs do not depend on the layout: validate against the smallest world it accepts.
     p = cfg.parallel
-    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp), known_archs=family_names(),
-             known_objectives=objective_names())
+    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp), known_archs=family_names(), known_objectives=objective_names())
     batch, where = representative_batch(cfg)  # first: the data decides the vocabulary
     try:
         report = summary(cfg, _images(batch)["latent_shape"])

@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
-                   help="recompute the whole sequence at every step (the reference the cache is tested against)")
+    p.add_argument(
+        "--no-kv-cache",
+        dest="kv_cache",
+        action="store_false",
+        help="recompute the whole sequence at every step (the reference the cache is tested against)",
+    )
     return p
 
 

@@ -30,8 +30,9 @@ def logits_command(argv: list[str]) -> int:
 
     tokens = torch.load(args.tokens)
     if tokens.dim() != 2 or tokens.dtype != torch.int64:
-        raise DataError(f"{args.tokens} must hold an int64 tensor [batch, seq], got {tuple(tokens.shape)} "
-                        f"{tokens.dtype}")
+        raise DataError(
+            f"{args.tokens} must hold an int64 tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}"
+        )
     loaded = load_model(args.ckpt, overrides, tokens.shape[1], tokens.shape[0])
     cfg, runtime = loaded.cfg, loaded.runtime
     if int(tokens.max()) >= cfg.model.vocab_size or int(tokens.min()) < 0:

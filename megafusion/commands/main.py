@@ -63,8 +63,13 @@ COMMANDS = {
 DEBUG_VARIABLE = "MEGAFUSION_DEBUG"  # =1: a user's error also prints its traceback
 
 
-def run(command: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, prog: str = "megafusion",
-        *, runtime: bool = False) -> int:
+def run(
+    command: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    prog: str = "megafusion",
+    *,
+    runtime: bool = False,
+) -> int:
     """Run ``command(argv)`` (``argv`` default: ``sys.argv[1:]``) as a command line; returns the exit status.
 
     - ``command``'s return value is the status (None: 0);

@@ -27,27 +27,54 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megafusion tokenizer", description="SentencePiece tokenizer tools")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SentencePiece model on the text of shards")
-    train.add_argument("--input", action="append", required=True, metavar="SHARD_OR_DIR",
-                       help="a *.jsonl / *.tar shard or a directory of them (repeatable)")
-    train.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                       help="wanted number of text pieces (the real size may be smaller on a small corpus)")
+    train.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="SHARD_OR_DIR",
+        help="a *.jsonl / *.tar shard or a directory of them (repeatable)",
+    )
+    train.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="wanted number of text pieces (the real size may be smaller on a small corpus)",
+    )
     train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
-    train.add_argument("--character-coverage", type=float, default=1.0,
-                       help="fraction of characters to cover (default 1.0: all)")
-    train.add_argument("--byte-fallback", action="store_true",
-                       help="spell unseen characters as bytes instead of <unk> (needs vocab >= ~260)")
+    train.add_argument(
+        "--character-coverage", type=float, default=1.0, help="fraction of characters to cover (default 1.0: all)"
+    )
+    train.add_argument(
+        "--byte-fallback",
+        action="store_true",
+        help="spell unseen characters as bytes instead of <unk> (needs vocab >= ~260)",
+    )
     fit = commands.add_parser("fit-vq", help="fit a k-means image patch codebook (the vq image codec)")
     images = fit.add_mutually_exclusive_group(required=True)
-    images.add_argument("--input", action="append", metavar="SHARD_OR_DIR",
-                        help="a *.jsonl / *.tar shard or a directory of them (repeatable): fit on their images")
+    images.add_argument(
+        "--input",
+        action="append",
+        metavar="SHARD_OR_DIR",
+        help="a *.jsonl / *.tar shard or a directory of them (repeatable): fit on their images",
+    )
     images.add_argument("--builtin", metavar="SETS", help="fit on built-in sets instead, e.g. shapes,digits")
-    fit.add_argument("--num-samples", type=int, default=4000, metavar="N",
-                     help="--builtin: generated shapes samples (default 4000; digits are all 1797)")
+    fit.add_argument(
+        "--num-samples",
+        type=int,
+        default=4000,
+        metavar="N",
+        help="--builtin: generated shapes samples (default 4000; digits are all 1797)",
+    )
     fit.add_argument("--image-size", type=int, default=16, help="images are resized to this square (default 16)")
     fit.add_argument("--patch-size", type=int, default=2, help="one code per patch of this size (default 2)")
     fit.add_argument("--codebook-size", type=int, default=256, metavar="K", help="codebook entries (default 256)")
-    fit.add_argument("--seed", type=int, default=0,
-                     help="k-means seed, and the shapes seed for --builtin (use train.seed to match a run)")
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="k-means seed, and the shapes seed for --builtin (use train.seed to match a run)",
+    )
     fit.add_argument("--out", required=True, metavar="PATH", help="the codebook file to write (.safetensors)")
     return parser
 
@@ -59,12 +86,17 @@ def _builtin_images(sets: str, num_samples: int, seed: int, image_size: int) -> 
     names = [x.strip() for x in sets.split(",") if x.strip()]
     bad = [x for x in names if x not in ("shapes", "digits")]
     if bad or not names:
-        raise DataError(f"--builtin {sets!r} names unknown sets {bad or '(none)'}: use a comma-separated subset "
-                        "of shapes, digits")
+        raise DataError(
+            f"--builtin {sets!r} names unknown sets {bad or '(none)'}: use a comma-separated subset of shapes, digits"
+        )
     images = []
     if "shapes" in names:
-        images += [seg.pixels for doc in shapes_documents(num_samples, seed, image_size)
-                   for seg in doc.segments if hasattr(seg, "pixels")]
+        images += [
+            seg.pixels
+            for doc in shapes_documents(num_samples, seed, image_size)
+            for seg in doc.segments
+            if hasattr(seg, "pixels")
+        ]
     if "digits" in names:
         images += list(digit_images(image_size)[0])
     return images
@@ -80,8 +112,10 @@ def _fit_vq(args) -> int:
     else:
         images = _builtin_images(args.builtin, args.num_samples, args.seed, args.image_size)
     codec = fit_vq_codebook(images, args.image_size, args.patch_size, args.codebook_size, args.seed, args.out)
-    print(f"vq codebook: {codec.vocab_size} codes, {codec.tokens_per_image} per image, sha256 {codec.sha256}",
-          file=sys.stderr)
+    print(
+        f"vq codebook: {codec.vocab_size} codes, {codec.tokens_per_image} per image, sha256 {codec.sha256}",
+        file=sys.stderr,
+    )
     print(codec.path)
     return 0
 
@@ -97,8 +131,13 @@ def tokenizer_command(argv: list[str]) -> int:
     from megafusion.data.formats.shards import shard_texts
     from megafusion.data.tokenizers.joint import train_sentencepiece
 
-    path = train_sentencepiece(shard_texts(args.input), args.vocab_size, args.output,
-                               character_coverage=args.character_coverage, byte_fallback=args.byte_fallback)
+    path = train_sentencepiece(
+        shard_texts(args.input),
+        args.vocab_size,
+        args.output,
+        character_coverage=args.character_coverage,
+        byte_fallback=args.byte_fallback,
+    )
     size = spm.SentencePieceProcessor(model_file=path).get_piece_size()
     if size < args.vocab_size:
         print(f"note: the corpus gave {size} pieces, fewer than --vocab-size {args.vocab_size}", file=sys.stderr)

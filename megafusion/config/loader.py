@@ -38,16 +38,12 @@ def _unknown(kind: str, name: str, valid: list[str], prefix: str = "") -> Config
 def coerce(value, tp, key: str):
     """Convert `value` to the declared type `tp`, or raise ConfigError naming `key`."""
     base, optional = split_optional(tp)
-    if value is None or (
-        optional and isinstance(value, str) and value.strip().lower() in _NULL_WORDS
-    ):
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
         if optional:
             return None
         raise ConfigError(f"{key}: got null, expected {_type_name(tp)}")
 
-    bad = ConfigError(
-        f"{key}: cannot use {value!r} (a {type(value).__name__}), expected {_type_name(tp)}"
-    )
+    bad = ConfigError(f"{key}: cannot use {value!r} (a {type(value).__name__}), expected {_type_name(tp)}")
     # bool is checked first and excluded below because bool is a subclass of int:
     # `parallel.tp=true` must not silently become tp=1.
     if base is bool:
@@ -187,8 +183,9 @@ def load_config(path: str | list[str] | None, overrides: list[str] | None = None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{one}' is not valid YAML: {e}") from None
         data = _merged(data, layer)
-    cfg = config_from_dict(data, source=f"config file{'s' if len(paths) > 1 else ''} "
-                                        f"{', '.join(repr(p) for p in paths)}")
+    cfg = config_from_dict(
+        data, source=f"config file{'s' if len(paths) > 1 else ''} {', '.join(repr(p) for p in paths)}"
+    )
     return apply_overrides(cfg, list(overrides or []))
 
 
@@ -228,9 +225,6 @@ def parse_cli(argv: list[str]) -> tuple[str | list[str] | None, list[str]]:
         elif "=" in tok and not tok.startswith("-"):
             overrides.append(tok)
         else:
-            raise ConfigError(
-                f"unexpected argument '{tok}': expected --config FILE or section.key=value overrides"
-            )
+            raise ConfigError(f"unexpected argument '{tok}': expected --config FILE or section.key=value overrides")
         i += 1
     return (paths[0] if len(paths) == 1 else paths or None), overrides
-

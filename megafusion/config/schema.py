@@ -10,10 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-
 from megafusion.core.choices import MOT_PARTS  # noqa: E402,F401
-
-
 from megafusion.core.errors import ConfigError  # noqa: E402,F401  (re-exported by megafusion.config)
 
 
@@ -230,7 +227,8 @@ class Config:
 
 # Section name -> dataclass, in the order of Config's fields.
 SECTIONS: dict[str, type] = {
-    f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+    f.name: f.default_factory
+    for f in dataclasses.fields(Config)  # type: ignore[misc]
 }
 
 

@@ -77,16 +77,25 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
     if world_size < 1:
         problems.append(f"world size {world_size} ({WORLD}) must be >= 1")
     for key, v in [
-        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep), ("parallel.cp", p.cp),
-        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+        ("parallel.tp", p.tp),
+        ("parallel.pp", p.pp),
+        ("parallel.ep", p.ep),
+        ("parallel.cp", p.cp),
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
         ("model.num_attention_heads", m.num_attention_heads),
-        ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+        ("train.steps", t.steps),
+        ("train.micro_batch_size", t.micro_batch_size),
         ("train.global_batch_size", t.global_batch_size),
-        ("data.docs_per_sequence", d.docs_per_sequence), ("logging.log_interval", lg.log_interval),
+        ("data.docs_per_sequence", d.docs_per_sequence),
+        ("logging.log_interval", lg.log_interval),
     ]:
         at_least(key, v, 1)
-    for key, v in [("parallel.vpp", p.vpp), ("model.num_query_groups", m.num_query_groups),
-                   ("model.ffn_hidden_size", m.ffn_hidden_size)]:
+    for key, v in [
+        ("parallel.vpp", p.vpp),
+        ("model.num_query_groups", m.num_query_groups),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+    ]:
         if v is not None and v < 1:
             problems.append(f"{key}={v} must be >= 1 or null: set {key}=null to use the default")
     at_least("model.seq_length", m.seq_length, 2)
@@ -94,12 +103,21 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         at_least("model.vocab_size", m.vocab_size, 2)
     at_least("train.warmup_steps", t.warmup_steps, 0)
 
-    for key, v in [("train.lr", t.lr), ("train.adam_eps", t.adam_eps), ("model.norm_eps", m.norm_eps),
-                   ("model.init_std", m.init_std), ("model.rope_theta", m.rope_theta)]:
+    for key, v in [
+        ("train.lr", t.lr),
+        ("train.adam_eps", t.adam_eps),
+        ("model.norm_eps", m.norm_eps),
+        ("model.init_std", m.init_std),
+        ("model.rope_theta", m.rope_theta),
+    ]:
         if not v > 0:
             problems.append(f"{key}={v} must be > 0: set {key} to a positive number")
-    for key, v in [("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
-                   ("train.clip_grad", t.clip_grad), ("model.z_loss_weight", m.z_loss_weight)]:
+    for key, v in [
+        ("train.min_lr", t.min_lr),
+        ("train.weight_decay", t.weight_decay),
+        ("train.clip_grad", t.clip_grad),
+        ("model.z_loss_weight", m.z_loss_weight),
+    ]:
         if not v >= 0:
             problems.append(f"{key}={v} must be >= 0: set {key} to 0 or a positive number")
     if t.lr > 0 and t.min_lr > t.lr:
@@ -108,46 +126,65 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         if not 0 <= v < 1:
             problems.append(f"{key}={v} must be in [0, 1): e.g. {key}=0.9")
 
-    for key, v, allowed in [("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
-                            ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
-                            ("model.norm_placement", m.norm_placement, ("pre", "post")),
-                            ("data.source", d.source, DATA_SOURCES),
-                            ("data.image_codec", d.image_codec, IMAGE_CODECS),
-                            ("model.arch", m.arch, tuple(known_archs))]:
+    for key, v, allowed in [
+        ("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
+        ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
+        ("model.norm_placement", m.norm_placement, ("pre", "post")),
+        ("data.source", d.source, DATA_SOURCES),
+        ("data.image_codec", d.image_codec, IMAGE_CODECS),
+        ("model.arch", m.arch, tuple(known_archs)),
+    ]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
 
     c, ev = cfg.checkpoint, cfg.eval
-    for key, v, low in [("checkpoint.interval", c.interval, 0), ("checkpoint.keep_last", c.keep_last, 1),
-                        ("eval.interval", ev.interval, 0), ("eval.batches", ev.batches, 1),
-                        ("data.num_samples", d.num_samples, 1), ("data.text_vocab_size", d.text_vocab_size, 16),
-                        ("data.image_size", d.image_size, 1), ("data.patch_size", d.patch_size, 1),
-                        ("data.pixel_levels", d.pixel_levels, 2), ("data.vq_codebook_size", d.vq_codebook_size, 2)]:
+    for key, v, low in [
+        ("checkpoint.interval", c.interval, 0),
+        ("checkpoint.keep_last", c.keep_last, 1),
+        ("eval.interval", ev.interval, 0),
+        ("eval.batches", ev.batches, 1),
+        ("data.num_samples", d.num_samples, 1),
+        ("data.text_vocab_size", d.text_vocab_size, 16),
+        ("data.image_size", d.image_size, 1),
+        ("data.patch_size", d.patch_size, 1),
+        ("data.pixel_levels", d.pixel_levels, 2),
+        ("data.vq_codebook_size", d.vq_codebook_size, 2),
+    ]:
         at_least(key, v, low)
     problems += _rope_scaling_problems(m.rope_scaling)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
     if bad_parts:
-        problems.append(f"model.untie={m.untie!r} names unknown parts {bad_parts}: use a comma-separated subset "
-                        f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)")
+        problems.append(
+            f"model.untie={m.untie!r} names unknown parts {bad_parts}: use a comma-separated subset "
+            f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)"
+        )
     if m.freeze_text:
         if m.arch != "mot" or set(m.untied_parts()) != set(MOT_PARTS):
-            problems.append(f"model.freeze_text=true (LMFusion) needs model.arch=mot and model.untie=all (got arch="
-                            f"{m.arch!r}, untie={m.untie!r}): a part shared by text and image cannot be frozen "
-                            f"for text and trained for images")
+            problems.append(
+                f"model.freeze_text=true (LMFusion) needs model.arch=mot and model.untie=all (got arch="
+                f"{m.arch!r}, untie={m.untie!r}): a part shared by text and image cannot be frozen "
+                f"for text and trained for images"
+            )
         if m.frozen_vocab_rows is None and d.source == "synthetic":
-            problems.append("model.freeze_text=true with data.source=synthetic needs model.frozen_vocab_rows (no "
-                            "tokenizer says which ids are text): e.g. model.frozen_vocab_rows=200")
+            problems.append(
+                "model.freeze_text=true with data.source=synthetic needs model.frozen_vocab_rows (no "
+                "tokenizer says which ids are text): e.g. model.frozen_vocab_rows=200"
+            )
         if m.frozen_vocab_rows is not None and not 0 < m.frozen_vocab_rows <= (m.vocab_size or m.frozen_vocab_rows):
-            problems.append(f"model.frozen_vocab_rows={m.frozen_vocab_rows} must be in [1, model.vocab_size="
-                            f"{m.vocab_size}]: set it to the text vocabulary's size, or null to take the text "
-                            f"tokenizer's")
+            problems.append(
+                f"model.frozen_vocab_rows={m.frozen_vocab_rows} must be in [1, model.vocab_size="
+                f"{m.vocab_size}]: set it to the text vocabulary's size, or null to take the text "
+                f"tokenizer's"
+            )
     o = cfg.objective
-    for key, v, allowed in [("objective.name", o.name, tuple(known_objectives)),
-                            ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
-                            ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
-                            ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
-                            ("objective.patchify", o.patchify, ("linear", "unet"))]:
+    for key, v, allowed in [
+        ("objective.name", o.name, tuple(known_objectives)),
+        ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
+        ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
+        ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
+        ("objective.patchify", o.patchify, ("linear", "unet")),
+    ]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
     if o.name == "transfusion":
@@ -156,44 +193,62 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         if o.diffusion_weight < 0:
             problems.append(f"objective.diffusion_weight={o.diffusion_weight} must be >= 0: e.g. 5.0 (Transfusion)")
         if d.source == "synthetic":
-            problems.append("objective.name=transfusion needs images, and data.source=synthetic has none: set "
-                            "data.source=builtin, or data.source=indexed with a dataset from `megafusion data "
-                            "prepare ... --latent-codec pixels|kl`")
+            problems.append(
+                "objective.name=transfusion needs images, and data.source=synthetic has none: set "
+                "data.source=builtin, or data.source=indexed with a dataset from `megafusion data "
+                "prepare ... --latent-codec pixels|kl`"
+            )
         if not 0 <= o.caption_dropout < 1:
             problems.append(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1): e.g. 0.1")
         if not -1 <= o.uncaptioned_max_t < o.train_timesteps:
-            problems.append(f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
-                            f"below objective.train_timesteps={o.train_timesteps}, e.g. {o.train_timesteps // 2}")
+            problems.append(
+                f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
+                f"below objective.train_timesteps={o.train_timesteps}, e.g. {o.train_timesteps // 2}"
+            )
         if o.latent_codec == "kl" and not o.vae_path:
-            problems.append("objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
-                            "AutoencoderKL saved with save_pretrained")
+            problems.append(
+                "objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
+                "AutoencoderKL saved with save_pretrained"
+            )
         factor = 2 ** (len(UNET_CHANNELS) - 1)  # the U-Net's downsampling inside each patch
         if o.patchify == "unet" and o.latent_patch_size >= 1 and o.latent_patch_size % factor:
-            problems.append(f"objective.latent_patch_size={o.latent_patch_size} must be a multiple of {factor} with "
-                            f"objective.patchify=unet (its U-Net halves the latent {len(UNET_CHANNELS) - 1} time(s) "
-                            f"inside each patch): set it to {_near(o.latent_patch_size, factor)}, or use "
-                            f"objective.patchify=linear")
+            problems.append(
+                f"objective.latent_patch_size={o.latent_patch_size} must be a multiple of {factor} with "
+                f"objective.patchify=unet (its U-Net halves the latent {len(UNET_CHANNELS) - 1} time(s) "
+                f"inside each patch): set it to {_near(o.latent_patch_size, factor)}, or use "
+                f"objective.patchify=linear"
+            )
         if o.latent_codec == "pixels" and d.image_size % max(o.latent_patch_size, 1):
-            problems.append(f"objective.latent_patch_size={o.latent_patch_size} does not divide data.image_size="
-                            f"{d.image_size} (pixel latents are the image): choose a divisor of {d.image_size}")
+            problems.append(
+                f"objective.latent_patch_size={o.latent_patch_size} does not divide data.image_size="
+                f"{d.image_size} (pixel latents are the image): choose a divisor of {d.image_size}"
+            )
     if lg.peak_tflops is not None and not lg.peak_tflops > 0:
-        problems.append(f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
-                        f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989")
+        problems.append(
+            f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
+            f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989"
+        )
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")
     # vqgan ignores patch_size: its latent grid comes from the model.
     if d.image_codec != "vqgan" and d.image_size >= 1 and d.patch_size >= 1 and d.image_size % d.patch_size:
-        problems.append(f"data.image_size={d.image_size} is not divisible by data.patch_size={d.patch_size}: "
-                        f"set data.image_size to {_near(d.image_size, d.patch_size)}")
+        problems.append(
+            f"data.image_size={d.image_size} is not divisible by data.patch_size={d.patch_size}: "
+            f"set data.image_size to {_near(d.image_size, d.patch_size)}"
+        )
     if d.source == "builtin":
         sets = [x.strip() for x in d.builtin.split(",") if x.strip()]
         bad = [x for x in sets if x not in BUILTIN_SETS]
         if bad or not sets:
-            problems.append(f"data.builtin={d.builtin!r} names unknown sets {bad or '(none)'}: use a comma-separated "
-                            f"subset of {', '.join(BUILTIN_SETS)}, e.g. data.builtin=shapes,digits")
+            problems.append(
+                f"data.builtin={d.builtin!r} names unknown sets {bad or '(none)'}: use a comma-separated "
+                f"subset of {', '.join(BUILTIN_SETS)}, e.g. data.builtin=shapes,digits"
+            )
     if d.image_codec == "vqgan" and not d.vqgan_path:
-        problems.append("data.image_codec=vqgan needs data.vqgan_path: a local directory holding a diffusers "
-                        "VQModel (as written by VQModel.save_pretrained)")
+        problems.append(
+            "data.image_codec=vqgan needs data.vqgan_path: a local directory holding a diffusers "
+            "VQModel (as written by VQModel.save_pretrained)"
+        )
     if d.source == "indexed" and not d.path:
         problems.append("data.source=indexed needs data.path: the output prefix given to `megafusion data prepare`")
     if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:
@@ -209,23 +264,30 @@ def _rope_scaling_problems(scaling: dict | None) -> list[str]:
     """``model.rope_scaling``: null, or exactly the four Llama-3 values with usable magnitudes."""
     if scaling is None:
         return []
-    example = ("e.g. model.rope_scaling={factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
-               "original_max_position_embeddings: 8192} (Llama 3.1), or null for plain RoPE")
+    example = (
+        "e.g. model.rope_scaling={factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+        "original_max_position_embeddings: 8192} (Llama 3.1), or null for plain RoPE"
+    )
     missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
     unknown = [k for k in scaling if k not in ROPE_SCALING_KEYS]
     if missing or unknown:
-        what = "; ".join(x for x in (f"missing {missing}" if missing else "",
-                                     f"unknown {unknown}" if unknown else "") if x)
-        return [f"model.rope_scaling holds Llama-3 RoPE scaling, exactly the keys {', '.join(ROPE_SCALING_KEYS)} "
-                f"({what}): {example}"]
+        what = "; ".join(
+            x for x in (f"missing {missing}" if missing else "", f"unknown {unknown}" if unknown else "") if x
+        )
+        return [
+            f"model.rope_scaling holds Llama-3 RoPE scaling, exactly the keys {', '.join(ROPE_SCALING_KEYS)} "
+            f"({what}): {example}"
+        ]
     bad = [k for k, v in scaling.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0]
     if bad:
         named = ", ".join(f"{k}={scaling[k]!r}" for k in bad)
         return [f"model.rope_scaling: {named} must be positive numbers: {example}"]
     if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         # The smoothing between the two wavelength bands divides by their difference.
-        return [f"model.rope_scaling: high_freq_factor={scaling['high_freq_factor']} must be larger than "
-                f"low_freq_factor={scaling['low_freq_factor']}: {example}"]
+        return [
+            f"model.rope_scaling: high_freq_factor={scaling['high_freq_factor']} must be larger than "
+            f"low_freq_factor={scaling['low_freq_factor']}: {example}"
+        ]
     return []
 
 
@@ -261,11 +323,12 @@ def _model_shape_problems(cfg: Config) -> list[str]:
         )
     ffn = m.effective_ffn_hidden_size()
     if ffn % tp:
-        what = (f"model.ffn_hidden_size={ffn}" if m.ffn_hidden_size is not None
-                else f"model.ffn_hidden_size (default 4 x model.hidden_size = {ffn})")
-        problems.append(
-            f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {_near(ffn, tp)}"
+        what = (
+            f"model.ffn_hidden_size={ffn}"
+            if m.ffn_hidden_size is not None
+            else f"model.ffn_hidden_size (default 4 x model.hidden_size = {ffn})"
         )
+        problems.append(f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {_near(ffn, tp)}")
     if m.vocab_size is not None and m.vocab_size % tp:
         nxt = -(-m.vocab_size // tp) * tp
         problems.append(
@@ -329,8 +392,9 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
             f"choose parallel.ep in {_braces(_divisors(dp * p.cp))}"
         )
     step = t.micro_batch_size * dp
-    dp_how = (f"dp = world size {world_size} / (parallel.tp x parallel.pp x parallel.cp = "
-              f"{p.tp} x {p.pp} x {p.cp}) = {dp}")
+    dp_how = (
+        f"dp = world size {world_size} / (parallel.tp x parallel.pp x parallel.cp = {p.tp} x {p.pp} x {p.cp}) = {dp}"
+    )
     if t.global_batch_size % step:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x dp = "
@@ -352,8 +416,9 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
-def validate(cfg: Config, world_size: int, known_archs: tuple | None = None,
-             known_objectives: tuple | None = None) -> None:
+def validate(
+    cfg: Config, world_size: int, known_archs: tuple | None = None, known_objectives: tuple | None = None
+) -> None:
     """Raise ConfigError listing every problem of `cfg` for `world_size` processes.
 
     `known_archs` / `known_objectives`: the model.arch / objective.name values the caller can
@@ -366,9 +431,22 @@ def validate(cfg: Config, world_size: int, known_archs: tuple | None = None,
         problems = _range_problems(cfg, world_size, known_archs or MODEL_ARCHS, known_objectives or OBJECTIVES)
         # Divisibility checks divide by these; skip them until they are positive.
         p, m = cfg.parallel, cfg.model
-        positive = [p.tp, p.pp, p.cp, p.ep, p.vpp_size(), m.num_layers, m.hidden_size,
-                    m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size(),
-                    m.vocab_size or 2, m.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size]
+        positive = [
+            p.tp,
+            p.pp,
+            p.cp,
+            p.ep,
+            p.vpp_size(),
+            m.num_layers,
+            m.hidden_size,
+            m.num_attention_heads,
+            m.effective_num_query_groups(),
+            m.effective_ffn_hidden_size(),
+            m.vocab_size or 2,
+            m.seq_length,
+            cfg.train.micro_batch_size,
+            cfg.train.global_batch_size,
+        ]
         if all(v >= 1 for v in positive):
             problems += _model_shape_problems(cfg) + _layout_problems(cfg, world_size)
     if problems:

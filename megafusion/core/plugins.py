@@ -22,6 +22,8 @@ def load_plugins() -> None:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            raise ConfigError(f"{ENV}={os.environ[ENV]!r}: cannot import {name!r} ({err}): put it on PYTHONPATH "
-                              f"or remove it from {ENV}") from err
+            raise ConfigError(
+                f"{ENV}={os.environ[ENV]!r}: cannot import {name!r} ({err}): put it on PYTHONPATH "
+                f"or remove it from {ENV}"
+            ) from err
         _loaded.add(name)

@@ -34,6 +34,8 @@ class Registry:
         if name in self._registered:
             return self._registered[name]
         if name not in self.builtin:
-            raise ConfigError(f"{self.key}={name!r} is unknown: choose one of {', '.join(self.names())} "
-                              f"(or register yours: {self.register_hint})")
+            raise ConfigError(
+                f"{self.key}={name!r} is unknown: choose one of {', '.join(self.names())} "
+                f"(or register yours: {self.register_hint})"
+            )
         return getattr(importlib.import_module(self.builtin[name]), self.attribute)

@@ -19,9 +19,9 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
-from megafusion.core.modality import NUM_MODALITIES, Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import NUM_MODALITIES, Modality
+from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
 from megafusion.data.types import TokenizedDocument
 
 
@@ -33,8 +33,9 @@ def _content_score(doc: TokenizedDocument, seed: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def split_documents(docs: list[TokenizedDocument], val_fraction: float, seed: int
-                    ) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
+def split_documents(
+    docs: list[TokenizedDocument], val_fraction: float, seed: int
+) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
     """``(train, val)``: ``round(len(docs) * val_fraction)`` documents go to ``val``.
 
     The held-out documents are those with the smallest ``hash(seed, content)`` (ties broken by
@@ -65,8 +66,10 @@ class MicrobatchSource:
 
     def __init__(self, rows: PackedRows, seed: int, name: str = "dataset"):
         if rows.num_rows == 0:
-            raise DataError(f"{name}: no packed rows to draw samples from (the split is empty); add documents or "
-                            "lower data.val_fraction")
+            raise DataError(
+                f"{name}: no packed rows to draw samples from (the split is empty); add documents or "
+                "lower data.val_fraction"
+            )
         if seed < 0:
             raise ValueError(f"MicrobatchSource: seed must be >= 0, got {seed}")
         self.rows = rows
@@ -143,8 +146,10 @@ class MicrobatchSource:
         latents = [self.rows.latents[i] for i in idx]
         for row, (ids, lat) in enumerate(zip(image_ids, latents)):
             if int(ids.max()) + 1 != lat.shape[0]:
-                raise DataError(f"{self.name}: packed row {int(idx[row])} has {int(ids.max()) + 1} image spans but "
-                                f"{lat.shape[0]} latents; the dataset is inconsistent: rebuild it")
+                raise DataError(
+                    f"{self.name}: packed row {int(idx[row])} has {int(ids.max()) + 1} image spans but "
+                    f"{lat.shape[0]} latents; the dataset is inconsistent: rebuild it"
+                )
         image = int(Modality.IMAGE)
         text_only = (batch["modality_ids"] != image) & (batch["label_modality_ids"] != image)
         batch["loss_mask"] = batch["loss_mask"] * text_only
@@ -153,8 +158,10 @@ class MicrobatchSource:
 
     def describe(self) -> str:
         per = ", ".join(f"{k} {v}" for k, v in self.tokens_per_modality().items())
-        return (f"{self.name}: {self.num_rows} rows of {self.seq_length + 1} tokens ({per}, "
-                f"padding {self.rows.padding_tokens()})")
+        return (
+            f"{self.name}: {self.num_rows} rows of {self.seq_length + 1} tokens ({per}, "
+            f"padding {self.rows.padding_tokens()})"
+        )
 
 
 __all__ = ["split_documents", "MicrobatchSource"]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, Modality
 from megafusion.data.types import TokenizedDocument
 
 # Document id of padding: never a document's id (those are 0, 1, 2, ... within each row), so a
@@ -80,8 +80,10 @@ def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) 
         if n == 0:
             raise DataError(f"{name}: the document has no tokens; drop it before packing")
         if n > width:
-            raise DataError(f"{name}: the document is {n} tokens long but a row holds model.seq_length + 1 = "
-                            f"{width} and documents are never cut: raise model.seq_length to at least {n - 1}")
+            raise DataError(
+                f"{name}: the document is {n} tokens long but a row holds model.seq_length + 1 = "
+                f"{width} and documents are never cut: raise model.seq_length to at least {n - 1}"
+            )
         if used + n > width:
             row, used, ids_in_row = row + 1, 0, 0
         placements.append((row, used, ids_in_row))
@@ -95,15 +97,16 @@ def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) 
     positions = np.zeros((num_rows, width), dtype=np.int64)
     for doc, (r, start, doc_id) in zip(docs, placements):
         n = int(np.asarray(doc.tokens).shape[0])
-        tokens[r, start:start + n] = doc.tokens
-        modalities[r, start:start + n] = doc.modalities
-        document_ids[r, start:start + n] = doc_id
-        positions[r, start:start + n] = np.arange(n)
+        tokens[r, start : start + n] = doc.tokens
+        modalities[r, start : start + n] = doc.modalities
+        document_ids[r, start : start + n] = doc_id
+        positions[r, start : start + n] = np.arange(n)
     latents = None
     if docs and "latents" in docs[0].meta:  # Transfusion: each row keeps its documents' latents
         per_row: list[list[np.ndarray]] = [[] for _ in range(num_rows)]
         for doc, (r, _, _) in zip(docs, placements):
             per_row[r].append(doc.meta["latents"])
         latents = [np.concatenate(parts) for parts in per_row]
-    return PackedRows(tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions,
-                      latents=latents)
+    return PackedRows(
+        tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions, latents=latents
+    )

@@ -25,15 +25,15 @@ power-of-two tensor-parallel size divides it and checkpoints move between layout
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from megafusion.data.codecs.diffusers_local import weights_identity
-from megafusion.data.builtin.synthetic import synthetic_microbatch
-from megafusion.core.modality import NUM_MODALITIES
 from megafusion.core.errors import DataError
+from megafusion.core.modality import NUM_MODALITIES
+from megafusion.data.builtin.synthetic import synthetic_microbatch
+from megafusion.data.codecs.diffusers_local import weights_identity
 
 VOCAB_MULTIPLE = 128
 SYNTHETIC_VOCAB = 256
@@ -48,8 +48,11 @@ class SyntheticSource:
     def microbatch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
         batch = synthetic_microbatch(first_sample, size, self.seed, self.seq_length, self.vocab_size, self.docs)
         text = torch.zeros_like(batch["tokens"])  # every synthetic token is text
-        batch.update(modality_ids=text, label_modality_ids=text.clone(),
-                     modality_counts=torch.tensor([text.numel()] + [0] * (NUM_MODALITIES - 1)))
+        batch.update(
+            modality_ids=text,
+            label_modality_ids=text.clone(),
+            modality_counts=torch.tensor([text.numel()] + [0] * (NUM_MODALITIES - 1)),
+        )
         return batch
 
     def describe(self) -> str:
@@ -71,9 +74,11 @@ class DataBundle:
         if model_cfg.freeze_text and model_cfg.frozen_vocab_rows is None and self.tokenizer is not None:
             model_cfg.frozen_vocab_rows = self.tokenizer.text_vocab_size
         if model_cfg.freeze_text and not 0 < (model_cfg.frozen_vocab_rows or 0) <= self.vocab_size:
-            raise DataError(f"model.frozen_vocab_rows={model_cfg.frozen_vocab_rows} does not fit the data's vocabulary "
-                            f"of {self.vocab_size} rows: set it to the text vocabulary's size (at most "
-                            f"{self.vocab_size}), or null to take the text tokenizer's")
+            raise DataError(
+                f"model.frozen_vocab_rows={model_cfg.frozen_vocab_rows} does not fit the data's vocabulary "
+                f"of {self.vocab_size} rows: set it to the text vocabulary's size (at most "
+                f"{self.vocab_size}), or null to take the text tokenizer's"
+            )
 
     def describe(self) -> str:
         lines = [f"train   {self.train.describe()}"]
@@ -87,8 +92,10 @@ def padded_vocab(tokenizer_vocab: int, requested: int | None, tp: int) -> int:
     if requested is None:
         return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if requested < tokenizer_vocab:
-        raise DataError(f"model.vocab_size={requested} is smaller than the tokenizer's {tokenizer_vocab} ids: "
-                        f"set model.vocab_size=null (derived from the data) or >= {tokenizer_vocab}")
+        raise DataError(
+            f"model.vocab_size={requested} is smaller than the tokenizer's {tokenizer_vocab} ids: "
+            f"set model.vocab_size=null (derived from the data) or >= {tokenizer_vocab}"
+        )
     if requested % tp:
         raise DataError(f"model.vocab_size={requested} is not divisible by parallel.tp={tp}: set model.vocab_size=null")
     return requested
@@ -108,8 +115,13 @@ def _builtin_documents(cfg):
     return docs
 
 
-def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, barrier: Callable[[], None],
-               prepared_with: str | None = None):
+def _tokenizer(
+    cfg,
+    texts: Callable[[], list[str]] | None,
+    is_first_rank: bool,
+    barrier: Callable[[], None],
+    prepared_with: str | None = None,
+):
     """The text tokenizer's path: configured (a SentencePiece model or a Hugging Face tokenizer.json /
     directory), or a SentencePiece model trained once (by the first rank) on ``texts`` and cached."""
     from megafusion.data.tokenizers.joint import builtin_tokenizer
@@ -118,8 +130,10 @@ def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, 
         return cfg.data.tokenizer
     if texts is None:
         known = f" ({prepared_with})" if prepared_with else ""
-        raise DataError(f"data.tokenizer is required for data.source=indexed: the text tokenizer the dataset was "
-                        f"prepared with{known}, a SentencePiece .model or a Hugging Face tokenizer.json")
+        raise DataError(
+            f"data.tokenizer is required for data.source=indexed: the text tokenizer the dataset was "
+            f"prepared with{known}, a SentencePiece .model or a Hugging Face tokenizer.json"
+        )
     corpus = texts()
     if is_first_rank:
         builtin_tokenizer(cfg.data.cache_dir, corpus, cfg.data.text_vocab_size)
@@ -130,8 +144,8 @@ def _tokenizer(cfg, texts: Callable[[], list[str]] | None, is_first_rank: bool, 
 def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], None]):
     """The ``data.image_codec`` codec for the built-in images (a vq codebook is fitted by the first rank)."""
     from megafusion.data.codecs.registry import build_codec
-    from megafusion.data.types import ImageSegment
     from megafusion.data.codecs.vq import builtin_vq_codebook
+    from megafusion.data.types import ImageSegment
 
     d = cfg.data
     if d.image_codec == "pixel":
@@ -142,14 +156,22 @@ def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], No
         codec = build_codec("vq", codebook=d.vq_codebook)
         # A codebook for other sizes would silently resize the images and cut other patches.
         if (codec.image_size, codec.patch_size) != (d.image_size, d.patch_size):
-            raise DataError(f"data.vq_codebook={d.vq_codebook} was fitted for image_size={codec.image_size} "
-                            f"patch_size={codec.patch_size}, but data.image_size={d.image_size} data.patch_size="
-                            f"{d.patch_size}: set them to match, or fit a codebook for these sizes "
-                            f"(`megafusion tokenizer fit-vq`, or data.vq_codebook=null)")
+            raise DataError(
+                f"data.vq_codebook={d.vq_codebook} was fitted for image_size={codec.image_size} "
+                f"patch_size={codec.patch_size}, but data.image_size={d.image_size} data.patch_size="
+                f"{d.patch_size}: set them to match, or fit a codebook for these sizes "
+                f"(`megafusion tokenizer fit-vq`, or data.vq_codebook=null)"
+            )
         return codec
     images = [seg.pixels for doc in documents for seg in doc.segments if isinstance(seg, ImageSegment)]
-    fit = lambda: builtin_vq_codebook(d.cache_dir, images, d.image_size, d.patch_size,  # noqa: E731
-                                      d.vq_codebook_size, cfg.train.seed)
+    fit = lambda: builtin_vq_codebook(
+        d.cache_dir,
+        images,
+        d.image_size,
+        d.patch_size,  # noqa: E731
+        d.vq_codebook_size,
+        cfg.train.seed,
+    )
     if is_first_rank:
         fit()
     barrier()  # the others load the cached codebook instead of fitting it again
@@ -163,26 +185,40 @@ def _latent_placeholders(cfg):
 
     o = cfg.objective
     params = {"path": o.vae_path} if o.latent_codec == "kl" else {}
-    return PlaceholderCodec(build_latent_codec(o.latent_codec, image_size=cfg.data.image_size, **params),
-                            o.latent_patch_size)
+    return PlaceholderCodec(
+        build_latent_codec(o.latent_codec, image_size=cfg.data.image_size, **params), o.latent_patch_size
+    )
 
 
 def _check_latent_settings(cfg, info: dict) -> None:
     """The run's latent settings are those the Transfusion dataset was prepared with (else a DataError)."""
     o, d = cfg.objective, cfg.data
     codec = info.get("codec") or {}
-    pairs = [("objective.latent_codec", "--latent-codec", o.latent_codec, codec.get("name")),
-             ("objective.latent_patch_size", "--latent-patch-size", o.latent_patch_size, info.get("patch_size")),
-             ("data.image_size", "--image-size", d.image_size, codec.get("image_size"))]
+    pairs = [
+        ("objective.latent_codec", "--latent-codec", o.latent_codec, codec.get("name")),
+        ("objective.latent_patch_size", "--latent-patch-size", o.latent_patch_size, info.get("patch_size")),
+        ("data.image_size", "--image-size", d.image_size, codec.get("image_size")),
+    ]
     if o.latent_codec == codec.get("name") == "kl":
         # The VAE's content, not its directory: a copy elsewhere (another node, a moved run) matches.
-        pairs.append((f"objective.vae_path={os.path.abspath(o.vae_path)} holds weights", "a VAE of weights",
-                      weights_identity(o.vae_path, "objective.vae_path"), codec.get("weights")))
-    diffs = [f"{key}={mine!r} but the dataset was prepared with {flag} {theirs!r}"
-             for key, flag, mine, theirs in pairs if mine != theirs]
+        pairs.append(
+            (
+                f"objective.vae_path={os.path.abspath(o.vae_path)} holds weights",
+                "a VAE of weights",
+                weights_identity(o.vae_path, "objective.vae_path"),
+                codec.get("weights"),
+            )
+        )
+    diffs = [
+        f"{key}={mine!r} but the dataset was prepared with {flag} {theirs!r}"
+        for key, flag, mine, theirs in pairs
+        if mine != theirs
+    ]
     if diffs:
-        raise DataError(f"{d.path}.meta.json: {'; '.join(diffs)}: set the config to the dataset's values, or "
-                        f"re-run `megafusion data prepare ... --output {d.path}` with the config's")
+        raise DataError(
+            f"{d.path}.meta.json: {'; '.join(diffs)}: set the config to the dataset's values, or "
+            f"re-run `megafusion data prepare ... --output {d.path}` with the config's"
+        )
 
 
 def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
@@ -201,15 +237,19 @@ def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Cal
         _check_latent_settings(cfg, info)  # before the VAE is loaded for nothing
         codec = _latent_placeholders(cfg)
         if list(codec.latent_codec.latent_shape) != info["shape"]:
-            raise DataError(f"{path}.meta.json: its latents have shape {info['shape']} but objective.latent_codec="
-                            f"{cfg.objective.latent_codec} now gives {list(codec.latent_codec.latent_shape)} (the "
-                            f"VAE changed since the data was prepared): re-run `megafusion data prepare ... "
-                            f"--output {path}`")
+            raise DataError(
+                f"{path}.meta.json: its latents have shape {info['shape']} but objective.latent_codec="
+                f"{cfg.objective.latent_codec} now gives {list(codec.latent_codec.latent_shape)} (the "
+                f"VAE changed since the data was prepared): re-run `megafusion data prepare ... "
+                f"--output {path}`"
+            )
     elif META_KEY in meta:
-        raise DataError(f"{path}.meta.json: the dataset holds image latents (prepared with --latent-codec "
-                        f"{meta[META_KEY].get('codec', {}).get('name')!r}) for objective.name=transfusion, but "
-                        f"objective.name={cfg.objective.name}: set objective.name=transfusion with the dataset's "
-                        f"latent settings, or re-run `megafusion data prepare` without --latent-codec for image codes")
+        raise DataError(
+            f"{path}.meta.json: the dataset holds image latents (prepared with --latent-codec "
+            f"{meta[META_KEY].get('codec', {}).get('name')!r}) for objective.name=transfusion, but "
+            f"objective.name={cfg.objective.name}: set objective.name=transfusion with the dataset's "
+            f"latent settings, or re-run `megafusion data prepare` without --latent-codec for image codes"
+        )
     else:
         codec = build_codec(**meta["codec"])
     prepared_with = meta.get("tokenizer_file")  # recorded by `data prepare` (absent in older datasets)
@@ -249,8 +289,10 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
     train_docs, val_docs = split_documents(tokenized, d.val_fraction, seed)
     vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)
     train = MicrobatchSource(pack_documents(train_docs, m.seq_length, tokenizer.pad_id), seed, f"{where} train")
-    val = (MicrobatchSource(pack_documents(val_docs, m.seq_length, tokenizer.pad_id), seed + 1, f"{where} val")
-           if val_docs else None)
+    val = (
+        MicrobatchSource(pack_documents(val_docs, m.seq_length, tokenizer.pad_id), seed + 1, f"{where} val")
+        if val_docs
+        else None
+    )
     meta = {"source": where, "vocab_size": vocab, "tokenizer": tokenizer.config(), "codec": codec.config()}
     return DataBundle(train, val, vocab, meta, tokenizer)
-

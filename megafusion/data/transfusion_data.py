@@ -31,8 +31,10 @@ class PlaceholderCodec:
     def __init__(self, latent_codec, patch_size: int):
         channels, height, width = latent_codec.latent_shape
         if patch_size < 1 or height % patch_size or width % patch_size:
-            raise DataError(f"latents of shape {latent_codec.latent_shape} cannot be cut into {patch_size}x"
-                            f"{patch_size} patches: choose a patch size that divides {height} and {width}")
+            raise DataError(
+                f"latents of shape {latent_codec.latent_shape} cannot be cut into {patch_size}x"
+                f"{patch_size} patches: choose a patch size that divides {height} and {width}"
+            )
         self.latent_codec, self.patch_size = latent_codec, int(patch_size)
         self.tokens_per_image = (height // patch_size) * (width // patch_size)
 
@@ -50,12 +52,14 @@ def encode_transfusion_document(tokenizer, doc: Document) -> TokenizedDocument:
     """Tokens with placeholders (``tokenizer.codec`` must be a :class:`PlaceholderCodec`) + latents."""
     codec = tokenizer.codec
     if not isinstance(codec, PlaceholderCodec):
-        raise TypeError(f"encode_transfusion_document needs a tokenizer built with a PlaceholderCodec, "
-                        f"not {type(codec).__name__}")
+        raise TypeError(
+            f"encode_transfusion_document needs a tokenizer built with a PlaceholderCodec, not {type(codec).__name__}"
+        )
     tokenized = tokenizer.encode_document(doc)
     images = [seg for seg in doc.segments if isinstance(seg, ImageSegment)]
     latents = [codec.latent_codec.encode(seg.pixels, source=seg.source or doc.source) for seg in images]
     shape = codec.latent_codec.latent_shape
-    tokenized.meta["latents"] = (np.stack(latents).astype(np.float32) if latents
-                                 else np.zeros((0, *shape), dtype=np.float32))
+    tokenized.meta["latents"] = (
+        np.stack(latents).astype(np.float32) if latents else np.zeros((0, *shape), dtype=np.float32)
+    )
     return tokenized

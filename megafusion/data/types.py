@@ -18,10 +18,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
-
 
 # Re-exported: these names live in megafusion.core, where every layer can import them.
 from megafusion.core.errors import DataError  # noqa: F401
@@ -39,7 +38,7 @@ class ImageSegment:
     source: str = ""  # the image file, for error messages
 
 
-Segment = Union[TextSegment, ImageSegment]
+Segment = TextSegment | ImageSegment
 
 
 @dataclass
@@ -69,4 +68,3 @@ class ImageCodec(Protocol):
 
     def config(self) -> dict:
         """Everything that determines the codes (stored with datasets and checkpoints)."""
-

@@ -101,18 +101,20 @@ def consistency(pairs, generate_image, out: Path | None = None) -> dict:
 def evaluate(args) -> dict:
     """The report ``megafusion eval`` prints; ``args``: its options (``ckpt``, ``samples``, ``steps``,
     ``cfg``, ``sampler``, ``seed``, ``out``)."""
+    from megafusion import checkpoint as ck
     from megafusion.data.builtin.shapes import render_shape
     from megafusion.inference.generate import Generator, image_checkpoint
     from megafusion.inference.load import model_from_checkpoint
     from megafusion.runtime.seed import seed_everything
-    from megafusion import checkpoint as ck
     from megafusion.training.trainer import Trainer
 
     source = image_checkpoint(args.ckpt, ["logging.wandb=false", "checkpoint.save=false"])
     path, cfg = source.path, source.cfg
     if "shapes" not in cfg.data.builtin or cfg.data.source != "builtin":
-        raise ck.CheckpointError(f"{path} was not trained on the built-in shapes (data.builtin={cfg.data.builtin!r}): "
-                                 "caption consistency needs the shapes captions and checker")
+        raise ck.CheckpointError(
+            f"{path} was not trained on the built-in shapes (data.builtin={cfg.data.builtin!r}): "
+            "caption consistency needs the shapes captions and checker"
+        )
     trainers = []
 
     def with_trainer(run_cfg, runtime):
@@ -127,8 +129,9 @@ def evaluate(args) -> dict:
     val = trainer.evaluate(step) or {}
     model = trainer.model[0].module
     generator = Generator(cfg, runtime, trainer.data.tokenizer, model.eval())
-    options = argparse.Namespace(image=True, max_new_tokens=0, temperature=0.0, sampler=args.sampler,
-                                 steps=args.steps, cfg=args.cfg)
+    options = argparse.Namespace(
+        image=True, max_new_tokens=0, temperature=0.0, sampler=args.sampler, steps=args.steps, cfg=args.cfg
+    )
 
     def generate_image(i: int, text: str):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
@@ -140,8 +143,18 @@ def evaluate(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     result = consistency(held_out_captions(args.samples, cfg.train.seed), generate_image, out)
     encode = lambda spec: generator.latent.encode(render_shape(spec, cfg.data.image_size))  # noqa: E731
-    gap = caption_gap(generator.image_prediction, encode, held_out_samples(args.samples, cfg.train.seed),
-                      generator.schedule, seed=args.seed)
-    return {"checkpoint": str(path), "step": step, "validation": {k: v for k, v in val.items() if k != "step"},
-            "caption_consistency": result, "caption_gap": gap,
-            "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}}
+    gap = caption_gap(
+        generator.image_prediction,
+        encode,
+        held_out_samples(args.samples, cfg.train.seed),
+        generator.schedule,
+        seed=args.seed,
+    )
+    return {
+        "checkpoint": str(path),
+        "step": step,
+        "validation": {k: v for k, v in val.items() if k != "step"},
+        "caption_consistency": result,
+        "caption_gap": gap,
+        "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed},
+    }

@@ -19,8 +19,9 @@ def read_metrics(path: Path, rerun: str, error: type[Exception] = ValueError) ->
     has a ``step`` and none. ``error`` (raised with the file and what to do, ``rerun`` being the command
     that makes the file again) is the caller's exception class."""
     if not path.is_file():
-        raise error(f"{path} does not exist: produce the runs with `{rerun}` (or analyse another directory "
-                    f"with --out-dir)")
+        raise error(
+            f"{path} does not exist: produce the runs with `{rerun}` (or analyse another directory with --out-dir)"
+        )
     train, evals = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -38,8 +39,10 @@ def read_metrics(path: Path, rerun: str, error: type[Exception] = ValueError) ->
         steps = [r["step"] for r in records]
         if any(b <= a for a, b in zip(steps, steps[1:])):
             # MetricsLogger appends: a second run into the same directory repeats steps.
-            raise error(f"{path}: the {kind} steps are not increasing (two runs appended to one file?): delete "
-                        f"{path.parent} and rerun `{rerun}`")
+            raise error(
+                f"{path}: the {kind} steps are not increasing (two runs appended to one file?): delete "
+                f"{path.parent} and rerun `{rerun}`"
+            )
     return train, evals
 
 

@@ -105,8 +105,7 @@ def default_tokenizer(path: Path, manifest: dict) -> tuple[str, str]:
             return str(hf_dir), "hf-to-mf origin"
         tried.append(f"the Hugging Face directory it was imported from, {hf_dir}, holds no tokenizer.json")
     why = "; ".join(tried) if tried else "it records no tokenizer (e.g. trained on synthetic data)"
-    raise TextEvalError(f"{path}: no tokenizer found for this checkpoint ({why}): "
-                        f"pass --tokenizer ({TOKENIZER_KINDS})")
+    raise TextEvalError(f"{path}: no tokenizer found for this checkpoint ({why}): pass --tokenizer ({TOKENIZER_KINDS})")
 
 
 def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer") -> None:
@@ -123,9 +122,11 @@ def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer")
         known = ((manifest.get("config") or {}).get("data") or {}).get("tokenizer")
         made = f" ({known})" if known else ""
         this = f"--tokenizer {tok.path}" if found == "--tokenizer" else f"{tok.path} (its {found}, changed since)"
-        raise TextEvalError(f"{path} was trained with a different tokenizer{made} than {this} "
-                            f"({'; '.join(diffs)}): pass --tokenizer with the tokenizer the checkpoint was "
-                            f"trained with")
+        raise TextEvalError(
+            f"{path} was trained with a different tokenizer{made} than {this} "
+            f"({'; '.join(diffs)}): pass --tokenizer with the tokenizer the checkpoint was "
+            f"trained with"
+        )
 
 
 # ------------------------------------------------------------------ windows and losses
@@ -133,12 +134,13 @@ def check_tokenizer(path: Path, manifest: dict, tok, found: str = "--tokenizer")
 
 def make_windows(ids: list[int], seq_length: int) -> list[list[int]]:
     """Consecutive non-overlapping windows of ``seq_length`` ids; a last window of one id is dropped."""
-    windows = [ids[i:i + seq_length] for i in range(0, len(ids), seq_length)]
+    windows = [ids[i : i + seq_length] for i in range(0, len(ids), seq_length)]
     return [w for w in windows if len(w) >= 2]
 
 
-def row_nll(logits: torch.Tensor, row: torch.Tensor, length: int, loss_vocab: int,
-            chunk_elements: int = 1 << 25) -> torch.Tensor:
+def row_nll(
+    logits: torch.Tensor, row: torch.Tensor, length: int, loss_vocab: int, chunk_elements: int = 1 << 25
+) -> torch.Tensor:
     """Summed float64 cross-entropy of positions ``0 .. length-2`` predicting ``row[1 .. length-1]``
     over logit columns ``[0, loss_vocab)``; ``logits`` ``[1, s, vocab]``. Processed in slices of
     positions, so the float64 copy stays under ``chunk_elements`` values."""
@@ -146,8 +148,8 @@ def row_nll(logits: torch.Tensor, row: torch.Tensor, length: int, loss_vocab: in
     targets = row[1:length].to(logits.device)
     step = max(1, chunk_elements // loss_vocab)
     for start in range(0, length - 1, step):
-        part = logits[0, start:min(start + step, length - 1), :loss_vocab].double()
-        picked = part.gather(-1, targets[start:start + part.shape[0], None])[:, 0]
+        part = logits[0, start : min(start + step, length - 1), :loss_vocab].double()
+        picked = part.gather(-1, targets[start : start + part.shape[0], None])[:, 0]
         total += (torch.logsumexp(part, -1) - picked).sum()
     return total
 
@@ -204,17 +206,33 @@ def plan(args, overrides: list[str]) -> Plan:
         raise TextEvalError(f"--text {text_file} is empty (no tokens): give a file with text in it")
     top = max(ids)
     if top >= loss_vocab or min(ids) < 0:
-        where = (f"the loss columns [0, {loss_vocab}) (--loss-vocab)" if args.loss_vocab else
-                 f"the model's vocabulary [0, {loss_vocab})"
-                 + (" (the Hugging Face model's it was imported from)" if loss_vocab < vocab else ""))
-        raise TextEvalError(f"the tokenizer {tok.path} gives id {top} for {text_file}, outside {where}: it is not "
-                            f"this model's tokenizer; pass --tokenizer with the one the model was trained with or "
-                            f"imported with")
+        where = (
+            f"the loss columns [0, {loss_vocab}) (--loss-vocab)"
+            if args.loss_vocab
+            else f"the model's vocabulary [0, {loss_vocab})"
+            + (" (the Hugging Face model's it was imported from)" if loss_vocab < vocab else "")
+        )
+        raise TextEvalError(
+            f"the tokenizer {tok.path} gives id {top} for {text_file}, outside {where}: it is not "
+            f"this model's tokenizer; pass --tokenizer with the one the model was trained with or "
+            f"imported with"
+        )
     p = cfg.parallel
     interleaved = p.pp > 1 and p.vpp_size() > 1
     batch = -(-args.batch // p.pp) * p.pp if interleaved else args.batch  # the interleaved schedule's need
-    return Plan(path, source.step, list(overrides), text_file, tok, found, seq_length, loss_vocab,
-                make_windows(ids, seq_length), batch, interleaved)
+    return Plan(
+        path,
+        source.step,
+        list(overrides),
+        text_file,
+        tok,
+        found,
+        seq_length,
+        loss_vocab,
+        make_windows(ids, seq_length),
+        batch,
+        interleaved,
+    )
 
 
 def evaluate_text(job: Plan) -> dict | None:
@@ -228,15 +246,15 @@ def evaluate_text(job: Plan) -> dict | None:
     loaded = load_model(str(job.path), job.overrides, job.seq_length, job.batch, extra_modules=True)
     cfg, runtime, chunks = loaded.cfg, loaded.runtime, loaded.chunks
     pp, bos = runtime.pp, job.tokenizer.bos_id
-    mine = job.windows[runtime.dp_rank::runtime.dp]  # data-parallel ranks share the windows
+    mine = job.windows[runtime.dp_rank :: runtime.dp]  # data-parallel ranks share the windows
     sums = torch.zeros(2, dtype=torch.float64)  # summed loss, predicted tokens
     for first in range(0, len(mine), job.batch):
-        group = mine[first:first + job.batch]
+        group = mine[first : first + job.batch]
         rows = -(-len(group) // pp) * pp if job.interleaved else len(group)  # padded with empty rows
         lengths = [len(w) for w in group] + [0] * (rows - len(group))
         tokens = torch.full((rows, job.seq_length), bos, dtype=torch.int64)  # any valid id pads
         for i, w in enumerate(group):
-            tokens[i, :len(w)] = torch.tensor(w)
+            tokens[i, : len(w)] = torch.tensor(w)
 
         def reduce(logits, i, tokens=tokens, lengths=lengths):
             if lengths[i] < 2:
@@ -253,8 +271,17 @@ def evaluate_text(job: Plan) -> dict | None:
         return None
     nll, count = total.tolist()
     loss = nll / count
-    return {"checkpoint": str(job.path), "step": job.step, "text": str(job.text), "tokenizer": job.tokenizer.path,
-            "tokenizer_from": job.tokenizer_from, "tokens": int(count), "windows": len(job.windows),
-            "seq_length": job.seq_length, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "loss_vocab": job.loss_vocab,
-            "layout": {"tp": runtime.tp, "pp": runtime.pp, "vpp": runtime.vpp or 1, "dp": runtime.dp}}
+    return {
+        "checkpoint": str(job.path),
+        "step": job.step,
+        "text": str(job.text),
+        "tokenizer": job.tokenizer.path,
+        "tokenizer_from": job.tokenizer_from,
+        "tokens": int(count),
+        "windows": len(job.windows),
+        "seq_length": job.seq_length,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "loss_vocab": job.loss_vocab,
+        "layout": {"tp": runtime.tp, "pp": runtime.pp, "vpp": runtime.vpp or 1, "dp": runtime.dp},
+    }

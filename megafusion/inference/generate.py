@@ -37,16 +37,18 @@ import torch
 def image_checkpoint(ckpt: str, overrides: list[str] | tuple = ()):
     """The checkpoint ``ckpt`` names and its run config (a :class:`~megafusion.inference.load.CheckpointRun`);
     refuses checkpoints whose objective does not sample images."""
+    from megafusion import checkpoint as ck
     from megafusion.inference.load import checkpoint_config, objective_names_with
     from megafusion.objectives.registry import get_objective
-    from megafusion import checkpoint as ck
 
     source = checkpoint_config(ckpt, overrides)
     name = source.cfg.objective.name
     if not get_objective(name).image_latents:
         able = ", ".join(objective_names_with("image_latents"))
-        raise ck.CheckpointError(f"{source.path} was trained with objective.name={name!r}; images can only be "
-                                 f"sampled from checkpoints of an objective that generates them ({able})")
+        raise ck.CheckpointError(
+            f"{source.path} was trained with objective.name={name!r}; images can only be "
+            f"sampled from checkpoints of an objective that generates them ({able})"
+        )
     return source
 
 
@@ -63,7 +65,7 @@ class Generator:
         self.patches = tokenizer.codec.tokens_per_image
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str, kv_cache: bool = True) -> "Generator":
+    def from_checkpoint(cls, ckpt: str, kv_cache: bool = True) -> Generator:
         from megafusion.inference.load import model_from_checkpoint
 
         loaded = model_from_checkpoint(image_checkpoint(ckpt), data=True)
@@ -83,7 +85,7 @@ class Generator:
         context.materialize_only_last_token_logits = False
         return context
 
-    def _forward(self, seq: "_Sequence", start: int, cache, current=None, hide: int | None = None):
+    def _forward(self, seq: _Sequence, start: int, cache, current=None, hide: int | None = None):
         """Run positions ``start ..`` of ``seq`` (keys: every position ``<=`` the last one).
 
         With a ``cache`` the keys and values of positions ``< start`` come from it, and those of
@@ -96,9 +98,9 @@ class Generator:
         """
         from megafusion.core.modality import Modality
         from megafusion.layers.masks import dense_mask
-        from megafusion.models.transfusion import ImageInputs
-        from megafusion.models.registry import get_family
         from megafusion.layers.routing import routing_for
+        from megafusion.models.registry import get_family
+        from megafusion.models.transfusion import ImageInputs
 
         if cache is None and start:
             raise ValueError("without a KV cache every forward starts at position 0")
@@ -121,18 +123,23 @@ class Generator:
                 latents.append(x)
                 times.append(t.cpu().float().reshape(1))
             positions = (image_ids.reshape(-1) >= 0).nonzero().flatten()
-            images = ImageInputs(image_ids=(image_ids - run[0]).clamp(min=-1).to(device),
-                                 noised=torch.cat(latents).to(device), timesteps=torch.cat(times).to(device),
-                                 count=len(run), positions=positions.to(device))
+            images = ImageInputs(
+                image_ids=(image_ids - run[0]).clamp(min=-1).to(device),
+                noised=torch.cat(latents).to(device),
+                timesteps=torch.cat(times).to(device),
+                count=len(run),
+                positions=positions.to(device),
+            )
         modality = torch.where(image_ids >= 0, int(Modality.IMAGE), int(Modality.TEXT))
         ids = torch.tensor([seq.tokens[start:]], dtype=torch.int64, device=device)
         position_ids = torch.arange(start, s, device=device)[None]
         routed = get_family(self.cfg.model.arch).routed
         if cache is not None:
             cache.sequence_len_offset = start
-        with torch.no_grad(), (routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext()):
-            logits, prediction = self.model(ids, position_ids, mask, labels=None, images=images,
-                                            inference_context=cache, runtime_gather_output=True)
+        with torch.no_grad(), routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext():
+            logits, prediction = self.model(
+                ids, position_ids, mask, labels=None, images=images, inference_context=cache, runtime_gather_output=True
+            )
         return logits[0, -1], (None if prediction is None else prediction.float())  # the sampler works in fp32
 
     def image_prediction(self, caption: str, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,7 @@ class Generator:
             return int(logits.argmax())
         return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
 
-    def _image(self, seq: "_Sequence", cache, args, gen) -> torch.Tensor:
+    def _image(self, seq: _Sequence, cache, args, gen) -> torch.Tensor:
         """Sample the latent of the last image of ``seq`` (its patches are the last positions)."""
         from megafusion.objectives.diffusion import make_sampler
 
@@ -213,10 +220,10 @@ class _Sequence:
     latents: list[torch.Tensor] = field(default_factory=list)
     cached: int = 0
 
-    def prefix(self, n: int) -> "_Sequence":
+    def prefix(self, n: int) -> _Sequence:
         """The first ``n`` positions (images that end by then, with their latents)."""
         spans = [span for span in self.spans if span[1] <= n]
-        return _Sequence(self.tokens[:n], spans, self.latents[:len(spans)])
+        return _Sequence(self.tokens[:n], spans, self.latents[: len(spans)])
 
 
 def denoise_image(predict, shape, sampler, gen, guidance: float, hide_index: int) -> torch.Tensor:

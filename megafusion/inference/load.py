@@ -65,9 +65,14 @@ def checkpoint_config(ckpt: str | Path, overrides: Sequence[str] = ()) -> Checkp
     return CheckpointRun(path, manifest, cfg)
 
 
-def model_from_checkpoint(ckpt: str | Path | CheckpointRun, overrides: Sequence[str] = (), *,
-                          rows: tuple[int, int] | None = None, data: bool = False,
-                          build: Callable[[object, object], tuple[list, object]] | None = None) -> LoadedModel:
+def model_from_checkpoint(
+    ckpt: str | Path | CheckpointRun,
+    overrides: Sequence[str] = (),
+    *,
+    rows: tuple[int, int] | None = None,
+    data: bool = False,
+    build: Callable[[object, object], tuple[list, object]] | None = None,
+) -> LoadedModel:
     """The model of checkpoint ``ckpt`` (a path, or what :func:`checkpoint_config` gave, checked
     or adapted by the caller) in the layout its config and ``overrides`` give.
 
@@ -117,8 +122,9 @@ def model_from_checkpoint(ckpt: str | Path | CheckpointRun, overrides: Sequence[
     except BaseException:
         shutdown()
         raise
-    return LoadedModel(source.path, source.manifest, cfg, runtime, [chunk.eval() for chunk in chunks], bundle,
-                       latent_shape)
+    return LoadedModel(
+        source.path, source.manifest, cfg, runtime, [chunk.eval() for chunk in chunks], bundle, latent_shape
+    )
 
 
 def data_latent_shape(bundle) -> tuple[int, int, int] | None:
@@ -144,7 +150,8 @@ def checkpoint_latent_shape(cfg, path) -> tuple[int, int, int]:
         raise ck.CheckpointError(
             f"{path} is a Transfusion checkpoint with objective.latent_codec={o.latent_codec}: the shapes of its "
             f"image modules come from the VAE at objective.vae_path={o.vae_path!r}, which cannot be loaded ({err}); "
-            f"make that directory available, or pass objective.vae_path=DIR naming the same AutoencoderKL") from None
+            f"make that directory available, or pass objective.vae_path=DIR naming the same AutoencoderKL"
+        ) from None
 
 
 def objective_names_with(capability: str, value: bool = True) -> list[str]:

@@ -32,16 +32,18 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, ext
     ``extra_modules``: also accept checkpoints of an objective that adds modules to the language
     model (Transfusion's image modules: built for the checkpoint's latent shape, and unused on
     text); by default only plain language models' logits are read."""
+    from megafusion import checkpoint as ck
     from megafusion.inference.load import checkpoint_config, model_from_checkpoint, objective_names_with
     from megafusion.objectives.registry import get_objective
-    from megafusion import checkpoint as ck
 
     source = checkpoint_config(ckpt)  # the layout: the overrides
     name = source.cfg.objective.name
     if get_objective(name).extra_modules and not extra_modules:
         plain = "/".join(objective_names_with("extra_modules", False))
-        raise ck.CheckpointError(f"{source.path} was trained with objective.name={name!r}; "
-                                 f"text logits are read from objective.name={plain} checkpoints")
+        raise ck.CheckpointError(
+            f"{source.path} was trained with objective.name={name!r}; "
+            f"text logits are read from objective.name={plain} checkpoints"
+        )
     return model_from_checkpoint(source, overrides, rows=(batch, seq_length))
 
 
@@ -57,16 +59,22 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megafusion.core.modality import Modality
-    from megafusion.models.registry import get_family
     from megafusion.layers.masks import attention_mask_for
     from megafusion.layers.routing import routing_for
+    from megafusion.models.registry import get_family
 
     b, s = tokens.shape
     device = runtime.device
     routed = get_family(cfg.model.arch).routed
-    rows = [{"tokens": tokens[i:i + 1], "document_ids": torch.zeros(1, s, dtype=torch.int64),
-             "modality_ids": torch.full((1, s), int(Modality.TEXT), dtype=torch.int64), "index": i}
-            for i in range(b)]
+    rows = [
+        {
+            "tokens": tokens[i : i + 1],
+            "document_ids": torch.zeros(1, s, dtype=torch.int64),
+            "modality_ids": torch.full((1, s), int(Modality.TEXT), dtype=torch.int64),
+            "index": i,
+        }
+        for i in range(b)
+    ]
     whole = reduce is None
     if whole:
         reduce = lambda logits, i: logits.float().cpu()  # noqa: E731
@@ -90,8 +98,12 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
             forward_step_func=step,
             data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
             model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=b, seq_length=s, micro_batch_size=1,
-            forward_only=True, collect_non_loss_data=True)
+            num_microbatches=b,
+            seq_length=s,
+            micro_batch_size=1,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(store) if whole else list(store)

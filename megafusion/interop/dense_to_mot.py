@@ -33,16 +33,19 @@ def dense_to_mot(src: str, out: str, untie: str = "all") -> str:
 
     source = checkpoint_config(src)
     if source.cfg.model.arch != "dense":
-        raise ck.CheckpointError(f"{source.path} holds a model.arch={source.cfg.model.arch!r} model; dense-to-mot "
-                                 f"converts dense checkpoints only")
+        raise ck.CheckpointError(
+            f"{source.path} holds a model.arch={source.cfg.model.arch!r} model; dense-to-mot "
+            f"converts dense checkpoints only"
+        )
     mot_cfg = copy.deepcopy(source.cfg)
     mot_cfg.model.arch, mot_cfg.model.untie = "mot", untie
     load_config(None, [f"model.untie={untie}"])  # validates the spelling of --untie early
     dense = model_from_checkpoint(source)
     try:
         runtime = dense.runtime
-        mot = build_model_chunks(mot_cfg, build_transformer_config(mot_cfg, runtime.device), runtime,
-                                 dense.latent_shape)
+        mot = build_model_chunks(
+            mot_cfg, build_transformer_config(mot_cfg, runtime.device), runtime, dense.latent_shape
+        )
         dense_params = global_param_names(dense.chunks[0])
         with torch.no_grad():
             for name, param in global_param_names(mot[0]).items():

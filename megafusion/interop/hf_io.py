@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from megafusion import checkpoint as ck
 from megafusion.core.errors import ConversionError
 from megafusion.interop import hf_llama
-from megafusion import checkpoint as ck
 
 # Non-architecture fields of the HF config that an export carries over from the imported model.
 _KEPT_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range")
@@ -45,8 +45,9 @@ def _transformers():
     try:
         import transformers
     except ImportError as err:
-        raise ConversionError("Hugging Face conversion needs transformers: pip install 'megafusion[hf]' "
-                              "(or pip install transformers)") from err
+        raise ConversionError(
+            "Hugging Face conversion needs transformers: pip install 'megafusion[hf]' (or pip install transformers)"
+        ) from err
     return transformers
 
 
@@ -63,8 +64,9 @@ def read_hf_config(hf_dir: Path) -> dict:
     """The full config dict (transformers' defaults filled in) of a Llama directory."""
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise ConversionError(f"{hf_dir} has no config.json: give the directory save_pretrained wrote "
-                              f"(config.json + *.safetensors)")
+        raise ConversionError(
+            f"{hf_dir} has no config.json: give the directory save_pretrained wrote (config.json + *.safetensors)"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -84,9 +86,11 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         files = [single.name]
     else:
         found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-        raise ConversionError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json "
-                              f"(found {found or 'no weight files'}): only safetensors checkpoints are read; "
-                              f"convert with transformers: from_pretrained(DIR).save_pretrained(NEW_DIR)")
+        raise ConversionError(
+            f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json "
+            f"(found {found or 'no weight files'}): only safetensors checkpoints are read; "
+            f"convert with transformers: from_pretrained(DIR).save_pretrained(NEW_DIR)"
+        )
     tensors = {}
     for name in files:
         tensors.update(load_file(str(hf_dir / name)))
@@ -96,16 +100,17 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ hf-to-mf
 
 
-def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multiple: int = 128,
-             vocab_size: int | None = None) -> dict:
+def hf_to_mf(
+    hf_dir: str, out: str, config_out: str | None = None, vocab_multiple: int = 128, vocab_size: int | None = None
+) -> dict:
     """Convert; returns the ``model:`` section of the written checkpoint. ``vocab_size``: the
     model's rows (room for more ids, e.g. image codes after the text vocabulary); default
     HF's vocabulary rounded up to a multiple of ``vocab_multiple``."""
     from megafusion.config import validate
     from megafusion.config.schema import Config
     from megafusion.models.param_layout import global_param_names
-    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
+    from megafusion.objectives.build import build_model_chunks
     from megafusion.runtime import initialize, shutdown
 
     src = Path(hf_dir)
@@ -118,8 +123,10 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
     section = hf_llama.model_section(hf_cfg)
     hf_vocab = int(hf_cfg["vocab_size"])
     if vocab_size is not None and vocab_size < hf_vocab:
-        raise ConversionError(f"--vocab-size {vocab_size} is smaller than the HF vocabulary ({hf_vocab} rows): "
-                              f"give {hf_vocab} or more, or leave it out")
+        raise ConversionError(
+            f"--vocab-size {vocab_size} is smaller than the HF vocabulary ({hf_vocab} rows): "
+            f"give {hf_vocab} or more, or leave it out"
+        )
     section["vocab_size"] = vocab_size or hf_llama.padded_vocab_size(hf_vocab, vocab_multiple)
     tensors = read_hf_tensors(src)
     dtype = tensors[hf_llama.EMBED].dtype if hf_llama.EMBED in tensors else torch.float32
@@ -138,17 +145,25 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
         model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)
         params = global_param_names(model[0])
         if sorted(params) != sorted(state):
-            raise ConversionError(f"internal: the dense model's parameters {sorted(set(params) ^ set(state))} "
-                                  f"do not match the mapped tensors")
+            raise ConversionError(
+                f"internal: the dense model's parameters {sorted(set(params) ^ set(state))} "
+                f"do not match the mapped tensors"
+            )
         with torch.no_grad():
             for name, param in params.items():
                 if param.shape != state[name].shape:
-                    raise ConversionError(f"{name}: the checkpoint gives shape {tuple(state[name].shape)}, the "
-                                          f"model from config.json needs {tuple(param.shape)}: config.json and "
-                                          f"the safetensors files do not belong together")
+                    raise ConversionError(
+                        f"{name}: the checkpoint gives shape {tuple(state[name].shape)}, the "
+                        f"model from config.json needs {tuple(param.shape)}: config.json and "
+                        f"the safetensors files do not belong together"
+                    )
                 param.copy_(state[name])
-        origin = {"conversion": "hf-to-mf", "converted_from": str(src.resolve()), "hf_vocab_size": hf_vocab,
-                  "hf_config": {k: hf_cfg.get(k) for k in _KEPT_HF_FIELDS}}
+        origin = {
+            "conversion": "hf-to-mf",
+            "converted_from": str(src.resolve()),
+            "hf_vocab_size": hf_vocab,
+            "hf_config": {k: hf_cfg.get(k) for k in _KEPT_HF_FIELDS},
+        }
         ck.save_weights(out, model, cfg, None, origin)
     finally:
         shutdown()
@@ -160,11 +175,13 @@ def hf_to_mf(hf_dir: str, out: str, config_out: str | None = None, vocab_multipl
 def write_model_yaml(path: str, section: dict, src: Path) -> None:
     import yaml
 
-    header = (f"# The model of the Hugging Face Llama in {src} (megafusion convert hf-to-mf).\n"
-              f"# Use with checkpoint.init_from=<its converted checkpoint>; seq_length, params_dtype and\n"
-              f"# the rest of the model section are the run's own choice. vocab_size is the import's rows: set\n"
-              f"# model.vocab_size=null when the run's data adds ids (<boi>, <eoi>, image ids); the warm start\n"
-              f"# grows the vocabulary (new rows start at zero).\n")
+    header = (
+        f"# The model of the Hugging Face Llama in {src} (megafusion convert hf-to-mf).\n"
+        f"# Use with checkpoint.init_from=<its converted checkpoint>; seq_length, params_dtype and\n"
+        f"# the rest of the model section are the run's own choice. vocab_size is the import's rows: set\n"
+        f"# model.vocab_size=null when the run's data adds ids (<boi>, <eoi>, image ids); the warm start\n"
+        f"# grows the vocabulary (new rows start at zero).\n"
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(header + yaml.safe_dump({"model": section}, sort_keys=False))
 
@@ -218,8 +235,9 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     # copies) and the modules an objective adds (Transfusion: the image modules); the plain LM
     # is built and the checkpoint's other tensors are simply not read.
     copies = get_family(cfg.model.arch).copies
-    text_half = (any(copies(cfg, part) > 1 for part in MOT_PARTS)
-                 or bool(get_objective(cfg.objective.name).extra_modules))
+    text_half = any(copies(cfg, part) > 1 for part in MOT_PARTS) or bool(
+        get_objective(cfg.objective.name).extra_modules
+    )
     cfg.objective.name = "lm"
     model_section = {**cfg.to_dict()["model"], "arch": "dense"}
     hf_llama.check_exportable(model_section)
@@ -240,16 +258,19 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     dtype = state[hf_llama.MF_EMBED].dtype
     kept = {k: v for k, v in (origin.get("hf_config") or {}).items() if k in _KEPT_HF_FIELDS}
     kept.setdefault("max_position_embeddings", cfg.model.seq_length)
-    config = transformers.LlamaConfig(**hf_llama.llama_config_kwargs(model_section, vocab), **kept,
-                                      architectures=[hf_llama.ARCHITECTURE], dtype=dtype)
+    config = transformers.LlamaConfig(
+        **hf_llama.llama_config_kwargs(model_section, vocab), **kept, architectures=[hf_llama.ARCHITECTURE], dtype=dtype
+    )
     # No random init: the modules are created on the meta device and take our tensors as they are.
     with torch.device("meta"):
         hf_model = transformers.LlamaForCausalLM(config)
     result = hf_model.load_state_dict(hf_state, strict=False, assign=True)
     tied_head = [hf_llama.LM_HEAD] if model_section["tie_embeddings"] else []
     if result.unexpected_keys or sorted(result.missing_keys) != tied_head:
-        raise ConversionError(f"internal: LlamaForCausalLM does not take the exported tensors (missing "
-                              f"{result.missing_keys}, unexpected {result.unexpected_keys})")
+        raise ConversionError(
+            f"internal: LlamaForCausalLM does not take the exported tensors (missing "
+            f"{result.missing_keys}, unexpected {result.unexpected_keys})"
+        )
     hf_model.tie_weights()
     hf_model.save_pretrained(str(target))
     return target, text_half
@@ -262,11 +283,14 @@ def text_path_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
     from megafusion.models.param_layout import EMBEDDING, OUTPUT_LAYER
 
-    out = {tied_name(k): v for k, v in state.items()
-           if "image" not in k.split(".") and not k.startswith((INPUT_ROWS, OUTPUT_ROWS))}
+    out = {
+        tied_name(k): v
+        for k, v in state.items()
+        if "image" not in k.split(".") and not k.startswith((INPUT_ROWS, OUTPUT_ROWS))
+    }
     for delta_key, key in ((INPUT_ROWS, EMBEDDING), (OUTPUT_ROWS, OUTPUT_LAYER)):
         delta = state.get(f"{delta_key}.weight")
         if delta is not None and key in out:
             out[key] = out[key].clone()
-            out[key][out[key].shape[0] - delta.shape[0]:] += delta
+            out[key][out[key].shape[0] - delta.shape[0] :] += delta
     return out

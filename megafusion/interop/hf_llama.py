@@ -58,8 +58,11 @@ _LAYER_SAME = {
 _QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
-MF_EMBED, MF_OUTPUT, MF_FINAL_NORM = ("embedding.word_embeddings.weight", "output_layer.weight",
-                                      "decoder.final_layernorm.weight")
+MF_EMBED, MF_OUTPUT, MF_FINAL_NORM = (
+    "embedding.word_embeddings.weight",
+    "output_layer.weight",
+    "decoder.final_layernorm.weight",
+)
 
 
 class UnsupportedModel(ConversionError, ValueError):
@@ -76,15 +79,20 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
         params = dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", DEFAULT_THETA))
     if not isinstance(params, dict) or set(params) & {"full_attention", "sliding_attention"}:
-        raise UnsupportedModel(f"rope_parameters={params!r}: per-layer-type RoPE is not Llama's; "
-                               f"only one rope_type ({', '.join(ROPE_TYPES)}) for every layer is supported")
+        raise UnsupportedModel(
+            f"rope_parameters={params!r}: per-layer-type RoPE is not Llama's; "
+            f"only one rope_type ({', '.join(ROPE_TYPES)}) for every layer is supported"
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedModel(f"rope_type={rope_type!r} is not supported: megafusion imports plain RoPE "
-                               f"('default') and Llama-3 scaling ('llama3')")
+        raise UnsupportedModel(
+            f"rope_type={rope_type!r} is not supported: megafusion imports plain RoPE "
+            f"('default') and Llama-3 scaling ('llama3')"
+        )
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModel(f"partial_rotary_factor={params['partial_rotary_factor']}: megafusion rotates "
-                               f"whole heads (1.0) only")
+        raise UnsupportedModel(
+            f"partial_rotary_factor={params['partial_rotary_factor']}: megafusion rotates whole heads (1.0) only"
+        )
     theta = float(params.get("rope_theta", DEFAULT_THETA))
     if rope_type == "default":
         return theta, None
@@ -105,12 +113,16 @@ def model_section(hf: dict) -> dict:
     """
     archs = hf.get("architectures") or [ARCHITECTURE]
     if hf.get("model_type", "llama") != "llama" or list(archs) != [ARCHITECTURE]:
-        raise UnsupportedModel(f"model_type={hf.get('model_type')!r}, architectures={archs}: only Llama "
-                               f"(model_type 'llama', {ARCHITECTURE}) checkpoints can be imported")
+        raise UnsupportedModel(
+            f"model_type={hf.get('model_type')!r}, architectures={archs}: only Llama "
+            f"(model_type 'llama', {ARCHITECTURE}) checkpoints can be imported"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise UnsupportedModel(f"{key}=true: megafusion's dense model has no biases; only {key}=false "
-                                   f"Llama checkpoints can be imported")
+            raise UnsupportedModel(
+                f"{key}=true: megafusion's dense model has no biases; only {key}=false "
+                f"Llama checkpoints can be imported"
+            )
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act={hf['hidden_act']!r}: megafusion's MLP is SwiGLU; only 'silu' is supported")
     if hf.get("quantization_config"):
@@ -119,8 +131,10 @@ def model_section(hf: dict) -> dict:
     groups = int(hf.get("num_key_value_heads") or heads)
     head_dim = hf.get("head_dim") or hidden // heads
     if hidden % heads or head_dim != hidden // heads:
-        raise UnsupportedModel(f"head_dim={head_dim} with hidden_size={hidden} and num_attention_heads={heads}: "
-                               f"megafusion's heads are hidden_size / num_attention_heads wide")
+        raise UnsupportedModel(
+            f"head_dim={head_dim} with hidden_size={hidden} and num_attention_heads={heads}: "
+            f"megafusion's heads are hidden_size / num_attention_heads wide"
+        )
     if heads % groups:
         raise UnsupportedModel(f"num_key_value_heads={groups} does not divide num_attention_heads={heads}")
     theta, scaling = _rope(hf)
@@ -171,12 +185,17 @@ def llama_config_kwargs(model: dict, vocab_size: int) -> dict:
 
 def check_exportable(model: dict) -> None:
     """Refuse megafusion models that are not a Llama, naming the setting."""
-    wrong = {k: model.get(k) for k, want in (("arch", "dense"), ("qk_norm", False), ("norm_placement", "pre"))
-             if model.get(k) != want}
+    wrong = {
+        k: model.get(k)
+        for k, want in (("arch", "dense"), ("qk_norm", False), ("norm_placement", "pre"))
+        if model.get(k) != want
+    }
     if wrong:
-        raise UnsupportedModel("a Llama is a dense pre-norm model without QK-norm; this checkpoint has "
-                               + ", ".join(f"model.{k}={v!r}" for k, v in wrong.items())
-                               + " (needed: model.arch=dense, model.qk_norm=false, model.norm_placement=pre)")
+        raise UnsupportedModel(
+            "a Llama is a dense pre-norm model without QK-norm; this checkpoint has "
+            + ", ".join(f"model.{k}={v!r}" for k, v in wrong.items())
+            + " (needed: model.arch=dense, model.qk_norm=false, model.norm_placement=pre)"
+        )
 
 
 # ------------------------------------------------------------------ tensors
@@ -217,16 +236,20 @@ def hf_to_mf(hf_state: dict[str, torch.Tensor], model: dict, vocab_size: int) ->
 
     def take(name: str) -> torch.Tensor:
         if name not in todo:
-            raise UnsupportedModel(f"the checkpoint has no tensor {name!r}, which a {ARCHITECTURE} with this "
-                                   f"config.json must have: is the checkpoint complete?")
+            raise UnsupportedModel(
+                f"the checkpoint has no tensor {name!r}, which a {ARCHITECTURE} with this "
+                f"config.json must have: is the checkpoint complete?"
+            )
         return todo.pop(name)
 
     out[MF_EMBED] = _pad_rows(take(EMBED), vocab_size, EMBED)
     if model["tie_embeddings"]:
         head = todo.pop(LM_HEAD, None)  # some exports store the tied head anyway
         if head is not None and not torch.equal(head, out[MF_EMBED][: head.shape[0]]):
-            raise UnsupportedModel(f"tie_word_embeddings=true but {LM_HEAD} differs from {EMBED}: fix the "
-                                   f"config.json's tie_word_embeddings")
+            raise UnsupportedModel(
+                f"tie_word_embeddings=true but {LM_HEAD} differs from {EMBED}: fix the "
+                f"config.json's tie_word_embeddings"
+            )
     else:
         out[MF_OUTPUT] = _pad_rows(take(LM_HEAD), vocab_size, LM_HEAD)
     out[MF_FINAL_NORM] = take(FINAL_NORM)
@@ -238,8 +261,10 @@ def hf_to_mf(hf_state: dict[str, torch.Tensor], model: dict, vocab_size: int) ->
         out[mf + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, heads, groups)
         out[mf + "mlp.linear_fc1.weight"] = torch.cat([take(hf + name) for name in _GATE_UP])
     if todo:
-        raise UnsupportedModel(f"the checkpoint holds tensors a {ARCHITECTURE} with this config.json does not "
-                               f"have (biases? more layers?): {sorted(todo)[:8]}")
+        raise UnsupportedModel(
+            f"the checkpoint holds tensors a {ARCHITECTURE} with this config.json does not "
+            f"have (biases? more layers?): {sorted(todo)[:8]}"
+        )
     return out
 
 

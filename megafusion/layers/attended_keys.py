@@ -51,8 +51,9 @@ def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = N
     if image_ids is not None:
         img = torch.as_tensor(image_ids).to(device=doc.device, dtype=torch.int64)
         if img.numel() != doc.numel():
-            raise ValueError(f"image_ids has shape {tuple(img.shape)}, document_ids {tuple(doc.shape)}: "
-                             "both must be [b, s]")
+            raise ValueError(
+                f"image_ids has shape {tuple(img.shape)}, document_ids {tuple(doc.shape)}: both must be [b, s]"
+            )
         img = img.reshape(b, s)
     if doc.numel() == 0:
         return torch.zeros(b, s, dtype=torch.int64, device=doc.device)

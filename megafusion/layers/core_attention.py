@@ -91,7 +91,13 @@ class MaskedCoreAttention(MegatronModule):
             else:
                 mask, causal = ~attention_mask, False  # SDPA's boolean masks mean "may attend"
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=gqa,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=gqa,
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)

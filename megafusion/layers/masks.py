@@ -38,7 +38,6 @@ import torch
 from megafusion.core.modality import NO_IMAGE, Modality
 
 
-
 def _check_image_ids(document_ids: torch.Tensor, image_ids) -> torch.Tensor | None:
     if image_ids is None:
         return None
@@ -46,8 +45,10 @@ def _check_image_ids(document_ids: torch.Tensor, image_ids) -> torch.Tensor | No
         # Guards the old positional call ``block_mask(doc, 64)`` (block_size moved after image_ids).
         raise TypeError(f"image_ids must be a [b, s] int64 tensor or None, got {type(image_ids).__name__}")
     if image_ids.shape != document_ids.shape:
-        raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}, document_ids {tuple(document_ids.shape)}: "
-                         "both must be [b, s]")
+        raise ValueError(
+            f"image_ids has shape {tuple(image_ids.shape)}, document_ids {tuple(document_ids.shape)}: "
+            "both must be [b, s]"
+        )
     if image_ids.is_floating_point() or image_ids.dtype == torch.bool:
         raise ValueError(f"image_ids must be an integer tensor (-1 = not an image patch), got {image_ids.dtype}")
     return image_ids.to(document_ids.device)
@@ -60,8 +61,12 @@ def _document_starts(document_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None,
-               first_key: torch.Tensor | None = None, first_query: int = 0) -> torch.Tensor:
+def dense_mask(
+    document_ids: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    first_key: torch.Tensor | None = None,
+    first_query: int = 0,
+) -> torch.Tensor:
     """Causal + same-document (+ bidirectional per image) mask, ``True`` = blocked: ``[b, 1, s, s]``.
 
     ``image_ids=None`` gives the text-only mask (causal + same document). ``first_key`` ``[b, s]``
@@ -93,8 +98,12 @@ def dense_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None
     return ~allowed[:, None]
 
 
-def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None, block_size: int = 128,
-               first_key: torch.Tensor | None = None):
+def block_mask(
+    document_ids: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    block_size: int = 128,
+    first_key: torch.Tensor | None = None,
+):
     """The same mask as :func:`dense_mask`, as a FlexAttention ``BlockMask``.
 
     ``s`` need not be a multiple of ``block_size`` (FlexAttention pads the last block).
@@ -104,15 +113,18 @@ def block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None
     image_ids = _check_image_ids(document_ids, image_ids)
 
     if image_ids is None:
+
         def base(b, q, kv):
             return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
     else:
+
         def base(b, q, kv):
             q_img = image_ids[b, q]
             same_image = (q_img == image_ids[b, kv]) & (q_img != NO_IMAGE)
             return (document_ids[b, q] == document_ids[b, kv]) & ((kv <= q) | same_image)
 
     if first_key is None:
+
         def mask_mod(b, h, q, kv):
             return base(b, q, kv)
     else:
@@ -138,8 +150,9 @@ def image_spans_from_modality(modality_ids: torch.Tensor, document_ids: torch.Te
     does not should pass explicit ``image_ids`` instead of calling this.
     """
     if modality_ids.shape != document_ids.shape or modality_ids.dim() != 2:
-        raise ValueError(f"modality_ids {tuple(modality_ids.shape)} and document_ids {tuple(document_ids.shape)} "
-                         "must both be [b, s]")
+        raise ValueError(
+            f"modality_ids {tuple(modality_ids.shape)} and document_ids {tuple(document_ids.shape)} must both be [b, s]"
+        )
     is_image = modality_ids == int(Modality.IMAGE)
     # A run starts at an image token whose left neighbour is not an image token of the same document.
     continues = torch.zeros_like(is_image)

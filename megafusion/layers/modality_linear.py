@@ -72,16 +72,19 @@ class _ModalityLinear(MegatronModule):
 
     linear_cls: type = None
 
-    def __init__(self, input_size: int, output_size: int, *, config, bias: bool = False,
-                 tp_group=None, **linear_kwargs):
+    def __init__(
+        self, input_size: int, output_size: int, *, config, bias: bool = False, tp_group=None, **linear_kwargs
+    ):
         super().__init__(config=config)
         if bias:
             raise ValueError("modality-partitioned linears have no bias (model.add_bias_linear is off)")
         self.modalities = tuple(config.modalities)
         self.tp_group = tp_group
         for name in self.modalities:
-            self.add_module(name, self.linear_cls(input_size, output_size, config=config, bias=False,
-                                                  tp_group=tp_group, **linear_kwargs))
+            self.add_module(
+                name,
+                self.linear_cls(input_size, output_size, config=config, bias=False, tp_group=tp_group, **linear_kwargs),
+            )
 
     def weights(self) -> list[torch.Tensor]:
         return [getattr(self, name).weight for name in self.modalities]

@@ -29,8 +29,7 @@ class ModalityMLP(MegatronModule):
         self.tp_group = tp_group
         submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
         for name in self.modalities:
-            self.add_module(name, MLP(config, submodules, ffn_hidden_size=config.ffn_hidden_size,
-                                      tp_group=tp_group))
+            self.add_module(name, MLP(config, submodules, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp_group))
 
     def _swiglu_rows(self, rows: torch.Tensor, counts) -> torch.Tensor:
         mlps = [getattr(self, name) for name in self.modalities]

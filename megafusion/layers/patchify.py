@@ -43,8 +43,10 @@ def _check_latents(x: torch.Tensor, p: int):
         raise ValueError(f"latents must be [n, C, H, W], got shape {tuple(x.shape)}")
     _, _, h, w = x.shape
     if h % p or w % p:
-        raise ValueError(f"latent height {h} and width {w} must be multiples of patch_size {p}: "
-                         f"pad or resize the image, or pick a patch size that divides both")
+        raise ValueError(
+            f"latent height {h} and width {w} must be multiples of patch_size {p}: "
+            f"pad or resize the image, or pick a patch size that divides both"
+        )
 
 
 def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
@@ -61,8 +63,10 @@ def unpatchify(patches: torch.Tensor, p: int, channels: int, height: int, width:
         raise ValueError(f"height {height} and width {width} must be multiples of patch_size {p}")
     gh, gw = height // p, width // p
     if patches.ndim != 3 or patches.shape[1:] != (gh * gw, channels * p * p):
-        raise ValueError(f"patches must be [n, {gh * gw}, {channels * p * p}] for C={channels}, H={height}, "
-                         f"W={width}, p={p}; got {tuple(patches.shape)}")
+        raise ValueError(
+            f"patches must be [n, {gh * gw}, {channels * p * p}] for C={channels}, H={height}, "
+            f"W={width}, p={p}; got {tuple(patches.shape)}"
+        )
     n = patches.shape[0]
     x = patches.reshape(n, gh, gw, channels, p, p).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(n, channels, height, width)
@@ -106,13 +110,16 @@ def _unet_plan(patch_size: int, channels, norm_groups: int) -> tuple[int, int]:
         raise ValueError(f"U-Net channels {bad} are not multiples of norm_groups={norm_groups} (GroupNorm)")
     factor = 2 ** (len(channels) - 1)
     if patch_size % factor:
-        raise ValueError(f"patch_size {patch_size} must be a multiple of the U-Net's downsampling factor {factor} "
-                         f"(2^(len(channels)-1) for channels={channels}): use fewer blocks or a larger patch")
+        raise ValueError(
+            f"patch_size {patch_size} must be a multiple of the U-Net's downsampling factor {factor} "
+            f"(2^(len(channels)-1) for channels={channels}): use fewer blocks or a larger patch"
+        )
     return factor, patch_size // factor
 
 
-def unet_skip_shapes(n: int, height: int, width: int, channels=UNET_CHANNELS,
-                     layers_per_block: int = UNET_LAYERS_PER_BLOCK) -> list[tuple[int, ...]]:
+def unet_skip_shapes(
+    n: int, height: int, width: int, channels=UNET_CHANNELS, layers_per_block: int = UNET_LAYERS_PER_BLOCK
+) -> list[tuple[int, ...]]:
     """Shapes of the ``skips`` that ``UNetPatchEmbed(channels=channels, layers_per_block=...)``
     returns for ``n`` latents of ``height x width``, in order: ``conv_in``'s output, then per
     down block its ``layers_per_block`` resnet outputs and (all but the last block) its
@@ -135,9 +142,16 @@ class UNetPatchEmbed(torch.nn.Module):
     transformer and the U-Net).
     """
 
-    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, channels=UNET_CHANNELS,
-                 temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
-                 norm_groups: int = UNET_NORM_GROUPS):
+    def __init__(
+        self,
+        in_channels: int,
+        patch_size: int,
+        hidden_size: int,
+        channels=UNET_CHANNELS,
+        temb_channels: int | None = None,
+        layers_per_block: int = UNET_LAYERS_PER_BLOCK,
+        norm_groups: int = UNET_NORM_GROUPS,
+    ):
         super().__init__()
         self.channels, self.layers_per_block = tuple(channels), layers_per_block
         self.patch_size = patch_size
@@ -148,12 +162,21 @@ class UNetPatchEmbed(torch.nn.Module):
 
         blocks, prev = [], self.channels[0]
         for i, c in enumerate(self.channels):
-            blocks.append(unet_blocks.get_down_block(
-                "DownBlock2D", num_layers=layers_per_block, in_channels=prev, out_channels=c,
-                temb_channels=temb_channels, add_downsample=i < len(self.channels) - 1, resnet_eps=1e-6,
-                resnet_act_fn="silu", resnet_groups=norm_groups, downsample_padding=1,
-                attention_head_dim=1,  # unused by DownBlock2D; set to keep diffusers from warning
-            ))
+            blocks.append(
+                unet_blocks.get_down_block(
+                    "DownBlock2D",
+                    num_layers=layers_per_block,
+                    in_channels=prev,
+                    out_channels=c,
+                    temb_channels=temb_channels,
+                    add_downsample=i < len(self.channels) - 1,
+                    resnet_eps=1e-6,
+                    resnet_act_fn="silu",
+                    resnet_groups=norm_groups,
+                    downsample_padding=1,
+                    attention_head_dim=1,  # unused by DownBlock2D; set to keep diffusers from warning
+                )
+            )
             prev = c
         self.down_blocks = torch.nn.ModuleList(blocks)
         self.proj = torch.nn.Linear(self.channels[-1] * self.inner_patch**2, hidden_size)
@@ -178,9 +201,16 @@ class UNetPatchHead(torch.nn.Module):
     (H and W read from ``skips[0]``). Built with the embed's ``channels``,
     ``layers_per_block`` and ``norm_groups``."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, channels=UNET_CHANNELS,
-                 temb_channels: int | None = None, layers_per_block: int = UNET_LAYERS_PER_BLOCK,
-                 norm_groups: int = UNET_NORM_GROUPS):
+    def __init__(
+        self,
+        hidden_size: int,
+        patch_size: int,
+        out_channels: int,
+        channels=UNET_CHANNELS,
+        temb_channels: int | None = None,
+        layers_per_block: int = UNET_LAYERS_PER_BLOCK,
+        norm_groups: int = UNET_NORM_GROUPS,
+    ):
         super().__init__()
         self.channels, self.layers_per_block = tuple(channels), layers_per_block
         self.patch_size = patch_size
@@ -197,11 +227,21 @@ class UNetPatchHead(torch.nn.Module):
         for i in range(len(rev)):
             prev, out = out, rev[i]
             skip_in = rev[min(i + 1, len(rev) - 1)]
-            blocks.append(unet_blocks.get_up_block(
-                "UpBlock2D", num_layers=layers_per_block + 1, in_channels=skip_in, out_channels=out,
-                prev_output_channel=prev, temb_channels=temb_channels, add_upsample=i < len(rev) - 1,
-                resnet_eps=1e-6, resnet_act_fn="silu", resnet_groups=norm_groups, attention_head_dim=1,
-            ))
+            blocks.append(
+                unet_blocks.get_up_block(
+                    "UpBlock2D",
+                    num_layers=layers_per_block + 1,
+                    in_channels=skip_in,
+                    out_channels=out,
+                    prev_output_channel=prev,
+                    temb_channels=temb_channels,
+                    add_upsample=i < len(rev) - 1,
+                    resnet_eps=1e-6,
+                    resnet_act_fn="silu",
+                    resnet_groups=norm_groups,
+                    attention_head_dim=1,
+                )
+            )
         self.up_blocks = torch.nn.ModuleList(blocks)
         self.norm_out = torch.nn.GroupNorm(norm_groups, self.channels[0], eps=1e-6)
         self.act = torch.nn.SiLU()
@@ -213,11 +253,14 @@ class UNetPatchHead(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
         if len(skips) != self.num_skips:
-            raise ValueError(f"UNetPatchHead expects the {self.num_skips} skips returned by the matching "
-                             f"UNetPatchEmbed (same channels / layers_per_block), got {len(skips)}")
+            raise ValueError(
+                f"UNetPatchHead expects the {self.num_skips} skips returned by the matching "
+                f"UNetPatchEmbed (same channels / layers_per_block), got {len(skips)}"
+            )
         height, width = skips[0].shape[-2:]
-        h = unpatchify(self.proj(tokens), self.inner_patch, self.channels[-1],
-                       height // self.factor, width // self.factor)
+        h = unpatchify(
+            self.proj(tokens), self.inner_patch, self.channels[-1], height // self.factor, width // self.factor
+        )
         skips = tuple(skips)
         for block in self.up_blocks:
             k = len(block.resnets)

@@ -34,7 +34,7 @@ from megatron.core import parallel_state as ps
 
 from megafusion.core.modality import NUM_MODALITIES
 
-_ACTIVE: list["ModalityRouting"] = []
+_ACTIVE: list[ModalityRouting] = []
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class ModalityRouting:
     micro_batch_size: int
 
     @classmethod
-    def from_modality_ids(cls, modality_ids: torch.Tensor, modality_counts: torch.Tensor | None,
-                          device: torch.device, num_modalities: int) -> "ModalityRouting":
+    def from_modality_ids(
+        cls, modality_ids: torch.Tensor, modality_counts: torch.Tensor | None, device: torch.device, num_modalities: int
+    ) -> ModalityRouting:
         """Routing of one ``[b, s]`` microbatch whose metadata lives on the host.
 
         ``modality_counts`` (``[num_modalities]``, counted when the batch was made) is checked
@@ -56,17 +57,22 @@ class ModalityRouting:
         mis-routing tokens.
         """
         if modality_ids.device.type != "cpu":
-            raise ValueError("ModalityRouting.from_modality_ids wants the batch's host (CPU) modality_ids; "
-                             "build the routing before moving the batch to the device")
+            raise ValueError(
+                "ModalityRouting.from_modality_ids wants the batch's host (CPU) modality_ids; "
+                "build the routing before moving the batch to the device"
+            )
         b, s = modality_ids.shape
         flat = modality_ids.t().reshape(-1).to(torch.int64)  # [s, b] order, like the hidden states
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_modalities):
-            raise ValueError(f"modality_ids must lie in [0, {num_modalities}); got "
-                             f"[{int(flat.min())}, {int(flat.max())}]")
+            raise ValueError(
+                f"modality_ids must lie in [0, {num_modalities}); got [{int(flat.min())}, {int(flat.max())}]"
+            )
         counted = torch.bincount(flat, minlength=num_modalities)
         if modality_counts is not None and not torch.equal(counted, modality_counts.to(torch.int64)):
-            raise ValueError(f"batch modality_counts {modality_counts.tolist()} disagree with its "
-                             f"modality_ids ({counted.tolist()}): the data loader is inconsistent")
+            raise ValueError(
+                f"batch modality_counts {modality_counts.tolist()} disagree with its "
+                f"modality_ids ({counted.tolist()}): the data loader is inconsistent"
+            )
         order = torch.sort(flat, stable=True).indices
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
@@ -82,9 +88,11 @@ class ModalityRouting:
         tp = ps.get_tensor_model_parallel_world_size()
         if rows * tp == self.seq_length:  # a sequence-parallel slice: this rank's part
             start = ps.get_tensor_model_parallel_rank() * rows
-            return ids[start:start + rows]
-        raise ValueError(f"a tensor of {rows} positions matches neither the microbatch's sequence "
-                         f"({self.seq_length}) nor its sequence-parallel slice")
+            return ids[start : start + rows]
+        raise ValueError(
+            f"a tensor of {rows} positions matches neither the microbatch's sequence "
+            f"({self.seq_length}) nor its sequence-parallel slice"
+        )
 
 
 @contextlib.contextmanager
@@ -109,6 +117,7 @@ def current_routing() -> ModalityRouting:
 
 def routing_for(batch: dict, device: torch.device):
     """The modality routing of a microbatch, as a context for the model call (MoT families)."""
-    routing = ModalityRouting.from_modality_ids(batch["modality_ids"], batch.get("modality_counts"),
-                                                device, NUM_MODALITIES)
+    routing = ModalityRouting.from_modality_ids(
+        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES
+    )
     return modality_routing(routing)

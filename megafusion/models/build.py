@@ -48,9 +48,7 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
         if cfg.model.freeze_text:
             attach_new_token_rows(model, frozen_vocab_rows(cfg))
         chunks.append(model.to(runtime.device))
-    initialize_weights(
-        chunks, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, runtime.tp_rank, runtime.tp
-    )
+    initialize_weights(chunks, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, runtime.tp_rank, runtime.tp)
     if cfg.model.freeze_text:  # before DDP: megatron-core gives frozen weights no buffers or state
         for chunk in chunks:
             freeze_text(chunk)
@@ -61,7 +59,9 @@ def frozen_vocab_rows(cfg) -> int:
     """``model.frozen_vocab_rows``, which the run sets from its data (the text tokenizer's size)."""
     rows = cfg.model.frozen_vocab_rows
     if rows is None:
-        raise ValueError("model.freeze_text=true needs model.frozen_vocab_rows: the number of vocabulary rows "
-                         "that stay frozen (the text tokenizer's size; a run sets it from data.tokenizer, "
-                         "synthetic data has none: set it explicitly)")
+        raise ValueError(
+            "model.freeze_text=true needs model.frozen_vocab_rows: the number of vocabulary rows "
+            "that stay frozen (the text tokenizer's size; a run sets it from data.tokenizer, "
+            "synthetic data has none: set it explicitly)"
+        )
     return rows

@@ -40,8 +40,16 @@ def core_attention_module(backend: str) -> type:
     return TEDotProductAttention
 
 
-def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_row=RowParallelLinear,
-                           attention_norm=RMSNorm, mlp_norm=RMSNorm, qk_norm=RMSNorm, mlp=None) -> ModuleSpec:
+def transformer_layer_spec(
+    cfg,
+    *,
+    linear_column=ColumnParallelLinear,
+    linear_row=RowParallelLinear,
+    attention_norm=RMSNorm,
+    mlp_norm=RMSNorm,
+    qk_norm=RMSNorm,
+    mlp=None,
+) -> ModuleSpec:
     """The Llama-style layer (pre-norm, or post-norm with ``model.norm_placement=post``); other
     families swap in their own modules (see ``mot.py``).
 
@@ -50,11 +58,12 @@ def transformer_layer_spec(cfg, *, linear_column=ColumnParallelLinear, linear_ro
     # Packed documents need an arbitrary mask; a single document per row is plain causal.
     mask_type = AttnMaskType.arbitrary if cfg.data.packs_documents() else AttnMaskType.causal
     if mlp is None:
-        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                              linear_fc2=RowParallelLinear))
+        mlp = ModuleSpec(
+            module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        )
     qk_norm = qk_norm if cfg.model.qk_norm else IdentityOp
     post = cfg.model.norm_placement == "post"
-    norms = ({"post_attention_layernorm": attention_norm, "post_mlp_layernorm": mlp_norm} if post else {})
+    norms = {"post_attention_layernorm": attention_norm, "post_mlp_layernorm": mlp_norm} if post else {}
     return ModuleSpec(
         module=PostNormTransformerLayer if post else TransformerLayer,
         submodules=(PostNormLayerSubmodules if post else TransformerLayerSubmodules)(

@@ -21,8 +21,7 @@ import torch
 
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
-from megafusion.models.param_layout import (EMBEDDING, full_shape, global_param_names, is_tied_output_copy,
-                                            shard_of_full)
+from megafusion.models.param_layout import EMBEDDING, full_shape, global_param_names, is_tied_output_copy, shard_of_full
 
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 _NEW_TOKEN_ROWS = (INPUT_ROWS, OUTPUT_ROWS)

@@ -80,7 +80,7 @@ class NewTokenRows(torch.nn.Module):
         weight = copy_to_tensor_model_parallel_region(self.weight)  # all-reduce of the gradient
         start = min(max(lo, self.first), lo + width)
         stop = max(min(lo + width, self.vocab), start)
-        part = F.linear(hidden, weight[start - self.first: stop - self.first])
+        part = F.linear(hidden, weight[start - self.first : stop - self.first])
         return F.pad(part, (start - lo, lo + width - stop))
 
 
@@ -113,8 +113,11 @@ def _output_hook(model):
         config, tp = model.config, ps.get_tensor_model_parallel_world_size()
         if tp > 1:  # the full sequence, with the backward of a column-parallel input
             group = ps.get_tensor_model_parallel_group()
-            hidden = (gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
-                      if config.sequence_parallel else copy_to_tensor_model_parallel_region(hidden, group=group))
+            hidden = (
+                gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
+                if config.sequence_parallel
+                else copy_to_tensor_model_parallel_region(hidden, group=group)
+            )
         width = logits.shape[-1]
         # Logits gathered over TP (runtime_gather_output) hold every column; else this rank's shard.
         lo = 0 if width == model.vocab_size else ps.get_tensor_model_parallel_rank() * width

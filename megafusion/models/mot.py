@@ -77,7 +77,13 @@ FAMILY = ModelFamily(
     routed=True,
     copies=copies,
     manifest_keys=manifest_keys,
-    warm_starts={"dense": WarmStartRule(checkpoint_key=dense_key, fill=copy_text_into_image, ignores=("untie",),
-                                        describe="dense -> MoT: each modality copy starts as the dense module")},
+    warm_starts={
+        "dense": WarmStartRule(
+            checkpoint_key=dense_key,
+            fill=copy_text_into_image,
+            ignores=("untie",),
+            describe="dense -> MoT: each modality copy starts as the dense module",
+        )
+    },
     description="Mixture-of-Transformers: the parts in model.untie have one copy per modality",
 )

@@ -35,7 +35,7 @@ def global_param_names(model_chunk) -> dict[str, torch.nn.Parameter]:
         match = _LAYER.match(name)
         if match:
             global_idx = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_idx}." + name[match.end():]
+            name = f"decoder.layers.{global_idx}." + name[match.end() :]
         out[name] = param
     return out
 

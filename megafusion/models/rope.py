@@ -24,8 +24,13 @@ def rotary_base(theta: float):
     return int(theta) if float(theta).is_integer() else float(theta)
 
 
-def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
-                    original_max_position_embeddings: int) -> torch.Tensor:
+def llama3_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
     """Llama-3 scaling of plain RoPE inverse frequencies: long wavelengths (beyond
     ``original / low_freq_factor``) are divided by ``factor``, short ones (below ``original /
     high_freq_factor``) are kept, and the band between is interpolated smoothly."""
@@ -46,6 +51,10 @@ def apply_rope_scaling(model, scaling: dict | None) -> None:
     if scaling is None:
         return
     rope = model.rotary_pos_emb
-    rope.inv_freq = llama3_inv_freq(rope.inv_freq, float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                                    float(scaling["high_freq_factor"]),
-                                    int(scaling["original_max_position_embeddings"]))
+    rope.inv_freq = llama3_inv_freq(
+        rope.inv_freq,
+        float(scaling["factor"]),
+        float(scaling["low_freq_factor"]),
+        float(scaling["high_freq_factor"]),
+        int(scaling["original_max_position_embeddings"]),
+    )

@@ -45,7 +45,6 @@ from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPa
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.runtime import stage_channel
 
-
 IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # attribute names
 
 
@@ -64,17 +63,22 @@ class TransfusionGPTModel(GPTModel):
     def __init__(self, *args, objective, latent_shape: tuple[int, int, int], **kwargs):
         super().__init__(*args, **kwargs)
         hidden, channels = self.config.hidden_size, latent_shape[0]
-        self.latent_shape, self.patch_size, self.unet = latent_shape, objective.latent_patch_size, \
-            objective.patchify == "unet"
+        self.latent_shape, self.patch_size, self.unet = (
+            latent_shape,
+            objective.latent_patch_size,
+            objective.patchify == "unet",
+        )
         self._stage_channel = None
         if self.unet and self.pre_process != self.post_process:
             # The U-Net head needs the embed's skip activations and timestep embedding: the first
             # and the last stage exchange them (and their gradients) over the stage channel.
             self._stage_channel = stage_channel.get_channel()
             if self._stage_channel is None:
-                raise RuntimeError("objective.patchify=unet split over pipeline stages needs the stage channel "
-                                   "between the first and the last stage: build the model after "
-                                   "megafusion.runtime.initialize(cfg), which opens it when parallel.pp > 1")
+                raise RuntimeError(
+                    "objective.patchify=unet split over pipeline stages needs the stage channel "
+                    "between the first and the last stage: build the model after "
+                    "megafusion.runtime.initialize(cfg), which opens it when parallel.pp > 1"
+                )
         embed, head = (UNetPatchEmbed, UNetPatchHead) if self.unet else (LinearPatchEmbed, LinearPatchHead)
         if self.pre_process:
             self.image_time_embed = TimestepEmbedding(hidden)
@@ -106,8 +110,10 @@ class TransfusionGPTModel(GPTModel):
         # corrupt the exchange, so it fails here, on the host, first.
         got, want = [tuple(t.shape) for t in (*skips, temb)], self._sent_shapes(count)
         if got != want:
-            raise RuntimeError(f"stage channel: the U-Net embed gave skips + temb of shapes {got}, but the last "
-                               f"stage expects {want} (latent shape {self.latent_shape}, {count} images)")
+            raise RuntimeError(
+                f"stage channel: the U-Net embed gave skips + temb of shapes {got}, but the last "
+                f"stage expects {want} (latent shape {self.latent_shape}, {count} images)"
+            )
 
     def _capture_final_hidden(self, module, args):
         self._final_hidden = args[0]
@@ -122,8 +128,9 @@ class TransfusionGPTModel(GPTModel):
                 self._skips, self._temb = skips, temb
             else:
                 self._check_sent(images.count, skips, temb)
-                tokens = stage_channel.SendToLastStage.apply(self._stage_channel, self._channel_dtype(), tokens,
-                                                             *skips, temb)
+                tokens = stage_channel.SendToLastStage.apply(
+                    self._stage_channel, self._channel_dtype(), tokens, *skips, temb
+                )
         else:
             tokens = self.image_patch_embed(noised, temb)
         b, s = images.image_ids.shape
@@ -131,8 +138,9 @@ class TransfusionGPTModel(GPTModel):
         flat = flat.index_copy(0, images.positions, tokens.reshape(-1, tokens.shape[-1]))
         return flat.view(b, s, -1).transpose(0, 1)  # megatron's [s, b, h]
 
-    def forward(self, input_ids, position_ids, attention_mask, labels=None, images: ImageInputs | None = None,
-                **kwargs):
+    def forward(
+        self, input_ids, position_ids, attention_mask, labels=None, images: ImageInputs | None = None, **kwargs
+    ):
         decoder_input = None
         if self.pre_process and images is not None and images.count:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -140,8 +148,9 @@ class TransfusionGPTModel(GPTModel):
             if self.config.sequence_parallel:
                 delta = scatter_to_sequence_parallel_region(delta)
             decoder_input = decoder_input + delta
-        logits = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                 labels=labels, **kwargs)
+        logits = super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
         if not self.post_process:
             return logits  # hidden states for the next pipeline stage
         if images is None or not images.count:
@@ -160,7 +169,8 @@ class TransfusionGPTModel(GPTModel):
                 self._skips = self._temb = None
             else:  # from the first stage (its forward of this microbatch sent them)
                 rows, *received = stage_channel.RecvFromFirstStage.apply(
-                    self._stage_channel, self._sent_shapes(images.count), self._channel_dtype(), rows)
+                    self._stage_channel, self._sent_shapes(images.count), self._channel_dtype(), rows
+                )
                 skips, temb = tuple(received[:-1]), received[-1]
             prediction = self.image_patch_head(rows, skips, temb)
         else:

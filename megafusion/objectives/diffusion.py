@@ -3,8 +3,9 @@
 What is here, and what is borrowed:
 
 - ``NoiseSchedule``: the forward process and the regression target. For ``epsilon``,
-  ``v_prediction`` and ``sample`` (the clean latent x0) it holds a diffusers ``DDPMScheduler`` and uses its ``alphas_cumprod``,
-  ``add_noise`` and ``get_velocity``, so the numbers are diffusers' by construction. For
+  ``v_prediction`` and ``sample`` (the clean latent x0) it holds a diffusers ``DDPMScheduler`` and
+  uses its ``alphas_cumprod``, ``add_noise`` and ``get_velocity``, so the numbers are diffusers' by
+  construction. For
   ``flow`` (rectified flow) it is the closed form ``x_t = (1 - t) x0 + t noise``, target
   ``noise - x0``, with continuous ``t`` in ``[0, 1]``; diffusers has no training-side helper
   for that.
@@ -24,7 +25,7 @@ noise). What the *model* sees is ``NoiseSchedule.model_timesteps(t)``: always a 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -54,8 +55,14 @@ class NoiseSchedule:
     diffusers' float32 values, ``[T]``; None for flow).
     """
 
-    def __init__(self, schedule: str = "cosine", num_train_timesteps: int = 1000,
-                 prediction: str = "epsilon", beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(
+        self,
+        schedule: str = "cosine",
+        num_train_timesteps: int = 1000,
+        prediction: str = "epsilon",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
         if schedule not in SCHEDULES:
             raise _choice_error("diffusion schedule", schedule, SCHEDULES)
         if prediction not in PREDICTIONS:
@@ -77,10 +84,17 @@ class NoiseSchedule:
         from diffusers import DDPMScheduler  # here, not at import: diffusers takes seconds to import
 
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=SCHEDULES[schedule], prediction_type=prediction, clip_sample=False,
-            variance_type="fixed_small", timestep_spacing="trailing", steps_offset=0,
-            thresholding=False, rescale_betas_zero_snr=False,
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=SCHEDULES[schedule],
+            prediction_type=prediction,
+            clip_sample=False,
+            variance_type="fixed_small",
+            timestep_spacing="trailing",
+            steps_offset=0,
+            thresholding=False,
+            rescale_betas_zero_snr=False,
         )
         self.betas = self.scheduler.betas.to(torch.float64).clone()
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64).clone()
@@ -89,8 +103,13 @@ class NoiseSchedule:
     def is_flow(self) -> bool:
         return self.prediction == "flow"
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None, max_t: int | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        max_t: int | None = None,
+    ) -> torch.Tensor:
         """``[n]`` training timesteps, uniform: int64 in ``[0, max_t]`` (default ``T-1``), or
         for flow float in ``[0, max_t / T]`` (default ``[0, 1)``).
 
@@ -121,14 +140,19 @@ class NoiseSchedule:
         if x0.shape != noise.shape:
             raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
         if t.ndim != 1 or t.shape[0] != x0.shape[0]:
-            raise ValueError(f"timesteps must be [n] = [{x0.shape[0]}] (one per sample of x0 {tuple(x0.shape)}), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"timesteps must be [n] = [{x0.shape[0]}] (one per sample of x0 {tuple(x0.shape)}), "
+                f"got {tuple(t.shape)}"
+            )
         if self.is_flow and not t.is_floating_point():
-            raise ValueError("flow timesteps are floats in [0, 1]; got integer timesteps "
-                             "(use sample_timesteps of a flow schedule)")
+            raise ValueError(
+                "flow timesteps are floats in [0, 1]; got integer timesteps (use sample_timesteps of a flow schedule)"
+            )
         if not self.is_flow and t.is_floating_point():
-            raise ValueError(f"{self.prediction} timesteps are integers in [0, {self.num_train_timesteps - 1}]; "
-                             "got floats (use sample_timesteps, not model_timesteps)")
+            raise ValueError(
+                f"{self.prediction} timesteps are integers in [0, {self.num_train_timesteps - 1}]; "
+                "got floats (use sample_timesteps, not model_timesteps)"
+            )
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -161,8 +185,9 @@ class NoiseSchedule:
         return self.scheduler.get_velocity(x0.to(dtype), noise.to(dtype), t).to(x0.dtype)
 
 
-def diffusion_loss_sums(pred: torch.Tensor, target: torch.Tensor,
-                        mask_or_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def diffusion_loss_sums(
+    pred: torch.Tensor, target: torch.Tensor, mask_or_weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per-microbatch sums of the squared error, for averaging over the global batch.
 
     pred, target: the same shape, e.g. ``[n, L, D]`` (patches) or ``[n, C, H, W]`` (latents).
@@ -183,10 +208,12 @@ def diffusion_loss_sums(pred: torch.Tensor, target: torch.Tensor,
         mask_or_weights = torch.ones(pred.shape[0], device=pred.device)
     w = mask_or_weights
     if w.ndim > pred.ndim or tuple(pred.shape[: w.ndim]) != tuple(w.shape):
-        raise ValueError(f"mask_or_weights {tuple(w.shape)} must match the leading dims of pred {tuple(pred.shape)} "
-                         "(e.g. [n] per image, [n, L] per patch)")
+        raise ValueError(
+            f"mask_or_weights {tuple(w.shape)} must match the leading dims of pred {tuple(pred.shape)} "
+            "(e.g. [n] per image, [n, L] per patch)"
+        )
     w = w.float()
-    per_w = math.prod(pred.shape[w.ndim:])  # elements under each weight
+    per_w = math.prod(pred.shape[w.ndim :])  # elements under each weight
     w_b = w.reshape(*w.shape, *([1] * (pred.ndim - w.ndim)))
     return {"diffusion": (err * w_b).sum(), "elements": w.sum() * per_w, "weight": w.sum()}
 
@@ -204,8 +231,13 @@ class FlowEulerSampler:
         self.ts = [1.0 - i / num_inference_steps for i in range(num_inference_steps + 1)]
 
 
-def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, timestep_spacing: str = "trailing",
-                 clip_range: float | None = None):
+def make_sampler(
+    kind: str,
+    schedule: NoiseSchedule,
+    num_inference_steps: int,
+    timestep_spacing: str = "trailing",
+    clip_range: float | None = None,
+):
     """A sampler for ``denoise``: diffusers ``DDPMScheduler`` / ``DDIMScheduler`` built by
     ``from_config`` of the training schedule (so the same betas, prediction type, no
     clipping) with ``set_timesteps(num_inference_steps)`` done; for a flow schedule,
@@ -235,7 +267,9 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_inference_steps: int, t
     clip = {"clip_sample": True, "clip_sample_range": float(clip_range)} if clip_range else {}
     import diffusers
 
-    sampler = getattr(diffusers, SAMPLERS[kind]).from_config(schedule.scheduler.config, timestep_spacing=timestep_spacing, **clip)
+    sampler = getattr(diffusers, SAMPLERS[kind]).from_config(
+        schedule.scheduler.config, timestep_spacing=timestep_spacing, **clip
+    )
     sampler.set_timesteps(num_inference_steps)
     return sampler
 
@@ -244,9 +278,17 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def denoise(model_fn: ModelFn, shape: tuple[int, ...], sampler, generator: torch.Generator | None = None,
-            guidance_scale: float = 1.0, uncond_fn: ModelFn | None = None, *,
-            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def denoise(
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    sampler,
+    generator: torch.Generator | None = None,
+    guidance_scale: float = 1.0,
+    uncond_fn: ModelFn | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Sample ``shape = [n, ...]`` from noise with ``sampler`` (from ``make_sampler``).
 
     ``model_fn(x_t, t)`` returns the prediction the schedule was trained for; ``t`` is a

@@ -32,8 +32,12 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, z_loss_weight: float,
-    label_modality_ids: torch.Tensor | None = None, num_modalities: int = 1,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    z_loss_weight: float,
+    label_modality_ids: torch.Tensor | None = None,
+    num_modalities: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Per-microbatch sums: ``total`` (to backpropagate), ``lm``, ``z``, ``tokens``, and
     ``lm_per_modality`` / ``tokens_per_modality`` (``[num_modalities]``, by the modality of
@@ -54,8 +58,14 @@ def lm_loss_sums(
     index = label_modality_ids.reshape(-1)
     per_mod = torch.zeros(num_modalities, device=logits.device).index_add_(0, index, (ce * mask).reshape(-1).detach())
     tok_mod = torch.zeros(num_modalities, device=logits.device).index_add_(0, index, mask.reshape(-1))
-    return {"total": lm + z_loss_weight * z, "lm": lm, "z": z, "tokens": mask.sum().to(torch.int),
-            "lm_per_modality": per_mod, "tokens_per_modality": tok_mod}
+    return {
+        "total": lm + z_loss_weight * z,
+        "lm": lm,
+        "z": z,
+        "tokens": mask.sum().to(torch.int),
+        "lm_per_modality": per_mod,
+        "tokens_per_modality": tok_mod,
+    }
 
 
 class LanguageModelling(Objective):

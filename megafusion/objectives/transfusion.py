@@ -43,7 +43,7 @@ def captioned(batch: dict, row: int, image: int) -> bool:
     image_ids, docs, mods = batch["image_ids"][row], batch["document_ids"][row], batch["modality_ids"][row]
     start = int((image_ids == image).nonzero()[0])
     doc = docs[start]
-    before = (docs[:start - 1] == doc) & (mods[:start - 1] == int(Modality.TEXT))
+    before = (docs[: start - 1] == doc) & (mods[: start - 1] == int(Modality.TEXT))
     return int(before.sum()) > 1  # the document's first token (bos) is always there
 
 
@@ -84,8 +84,7 @@ def attended_keys(batch: dict) -> torch.Tensor:
     return keys
 
 
-def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device,
-                  uncaptioned_max_t: int = -1):
+def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch.device, uncaptioned_max_t: int = -1):
     """``(ImageInputs, target)`` for the microbatch's images (``target`` ``[n, C, H, W]``)."""
     image_ids, latents = batch["image_ids"], batch["latents"]
     counts = (image_ids.max(dim=1).values + 1).tolist()  # host tensors: no device sync
@@ -104,21 +103,29 @@ def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch
     x0 = latents.float()
     noised, target = schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t)
     positions = (image_ids.reshape(-1) >= 0).nonzero().flatten()
-    images = ImageInputs(image_ids=image_ids.to(device), noised=noised.to(device),
-                         timesteps=schedule.model_timesteps(t).to(device), count=n, positions=positions.to(device))
+    images = ImageInputs(
+        image_ids=image_ids.to(device),
+        noised=noised.to(device),
+        timesteps=schedule.model_timesteps(t).to(device),
+        count=n,
+        positions=positions.to(device),
+    )
     return images, target.to(device)
 
 
-def combined_loss(lm_total: torch.Tensor, prediction, target, weight: float, step_lm_tokens: float,
-                  step_image_elements: float):
+def combined_loss(
+    lm_total: torch.Tensor, prediction, target, weight: float, step_lm_tokens: float, step_image_elements: float
+):
     """``(loss sum for megatron, diffusion sum, diffusion elements)`` of one microbatch."""
     if prediction is None:
         zero = lm_total.new_zeros(())
         return lm_total, zero, zero
     sums = diffusion_loss_sums(prediction.float(), target.float())
     if step_lm_tokens <= 0:
-        raise ValueError("a Transfusion step without any text token to predict cannot be normalised: "
-                         "every document needs a caption (the LM loss averages over text tokens)")
+        raise ValueError(
+            "a Transfusion step without any text token to predict cannot be normalised: "
+            "every document needs a caption (the LM loss averages over text tokens)"
+        )
     scale = weight * step_lm_tokens / step_image_elements
     return lm_total + scale * sums["diffusion"], sums["diffusion"].detach(), sums["elements"].float()
 
@@ -149,9 +156,12 @@ class Transfusion(Objective):
     def prepare_step(self, cfg, source, first_sample, batches, training):
         # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.
         step = source.microbatch(first_sample, cfg.train.global_batch_size)
-        counts = {"step_lm_tokens": float(step["loss_mask"].sum()),
-                  "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
-                  if step["latents"].shape[0] else 0.0}
+        counts = {
+            "step_lm_tokens": float(step["loss_mask"].sum()),
+            "step_image_elements": float(step["latents"][0].numel() * step["latents"].shape[0])
+            if step["latents"].shape[0]
+            else 0.0,
+        }
         # Caption dropout trains the unconditional branch; evaluation keeps every caption.
         rate = cfg.objective.caption_dropout if training else 0.0
         for batch in batches:
@@ -210,9 +220,11 @@ class Transfusion(Objective):
             run_head = lambda: head(tokens, skips, temb)  # noqa: E731
         else:
             run_head = lambda: head(tokens, height, width)  # noqa: E731
-        return {"image_time_embed": (time_embed, lambda: time_embed(torch.zeros(1, device=meta))),
-                "image_patch_embed": (embed, lambda: embed(latent, temb)),
-                "image_patch_head": (head, run_head)}
+        return {
+            "image_time_embed": (time_embed, lambda: time_embed(torch.zeros(1, device=meta))),
+            "image_patch_embed": (embed, lambda: embed(latent, temb)),
+            "image_patch_head": (head, run_head),
+        }
 
 
 OBJECTIVE = Transfusion()

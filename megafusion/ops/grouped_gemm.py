@@ -18,7 +18,7 @@ and data-parallel reductions see the same set of gradients on every rank.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,14 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Sequence[in
     if len(weights) != len(counts):
         raise ValueError(f"grouped_linear: {len(weights)} weights but {len(counts)} group counts")
     if sum(counts) != x.shape[0]:
-        raise ValueError(f"grouped_linear: group counts {list(counts)} sum to {sum(counts)}, "
-                         f"but the input has {x.shape[0]} rows")
+        raise ValueError(
+            f"grouped_linear: group counts {list(counts)} sum to {sum(counts)}, but the input has {x.shape[0]} rows"
+        )
 
 
-def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Sequence[int],
-                   backend: str = "torch") -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], counts: Sequence[int], backend: str = "torch"
+) -> torch.Tensor:
     """``y[rows of g] = x[rows of g] @ weights[g].T`` for contiguous row groups (see module doc)."""
     if backend not in BACKENDS:
         raise ValueError(f"grouped_linear backend {backend!r} is not available; choose one of {BACKENDS}")

@@ -83,8 +83,14 @@ def _sizes(cfg, world_size: int) -> dict:
             f"world size {world_size} is not divisible by parallel.tp x parallel.ep x parallel.pp = "
             f"{p.tp} x {p.ep} x {p.pp} = {expert}"
         )
-    return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "dp": world_size // model,
-            "expert_dp": world_size // expert}
+    return {
+        "tp": p.tp,
+        "pp": p.pp,
+        "cp": p.cp,
+        "ep": p.ep,
+        "dp": world_size // model,
+        "expert_dp": world_size // expert,
+    }
 
 
 def _generators(cfg, world_size: int):
@@ -95,8 +101,7 @@ def _generators(cfg, world_size: int):
     s = _sizes(cfg, world_size)
     order = _megatron_order()
     decoder = RankGenerator(tp=s["tp"], ep=1, dp=s["dp"], pp=s["pp"], cp=s["cp"], order=order, rank_offset=0)
-    expert = RankGenerator(tp=s["tp"], ep=s["ep"], dp=s["expert_dp"], pp=s["pp"], cp=1, order=order,
-                           rank_offset=0)
+    expert = RankGenerator(tp=s["tp"], ep=s["ep"], dp=s["expert_dp"], pp=s["pp"], cp=1, order=order, rank_offset=0)
     return decoder, expert
 
 
@@ -134,7 +139,9 @@ def _pipeline_tconfig(cfg):
     except (ValueError, AssertionError):
         m, p = cfg.model, cfg.parallel
         return TransformerConfig(
-            num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
             pipeline_model_parallel_size=p.pp,
             virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,
             pipeline_dtype=torch.float32,
@@ -153,9 +160,7 @@ def _stage_layers(cfg) -> dict[int, list[list[int]]]:
         raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp>1")
     chunks = p.pp * (vpp or 1)
     if m.num_layers % chunks:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = {chunks}"
-        )
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = {chunks}")
     tconfig = _pipeline_tconfig(cfg)
     out = {}
     for pp_rank in range(p.pp):
@@ -185,21 +190,23 @@ def layout(cfg, world_size: int, nproc_per_node: int) -> list[dict]:
     for rank in range(world_size):
         pp = coords["pp"][rank]
         chunks = stage_layers[pp]
-        rows.append({
-            "rank": rank,
-            "node": rank // nproc_per_node,
-            "local_rank": rank % nproc_per_node,
-            "tp": coords["tp"][rank],
-            "pp": pp,
-            "dp": coords["dp"][rank],
-            "cp": coords["cp"][rank],
-            "ep": coords["ep"][rank],
-            "chunks": [list(c) for c in chunks],
-            "layers": sorted(i for c in chunks for i in c),
-            # GPTModel pre_process / post_process: first (last) pp stage, first (last) virtual chunk.
-            "embedding": pp == 0,
-            "output_layer": pp == last_pp,
-        })
+        rows.append(
+            {
+                "rank": rank,
+                "node": rank // nproc_per_node,
+                "local_rank": rank % nproc_per_node,
+                "tp": coords["tp"][rank],
+                "pp": pp,
+                "dp": coords["dp"][rank],
+                "cp": coords["cp"][rank],
+                "ep": coords["ep"][rank],
+                "chunks": [list(c) for c in chunks],
+                "layers": sorted(i for c in chunks for i in c),
+                # GPTModel pre_process / post_process: first (last) pp stage, first (last) virtual chunk.
+                "embedding": pp == 0,
+                "output_layer": pp == last_pp,
+            }
+        )
     return rows
 
 
@@ -250,15 +257,20 @@ def _group_summary(name: str, lists: list[list[int]], nproc_per_node: int) -> st
         return f"{name} {len(lists)} x [1]"
     nodes = max(len({r // nproc_per_node for r in g}) for g in lists)
     where = "within a node" if nodes == 1 else f"across {nodes} nodes"
-    example = _ranges(lists[0]) if size > 4 and lists[0] == list(range(lists[0][0], lists[0][0] + size)) \
+    example = (
+        _ranges(lists[0])
+        if size > 4 and lists[0] == list(range(lists[0][0], lists[0][0] + size))
         else ",".join(map(str, lists[0][:6])) + (",..." if size > 6 else "")
+    )
     return f"{name} {len(lists)} x [{size}] {where} (e.g. {example})"
 
 
 def _fmt_table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.rjust(w) if i < len(cells) - 2 else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    line = lambda cells: "  ".join(
+        c.rjust(w) if i < len(cells) - 2 else c.ljust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
     return [line(header)] + [line(r) for r in rows]
 
 
@@ -279,35 +291,52 @@ def format_layout(cfg, world_size: int, nproc_per_node: int, per_rank: bool | No
         f"  world {world_size} = {dims}   (megatron-core order {order}: {_rank_formula(cfg, world_size, order)})",
     ]
     if p.ep > 1:
-        out.append(f"  ep {p.ep}: expert-parallel groups are carved out of dp x cp "
-                   f"(expert dp {s['expert_dp']} = {world_size} / (tp {p.tp} x ep {p.ep} x pp {p.pp}))")
-    out.append(f"  vpp {vpp if vpp else 'off'} | sp {'on' if p.sp else 'off'} | "
-               f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}")
+        out.append(
+            f"  ep {p.ep}: expert-parallel groups are carved out of dp x cp "
+            f"(expert dp {s['expert_dp']} = {world_size} / (tp {p.tp} x ep {p.ep} x pp {p.pp}))"
+        )
+    out.append(
+        f"  vpp {vpp if vpp else 'off'} | sp {'on' if p.sp else 'off'} | "
+        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}"
+    )
     per_stage = m.num_layers // p.pp
     chunk_note = f", {per_stage // vpp} per virtual chunk (interleaved)" if vpp else ""
-    out.append(f"  model {m.arch}: {m.num_layers} layers, {per_stage} per pipeline stage{chunk_note}; "
-               f"hidden {m.hidden_size}, seq {m.seq_length}")
+    out.append(
+        f"  model {m.arch}: {m.num_layers} layers, {per_stage} per pipeline stage{chunk_note}; "
+        f"hidden {m.hidden_size}, seq {m.seq_length}"
+    )
     step = t.micro_batch_size * s["dp"]
     if t.global_batch_size % step == 0:
         n_micro = t.global_batch_size // step
-        out.append(f"  batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {s['dp']} x "
-                   f"{n_micro} microbatch{'es' if n_micro != 1 else ''} per step "
-                   f"({t.global_batch_size * m.seq_length:,} tokens per step)")
+        out.append(
+            f"  batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {s['dp']} x "
+            f"{n_micro} microbatch{'es' if n_micro != 1 else ''} per step "
+            f"({t.global_batch_size * m.seq_length:,} tokens per step)"
+        )
     else:
-        out.append(f"  batch: global {t.global_batch_size} is not divisible by micro {t.micro_batch_size} x "
-                   f"dp {s['dp']} = {step}")
-    summary = [_group_summary("tp", grp["tp"], nproc_per_node), _group_summary("pp", grp["pp"], nproc_per_node),
-               _group_summary("dp", grp["dp"], nproc_per_node)]
+        out.append(
+            f"  batch: global {t.global_batch_size} is not divisible by micro {t.micro_batch_size} x "
+            f"dp {s['dp']} = {step}"
+        )
+    summary = [
+        _group_summary("tp", grp["tp"], nproc_per_node),
+        _group_summary("pp", grp["pp"], nproc_per_node),
+        _group_summary("dp", grp["dp"], nproc_per_node),
+    ]
     if p.cp > 1:
         summary.append(_group_summary("cp", grp["cp"], nproc_per_node))
     if p.ep > 1:
         summary.append(_group_summary("ep", grp["ep"], nproc_per_node))
     out.append("  groups: " + "; ".join(summary))
     if any(len({r // nproc_per_node for r in g}) > 1 for g in grp["tp"]):
-        out.append(f"  WARNING: tensor-parallel groups span nodes (parallel.tp={p.tp} > {nproc_per_node} "
-                   f"processes per node): TP traffic leaves NVLink; keep parallel.tp <= GPUs per node")
-    out.append("  node = torchrun node rank (global rank = node x nproc-per-node + local rank); layers are "
-               "global 0-based indices (megatron layer_number = index + 1)")
+        out.append(
+            f"  WARNING: tensor-parallel groups span nodes (parallel.tp={p.tp} > {nproc_per_node} "
+            f"processes per node): TP traffic leaves NVLink; keep parallel.tp <= GPUs per node"
+        )
+    out.append(
+        "  node = torchrun node rank (global rank = node x nproc-per-node + local rank); layers are "
+        "global 0-based indices (megatron layer_number = index + 1)"
+    )
     out.append("")
 
     show = ["cp"] if p.cp > 1 else []
@@ -316,17 +345,39 @@ def format_layout(cfg, world_size: int, nproc_per_node: int, per_rank: bool | No
         per_rank = world_size <= PER_RANK_MAX
     if per_rank:
         header = ["rank", "node", "local", "tp", "pp", "dp", *show, "layers", "holds"]
-        table = [[str(r["rank"]), str(r["node"]), str(r["local_rank"]), str(r["tp"]), str(r["pp"]), str(r["dp"]),
-                  *(str(r[k]) for k in show), _chunks_text(r["chunks"]), _holds(r)] for r in rows]
+        table = [
+            [
+                str(r["rank"]),
+                str(r["node"]),
+                str(r["local_rank"]),
+                str(r["tp"]),
+                str(r["pp"]),
+                str(r["dp"]),
+                *(str(r[k]) for k in show),
+                _chunks_text(r["chunks"]),
+                _holds(r),
+            ]
+            for r in rows
+        ]
     else:
         header = ["node", "ranks", "local", "pp", "tp", "dp", *show, "layers", "holds"]
         table, bucket = [], {}
         for r in rows:
             bucket.setdefault((r["node"], r["pp"]), []).append(r)
         for (node, pp), rs in sorted(bucket.items()):
-            table.append([str(node), _ranges(x["rank"] for x in rs), _ranges(x["local_rank"] for x in rs), str(pp),
-                          _ranges(x["tp"] for x in rs), _ranges(x["dp"] for x in rs),
-                          *(_ranges(x[k] for x in rs) for k in show), _chunks_text(rs[0]["chunks"]), _holds(rs[0])])
+            table.append(
+                [
+                    str(node),
+                    _ranges(x["rank"] for x in rs),
+                    _ranges(x["local_rank"] for x in rs),
+                    str(pp),
+                    _ranges(x["tp"] for x in rs),
+                    _ranges(x["dp"] for x in rs),
+                    *(_ranges(x[k] for x in rs) for k in show),
+                    _chunks_text(rs[0]["chunks"]),
+                    _holds(rs[0]),
+                ]
+            )
     out += _fmt_table(table, header)
     return "\n".join(out)
 
@@ -347,8 +398,13 @@ def _gpus_from_slurm(env) -> int | None:
 
 def _take_flags(argv: list[str]) -> tuple[dict, list[str]]:
     """Pull the launch-plan flags out of argv; the rest goes to parse_cli."""
-    names = {"--world-size": "world_size", "--world_size": "world_size", "--nnodes": "nnodes",
-             "--nproc-per-node": "nproc_per_node", "--nproc_per_node": "nproc_per_node"}
+    names = {
+        "--world-size": "world_size",
+        "--world_size": "world_size",
+        "--nnodes": "nnodes",
+        "--nproc-per-node": "nproc_per_node",
+        "--nproc_per_node": "nproc_per_node",
+    }
     flags: dict = {}
     rest: list[str] = []
     i = 0
@@ -413,8 +469,13 @@ def resolve_world(flags: dict, env=None) -> tuple[int, int, str]:
 def layout_json(cfg, world_size: int, nproc_per_node: int, source: str = "") -> str:
     """The layout as JSON: sizes and groups on one line each, then one line per rank."""
     rows = layout(cfg, world_size, nproc_per_node)
-    head = {"world_size": world_size, "nproc_per_node": nproc_per_node, "source": source,
-            "order": _megatron_order(), "sizes": _sizes(cfg, world_size)}
+    head = {
+        "world_size": world_size,
+        "nproc_per_node": nproc_per_node,
+        "source": source,
+        "order": _megatron_order(),
+        "sizes": _sizes(cfg, world_size),
+    }
     lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
     lines.append(f' "groups": {json.dumps(groups(cfg, world_size))},')
     ranks = ",\n".join(f"  {json.dumps(r)}" for r in rows)

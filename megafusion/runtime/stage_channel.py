@@ -179,8 +179,10 @@ def open_channel(device: torch.device) -> StageChannel | None:
             got = torch.full_like(probe, -1.0)
             dist.recv(got, src=first, group=mine)
             if int(got.item()) != first:
-                raise RuntimeError(f"stage channel: rank {rank} expected rank {first} at the other end, "
-                                   f"got a message from rank {int(got.item())}")
+                raise RuntimeError(
+                    f"stage channel: rank {rank} expected rank {first} at the other end, "
+                    f"got a message from rank {int(got.item())}"
+                )
     return _CHANNEL
 
 

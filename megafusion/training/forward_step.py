@@ -24,8 +24,14 @@ from megafusion.models.registry import get_family
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
 
-LM_FIELDS = ("total", "lm", "z", "tokens",
-             *(f"lm/{m}" for m in MODALITY_NAMES), *(f"tokens/{m}" for m in MODALITY_NAMES))
+LM_FIELDS = (
+    "total",
+    "lm",
+    "z",
+    "tokens",
+    *(f"lm/{m}" for m in MODALITY_NAMES),
+    *(f"tokens/{m}" for m in MODALITY_NAMES),
+)
 
 
 def report_fields(objective) -> tuple[str, ...]:
@@ -38,10 +44,14 @@ def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, objective, 
     logits, extra = output if isinstance(output, tuple) else (output, None)
     sums = lm_loss_sums(logits, labels, loss_mask, z_loss_weight, label_modality_ids, NUM_MODALITIES)
     total, objective_sums = objective.loss(sums["total"], extra, context)
-    report = torch.cat([
-        torch.stack([total.detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
-        sums["lm_per_modality"], sums["tokens_per_modality"], objective_sums.detach().float(),
-    ])
+    report = torch.cat(
+        [
+            torch.stack([total.detach(), sums["lm"].detach(), sums["z"].detach(), sums["tokens"].float()]),
+            sums["lm_per_modality"],
+            sums["tokens_per_modality"],
+            objective_sums.detach().float(),
+        ]
+    )
     return total, sums["tokens"], {"report": report}
 
 
@@ -62,8 +72,15 @@ def make_forward_step(cfg, device: torch.device):
         extra, context = objective.forward_inputs(cfg, batch, device)
         with routing_for(batch, device) if routed else contextlib.nullcontext():
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
-        loss = partial(_loss_func, batch["labels"].to(device), batch["loss_mask"].to(device),
-                       batch["label_modality_ids"].to(device), z_weight, objective, context)
+        loss = partial(
+            _loss_func,
+            batch["labels"].to(device),
+            batch["loss_mask"].to(device),
+            batch["label_modality_ids"].to(device),
+            z_weight,
+            objective,
+            context,
+        )
         return output, loss
 
     return forward_step

@@ -20,10 +20,8 @@ import sys
 
 import torch
 
-from megafusion.core.modality import MODALITY_NAMES
-
-
 from megafusion.core.errors import MissingDependencyError  # noqa: E402,F401
+from megafusion.core.modality import MODALITY_NAMES
 
 
 def memory_gb(device: torch.device) -> float:
@@ -100,14 +98,17 @@ def _compact(r: dict, with_step: bool = True) -> str:
     """``step 12/200 | loss 3.210 (text 2.901 image 3.512) | lr ... | ...`` or a val line."""
     head = f"step {r['step']:>5}" if with_step else ""
     if "loss" not in r:  # an evaluation record
-        per = " ".join(f"{m} {r[f'val/loss/{m}']:.4f}" for m in (*MODALITY_NAMES, "diffusion")
-                       if f"val/loss/{m}" in r)
+        per = " ".join(f"{m} {r[f'val/loss/{m}']:.4f}" for m in (*MODALITY_NAMES, "diffusion") if f"val/loss/{m}" in r)
         return f"{head} | val loss {r['val/loss']:.4f} ({per}) | {r.get('val/tokens', 0):,} tokens"
     per = " ".join(f"{m} {r[f'loss/{m}']:.4f}" for m in (*MODALITY_NAMES, "diffusion") if f"loss/{m}" in r)
     parts = [
         f"loss {r['loss']:.4f} ({per})" if per else f"loss {r['loss']:.4f}",
-        f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s",
-        f"{r['tflops_per_gpu']:.3g} TFLOP/s/gpu", f"mfu {_fmt(r['mfu'], '.1%')}", f"mem {r['mem_gb']:.2f} GB",
+        f"lr {r['lr']:.2e}",
+        f"gnorm {r['grad_norm']:.3f}",
+        f"{r['tokens_per_s']:,.0f} tok/s",
+        f"{r['tflops_per_gpu']:.3g} TFLOP/s/gpu",
+        f"mfu {_fmt(r['mfu'], '.1%')}",
+        f"mem {r['mem_gb']:.2f} GB",
         f"{r['step_time_s']:.2f}s",
     ]
     return " | ".join(([f"{head}/{r['total_steps']}"] if with_step else []) + parts)
@@ -117,18 +118,26 @@ def _start_wandb(cfg):
     try:
         import wandb
     except ImportError as err:
-        raise MissingDependencyError("logging.wandb=true needs the wandb package: pip install wandb, or set "
-                           "logging.wandb=false") from err
+        raise MissingDependencyError(
+            "logging.wandb=true needs the wandb package: pip install wandb, or set logging.wandb=false"
+        ) from err
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.logging.wandb_project, dir=cfg.logging.out_dir, config=cfg.to_dict(),
-                      name=os.path.basename(os.path.normpath(cfg.logging.out_dir)), resume="allow")
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        dir=cfg.logging.out_dir,
+        config=cfg.to_dict(),
+        name=os.path.basename(os.path.normpath(cfg.logging.out_dir)),
+        resume="allow",
+    )
 
 
 def _start_tensorboard(out_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise MissingDependencyError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
-                           "or set logging.tensorboard=false") from err
+        raise MissingDependencyError(
+            "logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+            "or set logging.tensorboard=false"
+        ) from err
     return SummaryWriter(os.path.join(out_dir, "tensorboard"))

@@ -21,19 +21,18 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megafusion.data.sources import build_data
-from megafusion.core.modality import MODALITY_NAMES
+from megafusion import checkpoint as ckpt
 from megafusion.accounting.flops import batch_flops, parameter_counts
+from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
+from megafusion.core.modality import MODALITY_NAMES
+from megafusion.data.sources import build_data
+from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
-from megafusion.models.transformer_config import build_transformer_config
-from megafusion.runtime import stage_channel
-from megafusion.runtime import initialize, seed_everything
-from megafusion import checkpoint as ckpt
+from megafusion.runtime import initialize, seed_everything, stage_channel
 from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, memory_gb
-from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
 from megafusion.training.optim import build_optimizer
 
 
@@ -111,7 +110,7 @@ class Trainer:
         report = vec[: len(self.fields)]
         dist.all_reduce(report, group=ps.get_pipeline_model_parallel_group())
         out = dict(zip(self.fields, report.tolist()))
-        out["extra"] = vec[len(self.fields):].tolist()
+        out["extra"] = vec[len(self.fields) :].tolist()
         return out
 
     def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
@@ -122,10 +121,16 @@ class Trainer:
         for mb in microbatches:
             # The objective's mask and extra modules (Transfusion: each image's time embedding,
             # patch embedding and head) are counted too.
-            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], latent_shape=self.latent_shape,
-                                  **self.objective.flops_inputs(mb))
-            flops += torch.tensor([counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)],
-                                  dtype=torch.float64)
+            counted = batch_flops(
+                self.cfg,
+                mb["document_ids"],
+                mb["modality_ids"],
+                latent_shape=self.latent_shape,
+                **self.objective.flops_inputs(mb),
+            )
+            flops += torch.tensor(
+                [counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)], dtype=torch.float64
+            )
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -141,16 +146,30 @@ class Trainer:
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
         self.flops_seen += r["extra"][0]
-        record = {"step": step + 1, "total_steps": self.cfg.train.steps,
-                  "consumed_samples": consumed + self.cfg.train.global_batch_size,
-                  "loss": r["total"] / r["tokens"], "loss/lm": r["lm"] / r["tokens"], "z_loss": r["z"] / r["tokens"]}
+        record = {
+            "step": step + 1,
+            "total_steps": self.cfg.train.steps,
+            "consumed_samples": consumed + self.cfg.train.global_batch_size,
+            "loss": r["total"] / r["tokens"],
+            "loss/lm": r["lm"] / r["tokens"],
+            "z_loss": r["z"] / r["tokens"],
+        }
         record.update(self._per_modality(r, "loss"))
-        record.update({"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
-                       "tflops_per_gpu": tflops, "mfu": mfu(tflops * 1e12, self.peak),
-                       "mem_gb": memory_gb(self.rt.device), "step_time_s": elapsed,
-                       # model FLOPs (forward + backward, all ranks): this step, per modality, and
-                       # since step 0 (kept across resumes): the x axis of loss-vs-compute curves
-                       "flops": r["extra"][0], "flops_total": self.flops_seen})
+        record.update(
+            {
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens / elapsed,
+                "tflops_per_gpu": tflops,
+                "mfu": mfu(tflops * 1e12, self.peak),
+                "mem_gb": memory_gb(self.rt.device),
+                "step_time_s": elapsed,
+                # model FLOPs (forward + backward, all ranks): this step, per modality, and
+                # since step 0 (kept across resumes): the x axis of loss-vs-compute curves
+                "flops": r["extra"][0],
+                "flops_total": self.flops_seen,
+            }
+        )
         record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
         return record
 
@@ -163,8 +182,10 @@ class Trainer:
         with torch.no_grad():
             for b in range(self.cfg.eval.batches):
                 first = b * self.cfg.train.global_batch_size
-                r = self._reduce(self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
-                                 torch.zeros(0))
+                r = self._reduce(
+                    self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
+                    torch.zeros(0),
+                )
                 total = r if total is None else {k: total[k] + r[k] for k in self.fields}
         for chunk in self.model:
             chunk.train()
@@ -198,8 +219,12 @@ def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:
 def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
     cfg, rt = trainer.cfg, trainer.rt
     params = parameter_counts(cfg, trainer.latent_shape)
-    frozen = (f", {params['trainable'] / 1e6:.2f}M trainable: LMFusion, text rows < {cfg.model.frozen_vocab_rows} "
-              f"and text copies frozen" if cfg.model.freeze_text else "")
+    frozen = (
+        f", {params['trainable'] / 1e6:.2f}M trainable: LMFusion, text rows < {cfg.model.frozen_vocab_rows} "
+        f"and text copies frozen"
+        if cfg.model.freeze_text
+        else ""
+    )
     log.say(
         f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active{frozen}), "
@@ -213,9 +238,11 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         log.say(f"[megafusion] data {line}")
     if trainer.peak is None:
         log.say(f"[megafusion] {describe_peak(rt.device, cfg.logging.peak_tflops)}")
-    log.say(f"[megafusion] metrics -> {os.path.join(cfg.logging.out_dir, 'metrics.jsonl')}"
-            f"{' (+ wandb offline)' if cfg.logging.wandb else ''} | checkpoints -> "
-            f"{ckpt_root if cfg.checkpoint.save else 'off (checkpoint.save=false)'}")
+    log.say(
+        f"[megafusion] metrics -> {os.path.join(cfg.logging.out_dir, 'metrics.jsonl')}"
+        f"{' (+ wandb offline)' if cfg.logging.wandb else ''} | checkpoints -> "
+        f"{ckpt_root if cfg.checkpoint.save else 'off (checkpoint.save=false)'}"
+    )
     if origin:
         log.say(f"[megafusion] {origin}")
 
@@ -236,9 +263,11 @@ def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
             how = f"; {how}" if how else ""
             return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how})"
         if cfg.model.freeze_text:
-            raise ckpt.CheckpointError("model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
-                                       "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
-                                       "`megafusion convert hf-to-mf`)")
+            raise ckpt.CheckpointError(
+                "model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
+                "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
+                "`megafusion convert hf-to-mf`)"
+            )
         return 0, 0, None
     ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
     progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
@@ -253,8 +282,10 @@ def train(cfg, runtime=None) -> list[float]:
 
         # torch's FlexAttention runs forward on CPU but has no CPU backward (NotImplementedError
         # at the first step): say so before building anything.
-        raise ConfigError(f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
-                          f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here")
+        raise ConfigError(
+            f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
+            f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here"
+        )
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
     root = ckpt.resolve_dir(cfg)
@@ -277,9 +308,18 @@ def train(cfg, runtime=None) -> list[float]:
                 if val is not None:
                     log.log(val)
             if c.save and ((c.interval and (step + 1) % c.interval == 0) or last):
-                path = ckpt.save_checkpoint(root, step + 1, trainer.model, trainer.optimizer, trainer.scheduler,
-                                            consumed, cfg, trainer.data.meta, c.keep_last,
-                                            flops_total=trainer.flops_seen)
+                path = ckpt.save_checkpoint(
+                    root,
+                    step + 1,
+                    trainer.model,
+                    trainer.optimizer,
+                    trainer.scheduler,
+                    consumed,
+                    cfg,
+                    trainer.data.meta,
+                    c.keep_last,
+                    flops_total=trainer.flops_seen,
+                )
                 saved_at = step + 1
                 log.say(f"[megafusion] saved checkpoint {path}")
         if start_step >= t.steps:
@@ -289,6 +329,15 @@ def train(cfg, runtime=None) -> list[float]:
     if cfg.logging.dump_losses and dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_losses)), exist_ok=True)
         with open(cfg.logging.dump_losses, "w") as f:
-            json.dump({"first_step": start_step + 1, "losses": losses, "saved_at": saved_at,
-                       "world_size": runtime.world_size, "config": cfg.to_dict()}, f, indent=1)
+            json.dump(
+                {
+                    "first_step": start_step + 1,
+                    "losses": losses,
+                    "saved_at": saved_at,
+                    "world_size": runtime.world_size,
+                    "config": cfg.to_dict(),
+                },
+                f,
+                indent=1,
+            )
     return losses

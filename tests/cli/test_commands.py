@@ -45,8 +45,12 @@ def test_run_gives_the_status_and_reports_a_user_error_as_one_line(capsys, monke
     seen = []
     assert run(lambda argv: seen.append(argv), ["a", "b"]) == 0 and seen == [["a", "b"]]
     capsys.readouterr()
-    for error in (ConfigError("model.x=1 is wrong: set 2"), DataError("f.jsonl:3: bad"), UsageError("--n must be > 0"),
-                  CheckpointError("ckpt: damaged")):
+    for error in (
+        ConfigError("model.x=1 is wrong: set 2"),
+        DataError("f.jsonl:3: bad"),
+        UsageError("--n must be > 0"),
+        CheckpointError("ckpt: damaged"),
+    ):
         assert run(_raise(error), [], "megafusion thing") == 2
         assert capsys.readouterr().err == f"megafusion thing: {error}\n"
 
@@ -109,27 +113,50 @@ def paths(tmp_path_factory):
 # (arguments of `megafusion`, the prefix, a fragment of the message); {tmp} is a fresh directory.
 ERRORS = [
     (["train", "--config", "no/such/file.yaml"], "megafusion train", "no/such/file.yaml"),
-    (["train", "--dry-run", "--config", CONFIG, "--world-size", "x"], "megafusion train --dry-run",
-     "--world-size: expected a positive integer"),
+    (
+        ["train", "--dry-run", "--config", CONFIG, "--world-size", "x"],
+        "megafusion train --dry-run",
+        "--world-size: expected a positive integer",
+    ),
     # `data` keeps the bare prefix: tests/data/test_indexed.py asserts it.
-    (["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "{tmp}/t.model", "--output", "{tmp}/ds"],
-     "megafusion", "none: no such shard file or directory"),
-    (["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/tok"],
-     "megafusion tokenizer", "none: no such shard file or directory"),
-    (["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/mf"], "megafusion convert hf-to-mf",
-     "is not a directory"),
-    (["convert", "dense-to-mot", "--input", "{tmp}/none", "--output", "{tmp}/mot"], "megafusion convert dense-to-mot",
-     "neither a megafusion checkpoint"),
-    (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png"], "megafusion generate",
-     "neither a megafusion checkpoint"),
-    (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png", "--steps", "0"],
-     "megafusion generate", "--steps must be >= 1"),
+    (
+        ["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "{tmp}/t.model", "--output", "{tmp}/ds"],
+        "megafusion",
+        "none: no such shard file or directory",
+    ),
+    (
+        ["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/tok"],
+        "megafusion tokenizer",
+        "none: no such shard file or directory",
+    ),
+    (
+        ["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/mf"],
+        "megafusion convert hf-to-mf",
+        "is not a directory",
+    ),
+    (
+        ["convert", "dense-to-mot", "--input", "{tmp}/none", "--output", "{tmp}/mot"],
+        "megafusion convert dense-to-mot",
+        "neither a megafusion checkpoint",
+    ),
+    (
+        ["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png"],
+        "megafusion generate",
+        "neither a megafusion checkpoint",
+    ),
+    (
+        ["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png", "--steps", "0"],
+        "megafusion generate",
+        "--steps must be >= 1",
+    ),
     (["eval", "--ckpt", "{tmp}/none"], "megafusion eval", "neither a megafusion checkpoint"),
     (["eval", "--ckpt", "{tmp}/none", "--samples", "0"], "megafusion eval", "--samples and --steps must be >= 1"),
-    (["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt"], "megafusion eval",
-     "neither a megafusion checkpoint"),
-    (["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt", "--bogus"], "megafusion eval",
-     "unknown option(s) --bogus"),
+    (["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt"], "megafusion eval", "neither a megafusion checkpoint"),
+    (
+        ["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt", "--bogus"],
+        "megafusion eval",
+        "unknown option(s) --bogus",
+    ),
 ]
 ERROR_IDS = [f"{i}-{prefix[11:] or argv[0]}" for i, (argv, prefix, _) in enumerate(ERRORS)]
 
@@ -170,9 +197,14 @@ def test_every_entry_point_is_a_commands_main():
     for name, target in COMMANDS.items():
         module, function = target.split(":")
         assert function == "main" and module == f"megafusion.commands.{name}"
-    shims = {"train": "megafusion.commands.train", "evaluate": "megafusion.commands.eval",
-             "generate": "megafusion.commands.generate", "logits": "megafusion.commands.logits",
-             "cli": "megafusion.commands.main", "launch_plan": "megafusion.commands.dry_run"}
+    shims = {
+        "train": "megafusion.commands.train",
+        "evaluate": "megafusion.commands.eval",
+        "generate": "megafusion.commands.generate",
+        "logits": "megafusion.commands.logits",
+        "cli": "megafusion.commands.main",
+        "launch_plan": "megafusion.commands.dry_run",
+    }
     for shim, module in shims.items():
         assert importlib.import_module(f"megafusion.{shim}").main is importlib.import_module(module).main, shim
 
@@ -182,8 +214,10 @@ def test_module_entry_point_and_console_command_behave_the_same():
     via_console = [console] if console else [sys.executable, "-m", "megafusion.cli"]
 
     def both(*args):
-        procs = [subprocess.run([*launcher, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-                 for launcher in ([*via_console, "train"], [sys.executable, "-m", "megafusion.train"])]
+        procs = [
+            subprocess.run([*launcher, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+            for launcher in ([*via_console, "train"], [sys.executable, "-m", "megafusion.train"])
+        ]
         assert procs[0].returncode == procs[1].returncode and procs[0].stdout == procs[1].stdout, procs
         assert procs[0].stderr == procs[1].stderr
         return procs[0]

@@ -19,8 +19,13 @@ CONFIG = "tests/configs/transfusion_small.yaml"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("generate")
-    run_train(tmp, 1, CONFIG, ["train.steps=2", "checkpoint.save=true", f"checkpoint.dir={tmp / 'ckpt'}",
-                               "logging.dump_grads=null"], "train")
+    run_train(
+        tmp,
+        1,
+        CONFIG,
+        ["train.steps=2", "checkpoint.save=true", f"checkpoint.dir={tmp / 'ckpt'}", "logging.dump_grads=null"],
+        "train",
+    )
     return tmp
 
 
@@ -32,9 +37,26 @@ def generate(*args):
 def test_generated_images_are_pngs_of_the_trained_size_and_reproducible(checkpoint):
     runs, texts = [], []
     for tag, cache in (("a", []), ("b", ["--no-kv-cache"])):  # the KV cache changes nothing
-        proc = generate("--ckpt", checkpoint / "ckpt", "--prompt", "a red circle.", "--prompt", "a blue square.",
-                        "--out", checkpoint / tag, "--image", "--steps", 3, "--max-new-tokens", 2, "--cfg", 2.0,
-                        "--temperature", 1.0, *cache)
+        proc = generate(
+            "--ckpt",
+            checkpoint / "ckpt",
+            "--prompt",
+            "a red circle.",
+            "--prompt",
+            "a blue square.",
+            "--out",
+            checkpoint / tag,
+            "--image",
+            "--steps",
+            3,
+            "--max-new-tokens",
+            2,
+            "--cfg",
+            2.0,
+            "--temperature",
+            1.0,
+            *cache,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert [line["prompt"] for line in lines] == ["a red circle.", "a blue square."]
@@ -76,11 +98,21 @@ def test_caption_consistency_scores_an_oracle_perfectly_and_a_wrong_painter_at_z
 
 
 def test_eval_reports_validation_loss_and_consistency(checkpoint):
-    cmd = [sys.executable, "-m", "megafusion.cli", "eval", "--ckpt", str(checkpoint / "ckpt"), "--samples", "3",
-           "--steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megafusion.cli",
+        "eval",
+        "--ckpt",
+        str(checkpoint / "ckpt"),
+        "--samples",
+        "3",
+        "--steps",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["validation"]["val/loss/diffusion"] > 0 and report["validation"]["val/loss/text"] > 0
     assert report["caption_consistency"]["samples"] == 3
     assert set(report["caption_consistency"]["accuracy"]) == {"colour", "shape", "position", "all"}
@@ -120,10 +152,34 @@ def test_generation_from_a_pipeline_and_tensor_parallel_checkpoint_matches_one_p
         ckpt = checkpoint / "ckpt"
         if overrides is not None:
             ckpt = tmp_path / layout
-            run_train(tmp_path, 2, CONFIG, ["train.steps=2", "checkpoint.save=true", f"checkpoint.dir={ckpt}",
-                                            "logging.dump_grads=null", *overrides], layout)
-        proc = generate("--ckpt", ckpt, "--prompt", "a green square at the top.", "--out", tmp_path / f"{layout}_png",
-                        "--image", "--steps", 3, "--max-new-tokens", 0, "--cfg", 2.0)
+            run_train(
+                tmp_path,
+                2,
+                CONFIG,
+                [
+                    "train.steps=2",
+                    "checkpoint.save=true",
+                    f"checkpoint.dir={ckpt}",
+                    "logging.dump_grads=null",
+                    *overrides,
+                ],
+                layout,
+            )
+        proc = generate(
+            "--ckpt",
+            ckpt,
+            "--prompt",
+            "a green square at the top.",
+            "--out",
+            tmp_path / f"{layout}_png",
+            "--image",
+            "--steps",
+            3,
+            "--max-new-tokens",
+            0,
+            "--cfg",
+            2.0,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         images[layout] = np.asarray(Image.open(tmp_path / f"{layout}_png" / "0_0.png")).astype(int)
     assert images["one"].std() > 0

@@ -19,8 +19,8 @@ import textwrap
 
 import pytest
 
-from megafusion.config import Config, load_config
 from megafusion.commands.dry_run import main as dry_run_main
+from megafusion.config import Config, load_config
 from megafusion.planning.layout import format_layout, groups, layout, resolve_world
 from tests.helpers import ROOT
 
@@ -32,15 +32,15 @@ for _k in [k for k in ENV if k.startswith(("SLURM_", "NNODES", "GPUS_PER_NODE", 
 
 # (overrides, build the model chunks?) -- all for world 4 = 2 nodes x 2 processes.
 COMBOS = [
-    ({}, False),                                            # dp 4
-    ({"tp": 2}, False),                                     # tp 2 x dp 2
-    ({"pp": 2}, False),                                     # pp 2 x dp 2: pp crosses the "nodes"
+    ({}, False),  # dp 4
+    ({"tp": 2}, False),  # tp 2 x dp 2
+    ({"pp": 2}, False),  # pp 2 x dp 2: pp crosses the "nodes"
     ({"tp": 2, "pp": 2}, False),
-    ({"tp": 4}, False),                                     # tp spans both "nodes"
-    ({"pp": 2, "vpp": 2, "num_layers": 8}, True),           # interleaved, dp 2
-    ({"pp": 4, "vpp": 2, "num_layers": 8}, True),           # interleaved, 4 stages
-    ({"tp": 2, "cp": 2}, False),                            # context parallel
-    ({"pp": 2, "ep": 2}, False),                            # expert parallel carved out of dp
+    ({"tp": 4}, False),  # tp spans both "nodes"
+    ({"pp": 2, "vpp": 2, "num_layers": 8}, True),  # interleaved, dp 2
+    ({"pp": 4, "vpp": 2, "num_layers": 8}, True),  # interleaved, 4 stages
+    ({"tp": 2, "cp": 2}, False),  # context parallel
+    ({"pp": 2, "ep": 2}, False),  # expert parallel carved out of dp
 ]
 
 WORKER = textwrap.dedent(
@@ -102,12 +102,32 @@ def real_groups(tmp_path_factory):
     script.write_text(WORKER)
     port = _free_port()
     # Two torchrun agents = two "nodes" of 2 processes, rendezvousing like srun + torchrun do.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "launch-test",
-           "--local-addr", "127.0.0.1", "--max-restarts", "0",
-           str(script), json.dumps(COMBOS), str(tmp)]
-    agents = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "launch-test",
+        "--local-addr",
+        "127.0.0.1",
+        "--max-restarts",
+        "0",
+        str(script),
+        json.dumps(COMBOS),
+        str(tmp),
+    ]
+    agents = [
+        subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = []
     for a in agents:
         try:
@@ -137,8 +157,9 @@ def test_layout_matches_real_megatron_groups(real_groups, index):
             pre, post = real["pre_process"], real["post_process"]
             assert got["embedding"] == pre[0] and not any(pre[1:])
             assert got["output_layer"] == post[-1] and not any(post[:-1])
-    assert sorted(sum((r["layers"] for r in plan if r["dp"] == 0 and r["tp"] == 0 and r["cp"] == 0), [])) == \
-        list(range(cfg.model.num_layers))
+    assert sorted(sum((r["layers"] for r in plan if r["dp"] == 0 and r["tp"] == 0 and r["cp"] == 0), [])) == list(
+        range(cfg.model.num_layers)
+    )
 
 
 def test_interleaved_layer_assignment_pp2_vpp2():
@@ -152,8 +173,16 @@ def test_interleaved_layer_assignment_pp2_vpp2():
 
 
 def test_format_layout_is_compact_for_many_ranks():
-    cfg = load_config(str(CONFIG), ["parallel.tp=8", "parallel.pp=4", "model.num_layers=8",
-                                    "model.num_attention_heads=8", "model.num_query_groups=8"])
+    cfg = load_config(
+        str(CONFIG),
+        [
+            "parallel.tp=8",
+            "parallel.pp=4",
+            "model.num_layers=8",
+            "model.num_attention_heads=8",
+            "model.num_query_groups=8",
+        ],
+    )
     text = format_layout(cfg, 128, 8)
     assert "world 128 = tp 8 x pp 4 x dp 4" in text
     lines = text.splitlines()
@@ -171,18 +200,28 @@ def test_world_size_from_environment():
 
 
 def test_bad_world_size_exits_2_and_names_the_keys(capsys):
-    rc = dry_run_main(["--config", str(CONFIG), "parallel.tp=2", "parallel.pp=2", "--world-size", "6",
-                       "--nproc-per-node", "6"])
+    rc = dry_run_main(
+        ["--config", str(CONFIG), "parallel.tp=2", "parallel.pp=2", "--world-size", "6", "--nproc-per-node", "6"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "world size 6" in err and "parallel.tp" in err and "parallel.pp" in err
     # the same through the module entry point, before any torch import
-    proc = subprocess.run([sys.executable, "-m", "megafusion.launch_plan", "--config", str(CONFIG),
-                           "parallel.tp=4", "--world-size=6"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megafusion.launch_plan", "--config", str(CONFIG), "parallel.tp=4", "--world-size=6"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "parallel.tp" in proc.stderr
     assert dry_run_main(["--config", str(CONFIG), "--world-size", "x"]) == 2
-    assert dry_run_main(["--config", str(CONFIG), "train.global_batch_size=32", "--world-size", "16",
-                         "--nproc-per-node", "6"]) == 2
+    assert (
+        dry_run_main(
+            ["--config", str(CONFIG), "train.global_batch_size=32", "--world-size", "16", "--nproc-per-node", "6"]
+        )
+        == 2
+    )
     assert "--nproc-per-node" in capsys.readouterr().err
 
 
@@ -196,38 +235,59 @@ def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
-        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\necho gpu-node-017\necho gpu-node-018\n')
+        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\necho gpu-node-017\necho gpu-node-018\n'
+    )
     capture = tmp_path / "srun"
     (bin_dir / "fake-srun").write_text(
-        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > {capture}.argv\nenv > {capture}.env\n')
+        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > {capture}.argv\nenv > {capture}.env\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "mf",
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[017-018]", "SLURM_NODEID": "0",
-           "SLURM_PROCID": "0", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64",
-           "SLURM_SUBMIT_DIR": str(tmp_path), "PYTHON": sys.executable,
-           "MEGAFUSION_SRUN": str(bin_dir / "fake-srun"), "NCCL_IB_HCA": "mlx5_0,mlx5_1"}
+    env = {
+        **ENV,
+        "PATH": f"{bin_dir}:{ENV['PATH']}",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NAME": "mf",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-node-[017-018]",
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_PER_TASK": "64",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "PYTHON": sys.executable,
+        "MEGAFUSION_SRUN": str(bin_dir / "fake-srun"),
+        "NCCL_IB_HCA": "mlx5_0,mlx5_1",
+    }
     env.pop("NCCL_DEBUG", None)
     env.pop("OMP_NUM_THREADS", None)
     return tmp_path, env, capture
 
 
-TP8_PP2 = ["--config", str(CONFIG), "parallel.tp=8", "parallel.pp=2", "parallel.sp=true",
-           "model.num_attention_heads=8", "model.num_query_groups=8"]
+TP8_PP2 = [
+    "--config",
+    str(CONFIG),
+    "parallel.tp=8",
+    "parallel.pp=2",
+    "parallel.sp=true",
+    "model.num_attention_heads=8",
+    "model.num_query_groups=8",
+]
 
 
 def test_sbatch_runs_one_torchrun_per_node(fake_slurm):
     cwd, env, capture = fake_slurm
-    proc = subprocess.run(["bash", str(SBATCH), *TP8_PP2, "train.steps=3"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), *TP8_PP2, "train.steps=3"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     argv = capture.with_suffix(".argv").read_text().splitlines()
     i = argv.index("-m")  # python -m torch.distributed.run
-    srun_args, launcher = argv[:i - 1], argv[i - 1:i + 2]
+    srun_args, launcher = argv[: i - 1], argv[i - 1 : i + 2]
     assert launcher == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nodes=2" in srun_args and "--ntasks-per-node=1" in srun_args and "--ntasks=2" in srun_args
     assert "--cpus-per-task=64" in srun_args and "--kill-on-bad-exit=1" in srun_args
-    rest = argv[i + 2:]
+    rest = argv[i + 2 :]
 
     def flag(name):
         return rest[rest.index(name) + 1]
@@ -238,7 +298,7 @@ def test_sbatch_runs_one_torchrun_per_node(fake_slurm):
     assert flag("--rdzv-id") == "123456"
     m = rest.index("-m")
     assert rest[m + 1] == "megafusion.train"
-    assert rest[m + 2:] == [*TP8_PP2, "train.steps=3", "logging.out_dir=runs/mf-123456"]
+    assert rest[m + 2 :] == [*TP8_PP2, "train.steps=3", "logging.out_dir=runs/mf-123456"]
 
     exported = dict(line.split("=", 1) for line in capture.with_suffix(".env").read_text().splitlines() if "=" in line)
     assert exported["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
@@ -253,9 +313,14 @@ def test_sbatch_runs_one_torchrun_per_node(fake_slurm):
 
 def test_sbatch_keeps_a_given_out_dir_and_refuses_bad_config(fake_slurm):
     cwd, env, capture = fake_slurm
-    proc = subprocess.run(["bash", str(SBATCH), "--config", str(CONFIG), "parallel.tp=3", "logging.out_dir=runs/x"],
-                          cwd=cwd, env={**env, "MEGAFUSION_PREFLIGHT": "1"}, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "--config", str(CONFIG), "parallel.tp=3", "logging.out_dir=runs/x"],
+        cwd=cwd,
+        env={**env, "MEGAFUSION_PREFLIGHT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "parallel.tp" in proc.stdout + proc.stderr
     assert not capture.with_suffix(".argv").exists(), "srun must not run for a bad config"
 
@@ -264,8 +329,9 @@ def test_sbatch_dry_run_prints_layout_and_command(fake_slurm):
     cwd, env, capture = fake_slurm
     env = {**env}
     env.pop("MEGAFUSION_SRUN")
-    proc = subprocess.run(["bash", str(SBATCH), "--dry-run", *TP8_PP2], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "--dry-run", *TP8_PP2], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "16 processes = 2 nodes x 8 per node" in out

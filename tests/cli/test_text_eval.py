@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.test_hf_tokenizer import HARD, LLAMA3, TEXTS, train_hf
 from tests.helpers import run_train
 from tests.models.test_hf_llama import convert, ok, run, tiny_llama_config
-from tests.data.test_hf_tokenizer import HARD, LLAMA3, TEXTS, train_hf
 
 SEQ = 32  # tokens per window: the text below makes 15 full windows and a shorter last one
 
@@ -37,7 +37,7 @@ def hf_windows_loss(hf_dir: Path, ids: list[int], seq: int) -> tuple[float, int]
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids), seq):
-            window = torch.tensor([ids[start:start + seq]])
+            window = torch.tensor([ids[start : start + seq]])
             if window.shape[1] < 2:
                 continue
             n = window.shape[1] - 1
@@ -71,8 +71,17 @@ def imported(tmp_path_factory):
     want, count = hf_windows_loss(hf_dir, ids, SEQ)
     ckpt, yaml = tmp / "mf", tmp / "model.yaml"
     ok(convert("hf-to-mf", "--hf", hf_dir, "--output", ckpt, "--config-out", yaml))
-    return {"tmp": tmp, "hf": hf_dir, "ckpt": ckpt, "yaml": yaml, "text": text, "loss": want, "count": count,
-            "ids": ids, "hf_vocab": n + 3}
+    return {
+        "tmp": tmp,
+        "hf": hf_dir,
+        "ckpt": ckpt,
+        "yaml": yaml,
+        "text": text,
+        "loss": want,
+        "count": count,
+        "ids": ids,
+        "hf_vocab": n + 3,
+    }
 
 
 def result(stdout: str) -> dict:
@@ -82,8 +91,26 @@ def result(stdout: str) -> dict:
 
 
 def test_loss_equals_transformers(imported):
-    out = result(ok(run(["megafusion.cli", "eval", "--ckpt", str(imported["ckpt"]), "--text", str(imported["text"]),
-                         "--tokenizer", str(imported["hf"]), "--seq-length", str(SEQ), "--batch", "3"])))
+    out = result(
+        ok(
+            run(
+                [
+                    "megafusion.cli",
+                    "eval",
+                    "--ckpt",
+                    str(imported["ckpt"]),
+                    "--text",
+                    str(imported["text"]),
+                    "--tokenizer",
+                    str(imported["hf"]),
+                    "--seq-length",
+                    str(SEQ),
+                    "--batch",
+                    "3",
+                ]
+            )
+        )
+    )
     assert abs(out["loss"] - imported["loss"]) <= 1e-5, (out["loss"], imported["loss"])
     assert out["tokens"] == imported["count"] == len(imported["ids"]) - math.ceil(len(imported["ids"]) / SEQ)
     assert out["windows"] == math.ceil(len(imported["ids"]) / SEQ) and out["seq_length"] == SEQ
@@ -97,8 +124,25 @@ def test_loss_equals_transformers(imported):
 
 def test_tensor_parallel_with_the_tokenizer_of_the_origin(imported):
     """torchrun, TP = 2 (gloo), no --tokenizer: the import's HF directory holds tokenizer.json."""
-    out = result(ok(run(["megafusion.evaluate", "--ckpt", str(imported["ckpt"]), "--text", str(imported["text"]),
-                         "--seq-length", str(SEQ), "--batch", "2", "parallel.tp=2"], nproc=2)))
+    out = result(
+        ok(
+            run(
+                [
+                    "megafusion.evaluate",
+                    "--ckpt",
+                    str(imported["ckpt"]),
+                    "--text",
+                    str(imported["text"]),
+                    "--seq-length",
+                    str(SEQ),
+                    "--batch",
+                    "2",
+                    "parallel.tp=2",
+                ],
+                nproc=2,
+            )
+        )
+    )
     assert out["layout"] == {"tp": 2, "pp": 1, "vpp": 1, "dp": 1}
     assert out["tokenizer_from"] == "hf-to-mf origin" and out["tokenizer"] == str(imported["hf"] / "tokenizer.json")
     assert abs(out["loss"] - imported["loss"]) <= 1e-5, (out["loss"], imported["loss"])
@@ -144,8 +188,9 @@ def test_a_tokenizer_with_other_ids_is_refused(imported, tmp_path, capsys):
     """A larger tokenizer (bos beyond the HF vocabulary); --loss-vocab below the ids in the text."""
     from megafusion.data.tokenizers.text import load_text_tokenizer
 
-    big = train_hf(tmp_path / "big" / "tokenizer.json", texts=TEXTS + [HARD] * 2 + [t.upper() for t in TEXTS],
-                   vocab_size=400)
+    big = train_hf(
+        tmp_path / "big" / "tokenizer.json", texts=TEXTS + [HARD] * 2 + [t.upper() for t in TEXTS], vocab_size=400
+    )
     assert load_text_tokenizer(big).bos_id >= imported["hf_vocab"]
     code, err = eval_main(["--ckpt", imported["ckpt"], "--text", imported["text"], "--tokenizer", big.parent], capsys)
     assert code == 2 and f"the tokenizer {big} gives id" in err
@@ -159,8 +204,11 @@ def test_a_tokenizer_with_other_ids_is_refused(imported, tmp_path, capsys):
 def test_no_tokenizer_found_asks_for_one(imported, tmp_path, capsys):
     no_tokenizer = tmp_path / "hf_without_tokenizer"
     no_tokenizer.mkdir()
-    bare = with_manifest(imported["ckpt"], tmp_path / "bare",
-                         lambda manifest: manifest["origin"].update(converted_from=str(no_tokenizer)))
+    bare = with_manifest(
+        imported["ckpt"],
+        tmp_path / "bare",
+        lambda manifest: manifest["origin"].update(converted_from=str(no_tokenizer)),
+    )
     code, err = eval_main(["--ckpt", bare, "--text", imported["text"]], capsys)
     assert code == 2 and f"{bare}: no tokenizer found" in err and "holds no tokenizer.json" in err
     assert "pass --tokenizer" in err
@@ -172,13 +220,34 @@ def test_transfusion_run_from_the_import_keeps_its_text_loss(imported, tmp_path,
     --tokenizer: its data.tokenizer; windows of its model.seq_length), it gives transformers' loss;
     it refuses a tokenizer other than the one its data recorded."""
     seq = 3 * SEQ
-    run_train(tmp_path, 2, str(imported["yaml"]), ["parallel.pp=2",
-        "objective.name=transfusion", "objective.latent_patch_size=3", "data.source=builtin", "data.builtin=shapes",
-        "data.num_samples=24", "data.image_size=12", f"data.tokenizer={imported['hf']}",
-        f"data.cache_dir={tmp_path / 'cache'}", f"model.seq_length={seq}", "train.steps=1",
-        "train.global_batch_size=2", "train.micro_batch_size=2", "train.lr=1e-9", "train.min_lr=0",
-        "train.warmup_steps=0", "eval.interval=0", f"checkpoint.init_from={imported['ckpt']}",
-        "checkpoint.save=true", f"checkpoint.dir={tmp_path / 'run'}"], "transfusion")
+    run_train(
+        tmp_path,
+        2,
+        str(imported["yaml"]),
+        [
+            "parallel.pp=2",
+            "objective.name=transfusion",
+            "objective.latent_patch_size=3",
+            "data.source=builtin",
+            "data.builtin=shapes",
+            "data.num_samples=24",
+            "data.image_size=12",
+            f"data.tokenizer={imported['hf']}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"model.seq_length={seq}",
+            "train.steps=1",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=2",
+            "train.lr=1e-9",
+            "train.min_lr=0",
+            "train.warmup_steps=0",
+            "eval.interval=0",
+            f"checkpoint.init_from={imported['ckpt']}",
+            "checkpoint.save=true",
+            f"checkpoint.dir={tmp_path / 'run'}",
+        ],
+        "transfusion",
+    )
     out = result(ok(run(["megafusion.cli", "eval", "--ckpt", str(tmp_path / "run"), "--text", str(imported["text"])])))
     want, count = hf_windows_loss(imported["hf"], imported["ids"], seq)
     assert abs(out["loss"] - want) <= 1e-5, (out["loss"], want)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megafusion.core.errors import DataError
 from megafusion.data.codecs.images import resize_nearest
 from megafusion.data.codecs.pixel import PixelPatchCodec
 from megafusion.data.codecs.registry import build_codec
-from megafusion.core.errors import DataError
 
 
 def reference_encode(pixels: np.ndarray, image_size: int, patch: int, levels: int) -> np.ndarray:
@@ -22,7 +22,7 @@ def reference_encode(pixels: np.ndarray, image_size: int, patch: int, levels: in
     codes = []
     for pi in range(image_size // patch):
         for pj in range(image_size // patch):
-            block = resized[pi * patch:(pi + 1) * patch, pj * patch:(pj + 1) * patch]
+            block = resized[pi * patch : (pi + 1) * patch, pj * patch : (pj + 1) * patch]
             q = []
             for c in range(3):
                 mean = sum(block[a, b, c] for a in range(patch) for b in range(patch)) / (patch * patch)
@@ -54,9 +54,16 @@ def test_patch_mean_and_rounding():
     assert codec.encode(img).tolist() == [1 * 9 + 0 * 3 + 1]
 
 
-@pytest.mark.parametrize("shape,image_size,patch,levels", [
-    ((16, 16), 16, 4, 4), ((7, 13), 8, 2, 5), ((40, 24), 12, 3, 2), ((5, 5), 10, 5, 6), ((32, 32), 16, 1, 3),
-])
+@pytest.mark.parametrize(
+    "shape,image_size,patch,levels",
+    [
+        ((16, 16), 16, 4, 4),
+        ((7, 13), 8, 2, 5),
+        ((40, 24), 12, 3, 2),
+        ((5, 5), 10, 5, 6),
+        ((32, 32), 16, 1, 3),
+    ],
+)
 def test_encode_matches_brute_force(shape, image_size, patch, levels):
     rng = np.random.default_rng(sum(shape) + levels)
     codec = PixelPatchCodec(image_size, patch, levels)
@@ -103,24 +110,30 @@ def test_config_and_registry():
         build_codec("pixel", image_size=16, patch=4, levels=5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"image_size": 10, "patch_size": 4, "levels": 4}, "multiple of patch_size"),
-    ({"image_size": 8, "patch_size": 4, "levels": 1}, "levels must be in 2..256"),
-    ({"image_size": 8, "patch_size": 4, "levels": 257}, "levels must be in 2..256"),
-    ({"image_size": 8.0, "patch_size": 4, "levels": 4}, "image_size must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"image_size": 10, "patch_size": 4, "levels": 4}, "multiple of patch_size"),
+        ({"image_size": 8, "patch_size": 4, "levels": 1}, "levels must be in 2..256"),
+        ({"image_size": 8, "patch_size": 4, "levels": 257}, "levels must be in 2..256"),
+        ({"image_size": 8.0, "patch_size": 4, "levels": 4}, "image_size must be an integer"),
+    ],
+)
 def test_bad_codec_parameters(kwargs, match):
     with pytest.raises(DataError, match=match):
         PixelPatchCodec(**kwargs)
 
 
-@pytest.mark.parametrize("pixels,match", [
-    (np.zeros((8, 8, 3), dtype=np.float32), "dtype float32"),
-    (np.zeros((8, 8), dtype=np.uint8), r"shape \(8, 8\)"),
-    (np.zeros((8, 8, 4), dtype=np.uint8), r"shape \(8, 8, 4\)"),
-    (np.zeros((0, 8, 3), dtype=np.uint8), r"shape \(0, 8, 3\)"),
-    ([[[0, 0, 0]]], "numpy array"),
-])
+@pytest.mark.parametrize(
+    "pixels,match",
+    [
+        (np.zeros((8, 8, 3), dtype=np.float32), "dtype float32"),
+        (np.zeros((8, 8), dtype=np.uint8), r"shape \(8, 8\)"),
+        (np.zeros((8, 8, 4), dtype=np.uint8), r"shape \(8, 8, 4\)"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), r"shape \(0, 8, 3\)"),
+        ([[[0, 0, 0]]], "numpy array"),
+    ],
+)
 def test_bad_images_name_the_source(pixels, match):
     codec = PixelPatchCodec(8, 4, 4)
     with pytest.raises(DataError, match=match) as err:

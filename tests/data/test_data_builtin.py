@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megafusion.core.errors import DataError
 from megafusion.data.builtin.digits import NUMBER_WORDS, digits_documents
 from megafusion.data.builtin.shapes import (
-    BACKGROUNDS, PALETTE, POSITIONS, SHAPES, ShapeSpec, read_shape, render_shape, shapes_documents, shapes_specs,
+    BACKGROUNDS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    ShapeSpec,
+    read_shape,
+    render_shape,
+    shapes_documents,
+    shapes_specs,
 )
 from megafusion.data.codecs.pixel import PixelPatchCodec
-from megafusion.core.errors import DataError
 from megafusion.data.types import ImageSegment, TextSegment
 
 
@@ -72,8 +80,10 @@ def test_shape_stays_in_its_cell(image_size):
 @pytest.mark.parametrize("image_size", [16, 32])
 def test_read_shape_reads_back_attributes(image_size):
     specs = shapes_specs(400, seed=3)
-    right = sum(read_shape(render_shape(s, image_size)) | {"background": None} ==
-                s.attributes() | {"background": None} for s in specs)
+    right = sum(
+        read_shape(render_shape(s, image_size)) | {"background": None} == s.attributes() | {"background": None}
+        for s in specs
+    )
     assert right / len(specs) >= 0.95
 
 
@@ -83,7 +93,7 @@ def test_read_shape_hand_drawn():
     assert read_shape(img) == {"colour": "blue", "shape": "square", "position": "bottom left", "background": "white"}
     img = np.full((30, 30, 3), 16, dtype=np.uint8)
     for r in range(8):  # a triangle: row r of the apex-up triangle is 2r+1 wide
-        img[11 + r, 15 - r: 16 + r] = (240, 220, 30)
+        img[11 + r, 15 - r : 16 + r] = (240, 220, 30)
     assert read_shape(img) == {"colour": "yellow", "shape": "triangle", "position": "center", "background": "black"}
     blank = np.full((30, 30, 3), 16, dtype=np.uint8)
     assert read_shape(blank)["colour"] is None and read_shape(blank)["shape"] is None

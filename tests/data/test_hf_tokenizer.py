@@ -19,21 +19,26 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from megafusion.config import load_config  # noqa: E402
 from megafusion.commands.data import main as data_main  # noqa: E402
+from megafusion.config import load_config  # noqa: E402
+from megafusion.core.errors import DataError  # noqa: E402
+from megafusion.core.modality import Modality  # noqa: E402
 from megafusion.data.codecs.pixel import PixelPatchCodec  # noqa: E402
 from megafusion.data.formats.shards import write_jsonl_shard  # noqa: E402
 from megafusion.data.sources import build_data  # noqa: E402
-from megafusion.data.tokenizers.text import SentencePieceText, load_text_tokenizer  # noqa: E402
 from megafusion.data.tokenizers.joint import MultimodalTokenizer, train_sentencepiece  # noqa: E402
-from megafusion.core.modality import Modality
-from megafusion.core.errors import DataError
+from megafusion.data.tokenizers.text import SentencePieceText, load_text_tokenizer  # noqa: E402
 from megafusion.data.types import Document, ImageSegment, TextSegment  # noqa: E402
 
 TEXTS = [
-    "a red circle at the top left.", "a blue square in the center.", "there is a green triangle at the bottom.",
-    "an image of a yellow circle in the right.", "a handwritten digit seven.", "a handwritten digit three.",
-    "the quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+    "a red circle at the top left.",
+    "a blue square in the center.",
+    "there is a green triangle at the bottom.",
+    "an image of a yellow circle in the right.",
+    "a handwritten digit seven.",
+    "a handwritten digit three.",
+    "the quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs!",
 ]
 # Not in the training text: unseen words, accents, CJK, emoji (byte-level BPE spells them in bytes).
 HARD = "Zebras in Zürich: 漢字 and 🙂 — a purple hexagon!"
@@ -51,12 +56,17 @@ def train_hf(path: Path, specials=LLAMA3, texts=TEXTS, vocab_size=300, template_
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     tok.add_special_tokens(list(specials))
     if template_bos and specials:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{specials[0]} $A", special_tokens=[(specials[0], tok.token_to_id(specials[0]))])
+            single=f"{specials[0]} $A", special_tokens=[(specials[0], tok.token_to_id(specials[0]))]
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
@@ -73,9 +83,16 @@ def hf_dir(tmp_path_factory) -> Path:
     for bos, as older checkpoints write it), not by a known pair."""
     folder = tmp_path_factory.mktemp("hf_dir")
     train_hf(folder / "tokenizer.json", specials=("[START]", "[STOP]", "[PAD]"), template_bos=False)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"__type": "AddedToken", "content": "[START]", "special": True},
-        "eos_token": "[STOP]", "pad_token": "[PAD]", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"__type": "AddedToken", "content": "[START]", "special": True},
+                "eos_token": "[STOP]",
+                "pad_token": "[PAD]",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
     return folder
 
 
@@ -161,7 +178,11 @@ def test_config_identifies_by_content_hash(hf_json, hf_dir, codec, tmp_path):
     cfg = tok.config()
     assert cfg["hf_tokenizer_sha256"] == hashlib.sha256(hf_json.read_bytes()).hexdigest()
     assert (cfg["bos_id"], cfg["eos_id"], cfg["pad_id"], cfg["n_text"]) == (
-        tok.bos_id, tok.eos_id, tok.pad_id, tok.text_vocab_size)
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.text_vocab_size,
+    )
     moved = tmp_path / "elsewhere" / "tokenizer.json"  # same bytes, other place: the same tokenizer
     moved.parent.mkdir()
     moved.write_bytes(hf_json.read_bytes())
@@ -230,10 +251,22 @@ def test_backend_dispatch(hf_json, tmp_path):
 
 # --- data builds ---------------------------------------------------------------------------------
 
+
 def builtin_cfg(tmp_path, tokenizer, *overrides):
-    return load_config(None, ["data.source=builtin", "data.builtin=shapes", "data.num_samples=24",
-                              "data.image_size=12", "data.patch_size=2", f"data.tokenizer={tokenizer}",
-                              f"data.cache_dir={tmp_path / 'cache'}", "model.seq_length=128", *overrides])
+    return load_config(
+        None,
+        [
+            "data.source=builtin",
+            "data.builtin=shapes",
+            "data.num_samples=24",
+            "data.image_size=12",
+            "data.patch_size=2",
+            f"data.tokenizer={tokenizer}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.seq_length=128",
+            *overrides,
+        ],
+    )
 
 
 def shapes_hf(root: Path) -> Path:
@@ -247,8 +280,11 @@ def shapes_hf(root: Path) -> Path:
 @pytest.mark.parametrize("objective", ["lm", "transfusion"])
 def test_builtin_data_with_hf_tokenizer(tmp_path, objective):
     path = shapes_hf(tmp_path)
-    extra = ["objective.name=transfusion", "objective.latent_codec=pixels", "objective.latent_patch_size=2"] \
-        if objective == "transfusion" else []
+    extra = (
+        ["objective.name=transfusion", "objective.latent_codec=pixels", "objective.latent_patch_size=2"]
+        if objective == "transfusion"
+        else []
+    )
     bundle = build_data(builtin_cfg(tmp_path, path.parent, *extra))
     tok, ref = bundle.tokenizer, raw(path)
     n = ref.get_vocab_size(with_added_tokens=True)
@@ -277,8 +313,24 @@ def test_prepared_data_with_hf_tokenizer_and_refused_with_another(tmp_path, caps
     path = shapes_hf(tmp_path)
     shard = write_jsonl_shard(shapes_documents(24, 1234, 12), str(tmp_path / "shards" / "s.jsonl"))
     prefix = str(tmp_path / "ds")
-    assert data_main(["prepare", "--input", shard, "--tokenizer", str(path), "--output", prefix,
-                      "--image-size", "12", "--patch-size", "2"]) == 0
+    assert (
+        data_main(
+            [
+                "prepare",
+                "--input",
+                shard,
+                "--tokenizer",
+                str(path),
+                "--output",
+                prefix,
+                "--image-size",
+                "12",
+                "--patch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     docs, meta = read_indexed(prefix)
     assert meta["tokenizer_file"] == os.path.abspath(path)
     assert meta["bos_id"] == raw(path).token_to_id(LLAMA3[0]) and all(d.tokens[0] == meta["bos_id"] for d in docs)

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from megafusion.data.formats.indexed import dataset_paths, read_indexed, read_meta, write_indexed
-from megafusion.core.modality import Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.formats.indexed import dataset_paths, read_indexed, read_meta, write_indexed
 from megafusion.data.types import TokenizedDocument
 
 
@@ -70,8 +70,20 @@ def test_one_megatron_item_per_modality_run(tmp_path):
 
 
 def test_sources_round_trip(tmp_path):
-    sources = ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "b.jsonl:1", "", "x007", "x8", "builtin:shapes:0",
-               "builtin:shapes:1", "a.jsonl:3", "no number", "9"]
+    sources = [
+        "a.jsonl:1",
+        "a.jsonl:2",
+        "a.jsonl:3",
+        "b.jsonl:1",
+        "",
+        "x007",
+        "x8",
+        "builtin:shapes:0",
+        "builtin:shapes:1",
+        "a.jsonl:3",
+        "no number",
+        "9",
+    ]
     docs = [TokenizedDocument(np.array([i]), np.array([0], np.uint8), source=s) for i, s in enumerate(sources)]
     prefix, _ = write(tmp_path, docs)
     back, meta = read_indexed(prefix)
@@ -172,7 +184,7 @@ def drop_checksums(prefix):
 
 def overwrite(path, at, value: bytes):
     data = bytearray(open(path, "rb").read())
-    data[at:at + len(value)] = value
+    data[at : at + len(value)] = value
     open(path, "wb").write(bytes(data))
 
 
@@ -202,8 +214,9 @@ def test_corrupt_bin_same_size(dataset):
         read_indexed(dataset)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps({"format": "megafusion.indexed",
-                                                                            "format_version": 99})])
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", json.dumps({"format": "megafusion.indexed", "format_version": 99})]
+)
 def test_unreadable_meta(dataset, content):
     open(dataset + ".meta.json", "w").write(content)
     with pytest.raises(DataError, match=r"ds\.meta\.json"):
@@ -241,8 +254,21 @@ def test_cli_prepare(tmp_path, capsys):
     texts = [seg["text"] for line in lines for seg in line["segments"] if "text" in seg]
     sp_model = train_sentencepiece(texts * 5, 40, str(tmp_path / "sp"))
     out = str(tmp_path / "out" / "data")
-    args = ["prepare", "--input", str(tmp_path), "--tokenizer", sp_model, "--output", out,
-            "--image-size", "8", "--patch-size", "2", "--pixel-levels", "3"]
+    args = [
+        "prepare",
+        "--input",
+        str(tmp_path),
+        "--tokenizer",
+        sp_model,
+        "--output",
+        out,
+        "--image-size",
+        "8",
+        "--patch-size",
+        "2",
+        "--pixel-levels",
+        "3",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "3 documents" in printed and "data.meta.json" in printed
@@ -283,8 +309,24 @@ def test_cli_prepare_with_a_vq_codebook_fitted_on_the_shards(tmp_path, capsys):
     texts = [seg["text"] for line in lines for seg in line["segments"] if "text" in seg]
     sp_model = train_sentencepiece(texts * 5, 40, str(tmp_path / "sp"))
     codebook = str(tmp_path / "codebook.safetensors")
-    assert tokenizer_main(["fit-vq", "--input", str(shard), "--image-size", "8", "--patch-size", "2",
-                           "--codebook-size", "8", "--out", codebook]) == 0
+    assert (
+        tokenizer_main(
+            [
+                "fit-vq",
+                "--input",
+                str(shard),
+                "--image-size",
+                "8",
+                "--patch-size",
+                "2",
+                "--codebook-size",
+                "8",
+                "--out",
+                codebook,
+            ]
+        )
+        == 0
+    )
     out = str(tmp_path / "vq" / "data")
     base = ["prepare", "--input", str(shard), "--tokenizer", sp_model, "--output", out, "--image-size", "8"]
     assert main([*base, "--image-codec", "vq"]) == 2

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from megafusion.config import load_config
-from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.commands.data import main as data_main
+from megafusion.config import load_config
+from megafusion.core.errors import DataError
+from megafusion.data.builtin.shapes import shapes_documents
+from megafusion.data.codecs.latent import PixelLatentCodec
 from megafusion.data.formats.indexed import read_indexed
 from megafusion.data.formats.indexed_latents import attach_latents, latents_path, read_latents
-from megafusion.data.codecs.latent import PixelLatentCodec
 from megafusion.data.formats.shards import read_shards, write_jsonl_shard
 from megafusion.data.sources import build_data
 from megafusion.data.tokenizers.joint import MultimodalTokenizer, train_sentencepiece
 from megafusion.data.transfusion_data import PlaceholderCodec, encode_transfusion_document
-from megafusion.core.errors import DataError
 from megafusion.data.types import Document, ImageSegment, TextSegment
 from tests.helpers import assert_same_training, run_train, save_tiny_vae
 
@@ -43,8 +43,26 @@ def prepared(tmp_path_factory):
     texts = [seg.text for d in docs for seg in d.segments if isinstance(seg, TextSegment)]
     model = train_sentencepiece(texts, 128, str(root / "sp"))
     prefix = str(root / "ds")
-    assert data_main(["prepare", "--input", shard, "--tokenizer", model, "--output", prefix,
-                      "--latent-codec", "pixels", "--latent-patch-size", str(PATCH), "--image-size", str(SIZE)]) == 0
+    assert (
+        data_main(
+            [
+                "prepare",
+                "--input",
+                shard,
+                "--tokenizer",
+                model,
+                "--output",
+                prefix,
+                "--latent-codec",
+                "pixels",
+                "--latent-patch-size",
+                str(PATCH),
+                "--image-size",
+                str(SIZE),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "shard": shard, "model": model, "prefix": prefix}
 
 
@@ -57,8 +75,9 @@ def indexed_config(p, *overrides, prefix=None):
 
 
 def prepare(p, output, *flags, shard=None):
-    return data_main(["prepare", "--input", shard or p["shard"], "--tokenizer", p["model"], "--output", str(output),
-                      *flags])
+    return data_main(
+        ["prepare", "--input", shard or p["shard"], "--tokenizer", p["model"], "--output", str(output), *flags]
+    )
 
 
 def test_indexed_microbatches_equal_the_builtin_ones(prepared):
@@ -79,13 +98,19 @@ def test_indexed_microbatches_equal_the_builtin_ones(prepared):
 
 def test_documents_with_several_or_no_images_keep_their_latents_in_order(prepared, tmp_path):
     images = [seg for d in shapes_documents(3, 0, SIZE) for seg in d.segments if isinstance(seg, ImageSegment)]
-    docs = [Document([TextSegment("two pictures."), images[0], images[1]], source="two"),
-            Document([TextSegment("no picture at all.")], source="none"),
-            Document([images[2], TextSegment("one picture first.")], source="first")]
+    docs = [
+        Document([TextSegment("two pictures."), images[0], images[1]], source="two"),
+        Document([TextSegment("no picture at all.")], source="none"),
+        Document([images[2], TextSegment("one picture first.")], source="first"),
+    ]
     shard = write_jsonl_shard(docs, str(tmp_path / "mixed.jsonl"))
     prefix = tmp_path / "mixed"
-    assert prepare(prepared, prefix, "--latent-codec", "pixels", "--latent-patch-size", "3", "--image-size", "12",
-                   shard=shard) == 0
+    assert (
+        prepare(
+            prepared, prefix, "--latent-codec", "pixels", "--latent-patch-size", "3", "--image-size", "12", shard=shard
+        )
+        == 0
+    )
     back, meta = read_indexed(str(prefix))
     attach_latents(back, read_latents(str(prefix), meta), str(prefix))
     tok = MultimodalTokenizer.from_files(prepared["model"], PlaceholderCodec(PixelLatentCodec(SIZE), PATCH))
@@ -112,12 +137,18 @@ def test_a_damaged_latent_file_is_refused_with_the_fix(prepared, tmp_path):
     data = bytearray(open(path, "rb").read())
     data[-5] ^= 0x40  # one flipped bit in the last latent
     open(path, "wb").write(bytes(data))
-    with pytest.raises(DataError, match=r"ds\.latents\.npy: contents do not match the checksum.*re-run "
-                                        r"`megafusion data prepare"):
+    with pytest.raises(
+        DataError,
+        match=r"ds\.latents\.npy: contents do not match the checksum.*re-run "
+        r"`megafusion data prepare",
+    ):
         build_data(cfg)
     open(path, "wb").write(bytes(data[:-100]))
-    with pytest.raises(DataError, match=r"ds\.latents\.npy is \d+ bytes but .*ds\.meta\.json says \d+: the file is "
-                                        r"truncated.*re-run `megafusion data prepare"):
+    with pytest.raises(
+        DataError,
+        match=r"ds\.latents\.npy is \d+ bytes but .*ds\.meta\.json says \d+: the file is "
+        r"truncated.*re-run `megafusion data prepare",
+    ):
         build_data(cfg)
     os.remove(path)
     with pytest.raises(DataError, match=r"ds\.latents\.npy is missing.*re-run"):
@@ -125,11 +156,17 @@ def test_a_damaged_latent_file_is_refused_with_the_fix(prepared, tmp_path):
 
 
 def test_latent_settings_must_match_the_dataset(prepared, tmp_path):
-    with pytest.raises(DataError, match=r"objective\.latent_patch_size=4 but the dataset was prepared with "
-                                        r"--latent-patch-size 3.*re-run `megafusion data prepare"):
+    with pytest.raises(
+        DataError,
+        match=r"objective\.latent_patch_size=4 but the dataset was prepared with "
+        r"--latent-patch-size 3.*re-run `megafusion data prepare",
+    ):
         build_data(indexed_config(prepared, "objective.latent_patch_size=4"))
-    with pytest.raises(DataError, match=r"objective\.latent_codec='kl' but the dataset was prepared with "
-                                        r"--latent-codec 'pixels'"):
+    with pytest.raises(
+        DataError,
+        match=r"objective\.latent_codec='kl' but the dataset was prepared with "
+        r"--latent-codec 'pixels'",
+    ):
         build_data(indexed_config(prepared, "objective.latent_codec=kl", f"objective.vae_path={tmp_path}"))
     with pytest.raises(DataError, match=r"data\.image_size=6 but the dataset was prepared with --image-size 12"):
         build_data(indexed_config(prepared, "data.image_size=6"))
@@ -139,8 +176,11 @@ def test_latent_settings_must_match_the_dataset(prepared, tmp_path):
     # An LM dataset (image codes, no latents) is no Transfusion dataset.
     lm = tmp_path / "lm"
     assert prepare(prepared, lm, "--image-size", "12") == 0
-    with pytest.raises(DataError, match=r"lm\.meta\.json: the dataset has no image latents.*--latent-codec.*"
-                                        r"objective\.name=lm"):
+    with pytest.raises(
+        DataError,
+        match=r"lm\.meta\.json: the dataset has no image latents.*--latent-codec.*"
+        r"objective\.name=lm",
+    ):
         build_data(indexed_config(prepared, prefix=str(lm)))
     assert build_data(indexed_config(prepared, "objective.name=lm", prefix=str(lm))).train.num_rows > 0
 
@@ -148,12 +188,14 @@ def test_latent_settings_must_match_the_dataset(prepared, tmp_path):
 def test_prepare_flags_and_a_failed_prepare_keeps_the_old_dataset(prepared, tmp_path, capsys):
     prefix = copy_dataset(prepared["prefix"], str(tmp_path / "ds"))
     base = ["--latent-codec", "pixels", "--latent-patch-size", "3", "--image-size", "12"]
-    for flags, message in [([*base, "--image-codec", "vq"], "--image-codec (image codes) do not apply"),
-                           ([*base, "--patch-size", "2"], "--patch-size (image codes) do not apply"),
-                           (["--latent-codec", "kl"], "--latent-codec kl needs --vae-path"),
-                           ([*base, "--vae-path", str(tmp_path)], "--vae-path is only for --latent-codec kl"),
-                           (["--latent-patch-size", "3"], "--latent-patch-size is for Transfusion datasets"),
-                           (["--latent-codec", "pixels", "--latent-patch-size", "5"], "patch size that divides")]:
+    for flags, message in [
+        ([*base, "--image-codec", "vq"], "--image-codec (image codes) do not apply"),
+        ([*base, "--patch-size", "2"], "--patch-size (image codes) do not apply"),
+        (["--latent-codec", "kl"], "--latent-codec kl needs --vae-path"),
+        ([*base, "--vae-path", str(tmp_path)], "--vae-path is only for --latent-codec kl"),
+        (["--latent-patch-size", "3"], "--latent-patch-size is for Transfusion datasets"),
+        (["--latent-codec", "pixels", "--latent-patch-size", "5"], "patch size that divides"),
+    ]:
         assert prepare(prepared, prefix, *flags) == 2, flags
         assert message in capsys.readouterr().err
     # A shard whose last line is broken fails the prepare half-way (after 200 latents were streamed).
@@ -180,10 +222,29 @@ def test_kl_latents_come_from_the_vae_and_its_path_must_match(prepared, tiny_vae
     docs = shapes_documents(8, SEED, 16)
     shard = write_jsonl_shard(docs, str(tmp_path / "kl.jsonl"))
     prefix = str(tmp_path / "kl")
-    assert prepare(prepared, prefix, "--latent-codec", "kl", "--vae-path", tiny_vae, "--latent-patch-size", "2",
-                   "--image-size", "16", shard=shard) == 0
-    kl = ["objective.latent_codec=kl", f"objective.vae_path={tiny_vae}", "objective.latent_patch_size=2",
-          "data.image_size=16", "data.val_fraction=0"]
+    assert (
+        prepare(
+            prepared,
+            prefix,
+            "--latent-codec",
+            "kl",
+            "--vae-path",
+            tiny_vae,
+            "--latent-patch-size",
+            "2",
+            "--image-size",
+            "16",
+            shard=shard,
+        )
+        == 0
+    )
+    kl = [
+        "objective.latent_codec=kl",
+        f"objective.vae_path={tiny_vae}",
+        "objective.latent_patch_size=2",
+        "data.image_size=16",
+        "data.val_fraction=0",
+    ]
     bundle = build_data(indexed_config(prepared, *kl, prefix=prefix))
     codec = build_latent_codec("kl", path=tiny_vae, image_size=16)
     back, meta = read_indexed(prefix)
@@ -204,8 +265,11 @@ def test_kl_latents_come_from_the_vae_and_its_path_must_match(prepared, tiny_vae
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     vae.save_pretrained(other)
-    with pytest.raises(DataError, match=rf"objective\.vae_path={other} holds weights='blake2b:\w+' but the dataset "
-                                        rf"was prepared with a VAE of weights '{codec.weights}'"):
+    with pytest.raises(
+        DataError,
+        match=rf"objective\.vae_path={other} holds weights='blake2b:\w+' but the dataset "
+        rf"was prepared with a VAE of weights '{codec.weights}'",
+    ):
         build_data(indexed_config(prepared, *kl, f"objective.vae_path={other}", prefix=prefix))
     # A VAE recorded by its path only (a format of development builds, never released) is refused.
     meta_path = Path(prefix + ".meta.json")
@@ -213,19 +277,22 @@ def test_kl_latents_come_from_the_vae_and_its_path_must_match(prepared, tiny_vae
     by_path = {"name": "kl", "path": tiny_vae, "image_size": 16}
     meta["latents"]["codec"] = meta["tokenizer"]["codec"]["latent"] = meta["codec"]["latent"] = by_path
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"holds weights='blake2b:\w+' but the dataset was prepared with a VAE of "
-                                        r"weights None.*re-run `megafusion data prepare"):
+    with pytest.raises(
+        DataError,
+        match=r"holds weights='blake2b:\w+' but the dataset was prepared with a VAE of "
+        r"weights None.*re-run `megafusion data prepare",
+    ):
         build_data(indexed_config(prepared, *kl, prefix=prefix))
     with pytest.raises(DataError, match="different tokenizer"):
         bundle.tokenizer.check_compatible(meta["tokenizer"], "a checkpoint")
 
 
 def test_training_from_the_indexed_dataset_equals_training_on_the_builtin_set(prepared, tmp_path):
-    common = [f"data.tokenizer={prepared['model']}", f"data.cache_dir={prepared['root'] / 'cache'}",
-              "train.steps=3"]
+    common = [f"data.tokenizer={prepared['model']}", f"data.cache_dir={prepared['root'] / 'cache'}", "train.steps=3"]
     builtin = run_train(tmp_path, 1, CONFIG, common, "builtin")
-    indexed = run_train(tmp_path, 1, CONFIG, [*common, "data.source=indexed", f"data.path={prepared['prefix']}"],
-                        "indexed")
+    indexed = run_train(
+        tmp_path, 1, CONFIG, [*common, "data.source=indexed", f"data.path={prepared['prefix']}"], "indexed"
+    )
     assert f"indexed:{prepared['prefix']}" in indexed[2] and "diffusion" in indexed[2]
     # Same microbatches, same model, one process: the same numbers, not merely close ones.
     assert_same_training(builtin[:2], indexed[:2], "indexed vs builtin", 0.0)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from megafusion.core.errors import DataError
 from megafusion.data.codecs.diffusers_local import weights_identity
 from megafusion.data.codecs.registry import build_latent_codec
-from megafusion.core.errors import DataError
 from tests.helpers import save_tiny_vae
 
 

@@ -6,24 +6,36 @@ import numpy as np
 import pytest
 import torch
 
+from megafusion.core.errors import DataError
+from megafusion.core.modality import NUM_MODALITIES, Modality
 from megafusion.data.loader import MicrobatchSource, split_documents
 from megafusion.data.packing import pack_documents
-from megafusion.core.modality import NUM_MODALITIES, Modality
-from megafusion.core.errors import DataError
 from megafusion.data.types import TokenizedDocument
 
 PAD = 0
-KEYS = ("tokens", "labels", "position_ids", "document_ids", "modality_ids", "label_modality_ids", "loss_mask",
-        "modality_counts")
+KEYS = (
+    "tokens",
+    "labels",
+    "position_ids",
+    "document_ids",
+    "modality_ids",
+    "label_modality_ids",
+    "loss_mask",
+    "modality_counts",
+)
 
 
 def random_docs(rng, n, max_len, vocab=40):
     docs = []
     for i in range(n):
         k = int(rng.integers(1, max_len + 1))
-        docs.append(TokenizedDocument(tokens=rng.integers(1, vocab, size=k),
-                                      modalities=rng.integers(0, len(Modality), size=k).astype(np.uint8),
-                                      source=f"d.jsonl:{i + 1}"))
+        docs.append(
+            TokenizedDocument(
+                tokens=rng.integers(1, vocab, size=k),
+                modalities=rng.integers(0, len(Modality), size=k).astype(np.uint8),
+                source=f"d.jsonl:{i + 1}",
+            )
+        )
     return docs
 
 
@@ -54,8 +66,13 @@ def reference_sample(docs, seq_length, row):
     mods += [0] * pad
     dids += [None] * pad  # padding: no document
     pos += [0] * pad
-    ref = {"tokens": toks[:-1], "labels": toks[1:], "position_ids": pos[:-1], "modality_ids": mods[:-1],
-           "label_modality_ids": mods[1:]}
+    ref = {
+        "tokens": toks[:-1],
+        "labels": toks[1:],
+        "position_ids": pos[:-1],
+        "modality_ids": mods[:-1],
+        "label_modality_ids": mods[1:],
+    }
     ref["loss_mask"] = [1.0 if dids[j] is not None and dids[j] == dids[j + 1] else 0.0 for j in range(seq_length)]
     ref["real_doc"] = dids[:-1]
     return ref
@@ -91,8 +108,8 @@ def test_each_epoch_visits_every_row_once(source):
     n = src.num_rows
     order = src.row_indices(0, 3 * n)
     for e in range(3):
-        assert sorted(order[e * n:(e + 1) * n].tolist()) == list(range(n))
-    assert not np.array_equal(order[:n], order[n:2 * n])  # reshuffled per epoch
+        assert sorted(order[e * n : (e + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(order[:n], order[n : 2 * n])  # reshuffled per epoch
 
 
 def test_order_depends_only_on_seed(source):

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megafusion.data.packing import PAD_DOCUMENT_ID, pack_documents
-from megafusion.core.modality import Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.packing import PAD_DOCUMENT_ID, pack_documents
 from megafusion.data.types import TokenizedDocument
 
 PAD = 0
@@ -57,10 +57,10 @@ def test_packing_matches_reference(seed, seq_length, max_len):
         col = 0
         for doc_id, i in enumerate(members):
             n = len(docs[i].tokens)
-            np.testing.assert_array_equal(packed.tokens[r, col:col + n], docs[i].tokens)  # whole, in order
-            np.testing.assert_array_equal(packed.modalities[r, col:col + n], docs[i].modalities)
-            assert (packed.document_ids[r, col:col + n] == doc_id).all()
-            np.testing.assert_array_equal(packed.positions[r, col:col + n], np.arange(n))
+            np.testing.assert_array_equal(packed.tokens[r, col : col + n], docs[i].tokens)  # whole, in order
+            np.testing.assert_array_equal(packed.modalities[r, col : col + n], docs[i].modalities)
+            assert (packed.document_ids[r, col : col + n] == doc_id).all()
+            np.testing.assert_array_equal(packed.positions[r, col : col + n], np.arange(n))
             col += n
         # the rest is padding
         assert (packed.tokens[r, col:] == PAD).all()
@@ -88,8 +88,10 @@ def test_document_exactly_one_row_long():
 
 
 def test_overlong_document_names_source_and_fix():
-    docs = [TokenizedDocument(np.arange(5), np.zeros(5, np.uint8), source="ok.jsonl:1"),
-            TokenizedDocument(np.arange(1, 14), np.zeros(13, np.uint8), source="big.jsonl:7")]
+    docs = [
+        TokenizedDocument(np.arange(5), np.zeros(5, np.uint8), source="ok.jsonl:1"),
+        TokenizedDocument(np.arange(1, 14), np.zeros(13, np.uint8), source="big.jsonl:7"),
+    ]
     with pytest.raises(DataError, match=r"big\.jsonl:7.*13 tokens.*raise model\.seq_length to at least 12"):
         pack_documents(docs, seq_length=8, pad_id=PAD)
     pack_documents(docs, seq_length=12, pad_id=PAD)  # the suggested fix works

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megafusion.data.formats.shards import (
-    read_jsonl_shard, read_shards, read_tar_shard, shard_files, shard_texts, write_jsonl_shard, write_tar_shard,
-)
 from megafusion.core.errors import DataError
+from megafusion.data.formats.shards import (
+    read_jsonl_shard,
+    read_shards,
+    read_tar_shard,
+    shard_files,
+    shard_texts,
+    write_jsonl_shard,
+    write_tar_shard,
+)
 from megafusion.data.types import Document, ImageSegment, TextSegment
 
 
@@ -92,8 +98,17 @@ def test_image_paths_and_modes(tmp_path):
     _png(tmp_path / "imgs" / "grey.png", grey)
     elsewhere = tmp_path / "elsewhere" / "abs.png"
     _png(elsewhere, rgba[..., :3])
-    path = _shard(tmp_path, [json.dumps({"id": 7, "segments": [
-        {"image": "imgs/rgba.png"}, {"image": "imgs/grey.png"}, {"image": str(elsewhere)}]})])
+    path = _shard(
+        tmp_path,
+        [
+            json.dumps(
+                {
+                    "id": 7,
+                    "segments": [{"image": "imgs/rgba.png"}, {"image": "imgs/grey.png"}, {"image": str(elsewhere)}],
+                }
+            )
+        ],
+    )
     (doc,) = read_jsonl_shard(str(path))
     a, b, c = (s.pixels for s in doc.segments)
     assert a.shape == (4, 6, 3) and np.array_equal(a, rgba[..., :3])
@@ -111,20 +126,23 @@ def test_blank_lines_keep_line_numbers(tmp_path):
 GOOD = '{"segments": [{"text": "fine"}]}'
 
 
-@pytest.mark.parametrize("line,match", [
-    ('{"segments": [{"text": "broken"}', "invalid JSON"),
-    ('["text"]', "expected a JSON object"),
-    ('{"segs": []}', 'no "segments" key'),
-    ('{"segments": []}', '"segments" is empty'),
-    ('{"segments": {"text": "x"}}', '"segments" must be a list'),
-    ('{"segments": [{"caption": "x"}]}', 'segment 0 has neither "text" nor "image"'),
-    ('{"segments": [{"text": "a"}, {"text": "x", "image": "y.png"}]}', 'segment 1 has both "text" and "image"'),
-    ('{"segments": [{"text": 5}]}', '"text" must be a string'),
-    ('{"segments": [{"text": "x", "lang": "en"}]}', "unknown keys"),
-    ('{"segments": ["just text"]}', "segment 0 must be an object"),
-    ('{"segments": [{"image": "missing.png"}]}', "missing.png not found"),
-    ('{"segments": [{"image": ""}]}', "empty path"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ('{"segments": [{"text": "broken"}', "invalid JSON"),
+        ('["text"]', "expected a JSON object"),
+        ('{"segs": []}', 'no "segments" key'),
+        ('{"segments": []}', '"segments" is empty'),
+        ('{"segments": {"text": "x"}}', '"segments" must be a list'),
+        ('{"segments": [{"caption": "x"}]}', 'segment 0 has neither "text" nor "image"'),
+        ('{"segments": [{"text": "a"}, {"text": "x", "image": "y.png"}]}', 'segment 1 has both "text" and "image"'),
+        ('{"segments": [{"text": 5}]}', '"text" must be a string'),
+        ('{"segments": [{"text": "x", "lang": "en"}]}', "unknown keys"),
+        ('{"segments": ["just text"]}', "segment 0 must be an object"),
+        ('{"segments": [{"image": "missing.png"}]}', "missing.png not found"),
+        ('{"segments": [{"image": ""}]}', "empty path"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, match):
     path = _shard(tmp_path, [GOOD, line, GOOD])
     with pytest.raises(DataError, match=match) as err:
@@ -152,8 +170,11 @@ def test_bad_utf8(tmp_path):
 def test_corrupt_png(tmp_path, kind):
     good = tmp_path / "good.png"
     _png(good, np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
-    data = {"garbage": b"\x89PNG not really" * 20, "truncated": good.read_bytes()[: good.stat().st_size // 2],
-            "empty": b""}[kind]
+    data = {
+        "garbage": b"\x89PNG not really" * 20,
+        "truncated": good.read_bytes()[: good.stat().st_size // 2],
+        "empty": b"",
+    }[kind]
     (tmp_path / "bad.png").write_bytes(data)
     path = _shard(tmp_path, [GOOD, '{"segments": [{"text": "x"}, {"image": "bad.png"}]}'])
     with pytest.raises(DataError, match="cannot be read") as err:
@@ -189,8 +210,10 @@ def test_tar_errors(tmp_path):
         list(read_tar_shard(str(cut)))
     bad = tmp_path / "bad.tar"
     with tarfile.open(bad, "w") as tar:
-        for name, data in [("000000.json", b'{"segments": [{"image": "000000.1.png"}]}'),
-                           ("000001.json", b'{"segments": [{"image": "nothere.png"}]}')]:
+        for name, data in [
+            ("000000.json", b'{"segments": [{"image": "000000.1.png"}]}'),
+            ("000001.json", b'{"segments": [{"image": "nothere.png"}]}'),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

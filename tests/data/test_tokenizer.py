@@ -13,20 +13,25 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.commands.tokenizer import main as tokenizer_cli
+from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.data.codecs.pixel import PixelPatchCodec
 from megafusion.data.formats.shards import write_jsonl_shard
 from megafusion.data.tokenizers.joint import MultimodalTokenizer, builtin_tokenizer, train_sentencepiece
-from megafusion.core.modality import Modality
-from megafusion.core.errors import DataError
 from megafusion.data.types import Document, ImageSegment, TextSegment
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
-    "a red circle at the top left.", "a blue square in the center.", "there is a green triangle at the bottom.",
-    "an image of a yellow circle in the right.", "a handwritten digit seven.", "a handwritten digit three.",
-    "the quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+    "a red circle at the top left.",
+    "a blue square in the center.",
+    "there is a green triangle at the bottom.",
+    "an image of a yellow circle in the right.",
+    "a handwritten digit seven.",
+    "a handwritten digit three.",
+    "the quick brown fox jumps over the lazy dog.",
+    "Pack my box with five dozen liquor jugs!",
 ]
 
 
@@ -106,8 +111,15 @@ def test_round_trip_text_and_images(tok, codec):
     rng = np.random.default_rng(1)
     exact = codec.decode(rng.integers(0, codec.vocab_size, size=codec.tokens_per_image))  # codec-exact image
     noisy = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-    doc = Document([ImageSegment(exact), TextSegment("a blue square in the center."), ImageSegment(noisy),
-                    ImageSegment(exact), TextSegment("Pack my box with five dozen liquor jugs!")])
+    doc = Document(
+        [
+            ImageSegment(exact),
+            TextSegment("a blue square in the center."),
+            ImageSegment(noisy),
+            ImageSegment(exact),
+            TextSegment("Pack my box with five dozen liquor jugs!"),
+        ]
+    )
     segments = tok.decode(tok.encode_document(doc).tokens)
     assert [type(s) for s in segments] == [type(s) for s in doc.segments]
     assert segments[1].text == "a blue square in the center."
@@ -189,11 +201,21 @@ def test_builtin_tokenizer_cache(tmp_path):
 
 
 def test_builtin_tokenizer_concurrent_processes(tmp_path):
-    code = ("import sys; from megafusion.data.tokenizers.joint import builtin_tokenizer; "
-            f"print(builtin_tokenizer(sys.argv[1], {TEXTS!r} * 50, 150))")
+    code = (
+        "import sys; from megafusion.data.tokenizers.joint import builtin_tokenizer; "
+        f"print(builtin_tokenizer(sys.argv[1], {TEXTS!r} * 50, 150))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     paths = {o[0].strip() for o in outs}

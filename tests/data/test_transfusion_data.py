@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
 from megafusion.data.builtin.shapes import shapes_documents
-from megafusion.data.codecs.pixel import resize_nearest
 from megafusion.data.codecs.latent import PixelLatentCodec
+from megafusion.data.codecs.pixel import resize_nearest
 from megafusion.data.loader import MicrobatchSource
 from megafusion.data.packing import pack_documents
 from megafusion.data.tokenizers.joint import MultimodalTokenizer, train_sentencepiece
 from megafusion.data.transfusion_data import PlaceholderCodec, encode_transfusion_document
-from megafusion.core.modality import Modality
-from megafusion.core.errors import DataError
 from megafusion.data.types import Document, ImageSegment, TextSegment
 
 
@@ -53,8 +53,12 @@ def test_microbatch_latents_follow_image_ids_and_images_leave_the_lm_loss(setup)
     assert lat.shape[0] == sum(counts) > 0
     # The k-th image of a row is the latent at the row's offset + k; its pixels are an image
     # of the documents packed in that row.
-    all_images = {resize_nearest(seg.pixels, 12, 12).tobytes() for d in docs for seg in d.segments
-                  if isinstance(seg, ImageSegment)}
+    all_images = {
+        resize_nearest(seg.pixels, 12, 12).tobytes()
+        for d in docs
+        for seg in d.segments
+        if isinstance(seg, ImageSegment)
+    }
     for image in lat:
         assert latent.decode(image.numpy()).tobytes() in all_images
     for row, n in enumerate(counts):
@@ -112,8 +116,8 @@ def test_images_without_a_caption_before_them_get_capped_noise(setup):
 def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
     import torch
 
-    from megafusion.layers.masks import block_mask, dense_mask
     from megafusion.accounting.flops import attended_keys_from_mask
+    from megafusion.layers.masks import block_mask, dense_mask
     from megafusion.objectives.transfusion import attended_keys, caption_dropout
 
     docs, tok, _ = setup

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from megafusion.config import ConfigError, load_config, validate
-from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.commands.tokenizer import main as tokenizer_cli
+from megafusion.config import ConfigError, load_config, validate
+from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.data.codecs.registry import build_codec
+from megafusion.data.codecs.vq import VQGANCodec, VQPatchCodec, fit_vq_codebook, save_vq_codebook
 from megafusion.data.formats.shards import write_jsonl_shard
 from megafusion.data.sources import build_data
 from megafusion.data.tokenizers.joint import MultimodalTokenizer, train_sentencepiece
-from megafusion.core.modality import Modality
-from megafusion.core.errors import DataError
 from megafusion.data.types import Document, ImageSegment, TextSegment
-from megafusion.data.codecs.vq import VQGANCodec, VQPatchCodec, fit_vq_codebook, save_vq_codebook
 
 SIZE, PATCH, K = 16, 2, 32
 
@@ -89,8 +89,10 @@ def test_codes_match_brute_force(fitted, shape_images):
 
 
 def test_kmeans_beats_a_codebook_of_random_patches(fitted, shape_images, tmp_path):
-    patches = np.unique(np.concatenate([
-        img.reshape(8, 2, 8, 2, 3).transpose(0, 2, 1, 3, 4).reshape(64, 12) for img in shape_images]), axis=0)
+    patches = np.unique(
+        np.concatenate([img.reshape(8, 2, 8, 2, 3).transpose(0, 2, 1, 3, 4).reshape(64, 12) for img in shape_images]),
+        axis=0,
+    )
     pick = np.random.default_rng(0).choice(len(patches), K, replace=False)
     random_path = save_vq_codebook(patches[pick] / 255.0, SIZE, PATCH, str(tmp_path / "rand.safetensors"))
     random_codec = VQPatchCodec(random_path)
@@ -137,8 +139,9 @@ def test_tokenizer_round_trip_with_vq(fitted, shape_images, tmp_path):
     texts = ["a red circle at the top left.", "a blue square in the center."]
     tok = MultimodalTokenizer.from_files(train_sentencepiece(texts, 60, str(tmp_path / "sp")), fitted)
     assert tok.vocab_size == tok.text_vocab_size + 2 + K
-    doc = Document([TextSegment(texts[0]), ImageSegment(shape_images[0]), TextSegment(texts[1]),
-                    ImageSegment(shape_images[1])])
+    doc = Document(
+        [TextSegment(texts[0]), ImageSegment(shape_images[0]), TextSegment(texts[1]), ImageSegment(shape_images[1])]
+    )
     encoded = tok.encode_document(doc)
     assert (encoded.modalities == Modality.IMAGE).sum() == 2 * fitted.tokens_per_image
     back = tok.decode(encoded.tokens)
@@ -152,8 +155,19 @@ def test_cli_fit_vq(tmp_path, capsys):
     docs = shapes_documents(30, seed=0, image_size=SIZE)
     write_jsonl_shard(docs, str(tmp_path / "shards" / "a.jsonl"))
     out = tmp_path / "cli.safetensors"
-    args = ["fit-vq", "--image-size", str(SIZE), "--patch-size", str(PATCH), "--codebook-size", "16",
-            "--seed", "0", "--out", str(out)]
+    args = [
+        "fit-vq",
+        "--image-size",
+        str(SIZE),
+        "--patch-size",
+        str(PATCH),
+        "--codebook-size",
+        "16",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert tokenizer_cli([*args, "--input", str(tmp_path / "shards")]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     direct = fit_vq_codebook(images_of(docs), SIZE, PATCH, 16, 0, str(tmp_path / "direct.safetensors"))
@@ -174,9 +188,16 @@ def vqgan_dir(tmp_path_factory) -> str:
     from diffusers import VQModel
 
     torch.manual_seed(0)
-    model = VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=32,
-                    norm_num_groups=4, sample_size=16, layers_per_block=1)
+    model = VQModel(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        num_vq_embeddings=32,
+        norm_num_groups=4,
+        sample_size=16,
+        layers_per_block=1,
+    )
     # The default init (uniform +-1/32) puts every latent nearest the same few rows; spread it.
     model.quantize.embedding.weight.data.normal_()
     path = tmp_path_factory.mktemp("vqgan") / "model"
@@ -236,14 +257,26 @@ def test_config_validation():
     assert "data.image_codec='vqvae' is not one of pixel, vq, vqgan" in problems("data.image_codec=vqvae")
     assert "data.image_codec=vqgan needs data.vqgan_path" in problems("data.image_codec=vqgan")
     assert "data.vq_codebook_size=1 must be >= 2" in problems("data.image_codec=vq", "data.vq_codebook_size=1")
-    assert "data.image_size=15 is not divisible by data.patch_size=2" in problems("data.image_codec=vq",
-                                                                                  "data.image_size=15")
+    assert "data.image_size=15 is not divisible by data.patch_size=2" in problems(
+        "data.image_codec=vq", "data.image_size=15"
+    )
 
 
 def builtin_cfg(tmp_path, *overrides: str):
-    return load_config(None, ["data.source=builtin", "data.builtin=shapes", "data.num_samples=40",
-                              f"data.image_size={SIZE}", f"data.patch_size={PATCH}", "data.text_vocab_size=64",
-                              f"data.cache_dir={tmp_path / 'cache'}", "model.seq_length=128", *overrides])
+    return load_config(
+        None,
+        [
+            "data.source=builtin",
+            "data.builtin=shapes",
+            "data.num_samples=40",
+            f"data.image_size={SIZE}",
+            f"data.patch_size={PATCH}",
+            "data.text_vocab_size=64",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.seq_length=128",
+            *overrides,
+        ],
+    )
 
 
 def test_build_data_with_vq(tmp_path):
@@ -262,8 +295,7 @@ def test_build_data_with_vq(tmp_path):
     given = build_data(builtin_cfg(tmp_path, "data.image_codec=vq", f"data.vq_codebook={codec.path}"))
     assert given.tokenizer.codec.config() == codec.config()
     with pytest.raises(DataError, match="fitted for image_size=16 patch_size=2, but data.image_size=24"):
-        build_data(builtin_cfg(tmp_path, "data.image_codec=vq", f"data.vq_codebook={codec.path}",
-                               "data.image_size=24"))
+        build_data(builtin_cfg(tmp_path, "data.image_codec=vq", f"data.vq_codebook={codec.path}", "data.image_size=24"))
     with pytest.raises(DataError, match=r"data.vq_codebook_size / --codebook-size\) to at most"):
         build_data(builtin_cfg(tmp_path, "data.image_codec=vq"))  # 256 > the distinct patches of 40 shapes
 
@@ -272,20 +304,32 @@ def test_indexed_data_rebuilds_vq_codec(tmp_path, fitted, shape_images):
     from megafusion.data.formats.indexed import write_indexed
 
     docs = shapes_documents(30, seed=0, image_size=SIZE)
-    model = train_sentencepiece([s.text for d in docs for s in d.segments if isinstance(s, TextSegment)], 64,
-                                str(tmp_path / "sp"))
+    model = train_sentencepiece(
+        [s.text for d in docs for s in d.segments if isinstance(s, TextSegment)], 64, str(tmp_path / "sp")
+    )
     tok = MultimodalTokenizer.from_files(model, fitted)
-    write_indexed(str(tmp_path / "ds"), (tok.encode_document(d) for d in docs),
-                  {"tokenizer": tok.config(), "codec": fitted.config(), "vocab_size": tok.vocab_size})
-    cfg = load_config(None, ["data.source=indexed", f"data.path={tmp_path / 'ds'}", f"data.tokenizer={model}",
-                             "model.seq_length=128"])
+    write_indexed(
+        str(tmp_path / "ds"),
+        (tok.encode_document(d) for d in docs),
+        {"tokenizer": tok.config(), "codec": fitted.config(), "vocab_size": tok.vocab_size},
+    )
+    cfg = load_config(
+        None, ["data.source=indexed", f"data.path={tmp_path / 'ds'}", f"data.tokenizer={model}", "model.seq_length=128"]
+    )
     bundle = build_data(cfg)
     assert isinstance(bundle.tokenizer.codec, VQPatchCodec) and bundle.meta["codec"] == fitted.config()
 
 
 def test_build_data_with_vqgan(tmp_path, vqgan_dir):
-    bundle = build_data(builtin_cfg(tmp_path, "data.image_codec=vqgan", f"data.vqgan_path={vqgan_dir}",
-                                    "data.num_samples=12", "data.val_fraction=0"))
+    bundle = build_data(
+        builtin_cfg(
+            tmp_path,
+            "data.image_codec=vqgan",
+            f"data.vqgan_path={vqgan_dir}",
+            "data.num_samples=12",
+            "data.val_fraction=0",
+        )
+    )
     tok = bundle.tokenizer
     assert isinstance(tok.codec, VQGANCodec) and tok.vocab_size == tok.text_vocab_size + 2 + 32
     assert bundle.meta["codec"] == {"name": "vqgan", "path": vqgan_dir, "image_size": SIZE}

@@ -11,14 +11,35 @@ from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.data.formats.shards import write_jsonl_shard
 from tests.helpers import ROOT, run_train
 
-REQUIRED = ("step", "loss", "loss/text", "loss/image", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu",
-            "mfu", "mem_gb")
+REQUIRED = (
+    "step",
+    "loss",
+    "loss/text",
+    "loss/image",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "mfu",
+    "mem_gb",
+)
 
 
 def test_main_job_learns_both_modalities_and_reports_metrics(tmp_path):
-    _, _, out = run_train(tmp_path, 1, "examples/configs/tiny_mixed.yaml",
-                          ["train.steps=40", "logging.log_interval=1", "logging.wandb=true", "eval.interval=20",
-                           "checkpoint.save=true", "logging.peak_tflops=100"], "main")
+    _, _, out = run_train(
+        tmp_path,
+        1,
+        "examples/configs/tiny_mixed.yaml",
+        [
+            "train.steps=40",
+            "logging.log_interval=1",
+            "logging.wandb=true",
+            "eval.interval=20",
+            "checkpoint.save=true",
+            "logging.peak_tflops=100",
+        ],
+        "main",
+    )
     run_dir = tmp_path / "main"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -48,26 +69,50 @@ def test_raw_shards_to_indexed_dataset_to_training(tmp_path):
     write_jsonl_shard(shapes_documents(300, 5, 12), str(shard))
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "megafusion.cli", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "megafusion.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
     cli("tokenizer", "train", "--input", str(shard.parent), "--vocab-size", "128", "--output", str(tmp_path / "spm"))
     model = tmp_path / "spm.model"
     assert model.exists()
-    cli("data", "prepare", "--input", str(shard), "--tokenizer", str(model), "--output", str(tmp_path / "ds"),
-        "--image-size", "12", "--patch-size", "2", "--pixel-levels", "4")
-    losses, _, out = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml",
-                               ["data.source=indexed", f"data.path={tmp_path / 'ds'}", f"data.tokenizer={model}",
-                                "train.steps=3"], "indexed")
+    cli(
+        "data",
+        "prepare",
+        "--input",
+        str(shard),
+        "--tokenizer",
+        str(model),
+        "--output",
+        str(tmp_path / "ds"),
+        "--image-size",
+        "12",
+        "--patch-size",
+        "2",
+        "--pixel-levels",
+        "4",
+    )
+    losses, _, out = run_train(
+        tmp_path,
+        1,
+        "tests/configs/mixed_small.yaml",
+        ["data.source=indexed", f"data.path={tmp_path / 'ds'}", f"data.tokenizer={model}", "train.steps=3"],
+        "indexed",
+    )
     assert len(losses) == 3 and f"indexed:{tmp_path / 'ds'}" in out
 
     # The same dataset with another tokenizer is refused, naming the dataset.
     cli("tokenizer", "train", "--input", str(shard.parent), "--vocab-size", "100", "--output", str(tmp_path / "other"))
-    _, _, err = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml",
-                          ["data.source=indexed", f"data.path={tmp_path / 'ds'}",
-                           f"data.tokenizer={tmp_path / 'other.model'}"], "wrong_tok", expect_rc=2)
+    _, _, err = run_train(
+        tmp_path,
+        1,
+        "tests/configs/mixed_small.yaml",
+        ["data.source=indexed", f"data.path={tmp_path / 'ds'}", f"data.tokenizer={tmp_path / 'other.model'}"],
+        "wrong_tok",
+        expect_rc=2,
+    )
     assert "ds.meta.json" in err and "different tokenizer" in err
 
 
@@ -78,6 +123,7 @@ def test_missing_logging_backend_is_named_with_the_fix(tmp_path):
         run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", ["train.steps=1", "logging.tensorboard=true"], "tb")
         assert list((tmp_path / "tb" / "tensorboard").iterdir())
         return
-    _, _, out = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", ["train.steps=1", "logging.tensorboard=true"],
-                          "tb", expect_rc=2)
+    _, _, out = run_train(
+        tmp_path, 1, "tests/configs/mixed_small.yaml", ["train.steps=1", "logging.tensorboard=true"], "tb", expect_rc=2
+    )
     assert "pip install tensorboard" in out and "logging.tensorboard=false" in out

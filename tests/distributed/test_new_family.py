@@ -47,8 +47,9 @@ class ReGLUMLP(MLP):
 
 
 def reglu_layer_spec(cfg) -> ModuleSpec:
-    mlp = ModuleSpec(module=ReGLUMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                               linear_fc2=RowParallelLinear))
+    mlp = ModuleSpec(
+        module=ReGLUMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
     return transformer_layer_spec(cfg, mlp=mlp)
 
 

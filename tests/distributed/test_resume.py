@@ -46,13 +46,17 @@ def test_resume_same_layout_is_exact(runs):
     assert (copy / "latest").read_text().strip() == "step_0000006"
 
 
-@pytest.mark.parametrize("layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]),
-                                    (2, ["parallel.pp=2", "parallel.vpp=2"])], ids=["tp2", "pp2", "pp2_vpp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]), (2, ["parallel.pp=2", "parallel.vpp=2"])],
+    ids=["tp2", "pp2", "pp2_vpp2"],
+)
 def test_resume_into_another_layout(runs, layout):
     tmp, full, ckpt = runs
     nproc, overrides = layout
-    losses, _ = _resume(tmp, ckpt, "_".join(o.replace("parallel.", "").replace("=", "") for o in overrides),
-                        nproc, overrides)
+    losses, _ = _resume(
+        tmp, ckpt, "_".join(o.replace("parallel.", "").replace("=", "") for o in overrides), nproc, overrides
+    )
     _assert_close(losses, full[3:], 1e-5, f"resumed into {overrides}")
 
 
@@ -73,8 +77,15 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(runs):
     crashed = tmp / "crashed_ckpt"
     shutil.copytree(ckpt, crashed)
     # Resume, train steps 4-6, and die after writing step 6's shards but before completing it.
-    run_train(tmp, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={crashed}"], "crash",
-              env={"MEGAFUSION_FAULT": "after_shards:6"}, expect_rc=17)
+    run_train(
+        tmp,
+        1,
+        CONFIG,
+        ["checkpoint.save=true", f"checkpoint.dir={crashed}"],
+        "crash",
+        env={"MEGAFUSION_FAULT": "after_shards:6"},
+        expect_rc=17,
+    )
     assert (crashed / "latest").read_text().strip() == "step_0000003"
     assert (crashed / "step_0000006").is_dir() and not (crashed / "step_0000006" / "megafusion.json").exists()
     losses, _, out = run_train(tmp, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={crashed}"], "after_crash")
@@ -86,8 +97,19 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_loadable(runs):
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_train(tmp_path, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={ckpt}", "checkpoint.interval=1",
-                                    "checkpoint.keep_last=2", "train.steps=4"], "prune")
+    run_train(
+        tmp_path,
+        1,
+        CONFIG,
+        [
+            "checkpoint.save=true",
+            f"checkpoint.dir={ckpt}",
+            "checkpoint.interval=1",
+            "checkpoint.keep_last=2",
+            "train.steps=4",
+        ],
+        "prune",
+    )
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000003", "step_0000004"]
     assert (ckpt / "latest").read_text().strip() == "step_0000004"
 
@@ -96,11 +118,23 @@ def test_incompatible_checkpoint_is_refused_with_the_reason(runs):
     tmp, _, ckpt = runs
     copy = tmp / "incompatible_ckpt"
     shutil.copytree(ckpt, copy)
-    _, _, out = run_train(tmp, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={copy}", "model.hidden_size=64"],
-                          "incompatible", expect_rc=2)
+    _, _, out = run_train(
+        tmp,
+        1,
+        CONFIG,
+        ["checkpoint.save=true", f"checkpoint.dir={copy}", "model.hidden_size=64"],
+        "incompatible",
+        expect_rc=2,
+    )
     assert str(copy / "step_0000003") in out
     assert "model.hidden_size: checkpoint 32, this run 64" in out
     assert "checkpoint.resume=false" in out
-    _, _, out = run_train(tmp, 1, CONFIG, ["checkpoint.save=true", f"checkpoint.dir={copy}",
-                                           "parallel.distributed_optimizer=true"], "other_optimizer", expect_rc=2)
+    _, _, out = run_train(
+        tmp,
+        1,
+        CONFIG,
+        ["checkpoint.save=true", f"checkpoint.dir={copy}", "parallel.distributed_optimizer=true"],
+        "other_optimizer",
+        expect_rc=2,
+    )
     assert "parallel.distributed_optimizer: checkpoint False, this run True" in out

@@ -10,9 +10,9 @@ import torch
 from megafusion.config import Config
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import dense_mask
-from megafusion.objectives.build import build_model_chunks
-from megafusion.models.transfusion import ImageInputs
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.models.transfusion import ImageInputs
+from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.lm import lm_loss_sums
 from tests.helpers import assert_same_training, run_train
 
@@ -100,8 +100,13 @@ def test_a_sequence_without_images_gives_the_lm_models_loss(runtime):
     want = loss(lm_model(batch["tokens"], batch["position_ids"], mask, labels=None))
     cfg.objective.name = "transfusion"
     tf_model = build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)[0]
-    no_images = ImageInputs(image_ids=torch.full_like(batch["tokens"], -1), noised=torch.zeros(0, 3, 12, 12),
-                            timesteps=torch.zeros(0), count=0, positions=torch.zeros(0, dtype=torch.int64))
+    no_images = ImageInputs(
+        image_ids=torch.full_like(batch["tokens"], -1),
+        noised=torch.zeros(0, 3, 12, 12),
+        timesteps=torch.zeros(0),
+        count=0,
+        positions=torch.zeros(0, dtype=torch.int64),
+    )
     logits, prediction = tf_model(batch["tokens"], batch["position_ids"], mask, labels=None, images=no_images)
     assert prediction is None
     assert torch.equal(loss(logits), want)

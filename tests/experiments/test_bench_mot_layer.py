@@ -23,8 +23,21 @@ def test_quick_run_writes_result_and_table(tmp_path):
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
     r = json.loads(out.read_text())
-    for key in ("device", "versions", "commit", "date", "command", "shape", "dtype", "layer_ms", "ratio",
-                "mlp_ms", "routing_ms", "flops", "tflops"):
+    for key in (
+        "device",
+        "versions",
+        "commit",
+        "date",
+        "command",
+        "shape",
+        "dtype",
+        "layer_ms",
+        "ratio",
+        "mlp_ms",
+        "routing_ms",
+        "flops",
+        "tflops",
+    ):
         assert key in r, key
     assert r["quick"] is True and r["device"]["name"] and r["versions"]["megatron_core"]
     assert r["command"].startswith("python -m bench.mot_layer --quick --out ")

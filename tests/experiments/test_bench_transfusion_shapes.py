@@ -11,8 +11,17 @@ from tests.helpers import ROOT
 
 def test_quick_run_records_accuracy_chance_and_provenance(tmp_path):
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "bench.transfusion_shapes", "--quick", "--config", "tests/configs/transfusion_small.yaml",
-           "--out", str(out), f"logging.out_dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.transfusion_shapes",
+        "--quick",
+        "--config",
+        "tests/configs/transfusion_small.yaml",
+        "--out",
+        str(out),
+        f"logging.out_dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

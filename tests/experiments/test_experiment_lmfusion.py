@@ -34,8 +34,18 @@ def write_run(run_dir, steps: int, step_flops: float, losses, eval_every: int = 
     run_dir.mkdir(parents=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
-            f.write(json.dumps({"step": step, "loss": 1.0, "step_time_s": step_time, "flops": step_flops,
-                                "flops_total": step * step_flops}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 1.0,
+                        "step_time_s": step_time,
+                        "flops": step_flops,
+                        "flops_total": step * step_flops,
+                    }
+                )
+                + "\n"
+            )
             if step % eval_every == 0 or step == steps:
                 f.write(json.dumps({"step": step, **losses(step)}) + "\n")
 
@@ -58,14 +68,30 @@ def runs(tmp_path):
     write_run(out / "mot_scratch", 80, 1.25e9, mot_losses, step_time=0.2)
     write_run(out / "text_lm", 10, 5e8, lambda s: {"val/loss": 0.8, "val/loss/text": 0.8}, eval_every=5)
     ev = lambda loss: {"loss": loss, "perplexity": math.exp(loss), "tokens": 100}  # noqa: E731
-    info = {"command": "python examples/experiments/lmfusion/run.py", "commit": "abc1234", "machine": "test",
-            "date_utc": "2026-01-01T00:00:00Z", "launcher": "subprocess", "quick": False,
-            "settings": {"heldout_captions": 10, "caption_choices": 648, "text_captions": 100, "text_seed": 1,
-                         "text_documents": 20, "captions_per_document": 5, "n_text": 50, "heldout_seed": 2},
-            "budget": {"rule": "the same FLOPs"},
-            "steps": [{"name": n, "command": f"megafusion {n}", "seconds": s}
-                      for n, s in (("text_lm", 5.0), ("lmfusion", 12.0), ("mot_scratch", 20.0))],
-            "text_eval": {"text_lm": ev(0.7), "import": ev(0.7), "lmfusion": ev(0.7), "mot_scratch": ev(0.9)}}
+    info = {
+        "command": "python examples/experiments/lmfusion/run.py",
+        "commit": "abc1234",
+        "machine": "test",
+        "date_utc": "2026-01-01T00:00:00Z",
+        "launcher": "subprocess",
+        "quick": False,
+        "settings": {
+            "heldout_captions": 10,
+            "caption_choices": 648,
+            "text_captions": 100,
+            "text_seed": 1,
+            "text_documents": 20,
+            "captions_per_document": 5,
+            "n_text": 50,
+            "heldout_seed": 2,
+        },
+        "budget": {"rule": "the same FLOPs"},
+        "steps": [
+            {"name": n, "command": f"megafusion {n}", "seconds": s}
+            for n, s in (("text_lm", 5.0), ("lmfusion", 12.0), ("mot_scratch", 20.0))
+        ],
+        "text_eval": {"text_lm": ev(0.7), "import": ev(0.7), "lmfusion": ev(0.7), "mot_scratch": ev(0.9)},
+    }
     (out / "run_info.json").write_text(json.dumps(info))
     return out
 
@@ -121,8 +147,10 @@ def test_crossing_helpers():
     assert analyze.first_crossing([1, 2, 3], [5.0, 4.0, 2.0], 3.0) == (2.5, 1.5)
     assert analyze.first_crossing([1, 2, 3], [2.0, 1.0, 0.5], 3.0) == (1, 0.0)
     assert analyze.first_crossing([1, 2], [5.0, float("nan")], 3.0) is None
-    row = analyze.reach({"flops": [1.0, 2.0], "step": [10, 20], "image": [0.2, 0.1]},
-                        {"flops": [1.0, 4.0], "step": [5, 10], "image": [0.5, 0.3]})
+    row = analyze.reach(
+        {"flops": [1.0, 2.0], "step": [10, 20], "image": [0.2, 0.1]},
+        {"flops": [1.0, 4.0], "step": [5, 10], "image": [0.5, 0.3]},
+    )
     assert row["reached"] and row["at_first_point"] and row["fraction_of_other_flops"] == 0.25
 
 
@@ -137,10 +165,14 @@ def test_budget_rule_and_model_section(tmp_path, monkeypatch):
     assert budget["mot_to_lmfusion_flops_per_step"] == pytest.approx(1.2)
     # Per-step FLOPs vary with the batch: the prediction follows LMFusion's own steps.
     assert run.mot_steps_for_budget([10.0, 20.0, 30.0], [11.0])["mot_steps"] == 2
-    (tmp_path / "m.yaml").write_text("model:\n  arch: dense\n  num_layers: 2\n  rope_scaling: null\n  qk_norm: false\n"
-                                     "  vocab_size: 189\n")
-    assert run.model_section_overrides(tmp_path / "m.yaml") == ["model.num_layers=2", "model.rope_scaling=null",
-                                                                 "model.qk_norm=false"]
+    (tmp_path / "m.yaml").write_text(
+        "model:\n  arch: dense\n  num_layers: 2\n  rope_scaling: null\n  qk_norm: false\n  vocab_size: 189\n"
+    )
+    assert run.model_section_overrides(tmp_path / "m.yaml") == [
+        "model.num_layers=2",
+        "model.rope_scaling=null",
+        "model.qk_norm=false",
+    ]
     assert run.last_json('noise\n{"loss": 1.5}\n[megafusion] done\n') == {"loss": 1.5}
 
 
@@ -148,16 +180,34 @@ def test_run_py_quick_end_to_end(tmp_path):
     """Every step at tiny size: text data, tokenizer, data prepare, text LM, HF round trip, LMFusion,
     the MoT pilot and the MoT from scratch at the same FLOPs, four eval --text, the report."""
     out, results = tmp_path / "runs", tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--quick", "--out-dir", str(out), "--results",
-                           str(results)], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "--quick", "--out-dir", str(out), "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((results / "lmfusion.json").read_text())
     assert result["quick"] and result["launcher"] == "inprocess"
     assert result["versions"]["megatron_core"] and "recorded" not in result["versions"]  # recorded by run.py
     names = [s["name"] for s in result["steps"]]
-    assert names == ["text_data", "tokenizer", "data_prepare", "text_lm", "export_hf", "import_hf", "eval_text_lm",
-                     "eval_import", "lmfusion", "pilot_mot", "mot_scratch", "eval_lmfusion", "eval_mot_scratch"]
+    assert names == [
+        "text_data",
+        "tokenizer",
+        "data_prepare",
+        "text_lm",
+        "export_hf",
+        "import_hf",
+        "eval_text_lm",
+        "eval_import",
+        "lmfusion",
+        "pilot_mot",
+        "mot_scratch",
+        "eval_lmfusion",
+        "eval_mot_scratch",
+    ]
     commands = {s["name"]: s["command"] for s in result["steps"]}
     assert "--vocab-multiple 1" in commands["import_hf"]
     assert f"--vocab-size {result['settings']['n_text']}" in commands["export_hf"]
@@ -185,9 +235,21 @@ def test_run_py_quick_end_to_end(tmp_path):
     assert "initialised from" in log and "vocabulary grown from" in log and "dense -> MoT" in log
     assert (results / "lmfusion.md").read_text().startswith("# LMFusion vs MoT from scratch")
     assert (results / "lmfusion.png").is_file()
-    again = subprocess.run([sys.executable, str(HERE / "run.py"), "--analyze-only", "--out-dir", str(out),
-                            "--results", str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--analyze-only",
+            "--out-dir",
+            str(out),
+            "--results",
+            str(tmp_path / "again"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "lmfusion.json").read_text())["date_utc"] == result["date_utc"]
 
@@ -197,5 +259,8 @@ def test_results_record_paths_relative_to_the_repository():
 
     inside, outside = str(ROOT / "runs" / "lmfusion" / "metrics.jsonl"), "/elsewhere/runs/metrics.jsonl"
     got = repo_relative({"runs": [{"metrics": inside}, {"metrics": outside}], "steps": 3, "name": str(ROOT) + "x"})
-    assert got == {"runs": [{"metrics": "runs/lmfusion/metrics.jsonl"}, {"metrics": outside}], "steps": 3,
-                   "name": str(ROOT) + "x"}
+    assert got == {
+        "runs": [{"metrics": "runs/lmfusion/metrics.jsonl"}, {"metrics": outside}],
+        "steps": 3,
+        "name": str(ROOT) + "x",
+    }

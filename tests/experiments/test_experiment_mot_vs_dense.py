@@ -32,8 +32,13 @@ def write_run(run_dir, val_loss, step_time: float, steps: int = STEPS, image_key
     keys = {"text": "text", "image": image_key}
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
-            record = {"step": step, "step_time_s": step_time, "flops": STEP_FLOPS, "flops_total": step * STEP_FLOPS,
-                      "loss": val_loss("overall", step)}
+            record = {
+                "step": step,
+                "step_time_s": step_time,
+                "flops": STEP_FLOPS,
+                "flops_total": step * STEP_FLOPS,
+                "loss": val_loss("overall", step),
+            }
             record.update({f"loss/{keys[m]}": val_loss(m, step) for m in ("text", "image")})
             f.write(json.dumps(record) + "\n")
             if step % EVAL_EVERY == 0:
@@ -86,12 +91,23 @@ def tf_runs(tmp_path):
 
 def write_run_info(out_dir, config: str):
     """A run_info.json as run.py writes it, naming ``config`` (a file of the experiment folder)."""
-    cmd = lambda arch: ["python", "-m", "megafusion.train", "--config",  # noqa: E731
-                        f"examples/experiments/mot_vs_dense/{config}", f"model.arch={arch}",
-                        f"logging.out_dir={out_dir / arch}"]
-    info = {"command": "python examples/experiments/mot_vs_dense/run.py", "commit": "abc1234", "machine": "test",
-            "date_utc": "2026-01-01T00:00:00Z", "train_commands": {a: cmd(a) for a in ("dense", "mot")},
-            "run_seconds": {"dense": 1.0, "mot": 1.0}}
+    cmd = lambda arch: [
+        "python",
+        "-m",
+        "megafusion.train",
+        "--config",  # noqa: E731
+        f"examples/experiments/mot_vs_dense/{config}",
+        f"model.arch={arch}",
+        f"logging.out_dir={out_dir / arch}",
+    ]
+    info = {
+        "command": "python examples/experiments/mot_vs_dense/run.py",
+        "commit": "abc1234",
+        "machine": "test",
+        "date_utc": "2026-01-01T00:00:00Z",
+        "train_commands": {a: cmd(a) for a in ("dense", "mot")},
+        "run_seconds": {"dense": 1.0, "mot": 1.0},
+    }
     (out_dir / "run_info.json").write_text(json.dumps(info))
 
 
@@ -128,9 +144,10 @@ def test_ema_and_crossing_helpers():
     assert analyze.first_crossing([1, 2, 3], [5.0, 4.0, 2.0], 3.0) == (2.5, 1.5)
     assert analyze.first_crossing([1, 2, 3], [2.0, 1.0, 0.5], 3.0) == (1, 0.0)  # already below: first point
     assert analyze.first_crossing([1, 2], [5.0, 4.0], 3.0) is None
-    early = analyze.compare({"flops": [1.0, 2.0], "wall_s": [1.0, 2.0], "step": [1, 2], **dict.fromkeys(
-        analyze.MODALITIES, [3.0, 2.0])}, {"flops": [1.0, 2.0], "wall_s": [2.0, 4.0], "step": [1, 2], **dict.fromkeys(
-        analyze.MODALITIES, [1.5, 1.0])})
+    early = analyze.compare(
+        {"flops": [1.0, 2.0], "wall_s": [1.0, 2.0], "step": [1, 2], **dict.fromkeys(analyze.MODALITIES, [3.0, 2.0])},
+        {"flops": [1.0, 2.0], "wall_s": [2.0, 4.0], "step": [1, 2], **dict.fromkeys(analyze.MODALITIES, [1.5, 1.0])},
+    )
     assert early["text"]["at_first_point"] and early["text"]["flops_fraction"] == 0.5  # an upper bound
     assert analyze._pct(0.5, upper_bound=True) == "<= 50.0%"
 
@@ -160,7 +177,9 @@ def test_transfusion_fractions_on_known_curves(tf_runs, tmp_path):
     assert result["train_loss_ema"]["image"]["reached"]  # the smoothed diffusion loss crosses too
 
     base = tmp_path / "results" / "mot_vs_dense_transfusion"
-    assert json.loads(base.with_suffix(".json").read_text())["validation"]["image"]["flops_fraction"] == pytest.approx(0.5)
+    assert json.loads(base.with_suffix(".json").read_text())["validation"]["image"]["flops_fraction"] == pytest.approx(
+        0.5
+    )
     assert base.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "results" / "mot_vs_dense.json").exists()  # the lm report is left alone
     table = base.with_suffix(".md").read_text()
@@ -182,8 +201,11 @@ def test_lm_report_is_unchanged_by_the_settings(runs, tmp_path):
 
 def test_missing_image_loss_of_the_setting_is_explained(runs, tf_runs):
     # --setting asks for an image loss the runs do not log: the error names the file, the key and the fix.
-    with pytest.raises(analyze.AnalysisError, match=r"dense/metrics.jsonl: no evaluation record has "
-                       r"val/loss/diffusion.*--setting lm"):
+    with pytest.raises(
+        analyze.AnalysisError,
+        match=r"dense/metrics.jsonl: no evaluation record has "
+        r"val/loss/diffusion.*--setting lm",
+    ):
         analyze.analyze_runs(runs, "transfusion")
     with pytest.raises(analyze.AnalysisError, match=r"val/loss/image.*--setting transfusion"):
         analyze.analyze_runs(tf_runs, "lm")
@@ -220,23 +242,45 @@ def test_run_py_setting_and_config_must_agree(monkeypatch):
     assert run.choose_setting(None, None, []) == (None, None)  # --analyze-only: the runs decide
     with pytest.raises(ValueError, match=r"--setting lm, but .*config_transfusion.yaml.* objective.name=transfusion"):
         run.choose_setting("lm", str(HERE / "config_transfusion.yaml"), [])
-    refused = subprocess.run([sys.executable, str(HERE / "run.py"), "--setting", "lm", "--config",
-                              str(HERE / "config_transfusion.yaml")], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60)
+    refused = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "--setting", "lm", "--config", str(HERE / "config_transfusion.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "objective.name=transfusion" in refused.stderr
 
 
 def test_run_py_end_to_end_tiny(tmp_path):
     """run.py trains a tiny dense and a tiny MoT model for 3 steps each and writes the report."""
     out, results = tmp_path / "runs", tmp_path / "results"
-    tiny = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
-            "model.ffn_hidden_size=64", "model.seq_length=128", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.warmup_steps=1", "data.builtin=shapes", "data.num_samples=200",
-            "data.text_vocab_size=64", "data.vq_codebook_size=24", f"data.cache_dir={tmp_path / 'cache'}",
-            "eval.interval=1", "eval.batches=1"]
-    proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--steps", "3", "--out-dir", str(out),
-                           "--results", str(results), *tiny], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tiny = [
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.num_query_groups=1",
+        "model.ffn_hidden_size=64",
+        "model.seq_length=128",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.warmup_steps=1",
+        "data.builtin=shapes",
+        "data.num_samples=200",
+        "data.text_vocab_size=64",
+        "data.vq_codebook_size=24",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "eval.interval=1",
+        "eval.batches=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "--steps", "3", "--out-dir", str(out), "--results", str(results), *tiny],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "mot_vs_dense.json").read_text())
     assert result["runs"]["dense"]["steps"] == result["runs"]["mot"]["steps"] == 3
@@ -247,13 +291,26 @@ def test_run_py_end_to_end_tiny(tmp_path):
     assert set(result["train_commands"]) == {"dense", "mot"} and "model.arch=mot" in result["train_commands"]["mot"]
     assert (results / "mot_vs_dense.md").is_file() and (results / "mot_vs_dense.png").is_file()
     # Analysis alone reuses the runs; a reserved override is refused.
-    again = subprocess.run([sys.executable, str(HERE / "run.py"), "--analyze-only", "--out-dir", str(out),
-                            "--results", str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--analyze-only",
+            "--out-dir",
+            str(out),
+            "--results",
+            str(tmp_path / "again"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "mot_vs_dense.json").is_file()
-    refused = subprocess.run([sys.executable, str(HERE / "run.py"), "model.arch=mot"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "model.arch=mot"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "model.arch" in refused.stderr
 
 
@@ -261,13 +318,42 @@ def test_run_py_end_to_end_tiny_transfusion(tmp_path):
     """run.py --config config_transfusion.yaml trains a tiny dense and MoT Transfusion model for 4 steps
     each and writes the Transfusion report, its image row on the diffusion loss."""
     out, results = tmp_path / "runs", tmp_path / "results"
-    tiny = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
-            "model.ffn_hidden_size=64", "model.seq_length=128", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.warmup_steps=1", "data.num_samples=200", "data.text_vocab_size=64",
-            f"data.cache_dir={tmp_path / 'cache'}", "eval.interval=2", "eval.batches=1"]
-    proc = subprocess.run([sys.executable, str(HERE / "run.py"), "--config", str(HERE / "config_transfusion.yaml"),
-                           "--steps", "4", "--out-dir", str(out), "--results", str(results), *tiny], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tiny = [
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.num_query_groups=1",
+        "model.ffn_hidden_size=64",
+        "model.seq_length=128",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.warmup_steps=1",
+        "data.num_samples=200",
+        "data.text_vocab_size=64",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "eval.interval=2",
+        "eval.batches=1",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--config",
+            str(HERE / "config_transfusion.yaml"),
+            "--steps",
+            "4",
+            "--out-dir",
+            str(out),
+            "--results",
+            str(results),
+            *tiny,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "mot_vs_dense_transfusion.json").read_text())
     assert result["setting"] == "transfusion" and result["image_loss"] == "val/loss/diffusion"

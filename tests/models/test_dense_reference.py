@@ -17,8 +17,8 @@ from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import dense_mask
 from megafusion.models.param_layout import global_param_names
-from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.objectives.build import build_model_chunks
 
 
 def rms(x, w, eps):

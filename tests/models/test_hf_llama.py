@@ -28,16 +28,31 @@ from tests.helpers import ROOT, assert_same_training, run_train
 VOCAB, SEQ = 200, 24
 # The untied import pads to a multiple of 128 (the default), the tied one to --vocab-size 300.
 ROWS = {"untied": 256, "tied": 300}
-ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def tiny_llama_config(tied: bool, **changes):
     from transformers import LlamaConfig
 
-    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters=dict(ROPE),
-                  tie_word_embeddings=tied, initializer_range=0.05)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_parameters=dict(ROPE),
+        tie_word_embeddings=tied,
+        initializer_range=0.05,
+    )
     return LlamaConfig(**{**kwargs, **changes})
 
 
@@ -56,11 +71,13 @@ def save_tiny_llama(path, tied: bool, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def run(args: list[str], nproc: int = 1, timeout: int = 300):
-    launcher = ([sys.executable] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"])
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*launcher, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*launcher, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def convert(*args: str):
@@ -103,11 +120,21 @@ def test_imported_model_section_matches_the_hf_config(models):
     for name, (_, ckpt, yml, _) in found.items():
         section = yaml.safe_load(yml.read_text())["model"]
         assert section == {
-            "arch": "dense", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-            "ffn_hidden_size": 160, "rope_theta": 500000.0,
-            "rope_scaling": {k: ROPE[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                  "original_max_position_embeddings")},
-            "norm_eps": 1e-5, "qk_norm": False, "norm_placement": "pre", "tie_embeddings": name == "tied",
+            "arch": "dense",
+            "num_layers": 4,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "ffn_hidden_size": 160,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                k: ROPE[k]
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            },
+            "norm_eps": 1e-5,
+            "qk_norm": False,
+            "norm_placement": "pre",
+            "tie_embeddings": name == "tied",
             "vocab_size": ROWS[name],  # 200 rows padded
         }
         manifest = json.loads((ckpt / "megafusion.json").read_text())
@@ -116,9 +143,13 @@ def test_imported_model_section_matches_the_hf_config(models):
         validate(load_config(str(yml)), 1)
 
 
-LAYOUTS = {"untied-single": ("untied", 1, []), "untied-tp2": ("untied", 2, ["parallel.tp=2"]),
-           "untied-pp2": ("untied", 2, ["parallel.pp=2"]), "tied-single": ("tied", 1, []),
-           "tied-pp2": ("tied", 2, ["parallel.pp=2"])}
+LAYOUTS = {
+    "untied-single": ("untied", 1, []),
+    "untied-tp2": ("untied", 2, ["parallel.tp=2"]),
+    "untied-pp2": ("untied", 2, ["parallel.pp=2"]),
+    "tied-single": ("tied", 1, []),
+    "tied-pp2": ("tied", 2, ["parallel.pp=2"]),
+}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -127,8 +158,22 @@ def test_logits_equal_transformers(models, layout, tmp_path):
     name, nproc, overrides = LAYOUTS[layout]
     _, ckpt, _, want = found[name]
     out = tmp_path / "logits.pt"
-    ok(run(["megafusion.logits", "--ckpt", str(ckpt), "--tokens", str(tmp / "tokens.pt"), "--out", str(out),
-            "model.params_dtype=fp32", *overrides], nproc=nproc))
+    ok(
+        run(
+            [
+                "megafusion.logits",
+                "--ckpt",
+                str(ckpt),
+                "--tokens",
+                str(tmp / "tokens.pt"),
+                "--out",
+                str(out),
+                "model.params_dtype=fp32",
+                *overrides,
+            ],
+            nproc=nproc,
+        )
+    )
     got = torch.load(out)
     assert got.shape == (2, SEQ, ROWS[name])
     assert want.abs().max() > 0.3  # logits of a size where a wrong mapping shows
@@ -151,8 +196,16 @@ def test_export_gives_back_the_hf_tensors_bit_exactly(models, tmp_path):
         for key, tensor in want.items():
             assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
         original, back = LlamaConfig.from_pretrained(hf_dir), LlamaConfig.from_pretrained(exported)
-        for field in ("vocab_size", "rope_parameters", "tie_word_embeddings", "rms_norm_eps", "num_key_value_heads",
-                      "bos_token_id", "eos_token_id", "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "rope_parameters",
+            "tie_word_embeddings",
+            "rms_norm_eps",
+            "num_key_value_heads",
+            "bos_token_id",
+            "eos_token_id",
+            "max_position_embeddings",
+        ):
             assert getattr(back, field) == getattr(original, field), field
         again = tmp_path / f"mf_{name}"
         ok(convert("hf-to-mf", "--hf", exported, "--output", again, "--vocab-size", ROWS[name]))
@@ -167,10 +220,23 @@ def test_export_from_a_tensor_parallel_training_checkpoint(models, tmp_path):
     _, found = models
     _, ckpt, yml, _ = found["untied"]
     trained = tmp_path / "trained"
-    run_train(tmp_path, 2, str(yml), ["parallel.tp=2", "train.steps=1", "train.micro_batch_size=1",
-                                      "train.global_batch_size=2", "model.seq_length=16", "train.lr=0.01",
-                                      f"checkpoint.init_from={ckpt}", "checkpoint.save=true",
-                                      f"checkpoint.dir={trained}"], "tp2")
+    run_train(
+        tmp_path,
+        2,
+        str(yml),
+        [
+            "parallel.tp=2",
+            "train.steps=1",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=2",
+            "model.seq_length=16",
+            "train.lr=0.01",
+            f"checkpoint.init_from={ckpt}",
+            "checkpoint.save=true",
+            f"checkpoint.dir={trained}",
+        ],
+        "tp2",
+    )
     exported, again = tmp_path / "hf", tmp_path / "again"
     ok(convert("mf-to-hf", "--input", trained, "--output", exported))
     # The HF vocabulary is found through the run's checkpoint.init_from: padding rows dropped.
@@ -226,14 +292,22 @@ def test_llama3_frequencies_are_transformers_and_use_all_four_values(runtime):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
+    from megafusion.objectives.build import build_model_chunks
 
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](tiny_llama_config(False), "cpu")
-    cfg = load_config(None, ["model.hidden_size=64", "model.num_attention_heads=4", "model.rope_theta=500000",
-                             "model.qk_norm=false", "model.vocab_size=256",
-                             "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
-                             "original_max_position_embeddings: 64}"])
+    cfg = load_config(
+        None,
+        [
+            "model.hidden_size=64",
+            "model.num_attention_heads=4",
+            "model.rope_theta=500000",
+            "model.qk_norm=false",
+            "model.vocab_size=256",
+            "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+            "original_max_position_embeddings: 64}",
+        ],
+    )
     tconfig = build_transformer_config(cfg, runtime.device)
     assert torch.equal(build_model_chunks(cfg, tconfig, runtime)[0].rotary_pos_emb.inv_freq, want)
     cfg.model.rope_scaling = None
@@ -250,8 +324,8 @@ def test_llama3_frequencies_are_transformers_and_use_all_four_values(runtime):
 
 def test_tied_parameter_counts_match_the_built_model(runtime):
     from megafusion.accounting import flops
-    from megafusion.objectives.build import build_model_chunks
     from megafusion.models.transformer_config import build_transformer_config
+    from megafusion.objectives.build import build_model_chunks
 
     cfg = load_config(None, ["model.tie_embeddings=true", "model.vocab_size=256"])
     named = dict(build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)[0].named_parameters())
@@ -277,26 +351,49 @@ def test_qkv_and_fc1_layouts():
 
 
 def _hf_dict(**changes) -> dict:
-    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10, "hidden_size": 8,
-            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "rms_norm_eps": 1e-6}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-6,
+    }
     return {**base, **changes}
 
 
 def test_pure_mapping_round_trip_and_legacy_rope_config():
-    legacy = _hf_dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                         "high_freq_factor": 4.0,
-                                                         "original_max_position_embeddings": 8192})
+    legacy = _hf_dict(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     section = hf_llama.model_section(legacy)
     assert section["rope_theta"] == 500000.0 and section["rope_scaling"]["factor"] == 32.0
     assert hf_llama.model_section(_hf_dict())["rope_scaling"] is None
     gen = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (10, 8), "lm_head.weight": (10, 8), "model.norm.weight": (8,),
-              "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
-              "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.k_proj.weight": (4, 8),
-              "model.layers.0.self_attn.v_proj.weight": (4, 8), "model.layers.0.self_attn.o_proj.weight": (8, 8),
-              "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
-              "model.layers.0.mlp.down_proj.weight": (8, 16)}
+    shapes = {
+        "model.embed_tokens.weight": (10, 8),
+        "lm_head.weight": (10, 8),
+        "model.norm.weight": (8,),
+        "model.layers.0.input_layernorm.weight": (8,),
+        "model.layers.0.post_attention_layernorm.weight": (8,),
+        "model.layers.0.self_attn.q_proj.weight": (8, 8),
+        "model.layers.0.self_attn.k_proj.weight": (4, 8),
+        "model.layers.0.self_attn.v_proj.weight": (4, 8),
+        "model.layers.0.self_attn.o_proj.weight": (8, 8),
+        "model.layers.0.mlp.gate_proj.weight": (16, 8),
+        "model.layers.0.mlp.up_proj.weight": (16, 8),
+        "model.layers.0.mlp.down_proj.weight": (8, 16),
+    }
     hf = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     mf = hf_llama.hf_to_mf(hf, section, 16)
     assert mf[hf_llama.MF_EMBED].shape == (16, 8) and not mf[hf_llama.MF_OUTPUT][10:].any()
@@ -309,17 +406,22 @@ def test_pure_mapping_round_trip_and_legacy_rope_config():
         hf_llama.hf_to_mf({k: v for k, v in hf.items() if k != "lm_head.weight"}, section, 16)
 
 
-@pytest.mark.parametrize("changes,words", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "only Llama"),
-    ({"attention_bias": True}, "attention_bias=true"),
-    ({"mlp_bias": True}, "mlp_bias=true"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"head_dim": 8}, "head_dim=8"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "partial_rotary_factor"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "low_freq_factor"),
-])
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "only Llama"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"head_dim": 8}, "head_dim=8"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "low_freq_factor"),
+    ],
+)
 def test_unsupported_hf_configs_are_refused_by_name(changes, words):
     with pytest.raises(hf_llama.UnsupportedModel, match=words.replace("(", r"\(").replace("[", r"\[")):
         hf_llama.model_section(_hf_dict(**changes))
@@ -331,8 +433,16 @@ def test_exports_only_llamas_and_bad_rope_scaling_is_named():
     with pytest.raises(ConfigError, match="missing"):
         validate(load_config(None, ["model.rope_scaling={factor: 8}"]), 1)
     with pytest.raises(ConfigError, match="high_freq_factor=1 must be larger"):
-        validate(load_config(None, ["model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 1, "
-                                    "original_max_position_embeddings: 64}"]), 1)
+        validate(
+            load_config(
+                None,
+                [
+                    "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 1, "
+                    "original_max_position_embeddings: 64}"
+                ],
+            ),
+            1,
+        )
     with pytest.raises(ConfigError, match="model.rope_scaling"):
         load_config(None, ["model.rope_scaling=8"])
 

@@ -56,9 +56,22 @@ def check_cache_matches_recomputation(ckpt: str) -> None:
 
 @pytest.mark.parametrize("arch", ["dense", "mot"])
 def test_kv_cache_equals_recomputing_the_sequence(tmp_path, arch):
-    run_train(tmp_path, 1, CONFIG, ["train.steps=2", f"model.arch={arch}", "checkpoint.save=true",
-                                    f"checkpoint.dir={tmp_path / 'ckpt'}", "logging.dump_grads=null"], "train")
-    code = f"from tests.models.test_kv_cache import check_cache_matches_recomputation as c; c({str(tmp_path / 'ckpt')!r})"
+    run_train(
+        tmp_path,
+        1,
+        CONFIG,
+        [
+            "train.steps=2",
+            f"model.arch={arch}",
+            "checkpoint.save=true",
+            f"checkpoint.dir={tmp_path / 'ckpt'}",
+            "logging.dump_grads=null",
+        ],
+        "train",
+    )
+    code = (
+        f"from tests.models.test_kv_cache import check_cache_matches_recomputation as c; c({str(tmp_path / 'ckpt')!r})"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -68,8 +68,14 @@ def _core_attention(config):
 def tconfig(runtime):
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                             use_cpu_initialization=True, attention_dropout=0.0)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+    )
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "dense", "flex"])
@@ -95,7 +101,7 @@ def test_rmsnorm_matches_float64_reference(tconfig):
     xd = x.double()
     want = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
     assert torch.allclose(norm(x).double(), want, rtol=1e-6, atol=1e-6)
-    assert getattr(norm.weight, "sequence_parallel") is False
+    assert norm.weight.sequence_parallel is False
 
 
 def test_lm_loss_and_z_loss_match_float64_reference(runtime):

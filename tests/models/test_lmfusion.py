@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from megafusion.config import Config, load_config
-from megafusion.data.builtin.synthetic import synthetic_microbatch
-from megafusion.core.modality import Modality
-from megafusion.accounting import flops
-from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
-from megafusion.objectives.build import build_model_chunks
-from megafusion.models.transformer_config import build_transformer_config
-from megafusion.models.registry import get_family
 from megafusion import checkpoint as ck
+from megafusion.accounting import flops
+from megafusion.config import Config, load_config
+from megafusion.core.modality import Modality
+from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import attention_mask_for
 from megafusion.layers.routing import routing_for
+from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
+from megafusion.models.registry import get_family
+from megafusion.models.transformer_config import build_transformer_config
+from megafusion.objectives.build import build_model_chunks
 from tests.helpers import ROOT, assert_same_training, run_train
 
 CONFIG = "tests/configs/transfusion_small.yaml"
@@ -36,10 +36,22 @@ LMFUSION = ["model.arch=mot", "model.freeze_text=true"]
 
 
 def synthetic_cfg() -> Config:
-    cfg = load_config(None, [*LMFUSION, "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
-                             "model.num_query_groups=2", "model.ffn_hidden_size=64", "model.vocab_size=128",
-                             "model.seq_length=32", "model.frozen_vocab_rows=100", "train.micro_batch_size=2",
-                             "train.global_batch_size=2"])
+    cfg = load_config(
+        None,
+        [
+            *LMFUSION,
+            "model.num_layers=2",
+            "model.hidden_size=32",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.ffn_hidden_size=64",
+            "model.vocab_size=128",
+            "model.seq_length=32",
+            "model.frozen_vocab_rows=100",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+        ],
+    )
     return cfg
 
 
@@ -54,8 +66,9 @@ def test_frozen_set_counts_and_zero_deltas(runtime):
     counts = flops.parameter_counts(cfg)
     frozen = {n for n, p in named.items() if not p.requires_grad}
     # Exactly the text copies, the embedding and the output layer; every image copy trains.
-    assert frozen == {n for n in named if ".text." in n or n in ("embedding.word_embeddings.weight",
-                                                                   "output_layer.weight")}
+    assert frozen == {
+        n for n in named if ".text." in n or n in ("embedding.word_embeddings.weight", "output_layer.weight")
+    }
     assert any(".image." in n for n in named) and not any(".image." in n for n in frozen)
     assert counts["total"] == sum(p.numel() for p in named.values())
     assert counts["trainable"] == sum(p.numel() for p in named.values() if p.requires_grad) < counts["total"]
@@ -68,7 +81,7 @@ def _mixed_batch(cfg):
     b, s, v = 2, cfg.model.seq_length, cfg.model.vocab_size
     batch = synthetic_microbatch(0, b, 7, s, v, 1)
     modality = torch.zeros(b, s, dtype=torch.int64)
-    modality[:, s // 2:] = int(Modality.IMAGE)
+    modality[:, s // 2 :] = int(Modality.IMAGE)
     batch["modality_ids"] = modality
     batch["tokens"][:, :3] = torch.tensor([100, 101, 127])  # new tokens too
     return batch
@@ -128,14 +141,16 @@ def test_optimizer_state_only_for_trainable_parameters(runtime, distributed):
 
 # ------------------------------------------------------------------ training from a dense checkpoint
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A 1-step dense Transfusion checkpoint, and 3 LMFusion steps from it in one process (saved)."""
     tmp = tmp_path_factory.mktemp("lmfusion")
     run_train(tmp, 1, CONFIG, ["train.steps=1", "checkpoint.save=true", f"checkpoint.dir={tmp / 'dense'}"], "dense")
     init = ["train.steps=3", f"checkpoint.init_from={tmp / 'dense'}", *LMFUSION]
-    losses, grads, out = run_train(tmp, 1, CONFIG, [*init, "checkpoint.save=true", f"checkpoint.dir={tmp / 'lmf'}"],
-                                   "one")
+    losses, grads, out = run_train(
+        tmp, 1, CONFIG, [*init, "checkpoint.save=true", f"checkpoint.dir={tmp / 'lmf'}"], "one"
+    )
     assert "dense -> MoT: each modality copy starts as the dense module" in out
     return tmp, init, (losses, grads)
 
@@ -166,8 +181,11 @@ def text_logits(runtime, cfg, path, tokens, warm=None) -> torch.Tensor:
     """Logits of one text-only row from checkpoint ``path`` (built and loaded in this process)."""
     model = build(cfg, runtime)
     ck.load_weights(path, [model], warm)
-    row = {"tokens": tokens, "document_ids": torch.zeros_like(tokens),
-           "modality_ids": torch.full_like(tokens, int(Modality.TEXT))}
+    row = {
+        "tokens": tokens,
+        "document_ids": torch.zeros_like(tokens),
+        "modality_ids": torch.full_like(tokens, int(Modality.TEXT)),
+    }
     mask = attention_mask_for(row, cfg.model.attention_backend, cfg.data.packs_documents(), runtime.device)
     with torch.no_grad(), routing_for(row, runtime.device):
         out = model.eval()(tokens, torch.arange(tokens.shape[1])[None], mask, labels=None)
@@ -202,6 +220,7 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
 
 # ------------------------------------------------------------------ from a Hugging Face Llama
 
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_pp2"])
 def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
     """Untied in one process; tied (Llama-3.2 1B/3B) under PP=2, where the last stage holds a copy
@@ -209,8 +228,8 @@ def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from tests.models.test_hf_llama import convert, ok, tiny_llama_config
     from tests.data.test_hf_tokenizer import raw, shapes_hf
+    from tests.models.test_hf_llama import convert, ok, tiny_llama_config
 
     tok_path = shapes_hf(tmp_path)
     n = raw(tok_path).get_vocab_size(with_added_tokens=True)
@@ -218,13 +237,36 @@ def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
     llama = LlamaForCausalLM(tiny_llama_config(tied, vocab_size=n, num_hidden_layers=2)).float().eval()
     llama.save_pretrained(tmp_path / "llama")
     # The import has exactly the Llama's rows: <boi>, <eoi> and the image placeholder grow it at load.
-    ok(convert("hf-to-mf", "--hf", tmp_path / "llama", "--output", tmp_path / "import", "--vocab-multiple", "1",
-               "--config-out", tmp_path / "model.yaml"))
-    _, _, out = run_train(tmp_path, 2 if tied else 1, CONFIG, [
-        *[f"model.{k}={v}" for k, v in _model_section(tmp_path / "model.yaml").items()],
-        *LMFUSION, "model.seq_length=128", f"data.tokenizer={tok_path.parent}", "train.steps=2",
-        f"checkpoint.init_from={tmp_path / 'import'}", "checkpoint.save=true", f"checkpoint.dir={tmp_path / 'lmf'}",
-        f"parallel.pp={2 if tied else 1}"], "lmf")
+    ok(
+        convert(
+            "hf-to-mf",
+            "--hf",
+            tmp_path / "llama",
+            "--output",
+            tmp_path / "import",
+            "--vocab-multiple",
+            "1",
+            "--config-out",
+            tmp_path / "model.yaml",
+        )
+    )
+    _, _, out = run_train(
+        tmp_path,
+        2 if tied else 1,
+        CONFIG,
+        [
+            *[f"model.{k}={v}" for k, v in _model_section(tmp_path / "model.yaml").items()],
+            *LMFUSION,
+            "model.seq_length=128",
+            f"data.tokenizer={tok_path.parent}",
+            "train.steps=2",
+            f"checkpoint.init_from={tmp_path / 'import'}",
+            "checkpoint.save=true",
+            f"checkpoint.dir={tmp_path / 'lmf'}",
+            f"parallel.pp={2 if tied else 1}",
+        ],
+        "lmf",
+    )
     assert f"vocabulary grown from {n} to" in out
     path, cfg = _checkpoint(tmp_path / "lmf")
     assert cfg.model.frozen_vocab_rows == n and cfg.model.vocab_size > n
@@ -245,12 +287,23 @@ def _model_section(path) -> dict:
     import yaml
 
     section = yaml.safe_load(path.read_text())["model"]
-    return {k: ("{" + ", ".join(f"{a}: {b}" for a, b in v.items()) + "}" if isinstance(v, dict) else
-                "null" if v is None else str(v).lower() if isinstance(v, bool) else v)
-            for k, v in section.items() if k != "vocab_size"}  # the data's vocabulary: grown at load
+    return {
+        k: (
+            "{" + ", ".join(f"{a}: {b}" for a, b in v.items()) + "}"
+            if isinstance(v, dict)
+            else "null"
+            if v is None
+            else str(v).lower()
+            if isinstance(v, bool)
+            else v
+        )
+        for k, v in section.items()
+        if k != "vocab_size"
+    }  # the data's vocabulary: grown at load
 
 
 # ------------------------------------------------------------------ what a warm start bridges, and what not
+
 
 def _manifest(cfg) -> dict:
     return {"model": ck.model_keys(cfg), "config": cfg.to_dict(), "data": None}
@@ -264,8 +317,11 @@ def test_warm_start_bridges_only_what_it_can(tmp_path):
     assert set(warm.new_modules) == {*flops.IMAGE_MODULES, INPUT_ROWS, OUTPUT_ROWS}
     with pytest.raises(ck.CheckpointError, match="model.arch: checkpoint 'dense', this run 'mot'"):
         ck.check_compatible(tmp_path, _manifest(dense), run, None)  # a resume bridges nothing
-    for change, words in [("model.vocab_size=512", "vocab_size: checkpoint 512"),  # never shrinks
-                          ("model.hidden_size=64", "hidden_size"), ("model.tie_embeddings=true", "tie_embeddings")]:
+    for change, words in [
+        ("model.vocab_size=512", "vocab_size: checkpoint 512"),  # never shrinks
+        ("model.hidden_size=64", "hidden_size"),
+        ("model.tie_embeddings=true", "tie_embeddings"),
+    ]:
         other = load_config(str(ROOT / CONFIG), ["objective.name=lm", "model.vocab_size=320", change])
         with pytest.raises(ck.CheckpointError, match=words):
             ck.check_compatible(tmp_path, _manifest(other), run, None, weights_only=True)
@@ -277,9 +333,11 @@ def test_warm_start_bridges_only_what_it_can(tmp_path):
 def test_lmfusion_needs_a_pretrained_model_and_a_fitting_config(tmp_path):
     from megafusion.config import ConfigError, validate
 
-    for overrides, words in [(["model.freeze_text=true"], "needs model.arch=mot and model.untie=all"),
-                             ([*LMFUSION, "model.untie=ffn"], "needs model.arch=mot and model.untie=all"),
-                             ([*LMFUSION, "data.source=synthetic", "objective.name=lm"], "frozen_vocab_rows")]:
+    for overrides, words in [
+        (["model.freeze_text=true"], "needs model.arch=mot and model.untie=all"),
+        ([*LMFUSION, "model.untie=ffn"], "needs model.arch=mot and model.untie=all"),
+        ([*LMFUSION, "data.source=synthetic", "objective.name=lm"], "frozen_vocab_rows"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             validate(load_config(str(ROOT / CONFIG), overrides), 1)
     _, _, out = run_train(tmp_path, 1, CONFIG, [*LMFUSION, "train.steps=1"], "no_init", expect_rc=2)

@@ -18,16 +18,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion import ops
+from megafusion.accounting.flops import flop_counter_flops, parameter_counts
 from megafusion.config import Config
-from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.core.modality import MODALITY_NAMES, Modality
+from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import dense_mask
 from megafusion.layers.routing import ModalityRouting, modality_routing
-from megafusion.accounting.flops import flop_counter_flops, parameter_counts
 from megafusion.models.init import tied_name
 from megafusion.models.param_layout import global_param_names
-from megafusion.objectives.build import build_model_chunks
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.objectives.build import build_model_chunks
 from tests.models.test_dense_reference import reference_logits
 
 NUM_MODALITIES = len(MODALITY_NAMES)
@@ -138,7 +138,7 @@ def test_text_weights_reach_image_tokens_only_through_attention(runtime):
     model = build(cfg, runtime)
     s = cfg.model.seq_length
     modality = torch.zeros(2, s, dtype=torch.int64)
-    modality[:, s // 2:] = int(Modality.IMAGE)  # a caption, then its image
+    modality[:, s // 2 :] = int(Modality.IMAGE)  # a caption, then its image
     batch = batch_with_modalities(cfg, modality_ids=modality)
     image = modality.bool()
     causal = dense_mask(batch["document_ids"])
@@ -213,8 +213,8 @@ def test_grouped_linear_matches_float64_reference():
     y = ops.grouped_linear(x, weights, counts)
     starts = [0, 5, 5]
     for g, (start, n) in enumerate(zip(starts, counts)):
-        want = x[start:start + n].double() @ weights[g].detach().double().T
-        assert torch.allclose(y[start:start + n].double(), want, atol=1e-6)
+        want = x[start : start + n].double() @ weights[g].detach().double().T
+        assert torch.allclose(y[start : start + n].double(), want, atol=1e-6)
     y.sum().backward()
     assert torch.equal(weights[1].grad, torch.zeros_like(weights[1]))  # empty group: zero, not None
     with pytest.raises(ValueError, match="sum to"):

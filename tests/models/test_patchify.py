@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from megafusion.layers.patchify import (
-    LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead, patchify, unpatchify,
+    LinearPatchEmbed,
+    LinearPatchHead,
+    UNetPatchEmbed,
+    UNetPatchHead,
+    patchify,
+    unpatchify,
 )
 from megafusion.layers.timestep import TimestepEmbedding
 
@@ -27,9 +32,9 @@ def test_raster_order_by_hand():
     x = torch.arange(4 * 6).reshape(1, 1, 4, 6)  # value = row * 6 + col
     tokens = patchify(x, 2)
     assert tokens.shape == (1, 6, 4)
-    assert tokens[0, 0].tolist() == [0, 1, 6, 7]       # patch (0, 0)
-    assert tokens[0, 1].tolist() == [2, 3, 8, 9]       # patch (0, 1): along the row first
-    assert tokens[0, 3].tolist() == [12, 13, 18, 19]   # patch (1, 0)
+    assert tokens[0, 0].tolist() == [0, 1, 6, 7]  # patch (0, 0)
+    assert tokens[0, 1].tolist() == [2, 3, 8, 9]  # patch (0, 1): along the row first
+    assert tokens[0, 3].tolist() == [12, 13, 18, 19]  # patch (1, 0)
     # two channels: channel-major within a patch, as Conv2d's weight is flattened
     x2 = torch.stack([x[0, 0], 100 + x[0, 0]]).unsqueeze(0)
     assert patchify(x2, 2)[0, 0].tolist() == [0, 1, 6, 7, 100, 101, 106, 107]

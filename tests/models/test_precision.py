@@ -29,8 +29,9 @@ def test_bf16_transfusion_and_lmfusion_train_and_checkpoint(tmp_path):
 
     config, steps = "tests/configs/transfusion_small.yaml", ["train.steps=3", "checkpoint.save=true"]
     fp32, _, _ = run_train(tmp_path, 1, config, ["model.params_dtype=fp32", "train.steps=3"], "fp32")
-    bf16, grads, _ = run_train(tmp_path, 1, config, ["model.params_dtype=bf16", *steps,
-                                                     f"checkpoint.dir={tmp_path / 'dense'}"], "bf16")
+    bf16, grads, _ = run_train(
+        tmp_path, 1, config, ["model.params_dtype=bf16", *steps, f"checkpoint.dir={tmp_path / 'dense'}"], "bf16"
+    )
     assert bf16 != fp32, "bf16 run gave bit-identical losses: it did not run in bf16"
     for step, (a, b) in enumerate(zip(bf16, fp32), start=1):
         assert abs(a - b) <= 1e-2 * abs(b), f"step {step}: bf16 loss {a} vs fp32 {b}"
@@ -38,9 +39,20 @@ def test_bf16_transfusion_and_lmfusion_train_and_checkpoint(tmp_path):
     saved = checkpoint_tensors(ck.resolve_checkpoint(tmp_path / "dense"))
     assert {t.dtype for k, t in saved.items() if k.startswith(("image_", "decoder."))} == {torch.bfloat16}
 
-    lmf, grads, _ = run_train(tmp_path, 1, config, [
-        "model.params_dtype=bf16", "model.arch=mot", "model.freeze_text=true", *steps,
-        f"checkpoint.init_from={tmp_path / 'dense'}", f"checkpoint.dir={tmp_path / 'lmf'}"], "lmf")
+    lmf, grads, _ = run_train(
+        tmp_path,
+        1,
+        config,
+        [
+            "model.params_dtype=bf16",
+            "model.arch=mot",
+            "model.freeze_text=true",
+            *steps,
+            f"checkpoint.init_from={tmp_path / 'dense'}",
+            f"checkpoint.dir={tmp_path / 'lmf'}",
+        ],
+        "lmf",
+    )
     assert len(lmf) == 3 and all(math.isfinite(loss) for loss in lmf)
     saved = checkpoint_tensors(ck.resolve_checkpoint(tmp_path / "lmf"))
     assert saved["embedding_new_rows.weight"].dtype == torch.bfloat16

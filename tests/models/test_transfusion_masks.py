@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megafusion.accounting import flops
 from megafusion.core.modality import Modality
 from megafusion.layers.masks import NO_IMAGE, block_mask, dense_mask, image_spans_from_modality
-from megafusion.accounting import flops
 
-T, I = int(Modality.TEXT), int(Modality.IMAGE)
+T, I = int(Modality.TEXT), int(Modality.IMAGE)  # noqa: E741  (text / image, as in the diagrams)
 
 
 def _randint(lo: int, hi: int, gen: torch.Generator) -> int:
@@ -47,7 +47,7 @@ def random_layout(b: int, s: int, gen: torch.Generator, text_only_rows: tuple[in
             while pos < doc_end:
                 n = min(doc_end - pos, _randint(1, 7, gen))
                 if r not in text_only_rows and _randint(0, 1, gen):
-                    img[r, pos:pos + n], mod[r, pos:pos + n] = image_id, I
+                    img[r, pos : pos + n], mod[r, pos : pos + n] = image_id, I
                     image_id += 1
                 pos += n
             doc_id += 1
@@ -111,26 +111,31 @@ def test_dense_mask_matches_brute_force_on_random_layouts(seed):
     for start in (0, 1, 17, 39):
         assert torch.equal(dense_mask(doc, img, first_query=start), brute_force_blocked(doc, img)[:, :, start:])
         assert torch.equal(dense_mask(doc, first_query=start), brute_force_blocked(doc, None)[:, :, start:])
-        assert torch.equal(dense_mask(doc, img, first_key, first_query=start),
-                           dense_mask(doc, img, first_key)[:, :, start:])
+        assert torch.equal(
+            dense_mask(doc, img, first_key, first_query=start), dense_mask(doc, img, first_key)[:, :, start:]
+        )
 
 
 def test_dense_mask_edge_layouts():
     """Images at row start / end and against document boundaries, adjacent images, padding, reused ids."""
-    doc = torch.tensor([
-        [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
-        [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, -1, -1],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [3, 3, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5],
-        [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
-    ])
-    img = torch.tensor([
-        [0, 0, -1, 1, 2, 2, -1, 3, 4, 4, 5, 5],    # start of row, end of doc, start of doc, end of row
-        [-1, 0, 0, 1, 1, 2, 2, 2, -1, -1, -1, -1],  # two images back to back, the first after a boundary
-        [-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1],  # text only
-        [0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2],      # every token a patch: whole documents bidirectional
-        [-1, 7, 7, 7, -1, -1, 7, 7, 7, -1, -1, -1],  # an id (wrongly) reused in the next document
-    ])
+    doc = torch.tensor(
+        [
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, -1, -1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [3, 3, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5],
+            [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+        ]
+    )
+    img = torch.tensor(
+        [
+            [0, 0, -1, 1, 2, 2, -1, 3, 4, 4, 5, 5],  # start of row, end of doc, start of doc, end of row
+            [-1, 0, 0, 1, 1, 2, 2, 2, -1, -1, -1, -1],  # two images back to back, the first after a boundary
+            [-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1],  # text only
+            [0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2],  # every token a patch: whole documents bidirectional
+            [-1, 7, 7, 7, -1, -1, 7, 7, 7, -1, -1, -1],  # an id (wrongly) reused in the next document
+        ]
+    )
     want = brute_force_blocked(doc, img)
     assert torch.equal(dense_mask(doc, img), want)
     assert torch.equal(materialise(block_mask(doc, img, block_size=128), *doc.shape), want)
@@ -235,12 +240,12 @@ def flops_cfg():
 def test_image_spans_from_modality_hand_made():
     cases = [
         # (modality_ids, document_ids, expected image_ids)
-        ([T, T, T, T], [0, 0, 0, 0], [-1, -1, -1, -1]),                         # text only
-        ([I, I, T, I, I], [0, 0, 0, 0, 0], [0, 0, -1, 1, 1]),                   # image at row start / end
-        ([T, I, I, I, I, T], [0, 0, 0, 1, 1, 1], [-1, 0, 0, 1, 1, -1]),        # a run split by a document boundary
-        ([I, I, I, I], [0, 0, 0, 0], [0, 0, 0, 0]),                             # back to back = one image
-        ([T, I, T, I, T, I], [0, 0, 1, 1, 2, 2], [-1, 0, -1, 1, -1, 2]),       # one image per document
-        ([I, T, T, I], [-1, -1, 3, 3], [0, -1, -1, 1]),                          # padding ids are just ids
+        ([T, T, T, T], [0, 0, 0, 0], [-1, -1, -1, -1]),  # text only
+        ([I, I, T, I, I], [0, 0, 0, 0, 0], [0, 0, -1, 1, 1]),  # image at row start / end
+        ([T, I, I, I, I, T], [0, 0, 0, 1, 1, 1], [-1, 0, 0, 1, 1, -1]),  # a run split by a document boundary
+        ([I, I, I, I], [0, 0, 0, 0], [0, 0, 0, 0]),  # back to back = one image
+        ([T, I, T, I, T, I], [0, 0, 1, 1, 2, 2], [-1, 0, -1, 1, -1, 2]),  # one image per document
+        ([I, T, T, I], [-1, -1, 3, 3], [0, -1, -1, 1]),  # padding ids are just ids
     ]
     for mod, doc, want in cases:
         got = image_spans_from_modality(torch.tensor([mod]), torch.tensor([doc]))

@@ -90,8 +90,10 @@ def test_float_parsing(raw, expected):
     assert type(cfg.train.lr) is float and cfg.train.lr == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("raw,expected", [("true", True), ("false", False), ("1", True), ("0", False),
-                                          ("yes", True), ("no", False), ("True", True)])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("true", True), ("false", False), ("1", True), ("0", False), ("yes", True), ("no", False), ("True", True)],
+)
 def test_bool_parsing(raw, expected):
     assert make(f"parallel.sp={raw}").parallel.sp is expected
 
@@ -109,14 +111,17 @@ def test_int_and_string_coercion():
     assert cfg.logging.dump_grads == "g.pt"
 
 
-@pytest.mark.parametrize("item,parts", [
-    ("parallel.tp=abc", ["parallel.tp", "'abc'", "int"]),
-    ("parallel.tp=2.5", ["parallel.tp", "2.5", "int"]),
-    ("parallel.tp=true", ["parallel.tp", "True", "int"]),  # bools are not ints here
-    ("train.lr=fast", ["train.lr", "'fast'", "float"]),
-    ("parallel.sp=maybe", ["parallel.sp", "'maybe'", "bool"]),
-    ("parallel.tp=null", ["parallel.tp", "null", "int"]),
-])
+@pytest.mark.parametrize(
+    "item,parts",
+    [
+        ("parallel.tp=abc", ["parallel.tp", "'abc'", "int"]),
+        ("parallel.tp=2.5", ["parallel.tp", "2.5", "int"]),
+        ("parallel.tp=true", ["parallel.tp", "True", "int"]),  # bools are not ints here
+        ("train.lr=fast", ["train.lr", "'fast'", "float"]),
+        ("parallel.sp=maybe", ["parallel.sp", "'maybe'", "bool"]),
+        ("parallel.tp=null", ["parallel.tp", "null", "int"]),
+    ],
+)
 def test_wrong_type(item, parts):
     with pytest.raises(ConfigError) as info:
         make(item)
@@ -181,8 +186,10 @@ def test_parse_cli_forms():
 def test_several_config_files_layer_key_by_key(tmp_path):
     base, model = tmp_path / "run.yaml", tmp_path / "model.yaml"
     base.write_text("model:\n  num_layers: 4\n  hidden_size: 128\ntrain:\n  steps: 7\n")
-    model.write_text("model:\n  hidden_size: 64\n  rope_scaling: {factor: 8.0, low_freq_factor: 1.0, "
-                     "high_freq_factor: 4.0, original_max_position_embeddings: 64}\n")
+    model.write_text(
+        "model:\n  hidden_size: 64\n  rope_scaling: {factor: 8.0, low_freq_factor: 1.0, "
+        "high_freq_factor: 4.0, original_max_position_embeddings: 64}\n"
+    )
     paths, overrides = parse_cli(["--config", str(base), f"--config={model}", "train.steps=9"])
     assert paths == [str(base), str(model)]
     cfg = load_config(paths, overrides)
@@ -192,8 +199,9 @@ def test_several_config_files_layer_key_by_key(tmp_path):
         load_config([str(base), str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.parametrize("argv,bad", [(["--foo"], "--foo"), (["stray"], "stray"), (["--config"], "--config"),
-                                      (["--config="], "--config=")])
+@pytest.mark.parametrize(
+    "argv,bad", [(["--foo"], "--foo"), (["stray"], "stray"), (["--config"], "--config"), (["--config="], "--config=")]
+)
 def test_parse_cli_rejects(argv, bad):
     with pytest.raises(ConfigError, match=re.escape(bad)):
         parse_cli(argv)
@@ -214,10 +222,12 @@ def test_distributed_optimizer_with_dp1_is_fine():
 
 
 def test_heads_not_divisible_by_tp():
-    msg = problems_of(make("model.num_attention_heads=6", "model.hidden_size=60", "parallel.tp=4",
-                           "model.vocab_size=256"), 4)
-    assert_all_in(msg, "model.num_attention_heads=6 is not divisible by parallel.tp=4",
-                  "choose parallel.tp in {1, 2, 3, 6}")
+    msg = problems_of(
+        make("model.num_attention_heads=6", "model.hidden_size=60", "parallel.tp=4", "model.vocab_size=256"), 4
+    )
+    assert_all_in(
+        msg, "model.num_attention_heads=6 is not divisible by parallel.tp=4", "choose parallel.tp in {1, 2, 3, 6}"
+    )
 
 
 def test_query_groups_must_divide_heads():
@@ -227,8 +237,9 @@ def test_query_groups_must_divide_heads():
 
 def test_query_groups_divisible_by_tp():
     msg = problems_of(make("model.num_attention_heads=8", "model.num_query_groups=2", "parallel.tp=4"), 4)
-    assert_all_in(msg, "model.num_query_groups=2", "parallel.tp=4", "model.num_query_groups in {4, 8}",
-                  "parallel.tp in {1, 2}")
+    assert_all_in(
+        msg, "model.num_query_groups=2", "parallel.tp=4", "model.num_query_groups in {4, 8}", "parallel.tp in {1, 2}"
+    )
     validate(make("model.num_attention_heads=8", "model.num_query_groups=4", "parallel.tp=4"), 4)
 
 
@@ -270,15 +281,22 @@ def test_unet_patch_must_hold_its_downsampling():
 
 def test_vpp_microbatches_divisible_by_pp():
     # dp=1, 3 microbatches, pp=2 -> interleaved schedule refuses
-    msg = problems_of(make("parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
-                           "train.micro_batch_size=2", "train.global_batch_size=6"), 2)
+    msg = problems_of(
+        make(
+            "parallel.pp=2",
+            "parallel.vpp=2",
+            "model.num_layers=4",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=6",
+        ),
+        2,
+    )
     assert_all_in(msg, "train.global_batch_size", "interleaved", "parallel.pp=2", "4 or 8")
 
 
 def test_world_size_not_divisible():
     msg = problems_of(make("parallel.tp=2", "parallel.pp=2"), 6)
-    assert_all_in(msg, "world size 6", "--nproc-per-node x --nnodes", "parallel.tp", "parallel.pp", "= 4",
-                  "4 or 8")
+    assert_all_in(msg, "world size 6", "--nproc-per-node x --nnodes", "parallel.tp", "parallel.pp", "= 4", "4 or 8")
 
 
 def test_world_smaller_than_model_parallel():
@@ -292,9 +310,10 @@ def test_ep_needs_moe():
 
 
 def test_global_batch_not_divisible():
-    msg = problems_of(make("parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2", "train.global_batch_size=10"), 8)
-    assert_all_in(msg, "train.global_batch_size=10", "train.micro_batch_size", "dp = world size 8", "= 4",
-                  "8 or 12")
+    msg = problems_of(
+        make("parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2", "train.global_batch_size=10"), 8
+    )
+    assert_all_in(msg, "train.global_batch_size=10", "train.micro_batch_size", "dp = world size 8", "= 4", "8 or 12")
 
 
 def test_global_batch_smaller_than_one_step():
@@ -304,8 +323,11 @@ def test_global_batch_smaller_than_one_step():
 
 def test_sp_needs_tp():
     msg = problems_of(make("parallel.sp=true"), 1)
-    assert_all_in(msg, "parallel.sp=true (sequence parallel) needs parallel.tp>1",
-                  "set parallel.tp=2 or more, or parallel.sp=false")
+    assert_all_in(
+        msg,
+        "parallel.sp=true (sequence parallel) needs parallel.tp>1",
+        "set parallel.tp=2 or more, or parallel.sp=false",
+    )
 
 
 def test_sp_seq_length_divisible_by_tp():
@@ -325,28 +347,31 @@ def test_unknown_arch():
     validate(make("model.arch=mot"), 1, known_archs=("dense", "mot"))
 
 
-@pytest.mark.parametrize("item,parts", [
-    ("model.num_layers=0", ["model.num_layers=0", ">= 1"]),
-    ("model.hidden_size=-4", ["model.hidden_size=-4", ">= 1"]),
-    ("model.num_attention_heads=0", ["model.num_attention_heads=0"]),
-    ("train.steps=0", ["train.steps=0"]),
-    ("train.micro_batch_size=0", ["train.micro_batch_size=0"]),
-    ("train.global_batch_size=0", ["train.global_batch_size=0"]),
-    ("model.seq_length=1", ["model.seq_length=1", ">= 2"]),
-    ("model.vocab_size=1", ["model.vocab_size=1", ">= 2"]),
-    ("train.lr=0", ["train.lr=0.0", "> 0"]),
-    ("parallel.tp=0", ["parallel.tp=0"]),
-    ("parallel.pp=0", ["parallel.pp=0"]),
-    ("parallel.ep=0", ["parallel.ep=0"]),
-    ("parallel.cp=0", ["parallel.cp=0"]),
-    ("parallel.vpp=0", ["parallel.vpp=0", "null"]),
-    ("data.docs_per_sequence=0", ["data.docs_per_sequence=0"]),
-    ("data.docs_per_sequence=33", ["data.docs_per_sequence=33", "model.seq_length // 2 = 32"]),
-    ("model.params_dtype=fp16", ["model.params_dtype='fp16'", "auto, fp32, bf16"]),
-    ("model.attention_backend=flash", ["model.attention_backend='flash'", "auto, sdpa, flex, te"]),
-    ("data.source=webdataset", ["data.source='webdataset'", "synthetic"]),
-    ("train.min_lr=1", ["train.min_lr=1.0", "train.lr"]),
-])
+@pytest.mark.parametrize(
+    "item,parts",
+    [
+        ("model.num_layers=0", ["model.num_layers=0", ">= 1"]),
+        ("model.hidden_size=-4", ["model.hidden_size=-4", ">= 1"]),
+        ("model.num_attention_heads=0", ["model.num_attention_heads=0"]),
+        ("train.steps=0", ["train.steps=0"]),
+        ("train.micro_batch_size=0", ["train.micro_batch_size=0"]),
+        ("train.global_batch_size=0", ["train.global_batch_size=0"]),
+        ("model.seq_length=1", ["model.seq_length=1", ">= 2"]),
+        ("model.vocab_size=1", ["model.vocab_size=1", ">= 2"]),
+        ("train.lr=0", ["train.lr=0.0", "> 0"]),
+        ("parallel.tp=0", ["parallel.tp=0"]),
+        ("parallel.pp=0", ["parallel.pp=0"]),
+        ("parallel.ep=0", ["parallel.ep=0"]),
+        ("parallel.cp=0", ["parallel.cp=0"]),
+        ("parallel.vpp=0", ["parallel.vpp=0", "null"]),
+        ("data.docs_per_sequence=0", ["data.docs_per_sequence=0"]),
+        ("data.docs_per_sequence=33", ["data.docs_per_sequence=33", "model.seq_length // 2 = 32"]),
+        ("model.params_dtype=fp16", ["model.params_dtype='fp16'", "auto, fp32, bf16"]),
+        ("model.attention_backend=flash", ["model.attention_backend='flash'", "auto, sdpa, flex, te"]),
+        ("data.source=webdataset", ["data.source='webdataset'", "synthetic"]),
+        ("train.min_lr=1", ["train.min_lr=1.0", "train.lr"]),
+    ],
+)
 def test_range_checks(item, parts):
     assert_all_in(problems_of(make(item), 1), *parts)
 
@@ -358,8 +383,14 @@ def test_hand_built_wrong_type_is_reported():
 
 
 def test_all_problems_reported_at_once():
-    cfg = make("model.num_attention_heads=6", "model.hidden_size=60", "parallel.tp=4", "parallel.sp=true",
-               "model.vocab_size=255", "parallel.cp=2")
+    cfg = make(
+        "model.num_attention_heads=6",
+        "model.hidden_size=60",
+        "parallel.tp=4",
+        "parallel.sp=true",
+        "model.vocab_size=255",
+        "parallel.cp=2",
+    )
     with pytest.raises(ConfigError) as info:
         validate(cfg, 6)
     msg = str(info.value)

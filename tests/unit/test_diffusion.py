@@ -10,7 +10,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from megafusion.objectives.diffusion import (
-    FlowEulerSampler, NoiseSchedule, denoise, diffusion_loss_sums, make_sampler,
+    FlowEulerSampler,
+    NoiseSchedule,
+    denoise,
+    diffusion_loss_sums,
+    make_sampler,
 )
 
 DIFFUSERS_NAME = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
@@ -19,8 +23,10 @@ SHAPES = [(5, 4, 8, 8), (3, 7, 16), (6, 9)]
 
 def cosine_reference(T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nichol & Dhariwal's cosine schedule in float64: betas clipped at 0.999, then cumprod."""
+
     def alpha_bar(t):
         return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
     betas = torch.tensor([min(1 - alpha_bar(i + 1) / alpha_bar(i), 0.999) for i in range(T)], dtype=torch.float64)
     return betas, torch.cumprod(1 - betas, dim=0)
 
@@ -147,9 +153,10 @@ def test_loss_sums_with_mask():
     out["diffusion"].backward()
     assert torch.equal(pred.grad != 0, mask.unsqueeze(-1).expand_as(pred))
     # summed over "microbatches" before dividing: the same mean as the whole batch
-    parts = [diffusion_loss_sums(pred[i:i + 2], target[i:i + 2], mask[i:i + 2]) for i in (0, 2)]
-    torch.testing.assert_close(sum(p["diffusion"] for p in parts) / sum(p["elements"] for p in parts),
-                               out["diffusion"] / out["elements"])
+    parts = [diffusion_loss_sums(pred[i : i + 2], target[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    torch.testing.assert_close(
+        sum(p["diffusion"] for p in parts) / sum(p["elements"] for p in parts), out["diffusion"] / out["elements"]
+    )
     # no mask: plain sum / numel; float weights per image
     plain = diffusion_loss_sums(pred, target)
     assert plain["elements"].item() == pred.numel() and plain["weight"].item() == 4
@@ -175,15 +182,23 @@ def oracle(ns: NoiseSchedule, x0: torch.Tensor):
         if ns.prediction == "sample":
             return x0.expand_as(xt)
         return noise if ns.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
     return fn
 
 
-@pytest.mark.parametrize("schedule,prediction,kind,spacing", [
-    ("cosine", "epsilon", "ddim", "trailing"), ("linear", "epsilon", "ddim", "trailing"),
-    ("cosine", "v_prediction", "ddim", "trailing"), ("cosine", "epsilon", "ddpm", "trailing"),
-    ("cosine", "epsilon", "ddim", "leading"), ("cosine", "flow", "euler", "trailing"),
-    ("cosine", "sample", "ddim", "trailing"), ("linear", "sample", "ddpm", "trailing"),
-])
+@pytest.mark.parametrize(
+    "schedule,prediction,kind,spacing",
+    [
+        ("cosine", "epsilon", "ddim", "trailing"),
+        ("linear", "epsilon", "ddim", "trailing"),
+        ("cosine", "v_prediction", "ddim", "trailing"),
+        ("cosine", "epsilon", "ddpm", "trailing"),
+        ("cosine", "epsilon", "ddim", "leading"),
+        ("cosine", "flow", "euler", "trailing"),
+        ("cosine", "sample", "ddim", "trailing"),
+        ("linear", "sample", "ddpm", "trailing"),
+    ],
+)
 def test_denoise_with_oracle_recovers_x0(schedule, prediction, kind, spacing):
     ns = NoiseSchedule(schedule, prediction=prediction)
     x0 = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(4)) * 1.5  # beyond [-1, 1]: no clipping

@@ -23,16 +23,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from megafusion.config import Config
-from megafusion.data.builtin.synthetic import synthetic_microbatch
-from megafusion.core.modality import MODALITY_NAMES, Modality
-from megafusion.layers.masks import dense_mask
 from megafusion.accounting import flops
+from megafusion.accounting import mfu as M
 from megafusion.accounting.report import flops_report
 from megafusion.commands.flops import main
-from megafusion.objectives.build import build_model_chunks
+from megafusion.config import Config
+from megafusion.core.modality import MODALITY_NAMES, Modality
+from megafusion.data.builtin.synthetic import synthetic_microbatch
+from megafusion.layers.masks import dense_mask
 from megafusion.models.transformer_config import build_transformer_config
-from megafusion.accounting import mfu as M
+from megafusion.objectives.build import build_model_chunks
 from tests.helpers import ROOT
 
 TINY = str(ROOT / "examples/configs/tiny_dense.yaml")
@@ -141,16 +141,20 @@ def brute_force_attended(doc_ids: torch.Tensor) -> torch.Tensor:
 
 def test_batch_flops_attention_matches_brute_force_mask_count():
     cfg = small_cfg(groups=2)
-    doc = torch.tensor([
-        [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3],
-        [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5],
-        [0, 1, 1, 0, 0, 2, 2, 1, 1, 1, 9, 9],  # ids that reappear: still "same id and j <= i"
-    ])
-    mod = torch.tensor([
-        [0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1],
-        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    ])
+    doc = torch.tensor(
+        [
+            [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3],
+            [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5],
+            [0, 1, 1, 0, 0, 2, 2, 1, 1, 1, 9, 9],  # ids that reappear: still "same id and j <= i"
+        ]
+    )
+    mod = torch.tensor(
+        [
+            [0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1],
+            [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ]
+    )
     want_keys = brute_force_attended(doc)
     assert torch.equal(flops.attended_keys(doc), want_keys)
     assert torch.equal(flops.attended_keys(doc), flops.attended_keys_from_mask(dense_mask(doc)))
@@ -244,8 +248,10 @@ def test_flops_cli_prints_params_and_per_token_flops(capsys):
 
 def test_flops_report_takes_any_microbatch():
     cfg = small_cfg()
-    batch = {"document_ids": torch.tensor([[0] * 20 + [1] * 12]),
-             "modality_ids": torch.tensor([[0] * 4 + [1] * 16 + [0] * 12])}
+    batch = {
+        "document_ids": torch.tensor([[0] * 20 + [1] * 12]),
+        "modality_ids": torch.tensor([[0] * 4 + [1] * 16 + [0] * 12]),
+    }
     text = flops_report(cfg, batch)
     assert "image" in text and "6*N*tokens" in text
     stats = flops.batch_flops(cfg, batch["document_ids"], batch["modality_ids"])

@@ -2,9 +2,10 @@
 
 The accounting's per-layer counts (:mod:`megafusion.accounting.image_modules`: forward hooks on
 the modules built on the meta device, one image through them) are checked against torch's
-``FlopCounterMode`` around the forward and the backward of the real (CPU, random) modules (``TimestepEmbedding``, ``Linear``/``UNet`` patch embed and head) at tiny sizes, layer by
-layer, and around a whole ``TransfusionGPTModel``; parameter counts against ``numel`` of the
-real modules and of a built model. FlopCounterMode counts ``mm`` / ``addmm`` / ``convolution``
+``FlopCounterMode`` around the forward and the backward of the real (CPU, random) modules
+(``TimestepEmbedding``, ``Linear``/``UNet`` patch embed and head) at tiny sizes, layer by layer, and
+around a whole ``TransfusionGPTModel``; parameter counts against ``numel`` of the real modules and
+of a built model. FlopCounterMode counts ``mm`` / ``addmm`` / ``convolution``
 (and their backward) only, like the closed forms; the layers that read data (the noised
 latents, the sinusoidal features) get no input gradient in the real backward, so the inputs
 here are made exactly as the model makes them: data without gradient, ``temb``, tokens and
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from megafusion.accounting import flops
+from megafusion.accounting.report import _n, flops_report, summary
 from megafusion.config import Config
 from megafusion.core.modality import Modality
 from megafusion.layers.patchify import (
@@ -29,12 +32,10 @@ from megafusion.layers.patchify import (
     unet_skip_shapes,
 )
 from megafusion.layers.timestep import TimestepEmbedding
-from megafusion.accounting import flops
-from megafusion.accounting.report import _n, flops_report, summary
-from megafusion.objectives.build import build_model_chunks
-from megafusion.models.transfusion import ImageInputs
-from megafusion.objectives.registry import get_objective
 from megafusion.models.transformer_config import build_transformer_config
+from megafusion.models.transfusion import ImageInputs
+from megafusion.objectives.build import build_model_chunks
+from megafusion.objectives.registry import get_objective
 
 CONV_OPS = ("aten.convolution", "aten.convolution_backward")
 
@@ -93,8 +94,9 @@ def check_layers(module, root: str, layers, n: int, fwd):
 def test_timestep_embedding_matches_flop_counter():
     hidden, freq, n = 16, 8, 3
     module = TimestepEmbedding(hidden, frequency_dim=freq)
-    layers = meta_layers(lambda: TimestepEmbedding(hidden, frequency_dim=freq),
-                         lambda m: m(torch.zeros(1, device="meta")))
+    layers = meta_layers(
+        lambda: TimestepEmbedding(hidden, frequency_dim=freq), lambda m: m(torch.zeros(1, device="meta"))
+    )
     fwd, train = measure(lambda: module(torch.tensor([1.0, 250.0, 999.0])), lambda out: out.square().sum())
     check_layers(module, "TimestepEmbedding", layers, n, fwd)
     assert train.get_total_flops() == n * flops.layers_flops(layers)
@@ -109,10 +111,13 @@ def test_linear_patch_embed_and_head_match_flop_counter():
     latents = torch.randn(n, c, height, width)  # data: no gradient, as the model's noised latents
     temb = torch.randn(n, hidden, requires_grad=True)
     fwd, train = measure(lambda: head(embed(latents, temb), height, width), lambda out: out.square().sum())
-    embed_layers = meta_layers(lambda: LinearPatchEmbed(c, p, hidden),
-                               lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden)))
-    head_layers = meta_layers(lambda: LinearPatchHead(hidden, p, c),
-                              lambda m: m(_meta(1, (height // p) * (width // p), hidden), height, width))
+    embed_layers = meta_layers(
+        lambda: LinearPatchEmbed(c, p, hidden), lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden))
+    )
+    head_layers = meta_layers(
+        lambda: LinearPatchHead(hidden, p, c),
+        lambda m: m(_meta(1, (height // p) * (width // p), hidden), height, width),
+    )
     check_layers(embed, "LinearPatchEmbed", embed_layers, n, fwd)
     check_layers(head, "LinearPatchHead", head_layers, n, fwd)
     assert train.get_total_flops() == n * flops.layers_flops(embed_layers + head_layers)  # nothing else counted
@@ -122,10 +127,13 @@ def test_linear_patch_embed_and_head_match_flop_counter():
     assert flops.layers_flops(head_layers) == 3 * flops.layers_flops(head_layers, forward_only=True)
 
 
-@pytest.mark.parametrize("channels,layers_per_block,patch,height,width", [
-    ((8, 12, 16), 2, 8, 16, 8),   # 3 levels, widths that all differ, 2 resnets per down block
-    ((8,), 1, 2, 6, 4),          # one level: no down / up sampling
-])
+@pytest.mark.parametrize(
+    "channels,layers_per_block,patch,height,width",
+    [
+        ((8, 12, 16), 2, 8, 16, 8),  # 3 levels, widths that all differ, 2 resnets per down block
+        ((8,), 1, 2, 6, 4),  # one level: no down / up sampling
+    ],
+)
 def test_unet_patch_embed_and_head_match_flop_counter(channels, layers_per_block, patch, height, width):
     c, hidden, n = 3, 16, 2
     kw = {"channels": channels, "layers_per_block": layers_per_block, "norm_groups": 4}
@@ -146,11 +154,16 @@ def test_unet_patch_embed_and_head_match_flop_counter(channels, layers_per_block
 
 def unet_layers(c, patch, hidden, height, width, kw):
     skips = unet_skip_shapes(1, height, width, kw["channels"], kw["layers_per_block"])
-    embed = meta_layers(lambda: UNetPatchEmbed(c, patch, hidden, **kw),
-                        lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden)))
-    head = meta_layers(lambda: UNetPatchHead(hidden, patch, c, **kw),
-                       lambda m: m(_meta(1, (height // patch) * (width // patch), hidden),
-                                   [_meta(*shape) for shape in skips], _meta(1, hidden)))
+    embed = meta_layers(
+        lambda: UNetPatchEmbed(c, patch, hidden, **kw),
+        lambda m: m(_meta(1, c, height, width, grad=False), _meta(1, hidden)),
+    )
+    head = meta_layers(
+        lambda: UNetPatchHead(hidden, patch, c, **kw),
+        lambda m: m(
+            _meta(1, (height // patch) * (width // patch), hidden), [_meta(*shape) for shape in skips], _meta(1, hidden)
+        ),
+    )
     return embed, head
 
 
@@ -193,12 +206,15 @@ def build(cfg, runtime, latent_shape=None):
     return build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime, latent_shape)[0]
 
 
-@pytest.mark.parametrize("patchify,arch,codec,latent_shape", [
-    ("linear", "dense", "pixels", None),
-    ("unet", "dense", "pixels", None),
-    ("linear", "mot", "pixels", None),
-    ("unet", "dense", "kl", (4, 8, 12)),  # a VAE's latent: the shape must be passed
-])
+@pytest.mark.parametrize(
+    "patchify,arch,codec,latent_shape",
+    [
+        ("linear", "dense", "pixels", None),
+        ("unet", "dense", "pixels", None),
+        ("linear", "mot", "pixels", None),
+        ("unet", "dense", "kl", (4, 8, 12)),  # a VAE's latent: the shape must be passed
+    ],
+)
 def test_parameter_counts_match_built_transfusion_model(runtime, patchify, arch, codec, latent_shape):
     cfg = transfusion_cfg(patchify, arch, codec)
     named = dict(build(cfg, runtime, latent_shape).named_parameters())
@@ -228,9 +244,13 @@ def image_microbatch(cfg):
     image_ids[0, 2:6], image_ids[0, 10:14], image_ids[1, 6:10] = 0, 1, 0
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (b, s), generator=gen)
-    images = ImageInputs(image_ids=image_ids, noised=torch.randn(3, 3, 8, 8, generator=gen),
-                         timesteps=torch.tensor([10.0, 500.0, 900.0]), count=3,
-                         positions=(image_ids.reshape(-1) >= 0).nonzero().flatten())
+    images = ImageInputs(
+        image_ids=image_ids,
+        noised=torch.randn(3, 3, 8, 8, generator=gen),
+        timesteps=torch.tensor([10.0, 500.0, 900.0]),
+        count=3,
+        positions=(image_ids.reshape(-1) >= 0).nonzero().flatten(),
+    )
     modality = torch.where(image_ids >= 0, int(Modality.IMAGE), int(Modality.TEXT))
     return tokens, images, modality
 
@@ -297,8 +317,10 @@ def test_batch_flops_charges_images_to_the_image_modality():
     with pytest.raises(ValueError, match="latent_shape"):
         flops.batch_flops(cfg, doc, modality, num_images=3)
     shape = (4, 8, 8)
-    assert flops.batch_flops(cfg, doc, modality, num_images=3, latent_shape=shape)["image_modules"] == \
-        3 * flops.image_flops_per_image(cfg, shape)["total"]
+    assert (
+        flops.batch_flops(cfg, doc, modality, num_images=3, latent_shape=shape)["image_modules"]
+        == 3 * flops.image_flops_per_image(cfg, shape)["total"]
+    )
 
 
 def test_image_flops_scale_with_the_latent_and_check_it():
@@ -323,8 +345,12 @@ def test_image_flops_scale_with_the_latent_and_check_it():
 def test_flops_cli_reports_the_image_modules():
     cfg = transfusion_cfg("unet")
     tokens, images, modality = image_microbatch(cfg)
-    batch = {"document_ids": torch.zeros_like(tokens), "modality_ids": modality, "latents": images.noised,
-             "image_ids": images.image_ids}
+    batch = {
+        "document_ids": torch.zeros_like(tokens),
+        "modality_ids": modality,
+        "latents": images.noised,
+        "image_ids": images.image_ids,
+    }
     text = flops_report(cfg, batch)
     stats = flops.batch_flops(cfg, batch["document_ids"], modality, num_images=3)
     assert "image modules" in text and "for 3 images" in text

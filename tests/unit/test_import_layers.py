@@ -19,8 +19,13 @@ CONTRACT = ROOT / ".importlinter"
 
 def lint(config) -> subprocess.CompletedProcess:
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    return subprocess.run([sys.executable, "-c", code, "--config", str(config), "--no-cache"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, "--config", str(config), "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_no_package_imports_from_a_layer_above_it():
@@ -31,8 +36,9 @@ def test_no_package_imports_from_a_layer_above_it():
 def test_the_layer_check_can_fail(tmp_path):
     """core below config is the contract; core above config is broken (config imports core)."""
     reversed_contract = tmp_path / "reversed.ini"
-    text = CONTRACT.read_text().replace("    megafusion.config\n    megafusion.core\n",
-                                        "    megafusion.core\n    megafusion.config\n")
+    text = CONTRACT.read_text().replace(
+        "    megafusion.config\n    megafusion.core\n", "    megafusion.core\n    megafusion.config\n"
+    )
     assert text != CONTRACT.read_text()
     reversed_contract.write_text(text)
     proc = lint(reversed_contract)

@@ -20,8 +20,15 @@ def test_shard_of_full_matches_megatron_split(tp, stride, dim):
         shape[dim] = per_partition
         param = torch.nn.Parameter(torch.empty(shape))
         _initialize_affine_weight_cpu(
-            param, full.shape[0], full.shape[1], per_partition, dim, lambda w: w.copy_(full),
-            stride=stride, rank=rank, world_size=tp,
+            param,
+            full.shape[0],
+            full.shape[1],
+            per_partition,
+            dim,
+            lambda w: w.copy_(full),
+            stride=stride,
+            rank=rank,
+            world_size=tp,
         )
         assert full_shape(param, tp) == tuple(full.shape)
         assert torch.equal(shard_of_full(full, param, rank, tp), param.data)

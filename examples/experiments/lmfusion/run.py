@@ -52,6 +52,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (in-process steps, machine())
 
 import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
 
 HERE = Path(__file__).resolve().parent
@@ -60,24 +61,62 @@ TEXT_CONFIG, MIXED_CONFIG = HERE / "config_text.yaml", HERE / "config_mixed.yaml
 TEXT_SEED, HELDOUT_SEED = 1001, 2002  # shapes seeds of the text data; the mixed-modal set uses train.seed (1234)
 CAPTION_IMAGE_SIZE = 12  # the captions do not depend on it; the smallest size renders fastest
 
-_TINY_MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-               "model.num_query_groups=1", "model.ffn_hidden_size=64"]
+_TINY_MODEL = [
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.num_query_groups=1",
+    "model.ffn_hidden_size=64",
+]
 _TINY_TRAIN = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=1"]
 SCALES = {
     # text_steps / lmfusion_steps None: the configs' train.steps
-    "full": {"text_captions": 16000, "captions_per_document": 20, "heldout_captions": 400, "sp_vocab": 256,
-             "text_steps": None, "lmfusion_steps": None, "pilot_steps": 4, "eval_seq_length": 128,
-             "text_overrides": [], "mixed_overrides": []},
-    "quick": {"text_captions": 600, "captions_per_document": 5, "heldout_captions": 40, "sp_vocab": 256,
-              "text_steps": 3, "lmfusion_steps": 4, "pilot_steps": 2, "eval_seq_length": 64,
-              "text_overrides": [*_TINY_MODEL, *_TINY_TRAIN, "model.seq_length=64", "eval.interval=1",
-                                 "eval.batches=1"],
-              "mixed_overrides": [*_TINY_MODEL, *_TINY_TRAIN, "model.seq_length=128", "data.num_samples=200",
-                                  "eval.interval=2", "eval.batches=1"]},
+    "full": {
+        "text_captions": 16000,
+        "captions_per_document": 20,
+        "heldout_captions": 400,
+        "sp_vocab": 256,
+        "text_steps": None,
+        "lmfusion_steps": None,
+        "pilot_steps": 4,
+        "eval_seq_length": 128,
+        "text_overrides": [],
+        "mixed_overrides": [],
+    },
+    "quick": {
+        "text_captions": 600,
+        "captions_per_document": 5,
+        "heldout_captions": 40,
+        "sp_vocab": 256,
+        "text_steps": 3,
+        "lmfusion_steps": 4,
+        "pilot_steps": 2,
+        "eval_seq_length": 64,
+        "text_overrides": [*_TINY_MODEL, *_TINY_TRAIN, "model.seq_length=64", "eval.interval=1", "eval.batches=1"],
+        "mixed_overrides": [
+            *_TINY_MODEL,
+            *_TINY_TRAIN,
+            "model.seq_length=128",
+            "data.num_samples=200",
+            "eval.interval=2",
+            "eval.batches=1",
+        ],
+    },
 }
 # Files and folders run.py writes under --out-dir (a rerun deletes these, nothing else).
-OUTPUTS = ("data", "logs", "cache", "text_lm", "hf", "import", "import_model.yaml", "lmfusion", "pilot_mot",
-           "mot_scratch", "run_info.json")
+OUTPUTS = (
+    "data",
+    "logs",
+    "cache",
+    "text_lm",
+    "hf",
+    "import",
+    "import_model.yaml",
+    "lmfusion",
+    "pilot_mot",
+    "mot_scratch",
+    "run_info.json",
+)
 
 
 def _shown(path) -> str:
@@ -138,9 +177,15 @@ class Runner:
     def record(self, name: str, command: str, seconds: float, log: Path | None, load: float | None = None) -> None:
         # load: the 1-minute load average at the start and the end (other work on the machine
         # slows the steps down; the wall clocks are only comparable under similar load)
-        self.info["steps"].append({"name": name, "command": command, "seconds": seconds,
-                                   "log": _shown(log) if log else None,
-                                   "load_avg_1min": [load, _load()] if load is not None else None})
+        self.info["steps"].append(
+            {
+                "name": name,
+                "command": command,
+                "seconds": seconds,
+                "log": _shown(log) if log else None,
+                "load_avg_1min": [load, _load()] if load is not None else None,
+            }
+        )
         self.save_info()
 
     def megafusion(self, name: str, args: list[str]) -> str:
@@ -206,8 +251,12 @@ def captions(num: int, seed: int) -> list[str]:
     """The captions of the first ``num`` built-in shapes samples of ``seed``."""
     from megafusion.data.builtin.shapes import shapes_documents
 
-    return [seg.text for doc in shapes_documents(num, seed, CAPTION_IMAGE_SIZE) for seg in doc.segments
-            if hasattr(seg, "text")]
+    return [
+        seg.text
+        for doc in shapes_documents(num, seed, CAPTION_IMAGE_SIZE)
+        for seg in doc.segments
+        if hasattr(seg, "text")
+    ]
 
 
 def caption_choices() -> int:
@@ -227,18 +276,24 @@ def write_text_data(data_dir: Path, scale: dict) -> dict:
     documents, i = [], 0
     while i < len(texts):
         k = int(rng.integers(1, scale["captions_per_document"] + 1))
-        documents.append("\n".join(texts[i:i + k]))
+        documents.append("\n".join(texts[i : i + k]))
         i += k
     with open(data_dir / "captions.jsonl", "w", encoding="utf-8") as f:
         for doc in documents:
             f.write(json.dumps({"segments": [{"text": doc}]}) + "\n")
     heldout = captions(scale["heldout_captions"], HELDOUT_SEED)
     (data_dir / "heldout.txt").write_text("\n".join(heldout) + "\n", encoding="utf-8")
-    return {"text_seed": TEXT_SEED, "text_captions": len(texts), "text_documents": len(documents),
-            "captions_per_document": scale["captions_per_document"], "heldout_seed": HELDOUT_SEED,
-            "heldout_captions": len(heldout), "caption_choices": caption_choices(),
-            "distinct_text_captions": len(set(texts)), "heldout_captions_also_in_text_data":
-                sum(c in set(texts) for c in heldout)}
+    return {
+        "text_seed": TEXT_SEED,
+        "text_captions": len(texts),
+        "text_documents": len(documents),
+        "captions_per_document": scale["captions_per_document"],
+        "heldout_seed": HELDOUT_SEED,
+        "heldout_captions": len(heldout),
+        "caption_choices": caption_choices(),
+        "distinct_text_captions": len(set(texts)),
+        "heldout_captions_also_in_text_data": sum(c in set(texts) for c in heldout),
+    }
 
 
 def model_section_overrides(yaml_path: Path) -> list[str]:
@@ -291,8 +346,14 @@ def mot_steps_for_budget(lmfusion: list[float], pilot: list[float]) -> dict:
             break
         spent += nxt
         steps += 1
-    return {"lmfusion_steps": len(lmfusion), "lmfusion_flops_total": budget, "pilot_steps": n,
-            "mot_to_lmfusion_flops_per_step": ratio, "mot_steps": max(steps, 1), "mot_predicted_flops_total": spent}
+    return {
+        "lmfusion_steps": len(lmfusion),
+        "lmfusion_flops_total": budget,
+        "pilot_steps": n,
+        "mot_to_lmfusion_flops_per_step": ratio,
+        "mot_steps": max(steps, 1),
+        "mot_predicted_flops_total": spent,
+    }
 
 
 def clean(out_dir: Path) -> None:
@@ -314,11 +375,17 @@ def run_experiment(out_dir: Path, scale: dict, launcher: str, info: dict) -> Non
     print("[lmfusion] text data: captions of the built-in shapes -> text-only documents", flush=True)
     start = time.perf_counter()
     info["settings"] = write_text_data(data, scale)
-    runner.record("text_data", f"(run.py) {scale['text_captions']} captions of shapes seed {TEXT_SEED} -> "
-                  f"{_shown(shard)}; {scale['heldout_captions']} of seed {HELDOUT_SEED} -> {_shown(heldout)}",
-                  time.perf_counter() - start, None)
-    runner.megafusion("tokenizer", ["tokenizer", "train", "--input", shard, "--vocab-size", scale["sp_vocab"],
-                                    "--output", data / "sp"])
+    runner.record(
+        "text_data",
+        f"(run.py) {scale['text_captions']} captions of shapes seed {TEXT_SEED} -> "
+        f"{_shown(shard)}; {scale['heldout_captions']} of seed {HELDOUT_SEED} -> {_shown(heldout)}",
+        time.perf_counter() - start,
+        None,
+    )
+    runner.megafusion(
+        "tokenizer",
+        ["tokenizer", "train", "--input", shard, "--vocab-size", scale["sp_vocab"], "--output", data / "sp"],
+    )
     runner.megafusion("data_prepare", ["data", "prepare", "--input", shard, "--tokenizer", sp, "--output", text_prefix])
     meta = json.loads(Path(f"{text_prefix}.meta.json").read_text())
     n_text = int(meta["tokenizer"]["n_text"])
@@ -327,21 +394,69 @@ def run_experiment(out_dir: Path, scale: dict, launcher: str, info: dict) -> Non
 
     # 2. the text-only pretraining
     steps = [f"train.steps={scale['text_steps']}"] if scale["text_steps"] else []
-    runner.megafusion("text_lm", ["train", "--config", TEXT_CONFIG, *scale["text_overrides"], *steps,
-                                  f"data.path={text_prefix}", f"data.tokenizer={sp}",
-                                  f"logging.out_dir={out_dir / 'text_lm'}"])
+    runner.megafusion(
+        "text_lm",
+        [
+            "train",
+            "--config",
+            TEXT_CONFIG,
+            *scale["text_overrides"],
+            *steps,
+            f"data.path={text_prefix}",
+            f"data.tokenizer={sp}",
+            f"logging.out_dir={out_dir / 'text_lm'}",
+        ],
+    )
 
     # 3. the Hugging Face round trip, checked on the held-out text
-    runner.megafusion("export_hf", ["convert", "mf-to-hf", "--input", out_dir / "text_lm" / "checkpoints",
-                                    "--output", out_dir / "hf", "--vocab-size", n_text])
-    runner.megafusion("import_hf", ["convert", "hf-to-mf", "--hf", out_dir / "hf", "--output", out_dir / "import",
-                                    "--vocab-multiple", "1", "--config-out", out_dir / "import_model.yaml"])
+    runner.megafusion(
+        "export_hf",
+        [
+            "convert",
+            "mf-to-hf",
+            "--input",
+            out_dir / "text_lm" / "checkpoints",
+            "--output",
+            out_dir / "hf",
+            "--vocab-size",
+            n_text,
+        ],
+    )
+    runner.megafusion(
+        "import_hf",
+        [
+            "convert",
+            "hf-to-mf",
+            "--hf",
+            out_dir / "hf",
+            "--output",
+            out_dir / "import",
+            "--vocab-multiple",
+            "1",
+            "--config-out",
+            out_dir / "import_model.yaml",
+        ],
+    )
     info["text_eval"] = {}
 
     def eval_text(name: str, ckpt: Path) -> None:
         # The same windows and the same softmax columns (the text pieces) for every checkpoint.
-        output = runner.megafusion(f"eval_{name}", ["eval", "--ckpt", ckpt, "--text", heldout, "--tokenizer", sp,
-                                                    "--loss-vocab", n_text, "--seq-length", scale["eval_seq_length"]])
+        output = runner.megafusion(
+            f"eval_{name}",
+            [
+                "eval",
+                "--ckpt",
+                ckpt,
+                "--text",
+                heldout,
+                "--tokenizer",
+                sp,
+                "--loss-vocab",
+                n_text,
+                "--seq-length",
+                scale["eval_seq_length"],
+            ],
+        )
         info["text_eval"][name] = last_json(output)
         runner.save_info()
 
@@ -350,23 +465,52 @@ def run_experiment(out_dir: Path, scale: dict, launcher: str, info: dict) -> Non
 
     # 4. LMFusion from the import; 5. the same MoT from scratch at the same FLOPs
     model = model_section_overrides(out_dir / "import_model.yaml")
-    mixed = ["train", "--config", MIXED_CONFIG, *scale["mixed_overrides"], *model, "model.arch=mot",
-             "model.untie=all", "model.vocab_size=null", f"data.tokenizer={sp}", f"data.cache_dir={cache}"]
+    mixed = [
+        "train",
+        "--config",
+        MIXED_CONFIG,
+        *scale["mixed_overrides"],
+        *model,
+        "model.arch=mot",
+        "model.untie=all",
+        "model.vocab_size=null",
+        f"data.tokenizer={sp}",
+        f"data.cache_dir={cache}",
+    ]
     steps = [f"train.steps={scale['lmfusion_steps']}"] if scale["lmfusion_steps"] else []
-    runner.megafusion("lmfusion", [*mixed, *steps, "model.freeze_text=true",
-                                   f"checkpoint.init_from={out_dir / 'import'}", f"logging.out_dir={out_dir / 'lmfusion'}"])
-    runner.megafusion("pilot_mot", [*mixed, f"train.steps={scale['pilot_steps']}", "checkpoint.save=false",
-                                    "eval.batches=1", f"logging.out_dir={out_dir / 'pilot_mot'}"])
+    runner.megafusion(
+        "lmfusion",
+        [
+            *mixed,
+            *steps,
+            "model.freeze_text=true",
+            f"checkpoint.init_from={out_dir / 'import'}",
+            f"logging.out_dir={out_dir / 'lmfusion'}",
+        ],
+    )
+    runner.megafusion(
+        "pilot_mot",
+        [
+            *mixed,
+            f"train.steps={scale['pilot_steps']}",
+            "checkpoint.save=false",
+            "eval.batches=1",
+            f"logging.out_dir={out_dir / 'pilot_mot'}",
+        ],
+    )
     budget = mot_steps_for_budget(training_flops(out_dir / "lmfusion"), training_flops(out_dir / "pilot_mot"))
-    budget["rule"] = (f"LMFusion trains {budget['lmfusion_steps']} steps; a {budget['pilot_steps']}-step pilot of the "
-                      f"MoT from scratch costs {budget['mot_to_lmfusion_flops_per_step']:.4f}x LMFusion's FLOPs on the "
-                      f"same batches, so the MoT from scratch gets the most steps that stay within LMFusion's total: "
-                      f"{budget['mot_steps']}")
+    budget["rule"] = (
+        f"LMFusion trains {budget['lmfusion_steps']} steps; a {budget['pilot_steps']}-step pilot of the "
+        f"MoT from scratch costs {budget['mot_to_lmfusion_flops_per_step']:.4f}x LMFusion's FLOPs on the "
+        f"same batches, so the MoT from scratch gets the most steps that stay within LMFusion's total: "
+        f"{budget['mot_steps']}"
+    )
     info["budget"] = budget
     runner.save_info()
     print(f"[lmfusion] budget: {budget['rule']}", flush=True)
-    runner.megafusion("mot_scratch", [*mixed, f"train.steps={budget['mot_steps']}",
-                                      f"logging.out_dir={out_dir / 'mot_scratch'}"])
+    runner.megafusion(
+        "mot_scratch", [*mixed, f"train.steps={budget['mot_steps']}", f"logging.out_dir={out_dir / 'mot_scratch'}"]
+    )
 
     # 6. text after
     eval_text("lmfusion", out_dir / "lmfusion" / "checkpoints")
@@ -380,16 +524,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="runs/lmfusion", help="the runs and data (default: %(default)s)")
-    parser.add_argument("--results", default="bench/results",
-                        help="where lmfusion.{json,md,png} go (default: %(default)s)")
+    parser.add_argument(
+        "--results", default="bench/results", help="where lmfusion.{json,md,png} go (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (the test; < 1 min)")
     parser.add_argument("--analyze-only", action="store_true", help="skip the runs; analyse those in --out-dir")
-    parser.add_argument("--launcher", choices=("subprocess", "inprocess"), default=None,
-                        help="one process per step (default) or all in this one (default with --quick)")
-    parser.add_argument("--text-steps", type=int, default=None, help="train.steps of the text pretraining "
-                        "(default: config_text.yaml's)")
-    parser.add_argument("--steps", type=int, default=None, help="LMFusion's train.steps (default: "
-                        "config_mixed.yaml's); the MoT from scratch gets the same FLOPs")
+    parser.add_argument(
+        "--launcher",
+        choices=("subprocess", "inprocess"),
+        default=None,
+        help="one process per step (default) or all in this one (default with --quick)",
+    )
+    parser.add_argument(
+        "--text-steps", type=int, default=None, help="train.steps of the text pretraining (default: config_text.yaml's)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="LMFusion's train.steps (default: config_mixed.yaml's); the MoT from scratch gets the same FLOPs",
+    )
     args = parser.parse_args(argv)
     out_dir, results = Path(args.out_dir).resolve(), Path(args.results).resolve()
     if not args.analyze_only:
@@ -402,11 +556,19 @@ def main(argv: list[str] | None = None) -> int:
         launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
         out_dir.mkdir(parents=True, exist_ok=True)
         clean(out_dir)
-        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": git_commit(),
-                "machine": machine(), "versions": analyze.versions(), "date_utc": utc_now(),
-                "launcher": launcher,
-                "quick": args.quick, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "scale": scale,
-                "steps": [], "complete": False}
+        info = {
+            "command": shlex.join(["python", _shown(__file__), *argv]),
+            "commit": git_commit(),
+            "machine": machine(),
+            "versions": analyze.versions(),
+            "date_utc": utc_now(),
+            "launcher": launcher,
+            "quick": args.quick,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "scale": scale,
+            "steps": [],
+            "complete": False,
+        }
         try:
             run_experiment(out_dir, scale, launcher, info)
         except StepFailed as err:

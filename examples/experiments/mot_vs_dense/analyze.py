@@ -1,7 +1,8 @@
 """Compare a dense and a MoT run: loss vs training FLOPs and vs wall clock, and how much of
 dense's budget MoT needs to reach dense's final loss.
 
-``python examples/experiments/mot_vs_dense/analyze.py [--setting lm|transfusion] [--out-dir DIR] [--results bench/results]``
+``python examples/experiments/mot_vs_dense/analyze.py [--setting lm|transfusion] [--out-dir DIR]
+[--results bench/results]``
 
 Reads ``<out-dir>/dense/metrics.jsonl`` and ``<out-dir>/mot/metrics.jsonl`` (written by
 ``megafusion train``; ``run.py`` produces both) and, when present, ``<out-dir>/run_info.json``
@@ -88,20 +89,30 @@ class Setting:
 
 SETTINGS = {
     # The lm strings are those of the first published report: its files must not change.
-    "lm": Setting(name="lm", image_loss="image", image_label="image", result_name=RESULT_NAME,
-                  out_dir="runs/mot_vs_dense", config="config.yaml",
-                  title="MoT vs dense (Chameleon setting, built-in shapes + digits, vq image codes)",
-                  plot_title="MoT vs dense",
-                  paper="The MoT paper reports 55.8% of the FLOPs for the 7B Chameleon setting"),
+    "lm": Setting(
+        name="lm",
+        image_loss="image",
+        image_label="image",
+        result_name=RESULT_NAME,
+        out_dir="runs/mot_vs_dense",
+        config="config.yaml",
+        title="MoT vs dense (Chameleon setting, built-in shapes + digits, vq image codes)",
+        plot_title="MoT vs dense",
+        paper="The MoT paper reports 55.8% of the FLOPs for the 7B Chameleon setting",
+    ),
     "transfusion": Setting(
-        name="transfusion", image_loss="diffusion", image_label="image (diffusion)",
-        result_name=f"{RESULT_NAME}_transfusion", out_dir="runs/mot_vs_dense_transfusion",
+        name="transfusion",
+        image_loss="diffusion",
+        image_label="image (diffusion)",
+        result_name=f"{RESULT_NAME}_transfusion",
+        out_dir="runs/mot_vs_dense_transfusion",
         config="config_transfusion.yaml",
         title="MoT vs dense (Transfusion setting, built-in shapes: text next-token loss + diffusion loss on "
-              "pixel latents)",
+        "pixel latents)",
         plot_title="MoT vs dense, Transfusion setting",
         paper="The MoT paper reports that in the 7B Transfusion setting MoT matches dense's image performance "
-              "with one third of the FLOPs"),
+        "with one third of the FLOPs",
+    ),
 }
 
 
@@ -126,16 +137,22 @@ def load_run(run_dir: Path, run_command: str = RUN_COMMAND) -> dict:
     path = run_dir / "metrics.jsonl"
     train, evals = read_metrics(path, run_command, AnalysisError)
     if not train or not evals:
-        raise AnalysisError(f"{path} has {len(train)} training and {len(evals)} evaluation records; need both "
-                            f"(log every step: logging.log_interval=1)")
+        raise AnalysisError(
+            f"{path} has {len(train)} training and {len(evals)} evaluation records; need both "
+            f"(log every step: logging.log_interval=1)"
+        )
     missing = [k for k in ("step_time_s", "flops_total") if k not in train[0]]
     if missing:
-        raise AnalysisError(f"{path}: training records lack {', '.join(missing)} (written by a megafusion older "
-                            f"than the FLOPs metrics?): rerun `{run_command}`")
+        raise AnalysisError(
+            f"{path}: training records lack {', '.join(missing)} (written by a megafusion older "
+            f"than the FLOPs metrics?): rerun `{run_command}`"
+        )
     steps = [r["step"] for r in train]
     if steps != list(range(steps[0], steps[0] + len(steps))):
-        raise AnalysisError(f"{path}: training steps are not consecutive; the wall-clock and EMA curves need "
-                            f"every step logged (logging.log_interval=1)")
+        raise AnalysisError(
+            f"{path}: training steps are not consecutive; the wall-clock and EMA curves need "
+            f"every step logged (logging.log_interval=1)"
+        )
     return {"path": str(path), "train": train, "eval": evals}
 
 
@@ -152,8 +169,11 @@ def val_curves(run: dict, setting: Setting) -> dict:
     """Per evaluation: step, FLOPs and wall clock so far, and the validation loss per modality."""
     axes = cumulative_axes(run)
     points = [r for r in run["eval"] if r["step"] in axes]  # an evaluation follows a logged step
-    curve = {"step": [r["step"] for r in points], "flops": [axes[r["step"]][0] for r in points],
-             "wall_s": [axes[r["step"]][1] for r in points]}
+    curve = {
+        "step": [r["step"] for r in points],
+        "flops": [axes[r["step"]][0] for r in points],
+        "wall_s": [axes[r["step"]][1] for r in points],
+    }
     for m in MODALITIES:
         curve[m] = [r.get(_key(m, "val/loss", setting), math.nan) for r in points]
     return curve
@@ -166,15 +186,18 @@ def ema(values: list[float], beta: float = EMA_BETA) -> list[float]:
         if not math.isnan(v):  # a step whose batch had no token of a modality has no loss for it
             t += 1
             avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** t) if t else math.nan)
+        out.append(avg / (1 - beta**t) if t else math.nan)
     return out
 
 
 def train_curves(run: dict, setting: Setting, beta: float = EMA_BETA) -> dict:
     """Per step: FLOPs and wall clock so far, and the EMA-smoothed training loss per modality."""
     axes = cumulative_axes(run)
-    curve = {"step": [r["step"] for r in run["train"]], "flops": [axes[r["step"]][0] for r in run["train"]],
-             "wall_s": [axes[r["step"]][1] for r in run["train"]]}
+    curve = {
+        "step": [r["step"] for r in run["train"]],
+        "flops": [axes[r["step"]][0] for r in run["train"]],
+        "wall_s": [axes[r["step"]][1] for r in run["train"]],
+    }
     for m in MODALITIES:
         curve[m] = ema([r.get(_key(m, "loss", setting), math.nan) for r in run["train"]], beta)
     return curve
@@ -189,8 +212,10 @@ def read_run_info(out_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise AnalysisError(f"{path} is not JSON ({err}): delete it (the analysis then infers the setting "
-                            f"from the metrics) or rerun the runs") from None
+        raise AnalysisError(
+            f"{path} is not JSON ({err}): delete it (the analysis then infers the setting "
+            f"from the metrics) or rerun the runs"
+        ) from None
 
 
 def run_config(info: dict, arch: str):
@@ -205,7 +230,7 @@ def run_config(info: dict, arch: str):
     path = config if os.path.isabs(config) else str(ROOT / config)
     if not os.path.isfile(path):
         return None  # parameter_counts says so; the setting then comes from the metrics
-    overrides = [t for t in cmd[cmd.index("--config") + 2:] if "=" in t]
+    overrides = [t for t in cmd[cmd.index("--config") + 2 :] if "=" in t]
     try:
         return load_config(path, overrides)
     except ConfigError as err:
@@ -216,20 +241,27 @@ def setting_from_info(info: dict, out_dir: Path) -> str | None:
     """objective.name of the configs both runs used (None where run_info.json does not say)."""
     names = {a: cfg.objective.name for a in ARCHS if (cfg := run_config(info, a)) is not None}
     if len(set(names.values())) > 1:  # run.py never does this; a hand-edited run_info.json might
-        raise AnalysisError(f"{out_dir / 'run_info.json'}: the runs trained with different objectives {names}: "
-                            f"rerun both with one config")
+        raise AnalysisError(
+            f"{out_dir / 'run_info.json'}: the runs trained with different objectives {names}: "
+            f"rerun both with one config"
+        )
     return next(iter(names.values()), None)
 
 
 def setting_from_metrics(runs: dict) -> str:
     """The setting whose image loss the evaluation records log (for runs without run_info.json)."""
-    logged = {name for name, s in SETTINGS.items()
-              if any(f"val/loss/{s.image_loss}" in r for run in runs.values() for r in run["eval"])}
+    logged = {
+        name
+        for name, s in SETTINGS.items()
+        if any(f"val/loss/{s.image_loss}" in r for run in runs.values() for r in run["eval"])
+    }
     if len(logged) != 1:
         paths = " and ".join(run["path"] for run in runs.values())
         keys = " or ".join(f"val/loss/{s.image_loss} ({s.name})" for s in SETTINGS.values())
-        raise AnalysisError(f"{paths}: cannot tell the setting from the metrics (they log "
-                            f"{'both' if logged else 'neither'} of {keys}): pass --setting lm|transfusion")
+        raise AnalysisError(
+            f"{paths}: cannot tell the setting from the metrics (they log "
+            f"{'both' if logged else 'neither'} of {keys}): pass --setting lm|transfusion"
+        )
     return logged.pop()
 
 
@@ -239,13 +271,21 @@ def check_image_loss(runs: dict, setting: Setting) -> None:
     for run in runs.values():
         if any(key in r for r in run["eval"]):
             continue
-        others = [s for s in SETTINGS.values() if s is not setting and any(
-            f"val/loss/{s.image_loss}" in r for r in run["eval"])]
-        why = (f"it logs val/loss/{others[0].image_loss}, so these look like {others[0].name}-setting runs: "
-               f"analyse them with --setting {others[0].name}" if others else
-               f"no held-out image was evaluated? produce the runs with `{setting.run_command}`")
-        raise AnalysisError(f"{run['path']}: no evaluation record has {key}, the image loss of the "
-                            f"{setting.name} setting (objective.name={setting.name}); {why}")
+        others = [
+            s
+            for s in SETTINGS.values()
+            if s is not setting and any(f"val/loss/{s.image_loss}" in r for r in run["eval"])
+        ]
+        why = (
+            f"it logs val/loss/{others[0].image_loss}, so these look like {others[0].name}-setting runs: "
+            f"analyse them with --setting {others[0].name}"
+            if others
+            else f"no held-out image was evaluated? produce the runs with `{setting.run_command}`"
+        )
+        raise AnalysisError(
+            f"{run['path']}: no evaluation record has {key}, the image loss of the "
+            f"{setting.name} setting (objective.name={setting.name}); {why}"
+        )
 
 
 def resolve_setting(explicit: str | None, info: dict, out_dir: Path) -> str | None:
@@ -254,9 +294,11 @@ def resolve_setting(explicit: str | None, info: dict, out_dir: Path) -> str | No
     if explicit is not None:
         get_setting(explicit)
         if declared is not None and declared != explicit:
-            raise AnalysisError(f"--setting {explicit}, but the runs in {out_dir} trained with objective.name="
-                                f"{declared} (per {out_dir / 'run_info.json'}): pass --setting {declared} "
-                                f"or leave it out")
+            raise AnalysisError(
+                f"--setting {explicit}, but the runs in {out_dir} trained with objective.name="
+                f"{declared} (per {out_dir / 'run_info.json'}): pass --setting {declared} "
+                f"or leave it out"
+            )
         return explicit
     return declared
 
@@ -269,15 +311,30 @@ def compare(dense: dict, mot: dict) -> dict:
     for m in MODALITIES:
         target = dense[m][-1]
         # at_first_point: MoT was already below at its first point, so the fractions are upper bounds.
-        row = {"dense_final": target, "mot_final": mot[m][-1], "reached": False, "at_first_point": False,
-               "mot_step": None, "mot_flops": None, "mot_wall_s": None, "flops_fraction": None,
-               "wall_fraction": None}
+        row = {
+            "dense_final": target,
+            "mot_final": mot[m][-1],
+            "reached": False,
+            "at_first_point": False,
+            "mot_step": None,
+            "mot_flops": None,
+            "mot_wall_s": None,
+            "flops_fraction": None,
+            "wall_fraction": None,
+        }
         hit = first_crossing(mot["flops"], mot[m], target) if not math.isnan(target) else None
         if hit is not None:
             flops, pos = hit
             wall = value_at(mot["wall_s"], pos)
-            row.update(reached=True, at_first_point=pos == 0, mot_step=value_at(mot["step"], pos), mot_flops=flops, mot_wall_s=wall,
-                       flops_fraction=flops / total_flops, wall_fraction=wall / total_wall)
+            row.update(
+                reached=True,
+                at_first_point=pos == 0,
+                mot_step=value_at(mot["step"], pos),
+                mot_flops=flops,
+                mot_wall_s=wall,
+                flops_fraction=flops / total_flops,
+                wall_fraction=wall / total_wall,
+            )
         out[m] = row
     return out
 
@@ -300,16 +357,29 @@ def analyze_runs(out_dir: Path, setting: str | None = None) -> dict:
         times = sorted(r["step_time_s"] for r in runs[a]["train"])
         # The median step time is robust to a few steps slowed by other work on the machine; a sum
         # far above steps x median says the wall clock was disturbed.
-        summary[a] = {"metrics": runs[a]["path"], "steps": last, "flops_total": axes[last][0],
-                      "wall_clock_s": axes[last][1], "median_step_s": times[len(times) // 2],
-                      "final_eval_step": val[a]["step"][-1]}
+        summary[a] = {
+            "metrics": runs[a]["path"],
+            "steps": last,
+            "flops_total": axes[last][0],
+            "wall_clock_s": axes[last][1],
+            "median_step_s": times[len(times) // 2],
+            "final_eval_step": val[a]["step"][-1],
+        }
     if summary["dense"]["steps"] != summary["mot"]["steps"]:
-        print(f"warning: dense ran {summary['dense']['steps']} steps and MoT {summary['mot']['steps']}: the "
-              f"fractions are still relative to dense's totals", file=sys.stderr)
-    return {"setting": chosen.name, "image_loss": f"val/loss/{chosen.image_loss}", "runs": summary,
-            "validation": compare(val["dense"], val["mot"]),
-            "train_loss_ema": compare(smooth["dense"], smooth["mot"]), "ema_beta": EMA_BETA,
-            "curves": {"validation": val, "train_loss_ema": {a: _thin(smooth[a]) for a in ARCHS}}}
+        print(
+            f"warning: dense ran {summary['dense']['steps']} steps and MoT {summary['mot']['steps']}: the "
+            f"fractions are still relative to dense's totals",
+            file=sys.stderr,
+        )
+    return {
+        "setting": chosen.name,
+        "image_loss": f"val/loss/{chosen.image_loss}",
+        "runs": summary,
+        "validation": compare(val["dense"], val["mot"]),
+        "train_loss_ema": compare(smooth["dense"], smooth["mot"]),
+        "ema_beta": EMA_BETA,
+        "curves": {"validation": val, "train_loss_ema": {a: _thin(smooth[a]) for a in ARCHS}},
+    }
 
 
 def _thin(curve: dict, every: int = 5) -> dict:
@@ -332,13 +402,20 @@ def parameter_counts(out_dir: Path, info: dict) -> dict:
         if cfg is None:
             out[a] = None  # e.g. metrics files from elsewhere: no banner or command to read
             if found and info.get("train_commands", {}).get(a):
-                print(f"warning: the config of the {a} run (run_info.json's command) no longer exists: "
-                      f"its parameter counts are unknown", file=sys.stderr)
+                print(
+                    f"warning: the config of the {a} run (run_info.json's command) no longer exists: "
+                    f"its parameter counts are unknown",
+                    file=sys.stderr,
+                )
             continue
         cfg.model.vocab_size = int(found.group(1))
         c = counts(cfg)
-        out[a] = {"total": c["total"], "active": c["active"], "non_embedding": c["non_embedding"],
-                  "vocab_size": cfg.model.vocab_size}
+        out[a] = {
+            "total": c["total"],
+            "active": c["active"],
+            "non_embedding": c["non_embedding"],
+            "vocab_size": cfg.model.vocab_size,
+        }
     return out
 
 
@@ -358,48 +435,73 @@ def _objective_line(result: dict) -> list[str]:
     o = result.get("objective") or {}
     weight = o.get("diffusion_weight", "objective.diffusion_weight")
     target = f", {o['prediction']} target" if "prediction" in o else ""
-    return [f"- objective: text next-token loss + diffusion loss on image latents{target}; the "
-            f"*{SETTINGS['transfusion'].image_label}* row is `{result['image_loss']}` (mean squared error per "
-            f"latent element, noise draws fixed per held-out image), *overall* is the training loss "
-            f"text + {weight} x diffusion (+ z-loss)"]
+    return [
+        f"- objective: text next-token loss + diffusion loss on image latents{target}; the "
+        f"*{SETTINGS['transfusion'].image_label}* row is `{result['image_loss']}` (mean squared error per "
+        f"latent element, noise draws fixed per held-out image), *overall* is the training loss "
+        f"text + {weight} x diffusion (+ z-loss)"
+    ]
 
 
 def markdown(result: dict) -> str:
     r, p = result["runs"], result["parameters"]
     setting = get_setting(result.get("setting", "lm"))
-    lines = [f"# {setting.title}", "",
-             f"- commit: `{result['commit']}`", f"- machine: {result['machine']}", f"- date (UTC): {result['date_utc']}",
-             f"- command: `{result['command']}`", *_objective_line(result)]
+    lines = [
+        f"# {setting.title}",
+        "",
+        f"- commit: `{result['commit']}`",
+        f"- machine: {result['machine']}",
+        f"- date (UTC): {result['date_utc']}",
+        f"- command: `{result['command']}`",
+        *_objective_line(result),
+    ]
     for a in ARCHS:
         cmd = result["train_commands"].get(a)
         if cmd:
             lines.append(f"- {a} run: `{' '.join(cmd)}`")
     for a in ARCHS:
-        params = (f"{p[a]['total'] / 1e6:.3f}M parameters, {p[a]['active'] / 1e6:.3f}M active per token"
-                  if p.get(a) else "parameters unknown (no train.log)")
-        lines.append(f"- {a}: {r[a]['steps']} steps, {r[a]['flops_total']:.4g} training FLOPs, "
-                     f"{r[a]['wall_clock_s']:.1f} s of step wall clock (median step {r[a]['median_step_s']:.3f} s); {params}")
-    for title, key in (("Validation loss (held-out documents, evaluated every few steps)", "validation"),
-                       (f"Training loss, EMA-smoothed (beta {result['ema_beta']}; in-sample, every step)",
-                        "train_loss_ema")):
-        lines += ["", f"## {title}", "",
-                  "| modality | dense final | MoT final | FLOPs fraction to match | wall-clock fraction to match |",
-                  "|---|---|---|---|---|"]
+        params = (
+            f"{p[a]['total'] / 1e6:.3f}M parameters, {p[a]['active'] / 1e6:.3f}M active per token"
+            if p.get(a)
+            else "parameters unknown (no train.log)"
+        )
+        lines.append(
+            f"- {a}: {r[a]['steps']} steps, {r[a]['flops_total']:.4g} training FLOPs, "
+            f"{r[a]['wall_clock_s']:.1f} s of step wall clock (median step {r[a]['median_step_s']:.3f} s); {params}"
+        )
+    for title, key in (
+        ("Validation loss (held-out documents, evaluated every few steps)", "validation"),
+        (f"Training loss, EMA-smoothed (beta {result['ema_beta']}; in-sample, every step)", "train_loss_ema"),
+    ):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| modality | dense final | MoT final | FLOPs fraction to match | wall-clock fraction to match |",
+            "|---|---|---|---|---|",
+        ]
         for m in MODALITIES:
             row = result[key][m]
-            lines.append(f"| {setting.label(m)} | {_loss(row['dense_final'])} | {_loss(row['mot_final'])} | "
-                         f"{_pct(row['flops_fraction'], row['at_first_point'])} | "
-                         f"{_pct(row['wall_fraction'], row['at_first_point'])} |")
-    lines += ["", "Fraction to match: the training FLOPs (or step wall clock) MoT spent until its loss first "
-              "reached dense's final loss, over dense's total; linear interpolation between evaluation points "
-              "('<=': already below at MoT's first point, an upper bound). "
-              f"{setting.paper}; this is a tiny model on a CPU, one seed.", ""]
+            lines.append(
+                f"| {setting.label(m)} | {_loss(row['dense_final'])} | {_loss(row['mot_final'])} | "
+                f"{_pct(row['flops_fraction'], row['at_first_point'])} | "
+                f"{_pct(row['wall_fraction'], row['at_first_point'])} |"
+            )
+    lines += [
+        "",
+        "Fraction to match: the training FLOPs (or step wall clock) MoT spent until its loss first "
+        "reached dense's final loss, over dense's total; linear interpolation between evaluation points "
+        "('<=': already below at MoT's first point, an upper bound). "
+        f"{setting.paper}; this is a tiny model on a CPU, one seed.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
     """2 x 3 panels: validation loss (overall, text, image) vs training FLOPs (top) and wall clock (bottom)."""
     import matplotlib
+
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
@@ -412,13 +514,15 @@ def plot(result: dict, path: Path) -> None:
             ax = axes[row][col]
             for a in ARCHS:
                 ax.plot(curves[a][axis], curves[a][m], marker=".", color=colours[a], label="MoT" if a == "mot" else a)
-            ax.axhline(val[m]["dense_final"], color=colours["dense"], linestyle="--", linewidth=0.8,
-                       label="dense final")
+            ax.axhline(
+                val[m]["dense_final"], color=colours["dense"], linestyle="--", linewidth=0.8, label="dense final"
+            )
             hit = val[m]["mot_flops" if axis == "flops" else "mot_wall_s"]
             frac = val[m]["flops_fraction" if axis == "flops" else "wall_fraction"]
             if hit is not None:
-                ax.axvline(hit, color=colours["mot"], linestyle=":", linewidth=0.8,
-                           label=f"MoT matches at {_pct(frac)}")
+                ax.axvline(
+                    hit, color=colours["mot"], linestyle=":", linewidth=0.8, label=f"MoT matches at {_pct(frac)}"
+                )
             ax.set_title(f"val loss, {setting.label(m)}: MoT needs {_pct(frac, val[m]['at_first_point'])}")
             ax.set_xlabel(label)
             ax.set_ylabel("validation loss")
@@ -442,10 +546,14 @@ def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) 
     info = read_run_info(out_dir)
     config = run_config(info, "dense")
     # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
-    result = {**recorded_or_now(info),
-              "train_commands": info.get("train_commands", {}), "run_seconds": info.get("run_seconds", {}),
-              "objective": asdict(config.objective) if config is not None else None,
-              "parameters": parameter_counts(out_dir, info), **result}
+    result = {
+        **recorded_or_now(info),
+        "train_commands": info.get("train_commands", {}),
+        "run_seconds": info.get("run_seconds", {}),
+        "objective": asdict(config.objective) if config is not None else None,
+        "parameters": parameter_counts(out_dir, info),
+        **result,
+    }
     results_dir.mkdir(parents=True, exist_ok=True)
     base = result_base(results_dir, result["setting"])
     Path(f"{base}.json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
@@ -456,11 +564,19 @@ def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=list(SETTINGS), default=None,
-                        help="lm (Chameleon) or transfusion; default: the runs' objective.name (run_info.json), "
-                             "else the image loss their metrics log")
-    parser.add_argument("--out-dir", default=None, help="holds dense/ and mot/ (default: runs/mot_vs_dense, "
-                        "or runs/mot_vs_dense_transfusion with --setting transfusion)")
+    parser.add_argument(
+        "--setting",
+        choices=list(SETTINGS),
+        default=None,
+        help="lm (Chameleon) or transfusion; default: the runs' objective.name (run_info.json), "
+        "else the image loss their metrics log",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="holds dense/ and mot/ (default: runs/mot_vs_dense, "
+        "or runs/mot_vs_dense_transfusion with --setting transfusion)",
+    )
     parser.add_argument("--results", default="bench/results", help="where the json/md/png go (default: %(default)s)")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or SETTINGS[args.setting or "lm"].out_dir

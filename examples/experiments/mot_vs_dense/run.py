@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import analyze  # this folder is on sys.path when run as a script
+
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
 
 HERE = Path(__file__).resolve().parent
@@ -46,8 +47,17 @@ def _shown(path: Path | str) -> str:
 
 def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, steps: int | None) -> list[str]:
     extra = [f"train.steps={steps}"] if steps is not None else []
-    return [_shown(sys.executable), "-m", "megafusion.commands.train", "--config", _shown(config), *overrides, *extra,
-            f"model.arch={arch}", f"logging.out_dir={_shown(run_dir)}"]
+    return [
+        _shown(sys.executable),
+        "-m",
+        "megafusion.commands.train",
+        "--config",
+        _shown(config),
+        *overrides,
+        *extra,
+        f"model.arch={arch}",
+        f"logging.out_dir={_shown(run_dir)}",
+    ]
 
 
 def config_setting(config: Path, overrides: list[str]) -> str:
@@ -59,8 +69,10 @@ def config_setting(config: Path, overrides: list[str]) -> str:
     except ConfigError as err:
         raise ValueError(str(err)) from None
     if name not in analyze.SETTINGS:
-        raise ValueError(f"{_shown(config)}: objective.name={name} is neither of "
-                         f"{', '.join(analyze.SETTINGS)}; this experiment compares in those settings only")
+        raise ValueError(
+            f"{_shown(config)}: objective.name={name} is neither of "
+            f"{', '.join(analyze.SETTINGS)}; this experiment compares in those settings only"
+        )
     return name
 
 
@@ -75,8 +87,10 @@ def choose_setting(setting: str | None, config: str | None, overrides: list[str]
         raise ValueError(f"--config {config}: no such file")
     found = config_setting(path, overrides)
     if setting is not None and found != setting:
-        raise ValueError(f"--setting {setting}, but {_shown(path)} (with the overrides) has "
-                         f"objective.name={found}: drop --setting or --config, or make them agree")
+        raise ValueError(
+            f"--setting {setting}, but {_shown(path)} (with the overrides) has "
+            f"objective.name={found}: drop --setting or --config, or make them agree"
+        )
     return found, path
 
 
@@ -103,22 +117,35 @@ def run_one(cmd: list[str], run_dir: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=list(analyze.SETTINGS), default=None,
-                        help="lm (Chameleon, config.yaml) or transfusion (config_transfusion.yaml); default: "
-                             "the --config's objective.name, else lm")
+    parser.add_argument(
+        "--setting",
+        choices=list(analyze.SETTINGS),
+        default=None,
+        help="lm (Chameleon, config.yaml) or transfusion (config_transfusion.yaml); default: "
+        "the --config's objective.name, else lm",
+    )
     parser.add_argument("--steps", type=int, default=None, help="train.steps of both runs (default: the config's)")
-    parser.add_argument("--out-dir", default=None, help="runs go to OUT/dense and OUT/mot (default: "
-                        "runs/mot_vs_dense, or runs/mot_vs_dense_transfusion in the transfusion setting)")
-    parser.add_argument("--results", default="bench/results",
-                        help="where mot_vs_dense[_transfusion].{json,md,png} go (default: %(default)s)")
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="runs go to OUT/dense and OUT/mot (default: "
+        "runs/mot_vs_dense, or runs/mot_vs_dense_transfusion in the transfusion setting)",
+    )
+    parser.add_argument(
+        "--results",
+        default="bench/results",
+        help="where mot_vs_dense[_transfusion].{json,md,png} go (default: %(default)s)",
+    )
     parser.add_argument("--config", default=None, help="the shared config (default: the setting's)")
     parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
     args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in RESERVED]
     if bad:
-        parser.error(f"{', '.join(bad)}: overrides must be section.key=value and may not set "
-                     f"{' or '.join(RESERVED)} (this script sets them per run; use --out-dir)")
+        parser.error(
+            f"{', '.join(bad)}: overrides must be section.key=value and may not set "
+            f"{' or '.join(RESERVED)} (this script sets them per run; use --out-dir)"
+        )
     # --analyze-only without --setting/--config: analyze.py reads the setting from the runs.
     try:
         setting, config = choose_setting(args.setting, args.config, args.overrides)
@@ -130,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results).resolve()
     if not args.analyze_only:
         # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
-        info = {"command": shlex.join(["python", _shown(__file__), *argv]), "commit": git_commit(),
-                "machine": machine(), "date_utc": utc_now(), "train_commands": {}, "run_seconds": {}}
+        info = {
+            "command": shlex.join(["python", _shown(__file__), *argv]),
+            "commit": git_commit(),
+            "machine": machine(),
+            "date_utc": utc_now(),
+            "train_commands": {},
+            "run_seconds": {},
+        }
         for arch in analyze.ARCHS:  # sequential on purpose: the wall clocks are compared
             cmd = train_command(config, args.overrides, arch, out_dir / arch, args.steps)
             info["train_commands"][arch] = cmd

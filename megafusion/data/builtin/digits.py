@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from megafusion.data.codecs.pixel import resize_nearest
 from megafusion.core.errors import DataError
+from megafusion.data.codecs.pixel import resize_nearest
 from megafusion.data.types import Document, ImageSegment, TextSegment
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -41,6 +41,7 @@ def digits_documents(image_size: int) -> list[Document]:
     documents = []
     for i, (image, label) in enumerate(zip(images, labels)):
         source = f"builtin:digits:{i}"
-        documents.append(Document([TextSegment(digit_caption(int(label))), ImageSegment(image, source=source)],
-                                  source=source))
+        documents.append(
+            Document([TextSegment(digit_caption(int(label))), ImageSegment(image, source=source)], source=source)
+        )
     return documents

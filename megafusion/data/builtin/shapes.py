@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megafusion.data.codecs.pixel import check_rgb_image
 from megafusion.core.errors import DataError
+from megafusion.data.codecs.pixel import check_rgb_image
 from megafusion.data.types import Document, ImageSegment, TextSegment
 
 # Far apart in RGB (pairwise distance >= ~150) so that even a coarse codec keeps them apart.
@@ -105,8 +105,10 @@ def caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
 
 def _check_image_size(image_size: int) -> None:
     if image_size < MIN_IMAGE_SIZE:
-        raise DataError(f"builtin:shapes: image_size must be >= {MIN_IMAGE_SIZE} (smaller shapes are "
-                        f"unrecognisable), got {image_size}")
+        raise DataError(
+            f"builtin:shapes: image_size must be >= {MIN_IMAGE_SIZE} (smaller shapes are "
+            f"unrecognisable), got {image_size}"
+        )
 
 
 def _roundest_disc(x: np.ndarray, y: np.ndarray, cx: float, cy: float, h: float) -> np.ndarray:
@@ -185,8 +187,12 @@ def read_shape(pixels: np.ndarray) -> dict:
     counts = np.bincount(classes, minlength=len(_CLASS_NAMES))
     order = np.argsort(-counts, kind="stable")
     background, shape_class = order[0], order[1]
-    result = {"colour": None, "shape": None, "position": None,
-              "background": _CLASS_NAMES[background].removeprefix("background:")}
+    result = {
+        "colour": None,
+        "shape": None,
+        "position": None,
+        "background": _CLASS_NAMES[background].removeprefix("background:"),
+    }
     if counts[shape_class] == 0 or shape_class >= len(PALETTE):
         return result
     mask = (classes == shape_class).reshape(height, width)
@@ -194,10 +200,10 @@ def read_shape(pixels: np.ndarray) -> dict:
     # Centroid of pixel centres -> grid cell.
     row = min(int((ys.mean() + 0.5) * 3 // height), 2)
     col = min(int((xs.mean() + 0.5) * 3 // width), 2)
-    box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     half = box.shape[0] // 2
     # The middle row of an odd-height box belongs to neither half.
-    top, bottom = box[:half].sum(), box[box.shape[0] - half:].sum()
+    top, bottom = box[:half].sum(), box[box.shape[0] - half :].sum()
     fill = box.mean()
     if bottom > 0 and top / bottom < 0.6:
         shape = "triangle"
@@ -207,4 +213,3 @@ def read_shape(pixels: np.ndarray) -> dict:
         shape = "circle"
     result.update(colour=_CLASS_NAMES[shape_class], shape=shape, position=POSITIONS[3 * row + col])
     return result
-

@@ -24,8 +24,10 @@ def load_local_model(path, class_name: str, what: str, setting: str):
     config key or flag that gives the path.
     """
     path = os.path.abspath(os.fspath(path))
-    expected = (f"a local directory holding a diffusers {class_name} (config.json + weights, as written by "
-                f"{class_name}.save_pretrained); set {setting} to it")
+    expected = (
+        f"a local directory holding a diffusers {class_name} (config.json + weights, as written by "
+        f"{class_name}.save_pretrained); set {setting} to it"
+    )
     if not os.path.isdir(path):
         raise DataError(f"{what}: {path} is not a directory; expected {expected}")
     try:
@@ -33,15 +35,17 @@ def load_local_model(path, class_name: str, what: str, setting: str):
     except (OSError, ValueError, AttributeError) as exc:
         raise DataError(f"{what}: {path}/config.json cannot be read ({exc}); expected {expected}") from None
     if found != class_name:
-        raise DataError(f"{what}: {path} holds a {found or 'model of unknown class'}, not a {class_name}; "
-                        f"expected {expected}")
+        raise DataError(
+            f"{what}: {path} holds a {found or 'model of unknown class'}, not a {class_name}; expected {expected}"
+        )
     import diffusers
 
     try:
         model = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - diffusers / hub raise many kinds for a broken directory
-        raise DataError(f"{what}: cannot load the {class_name} in {path} ({type(exc).__name__}: {exc}); "
-                        f"expected {expected}") from None
+        raise DataError(
+            f"{what}: cannot load the {class_name} in {path} ({type(exc).__name__}: {exc}); expected {expected}"
+        ) from None
     return path, model.eval().requires_grad_(False)
 
 
@@ -56,16 +60,19 @@ def weights_identity(path, setting: str) -> str:
     path = os.path.abspath(os.fspath(path))
     names = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES)) if os.path.isdir(path) else []
     if not names:
-        raise DataError(f"{setting}={path} holds no saved weights (*.safetensors / *.bin); set it to the directory "
-                        f"the model's save_pretrained wrote")
+        raise DataError(
+            f"{setting}={path} holds no saved weights (*.safetensors / *.bin); set it to the directory "
+            f"the model's save_pretrained wrote"
+        )
     try:
         config = json.loads(Path(path, "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{setting}={path}: config.json cannot be read ({exc})") from None
     settings = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
     # Hashed once per process and file state (a run checks the data, then loads the codec).
-    stamps = tuple((n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns)
-                   for n in names)
+    stamps = tuple(
+        (n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns) for n in names
+    )
     return _hash_weights(path, settings, stamps)
 
 

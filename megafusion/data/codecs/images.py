@@ -14,14 +14,20 @@ def _where(source: str) -> str:
 def check_rgb_image(pixels, source: str = "") -> np.ndarray:
     """Return ``pixels`` if it is a uint8 ``[H, W, 3]`` array with H, W >= 1, else DataError."""
     if not isinstance(pixels, np.ndarray):
-        raise DataError(f"{_where(source)}image must be a numpy array, got {type(pixels).__name__}; "
-                        "load images as uint8 [H, W, 3] RGB arrays")
+        raise DataError(
+            f"{_where(source)}image must be a numpy array, got {type(pixels).__name__}; "
+            "load images as uint8 [H, W, 3] RGB arrays"
+        )
     if pixels.dtype != np.uint8:
-        raise DataError(f"{_where(source)}image has dtype {pixels.dtype}, expected uint8; "
-                        "convert it (e.g. PIL .convert('RGB') then np.asarray) before encoding")
+        raise DataError(
+            f"{_where(source)}image has dtype {pixels.dtype}, expected uint8; "
+            "convert it (e.g. PIL .convert('RGB') then np.asarray) before encoding"
+        )
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
-        raise DataError(f"{_where(source)}image has shape {tuple(pixels.shape)}, expected [H, W, 3] RGB "
-                        "with H, W >= 1; convert grey / RGBA images to RGB first")
+        raise DataError(
+            f"{_where(source)}image has shape {tuple(pixels.shape)}, expected [H, W, 3] RGB "
+            "with H, W >= 1; convert grey / RGBA images to RGB first"
+        )
     return pixels
 
 
@@ -29,11 +35,14 @@ def check_codes(codes, codec) -> np.ndarray:
     """``codes`` as an array if it is one image's worth of integer codes in ``codec``'s range, else DataError."""
     codes = np.asarray(codes)
     if codes.shape != (codec.tokens_per_image,) or not np.issubdtype(codes.dtype, np.integer):
-        raise DataError(f"{codec.name} codec: decode needs {codec.tokens_per_image} integer codes, got "
-                        f"{codes.dtype} array of shape {tuple(codes.shape)}")
+        raise DataError(
+            f"{codec.name} codec: decode needs {codec.tokens_per_image} integer codes, got "
+            f"{codes.dtype} array of shape {tuple(codes.shape)}"
+        )
     if codes.size and (codes.min() < 0 or codes.max() >= codec.vocab_size):
-        raise DataError(f"{codec.name} codec: codes must be in [0, {codec.vocab_size}), got "
-                        f"min {codes.min()} max {codes.max()}")
+        raise DataError(
+            f"{codec.name} codec: codes must be in [0, {codec.vocab_size}), got min {codes.min()} max {codes.max()}"
+        )
     return codes
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from megafusion.data.codecs.images import check_rgb_image, resize_nearest
-from megafusion.data.codecs.diffusers_local import load_local_model, weights_identity
 from megafusion.core.errors import DataError
+from megafusion.data.codecs.diffusers_local import load_local_model, weights_identity
+from megafusion.data.codecs.images import check_rgb_image, resize_nearest
 
 
 def _to_unit(pixels: np.ndarray, image_size: int, source: str) -> np.ndarray:
@@ -41,8 +41,9 @@ def _to_pixels(unit: np.ndarray) -> np.ndarray:
 def _check_latent(latent, codec) -> np.ndarray:
     latent = np.asarray(latent)
     if latent.shape != codec.latent_shape:
-        raise DataError(f"{codec.name} latent codec: decode needs a latent of shape {codec.latent_shape}, "
-                        f"got {latent.shape}")
+        raise DataError(
+            f"{codec.name} latent codec: decode needs a latent of shape {codec.latent_shape}, got {latent.shape}"
+        )
     return latent
 
 

@@ -26,8 +26,10 @@ class PixelPatchCodec:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise DataError(f"pixel codec: {key} must be an integer, got {value!r}")
         if image_size < 1 or patch_size < 1 or image_size % patch_size:
-            raise DataError(f"pixel codec: image_size ({image_size}) must be a positive multiple of "
-                            f"patch_size ({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}")
+            raise DataError(
+                f"pixel codec: image_size ({image_size}) must be a positive multiple of "
+                f"patch_size ({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}"
+            )
         # 2 levels is the least that carries information; above 256 levels the 8-bit values
         # repeat and codes would stop being unique.
         if not 2 <= levels <= 256:
@@ -36,7 +38,7 @@ class PixelPatchCodec:
         self.patch_size = int(patch_size)
         self.levels = int(levels)
         self.grid = self.image_size // self.patch_size
-        self.vocab_size = self.levels ** 3
+        self.vocab_size = self.levels**3
         self.tokens_per_image = self.grid * self.grid
         # The 8-bit value of each level: level k <-> round(k * 255 / (L - 1)).
         self.level_values = np.floor(np.arange(self.levels) * 255.0 / (self.levels - 1) + 0.5).astype(np.uint8)
@@ -64,8 +66,7 @@ class PixelPatchCodec:
         return np.repeat(np.repeat(colours, self.patch_size, axis=0), self.patch_size, axis=1)
 
     def config(self) -> dict:
-        return {"name": self.name, "image_size": self.image_size, "patch_size": self.patch_size,
-                "levels": self.levels}
+        return {"name": self.name, "image_size": self.image_size, "patch_size": self.patch_size, "levels": self.levels}
 
     def __repr__(self) -> str:
         return f"PixelPatchCodec(image_size={self.image_size}, patch_size={self.patch_size}, levels={self.levels})"

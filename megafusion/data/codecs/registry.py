@@ -41,8 +41,9 @@ def _build(kind: str, table: dict[str, str], name: str, params: dict):
     except TypeError as exc:
         # Wrong / missing parameter names: say which ones the codec takes.
         accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise DataError(f"{kind} {name!r}: bad parameters {sorted(params)} ({exc}); "
-                        f"it takes {', '.join(accepted)}") from None
+        raise DataError(
+            f"{kind} {name!r}: bad parameters {sorted(params)} ({exc}); it takes {', '.join(accepted)}"
+        ) from None
 
 
 def build_codec(name: str, **params) -> ImageCodec:

@@ -25,9 +25,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from megafusion.data.codecs.images import check_codes, check_rgb_image, resize_nearest
-from megafusion.data.codecs.diffusers_local import load_local_model
 from megafusion.core.errors import DataError
+from megafusion.data.codecs.diffusers_local import load_local_model
+from megafusion.data.codecs.images import check_codes, check_rgb_image, resize_nearest
 
 CODEBOOK_FORMAT = "megafusion.vq_codebook"
 # Bump when fitting changes: cached built-in codebooks are keyed on it.
@@ -51,8 +51,10 @@ def _check_sizes(image_size, patch_size, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise DataError(f"{where}: {key} must be an integer, got {value!r}")
     if image_size < 1 or patch_size < 1 or image_size % patch_size:
-        raise DataError(f"{where}: image_size ({image_size}) must be a positive multiple of patch_size "
-                        f"({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}")
+        raise DataError(
+            f"{where}: image_size ({image_size}) must be a positive multiple of patch_size "
+            f"({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}"
+        )
 
 
 def image_patches(pixels: np.ndarray, image_size: int, patch_size: int, source: str = "") -> np.ndarray:
@@ -67,8 +69,10 @@ def _safetensors_bytes(codebook: np.ndarray, metadata: dict[str, str]) -> bytes:
     """The safetensors file, written by hand: the library orders metadata keys differently in
     every process, so its bytes (and the sha256 recorded with datasets) would not be stable."""
     data = np.ascontiguousarray(codebook, dtype="<f4").tobytes()
-    header = {"__metadata__": dict(sorted(metadata.items())),
-              "codebook": {"dtype": "F32", "shape": list(codebook.shape), "data_offsets": [0, len(data)]}}
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        "codebook": {"dtype": "F32", "shape": list(codebook.shape), "data_offsets": [0, len(data)]},
+    }
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to 8-byte alignment
     return struct.pack("<Q", len(raw)) + raw + data
@@ -82,8 +86,10 @@ def save_vq_codebook(codebook: np.ndarray, image_size: int, patch_size: int, out
     codebook = np.asarray(codebook, dtype=np.float32)
     dim = patch_size * patch_size * 3
     if codebook.ndim != 2 or codebook.shape[1] != dim or codebook.shape[0] < 2:
-        raise DataError(f"vq codebook {out_path}: expected a [K >= 2, {dim}] array for patch_size {patch_size}, "
-                        f"got shape {tuple(codebook.shape)}")
+        raise DataError(
+            f"vq codebook {out_path}: expected a [K >= 2, {dim}] array for patch_size {patch_size}, "
+            f"got shape {tuple(codebook.shape)}"
+        )
     meta = {"format": CODEBOOK_FORMAT, "image_size": str(int(image_size)), "patch_size": str(int(patch_size))}
     atomic_write_bytes(out_path, _safetensors_bytes(codebook, meta))
     return str(out_path)
@@ -96,15 +102,19 @@ class VQPatchCodec:
 
     def __init__(self, codebook: str, sha256: str | None = None):
         path = os.path.abspath(os.fspath(codebook))
-        refit = ("re-fit it with `megafusion tokenizer fit-vq` (or set data.vq_codebook=null to fit one on "
-                 "the built-in images)")
+        refit = (
+            "re-fit it with `megafusion tokenizer fit-vq` (or set data.vq_codebook=null to fit one on "
+            "the built-in images)"
+        )
         if not os.path.isfile(path):
             raise DataError(f"vq codec: codebook file {path} not found; check data.vq_codebook, or {refit}")
         actual = _sha256_file(path)
         if sha256 is not None and actual != sha256:
-            raise DataError(f"vq codec: codebook file {path} has sha256 {actual}, but the data / checkpoint was "
-                            f"made with {sha256}: the file changed since. Put the original file back, or {refit} "
-                            "and re-prepare the data (the codes of the old data mean nothing under a new codebook)")
+            raise DataError(
+                f"vq codec: codebook file {path} has sha256 {actual}, but the data / checkpoint was "
+                f"made with {sha256}: the file changed since. Put the original file back, or {refit} "
+                "and re-prepare the data (the codes of the old data mean nothing under a new codebook)"
+            )
         from safetensors import safe_open
 
         try:
@@ -113,13 +123,17 @@ class VQPatchCodec:
                 table = handle.get_tensor("codebook")
             image_size, patch_size = int(meta["image_size"]), int(meta["patch_size"])
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types and KeyError
-            raise DataError(f"vq codec: {path} is not a megafusion vq codebook ({type(exc).__name__}: {exc}); "
-                            f"the file is corrupt or of another kind: {refit}") from None
+            raise DataError(
+                f"vq codec: {path} is not a megafusion vq codebook ({type(exc).__name__}: {exc}); "
+                f"the file is corrupt or of another kind: {refit}"
+            ) from None
         _check_sizes(image_size, patch_size, f"vq codec {path}")
         dim = patch_size * patch_size * 3
         if table.ndim != 2 or table.shape[1] != dim or table.shape[0] < 2 or not np.isfinite(table).all():
-            raise DataError(f"vq codec: {path} holds a codebook of shape {tuple(table.shape)}, expected finite "
-                            f"[K >= 2, {dim}] for patch_size {patch_size}: {refit}")
+            raise DataError(
+                f"vq codec: {path} holds a codebook of shape {tuple(table.shape)}, expected finite "
+                f"[K >= 2, {dim}] for patch_size {patch_size}: {refit}"
+            )
         self.path, self.sha256 = path, actual
         self.image_size, self.patch_size = image_size, patch_size
         self.grid = image_size // patch_size
@@ -134,8 +148,10 @@ class VQPatchCodec:
         Plain differences rather than ``|x|^2 - 2 x.c + |c|^2``: the expansion cancels badly and
         turns exact ties (common on flat-colour patches) into rounding noise."""
         step = max(1, _ENCODE_BLOCK // self._table64.size)
-        out = [((vectors[i:i + step, None, :] - self._table64[None]) ** 2).sum(-1).argmin(-1)
-               for i in range(0, len(vectors), step)]
+        out = [
+            ((vectors[i : i + step, None, :] - self._table64[None]) ** 2).sum(-1).argmin(-1)
+            for i in range(0, len(vectors), step)
+        ]
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
     def encode(self, pixels: np.ndarray, *, source: str = "") -> np.ndarray:
@@ -152,12 +168,22 @@ class VQPatchCodec:
         return {"name": self.name, "codebook": self.path, "sha256": self.sha256}
 
     def __repr__(self) -> str:
-        return (f"VQPatchCodec(codebook={self.path!r}, K={self.vocab_size}, image_size={self.image_size}, "
-                f"patch_size={self.patch_size})")
+        return (
+            f"VQPatchCodec(codebook={self.path!r}, K={self.vocab_size}, image_size={self.image_size}, "
+            f"patch_size={self.patch_size})"
+        )
 
 
-def fit_vq_codebook(images: Iterable[np.ndarray], image_size: int, patch_size: int, codebook_size: int,
-                    seed: int, out_path: str, *, max_patches: int = MAX_FIT_PATCHES) -> VQPatchCodec:
+def fit_vq_codebook(
+    images: Iterable[np.ndarray],
+    image_size: int,
+    patch_size: int,
+    codebook_size: int,
+    seed: int,
+    out_path: str,
+    *,
+    max_patches: int = MAX_FIT_PATCHES,
+) -> VQPatchCodec:
     """k-means (scikit-learn, one init, ``random_state=seed``) over all patches of ``images``.
 
     Deterministic: the same images, sizes and seed give a byte-identical file. k-means runs on
@@ -175,23 +201,27 @@ def fit_vq_codebook(images: Iterable[np.ndarray], image_size: int, patch_size: i
         raise DataError(f"vq codebook fit for {out_path}: no images to fit on; give shards or data sets with images")
     patches, counts = np.unique(np.concatenate(parts), axis=0, return_counts=True)
     if len(patches) < codebook_size:
-        raise DataError(f"vq codebook fit for {out_path}: the {len(parts)} images hold only {len(patches)} distinct "
-                        f"{patch_size}x{patch_size} patches, fewer than the {codebook_size} codebook entries asked "
-                        f"for: set the codebook size (data.vq_codebook_size / --codebook-size) to at most "
-                        f"{len(patches)}, or fit on more varied images or a larger patch_size")
+        raise DataError(
+            f"vq codebook fit for {out_path}: the {len(parts)} images hold only {len(patches)} distinct "
+            f"{patch_size}x{patch_size} patches, fewer than the {codebook_size} codebook entries asked "
+            f"for: set the codebook size (data.vq_codebook_size / --codebook-size) to at most "
+            f"{len(patches)}, or fit on more varied images or a larger patch_size"
+        )
     if len(patches) > max_patches:
         keep = np.sort(np.random.default_rng(seed).choice(len(patches), max_patches, replace=False))
         patches, counts = patches[keep], counts[keep]
-    kmeans = KMeans(n_clusters=int(codebook_size), init="k-means++", n_init=1, random_state=int(seed),
-                    algorithm="lloyd")
+    kmeans = KMeans(
+        n_clusters=int(codebook_size), init="k-means++", n_init=1, random_state=int(seed), algorithm="lloyd"
+    )
     with threadpool_limits(limits=1):
         kmeans.fit(patches.astype(np.float64) / 255.0, sample_weight=counts.astype(np.float64))
     save_vq_codebook(kmeans.cluster_centers_, image_size, patch_size, out_path)
     return VQPatchCodec(out_path)
 
 
-def builtin_vq_codebook(cache_dir: str, images: list[np.ndarray], image_size: int, patch_size: int,
-                        codebook_size: int, seed: int) -> VQPatchCodec:
+def builtin_vq_codebook(
+    cache_dir: str, images: list[np.ndarray], image_size: int, patch_size: int, codebook_size: int, seed: int
+) -> VQPatchCodec:
     """The codebook fitted on ``images`` with these settings, fitted on first use into ``cache_dir``.
 
     Keyed on a hash of the images and settings; concurrent fits write the same bytes and rename
@@ -218,10 +248,16 @@ class VQGANCodec:
 
         path, model = load_local_model(path, "VQModel", "vqgan codec", "data.vqgan_path")
         factor = 2 ** (len(model.config.block_out_channels) - 1)  # every encoder block but the last halves
-        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < factor \
-                or image_size % factor:
-            raise DataError(f"vqgan codec: image_size={image_size!r} must be a positive multiple of {factor} (the "
-                            f"model in {path} downsamples by {factor}); set data.image_size accordingly")
+        if (
+            isinstance(image_size, bool)
+            or not isinstance(image_size, (int, np.integer))
+            or image_size < factor
+            or image_size % factor
+        ):
+            raise DataError(
+                f"vqgan codec: image_size={image_size!r} must be a positive multiple of {factor} (the "
+                f"model in {path} downsamples by {factor}); set data.image_size accordingly"
+            )
         self.torch = torch
         self.model = model
         self.path, self.image_size = path, int(image_size)
@@ -263,4 +299,3 @@ class VQGANCodec:
 
     def __repr__(self) -> str:
         return f"VQGANCodec(path={self.path!r}, image_size={self.image_size}, K={self.vocab_size})"
-

@@ -34,15 +34,23 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.core.errors import DataError
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.data.types import TokenizedDocument
 
 FORMAT_NAME = "megafusion.indexed"
 FORMAT_VERSION = 1
 # Keys write_indexed fills in itself; a caller's meta may not set them.
-RESERVED_META_KEYS = ("format", "format_version", "token_dtype", "documents", "items", "tokens", "files",
-                      "document_sources")
+RESERVED_META_KEYS = (
+    "format",
+    "format_version",
+    "token_dtype",
+    "documents",
+    "items",
+    "tokens",
+    "files",
+    "document_sources",
+)
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 
@@ -118,21 +126,29 @@ def _check_document(doc: TokenizedDocument, index: int, vocab_size: int) -> tupl
     name = doc.source or f"document {index}"
     tokens, mods = np.asarray(doc.tokens), np.asarray(doc.modalities)
     if tokens.ndim != 1 or mods.shape != tokens.shape:
-        raise DataError(f"{name}: tokens {tokens.shape} and modalities {mods.shape} must be 1-D and of "
-                        "equal length (a tokenizer bug)")
+        raise DataError(
+            f"{name}: tokens {tokens.shape} and modalities {mods.shape} must be 1-D and of "
+            "equal length (a tokenizer bug)"
+        )
     if tokens.size == 0:
-        raise DataError(f"{name}: the document has no tokens; drop it from the input (the tokenizer should "
-                        "at least emit begin/end-of-document tokens)")
+        raise DataError(
+            f"{name}: the document has no tokens; drop it from the input (the tokenizer should "
+            "at least emit begin/end-of-document tokens)"
+        )
     if not np.issubdtype(tokens.dtype, np.integer):
         raise DataError(f"{name}: tokens have dtype {tokens.dtype}; token ids must be integers")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
-        raise DataError(f"{name}: token ids span [{lo}, {hi}] but vocab_size is {vocab_size}: the document was "
-                        "tokenized with a different tokenizer than the meta describes")
+        raise DataError(
+            f"{name}: token ids span [{lo}, {hi}] but vocab_size is {vocab_size}: the document was "
+            "tokenized with a different tokenizer than the meta describes"
+        )
     mlo, mhi = int(mods.min()), int(mods.max())
     if mlo < 0 or mhi >= NUM_MODALITIES:
-        raise DataError(f"{name}: modality ids span [{mlo}, {mhi}]; valid ids are 0..{NUM_MODALITIES - 1} "
-                        f"({', '.join(MODALITY_NAMES)})")
+        raise DataError(
+            f"{name}: modality ids span [{mlo}, {mhi}]; valid ids are 0..{NUM_MODALITIES - 1} "
+            f"({', '.join(MODALITY_NAMES)})"
+        )
     return tokens, mods.astype(np.int64)
 
 
@@ -160,8 +176,11 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
     clash = sorted(set(meta) & set(RESERVED_META_KEYS))
     if clash:
         raise ValueError(f"write_indexed: meta keys {clash} are filled in by write_indexed itself; remove them")
-    if not isinstance(meta.get("vocab_size"), int) or isinstance(meta.get("vocab_size"), bool) \
-            or meta["vocab_size"] <= 0:
+    if (
+        not isinstance(meta.get("vocab_size"), int)
+        or isinstance(meta.get("vocab_size"), bool)
+        or meta["vocab_size"] <= 0
+    ):
         raise ValueError(f"write_indexed: meta['vocab_size'] must be a positive int, got {meta.get('vocab_size')!r}")
     try:
         json.dumps(meta)
@@ -186,8 +205,9 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
             starts = np.concatenate([[0], np.flatnonzero(np.diff(mods)) + 1])
             ends = np.concatenate([starts[1:], [tokens.size]])
             for lo, hi in zip(starts.tolist(), ends.tolist()):
-                builder.add_item(torch.from_numpy(np.ascontiguousarray(tokens[lo:hi], dtype=np.int64)),
-                                 mode=int(mods[lo]))
+                builder.add_item(
+                    torch.from_numpy(np.ascontiguousarray(tokens[lo:hi], dtype=np.int64)), mode=int(mods[lo])
+                )
             builder.end_document()
             items += len(starts)
             counts += np.bincount(mods, minlength=NUM_MODALITIES)
@@ -212,17 +232,23 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
     tokens_by_name = {name: int(c) for name, c in zip(MODALITY_NAMES, counts)}
     full = dict(meta)
     full.update(extra)
-    full.update({
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "token_dtype": np.dtype(dtype).name,
-        "documents": len(sources),
-        "items": items,
-        "tokens": tokens_by_name,
-        "files": {"bin_bytes": os.path.getsize(tmp_bin), "idx_bytes": os.path.getsize(tmp_idx),
-                  "bin_blake2b": file_digest(tmp_bin), "idx_blake2b": file_digest(tmp_idx)},
-        "document_sources": _encode_sources(sources),
-    })
+    full.update(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "token_dtype": np.dtype(dtype).name,
+            "documents": len(sources),
+            "items": items,
+            "tokens": tokens_by_name,
+            "files": {
+                "bin_bytes": os.path.getsize(tmp_bin),
+                "idx_bytes": os.path.getsize(tmp_idx),
+                "bin_blake2b": file_digest(tmp_bin),
+                "idx_blake2b": file_digest(tmp_idx),
+            },
+            "document_sources": _encode_sources(sources),
+        }
+    )
     # Old meta first (a new .bin beside an old meta would look complete), then the data, and the
     # new meta last: whatever instant this stops at, a dataset with a meta is a whole one.
     if os.path.exists(paths["meta"]):
@@ -236,9 +262,12 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp_meta, paths["meta"])
-    return {"documents": len(sources), "items": items, "tokens": tokens_by_name,
-            "files": [paths["bin"], paths["idx"], *(sidecar.paths if sidecar is not None else []),
-                      paths["meta"]]}
+    return {
+        "documents": len(sources),
+        "items": items,
+        "tokens": tokens_by_name,
+        "files": [paths["bin"], paths["idx"], *(sidecar.paths if sidecar is not None else []), paths["meta"]],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,20 +278,25 @@ def read_meta(prefix: str) -> dict:
     """The parsed, checked ``prefix.meta.json`` (DataError if missing, unreadable or foreign)."""
     path = dataset_paths(prefix)["meta"]
     if not os.path.exists(path):
-        raise DataError(f"{path} is missing: the dataset at {prefix} was never completely written; "
-                        f"{_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path} is missing: the dataset at {prefix} was never completely written; {_rerun_hint(prefix)}"
+        )
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read the dataset meta ({err}); {_rerun_hint(prefix)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise DataError(f"{path}: not a megafusion dataset meta (format is "
-                        f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}); "
-                        f"{_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path}: not a megafusion dataset meta (format is "
+            f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}); "
+            f"{_rerun_hint(prefix)}"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {meta.get('format_version')!r} is not the supported "
-                        f"{FORMAT_VERSION}; {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path}: format_version {meta.get('format_version')!r} is not the supported "
+            f"{FORMAT_VERSION}; {_rerun_hint(prefix)}"
+        )
     need = ("vocab_size", "token_dtype", "documents", "tokens", "files", "document_sources")
     missing = [k for k in need if k not in meta]
     if missing:
@@ -278,17 +312,22 @@ def _check_files(prefix: str, meta: dict) -> None:
     for kind in ("bin", "idx"):
         path = paths[kind]
         if not os.path.exists(path):
-            raise DataError(f"{path} is missing (the dataset at {prefix} needs .bin, .idx and .meta.json); "
-                            f"{_rerun_hint(prefix)}")
+            raise DataError(
+                f"{path} is missing (the dataset at {prefix} needs .bin, .idx and .meta.json); {_rerun_hint(prefix)}"
+            )
         size, want = os.path.getsize(path), meta["files"].get(f"{kind}_bytes")
         if size != want:
-            raise DataError(f"{path} is {size} bytes but {paths['meta']} says {want}: the file is truncated or "
-                            f"was replaced after the meta was written; {_rerun_hint(prefix)}")
+            raise DataError(
+                f"{path} is {size} bytes but {paths['meta']} says {want}: the file is truncated or "
+                f"was replaced after the meta was written; {_rerun_hint(prefix)}"
+            )
     for kind in ("bin", "idx"):
         want = meta["files"].get(f"{kind}_blake2b")
         if want is not None and file_digest(paths[kind]) != want:
-            raise DataError(f"{paths[kind]}: contents do not match the checksum in {paths['meta']}: the file is "
-                            f"corrupt or was replaced after the meta was written; {_rerun_hint(prefix)}")
+            raise DataError(
+                f"{paths[kind]}: contents do not match the checksum in {paths['meta']}: the file is "
+                f"corrupt or was replaced after the meta was written; {_rerun_hint(prefix)}"
+            )
     from megatron.core.datasets.indexed_dataset import DType
 
     path = paths["idx"]
@@ -335,8 +374,10 @@ def _load_arrays(prefix: str, meta: dict):
         # item), so read the modes off the index reader directly.
         modes = np.array(index.sequence_modes, dtype=np.int64)
     except Exception as err:  # megatron raises AssertionError / ValueError / OSError on bad files
-        raise DataError(f"{paths['idx']}: megatron cannot read the index ({type(err).__name__}: {err}); the "
-                        f"file is corrupt, {_rerun_hint(prefix)}") from err
+        raise DataError(
+            f"{paths['idx']}: megatron cannot read the index ({type(err).__name__}: {err}); the "
+            f"file is corrupt, {_rerun_hint(prefix)}"
+        ) from err
 
     problems = []
     if doc_index[0] != 0 or doc_index[-1] != lengths.size or np.any(np.diff(doc_index) < 0):
@@ -357,13 +398,17 @@ def _load_arrays(prefix: str, meta: dict):
     try:
         flat = np.array(ds.bin_reader.read(dtype=dtype, count=int(ends[-1]), offset=0), dtype=np.int64)
     except Exception as err:
-        raise DataError(f"{paths['bin']}: megatron cannot read the tokens ({type(err).__name__}: {err}); the "
-                        f"file is corrupt, {_rerun_hint(prefix)}") from err
+        raise DataError(
+            f"{paths['bin']}: megatron cannot read the tokens ({type(err).__name__}: {err}); the "
+            f"file is corrupt, {_rerun_hint(prefix)}"
+        ) from err
     finally:
         del ds, index
     if flat.min() < 0 or flat.max() >= meta["vocab_size"]:
-        raise DataError(f"{paths['bin']}: token ids outside [0, {meta['vocab_size']}) (vocab_size in "
-                        f"{paths['meta']}); the file is corrupt, {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{paths['bin']}: token ids outside [0, {meta['vocab_size']}) (vocab_size in "
+            f"{paths['meta']}); the file is corrupt, {_rerun_hint(prefix)}"
+        )
     return flat, lengths, modes, doc_index
 
 
@@ -380,15 +425,19 @@ def read_indexed(prefix: str) -> tuple[list[TokenizedDocument], dict]:
     paths = dataset_paths(prefix)
     sources = _decode_sources(meta["document_sources"], paths["meta"])
     if len(sources) != meta["documents"]:
-        raise DataError(f"{paths['meta']}: {len(sources)} document sources for {meta['documents']} documents; "
-                        f"the file is corrupt, {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{paths['meta']}: {len(sources)} document sources for {meta['documents']} documents; "
+            f"the file is corrupt, {_rerun_hint(prefix)}"
+        )
 
     flat_mods = np.repeat(modes.astype(np.uint8), lengths)
     counts = np.bincount(flat_mods, minlength=NUM_MODALITIES)
     want = [meta["tokens"].get(name) for name in MODALITY_NAMES]
     if counts.tolist() != want:
-        raise DataError(f"{paths['bin']}: tokens per modality {dict(zip(MODALITY_NAMES, counts.tolist()))} do "
-                        f"not match {paths['meta']} ({meta['tokens']}); {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{paths['bin']}: tokens per modality {dict(zip(MODALITY_NAMES, counts.tolist()))} do "
+            f"not match {paths['meta']} ({meta['tokens']}); {_rerun_hint(prefix)}"
+        )
     # Token offset of every item start, then of every document start.
     item_starts = np.concatenate([[0], np.cumsum(lengths)])
     doc_starts = item_starts[doc_index]

@@ -25,9 +25,9 @@ import uuid
 
 import numpy as np
 
-from megafusion.data.formats.indexed import file_digest
-from megafusion.core.modality import Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.formats.indexed import file_digest
 from megafusion.data.types import TokenizedDocument
 
 META_KEY = "latents"  # the key of the dataset meta that marks (and describes) a Transfusion dataset
@@ -64,8 +64,10 @@ class LatentWriter:
         """Append one document's latents ``[images, C, h, w]`` (images in document order)."""
         latents = np.asarray(latents)
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.shape:
-            raise DataError(f"{source or 'document'}: latents of shape {latents.shape}, but the latent codec "
-                            f"gives [images, {', '.join(map(str, self.shape))}] (a codec bug)")
+            raise DataError(
+                f"{source or 'document'}: latents of shape {latents.shape}, but the latent codec "
+                f"gives [images, {', '.join(map(str, self.shape))}] (a codec bug)"
+            )
         if self._raw is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._raw = open(self._tmp_raw, "wb")
@@ -76,8 +78,11 @@ class LatentWriter:
         """Write the ``.npy`` (header + the streamed bytes) under its temporary name; the meta entry."""
         if self._raw is not None:
             self._raw.close()
-        header = {"descr": np.lib.format.dtype_to_descr(LATENT_DTYPE), "fortran_order": False,
-                  "shape": (self.count, *self.shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(LATENT_DTYPE),
+            "fortran_order": False,
+            "shape": (self.count, *self.shape),
+        }
         with open(self._tmp_npy, "wb") as out:
             np.lib.format.write_array_header_1_0(out, header)
             if self._raw is not None:
@@ -87,16 +92,18 @@ class LatentWriter:
             os.fsync(out.fileno())
         if os.path.exists(self._tmp_raw):
             os.remove(self._tmp_raw)
-        return {META_KEY: {
-            "file": os.path.basename(self.path),
-            "codec": self.codec.latent_codec.config(),
-            "patch_size": int(self.codec.patch_size),
-            "shape": list(self.shape),
-            "dtype": LATENT_DTYPE.name,
-            "count": self.count,
-            "bytes": os.path.getsize(self._tmp_npy),
-            "blake2b": file_digest(self._tmp_npy),
-        }}
+        return {
+            META_KEY: {
+                "file": os.path.basename(self.path),
+                "codec": self.codec.latent_codec.config(),
+                "patch_size": int(self.codec.patch_size),
+                "shape": list(self.shape),
+                "dtype": LATENT_DTYPE.name,
+                "count": self.count,
+                "bytes": os.path.getsize(self._tmp_npy),
+                "blake2b": file_digest(self._tmp_npy),
+            }
+        }
 
     def commit(self) -> None:
         os.replace(self._tmp_npy, self.path)
@@ -114,9 +121,11 @@ def latent_info(prefix: str, meta: dict) -> dict:
     where = prefix + ".meta.json"
     info = meta.get(META_KEY)
     if not isinstance(info, dict):
-        raise DataError(f"{where}: the dataset has no image latents (it was prepared for objective.name=lm, "
-                        f"with image codes), so objective.name=transfusion cannot read it: {_rerun_hint(prefix)}, "
-                        "or train on it with objective.name=lm")
+        raise DataError(
+            f"{where}: the dataset has no image latents (it was prepared for objective.name=lm, "
+            f"with image codes), so objective.name=transfusion cannot read it: {_rerun_hint(prefix)}, "
+            "or train on it with objective.name=lm"
+        )
     missing = [k for k in _NEED if k not in info]
     if missing:
         raise DataError(f"{where}: the 'latents' entry lacks {missing}; the file is corrupt, {_rerun_hint(prefix)}")
@@ -128,23 +137,31 @@ def read_latents(prefix: str, meta: dict) -> np.ndarray:
     info = latent_info(prefix, meta)
     path, where = latents_path(prefix), prefix + ".meta.json"
     if not os.path.exists(path):
-        raise DataError(f"{path} is missing (a Transfusion dataset at {prefix} needs .bin, .idx, .latents.npy "
-                        f"and .meta.json); {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path} is missing (a Transfusion dataset at {prefix} needs .bin, .idx, .latents.npy "
+            f"and .meta.json); {_rerun_hint(prefix)}"
+        )
     size = os.path.getsize(path)
     if size != info["bytes"]:
-        raise DataError(f"{path} is {size} bytes but {where} says {info['bytes']}: the file is truncated or was "
-                        f"replaced after the meta was written; {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path} is {size} bytes but {where} says {info['bytes']}: the file is truncated or was "
+            f"replaced after the meta was written; {_rerun_hint(prefix)}"
+        )
     if file_digest(path) != info["blake2b"]:
-        raise DataError(f"{path}: contents do not match the checksum in {where}: the file is corrupt or was "
-                        f"replaced after the meta was written; {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path}: contents do not match the checksum in {where}: the file is corrupt or was "
+            f"replaced after the meta was written; {_rerun_hint(prefix)}"
+        )
     try:
         latents = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable .npy array ({err}); {_rerun_hint(prefix)}") from None
     want = (int(info["count"]), *(int(x) for x in info["shape"]))
     if latents.shape != want or latents.dtype != np.dtype(info["dtype"]):
-        raise DataError(f"{path}: holds {latents.dtype} {latents.shape}, but {where} says {info['dtype']} {want}; "
-                        f"{_rerun_hint(prefix)}")
+        raise DataError(
+            f"{path}: holds {latents.dtype} {latents.shape}, but {where} says {info['dtype']} {want}; "
+            f"{_rerun_hint(prefix)}"
+        )
     return latents.astype(np.float32, copy=False)
 
 
@@ -158,11 +175,13 @@ def attach_latents(docs: list[TokenizedDocument], latents: np.ndarray, prefix: s
     """Give every document its slice of ``latents`` (``doc.meta["latents"]``), in order."""
     counts = [_images_in(doc) for doc in docs]
     if sum(counts) != latents.shape[0]:
-        raise DataError(f"{latents_path(prefix)}: {latents.shape[0]} latents, but the documents of {prefix}.bin "
-                        f"hold {sum(counts)} images; the files do not belong together, {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{latents_path(prefix)}: {latents.shape[0]} latents, but the documents of {prefix}.bin "
+            f"hold {sum(counts)} images; the files do not belong together, {_rerun_hint(prefix)}"
+        )
     start = 0
     for doc, k in zip(docs, counts):
-        doc.meta["latents"] = latents[start:start + k]
+        doc.meta["latents"] = latents[start : start + k]
         start += k
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from megafusion.data.codecs.pixel import check_rgb_image
 from megafusion.core.errors import DataError
+from megafusion.data.codecs.pixel import check_rgb_image
 from megafusion.data.types import Document, ImageSegment, Segment, TextSegment
 
 SHARD_SUFFIXES = (".jsonl", ".tar")
@@ -41,36 +41,39 @@ FORMAT_HINT = 'each document is {"segments": [{"text": "..."}, {"image": "path.p
 
 # --- parsing -------------------------------------------------------------------------------------
 
+
 def _parse_document(obj, where: str) -> list[tuple[str, str]]:
     """Validated ``[("text" | "image", value), ...]`` of one parsed JSON document."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {FORMAT_HINT}")
     if "segments" not in obj:
-        raise DataError(f"{where}: no \"segments\" key (keys: {sorted(obj)}); {FORMAT_HINT}")
+        raise DataError(f'{where}: no "segments" key (keys: {sorted(obj)}); {FORMAT_HINT}')
     segments = obj["segments"]
     if not isinstance(segments, list):
-        raise DataError(f"{where}: \"segments\" must be a list, got {type(segments).__name__}; {FORMAT_HINT}")
+        raise DataError(f'{where}: "segments" must be a list, got {type(segments).__name__}; {FORMAT_HINT}')
     if not segments:
-        raise DataError(f"{where}: \"segments\" is empty; a document needs at least one text or image "
-                        "segment (remove the line if it holds nothing)")
+        raise DataError(
+            f'{where}: "segments" is empty; a document needs at least one text or image '
+            "segment (remove the line if it holds nothing)"
+        )
     parsed = []
     for k, seg in enumerate(segments):
         at = f"{where}: segment {k}"
         if not isinstance(seg, dict):
-            raise DataError(f"{at} must be an object {{\"text\": ...}} or {{\"image\": ...}}, got {type(seg).__name__}")
+            raise DataError(f'{at} must be an object {{"text": ...}} or {{"image": ...}}, got {type(seg).__name__}')
         kinds = [key for key in ("text", "image") if key in seg]
         if len(kinds) != 1:
-            what = "both \"text\" and \"image\"" if kinds else f"neither \"text\" nor \"image\" (keys: {sorted(seg)})"
+            what = 'both "text" and "image"' if kinds else f'neither "text" nor "image" (keys: {sorted(seg)})'
             raise DataError(f"{at} has {what}; each segment holds exactly one of them (split it in two)")
         extra = sorted(set(seg) - {"text", "image"})
         if extra:
-            raise DataError(f"{at} has unknown keys {extra}; a segment holds only \"text\" or \"image\"")
+            raise DataError(f'{at} has unknown keys {extra}; a segment holds only "text" or "image"')
         kind = kinds[0]
         value = seg[kind]
         if not isinstance(value, str):
-            raise DataError(f"{at}: \"{kind}\" must be a string, got {type(value).__name__} ({value!r:.40})")
+            raise DataError(f'{at}: "{kind}" must be a string, got {type(value).__name__} ({value!r:.40})')
         if kind == "image" and not value:
-            raise DataError(f"{at}: \"image\" is an empty path; give the image file name")
+            raise DataError(f'{at}: "image" is an empty path; give the image file name')
         parsed.append((kind, value))
     return parsed
 
@@ -83,8 +86,10 @@ def _decode_image(fileobj, where: str, name: str) -> np.ndarray:
     # PIL reports bad files with several exception types (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...); all of them mean "this image cannot be read".
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{where}: image {name} cannot be read ({type(exc).__name__}: {exc}); the file is "
-                        "corrupt, truncated or not an image: re-export it or drop the segment") from None
+        raise DataError(
+            f"{where}: image {name} cannot be read ({type(exc).__name__}: {exc}); the file is "
+            "corrupt, truncated or not an image: re-export it or drop the segment"
+        ) from None
     return np.array(rgb, dtype=np.uint8)
 
 
@@ -106,14 +111,20 @@ def _json_lines(path: str) -> Iterator[tuple[str, object]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                truncated = "" if raw.endswith(b"\n") else (
-                    " The last line has no newline: the file looks truncated (an interrupted write?);"
-                    " regenerate the shard or delete the partial line.")
+                truncated = (
+                    ""
+                    if raw.endswith(b"\n")
+                    else (
+                        " The last line has no newline: the file looks truncated (an interrupted write?);"
+                        " regenerate the shard or delete the partial line."
+                    )
+                )
                 raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}).{truncated}") from None
             yield where, obj
 
 
 # --- JSONL ---------------------------------------------------------------------------------------
+
 
 def _jsonl_image_path(shard: str, ref: str) -> str:
     return os.path.join(os.path.dirname(shard), ref)
@@ -129,21 +140,26 @@ def read_jsonl_shard(path: str) -> Iterator[Document]:
                 continue
             image_path = _jsonl_image_path(path, value)
             if not os.path.isfile(image_path):
-                raise DataError(f"{where}: image file {image_path} not found (paths are relative to the "
-                                "shard's directory); fix the path or add the file")
+                raise DataError(
+                    f"{where}: image file {image_path} not found (paths are relative to the "
+                    "shard's directory); fix the path or add the file"
+                )
             segments.append(ImageSegment(_decode_image(image_path, where, image_path), source=image_path))
         yield Document(segments, source=where)
 
 
 # --- tar -----------------------------------------------------------------------------------------
 
+
 def _tar_members(path: str) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
     try:
         tar = tarfile.open(path, "r:")  # uncompressed: the end-marker check below reads raw bytes
         members = {m.name: m for m in tar.getmembers()}
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read tar shard ({type(exc).__name__}: {exc}); the file is corrupt or "
-                        "truncated: regenerate it") from None
+        raise DataError(
+            f"{path}: cannot read tar shard ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "truncated: regenerate it"
+        ) from None
     # A tar cut exactly at a member boundary reads without error, just with members missing;
     # only the end-of-archive marker (two zero 512-byte blocks after the last member) tells.
     with open(path, "rb") as handle:
@@ -151,8 +167,10 @@ def _tar_members(path: str) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]
         marker = handle.read(1024)
     if marker != bytes(1024):
         tar.close()
-        raise DataError(f"{path}: tar shard has no end-of-archive marker after its last member "
-                        f"({len(members)} members read): the file looks truncated; regenerate it")
+        raise DataError(
+            f"{path}: tar shard has no end-of-archive marker after its last member "
+            f"({len(members)} members read): the file looks truncated; regenerate it"
+        )
     return tar, members
 
 
@@ -178,16 +196,19 @@ def _tar_documents(path: str, load_images: bool) -> Iterator[tuple[str, list[tup
                     pixels.append(None)
                     continue
                 if value not in members or not members[value].isfile():
-                    raise DataError(f"{where}: image member {value!r} not in {path}; image segments name "
-                                    "another member of the same tar")
+                    raise DataError(
+                        f"{where}: image member {value!r} not in {path}; image segments name "
+                        "another member of the same tar"
+                    )
                 if not load_images:
                     pixels.append(None)
                     continue
                 try:
                     raw = tar.extractfile(members[value]).read()
                 except (tarfile.TarError, OSError, EOFError) as exc:
-                    raise DataError(f"{where}: cannot read image member {value!r} ({exc}); "
-                                    "regenerate the tar") from None
+                    raise DataError(
+                        f"{where}: cannot read image member {value!r} ({exc}); regenerate the tar"
+                    ) from None
                 pixels.append(_decode_image(io.BytesIO(raw), where, f"{path}:{value}"))
             yield where, parsed, pixels
 
@@ -203,6 +224,7 @@ def read_tar_shard(path: str) -> Iterator[Document]:
 
 
 # --- many shards ---------------------------------------------------------------------------------
+
 
 def shard_files(paths: list[str]) -> list[str]:
     """The shard files named by ``paths``: files as given, directories as their sorted *.jsonl / *.tar."""
@@ -242,11 +264,14 @@ def shard_texts(paths: list[str]) -> Iterator[str]:
                 if kind == "text":
                     yield value
                 elif not os.path.isfile(_jsonl_image_path(path, value)):
-                    raise DataError(f"{where}: image file {_jsonl_image_path(path, value)} not found (paths are "
-                                    "relative to the shard's directory); fix the path or add the file")
+                    raise DataError(
+                        f"{where}: image file {_jsonl_image_path(path, value)} not found (paths are "
+                        "relative to the shard's directory); fix the path or add the file"
+                    )
 
 
 # --- writing -------------------------------------------------------------------------------------
+
 
 def _png_bytes(pixels: np.ndarray, where: str) -> bytes:
     check_rgb_image(pixels, where)
@@ -283,6 +308,7 @@ def write_jsonl_shard(documents: list[Document], path: str) -> str:
     image_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, doc in enumerate(documents):
+
         def store(k: int, png: bytes, i=i) -> str:
             name = f"{i:06d}_{k}.png"
             (image_dir / name).write_bytes(png)
@@ -314,6 +340,7 @@ def write_tar_shard(documents: list[Document], path: str) -> str:
     try:
         with tarfile.open(tmp, "w") as tar:
             for i, doc in enumerate(documents):
+
                 def store(k: int, png: bytes, i=i, tar=tar) -> str:
                     name = f"{i:06d}.{k}.png"
                     add(tar, name, png)

@@ -68,14 +68,17 @@ class HuggingFaceText:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise DataError(f"{path}: reading a Hugging Face tokenizer needs the `tokenizers` package: "
-                            "pip install tokenizers") from None
+            raise DataError(
+                f"{path}: reading a Hugging Face tokenizer needs the `tokenizers` package: pip install tokenizers"
+            ) from None
         try:
             # From the bytes that are hashed, so the hash is of exactly what was loaded.
             tok = Tokenizer.from_buffer(data)
         except Exception as exc:  # noqa: BLE001 - the Rust side raises a bare Exception
-            raise DataError(f"{path}: not a valid Hugging Face tokenizer.json ({exc}); give the tokenizer.json "
-                            "that `tokenizer.save_pretrained(DIR)` writes, or a SentencePiece .model") from None
+            raise DataError(
+                f"{path}: not a valid Hugging Face tokenizer.json ({exc}); give the tokenizer.json "
+                "that `tokenizer.save_pretrained(DIR)` writes, or a SentencePiece .model"
+            ) from None
         tok.no_truncation()
         tok.no_padding()
         self._tok, self.path = tok, str(path)
@@ -89,20 +92,24 @@ class HuggingFaceText:
         self.pad_id = self.eos_id  # why: module docstring
 
     @classmethod
-    def from_path(cls, path: str | Path) -> "HuggingFaceText":
+    def from_path(cls, path: str | Path) -> HuggingFaceText:
         """Load ``path``: a ``tokenizer.json`` file, or a directory holding one."""
         path = Path(path)
         if path.is_dir():
             if not (path / "tokenizer.json").is_file():
-                raise DataError(f"{path}: a directory without tokenizer.json; give the directory a Hugging Face "
-                                "tokenizer was saved to (`tokenizer.save_pretrained(DIR)` writes tokenizer.json), "
-                                "the tokenizer.json itself, or a SentencePiece .model")
+                raise DataError(
+                    f"{path}: a directory without tokenizer.json; give the directory a Hugging Face "
+                    "tokenizer was saved to (`tokenizer.save_pretrained(DIR)` writes tokenizer.json), "
+                    "the tokenizer.json itself, or a SentencePiece .model"
+                )
             path = path / "tokenizer.json"
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise DataError(f"{path}: cannot read the Hugging Face tokenizer ({exc.strerror or exc}); check the "
-                            "path (a tokenizer.json, or the directory holding it)") from None
+            raise DataError(
+                f"{path}: cannot read the Hugging Face tokenizer ({exc.strerror or exc}); check the "
+                "path (a tokenizer.json, or the directory holding it)"
+            ) from None
         return cls(data, path)
 
     def _special_ids(self, path: Path) -> tuple[int, int]:
@@ -110,8 +117,10 @@ class HuggingFaceText:
         configured = _configured_specials(path.parent)
         for kind, (token, file) in configured.items():
             if self._tok.token_to_id(token) is None:
-                raise DataError(f"{file}: {kind}_token {token!r} is not in the vocabulary of {path}; set it to "
-                                f"one of the tokenizer's tokens (special tokens: {self._special_list()})")
+                raise DataError(
+                    f"{file}: {kind}_token {token!r} is not in the vocabulary of {path}; set it to "
+                    f"one of the tokenizer's tokens (special tokens: {self._special_list()})"
+                )
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         guess = next(((b, e) for b, e in KNOWN_PAIRS if b in special and e in special), (None, None))
         ids = []
@@ -123,7 +132,8 @@ class HuggingFaceText:
                     f"{path}: cannot tell its {kind} token: no {' or '.join(CONFIG_FILES)} next to it names a "
                     f"{kind}_token, and it has none of the special-token pairs {tried}. Add "
                     f'"bos_token": "...", "eos_token": "..." to {path.parent / CONFIG_FILES[0]} (a JSON object), '
-                    f"naming tokens of the tokenizer (its special tokens: {self._special_list()})")
+                    f"naming tokens of the tokenizer (its special tokens: {self._special_list()})"
+                )
             ids.append(self._tok.token_to_id(token))
         return ids[0], ids[1]
 
@@ -141,5 +151,4 @@ class HuggingFaceText:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def identity(self) -> dict:
-        return {"hf_tokenizer_sha256": self.sha256, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "pad_id": self.pad_id}
+        return {"hf_tokenizer_sha256": self.sha256, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}

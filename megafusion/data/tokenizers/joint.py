@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from megafusion.data.tokenizers.text import TextTokenizer, load_text_tokenizer
-from megafusion.core.modality import Modality
 from megafusion.core.errors import DataError
+from megafusion.core.modality import Modality
+from megafusion.data.tokenizers.text import TextTokenizer, load_text_tokenizer
 from megafusion.data.types import Document, ImageCodec, ImageSegment, Segment, TextSegment, TokenizedDocument
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -69,8 +69,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str, *,
-                        character_coverage: float = 1.0, byte_fallback: bool = False) -> str:
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    model_prefix: str,
+    *,
+    character_coverage: float = 1.0,
+    byte_fallback: bool = False,
+) -> str:
     """Train a BPE SentencePiece model on ``texts``; write ``<model_prefix>.model``; return its path.
 
     Deterministic: the same texts and parameters give a byte-identical model. The real size may
@@ -79,29 +85,47 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
     spells unseen characters as bytes instead of ``<unk>`` (needs ``vocab_size`` >= 260 + chars).
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 5:
-        raise DataError(f"tokenizer training: vocab_size must be an integer >= 5 (4 special pieces + text), "
-                        f"got {vocab_size!r}")
+        raise DataError(
+            f"tokenizer training: vocab_size must be an integer >= 5 (4 special pieces + text), got {vocab_size!r}"
+        )
     sentences = list(_training_sentences(texts))
     if not sentences:
-        raise DataError(f"tokenizer training for {model_prefix}: no text to train on (all texts empty); "
-                        "give shards / texts that contain text segments")
+        raise DataError(
+            f"tokenizer training for {model_prefix}: no text to train on (all texts empty); "
+            "give shards / texts that contain text segments"
+        )
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model,
-            model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
-            character_coverage=character_coverage, byte_fallback=byte_fallback,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
-            max_sentence_length=MAX_SENTENCE_BYTES, minloglevel=2,
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            minloglevel=2,
         )
     except RuntimeError as exc:
         msg = str(exc).strip().rstrip(".")
         hint = ""
         if "smaller than required_chars" in msg:
-            hint = (" The corpus has more distinct characters than the vocabulary has room for: raise "
-                    "--vocab-size (it must hold every character plus 4 special pieces).")
+            hint = (
+                " The corpus has more distinct characters than the vocabulary has room for: raise "
+                "--vocab-size (it must hold every character plus 4 special pieces)."
+            )
         elif "byte_fallback" in msg or "Vocabulary size" in msg:
             hint = " Raise --vocab-size (byte_fallback alone needs 256 byte pieces)."
         raise DataError(f"tokenizer training for {model_prefix} failed: {msg}.{hint}") from None
@@ -141,7 +165,7 @@ class MultimodalTokenizer:
         self._n_text = text.vocab_size
 
     @classmethod
-    def from_files(cls, tokenizer_path: str, codec: ImageCodec) -> "MultimodalTokenizer":
+    def from_files(cls, tokenizer_path: str, codec: ImageCodec) -> MultimodalTokenizer:
         """``tokenizer_path``: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` or its directory."""
         return cls(load_text_tokenizer(tokenizer_path), codec)
 
@@ -187,8 +211,12 @@ class MultimodalTokenizer:
     def config(self) -> dict:
         """What must match between a dataset, a checkpoint and this tokenizer (the text tokenizer's
         content hash, not its path: the same file moved elsewhere still matches)."""
-        return {**self.text.identity(), "n_text": self._n_text, "vocab_size": self.vocab_size,
-                "codec": dict(self.codec.config())}
+        return {
+            **self.text.identity(),
+            "n_text": self._n_text,
+            "vocab_size": self.vocab_size,
+            "codec": dict(self.codec.config()),
+        }
 
     def check_compatible(self, other: dict, where: str, other_file: str | None = None) -> None:
         """DataError naming ``where`` (e.g. a dataset or checkpoint) if its tokenizer config differs.
@@ -200,9 +228,11 @@ class MultimodalTokenizer:
         diffs = [f"{k}: {other.get(k)!r} there, {mine.get(k)!r} here" for k in keys if other.get(k) != mine.get(k)]
         if diffs:
             made = f" ({other_file})" if other_file else ""
-            raise DataError(f"{where}: made with a different tokenizer{made} than this one ({self.path}) "
-                            f"({'; '.join(diffs)}); use the same text tokenizer (SentencePiece model or Hugging "
-                            "Face tokenizer.json) and codec settings, or re-tokenize the data")
+            raise DataError(
+                f"{where}: made with a different tokenizer{made} than this one ({self.path}) "
+                f"({'; '.join(diffs)}); use the same text tokenizer (SentencePiece model or Hugging "
+                "Face tokenizer.json) and codec settings, or re-tokenize the data"
+            )
 
     # --- encode / decode ------------------------------------------------------------------------
 
@@ -219,8 +249,10 @@ class MultimodalTokenizer:
         codes = np.asarray(self.codec.encode(pixels))
         in_range = codes.size == 0 or (codes.min() >= 0 and codes.max() < self.codec.vocab_size)
         if codes.shape != (self.codec.tokens_per_image,) or not in_range:
-            raise DataError(f"{source}: codec {self.codec.name!r} returned codes of shape {codes.shape} "
-                            f"outside [0, {self.codec.vocab_size}); the codec is broken")
+            raise DataError(
+                f"{source}: codec {self.codec.name!r} returned codes of shape {codes.shape} "
+                f"outside [0, {self.codec.vocab_size}); the codec is broken"
+            )
         return codes.astype(np.int64) + self.image_offset
 
     def encode_document(self, doc: Document) -> TokenizedDocument:
@@ -243,12 +275,15 @@ class MultimodalTokenizer:
                     image = f" (image {seg.source})" if seg.source and seg.source != doc.source else ""
                     raise DataError(f"{where}{image}: {exc}") from None
                 tokens += [np.array([self.boi_id], dtype=np.int64), codes, np.array([self.eoi_id], dtype=np.int64)]
-                modalities += [np.array([Modality.TEXT], dtype=np.uint8),
-                               np.full(len(codes), Modality.IMAGE, dtype=np.uint8),
-                               np.array([Modality.TEXT], dtype=np.uint8)]
+                modalities += [
+                    np.array([Modality.TEXT], dtype=np.uint8),
+                    np.full(len(codes), Modality.IMAGE, dtype=np.uint8),
+                    np.array([Modality.TEXT], dtype=np.uint8),
+                ]
             else:
-                raise DataError(f"{where}: unknown segment type {type(seg).__name__}; "
-                                "expected TextSegment or ImageSegment")
+                raise DataError(
+                    f"{where}: unknown segment type {type(seg).__name__}; expected TextSegment or ImageSegment"
+                )
         tokens.append(np.array([self.eos_id], dtype=np.int64))
         modalities.append(np.array([Modality.TEXT], dtype=np.uint8))
         return TokenizedDocument(np.concatenate(tokens), np.concatenate(modalities), source=doc.source)
@@ -262,8 +297,9 @@ class MultimodalTokenizer:
             raise DataError(f"{where}: tokens must be a 1-D integer sequence, got {toks.dtype} {tuple(toks.shape)}")
         toks = toks.astype(np.int64)
         if toks.size and (toks.min() < 0 or toks.max() >= self.vocab_size):
-            raise DataError(f"{where}: token ids must be in [0, {self.vocab_size}), got min {toks.min()} "
-                            f"max {toks.max()}")
+            raise DataError(
+                f"{where}: token ids must be in [0, {self.vocab_size}), got min {toks.min()} max {toks.max()}"
+            )
         segments: list[Segment] = []
         text_ids: list[int] = []
         skip = {self.pad_id, self.bos_id, self.eos_id}
@@ -280,17 +316,21 @@ class MultimodalTokenizer:
             t = int(toks[i])
             if t == self.boi_id:
                 flush_text()
-                span = toks[i + 1: i + 1 + per_image]
+                span = toks[i + 1 : i + 1 + per_image]
                 is_code = span >= self.image_offset
                 if len(span) < per_image or not is_code.all():
                     got = len(span) if is_code.all() else int(np.argmin(is_code))
                     after = "the end" if i + 1 + got >= n else "a text token"
-                    raise DataError(f"{where}: image starting at position {i} is truncated: {got} of "
-                                    f"{per_image} image tokens before {after}")
+                    raise DataError(
+                        f"{where}: image starting at position {i} is truncated: {got} of "
+                        f"{per_image} image tokens before {after}"
+                    )
                 end = i + 1 + per_image
                 if end >= n or toks[end] != self.eoi_id:
-                    raise DataError(f"{where}: image starting at position {i} has {per_image} codes but no "
-                                    f"<eoi> after them (position {end})")
+                    raise DataError(
+                        f"{where}: image starting at position {i} has {per_image} codes but no "
+                        f"<eoi> after them (position {end})"
+                    )
                 segments.append(ImageSegment(self.codec.decode(span - self.image_offset), source=where))
                 i = end + 1
             elif t == self.eoi_id:

@@ -56,15 +56,19 @@ class SentencePieceText:
         try:
             sp.load_from_serialized_proto(data)
         except (RuntimeError, OSError, TypeError) as exc:
-            raise DataError(f"{path}: not a valid SentencePiece model ({exc}); the file is corrupt or of another "
-                            f"kind (a Hugging Face tokenizer must be a tokenizer.json): retrain it with "
-                            f"{TRAIN_HINT}") from None
+            raise DataError(
+                f"{path}: not a valid SentencePiece model ({exc}); the file is corrupt or of another "
+                f"kind (a Hugging Face tokenizer must be a tokenizer.json): retrain it with "
+                f"{TRAIN_HINT}"
+            ) from None
         if sp.get_piece_size() == 0:
             raise DataError(f"{path}: SentencePiece model with no pieces; retrain it with {TRAIN_HINT}")
         for name, piece_id in (("pad", sp.pad_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id())):
             if piece_id < 0:
-                raise DataError(f"{path}: has no {name} piece; train it with `megafusion tokenizer train` "
-                                "(which sets pad=0 unk=1 bos=2 eos=3)")
+                raise DataError(
+                    f"{path}: has no {name} piece; train it with `megafusion tokenizer train` "
+                    "(which sets pad=0 unk=1 bos=2 eos=3)"
+                )
         self._sp, self.path = sp, path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = sp.get_piece_size()
@@ -101,7 +105,9 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the tokenizer ({exc.strerror or exc}); check the path: give a "
-                        f"SentencePiece .model (train one with {TRAIN_HINT}) or a Hugging Face tokenizer.json "
-                        "(or the directory holding it)") from None
+        raise DataError(
+            f"{path}: cannot read the tokenizer ({exc.strerror or exc}); check the path: give a "
+            f"SentencePiece .model (train one with {TRAIN_HINT}) or a Hugging Face tokenizer.json "
+            "(or the directory holding it)"
+        ) from None
     return SentencePieceText(data, str(path))
