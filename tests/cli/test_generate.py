@@ -143,6 +143,7 @@ def test_caption_gap_is_zero_for_an_oracle_and_none_for_a_caption_blind_model():
     assert blind["matching"] == blind["mismatched"] and min(blind["matching"]) > 0
 
 
+@pytest.mark.torchrun
 def test_generation_from_a_pipeline_and_tensor_parallel_checkpoint_matches_one_process(checkpoint, tmp_path):
     """The same 2 training steps under TP=2 and under PP=2 x VPP=2 (the parity tests show the
     weights agree): images generated from either checkpoint, resharded into one process, are

@@ -141,6 +141,7 @@ def real_groups(tmp_path_factory):
     return [[per_rank[r][i] for r in range(4)] for i in range(len(COMBOS))]
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("index", range(len(COMBOS)), ids=[json.dumps(c[0]) for c in COMBOS])
 def test_layout_matches_real_megatron_groups(real_groups, index):
     overrides, build = COMBOS[index]

@@ -122,6 +122,7 @@ def test_loss_equals_transformers(imported):
     imported["single"] = out["loss"]
 
 
+@pytest.mark.torchrun
 def test_tensor_parallel_with_the_tokenizer_of_the_origin(imported):
     """torchrun, TP = 2 (gloo), no --tokenizer: the import's HF directory holds tokenizer.json."""
     out = result(
@@ -214,6 +215,7 @@ def test_no_tokenizer_found_asks_for_one(imported, tmp_path, capsys):
     assert "pass --tokenizer" in err
 
 
+@pytest.mark.torchrun
 def test_transfusion_run_from_the_import_keeps_its_text_loss(imported, tmp_path, capsys):
     """A Transfusion run (image modules new) started from the import, one step at learning rate 0,
     under PP=2: evaluated in one process on text alone (no layout given: any saved layout loads; no

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -22,6 +24,7 @@ def losses_of(stdout: str) -> list[float]:
     return [float(m.group(3)) for m in STEP.finditer(stdout)]
 
 
+@pytest.mark.torchrun
 def test_torchrun_tp2_pp2_runs_to_completion_and_learns(tmp_path):
     """The core issue's acceptance command (output redirected to a fresh directory)."""
     torchrun = shutil.which("torchrun") or str(ROOT / ".venv/bin/torchrun")
@@ -114,6 +117,7 @@ def test_unknown_cli_command():
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
+@pytest.mark.torchrun
 def test_train_dry_run_prints_layout_and_trains_nothing(tmp_path):
     proc = run(
         [

@@ -17,6 +17,7 @@ MOT = ["model.arch=mot"]
 STOP = {"MEGAFUSION_FAULT": "after_save:3"}
 
 
+@pytest.mark.torchrun
 def test_mot_resumes_into_tp2_with_sequence_parallel(tmp_path):
     full, _, _ = run_train(tmp_path, 1, CONFIG, [*MOT, "logging.dump_grads=null"], "full")
     ckpt = tmp_path / "ckpt"
@@ -87,6 +88,7 @@ def converted(tmp_path_factory):
     return tmp, dense_ckpt, tmp / "mot_init"
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("layout", [(1, []), (2, ["parallel.tp=2"])], ids=["single", "tp2"])
 def test_converted_mot_starts_exactly_where_the_dense_model_is(converted, layout):
     """Same first-step loss as the dense weights; MoT gradients summed over modalities = dense gradients."""

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import assert_same_training, run_train
 
+pytestmark = pytest.mark.torchrun
+
 CONFIG = "tests/configs/mixed_small.yaml"
 MOT = ["model.arch=mot", "train.steps=5"]
 LAYOUTS = {

@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import assert_same_training, run_train
 
+pytestmark = pytest.mark.torchrun
+
 CONFIG = "tests/configs/parity.yaml"
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),

@@ -46,6 +46,7 @@ def test_resume_same_layout_is_exact(runs):
     assert (copy / "latest").read_text().strip() == "step_0000006"
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize(
     "layout",
     [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]), (2, ["parallel.pp=2", "parallel.vpp=2"])],
@@ -60,6 +61,7 @@ def test_resume_into_another_layout(runs, layout):
     _assert_close(losses, full[3:], 1e-5, f"resumed into {overrides}")
 
 
+@pytest.mark.torchrun
 def test_distributed_optimizer_resumes_into_another_dp_and_tp(runs):
     """DP=2 with the distributed optimizer, stopped at step 3, resumed as TP=2 (DP=1)."""
     tmp, full, _ = runs

@@ -32,6 +32,7 @@ def reference(tmp_path_factory):
     return losses, grads
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
@@ -39,6 +40,7 @@ def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 
+@pytest.mark.torchrun
 def test_transfusion_with_mot_layers_matches_single_process_under_tp2(tmp_path):
     mot = ["model.arch=mot"]
     reference = run_train(tmp_path, 1, CONFIG, mot, "mot_single")[:2]
@@ -71,6 +73,7 @@ def unet_reference(tmp_path_factory):
     return losses, grads, _evaluations(tmp / "single")
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("layout", list(UNET_LAYOUTS))
 def test_unet_transfusion_under_pipeline_parallelism_matches_single_process(layout, unet_reference, tmp_path):
     nproc, overrides = UNET_LAYOUTS[layout]

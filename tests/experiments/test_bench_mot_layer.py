@@ -11,8 +11,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.mot_layer import TABLE_NAME, modality_layout, render_table
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
 
 def test_quick_run_writes_result_and_table(tmp_path):

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
 
 def test_quick_run_records_accuracy_chance_and_provenance(tmp_path):

@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
+
 HERE = ROOT / "examples" / "experiments" / "lmfusion"
 
 
@@ -176,6 +178,7 @@ def test_budget_rule_and_model_section(tmp_path, monkeypatch):
     assert run.last_json('noise\n{"loss": 1.5}\n[megafusion] done\n') == {"loss": 1.5}
 
 
+@pytest.mark.torchrun
 def test_run_py_quick_end_to_end(tmp_path):
     """Every step at tiny size: text data, tokenizer, data prepare, text LM, HF round trip, LMFusion,
     the MoT pilot and the MoT from scratch at the same FLOPs, four eval --text, the report."""

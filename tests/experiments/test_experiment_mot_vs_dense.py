@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
+
 HERE = ROOT / "examples" / "experiments" / "mot_vs_dense"
 _spec = importlib.util.spec_from_file_location("mot_vs_dense_analyze", HERE / "analyze.py")
 analyze = importlib.util.module_from_spec(_spec)

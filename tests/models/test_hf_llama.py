@@ -152,6 +152,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_logits_equal_transformers(models, layout, tmp_path):
     tmp, found = models
@@ -214,6 +215,7 @@ def test_export_gives_back_the_hf_tensors_bit_exactly(models, tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.torchrun
 def test_export_from_a_tensor_parallel_training_checkpoint(models, tmp_path):
     """A checkpoint trained (one step, TP = 2) from the import exports to HF and back bit-exactly
     (the padding rows, which training moved, excepted: they are not part of the HF model)."""
@@ -276,6 +278,7 @@ def test_sharded_safetensors_import_the_same(models, tmp_path):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.torchrun
 def test_tied_embeddings_train_alike_with_a_pipeline(tmp_path):
     """With PP = 2 the last stage's copy of a tied embedding starts equal and stays synced."""
     config, tied = "tests/configs/parity.yaml", ["model.tie_embeddings=true", "train.steps=2"]

@@ -162,6 +162,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_train_lmfusion_like_one_process(runs, layout):
     tmp, init, reference = runs
@@ -221,6 +222,7 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
 # ------------------------------------------------------------------ from a Hugging Face Llama
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_pp2"])
 def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
     """Untied in one process; tied (Llama-3.2 1B/3B) under PP=2, where the last stage holds a copy
