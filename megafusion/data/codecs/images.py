@@ -54,3 +54,15 @@ def resize_nearest(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     rows = (np.arange(height) * pixels.shape[0]) // height
     cols = (np.arange(width) * pixels.shape[1]) // width
     return pixels[rows][:, cols]
+
+
+def check_sizes(image_size, patch_size, where: str) -> None:
+    """DataError naming ``where`` unless both are integers and ``patch_size`` divides ``image_size``."""
+    for key, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(f"{where}: {key} must be an integer, got {value!r}")
+    if image_size < 1 or patch_size < 1 or image_size % patch_size:
+        raise DataError(
+            f"{where}: image_size ({image_size}) must be a positive multiple of patch_size "
+            f"({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}"
+        )

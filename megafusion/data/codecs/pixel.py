@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from megafusion.core.errors import DataError
-from megafusion.data.codecs.images import check_codes, check_rgb_image, resize_nearest
+from megafusion.data.codecs.images import check_codes, check_rgb_image, check_sizes, resize_nearest
 
 
 class PixelPatchCodec:
@@ -22,14 +22,9 @@ class PixelPatchCodec:
     name = "pixel"
 
     def __init__(self, image_size: int, patch_size: int, levels: int):
-        for key, value in (("image_size", image_size), ("patch_size", patch_size), ("levels", levels)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise DataError(f"pixel codec: {key} must be an integer, got {value!r}")
-        if image_size < 1 or patch_size < 1 or image_size % patch_size:
-            raise DataError(
-                f"pixel codec: image_size ({image_size}) must be a positive multiple of "
-                f"patch_size ({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}"
-            )
+        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+            raise DataError(f"pixel codec: levels must be an integer, got {levels!r}")
+        check_sizes(image_size, patch_size, "pixel codec")
         # 2 levels is the least that carries information; above 256 levels the 8-bit values
         # repeat and codes would stop being unique.
         if not 2 <= levels <= 256:

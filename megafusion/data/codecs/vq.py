@@ -27,7 +27,7 @@ import numpy as np
 
 from megafusion.core.errors import DataError
 from megafusion.data.codecs.diffusers_local import load_local_model
-from megafusion.data.codecs.images import check_codes, check_rgb_image, resize_nearest
+from megafusion.data.codecs.images import check_codes, check_rgb_image, check_sizes, resize_nearest
 
 CODEBOOK_FORMAT = "megafusion.vq_codebook"
 # Bump when fitting changes: cached built-in codebooks are keyed on it.
@@ -44,17 +44,6 @@ def _sha256_file(path: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _check_sizes(image_size, patch_size, where: str) -> None:
-    for key, value in (("image_size", image_size), ("patch_size", patch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise DataError(f"{where}: {key} must be an integer, got {value!r}")
-    if image_size < 1 or patch_size < 1 or image_size % patch_size:
-        raise DataError(
-            f"{where}: image_size ({image_size}) must be a positive multiple of patch_size "
-            f"({patch_size}); pick e.g. image_size={max(patch_size, 1) * 8}"
-        )
 
 
 def image_patches(pixels: np.ndarray, image_size: int, patch_size: int, source: str = "") -> np.ndarray:
@@ -82,7 +71,7 @@ def save_vq_codebook(codebook: np.ndarray, image_size: int, patch_size: int, out
     """Write ``codebook`` (``[K, patch_size**2 * 3]`` values in [0, 1]) atomically; return the path."""
     from megafusion.data.tokenizers.joint import atomic_write_bytes
 
-    _check_sizes(image_size, patch_size, f"vq codebook {out_path}")
+    check_sizes(image_size, patch_size, f"vq codebook {out_path}")
     codebook = np.asarray(codebook, dtype=np.float32)
     dim = patch_size * patch_size * 3
     if codebook.ndim != 2 or codebook.shape[1] != dim or codebook.shape[0] < 2:
@@ -127,7 +116,7 @@ class VQPatchCodec:
                 f"vq codec: {path} is not a megafusion vq codebook ({type(exc).__name__}: {exc}); "
                 f"the file is corrupt or of another kind: {refit}"
             ) from None
-        _check_sizes(image_size, patch_size, f"vq codec {path}")
+        check_sizes(image_size, patch_size, f"vq codec {path}")
         dim = patch_size * patch_size * 3
         if table.ndim != 2 or table.shape[1] != dim or table.shape[0] < 2 or not np.isfinite(table).all():
             raise DataError(
@@ -193,7 +182,7 @@ def fit_vq_codebook(
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    _check_sizes(image_size, patch_size, f"vq codebook fit for {out_path}")
+    check_sizes(image_size, patch_size, f"vq codebook fit for {out_path}")
     if isinstance(codebook_size, bool) or not isinstance(codebook_size, (int, np.integer)) or codebook_size < 2:
         raise DataError(f"vq codebook fit for {out_path}: codebook_size must be an integer >= 2, got {codebook_size!r}")
     parts = [image_patches(img, image_size, patch_size, f"vq codebook fit image {k}") for k, img in enumerate(images)]
