@@ -28,8 +28,6 @@ def representative_batch(cfg) -> tuple[dict, str]:
 def flops_command(argv: list[str]) -> int:
     from megafusion.accounting.report import _images, flops_report, summary
     from megafusion.config import load_config, parse_cli, validate
-    from megafusion.models.registry import family_names
-    from megafusion.objectives.registry import objective_names
 
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -38,7 +36,7 @@ def flops_command(argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     # FLOPs do not depend on the layout: validate against the smallest world it accepts.
     p = cfg.parallel
-    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp), known_archs=family_names(), known_objectives=objective_names())
+    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
     batch, where = representative_batch(cfg)  # first: the data decides the vocabulary
     try:
         report = summary(cfg, _images(batch)["latent_shape"])

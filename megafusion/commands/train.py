@@ -13,8 +13,6 @@ import sys
 
 from megafusion.commands.main import run
 from megafusion.config import load_config, parse_cli, validate
-from megafusion.models.registry import family_names
-from megafusion.objectives.registry import objective_names
 
 PROG = "megafusion train"
 
@@ -23,7 +21,7 @@ def load_and_validate(argv: list[str]):
     path, overrides = parse_cli(argv)
     cfg = load_config(path, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world, known_archs=family_names(), known_objectives=objective_names())
+    validate(cfg, world)
     return cfg
 
 

@@ -11,10 +11,9 @@ from megafusion.core.choices import (
     DATA_SOURCES,
     IMAGE_CODECS,
     LATENT_CODECS,
-    MODEL_ARCHS,
-    OBJECTIVES,
     PARAMS_DTYPES,
 )
+from megafusion.core.registries import FAMILIES, OBJECTIVES
 
 from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
 
@@ -421,14 +420,15 @@ def validate(
 ) -> None:
     """Raise ConfigError listing every problem of `cfg` for `world_size` processes.
 
-    `known_archs` / `known_objectives`: the model.arch / objective.name values the caller can
-    build (default: the built-in ones of megafusion.core.choices; commands pass the registries'
-    names, which include those registered by plugins). The raised error carries the individual
-    messages in its `problems` attribute.
+    `known_archs` / `known_objectives`: the model.arch / objective.name values accepted (default:
+    the registries' names, megafusion.core.registries, with any that plugins registered). The
+    raised error carries the individual messages in its `problems` attribute.
     """
     problems = _type_problems(cfg)
     if not problems:
-        problems = _range_problems(cfg, world_size, known_archs or MODEL_ARCHS, known_objectives or OBJECTIVES)
+        problems = _range_problems(
+            cfg, world_size, known_archs or FAMILIES.names(), known_objectives or OBJECTIVES.names()
+        )
         # Divisibility checks divide by these; skip them until they are positive.
         p, m = cfg.parallel, cfg.model
         positive = [

@@ -1,8 +1,6 @@
 """Names a config may choose from, read by config validation (which must not import torch) and
 by the registries that build them (which check at import that they agree with these lists)."""
 
-MODEL_ARCHS = ("dense", "mot")
-OBJECTIVES = ("lm", "transfusion")
 IMAGE_CODECS = ("pixel", "vq", "vqgan")
 LATENT_CODECS = ("pixels", "kl")
 PARAMS_DTYPES = ("auto", "fp32", "bf16")

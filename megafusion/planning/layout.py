@@ -492,10 +492,8 @@ def dry_run(argv: list[str]) -> int:
     path, overrides = parse_cli(rest)
     cfg = load_config(path, overrides)
     world, nproc, source = resolve_world(flags)
-    from megafusion.models.registry import family_names
-    from megafusion.objectives.registry import objective_names
 
-    validate(cfg, world, known_archs=family_names(), known_objectives=objective_names())
+    validate(cfg, world)
     if flags.get("json"):
         text = layout_json(cfg, world, nproc, source)
     else:
