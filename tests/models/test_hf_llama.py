@@ -183,6 +183,7 @@ def test_logits_equal_transformers(models, layout, tmp_path):
     assert torch.count_nonzero(got[..., VOCAB:]) == 0  # zero padding rows
 
 
+@pytest.mark.slow
 def test_export_gives_back_the_hf_tensors_bit_exactly(models, tmp_path):
     """HF -> mf -> HF equals the original; mf -> HF -> mf equals the first import."""
     from safetensors.torch import load_file
@@ -215,6 +216,7 @@ def test_export_gives_back_the_hf_tensors_bit_exactly(models, tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.torchrun
 def test_export_from_a_tensor_parallel_training_checkpoint(models, tmp_path):
     """A checkpoint trained (one step, TP = 2) from the import exports to HF and back bit-exactly
@@ -450,6 +452,7 @@ def test_exports_only_llamas_and_bad_rope_scaling_is_named():
         load_config(None, ["model.rope_scaling=8"])
 
 
+@pytest.mark.slow
 def test_bad_command_line_inputs_are_refused(tmp_path, models):
     _, found = models
     proc = convert("hf-to-mf", "--hf", tmp_path / "nowhere", "--output", tmp_path / "x")

@@ -222,6 +222,7 @@ def test_text_half_is_bit_identical_after_training(runs, runtime):
 # ------------------------------------------------------------------ from a Hugging Face Llama
 
 
+@pytest.mark.slow
 @pytest.mark.torchrun
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_pp2"])
 def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):

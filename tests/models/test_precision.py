@@ -19,6 +19,7 @@ def test_bf16_training_tracks_fp32(tmp_path):
     assert all(g.dtype == torch.float32 for g in grads.values()), "gradients accumulate in fp32"
 
 
+@pytest.mark.slow
 def test_bf16_transfusion_and_lmfusion_train_and_checkpoint(tmp_path):
     """Transfusion's image modules and LMFusion's new-token rows are in params_dtype like every other
     weight: bf16 trains (tracking fp32), saves (megatron's mixed-precision optimizer cannot
