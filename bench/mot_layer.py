@@ -246,6 +246,8 @@ def measure(args, cfg, device: torch.device) -> dict:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megafusion.accounting import flops as F
+    from megafusion.accounting import image_modules
+    from megafusion.accounting import params as acc_params
     from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
     from megafusion.layers.routing import ModalityRouting, modality_routing
     from megafusion.models.dense import dense_layer_spec
@@ -308,7 +310,9 @@ def measure(args, cfg, device: torch.device) -> dict:
         times = time_cases(cases, args.iters, args.warmup, device)
 
     tokens = s * b
-    out_layer = F.MATMUL_FLOPS_PER_MAC * (1 + F.BACKWARD_FACTOR) * F.parameter_counts(cfg)["output_layer"]
+    out_layer = (
+        image_modules.MATMUL_FLOPS_PER_MAC * (1 + F.BACKWARD_FACTOR) * acc_params.parameter_counts(cfg)["output_layer"]
+    )
     analytic = F.flop_counter_flops(cfg, b, s, kernel="math") - tokens * out_layer
     model_flops = round(tokens * (F.flops_per_token(cfg, F.causal_mean_attended_keys(s)) - out_layer))
     stats = {name: summary(ms) for name, ms in times.items()}

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megafusion.models.transfusion import IMAGE_MODULES
+from megafusion.objectives.registry import get_objective
+
 MATMUL_FLOPS_PER_MAC = 2
 
 
@@ -84,3 +87,56 @@ def module_layers(module: torch.nn.Module, run: Callable[[], object]) -> list[Im
             "not call: its accounting run does not match the model's forward"
         )
     return layers
+
+
+def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """``[C, H, W]`` of one image latent: ``latent_shape`` when given, else the pixel latent of
+    ``data.image_size`` (as ``build_model_chunks`` assumes); ``latent_codec=kl`` must pass it."""
+    if latent_shape is not None:
+        shape = tuple(int(x) for x in latent_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"latent_shape must be [C, H, W] of positive sizes, got {tuple(latent_shape)}")
+        return shape
+    codec = cfg.objective.latent_codec
+    if codec != "pixels":
+        raise ValueError(
+            f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
+            f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
+            f".latent_shape) to count the image modules"
+        )
+    size = cfg.data.image_size
+    return (3, size, size)
+
+
+def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, list[ImageLayer]]:
+    """The layers of the objective's extra modules (Transfusion's image modules), keyed by module
+    name, for one image of ``latent_shape`` (see :func:`image_latent_shape`), measured on the real
+    modules (:mod:`megafusion.accounting.image_modules`); empty when the objective has none."""
+    objective = get_objective(cfg.objective.name)
+    if not objective.extra_modules:
+        return {}
+    shape = image_latent_shape(cfg, latent_shape)
+    _patch_grid(cfg.objective.latent_patch_size, shape[1], shape[2])
+    return {
+        name: module_layers(module, run) for name, (module, run) in objective.accounting_modules(cfg, shape).items()
+    }
+
+
+def _patch_grid(patch_size: int, height: int, width: int) -> int:
+    """Patches per image, with the latent checked as ``patchify`` checks it."""
+    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
+        raise ValueError(
+            f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
+            f"{patch_size} patches: the patch size must divide both"
+        )
+    return (height // patch_size) * (width // patch_size)
+
+
+def image_flops_per_image(
+    cfg, latent_shape: tuple[int, int, int] | None = None, forward_only: bool = False
+) -> dict[str, int]:
+    """Model FLOPs of the image modules for one image (forward + backward unless ``forward_only``):
+    one key per module of ``IMAGE_MODULES`` and ``total``; all 0 for ``objective.name=lm``."""
+    layers = image_module_layers(cfg, latent_shape)
+    out = {name: layers_flops(layers.get(name, ()), forward_only) for name in IMAGE_MODULES}
+    return {**out, "total": sum(out.values())}

@@ -12,7 +12,9 @@ counted per image; their latent shape and the number of images come from the mic
 from __future__ import annotations
 
 from megafusion.accounting import flops as F
+from megafusion.accounting import image_modules, params
 from megafusion.core.modality import MODALITY_NAMES, Modality
+from megafusion.models.transfusion import IMAGE_MODULES
 from megafusion.objectives.registry import get_objective
 
 
@@ -37,7 +39,7 @@ def flops_report(cfg, batch: dict) -> str:
         cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **{**objective.flops_inputs(batch), **images}
     )
     full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
-    n = F.parameter_counts(cfg, images["latent_shape"])
+    n = params.parameter_counts(cfg, images["latent_shape"])
     tokens = stats["tokens"]
     b, s = tuple(doc.shape) if doc.dim() == 2 else (1, doc.shape[-1])
     six_n = 6 * n["active"] * tokens
@@ -82,7 +84,7 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
     """Parameters and per-token FLOPs at full causal attention over ``model.seq_length``, and
     (Transfusion) the image modules' per image; ``latent_shape`` is needed for ``latent_codec=kl``."""
     m = cfg.model
-    n = F.parameter_counts(cfg, latent_shape)
+    n = params.parameter_counts(cfg, latent_shape)
     s = m.seq_length
     keys = F.causal_mean_attended_keys(s)
     # LMFusion: a text token's frozen weights skip their weight gradients; report text tokens' count
@@ -125,10 +127,10 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True)):>16}",
     ]
     if n["image_modules"]:
-        per_image = F.image_flops_per_image(cfg, latent_shape)
+        per_image = image_modules.image_flops_per_image(cfg, latent_shape)
         lines.append(
             f"image modules per image, forward + backward: {_n(per_image['total'])} ("
-            + ", ".join(f"{name} {_n(per_image[name])}" for name in F.IMAGE_MODULES)
+            + ", ".join(f"{name} {_n(per_image[name])}" for name in IMAGE_MODULES)
             + ")"
         )
     return "\n".join(lines)

@@ -22,8 +22,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion import checkpoint as ckpt
-from megafusion.accounting.flops import batch_flops, parameter_counts
+from megafusion.accounting.flops import batch_flops
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
+from megafusion.accounting.params import parameter_counts
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
 from megafusion.models.transformer_config import build_transformer_config

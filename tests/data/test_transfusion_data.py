@@ -116,7 +116,7 @@ def test_images_without_a_caption_before_them_get_capped_noise(setup):
 def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
     import torch
 
-    from megafusion.accounting.flops import attended_keys_from_mask
+    from megafusion.layers.attended_keys import attended_keys_from_mask
     from megafusion.layers.masks import block_mask, dense_mask
     from megafusion.objectives.transfusion import attended_keys, caption_dropout
 

@@ -328,17 +328,17 @@ def test_llama3_frequencies_are_transformers_and_use_all_four_values(runtime):
 
 
 def test_tied_parameter_counts_match_the_built_model(runtime):
-    from megafusion.accounting import flops
+    from megafusion.accounting import params as acc_params
     from megafusion.models.transformer_config import build_transformer_config
     from megafusion.objectives.build import build_model_chunks
 
     cfg = load_config(None, ["model.tie_embeddings=true", "model.vocab_size=256"])
     named = dict(build_model_chunks(cfg, build_transformer_config(cfg, runtime.device), runtime)[0].named_parameters())
-    counts = flops.parameter_counts(cfg)
+    counts = acc_params.parameter_counts(cfg)
     assert "output_layer.weight" not in named and counts["output_layer"] == 0
     assert counts["total"] == counts["active"] == sum(p.numel() for p in named.values())
     untied = load_config(None, ["model.vocab_size=256"])
-    assert counts["matmul"] == flops.parameter_counts(untied)["matmul"]  # the head still multiplies
+    assert counts["matmul"] == acc_params.parameter_counts(untied)["matmul"]  # the head still multiplies
 
 
 def test_qkv_and_fc1_layouts():

@@ -20,11 +20,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion import checkpoint as ck
 from megafusion.accounting import flops
+from megafusion.accounting import params as acc_params
 from megafusion.config import Config, load_config
 from megafusion.core.modality import Modality
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.layers.masks import attention_mask_for
 from megafusion.layers.routing import routing_for
+from megafusion.models import transfusion as transfusion_model
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS, is_frozen
 from megafusion.models.registry import get_family
 from megafusion.models.transformer_config import build_transformer_config
@@ -63,7 +65,7 @@ def test_frozen_set_counts_and_zero_deltas(runtime):
     cfg = synthetic_cfg()
     model = build(cfg, runtime)
     named = dict(model.named_parameters())
-    counts = flops.parameter_counts(cfg)
+    counts = acc_params.parameter_counts(cfg)
     frozen = {n for n, p in named.items() if not p.requires_grad}
     # Exactly the text copies, the embedding and the output layer; every image copy trains.
     assert frozen == {
@@ -129,7 +131,7 @@ def test_optimizer_state_only_for_trainable_parameters(runtime, distributed):
     optimizer.step()  # creates the Adam state
     module = model[0].module
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    assert trainable == flops.parameter_counts(cfg)["trainable"]
+    assert trainable == acc_params.parameter_counts(cfg)["trainable"]
     assert not any(hasattr(p, "main_grad") for p in module.parameters() if not p.requires_grad)
     in_buffers = [p for buffer in model[0].buffers for p in buffer.params]  # DDP's gradient buffers
     assert {id(p) for p in in_buffers} == {id(p) for p in module.parameters() if p.requires_grad}
@@ -317,7 +319,7 @@ def test_warm_start_bridges_only_what_it_can(tmp_path):
     dense = load_config(str(ROOT / CONFIG), ["objective.name=lm", "model.vocab_size=320"])
     warm = ck.check_compatible(tmp_path, _manifest(dense), run, None, weights_only=True)
     assert warm.rule is get_family("mot").warm_starts["dense"] and warm.vocab == (320, 384)
-    assert set(warm.new_modules) == {*flops.IMAGE_MODULES, INPUT_ROWS, OUTPUT_ROWS}
+    assert set(warm.new_modules) == {*transfusion_model.IMAGE_MODULES, INPUT_ROWS, OUTPUT_ROWS}
     with pytest.raises(ck.CheckpointError, match="model.arch: checkpoint 'dense', this run 'mot'"):
         ck.check_compatible(tmp_path, _manifest(dense), run, None)  # a resume bridges nothing
     for change, words in [

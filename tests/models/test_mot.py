@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion import ops
-from megafusion.accounting.flops import flop_counter_flops, parameter_counts
+from megafusion.accounting.flops import flop_counter_flops
+from megafusion.accounting.params import parameter_counts
 from megafusion.config import Config
 from megafusion.core.modality import MODALITY_NAMES, Modality
 from megafusion.data.builtin.synthetic import synthetic_microbatch

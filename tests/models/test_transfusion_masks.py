@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megafusion.accounting import flops
 from megafusion.core.modality import Modality
+from megafusion.layers import attended_keys as attended
 from megafusion.layers.masks import NO_IMAGE, block_mask, dense_mask, image_spans_from_modality
 
 T, I = int(Modality.TEXT), int(Modality.IMAGE)  # noqa: E741  (text / image, as in the diagrams)
@@ -202,10 +203,10 @@ def test_mask_errors_name_the_argument():
 def test_attended_keys_match_mask_count(seed):
     gen = torch.Generator().manual_seed(100 + seed)
     doc, img, mod = random_layout(4, 64, gen, text_only_rows=(3,))
-    want = flops.attended_keys_from_mask(dense_mask(doc, img))
-    assert torch.equal(flops.attended_keys(doc, img), want)
-    assert torch.equal(flops.attended_keys(doc), flops.attended_keys_from_mask(dense_mask(doc)))
-    assert (flops.attended_keys(doc, img) >= flops.attended_keys(doc)).all()
+    want = attended.attended_keys_from_mask(dense_mask(doc, img))
+    assert torch.equal(attended.attended_keys(doc, img), want)
+    assert torch.equal(attended.attended_keys(doc), attended.attended_keys_from_mask(dense_mask(doc)))
+    assert (attended.attended_keys(doc, img) >= attended.attended_keys(doc)).all()
 
     cfg = flops_cfg()
     stats = flops.batch_flops(cfg, doc, mod, image_ids=img)
@@ -217,13 +218,13 @@ def test_attended_keys_odd_ids():
     """Ids that reappear (a document or an image id in two documents) and large ids: still the mask's count."""
     doc = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 7, 7]])
     img = torch.tensor([[5, 5, -1, 5, 5, -1, 5, 2**40, 2**40, 2**40]])
-    want = flops.attended_keys_from_mask(dense_mask(doc, img))
-    assert torch.equal(want, flops.attended_keys_from_mask(brute_force_blocked(doc, img)))
-    assert torch.equal(flops.attended_keys(doc, img), want)
-    assert torch.equal(flops.attended_keys(doc[0], img[0]), want)  # a single row as 1-D
+    want = attended.attended_keys_from_mask(dense_mask(doc, img))
+    assert torch.equal(want, attended.attended_keys_from_mask(brute_force_blocked(doc, img)))
+    assert torch.equal(attended.attended_keys(doc, img), want)
+    assert torch.equal(attended.attended_keys(doc[0], img[0]), want)  # a single row as 1-D
     # One image of n patches in a document of its own: every patch attends all n.
     one_image = torch.zeros(1, 5, dtype=torch.long)
-    assert flops.attended_keys(one_image, one_image).tolist() == [[5] * 5]
+    assert attended.attended_keys(one_image, one_image).tolist() == [[5] * 5]
     with pytest.raises(ValueError, match="not both"):
         flops.batch_flops(flops_cfg(), doc, keys=want, image_ids=img)
 

@@ -25,11 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion.accounting import flops
 from megafusion.accounting import mfu as M
+from megafusion.accounting import params as acc_params
 from megafusion.accounting.report import flops_report
 from megafusion.commands.flops import main
 from megafusion.config import Config
 from megafusion.core.modality import MODALITY_NAMES, Modality
 from megafusion.data.builtin.synthetic import synthetic_microbatch
+from megafusion.layers import attended_keys as attended
 from megafusion.layers.masks import dense_mask
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
@@ -60,7 +62,7 @@ def test_parameter_counts_match_built_model(runtime, groups, qk_norm, ffn):
     cfg = small_cfg(groups=groups, qk_norm=qk_norm)
     cfg.model.ffn_hidden_size = ffn
     model = build(cfg, runtime)
-    counts = flops.parameter_counts(cfg)
+    counts = acc_params.parameter_counts(cfg)
     named = dict(model.named_parameters())
     assert counts["total"] == sum(p.numel() for p in named.values())
     assert counts["embedding"] == named["embedding.word_embeddings.weight"].numel()
@@ -156,8 +158,8 @@ def test_batch_flops_attention_matches_brute_force_mask_count():
         ]
     )
     want_keys = brute_force_attended(doc)
-    assert torch.equal(flops.attended_keys(doc), want_keys)
-    assert torch.equal(flops.attended_keys(doc), flops.attended_keys_from_mask(dense_mask(doc)))
+    assert torch.equal(attended.attended_keys(doc), want_keys)
+    assert torch.equal(attended.attended_keys(doc), attended.attended_keys_from_mask(dense_mask(doc)))
 
     stats = flops.batch_flops(cfg, doc, mod, loss_mask=torch.ones(doc.shape))
     per_key, dense = flops.attention_flops_per_key(cfg), flops.dense_flops_per_token(cfg)
@@ -204,10 +206,10 @@ def test_flops_per_token_formula():
     keys = 10.5
     assert flops.flops_per_token(cfg, keys) == 3 * (fwd_dense + keys * L * 4 * heads * d)
     assert flops.flops_per_token(cfg, keys, forward_only=True) == fwd_dense + keys * L * 4 * heads * d
-    assert flops.dense_flops_per_token(cfg) == 6 * flops.parameter_counts(cfg)["matmul"]
+    assert flops.dense_flops_per_token(cfg) == 6 * acc_params.parameter_counts(cfg)["matmul"]
     m.arch = "moe"
     with pytest.raises(ValueError, match="model.arch"):
-        flops.parameter_counts(cfg)
+        acc_params.parameter_counts(cfg)
 
 
 def test_peak_and_mfu():
@@ -236,7 +238,7 @@ def test_flops_cli_prints_params_and_per_token_flops(capsys):
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = 4, 64, 4, 2
     m.ffn_hidden_size, m.vocab_size, m.seq_length = 192, 256, 64
-    n = flops.parameter_counts(cfg)
+    n = acc_params.parameter_counts(cfg)
     for key in ("total", "embedding", "non_embedding", "active"):
         assert f"{n[key]:,}" in out, key
     assert "0 FLOPs" in out and "6N" in out and "text" in out and "image" in out

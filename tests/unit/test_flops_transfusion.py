@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from megafusion.accounting import flops
+from megafusion.accounting import flops, image_modules
+from megafusion.accounting import params as acc_params
 from megafusion.accounting.report import _n, flops_report, summary
 from megafusion.config import Config
 from megafusion.core.modality import Modality
+from megafusion.layers import attended_keys as attended
 from megafusion.layers.patchify import (
     LinearPatchEmbed,
     LinearPatchHead,
@@ -32,6 +34,7 @@ from megafusion.layers.patchify import (
     unet_skip_shapes,
 )
 from megafusion.layers.timestep import TimestepEmbedding
+from megafusion.models import transfusion as transfusion_model
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.models.transfusion import ImageInputs
 from megafusion.objectives.build import build_model_chunks
@@ -63,7 +66,7 @@ def meta_layers(make, run):
     through ``run(module)`` (data inputs without gradient, the others with one, as in the model)."""
     with torch.device("meta"):
         module = make()
-    return flops.module_layers(module, lambda: run(module))
+    return image_modules.module_layers(module, lambda: run(module))
 
 
 def _meta(*shape, grad: bool = True):
@@ -88,7 +91,7 @@ def check_layers(module, root: str, layers, n: int, fwd):
     for layer in layers:
         if layer.macs:
             assert forward[f"{root}.{layer.name}"] == n * layer.flops(forward_only=True), layer.name
-    assert forward[root] == n * flops.layers_flops(layers, forward_only=True)
+    assert forward[root] == n * image_modules.layers_flops(layers, forward_only=True)
 
 
 def test_timestep_embedding_matches_flop_counter():
@@ -99,7 +102,7 @@ def test_timestep_embedding_matches_flop_counter():
     )
     fwd, train = measure(lambda: module(torch.tensor([1.0, 250.0, 999.0])), lambda out: out.square().sum())
     check_layers(module, "TimestepEmbedding", layers, n, fwd)
-    assert train.get_total_flops() == n * flops.layers_flops(layers)
+    assert train.get_total_flops() == n * image_modules.layers_flops(layers)
     # The sinusoidal features need no gradient: linear_1's backward is its weight gradient alone.
     linear_1, linear_2 = 2 * freq * hidden, 2 * hidden * hidden
     assert train.get_total_flops() == n * (2 * linear_1 + 3 * linear_2)
@@ -120,11 +123,11 @@ def test_linear_patch_embed_and_head_match_flop_counter():
     )
     check_layers(embed, "LinearPatchEmbed", embed_layers, n, fwd)
     check_layers(head, "LinearPatchHead", head_layers, n, fwd)
-    assert train.get_total_flops() == n * flops.layers_flops(embed_layers + head_layers)  # nothing else counted
+    assert train.get_total_flops() == n * image_modules.layers_flops(embed_layers + head_layers)  # nothing else counted
     tokens = (height // p) * (width // p)
-    assert flops.layers_flops(head_layers, forward_only=True) == 2 * tokens * hidden * c * p * p
-    assert flops.layers_flops(embed_layers) == 2 * flops.layers_flops(embed_layers, forward_only=True)
-    assert flops.layers_flops(head_layers) == 3 * flops.layers_flops(head_layers, forward_only=True)
+    assert image_modules.layers_flops(head_layers, forward_only=True) == 2 * tokens * hidden * c * p * p
+    assert image_modules.layers_flops(embed_layers) == 2 * image_modules.layers_flops(embed_layers, forward_only=True)
+    assert image_modules.layers_flops(head_layers) == 3 * image_modules.layers_flops(head_layers, forward_only=True)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +152,7 @@ def test_unet_patch_embed_and_head_match_flop_counter(channels, layers_per_block
     embed_layers, head_layers = unet_layers(c, patch, hidden, height, width, kw)
     check_layers(embed, "UNetPatchEmbed", embed_layers, n, fwd)
     check_layers(head, "UNetPatchHead", head_layers, n, fwd)
-    assert train.get_total_flops() == n * flops.layers_flops(embed_layers + head_layers)  # nothing else counted
+    assert train.get_total_flops() == n * image_modules.layers_flops(embed_layers + head_layers)  # nothing else counted
 
 
 def unet_layers(c, patch, hidden, height, width, kw):
@@ -185,8 +188,8 @@ def test_unet_convolutions_are_counted():
     layers = embed_layers + head_layers
     by_op = {str(op): value for op, value in counter.get_flop_counts()["Global"].items()}
     conv = sum(by_op.get(op, 0) for op in CONV_OPS)
-    assert conv == n * flops.layers_flops(layer for layer in layers if layer.kind == "conv")
-    matmul = n * flops.layers_flops(layer for layer in layers if layer.kind == "linear")
+    assert conv == n * image_modules.layers_flops(layer for layer in layers if layer.kind == "conv")
+    matmul = n * image_modules.layers_flops(layer for layer in layers if layer.kind == "linear")
     assert conv > 10 * matmul > 0
     assert counter.get_total_flops() == conv + matmul
 
@@ -218,15 +221,15 @@ def build(cfg, runtime, latent_shape=None):
 def test_parameter_counts_match_built_transfusion_model(runtime, patchify, arch, codec, latent_shape):
     cfg = transfusion_cfg(patchify, arch, codec)
     named = dict(build(cfg, runtime, latent_shape).named_parameters())
-    counts = flops.parameter_counts(cfg, latent_shape)
+    counts = acc_params.parameter_counts(cfg, latent_shape)
     assert counts["total"] == sum(p.numel() for p in named.values())
-    for module in flops.IMAGE_MODULES:
+    for module in transfusion_model.IMAGE_MODULES:
         assert counts[module] == sum(p.numel() for k, p in named.items() if k.startswith(module + ".")) > 0, module
-    assert counts["image_modules"] == sum(counts[m] for m in flops.IMAGE_MODULES)
+    assert counts["image_modules"] == sum(counts[m] for m in transfusion_model.IMAGE_MODULES)
     assert counts["non_embedding"] == counts["total"] - counts["embedding"] - counts["output_layer"]
     # The transformer's keys keep their meaning: the same as the LM model's of the same shape.
     cfg.objective.name = "lm"
-    lm = flops.parameter_counts(cfg)
+    lm = acc_params.parameter_counts(cfg)
     assert lm["image_modules"] == 0 and lm["total"] == counts["total"] - counts["image_modules"]
     for key in ("embedding", "output_layer", "norm", "matmul"):
         assert counts[key] == lm[key], key
@@ -234,7 +237,7 @@ def test_parameter_counts_match_built_transfusion_model(runtime, patchify, arch,
     if codec == "kl":
         cfg.objective.name = "transfusion"
         with pytest.raises(ValueError, match="latent_shape"):
-            flops.parameter_counts(cfg)
+            acc_params.parameter_counts(cfg)
 
 
 def image_microbatch(cfg):
@@ -271,7 +274,7 @@ def test_transfusion_model_flops_match_flop_counter(runtime, patchify):
         loss.backward()
     assert model.image_patch_embed.proj.weight.grad is not None  # the backward reached the image modules
     measured = counter.get_total_flops()
-    per_image = flops.image_flops_per_image(cfg)
+    per_image = image_modules.image_flops_per_image(cfg)
     assert measured == flops.flop_counter_flops(cfg, b, s, "math") + images.count * per_image["total"]
     doc = torch.zeros(b, s, dtype=torch.int64)
     stats = flops.batch_flops(cfg, doc, modality, attention="full", image_ids=images.image_ids)
@@ -280,8 +283,8 @@ def test_transfusion_model_flops_match_flop_counter(runtime, patchify):
     with torch.no_grad(), forward:
         model(tokens, position_ids, None, labels=None, images=images)
     by_module = per_module(forward)
-    forward_per_image = flops.image_flops_per_image(cfg, forward_only=True)
-    for module in flops.IMAGE_MODULES:
+    forward_per_image = image_modules.image_flops_per_image(cfg, forward_only=True)
+    for module in transfusion_model.IMAGE_MODULES:
         assert by_module[f"TransfusionGPTModel.{module}"] == images.count * forward_per_image[module], module
 
 
@@ -290,7 +293,7 @@ def test_batch_flops_charges_images_to_the_image_modality():
     tokens, images, modality = image_microbatch(cfg)
     doc = torch.zeros_like(tokens)
     stats = flops.batch_flops(cfg, doc, modality, num_images=3)
-    per_image = flops.image_flops_per_image(cfg)["total"]
+    per_image = image_modules.image_flops_per_image(cfg)["total"]
     assert stats["image_modules"] == 3 * per_image > 0
     assert stats["total"] == stats["dense"] + stats["attention"] + stats["image_modules"]
     assert sum(stats["per_modality"].values()) == stats["total"]
@@ -305,11 +308,11 @@ def test_batch_flops_charges_images_to_the_image_modality():
     cfg.objective.name = "transfusion"
     # The count may come from image_ids (with the Transfusion mask) or be given beside keys (the loop).
     from_ids = flops.batch_flops(cfg, doc, modality, image_ids=images.image_ids)
-    keys = flops.attended_keys(doc, images.image_ids)
+    keys = attended.attended_keys(doc, images.image_ids)
     assert from_ids == flops.batch_flops(cfg, doc, modality, keys=keys, num_images=3)
     assert from_ids["image_modules"] == stats["image_modules"]
     forward = flops.batch_flops(cfg, doc, modality, num_images=3, forward_only=True)
-    assert forward["image_modules"] == 3 * flops.image_flops_per_image(cfg, forward_only=True)["total"]
+    assert forward["image_modules"] == 3 * image_modules.image_flops_per_image(cfg, forward_only=True)["total"]
     with pytest.raises(ValueError, match="num_images"):
         flops.batch_flops(cfg, doc, modality)  # image tokens but no image count: would under-count
     assert flops.batch_flops(cfg, doc)["images"] == 0  # all text: no image to count
@@ -319,27 +322,30 @@ def test_batch_flops_charges_images_to_the_image_modality():
     shape = (4, 8, 8)
     assert (
         flops.batch_flops(cfg, doc, modality, num_images=3, latent_shape=shape)["image_modules"]
-        == 3 * flops.image_flops_per_image(cfg, shape)["total"]
+        == 3 * image_modules.image_flops_per_image(cfg, shape)["total"]
     )
 
 
 def test_image_flops_scale_with_the_latent_and_check_it():
     cfg = transfusion_cfg("linear")
-    small, large = flops.image_flops_per_image(cfg, (3, 8, 8)), flops.image_flops_per_image(cfg, (3, 16, 16))
+    small, large = (
+        image_modules.image_flops_per_image(cfg, (3, 8, 8)),
+        image_modules.image_flops_per_image(cfg, (3, 16, 16)),
+    )
     assert large["image_time_embed"] == small["image_time_embed"]  # once per image, whatever its size
     assert large["image_patch_embed"] == 4 * small["image_patch_embed"]  # 4x the patches
     cfg.objective.patchify = "unet"
-    unet = flops.image_flops_per_image(cfg, (3, 8, 8))
+    unet = image_modules.image_flops_per_image(cfg, (3, 8, 8))
     assert unet["image_patch_embed"] > 10 * small["image_patch_embed"]
     with pytest.raises(ValueError, match="patch size must divide"):  # checked before any module is built
-        flops.image_flops_per_image(cfg, (3, 10, 8))
+        image_modules.image_flops_per_image(cfg, (3, 10, 8))
     cfg.objective.latent_patch_size = 1  # the default U-Net halves once: patches must be even
     with pytest.raises(ValueError, match="downsampling factor"):
-        flops.image_flops_per_image(cfg, (3, 8, 8))
+        image_modules.image_flops_per_image(cfg, (3, 8, 8))
     with pytest.raises(ValueError, match=r"\[C, H, W\]"):
-        flops.image_latent_shape(cfg, (8, 8))
+        image_modules.image_latent_shape(cfg, (8, 8))
     cfg.objective.name = "lm"
-    assert flops.image_flops_per_image(cfg)["total"] == 0 and flops.image_module_layers(cfg) == {}
+    assert image_modules.image_flops_per_image(cfg)["total"] == 0 and image_modules.image_module_layers(cfg) == {}
 
 
 def test_flops_cli_reports_the_image_modules():
@@ -364,6 +370,6 @@ def test_flops_cli_reports_the_image_modules():
     dropped["first_key"][0, 2:6] = 1  # row 0's first image is uncaptioned: <bos>, <boi>, its 4 patches
     keys = get_objective("transfusion").flops_inputs(dropped)["keys"]
     assert keys[0, 2:6].tolist() == [6] * 4
-    assert torch.equal(keys[1], flops.attended_keys(batch["document_ids"], images.image_ids)[1])  # row 1 untouched
-    assert f"{flops.parameter_counts(cfg)['image_modules']:,}" in summary(cfg)
+    assert torch.equal(keys[1], attended.attended_keys(batch["document_ids"], images.image_ids)[1])  # row 1 untouched
+    assert f"{acc_params.parameter_counts(cfg)['image_modules']:,}" in summary(cfg)
     assert stats["image_modules"] > 0

@@ -183,7 +183,7 @@ def parameter_counts(run_dir: Path) -> dict | None:
     (None where there is no checkpoint, e.g. metrics from elsewhere)."""
     try:
         from megafusion import checkpoint as ck
-        from megafusion.accounting.flops import parameter_counts as counts
+        from megafusion.accounting.params import parameter_counts as counts
         from megafusion.config.loader import config_from_dict
 
         path = ck.resolve_checkpoint(run_dir / "checkpoints")

@@ -392,7 +392,7 @@ def _thin(curve: dict, every: int = 5) -> dict:
 def parameter_counts(out_dir: Path, info: dict) -> dict:
     """Exact total / active parameters of both models, from the config run.py used and the
     vocabulary size the run banner printed (the data decides the vocabulary)."""
-    from megafusion.accounting.flops import parameter_counts as counts
+    from megafusion.accounting.params import parameter_counts as counts
 
     out = {}
     for a in ARCHS:
