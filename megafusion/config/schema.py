@@ -10,8 +10,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from megafusion.core.choices import MOT_PARTS  # noqa: E402,F401
-from megafusion.core.errors import ConfigError  # noqa: E402,F401  (re-exported by megafusion.config)
+from megafusion.core.choices import MOT_PARTS
+from megafusion.core.errors import ConfigError  # noqa: F401  (re-exported by megafusion.config)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from megafusion.core.errors import MissingDependencyError  # noqa: E402,F401
+from megafusion.core.errors import MissingDependencyError
 from megafusion.core.modality import MODALITY_NAMES
 
 
