@@ -32,7 +32,7 @@ setup(
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
-        "dev": ["pytest>=8", "ruff==0.17.6", "import-linter==2.17"],
+        "dev": ["pytest>=8", "ruff==0.17.6", "import-linter==2.17", "grimp==3.20"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )

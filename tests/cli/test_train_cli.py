@@ -117,7 +117,6 @@ def test_unknown_cli_command():
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
-@pytest.mark.torchrun
 def test_train_dry_run_prints_layout_and_trains_nothing(tmp_path):
     proc = run(
         [

@@ -1,12 +1,18 @@
 """Checkpoints written before the tree was reorganised still load, resume and warm-start.
 
 ``tests/fixtures/legacy_checkpoints`` holds tiny runs saved after 2 steps by the code of commit
-d57b771 (``make.py`` there regenerates them from a checkout of that commit), with what that code
-computed from them: the losses of steps 3 and 4 resumed from the checkpoint and, for the
-language models, the logits of ``tokens.pt``. Through the stable entry points
-(``python -m megafusion.train`` / ``megafusion.logits``) today's code must give the same numbers,
-and the weights-only ``dense_to_mot`` conversion must start a MoT whose logits are the dense
-model's.
+d57b771 (``make.py`` there regenerates them from a checkout of that commit; they come out
+bit-identical but for the paths recorded in the manifests), with what that code computed from
+them: the losses of steps 3 and 4 resumed from the checkpoint and, for the language models, the
+logits of ``tokens.pt`` (that commit's ``megafusion.logits`` refuses Transfusion checkpoints, so
+the Transfusion run is checked by its resumed losses alone). Through the stable entry points
+(``python -m megafusion.train`` / ``megafusion.logits``) today's code must give the same numbers:
+the logits exactly (same kernels, same order of operations, one process in fp32), the losses to
+1e-6 relative. The weights-only ``dense_to_mot`` conversion must give the dense model's logits
+exactly and start a new MoT run (``checkpoint.init_from``) with the losses that commit recorded.
+
+Each test copies its fixture to ``tmp_path`` first and runs its two processes side by side (two
+cores: the start-ups overlap).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -27,42 +34,52 @@ FIXTURES = ROOT / "tests" / "fixtures" / "legacy_checkpoints"
 
 def logits(ckpt, out) -> torch.Tensor:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "megafusion.logits",
-        "--ckpt",
-        str(ckpt),
-        "--tokens",
-        str(FIXTURES / "tokens.pt"),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "megafusion.logits", "--ckpt", str(ckpt), "--tokens", str(FIXTURES / "tokens.pt")]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return torch.load(out)
 
 
+def side_by_side(*calls):
+    """Run the no-argument callables ``calls`` two at a time; their results (the first error raised)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)  # never train from (or into) the fixture itself
+    return dst
+
+
 @pytest.mark.parametrize("name", ["dense", "mot", "transfusion"])
-def test_a_checkpoint_from_before_resumes_to_the_same_losses(name, tmp_path):
+def test_a_checkpoint_from_before_resumes_to_the_same_losses_and_logits(name, tmp_path):
     expected = json.loads((FIXTURES / name / "expected.json").read_text())
-    ckpt = tmp_path / "checkpoints"
-    shutil.copytree(FIXTURES / name / "checkpoints", ckpt)  # never train into the fixture
+    ckpt = copy(FIXTURES / name / "checkpoints", tmp_path / "checkpoints")
+    # A fresh data.cache_dir: the Transfusion run's tokenizer is trained again (the manifest's sha256 checks it).
     overrides = [*expected["overrides"], "train.steps=4", f"checkpoint.dir={ckpt}", f"data.cache_dir={tmp_path}"]
-    losses, _, out = run_train(tmp_path, 1, expected["config"], overrides, name)
+    calls = [lambda: run_train(tmp_path, 1, expected["config"], overrides, name)]
+    if name != "transfusion":
+        read = copy(ckpt, tmp_path / "read")  # the logits read a copy of their own
+        calls.append(lambda: logits(read, tmp_path / "logits.pt"))
+    (losses, _, out), *got = side_by_side(*calls)
     assert f"resumed from {ckpt / 'step_0000002'}" in out
     assert losses == pytest.approx(expected["resumed_losses"], rel=1e-6)
-    if name != "transfusion":
-        got = logits(ckpt, tmp_path / "logits.pt")
-        torch.testing.assert_close(got, torch.load(FIXTURES / name / "logits.pt"), rtol=0, atol=1e-6)
+    if got:
+        torch.testing.assert_close(got[0], torch.load(FIXTURES / name / "logits.pt"), rtol=0, atol=0)
 
 
 def test_a_weights_only_conversion_from_before_starts_a_run(tmp_path):
-    converted = FIXTURES / "dense_to_mot"
-    # The MoT copies are the dense weights: the logits are the dense model's.
-    got = logits(converted, tmp_path / "logits.pt")
-    torch.testing.assert_close(got, torch.load(FIXTURES / "dense" / "logits.pt"), rtol=0, atol=1e-5)
-    expected = json.loads((FIXTURES / "dense" / "expected.json").read_text())
-    overrides = [*expected["overrides"], "model.arch=mot", "train.steps=1", f"checkpoint.init_from={converted}"]
-    losses, _, out = run_train(tmp_path, 1, expected["config"], overrides, "warm")
-    assert f"initialised from {converted}" in out and len(losses) == 1
+    expected = json.loads((FIXTURES / "dense_to_mot.json").read_text())
+    converted = copy(FIXTURES / "dense_to_mot", tmp_path / "dense_to_mot")
+    read = copy(converted, tmp_path / "read")
+    overrides = [*expected["overrides"], f"checkpoint.init_from={converted}"]
+    (losses, _, out), got = side_by_side(
+        lambda: run_train(tmp_path, 1, expected["config"], overrides, "warm"),
+        lambda: logits(read, tmp_path / "logits.pt"),
+    )
+    assert f"initialised from {converted}" in out and "resumed from" not in out
+    assert losses == pytest.approx(expected["losses"], rel=1e-6)
+    # The MoT's text copies are the dense weights: the logits are the dense model's, bit for bit.
+    assert expected["logits_equal_dense"]
+    torch.testing.assert_close(got, torch.load(FIXTURES / "dense" / "logits.pt"), rtol=0, atol=0)

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.data.formats.shards import write_jsonl_shard
 from tests.helpers import ROOT, run_train
@@ -25,6 +27,7 @@ REQUIRED = (
 )
 
 
+@pytest.mark.slow
 def test_main_job_learns_both_modalities_and_reports_metrics(tmp_path):
     _, _, out = run_train(
         tmp_path,

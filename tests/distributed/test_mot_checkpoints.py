@@ -126,6 +126,7 @@ def test_weights_only_checkpoint_cannot_be_resumed_and_bad_input_is_named(conver
     assert "model.untie" in out
 
 
+@pytest.mark.slow
 def test_converted_transfusion_mot_starts_exactly_where_the_dense_model_is(tmp_path):
     """The same on the Transfusion objective: the image modules (patch embedding, head, timestep
     embedding) carry over unchanged and the diffusion loss is dense's too."""

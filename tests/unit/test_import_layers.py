@@ -1,8 +1,9 @@
 """The import layers of docs/architecture.md hold, and no two modules import each other in a cycle.
 
 import-linter checks the layers contract in ``.importlinter`` (each package imports only from the
-packages below it); the cycle check walks grimp's module graph (every import, function-level
-ones included) for strongly connected components. Both are shown able to fail.
+packages below it, and every package directly under megafusion/ has a layer); the cycle check
+walks grimp's module graph (every import, function-level ones included) for strongly connected
+components. Each check is shown able to fail.
 """
 
 from __future__ import annotations
@@ -33,16 +34,25 @@ def test_no_package_imports_from_a_layer_above_it():
     assert proc.returncode == 0 and "1 kept, 0 broken" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+def broken(tmp_path, old: str, new: str) -> subprocess.CompletedProcess:
+    """``lint`` of the contract with ``old`` replaced by ``new``."""
+    text = CONTRACT.read_text()
+    assert old in text
+    contract = tmp_path / "broken.ini"
+    contract.write_text(text.replace(old, new))
+    return lint(contract)
+
+
 def test_the_layer_check_can_fail(tmp_path):
     """core below config is the contract; core above config is broken (config imports core)."""
-    reversed_contract = tmp_path / "reversed.ini"
-    text = CONTRACT.read_text().replace(
-        "    megafusion.config\n    megafusion.core\n", "    megafusion.core\n    megafusion.config\n"
-    )
-    assert text != CONTRACT.read_text()
-    reversed_contract.write_text(text)
-    proc = lint(reversed_contract)
+    proc = broken(tmp_path, "    config\n    core\n", "    core\n    config\n")
     assert proc.returncode != 0 and "megafusion.config is not allowed to import megafusion.core" in proc.stdout
+
+
+def test_a_package_left_out_of_the_layers_fails(tmp_path):
+    """The contract is exhaustive: a new package under megafusion/ must be given a layer."""
+    proc = broken(tmp_path, "training | interop | planning\n", "training | interop\n")
+    assert proc.returncode != 0 and "- megafusion.planning" in proc.stdout, proc.stdout[-2000:]
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
