@@ -1,7 +1,8 @@
-"""Exact parameter counts and analytic model FLOPs of the dense and MoT families.
+"""Analytic model FLOPs per token and per microbatch, and what FlopCounterMode reports.
 
 A MoT token meets exactly one modality's copy of every untied matrix, so its FLOPs per token
-are the dense model's of the same width and depth; only ``parameter_counts`` differs.
+are the dense model's of the same width and depth; only its parameter count differs
+(:mod:`megafusion.accounting.params`).
 
 What is counted
 ---------------
@@ -31,8 +32,8 @@ forward. LMFusion (``model.freeze_text``) is the exception: frozen weights get n
 layer costs 2 x forward for every token and the layers 2 x forward for text tokens (their text
 copies are frozen), while image tokens, attention and the new-row output delta stay at 3 x
 (:func:`dense_flops_per_token`); the input gradient is still needed everywhere, since image tokens
-attend to text keys and values. These are *model* FLOPs (the convention of MFU): flash attention's recomputation of
-the scores in the backward is not counted, and with the real mask (causal, same document,
+attend to text keys and values. These are *model* FLOPs (the convention of MFU): flash attention's
+recomputation of the scores in the backward is not counted, and with the real mask (causal, same document,
 bidirectional within an image when ``image_ids`` are given) masked-out pairs are not counted.
 
 What FlopCounterMode counts for attention (measured with torch 2.13 and read in
@@ -55,28 +56,9 @@ What FlopCounterMode counts for attention (measured with torch 2.13 and read in
 :func:`flop_counter_flops` predicts all three; :func:`batch_flops` with ``attention="full"``
 is the dense (mask-ignoring) equivalent in model FLOPs.
 
-An objective's extra modules (Transfusion's image modules)
-----------------------------------------------------------
-:class:`~megafusion.models.transfusion.TransfusionGPTModel` adds three modules that run once per
-*image* (not per token): ``image_time_embed`` (Linear ``F -> h``, SiLU, Linear ``h -> h`` on
-``F = 256`` sinusoidal features), ``image_patch_embed`` and ``image_patch_head``: with
-``objective.patchify=linear`` one Linear per patch (``C p^2 <-> h``, ``(H/p)(W/p)`` patches of a
-``[C, H, W]`` latent); with ``unet`` diffusers' down / up blocks, whose 3x3 convolutions over the
-full ``H x W`` latent (``2 * C_in * C_out * k^2`` FLOPs per output pixel) are far larger than
-the linear patchify. :func:`image_module_layers` measures every Linear / Conv2d / GroupNorm of
-them (their parameters and forward multiply-adds per image) on the real modules, built on the
-meta device by the objective (:mod:`megafusion.accounting.image_modules`), which gives
-``parameter_counts(cfg)["image_modules"]`` and :func:`image_flops_per_image`; ``batch_flops``
-charges them per image to the *image* modality (key ``image_modules``). Counted as above:
-matmuls and convolutions only (GroupNorm, SiLU, interpolation, the sinusoidal features: 0).
-The backward computes a weight gradient for every layer but an input gradient only where the
-input needs one: the layers that read data (``conv_in`` / the linear embed on the noised
-latents, ``linear_1`` on the sinusoidal features) cost forward + weight gradient = 2 x forward,
-every other layer 3 x forward, exactly what runs and what FlopCounterMode counts (see
-``tests/unit/test_flops_transfusion.py``). They are model FLOPs counted once: that every TP rank
-computes these small modules in full is not counted again. The latent shape is ``(3, S, S)``
-for ``latent_codec=pixels`` (``S = data.image_size``); for ``kl`` it depends on the VAE, so
-callers pass ``latent_shape`` (the codec's ``latent_shape``).
+An objective's extra modules (Transfusion's image modules) run once per *image*, not per token:
+:mod:`megafusion.accounting.image_modules` measures them; ``batch_flops`` charges them per image
+to the image modality (key ``image_modules``).
 """
 
 from __future__ import annotations
@@ -191,14 +173,15 @@ def batch_flops(
     ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every
     token is charged its own dense matmuls (output layer included) and its attention, and the split
     is by the modality of that (query) token; ``modality_ids=None`` means all text. ``loss_mask``
-    changes no FLOP (logits are computed at
-    every position) and is only used to report ``loss_tokens_per_modality``.
+    changes no FLOP (logits are computed at every position) and is only used to report
+    ``loss_tokens_per_modality``. ``Objective.flops_inputs(batch)`` gives the keywords that count
+    a microbatch under the objective's own mask (``keys`` or ``image_ids``, ``num_images``).
 
-    ``objective.name=transfusion`` also charges each image its image modules
-    (:func:`image_flops_per_image` of ``latent_shape``, needed for ``latent_codec=kl``) to the
-    image modality: ``num_images`` images (the microbatch's ``latents.shape[0]``), or, when it
-    is None, the images numbered in ``image_ids``. A Transfusion microbatch with image tokens
-    but neither is an error; for ``lm`` there are no image modules.
+    An objective with extra modules (Transfusion's image modules) also charges each image their
+    FLOPs (:func:`image_flops_per_image` of ``latent_shape``, which Transfusion's ``latent_codec=kl``
+    needs) to the image modality: ``num_images`` images (the microbatch's ``latents.shape[0]``),
+    or, when it is None, the images numbered in ``image_ids``. Such a microbatch with image tokens
+    but neither is an error; an objective without extra modules (``lm``) charges none.
 
     Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``attention``
     + ``image_modules``; ``tokens``, ``images``, ``per_modality``, ``attention_per_modality``,

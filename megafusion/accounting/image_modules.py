@@ -1,15 +1,30 @@
 """Parameters and FLOPs of an objective's extra modules (Transfusion's image modules), measured on
 the real modules instead of a hand-written copy of them.
 
+:class:`~megafusion.models.transfusion.TransfusionGPTModel` adds three modules that run once per
+*image* (not per token): ``image_time_embed`` (Linear ``F -> h``, SiLU, Linear ``h -> h`` on
+``F = 256`` sinusoidal features), ``image_patch_embed`` and ``image_patch_head``: with
+``objective.patchify=linear`` one Linear per patch (``C p^2 <-> h``, ``(H/p)(W/p)`` patches of a
+``[C, H, W]`` latent); with ``unet`` diffusers' down / up blocks, whose 3x3 convolutions over the
+full ``H x W`` latent (``2 * C_in * C_out * k^2`` FLOPs per output pixel) are far larger than
+the linear patchify.
+
 The objective builds its modules on the meta device (no memory, no init) and runs one image
 through them (``Objective.accounting_modules``: name -> (module, run)); forward hooks on every
 layer that holds parameters record its parameters, its multiply-adds (``Linear``: weights x rows;
-``Conv2d``: weights x output pixels) and whether its input needs a gradient. Inputs that are data
-(the noised latents, the sinusoidal timestep features) carry no gradient, exactly as in the model,
-so the layers reading them cost forward + weight gradient = 2 x forward in training, every other
-layer 3 x. Counted as elsewhere: matmuls and convolutions at 2 FLOPs per multiply-add (GroupNorm,
-SiLU, interpolation, the sinusoidal features: 0). They are model FLOPs counted once: that every TP
-rank computes these small modules in full is not counted again.
+``Conv2d``: weights x output pixels) and whether its input needs a gradient. This gives
+``parameter_counts(cfg)["image_modules"]`` (and one key per module) and
+:func:`image_flops_per_image`. Counted as for the transformer: matmuls and convolutions at
+2 FLOPs per multiply-add (GroupNorm, SiLU, interpolation, the sinusoidal features: 0). The
+backward computes a weight gradient for every layer but an input gradient only where the input
+needs one: the layers that read data (``conv_in`` / the linear embed on the noised latents,
+``linear_1`` on the sinusoidal features), which the run feeds without gradient exactly as the
+model does, cost forward + weight gradient = 2 x forward, every other layer 3 x forward: what
+runs and what FlopCounterMode counts (see ``tests/unit/test_flops_transfusion.py``). They are
+model FLOPs counted once: that every TP rank computes these small modules in full is not counted
+again. The latent shape is the objective's to choose when none is given (Transfusion: ``(3, S,
+S)`` for ``latent_codec=pixels``, ``S = data.image_size``; for ``kl`` it depends on the VAE, so
+callers pass ``latent_shape``, the codec's).
 """
 
 from __future__ import annotations
@@ -19,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from megafusion.models.transfusion import IMAGE_MODULES
 from megafusion.objectives.registry import get_objective
 
 MATMUL_FLOPS_PER_MAC = 2
@@ -89,54 +103,44 @@ def module_layers(module: torch.nn.Module, run: Callable[[], object]) -> list[Im
     return layers
 
 
-def image_latent_shape(cfg, latent_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
-    """``[C, H, W]`` of one image latent: ``latent_shape`` when given, else the pixel latent of
-    ``data.image_size`` (as ``build_model_chunks`` assumes); ``latent_codec=kl`` must pass it."""
-    if latent_shape is not None:
-        shape = tuple(int(x) for x in latent_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"latent_shape must be [C, H, W] of positive sizes, got {tuple(latent_shape)}")
-        return shape
-    codec = cfg.objective.latent_codec
-    if codec != "pixels":
-        raise ValueError(
-            f"objective.latent_codec={codec!r}: the latent shape depends on the autoencoder; pass "
-            f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
-            f".latent_shape) to count the image modules"
-        )
-    size = cfg.data.image_size
-    return (3, size, size)
+def check_latent_shape(latent_shape: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """``latent_shape`` as ``[C, H, W]`` of positive ints, or None (the objective's default: e.g.
+    Transfusion's pixel latent of ``data.image_size``, its ``latent_codec=kl`` must be given one)."""
+    if latent_shape is None:
+        return None
+    shape = tuple(int(x) for x in latent_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"latent_shape must be [C, H, W] of positive sizes, got {tuple(latent_shape)}")
+    return shape
+
+
+# (repr(cfg), latent_shape) -> measured layers. Building and running the modules takes ~0.1 s even
+# on the meta device (the U-Net), and the trainer counts every microbatch; the config's repr is the
+# key because a Config is mutable (the same object may describe another model later).
+_MEASURED: dict[tuple[str, tuple | None], dict[str, tuple[ImageLayer, ...]]] = {}
+_MEASURED_MAX = 16
 
 
 def image_module_layers(cfg, latent_shape: tuple[int, int, int] | None = None) -> dict[str, list[ImageLayer]]:
-    """The layers of the objective's extra modules (Transfusion's image modules), keyed by module
-    name, for one image of ``latent_shape`` (see :func:`image_latent_shape`), measured on the real
-    modules (:mod:`megafusion.accounting.image_modules`); empty when the objective has none."""
-    objective = get_objective(cfg.objective.name)
-    if not objective.extra_modules:
-        return {}
-    shape = image_latent_shape(cfg, latent_shape)
-    _patch_grid(cfg.objective.latent_patch_size, shape[1], shape[2])
-    return {
-        name: module_layers(module, run) for name, (module, run) in objective.accounting_modules(cfg, shape).items()
-    }
-
-
-def _patch_grid(patch_size: int, height: int, width: int) -> int:
-    """Patches per image, with the latent checked as ``patchify`` checks it."""
-    if patch_size < 1 or height < 1 or width < 1 or height % patch_size or width % patch_size:
-        raise ValueError(
-            f"a latent of height {height} and width {width} cannot be cut into {patch_size}x"
-            f"{patch_size} patches: the patch size must divide both"
-        )
-    return (height // patch_size) * (width // patch_size)
+    """The layers of the objective's extra modules (``Objective.accounting_modules``: Transfusion's
+    image modules), keyed by module name, for one image of ``latent_shape`` (see
+    :func:`check_latent_shape`), measured on the real modules; empty when the objective has none."""
+    shape = check_latent_shape(latent_shape)
+    key = (repr(cfg), shape)
+    if key not in _MEASURED:
+        modules = get_objective(cfg.objective.name).accounting_modules(cfg, shape)
+        if len(_MEASURED) >= _MEASURED_MAX:
+            _MEASURED.clear()
+        _MEASURED[key] = {name: tuple(module_layers(module, run)) for name, (module, run) in modules.items()}
+    return {name: list(layers) for name, layers in _MEASURED[key].items()}
 
 
 def image_flops_per_image(
     cfg, latent_shape: tuple[int, int, int] | None = None, forward_only: bool = False
 ) -> dict[str, int]:
-    """Model FLOPs of the image modules for one image (forward + backward unless ``forward_only``):
-    one key per module of ``IMAGE_MODULES`` and ``total``; all 0 for ``objective.name=lm``."""
+    """Model FLOPs of the objective's extra modules for one image (forward + backward unless
+    ``forward_only``): one key per module (:func:`image_module_layers`) and ``total``; only
+    ``total``, 0, when the objective has none (``lm``)."""
     layers = image_module_layers(cfg, latent_shape)
-    out = {name: layers_flops(layers.get(name, ()), forward_only) for name in IMAGE_MODULES}
+    out = {name: layers_flops(found, forward_only) for name, found in layers.items()}
     return {**out, "total": sum(out.values())}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from megafusion.accounting.image_modules import image_module_layers
 from megafusion.models.registry import get_family
-from megafusion.models.transfusion import IMAGE_MODULES
 
 
 def _dims(cfg) -> dict[str, int]:
@@ -44,19 +43,20 @@ def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> d
     (the "N" of the 6N rule, output layer included; MoT: one modality's copy, since a token only
     meets its own); ``active`` = parameters used per token (dense: == total; MoT: one modality's
     copy of every untied part; MoE will count only the routed experts); ``image_modules``: the
-    Transfusion image modules (0 for ``objective.name=lm``), split into ``image_time_embed``,
-    ``image_patch_embed`` and ``image_patch_head``. They are in ``total``, ``non_embedding``,
+    objective's extra modules (``Objective.accounting_modules``; 0 for ``lm``), and one key per
+    module (Transfusion: ``image_time_embed``, ``image_patch_embed`` and ``image_patch_head``;
+    none for ``lm``). They are in ``total``, ``non_embedding``,
     ``active`` and ``trainable`` (image tokens use them), not in ``matmul``: they run once per image,
     not per token. ``trainable``: what the optimizer updates and holds state for (``total`` but
     for LMFusion, ``model.freeze_text``, which freezes the embedding, the output layer and every
     text copy); ``new_token_rows``: LMFusion's input and output deltas of the new vocabulary rows
     (in ``total``, ``active``, ``trainable`` and, the output delta, ``matmul``).
-    ``latent_shape`` ``[C, H, W]`` is needed for ``objective.latent_codec=kl`` (see
-    :func:`image_latent_shape`).
+    ``latent_shape`` ``[C, H, W]``: one image latent, which the objective may need (Transfusion's
+    ``objective.latent_codec=kl``; see :func:`~megafusion.accounting.image_modules.check_latent_shape`).
     """
     counts = _transformer_parameter_counts(cfg)
     layers = image_module_layers(cfg, latent_shape)
-    images = {name: sum(layer.params for layer in layers.get(name, ())) for name in IMAGE_MODULES}
+    images = {name: sum(layer.params for layer in module_layers) for name, module_layers in layers.items()}
     image_total = sum(images.values())
     for key in ("total", "non_embedding", "active", "trainable"):
         counts[key] += image_total

@@ -14,7 +14,6 @@ from __future__ import annotations
 from megafusion.accounting import flops as F
 from megafusion.accounting import image_modules, params
 from megafusion.core.modality import MODALITY_NAMES, Modality
-from megafusion.models.transfusion import IMAGE_MODULES
 from megafusion.objectives.registry import get_objective
 
 
@@ -130,7 +129,7 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         per_image = image_modules.image_flops_per_image(cfg, latent_shape)
         lines.append(
             f"image modules per image, forward + backward: {_n(per_image['total'])} ("
-            + ", ".join(f"{name} {_n(per_image[name])}" for name in IMAGE_MODULES)
+            + ", ".join(f"{name} {_n(flops)}" for name, flops in per_image.items() if name != "total")
             + ")"
         )
     return "\n".join(lines)

@@ -19,8 +19,9 @@ text (and discrete image) tokens; what it adds:
   ``metrics(sums, prefix)``: the ``metrics.jsonl`` values made from them;
 - ``flops_inputs(batch)``: what accounting needs to count a microbatch exactly (the keys each
   query attends under the objective's mask, the images that run the extra modules);
-  ``accounting_modules(cfg, latent_shape)``: the extra modules, built (on the meta device) for
-  parameter and FLOPs counting.
+  ``accounting_modules(cfg, latent_shape)``: name -> ``(module, run)``, each extra module built
+  on the meta device and ``run()`` one image's forward through it (data inputs without gradient,
+  as in the model), which accounting measures (:mod:`megafusion.accounting.image_modules`).
 
 What the tools that run a checkpoint ask of it (instead of its name):
 

@@ -202,8 +202,19 @@ class Transfusion(Objective):
         from megafusion.layers.timestep import TimestepEmbedding
 
         o, hidden = cfg.objective, cfg.model.hidden_size
+        if latent_shape is None and o.latent_codec != "pixels":
+            raise ValueError(
+                f"objective.latent_codec={o.latent_codec!r}: the latent shape depends on the autoencoder; pass "
+                f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
+                f".latent_shape) to count the image modules"
+            )
         channels, height, width = latent_shape or (3, cfg.data.image_size, cfg.data.image_size)
         p, unet = o.latent_patch_size, o.patchify == "unet"
+        if p < 1 or height % p or width % p:  # before the forward, whose own check speaks of tensor shapes
+            raise ValueError(
+                f"a latent of height {height} and width {width} cannot be cut into {p}x{p} patches: "
+                "the patch size must divide both"
+            )
         meta = torch.device("meta")
         with meta:
             time_embed = TimestepEmbedding(hidden)

@@ -343,7 +343,7 @@ def test_image_flops_scale_with_the_latent_and_check_it():
     with pytest.raises(ValueError, match="downsampling factor"):
         image_modules.image_flops_per_image(cfg, (3, 8, 8))
     with pytest.raises(ValueError, match=r"\[C, H, W\]"):
-        image_modules.image_latent_shape(cfg, (8, 8))
+        image_modules.check_latent_shape((8, 8))
     cfg.objective.name = "lm"
     assert image_modules.image_flops_per_image(cfg)["total"] == 0 and image_modules.image_module_layers(cfg) == {}
 
