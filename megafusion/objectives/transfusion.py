@@ -16,6 +16,7 @@ numbers for the same image, which is what lets TP / PP / DP runs match one proce
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
@@ -29,7 +30,14 @@ DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
 
 def schedule_for(objective) -> NoiseSchedule:
-    return NoiseSchedule(objective.noise_schedule, objective.train_timesteps, objective.prediction)
+    return _schedule(objective.noise_schedule, objective.train_timesteps, objective.prediction)
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(kind: str, timesteps: int, prediction: str) -> NoiseSchedule:
+    # One per setting: the forward step asks for it every microbatch, and building diffusers'
+    # scheduler each time would be host work on the step's critical path.
+    return NoiseSchedule(kind, timesteps, prediction)
 
 
 def _image_generator(seed: int, sample: int, image: int, salt: str = "noise") -> torch.Generator:
