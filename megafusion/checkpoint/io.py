@@ -24,8 +24,8 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megafusion.checkpoint import mcore_patches
-from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, write_manifest
+from megafusion.checkpoint import integrity, mcore_patches
+from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, read_manifest, write_manifest
 from megafusion.checkpoint.warm_start import WarmStart
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import atomic_write
@@ -79,15 +79,17 @@ def _prune(root: Path, keep_last: int) -> None:
 def save_weights(path: str | Path, model, cfg, data_meta: dict | None, origin: dict) -> Path:
     """A model-only checkpoint (no optimizer, step 0) that runs start from with ``checkpoint.init_from``."""
     path = Path(path)
+    mcore_patches.no_writer_manager()
     if dist.get_rank() == 0:
         if path.exists() and any(path.iterdir()):
             raise CheckpointError(f"{path} exists and is not empty: choose a new output directory")
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_model_state(model), str(path))
-    dist.barrier()
+    files = integrity.record_files(path)
     if dist.get_rank() == 0:
-        _complete(None, path, new_manifest(cfg, data_meta, 0, 0, weights_only=True, origin=origin))
+        manifest = new_manifest(cfg, data_meta, 0, 0, weights_only=True, origin=origin, **{integrity.FILES_KEY: files})
+        _complete(None, path, manifest)
     dist.barrier()
     return path
 
@@ -104,24 +106,189 @@ def save_checkpoint(
     keep_last: int,
     flops_total: float = 0.0,
 ) -> Path:
-    """Save on every rank; returns the step directory (complete when this returns)."""
+    """Save on every rank; returns the step directory (complete and verified when this returns).
+
+    Any failure (no space, an unwritable directory, a writer error on any rank) raises the same
+    ``CheckpointError`` on every rank, naming the path and the cause; the partial directory is
+    removed and ``latest`` keeps naming the last complete checkpoint."""
+    root = Path(root)
     path = step_dir(root, step)
-    if dist.get_rank() == 0:
-        if path.exists():  # a leftover of an interrupted save of the same step
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    dist.barrier()
-    state = _sharded_state_dict(model, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict()
-    state["progress"] = {"step": step, "consumed_samples": consumed_samples, "flops_total": flops_total}
-    dist_checkpointing.save(state, str(path))
-    _fault_point("after_shards", step)
-    dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        _complete(Path(root), path, new_manifest(cfg, data_meta, step, consumed_samples), keep_last)
+    mcore_patches.no_writer_manager()
+    needed = _expected_bytes(root, model)
+    failure = None
+    try:
+        if dist.get_rank() == 0:
+            _check_free_space(root, needed)
+            if path.exists():  # a leftover of an interrupted save of the same step
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+    except (OSError, CheckpointError) as err:
+        failure = _describe_failure(err, path, needed)
+    failure = _agree(failure)
+    files = None
+    if failure is None:
+        try:
+            state = _sharded_state_dict(model, optimizer, is_loading=False)
+            state["scheduler"] = scheduler.state_dict()
+            state["progress"] = {"step": step, "consumed_samples": consumed_samples, "flops_total": flops_total}
+            with _injected_write_error(step, path):
+                dist_checkpointing.save(state, str(path))
+            _fault_point("after_shards", step)
+            files = integrity.record_files(path)
+            if dist.get_rank() == 0:
+                manifest = new_manifest(cfg, data_meta, step, consumed_samples, **{integrity.FILES_KEY: files})
+                _complete(root, path, manifest, keep_last)
+        except BaseException as err:  # torch DCP's CheckpointException is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            failure = _describe_failure(err, path, needed)
+        failure = _agree(failure)
+    if failure is not None:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+        raise CheckpointError(
+            f"saving checkpoint {path} failed: {failure}. Nothing of it was kept; "
+            + (f"{root / LATEST} still names {previous}, which resumes" if previous else "no earlier checkpoint exists")
+        )
     dist.barrier()
     _fault_point("after_save", step)
     return path
+
+
+def _agree(failure: str | None) -> str | None:
+    """Every rank's failure message gathered: the first one (None when every rank succeeded)."""
+    if dist.get_world_size() == 1:
+        return failure
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failure)
+    found = [f for f in everyone if f]
+    found.sort(key=lambda f: "errno" not in f.lower())  # the rank that saw the OSError says most
+    return found[0] if found else None
+
+
+def _describe_failure(err: BaseException, path: Path, needed: int) -> str:
+    """One line: the OSError underneath megatron's wrappers when there is one, and the free space."""
+    if isinstance(err, CheckpointError):
+        return str(err)
+    cause = _os_error(err)
+    if cause is not None:
+        where = cause.filename or path
+        text = f"{where}: {cause.strerror or cause} (errno {cause.errno})"
+    else:
+        # torch DCP's CheckpointException carries each failed rank's exception (their causes are
+        # lost on the way between ranks): its message names the file and the OS error.
+        failures = getattr(err, "failures", None) or {}
+        inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        first = inner[0] if inner else err
+        text = f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+        if inner:
+            text += f" (on rank{'s' if len(failures) > 1 else ''} {', '.join(map(str, failures))})"
+    free = _free_bytes(path)
+    if free is not None and free < needed:
+        text += f"; the disk holding {path.parent} has {_gb(free)} free, the checkpoint needs about {_gb(needed)}"
+    return text
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The first OSError in ``err``'s cause chain or in megatron's per-rank failure table."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # torch DCP's CheckpointException
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def _expected_bytes(root: Path, model) -> int:
+    """The size of the next checkpoint: the last one's recorded files, else an estimate from the
+    parameters (weights + Adam's two fp32 moments, + fp32 master weights for 16-bit parameters)."""
+    previous = latest_size(root)
+    if previous:
+        return previous
+    import torch
+
+    local = 0
+    for chunk in model:
+        for p in chunk.parameters():
+            local += p.numel() * p.element_size()
+            if p.requires_grad:
+                local += p.numel() * (8 + (4 if p.element_size() < 4 else 0))
+    total = torch.tensor([float(local)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        total = total.to(_collective_device())
+        dist.all_reduce(total)
+        total = total.cpu() / ps.get_data_parallel_world_size()  # every data-parallel replica holds the model
+    return int(total.item())
+
+
+def _collective_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def latest_size(root: Path) -> int | None:
+    try:
+        path = latest_checkpoint(root)
+        files = read_manifest(path).get(integrity.FILES_KEY) if path else None
+    except CheckpointError:
+        return None
+    return sum(size for size, _ in files.values()) if files else None
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_free_space(root: Path, needed: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(root)
+    margin = needed // 10 + 2**24  # the manifest, filesystem overhead, estimate error
+    if free is not None and free < needed + margin:
+        raise CheckpointError(
+            f"not enough free space in {root}: the checkpoint needs about {_gb(needed)}, {_gb(free)} are free; "
+            f"free space there (e.g. lower checkpoint.keep_last) or point checkpoint.dir at a larger disk"
+        )
+
+
+def _injected_write_error(step: int, path: Path):
+    """Test hook: ``MEGAFUSION_FAULT=enospc:<step>`` makes this save's shard files fail to open
+    with ENOSPC, inside megatron-core's own writer processes, as on a full disk."""
+    import contextlib
+
+    if os.environ.get("MEGAFUSION_FAULT", "") != f"enospc:{step}":
+        return contextlib.nullcontext()
+    import errno
+    import sys
+
+    target = str(path)
+
+    def hook(event, args):
+        if event == "open" and str(args[0]).startswith(target) and str(args[0]).endswith(".distcp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]))
+
+    sys.addaudithook(hook)  # audit hooks cannot be removed: the faulted process is expected to stop
+    return contextlib.nullcontext()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -152,9 +319,34 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_weights(path: Path, model, warm: WarmStart | None = None) -> None:
+def verify_checkpoint(path: Path, verify: bool = True) -> str:
+    """Check the manifest's seal and every file's checksum (all ranks); returns what was checked."""
+    manifest = read_manifest(path)
+    if not verify:
+        return "files not verified (checkpoint.verify=false)"
+    if integrity.verify_files(Path(path), manifest, integrity.fallback(path)):
+        return f"{len(manifest[integrity.FILES_KEY])} files verified"
+    return "no checksums recorded (saved by an older megafusion): files not verified"
+
+
+def checkpoint_to_resume(root: str | Path, load_step: int | None = None) -> Path | None:
+    """The step directory a run resumes from: ``checkpoint.load_step``'s, else the one ``latest`` names."""
+    if load_step is None:
+        return latest_checkpoint(root)
+    path = step_dir(root, load_step)
+    if not (path / MANIFEST).is_file():
+        complete = sorted(p.name for p in Path(root).glob("step_*") if (p / MANIFEST).is_file())
+        raise CheckpointError(
+            f"checkpoint.load_step={load_step}: {path} is not a complete checkpoint; complete ones in {root}: "
+            f"{', '.join(complete) or 'none'}"
+        )
+    return path
+
+
+def load_weights(path: Path, model, warm: WarmStart | None = None, verify: bool = True) -> str:
     """Load only the model tensors of checkpoint ``path`` (saved in any layout) into ``model``,
-    bridging what ``warm`` (from ``check_compatible``) allows."""
+    bridging what ``warm`` (from ``check_compatible``) allows; returns what was verified."""
+    checked = verify_checkpoint(path, verify)
     warm = warm or WarmStart()
     state = _model_state(model)
     skipped = {key: set() for key in state}  # per chunk: local keys the checkpoint does not hold
@@ -182,10 +374,13 @@ def load_weights(path: Path, model, warm: WarmStart | None = None) -> None:
             )
         if warm.rule and warm.rule.fill:
             warm.rule.fill(module)
+    return checked
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Load a checkpoint saved in any layout into this one; returns its ``progress`` dict."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, verify: bool = True) -> dict:
+    """Load a checkpoint saved in any layout into this one; returns its ``progress`` dict, with
+    ``verified`` saying what was checked."""
+    checked = verify_checkpoint(path, verify)
     mcore_patches.check_version()
     mcore_patches.keep_step_on_fully_reshardable_load()
     state = mcore_patches.loading_state_dict(lambda: _sharded_state_dict(model, optimizer, is_loading=True), optimizer)
@@ -200,7 +395,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(loaded["optimizer"])
     mcore_patches.unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    return loaded["progress"]
+    return {**loaded["progress"], "verified": checked}
 
 
 def _fault_point(where: str, step: int) -> None:

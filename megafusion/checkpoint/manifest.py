@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megafusion.checkpoint import integrity
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import atomic_write
 from megafusion.models.registry import get_family
@@ -71,14 +72,19 @@ def new_manifest(cfg, data_meta: dict | None, step: int, consumed_samples: int, 
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write(path / MANIFEST, json.dumps(integrity.seal(manifest), indent=1))
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint ``path``, its own digest checked (any changed byte is caught)."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{Path(path) / MANIFEST} is unreadable ({err}): the checkpoint is damaged") from err
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{Path(path) / MANIFEST} is unreadable ({err}): the checkpoint is damaged. {integrity.fallback(path)}"
+        ) from err
+    integrity.check_seal(path, manifest, integrity.fallback(path))
+    return manifest
 
 
 def run_config(path: Path, manifest: dict | None = None):

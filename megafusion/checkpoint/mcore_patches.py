@@ -94,3 +94,20 @@ def _torch_adams(optimizer):
         torch_opt = getattr(inner, "optimizer", None)
         if type(inner).__name__ == "DistributedOptimizer" and isinstance(torch_opt, torch.optim.Adam):
             yield torch_opt
+
+
+def no_writer_manager() -> None:
+    """Keep megatron-core's checkpoint writer from starting a multiprocessing ``Manager``.
+
+    ``filesystem_async._get_write_results_queue`` creates, on the first save, a queue served by a
+    spawned ``Manager`` process (and multiprocessing's resource tracker): two processes that a
+    run killed by a signal leaves running forever. Saves here are synchronous, so the queue only
+    carries the write results from the save function back to the same process, which reads it at
+    once with ``get_nowait``: a thread queue does that (a multiprocessing queue's feeder thread
+    may not have delivered the item yet). Idempotent."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()

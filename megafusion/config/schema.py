@@ -104,6 +104,17 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
+    # A non-finite loss or gradient norm: stop (nothing new is saved; the error names the step,
+    # microbatch and modality) or skip (the step's update is dropped and logged as an event;
+    # more than nan_skip_limit skipped steps in a row stop the run).
+    on_nan: str = "stop"
+    nan_skip_limit: int = 5
+    spike_factor: float = 3.0  # log a loss-spike event when loss > factor x running mean; 0 = off
+    # Signals that make every rank finish its step, save a checkpoint and exit with status 75
+    # (SLURM: `--signal=B:USR1@120`, preemption sends SIGTERM). A second signal, or the deadline
+    # (seconds after the first), forces the exit without saving.
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    stop_deadline_s: float = 100.0
 
 
 @dataclass
@@ -178,6 +189,13 @@ class CheckpointConfig:
     # dense checkpoint converted by `megafusion convert dense-to-mot`. Ignored when the run
     # resumes from checkpoint.dir.
     init_from: str | None = None
+    # Resume from this step's checkpoint instead of the one `latest` names (e.g. when the newest
+    # is damaged); a run that then saves moves `latest` on from there.
+    load_step: int | None = None
+    verify: bool = True  # check every file's checksum before loading a checkpoint
+    # true (`megafusion train --overwrite`): a run may start in a logging.out_dir / checkpoint.dir
+    # that holds another run; that run's checkpoints and metrics are deleted first.
+    overwrite: bool = False
 
 
 @dataclass

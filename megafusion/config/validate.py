@@ -12,6 +12,7 @@ from megafusion.core.choices import (
     IMAGE_CODECS,
     LATENT_CODECS,
     PARAMS_DTYPES,
+    STOP_SIGNALS,
 )
 from megafusion.core.registries import FAMILIES, OBJECTIVES
 
@@ -132,6 +133,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         ("data.source", d.source, DATA_SOURCES),
         ("data.image_codec", d.image_codec, IMAGE_CODECS),
         ("model.arch", m.arch, tuple(known_archs)),
+        ("train.on_nan", t.on_nan, ("stop", "skip")),
     ]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
@@ -148,8 +150,23 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         ("data.patch_size", d.patch_size, 1),
         ("data.pixel_levels", d.pixel_levels, 2),
         ("data.vq_codebook_size", d.vq_codebook_size, 2),
+        ("train.nan_skip_limit", t.nan_skip_limit, 1),
     ]:
         at_least(key, v, low)
+    if c.load_step is not None:
+        at_least("checkpoint.load_step", c.load_step, 1)
+    if not t.spike_factor >= 0 or 0 < t.spike_factor <= 1:
+        problems.append(
+            f"train.spike_factor={t.spike_factor} must be > 1 (a multiple of the running mean loss) or 0 (off)"
+        )
+    if not t.stop_deadline_s > 0:
+        problems.append(f"train.stop_deadline_s={t.stop_deadline_s} must be > 0 seconds: e.g. 100")
+    bad_signals = [n for n in t.stop_signals.split(",") if n.strip() and n.strip() not in STOP_SIGNALS]
+    if bad_signals:
+        problems.append(
+            f"train.stop_signals={t.stop_signals!r} names {bad_signals}: use a comma-separated subset of "
+            f"{', '.join(STOP_SIGNALS)} (or an empty string: no signal handling)"
+        )
     problems += _rope_scaling_problems(m.rope_scaling)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]

@@ -8,3 +8,6 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
 DATA_SOURCES = ("synthetic", "builtin", "indexed")
 BUILTIN_SETS = ("shapes", "digits")
 MOT_PARTS = ("attention", "ffn", "norms")
+# Signals train.stop_signals may name (SLURM sends SIGTERM on preemption, --signal=B:USR1@T before
+# the time limit); SIGINT stays Ctrl-C, an immediate stop.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")

@@ -31,3 +31,7 @@ class MissingDependencyError(MegafusionError, RuntimeError):
 
 class UsageError(MegafusionError, ValueError):
     """Command-line arguments that cannot work together: the message names the flag."""
+
+
+class NumericsError(MegafusionError, ArithmeticError):
+    """A non-finite loss or gradient norm: the message names the step, microbatch and modality."""

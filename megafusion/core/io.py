@@ -1,9 +1,11 @@
-"""Files written whole or not at all, and file digests.
+"""Files written whole or not at all, file digests, and output locations checked up front.
 
 ``atomic_write`` writes to a private temporary name in the same directory, fsyncs and renames:
 a reader never sees a partial file, a crash leaves the old file, and two writers of the same
 content cannot corrupt each other. ``file_digest`` streams a file once (datasets record it so
-any flipped byte is caught on read).
+any flipped byte is caught on read). ``ensure_writable_dir`` / ``ensure_writable_file_parent``
+let a command refuse an output it could not write before it loads anything, with one line that
+names the flag, the path, the cause and the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
+
+from megafusion.core.errors import UsageError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -35,3 +39,58 @@ def file_digest(path: str | os.PathLike, algorithm: str = "blake2b", digest_size
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str, *, create: bool = False) -> Path:
+    """Check that directory ``path`` (named ``what`` in messages, e.g. ``"--output"``) exists or can be
+    created, and that files can be written in it; raises :class:`UsageError` otherwise.
+
+    By default nothing is left behind: a missing directory is checked through its nearest existing
+    ancestor (a probe file is written and removed there), so a command refused later for another
+    reason leaves no empty output directory, and processes of one job checking the same path
+    cannot remove a directory under each other. ``create=True`` also makes it (``mkdir -p``).
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise _unwritable(what, path, f"'{target}' is a file, not a directory")
+    _probe(target, what, path)
+    if create:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _unwritable(what, path, err.strerror or str(err)) from None
+    return target
+
+
+def ensure_writable_file_parent(path: str | os.PathLike, what: str) -> Path:
+    """Check that file ``path`` (or a prefix of files, e.g. ``PREFIX.bin``) can be written: it is not a
+    directory, and its directory exists or can be created and is writable. Creates nothing."""
+    target = Path(path)
+    if target.is_dir():
+        raise _unwritable(what, path, f"'{target}' is a directory")
+    _probe(target.parent, what, path)
+    return target
+
+
+def _probe(directory: Path, what: str, shown) -> None:
+    """Write and remove a file in ``directory``, or in its nearest existing ancestor when it is missing
+    (whatever can be written there can also be created there)."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _unwritable(what, shown, f"'{existing}' is a file, not a directory")
+    probe = existing / f".megafusion-write-probe-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as err:
+        raise _unwritable(what, shown, f"cannot write in '{existing}': {err.strerror or err}") from None
+    try:
+        probe.unlink()
+    except OSError:
+        pass  # a probe that cannot be removed does not make the location unwritable
+
+
+def _unwritable(what: str, path, cause: str) -> UsageError:
+    return UsageError(f"{what} {path}: cannot write there ({cause}): choose another {what}")

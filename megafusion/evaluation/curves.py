@@ -31,6 +31,8 @@ def read_metrics(path: Path, rerun: str, error: type[Exception] = ValueError) ->
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{path}:{n} is not JSON ({err}): the run was cut off mid-write? Rerun it") from None
+            if "event" in record:  # a resume marker, loss spike or skipped step: not a measurement
+                continue
             if any(key.startswith("val/") for key in record):
                 evals.append(record)
             elif "step" in record:

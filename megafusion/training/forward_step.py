@@ -72,6 +72,8 @@ def make_forward_step(cfg, device: torch.device):
         extra, context = objective.forward_inputs(cfg, batch, device)
         with routing_for(batch, device) if routed else contextlib.nullcontext():
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
+        if batch.get("inject_nan"):  # test hook of the trainer (MEGAFUSION_FAULT=nan:<step>:<microbatch>)
+            output = (output[0] * float("nan"), output[1]) if isinstance(output, tuple) else output * float("nan")
         loss = partial(
             _loss_func,
             batch["labels"].to(device),

@@ -33,8 +33,15 @@ def memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, cfg, enabled: bool, total_steps: int, start_step: int):
+    """Writes ``metrics.jsonl`` (and W&B / TensorBoard / the console) on the logging rank.
+
+    A run that resumes at step N first drops the lines of steps after N (written after that
+    checkpoint by the run that stopped; the resumed run writes them again), then marks the
+    restart with an ``{"event": "resumed"}`` line, so each step appears once."""
+
+    def __init__(self, cfg, enabled: bool, total_steps: int, start_step: int, device_type: str = "cpu"):
         self.enabled = enabled
+        self.per = "gpu" if device_type == "cuda" else "device"
         self.total_steps = total_steps
         self.out_dir = cfg.logging.out_dir
         self._wandb = self._tb = self._bar = None
@@ -42,7 +49,11 @@ class MetricsLogger:
             return
         os.makedirs(self.out_dir, exist_ok=True)
         self.path = os.path.join(self.out_dir, "metrics.jsonl")
+        if start_step > 0 and os.path.exists(self.path):
+            _drop_after(self.path, start_step)
         self._file = open(self.path, "a")
+        if start_step > 0:
+            self._write({"step": start_step, "event": "resumed"})
         if cfg.logging.wandb:
             self._wandb = _start_wandb(cfg)
         if cfg.logging.tensorboard:
@@ -60,11 +71,22 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def event(self, record: dict) -> None:
+        """Something that happened at a step (a loss spike, a skipped step): a line of its own
+        with an ``event`` key (readers of training records skip those) and a console line."""
+        if not self.enabled:
+            return
+        self._write(record)
+        self.say(f"[megafusion] {record.get('message', record['event'])}")
+
     def log(self, record: dict, console: bool = True) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._write(record)
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._wandb is not None:
@@ -74,9 +96,9 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         if self._bar is not None and "loss" in record:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(_compact(record, with_step=False))
+            self._bar.set_postfix_str(_compact(record, self.per, with_step=False))
         elif console:
-            self.say(_compact(record))
+            self.say(_compact(record, self.per))
 
     def close(self) -> None:
         if not self.enabled:
@@ -94,7 +116,32 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _compact(r: dict, with_step: bool = True) -> str:
+def _drop_after(path: str, step: int) -> None:
+    """Rewrite ``path`` without the records of steps after ``step``."""
+    from megafusion.core.io import atomic_write
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off when the run stopped
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(kept))
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _compact(r: dict, device_label: str = "device", with_step: bool = True) -> str:
     """``step 12/200 | loss 3.210 (text 2.901 image 3.512) | lr ... | ...`` or a val line."""
     head = f"step {r['step']:>5}" if with_step else ""
     if "loss" not in r:  # an evaluation record
@@ -106,11 +153,13 @@ def _compact(r: dict, with_step: bool = True) -> str:
         f"lr {r['lr']:.2e}",
         f"gnorm {r['grad_norm']:.3f}",
         f"{r['tokens_per_s']:,.0f} tok/s",
-        f"{r['tflops_per_gpu']:.3g} TFLOP/s/gpu",
+        f"{r['tflops_per_gpu']:.3g} TFLOP/s/{device_label}",
         f"mfu {_fmt(r['mfu'], '.1%')}",
         f"mem {r['mem_gb']:.2f} GB",
         f"{r['step_time_s']:.2f}s",
     ]
+    if "eta_s" in r:
+        parts.append(f"{duration(r['elapsed_s'])} elapsed, ETA {duration(r['eta_s'])}")
     return " | ".join(([f"{head}/{r['total_steps']}"] if with_step else []) + parts)
 
 

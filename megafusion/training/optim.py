@@ -39,5 +39,10 @@ def build_optimizer(cfg, tconfig, model_chunks):
         end_wd=t.weight_decay,
         wd_incr_steps=max(t.steps, 1),
         wd_incr_style="constant",
+        # On resume the schedule is this config's, continued at the saved step (megatron-core's
+        # default keeps the checkpoint's: a run extended to more steps would stay at min_lr);
+        # training.resume_changes says what changed.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

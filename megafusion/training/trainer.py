@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,16 +26,20 @@ from megafusion import checkpoint as ckpt
 from megafusion.accounting.flops import batch_flops
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
 from megafusion.accounting.params import parameter_counts
+from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
 from megafusion.runtime import initialize, seed_everything, stage_channel
+from megafusion.runtime.children import die_with_parent
+from megafusion.training import numerics, resume_changes, run_dir
 from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
-from megafusion.training.metrics import MetricsLogger, memory_gb
+from megafusion.training.metrics import MetricsLogger, duration, memory_gb
 from megafusion.training.optim import build_optimizer
+from megafusion.training.preemption import Preempted, StopSignals, write_status
 
 
 def build(cfg, runtime, latent_shape=None):
@@ -115,8 +120,12 @@ class Trainer:
         return out
 
     def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
+        """One optimizer step. A step whose loss or gradient norm is not finite updates nothing and
+        comes back with ``skipped`` (what was not finite, and where); the loop applies train.on_nan."""
         start = time.perf_counter()
         microbatches = self._microbatches(self.data.train, consumed)
+        if _injected_nan(step + 1):
+            microbatches[_injected_nan(step + 1)[1]]["inject_nan"] = True
         # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
@@ -141,8 +150,18 @@ class Trainer:
         # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = self.optimizer.step()
-        r = self._reduce(store, flops)
+        r = self._reduce(store, flops)  # the losses are known before the weights change
+        skipped = None
+        bad = numerics.nonfinite_fields(r, self.fields)
+        if bad:
+            mbs = self.cfg.train.micro_batch_size
+            where = numerics.locate(store, self.fields, consumed + self.rt.dp_rank * self.per_rank, mbs)
+            skipped = {"what": "loss", "fields": bad, "where": where}
+            grad_norm = float("nan")
+        else:
+            updated, grad_norm = numerics.guarded_optimizer_step(self.optimizer)
+            if not updated:
+                skipped = {"what": "gradient norm", "fields": [], "where": None}
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
@@ -172,6 +191,8 @@ class Trainer:
             }
         )
         record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
+        if skipped:
+            record["skipped"] = skipped
         return record
 
     def evaluate(self, step: int) -> dict | None:
@@ -248,32 +269,132 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         log.say(f"[megafusion] {origin}")
 
 
-def _resume(trainer: Trainer, root) -> tuple[int, int, str | None]:
-    """(first step, consumed samples, where the weights came from) for a resume, a warm start or neither."""
+def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, list[str]]:
+    """(first step, consumed samples, where the weights came from, the settings changed since the
+    checkpoint) for a resume from ``path``, a warm start or neither."""
     cfg = trainer.cfg
-    path = ckpt.latest_checkpoint(root) if cfg.checkpoint.resume else None
     if path is None:
         if cfg.checkpoint.init_from:  # a new run that starts from another run's weights
             init = ckpt.resolve_checkpoint(cfg.checkpoint.init_from)
             warm = ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
-            ckpt.load_weights(init, trainer.model, warm)
+            checked = ckpt.load_weights(init, trainer.model, warm, verify=cfg.checkpoint.verify)
             # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
             # or the first step would write the random init back over the loaded weights.
             trainer.optimizer.reload_model_params()
             how = warm.describe()
             how = f"; {how}" if how else ""
-            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how})"
+            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how}; {checked})", []
         if cfg.model.freeze_text:
             raise ckpt.CheckpointError(
                 "model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "
                 "give it with checkpoint.init_from (a dense or MoT checkpoint, e.g. from "
                 "`megafusion convert hf-to-mf`)"
             )
-        return 0, 0, None
-    ckpt.check_compatible(path, ckpt.read_manifest(path), cfg, trainer.data.meta)
-    progress = ckpt.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+        return 0, 0, None, []
+    manifest = ckpt.read_manifest(path)
+    ckpt.check_compatible(path, manifest, cfg, trainer.data.meta)
+    changes = resume_changes.review(path, manifest.get("config", {}), cfg)
+    progress = ckpt.load_checkpoint(
+        path, trainer.model, trainer.optimizer, trainer.scheduler, verify=cfg.checkpoint.verify
+    )
+    resume_changes.apply_optimizer_settings(trainer.optimizer, cfg)
     trainer.flops_seen = float(progress.get("flops_total", 0.0))
-    return progress["step"], progress["consumed_samples"], f"resumed from {path}"
+    return progress["step"], progress["consumed_samples"], f"resumed from {path} ({progress['verified']})", changes
+
+
+def _injected_nan(step: int) -> tuple[int, int] | None:
+    """Test hook: ``MEGAFUSION_FAULT=nan:<step>[:<microbatch>]`` poisons that microbatch's output."""
+    fault = os.environ.get("MEGAFUSION_FAULT", "").split(":")
+    if fault[0] == "nan" and int(fault[1]) == step:
+        return step, int(fault[2]) if len(fault) > 2 else 0
+    return None
+
+
+def _modalities(fields: list[str]) -> str:
+    """``lm/text``, ``lm/image``, ``diffusion`` -> "modalities text, image; diffusion loss"."""
+    named = [f.split("/", 1)[1] for f in fields if f.startswith("lm/")]
+    own = [f for f in fields if "/" not in f and f not in ("total", "lm", "z")]
+    parts = [f"modalit{'y' if len(named) == 1 else 'ies'} {', '.join(named)}"] if named else []
+    parts += [f"{f} loss" for f in own]
+    return "; ".join(parts) or ", ".join(fields)
+
+
+def _nan_message(cfg, record: dict, root: Path, saved_at: int | None) -> str:
+    step, skipped = record["step"], record["skipped"]
+    if skipped["what"] == "loss":
+        where = skipped["where"]
+        what = f"the loss is not finite ({_modalities(skipped['fields'])})"
+        if where:
+            mbs = cfg.train.micro_batch_size
+            sample = where["sample"]
+            first = sample - (record["consumed_samples"] - cfg.train.global_batch_size)
+            what += (
+                f", first in microbatch {first // mbs} of the step (samples {sample}-{sample + mbs - 1}"
+                f" of the run; {_modalities(where['fields'])})"
+            )
+    else:
+        what = f"the gradient norm is {record['grad_norm']} (losses finite: {record['loss']:.4f})"
+    kept = f"{root / ckpt.LATEST} names step {saved_at}" if saved_at else "no checkpoint was saved"
+    return (
+        f"step {step}: {what}; the step's update was not applied and nothing was saved ({kept}). Lower "
+        f"train.lr (now {cfg.train.lr:g}) or raise train.warmup_steps, check those samples, or resume with "
+        f"train.on_nan=skip to drop such steps"
+    )
+
+
+def _summary(cfg, start_step: int, last: dict | None, val: dict | None, wall: float, saved: Path | None) -> str:
+    if last is None:
+        return f"[megafusion] nothing to do: the checkpoint is at step {start_step} >= train.steps={cfg.train.steps}"
+    steps = last["step"] - start_step
+    tokens = steps * cfg.train.global_batch_size * cfg.model.seq_length
+    per = " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in last.items() if k.startswith("loss/") and k != "loss/lm")
+    text = (
+        f"[megafusion] done: steps {start_step + 1}-{last['step']} ({steps} steps, {tokens:,} tokens) in "
+        f"{duration(wall)} | final train loss {last['loss']:.4f}" + (f" ({per})" if per else "")
+    )
+    if val is not None:
+        vper = " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in val.items() if k.startswith("val/loss/"))
+        text += f" | val loss {val['val/loss']:.4f}" + (f" ({vper})" if vper else "")
+    return text + f" | checkpoint {saved if saved else 'none saved'}"
+
+
+def _epochs_note(trainer: Trainer, start_step: int) -> str | None:
+    """A warning when the steps ask for many passes over a small training set."""
+    rows = getattr(trainer.data.train, "num_rows", None)
+    t = trainer.cfg.train
+    if not rows:
+        return None
+    epochs = t.steps * t.global_batch_size / rows
+    if epochs < TINY_DATA_EPOCHS:
+        return None
+    return (
+        f"[megafusion] warning: the training set holds {rows:,} rows and train.steps={t.steps} x "
+        f"train.global_batch_size={t.global_batch_size} read {epochs:.0f} epochs of it: the model will memorise "
+        f"it; use more data (data.num_samples for the built-in sets) or fewer steps"
+    )
+
+
+TINY_DATA_EPOCHS = 10
+
+
+def _save(trainer: Trainer, root: Path, step: int, consumed: int) -> Path:
+    if not numerics.weights_finite(trainer.model, trainer.rt.device):
+        raise NumericsError(
+            f"step {step}: some weights are not finite although the loss and gradient norm were: nothing was "
+            f"saved ({root / ckpt.LATEST} keeps the last checkpoint); lower train.lr or train.clip_grad"
+        )
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        trainer.model,
+        trainer.optimizer,
+        trainer.scheduler,
+        consumed,
+        trainer.cfg,
+        trainer.data.meta,
+        trainer.cfg.checkpoint.keep_last,
+        flops_total=trainer.flops_seen,
+    )
 
 
 def train(cfg, runtime=None) -> list[float]:
@@ -287,46 +408,82 @@ def train(cfg, runtime=None) -> list[float]:
             f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
             f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here"
         )
+    root = ckpt.resolve_dir(cfg)
+    run_dir.check_output_paths(cfg, root)
+    resume_from = ckpt.checkpoint_to_resume(root, cfg.checkpoint.load_step) if cfg.checkpoint.resume else None
+    run_dir.claim(cfg, root, resume_from is not None, print if runtime.is_logging_rank else lambda _: None)
+    die_with_parent()  # checkpoint writer processes die with this one, whatever kills it
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
-    root = ckpt.resolve_dir(cfg)
-    start_step, consumed, origin = _resume(trainer, root)
+    start_step, consumed, origin, changes = _resume(trainer, resume_from)
     t, c = cfg.train, cfg.checkpoint
-    log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step)
+    log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step, runtime.device.type)
     _banner(trainer, log, root, origin)
-    losses, saved_at = [], start_step
-    try:
-        for step in range(start_step, t.steps):
-            dump = cfg.logging.dump_grads if step == 0 else None
-            record = trainer.train_step(step, consumed, dump)
-            consumed = record["consumed_samples"]
-            losses.append(record["loss"])
-            last = step + 1 == t.steps
-            if (step + 1) % cfg.logging.log_interval == 0 or last:
-                log.log(record)
-            if (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0) or last:
-                val = trainer.evaluate(step + 1)
-                if val is not None:
-                    log.log(val)
-            if c.save and ((c.interval and (step + 1) % c.interval == 0) or last):
-                path = ckpt.save_checkpoint(
-                    root,
-                    step + 1,
-                    trainer.model,
-                    trainer.optimizer,
-                    trainer.scheduler,
-                    consumed,
-                    cfg,
-                    trainer.data.meta,
-                    c.keep_last,
-                    flops_total=trainer.flops_seen,
-                )
-                saved_at = step + 1
-                log.say(f"[megafusion] saved checkpoint {path}")
-        if start_step >= t.steps:
-            log.say(f"[megafusion] nothing to do: the checkpoint is at step {start_step} >= train.steps={t.steps}")
-    finally:
-        log.close()
+    for line in changes:
+        log.say(f"[megafusion] resume: {line}")
+    note = _epochs_note(trainer, start_step)
+    if note:
+        log.say(note)
+    losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None
+    spikes, skipped_in_a_row = numerics.SpikeWatch(t.spike_factor), 0
+    began = time.perf_counter()
+    with StopSignals(t.stop_signals, t.stop_deadline_s, runtime.rank) as stop:
+        try:
+            for step in range(start_step, t.steps):
+                stop.injected(step + 1)
+                dump = cfg.logging.dump_grads if step == 0 else None
+                record = trainer.train_step(step, consumed, dump)
+                consumed = record["consumed_samples"]
+                if "skipped" in record:
+                    message = _nan_message(cfg, record, root, saved_at)
+                    skipped_in_a_row += 1
+                    if t.on_nan == "stop":
+                        raise NumericsError(message + " (train.on_nan=stop)")
+                    if skipped_in_a_row > t.nan_skip_limit:
+                        raise NumericsError(
+                            f"{skipped_in_a_row} steps in a row were not finite (train.nan_skip_limit="
+                            f"{t.nan_skip_limit}); the last: {message}"
+                        )
+                    log.event({"step": step + 1, "event": "skipped_step", "message": f"skipped: {message}"})
+                else:
+                    skipped_in_a_row = 0
+                    spike = spikes.check(step + 1, record["loss"])
+                    if spike:
+                        log.event(spike)
+                record.pop("skipped", None)
+                losses.append(record["loss"])
+                last = record
+                done = step + 1 == t.steps
+                elapsed = time.perf_counter() - began
+                record["elapsed_s"] = elapsed
+                record["eta_s"] = elapsed / (step + 1 - start_step) * (t.steps - step - 1)
+                if (step + 1) % cfg.logging.log_interval == 0 or done:
+                    log.log(record)
+                if (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0) or done:
+                    val = trainer.evaluate(step + 1)
+                    if val is not None:
+                        log.log(val)
+                        last_val = val
+                stopping = stop.agreed(runtime.device)
+                if c.save and ((c.interval and (step + 1) % c.interval == 0) or done or stopping):
+                    saved_path = _save(trainer, root, step + 1, consumed)
+                    saved_at = step + 1
+                    log.say(f"[megafusion] saved checkpoint {saved_path}")
+                if stopping and not done:
+                    where = f"saved {saved_path}" if saved_at == step + 1 else "checkpoint.save=false: nothing saved"
+                    message = (
+                        f"[megafusion] stopped at step {step + 1} on {stopping}: {where}; run the same command "
+                        f"again to continue (exit status 75)"
+                    )
+                    log.say(message)
+                    if runtime.rank == 0:
+                        write_status(f"preempted step {step + 1} {saved_path if saved_at == step + 1 else ''}".strip())
+                    raise Preempted(message)
+            log.say(_summary(cfg, start_step, last, last_val, time.perf_counter() - began, saved_path))
+            if runtime.rank == 0:
+                write_status(f"done step {t.steps}")
+        finally:
+            log.close()
     if cfg.logging.dump_losses and dist.get_rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.dump_losses)), exist_ok=True)
         with open(cfg.logging.dump_losses, "w") as f:
@@ -334,7 +491,7 @@ def train(cfg, runtime=None) -> list[float]:
                 {
                     "first_step": start_step + 1,
                     "losses": losses,
-                    "saved_at": saved_at,
+                    "saved_at": saved_at or start_step,
                     "world_size": runtime.world_size,
                     "config": cfg.to_dict(),
                 },
