@@ -1,13 +1,15 @@
 """``megafusion convert ...``: the command line of the checkpoint conversions.
 
-    megafusion convert dense-to-mot --input CKPT --output DIR [--untie all]
+    megafusion convert dense-to-mot --ckpt CKPT --output DIR [--untie all]
     megafusion convert hf-to-mf --hf DIR --output CKPT_DIR [--config-out FILE.yaml] [--vocab-size N]
-    megafusion convert mf-to-hf --input CKPT --output DIR [--vocab-size N]
+    megafusion convert mf-to-hf --ckpt CKPT --output DIR [--vocab-size N]
 
 ``dense-to-mot`` warm-starts a Mixture-of-Transformers from a dense checkpoint
 (:mod:`megafusion.interop.dense_to_mot`); ``hf-to-mf`` / ``mf-to-hf`` import and export Hugging
 Face ``LlamaForCausalLM`` checkpoints (:mod:`megafusion.interop.hf_io`). ``CKPT`` is a step
 directory or a run's checkpoint directory (its ``latest`` step), saved in any parallel layout.
+``--input`` is still accepted for ``--ckpt``. Every output location is checked to be writable
+before a checkpoint or model is loaded.
 """
 
 from __future__ import annotations
@@ -16,22 +18,59 @@ import argparse
 import sys
 
 from megafusion.commands.main import run
+from megafusion.commands.parsing import add_ckpt, add_output, command_parser, subcommand
+from megafusion.core.io import ensure_writable_dir, ensure_writable_file_parent
 
+PROG = "megafusion convert"
 SUBCOMMANDS = ("dense-to-mot", "hf-to-mf", "mf-to-hf")
 
 
+D2M_EXAMPLES = (
+    "megafusion convert dense-to-mot --ckpt runs/tiny_mixed/checkpoints --output runs/mot_init",
+    "megafusion convert dense-to-mot --ckpt runs/tiny_mixed/checkpoints --output runs/mot_ffn --untie ffn",
+)
+H2M_EXAMPLES = (
+    "megafusion convert hf-to-mf --hf path/to/Llama-3.2-1B --output runs/llama_init --config-out runs/llama_init.yaml",
+)
+M2H_EXAMPLES = (
+    "megafusion convert mf-to-hf --ckpt runs/my_run/checkpoints --output runs/my_run_hf",
+    "megafusion convert mf-to-hf --ckpt runs/tiny_transfusion/checkpoints --output runs/llama_again",
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megafusion convert", description="convert checkpoints between families")
+    parser = command_parser(
+        PROG,
+        "Convert checkpoints between model families, and to and from Hugging Face Llama.",
+        (D2M_EXAMPLES[0], H2M_EXAMPLES[0], M2H_EXAMPLES[0]),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    d2m = commands.add_parser("dense-to-mot", help="a MoT whose per-modality modules are copies of a dense model's")
-    d2m.add_argument("--input", required=True, metavar="CKPT", help="dense step directory or checkpoint.dir")
-    d2m.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the MoT weights")
+    d2m = subcommand(
+        commands,
+        "dense-to-mot",
+        "a MoT whose per-modality modules are copies of a dense model's",
+        "Warm-start a Mixture-of-Transformers: every untied module of a dense checkpoint is copied once\n"
+        "per modality (a weights-only checkpoint; until the copies drift apart it computes the dense\n"
+        "model's logits). Train from it with model.arch=mot model.untie=<same> checkpoint.init_from=DIR.",
+        D2M_EXAMPLES,
+    )
+    add_ckpt(d2m, "dense step directory or checkpoint.dir (any parallel layout)", "--input")
+    add_output(d2m, "new, empty directory for the MoT weights")
     d2m.add_argument(
         "--untie", default="all", help="parts to untie: comma-separated attention, ffn, norms, or all (default all)"
     )
-    h2m = commands.add_parser("hf-to-mf", help="a dense megafusion checkpoint from a Hugging Face LlamaForCausalLM")
+    h2m = subcommand(
+        commands,
+        "hf-to-mf",
+        "a dense megafusion checkpoint from a Hugging Face LlamaForCausalLM",
+        "Import a Hugging Face LlamaForCausalLM directory (config.json + safetensors) as a weights-only\n"
+        "dense checkpoint that checkpoint.init_from loads into any layout, and print (--config-out:\n"
+        "write) the matching model: section. Needs transformers (pip install 'megafusion[hf]').",
+        H2M_EXAMPLES,
+    )
+    # --hf, not --ckpt: it reads a Hugging Face directory, not a megafusion checkpoint.
     h2m.add_argument("--hf", required=True, metavar="DIR", help="directory with config.json and *.safetensors")
-    h2m.add_argument("--output", required=True, metavar="CKPT_DIR", help="new, empty directory for the weights")
+    add_output(h2m, "new, empty directory for the weights", metavar="CKPT_DIR")
     h2m.add_argument("--config-out", metavar="FILE", help="also write the model: section as YAML here")
     h2m.add_argument(
         "--vocab-multiple",
@@ -44,13 +83,18 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="pad the vocabulary with zero rows to exactly this many (e.g. room for image codes)",
     )
-    m2h = commands.add_parser(
+    m2h = subcommand(
+        commands,
         "mf-to-hf",
-        help="a Hugging Face LlamaForCausalLM from a megafusion checkpoint's "
+        "a Hugging Face LlamaForCausalLM from a megafusion checkpoint's "
         "text path (dense, or a MoT / Transfusion / LMFusion model's text half)",
+        "Export a megafusion checkpoint of any layout as a Hugging Face LlamaForCausalLM (config.json +\n"
+        "safetensors): a dense model, or the text path of a MoT / Transfusion / LMFusion model. Needs\n"
+        "transformers (pip install 'megafusion[hf]').",
+        M2H_EXAMPLES,
     )
-    m2h.add_argument("--input", required=True, metavar="CKPT", help="step directory or checkpoint.dir")
-    m2h.add_argument("--output", required=True, metavar="DIR", help="new, empty directory for the HF model")
+    add_ckpt(m2h, "step directory or checkpoint.dir (any parallel layout)", "--input")
+    add_output(m2h, "new, empty directory for the HF model")
     m2h.add_argument(
         "--vocab-size", type=int, help="vocabulary rows to keep (default: the imported HF model's, else all)"
     )
@@ -60,10 +104,14 @@ def _parser() -> argparse.ArgumentParser:
 def convert_command(argv: list[str]) -> int:
     """Run the chosen conversion and print what to do with its output."""
     args = _parser().parse_args(argv)
+    # Before any checkpoint or model is loaded: an output that cannot be written fails now.
+    ensure_writable_dir(args.output, "--output")
+    if getattr(args, "config_out", None):
+        ensure_writable_file_parent(args.config_out, "--config-out")
     if args.command == "dense-to-mot":
         from megafusion.interop.dense_to_mot import dense_to_mot
 
-        out = dense_to_mot(args.input, args.output, args.untie)
+        out = dense_to_mot(args.ckpt, args.output, args.untie)
         print(
             f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
             f"checkpoint.init_from={out}"
@@ -80,7 +128,7 @@ def convert_command(argv: list[str]) -> int:
             f"with {overrides}"
         )
         return 0
-    out, text_half = hf_io.mf_to_hf(args.input, args.output, args.vocab_size)
+    out, text_half = hf_io.mf_to_hf(args.ckpt, args.output, args.vocab_size)
     what = " (the model's text path: its image copies / image modules are not part of a Llama)" if text_half else ""
     print(f"[megafusion] wrote a LlamaForCausalLM to {out}{what}: transformers' from_pretrained({str(out)!r}) loads it")
     return 0
@@ -96,7 +144,7 @@ def _cli_value(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Errors name the conversion (`megafusion convert mf-to-hf: ...`), as argparse's own do.
-    prog = f"megafusion convert {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "megafusion convert"
+    prog = f"{PROG} {argv[0]}" if argv and argv[0] in SUBCOMMANDS else PROG
     return run(convert_command, argv, prog, runtime=True)
 
 

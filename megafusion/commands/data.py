@@ -1,7 +1,7 @@
 """``megafusion data prepare``: shards -> tokenized, indexed dataset on disk.
 
     megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER \\
-        --output PREFIX [--image-size 16 --patch-size 2 --pixel-levels 4]
+        --output PREFIX [--seq-length 64] [--image-size 16 --patch-size 2 --pixel-levels 4]
         [--image-codec pixel|vq|vqgan --vq-codebook FILE --vqgan-path DIR]
     # Transfusion (objective.name=transfusion): images as continuous latents
     megafusion data prepare --input ... --tokenizer TOKENIZER --output PREFIX \\
@@ -20,6 +20,12 @@ With ``--latent-codec`` the dataset is for Transfusion: the tokens are exactly t
 ``encode_transfusion_document`` (an image = ``<boi>``, one placeholder per
 ``--latent-patch-size`` patch of its latent, ``<eoi>``) and the latents of all images go to
 ``PREFIX.latents.npy`` (``megafusion.data.formats.indexed_latents``), described in the meta.
+
+``--seq-length N`` (default 64, the default ``model.seq_length``) is the length the data will be
+trained at: one warning line tells how many documents do not fit in a packed row of ``N + 1``
+tokens. Packing (``megafusion.data.packing``) never cuts a document, so a run at that length
+would stop on the first of them; the data is written anyway (a longer ``model.seq_length`` can
+train on it).
 """
 
 from __future__ import annotations
@@ -29,18 +35,43 @@ import os
 import sys
 
 from megafusion.commands.main import run
-from megafusion.core.errors import DataError
+from megafusion.commands.parsing import add_output, command_parser, subcommand
+from megafusion.core.errors import DataError, UsageError
+from megafusion.core.io import ensure_writable_file_parent
 
-USAGE = "megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER --output PREFIX"
+PROG = "megafusion data"
+SUBCOMMANDS = ("prepare",)
+# model.seq_length's default: the length a dataset is trained at unless the run says otherwise.
+DEFAULT_SEQ_LENGTH = 64
+
+PREPARE_EXAMPLES = (
+    "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set",
+    "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set --seq-length 1024",
+    "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set --image-codec vq "
+    "--vq-codebook C.safetensors",
+    "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_tf --latent-codec pixels "
+    "--latent-patch-size 2 --image-size 16",
+)
+
+PREPARE_DESCRIPTION = """\
+Tokenize JSONL / WebDataset-tar shards of text and images into an indexed dataset
+PREFIX.{bin,idx,meta.json} (data.source=indexed data.path=PREFIX): text with the tokenizer, images
+with an image codec (pixel patches by default, a vq codebook, a diffusers VQModel), or, with
+--latent-codec, as Transfusion latents in PREFIX.latents.npy."""
+
+PREPARE_NOTES = """\
+Train on the result with data.source=indexed data.path=PREFIX data.tokenizer=TOKENIZER (and the
+same image settings). Documents are packed whole into rows of model.seq_length + 1 tokens; a
+warning counts those longer than --seq-length allows."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megafusion data", description="Prepare pretokenized datasets.")
+    parser = command_parser(
+        PROG, "Prepare pretokenized datasets (see megafusion data prepare --help).", PREPARE_EXAMPLES[:1]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser(
-        "prepare",
-        help="tokenize shards into an indexed dataset",
-        description="Tokenize text+image shards into PREFIX.{bin,idx,meta.json}.",
+    prep = subcommand(
+        sub, "prepare", "tokenize shards into an indexed dataset", PREPARE_DESCRIPTION, PREPARE_EXAMPLES, PREPARE_NOTES
     )
     prep.add_argument(
         "--input",
@@ -55,7 +86,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TOKENIZER",
         help="SentencePiece .model, or Hugging Face tokenizer.json (or the directory holding it)",
     )
-    prep.add_argument("--output", required=True, metavar="PREFIX", help="output prefix (PREFIX.bin, ...)")
+    add_output(prep, "output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json", metavar="PREFIX")
+    prep.add_argument(
+        "--seq-length",
+        type=int,
+        default=DEFAULT_SEQ_LENGTH,
+        metavar="N",
+        help=f"the model.seq_length the data will be trained at: warn about documents longer than a row "
+        f"(default {DEFAULT_SEQ_LENGTH}, model.seq_length's default)",
+    )
     prep.add_argument("--image-size", type=int, default=16, help="images are resized to this size (default 16)")
     # The discrete-code flags default to None so that a clash with --latent-codec can be told apart
     # from an untouched default (codec_from_args fills in the defaults).
@@ -134,11 +173,13 @@ def codec_from_args(args):
     return build_codec("pixel", image_size=args.image_size, patch_size=patch_size, levels=levels)
 
 
-def prepare(inputs: list[str], tokenizer_path: str, output: str, codec) -> dict:
+def prepare(inputs: list[str], tokenizer_path: str, output: str, codec, seq_length: int | None = None) -> dict:
     """Tokenize ``inputs`` with ``codec`` into the dataset at ``output``; returns ``write_indexed``'s stats.
 
     A :class:`~megafusion.data.transfusion_data.PlaceholderCodec` makes a Transfusion dataset:
-    the stats then also hold ``"latents"`` (images written to ``PREFIX.latents.npy``).
+    the stats then also hold ``"latents"`` (images written to ``PREFIX.latents.npy``). With
+    ``seq_length``, they also hold ``"too_long"``: ``{"documents": n, "longest": tokens}`` of the
+    documents longer than a packed row of ``seq_length + 1`` tokens (see :func:`_tally_long`).
     """
     from megafusion.data.formats.indexed import write_indexed
     from megafusion.data.formats.indexed_latents import LatentWriter
@@ -164,27 +205,64 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec) -> dict:
         "inputs": files,
         "created_by": "megafusion data prepare",
     }
+    too_long = {"documents": 0, "longest": 0}
     if not isinstance(codec, PlaceholderCodec):
-        return write_indexed(output, (tok.encode_document(doc) for doc in read_shards(files)), meta)
+        docs = (tok.encode_document(doc) for doc in read_shards(files))
+        stats = write_indexed(output, _tally_long(docs, seq_length, too_long), meta)
+    else:
+        latents = LatentWriter(output, codec)
 
-    latents = LatentWriter(output, codec)
+        def transfusion_docs():
+            for doc in read_shards(files):
+                encoded = encode_transfusion_document(tok, doc)
+                # The latents live in their own file; the indexed files get tokens and modalities only.
+                latents.add(encoded.meta.pop("latents"), encoded.source)
+                yield encoded
 
-    def transfusion_docs():
-        for doc in read_shards(files):
-            encoded = encode_transfusion_document(tok, doc)
-            # The latents live in their own file; the indexed files get tokens and modalities only.
-            latents.add(encoded.meta.pop("latents"), encoded.source)
-            yield encoded
-
-    stats = write_indexed(output, transfusion_docs(), meta, sidecar=latents)
-    stats["latents"] = {"count": latents.count, "shape": list(latents.shape)}
+        stats = write_indexed(output, _tally_long(transfusion_docs(), seq_length, too_long), meta, sidecar=latents)
+        stats["latents"] = {"count": latents.count, "shape": list(latents.shape)}
+    if seq_length is not None:
+        stats["too_long"] = too_long
     return stats
+
+
+def _tally_long(docs, seq_length: int | None, tally: dict):
+    """Pass ``docs`` through, counting in ``tally`` those that do not fit in a packed row.
+
+    The criterion is packing's own (``megafusion.data.packing.pack_documents``): a row holds
+    ``model.seq_length + 1`` tokens and a longer document is refused, never cut. The tokens
+    counted are the ones written, i.e. exactly what training will pack.
+    """
+    for doc in docs:
+        n = len(doc.tokens)
+        if seq_length is not None and n > seq_length + 1:
+            tally["documents"] += 1
+            tally["longest"] = max(tally["longest"], n)
+        yield doc
+
+
+def long_documents_warning(too_long: dict, documents: int, seq_length: int) -> str | None:
+    """The one warning line about documents a run at ``seq_length`` cannot pack (None: all fit)."""
+    if not too_long["documents"]:
+        return None
+    n, longest = too_long["documents"], too_long["longest"]
+    return (
+        f"{PROG} prepare: warning: {n} of {documents} documents are longer than --seq-length {seq_length} "
+        f"allows ({seq_length + 1} tokens per packed row; longest {longest}): a run at model.seq_length="
+        f"{seq_length} stops on the first of them before training, as packing never splits, truncates or "
+        f"skips a document; options: train with model.seq_length={longest - 1} or more, split the documents "
+        "in the shards, or drop them"
+    )
 
 
 def prepare_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion data`` (e.g. ``["prepare", "--input", ...]``)."""
     args = _parser().parse_args(argv)
-    stats = prepare(args.input, args.tokenizer, args.output, codec_from_args(args))
+    if args.seq_length < 1:
+        raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (the model.seq_length of the runs)")
+    # Before any shard is read: an output that cannot be written fails now, not after tokenizing.
+    ensure_writable_file_parent(args.output, "--output")
+    stats = prepare(args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length)
     total = sum(stats["tokens"].values())
     per = ", ".join(f"{name} {count}" for name, count in stats["tokens"].items())
     print(f"prepared {stats['documents']} documents, {total} tokens ({per})")
@@ -192,12 +270,17 @@ def prepare_command(argv: list[str]) -> int:
         shape = "x".join(map(str, stats["latents"]["shape"]))
         print(f"stored {stats['latents']['count']} image latents of shape {shape} (for objective.name=transfusion)")
     print("wrote " + ", ".join(stats["files"]))
+    warning = long_documents_warning(stats["too_long"], stats["documents"], args.seq_length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Errors read "megafusion: <message>" (not "megafusion data: "): tests/data/test_indexed.py asserts that prefix.
-    return run(prepare_command, argv, "megafusion")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Errors name the subcommand (`megafusion data prepare: ...`), as argparse's own do.
+    prog = f"{PROG} {argv[0]}" if argv and argv[0] in SUBCOMMANDS else PROG
+    return run(prepare_command, argv, prog)
 
 
 if __name__ == "__main__":

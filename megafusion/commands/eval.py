@@ -1,14 +1,14 @@
 """``megafusion eval`` / ``python -m megafusion.evaluate``: the command lines of the evaluations.
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
-        [--seed 0] [--out DIR]
+        [--seed 0] [--output DIR]
     [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
 Without ``--text``: validation loss and caption consistency of a Transfusion checkpoint trained on
 the built-in shapes (:mod:`megafusion.evaluation.captions`); with it: the mean next-token loss of
 any LM or Transfusion checkpoint on a plain text file (:mod:`megafusion.evaluation.text`). Each
-prints one JSON object on stdout.
+prints one JSON object on stdout. ``--out`` is still accepted for ``--output``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,44 @@ import sys
 
 from megafusion.commands.generate import IMAGE_SAMPLERS
 from megafusion.commands.main import run
+from megafusion.commands.parsing import add_ckpt, add_output, command_parser
 from megafusion.core.errors import UsageError
+from megafusion.core.io import ensure_writable_dir
 
 PROG = "megafusion eval"
+# megafusion.evaluation.text.TOKENIZER_KINDS, spelt out here: importing that module imports torch,
+# and `--help` must not.
+TOKENIZER_KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or the directory holding it"
+
+DESCRIPTION = """\
+Evaluate a Transfusion checkpoint trained on the built-in shapes: the held-out loss per modality,
+the caption consistency of images generated from held-out captions (colour, shape, position vs
+chance) and caption_gap. With --text FILE instead: the mean next-token loss of any LM or
+Transfusion checkpoint on a plain text file (options: megafusion eval --text FILE --help).
+Prints one JSON object."""
+
+EXAMPLES = (
+    "megafusion eval --ckpt runs/tiny_transfusion/checkpoints --samples 90 --sampler ddpm --steps 50",
+    "megafusion eval --ckpt runs/tiny_transfusion/checkpoints --output runs/tiny_transfusion/eval_samples",
+    "megafusion eval --ckpt runs/llama_init --text sample.txt",
+)
+TEXT_EXAMPLES = (
+    "megafusion eval --ckpt runs/llama_init --text sample.txt",
+    "megafusion eval --ckpt runs/llama_init --text sample.txt --tokenizer path/to/Llama-3.2-1B --seq-length 512",
+    "torchrun --nproc-per-node 2 -m megafusion.evaluate --ckpt runs/llama_init --text sample.txt parallel.tp=2",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="validation loss and caption consistency")
-    p.add_argument("--ckpt", required=True, help="a Transfusion checkpoint trained on data.builtin=shapes")
+    p = command_parser(PROG, DESCRIPTION, EXAMPLES)
+    add_ckpt(p, "a Transfusion checkpoint trained on data.builtin=shapes")
     p.add_argument("--samples", type=int, default=60, help="generated images to check (default 60)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--out", help="directory to keep the generated PNGs in")
+    # dest "out": megafusion.evaluation.captions reads args.out.
+    add_output(p, "directory to keep the generated PNGs in (default: not kept)", "--out", required=False, dest="out")
     p.add_argument(
         "--text",
         metavar="FILE",
@@ -43,17 +67,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _text_parser() -> argparse.ArgumentParser:
-    from megafusion.evaluation.text import TOKENIZER_KINDS
-
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="mean next-token loss of a checkpoint on a plain text file",
+    p = command_parser(
+        PROG,
+        "The mean next-token loss of a checkpoint (LM or Transfusion, any family) on a plain text file,\n"
+        "over non-overlapping --seq-length windows of [bos] + text. Prints one JSON line.",
+        TEXT_EXAMPLES,
+        "section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes\n"
+        "with torchrun --nproc-per-node N -m megafusion.evaluate ...).",
         usage="megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch N] "
         "[--loss-vocab N] [section.key=value ...]",
-        epilog="section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes "
-        "with torchrun --nproc-per-node N -m megafusion.evaluate ...). Prints one JSON line.",
     )
-    p.add_argument("--ckpt", required=True, help="step directory or checkpoint.dir (any layout)")
+    add_ckpt(p, "step directory or checkpoint.dir (any layout)")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 plain text file, evaluated as one document")
     p.add_argument("--tokenizer", metavar="PATH", help=f"{TOKENIZER_KINDS} (default: the checkpoint's, if found)")
     p.add_argument(
@@ -80,6 +104,8 @@ def eval_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.samples < 1 or args.steps < 1:
         raise UsageError("--samples and --steps must be >= 1")
+    if args.out is not None:  # before the checkpoint is loaded: an output that cannot be written fails now
+        ensure_writable_dir(args.out, "--output")
     from megafusion.evaluation.captions import evaluate
 
     print(json.dumps(evaluate(args), indent=1), flush=True)

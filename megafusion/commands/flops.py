@@ -2,18 +2,37 @@
 
 The report (:mod:`megafusion.accounting.report`) is analytic: nothing is built or run, so it is
 instant even for large configs. Its microbatch is the first of the config's own training data
-(the synthetic packed documents, the built-in set or an indexed dataset).
+(the synthetic packed documents, the built-in set or an indexed dataset). Without ``--config`` it
+prints its help and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from megafusion.commands.main import run
+from megafusion.commands.parsing import add_config, command_parser, config_missing, config_paths
 from megafusion.core.errors import UsageError
 
 PROG = "megafusion flops"
-USAGE = "usage: megafusion flops --config FILE [section.key=value ...]"
+
+DESCRIPTION = """\
+Parameters (total, embedding, active per token) and model FLOPs per token per modality of a
+config, counted analytically on its first training microbatch: nothing is built or run."""
+
+EXAMPLES = (
+    "megafusion flops --config examples/configs/tiny_mixed.yaml",
+    "megafusion flops --config examples/configs/tiny_mixed.yaml model.arch=mot",
+    "megafusion flops --config examples/configs/tiny_transfusion.yaml model.seq_length=256",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: `--conf x` is refused, as the hand-written parser this replaced did.
+    p = command_parser(PROG, DESCRIPTION, EXAMPLES, allow_abbrev=False)
+    add_config(p)
+    return p
 
 
 def representative_batch(cfg) -> tuple[dict, str]:
@@ -26,14 +45,14 @@ def representative_batch(cfg) -> tuple[dict, str]:
 
 
 def flops_command(argv: list[str]) -> int:
+    cli = parser()
+    args = cli.parse_intermixed_args(argv)
+    if not args.config:
+        return config_missing(cli)
     from megafusion.accounting.report import _images, flops_report, summary
-    from megafusion.config import load_config, parse_cli, validate
+    from megafusion.config import load_config, validate
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    path, overrides = parse_cli(argv)
-    cfg = load_config(path, overrides)
+    cfg = load_config(config_paths(args.config), args.overrides)
     # FLOPs do not depend on the layout: validate against the smallest world it accepts.
     p = cfg.parallel
     validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
@@ -42,7 +61,7 @@ def flops_command(argv: list[str]) -> int:
         report = summary(cfg, _images(batch)["latent_shape"])
         report += f"\nper modality on a representative microbatch ({where}):\n" + flops_report(cfg, batch)
     except ValueError as err:  # a config the formulas cannot count (e.g. a latent the patch size does not divide)
-        raise UsageError(f"{err}\n{USAGE}") from err
+        raise UsageError(str(err)) from err
     print(report)
     return 0
 

@@ -2,11 +2,12 @@
 :class:`megafusion.inference.generate.Generator` (text and images from a Transfusion checkpoint).
 
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]
-        --out DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
+        --output DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
         [--max-new-tokens 32] [--temperature 0] [--seed 0] [--no-kv-cache]
 
 Images go to ``DIR/<prompt index>_<image>.png``; one JSON line per prompt on stdout lists the
-text and the image files.
+text and the image files. ``--out`` is still accepted for ``--output``, which is checked to be
+writable before the checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -17,18 +18,32 @@ import sys
 from pathlib import Path
 
 from megafusion.commands.main import run
+from megafusion.commands.parsing import add_ckpt, add_output, command_parser
 from megafusion.core.errors import UsageError
+from megafusion.core.io import ensure_writable_dir
 
 PROG = "megafusion generate"
 # megafusion.objectives.diffusion.make_sampler's kinds (euler: flow schedules, which always use it)
 IMAGE_SAMPLERS = ("ddim", "ddpm", "euler")
 
+DESCRIPTION = """\
+Generate text, and images on <boi> (or at once with --image), from a Transfusion checkpoint:
+images are denoised with classifier-free guidance (one process; a checkpoint of any layout).
+Prints one JSON line per prompt (its text and image files); images go to DIR/<prompt>_<image>.png."""
+
+EXAMPLES = (
+    'megafusion generate --ckpt runs/tiny_transfusion/checkpoints --prompt "a red circle at the top left." '
+    "--image --sampler ddpm --steps 50 --cfg 3 --output runs/tiny_transfusion/samples",
+    'megafusion generate --ckpt runs/tiny_transfusion/checkpoints --prompt "a blue square" --prompt "a green '
+    'triangle" --max-new-tokens 16 --output runs/tiny_transfusion/samples',
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="generate text and images")
-    p.add_argument("--ckpt", required=True, help="a Transfusion checkpoint (step directory or checkpoint.dir)")
+    p = command_parser(PROG, DESCRIPTION, EXAMPLES)
+    add_ckpt(p, "a Transfusion checkpoint (step directory or checkpoint.dir)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--out", required=True, help="directory for the PNG files")
+    add_output(p, "directory for the PNG files", "--out")
     p.add_argument("--image", action="store_true", help="start an image right after the prompt")
     p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -49,13 +64,15 @@ def generate_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
+    # Before the checkpoint is loaded: an output that cannot be written fails now.
+    ensure_writable_dir(args.output, "--output")
     import torch
     from PIL import Image
 
     from megafusion.inference.generate import Generator
 
     generator = Generator.from_checkpoint(args.ckpt, args.kv_cache)
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(args.prompt):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)

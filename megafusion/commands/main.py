@@ -2,7 +2,7 @@
 every command runs and reports a user's error.
 
 Subcommands:
-- ``train --config FILE [section.key=value ...] [--dry-run]``: the same as
+- ``train --config FILE [section.key=value ...] [--dry-run] [--overwrite]``: the same as
   ``python -m megafusion.train`` (one process here; launch multi-process runs with
   ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
 - ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
@@ -15,12 +15,18 @@ Subcommands:
 - ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
   ``eval --ckpt CKPT --text FILE``: the mean next-token loss on a plain text file.
 
+``megafusion --version`` prints the installed version; ``megafusion <command> --help`` the
+command's options and examples (the parsers: :mod:`megafusion.commands.parsing`).
+
 Each command module under :mod:`megafusion.commands` holds only its argument parsing and a
 ``main(argv) -> int`` that is ``run(<the command>, argv, <its prog>)``: this console command, the
 ``python -m megafusion.<name>`` entry points (``train``, ``cli``, ``evaluate``, ``logits``,
 ``generate``, ``launch_plan``) and in-process callers all go through :func:`run`, so every
-command prints a user's error the same way. Nothing here imports torch (``--help`` and
-``--dry-run`` stay fast).
+command prints a user's error the same way: one line ``<prog>: <message>``, ``<prog>`` being the
+command as typed up to its subcommand (``megafusion train``, ``megafusion data prepare``,
+``megafusion convert mf-to-hf``), the prefix of argparse's own usage errors too. Nothing here
+imports torch, and no command module imports it before its arguments are parsed (``--help``,
+argument errors and ``--dry-run`` stay instant).
 """
 
 from __future__ import annotations
@@ -33,18 +39,19 @@ from collections.abc import Callable, Sequence
 
 from megafusion.core.errors import MegafusionError
 
-USAGE = """usage: megafusion <command> [args]
+USAGE = """usage: megafusion <command> [args]      (megafusion <command> --help: its options and examples)
+       megafusion --version
 
 commands:
   train --config FILE [section.key=value ...] [--dry-run]   train a model (see examples/configs/)
   flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
   data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
-  tokenizer fit-vq --builtin shapes --out CODEBOOK          fit a k-means image patch codebook
-  convert dense-to-mot --input CKPT --output DIR            MoT weights copied from a dense checkpoint
+  tokenizer fit-vq --builtin shapes --output CODEBOOK       fit a k-means image patch codebook
+  convert dense-to-mot --ckpt CKPT --output DIR             MoT weights copied from a dense checkpoint
   convert hf-to-mf --hf DIR --output CKPT [--config-out F]  import a Hugging Face Llama (safetensors)
-  convert mf-to-hf --input CKPT --output DIR                export a dense checkpoint as a Hugging Face Llama
-  generate --ckpt CKPT --prompt TEXT --out DIR [--image]    text and images from a Transfusion checkpoint
+  convert mf-to-hf --ckpt CKPT --output DIR                 export a dense checkpoint as a Hugging Face Llama
+  generate --ckpt CKPT --prompt TEXT --output DIR           text (and --image) from a Transfusion checkpoint
   eval --ckpt CKPT [--samples N]                            validation loss + caption consistency (shapes)
   eval --ckpt CKPT --text FILE [--tokenizer T]              mean next-token loss on a plain text file
 """
@@ -103,12 +110,28 @@ def run(
             loaded.shutdown()
 
 
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source tree on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("megafusion")
+    except PackageNotFoundError:
+        import megafusion
+
+        return getattr(megafusion, "__version__", "unknown")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``megafusion <command> [args]``: hands ``args`` to the command's ``main``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"megafusion {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
         module, function = COMMANDS[command].split(":")

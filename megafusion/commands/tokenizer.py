@@ -6,7 +6,7 @@ reads the text segments of the shards (images are checked to exist but not decod
 (see ``megafusion.data.tokenizers.joint.train_sentencepiece``) and prints the model path.
 
     megafusion tokenizer fit-vq (--input SHARD_OR_DIR [--input ...] | --builtin shapes,digits) \\
-        --image-size 16 --patch-size 2 --codebook-size 256 --seed 0 --out CODEBOOK.safetensors
+        --image-size 16 --patch-size 2 --codebook-size 256 --seed 0 --output CODEBOOK.safetensors
 
 fits a k-means patch codebook (``megafusion.data.codecs.vq.fit_vq_codebook``) on the images of
 the shards or of the built-in sets, writes it and prints its path; use it as
@@ -20,13 +20,40 @@ import argparse
 import sys
 
 from megafusion.commands.main import run
+from megafusion.commands.parsing import add_output, command_parser, subcommand
 from megafusion.core.errors import DataError
+from megafusion.core.io import ensure_writable_file_parent
+
+PROG = "megafusion tokenizer"
+SUBCOMMANDS = ("train", "fit-vq")
+
+TRAIN_EXAMPLES = (
+    "megafusion tokenizer train --input shards/ --vocab-size 8000 --output my_spm",
+    "megafusion tokenizer train --input shards/a.jsonl --input shards/b.tar --vocab-size 8000 --output my_spm "
+    "--byte-fallback",
+)
+FIT_VQ_EXAMPLES = (
+    "megafusion tokenizer fit-vq --builtin shapes,digits --output codebook.safetensors",
+    "megafusion tokenizer fit-vq --input shards/ --image-size 16 --patch-size 2 --codebook-size 256 "
+    "--output codebook.safetensors",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megafusion tokenizer", description="SentencePiece tokenizer tools")
+    parser = command_parser(
+        PROG,
+        "The joint tokenizer's parts: a SentencePiece text model, a k-means image patch codebook.",
+        (TRAIN_EXAMPLES[0], FIT_VQ_EXAMPLES[0]),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a SentencePiece model on the text of shards")
+    train = subcommand(
+        commands,
+        "train",
+        "train a SentencePiece model on the text of shards",
+        "Train a SentencePiece model on the text segments of shards (images are checked to exist, not\n"
+        "decoded) and print its path; use it as data.tokenizer=PREFIX.model or data prepare --tokenizer.",
+        TRAIN_EXAMPLES,
+    )
     train.add_argument(
         "--input",
         action="append",
@@ -41,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="wanted number of text pieces (the real size may be smaller on a small corpus)",
     )
-    train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
+    add_output(train, "writes PREFIX.model", metavar="PREFIX")
     train.add_argument(
         "--character-coverage", type=float, default=1.0, help="fraction of characters to cover (default 1.0: all)"
     )
@@ -50,7 +77,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="spell unseen characters as bytes instead of <unk> (needs vocab >= ~260)",
     )
-    fit = commands.add_parser("fit-vq", help="fit a k-means image patch codebook (the vq image codec)")
+    fit = subcommand(
+        commands,
+        "fit-vq",
+        "fit a k-means image patch codebook (the vq image codec)",
+        "Fit a k-means codebook of image patches on the images of shards or of built-in sets, write it\n"
+        "and print its path; use it as data.image_codec=vq data.vq_codebook=PATH, or data prepare\n"
+        "--image-codec vq --vq-codebook PATH.",
+        FIT_VQ_EXAMPLES,
+    )
     images = fit.add_mutually_exclusive_group(required=True)
     images.add_argument(
         "--input",
@@ -75,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="k-means seed, and the shapes seed for --builtin (use train.seed to match a run)",
     )
-    fit.add_argument("--out", required=True, metavar="PATH", help="the codebook file to write (.safetensors)")
+    add_output(fit, "the codebook file to write (.safetensors)", "--out", metavar="PATH")
     return parser
 
 
@@ -111,7 +146,7 @@ def _fit_vq(args) -> int:
         images = (seg.pixels for doc in read_shards(args.input) for seg in doc.segments if hasattr(seg, "pixels"))
     else:
         images = _builtin_images(args.builtin, args.num_samples, args.seed, args.image_size)
-    codec = fit_vq_codebook(images, args.image_size, args.patch_size, args.codebook_size, args.seed, args.out)
+    codec = fit_vq_codebook(images, args.image_size, args.patch_size, args.codebook_size, args.seed, args.output)
     print(
         f"vq codebook: {codec.vocab_size} codes, {codec.tokens_per_image} per image, sha256 {codec.sha256}",
         file=sys.stderr,
@@ -123,6 +158,8 @@ def _fit_vq(args) -> int:
 def tokenizer_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion tokenizer`` (e.g. ``["train", "--input", ...]``)."""
     args = _parser().parse_args(argv)
+    # Before any shard is read or k-means run: an output that cannot be written fails now.
+    ensure_writable_file_parent(args.output, "--output")
     if args.command == "fit-vq":
         return _fit_vq(args)
     # Imported here so that `--help` stays fast.
@@ -146,7 +183,10 @@ def tokenizer_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(tokenizer_command, argv, "megafusion tokenizer")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Errors name the subcommand (`megafusion tokenizer train: ...`), as argparse's own do.
+    prog = f"{PROG} {argv[0]}" if argv and argv[0] in SUBCOMMANDS else PROG
+    return run(tokenizer_command, argv, prog)
 
 
 if __name__ == "__main__":

@@ -118,15 +118,14 @@ ERRORS = [
         "megafusion train --dry-run",
         "--world-size: expected a positive integer",
     ),
-    # `data` keeps the bare prefix: tests/data/test_indexed.py asserts it.
     (
         ["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "{tmp}/t.model", "--output", "{tmp}/ds"],
-        "megafusion",
+        "megafusion data prepare",
         "none: no such shard file or directory",
     ),
     (
         ["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/tok"],
-        "megafusion tokenizer",
+        "megafusion tokenizer train",
         "none: no such shard file or directory",
     ),
     (

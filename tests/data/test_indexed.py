@@ -291,7 +291,7 @@ def test_cli_prepare(tmp_path, capsys):
         f.write('{"segments": [{"image": "imgs/missing.png"}]}\n')
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("megafusion: ") and "shard.jsonl:4" in err
+    assert err.startswith("megafusion data prepare: ") and "shard.jsonl:4" in err
     assert len(read_indexed(out)[0]) == 3
     assert main(["prepare", "--input", str(tmp_path / "nope"), "--tokenizer", sp_model, "--output", out]) == 2
     assert "nope" in capsys.readouterr().err

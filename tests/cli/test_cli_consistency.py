@@ -1,0 +1,378 @@
+"""One command line: every command reads and answers the same way.
+
+``--help`` everywhere, with a description and ``examples:`` that parse; ``--ckpt`` for what is
+read and ``--output`` for what is written (the old spellings still accepted); ``--version``;
+``train`` / ``flops`` refuse to run without ``--config``; argument errors and ``--help`` come back
+without importing torch; an output that cannot be written is refused before any work; ``data
+prepare`` warns once about documents a run at ``--seq-length`` could not pack. Commands run in
+process (``main([...])`` with capsys); only the torch-import check needs a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from megafusion.commands import convert, data, flops, generate, logits, tokenizer, train
+from megafusion.commands import eval as eval_cmd
+from megafusion.commands.main import main, version
+from megafusion.core.errors import UsageError
+from megafusion.core.io import ensure_writable_dir, ensure_writable_file_parent
+from tests.helpers import ROOT
+
+CONFIG = str(ROOT / "examples/configs/tiny_dense.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("MEGAFUSION_DEBUG", raising=False)
+
+
+# ------------------------------------------------------------------ --help and its examples
+
+# (how to call it, argv before --help); None: the `megafusion` dispatcher.
+HELPS = [
+    (None, ["train"]),
+    (None, ["flops"]),
+    (None, ["data"]),
+    (None, ["data", "prepare"]),
+    (None, ["tokenizer"]),
+    (None, ["tokenizer", "train"]),
+    (None, ["tokenizer", "fit-vq"]),
+    (None, ["convert"]),
+    (None, ["convert", "dense-to-mot"]),
+    (None, ["convert", "hf-to-mf"]),
+    (None, ["convert", "mf-to-hf"]),
+    (None, ["generate"]),
+    (None, ["eval"]),
+    (None, ["eval", "--text", "FILE"]),
+    (logits.main, []),
+]
+
+
+def _help(call, argv, flag, capsys) -> str:
+    rc = (call or main)([*argv, flag])
+    out = capsys.readouterr()
+    assert rc == 0 and out.err == "", out.err
+    return out.out
+
+
+def _parse_example(line: str):
+    """Parse an example command line with its command's own parser; returns the unknown flags."""
+    words = shlex.split(line)
+    if words[0] == "torchrun":
+        words = ["python", *words[words.index("-m") :]]
+    if words[:2] == ["python", "-m"]:
+        module = {"megafusion.train": "train", "megafusion.evaluate": "eval", "megafusion.logits": "logits"}
+        words = ["megafusion", module[words[2]], *words[3:]]
+    assert words[0] == "megafusion", line
+    command, args = words[1], words[2:]
+    if command in ("train", "flops"):
+        parsed = {"train": train, "flops": flops}[command].parser().parse_intermixed_args(args)
+        assert parsed.config, line
+        return []
+    parser = {
+        "data": data._parser,
+        "tokenizer": tokenizer._parser,
+        "convert": convert._parser,
+        "generate": generate._parser,
+        "eval": eval_cmd._text_parser if "--text" in args else eval_cmd._parser,
+        "logits": logits._parser,
+    }[command]()
+    _, rest = parser.parse_known_args(args)
+    return [word for word in rest if "=" not in word or word.startswith("-")]
+
+
+@pytest.mark.parametrize("call,argv", HELPS, ids=[" ".join(argv) or "logits" for _, argv in HELPS])
+def test_every_command_has_help_with_a_description_and_examples_that_parse(call, argv, capsys):
+    text = _help(call, argv, "--help", capsys)
+    assert text == _help(call, argv, "-h", capsys)
+    assert text.startswith("usage: ") and "\nexamples:\n" in text
+    description = text.split("\n\n")[1]
+    assert len(description) > 40 and not description.startswith(("options:", "positional")), description
+    examples = [line.strip() for line in text.split("\nexamples:\n", 1)[1].splitlines() if line.strip()]
+    assert examples
+    for line in examples:
+        assert _parse_example(line) == [], line
+
+
+def test_the_usage_lists_the_new_flag_names(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "--input CKPT" not in usage and "--out " not in usage
+    assert (
+        "convert mf-to-hf --ckpt CKPT --output DIR" in usage
+        and "generate --ckpt CKPT --prompt TEXT --output DIR" in usage
+    )
+    assert main([]) == 2 and capsys.readouterr().out == usage
+
+
+# ------------------------------------------------------------------ one spelling per flag, old ones kept
+
+
+ALIASES = [
+    (convert._parser, ["dense-to-mot", "--output", "o"], "--ckpt", "--input", "ckpt"),
+    (convert._parser, ["mf-to-hf", "--output", "o"], "--ckpt", "--input", "ckpt"),
+    (generate._parser, ["--ckpt", "c", "--prompt", "p"], "--output", "--out", "output"),
+    (logits._parser, ["--ckpt", "c", "--tokens", "t"], "--output", "--out", "output"),
+    (tokenizer._parser, ["fit-vq", "--builtin", "shapes"], "--output", "--out", "output"),
+    (eval_cmd._parser, ["--ckpt", "c"], "--output", "--out", "out"),
+]
+
+
+ALIAS_IDS = ["dense-to-mot", "mf-to-hf", "generate", "logits", "fit-vq", "eval"]
+
+
+@pytest.mark.parametrize("parser,base,new,old,dest", ALIASES, ids=ALIAS_IDS)
+def test_old_and_new_flag_spellings_parse_to_the_same_value(parser, base, new, old, dest):
+    assert getattr(parser().parse_args([*base, new, "X"]), dest) == "X"
+    assert getattr(parser().parse_args([*base, old, "X"]), dest) == "X"
+
+
+def test_version_is_printed_without_a_command(capsys):
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        assert capsys.readouterr().out == f"megafusion {version()}\n"
+    assert re.fullmatch(r"\d+\.\d+.*", version())
+
+
+# ------------------------------------------------------------------ train / flops need --config
+
+
+@pytest.mark.parametrize("argv", [["train"], ["train", "train.steps=1"], ["train", "--dry-run"], ["flops"]])
+def test_train_and_flops_without_config_print_help_and_run_nothing(argv, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be loaded without --config")
+
+    monkeypatch.setattr(train, "load_and_validate", never)
+    monkeypatch.setattr(flops, "representative_batch", never)
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(f"usage: megafusion {argv[0]}") and "examples:" in out.err
+    assert out.err.endswith(f"megafusion {argv[0]}: error: --config FILE is required (examples/configs/ has some)\n")
+
+
+def test_train_passes_configs_overrides_and_overwrite_on(capsys, monkeypatch):
+    seen = []
+
+    def load_config(path, overrides):
+        seen.append((path, overrides))
+        raise UsageError("stop here")
+
+    monkeypatch.setattr("megafusion.config.load_config", load_config)
+    argv = ["train", "a.b=1", "--config", "x.yaml", "c.d=2", "--overwrite", "--config", "y.yaml", "e.f=3"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "megafusion train: stop here\n"
+    assert seen == [(["x.yaml", "y.yaml"], ["a.b=1", "c.d=2", "e.f=3", "checkpoint.overwrite=true"])]
+    assert main(["train", "--config=x.yaml", "checkpoint.overwrite=false", "--overwrite"]) == 2
+    # --overwrite wins over an explicit checkpoint.overwrite=false: it is the last override.
+    assert seen[-1] == ("x.yaml", ["checkpoint.overwrite=false", "checkpoint.overwrite=true"])
+
+
+def test_train_keeps_the_dry_run_flags_for_the_dry_run(capsys):
+    assert main(["train", "--config", CONFIG, "--world-size", "2"]) == 2
+    assert "megafusion train: error: --world-size only goes with --dry-run" in capsys.readouterr().err
+    assert main(["train", "--conf", CONFIG]) == 2  # no abbreviations: exactly the documented flags
+    capsys.readouterr()
+    argv = ["train", "--dry-run", "--config", CONFIG, "parallel.tp=2", "--world_size=4", "--grouped", "--overwrite"]
+    assert main(argv) == 0
+    assert "world 4 = tp 2 x pp 1 x dp 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ argument errors import nothing heavy
+
+
+# (argv of `megafusion`, or of the logits tool after "logits:", and the exit status)
+LIGHT = [
+    (["--version"], 0),
+    (["--help"], 0),
+    (["train"], 2),
+    (["flops"], 2),
+    (["train", "--help"], 0),
+    (["train", "--bogus"], 2),
+    (["train", "--config", "x.yaml", "--nnodes", "2"], 2),
+    (["flops", "--help"], 0),
+    (["flops", "--config", "x.yaml", "--bogus"], 2),
+    (["data", "--help"], 0),
+    (["data", "prepare", "--help"], 0),
+    (["data", "prepare", "--bogus"], 2),
+    (["data", "prepare", "--input", "s", "--tokenizer", "t", "--output", "o", "--image-codec", "jpeg"], 2),
+    (["data", "prepare", "--input", "s", "--tokenizer", "t", "--output", "o", "--seq-length", "0"], 2),
+    (["tokenizer", "train", "--help"], 0),
+    (["tokenizer", "train", "--bogus"], 2),
+    (["tokenizer", "fit-vq", "--help"], 0),
+    (["tokenizer", "fit-vq", "--builtin", "shapes"], 2),
+    (["convert", "--help"], 0),
+    (["convert", "dense-to-mot", "--help"], 0),
+    (["convert", "dense-to-mot", "--ckpt", "c", "--output", "o", "--bogus"], 2),
+    (["convert", "hf-to-mf", "--help"], 0),
+    (["convert", "hf-to-mf", "--output", "o"], 2),
+    (["convert", "mf-to-hf", "--help"], 0),
+    (["convert", "mf-to-hf", "--input", "c"], 2),
+    (["convert", "to-onnx"], 2),
+    (["generate", "--help"], 0),
+    (["generate", "--ckpt", "c", "--prompt", "p", "--output", "o", "--sampler", "plms"], 2),
+    (["generate", "--ckpt", "c", "--prompt", "p", "--output", "o", "--steps", "0"], 2),
+    (["generate", "--ckpt", "c", "--prompt", "p", "--output", "{file}/o"], 2),
+    (["eval", "--help"], 0),
+    (["eval", "--ckpt", "c", "--bogus"], 2),
+    (["eval", "--ckpt", "c", "--text", "t", "--help"], 0),
+    (["eval", "--ckpt", "c", "--text", "t", "--bogus"], 2),
+    (["logits:", "--help"], 0),
+    (["logits:", "--ckpt", "c", "--tokens", "t"], 2),
+    (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "o.pt", "--bogus"], 2),
+    (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "{file}/o.pt"], 2),
+]
+
+PROBE = """
+import contextlib, io, json, sys
+from megafusion.commands.logits import main as logits_main
+from megafusion.commands.main import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = logits_main(argv[1:]) if argv[:1] == ["logits:"] else main(argv)
+    results.append([rc, sorted(m for m in ("torch", "megatron", "transformers") if m in sys.modules)])
+print(json.dumps(results))
+"""
+
+
+def test_argument_errors_and_help_import_no_torch(tmp_path):
+    """One fresh interpreter runs every case in turn: the first one that imports torch shows."""
+    (tmp_path / "file").write_text("")
+    cases = [[a.format(file=tmp_path / "file") for a in argv] for argv, _ in LIGHT]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MEGAFUSION_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(cases)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    for (argv, status), (rc, heavy) in zip(LIGHT, results):
+        assert (rc, heavy) == (status, []), argv
+
+
+# ------------------------------------------------------------------ outputs checked before any work
+
+
+def test_writable_checks_name_the_flag_the_path_and_the_cause(tmp_path):
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "out"
+    for check in (ensure_writable_dir, ensure_writable_file_parent):
+        with pytest.raises(UsageError) as err:
+            check(blocked, "--output")
+        assert str(err.value) == (
+            f"--output {blocked}: cannot write there ('{tmp_path / 'file'}' is a file, not a directory): "
+            "choose another --output"
+        )
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        ensure_writable_dir(tmp_path / "file", "--output")
+    with pytest.raises(UsageError, match="is a directory"):
+        ensure_writable_file_parent(tmp_path, "--output")
+    # A location that can be written: checked through its nearest existing ancestor, nothing is created
+    # (a command refused later leaves no trace) unless asked.
+    ensure_writable_dir(tmp_path / "a" / "b", "--output")
+    ensure_writable_file_parent(tmp_path / "c" / "f.pt", "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert ensure_writable_dir(tmp_path / "a" / "b", "--output", create=True).is_dir()
+
+
+# (argv with {bad}: a regular file, {tmp}: a fresh directory; the command in the error's prefix)
+UNWRITABLE = [
+    (
+        ["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "{tmp}/t.model", "--output", "{bad}/ds"],
+        "data prepare",
+    ),
+    (["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{bad}/tok"], "tokenizer train"),
+    (["tokenizer", "fit-vq", "--builtin", "shapes", "--out", "{bad}/c.safetensors"], "tokenizer fit-vq"),
+    (["convert", "dense-to-mot", "--input", "{tmp}/none", "--output", "{bad}/mot"], "convert dense-to-mot"),
+    (["convert", "mf-to-hf", "--ckpt", "{tmp}/none", "--output", "{bad}/hf"], "convert mf-to-hf"),
+    (["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{bad}/mf"], "convert hf-to-mf"),
+    (
+        ["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/mf", "--config-out", "{bad}/m.yaml"],
+        "convert hf-to-mf",
+    ),
+    (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{bad}/png"], "generate"),
+    (["eval", "--ckpt", "{tmp}/none", "--output", "{bad}/png"], "eval"),
+    (["logits:", "--ckpt", "{tmp}/none", "--tokens", "{tmp}/none.pt", "--output", "{bad}/l.pt"], "logits"),
+]
+
+
+@pytest.mark.parametrize("argv,command", UNWRITABLE, ids=[f"{i}-{c}" for i, (_, c) in enumerate(UNWRITABLE)])
+def test_an_unwritable_output_is_refused_before_any_work(argv, command, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file"
+    argv = [a.format(tmp=tmp_path, bad=bad) for a in argv]
+    rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
+    err = capsys.readouterr().err
+    flag = "--config-out" if "--config-out" in argv else "--output"
+    path = argv[argv.index(flag) + 1] if flag in argv else argv[argv.index("--out") + 1]
+    assert rc == 2 and err.count("\n") == 1, err
+    # The missing inputs (checkpoint, shards, HF directory) would be reported next: the output came first.
+    assert err == (
+        f"megafusion {command}: {flag} {path}: cannot write there ('{bad}' is a file, not a directory): "
+        f"choose another {flag}\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_output_that_is_a_file_is_refused_as_a_directory(tmp_path, capsys):
+    (tmp_path / "png").write_text("")
+    argv = ["generate", "--ckpt", str(tmp_path / "none"), "--prompt", "x", "--output", str(tmp_path / "png")]
+    assert main(argv) == 2
+    assert "is a file, not a directory): choose another --output" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ data prepare: documents longer than a row
+
+
+def test_data_prepare_warns_once_about_documents_longer_than_a_row(tmp_path, capsys):
+    from megafusion.config import Config
+    from megafusion.core.errors import DataError
+    from megafusion.data.formats.indexed import read_indexed
+    from megafusion.data.packing import pack_documents
+    from megafusion.data.tokenizers.joint import train_sentencepiece
+
+    assert data.DEFAULT_SEQ_LENGTH == Config().model.seq_length
+    words = "red blue green circle square triangle at the top left of a white field".split()
+    texts = [" ".join(words[: 2 + (3 * i) % len(words)]) for i in range(12)]
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text("".join(json.dumps({"segments": [{"text": t}]}) + "\n" for t in texts))
+    sp_model = train_sentencepiece(texts * 4, 60, str(tmp_path / "sp"))
+    out = str(tmp_path / "ds")
+    base = ["data", "prepare", "--input", str(shard), "--tokenizer", sp_model, "--output", out]
+
+    assert main([*base, "--seq-length", "1000"]) == 0
+    assert capsys.readouterr().err == ""
+    docs, meta = read_indexed(out)
+    lengths = sorted(len(doc.tokens) for doc in docs)
+    seq_length = lengths[len(lengths) // 2]  # about half the documents do not fit in a row of seq_length + 1
+    long = [n for n in lengths if n > seq_length + 1]
+    assert 0 < len(long) < len(docs)
+
+    assert main([*base, "--seq-length", str(seq_length)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"megafusion data prepare: warning: {len(long)} of {len(docs)} documents are longer than --seq-length "
+        f"{seq_length} allows ({seq_length + 1} tokens per packed row; longest {max(long)}): "
+    ), err
+    assert (
+        f"train with model.seq_length={max(long) - 1} or more, split the documents in the shards, or drop them" in err
+    )
+    # The warning's criterion is packing's: at that length packing refuses the data, one shorter fits it all.
+    with pytest.raises(DataError, match="documents are never cut"):
+        pack_documents(docs, seq_length, meta["pad_id"])
+    assert pack_documents(docs, max(long) - 1, meta["pad_id"]).num_rows > 0
+    assert len(read_indexed(out)[0]) == len(docs)  # the data is written all the same
