@@ -2,7 +2,7 @@
 runs (its command line: :mod:`megafusion.commands.eval`).
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
-        [--seed 0] [--out DIR]
+        [--seed 0] [--output DIR]
     [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
@@ -20,7 +20,7 @@ whose colour / shape / position (and all three) match the caption, with the chan
 each attribute beside them. ``caption_gap``: the diffusion loss of the same held-out images
 under their own caption and under another's, at a few noise levels, without sampling (a model
 that ignores its captions scores the same under both). One JSON object goes to stdout;
-``--out`` also keeps the PNGs.
+``--output`` also keeps the PNGs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 generate`` runs (its command line: :mod:`megafusion.commands.generate`).
 
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]
-        --out DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
+        --output DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
         [--max-new-tokens 32] [--temperature 0] [--seed 0] [--no-kv-cache]
 
 For each prompt: ``<bos>`` + the prompt's pieces, then text is decoded token by token

@@ -2,7 +2,7 @@
 
     megafusion convert hf-to-mf --hf DIR --output CKPT_DIR [--config-out FILE.yaml]
         [--vocab-multiple 128 | --vocab-size N]
-    megafusion convert mf-to-hf --input CKPT --output DIR [--vocab-size N]
+    megafusion convert mf-to-hf --ckpt CKPT --output DIR [--vocab-size N]
 
 ``hf-to-mf`` reads a ``LlamaForCausalLM`` directory (config.json + ``model.safetensors`` or
 sharded ``model-*.safetensors`` with their index) and writes a weights-only megafusion
