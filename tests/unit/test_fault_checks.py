@@ -1,0 +1,49 @@
+"""The in-process pieces of fault handling: the free-space check before a save, loss-spike events,
+and the resume review's decisions (the end-to-end cases are in tests/distributed/test_faults.py)."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from megafusion.checkpoint import io
+from megafusion.config import load_config
+from megafusion.core.errors import CheckpointError
+from megafusion.training import resume_changes
+from megafusion.training.numerics import SpikeWatch
+from tests.helpers import ROOT
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(CheckpointError) as err:
+        io._check_free_space(tmp_path / "ckpt", needed=2**30)
+    assert str(tmp_path / "ckpt") in str(err.value) and "1.00 GiB" in str(err.value) and "1.0 MiB" in str(err.value)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 0, 10 * 2**30))
+    io._check_free_space(tmp_path / "ckpt", needed=2**30)  # room: no error
+
+
+def test_loss_spikes_are_events_and_ordinary_noise_is_not():
+    watch = SpikeWatch(3.0)
+    events = [watch.check(step, loss) for step, loss in enumerate([2.0, 2.1, 1.9, 2.0, 2.05, 2.2, 7.0, 2.0], 1)]
+    assert [e["step"] for e in events if e] == [7]
+    assert events[6]["ratio"] > 3 and "loss spike at step 7" in events[6]["message"]
+    assert all(SpikeWatch(0).check(s, 1e9 if s == 9 else 1.0) is None for s in range(1, 12))
+
+
+def test_resume_review_applies_the_schedule_and_refuses_the_stream():
+    saved = load_config(str(ROOT / "tests/configs/parity.yaml"), []).to_dict()
+    cfg = load_config(str(ROOT / "tests/configs/parity.yaml"), ["train.steps=50", "train.lr=1e-3", "parallel.tp=2"])
+    lines = resume_changes.review("ckpt", saved, cfg)
+    assert any(line.startswith("train.steps: 5 -> 50") for line in lines)
+    assert any("parallel.tp: 1 -> 2 (resharded on load)" in line for line in lines)
+    assert any("cosine decay to 0.0003 at step 50" in line for line in lines)
+    for change in ("model.seq_length=16", "train.seed=1", "data.docs_per_sequence=3"):
+        with pytest.raises(CheckpointError, match=change.split("=")[0].replace(".", r"\.")):
+            resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
+    quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), ["logging.log_interval=5", "train.on_nan=skip"])
+    assert resume_changes.review("ckpt", saved, quiet) == []
