@@ -108,6 +108,9 @@ def run(
         loaded = sys.modules.get("megafusion.runtime") if runtime else None
         if loaded is not None:
             loaded.shutdown()
+        children = sys.modules.get("megafusion.runtime.children") if runtime else None
+        if children is not None:  # a training run: no process it started outlives it, on any exit path
+            children.reap_children()
 
 
 def version() -> str:

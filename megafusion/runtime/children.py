@@ -19,6 +19,7 @@ import sys
 
 _PR_SET_PDEATHSIG = 1
 _installed = False
+_before: set[int] = set()  # children that existed before the run (an in-process caller's own)
 
 
 def _set_pdeathsig() -> None:
@@ -30,7 +31,10 @@ def _set_pdeathsig() -> None:
 
 def die_with_parent() -> None:
     """Every process forked from now on is killed when this one dies (idempotent)."""
-    global _installed
+    global _installed, _before
+    import psutil
+
+    _before = {c.pid for c in psutil.Process().children(recursive=True)}
     if _installed or not sys.platform.startswith("linux"):
         return
     os.register_at_fork(after_in_child=_set_pdeathsig)
@@ -38,11 +42,12 @@ def die_with_parent() -> None:
 
 
 def reap_children(timeout: float = 3.0) -> list[int]:
-    """Terminate (then kill) every descendant process still alive; returns their pids."""
+    """Terminate (then kill) every descendant process started since :func:`die_with_parent` that
+    is still alive; returns their pids."""
     import psutil
 
     try:
-        children = psutil.Process().children(recursive=True)
+        children = [c for c in psutil.Process().children(recursive=True) if c.pid not in _before]
     except psutil.Error:
         return []
     for child in children:

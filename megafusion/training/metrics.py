@@ -49,10 +49,9 @@ class MetricsLogger:
             return
         os.makedirs(self.out_dir, exist_ok=True)
         self.path = os.path.join(self.out_dir, "metrics.jsonl")
-        if start_step > 0 and os.path.exists(self.path):
-            _drop_after(self.path, start_step)
+        earlier = _drop_after(self.path, start_step) if os.path.exists(self.path) else False
         self._file = open(self.path, "a")
-        if start_step > 0:
+        if earlier:  # a resume, or a restart of a run that died before its first checkpoint
             self._write({"step": start_step, "event": "resumed"})
         if cfg.logging.wandb:
             self._wandb = _start_wandb(cfg)
@@ -116,8 +115,8 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _drop_after(path: str, step: int) -> None:
-    """Rewrite ``path`` without the records of steps after ``step``."""
+def _drop_after(path: str, step: int) -> bool:
+    """Rewrite ``path`` without the records of steps after ``step``; whether it held any record."""
     from megafusion.core.io import atomic_write
 
     with open(path, encoding="utf-8") as f:
@@ -132,6 +131,7 @@ def _drop_after(path: str, step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         atomic_write(path, "".join(kept))
+    return bool(lines)
 
 
 def duration(seconds: float) -> str:

@@ -85,13 +85,18 @@ def claim(cfg, root: Path, resuming: bool, say) -> None:
                     f"(and checkpoint.dir), or pass --overwrite (checkpoint.overwrite=true) to delete that run's "
                     f"checkpoints and metrics first"
                 )
-            if dist.get_rank() == 0:
-                for p in held:
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    else:
-                        p.unlink()
-            say(f"[megafusion] --overwrite: deleted the previous run's {', '.join(p.name for p in held)}")
+    else:
+        held, restart = [], True
+    # Every rank has decided from the files as they were: only now may rank 0 change them.
+    dist.barrier()
+    if held and not restart:
+        if dist.get_rank() == 0:
+            for p in held:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        say(f"[megafusion] --overwrite: deleted the previous run's {', '.join(p.name for p in held)}")
     if dist.get_rank() == 0:
         previous = {}
         if resuming and record_path.exists():

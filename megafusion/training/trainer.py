@@ -412,22 +412,24 @@ def train(cfg, runtime=None) -> list[float]:
     run_dir.check_output_paths(cfg, root)
     resume_from = ckpt.checkpoint_to_resume(root, cfg.checkpoint.load_step) if cfg.checkpoint.resume else None
     run_dir.claim(cfg, root, resume_from is not None, print if runtime.is_logging_rank else lambda _: None)
-    die_with_parent()  # checkpoint writer processes die with this one, whatever kills it
-    seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, runtime)
-    start_step, consumed, origin, changes = _resume(trainer, resume_from)
-    t, c = cfg.train, cfg.checkpoint
-    log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step, runtime.device.type)
-    _banner(trainer, log, root, origin)
-    for line in changes:
-        log.say(f"[megafusion] resume: {line}")
-    note = _epochs_note(trainer, start_step)
-    if note:
-        log.say(note)
-    losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None
-    spikes, skipped_in_a_row = numerics.SpikeWatch(t.spike_factor), 0
-    began = time.perf_counter()
-    with StopSignals(t.stop_signals, t.stop_deadline_s, runtime.rank) as stop:
+    # The stop signals are handled from here on: a signal while the model is built stops the run
+    # after its first step (saved), not with a half-built process killed outright.
+    with StopSignals(cfg.train.stop_signals, cfg.train.stop_deadline_s, runtime.rank) as stop:
+        die_with_parent()  # checkpoint writer processes die with this one, whatever kills it
+        seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, runtime)
+        start_step, consumed, origin, changes = _resume(trainer, resume_from)
+        t, c = cfg.train, cfg.checkpoint
+        log = MetricsLogger(cfg, runtime.is_logging_rank, t.steps, start_step, runtime.device.type)
+        _banner(trainer, log, root, origin)
+        for line in changes:
+            log.say(f"[megafusion] resume: {line}")
+        note = _epochs_note(trainer, start_step)
+        if note:
+            log.say(note)
+        losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None
+        spikes, skipped_in_a_row = numerics.SpikeWatch(t.spike_factor), 0
+        began = time.perf_counter()
         try:
             for step in range(start_step, t.steps):
                 stop.injected(step + 1)
