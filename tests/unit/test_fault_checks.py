@@ -10,8 +10,8 @@ import pytest
 
 from megafusion.checkpoint import io
 from megafusion.config import load_config
-from megafusion.core.errors import CheckpointError
-from megafusion.training import resume_changes
+from megafusion.core.errors import CheckpointError, UsageError
+from megafusion.training import resume_changes, run_dir
 from megafusion.training.numerics import SpikeWatch
 from tests.helpers import ROOT
 
@@ -47,3 +47,17 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
             resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
     quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), ["logging.log_interval=5", "train.on_nan=skip"])
     assert resume_changes.review("ckpt", saved, quiet) == []
+
+
+def test_every_output_path_is_checked_writable_before_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    base = ["data.source=builtin", f"logging.out_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/cache"]
+    ok = load_config(str(ROOT / "examples/configs/tiny_mixed.yaml"), base)
+    run_dir.check_output_paths(ok, tmp_path / "ckpt")
+    for key in ("logging.out_dir", "data.cache_dir", "logging.dump_losses"):
+        cfg = load_config(str(ROOT / "examples/configs/tiny_mixed.yaml"), [*base, f"{key}={blocker}/sub"])
+        with pytest.raises(UsageError, match=rf"{key.replace('.', '[.]')} .*a_file"):
+            run_dir.check_output_paths(cfg, tmp_path / "ckpt")
+    with pytest.raises(UsageError, match="logging.out_dir/checkpoints .*a_file"):
+        run_dir.check_output_paths(ok, blocker / "ckpt")
