@@ -8,8 +8,8 @@ compares it with the resuming run's, key by key:
   its data, so it is refused with the way out (keep the value, or a new run from these weights);
 - **applied and said**: the schedule (``train.steps``, ``lr``, ``min_lr``, ``warmup_steps``,
   ``weight_decay``: the LR scheduler is rebuilt from the run's config at the saved step, since
-  megatron-core's would otherwise keep the checkpoint's), Adam's betas and epsilon (written into
-  the loaded optimizer's parameter groups), the batch sizes (samples continue from the consumed
+  megatron-core's would otherwise keep the checkpoint's; each parameter group's ``max_lr`` /
+  ``min_lr`` too), Adam's betas and epsilon (written into the loaded optimizer's parameter groups), the batch sizes (samples continue from the consumed
   count), the objective's weights, the layout (resharded on load), the data files' paths;
 - **not reported**: logging, evaluation, checkpointing and fault-handling keys.
 
@@ -82,9 +82,14 @@ def review(path, saved_config: dict, cfg) -> list[str]:
 
 
 def apply_optimizer_settings(optimizer, cfg) -> None:
-    """Adam's betas and epsilon of the run's config (a loaded optimizer keeps the checkpoint's)."""
+    """The run's LR bounds, Adam betas and epsilon in the loaded optimizer's parameter groups (they come
+    back from the checkpoint, and megatron-core's scheduler reads each group's ``max_lr`` / ``min_lr``)."""
     t = cfg.train
     for group in optimizer.param_groups:
+        if "max_lr" in group:
+            group["max_lr"] = t.lr
+        if "min_lr" in group:
+            group["min_lr"] = t.min_lr
         if "betas" in group:
             group["betas"] = (t.adam_beta1, t.adam_beta2)
         if "eps" in group:

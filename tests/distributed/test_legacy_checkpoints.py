@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from megafusion.config import load_config
 from tests.helpers import ROOT, run_train
 
 FIXTURES = ROOT / "tests" / "fixtures" / "legacy_checkpoints"
@@ -57,7 +58,17 @@ def test_a_checkpoint_from_before_resumes_to_the_same_losses_and_logits(name, tm
     expected = json.loads((FIXTURES / name / "expected.json").read_text())
     ckpt = copy(FIXTURES / name / "checkpoints", tmp_path / "checkpoints")
     # A fresh data.cache_dir: the Transfusion run's tokenizer is trained again (the manifest's sha256 checks it).
-    overrides = [*expected["overrides"], "train.steps=4", f"checkpoint.dir={ckpt}", f"data.cache_dir={tmp_path}"]
+    # The fixtures trained 2 of train.steps=2; the resume runs to 4. megatron-core's scheduler then kept the
+    # checkpoint's schedule (decay over 2 steps: steps 3-4 at min_lr), which is what the recorded step-4 loss
+    # shows; a resume now follows its own config, so it asks for that LR: train.lr = min_lr.
+    min_lr = load_config(str(ROOT / expected["config"]), expected["overrides"]).train.min_lr
+    overrides = [
+        *expected["overrides"],
+        "train.steps=4",
+        f"train.lr={min_lr}",
+        f"checkpoint.dir={ckpt}",
+        f"data.cache_dir={tmp_path}",
+    ]
     calls = [lambda: run_train(tmp_path, 1, expected["config"], overrides, name)]
     if name != "transfusion":
         read = copy(ckpt, tmp_path / "read")  # the logits read a copy of their own
