@@ -11,7 +11,7 @@ compares it with the resuming run's, key by key:
   megatron-core's would otherwise keep the checkpoint's; each parameter group's ``max_lr`` /
   ``min_lr`` too), Adam's betas and epsilon (written into the loaded optimizer's parameter groups), the batch sizes (samples continue from the consumed
   count), the objective's weights, the layout (resharded on load), the data files' paths;
-- **not reported**: logging, evaluation, checkpointing and fault-handling keys.
+- **not reported**: logging, evaluation, checkpointing and fault-handling keys, ``data.cache_dir``.
 
 Model shapes are compared by ``checkpoint.check_compatible`` before any of this.
 """
@@ -46,7 +46,8 @@ def _changes(saved: dict, now: dict) -> list[tuple[str, str, object, object]]:
             continue
         before = saved.get(section, {})
         for key, value in values.items():
-            if key in before and before[key] != value and not (section == "train" and key in QUIET_TRAIN_KEYS):
+            quiet = (section == "train" and key in QUIET_TRAIN_KEYS) or (section, key) == ("data", "cache_dir")
+            if key in before and before[key] != value and not quiet:
                 out.append((section, key, before[key], value))
     return out
 

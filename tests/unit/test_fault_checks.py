@@ -45,7 +45,7 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
     for change in ("model.seq_length=16", "train.seed=1", "data.docs_per_sequence=3"):
         with pytest.raises(CheckpointError, match=change.split("=")[0].replace(".", r"\.")):
             resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
-    quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), ["logging.log_interval=5", "train.on_nan=skip"])
+    quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), ["logging.log_interval=5", "train.on_nan=skip", "data.cache_dir=elsewhere"])
     assert resume_changes.review("ckpt", saved, quiet) == []
 
 
