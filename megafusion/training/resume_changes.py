@@ -9,8 +9,9 @@ compares it with the resuming run's, key by key:
 - **applied and said**: the schedule (``train.steps``, ``lr``, ``min_lr``, ``warmup_steps``,
   ``weight_decay``: the LR scheduler is rebuilt from the run's config at the saved step, since
   megatron-core's would otherwise keep the checkpoint's; each parameter group's ``max_lr`` /
-  ``min_lr`` too), Adam's betas and epsilon (written into the loaded optimizer's parameter groups), the batch sizes (samples continue from the consumed
-  count), the objective's weights, the layout (resharded on load), the data files' paths;
+  ``min_lr`` too), Adam's betas and epsilon (written into the loaded optimizer's parameter
+  groups), the batch sizes (samples continue from the consumed count), the objective's weights,
+  the layout (resharded on load), the data files' paths;
 - **not reported**: logging, evaluation, checkpointing and fault-handling keys, ``data.cache_dir``.
 
 Model shapes are compared by ``checkpoint.check_compatible`` before any of this.

@@ -124,8 +124,9 @@ class Trainer:
         comes back with ``skipped`` (what was not finite, and where); the loop applies train.on_nan."""
         start = time.perf_counter()
         microbatches = self._microbatches(self.data.train, consumed)
-        if _injected_nan(step + 1):
-            microbatches[_injected_nan(step + 1)[1]]["inject_nan"] = True
+        poisoned = _injected_nan(step + 1)
+        if poisoned is not None:
+            microbatches[poisoned]["inject_nan"] = True
         # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
         flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
@@ -302,11 +303,12 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
     return progress["step"], progress["consumed_samples"], f"resumed from {path} ({progress['verified']})", changes
 
 
-def _injected_nan(step: int) -> tuple[int, int] | None:
-    """Test hook: ``MEGAFUSION_FAULT=nan:<step>[:<microbatch>]`` poisons that microbatch's output."""
+def _injected_nan(step: int) -> int | None:
+    """Test hook: ``MEGAFUSION_FAULT=nan:<step>[:<microbatch>]``: the microbatch (of this rank's) whose
+    output that step poisons."""
     fault = os.environ.get("MEGAFUSION_FAULT", "").split(":")
     if fault[0] == "nan" and int(fault[1]) == step:
-        return step, int(fault[2]) if len(fault) > 2 else 0
+        return int(fault[2]) if len(fault) > 2 else 0
     return None
 
 
@@ -358,7 +360,10 @@ def _summary(cfg, start_step: int, last: dict | None, val: dict | None, wall: fl
     return text + f" | checkpoint {saved if saved else 'none saved'}"
 
 
-def _epochs_note(trainer: Trainer, start_step: int) -> str | None:
+TINY_DATA_EPOCHS = 10  # warn from this many passes over the training set
+
+
+def _epochs_note(trainer: Trainer) -> str | None:
     """A warning when the steps ask for many passes over a small training set."""
     rows = getattr(trainer.data.train, "num_rows", None)
     t = trainer.cfg.train
@@ -372,9 +377,6 @@ def _epochs_note(trainer: Trainer, start_step: int) -> str | None:
         f"train.global_batch_size={t.global_batch_size} read {epochs:.0f} epochs of it: the model will memorise "
         f"it; use more data (data.num_samples for the built-in sets) or fewer steps"
     )
-
-
-TINY_DATA_EPOCHS = 10
 
 
 def _save(trainer: Trainer, root: Path, step: int, consumed: int) -> Path:
@@ -424,7 +426,7 @@ def train(cfg, runtime=None) -> list[float]:
         _banner(trainer, log, root, origin)
         for line in changes:
             log.say(f"[megafusion] resume: {line}")
-        note = _epochs_note(trainer, start_step)
+        note = _epochs_note(trainer)
         if note:
             log.say(note)
         losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None

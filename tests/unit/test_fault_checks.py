@@ -45,7 +45,8 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
     for change in ("model.seq_length=16", "train.seed=1", "data.docs_per_sequence=3"):
         with pytest.raises(CheckpointError, match=change.split("=")[0].replace(".", r"\.")):
             resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
-    quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), ["logging.log_interval=5", "train.on_nan=skip", "data.cache_dir=elsewhere"])
+    unreported = ["logging.log_interval=5", "train.on_nan=skip", "data.cache_dir=elsewhere"]
+    quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), unreported)
     assert resume_changes.review("ckpt", saved, quiet) == []
 
 
@@ -61,3 +62,19 @@ def test_every_output_path_is_checked_writable_before_work(tmp_path):
             run_dir.check_output_paths(cfg, tmp_path / "ckpt")
     with pytest.raises(UsageError, match="logging.out_dir/checkpoints .*a_file"):
         run_dir.check_output_paths(ok, blocker / "ckpt")
+
+
+def test_many_epochs_of_a_small_training_set_are_announced():
+    from types import SimpleNamespace
+
+    from megafusion.training.trainer import _epochs_note
+
+    cfg = load_config(str(ROOT / "tests/configs/parity.yaml"), ["train.steps=100", "train.global_batch_size=8"])
+
+    def trainer(rows):
+        return SimpleNamespace(cfg=cfg, data=SimpleNamespace(train=SimpleNamespace(num_rows=rows)))
+
+    note = _epochs_note(trainer(40))  # 100 x 8 samples over 40 rows: 20 epochs
+    assert "holds 40 rows" in note and "20 epochs" in note and "data.num_samples" in note
+    assert _epochs_note(trainer(400)) is None  # 2 epochs: ordinary
+    assert _epochs_note(SimpleNamespace(cfg=cfg, data=SimpleNamespace(train=object()))) is None  # endless data
