@@ -144,10 +144,10 @@ def save_checkpoint(
             failure = _describe_failure(err, path, needed)
         failure = _agree(failure)
     if failure is not None:
-        if dist.get_rank() == 0:
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+        if dist.get_rank() == 0 and previous != path.name:  # never the one `latest` already names
             shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
-        previous = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
         raise CheckpointError(
             f"saving checkpoint {path} failed: {failure}. Nothing of it was kept; "
             + (f"{root / LATEST} still names {previous}, which resumes" if previous else "no earlier checkpoint exists")
