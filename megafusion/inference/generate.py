@@ -10,14 +10,16 @@ For each prompt: ``<bos>`` + the prompt's pieces, then text is decoded token by 
 (``--image`` forces ``<boi>`` right after the prompt). On ``<boi>`` the image's placeholder
 positions are appended and its latent is sampled by iterative denoising (DDPM / DDIM, or
 Euler for flow) with classifier-free guidance: the unconditional branch is the same sequence
-with the caption hidden from the patches, exactly the view caption dropout trains; then
+with the caption hidden from the patches and from their ``<boi>``, exactly the view caption
+dropout trains (no layer of it reads the caption); then
 ``<eoi>`` follows and text resumes. Images are written as ``DIR/<prompt index>_<image>.png``;
 a JSON line per prompt on stdout lists the text and the image files.
 
 KV cache: megatron-core's ``StaticInferenceContext`` holds every layer's keys and values, so a
-text step runs one position, and each denoising step runs only the image's patches against
-the cached prefix (their slots are overwritten at every step, conditional and unconditional
-alike). Once sampled, the clean image (``t = 0``) is run once more with its ``<eoi>``, so later
+text step runs one position, and each denoising step runs only the image's ``<boi>`` and patches
+against the cached prefix (their slots are overwritten at every step, conditional and
+unconditional alike: the two views differ in ``<boi>``'s keys from the second layer on). Once
+sampled, the clean image (``t = 0``) is run once more with its ``<boi>`` and ``<eoi>``, so later
 text reads the same keys as a full recomputation would give; ``--no-kv-cache`` does that full
 recomputation at every step (the reference the cache is tested against).
 
@@ -92,8 +94,8 @@ class Generator:
         the run positions are written into it (overwriting, so the denoising steps of one image
         reuse the same slots); without one, ``start`` must be 0. ``current`` = ``(x_t, t)`` of the
         image being denoised (the last span); finished images enter as clean latents at
-        ``t = 0``. ``hide`` = index of an image whose patches see no caption (the unconditional
-        view, what caption dropout trains). Returns (logits of the last position, image
+        ``t = 0``. ``hide`` = index of an image whose patches and ``<boi>`` see no caption (the
+        unconditional view, what caption dropout trains). Returns (logits of the last position, image
         predictions of the images in the run part, in order).
         """
         from megafusion.core.modality import Modality
@@ -110,7 +112,7 @@ class Generator:
         for k, (a, b) in enumerate(seq.spans):
             image_ids[0, a:b] = k
             if k == hide:
-                first_key[0, a:b] = a - 1  # the image's <boi>
+                first_key[0, a - 1 : b] = a - 1  # the image's <boi> and patches start at that <boi>
         # The run positions' rows of the full mask, against every key up to the last one.
         mask = dense_mask(torch.zeros_like(image_ids), image_ids, first_key, first_query=start).to(device)
         image_ids = image_ids[:, start:]
@@ -167,12 +169,14 @@ class Generator:
         # Pixel latents live in [-1, 1]: clip the x0 estimates there (VAE latents have no fixed range).
         clip = 1.0 if self.cfg.objective.latent_codec == "pixels" else None
         sampler = make_sampler(kind, self.schedule, args.steps, clip_range=clip)
-        k, first = len(seq.spans) - 1, seq.spans[-1][0]
-        if cache is not None and seq.cached < first:
-            # Bring the cache up to the image's <boi>; each denoising step then runs only the patches.
-            self._forward(seq.prefix(first), seq.cached, cache)
-            seq.cached = first
-        start = first if cache is not None else 0
+        k, boi = len(seq.spans) - 1, seq.spans[-1][0] - 1
+        if cache is not None and seq.cached < boi:
+            # Bring the cache up to just before the image's <boi>; each denoising step then runs
+            # the <boi> (whose keys differ between the two views) and the patches.
+            self._forward(seq.prefix(boi), seq.cached, cache)
+        if cache is not None:
+            seq.cached = boi
+        start = boi if cache is not None else 0
 
         def predict(x, t, hide=None):
             return self._forward(seq, start, cache, current=(x, t), hide=hide)[1][-1:].cpu()

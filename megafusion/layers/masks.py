@@ -72,8 +72,10 @@ def dense_mask(
     ``image_ids=None`` gives the text-only mask (causal + same document). ``first_key`` ``[b, s]``
     (optional) hides from query ``i`` every key before position ``first_key[i]`` except its
     document's first token: caption dropout for classifier-free guidance gives a dropped image's
-    patches ``first_key`` = its ``<boi>``, so they see ``<bos> <boi>`` and their own image, exactly
-    the unconditional prompt of generation. ``first_query`` > 0 builds only the rows of queries
+    patches and its ``<boi>`` ``first_key`` = that ``<boi>``, so the patches see ``<bos> <boi>`` and
+    their own image, and the ``<boi>`` sees no caption either: the unconditional prompt of
+    generation at every layer (see :func:`megafusion.objectives.transfusion.caption_dropout`).
+    ``first_query`` > 0 builds only the rows of queries
     ``first_query .. s-1`` (``[b, 1, s - first_query, s]``, equal to those rows of the whole mask):
     decoding with a KV cache needs the new positions' rows only, O(s) per token instead of O(s^2).
     """

@@ -56,8 +56,16 @@ def captioned(batch: dict, row: int, image: int) -> bool:
 
 
 def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
-    """``first_key`` ``[b, s]`` for :func:`megafusion.layers.masks.dense_mask`: 0, except for the
-    patches of a dropped image, whose first visible key (besides ``<bos>``) is their ``<boi>``.
+    """``first_key`` ``[b, s]`` for :func:`megafusion.layers.masks.dense_mask`: 0, except for a
+    dropped image's patches and its ``<boi>``, whose first visible key (besides the document's
+    ``<bos>``) is that ``<boi>``.
+
+    Hiding the caption from the patches alone is not enough: ``<boi>`` is a text token that reads
+    the caption causally, and from the second layer on its keys and values would carry the caption
+    to the patches. With ``<boi>`` restricted too, every position a dropped patch reads, directly
+    or through any chain of layers, sees only ``<bos>``, ``<boi>`` and the image: the unconditional
+    prompt ``<bos> <boi>`` at every layer (the caption's length still sets the RoPE offsets, as it
+    does in generation's unconditional pass). Later text still reads the caption directly.
 
     Each captioned image is dropped with probability ``rate``, from a generator keyed by (seed,
     sample, image) like its noise, so every layout drops the same images.
@@ -71,7 +79,9 @@ def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
             gen = _image_generator(seed, int(batch["sample_ids"][row]), k, salt="caption-dropout")
             if torch.rand((), generator=gen) < rate and captioned(batch, row, k):
                 patches = image_ids[row] == k
-                first_key[row][patches] = int(patches.nonzero()[0]) - 1  # the image's <boi>
+                boi = int(patches.nonzero()[0]) - 1
+                first_key[row][patches] = boi
+                first_key[row, boi] = boi  # <boi> sees <bos> and itself
     return first_key
 
 
@@ -79,16 +89,18 @@ def attended_keys(batch: dict) -> torch.Tensor:
     """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
     from megafusion.layers.attended_keys import attended_keys as mixed_keys
 
-    keys = mixed_keys(batch["document_ids"], batch["image_ids"])
+    image_ids = batch["image_ids"]
+    keys = mixed_keys(batch["document_ids"], image_ids)
     dropped = batch["first_key"] > 0
     if dropped.any():
-        # A dropped patch sees <bos>, <boi> and every patch of its image.
+        # A dropped patch sees <bos>, <boi> and every patch of its image; a dropped <boi> sees
+        # <bos> and itself.
         size = torch.zeros_like(keys)
         for row in range(keys.shape[0]):
-            ids = batch["image_ids"][row]
+            ids = image_ids[row]
             counts = torch.bincount(ids[ids >= 0])
             size[row][ids >= 0] = counts[ids[ids >= 0]]
-        keys = torch.where(dropped, size + 2, keys)
+        keys = torch.where(dropped, torch.where(image_ids >= 0, size + 2, 2), keys)
     return keys
 
 

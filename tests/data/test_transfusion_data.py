@@ -129,7 +129,12 @@ def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
     assert torch.equal(first_key, caption_dropout(batch, 1, 0.5))  # keyed, not random per call
     batch["first_key"] = first_key
     dropped = first_key > 0
-    assert dropped.any() and (batch["image_ids"][dropped] >= 0).all()
+    patches = dropped & (batch["image_ids"] >= 0)
+    assert patches.any()
+    # Besides the patches, one position per dropped image: its <boi>, which sees <bos> and itself.
+    rows, cols = (dropped & ~patches).nonzero(as_tuple=True)
+    assert (batch["tokens"][rows, cols] == tok.boi_id).all() and torch.equal(first_key[rows, cols], cols)
+    assert {(r, int(first_key[r, c])) for r, c in patches.nonzero().tolist()} == set(zip(rows.tolist(), cols.tolist()))
 
     doc, img = batch["document_ids"], batch["image_ids"]
     mask = dense_mask(doc, img, first_key)
@@ -142,6 +147,20 @@ def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
             for j in range(s):
                 hidden = first_key[r, i] > 0 and j < first_key[r, i] and not starts[r, j]
                 assert bool(mask[r, 0, i, j]) == (bool(plain[r, 0, i, j]) or hidden)
+    # Through any chain of layers: everything a dropped patch reads, directly or through what it
+    # reads, is its document's first token, its <boi> or its image (the transitive closure).
+    allowed = (~mask[:, 0]).to(torch.int64)
+    reach = allowed.clone()
+    while True:
+        grown = reach | ((reach @ allowed) > 0).to(torch.int64)
+        if torch.equal(grown, reach):
+            break
+        reach = grown
+    for r, i in patches.nonzero().tolist():
+        boi = int(first_key[r, i])
+        own = starts[r] & (doc[r] == doc[r, i])
+        own[boi:] |= (img[r, boi:] == img[r, i]) | (torch.arange(s - boi) == 0)
+        assert reach[r, i].bool().equal(own), f"row {r}: dropped patch {i} reaches past its <bos> <boi> image"
     assert torch.equal(attended_keys(batch), attended_keys_from_mask(mask))
     flex = block_mask(doc, img, block_size=32, first_key=first_key)
     q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")

@@ -2,9 +2,10 @@
 
 Each check runs in a fresh process (the generator initialises megatron-core's parallel state)
 on a Transfusion checkpoint trained for two steps: every denoising prediction of an image
-(conditional and caption-hidden, repeated so the overwritten slots are exercised), the logits
-after the finished image and its ``<eoi>``, and each following text step, from the cache,
-against the same positions computed from scratch without a cache.
+(conditional and caption-hidden, alternating and repeated so the overwritten slots of ``<boi>``
+and the patches are exercised: the two views differ in ``<boi>``'s keys from layer 2 on), the
+logits after the finished image and its ``<eoi>``, and each following text step, from the
+cache, against the same positions computed from scratch without a cache.
 """
 
 from __future__ import annotations
@@ -41,14 +42,21 @@ def check_cache_matches_recomputation(ckpt: str) -> None:
     hidden = g._forward(seq, 0, None, current=(xt, t), hide=0)[1]
     # Otherwise the caption-hidden comparison below would not test the cached mask.
     assert (conditional - hidden).abs().max() > 1e-4
+    # The unconditional view does not read the caption at any layer: another caption of the same
+    # length (its pieces reversed) gives the same prediction, bit for bit.
+    other = [prompt[0], *prompt[-2:0:-1], prompt[-1]]
+    other = _Sequence(other + [tok.image_offset] * g.patches, [(first, first + g.patches)])
+    assert torch.equal(g._forward(other, 0, None, current=(xt, t), hide=0)[1], hidden)
+    assert (g._forward(other, 0, None, current=(xt, t))[1] - conditional).abs().max() > 1e-4
     cache = g.new_cache()
-    g._forward(seq.prefix(first), 0, cache)
+    boi = first - 1
+    g._forward(seq.prefix(boi), 0, cache)
     for step in range(2):
-        close(g._forward(seq, first, cache, current=(xt, t))[1], conditional, f"denoising step {step}")
-        close(g._forward(seq, first, cache, current=(xt, t), hide=0)[1], hidden, f"unconditional step {step}")
+        close(g._forward(seq, boi, cache, current=(xt, t))[1], conditional, f"denoising step {step}")
+        close(g._forward(seq, boi, cache, current=(xt, t), hide=0)[1], hidden, f"unconditional step {step}")
     seq.latents.append(x0)
     seq.tokens.append(tok.eoi_id)
-    close(g._forward(seq, first, cache)[0], g._forward(seq, 0, None)[0], "logits after the image")
+    close(g._forward(seq, boi, cache)[0], g._forward(seq, 0, None)[0], "logits after the image")
     for position, token in enumerate(tok.encode_text("a blue square."), start=len(seq.tokens)):
         seq.tokens.append(token)
         close(g._forward(seq, position, cache)[0], g._forward(seq, 0, None)[0], f"text position {position}")

@@ -367,9 +367,9 @@ def test_flops_cli_reports_the_image_modules():
     assert f"total     {_n(bidirectional['total'])}" in text and "bidirectional within each image" in text
     # ... and the trainer's caption dropout (first_key) where it is drawn, exactly as training does.
     dropped = {**batch, "first_key": torch.zeros_like(images.image_ids)}
-    dropped["first_key"][0, 2:6] = 1  # row 0's first image is uncaptioned: <bos>, <boi>, its 4 patches
+    dropped["first_key"][0, 1:6] = 1  # row 0's first image, its <boi> at 1: <bos>, <boi>, its 4 patches
     keys = get_objective("transfusion").flops_inputs(dropped)["keys"]
-    assert keys[0, 2:6].tolist() == [6] * 4
+    assert keys[0, 1:6].tolist() == [2] + [6] * 4
     assert torch.equal(keys[1], attended.attended_keys(batch["document_ids"], images.image_ids)[1])  # row 1 untouched
     assert f"{acc_params.parameter_counts(cfg)['image_modules']:,}" in summary(cfg)
     assert stats["image_modules"] > 0
