@@ -11,9 +11,9 @@ their captions: ``bench/results/transfusion_shapes.{json,md}``.
 2. ``megafusion eval`` on its last checkpoint: per-modality validation loss, and the caption
    consistency of images generated from held-out captions (captions of a seed training never
    drew), read back by the ``read_shape`` checker, against chance;
-3. writes the JSON (every number, the commands, commit, machine, date) and re-renders the
-   markdown table from it. ``--quick`` (the tests) trains nothing of note and writes nothing
-   unless given ``--out``.
+3. appends the result (every number, the commands, commit, machine, date) to the JSON, which
+   keeps every earlier result, and re-renders the markdown table from all of them, oldest first.
+   ``--quick`` (the tests) trains nothing of note and writes nothing unless given ``--out``.
 """
 
 from __future__ import annotations
@@ -100,6 +100,14 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded(path: Path) -> list[dict]:
+    """The results already in ``path`` (none if it does not exist; a single-result file is one)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [data]
+
+
 def main(argv: list[str] | None = None) -> int:
     import datetime
 
@@ -178,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         path = ROOT / out
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        path.with_suffix(".md").write_text(markdown([result]))
-        print(f"[transfusion_shapes] wrote {out} and {Path(out).with_suffix('.md')}")
+        results = [*recorded(path), result]
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        path.with_suffix(".md").write_text(markdown(results))
+        print(
+            f"[transfusion_shapes] added a result to {out} ({len(results)} in all) and re-rendered "
+            f"{Path(out).with_suffix('.md')}"
+        )
     return 0
 
 
