@@ -63,6 +63,12 @@ def _run(cmd: list[str]) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - start
 
 
+def _config_cell(result: dict) -> str:
+    """The config file and the overrides that change what is trained (not where it is written)."""
+    changed = [o for o in result.get("overrides", []) if not o.startswith("logging.out_dir=")]
+    return " ".join(f"`{x}`" for x in [result["config"], *changed])
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
         "# Transfusion on the built-in shapes: caption consistency of generated images",
@@ -80,7 +86,7 @@ def markdown(results: list[dict]) -> str:
         s = r["sampling"]
         wall = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "n/a"
         lines.append(
-            f"| `{r['commit']}` | {r['machine']} | {r['date_utc']} | `{r['config']}` | {r['step']} | {wall} "
+            f"| `{r['commit']}` | {r['machine']} | {r['date_utc']} | {_config_cell(r)} | {r['step']} | {wall} "
             f"| {val.get('val/loss/text', float('nan')):.4f} | {val.get('val/loss/diffusion', float('nan')):.4f} "
             f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |"
         )
