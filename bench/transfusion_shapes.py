@@ -64,9 +64,11 @@ def _run(cmd: list[str]) -> tuple[str, float]:
 
 
 def _config_cell(result: dict) -> str:
-    """The config file and the overrides that change what is trained (not where it is written)."""
+    """The config file and the overrides that change what is trained (not where it is written);
+    a result of ``--ckpt`` (no training) says it evaluated an existing checkpoint."""
     changed = [o for o in result.get("overrides", []) if not o.startswith("logging.out_dir=")]
-    return " ".join(f"`{x}`" for x in [result["config"], *changed])
+    cell = " ".join(f"`{x}`" for x in [result["config"], *changed])
+    return cell if result.get("train_command") else f"{cell} (its checkpoint, evaluated again)"
 
 
 def markdown(results: list[dict]) -> str:
@@ -90,7 +92,8 @@ def markdown(results: list[dict]) -> str:
             f"| {val.get('val/loss/text', float('nan')):.4f} | {val.get('val/loss/diffusion', float('nan')):.4f} "
             f"| {r['samples']} | {s['sampler']} {s['steps']} steps, cfg {s['cfg']} | {' | '.join(cells)} |"
         )
-    gaps = [r for r in results if r.get("caption_gap")]
+    # A checkpoint evaluated again has the same caption_gap (no sampling): listed once.
+    gaps = [r for i, r in enumerate(results) if r.get("caption_gap") and (i == 0 or r.get("train_command"))]
     if gaps:
         lines += ["", "Diffusion loss of the held-out images under their own caption vs another's (`caption_gap`):", ""]
         for r in gaps:
