@@ -5,8 +5,8 @@ so lengths, documents and images are the same); the images that caption dropout 
 bit-identical predictions from both, through every layer of the model, while the images that keep
 their caption must not (so the comparison can fail). A leak through ``<boi>`` (a text token that
 reads the caption) shows from the second layer on, so models of 1, 2 and 4 layers are checked,
-dense and MoT, in one process, under TP=2 with sequence parallelism and under PP=2 (the stages
-receive the mask's metadata on their own). One torchrun launch of 2 ranks runs every case; each
+dense and MoT, whole on each rank (TP = PP = 1), under TP=2 with sequence parallelism and under
+PP=2 (the stages receive the mask's metadata on their own). One torchrun launch of 2 ranks runs every case; each
 rank writes what it measured and the test reads it.
 """
 
@@ -24,7 +24,7 @@ import torch
 from tests.helpers import ROOT
 
 CONFIG = "tests/configs/transfusion_small.yaml"
-LAYOUTS = {"one process": (1, 1), "tp2_sp": (2, 1), "pp2": (1, 2)}  # name: (tp, pp); world 2 (DP=2 alone)
+LAYOUTS = {"tp1_pp1": (1, 1), "tp2_sp": (2, 1), "pp2": (1, 2)}  # name: (tp, pp); world 2 (the first: DP=2)
 CASES = [(arch, layers) for arch in ("dense", "mot") for layers in (1, 2, 4)]
 
 

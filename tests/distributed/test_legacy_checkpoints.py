@@ -69,13 +69,19 @@ def test_a_checkpoint_from_before_resumes_to_the_same_losses_and_logits(name, tm
         f"checkpoint.dir={ckpt}",
         f"data.cache_dir={tmp_path}",
     ]
+    want = expected["resumed_losses"]
+    if name == "transfusion":
+        # Caption dropout now hides the caption from a dropped image's <boi> too (the leak that commit
+        # had), so steps 3-4 train on other masks where an image is dropped: compare without it.
+        overrides.append("objective.caption_dropout=0.0")
+        want = expected["resumed_losses_without_caption_dropout"]
     calls = [lambda: run_train(tmp_path, 1, expected["config"], overrides, name)]
     if name != "transfusion":
         read = copy(ckpt, tmp_path / "read")  # the logits read a copy of their own
         calls.append(lambda: logits(read, tmp_path / "logits.pt"))
     (losses, _, out), *got = side_by_side(*calls)
     assert f"resumed from {ckpt / 'step_0000002'}" in out
-    assert losses == pytest.approx(expected["resumed_losses"], rel=1e-6)
+    assert losses == pytest.approx(want, rel=1e-6)
     if got:
         torch.testing.assert_close(got[0], torch.load(FIXTURES / name / "logits.pt"), rtol=0, atol=0)
 
