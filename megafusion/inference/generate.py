@@ -169,14 +169,13 @@ class Generator:
         # Pixel latents live in [-1, 1]: clip the x0 estimates there (VAE latents have no fixed range).
         clip = 1.0 if self.cfg.objective.latent_codec == "pixels" else None
         sampler = make_sampler(kind, self.schedule, args.steps, clip_range=clip)
-        k, boi = len(seq.spans) - 1, seq.spans[-1][0] - 1
-        if cache is not None and seq.cached < boi:
+        k, boi, start = len(seq.spans) - 1, seq.spans[-1][0] - 1, 0
+        if cache is not None:
             # Bring the cache up to just before the image's <boi>; each denoising step then runs
             # the <boi> (whose keys differ between the two views) and the patches.
-            self._forward(seq.prefix(boi), seq.cached, cache)
-        if cache is not None:
-            seq.cached = boi
-        start = boi if cache is not None else 0
+            if seq.cached < boi:
+                self._forward(seq.prefix(boi), seq.cached, cache)
+            seq.cached = start = boi
 
         def predict(x, t, hide=None):
             return self._forward(seq, start, cache, current=(x, t), hide=hide)[1][-1:].cpu()
