@@ -20,7 +20,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel size
     vpp: int | None = None  # virtual pipeline chunks per stage; None or 1 = off
     sp: bool = False  # sequence parallel (needs tp > 1)
-    ep: int = 1  # expert parallel; reserved, must be 1 until MoE exists
+    ep: int = 1  # expert parallel (model.arch=moma): experts split over this many data-parallel ranks
     cp: int = 1  # context parallel; reserved, must be 1
     distributed_optimizer: bool = False
 
@@ -88,6 +88,24 @@ class ModelConfig:
         if self.ffn_hidden_size is None:
             return 4 * self.hidden_size
         return self.ffn_hidden_size
+
+
+@dataclass
+class MoEConfig:
+    """The experts that replace the FFN of every layer of model.arch=moma (MoMa, arXiv 2407.21770)."""
+
+    # Experts per group. Modality groups route each modality's tokens among its own experts:
+    # {text: 4, image: 4} is MoMa 4t4i, {text: 1, image: 1} MoT's FFN ("1t1i"); {mixed: 8} is one
+    # modality-blind group (the paper's MoE-8x baseline).
+    experts: dict = field(default_factory=lambda: {"text": 4, "image": 4})
+    # Expert-choice capacity per group, in (0, 1]: each expert of group g takes the top
+    # ceil(capacity_g x n_g) of the microbatch's n_g tokens of its group; null = 1 / (experts of
+    # the group), so a token meets one expert on average (zero, one or several).
+    capacity: dict | None = None
+    # Gumbel-sigmoid noise on the router logits when selecting tokens in training (MoMa's
+    # upcycling recipe): logits + scale x (G' - G''); 0 = off.
+    router_noise: float = 0.0
+    dispatcher: str = "alltoall"  # megatron-core's token dispatcher: alltoall | allgather
 
 
 @dataclass
@@ -221,6 +239,7 @@ class LoggingConfig:
 class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -9,11 +9,14 @@ from megafusion.core.choices import (
     ATTENTION_BACKENDS,
     BUILTIN_SETS,
     DATA_SOURCES,
+    EXPERT_ARCHS,
     IMAGE_CODECS,
     LATENT_CODECS,
+    MOE_DISPATCHERS,
     PARAMS_DTYPES,
     STOP_SIGNALS,
 )
+from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.registries import FAMILIES, OBJECTIVES
 
 from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
@@ -168,6 +171,8 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
             f"{', '.join(STOP_SIGNALS)} (or an empty string: no signal handling)"
         )
     problems += _rope_scaling_problems(m.rope_scaling)
+    if m.arch in EXPERT_ARCHS:
+        problems += _moe_problems(cfg.moe)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
     if bad_parts:
@@ -360,6 +365,56 @@ def _model_shape_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _moe_problems(moe) -> list[str]:
+    """The ``moe`` section (model.arch=moma): groups, expert counts, capacities, dispatcher."""
+    example = "e.g. moe.experts={text: 4, image: 4} (MoMa 4t4i) or moe.experts={mixed: 8}"
+    keys = set(moe.experts)
+    if not keys or not (keys == {"mixed"} or keys == set(MODALITY_NAMES)):
+        return [
+            f"moe.experts={moe.experts!r} must name every modality ({', '.join(MODALITY_NAMES)}) with its "
+            f"expert count, or only 'mixed' (one modality-blind group): {example}"
+        ]
+    problems = []
+    bad = {k: v for k, v in moe.experts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        problems.append(f"moe.experts: {bad} must be whole numbers >= 1 (experts in the group): {example}")
+    if moe.capacity is not None:
+        if set(moe.capacity) != keys:
+            problems.append(
+                f"moe.capacity={moe.capacity!r} must name the groups of moe.experts ({', '.join(sorted(keys))}), "
+                f"or be null (each group's capacity 1 / its expert count)"
+            )
+        for name, c in moe.capacity.items():
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+                problems.append(
+                    f"moe.capacity.{name}={c!r} must be in (0, 1] (the fraction of the group's tokens each "
+                    f"expert takes; 1 = every token): e.g. moe.capacity={{{name}: 0.25}}"
+                )
+    if not moe.router_noise >= 0:
+        problems.append(f"moe.router_noise={moe.router_noise} must be >= 0 (0 = no noise)")
+    if moe.dispatcher not in MOE_DISPATCHERS:
+        problems.append(f"moe.dispatcher={moe.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
+    return problems
+
+
+def _expert_layout_problems(cfg: Config) -> list[str]:
+    p, experts = cfg.parallel, cfg.moe.experts
+    problems = []
+    total = sum(v for v in experts.values() if isinstance(v, int))
+    if total and total % p.ep:
+        problems.append(
+            f"moe.experts={experts!r} holds {total} experts, not divisible by parallel.ep={p.ep} (every "
+            f"expert-parallel rank holds the same number of experts): choose parallel.ep in "
+            f"{_braces(_divisors(total))} or change moe.experts"
+        )
+    if p.tp > 1 and not p.sp:
+        problems.append(
+            f"model.arch={cfg.model.arch} with parallel.tp={p.tp} needs parallel.sp=true (megatron-core's "
+            f"MoE layer refuses tensor parallelism without sequence parallelism in training)"
+        )
+    return problems
+
+
 def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     """Process-grid, pipeline and batch checks, assuming all values are positive."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
@@ -371,11 +426,13 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
         )
     if p.cp != 1:
         problems.append(f"parallel.cp={p.cp}: context parallelism is reserved, not implemented yet: set parallel.cp=1")
-    if p.ep > 1 and m.arch == "dense":
+    if p.ep > 1 and m.arch not in EXPERT_ARCHS:
         problems.append(
-            f"parallel.ep={p.ep}: parallel.ep>1 needs a MoE model (model.arch=moe/moma), "
-            f"not available for arch=dense: set parallel.ep=1"
+            f"parallel.ep={p.ep}: expert parallelism needs a model with experts (model.arch="
+            f"{'/'.join(EXPERT_ARCHS)}), not model.arch={m.arch}: set parallel.ep=1"
         )
+    if m.arch in EXPERT_ARCHS:
+        problems += _expert_layout_problems(cfg)
     chunks = p.pp * vpp
     if m.num_layers % chunks:
         problems.append(
@@ -401,7 +458,7 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     if world_size < 1:
         return problems
     dp = world_size // mp
-    if p.ep > 1 and m.arch != "dense" and (dp * p.cp) % p.ep:
+    if p.ep > 1 and m.arch in EXPERT_ARCHS and (dp * p.cp) % p.ep:
         # megatron-core carves expert parallelism out of the data-parallel ranks.
         problems.append(
             f"parallel.ep={p.ep} does not divide dp x parallel.cp = {dp} x {p.cp}: "

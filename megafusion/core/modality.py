@@ -19,3 +19,7 @@ NUM_MODALITIES = len(MODALITY_NAMES)
 
 # ``image_ids`` of a token that belongs to no image (Transfusion microbatches, masks, generation).
 NO_IMAGE = -1
+
+# ``document_ids`` of padding: never a document's id (those are 0, 1, 2, ... within each row), so a
+# padding token never looks like it belongs to the document before it.
+PAD_DOCUMENT_ID = -1

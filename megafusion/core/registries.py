@@ -15,6 +15,7 @@ FAMILIES = Registry(
     builtin={
         "dense": "megafusion.models.dense",
         "mot": "megafusion.models.mot",
+        "moma": "megafusion.models.moma",
     },
     attribute="FAMILY",
     register_hint="megafusion.models.registry.register_family",

@@ -13,12 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megafusion.core.errors import DataError
-from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, Modality
+from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES, PAD_DOCUMENT_ID, Modality
 from megafusion.data.types import TokenizedDocument
-
-# Document id of padding: never a document's id (those are 0, 1, 2, ... within each row), so a
-# padding token never looks like it belongs to the document before it.
-PAD_DOCUMENT_ID = -1
 
 
 @dataclass

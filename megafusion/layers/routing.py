@@ -15,9 +15,12 @@ What the routing holds, in megatron-core's token order (hidden states are ``[s, 
 flattening the first two dims gives token ``i = pos * b + row``):
 
 - ``token_modality`` ``[s * b]``: the modality of each token, on the device;
-- ``order`` / ``inverse_order``: a stable sort of the tokens by modality and its inverse;
+- ``order`` / ``inverse_order``: a stable sort of the tokens by modality and its inverse; within
+  a modality the batch's padding (``document_ids == -1``, text tokens) comes after every real
+  token, so expert-choice routing can leave it out;
 - ``counts``: tokens per modality as Python ints, from the batch's host-side
-  ``modality_counts``, so routing never synchronises with the device.
+  ``modality_counts``, so routing never synchronises with the device; ``routable_counts``: the
+  same without padding (the first ``routable_counts[m]`` of modality ``m``'s tokens in ``order``).
 
 Under sequence parallelism each tensor-parallel rank holds a contiguous slice of the
 sequence between the linears; :meth:`ModalityRouting.modality_of` returns the modality of
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state as ps
 
-from megafusion.core.modality import NUM_MODALITIES
+from megafusion.core.modality import NUM_MODALITIES, PAD_DOCUMENT_ID
 
 _ACTIVE: list[ModalityRouting] = []
 
@@ -45,16 +48,25 @@ class ModalityRouting:
     counts: tuple[int, ...]  # tokens per modality, host ints
     seq_length: int
     micro_batch_size: int
+    routable_counts: tuple[int, ...] | None = None  # counts without padding; None: no padding
+
+    def routable(self, modality: int) -> int:
+        return self.counts[modality] if self.routable_counts is None else self.routable_counts[modality]
 
     @classmethod
     def from_modality_ids(
-        cls, modality_ids: torch.Tensor, modality_counts: torch.Tensor | None, device: torch.device, num_modalities: int
+        cls,
+        modality_ids: torch.Tensor,
+        modality_counts: torch.Tensor | None,
+        device: torch.device,
+        num_modalities: int,
+        padding: torch.Tensor | None = None,
     ) -> ModalityRouting:
         """Routing of one ``[b, s]`` microbatch whose metadata lives on the host.
 
         ``modality_counts`` (``[num_modalities]``, counted when the batch was made) is checked
         against the ids here, on the host, so a broken data pipeline fails loudly instead of
-        mis-routing tokens.
+        mis-routing tokens. ``padding`` (``[b, s]`` bool, optional) marks the batch's padding.
         """
         if modality_ids.device.type != "cpu":
             raise ValueError(
@@ -73,11 +85,16 @@ class ModalityRouting:
                 f"batch modality_counts {modality_counts.tolist()} disagree with its "
                 f"modality_ids ({counted.tolist()}): the data loader is inconsistent"
             )
-        order = torch.sort(flat, stable=True).indices
+        key, routable = flat, None
+        if padding is not None:
+            pad = padding.t().reshape(-1).to(torch.int64)
+            key = flat * 2 + pad  # padding after the real tokens of its modality
+            routable = tuple(int(c) for c in counted - torch.bincount(flat[pad.bool()], minlength=num_modalities))
+        order = torch.sort(key, stable=True).indices
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - three identical moves
-        return cls(move(flat), move(order), move(inverse), tuple(int(c) for c in counted), s, b)
+        return cls(move(flat), move(order), move(inverse), tuple(int(c) for c in counted), s, b, routable)
 
     def modality_of(self, x: torch.Tensor) -> torch.Tensor:
         """Modality of each token of ``x`` (``[s or s/tp, b, ...]``), shaped ``[x.shape[0], b]``."""
@@ -117,7 +134,9 @@ def current_routing() -> ModalityRouting:
 
 def routing_for(batch: dict, device: torch.device):
     """The modality routing of a microbatch, as a context for the model call (MoT families)."""
+    documents = batch.get("document_ids")
+    padding = None if documents is None else documents == PAD_DOCUMENT_ID
     routing = ModalityRouting.from_modality_ids(
-        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES
+        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES, padding
     )
     return modality_routing(routing)

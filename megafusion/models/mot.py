@@ -31,8 +31,8 @@ from megafusion.models.init import tied_name
 from megafusion.models.spec import ModelFamily, WarmStartRule
 
 
-def mot_layer_spec(cfg) -> ModuleSpec:
-    parts = set(cfg.model.untied_parts())
+def untied_modules(parts) -> dict:
+    """``transformer_layer_spec`` arguments that untie ``parts`` (attention, ffn, norms) by modality."""
     kwargs = {}
     if "attention" in parts:
         kwargs.update(linear_column=ModalityColumnParallelLinear, linear_row=ModalityRowParallelLinear)
@@ -40,7 +40,11 @@ def mot_layer_spec(cfg) -> ModuleSpec:
         kwargs.update(mlp=ModalityMLP)
     if "norms" in parts:
         kwargs.update(attention_norm=ModalityRMSNorm, mlp_norm=ModalityRMSNorm, qk_norm=ModalityRMSNorm)
-    return transformer_layer_spec(cfg, **kwargs)
+    return kwargs
+
+
+def mot_layer_spec(cfg) -> ModuleSpec:
+    return transformer_layer_spec(cfg, **untied_modules(cfg.model.untied_parts()))
 
 
 def copies(cfg, part: str) -> int:

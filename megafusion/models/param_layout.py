@@ -4,9 +4,10 @@ megatron-core marks tensor-parallel weights with ``tensor_model_parallel``,
 ``partition_dim`` and ``partition_stride``: the full tensor is cut into ``tp * stride``
 equal chunks along ``partition_dim`` and rank r holds chunks ``r, r + tp, ...`` (stride 2 is
 SwiGLU's ``[gate; up]`` fc1, so that each rank holds matching gate and up rows). Layer
-indices in local parameter names restart at 0 on every pipeline stage / virtual chunk;
-``global_param_names`` rewrites them to the global layer number, which is what makes
-layouts comparable and init layout-independent.
+indices in local parameter names restart at 0 on every pipeline stage / virtual chunk, and
+expert indices (``mlp.experts.local_experts.<i>``) at 0 on every expert-parallel rank;
+``global_param_names`` rewrites them to the global layer number and megatron's global expert
+number (``mlp.experts.<e>``), which is what makes layouts comparable and init layout-independent.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def _unwrap(module):
@@ -34,8 +36,13 @@ def global_param_names(model_chunk) -> dict[str, torch.nn.Parameter]:
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         if match:
-            global_idx = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_idx}." + name[match.end() :]
+            layer = layers[int(match.group(1))]
+            rest = name[match.end() :]
+            expert = _LOCAL_EXPERT.match(rest)
+            if expert:  # megatron's MoELayer knows which global experts this rank holds
+                global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
+                rest = f"mlp.experts.{global_expert}." + rest[expert.end() :]
+            name = f"decoder.layers.{layer.layer_number - 1}." + rest
         out[name] = param
     return out
 

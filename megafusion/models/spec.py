@@ -12,6 +12,8 @@ family instead of branching on its name:
 - ``copies(cfg, part)``: how many copies of a layer part (``attention``, ``ffn``, ``norms``) the
   model holds, the only thing parameter and FLOPs accounting need to know beyond the dense
   formulas (:mod:`megafusion.accounting`; a token meets one copy of each part);
+- ``transformer_config(cfg)``: settings of megatron-core's ``TransformerConfig`` beyond the shared
+  ones (:mod:`megafusion.models.transformer_config`; MoMa: the experts and the dispatcher);
 - ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
   tensors mean something else (MoT: which parts are untied); a resume compares them;
 - ``warm_starts``: checkpoint families it can start from with ``checkpoint.init_from`` and how
@@ -33,6 +35,10 @@ def _one_copy(cfg, part: str) -> int:
 
 
 def _no_keys(cfg) -> dict:
+    return {}
+
+
+def _no_settings(cfg) -> dict:
     return {}
 
 
@@ -60,5 +66,6 @@ class ModelFamily:
     routed: bool = False
     copies: Callable[[object, str], int] = _one_copy
     manifest_keys: Callable[[object], dict] = _no_keys
+    transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)
     description: str = ""

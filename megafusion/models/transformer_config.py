@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megafusion.core.modality import MODALITY_NAMES
+from megafusion.models.registry import get_family
 
 
 @dataclass
@@ -77,4 +78,5 @@ def build_transformer_config(cfg, device: torch.device) -> MegafusionTransformer
         # silently swapped (seen with VPP). The unbatched path puts the two directions on
         # different process groups, which keeps them apart.
         batch_p2p_comm=device.type == "cuda",
+        **get_family(m.arch).transformer_config(cfg),
     )

@@ -38,7 +38,7 @@ def test_defaults_and_to_dict():
     cfg = load_config(None, [])
     d = cfg.to_dict()
     assert d["parallel"]["tp"] == 1 and d["model"]["arch"] == "dense"
-    assert set(d) == {"parallel", "model", "train", "data", "objective", "checkpoint", "eval", "logging"}
+    assert set(d) == {"parallel", "model", "moe", "train", "data", "objective", "checkpoint", "eval", "logging"}
     assert cfg.model.effective_ffn_hidden_size() == 4 * cfg.model.hidden_size
     assert cfg.model.effective_num_query_groups() == cfg.model.num_attention_heads
     assert cfg.data_parallel_size(8) == 8
@@ -306,7 +306,23 @@ def test_world_smaller_than_model_parallel():
 
 def test_ep_needs_moe():
     msg = problems_of(make("parallel.ep=2"), 2)
-    assert_all_in(msg, "parallel.ep>1 needs a MoE model", "arch=dense", "parallel.ep=1")
+    assert_all_in(msg, "expert parallelism needs a model with experts", "model.arch=moma", "parallel.ep=1")
+
+
+def test_moma_experts_capacity_and_layout():
+    msg = problems_of(make("model.arch=moma", "moe.experts={text: 3, image: 0}", "moe.capacity={text: 2}"), 1)
+    assert_all_in(msg, "moe.experts: {'image': 0}", "moe.capacity={'text': 2} must name", "moe.capacity.text=2")
+    msg = problems_of(make("model.arch=moma", "moe.experts={text: 2}"), 1)
+    assert_all_in(msg, "must name every modality (text, image)", "{mixed: 8}")
+    msg = problems_of(make("model.arch=moma", "moe.experts={text: 2, image: 1}", "parallel.ep=2"), 2)
+    assert_all_in(msg, "holds 3 experts, not divisible by parallel.ep=2", "parallel.ep in {1, 3}")
+    msg = problems_of(make("model.arch=moma", "parallel.ep=2", "parallel.tp=2"), 4)
+    assert_all_in(msg, "needs parallel.sp=true")
+    msg = problems_of(make("model.arch=moma", "parallel.ep=4"), 2)
+    assert_all_in(msg, "parallel.ep=4 does not divide dp")
+    msg = problems_of(make("model.arch=moma", "moe.dispatcher=flex", "moe.router_noise=-1"), 1)
+    assert_all_in(msg, "moe.dispatcher='flex': choose one of alltoall, allgather", "moe.router_noise=-1.0")
+    validate(make("model.arch=moma", "moe.experts={mixed: 4}", "parallel.ep=2", "parallel.tp=2", "parallel.sp=true"), 8)
 
 
 def test_global_batch_not_divisible():

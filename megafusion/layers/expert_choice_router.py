@@ -1,0 +1,129 @@
+"""Expert-choice routing inside modality groups (MoMa), as a router for megatron-core's ``MoELayer``.
+
+megatron-core has token-choice routers only (``TopKRouter``); its ``MoELayer``, token dispatchers
+and experts take any router that returns ``(probs [N, E], routing_map [N, E] bool)`` for the
+``N`` tokens a rank holds. This one makes every expert choose its tokens:
+
+1. logits ``[N, E]`` = the tokens' hidden states times the fp32 router weight (megatron's
+   ``Router.gating``);
+2. per group ``g`` (a modality, or all tokens for ``mixed``): every expert of the group takes the
+   ``k_g`` tokens of the group with the highest logits, over the whole microbatch
+   (:class:`~megafusion.layers.expert_groups.ExpertGroups` has ``k_g``; a token may be taken by
+   zero, one or several experts); ties go to the earlier token, so the choice is the same on every
+   device and layout;
+3. a chosen token's gate is ``sigmoid(logit)``; its output is the gate-weighted sum of its
+   experts' outputs (megatron's combine), and a token no expert chose keeps only its residual.
+
+No device-to-host synchronisation: the group sizes come from the batch's host-side modality
+counts (:mod:`megafusion.layers.routing`), the group's tokens from the routing's stable modality
+sort, and the selection is a stable sort on the device.
+
+Under sequence parallelism each tensor-parallel rank holds a slice of the microbatch; the logits
+(``E`` floats per token) are all-gathered so that every rank selects over the whole microbatch,
+exactly as one process would, and each keeps its own rows. The selection carries no gradient
+(as in any top-k router); the gates do, through this rank's own logits only, and megatron's
+gradient reduction sums the router weight's gradient over the tensor-parallel ranks
+(``sequence_parallel`` attribute, set by ``Router``).
+
+Optional Gumbel-sigmoid noise (``moe.router_noise``, MoMa's upcycling recipe) perturbs the
+selection in training, not the gates. Its generator is seeded from the run seed, the layer and a
+per-layer call count, so every tensor-parallel rank draws the same noise for the same microbatch.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import Router
+
+from megafusion.layers.expert_groups import ExpertGroups
+from megafusion.layers.routing import current_routing
+
+# megatron-core 0.16.1 imports Transformer Engine's router GEMM inside try/except without a
+# fallback name, and the router's autograd function tests `te_general_gemm is not None`: without
+# TE that is a NameError on the first call. None selects its plain torch.mm path.
+if not hasattr(moe_utils, "te_general_gemm"):
+    moe_utils.te_general_gemm = None
+
+GATES = ("sigmoid", "one")
+
+
+class ExpertChoiceRouter(Router):
+    """``MoESubmodules(router=partial(ExpertChoiceRouter, groups=..., noise=..., seed=...))``."""
+
+    def __init__(self, config, pg_collection=None, *, groups: ExpertGroups, noise: float = 0.0, seed: int = 0):
+        super().__init__(config, pg_collection)
+        if groups.total != config.num_moe_experts:
+            raise ValueError(f"expert groups hold {groups.total} experts, the config {config.num_moe_experts}")
+        self.groups = groups
+        self.noise = noise
+        self.seed = seed
+        # "one" holds every chosen token's gate at 1 (an upcycled 1t1i model at capacity 1 then
+        # computes exactly its MoT FFN; tests check the wiring with it).
+        self.gate = "sigmoid"
+        self._noise_draws = 0
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        routing = current_routing()
+        local_logits = self.gating(input.reshape(-1, input.shape[-1]))  # [N_local, E]
+        logits = self._whole_microbatch(local_logits.detach())
+        routing_map = self.routing(logits, routing)
+        if logits.shape[0] != local_logits.shape[0]:  # sequence parallel: keep this rank's slice
+            n = local_logits.shape[0]
+            start = self.tp_group.rank() * n
+            routing_map = routing_map[start : start + n]
+        if self.gate == "one":
+            return routing_map.to(local_logits.dtype), routing_map
+        return torch.sigmoid(local_logits) * routing_map, routing_map
+
+    def _whole_microbatch(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.config.sequence_parallel or self.tp_group.size() == 1:
+            return logits
+        return gather_from_sequence_parallel_region(logits, group=self.tp_group)
+
+    def routing(self, logits: torch.Tensor, routing) -> torch.Tensor:
+        """The ``[N, E]`` bool map of the whole microbatch: expert ``e`` takes token ``t``."""
+        if self.training and self.noise > 0:
+            logits = logits + self.noise * self._gumbel_difference(logits)
+        n_tokens, num_experts = logits.shape
+        routing_map = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=logits.device)
+        for g, expert_ids in enumerate(self.groups.global_ids):
+            tokens = self._group_tokens(g, routing)
+            n_group = n_tokens if tokens is None else tokens.numel()
+            k = self.groups.tokens_per_expert(g, n_group)
+            if k == 0:
+                continue
+            experts = torch.tensor(expert_ids, device=logits.device)
+            scores = logits.index_select(1, experts)
+            if tokens is not None:
+                scores = scores.index_select(0, tokens)
+            # Stable: among equal scores the earlier token wins, on every device and layout.
+            chosen = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]  # [k, E_g]
+            if tokens is not None:
+                chosen = tokens[chosen]
+            routing_map[chosen.reshape(-1), experts.repeat(k)] = True
+        return routing_map
+
+    def _group_tokens(self, g: int, routing) -> torch.Tensor | None:
+        """The microbatch's tokens of group ``g`` in position order, padding left out (None: all)."""
+        # routing.order lists each modality's real tokens in position order, then its padding.
+        starts = [sum(routing.counts[:m]) for m in range(len(routing.counts))]
+        if not self.groups.modality_blind:
+            return routing.order[starts[g] : starts[g] + routing.routable(g)]
+        if routing.routable_counts is None or routing.routable_counts == routing.counts:
+            return None
+        real = [routing.order[start : start + routing.routable(m)] for m, start in enumerate(starts)]
+        return torch.cat(real).sort().values
+
+    def _gumbel_difference(self, logits: torch.Tensor) -> torch.Tensor:
+        """``G' - G''`` for two standard Gumbel draws per logit (a logistic sample)."""
+        key = f"{self.seed}:{self.layer_number}:{self._noise_draws}".encode()
+        self._noise_draws += 1
+        gen = torch.Generator(device=logits.device).manual_seed(zlib.crc32(key))
+        u = torch.rand((2, *logits.shape), generator=gen, device=logits.device, dtype=torch.float64)
+        u = u.clamp(1e-12, 1 - 1e-12)
+        gumbel = -torch.log(-torch.log(u))
+        return (gumbel[0] - gumbel[1]).to(logits.dtype)
