@@ -188,6 +188,10 @@ class ObjectiveConfig:
     vae_path: str | None = None  # latent_codec=kl: the AutoencoderKL directory (save_pretrained)
     latent_patch_size: int = 2  # one sequence position per latent_patch_size^2 latent patch
     patchify: str = "linear"  # linear|unet (the paper's U-Net down/up blocks)
+    # none: a patch knows where it sits only through the sequence's 1D RoPE positions; sincos2d:
+    # DiT's fixed 2D sine-cosine embedding of the patch's row and column is added to every patch
+    # (objective.patchify=linear; no parameters).
+    image_positions: str = "none"
     # Images with no text before them in their document get timesteps <= this (Transfusion: 500
     # of 1000), so that captioning an image trains on mostly-clean images; -1 = no cap.
     uncaptioned_max_t: int = 500

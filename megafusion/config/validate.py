@@ -205,6 +205,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
         ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
         ("objective.patchify", o.patchify, ("linear", "unet")),
+        ("objective.image_positions", o.image_positions, ("none", "sincos2d")),
     ]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
@@ -238,6 +239,12 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
                 f"objective.patchify=unet (its U-Net halves the latent {len(UNET_CHANNELS) - 1} time(s) "
                 f"inside each patch): set it to {_near(o.latent_patch_size, factor)}, or use "
                 f"objective.patchify=linear"
+            )
+        if o.image_positions != "none" and o.patchify != "linear":
+            problems.append(
+                f"objective.image_positions={o.image_positions} is added by the linear patch embedding: use it "
+                f"with objective.patchify=linear, or set objective.image_positions=none (the U-Net's "
+                f"convolutions see the 2D layout)"
             )
         if o.latent_codec == "pixels" and d.image_size % max(o.latent_patch_size, 1):
             problems.append(

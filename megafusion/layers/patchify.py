@@ -7,7 +7,8 @@ flattened, so a ``Linear`` on patches is that convolution. ``unpatchify`` is its
 Two ways in and out of the transformer (Transfusion, sec. 3.2):
 
 - ``LinearPatchEmbed`` / ``LinearPatchHead``: a linear layer per patch; the embed adds
-  the timestep embedding to every patch vector.
+  the timestep embedding to every patch vector and, with ``positions="sincos2d"``, DiT's fixed
+  2D sine-cosine embedding of the patch's row and column (diffusers' ``get_2d_sincos_pos_embed``).
 - ``UNetPatchEmbed`` / ``UNetPatchHead``: diffusers ``DownBlock2D`` / ``UpBlock2D``
   (``ResnetBlock2D`` conditioned on the timestep embedding ``temb``) around the transformer,
   which plays the U-Net's middle block. The head needs the embed's skip activations::
@@ -75,16 +76,28 @@ def unpatchify(patches: torch.Tensor, p: int, channels: int, height: int, width:
 class LinearPatchEmbed(torch.nn.Module):
     """``[n, C, H, W]`` (+ optional ``temb [n, hidden]``) -> ``[n, (H/p)(W/p), hidden]``."""
 
-    def __init__(self, in_channels: int, patch_size: int, hidden_size: int):
+    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, positions: str = "none"):
         super().__init__()
         self.patch_size = patch_size
+        self.positions = positions
         self.proj = torch.nn.Linear(in_channels * patch_size * patch_size, hidden_size)
 
     def forward(self, latents: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.proj(patchify(latents, self.patch_size).to(self.proj.weight.dtype))
         if temb is not None:
             tokens = tokens + temb.unsqueeze(1)  # the same timestep embedding on every patch
+        if self.positions == "sincos2d":
+            grid = (latents.shape[2] // self.patch_size, latents.shape[3] // self.patch_size)
+            tokens = tokens + _sincos2d(tokens.shape[-1], grid, tokens.device).to(tokens.dtype)
         return tokens
+
+
+def _sincos2d(hidden: int, grid: tuple[int, int], device) -> torch.Tensor:
+    """``[rows * cols, hidden]`` fixed 2D position features in raster order (patch (i, j) = row i * cols + j)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    # base_size = rows: unscaled integer positions, as DiT; diffusers returns rows of the grid's raster order.
+    return get_2d_sincos_pos_embed(hidden, grid, base_size=grid[0], device=device, output_type="pt")
 
 
 class LinearPatchHead(torch.nn.Module):

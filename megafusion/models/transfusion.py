@@ -82,7 +82,8 @@ class TransfusionGPTModel(GPTModel):
         embed, head = (UNetPatchEmbed, UNetPatchHead) if self.unet else (LinearPatchEmbed, LinearPatchHead)
         if self.pre_process:
             self.image_time_embed = TimestepEmbedding(hidden)
-            self.image_patch_embed = embed(channels, self.patch_size, hidden)
+            positions = {} if self.unet else {"positions": objective.image_positions}
+            self.image_patch_embed = embed(channels, self.patch_size, hidden, **positions)
         if self.post_process:
             self.image_patch_head = head(hidden, self.patch_size, channels)
             self._final_hidden = None

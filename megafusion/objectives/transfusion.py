@@ -171,7 +171,8 @@ class Transfusion(Objective):
 
     def manifest_key(self, cfg) -> str:
         o = cfg.objective
-        return f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}"
+        positions = "" if o.image_positions == "none" else f":{o.image_positions}"
+        return f"{o.name}:{o.patchify}:{o.latent_codec}:patch{o.latent_patch_size}{positions}"
 
     def prepare_step(self, cfg, source, first_sample, batches, training):
         # The two loss normalisers of the whole global batch (all DP ranks), counted on the host.

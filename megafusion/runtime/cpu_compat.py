@@ -17,7 +17,10 @@ available, and patches exactly this:
 2. ``torch.cuda.current_device`` returns the CPU device; ``torch.cuda.Stream`` /
    ``Event`` / ``stream`` / ``default_stream`` / ``current_stream`` / ``synchronize`` become
    no-op stand-ins (everything on CPU is synchronous);
-3. the CUDA generator calls (``torch.cuda.get_rng_state`` / ``set_rng_state`` /
+3. megatron's MoE all-to-all dispatcher hands its split sizes to ``all_to_all_single`` through
+   ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which converts CUDA tensors only; CPU
+   tensors are converted here too (``all_to_all_single`` refuses tensor split sizes);
+4. the CUDA generator calls (``torch.cuda.get_rng_state`` / ``set_rng_state`` /
    ``manual_seed`` and megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) act on
    the CPU generator, so megatron's RNG tracker works: sequence parallelism and dropout
    fork it to give each tensor-parallel rank its own stream, exactly as on a GPU.
@@ -133,6 +136,14 @@ def enable() -> None:
 
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    from megatron.core.transformer.moe import token_dispatcher
+
+    moved = token_dispatcher.maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = lambda tensor, as_numpy=False, record_stream=False: (
+        tensor.numpy()
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda
+        else moved(tensor, as_numpy, record_stream)
+    )
     _MODE = _CudaOnCpuMode()
     _MODE.__enter__()
     _ENABLED = True
