@@ -465,11 +465,12 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     if world_size < 1:
         return problems
     dp = world_size // mp
-    if p.ep > 1 and m.arch in EXPERT_ARCHS and (dp * p.cp) % p.ep:
-        # megatron-core carves expert parallelism out of the data-parallel ranks.
+    if p.ep > 1 and m.arch in EXPERT_ARCHS and (p.tp * dp * p.cp) % p.ep:
+        # megatron-core carves expert parallelism out of the tensor-, context- and data-parallel
+        # ranks of a pipeline stage (experts are whole: no expert tensor parallelism).
         problems.append(
-            f"parallel.ep={p.ep} does not divide dp x parallel.cp = {dp} x {p.cp}: "
-            f"choose parallel.ep in {_braces(_divisors(dp * p.cp))}"
+            f"parallel.ep={p.ep} does not divide parallel.tp x dp x parallel.cp = {p.tp} x {dp} x {p.cp}: "
+            f"choose parallel.ep in {_braces(_divisors(p.tp * dp * p.cp))}"
         )
     step = t.micro_batch_size * dp
     dp_how = (

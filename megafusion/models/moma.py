@@ -2,8 +2,8 @@
 
 Each layer's FFN is megatron-core's ``MoELayer``: megatron's token dispatchers (``moe.dispatcher``:
 all-to-all or all-gather over the expert-parallel ranks, ``parallel.ep``), its ``SequentialMLP``
-experts (one SwiGLU MLP each, tensor-parallel like the dense FFN) and its expert checkpoint
-sharding, with megafusion's :class:`~megafusion.layers.expert_choice_router.ExpertChoiceRouter`,
+experts (one whole SwiGLU MLP each: expert parallelism spans the tensor- and data-parallel
+ranks, with no expert tensor parallelism) and its expert checkpoint sharding, with megafusion's :class:`~megafusion.layers.expert_choice_router.ExpertChoiceRouter`,
 which megatron lacks: every expert picks its tokens within its modality group. Attention and norms
 are untied by modality as in MoT (``model.untie``: ``attention``, ``norms``; the FFN is always the
 experts). ``moe.experts={mixed: 8}`` gives the modality-blind expert-choice MoE.
@@ -23,12 +23,12 @@ from functools import partial
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megafusion.core.modality import NUM_MODALITIES
 from megafusion.layers.expert_choice_router import ExpertChoiceRouter
+from megafusion.layers.experts import Experts
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.models.dense import transformer_layer_spec
 from megafusion.models.mot import untied_modules
@@ -41,7 +41,7 @@ def experts_spec(cfg) -> ModuleSpec:
     groups = ExpertGroups.from_config(cfg.moe)
     router = partial(ExpertChoiceRouter, groups=groups, noise=cfg.moe.router_noise, seed=cfg.train.seed)
     experts = ModuleSpec(
-        module=SequentialMLP,
+        module=Experts,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, router=router))
@@ -65,6 +65,7 @@ def transformer_config(cfg) -> dict:
         "moe_router_load_balancing_type": "none",
         "moe_aux_loss_coeff": 0.0,
         "moe_router_dtype": "fp32",
+        "expert_tensor_parallel_size": 1,  # as megafusion.runtime.distributed builds the groups
     }
 
 

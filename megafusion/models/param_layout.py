@@ -64,7 +64,19 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def is_expert(param: torch.Tensor) -> bool:
+    """An expert's weight: sharded over the expert-tensor-parallel group, not the tensor-parallel one."""
+    return bool(getattr(param, "expert_tensor_parallel", False))
+
+
+def _expert_tp(param: torch.Tensor, tp_rank: int, tp: int) -> tuple[int, int]:
+    if is_expert(param):
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+    return tp_rank, tp
+
+
 def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
+    _, tp = _expert_tp(param, 0, tp)
     shape = list(param.shape)
     if is_tp_sharded(param):
         shape[param.partition_dim] *= tp
@@ -72,7 +84,9 @@ def full_shape(param: torch.Tensor, tp: int) -> tuple[int, ...]:
 
 
 def shard_of_full(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """The slice of ``full`` that ``param`` holds on tensor-parallel rank ``tp_rank``."""
+    """The slice of ``full`` that ``param`` holds on tensor-parallel rank ``tp_rank``
+    (an expert's: on its expert-tensor-parallel rank)."""
+    tp_rank, tp = _expert_tp(param, tp_rank, tp)
     if not is_tp_sharded(param) or tp == 1:
         return full
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
@@ -82,12 +96,14 @@ def shard_of_full(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int
 
 def gather_full(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """All-gather a tensor-parallel shard (a weight or its gradient) to the full tensor."""
-    tp = ps.get_tensor_model_parallel_world_size()
+    expert = is_expert(param)
+    tp = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
     if not is_tp_sharded(param) or tp == 1:
         return shard.clone()
+    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     parts = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(parts, shard.contiguous(), group=group)
     pieces = [p.chunk(stride, dim=dim) for p in parts]
     # rank r holds chunks r, r+tp, ...: put them back in global chunk order.
     ordered = [pieces[r][s] for s in range(stride) for r in range(tp)]

@@ -84,6 +84,9 @@ def initialize(cfg) -> Runtime:
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
+        # Whole experts on every rank (no expert tensor parallelism): expert parallelism then spans
+        # the tensor- and data-parallel ranks, megatron-core's usual layout for many small experts.
+        expert_tensor_parallel_size=1,
     )
     stage_channel.close_channel()  # a model that needs it opens it at build (models.build)
     return Runtime(
