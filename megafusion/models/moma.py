@@ -2,9 +2,11 @@
 
 Each layer's FFN is megatron-core's ``MoELayer``: megatron's token dispatchers (``moe.dispatcher``:
 all-to-all or all-gather over the expert-parallel ranks, ``parallel.ep``), its ``SequentialMLP``
-experts (one whole SwiGLU MLP each: expert parallelism spans the tensor- and data-parallel
-ranks, with no expert tensor parallelism) and its expert checkpoint sharding, with megafusion's :class:`~megafusion.layers.expert_choice_router.ExpertChoiceRouter`,
-which megatron lacks: every expert picks its tokens within its modality group. Attention and norms
+experts (one whole SwiGLU MLP each, :mod:`megafusion.layers.experts`: expert parallelism spans
+the tensor- and data-parallel ranks, with no expert tensor parallelism) and its expert
+checkpoint sharding, with megafusion's router
+(:class:`~megafusion.layers.expert_choice_router.ExpertChoiceRouter`), which megatron lacks:
+every expert picks its tokens within its modality group. Attention and norms
 are untied by modality as in MoT (``model.untie``: ``attention``, ``norms``; the FFN is always the
 experts). ``moe.experts={mixed: 8}`` gives the modality-blind expert-choice MoE.
 
