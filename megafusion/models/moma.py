@@ -30,8 +30,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megafusion.core.modality import NUM_MODALITIES
 from megafusion.layers.expert_choice_router import ExpertChoiceRouter
-from megafusion.layers.experts import Experts
 from megafusion.layers.expert_groups import ExpertGroups
+from megafusion.layers.experts import Experts
 from megafusion.models.dense import transformer_layer_spec
 from megafusion.models.mot import untied_modules
 from megafusion.models.spec import ModelFamily
