@@ -2,7 +2,8 @@
 
 A MoT token meets exactly one modality's copy of every untied matrix, so its FLOPs per token
 are the dense model's of the same width and depth; only its parameter count differs
-(:mod:`megafusion.accounting.params`).
+(:mod:`megafusion.accounting.params`). A MoMa token meets a router and the experts that chose it
+(see "Routed experts" below).
 
 What is counted
 ---------------
@@ -59,6 +60,32 @@ is the dense (mask-ignoring) equivalent in model FLOPs.
 An objective's extra modules (Transfusion's image modules) run once per *image*, not per token:
 :mod:`megafusion.accounting.image_modules` measures them; ``batch_flops`` charges them per image
 to the image modality (key ``image_modules``).
+
+Routed experts (MoMa, ``ModelFamily.experts``)
+----------------------------------------------
+Each layer's FFN is ``E`` experts (the MLP above, each) and a router. Per layer and microbatch,
+forward:
+
+- the router ``2 * h * E`` per token, for *every* token, padding included: its GEMM runs on all
+  rows before any selection;
+- the experts: group ``g``'s ``n_g`` routable tokens (its modality's, or all for ``mixed``; padding
+  is never routed) give each of its ``E_g`` experts ``k_g = ceil(c_g * n_g)`` tokens
+  (``ExpertGroups.tokens_per_expert``), so ``E_g * k_g * 2 * (h * 2f + f * h)``;
+- the selection (a sort), the sigmoid gates and the weighted combine: 0 FLOPs (no matmul), in
+  FlopCounterMode too.
+
+Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input,
+and every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
+microbatch's routable tokens per modality (``document_ids != PAD_DOCUMENT_ID``, the tokens the
+router ranks); key ``experts``, while ``dense`` keeps every token's own matmuls (attention
+projections, router, output layer). Per modality: a modality group's experts are charged to that
+modality; the ``mixed`` group's are split in proportion to each modality's routable tokens, i.e.
+every routable token is charged the group's mean cost ``E * k / n`` expert FFNs (which tokens the
+experts took is known only inside the step, per layer, after this count), rounded cumulatively so
+the split sums exactly to the group's FLOPs. The per-token functions (:func:`dense_flops_per_token`,
+:func:`flops_per_token`) use the nominal ``E_g * c_g`` experts per token
+(:func:`~megafusion.accounting.params.experts_per_token`: 1 at the default capacity), exact for a
+microbatch whenever every ``c_g * n_g`` is whole.
 """
 
 from __future__ import annotations
@@ -66,8 +93,8 @@ from __future__ import annotations
 import torch
 
 from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC, image_flops_per_image
-from megafusion.accounting.params import _dims, _matmul_parts, _transformer_parameter_counts
-from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, Modality
+from megafusion.accounting.params import _dims, _layer_matmul, _matmul_parts, _whole, expert_groups
+from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, PAD_DOCUMENT_ID, Modality
 from megafusion.layers.attended_keys import attended_keys
 from megafusion.objectives.registry import get_objective
 
@@ -81,8 +108,13 @@ def _passes(forward_only: bool) -> int:
     return 1 if forward_only else 1 + BACKWARD_FACTOR
 
 
-def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None = None) -> int:
+def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None = None) -> int | float:
     """FLOPs of every weight matmul for one token (QKV, proj, MLP, output layer).
+
+    MoMa: the router and the nominal ``E_g * c_g`` expert FFNs of the token's group (one at the
+    default capacity; a float where ``E_g * c_g`` is not whole; ``modality`` is needed where the
+    groups' differ), exact for a microbatch only where every ``c_g * n_g`` is whole:
+    :func:`batch_flops` counts a microbatch's experts exactly.
 
     LMFusion (``model.freeze_text``): a frozen weight gets no weight gradient, so its matmuls cost
     forward + input gradient = 2 x forward: the output layer for every token, the layers for text
@@ -92,15 +124,78 @@ def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None 
     """
     parts = _matmul_parts(cfg)
     if forward_only or not cfg.model.freeze_text:
-        return MATMUL_FLOPS_PER_MAC * _transformer_parameter_counts(cfg)["matmul"] * _passes(forward_only)
+        weights = _layer_matmul(cfg, modality) + parts["output"] + parts["new_rows"]
+        return _whole(MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only))
     if modality is None:
         raise ValueError(
             "model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): pass modality"
         )
     layers_passes = FROZEN_PASSES if int(modality) == int(Modality.TEXT) else _passes(False)
     return MATMUL_FLOPS_PER_MAC * (
-        parts["layers"] * layers_passes + parts["output"] * FROZEN_PASSES + parts["new_rows"] * _passes(False)
+        _layer_matmul(cfg, modality) * layers_passes
+        + parts["output"] * FROZEN_PASSES
+        + parts["new_rows"] * _passes(False)
     )
+
+
+def token_flops_without_experts(cfg, forward_only: bool = False, modality: int | None = None) -> int:
+    """The matmul FLOPs one token costs whether or not an expert takes it: :func:`dense_flops_per_token`
+    without experts (dense, MoT, LMFusion); MoMa: its attention projections, the router and the
+    output layer (:func:`expert_flops` counts the experts per microbatch)."""
+    if expert_groups(cfg) is None:
+        return dense_flops_per_token(cfg, forward_only, modality)
+    parts, layers = _matmul_parts(cfg), _dims(cfg)["layers"]
+    weights = layers * (parts["attention"] + parts["router"]) + parts["output"] + parts["new_rows"]
+    return MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only)
+
+
+def expert_flops(cfg, routable_tokens, forward_only: bool = False) -> list[int]:
+    """Model FLOPs of the expert FFNs of one microbatch, per modality (``Modality`` order), exactly.
+
+    ``routable_tokens``: the microbatch's non-padding tokens per modality, which the router ranks.
+    Each of group ``g``'s ``E_g`` experts runs its MLP on ``k_g`` of the group's ``n_g`` tokens, in
+    every layer. A modality group is charged to its modality; the ``mixed`` group to the modalities
+    in proportion to their routable tokens (see the module doc). All zeros without experts.
+    """
+    out = [0] * NUM_MODALITIES
+    groups = expert_groups(cfg)
+    if groups is None:
+        return out
+    parts = _matmul_parts(cfg)
+    per_expert_token = MATMUL_FLOPS_PER_MAC * _dims(cfg)["layers"] * parts["mlp"] * _passes(forward_only)
+    counts = [int(n) for n in routable_tokens]
+    if len(counts) != NUM_MODALITIES:
+        raise ValueError(f"routable_tokens: one count per modality ({', '.join(MODALITY_NAMES)}), got {counts}")
+    if not groups.modality_blind:
+        for g, name in enumerate(groups.names):
+            m = MODALITY_NAMES.index(name)
+            out[m] = groups.sizes[g] * groups.tokens_per_expert(g, counts[m]) * per_expert_token
+        return out
+    n = sum(counts)
+    group = groups.sizes[0] * groups.tokens_per_expert(0, n) * per_expert_token
+    # Cumulative rounding: modality m gets floor(F * (n_0 + .. + n_m) / n) - (what the earlier got),
+    # whole FLOPs that sum to F exactly, each within one FLOP of its proportional share.
+    seen = given = 0
+    for m, count in enumerate(counts):
+        seen += count
+        share = group * seen // n if n else 0
+        out[m], given = share - given, share
+    return out
+
+
+def _token_matmul_flops(cfg, documents: torch.Tensor, modalities: torch.Tensor, forward_only: bool) -> dict:
+    """Per modality: tokens, routable tokens, every token's own matmuls (``dense``) and the experts'."""
+    flat = modalities.reshape(-1)
+    routable = flat[documents.reshape(-1) != PAD_DOCUMENT_ID]
+    tokens_m = torch.bincount(flat, minlength=NUM_MODALITIES).tolist()
+    routable_m = torch.bincount(routable, minlength=NUM_MODALITIES).tolist()
+    per_token = [token_flops_without_experts(cfg, forward_only, m) for m in Modality]
+    return {
+        "tokens": tokens_m,
+        "routable": routable_m,
+        "dense": [per_token[i] * tokens_m[i] for i in range(NUM_MODALITIES)],
+        "experts": expert_flops(cfg, routable_m, forward_only),
+    }
 
 
 def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
@@ -115,14 +210,15 @@ def causal_mean_attended_keys(seq_length: int) -> float:
     return (seq_length + 1) / 2
 
 
-def flops_per_token(cfg, attended_keys: float, forward_only: bool = False) -> float:
+def flops_per_token(cfg, attended_keys: float, forward_only: bool = False, modality: int | None = None) -> float:
     """Model FLOPs per token (forward + backward unless ``forward_only``).
 
     ``attended_keys`` is the mean number of keys a query attends: ``(s + 1) / 2`` for one causal
     document of ``s`` tokens (:func:`causal_mean_attended_keys`), ``s`` to count attention the
-    way a mask-ignoring counter does.
+    way a mask-ignoring counter does. ``modality``: as for :func:`dense_flops_per_token`.
     """
-    return dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * attended_keys
+    dense = dense_flops_per_token(cfg, forward_only, modality)
+    return dense + attention_flops_per_key(cfg, forward_only) * attended_keys
 
 
 def _count_images(cfg, num_images: int | None, image_ids, modality_ids: torch.Tensor) -> int:
@@ -177,15 +273,21 @@ def batch_flops(
     ``loss_tokens_per_modality``. ``Objective.flops_inputs(batch)`` gives the keywords that count
     a microbatch under the objective's own mask (``keys`` or ``image_ids``, ``num_images``).
 
+    MoMa: every token is charged its attention projections, the router and the output layer
+    (padding too), and each group's experts their ``k_g`` tokens each (key ``experts``, per modality
+    ``experts_per_modality``; the module doc says how the ``mixed`` group is split), from the
+    routable (non-padding) tokens per modality (``routable_tokens_per_modality``).
+
     An objective with extra modules (Transfusion's image modules) also charges each image their
     FLOPs (:func:`image_flops_per_image` of ``latent_shape``, which Transfusion's ``latent_codec=kl``
     needs) to the image modality: ``num_images`` images (the microbatch's ``latents.shape[0]``),
     or, when it is None, the images numbered in ``image_ids``. Such a microbatch with image tokens
     but neither is an error; an objective without extra modules (``lm``) charges none.
 
-    Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``attention``
-    + ``image_modules``; ``tokens``, ``images``, ``per_modality``, ``attention_per_modality``,
-    ``tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
+    Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``experts`` (0 without)
+    + ``attention`` + ``image_modules``; ``tokens``, ``images``, ``per_modality``,
+    ``attention_per_modality``, ``experts_per_modality``, ``tokens_per_modality``,
+    ``routable_tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
     ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
     """
     if attention not in ATTENTION_MODES:
@@ -212,27 +314,29 @@ def batch_flops(
         img = None if image_ids is None else torch.as_tensor(image_ids).detach().cpu()
         nkeys = attended_keys(doc, img)
 
-    dense_tok = [dense_flops_per_token(cfg, forward_only, m) for m in Modality]
     per_key = attention_flops_per_key(cfg, forward_only)
     images = _count_images(cfg, num_images, image_ids, mod)
     image_flops = images * image_flops_per_image(cfg, latent_shape, forward_only)["total"] if images else 0
     flat_mod = mod.reshape(-1)
-    tokens_m = torch.bincount(flat_mod, minlength=NUM_MODALITIES)
+    matmuls = _token_matmul_flops(cfg, doc, mod, forward_only)
     keys_m = torch.zeros(NUM_MODALITIES, dtype=torch.int64).index_add_(0, flat_mod, nkeys.reshape(-1))
     attn_m = [per_key * int(keys_m[i]) for i in range(NUM_MODALITIES)]
-    dense_m = [dense_tok[i] * int(tokens_m[i]) for i in range(NUM_MODALITIES)]
+    dense_m, expert_m = matmuls["dense"], matmuls["experts"]
     image_m = [image_flops if i == int(Modality.IMAGE) else 0 for i in range(NUM_MODALITIES)]
     out = {
-        "total": sum(attn_m) + sum(dense_m) + image_flops,
+        "total": sum(attn_m) + sum(dense_m) + sum(expert_m) + image_flops,
         "dense": sum(dense_m),
+        "experts": sum(expert_m),
         "attention": sum(attn_m),
         "image_modules": image_flops,
         "tokens": b * s,
         "images": images,
         "mean_attended_keys": float(nkeys.double().mean()) if nkeys.numel() else 0.0,
-        "per_modality": {n: dense_m[i] + attn_m[i] + image_m[i] for i, n in enumerate(MODALITY_NAMES)},
+        "per_modality": {n: dense_m[i] + expert_m[i] + attn_m[i] + image_m[i] for i, n in enumerate(MODALITY_NAMES)},
         "attention_per_modality": {n: attn_m[i] for i, n in enumerate(MODALITY_NAMES)},
-        "tokens_per_modality": {n: int(tokens_m[i]) for i, n in enumerate(MODALITY_NAMES)},
+        "experts_per_modality": {n: expert_m[i] for i, n in enumerate(MODALITY_NAMES)},
+        "tokens_per_modality": {n: matmuls["tokens"][i] for i, n in enumerate(MODALITY_NAMES)},
+        "routable_tokens_per_modality": {n: matmuls["routable"][i] for i, n in enumerate(MODALITY_NAMES)},
         "forward_only": forward_only,
         "attention_mode": attention,
     }
@@ -247,24 +351,45 @@ def dense_attention_flops_equivalent(cfg, batch_size: int, seq_length: int, forw
     """Model FLOPs of a ``[batch_size, seq_length]`` microbatch with every query attending all keys.
 
     The mask-ignoring count (what FlopCounterMode reports for SDPA's math backend, and for the
-    fused kernels up to the backward recompute: see :func:`flop_counter_flops`).
+    fused kernels up to the backward recompute: see :func:`flop_counter_flops`). MoMa: at the
+    nominal experts per token (:func:`dense_flops_per_token`); :func:`batch_flops` with
+    ``attention="full"`` counts a microbatch's own.
     """
     per_query = dense_flops_per_token(cfg, forward_only) + attention_flops_per_key(cfg, forward_only) * seq_length
     return batch_size * seq_length * per_query
 
 
-def flop_counter_flops(cfg, batch_size: int, seq_length: int, kernel: str = "fused") -> int:
+def flop_counter_flops(
+    cfg,
+    batch_size: int,
+    seq_length: int,
+    kernel: str = "fused",
+    *,
+    document_ids: torch.Tensor | None = None,
+    modality_ids: torch.Tensor | None = None,
+) -> int:
     """What ``FlopCounterMode`` reports around one forward + backward of the model.
 
     ``kernel``: ``"fused"`` (CUDA flash / efficient / cuDNN SDPA, or FlexAttention): full
     ``s x s`` attention, backward = 2.5 x forward (recomputes ``QK^T``); ``"math"``
     (``SDPBackend.MATH``): full ``s x s``, backward = 2 x forward; ``"cpu"`` (SDPA's default CPU
     kernel): attention not counted at all. Masks and causality never change the count.
+
+    MoMa's experts depend on the microbatch's routable tokens per modality: ``document_ids`` (its
+    padding, ``PAD_DOCUMENT_ID``) and ``modality_ids`` ``[b, s]``; absent, no padding and all text
+    (as :func:`batch_flops`). Other families ignore them.
     """
     if kernel not in FLOP_COUNTER_KERNELS:
         raise ValueError(f"kernel={kernel!r} must be one of {FLOP_COUNTER_KERNELS}")
     tokens = batch_size * seq_length
-    dense = tokens * dense_flops_per_token(cfg)
+    if expert_groups(cfg) is None:
+        dense = tokens * dense_flops_per_token(cfg)
+    else:
+        shape = (batch_size, seq_length)
+        doc = torch.zeros(shape, dtype=torch.int64) if document_ids is None else torch.as_tensor(document_ids)
+        mod = torch.zeros(shape, dtype=torch.int64) if modality_ids is None else torch.as_tensor(modality_ids)
+        matmuls = _token_matmul_flops(cfg, doc.cpu().reshape(shape), mod.cpu().to(torch.int64).reshape(shape), False)
+        dense = sum(matmuls["dense"]) + sum(matmuls["experts"])
     forward_attention = tokens * seq_length * attention_flops_per_key(cfg, forward_only=True)
     factor = {"fused": 3.5, "math": 3.0, "cpu": 0.0}[kernel]
     return dense + int(forward_attention * factor)

@@ -5,6 +5,10 @@ vendor's data sheet, whatever ``model.params_dtype`` is. A device that is not in
 (every CPU, any GPU not listed) gets no peak and no MFU, with a one-line explanation
 (:func:`describe_peak`) instead of a silent guess; ``logging.peak_tflops`` supplies or
 overrides the peak.
+
+The achieved FLOPs are the model FLOPs of :func:`~megafusion.accounting.flops.batch_flops`, the
+*active* ones: MoMa's experts on the tokens they take and its router, never every expert on every
+token (the FLOPs a dense model of MoMa's total parameters would spend).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ thumb. Nothing is built or run: the numbers are analytic (:mod:`megafusion.accou
 An objective's extra modules (Transfusion: timestep embedding, patch embedding and head) are
 counted per image; their latent shape and the number of images come from the microbatch's
 ``latents`` ``[images, C, H, W]``.
+
+MoMa: total parameters (every expert and router) next to the active ones (what a token meets:
+the router and its group's nominal experts per token), and on the microbatch each group's
+experts on the tokens they take (``k_g`` each, from its routable tokens).
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ def flops_report(cfg, batch: dict) -> str:
         share = f"{100 * f / stats['total']:.1f}%" if stats["total"] else "-"
         lines.append(f"  {name:<10}{t:>10}{per_tok:>14}{attn:>11}{share:>8}")
     lines += [
+        *_expert_lines(cfg, stats),
         f"  total     {_n(stats['total'])} = {_n(stats['total'] / tokens)}/token "
-        f"(dense matmuls {_n(stats['dense'])}, attention {_n(stats['attention'])}"
+        f"(dense matmuls {_n(stats['dense'])}, "
+        + (f"experts {_n(stats['experts'])}, " if stats["experts"] else "")
+        + f"attention {_n(stats['attention'])}"
         + (f", image modules {_n(stats['image_modules'])} for {stats['images']} images" if stats["images"] else "")
         + ")",
         f"  6*N*tokens {_n(six_n)} (N = {n['active']:,} active params; exact / 6NT = {stats['total'] / six_n:.3f})",
@@ -69,6 +76,24 @@ def flops_report(cfg, batch: dict) -> str:
         diffusion = "; image patches train through the diffusion loss" if objective.image_latents else ""
         lines.append(f"  next-token loss tokens: {loss} (FLOPs are spent on every position regardless{diffusion})")
     return "\n".join(lines)
+
+
+def _expert_lines(cfg, stats: dict) -> list[str]:
+    """MoMa: what each group's experts took from the microbatch ([] without experts)."""
+    groups = params.expert_groups(cfg)
+    if groups is None:
+        return []
+    routable = stats["routable_tokens_per_modality"]
+    counts = [sum(routable.values())] if groups.modality_blind else [routable[name] for name in groups.names]
+    taken = ", ".join(
+        f"{name} {size} x {groups.tokens_per_expert(g, n)} of {n}"
+        for g, (name, size, n) in enumerate(zip(groups.names, groups.sizes, counts))
+    )
+    padding = stats["tokens"] - sum(routable.values())
+    return [
+        f"  experts (per layer, experts x tokens each of the group's routable tokens): {taken}; "
+        f"the router on all {stats['tokens']} tokens" + (f" ({padding} padding, never routed)" if padding else "")
+    ]
 
 
 def _images(batch: dict) -> dict:
@@ -86,22 +111,49 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
     n = params.parameter_counts(cfg, latent_shape)
     s = m.seq_length
     keys = F.causal_mean_attended_keys(s)
-    # LMFusion: a text token's frozen weights skip their weight gradients; report text tokens' count
-    # (image tokens' is on its own line).
+    # LMFusion: a text token's frozen weights skip their weight gradients; MoMa groups of different
+    # E_g * c_g meet different numbers of experts: report text tokens' count (image tokens' is on
+    # its own line).
     dense = F.dense_flops_per_token(cfg, modality=Modality.TEXT)
+    image_dense = F.dense_flops_per_token(cfg, modality=Modality.IMAGE)
+    split = dense != image_dense
     attn = F.attention_flops_per_key(cfg) * keys
     total = dense + attn
     w = 22
+    experts = params.describe_experts(cfg)
+    active_note = (
+        "  (per token: router + nominal experts; "
+        + ", ".join(f"{name} {n[f'active/{name}']:,}" for name in MODALITY_NAMES)
+        + ")"
+        if experts and len({n[f"active/{name}"] for name in MODALITY_NAMES}) > 1
+        else "  (per token: router + nominal experts)"
+        if experts
+        else ""
+    )
+    matmul_note = (
+        "  (attention, router and the nominal experts per token; the microbatch below is exact)"
+        if experts
+        else f"  (= 6 x {n['matmul']:,} matmul weights)"
+    )
     lines = [
         f"model: arch {m.arch}, {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
         f"({m.effective_num_query_groups()} kv), ffn {m.effective_ffn_hidden_size()}, vocab {m.vocab_size}, "
         f"seq {s}",
+        *([f"experts: {experts}"] if experts else []),
         "parameters:",
         f"  {'total':<{w}}{n['total']:>16,}",
         f"  {'embedding':<{w}}{n['embedding']:>16,}  (input lookup: 0 FLOPs)",
         f"  {'output layer':<{w}}{n['output_layer']:>16,}",
         f"  {'non-embedding':<{w}}{n['non_embedding']:>16,}  (total - embedding - output layer)",
-        f"  {'active':<{w}}{n['active']:>16,}",
+        *(
+            [
+                f"  {'experts':<{w}}{n['experts']:>16,}  (every expert of every layer)",
+                f"  {'routers':<{w}}{n['router']:>16,}  (fp32, every token)",
+            ]
+            if experts
+            else []
+        ),
+        f"  {'active':<{w}}{n['active']:>16,}{active_note}",
         *([f"  {'trainable':<{w}}{n['trainable']:>16,}  (LMFusion: the rest is frozen)"] if m.freeze_text else []),
         *(
             [
@@ -114,16 +166,17 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         "model FLOPs per token, forward + backward (matmuls only, multiply-add = 2, backward = 2 x forward):",
         *(
             [
-                f"  {'dense matmuls, text':<{w}}{_n(dense):>16}  (frozen weights: forward + input gradient only)",
-                f"  {'dense matmuls, image':<{w}}{_n(F.dense_flops_per_token(cfg, modality=Modality.IMAGE)):>16}",
+                f"  {'dense matmuls, text':<{w}}{_n(dense):>16}"
+                + ("  (frozen weights: forward + input gradient only)" if m.freeze_text else ""),
+                f"  {'dense matmuls, image':<{w}}{_n(image_dense):>16}",
             ]
-            if m.freeze_text
-            else [f"  {'dense matmuls':<{w}}{_n(dense):>16}  (= 6 x {n['matmul']:,} matmul weights)"]
+            if split
+            else [f"  {'matmuls' if experts else 'dense matmuls':<{w}}{_n(dense):>16}{matmul_note}"]
         ),
         f"  {'causal attention':<{w}}{_n(attn):>16}  (seq {s}: mean {keys:g} keys per query)",
-        f"  {'total' + (', text' if m.freeze_text else ''):<{w}}{_n(total):>16}",
+        f"  {'total' + (', text' if split else ''):<{w}}{_n(total):>16}",
         f"  {'6N rule (N = active)':<{w}}{_n(6 * n['active']):>16}  (exact / 6N = {total / (6 * n['active']):.3f})",
-        f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True)):>16}",
+        f"  {'forward only':<{w}}{_n(F.flops_per_token(cfg, keys, forward_only=True, modality=Modality.TEXT)):>16}",
     ]
     if n["image_modules"]:
         per_image = image_modules.image_flops_per_image(cfg, latent_shape)

@@ -77,6 +77,11 @@ def copies(cfg, part: str) -> int:
     return NUM_MODALITIES if part in cfg.model.untied_parts() else 1
 
 
+def expert_groups(cfg) -> ExpertGroups:
+    """For accounting: the router and each expert's tokens per group (``copies`` counts the experts' weights)."""
+    return ExpertGroups.from_config(cfg.moe)
+
+
 def manifest_keys(cfg) -> dict:
     groups = ExpertGroups.from_config(cfg.moe)
     return {
@@ -91,6 +96,7 @@ FAMILY = ModelFamily(
     layer_spec=moma_layer_spec,
     routed=True,
     copies=copies,
+    experts=expert_groups,
     manifest_keys=manifest_keys,
     transformer_config=transformer_config,
     description="MoMa: per-modality expert groups with expert-choice routing (moe.experts), attention as in MoT",

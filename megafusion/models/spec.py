@@ -10,8 +10,11 @@ family instead of branching on its name:
   (:mod:`megafusion.layers.routing`), which the forward step, generation and the logits tool then
   set around every model call;
 - ``copies(cfg, part)``: how many copies of a layer part (``attention``, ``ffn``, ``norms``) the
-  model holds, the only thing parameter and FLOPs accounting need to know beyond the dense
-  formulas (:mod:`megafusion.accounting`; a token meets one copy of each part);
+  model holds, what parameter and FLOPs accounting need to know beyond the dense formulas
+  (:mod:`megafusion.accounting`; a token meets one copy of each part, unless the FFN is experts);
+- ``experts(cfg)``: the FFN's expert groups (a
+  :class:`~megafusion.layers.expert_groups.ExpertGroups`) when it is routed experts, else None:
+  accounting then counts the router and each expert on the tokens it takes, not one FFN per token;
 - ``transformer_config(cfg)``: settings of megatron-core's ``TransformerConfig`` beyond the shared
   ones (:mod:`megafusion.models.transformer_config`; MoMa: the experts and the dispatcher);
 - ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
@@ -32,6 +35,10 @@ from dataclasses import dataclass, field
 
 def _one_copy(cfg, part: str) -> int:
     return 1
+
+
+def _no_experts(cfg) -> None:
+    return None
 
 
 def _no_keys(cfg) -> dict:
@@ -65,6 +72,7 @@ class ModelFamily:
     layer_spec: Callable  # (cfg) -> megatron ModuleSpec of one layer
     routed: bool = False
     copies: Callable[[object, str], int] = _one_copy
+    experts: Callable[[object], object | None] = _no_experts  # (cfg) -> ExpertGroups | None
     manifest_keys: Callable[[object], dict] = _no_keys
     transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)

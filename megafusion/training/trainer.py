@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megafusion import checkpoint as ckpt
 from megafusion.accounting.flops import batch_flops
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
-from megafusion.accounting.params import parameter_counts
+from megafusion.accounting.params import describe_experts, parameter_counts
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
@@ -250,13 +250,18 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
     )
     log.say(
         f"[megafusion] {cfg.model.arch}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active{frozen}), "
+        f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active"
+        # MoMa: total holds every expert; a token meets the router and about one expert of its group.
+        f"{' per token' if params['experts'] else ''}{frozen}), "
         f"vocab {cfg.model.vocab_size} | "
         f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
         f"{' | sequence parallel' if cfg.parallel.sp else ''}"
         f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
         f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
     )
+    experts = describe_experts(cfg)
+    if experts:
+        log.say(f"[megafusion] moe: {experts}")
     for line in trainer.data.describe().splitlines():
         log.say(f"[megafusion] data {line}")
     if trainer.peak is None:
