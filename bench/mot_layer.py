@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,8 +64,9 @@ QUICK = dict(hidden=64, heads=4, ffn=176, seq=64, batch=2, image_fraction=0.5, i
 INIT_STD = 0.02
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.mot_layer", description=__doc__.split("\n")[0])
+def argument_parser(benchmark: str, description: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with its siblings (``bench.moma_layer``): sizes, dtype, output."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{benchmark}", description=description)
     # Sizes default to None so that --quick can tell "not given" from "given".
     for name, kind in (
         ("hidden", int),
@@ -83,10 +85,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="result JSON (default bench/results/mot_layer_<device>.json)")
+    p.add_argument("--out", default=None, help=f"result JSON (default bench/results/{benchmark}_<device>.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few iterations (tests)")
     p.add_argument("--table-only", action="store_true", help="only re-render the markdown table")
-    args = p.parse_args(argv)
+    return p
+
+
+def resolve_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the sizes not given from ``QUICK`` or ``DEFAULTS`` and check them (``p.error`` if wrong)."""
     base = QUICK if args.quick else DEFAULTS
     for name in SIZES:
         if getattr(args, name) is None:
@@ -98,6 +104,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.iters < 2 or args.warmup < 0 or args.images_per_row < 1:
         p.error("need --iters >= 2 (for percentiles), --warmup >= 0 and --images-per-row >= 1")
     return args
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argument_parser("mot_layer", __doc__.split("\n")[0])
+    return resolve_sizes(p, p.parse_args(argv))
 
 
 # ---------------------------------------------------------------------------- inputs and layers
@@ -216,6 +227,62 @@ def count_flops(fn, grads) -> int:
     return int(counter.get_total_flops())
 
 
+@dataclass
+class Inputs:
+    """What every timed case reads: hidden states ``[s, b, h]``, their gradient, RoPE, the layout."""
+
+    x: torch.Tensor
+    grad: torch.Tensor
+    rope: torch.Tensor
+    modality_ids: torch.Tensor  # [b, s]
+    routing: object  # megafusion.layers.routing.ModalityRouting
+    gen: torch.Generator  # drawn on by later inputs (routing_case), after x and grad
+
+
+def make_inputs(args, cfg, tconfig, device: torch.device) -> Inputs:
+    """The same inputs for every case: random ``x`` and ``grad`` from ``--seed``, RoPE, the modality layout."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megafusion.core.modality import NUM_MODALITIES
+    from megafusion.layers.routing import ModalityRouting
+
+    s, b, h, dtype = args.seq, args.batch, args.hidden, tconfig.params_dtype
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(s, b, h, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(s, b, h, generator=gen).to(device, dtype)
+    rope = RotaryEmbedding(
+        tconfig.kv_channels,
+        rotary_percent=1.0,
+        rotary_base=int(cfg.model.rope_theta),
+        use_cpu_initialization=device.type != "cuda",
+    )(s)
+    modality_ids = modality_layout(b, s, args.image_fraction, args.images_per_row, args.seed)
+    routing = ModalityRouting.from_modality_ids(modality_ids, None, device, NUM_MODALITIES)
+    return Inputs(x, grad, rope, modality_ids, routing, gen)
+
+
+def layer_step(layer, inputs: Inputs):
+    """Forward + backward of one ``TransformerLayer``, and the tensors whose grads to clear."""
+    x, grad, rope = inputs.x, inputs.grad, inputs.rope
+
+    def step():
+        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)  # None: causal, as in training
+        out.backward(grad)
+
+    return step, [x, *layer.parameters()]
+
+
+def mlp_step(mlp, inputs: Inputs):
+    """Forward + backward of one layer's MLP (anything returning ``(out, bias)``) on the same inputs."""
+    x, grad = inputs.x, inputs.grad
+
+    def step():
+        out, _ = mlp(x)
+        out.backward(grad)
+
+    return step, [x, *mlp.parameters()]
+
+
 def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
     """Forward + backward of the permute (width in) / unpermute (width out) pairs MoT does."""
     from megafusion import ops
@@ -242,14 +309,55 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
     return step, [t for pair in pairs for t in pair]
 
 
-def measure(args, cfg, device: torch.device) -> dict:
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
+def layer_flops(cfg, batch: int, seq: int) -> tuple[int, int]:
+    """One dense layer's forward + backward FLOPs, analytic: (what FlopCounterMode counts under the
+    math kernel, model FLOPs with causal attention); the model's output layer is left out."""
     from megafusion.accounting import flops as F
     from megafusion.accounting import image_modules
     from megafusion.accounting import params as acc_params
+
+    tokens = seq * batch
+    out_layer = (
+        image_modules.MATMUL_FLOPS_PER_MAC * (1 + F.BACKWARD_FACTOR) * acc_params.parameter_counts(cfg)["output_layer"]
+    )
+    analytic = F.flop_counter_flops(cfg, batch, seq, kernel="math") - tokens * out_layer
+    model_flops = round(tokens * (F.flops_per_token(cfg, F.causal_mean_attended_keys(seq)) - out_layer))
+    return analytic, model_flops
+
+
+def layer_shape(args, cfg, tconfig, modality_ids: torch.Tensor) -> dict:
+    """The ``shape`` a result records: sizes, the tokens of each modality, attention."""
     from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
-    from megafusion.layers.routing import ModalityRouting, modality_routing
+
+    counts = torch.bincount(modality_ids.reshape(-1), minlength=NUM_MODALITIES).tolist()
+    return {
+        "hidden": args.hidden,
+        "heads": tconfig.num_attention_heads,
+        "query_groups": tconfig.num_query_groups,
+        "head_dim": tconfig.kv_channels,
+        "ffn": args.ffn,
+        "seq": args.seq,
+        "batch": args.batch,
+        "image_fraction": args.image_fraction,
+        "images_per_row": args.images_per_row,
+        "tokens": dict(zip(MODALITY_NAMES, counts)),
+        "qk_norm": cfg.model.qk_norm,
+        "rope": True,
+        "attention": "causal",
+    }
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The GPU's dense peak (``megafusion.accounting.mfu``) for MFU; None on CPU."""
+    if device.type != "cuda":
+        return None
+    from megafusion.accounting.mfu import peak_tflops as peak
+
+    return peak(device)
+
+
+def measure(args, cfg, device: torch.device) -> dict:
+    from megafusion.layers.routing import modality_routing
     from megafusion.models.dense import dense_layer_spec
     from megafusion.models.mot import mot_layer_spec
     from megafusion.models.transformer_config import build_transformer_config
@@ -261,39 +369,15 @@ def measure(args, cfg, device: torch.device) -> dict:
         "mot": build_layer(mot_layer_spec(cfg), tconfig, device, args.seed),
     }
     s, b, h = args.seq, args.batch, args.hidden
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(s, b, h, generator=gen).to(device, dtype).requires_grad_()
-    grad = torch.randn(s, b, h, generator=gen).to(device, dtype)
-    rope = RotaryEmbedding(
-        tconfig.kv_channels,
-        rotary_percent=1.0,
-        rotary_base=int(cfg.model.rope_theta),
-        use_cpu_initialization=device.type != "cuda",
-    )(s)
-    modality_ids = modality_layout(b, s, args.image_fraction, args.images_per_row, args.seed)
-    routing = ModalityRouting.from_modality_ids(modality_ids, None, device, NUM_MODALITIES)
-
-    def layer_step(layer):
-        def step():
-            out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)  # None: causal, as in training
-            out.backward(grad)
-
-        return step, [x, *layer.parameters()]
-
-    def mlp_step(mlp):
-        def step():
-            out, _ = mlp(x)
-            out.backward(grad)
-
-        return step, [x, *mlp.parameters()]
-
+    inputs = make_inputs(args, cfg, tconfig, device)
+    modality_ids, routing, gen = inputs.modality_ids, inputs.routing, inputs.gen
     heads, groups, d = tconfig.num_attention_heads, tconfig.num_query_groups, tconfig.kv_channels
     qkv, proj = (heads + 2 * groups) * d, heads * d
     cases = {
-        "dense": layer_step(layers["dense"]),
-        "mot": layer_step(layers["mot"]),
-        "mlp_dense": mlp_step(layers["dense"].mlp),
-        "mlp_mot": mlp_step(layers["mot"].mlp),
+        "dense": layer_step(layers["dense"], inputs),
+        "mot": layer_step(layers["mot"], inputs),
+        "mlp_dense": mlp_step(layers["dense"].mlp, inputs),
+        "mlp_mot": mlp_step(layers["mot"].mlp, inputs),
         # QKV (h in, qkv out), output projection (heads*d in, h out), MLP (h in, h out).
         "routing_layer": routing_case(routing, [(h, qkv), (proj, h), (h, h)], device, dtype, gen),
         "routing_mlp": routing_case(routing, [(h, h)], device, dtype, gen),
@@ -309,36 +393,12 @@ def measure(args, cfg, device: torch.device) -> dict:
             )
         times = time_cases(cases, args.iters, args.warmup, device)
 
-    tokens = s * b
-    out_layer = (
-        image_modules.MATMUL_FLOPS_PER_MAC * (1 + F.BACKWARD_FACTOR) * acc_params.parameter_counts(cfg)["output_layer"]
-    )
-    analytic = F.flop_counter_flops(cfg, b, s, kernel="math") - tokens * out_layer
-    model_flops = round(tokens * (F.flops_per_token(cfg, F.causal_mean_attended_keys(s)) - out_layer))
+    analytic, model_flops = layer_flops(cfg, b, s)
     stats = {name: summary(ms) for name, ms in times.items()}
     tflops = {n: float(f"{model_flops / (stats[n]['median'] * 1e-3) / 1e12:.4g}") for n in ("dense", "mot")}
-    peak = None
-    if device.type == "cuda":
-        from megafusion.accounting.mfu import peak_tflops
-
-        peak = peak_tflops(device)
-    counts = torch.bincount(modality_ids.reshape(-1), minlength=NUM_MODALITIES).tolist()
+    peak = peak_tflops(device)
     return {
-        "shape": {
-            "hidden": h,
-            "heads": heads,
-            "query_groups": groups,
-            "head_dim": d,
-            "ffn": args.ffn,
-            "seq": s,
-            "batch": b,
-            "image_fraction": args.image_fraction,
-            "images_per_row": args.images_per_row,
-            "tokens": dict(zip(MODALITY_NAMES, counts)),
-            "qk_norm": cfg.model.qk_norm,
-            "rope": True,
-            "attention": "causal",
-        },
+        "shape": layer_shape(args, cfg, tconfig, modality_ids),
         "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype],
         "iters": args.iters,
         "warmup": args.warmup,
@@ -457,7 +517,8 @@ def write_table(results_dir: Path) -> Path:
 # ---------------------------------------------------------------------------- entry point
 
 
-def run(args, argv: list[str]) -> dict:
+def run(args, argv: list[str], benchmark: str = "mot_layer", measure_fn=measure) -> dict:
+    """``measure_fn(args, cfg, device)`` inside a runtime, with the provenance every result records."""
     from megafusion.runtime import initialize, seed_everything, shutdown
 
     cfg = make_cfg(args)
@@ -468,15 +529,15 @@ def run(args, argv: list[str]) -> dict:
         device = runtime.device
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         load_before = load_average()
-        measured = measure(args, cfg, device)
+        measured = measure_fn(args, cfg, device)
         return {
-            "benchmark": "mot_layer",
+            "benchmark": benchmark,
             "quick": args.quick,
             "device": device_info(device),
             "versions": versions(),
             "commit": git_commit(),
             "date": started,
-            "command": shlex.join(["python", "-m", "bench.mot_layer", *argv]),
+            "command": shlex.join(["python", "-m", f"bench.{benchmark}", *argv]),
             # Other work on a shared host slows both layers; this says how busy it was.
             "load_average_1min": {"start": load_before, "end": load_average()},
             **measured,
