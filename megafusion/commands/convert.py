@@ -1,15 +1,17 @@
 """``megafusion convert ...``: the command line of the checkpoint conversions.
 
     megafusion convert dense-to-mot --ckpt CKPT --output DIR [--untie all]
+    megafusion convert upcycle --ckpt CKPT --output DIR [--experts E] [--capacity C] [--untie U] [--keep-data-order]
     megafusion convert hf-to-mf --hf DIR --output CKPT_DIR [--config-out FILE.yaml] [--vocab-size N]
     megafusion convert mf-to-hf --ckpt CKPT --output DIR [--vocab-size N]
 
 ``dense-to-mot`` warm-starts a Mixture-of-Transformers from a dense checkpoint
-(:mod:`megafusion.interop.dense_to_mot`); ``hf-to-mf`` / ``mf-to-hf`` import and export Hugging
-Face ``LlamaForCausalLM`` checkpoints (:mod:`megafusion.interop.hf_io`). ``CKPT`` is a step
-directory or a run's checkpoint directory (its ``latest`` step), saved in any parallel layout.
-``--input`` is still accepted for ``--ckpt``. Every output location is checked to be writable
-before a checkpoint or model is loaded.
+(:mod:`megafusion.interop.dense_to_mot`); ``upcycle`` starts a MoMa from a MoT or dense checkpoint,
+every expert a copy of its modality's FFN (:mod:`megafusion.interop.upcycle`); ``hf-to-mf`` /
+``mf-to-hf`` import and export Hugging Face ``LlamaForCausalLM`` checkpoints
+(:mod:`megafusion.interop.hf_io`). ``CKPT`` is a step directory or a run's checkpoint directory
+(its ``latest`` step), saved in any parallel layout. ``--input`` is still accepted for ``--ckpt``.
+Every output location is checked to be writable before a checkpoint or model is loaded.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from megafusion.commands.parsing import add_ckpt, add_output, command_parser, su
 from megafusion.core.io import ensure_writable_dir, ensure_writable_file_parent
 
 PROG = "megafusion convert"
-SUBCOMMANDS = ("dense-to-mot", "hf-to-mf", "mf-to-hf")
+SUBCOMMANDS = ("dense-to-mot", "upcycle", "hf-to-mf", "mf-to-hf")
 
 
 D2M_EXAMPLES = (
     "megafusion convert dense-to-mot --ckpt runs/tiny_mixed/checkpoints --output runs/mot_init",
     "megafusion convert dense-to-mot --ckpt runs/tiny_mixed/checkpoints --output runs/mot_ffn --untie ffn",
+)
+UPCYCLE_EXAMPLES = (
+    "megafusion convert upcycle --ckpt runs/tiny_mot/checkpoints --output runs/moma_init",
+    "megafusion convert upcycle --ckpt runs/tiny_mot/checkpoints --output runs/moma_2t2i "
+    '--experts "{text: 2, image: 2}" --keep-data-order',
 )
 H2M_EXAMPLES = (
     "megafusion convert hf-to-mf --hf path/to/Llama-3.2-1B --output runs/llama_init --config-out runs/llama_init.yaml",
@@ -58,6 +65,42 @@ def _parser() -> argparse.ArgumentParser:
     add_output(d2m, "new, empty directory for the MoT weights")
     d2m.add_argument(
         "--untie", default="all", help="parts to untie: comma-separated attention, ffn, norms, or all (default all)"
+    )
+    up = subcommand(
+        commands,
+        "upcycle",
+        "a MoMa whose experts are copies of a MoT's (or dense model's) FFNs",
+        "Upcycle a MoT (or dense) checkpoint into MoMa: every expert starts as a copy of its modality's\n"
+        "FFN (a modality-blind group: the text FFN; from a dense model: the one FFN), attention and norms\n"
+        "as in the source, the routers freshly initialised (seeded, as a new MoMa's). A weights-only\n"
+        "checkpoint: the run that trains from it (checkpoint.init_from=DIR, with the model.arch=moma and\n"
+        "moe settings this prints) starts at step 0 with a fresh optimizer and LR schedule.",
+        UPCYCLE_EXAMPLES,
+        notes="Gumbel noise on the routers (the paper's upcycling recipe) is a training setting: moe.router_noise.",
+    )
+    add_ckpt(up, "MoT or dense step directory or checkpoint.dir (any parallel layout)", "--input")
+    add_output(up, "new, empty directory for the MoMa weights")
+    up.add_argument(
+        "--experts",
+        metavar="E",
+        help="moe.experts, as the config spells it: '{text: 4, image: 4}' (MoMa 4t4i) or '{mixed: 8}' "
+        "(default: the source run's moe.experts, 4t4i unless it set one)",
+    )
+    up.add_argument(
+        "--capacity",
+        metavar="C",
+        help="moe.capacity, e.g. '{text: 0.25, image: 0.25}' (default: the source run's; null = 1/experts per group)",
+    )
+    up.add_argument(
+        "--untie",
+        help="model.untie for attention and norms (default: the MoT's; from a dense model: all); it may not "
+        "tie a part the MoT unties",
+    )
+    up.add_argument(
+        "--keep-data-order",
+        action="store_true",
+        help="record in the output's megafusion.json that the upcycled run is to continue the source run's data "
+        "stream (origin.keep_data_order; origin.consumed_samples, where the source stopped, is always recorded)",
     )
     h2m = subcommand(
         commands,
@@ -115,6 +158,18 @@ def convert_command(argv: list[str]) -> int:
         print(
             f"[megafusion] wrote MoT weights to {out}: train with model.arch=mot model.untie={args.untie} "
             f"checkpoint.init_from={out}"
+        )
+        return 0
+    if args.command == "upcycle":
+        from megafusion.interop.upcycle import train_overrides, upcycle
+
+        cfg, origin = upcycle(args.ckpt, args.output, args.experts, args.capacity, args.untie, args.keep_data_order)
+        kept = f"; recorded origin.keep_data_order (the source run stopped at sample {origin['consumed_samples']})"
+        print(
+            f"[megafusion] wrote MoMa weights to {args.output} (every expert a copy of its modality's FFN from "
+            f"the {origin['source_arch']} checkpoint, routers initialised): train with "
+            f"{' '.join(train_overrides(cfg))} checkpoint.init_from={args.output} "
+            f"(a new run: step 0, fresh optimizer and LR schedule)" + (kept if args.keep_data_order else "")
         )
         return 0
     from megafusion.interop import hf_io
