@@ -147,10 +147,17 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
             f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)"
         )
     if diffs:
+        upcycle = (
+            "\nto start MoMa from a MoT or dense checkpoint, convert it first: megafusion convert upcycle "
+            f"--ckpt {path} --output DIR"
+            if ours.get("arch") == "moma" and theirs.get("arch") in ("mot", "dense")
+            else ""
+        )
         raise CheckpointError(
             f"checkpoint {path} does not fit this run:\n  - "
             + "\n  - ".join(diffs)
             + "\nuse the checkpoint's settings, or start fresh with checkpoint.resume=false or another checkpoint.dir"
+            + upcycle
         )
     return warm
 
@@ -161,3 +168,11 @@ def _text_identity(data_meta: dict) -> dict | None:
     if tokenizer is None:
         return None
     return {k: v for k, v in tokenizer.items() if k not in ("vocab_size", "codec")}
+
+
+def data_position(manifest: dict) -> int:
+    """The sample a run warm-started from this checkpoint reads first: 0 (a new run reads its data
+    from the start), or the source run's consumed samples when the checkpoint was converted to
+    continue its data stream (``megafusion convert upcycle --keep-data-order``, MoMa's recipe)."""
+    origin = manifest.get("origin") or {}
+    return int(origin.get("consumed_samples", 0)) if origin.get("keep_data_order") else 0

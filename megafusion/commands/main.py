@@ -10,6 +10,7 @@ Subcommands:
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
   image patch codebook (the ``vq`` image codec).
 - ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint;
+  ``convert upcycle ...``: a MoMa checkpoint from a MoT (or dense) one, every expert a copy of its FFN;
   ``convert hf-to-mf`` / ``mf-to-hf``: Hugging Face Llama checkpoints in and out.
 - ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
 - ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
@@ -49,6 +50,7 @@ commands:
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
   tokenizer fit-vq --builtin shapes --output CODEBOOK       fit a k-means image patch codebook
   convert dense-to-mot --ckpt CKPT --output DIR             MoT weights copied from a dense checkpoint
+  convert upcycle --ckpt CKPT --output DIR [--experts E]    MoMa experts copied from a MoT / dense checkpoint
   convert hf-to-mf --hf DIR --output CKPT [--config-out F]  import a Hugging Face Llama (safetensors)
   convert mf-to-hf --ckpt CKPT --output DIR                 export a dense checkpoint as a Hugging Face Llama
   generate --ckpt CKPT --prompt TEXT --output DIR           text (and --image) from a Transfusion checkpoint

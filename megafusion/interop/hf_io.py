@@ -191,10 +191,10 @@ def write_model_yaml(path: str, section: dict, src: Path) -> None:
 
 def _parent(manifest: dict):
     """The checkpoint ``manifest``'s weights came from: ``checkpoint.init_from``, or the input of a
-    ``convert dense-to-mot``; None if neither."""
+    ``convert dense-to-mot`` / ``convert upcycle``; None if neither."""
     parent = ((manifest.get("config") or {}).get("checkpoint") or {}).get("init_from")
     origin = manifest.get("origin") or {}
-    if not parent and origin.get("conversion") == "dense-to-mot":
+    if not parent and origin.get("conversion") in ("dense-to-mot", "upcycle"):
         parent = origin.get("converted_from")
     return parent
 

@@ -23,9 +23,9 @@ The result is a weights-only checkpoint (no optimizer, step 0); train from it wi
 ``model.arch=moma``, the same ``moe.experts`` / ``moe.capacity`` / ``model.untie`` and
 ``checkpoint.init_from=DIR``: a new run, so the optimizer and the LR schedule (warmup included)
 start afresh, as in the paper. Its ``origin`` records where the source run's data stream stopped
-(``consumed_samples``) and whether the upcycled run is meant to continue it (``--keep-data-order``:
-``keep_data_order``). ``checkpoint.init_from`` does not read them yet: every run it starts reads
-the data from sample 0; keeping the order needs the trainer to start at ``origin.consumed_samples``.
+(``consumed_samples``) and whether the upcycled run continues it (``--keep-data-order``:
+``keep_data_order``; then the run ``checkpoint.init_from`` starts reads from that sample on,
+:func:`megafusion.checkpoint.data_position`; otherwise from sample 0).
 
 With one expert per modality, capacity 1 (every expert takes all of its modality's tokens) and
 the routers' gates held at 1 (``ExpertChoiceRouter.gate = "one"``), an upcycled MoT computes

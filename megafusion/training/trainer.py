@@ -282,14 +282,24 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
     if path is None:
         if cfg.checkpoint.init_from:  # a new run that starts from another run's weights
             init = ckpt.resolve_checkpoint(cfg.checkpoint.init_from)
-            warm = ckpt.check_compatible(init, ckpt.read_manifest(init), cfg, trainer.data.meta, weights_only=True)
+            manifest = ckpt.read_manifest(init)
+            # check_compatible has compared the data (tokenizer, sources): continuing the source
+            # run's stream is meaningful.
+            warm = ckpt.check_compatible(init, manifest, cfg, trainer.data.meta, weights_only=True)
             checked = ckpt.load_weights(init, trainer.model, warm, verify=cfg.checkpoint.verify)
             # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
             # or the first step would write the random init back over the loaded weights.
             trainer.optimizer.reload_model_params()
             how = warm.describe()
             how = f"; {how}" if how else ""
-            return 0, 0, f"initialised from {init} (model weights only: step 0, fresh optimizer{how}; {checked})", []
+            first = ckpt.data_position(manifest)
+            data = f"; data from sample {first}, where the source run stopped" if first else ""
+            return (
+                0,
+                first,
+                f"initialised from {init} (model weights only: step 0, fresh optimizer{how}{data}; {checked})",
+                [],
+            )
         if cfg.model.freeze_text:
             raise ckpt.CheckpointError(
                 "model.freeze_text=true (LMFusion) freezes the text half of a pretrained model: "

@@ -16,6 +16,7 @@ shows) and is upcycled twice, by the command as a user runs it:
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -113,6 +114,10 @@ def test_every_expert_is_a_bit_equal_copy_of_its_modality_ffn(runtime, upcycled,
         assert printed[-1] == f"checkpoint.init_from={moma_path}"
         _, _, log = run_train(tmp, 1, CONFIG, [*printed, "train.steps=1", "logging.dump_grads=null"], "from_2t2i")
         assert f"initialised from {moma_path}" in log
+        # --keep-data-order: the new run (step 0, fresh schedule) continues the MoT's data stream.
+        assert f"data from sample {STEPS * GLOBAL_BATCH}, where the source run stopped" in log
+        first = json.loads((tmp / "from_2t2i" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["step"] == 1 and first["consumed_samples"] == (STEPS + 1) * GLOBAL_BATCH
 
 
 def test_upcycled_1t1i_at_capacity_1_with_unit_gates_computes_the_mot_logits(runtime, upcycled):
