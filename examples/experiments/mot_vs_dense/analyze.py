@@ -304,39 +304,63 @@ def resolve_setting(explicit: str | None, info: dict, out_dir: Path) -> str | No
 
 
 # --------------------------------------------------------------------------- the comparison
-def compare(dense: dict, mot: dict) -> dict:
-    """Per modality: final losses and what MoT needed to reach dense's final loss (curves from *_curves)."""
-    total_flops, total_wall = dense["flops"][-1], dense["wall_s"][-1]
+def reach(reference: dict, other: dict) -> dict:
+    """Per modality: the reference's final loss, the other run's, and where the other run's curve
+    first reaches the reference's final loss (curves from *_curves; any two runs).
+
+    ``step`` / ``flops`` / ``wall_s`` of that point (linearly interpolated) and its FLOPs and wall
+    clock as fractions of the reference's totals; None where it never did. ``at_first_point``: the
+    other run was already below at its first point, so the fractions are upper bounds."""
+    total_flops, total_wall = reference["flops"][-1], reference["wall_s"][-1]
     out = {}
     for m in MODALITIES:
-        target = dense[m][-1]
-        # at_first_point: MoT was already below at its first point, so the fractions are upper bounds.
+        target = reference[m][-1]
         row = {
-            "dense_final": target,
-            "mot_final": mot[m][-1],
+            "reference_final": target,
+            "final": other[m][-1],
             "reached": False,
             "at_first_point": False,
-            "mot_step": None,
-            "mot_flops": None,
-            "mot_wall_s": None,
+            "step": None,
+            "flops": None,
+            "wall_s": None,
             "flops_fraction": None,
             "wall_fraction": None,
         }
-        hit = first_crossing(mot["flops"], mot[m], target) if not math.isnan(target) else None
+        hit = first_crossing(other["flops"], other[m], target) if not math.isnan(target) else None
         if hit is not None:
             flops, pos = hit
-            wall = value_at(mot["wall_s"], pos)
+            wall = value_at(other["wall_s"], pos)
             row.update(
                 reached=True,
                 at_first_point=pos == 0,
-                mot_step=value_at(mot["step"], pos),
-                mot_flops=flops,
-                mot_wall_s=wall,
+                step=value_at(other["step"], pos),
+                flops=flops,
+                wall_s=wall,
                 flops_fraction=flops / total_flops,
                 wall_fraction=wall / total_wall,
             )
         out[m] = row
     return out
+
+
+def compare(dense: dict, mot: dict) -> dict:
+    """Per modality: final losses and what MoT needed to reach dense's final loss (curves from *_curves).
+
+    :func:`reach` with this report's key names (its JSON and tables read them)."""
+    return {
+        m: {
+            "dense_final": row["reference_final"],
+            "mot_final": row["final"],
+            "reached": row["reached"],
+            "at_first_point": row["at_first_point"],
+            "mot_step": row["step"],
+            "mot_flops": row["flops"],
+            "mot_wall_s": row["wall_s"],
+            "flops_fraction": row["flops_fraction"],
+            "wall_fraction": row["wall_fraction"],
+        }
+        for m, row in reach(dense, mot).items()
+    }
 
 
 def analyze_runs(out_dir: Path, setting: str | None = None) -> dict:
@@ -350,21 +374,7 @@ def analyze_runs(out_dir: Path, setting: str | None = None) -> dict:
     check_image_loss(runs, chosen)
     val = {a: val_curves(runs[a], chosen) for a in ARCHS}
     smooth = {a: train_curves(runs[a], chosen) for a in ARCHS}
-    summary = {}
-    for a in ARCHS:
-        axes = cumulative_axes(runs[a])
-        last = runs[a]["train"][-1]["step"]
-        times = sorted(r["step_time_s"] for r in runs[a]["train"])
-        # The median step time is robust to a few steps slowed by other work on the machine; a sum
-        # far above steps x median says the wall clock was disturbed.
-        summary[a] = {
-            "metrics": runs[a]["path"],
-            "steps": last,
-            "flops_total": axes[last][0],
-            "wall_clock_s": axes[last][1],
-            "median_step_s": times[len(times) // 2],
-            "final_eval_step": val[a]["step"][-1],
-        }
+    summary = {a: run_summary(runs[a], val[a]) for a in ARCHS}
     if summary["dense"]["steps"] != summary["mot"]["steps"]:
         print(
             f"warning: dense ran {summary['dense']['steps']} steps and MoT {summary['mot']['steps']}: the "
@@ -382,6 +392,24 @@ def analyze_runs(out_dir: Path, setting: str | None = None) -> dict:
     }
 
 
+def run_summary(run: dict, val: dict) -> dict:
+    """Steps, training FLOPs, summed step wall clock, median step time and the last evaluation of one run
+    (``run`` from :func:`load_run`, ``val`` its :func:`val_curves`)."""
+    axes = cumulative_axes(run)
+    last = run["train"][-1]["step"]
+    times = sorted(r["step_time_s"] for r in run["train"])
+    # The median step time is robust to a few steps slowed by other work on the machine; a sum
+    # far above steps x median says the wall clock was disturbed.
+    return {
+        "metrics": run["path"],
+        "steps": last,
+        "flops_total": axes[last][0],
+        "wall_clock_s": axes[last][1],
+        "median_step_s": times[len(times) // 2],
+        "final_eval_step": val["step"][-1],
+    }
+
+
 def _thin(curve: dict, every: int = 5) -> dict:
     """Every ``every``-th point (and the last) of a per-step curve: keeps the JSON small."""
     keep = sorted(set(range(0, len(curve["step"]), every)) | {len(curve["step"]) - 1})
@@ -389,15 +417,18 @@ def _thin(curve: dict, every: int = 5) -> dict:
 
 
 # --------------------------------------------------------------------------- provenance
-def parameter_counts(out_dir: Path, info: dict) -> dict:
-    """Exact total / active parameters of both models, from the config run.py used and the
-    vocabulary size the run banner printed (the data decides the vocabulary)."""
+def parameter_counts(out_dir: Path, info: dict, names: tuple[str, ...] = ARCHS) -> dict:
+    """Exact total / active parameters of the runs ``names`` (both models here), from the config
+    run.py used (run_info.json's command under that name) and the vocabulary size the run banner
+    in ``<out_dir>/<name>/train.log`` printed (the data decides the vocabulary)."""
     from megafusion.accounting.params import parameter_counts as counts
 
     out = {}
-    for a in ARCHS:
+    for a in names:
         log = out_dir / a / "train.log"
-        found = re.search(r"parameters \([\d.]+M active\), vocab (\d+)", log.read_text()) if log.is_file() else None
+        # "(0.92M active)", or "(0.92M active per token)" where the banner says so (sparse families)
+        banner = r"parameters \([\d.]+M active[^)]*\), vocab (\d+)"
+        found = re.search(banner, log.read_text()) if log.is_file() else None
         cfg = run_config(info, a) if found else None
         if cfg is None:
             out[a] = None  # e.g. metrics files from elsewhere: no banner or command to read

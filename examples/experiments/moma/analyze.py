@@ -1,0 +1,399 @@
+"""Compare dense, MoT, MoMa 1t1i / 4t4i, the modality-blind MoE-8x and MoMa 4t4i upcycled from MoT:
+validation loss per modality against training FLOPs and wall clock, the fraction of dense's FLOPs
+(and wall clock) each needs to reach dense's final loss, and step-time ratios.
+
+``python examples/experiments/moma/analyze.py [--out-dir runs/moma] [--results bench/results]``
+
+Reads ``<out-dir>/<run>/metrics.jsonl`` of every run in ``RUNS`` (``run.py`` produces them) and,
+where present, ``<out-dir>/run_info.json`` (commands, provenance, the upcycling) and
+``<out-dir>/<run>/train.log`` (the run banner, for the vocabulary size of the parameter counts).
+The upcycled run (``UPCYCLED``) is in the report when ``run_info.json`` records it as complete:
+its curve is MoT's first ``upcycle.step`` steps (the checkpoint it was upcycled from) followed by
+its own steps, shifted by them in steps, FLOPs and wall clock.
+
+The curves and crossings are those of the MoT-vs-dense experiment
+(``examples/experiments/mot_vs_dense/analyze.py``, its lm = Chameleon setting), loaded by path
+because both folders have an ``analyze.py``: validation loss after each evaluation against
+cumulative ``flops_total`` and summed ``step_time_s``; the crossing of dense's final loss
+interpolated linearly between evaluation points; the same on the EMA-smoothed training loss.
+
+Writes ``<results>/moma.json`` (every number and the curves), ``moma.md`` (the tables) and
+``moma.png`` (the curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_BASE_NAME = "mot_vs_dense_analyze"  # the name its own test registers it under, too
+
+
+def _load_base():
+    """examples/experiments/mot_vs_dense/analyze.py as a module (it also puts the repository on sys.path)."""
+    if _BASE_NAME in sys.modules:
+        return sys.modules[_BASE_NAME]
+    spec = importlib.util.spec_from_file_location(_BASE_NAME, HERE.parent / "mot_vs_dense" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_BASE_NAME] = module  # dataclasses look their module up there (importlib's recipe)
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _load_base()
+ROOT = base.ROOT
+AnalysisError = base.AnalysisError
+MODALITIES = base.MODALITIES
+SETTING = base.SETTINGS["lm"]  # the Chameleon setting: discrete image codes, image loss val/loss/image
+
+from bench.provenance import recorded_or_now, repo_relative  # noqa: E402  (base put the repository on sys.path)
+
+RESULT_NAME = "moma"
+RUN_COMMAND = "python examples/experiments/moma/run.py"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the comparison: its name in the report and what run.py sets beyond the shared config."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+
+# In run order. Every run has the config's width, depth and ffn_hidden_size: MoT's token meets its
+# modality's FFN, a MoMa token on average one expert of that width (moe.capacity null = 1 / experts
+# of the group), so the active FLOPs per token are (nearly: the router, ceil of the capacity) equal.
+RUNS = {
+    "dense": Run("dense", ("model.arch=dense",)),
+    "mot": Run("MoT", ("model.arch=mot",)),
+    "moma_1t1i": Run("MoMa 1t1i", ("model.arch=moma", "moe.experts={text: 1, image: 1}")),
+    "moma_4t4i": Run("MoMa 4t4i", ("model.arch=moma", "moe.experts={text: 4, image: 4}")),
+    "moe_8x": Run("MoE-8x", ("model.arch=moma", "moe.experts={mixed: 8}")),
+}
+REFERENCE = "dense"
+# MoMa 4t4i started from MoT's checkpoint part-way (run.py's upcycle step), to the same total steps.
+UPCYCLED, UPCYCLED_SOURCE, UPCYCLED_AS = "moma_4t4i_upcycled", "mot", "moma_4t4i"
+LABELS = {**{n: r.label for n, r in RUNS.items()}, UPCYCLED: "MoMa 4t4i upcycled"}
+
+
+# --------------------------------------------------------------------------- reading runs
+def stitch(source: dict, rest: dict, step: int) -> dict:
+    """The upcycled run as one run: ``source``'s (MoT's) training steps 1..``step`` and its evaluations up
+    to there, then ``rest`` (the upcycled run's own records) after them, its FLOPs and steps shifted."""
+    head = [r for r in source["train"] if r["step"] <= step]
+    if not head or head[-1]["step"] != step:
+        raise AnalysisError(
+            f"{source['path']} has no training step {step}, where the upcycled run started "
+            f"(run_info.json's upcycle.step): rerun `{RUN_COMMAND}`"
+        )
+    first = rest["train"][0]["step"]
+    if first not in (1, step + 1):
+        raise AnalysisError(
+            f"{rest['path']} starts at step {first}: an upcycled run starts at 1 (a new run from the "
+            f"checkpoint) or at {step + 1} (counting on from it); rerun `{RUN_COMMAND}`"
+        )
+    shift = step if first == 1 else 0
+    # Sum the run's own per-step FLOPs on top of the source's: right whether or not its flops_total
+    # started from zero.
+    flops = float(head[-1]["flops_total"])
+    train = list(head)
+    for r in rest["train"]:
+        flops += float(r["flops"])
+        train.append({**r, "step": r["step"] + shift, "flops_total": flops})
+    evals = [r for r in source["eval"] if r["step"] <= step]
+    evals += [{**r, "step": r["step"] + shift} for r in rest["eval"]]
+    return {"path": rest["path"], "train": train, "eval": evals}
+
+
+def upcycle_record(info: dict) -> dict | None:
+    """run_info.json's ``upcycle`` entry when the upcycled run completed, else None."""
+    up = info.get("upcycle") or {}
+    return up if up.get("complete") else None
+
+
+def load_runs(out_dir: Path, info: dict) -> dict:
+    runs = {n: base.load_run(out_dir / n, RUN_COMMAND) for n in RUNS}
+    up = upcycle_record(info)
+    if up is not None:
+        rest = base.load_run(out_dir / UPCYCLED, RUN_COMMAND)
+        runs[UPCYCLED] = stitch(runs[UPCYCLED_SOURCE], rest, int(up["step"]))
+        runs[UPCYCLED]["own"] = rest["train"]  # its own records (data order, step times after upcycling)
+    return runs
+
+
+# --------------------------------------------------------------------------- the comparison
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def analyze_runs(out_dir: Path) -> dict:
+    """Load every run under ``out_dir`` and compute every number of the report (no files written)."""
+    out_dir = Path(out_dir)
+    info = base.read_run_info(out_dir)
+    runs = load_runs(out_dir, info)
+    base.check_image_loss(runs, SETTING)
+    val = {n: base.val_curves(r, SETTING) for n, r in runs.items()}
+    smooth = {n: base.train_curves(r, SETTING) for n, r in runs.items()}
+    summary = {n: {"label": LABELS[n], **base.run_summary(runs[n], val[n])} for n in runs}
+    ref = summary[REFERENCE]
+    for s in summary.values():
+        # FLOPs ratio ~1 is the "equal active FLOPs" check; the step-time ratio is the cost of the
+        # routing / dispatch on this hardware (median: robust to steps slowed by other work).
+        s["flops_vs_dense"] = s["flops_total"] / ref["flops_total"]
+        s["median_step_vs_dense"] = s["median_step_s"] / ref["median_step_s"]
+        s["wall_clock_vs_dense"] = s["wall_clock_s"] / ref["wall_clock_s"]
+    up = upcycle_record(info)
+    upcycle = None
+    if up is not None:
+        own = runs[UPCYCLED]["own"]
+        batch = own[1]["consumed_samples"] - own[0]["consumed_samples"] if len(own) > 1 else None
+        upcycle = {
+            **{k: v for k, v in up.items() if k != "complete"},
+            "median_step_after_s": _median([r["step_time_s"] for r in own]),
+            # consumed_samples of its first step: one batch (the data stream restarted) or the
+            # source's position plus one batch (it went on where MoT's stream was at the checkpoint).
+            "data_order_continued": batch is not None and own[0]["consumed_samples"] > batch,
+        }
+        upcycle["median_step_after_vs_dense"] = upcycle["median_step_after_s"] / ref["median_step_s"]
+        # Where the branch sits on the plot's axes (not necessarily an evaluation point).
+        upcycle["flops_at_step"], upcycle["wall_s_at_step"] = base.cumulative_axes(runs[UPCYCLED])[int(up["step"])]
+    steps = {n: s["steps"] for n, s in summary.items()}
+    if len(set(steps.values())) > 1:
+        print(
+            f"warning: the runs trained different step counts {steps}: fractions are of dense's totals", file=sys.stderr
+        )
+    others = [n for n in runs if n != REFERENCE]
+    crossings = {}
+    for key, curves in (("validation", val), ("train_loss_ema", smooth)):
+        crossings[key] = {n: base.reach(curves[REFERENCE], curves[n]) for n in others}
+        for rows in crossings[key].values():
+            for row in rows.values():
+                # Steps too: the FLOPs count what each model computes, and dense's and MoT's FFN
+                # computes the padding that no expert takes, so equal steps are not quite equal FLOPs.
+                row["step_fraction"] = row["step"] / ref["steps"] if row["reached"] else None
+    return {
+        "setting": SETTING.name,
+        "image_loss": f"val/loss/{SETTING.image_loss}",
+        "reference": REFERENCE,
+        "runs": summary,
+        "upcycle": upcycle,
+        **crossings,
+        "ema_beta": base.EMA_BETA,
+        "curves": {"validation": val, "train_loss_ema": {n: base._thin(smooth[n]) for n in runs}},
+    }
+
+
+# --------------------------------------------------------------------------- writing results
+_pct, _loss = base._pct, base._loss
+
+
+def _fractions(row: dict) -> str:
+    """``FLOPs% (wall%)`` of one crossing, or "not reached"."""
+    if not row["reached"]:
+        return "not reached"
+    return f"{_pct(row['flops_fraction'], row['at_first_point'])} ({_pct(row['wall_fraction'], row['at_first_point'])})"
+
+
+def _params(p: dict | None) -> tuple[str, str]:
+    return ("?", "?") if not p else (f"{p['total'] / 1e6:.3f}M", f"{p['active'] / 1e6:.3f}M")
+
+
+def markdown(result: dict) -> str:
+    r, p, up = result["runs"], result["parameters"], result["upcycle"]
+    lines = [
+        "# MoMa vs MoT vs dense at equal active FLOPs (Chameleon setting, built-in shapes + digits, vq image codes)",
+        "",
+        f"- commit: `{result['commit']}`",
+        f"- machine: {result['machine']}",
+        f"- date (UTC): {result['date_utc']}",
+        f"- command: `{result['command']}`",
+    ]
+    if result.get("quick"):
+        lines.append(
+            "- **--quick**: tiny models and a few steps, a smoke test of the pipeline; the numbers mean nothing"
+        )
+    for n in r:
+        cmd = result["train_commands"].get(n)
+        if cmd:
+            lines.append(f"- {LABELS[n]} run: `{shlex.join(cmd)}`")
+    if up is not None:
+        convert = result.get("convert_command")
+        lines.append(
+            f"- upcycling: MoT's checkpoint at step {up['step']} -> MoMa 4t4i"
+            + (f" (`{shlex.join(convert)}`)" if convert else "")
+            + f", trained {up['steps']} more steps (a new run: fresh optimizer and LR schedule) with "
+            f"moe.router_noise={up['router_noise']}; data stream "
+            + ("continued from MoT's position" if up["data_order_continued"] else "restarted from the first batch")
+        )
+    elif result.get("upcycle_skipped"):
+        lines.append(f"- upcycled run: not run ({result['upcycle_skipped']})")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | steps | parameters | active | training FLOPs | vs dense | step wall clock (s) | median step (s) "
+        "| median step vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, s in r.items():
+        total, active = _params(p.get(n))
+        lines.append(
+            f"| {s['label']} | {s['steps']} | {total} | {active} | {s['flops_total']:.4g} | "
+            f"{s['flops_vs_dense']:.3f}x | {s['wall_clock_s']:.1f} | {s['median_step_s']:.3f} | "
+            f"{s['median_step_vs_dense']:.2f}x |"
+        )
+    if up is not None:
+        lines += [
+            "",
+            f"The upcycled run's steps are MoT's up to step {up['step']}; after it its median step took "
+            f"{up['median_step_after_s']:.3f} s ({up['median_step_after_vs_dense']:.2f}x dense's).",
+        ]
+    labels = [SETTING.label(m) for m in MODALITIES]
+    lines += [
+        "",
+        "## Final validation loss (held-out documents)",
+        "",
+        "| run | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    finals = {n: result["curves"]["validation"][n] for n in r}
+    for n in r:
+        lines.append(f"| {LABELS[n]} | " + " | ".join(_loss(finals[n][m][-1]) for m in MODALITIES) + " |")
+    for title, key in (
+        ("Validation loss: fraction of dense's FLOPs (wall clock) to reach dense's final loss", "validation"),
+        (
+            f"Training loss, EMA-smoothed (beta {result['ema_beta']}; in-sample, every step): fraction of dense's "
+            "FLOPs (wall clock) to reach dense's final loss",
+            "train_loss_ema",
+        ),
+    ):
+        lines += ["", f"## {title}", "", "| run | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for n, rows in result[key].items():
+            lines.append(f"| {LABELS[n]} | " + " | ".join(_fractions(rows[m]) for m in MODALITIES) + " |")
+    lines += [
+        "",
+        "Fraction: the training FLOPs (in brackets: the summed step wall clock) a run spent until its loss first "
+        "reached dense's final loss, over dense's total; linear interpolation between evaluation points ('<=': "
+        "already below at the run's first point, an upper bound); 'not reached': never within the run. Every run "
+        "has the same width, depth and FFN width and MoMa's default capacity (a token meets one expert on "
+        "average), so the FLOPs per step match up to the router, the rounding of the capacity and the padding, "
+        "which dense's and MoT's FFN compute and no expert takes (the *vs dense* column; the fractions of "
+        "dense's steps are in the JSON, `step_fraction`). The MoMa paper reports, for its 1.4B MoMa 4t4i "
+        "under a 1T-token budget, 3.7x overall pre-training FLOPs savings (text 2.6x, image 5.2x) over a "
+        "compute-equivalent dense model, and 3x for the expert-choice MoE-8x; this is a tiny model on a CPU, "
+        "one seed.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+COLOURS = {
+    "dense": "tab:blue",
+    "mot": "tab:orange",
+    "moma_1t1i": "tab:green",
+    "moma_4t4i": "tab:red",
+    "moe_8x": "tab:purple",
+    UPCYCLED: "tab:brown",
+}
+
+
+def plot(result: dict, path: Path) -> None:
+    """2 x 3 panels: validation loss (overall, text, image) of every run vs training FLOPs (top) and
+    summed step wall clock (bottom), dense's final loss dashed, the upcycling point dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    curves, up = result["curves"]["validation"], result["upcycle"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), squeeze=False)
+    for row, (axis, xlabel) in enumerate((("flops", "training FLOPs"), ("wall_s", "wall clock of steps (s)"))):
+        for col, m in enumerate(MODALITIES):
+            ax = axes[row][col]
+            for n, c in curves.items():
+                ax.plot(
+                    c[axis],
+                    c[m],
+                    marker=".",
+                    markersize=3,
+                    linestyle="--" if n == UPCYCLED else "-",
+                    color=COLOURS.get(n),
+                    label=LABELS[n],
+                )
+            ax.axhline(curves[REFERENCE][m][-1], color=COLOURS[REFERENCE], linestyle="--", linewidth=0.8)
+            if up is not None:
+                at = up["flops_at_step" if axis == "flops" else "wall_s_at_step"]
+                ax.axvline(at, color=COLOURS[UPCYCLED], linestyle=":", linewidth=0.8)
+            ax.set_title(f"validation loss, {SETTING.label(m)}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation loss")
+            ax.grid(alpha=0.3)
+            # The early losses are far above the rest: the interesting part is the end.
+            finals = [c[m][-1] for c in curves.values() if not math.isnan(c[m][-1])]
+            starts = [v for c in curves.values() for v in c[m][len(c[m]) // 4 :] if not math.isnan(v)]
+            if finals and starts:
+                low, high = min(finals), max(starts)
+                ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-9)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    note = "; dotted: upcycling point" if up is not None else ""
+    fig.suptitle(
+        f"MoMa vs MoT vs dense (dashed horizontal: dense's final loss{note}), commit {result['commit']}, "
+        f"{result['machine']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out_dir: Path, results_dir: Path) -> dict:
+    """Analyse the runs under ``out_dir`` and write moma.{json,md,png} into ``results_dir``."""
+    out_dir, results_dir = Path(out_dir), Path(results_dir)
+    result = analyze_runs(out_dir)
+    info = base.read_run_info(out_dir)
+    # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
+    result = {
+        **recorded_or_now(info),
+        "quick": info.get("quick", False),
+        "omp_num_threads": info.get("omp_num_threads"),
+        "train_commands": info.get("train_commands", {}),
+        "convert_command": info.get("convert_command"),
+        "run_seconds": info.get("run_seconds", {}),
+        "upcycle_skipped": info.get("upcycle_skipped"),
+        "parameters": base.parameter_counts(out_dir, info, tuple(result["runs"])),
+        **result,
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / RESULT_NAME
+    Path(f"{stem}.json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    plot(result, Path(f"{stem}.png"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default="runs/moma", help="holds one folder per run (default: %(default)s)")
+    parser.add_argument("--results", default="bench/results", help="where moma.{json,md,png} go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        result = write_results(Path(args.out_dir), Path(args.results))
+    except AnalysisError as err:
+        print(f"analyze: {err}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    print(f"wrote {Path(args.results) / RESULT_NAME}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
