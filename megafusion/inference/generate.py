@@ -58,7 +58,17 @@ class Generator:
     """A Transfusion model (an unwrapped ``TransfusionGPTModel``), its tokenizer and latent codec."""
 
     def __init__(self, cfg, runtime, tokenizer, model, kv_cache: bool = True):
+        from megafusion.models.registry import get_family
         from megafusion.objectives.transfusion import schedule_for
+
+        if get_family(cfg.model.arch).experts(cfg) is not None:
+            # Expert choice ranks a microbatch's tokens against each other (later ones included):
+            # one decoded token would be taken by every expert of its group.
+            raise ValueError(
+                f"model.arch={cfg.model.arch}: expert-choice routing is not causal, so it cannot generate "
+                f"token by token; generation needs a causal router (MoMa's auxiliary router), which "
+                f"megafusion does not have yet"
+            )
 
         self.cfg, self.runtime, self.tokenizer, self.model = cfg, runtime, tokenizer, model
         self.kv_cache = kv_cache

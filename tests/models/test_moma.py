@@ -215,3 +215,11 @@ def test_image_experts_cannot_touch_a_text_only_sequence(runtime):
         assert changed >= 3 * (2 * 2 + 1)
         after = forward(model, batch)
     assert torch.equal(before, after)
+
+
+def test_generation_refuses_expert_choice_routing():
+    """One decoded token would be taken by every expert of its group: refused, not silently wrong."""
+    from megafusion.inference.generate import Generator
+
+    with pytest.raises(ValueError, match="expert-choice routing is not causal"):
+        Generator(moma_cfg(), None, None, None)
