@@ -106,7 +106,13 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # Stop W&B's service process now: the command reaps its children on the way out
+            # (runtime/children.py), after which wandb's own atexit teardown would find the
+            # service gone and print a "Connection lost" traceback.
+            wandb.teardown()
         if self._tb is not None:
             self._tb.close()
 

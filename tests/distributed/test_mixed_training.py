@@ -4,6 +4,7 @@ metrics a user reads, and the same run from raw shards through `megafusion data 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from megafusion.data.builtin.shapes import shapes_documents
 from megafusion.data.formats.shards import write_jsonl_shard
-from tests.helpers import ROOT, run_train
+from tests.helpers import ROOT, run_train, train_command
 
 REQUIRED = (
     "step",
@@ -59,6 +60,18 @@ def test_main_job_learns_both_modalities_and_reports_metrics(tmp_path):
     assert str(run_dir / "metrics.jsonl") in out and str(run_dir / "checkpoints") in out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000040"
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory missing"
+
+
+def test_a_run_with_wandb_exits_without_a_traceback(tmp_path):
+    """The command reaps its children at exit; W&B's service must be stopped before that, or
+    wandb's atexit teardown prints "Connection lost" after every run."""
+    args = ["--config", str(ROOT / "tests/configs/mixed_small.yaml"), "train.steps=1", "logging.wandb=true"]
+    args += [f"logging.out_dir={tmp_path / 'wb'}", "checkpoint.save=false"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(train_command(1, args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
 
 
 def test_without_peak_mfu_is_null_and_the_reason_is_printed(tmp_path):
