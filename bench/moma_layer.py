@@ -367,14 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['router_ms']['median']:.3f} ms; FLOPs MoMa/dense x{fl['ratio']:.4f}"
         f"{' (router + rounding, as expected)' if fl['matches_expected'] else ' (NOT the expected count)'}"
     )
-    if args.out is None and args.quick:
-        print("--quick without --out writes nothing (recorded results are left alone):")
-        print(json.dumps(result, indent=2))
-        return 0
-    out = Path(args.out) if args.out else RESULTS / f"{BENCHMARK}_{result['device']['slug']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} and {write_table(out.parent)}")
+    mot_layer.save_result(args, result, BENCHMARK, write_table)
     return 0
 
 

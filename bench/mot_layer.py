@@ -560,15 +560,21 @@ def main(argv: list[str] | None = None) -> int:
         f"MoT {mm['mot']['median']:.3f} ms (x{result['mlp_ratio']:.3f}); routing alone "
         f"{result['routing_ms']['layer']['median']:.3f} ms/layer; FLOPs {result['flops']['dense']} (equal)"
     )
+    save_result(args, result, "mot_layer", write_table)
+    return 0
+
+
+def save_result(args, result: dict, benchmark: str, write_table_fn) -> None:
+    """``result`` to ``--out`` (default ``<benchmark>_<device>.json``) and the table re-rendered;
+    a ``--quick`` run without ``--out`` only prints it."""
     if args.out is None and args.quick:
         print("--quick without --out writes nothing (recorded results are left alone):")
         print(json.dumps(result, indent=2))
-        return 0
-    out = Path(args.out) if args.out else RESULTS / f"mot_layer_{result['device']['slug']}.json"
+        return
+    out = Path(args.out) if args.out else RESULTS / f"{benchmark}_{result['device']['slug']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} and {write_table(out.parent)}")
-    return 0
+    print(f"wrote {out} and {write_table_fn(out.parent)}")
 
 
 if __name__ == "__main__":
