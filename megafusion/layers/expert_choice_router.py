@@ -16,14 +16,18 @@ and experts take any router that returns ``(probs [N, E], routing_map [N, E] boo
 
 No device-to-host synchronisation: the group sizes come from the batch's host-side modality
 counts (:mod:`megafusion.layers.routing`), the group's tokens from the routing's stable modality
-sort, and the selection is a stable sort on the device.
+sort, and the selection is a stable sort on the device. The router also hands the layer
+``dispatch_counts``, the tokens this rank dispatches to each expert (host ints), from which
+:mod:`megafusion.layers.expert_dispatch` sizes every buffer and collective.
 
-Under sequence parallelism each tensor-parallel rank holds a slice of the microbatch; the logits
-(``E`` floats per token) are all-gathered so that every rank selects over the whole microbatch,
-exactly as one process would, and each keeps its own rows. The selection carries no gradient
-(as in any top-k router); the gates do, through this rank's own logits only, and megatron's
-gradient reduction sums the router weight's gradient over the tensor-parallel ranks
-(``sequence_parallel`` attribute, set by ``Router``).
+The router always sees the whole microbatch: under sequence parallelism
+:class:`~megafusion.layers.expert_choice_layer.ExpertChoiceMoELayer` all-gathers it first and sets
+``share = (t, T)``, and tensor-parallel rank ``t`` keeps the ``t``-th of ``T`` contiguous shares
+(in position order) of each expert's tokens, so the ranks together dispatch each chosen token
+once and every share's size is a host int. Every rank selects over the whole microbatch, exactly
+as one process would. The selection carries no gradient (as in any top-k router); the gates do,
+through this rank's shares only, and megatron's gradient reduction sums the router weight's
+gradient over the tensor-parallel ranks (``sequence_parallel`` attribute, set by ``Router``).
 
 Optional Gumbel-sigmoid noise (``moe.router_noise``, MoMa's upcycling recipe) perturbs the
 selection in training, not the gates. Its generator is seeded from the run seed, the layer and a
@@ -35,7 +39,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import Router
 
@@ -65,36 +68,31 @@ class ExpertChoiceRouter(Router):
         # computes exactly its MoT FFN; tests check the wiring with it).
         self.gate = "sigmoid"
         self._noise_draws = 0
+        self.share = (0, 1)  # (this rank's share, shares): set by the layer under sequence parallelism
+        self.dispatch_counts: list[int] = []  # tokens this rank dispatches to each expert, last forward
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        routing = current_routing()
-        local_logits = self.gating(input.reshape(-1, input.shape[-1]))  # [N_local, E]
-        logits = self._whole_microbatch(local_logits.detach())
-        routing_map = self.routing(logits, routing)
-        if logits.shape[0] != local_logits.shape[0]:  # sequence parallel: keep this rank's slice
-            n = local_logits.shape[0]
-            start = self.tp_group.rank() * n
-            routing_map = routing_map[start : start + n]
+        logits = self.gating(input.reshape(-1, input.shape[-1]))  # [N, E], the whole microbatch
+        routing_map, self.dispatch_counts = self.routing(logits.detach(), current_routing())
         if self.gate == "one":
-            return routing_map.to(local_logits.dtype), routing_map
-        return torch.sigmoid(local_logits) * routing_map, routing_map
+            return routing_map.to(logits.dtype), routing_map
+        return torch.sigmoid(logits) * routing_map, routing_map
 
-    def _whole_microbatch(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.config.sequence_parallel or self.tp_group.size() == 1:
-            return logits
-        return gather_from_sequence_parallel_region(logits, group=self.tp_group)
-
-    def routing(self, logits: torch.Tensor, routing) -> torch.Tensor:
-        """The ``[N, E]`` bool map of the whole microbatch: expert ``e`` takes token ``t``."""
+    def routing(self, logits: torch.Tensor, routing) -> tuple[torch.Tensor, list[int]]:
+        """The ``[N, E]`` bool map of this rank's share (expert ``e`` takes token ``t``) and its
+        column sums as host ints."""
         if self.training and self.noise > 0:
             logits = logits + self.noise * self._gumbel_difference(logits)
         n_tokens, num_experts = logits.shape
         routing_map = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=logits.device)
+        counts = [0] * num_experts
+        share, shares = self.share
         for g, expert_ids in enumerate(self.groups.global_ids):
             tokens = self._group_tokens(g, routing)
             n_group = n_tokens if tokens is None else tokens.numel()
             k = self.groups.tokens_per_expert(g, n_group)
-            if k == 0:
+            start, size = share_bounds(k, share, shares)
+            if size == 0:
                 continue
             experts = torch.tensor(expert_ids, device=logits.device)
             scores = logits.index_select(1, experts)
@@ -104,8 +102,12 @@ class ExpertChoiceRouter(Router):
             chosen = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]  # [k, E_g]
             if tokens is not None:
                 chosen = tokens[chosen]
-            routing_map[chosen.reshape(-1), experts.repeat(k)] = True
-        return routing_map
+            if shares > 1:  # this rank's contiguous share of each expert's tokens, in position order
+                chosen = chosen.sort(dim=0).values[start : start + size]
+            routing_map[chosen.reshape(-1), experts.repeat(size)] = True
+            for e in expert_ids:
+                counts[e] = size
+        return routing_map, counts
 
     def _group_tokens(self, g: int, routing) -> torch.Tensor | None:
         """The microbatch's tokens of group ``g`` in position order, padding left out (None: all)."""
@@ -127,3 +129,9 @@ class ExpertChoiceRouter(Router):
         u = u.clamp(1e-12, 1 - 1e-12)
         gumbel = -torch.log(-torch.log(u))
         return (gumbel[0] - gumbel[1]).to(logits.dtype)
+
+
+def share_bounds(k: int, share: int, shares: int) -> tuple[int, int]:
+    """Start and size of share ``share`` of ``shares`` near-equal contiguous parts of ``k`` items."""
+    base, extra = divmod(k, shares)
+    return share * base + min(share, extra), base + (share < extra)

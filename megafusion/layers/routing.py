@@ -30,7 +30,7 @@ exactly the tokens a tensor holds.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state as ps
@@ -49,6 +49,9 @@ class ModalityRouting:
     seq_length: int
     micro_batch_size: int
     routable_counts: tuple[int, ...] | None = None  # counts without padding; None: no padding
+    # Host-side facts derived from the microbatch once and shared by its layers (MoMa's
+    # expert-parallel dispatch counts, :mod:`megafusion.layers.expert_choice_layer`).
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def routable(self, modality: int) -> int:
         return self.counts[modality] if self.routable_counts is None else self.routable_counts[modality]

@@ -1,7 +1,8 @@
 """MoMa (``model.arch=moma``): modality-aware experts with expert-choice routing (arXiv 2407.21770).
 
-Each layer's FFN is megatron-core's ``MoELayer``: megatron's token dispatchers (``moe.dispatcher``:
-all-to-all or all-gather over the expert-parallel ranks, ``parallel.ep``), its ``SequentialMLP``
+Each layer's FFN is megatron-core's ``MoELayer`` (:mod:`megafusion.layers.expert_choice_layer`:
+every dispatch size a host int): megatron's token dispatchers (``moe.dispatcher``: all-to-all or
+all-gather over the expert-parallel ranks, ``parallel.ep``, fed host counts), its ``SequentialMLP``
 experts (one whole SwiGLU MLP each, :mod:`megafusion.layers.experts`: expert parallelism spans
 the tensor- and data-parallel ranks, with no expert tensor parallelism) and its expert
 checkpoint sharding, with megafusion's router
@@ -25,10 +26,11 @@ from functools import partial
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megafusion.core.modality import NUM_MODALITIES
+from megafusion.layers.expert_choice_layer import ExpertChoiceMoELayer
 from megafusion.layers.expert_choice_router import ExpertChoiceRouter
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.layers.experts import Experts
@@ -46,7 +48,7 @@ def experts_spec(cfg) -> ModuleSpec:
         module=Experts,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
-    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, router=router))
+    return ModuleSpec(module=ExpertChoiceMoELayer, submodules=MoESubmodules(experts=experts, router=router))
 
 
 def moma_layer_spec(cfg) -> ModuleSpec:

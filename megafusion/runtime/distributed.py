@@ -104,11 +104,36 @@ def initialize(cfg) -> Runtime:
     )
 
 
+_HOST_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A gloo group over ``group``'s ranks, for exchanging host-side ints (created on first use by
+    the members only, so it may be called from inside a model's forward; cached)."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _HOST_GROUPS:
+        _HOST_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _HOST_GROUPS[ranks]
+
+
+def all_gather_host_ints(values: list[int], group: dist.ProcessGroup) -> list[list[int]]:
+    """Every member's ``values`` (same length everywhere), in ``group``'s rank order, on the host:
+    a gloo all-gather, so it never touches (or waits for) an accelerator."""
+    if dist.get_world_size(group) == 1:
+        return [list(values)]
+    mine = torch.tensor([dist.get_rank(group), *values], dtype=torch.int64)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=host_group(group))
+    ordered = sorted(row.tolist() for row in rows)  # by the sender's rank in ``group``
+    return [row[1:] for row in ordered]
+
+
 def shutdown() -> None:
     """Tear down megatron-core's groups and the default group (safe to call twice)."""
     from megatron.core import parallel_state as ps
 
     stage_channel.close_channel()
+    _HOST_GROUPS.clear()
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

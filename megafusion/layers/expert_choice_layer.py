@@ -1,0 +1,70 @@
+"""MoMa's FFN: megatron-core's ``MoELayer`` run so that every dispatch size is a host int.
+
+megatron's ``MoELayer`` (router -> dispatcher -> experts -> combine) with three changes:
+
+1. the dispatcher is :mod:`megafusion.layers.expert_dispatch`'s (megatron's, fed host counts);
+2. the counts: this rank's row comes from the router
+   (:class:`~megafusion.layers.expert_choice_router.ExpertChoiceRouter`, ``dispatch_counts``, host
+   ints from the microbatch's modality counts); with expert parallelism the other EP ranks' rows
+   (their microbatches differ) come from one gloo all-gather of host ints per microbatch, shared
+   by every MoMa layer of it (cached on the microbatch's routing), so nothing waits for the device;
+3. under sequence parallelism the layer all-gathers the microbatch over the tensor-parallel ranks
+   first and reduce-scatters the output after, as megatron's dense MLP does. Which of an expert's
+   ``k`` tokens a tensor-parallel rank holds depends on the scores, so its count is a device
+   value; with the whole microbatch on every rank, rank ``t`` of ``T`` instead dispatches the
+   ``t``-th of ``T`` contiguous shares of each expert's tokens (in position order), whose sizes
+   are host ints; the reduce-scatter sums the shares back onto the ranks that hold the tokens.
+"""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+
+from megafusion.layers.expert_dispatch import DISPATCHERS
+from megafusion.layers.routing import current_routing
+from megafusion.runtime.distributed import all_gather_host_ints
+
+
+class ExpertChoiceMoELayer(MoELayer):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        pg_collection = pg_collection or get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.token_dispatcher = DISPATCHERS[config.moe_token_dispatcher_type](
+            self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection
+        )
+
+    def _whole_microbatch(self) -> bool:
+        return self.config.sequence_parallel and self.tp_group.size() > 1
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        whole = self._whole_microbatch()
+        if whole:  # [s/tp, b, h] -> [s, b, h]; its backward reduce-scatters the gradient
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if whole:  # each rank holds its shares' outputs for the whole microbatch: sum, keep its slice
+            output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
+        return output, bias
+
+    def route(self, hidden_states, padding_mask=None):
+        if self._whole_microbatch():
+            self.router.share = (self.tp_group.rank(), self.tp_group.size())
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        self.token_dispatcher.counts = self._ep_counts(self.router.dispatch_counts)
+        return probs, routing_map
+
+    def _ep_counts(self, own: list[int]) -> list[list[int]]:
+        """``[ep_rank][expert]``: the tokens every expert-parallel rank sends to each expert."""
+        group = self.token_dispatcher.ep_group
+        if self.token_dispatcher.ep_size == 1:
+            return [own]
+        # The same for every MoMa layer of the microbatch (and on every rank of the EP group
+        # either found or exchanged in the same layer), so it is exchanged once per microbatch.
+        cache = current_routing().cache
+        key = ("expert_counts", tuple(own))
+        if key not in cache:
+            cache[key] = all_gather_host_ints(own, group)
+        return cache[key]
