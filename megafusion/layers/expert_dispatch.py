@@ -55,8 +55,8 @@ def _local_columns(dispatcher) -> slice:
     return slice(dispatcher.local_expert_indices[0], dispatcher.local_expert_indices[-1] + 1)
 
 
-class HostCountAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
-    """megatron's all-to-all dispatcher with every split size from ``counts`` (host ints)."""
+class _HostCounts:
+    """What both dispatchers share: the host count matrix, and whole experts."""
 
     counts: list[list[int]]  # [ep_size][num_experts], set before each dispatch
 
@@ -64,6 +64,10 @@ class HostCountAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(*args, **kwargs)
         if self.tp_size != 1:
             raise ValueError("megafusion's experts are whole (expert tensor parallelism 1)")
+
+
+class HostCountAlltoAllDispatcher(_HostCounts, MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher with every split size from ``counts`` (host ints)."""
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
         """Split sizes and per-expert token counts from ``counts``; returns this rank's experts' counts."""
@@ -97,15 +101,8 @@ class HostCountAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         return tokens_per_expert  # every count is on the host already
 
 
-class HostCountAllGatherDispatcher(MoEAllGatherTokenDispatcher):
+class HostCountAllGatherDispatcher(_HostCounts, MoEAllGatherTokenDispatcher):
     """megatron's all-gather dispatcher with its local token counts from ``counts`` (host ints)."""
-
-    counts: list[list[int]]  # [ep_size][num_experts], set before each dispatch
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.tp_size != 1:
-            raise ValueError("megafusion's experts are whole (expert tensor parallelism 1)")
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """This rank's experts' tokens, grouped by expert, from the gathered microbatches."""
