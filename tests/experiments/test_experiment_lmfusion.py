@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_script
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
@@ -238,21 +238,7 @@ def test_run_py_quick_end_to_end(tmp_path):
     assert "initialised from" in log and "vocabulary grown from" in log and "dense -> MoT" in log
     assert (results / "lmfusion.md").read_text().startswith("# LMFusion vs MoT from scratch")
     assert (results / "lmfusion.png").is_file()
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--analyze-only",
-            "--out-dir",
-            str(out),
-            "--results",
-            str(tmp_path / "again"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "lmfusion.json").read_text())["date_utc"] == result["date_utc"]
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_script
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
@@ -293,21 +293,7 @@ def test_run_py_end_to_end_tiny(tmp_path):
     assert set(result["train_commands"]) == {"dense", "mot"} and "model.arch=mot" in result["train_commands"]["mot"]
     assert (results / "mot_vs_dense.md").is_file() and (results / "mot_vs_dense.png").is_file()
     # Analysis alone reuses the runs; a reserved override is refused.
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--analyze-only",
-            "--out-dir",
-            str(out),
-            "--results",
-            str(tmp_path / "again"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "mot_vs_dense.json").is_file()
     refused = subprocess.run(
@@ -336,25 +322,19 @@ def test_run_py_end_to_end_tiny_transfusion(tmp_path):
         "eval.interval=2",
         "eval.batches=1",
     ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--config",
-            str(HERE / "config_transfusion.yaml"),
-            "--steps",
-            "4",
-            "--out-dir",
-            str(out),
-            "--results",
-            str(results),
-            *tiny,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        HERE / "run.py",
+        "--config",
+        str(HERE / "config_transfusion.yaml"),
+        "--steps",
+        "4",
+        "--out-dir",
+        str(out),
+        "--results",
+        str(results),
+        *tiny,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        one_thread=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "mot_vs_dense_transfusion.json").read_text())

@@ -7,13 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_script
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
@@ -204,22 +203,16 @@ def test_run_py_quick_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "analyze", analyze)
     upcycle = _load("moma_run", "run.py").upcycle_unavailable() is None
     out, results = tmp_path / "runs", tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--quick",
-            "--out-dir",
-            str(out),
-            "--results",
-            str(results),
-            *([] if upcycle else ["--no-upcycle"]),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        HERE / "run.py",
+        "--quick",
+        "--out-dir",
+        str(out),
+        "--results",
+        str(results),
+        *([] if upcycle else ["--no-upcycle"]),
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        one_thread=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((results / "moma.json").read_text())
@@ -257,20 +250,6 @@ def test_run_py_quick_end_to_end(tmp_path, monkeypatch):
     assert (results / "moma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The analysis alone reuses the runs and their provenance.
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--analyze-only",
-            "--out-dir",
-            str(out),
-            "--results",
-            str(tmp_path / "a"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "a"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "a" / "moma.json").read_text())["date_utc"] == result["date_utc"]

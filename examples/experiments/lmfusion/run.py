@@ -54,6 +54,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (in-pr
 import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
+from bench.tee import Tee  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = analyze.ROOT
@@ -145,25 +146,6 @@ def _load() -> float | None:
 
 
 # --------------------------------------------------------------------------- launching steps
-class _Tee:
-    """A text stream writing to several streams (the console and a step's log)."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-        return len(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-    def isatty(self):
-        return False
-
-
 class Runner:
     """Runs megafusion commands one after the other, logging each and recording it in run_info."""
 
@@ -229,7 +211,7 @@ class Runner:
         from megafusion.commands.main import main as cli_main
 
         captured = StringIO()
-        tee = _Tee(sys.__stdout__, log, captured)
+        tee = Tee(sys.__stdout__, log, captured)
         cwd = os.getcwd()
         os.chdir(ROOT)  # as the subprocess launcher: relative paths are from the repository root
         try:

@@ -63,6 +63,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
+from bench.tee import Tee  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = analyze.ROOT
@@ -107,25 +108,6 @@ class StepFailed(RuntimeError):
 
 
 # --------------------------------------------------------------------------- launching
-class _Tee:
-    """A text stream writing to several streams (the console and a step's log)."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-        return len(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-    def isatty(self):
-        return False
-
-
 def command_line(args: list[str]) -> list[str]:
     """The process that runs ``megafusion <args>``: training as ``python -m megafusion.commands.train``."""
     if args[0] == "train":
@@ -162,7 +144,7 @@ def _subprocess(args: list[str], log) -> int:
 def _inprocess(args: list[str], log) -> int:
     from megafusion.commands.main import main as cli_main
 
-    tee = _Tee(sys.__stdout__, log)
+    tee = Tee(sys.__stdout__, log)
     cwd = os.getcwd()
     os.chdir(ROOT)  # as the subprocess launcher: relative paths are from the repository root
     try:
