@@ -70,6 +70,7 @@ class ExpertChoiceRouter(Router):
         self._noise_draws = 0
         self.share = (0, 1)  # (this rank's share, shares): set by the layer under sequence parallelism
         self.dispatch_counts: list[int] = []  # tokens this rank dispatches to each expert, last forward
+        self._expert_id_tensors: dict = {}  # (group, device) -> the group's global expert ids
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         logits = self.gating(input.reshape(-1, input.shape[-1]))  # [N, E], the whole microbatch
@@ -94,7 +95,7 @@ class ExpertChoiceRouter(Router):
             start, size = share_bounds(k, share, shares)
             if size == 0:
                 continue
-            experts = torch.tensor(expert_ids, device=logits.device)
+            experts = self._expert_ids(g, logits.device)
             scores = logits.index_select(1, experts)
             if tokens is not None:
                 scores = scores.index_select(0, tokens)
@@ -108,6 +109,14 @@ class ExpertChoiceRouter(Router):
             for e in expert_ids:
                 counts[e] = size
         return routing_map, counts
+
+    def _expert_ids(self, g: int, device: torch.device) -> torch.Tensor:
+        """Group ``g``'s global expert ids on ``device``, copied there once: a host-to-device copy
+        of a fresh tensor in every forward would wait for the device."""
+        key = (g, device)
+        if key not in self._expert_id_tensors:
+            self._expert_id_tensors[key] = torch.tensor(self.groups.global_ids[g], device=device)
+        return self._expert_id_tensors[key]
 
     def _group_tokens(self, g: int, routing) -> torch.Tensor | None:
         """The microbatch's tokens of group ``g`` in position order, padding left out (None: all)."""
