@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run in Triton's interpreter on a CPU-only machine; it must be chosen before
+# Triton is imported (also by the torchrun children, which inherit it). On a GPU they compile.
+os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 
 @pytest.fixture(scope="session")

@@ -240,6 +240,14 @@ class LoggingConfig:
 
 
 @dataclass
+class OpsConfig:
+    # Grouped GEMMs of MoT's untied projections and of the experts: auto = megafusion's Triton
+    # kernels on CUDA (if Triton is installed), else torch's grouped_mm where its fast path
+    # exists, else the torch reference; triton | torch_grouped_mm | torch force one.
+    backend: str = "auto"
+
+
+@dataclass
 class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +258,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
 
     def to_dict(self) -> dict:
         """Nested plain dict (section -> key -> value), e.g. for logging or YAML."""

@@ -7,6 +7,7 @@ Each problem names the offending keys, their values and a concrete fix.
 
 from megafusion.core.choices import (
     ATTENTION_BACKENDS,
+    OPS_BACKENDS,
     BUILTIN_SETS,
     DATA_SOURCES,
     EXPERT_ARCHS,
@@ -132,6 +133,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
     for key, v, allowed in [
         ("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
         ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
+        ("ops.backend", cfg.ops.backend, OPS_BACKENDS),
         ("model.norm_placement", m.norm_placement, ("pre", "post")),
         ("data.source", d.source, DATA_SOURCES),
         ("data.image_codec", d.image_codec, IMAGE_CODECS),

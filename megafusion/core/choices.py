@@ -8,6 +8,8 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "te")
 DATA_SOURCES = ("synthetic", "builtin", "indexed")
 BUILTIN_SETS = ("shapes", "digits")
 MOT_PARTS = ("attention", "ffn", "norms")
+# ops.backend: who runs the grouped GEMMs of MoT and the experts (megafusion/ops/backends.py)
+OPS_BACKENDS = ("auto", "triton", "torch_grouped_mm", "torch")
 EXPERT_ARCHS = ("moma",)  # model.arch values whose FFNs are experts (parallel.ep, the moe section)
 MOE_DISPATCHERS = ("alltoall", "allgather")  # megatron-core token dispatchers that keep every routed token
 # Signals train.stop_signals may name (SLURM sends SIGTERM on preemption, --signal=B:USR1@T before

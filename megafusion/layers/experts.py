@@ -1,4 +1,11 @@
-"""MoE experts: megatron-core's ``SequentialMLP``, its parameters marked as experts in every layout.
+"""MoE experts: megatron-core's ``SequentialMLP`` run as one grouped GEMM per projection.
+
+The experts keep ``SequentialMLP``'s modules, parameter names and checkpoint sharding; the
+forward replaces its loop of one MLP per expert with :func:`megafusion.layers.grouped_swiglu`
+(two :func:`megafusion.ops.grouped_linear` calls for all local experts, each row gated by its
+routing probability in fc2's epilogue, where megatron scales the activation: the same product).
+The group sizes are the dispatcher's ``tokens_per_expert``, host ints
+(:mod:`megafusion.layers.expert_dispatch`).
 
 megafusion builds whole experts (expert tensor parallelism 1), so every rank of an expert's
 expert-data-parallel group (tensor- x data-parallel ranks / EP) holds the full expert and sees
@@ -18,12 +25,29 @@ its own tokens. Two marks make that hold whatever ``parallel.ep`` is:
 
 from __future__ import annotations
 
+import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+from megafusion.layers.grouped_swiglu import check_swiglu, grouped_swiglu
 
 
 class Experts(SequentialMLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_swiglu(self.config, "megafusion's experts")
+        if self.config.moe_apply_probs_on_input or self.config.fp8 or self.config.fp4:
+            raise ValueError("megafusion's experts support neither moe_apply_probs_on_input nor fp8 / fp4")
         for param in self.parameters():
             param.allreduce = False
             param.expert_tensor_parallel = True
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor):
+        counts = [int(c) for c in tokens_per_expert.tolist()]  # a host tensor: no device sync
+        out = grouped_swiglu(
+            permuted_local_hidden_states,
+            self.local_experts,
+            counts,
+            self.config.activation_func,
+            scale=permuted_probs,
+        )
+        return out, None

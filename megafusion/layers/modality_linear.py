@@ -8,7 +8,8 @@ per modality as children named after the modality, so that state-dict keys read
 linears do. The children's ``forward`` is never called: that would communicate once per
 modality. Instead the tensor-parallel communication happens once for all tokens and the
 per-modality matmuls run on the local weight shards through :func:`megafusion.ops.grouped_linear`,
-each token through its own modality's weight only.
+each token through its own modality's weight only, read in modality order and written back in
+token order by the grouped GEMM itself.
 
 Communication mirrors megatron's linears exactly (so TP / SP parity holds):
 
@@ -55,16 +56,16 @@ def exit_tensor_parallel(y: torch.Tensor, config, tp_group) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(y, group=tp_group)
 
 
-def routed(x: torch.Tensor, routing: ModalityRouting, fn) -> torch.Tensor:
-    """Apply ``fn`` to the tokens of ``x`` (``[s, b, k]``) sorted by modality, then unsort.
+def grouped(x: torch.Tensor, weights, routing: ModalityRouting) -> torch.Tensor:
+    """Each token of ``x`` (``[s, b, k]``) times its modality's weight, in token order.
 
-    ``fn(sorted_rows [n, k]) -> [n, m]`` sees modality 0's tokens first, then modality 1's, ...
-    in the sizes ``routing.counts``.
+    The grouped GEMM reads the tokens in modality order (``routing.order``) and writes each
+    result back to its token's row: no sorted copy of the input or the output is made.
     """
     s, b = x.shape[0], x.shape[1]
-    rows = ops.permute_rows(x.reshape(s * b, -1), routing.order, routing.inverse_order)
-    out = ops.unpermute_rows(fn(rows), routing.order, routing.inverse_order)
-    return out.view(s, b, -1)
+    rows = x.reshape(s * b, -1)
+    y = ops.grouped_linear(rows, weights, routing.counts, gather=routing.order, scatter=routing.order)
+    return y.view(s, b, -1)
 
 
 class _ModalityLinear(MegatronModule):
@@ -89,9 +90,6 @@ class _ModalityLinear(MegatronModule):
     def weights(self) -> list[torch.Tensor]:
         return [getattr(self, name).weight for name in self.modalities]
 
-    def grouped(self, rows: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
-        return ops.grouped_linear(rows, self.weights(), routing.counts)
-
 
 class ModalityColumnParallelLinear(_ModalityLinear):
     """Output features split over TP ranks; input is this rank's sequence (slice under SP)."""
@@ -101,7 +99,7 @@ class ModalityColumnParallelLinear(_ModalityLinear):
     def forward(self, x: torch.Tensor):
         routing = current_routing()
         x = enter_tensor_parallel(x, self.config, self.tp_group)
-        return routed(x, routing, lambda rows: self.grouped(rows, routing)), None
+        return grouped(x, self.weights(), routing), None
 
 
 class ModalityRowParallelLinear(_ModalityLinear):
@@ -111,5 +109,5 @@ class ModalityRowParallelLinear(_ModalityLinear):
 
     def forward(self, x: torch.Tensor):
         routing = current_routing()
-        y = routed(x, routing, lambda rows: self.grouped(rows, routing))
+        y = grouped(x, self.weights(), routing)
         return exit_tensor_parallel(y, self.config, self.tp_group), None

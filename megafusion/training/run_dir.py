@@ -30,7 +30,7 @@ from megafusion.core.io import atomic_write, ensure_writable_dir
 RUN_RECORD = "run.json"
 METRICS = "metrics.jsonl"
 # Keys that may change between restarts of one run without making it another run.
-_RESTART_KEYS = ("logging", "checkpoint", "eval", "parallel")
+_RESTART_KEYS = ("logging", "checkpoint", "eval", "parallel", "ops")
 
 
 def check_output_paths(cfg, checkpoint_root: Path) -> None:

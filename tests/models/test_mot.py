@@ -222,13 +222,17 @@ def test_grouped_linear_matches_float64_reference():
         ops.grouped_linear(x, weights, [1, 1, 1])
 
 
-def test_row_permutation_and_its_gradient_are_exact_inverses():
+def test_grouped_linear_in_modality_order_returns_token_order():
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, (2, 7), generator=gen)
     routing = ModalityRouting.from_modality_ids(ids, None, torch.device("cpu"), 3)
     x = torch.randn(14, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = ops.permute_rows(x, routing.order, routing.inverse_order)
-    assert torch.equal(y, x[routing.order])
-    assert torch.equal(ops.unpermute_rows(y, routing.order, routing.inverse_order), x)
-    assert torch.autograd.gradcheck(lambda t: ops.permute_rows(t, routing.order, routing.inverse_order), (x,))
-    assert torch.autograd.gradcheck(lambda t: ops.unpermute_rows(t, routing.order, routing.inverse_order), (x,))
+    eye = [torch.eye(5, dtype=torch.float64) * (g + 1) for g in range(3)]
+    y = ops.grouped_linear(x, eye, routing.counts, gather=routing.order, scatter=routing.order)
+    assert torch.equal(y, x * (routing.token_modality + 1).unsqueeze(-1))  # token order, own modality's weight
+    weights = [torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(
+        lambda t, *w: ops.grouped_linear(t, w, routing.counts, gather=routing.order, scatter=routing.order),
+        (x, *weights),
+    )
+

@@ -38,7 +38,7 @@ def test_defaults_and_to_dict():
     cfg = load_config(None, [])
     d = cfg.to_dict()
     assert d["parallel"]["tp"] == 1 and d["model"]["arch"] == "dense"
-    assert set(d) == {"parallel", "model", "moe", "train", "data", "objective", "checkpoint", "eval", "logging"}
+    assert set(d) == {"parallel", "model", "moe", "train", "data", "objective", "checkpoint", "eval", "logging", "ops"}
     assert cfg.model.effective_ffn_hidden_size() == 4 * cfg.model.hidden_size
     assert cfg.model.effective_num_query_groups() == cfg.model.num_attention_heads
     assert cfg.data_parallel_size(8) == 8
