@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megafusion.ops.device_ints import group_offsets
 from megafusion.ops.reference import gather_rows, place_rows
 
 
@@ -37,8 +38,14 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_linear_grouped_mm(x, weights, counts, gather, scatter, scale, out_rows, gather_permutes):
+    m, k = weights[0].shape
+    if (m * x.element_size()) % 16 or (k * x.element_size()) % 16:
+        raise ValueError(
+            f"ops.backend=torch_grouped_mm needs rows of 16-byte multiples; weights of [{m}, {k}] in {x.dtype} "
+            "are not: use ops.backend=auto"
+        )
     rows = gather_rows(x, gather)
-    offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(x.device, non_blocking=True)
+    ends = group_offsets(counts, x.device)[1:]  # int32 group ends, cached on the device
     stacked = torch.stack(weights)  # [G, m, k]
-    y = _ContiguousGrad.apply(F.grouped_mm(rows, stacked.transpose(-2, -1), offs=offsets))
+    y = _ContiguousGrad.apply(F.grouped_mm(rows, stacked.transpose(-2, -1), offs=ends))
     return place_rows(y, scatter, scale, out_rows)

@@ -97,7 +97,8 @@ class _TritonGroupedLinear(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype) if want_x else None
             if want_scale:
                 grad_scale = (torch.zeros(rows, device=x.device) if grad_scale is None else grad_scale).to(scale.dtype)
-        grad_w = torch.zeros(groups, m, k, device=x.device, dtype=w.dtype)
+        # Every element is written: an empty group's program stores its zero accumulator.
+        grad_w = (torch.empty if rows else torch.zeros)(groups, m, k, device=x.device, dtype=w.dtype)
         if rows:
             grid = lambda meta: (groups, triton.cdiv(m, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
             kernels.group_weight_grad[grid](

@@ -29,6 +29,8 @@ LAYOUTS = {
     # EP = 1: the experts' gradients must still be summed over the sequence-parallel ranks.
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "ep2_pp2": (4, ["parallel.ep=2", "parallel.pp=2"]),
+    # megafusion's Triton kernels (interpreted on a CPU) against the torch-backend reference
+    "ep2_triton": (2, ["parallel.ep=2", "ops.backend=triton"]),
 }
 REL_TOL = 1e-5
 

@@ -21,6 +21,8 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    # megafusion's Triton kernels (interpreted on a CPU) against the torch-backend reference
+    "tp2_sp_triton": (2, ["parallel.tp=2", "parallel.sp=true", "ops.backend=triton"]),
 }
 REL_TOL = 1e-5
 
