@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.mot_layer import summary, sync, time_cases
+from bench.mot_layer import summary, time_cases
 from bench.provenance import ROOT, git_commit, machine, utc_now
 from megafusion import ops
 from megafusion.ops import backends
@@ -122,6 +122,7 @@ def implementations(device, dtype) -> list[str]:
 
 
 BACKEND_OF = {"loop": "torch", "grouped_mm": "torch_grouped_mm", "triton": "triton"}
+IMPLEMENTATIONS = ("dense", "loop", "grouped_mm", "triton")
 
 
 def check_against_loop(prob: dict, name: str) -> float:
@@ -171,6 +172,14 @@ def row_label(r: dict) -> str:
     return f"{kind} {split} | {r['n']} | {r['k']} -> {r['m']}"
 
 
+def table_cells(tflops: dict, phase: str) -> list[str]:
+    """TFLOP/s of dense, loop, grouped_mm, triton, then fused / dense and fused / loop."""
+    cells = [f"{tflops[f'{n}/{phase}']:.3g}" if f"{n}/{phase}" in tflops else "-" for n in IMPLEMENTATIONS]
+    fused = tflops.get(f"triton/{phase}")
+    ratios = ["-" if fused is None else f"{fused / tflops[f'{n}/{phase}']:.2f}" for n in ("dense", "loop")]
+    return cells + ratios
+
+
 def markdown(runs: list[dict]) -> str:
     lines = [
         "# Grouped GEMM backends against one dense GEMM (`python -m bench.kernels`)",
@@ -194,14 +203,7 @@ def markdown(runs: list[dict]) -> str:
         ]
         for r in run["results"]:
             for phase in ("fwd", "fwd+bwd"):
-                t = r["tflops"]
-                cell = lambda name: f"{t[f'{name}/{phase}']:.3g}" if f"{name}/{phase}" in t else "-"  # noqa: E731
-                fused = t.get(f"triton/{phase}")
-                ratio = lambda other: "-" if fused is None else f"{fused / t[f'{other}/{phase}']:.2f}"  # noqa: E731
-                lines.append(
-                    f"| {row_label(r)} | {phase} | {cell('dense')} | {cell('loop')} | {cell('grouped_mm')} | "
-                    f"{cell('triton')} | {ratio('dense')} | {ratio('loop')} |"
-                )
+                lines.append(f"| {row_label(r)} | {phase} | {' | '.join(table_cells(r['tflops'], phase))} |")
         lines.append("")
     return "\n".join(lines)
 

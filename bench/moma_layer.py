@@ -323,7 +323,7 @@ def render_table(results_dir: Path) -> str:
         f"(FlopCounterMode; the router and ceil rounding only). GPU target: MoMa/dense <= {GPU_TARGET_RATIO}.",
         "Rows marked (quick) are tiny smoke-test sizes, not results.",
         "",
-        "| device | commit | date (UTC) | shape | experts | dtype | dense ms | MoT ms | MoMa ms | MoT/dense "
+        "| device | commit | date (UTC) | shape | experts | dtype, ops | dense ms | MoT ms | MoMa ms | MoT/dense "
         "| MoMa/dense | MLP MoMa/dense | FLOPs | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -334,7 +334,8 @@ def render_table(results_dir: Path) -> str:
         command = r["command"].replace("|", "\\|")
         ms = r["layer_ms"]
         lines.append(
-            f"| {device} | {r['commit']} | {r['date']} | {shape} | {_experts(sh)} | {r['dtype']} | "
+            f"| {device} | {r['commit']} | {r['date']} | {shape} | {_experts(sh)} | "
+            f"{r['dtype']}, {r.get('ops_backend', 'torch')} | "
             f"{_ms(ms['dense'])} | {_ms(ms['mot'])} | {_ms(ms['moma'])} | {r['mot_ratio']:.3f} | "
             f"{r['ratio']:.3f} | {r['mlp_ratio']:.3f} | {r['flops']['ratio']:.4f} | `{command}` |"
         )

@@ -11,7 +11,7 @@ Measured, alternating dense and MoT every iteration so that background load hits
 
 - the whole layer, forward + backward (``out.backward(grad)`` with a fixed random ``grad``);
 - the MLP alone (megatron's SwiGLU ``MLP`` vs ``ModalityMLP``);
-- the routing alone: the permute / unpermute pairs (``megafusion.ops``) (forward + backward) that
+- the routing alone: the permute / unpermute pairs of the torch reference backend (forward + backward) that
   the MoT layer does around its QKV, output projection and MLP, and those of the MLP only.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` around one forward +
@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 
 from bench.provenance import cpu_cores, cpu_name, git_commit
+from megafusion import ops
+from megafusion.core.choices import OPS_BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -85,6 +87,12 @@ def argument_parser(benchmark: str, description: str) -> argparse.ArgumentParser
         )
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ops-backend",
+        choices=OPS_BACKENDS,
+        default="auto",
+        help="grouped GEMMs of the MoT / MoMa layers (ops.backend; auto = Triton on CUDA, torch on CPU)",
+    )
     p.add_argument("--out", default=None, help=f"result JSON (default bench/results/{benchmark}_<device>.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few iterations (tests)")
     p.add_argument("--table-only", action="store_true", help="only re-render the markdown table")
@@ -284,8 +292,9 @@ def mlp_step(mlp, inputs: Inputs):
 
 
 def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
-    """Forward + backward of the permute (width in) / unpermute (width out) pairs MoT does."""
-    from megafusion import ops
+    """Forward + backward of the permute (width in) / unpermute (width out) pairs of MoT's torch
+    reference path (the fused kernels read and write in token order and do neither)."""
+    from megafusion.ops.reference import gather_rows, place_rows
 
     n = routing.order.numel()
     pairs = [
@@ -301,8 +310,8 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
         outs = []
         for x, y in pairs:
             outs += [
-                ops.permute_rows(x, routing.order, routing.inverse_order),
-                ops.unpermute_rows(y, routing.order, routing.inverse_order),
+                gather_rows(x, routing.order),
+                place_rows(y, routing.order, None, None),
             ]
         torch.autograd.backward(outs, grads)
 
@@ -491,7 +500,8 @@ def render_table(results_dir: Path) -> str:
         "Shape: h hidden, H heads, f ffn, s sequence, b batch, img image fraction. Both layers count the",
         "same FLOPs (FlopCounterMode); rows marked (quick) are tiny smoke-test sizes, not results.",
         "",
-        "| device | commit | date (UTC) | shape | dtype | dense ms | MoT ms | MoT/dense | MLP MoT/dense | command |",
+        "| device | commit | date (UTC) | shape | dtype, ops | dense ms | MoT ms | MoT/dense | MLP MoT/dense "
+        "| command |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["device"]["name"], r["date"])):
@@ -500,7 +510,7 @@ def render_table(results_dir: Path) -> str:
         device = r["device"]["name"] + (" (quick)" if r.get("quick") else "")
         command = r["command"].replace("|", "\\|")
         lines.append(
-            f"| {device} | {r['commit']} | {r['date']} | {shape} | {r['dtype']} | "
+            f"| {device} | {r['commit']} | {r['date']} | {shape} | {r['dtype']}, {r.get('ops_backend', 'torch')} | "
             f"{_ms(r['layer_ms']['dense'])} | {_ms(r['layer_ms']['mot'])} | {r['ratio']:.3f} | "
             f"{r['mlp_ratio']:.3f} | `{command}` |"
         )
@@ -529,7 +539,10 @@ def run(args, argv: list[str], benchmark: str = "mot_layer", measure_fn=measure)
         device = runtime.device
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         load_before = load_average()
+        ops.use_backend(args.ops_backend)
         measured = measure_fn(args, cfg, device)
+        dtype = torch.bfloat16 if measured["dtype"] == "bf16" else torch.float32
+        h = cfg.model.hidden_size
         return {
             "benchmark": benchmark,
             "quick": args.quick,
@@ -540,6 +553,7 @@ def run(args, argv: list[str], benchmark: str = "mot_layer", measure_fn=measure)
             "command": shlex.join(["python", "-m", f"bench.{benchmark}", *argv]),
             # Other work on a shared host slows both layers; this says how busy it was.
             "load_average_1min": {"start": load_before, "end": load_average()},
+            "ops_backend": ops.backends.resolve(args.ops_backend, device, dtype, h, h),
             **measured,
         }
     finally:

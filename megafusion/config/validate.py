@@ -7,13 +7,13 @@ Each problem names the offending keys, their values and a concrete fix.
 
 from megafusion.core.choices import (
     ATTENTION_BACKENDS,
-    OPS_BACKENDS,
     BUILTIN_SETS,
     DATA_SOURCES,
     EXPERT_ARCHS,
     IMAGE_CODECS,
     LATENT_CODECS,
     MOE_DISPATCHERS,
+    OPS_BACKENDS,
     PARAMS_DTYPES,
     STOP_SIGNALS,
 )

@@ -30,4 +30,5 @@ def grouped_swiglu(x, mlps, counts, activation, *, gather=None, scatter=None, sc
     """
     fc1 = ops.grouped_linear(x, [m.linear_fc1.weight for m in mlps], counts, gather=gather)
     gate, up = torch.chunk(fc1, 2, dim=-1)
-    return ops.grouped_linear(activation(gate) * up, [m.linear_fc2.weight for m in mlps], counts, scatter=scatter, scale=scale)  # fmt: skip
+    fc2 = [m.linear_fc2.weight for m in mlps]
+    return ops.grouped_linear(activation(gate) * up, fc2, counts, scatter=scatter, scale=scale)

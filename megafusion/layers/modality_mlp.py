@@ -12,6 +12,7 @@ output: :mod:`megafusion.layers.grouped_swiglu`), and reduced once
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -37,6 +38,11 @@ class ModalityMLP(MegatronModule):
         s, b = x.shape[0], x.shape[1]
         mlps = [getattr(self, name) for name in self.modalities]
         y = grouped_swiglu(
-            x.reshape(s * b, -1), mlps, routing.counts, self.config.activation_func, gather=routing.order, scatter=routing.order
+            x.reshape(s * b, -1),
+            mlps,
+            routing.counts,
+            self.config.activation_func,
+            gather=routing.order,
+            scatter=routing.order,
         )
         return exit_tensor_parallel(y.view(s, b, -1), self.config, self.tp_group), None

@@ -81,15 +81,14 @@ def backend(name: str):
         _current[0] = previous
 
 
-def resolve(name: str | None, x: torch.Tensor, weights) -> str:
-    """The concrete backend for one call (``auto`` picks by device, dtype and shape)."""
+def resolve(name: str | None, device: torch.device, dtype: torch.dtype, m: int, k: int) -> str:
+    """The concrete backend for a call on ``[m, k]`` weights (``auto`` picks by device, dtype, shape)."""
     name = name or _current[0]
     if name != "auto":
         return name
-    if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_installed():
+    if device.type == "cuda" and dtype in _TRITON_DTYPES and triton_installed():
         return "triton"
-    m, k = weights[0].shape
-    if grouped_mm.fast_on(x.device, x.dtype, m, k):
+    if grouped_mm.fast_on(device, dtype, m, k):
         return "torch_grouped_mm"
     return "torch"
 

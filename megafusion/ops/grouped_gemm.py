@@ -51,7 +51,7 @@ def grouped_linear(
     """
     counts = [int(c) for c in counts]
     _check(x, weights, counts, gather, scatter, scale, out_rows, gather_permutes)
-    impl = backends.implementation(backends.resolve(backend, x, weights))
+    impl = backends.implementation(backends.resolve(backend, x.device, x.dtype, *weights[0].shape))
     return impl(x, list(weights), counts, gather, scatter, scale, out_rows, gather_permutes)
 
 

@@ -71,9 +71,9 @@ class _TritonGroupedLinear(torch.autograd.Function):
             out = torch.zeros(out_rows, m, device=device, dtype=torch.float32)
         else:
             out = torch.empty(rows, m, device=device, dtype=x.dtype)
-        if rows:
-            w = weights[0]
-            _gemm(x, gather, w, deltas, (w.stride(1), w.stride(0)), out, scatter, scale, offsets, len(counts), rows, m, k, accumulate)  # fmt: skip
+        if rows:  # B_g = W_gᵀ: element (k, n) of B is W_g[n, k]
+            w_t = (weights[0].stride(1), weights[0].stride(0))
+            _gemm(x, gather, weights[0], deltas, w_t, out, scatter, scale, offsets, len(counts), rows, m, k, accumulate)
         ctx.meta = (counts, gather_permutes)
         ctx.save_for_backward(x, scale, gather, scatter, offsets, deltas, *weights)
         return out.to(x.dtype)
@@ -89,11 +89,28 @@ class _TritonGroupedLinear(torch.autograd.Function):
         if want_x or want_scale:
             # dX[gather[p]] (+)= scale[p] * (dY[scatter[p]] @ W_g); dscale[p] = <dY[scatter[p]] @ W_g, x[gather[p]]>
             accumulate = gather is not None and not gather_permutes
-            shape, dtype = x.shape, torch.float32 if accumulate else x.dtype
-            grad_x = torch.zeros(shape, device=x.device, dtype=dtype) if accumulate or not rows else torch.empty(shape, device=x.device, dtype=dtype)  # fmt: skip
-            if rows:
+            alloc = torch.zeros if accumulate or not rows else torch.empty  # a permutation writes every row
+            grad_x = alloc(x.shape, device=x.device, dtype=torch.float32 if accumulate else x.dtype)
+            if rows:  # B_g = W_g
                 e = x if want_scale else None
-                grad_scale = _gemm(grad, scatter, w, deltas, (w.stride(0), w.stride(1)), grad_x, gather, scale, offsets, groups, rows, k, m, accumulate, e)  # fmt: skip
+                w_strides = (w.stride(0), w.stride(1))
+                grad_scale = _gemm(
+                    grad,
+                    scatter,
+                    w,
+                    deltas,
+                    w_strides,
+                    grad_x,
+                    gather,
+                    scale,
+                    offsets,
+                    groups,
+                    rows,
+                    k,
+                    m,
+                    accumulate,
+                    e,
+                )
             grad_x = grad_x.to(x.dtype) if want_x else None
             if want_scale:
                 grad_scale = (torch.zeros(rows, device=x.device) if grad_scale is None else grad_scale).to(scale.dtype)

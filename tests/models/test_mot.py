@@ -235,4 +235,3 @@ def test_grouped_linear_in_modality_order_returns_token_order():
         lambda t, *w: ops.grouped_linear(t, w, routing.counts, gather=routing.order, scatter=routing.order),
         (x, *weights),
     )
-
