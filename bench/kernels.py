@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(RESULTS))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.quick:
+        ap.error(
+            "the default problems are GPU sizes (hours on a CPU): run on a CUDA machine, or --quick for a smoke test"
+        )
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     gen = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def _configs(tiles) -> list[triton.Config]:
 
 # The interpreter runs one config (autotuning would benchmark each in Python) with large
 # tiles: it pays per program, ~35x more for a 256x32x64 problem in 16-wide tiles than in 64.
-_GEMM_CONFIGS = _configs(
+GEMM_CONFIGS = _configs(
     [(64, 64, 64, 1, 1)]
     if INTERPRETED
     else [
@@ -57,7 +57,7 @@ _GEMM_CONFIGS = _configs(
         (64, 64, 64, 4, 3),
     ]
 )
-_WGRAD_CONFIGS = _configs(
+WGRAD_CONFIGS = _configs(
     [(64, 64, 64, 1, 1)]
     if INTERPRETED
     else [
@@ -68,7 +68,7 @@ _WGRAD_CONFIGS = _configs(
     ]
 )
 # Row tiles of the dscale partial sums: the smallest BLOCK_N of any config.
-MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _GEMM_CONFIGS)
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "G"], reset_to_zero=["c_ptr", "dscale_ptr"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "G"], reset_to_zero=["c_ptr", "dscale_ptr"])
 @triton.jit
 def gather_gemm_scatter(
     a_ptr, a_rows_ptr, stride_am, stride_ak,
@@ -148,7 +148,7 @@ def gather_gemm_scatter(
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "K", "G"])
+@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "K", "G"])
 @triton.jit
 def group_weight_grad(
     dy_ptr, dy_rows_ptr, stride_dym, stride_dyn,

@@ -8,7 +8,11 @@ megatron's ``MoELayer`` (router -> dispatcher -> experts -> combine) with three 
    ints from the microbatch's modality counts); with expert parallelism the other EP ranks' rows
    (their microbatches differ) come from one gloo all-gather of host ints per microbatch, shared
    by every MoMa layer of it (cached on the microbatch's routing), so nothing waits for the device;
-3. under sequence parallelism the layer all-gathers the microbatch over the tensor-parallel ranks
+3. without expert parallelism there is nothing to send, and the layer skips the dispatcher: the
+   experts read each chosen token's row in place and sum their gated outputs into the tokens' rows
+   (:meth:`~megafusion.layers.experts.Experts.gathered`: the fused grouped GEMMs), so neither the
+   permuted tokens nor the permuted outputs exist;
+4. under sequence parallelism the layer all-gathers the microbatch over the tensor-parallel ranks
    first and reduce-scatters the output after, as megatron's dense MLP does. Which of an expert's
    ``k`` tokens a tensor-parallel rank holds depends on the scores, so its count is a device
    value; with the whole microbatch on every rank, rank ``t`` of ``T`` instead dispatches the
@@ -24,7 +28,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 
-from megafusion.layers.expert_dispatch import DISPATCHERS
+from megafusion.layers.expert_dispatch import DISPATCHERS, sorted_by_counts
 from megafusion.layers.routing import current_routing
 from megafusion.runtime.distributed import all_gather_host_ints
 
@@ -33,9 +37,13 @@ class ExpertChoiceMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
+        if self.use_shared_expert or config.moe_latent_size or self.moe_layer_recompute:
+            raise ValueError("MoMa's MoE layer has no shared experts, latent projections or MoE-layer recompute")
         self.token_dispatcher = DISPATCHERS[config.moe_token_dispatcher_type](
             self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection
         )
+        # Nothing to send without expert parallelism (tests turn it off to run the dispatchers).
+        self.skip_dispatch = self.token_dispatcher.ep_size == 1
 
     def _whole_microbatch(self) -> bool:
         return self.config.sequence_parallel and self.tp_group.size() > 1
@@ -44,10 +52,22 @@ class ExpertChoiceMoELayer(MoELayer):
         whole = self._whole_microbatch()
         if whole:  # [s/tp, b, h] -> [s, b, h]; its backward reduce-scatters the gradient
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
-        output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if self.skip_dispatch:
+            output, bias = self._local_forward(hidden_states), None
+        else:
+            output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
         if whole:  # each rank holds its shares' outputs for the whole microbatch: sum, keep its slice
             output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
         return output, bias
+
+    def _local_forward(self, hidden_states):
+        """Route, then every expert on its tokens' rows in place (no dispatch: EP = 1)."""
+        probs, routing_map = self.route(hidden_states)
+        counts = self.router.dispatch_counts
+        indices, permuted_probs = sorted_by_counts(routing_map, counts, probs)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output = self.experts.gathered(rows, indices, counts, permuted_probs, rows.shape[0])
+        return output.view(hidden_states.shape)
 
     def route(self, hidden_states, padding_mask=None):
         if self._whole_microbatch():

@@ -31,23 +31,31 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 
 
-def permute_by_counts(
-    tokens: torch.Tensor, routing_map: torch.Tensor, counts: list[int], probs: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """megatron's ``permute`` (unfused, dropless) for a routing map whose column ``e`` holds
-    exactly ``counts[e]`` (host ints) tokens: ``(permuted tokens, permuted probs, sorted indices)``."""
+def sorted_by_counts(
+    routing_map: torch.Tensor, counts: list[int], probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """megatron's permutation order for a routing map whose column ``e`` holds exactly
+    ``counts[e]`` (host ints) tokens: ``(sorted token indices, their probs)``, expert-major, each
+    expert's tokens in position order."""
     n_tokens = routing_map.shape[0]
     # Each expert's chosen tokens first, in position order (stable), then the rest.
     order = torch.sort(routing_map.T.to(torch.int8), dim=1, descending=True, stable=True).indices
     chosen = [order[e, :c] for e, c in enumerate(counts) if c]
     if not chosen:
-        empty = order.new_empty(0)
-        return tokens[:0], None if probs is None else probs.new_empty(0), empty
-    sorted_indices = torch.cat(chosen)
+        return order.new_empty(0), None if probs is None else probs.new_empty(0)
     permuted_probs = None
     if probs is not None:
         flat = torch.cat([order[e, :c] + e * n_tokens for e, c in enumerate(counts) if c])
         permuted_probs = probs.T.contiguous().view(-1).index_select(0, flat)
+    return torch.cat(chosen), permuted_probs
+
+
+def permute_by_counts(
+    tokens: torch.Tensor, routing_map: torch.Tensor, counts: list[int], probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """megatron's ``permute`` (unfused, dropless) for a routing map whose column ``e`` holds
+    exactly ``counts[e]`` (host ints) tokens: ``(permuted tokens, permuted probs, sorted indices)``."""
+    sorted_indices, permuted_probs = sorted_by_counts(routing_map, counts, probs)
     return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 

@@ -51,3 +51,20 @@ class Experts(SequentialMLP):
             scale=permuted_probs,
         )
         return out, None
+
+    def gathered(self, hidden_states, indices, counts, probs, tokens: int):
+        """The experts on rows gathered straight from ``hidden_states`` (``[tokens, h]``):
+        ``indices`` lists each local expert's tokens in turn (``counts`` of them, host ints),
+        and each output row is gated by ``probs`` and summed into its token's row. No permuted
+        copy of the tokens or of the outputs is made (the expert-parallel size 1 path)."""
+        return grouped_swiglu(
+            hidden_states,
+            self.local_experts,
+            counts,
+            self.config.activation_func,
+            gather=indices,
+            gather_permutes=False,
+            scatter=indices,
+            scale=probs,
+            out_rows=tokens,
+        )

@@ -22,13 +22,17 @@ def check_swiglu(config, what: str) -> None:
         raise ValueError(f"{what} does not implement activation_func_clamp_value / glu_linear_offset")
 
 
-def grouped_swiglu(x, mlps, counts, activation, *, gather=None, scatter=None, scale=None) -> torch.Tensor:
+def grouped_swiglu(
+    x, mlps, counts, activation, *, gather=None, scatter=None, scale=None, out_rows=None, gather_permutes=True
+) -> torch.Tensor:
     """``fc2_g(act(gate) * up)`` with ``[gate; up] = fc1_g(row)`` for each row of group ``g``.
 
-    ``gather`` is fc1's input gather; ``scatter`` and ``scale`` are fc2's output scatter and
-    per-row gate (see :func:`megafusion.ops.grouped_linear`).
+    ``gather`` (and ``gather_permutes``) are fc1's input gather; ``scatter``, ``scale`` and
+    ``out_rows`` are fc2's output scatter(-add) and per-row gate (see
+    :func:`megafusion.ops.grouped_linear`).
     """
-    fc1 = ops.grouped_linear(x, [m.linear_fc1.weight for m in mlps], counts, gather=gather)
+    w1 = [m.linear_fc1.weight for m in mlps]
+    fc1 = ops.grouped_linear(x, w1, counts, gather=gather, gather_permutes=gather_permutes)
     gate, up = torch.chunk(fc1, 2, dim=-1)
-    fc2 = [m.linear_fc2.weight for m in mlps]
-    return ops.grouped_linear(activation(gate) * up, fc2, counts, scatter=scatter, scale=scale)
+    w2 = [m.linear_fc2.weight for m in mlps]
+    return ops.grouped_linear(activation(gate) * up, w2, counts, scatter=scatter, scale=scale, out_rows=out_rows)
