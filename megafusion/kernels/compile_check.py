@@ -29,14 +29,18 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from megafusion.kernels import grouped_gemm as kernels  # noqa: E402
 
-# (flags of gather_gemm_scatter): what triton_grouped launches
+
+def _gemm_flags(rows: bool, scale: bool, accumulate: bool, dscale: bool = False) -> dict:
+    return dict(HAS_A_ROWS=rows, HAS_C_ROWS=rows, HAS_SCALE=scale, ACCUMULATE=accumulate, HAS_DSCALE=dscale)
+
+
+# The flags of gather_gemm_scatter that ops.triton_grouped launches with
 GEMM_VARIANTS = {
-    "forward, MoT (gather + scatter)": dict(HAS_A_ROWS=True, HAS_C_ROWS=True, HAS_SCALE=False, ACCUMULATE=False),
-    "forward, experts (gather, gated scatter-add)": dict(
-        HAS_A_ROWS=True, HAS_C_ROWS=True, HAS_SCALE=True, ACCUMULATE=True
-    ),  # fmt: skip
-    "forward, grouped rows, gated": dict(HAS_A_ROWS=False, HAS_C_ROWS=False, HAS_SCALE=True, ACCUMULATE=False),
-    "input gradient, MoT": dict(HAS_A_ROWS=True, HAS_C_ROWS=True, HAS_SCALE=False, ACCUMULATE=False),
+    "forward, MoT (gather + scatter)": _gemm_flags(rows=True, scale=False, accumulate=False),
+    "forward, experts (gather, gated scatter-add)": _gemm_flags(rows=True, scale=True, accumulate=True),
+    "forward, grouped rows, gated": _gemm_flags(rows=False, scale=True, accumulate=False),
+    "input gradient, MoT": _gemm_flags(rows=True, scale=False, accumulate=False),
+    "input gradient, experts (gate gradient)": _gemm_flags(rows=True, scale=True, accumulate=True, dscale=True),
 }
 WGRAD_VARIANTS = {
     "weight gradient, MoT": dict(HAS_DY_ROWS=True, HAS_X_ROWS=True, HAS_SCALE=False),
@@ -69,14 +73,8 @@ def jobs(dtypes=tuple(DTYPES)):
     """(label, kernel, flags, dtype, config) covering every config, and every variant in each of
     ``dtypes``, at least once."""
     gemm, wgrad = kernels.gather_gemm_scatter.fn, kernels.group_weight_grad.fn
-    gemm_variants = list(GEMM_VARIANTS.items()) + [
-        (
-            "input gradient, experts (gate gradient)",
-            dict(HAS_A_ROWS=True, HAS_C_ROWS=True, HAS_SCALE=True, ACCUMULATE=True, HAS_DSCALE=True),
-        ),  # fmt: skip
-    ]
     for kernel, variants, configs in (
-        (gemm, gemm_variants, kernels.GEMM_CONFIGS),
+        (gemm, list(GEMM_VARIANTS.items()), kernels.GEMM_CONFIGS),
         (wgrad, list(WGRAD_VARIANTS.items()), kernels.WGRAD_CONFIGS),
     ):
         pairs = list(itertools.product(variants, dtypes))
@@ -87,8 +85,6 @@ def jobs(dtypes=tuple(DTYPES)):
 
 def compile_one(kernel, flags: dict, dtype: str, config, arch: int):
     constexprs = dict(flags, UPCAST=False, IEEE=dtype == "fp32", **config.kwargs)
-    if kernel is kernels.gather_gemm_scatter.fn:
-        constexprs.setdefault("HAS_DSCALE", False)
     sig = signature(kernel, dtype, constexprs, accumulate=constexprs.get("ACCUMULATE", False))
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32), options=options)

@@ -1,9 +1,9 @@
 """MoMa's dispatch reads no device value: every split size and token count is a host int.
 
 - The whole MoE layer (router, dispatcher or the in-place expert GEMMs of EP = 1, experts,
-  combine) runs forward and backward on PyTorch's ``meta`` device, whose tensors have shapes and no data: any op that needs a device
-  value on the host (``.tolist()``, ``.item()``, ``.cpu()``, ``masked_select``, ``nonzero``) raises
-  there, as it would synchronise with a GPU. megatron-core's own dispatchers fail the same run
+  combine) runs forward and backward on PyTorch's ``meta`` device, whose tensors have shapes and
+  no data: any op that needs a device value on the host (``.tolist()``, ``.item()``, ``.cpu()``,
+  ``masked_select``, ``nonzero``) raises there, as it would synchronise with a GPU. megatron-core's own dispatchers fail the same run
   (checked, so the test can fail).
 - ``permute_by_counts`` equals megatron's ``permute`` (tokens, probs, indices), empty experts too.
 - Sequence-parallel shares: the ``T`` ranks' routing maps are disjoint, add up to the
