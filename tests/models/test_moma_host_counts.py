@@ -3,8 +3,8 @@
 - The whole MoE layer (router, dispatcher or the in-place expert GEMMs of EP = 1, experts,
   combine) runs forward and backward on PyTorch's ``meta`` device, whose tensors have shapes and
   no data: any op that needs a device value on the host (``.tolist()``, ``.item()``, ``.cpu()``,
-  ``masked_select``, ``nonzero``) raises there, as it would synchronise with a GPU. megatron-core's own dispatchers fail the same run
-  (checked, so the test can fail).
+  ``masked_select``, ``nonzero``) raises there, as it would synchronise with a GPU.
+  megatron-core's own dispatchers fail the same run (checked, so the test can fail).
 - ``permute_by_counts`` equals megatron's ``permute`` (tokens, probs, indices), empty experts too.
 - Sequence-parallel shares: the ``T`` ranks' routing maps are disjoint, add up to the
   one-process map, and each rank's host counts are its map's column sums.
