@@ -311,7 +311,7 @@ def routing_case(routing, widths: list[tuple[int, int]], device, dtype, gen):
         for x, y in pairs:
             outs += [
                 gather_rows(x, routing.order),
-                place_rows(y, routing.order, None, None),
+                place_rows(y, routing.order, None),
             ]
         torch.autograd.backward(outs, grads)
 

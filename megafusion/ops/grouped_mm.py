@@ -44,8 +44,8 @@ def grouped_linear_grouped_mm(x, weights, counts, gather, scatter, scale, out_ro
             f"ops.backend=torch_grouped_mm needs rows of 16-byte multiples; weights of [{m}, {k}] in {x.dtype} "
             "are not: use ops.backend=auto"
         )
-    rows = gather_rows(x, gather)
+    rows = gather_rows(x, gather, scale)
     ends = group_offsets(counts, x.device)[1:]  # int32 group ends, cached on the device
     stacked = torch.stack(weights)  # [G, m, k]
     y = _ContiguousGrad.apply(F.grouped_mm(rows, stacked.transpose(-2, -1), offs=ends))
-    return place_rows(y, scatter, scale, out_rows)
+    return place_rows(y, scatter, out_rows)
