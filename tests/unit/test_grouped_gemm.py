@@ -4,8 +4,8 @@ The Triton kernels run in Triton's interpreter here (``TRITON_INTERPRET=1``, set
 ``tests/conftest.py`` on a CPU-only machine), in fp32: the interpreter computes bf16 / fp16
 ``tl.dot`` in fp32 (its bf16 dot is wrong), so the half-precision cases check the casts and
 buffers, not half-precision products. Shapes stay tiny: the interpreter runs each program in
-Python, and the interpreter's tiles are 64 wide: the shapes span several tiles in each
-dimension somewhere among the cases, none a multiple of 64. Outputs the kernels allocate are
+Python, and the interpreter's tiles are 128 wide: the shapes span several tiles in each
+dimension somewhere among the cases, none a multiple of 128. Outputs the kernels allocate are
 filled with NaN before they run (torch's ``fill_uninitialized_memory``), so an element a
 kernel fails to write shows up as NaN.
 """
@@ -39,11 +39,11 @@ def nan_fill():
 # them); gather / scatter "perm" = MoT's token order, "repeat" = expert choice (a token taken by
 # several experts, some by none; summed outputs).
 CASES = {
-    "mot_uneven_with_empty_group": ([5, 0, 80], 20, 72, "perm", "perm", False),
-    "one_group_holds_every_row": ([0, 130, 0], 70, 19, None, None, False),
-    "odd_sizes_three_groups": ([17, 1, 70], 40, 33, "perm", None, False),
-    "expert_choice_gate_and_scatter_add": ([9, 0, 70, 11], 16, 24, "repeat", "repeat", True),
-    "experts_gated_rows_in_group_order": ([3, 66, 5], 12, 20, None, None, True),
+    "mot_uneven_with_empty_group": ([5, 0, 150], 20, 136, "perm", "perm", False),
+    "one_group_holds_every_row": ([0, 260, 0], 140, 19, None, None, False),
+    "odd_sizes_three_groups": ([17, 1, 130], 40, 33, "perm", None, False),
+    "expert_choice_gate_and_scatter_add": ([9, 0, 140, 11], 16, 24, "repeat", "repeat", True),
+    "experts_gated_rows_in_group_order": ([3, 130, 5], 12, 20, None, None, True),
     "no_rows_at_all": ([0, 0], 8, 8, "perm", "perm", True),
 }
 
