@@ -60,8 +60,10 @@ def signature(fn, dtype: str, constexprs: dict, accumulate: bool = False) -> dic
             sig[name] = "*i64"
         elif name == "offsets_ptr":
             sig[name] = "*i32"
-        elif name in ("scale_ptr", "dscale_ptr") or (name == "c_ptr" and accumulate):
-            sig[name] = "*fp32"  # gates, gate-gradient partials, fp32 accumulation buffers
+        elif name in ("scale_ptr", "dscale_ptr"):
+            sig[name] = "*fp32"  # gates, gate-gradient partials
+        elif name == "c_ptr" and accumulate:
+            sig[name] = "*fp64"  # the buffer atomic adds sum repeated rows into
         elif name.endswith("_ptr"):
             sig[name] = DTYPES[dtype]
         else:

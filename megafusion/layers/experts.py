@@ -3,7 +3,8 @@
 The experts keep ``SequentialMLP``'s modules, parameter names and checkpoint sharding; the
 forward replaces its loop of one MLP per expert with :func:`megafusion.layers.grouped_swiglu`
 (two :func:`megafusion.ops.grouped_linear` calls for all local experts, each row gated by its
-routing probability in fc2's epilogue, where megatron scales the activation: the same product).
+routing probability on fc2's input, where megatron's ``MLP`` applies it: on the torch backend
+the result is ``SequentialMLP``'s bit for bit; the Triton kernels gate in fc2's epilogue).
 The group sizes are the dispatcher's ``tokens_per_expert``, host ints
 (:mod:`megafusion.layers.expert_dispatch`).
 

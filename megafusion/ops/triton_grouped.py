@@ -8,8 +8,11 @@ gradients. Saved for backward: ``x`` itself (the reference saves its permuted co
 indices, the gate and the weights, so this saves no more than the reference.
 
 Rows that may repeat (a scatter with ``out_rows``, a gather with ``gather_permutes=False``)
-are summed with atomic adds into an fp32 buffer, cast once at the end: exact sums in fp32
-up to the order of additions, which on a GPU is not fixed.
+are summed with atomic adds into an fp64 buffer, cast once at the end. The GPU fixes no order
+for atomics, but each term is an fp32 value and a token meets a handful of experts, so the
+fp64 sum is exact (unless the terms' exponents span more than 29 bits) and therefore the same
+in every order: the combine is deterministic, which expert choice needs (a last-bit difference
+between two runs' scores can become a different choice).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import triton
 
 from megafusion.kernels import grouped_gemm as kernels
 from megafusion.ops.device_ints import device_ints, group_offsets
+
+ACCUMULATOR = torch.float64  # buffers that atomic adds sum repeated rows into (see above)
 
 
 def grouped_linear_triton(x, weights, counts, gather, scatter, scale, out_rows, gather_permutes):
@@ -68,7 +73,7 @@ class _TritonGroupedLinear(torch.autograd.Function):
         offsets, deltas = group_offsets(counts, device), _weight_deltas(weights, device)
         accumulate = out_rows is not None
         if accumulate:
-            out = torch.zeros(out_rows, m, device=device, dtype=torch.float32)
+            out = torch.zeros(out_rows, m, device=device, dtype=ACCUMULATOR)
         else:
             out = torch.empty(rows, m, device=device, dtype=x.dtype)
         if rows:  # B_g = W_gᵀ: element (k, n) of B is W_g[n, k]
@@ -90,7 +95,7 @@ class _TritonGroupedLinear(torch.autograd.Function):
             # dX[gather[p]] (+)= scale[p] * (dY[scatter[p]] @ W_g); dscale[p] = <dY[scatter[p]] @ W_g, x[gather[p]]>
             accumulate = gather is not None and not gather_permutes
             alloc = torch.zeros if accumulate or not rows else torch.empty  # a permutation writes every row
-            grad_x = alloc(x.shape, device=x.device, dtype=torch.float32 if accumulate else x.dtype)
+            grad_x = alloc(x.shape, device=x.device, dtype=ACCUMULATOR if accumulate else x.dtype)
             if rows:  # B_g = W_g
                 e = x if want_scale else None
                 w_strides = (w.stride(0), w.stride(1))

@@ -193,3 +193,27 @@ def test_backend_choice_and_refusals(monkeypatch):
         ops.grouped_linear(x, w, [3])
     with pytest.raises(ValueError, match="differ in shape"):
         ops.grouped_linear(x, [w[0], torch.zeros(2, 4)], [1, 1])
+
+
+@triton_backend
+def test_triton_scatter_add_is_the_same_in_any_order():
+    """Repeated rows are summed in fp64, exactly: reversing the order of the groups (the order
+    a GPU's atomics might take) changes no bit, where an fp32 sum would round differently."""
+    gen = torch.Generator().manual_seed(11)
+    counts, x, weights, scale, _, kwargs = make_case("expert_choice_gate_and_scatter_add", torch.float32, gen)
+    x, weights, scale = x.float(), [w.float() for w in weights], scale.float()
+    starts = [sum(counts[:g]) for g in range(len(counts))]
+    order = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)][::-1])  # groups reversed
+    reversed_kwargs = {**kwargs, "gather": kwargs["gather"][order], "scatter": kwargs["scatter"][order]}
+    forward = ops.grouped_linear(x, weights, counts, scale=scale, backend="triton", **kwargs)
+    backward = ops.grouped_linear(
+        x, weights[::-1], counts[::-1], scale=scale[order], backend="triton", **reversed_kwargs
+    )
+    assert torch.equal(forward, backward)
+    # The same terms summed in fp32 in the two orders differ: the property is not vacuous here.
+    gathered = {k: v for k, v in kwargs.items() if k in ("gather", "gather_permutes")}
+    terms = ops.grouped_linear(x, weights, counts, scale=scale, backend="torch", **gathered)
+    scatter = kwargs["scatter"]
+    in_order = torch.zeros_like(forward).index_add(0, scatter, terms)
+    reversed_order = torch.zeros_like(forward).index_add(0, scatter[order], terms[order])
+    assert not torch.equal(in_order, reversed_order)
