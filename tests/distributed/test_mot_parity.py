@@ -21,8 +21,6 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
-    # megafusion's Triton kernels (interpreted on a CPU) against the torch-backend reference
-    "tp2_sp_triton": (2, ["parallel.tp=2", "parallel.sp=true", "ops.backend=triton"]),
 }
 REL_TOL = 1e-5
 
@@ -49,3 +47,12 @@ def test_post_norm_mot_with_tp2_and_sequence_parallel_matches_single_process(tmp
     assert any("post_mlp_layernorm.image" in name for name in reference[1])
     run = run_train(tmp_path, 2, CONFIG, [*post, "parallel.tp=2", "parallel.sp=true"], "post_tp2_sp")[:2]
     assert_same_training(reference, run, "post-norm tp2_sp", REL_TOL)
+
+
+def test_mot_on_triton_kernels_with_tp2_and_sequence_parallel_matches_single_process(reference, tmp_path):
+    """megafusion's Triton kernels (interpreted on a CPU) under TP=2 + SP against the torch-backend
+    reference: the first step's loss and every gradient (taken before any update, so one step
+    of the run is compared with the first of the reference's five)."""
+    overrides = [*MOT, "parallel.tp=2", "parallel.sp=true", "ops.backend=triton", "train.steps=1"]
+    losses, grads, _ = run_train(tmp_path, 2, CONFIG, overrides, "tp2_sp_triton")
+    assert_same_training((reference[0][:1], reference[1]), (losses, grads), "tp2_sp triton", REL_TOL)
