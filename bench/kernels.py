@@ -23,7 +23,8 @@ backward, the same for every implementation (each row is multiplied by one weigh
 
 Usage::
 
-    python -m bench.kernels [--dtype bf16] [--iters 20 --warmup 5] [--out PATH] [--quick]
+    python -m bench.kernels [--dtype bf16] [--iters 20 --warmup 5] [--hidden 2048 4096]
+        [--tokens 8192 32768 65536] [--out PATH] [--quick]
     python -m bench.kernels --table-only      # re-render bench/results/kernels.md
 
 The default problems are the GPU targets of issue 16 (hidden 2048 and 4096, FFN 4x and 8/3x,
@@ -53,7 +54,7 @@ TARGET_OF_DENSE = 0.90  # fused TFLOP/s / dense TFLOP/s, MoT splits 50/50 and 90
 TARGET_OVER_LOOP = 1.30  # fused / per-group loop at 90/10
 
 
-def problems(quick: bool) -> list[dict]:
+def problems(quick: bool, hiddens=(2048, 4096), tokens=(8192, 32768, 65536)) -> list[dict]:
     if quick:
         return [
             {"kind": "mot", "split": [0.5, 0.5], "n": 96, "k": 32, "m": 48},
@@ -61,9 +62,9 @@ def problems(quick: bool) -> list[dict]:
             {"kind": "ec8", "split": [0.125] * 8, "n": 64, "k": 32, "m": 32},
         ]
     out = []
-    for hidden in (2048, 4096):
+    for hidden in hiddens:
         for ffn in (4 * hidden, (8 * hidden // 3 + 127) // 128 * 128):
-            for n in (8192, 32768, 65536):
+            for n in tokens:
                 for split in ([0.5, 0.5], [0.9, 0.1], [0.34, 0.33, 0.33]):
                     out.append({"kind": "mot", "split": split, "n": n, "k": hidden, "m": ffn})
                 out.append({"kind": "mot", "split": [0.9, 0.1], "n": n, "k": ffn, "m": hidden})  # down proj
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a CPU smoke test)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096], help="hidden sizes (FFN 4x and 8/3x each)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 65536], help="tokens per problem")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table-only", action="store_true", help="re-render kernels.md from the recorded JSON")
     args = ap.parse_args(argv)
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     gen = torch.Generator().manual_seed(0)
     results = []
-    for p in problems(args.quick):
+    for p in problems(args.quick, args.hidden, args.tokens):
         results.append(measure(p, device, dtype, args.iters, args.warmup, gen))
         print(json.dumps({k: results[-1][k] for k in ("kind", "split", "n", "k", "m", "tflops")}), flush=True)
     triton_version = None

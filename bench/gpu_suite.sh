@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything megafusion owes a GPU, in one call (see ../shared/notes/gpu-runbook.md): the fused
+# kernels checked in bf16 against the per-group loop and timed against one dense GEMM
+# (bench.kernels), then one MoT layer and one MoMa layer against dense, with the Triton kernels and
+# with the torch reference (bench.mot_layer / bench.moma_layer, which need megatron-core: run
+# ../shared/tools/gpu-wheels.sh first and carry .whl). Results (JSON + logs) go to $OUT, default
+# bench/results/gpu; copy them into bench/results and re-render the tables with --table-only.
+#   bash bench/gpu_suite.sh            # on the GPU machine, from the repository root
+set -euo pipefail
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# 1. kernels: bf16, the problems at 8k and 32k tokens (64k: add --tokens 65536)
+python3 -m bench.kernels --tokens 8192 32768 --iters 10 --warmup 3 --out "$OUT/kernels_gpu.json" 2>&1 | tee "$OUT/kernels.log"
+# 2. layers (need megatron-core): MoT with the kernels, then with the torch reference; MoMa with the kernels
+if python3 -c "import megatron.core" 2> /dev/null; then
+  for backend in triton torch; do
+    python3 -m bench.mot_layer --ops-backend "$backend" --iters 30 --warmup 10 \
+      --out "$OUT/mot_layer_gpu_$backend.json" 2>&1 | tee "$OUT/mot_layer_$backend.log"
+  done
+  python3 -m bench.moma_layer --ops-backend triton --iters 30 --warmup 10 --out "$OUT/moma_layer_gpu_triton.json" 2>&1 |
+    tee "$OUT/moma_layer.log"
+else
+  echo "megatron-core is not importable: layer benchmarks skipped (run ../shared/tools/gpu-wheels.sh, carry .whl)" |
+    tee "$OUT/layers_skipped.txt"
+fi
