@@ -45,7 +45,7 @@ def broken(tmp_path, old: str, new: str) -> subprocess.CompletedProcess:
 
 def test_the_layer_check_can_fail(tmp_path):
     """core below config is the contract; core above config is broken (config imports core)."""
-    proc = broken(tmp_path, "    config\n    core\n", "    core\n    config\n")
+    proc = broken(tmp_path, "    config | kernels\n    core\n", "    core\n    config | kernels\n")
     assert proc.returncode != 0 and "megafusion.config is not allowed to import megafusion.core" in proc.stdout
 
 
