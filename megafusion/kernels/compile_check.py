@@ -58,7 +58,7 @@ def signature(fn, dtype: str, constexprs: dict, accumulate: bool = False) -> dic
             sig[name] = "constexpr"
         elif name in INDEX:
             sig[name] = "*i64"
-        elif name == "offsets_ptr":
+        elif name in ("offsets_ptr", "groups_ptr"):
             sig[name] = "*i32"
         elif name in ("scale_ptr", "dscale_ptr"):
             sig[name] = "*fp32"  # gates, gate-gradient partials

@@ -155,14 +155,16 @@ def group_weight_grad(
     dy_ptr, dy_rows_ptr, stride_dym, stride_dyn,
     x_ptr, x_rows_ptr, stride_xm, stride_xk,
     scale_ptr, dw_ptr, stride_dwg, stride_dwm, stride_dwk,
-    offsets_ptr, G, M, K,
+    offsets_ptr, groups_ptr, G, M, K,
     HAS_DY_ROWS: tl.constexpr, HAS_X_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Output tile: rows (BLOCK_N of the weight's M output features) x columns (BLOCK_K of its
-    # K inputs); the reduction runs over the group's token rows, BLOCK_M at a time.
-    group = tl.program_id(0)
+    # K inputs); the reduction runs over the group's token rows, BLOCK_M at a time. Only the
+    # groups listed in groups_ptr get programs (frozen weights need no gradient); the i-th
+    # listed group's gradient goes to dW[i].
+    group = tl.load(groups_ptr + tl.program_id(0))
     tiles_k = tl.cdiv(K, BLOCK_K)
     out_m = (tl.program_id(1) // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_k = (tl.program_id(1) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -190,5 +192,5 @@ def group_weight_grad(
             other=0.0,
         )
         acc += _dot(dy_t, x, UPCAST, IEEE)
-    dw = dw_ptr + group * stride_dwg + out_m[:, None] * stride_dwm + out_k[None, :] * stride_dwk
+    dw = dw_ptr + tl.program_id(0) * stride_dwg + out_m[:, None] * stride_dwm + out_k[None, :] * stride_dwk
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])

@@ -119,16 +119,19 @@ class _TritonGroupedLinear(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype) if want_x else None
             if want_scale:
                 grad_scale = (torch.zeros(rows, device=x.device) if grad_scale is None else grad_scale).to(scale.dtype)
+        # Weight gradients of the groups whose weight wants one (LMFusion freezes the text half).
         # Every element is written: an empty group's program stores its zero accumulator.
-        grad_w = (torch.empty if rows else torch.zeros)(groups, m, k, device=x.device, dtype=w.dtype)
-        if rows:
-            grid = lambda meta: (groups, triton.cdiv(m, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+        active = tuple(g for g in range(groups) if ctx.needs_input_grad[5 + g])
+        grad_w = (torch.empty if rows else torch.zeros)(len(active), m, k, device=x.device, dtype=w.dtype)
+        if rows and active:
+            grid = lambda meta: (len(active), triton.cdiv(m, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
             kernels.group_weight_grad[grid](
                 grad, offsets if scatter is None else scatter, grad.stride(0), grad.stride(1),
                 x, offsets if gather is None else gather, x.stride(0), x.stride(1),
                 offsets if scale is None else scale, grad_w, grad_w.stride(0), grad_w.stride(1), grad_w.stride(2),
-                offsets, groups, m, k,
+                offsets, device_ints(active, x.device, torch.int32), groups, m, k,
                 HAS_DY_ROWS=scatter is not None, HAS_X_ROWS=gather is not None, HAS_SCALE=scale is not None,
                 **_flags(x),
             )  # fmt: skip
-        return (grad_x, grad_scale, None, None, None, *grad_w.unbind(0))
+        per_group = dict(zip(active, grad_w.unbind(0)))
+        return (grad_x, grad_scale, None, None, None, *(per_group.get(g) for g in range(groups)))

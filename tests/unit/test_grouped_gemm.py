@@ -217,3 +217,15 @@ def test_triton_scatter_add_is_the_same_in_any_order():
     in_order = torch.zeros_like(forward).index_add(0, scatter, terms)
     reversed_order = torch.zeros_like(forward).index_add(0, scatter[order], terms[order])
     assert not torch.equal(in_order, reversed_order)
+
+
+@triton_backend
+def test_triton_skips_the_gradient_of_a_frozen_weight():
+    """A weight that needs no gradient (LMFusion's frozen text half) gets none; the others are exact."""
+    gen = torch.Generator().manual_seed(12)
+    counts, x, weights, _, grad, kwargs = make_case("mot_uneven_with_empty_group", torch.float32, gen)
+    want = run("torch", counts, x, weights, None, grad, kwargs, torch.float64)
+    leaves = [t.detach().float().requires_grad_(i != 3) for i, t in enumerate([x, *weights])]  # group 2 frozen
+    ops.grouped_linear(leaves[0], leaves[1:], counts, backend="triton", **kwargs).backward(grad.float())
+    assert leaves[3].grad is None
+    assert_close([leaves[0].grad, leaves[1].grad, leaves[2].grad], want[1:4], 1e-5, "frozen group")
