@@ -52,6 +52,7 @@ import torch
 from bench.provenance import cpu_cores, cpu_name, git_commit
 from megafusion import ops
 from megafusion.core.choices import OPS_BACKENDS
+from megafusion.core.errors import MegafusionError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -101,6 +102,10 @@ def argument_parser(benchmark: str, description: str) -> argparse.ArgumentParser
 
 def resolve_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill the sizes not given from ``QUICK`` or ``DEFAULTS`` and check them (``p.error`` if wrong)."""
+    try:  # e.g. --ops-backend triton on a CPU: one line, before any process group starts
+        ops.backends.check_available(args.ops_backend)
+    except MegafusionError as err:
+        p.error(str(err))
     base = QUICK if args.quick else DEFAULTS
     for name in SIZES:
         if getattr(args, name) is None:
