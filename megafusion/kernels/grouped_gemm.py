@@ -38,36 +38,24 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(tiles) -> list[triton.Config]:
+# The interpreter runs one config (autotuning would benchmark each in Python) with large
+# tiles: it pays per program and per op, not per element (a 256x32x64 problem, forward and
+# backward: 3.6 s in 16-wide tiles, 0.13 s in 64-wide, 0.07 s in 128-wide).
+_INTERPRETER_TILES = [(128, 128, 128, 1, 1)]
+
+
+def _configs(gpu_tiles) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one in the interpreter."""
+    tiles = _INTERPRETER_TILES if INTERPRETED else gpu_tiles
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in tiles
     ]
 
 
-# The interpreter runs one config (autotuning would benchmark each in Python) with large
-# tiles: it pays per program and per op, not per element (a 256x32x64 problem, forward and
-# backward: 3.6 s in 16-wide tiles, 0.13 s in 64-wide, 0.07 s in 128-wide).
 GEMM_CONFIGS = _configs(
-    [(128, 128, 128, 1, 1)]
-    if INTERPRETED
-    else [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
+    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
 )
-WGRAD_CONFIGS = _configs(
-    [(128, 128, 128, 1, 1)]
-    if INTERPRETED
-    else [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
-)
+WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)])
 # Row tiles of the dscale partial sums: the smallest BLOCK_N of any config.
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
