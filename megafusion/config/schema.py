@@ -133,6 +133,10 @@ class TrainConfig:
     # (seconds after the first), forces the exit without saving.
     stop_signals: str = "SIGTERM,SIGUSR1"
     stop_deadline_s: float = 100.0
+    # Activation recomputation: none | selective (core attention recomputed in the backward pass,
+    # megatron's selective granularity) | full (each transformer layer keeps only its input and
+    # runs its forward again in the backward pass). Losses and gradients are unchanged.
+    recompute: str = "none"
 
 
 @dataclass

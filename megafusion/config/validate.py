@@ -15,6 +15,7 @@ from megafusion.core.choices import (
     MOE_DISPATCHERS,
     OPS_BACKENDS,
     PARAMS_DTYPES,
+    RECOMPUTE_MODES,
     STOP_SIGNALS,
 )
 from megafusion.core.modality import MODALITY_NAMES
@@ -139,6 +140,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         ("data.image_codec", d.image_codec, IMAGE_CODECS),
         ("model.arch", m.arch, tuple(known_archs)),
         ("train.on_nan", t.on_nan, ("stop", "skip")),
+        ("train.recompute", t.recompute, RECOMPUTE_MODES),
     ]:
         if v not in allowed:
             problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")

@@ -11,6 +11,9 @@ MOT_PARTS = ("attention", "ffn", "norms")
 # ops.backend: who runs the grouped GEMMs of MoT and the experts (megafusion/ops/backends.py)
 OPS_BACKENDS = ("auto", "triton", "torch_grouped_mm", "torch")
 EXPERT_ARCHS = ("moma",)  # model.arch values whose FFNs are experts (parallel.ep, the moe section)
+# train.recompute: activation recomputation (megatron-core's recompute_granularity; none keeps every
+# activation, selective recomputes core attention, full recomputes each transformer layer)
+RECOMPUTE_MODES = ("none", "selective", "full")
 MOE_DISPATCHERS = ("alltoall", "allgather")  # megatron-core token dispatchers that keep every routed token
 # Signals train.stop_signals may name (SLURM sends SIGTERM on preemption, --signal=B:USR1@T before
 # the time limit); SIGINT stays Ctrl-C, an immediate stop.
