@@ -60,6 +60,11 @@ def coerce(value, tp, key: str):
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
         raise bad
+    if base is list:
+        # A sequence (YAML, or `section.key=[...]` on the command line); validate() checks its items.
+        if isinstance(value, list):
+            return list(value)
+        raise bad
     if isinstance(value, bool):
         raise bad
     if base is int:

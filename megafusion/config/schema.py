@@ -148,6 +148,12 @@ class DataConfig:
     builtin: str = "shapes,digits"  # comma-separated built-in sets (source=builtin)
     num_samples: int = 4000  # source=builtin: generated shapes samples (digits: all 1797)
     path: str | None = None  # source=indexed: the prefix given to `megafusion data prepare`
+    # source=indexed, several datasets at fixed token shares instead of `path`:
+    # [{path: PREFIX, weight: W}, ...] (optional `name:` for the logs); weights need not sum to 1.
+    blend: list | None = None
+    # source=indexed: where the sample index (split, packed rows, epoch orders) is cached, built once
+    # by the first rank; null = next to the data (PREFIX.index/)
+    index_cache: str | None = None
     # SentencePiece .model, or Hugging Face tokenizer.json (or its directory: text ids kept, image
     # tokens appended); null = train a SentencePiece model on the built-in text
     tokenizer: str | None = None

@@ -23,6 +23,41 @@ from megafusion.core.registries import FAMILIES, OBJECTIVES
 
 from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
 
+
+def _blend_problems(d) -> list[str]:
+    """data.path / data.blend: one of them for source=indexed, well-formed blend entries."""
+    if d.source != "indexed":
+        return [f"data.blend is for data.source=indexed (got {d.source}): drop data.blend"] if d.blend else []
+    if d.blend and d.path:
+        return ["data.path and data.blend are both set: give one dataset in data.path, or several in data.blend"]
+    if not d.blend:
+        return (
+            []
+            if d.path
+            else [
+                "data.source=indexed needs data.path (the output prefix given to `megafusion data prepare`) or "
+                "data.blend ([{path: PREFIX, weight: W}, ...])"
+            ]
+        )
+    problems = []
+    for i, entry in enumerate(d.blend):
+        where = f"data.blend[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}={entry!r} must be a mapping {{path: PREFIX, weight: W}}")
+            continue
+        extra = sorted(set(entry) - {"path", "weight", "name"})
+        if extra:
+            problems.append(f"{where} has unknown keys {extra}: each entry holds path, weight and optionally name")
+        if not isinstance(entry.get("path"), str) or not entry.get("path"):
+            problems.append(f"{where} needs path: the prefix given to `megafusion data prepare`")
+        w = entry.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            problems.append(
+                f"{where}.weight={w!r} must be a number > 0 (its share of the tokens, relative to the others)"
+            )
+    return problems
+
+
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
@@ -281,8 +316,7 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
             "data.image_codec=vqgan needs data.vqgan_path: a local directory holding a diffusers "
             "VQModel (as written by VQModel.save_pretrained)"
         )
-    if d.source == "indexed" and not d.path:
-        problems.append("data.source=indexed needs data.path: the output prefix given to `megafusion data prepare`")
+    problems += _blend_problems(d)
     if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:
         problems.append(
             f"data.docs_per_sequence={d.docs_per_sequence} exceeds model.seq_length // 2 = "

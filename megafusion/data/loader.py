@@ -25,12 +25,28 @@ from megafusion.data.packing import PAD_DOCUMENT_ID, PackedRows
 from megafusion.data.types import TokenizedDocument
 
 
-def _content_score(doc: TokenizedDocument, seed: int) -> int:
+def content_score(tokens: np.ndarray, modalities: np.ndarray, seed: int) -> int:
+    """``hash(seed, content)`` of a document: what decides whether it is held out."""
     h = hashlib.blake2b(digest_size=8)
     h.update(int(seed).to_bytes(8, "little", signed=True))
-    h.update(np.ascontiguousarray(doc.tokens, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(doc.modalities, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(modalities, dtype=np.uint8).tobytes())
     return int.from_bytes(h.digest(), "little")
+
+
+def held_out(scores: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Which documents (by content score, uint64) go to validation (see ``split_documents``)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"split_documents: val_fraction={val_fraction} must be in [0, 1)")
+    n = len(scores)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(n - 1, 0))  # training never loses its last document
+    held = np.zeros(n, dtype=bool)
+    # A stable sort: ties in the score are broken by position.
+    held[np.argsort(np.asarray(scores, dtype=np.uint64), kind="stable")[:n_val]] = True
+    return held
 
 
 def split_documents(
@@ -43,20 +59,64 @@ def split_documents(
     (if there is one); with ``val_fraction > 0`` and at least two documents ``val`` gets at least
     one.
     """
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"split_documents: val_fraction={val_fraction} must be in [0, 1)")
-    n = len(docs)
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and n >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, max(n - 1, 0))  # training never loses its last document
-    if n_val == 0:
-        return list(docs), []
-    ranked = sorted(range(n), key=lambda i: (_content_score(docs[i], seed), i))
-    held = set(ranked[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in held]
-    val = [d for i, d in enumerate(docs) if i in held]
+    scores = np.array([content_score(d.tokens, d.modalities, seed) for d in docs], dtype=np.uint64)
+    held = held_out(scores, val_fraction)
+    train = [d for i, d in enumerate(docs) if not held[i]]
+    val = [d for i, d in enumerate(docs) if held[i]]
     return train, val
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch (also what the sample index caches)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def to_microbatch(rows: PackedRows, sample_ids: np.ndarray, name: str, row_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The microbatch dict (see types.py) of packed ``rows``, which samples ``sample_ids`` read
+    (packed rows ``row_ids`` of the dataset ``name``, for messages)."""
+    tok, mod, doc, pos = rows.tokens, rows.modalities.astype(np.int64), rows.document_ids, rows.positions
+    # Predict the next token only inside a document: not across a document boundary, and
+    # never a padding token (padding shares one id, so check it separately).
+    loss_mask = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] != PAD_DOCUMENT_ID)
+    modality_ids = mod[:, :-1]
+
+    def t(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+    batch = {
+        "tokens": t(tok[:, :-1]),
+        "labels": t(tok[:, 1:]),
+        "position_ids": t(pos[:, :-1]),
+        "document_ids": t(doc[:, :-1]),
+        "modality_ids": t(modality_ids),
+        "label_modality_ids": t(mod[:, 1:]),
+        "loss_mask": t(loss_mask, torch.float32),
+        "modality_counts": t(np.bincount(modality_ids.ravel(), minlength=NUM_MODALITIES)),
+    }
+    if rows.latents is not None:
+        _add_latents(batch, rows.latents, name, row_ids)
+        # Which samples these are: the forward step keys each image's noise on it, so every
+        # parallel layout draws the same noise for the same image.
+        batch["sample_ids"] = torch.as_tensor(np.asarray(sample_ids, dtype=np.int64))
+    return batch
+
+
+def _add_latents(batch: dict, latents: list[np.ndarray], name: str, row_ids: np.ndarray) -> None:
+    """Transfusion rows: ``image_ids``, ``latents``, and image positions out of the LM loss."""
+    from megafusion.layers.masks import image_spans_from_modality
+
+    image_ids = image_spans_from_modality(batch["modality_ids"], batch["document_ids"])
+    for row, (ids, lat) in enumerate(zip(image_ids, latents)):
+        if int(ids.max()) + 1 != lat.shape[0]:
+            raise DataError(
+                f"{name}: packed row {int(row_ids[row])} has {int(ids.max()) + 1} image spans but "
+                f"{lat.shape[0]} latents; the dataset is inconsistent: rebuild it"
+            )
+    image = int(Modality.IMAGE)
+    text_only = (batch["modality_ids"] != image) & (batch["label_modality_ids"] != image)
+    batch["loss_mask"] = batch["loss_mask"] * text_only
+    batch["image_ids"] = image_ids
+    batch["latents"] = torch.from_numpy(np.concatenate(latents))
 
 
 class MicrobatchSource:
@@ -64,7 +124,7 @@ class MicrobatchSource:
 
     _CACHED_EPOCHS = 4  # a microbatch spans at most a few epochs; older permutations are dropped
 
-    def __init__(self, rows: PackedRows, seed: int, name: str = "dataset"):
+    def __init__(self, rows: PackedRows, seed: int, name: str = "dataset", cached_permutation=None):
         if rows.num_rows == 0:
             raise DataError(
                 f"{name}: no packed rows to draw samples from (the split is empty); add documents or "
@@ -76,6 +136,8 @@ class MicrobatchSource:
         self.seed = int(seed)
         self.name = name
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        # (seed, epoch) -> a stored permutation (memory-mapped) or None: the sample index's cache.
+        self._cached_permutation = cached_permutation
 
     @property
     def num_rows(self) -> int:
@@ -91,8 +153,10 @@ class MicrobatchSource:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
+        if perm is None and self._cached_permutation is not None:
+            perm = self._cached_permutation(self.seed, epoch)
         if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            perm = epoch_permutation(self.num_rows, self.seed, epoch)
             self._perms[epoch] = perm
             while len(self._perms) > self._CACHED_EPOCHS:
                 self._perms.popitem(last=False)
@@ -102,59 +166,17 @@ class MicrobatchSource:
         """The packed rows that samples ``first_sample .. first_sample + size - 1`` read."""
         if first_sample < 0 or size < 1:
             raise ValueError(f"row_indices: need first_sample >= 0 and size >= 1, got {first_sample}, {size}")
-        samples = np.arange(first_sample, first_sample + size)
-        epochs, offsets = np.divmod(samples, self.num_rows)
+        return self.rows_of(np.arange(first_sample, first_sample + size))
+
+    def rows_of(self, samples: np.ndarray) -> np.ndarray:
+        """The packed row each of ``samples`` (sample numbers >= 0, any order) reads."""
+        epochs, offsets = np.divmod(np.asarray(samples, dtype=np.int64), self.num_rows)
         return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
     def microbatch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
         """Samples ``first_sample .. first_sample + size - 1`` as a microbatch dict (see types.py)."""
         idx = self.row_indices(first_sample, size)
-        tok = self.rows.tokens[idx]
-        mod = self.rows.modalities[idx].astype(np.int64)
-        doc = self.rows.document_ids[idx]
-        pos = self.rows.positions[idx]
-        # Predict the next token only inside a document: not across a document boundary, and
-        # never a padding token (padding shares one id, so check it separately).
-        loss_mask = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] != PAD_DOCUMENT_ID)
-        modality_ids = mod[:, :-1]
-
-        def t(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-
-        batch = {
-            "tokens": t(tok[:, :-1]),
-            "labels": t(tok[:, 1:]),
-            "position_ids": t(pos[:, :-1]),
-            "document_ids": t(doc[:, :-1]),
-            "modality_ids": t(modality_ids),
-            "label_modality_ids": t(mod[:, 1:]),
-            "loss_mask": t(loss_mask, torch.float32),
-            "modality_counts": t(np.bincount(modality_ids.ravel(), minlength=NUM_MODALITIES)),
-        }
-        if self.rows.latents is not None:
-            self._add_latents(batch, idx)
-            # Which samples these are: the forward step keys each image's noise on it, so every
-            # parallel layout draws the same noise for the same image.
-            batch["sample_ids"] = torch.arange(first_sample, first_sample + size)
-        return batch
-
-    def _add_latents(self, batch: dict, idx: np.ndarray) -> None:
-        """Transfusion rows: ``image_ids``, ``latents``, and image positions out of the LM loss."""
-        from megafusion.layers.masks import image_spans_from_modality
-
-        image_ids = image_spans_from_modality(batch["modality_ids"], batch["document_ids"])
-        latents = [self.rows.latents[i] for i in idx]
-        for row, (ids, lat) in enumerate(zip(image_ids, latents)):
-            if int(ids.max()) + 1 != lat.shape[0]:
-                raise DataError(
-                    f"{self.name}: packed row {int(idx[row])} has {int(ids.max()) + 1} image spans but "
-                    f"{lat.shape[0]} latents; the dataset is inconsistent: rebuild it"
-                )
-        image = int(Modality.IMAGE)
-        text_only = (batch["modality_ids"] != image) & (batch["label_modality_ids"] != image)
-        batch["loss_mask"] = batch["loss_mask"] * text_only
-        batch["image_ids"] = image_ids
-        batch["latents"] = torch.from_numpy(np.concatenate(latents))
+        return to_microbatch(self.rows.take(idx), np.arange(first_sample, first_sample + size), self.name, idx)
 
     def describe(self) -> str:
         per = ", ".join(f"{k} {v}" for k, v in self.tokens_per_modality().items())
@@ -164,4 +186,4 @@ class MicrobatchSource:
         )
 
 
-__all__ = ["split_documents", "MicrobatchSource"]
+__all__ = ["split_documents", "content_score", "held_out", "epoch_permutation", "to_microbatch", "MicrobatchSource"]

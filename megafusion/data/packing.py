@@ -8,6 +8,7 @@ is left of the current row starts a new row) and the rest of a row is padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,66 @@ class PackedRows:
     def padding_tokens(self) -> int:
         return int((self.document_ids == PAD_DOCUMENT_ID).sum())
 
+    def take(self, idx: np.ndarray) -> PackedRows:
+        """Rows ``idx`` (in that order, repeats allowed) as a new ``PackedRows``."""
+        latents = None if self.latents is None else [self.latents[i] for i in idx]
+        return PackedRows(self.tokens[idx], self.modalities[idx], self.document_ids[idx], self.positions[idx], latents)
+
+
+def too_long_error(name: str, n: int, width: int) -> DataError:
+    return DataError(
+        f"{name}: the document is {n} tokens long but a row holds model.seq_length + 1 = "
+        f"{width} and documents are never cut: raise model.seq_length to at least {n - 1}"
+    )
+
+
+def next_fit_rows(lengths: np.ndarray, width: int, name: Callable[[int], str]) -> np.ndarray:
+    """Where each row starts when documents of ``lengths`` tokens are packed in order, next-fit.
+
+    Returns ``starts`` (int64, ``rows + 1`` entries): row ``r`` holds documents
+    ``starts[r] .. starts[r + 1] - 1``. A document longer than ``width`` raises ``DataError``
+    naming it (``name(index)``).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    over = np.flatnonzero(lengths > width)
+    if over.size:
+        raise too_long_error(name(int(over[0])), int(lengths[over[0]]), width)
+    starts = [0] if lengths.size else []
+    used = 0
+    for index, n in enumerate(lengths.tolist()):
+        if used + n > width and index:
+            starts.append(index)
+            used = 0
+        used += n
+    starts.append(int(lengths.size))
+    return np.asarray(starts if lengths.size else [0], dtype=np.int64)
+
+
+def fill_rows(rows: list[list[tuple]], width: int, pad_id: int, with_latents: bool) -> PackedRows:
+    """``PackedRows`` from, per row, its documents ``(tokens, modalities, latents)`` in order.
+
+    Documents sit back to back from column 0, numbered 0, 1, ... within their row; the rest of a
+    row is padding. ``with_latents``: each row keeps its documents' latents, concatenated.
+    """
+    num_rows = len(rows)
+    tokens = np.full((num_rows, width), pad_id, dtype=np.int64)
+    modalities = np.full((num_rows, width), int(Modality.TEXT), dtype=np.uint8)
+    document_ids = np.full((num_rows, width), PAD_DOCUMENT_ID, dtype=np.int64)
+    positions = np.zeros((num_rows, width), dtype=np.int64)
+    for r, docs in enumerate(rows):
+        start = 0
+        for doc_id, (tok, mod, _) in enumerate(docs):
+            n = int(np.asarray(tok).shape[0])
+            tokens[r, start : start + n] = tok
+            modalities[r, start : start + n] = mod
+            document_ids[r, start : start + n] = doc_id
+            positions[r, start : start + n] = np.arange(n)
+            start += n
+    latents = [np.concatenate([lat for _, _, lat in docs]) for docs in rows] if with_latents else None
+    return PackedRows(
+        tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions, latents=latents
+    )
+
 
 def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) -> PackedRows:
     """Pack ``docs`` (whole, in order, next-fit) into rows of ``seq_length + 1`` tokens.
@@ -64,10 +125,7 @@ def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) 
     if seq_length < 1:
         raise ValueError(f"pack_documents: seq_length must be >= 1, got {seq_length}")
     width = seq_length + 1
-
-    # First decide where every document goes, then fill preallocated arrays.
-    placements: list[tuple[int, int, int]] = []  # (row, start column, id within row)
-    row, used, ids_in_row = -1, width, 0
+    lengths = []
     for index, doc in enumerate(docs):
         n = int(np.asarray(doc.tokens).shape[0])
         name = doc.source or f"document {index}"
@@ -75,34 +133,12 @@ def pack_documents(docs: list[TokenizedDocument], seq_length: int, pad_id: int) 
             raise DataError(f"{name}: {n} tokens but modalities of shape {np.asarray(doc.modalities).shape}")
         if n == 0:
             raise DataError(f"{name}: the document has no tokens; drop it before packing")
-        if n > width:
-            raise DataError(
-                f"{name}: the document is {n} tokens long but a row holds model.seq_length + 1 = "
-                f"{width} and documents are never cut: raise model.seq_length to at least {n - 1}"
-            )
-        if used + n > width:
-            row, used, ids_in_row = row + 1, 0, 0
-        placements.append((row, used, ids_in_row))
-        used += n
-        ids_in_row += 1
-
-    num_rows = row + 1
-    tokens = np.full((num_rows, width), pad_id, dtype=np.int64)
-    modalities = np.full((num_rows, width), int(Modality.TEXT), dtype=np.uint8)
-    document_ids = np.full((num_rows, width), PAD_DOCUMENT_ID, dtype=np.int64)
-    positions = np.zeros((num_rows, width), dtype=np.int64)
-    for doc, (r, start, doc_id) in zip(docs, placements):
-        n = int(np.asarray(doc.tokens).shape[0])
-        tokens[r, start : start + n] = doc.tokens
-        modalities[r, start : start + n] = doc.modalities
-        document_ids[r, start : start + n] = doc_id
-        positions[r, start : start + n] = np.arange(n)
-    latents = None
-    if docs and "latents" in docs[0].meta:  # Transfusion: each row keeps its documents' latents
-        per_row: list[list[np.ndarray]] = [[] for _ in range(num_rows)]
-        for doc, (r, _, _) in zip(docs, placements):
-            per_row[r].append(doc.meta["latents"])
-        latents = [np.concatenate(parts) for parts in per_row]
-    return PackedRows(
-        tokens=tokens, modalities=modalities, document_ids=document_ids, positions=positions, latents=latents
-    )
+        lengths.append(n)
+    starts = next_fit_rows(np.asarray(lengths, dtype=np.int64), width, lambda i: docs[i].source or f"document {i}")
+    # Transfusion documents carry their latents; each row keeps its documents' latents.
+    with_latents = bool(docs) and "latents" in docs[0].meta
+    rows = [
+        [(d.tokens, d.modalities, d.meta.get("latents")) for d in docs[lo:hi]]
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist())
+    ]
+    return fill_rows(rows, width, pad_id, with_latents)

@@ -190,7 +190,7 @@ def _latent_placeholders(cfg):
     )
 
 
-def _check_latent_settings(cfg, info: dict) -> None:
+def _check_latent_settings(cfg, info: dict, path: str) -> None:
     """The run's latent settings are those the Transfusion dataset was prepared with (else a DataError)."""
     o, d = cfg.objective, cfg.data
     codec = info.get("codec") or {}
@@ -216,25 +216,25 @@ def _check_latent_settings(cfg, info: dict) -> None:
     ]
     if diffs:
         raise DataError(
-            f"{d.path}.meta.json: {'; '.join(diffs)}: set the config to the dataset's values, or "
-            f"re-run `megafusion data prepare ... --output {d.path}` with the config's"
+            f"{path}.meta.json: {'; '.join(diffs)}: set the config to the dataset's values, or "
+            f"re-run `megafusion data prepare ... --output {path}` with the config's"
         )
 
 
-def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
-    """(documents, codec, tokenizer) of the ``data.source=indexed`` dataset, checked against the run."""
+def _open_indexed(cfg, path: str, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
+    """(documents, codec, tokenizer) of the indexed dataset at ``path``, checked against the run."""
     from megafusion.data.codecs.registry import build_codec
-    from megafusion.data.formats.indexed import read_indexed
-    from megafusion.data.formats.indexed_latents import META_KEY, attach_latents, latent_info, read_latents
+    from megafusion.data.formats.indexed_latents import META_KEY, latent_info
+    from megafusion.data.formats.indexed_reader import IndexedDocuments
     from megafusion.data.tokenizers.joint import MultimodalTokenizer
 
-    path = cfg.data.path
-    tokenized, meta = read_indexed(path)
+    documents = IndexedDocuments(path)
+    meta = documents.meta
     if "name" not in meta.get("codec", {}):
         raise DataError(f"{path}.meta.json has no codec description: re-run `megafusion data prepare`")
     if transfusion:
         info = latent_info(path, meta)
-        _check_latent_settings(cfg, info)  # before the VAE is loaded for nothing
+        _check_latent_settings(cfg, info, path)  # before the VAE is loaded for nothing
         codec = _latent_placeholders(cfg)
         if list(codec.latent_codec.latent_shape) != info["shape"]:
             raise DataError(
@@ -255,9 +255,79 @@ def _indexed_documents(cfg, transfusion: bool, is_first_rank: bool, barrier: Cal
     prepared_with = meta.get("tokenizer_file")  # recorded by `data prepare` (absent in older datasets)
     tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, None, is_first_rank, barrier, prepared_with), codec)
     tokenizer.check_compatible(meta["tokenizer"], f"{path}.meta.json", prepared_with)
-    if transfusion:
-        attach_latents(tokenized, read_latents(path, meta), path)
-    return tokenized, codec, tokenizer
+    return documents, codec, tokenizer
+
+
+def blend_entries(cfg) -> list[tuple[str, float, str]]:
+    """``(path, weight, name)`` of every dataset of the run: ``data.blend``, or ``data.path`` alone."""
+    d = cfg.data
+    if not d.blend:
+        return [(d.path, 1.0, os.path.basename(d.path))]
+    entries, seen = [], {}
+    for entry in d.blend:
+        name = str(entry.get("name") or os.path.basename(str(entry["path"])))
+        seen[name] = seen.get(name, 0) + 1
+        entries.append(
+            (str(entry["path"]), float(entry["weight"]), name if seen[name] == 1 else f"{name}#{seen[name]}")
+        )
+    return entries
+
+
+def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]) -> DataBundle:
+    """The streamed sources of ``data.path`` or the blend of ``data.blend`` (one tokenizer for all)."""
+    from megafusion.data.blend import BlendedSource
+    from megafusion.data.streaming import streamed_sources
+
+    seed = cfg.train.seed
+    trains, vals, names, weights = [], [], [], []
+    first = None
+    for k, (path, weight, name) in enumerate(blend_entries(cfg)):
+        documents, codec, tokenizer = _open_indexed(cfg, path, transfusion, is_first_rank, barrier)
+        if first is None:
+            first = (path, documents.meta, codec, tokenizer)
+        else:
+            _check_same_vocabulary(first, path, documents.meta)
+        where = f"indexed:{path}"
+        # Dataset k's rows are drawn with its own seeds (dataset 0: the single-dataset ones).
+        train, val = streamed_sources(
+            documents, cfg, tokenizer.pad_id, (seed + 2 * k, seed + 2 * k + 1), where, is_first_rank, barrier
+        )
+        trains.append(train)
+        vals.append(val)
+        names.append(name)
+        weights.append(weight)
+    _, _, codec, tokenizer = first
+    vocab = padded_vocab(tokenizer.vocab_size, cfg.model.vocab_size, tp)
+    meta = {"tokenizer": tokenizer.config(), "codec": codec.config(), "vocab_size": vocab}
+    if not cfg.data.blend:
+        meta["source"] = f"indexed:{cfg.data.path}"
+        return DataBundle(trains[0], vals[0], vocab, meta, tokenizer)
+    meta["source"] = "blend:" + ",".join(f"{p}={w:g}" for p, w, _ in blend_entries(cfg))
+    train = BlendedSource(trains, weights, names, "blend train")
+    with_val = [k for k, v in enumerate(vals) if v is not None]
+    val = (
+        BlendedSource(
+            [vals[k] for k in with_val], [weights[k] for k in with_val], [names[k] for k in with_val], "blend val"
+        )
+        if with_val
+        else None
+    )
+    return DataBundle(train, val, vocab, meta, tokenizer)
+
+
+def _check_same_vocabulary(first, path: str, meta: dict) -> None:
+    """Every dataset of a blend was made by the same tokenizer and image codec as the first."""
+    first_path, first_meta = first[0], first[1]
+    for key in ("tokenizer", "codec", "latents"):
+        a, b = first_meta.get(key), meta.get(key)
+        if key == "latents":  # the latent codec and patch size, not the file's size and checksum
+            a, b = [{k: x.get(k) for k in ("codec", "patch_size", "shape")} if x else None for x in (a, b)]
+        if a != b:
+            raise DataError(
+                f"data.blend: {path} was prepared with another {key} than {first_path} ({b!r} vs {a!r}): "
+                "every dataset of a blend needs the same tokenizer and image settings; re-run "
+                f"`megafusion data prepare ... --output {path}` with those of {first_path}"
+            )
 
 
 def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[], None] = lambda: None) -> DataBundle:
@@ -283,9 +353,8 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         encode = (lambda doc: encode_transfusion_document(tokenizer, doc)) if transfusion else tokenizer.encode_document
         tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"
-    else:  # indexed
-        tokenized, codec, tokenizer = _indexed_documents(cfg, transfusion, is_first_rank, barrier)
-        where = f"indexed:{d.path}"
+    else:  # indexed: streamed from disk
+        return _indexed_data(cfg, tp, transfusion, is_first_rank, barrier)
     train_docs, val_docs = split_documents(tokenized, d.val_fraction, seed)
     vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)
     train = MicrobatchSource(pack_documents(train_docs, m.seq_length, tokenizer.pad_id), seed, f"{where} train")

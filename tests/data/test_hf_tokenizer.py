@@ -339,7 +339,8 @@ def test_prepared_data_with_hf_tokenizer_and_refused_with_another(tmp_path, caps
     bundle = build_data(builtin_cfg(tmp_path, path, *indexed))  # the same tokenizer: accepted
     assert bundle.tokenizer.config() == meta["tokenizer"]
     built = build_data(builtin_cfg(tmp_path, path))  # the built-in path gives the same documents
-    assert np.array_equal(built.train.rows.tokens, bundle.train.rows.tokens)
+    every = np.arange(built.train.num_rows)
+    assert np.array_equal(built.train.rows.take(every).tokens, bundle.train.rows.take(every).tokens)
 
     with pytest.raises(DataError) as err:  # another Hugging Face tokenizer
         build_data(builtin_cfg(tmp_path, hf_dir, *indexed))

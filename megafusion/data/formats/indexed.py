@@ -304,10 +304,11 @@ def read_meta(prefix: str) -> dict:
     return meta
 
 
-def _check_files(prefix: str, meta: dict) -> None:
-    """Existence and byte sizes against the meta, and the .idx header against its own size:
-    catches truncated / swapped files before megatron mmaps them (megatron's own failures are
-    bare asserts and buffer errors that do not say which file is bad)."""
+def _check_files(prefix: str, meta: dict, checksums: bool = True) -> None:
+    """Existence and byte sizes against the meta (and, with ``checksums``, their blake2b), and the
+    .idx header against its own size: catches truncated / swapped files before megatron mmaps
+    them (megatron's own failures are bare asserts and buffer errors that do not say which file
+    is bad)."""
     paths = dataset_paths(prefix)
     for kind in ("bin", "idx"):
         path = paths[kind]
@@ -321,7 +322,7 @@ def _check_files(prefix: str, meta: dict) -> None:
                 f"{path} is {size} bytes but {paths['meta']} says {want}: the file is truncated or "
                 f"was replaced after the meta was written; {_rerun_hint(prefix)}"
             )
-    for kind in ("bin", "idx"):
+    for kind in ("bin", "idx") if checksums else ():
         want = meta["files"].get(f"{kind}_blake2b")
         if want is not None and file_digest(paths[kind]) != want:
             raise DataError(
@@ -357,6 +358,25 @@ def _check_files(prefix: str, meta: dict) -> None:
         raise DataError(f"{path}: corrupt index: {'; '.join(problems)}; {_rerun_hint(prefix)}")
 
 
+def check_index_structure(prefix, meta, dtype, lengths, pointers, doc_index, modes) -> None:
+    """The index arrays describe the .bin of the meta: document boundaries from 0 to the item
+    count, items of at least one token, contiguous byte offsets, modes that are modalities."""
+    problems = []
+    if doc_index[0] != 0 or doc_index[-1] != lengths.size or np.any(np.diff(doc_index) < 0):
+        problems.append("document boundaries are not a non-decreasing list from 0 to the item count")
+    if np.any(lengths <= 0):
+        problems.append("an item has no tokens")
+    ends = np.cumsum(lengths)
+    if not np.array_equal(pointers, np.concatenate([[0], ends[:-1]]) * dtype.itemsize):
+        problems.append("item byte offsets are not contiguous")
+    if ends[-1] * dtype.itemsize != meta["files"]["bin_bytes"]:
+        problems.append(f"items hold {int(ends[-1])} tokens, which is not the size of the .bin")
+    if modes.min() < 0 or modes.max() >= NUM_MODALITIES:
+        problems.append(f"item modes outside 0..{NUM_MODALITIES - 1}")
+    if problems:
+        raise DataError(f"{dataset_paths(prefix)['idx']}: corrupt index: {'; '.join(problems)}; {_rerun_hint(prefix)}")
+
+
 def _load_arrays(prefix: str, meta: dict):
     """(flat tokens, per-item lengths, per-item modes, document item boundaries), all copied out
     of megatron's mmaps so nothing keeps the files open."""
@@ -379,24 +399,14 @@ def _load_arrays(prefix: str, meta: dict):
             f"file is corrupt, {_rerun_hint(prefix)}"
         ) from err
 
-    problems = []
-    if doc_index[0] != 0 or doc_index[-1] != lengths.size or np.any(np.diff(doc_index) < 0):
-        problems.append("document boundaries are not a non-decreasing list from 0 to the item count")
-    if np.any(lengths <= 0):
-        problems.append("an item has no tokens")
-    ends = np.cumsum(lengths)
-    if not np.array_equal(pointers, np.concatenate([[0], ends[:-1]]) * dtype.itemsize):
-        problems.append("item byte offsets are not contiguous")
-    if ends[-1] * dtype.itemsize != meta["files"]["bin_bytes"]:
-        problems.append(f"items hold {int(ends[-1])} tokens, which is not the size of the .bin")
-    if modes.min() < 0 or modes.max() >= NUM_MODALITIES:
-        problems.append(f"item modes outside 0..{NUM_MODALITIES - 1}")
-    if problems:
+    try:
+        check_index_structure(prefix, meta, dtype, lengths, pointers, doc_index, modes)
+    except DataError:
         del ds, index
-        raise DataError(f"{paths['idx']}: corrupt index: {'; '.join(problems)}; {_rerun_hint(prefix)}")
+        raise
 
     try:
-        flat = np.array(ds.bin_reader.read(dtype=dtype, count=int(ends[-1]), offset=0), dtype=np.int64)
+        flat = np.array(ds.bin_reader.read(dtype=dtype, count=int(lengths.sum()), offset=0), dtype=np.int64)
     except Exception as err:
         raise DataError(
             f"{paths['bin']}: megatron cannot read the tokens ({type(err).__name__}: {err}); the "

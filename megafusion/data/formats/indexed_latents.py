@@ -132,8 +132,9 @@ def latent_info(prefix: str, meta: dict) -> dict:
     return info
 
 
-def read_latents(prefix: str, meta: dict) -> np.ndarray:
-    """All latents ``[count, C, h, w]`` (float32, in memory), checked against the meta first."""
+def check_latent_file(prefix: str, meta: dict, checksum: bool = True) -> dict:
+    """The latent file against the meta's entry: present, of the recorded size and (with
+    ``checksum``) blake2b; returns the entry. Every mismatch is a DataError naming the file."""
     info = latent_info(prefix, meta)
     path, where = latents_path(prefix), prefix + ".meta.json"
     if not os.path.exists(path):
@@ -147,11 +148,18 @@ def read_latents(prefix: str, meta: dict) -> np.ndarray:
             f"{path} is {size} bytes but {where} says {info['bytes']}: the file is truncated or was "
             f"replaced after the meta was written; {_rerun_hint(prefix)}"
         )
-    if file_digest(path) != info["blake2b"]:
+    if checksum and file_digest(path) != info["blake2b"]:
         raise DataError(
             f"{path}: contents do not match the checksum in {where}: the file is corrupt or was "
             f"replaced after the meta was written; {_rerun_hint(prefix)}"
         )
+    return info
+
+
+def read_latents(prefix: str, meta: dict) -> np.ndarray:
+    """All latents ``[count, C, h, w]`` (float32, in memory), checked against the meta first."""
+    info = check_latent_file(prefix, meta)
+    path, where = latents_path(prefix), prefix + ".meta.json"
     try:
         latents = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -185,4 +193,12 @@ def attach_latents(docs: list[TokenizedDocument], latents: np.ndarray, prefix: s
         start += k
 
 
-__all__ = ["LatentWriter", "latents_path", "latent_info", "read_latents", "attach_latents", "META_KEY"]
+__all__ = [
+    "LatentWriter",
+    "latents_path",
+    "latent_info",
+    "check_latent_file",
+    "read_latents",
+    "attach_latents",
+    "META_KEY",
+]
