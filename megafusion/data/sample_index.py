@@ -210,10 +210,8 @@ def build_sample_index(
         stats = json.load(f)
     splits = {}
     for split in SPLITS:
-        load = lambda name: _load(os.path.join(folder, f"{split}_{name}.npy"))  # noqa: E731
-        splits[split] = SplitIndex(
-            load("docs"), load("rows"), stats[split]["tokens"], stats[split]["padding"], folder, split
-        )
+        docs, rows = (_load(os.path.join(folder, f"{split}_{name}.npy")) for name in ("docs", "rows"))
+        splits[split] = SplitIndex(docs, rows, stats[split]["tokens"], stats[split]["padding"], folder, split)
     return splits
 
 
