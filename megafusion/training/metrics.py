@@ -5,8 +5,10 @@ Each logged step is one JSON line in ``<logging.out_dir>/metrics.jsonl`` with at
 ``step``, ``loss``, ``loss/<modality>``, ``lr``, ``grad_norm``, ``tokens_per_s``,
 ``tflops_per_gpu``, ``mfu`` (null where the device's peak is unknown) and ``mem_gb`` (peak
 CUDA memory on a GPU, resident set size on a CPU), ``flops`` (model FLOPs of the step, all ranks),
-``flops/<modality>`` and ``flops_total`` (since step 0, kept across resumes); evaluations add
-``val/...`` keys.
+``flops/<modality>`` and ``flops_total`` (since step 0, kept across resumes), the document
+tokens the step trained on per modality (``data/tokens/<modality>``, ``data/share/<modality>``)
+and, for ``data.blend``, per dataset (``data/blend/<name>/tokens``, ``data/blend/<name>/share``);
+evaluations add ``val/...`` keys.
 The console gets a compact line with the same numbers, or a progress bar when a terminal
 is attached. W&B runs offline unless ``WANDB_MODE`` says otherwise (sync later with
 ``wandb sync``); ``logging.wandb=false`` switches it off. TensorBoard is opt-in.

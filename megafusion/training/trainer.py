@@ -142,6 +142,7 @@ class Trainer:
             flops += torch.tensor(
                 [counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)], dtype=torch.float64
             )
+        flops = torch.cat([flops, _served_tokens(microbatches, self.data.train)])
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -191,7 +192,8 @@ class Trainer:
                 "flops_total": self.flops_seen,
             }
         )
-        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
+        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1 : 1 + len(MODALITY_NAMES)])})
+        record.update(_token_shares(r["extra"][1 + len(MODALITY_NAMES) :], self.data.train))
         if skipped:
             record["skipped"] = skipped
         return record
@@ -225,6 +227,35 @@ class Trainer:
     @property
     def peak(self):
         return peak_tflops(self.rt.device, self.cfg.logging.peak_tflops)
+
+
+def _served_tokens(microbatches: list[dict], source) -> torch.Tensor:
+    """Document tokens (padding excluded) of this rank's microbatches: per modality, then per
+    dataset of a blend (``dataset_tokens``)."""
+    counts = torch.zeros(len(MODALITY_NAMES) + len(getattr(source, "names", ())), dtype=torch.float64)
+    for mb in microbatches:
+        real = mb["document_ids"] >= 0
+        counts[: len(MODALITY_NAMES)] += torch.bincount(
+            mb["modality_ids"][real], minlength=len(MODALITY_NAMES)
+        ).double()
+        if "dataset_tokens" in mb:
+            counts[len(MODALITY_NAMES) :] += mb["dataset_tokens"].double()
+    return counts
+
+
+def _token_shares(counts: list[float], source) -> dict:
+    """``data/share/<modality>`` and, for a blend, ``data/blend/<dataset>/share``: the realised
+    token shares of the step (all ranks); sum the ``.../tokens`` counts over steps for any longer
+    window."""
+    m = len(MODALITY_NAMES)
+    keys = [(f"data/tokens/{n}", f"data/share/{n}") for n in MODALITY_NAMES]
+    keys += [(f"data/blend/{n}/tokens", f"data/blend/{n}/share") for n in getattr(source, "names", ())]
+    out = {}
+    for group in (slice(0, m), slice(m, len(keys))):
+        total = sum(counts[group]) or 1.0
+        for (tokens, share), count in zip(keys[group], counts[group]):
+            out[tokens], out[share] = count, count / total
+    return out
 
 
 def _dump_gradients(model, distributed_optimizer: bool, path: str) -> None:

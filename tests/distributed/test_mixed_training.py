@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,6 +119,29 @@ def test_raw_shards_to_indexed_dataset_to_training(tmp_path):
         "indexed",
     )
     assert len(losses) == 3 and f"indexed:{tmp_path / 'ds'}" in out
+
+    # A blend (here the dataset at 0.7 and a copy at 0.3), streamed, resumed mid-stream: steps 3-4 of
+    # the resumed run are those of the straight run, and the realised shares are logged.
+    for ext in ("bin", "idx", "meta.json"):
+        shutil.copy(tmp_path / f"ds.{ext}", tmp_path / f"copy.{ext}")
+    blend = [
+        f"data.blend=[{{path: {tmp_path / 'ds'}, weight: 0.7}}, {{path: {tmp_path / 'copy'}, weight: 0.3}}]",
+        "data.source=indexed",
+        f"data.tokenizer={model}",
+        "train.steps=4",
+        "checkpoint.save=true",
+        "checkpoint.interval=2",
+        f"checkpoint.dir={tmp_path / 'blend_ckpt'}",
+    ]
+    straight, _, out = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", blend, "blend")
+    assert "blend train: 2 datasets, token shares ds 0.700, copy 0.300" in out
+    records = [json.loads(line) for line in (tmp_path / "blend" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "data/blend/ds/share" in r]
+    assert len(steps) == 4 and all(abs(sum(r[f"data/share/{m}"] for m in ("text", "image")) - 1) < 1e-9 for r in steps)
+    resumed, _, _ = run_train(
+        tmp_path, 1, "tests/configs/mixed_small.yaml", [*blend, "checkpoint.load_step=2"], "blend_resumed"
+    )
+    assert resumed == straight[2:]
 
     # The same dataset with another tokenizer is refused, naming the dataset.
     cli("tokenizer", "train", "--input", str(shard.parent), "--vocab-size", "100", "--output", str(tmp_path / "other"))
