@@ -8,7 +8,8 @@ token weight divided by its mean document tokens per row (from the sample index)
 Sample ``i`` of the run maps to sample ``j`` of dataset ``k`` by a fixed schedule of ``PERIOD``
 samples: dataset ``k`` gets ``n_k`` of them (largest-remainder rounding of its sample share, so
 the shares hold to 1/``PERIOD`` over every period), spread over the period by megatron-core's
-``BlendedDataset`` rule (the next sample goes to the dataset furthest below its target). Then
+``BlendedDataset`` rule (its compiled ``build_blending_indices``: the next sample goes to the
+dataset furthest below its target). Then
 ``k, r = schedule[i % PERIOD]`` and ``j = (i // PERIOD) * n_k + r``: a pure function of ``i``, so
 the loader's state stays the consumed-sample count and a resumed run continues the exact stream.
 Dataset ``k`` serves its ``j``-th sample from its own ``MicrobatchSource`` (its rows, shuffled per
@@ -42,18 +43,17 @@ def sample_counts(shares: np.ndarray, period: int = PERIOD) -> np.ndarray:
 
 
 def schedule(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(dataset, rank within the period)`` of each sample of one period (see the module doc)."""
+    """``(dataset, rank within the period)`` of each sample of one period: megatron-core's
+    ``build_blending_indices`` (its ``BlendedDataset`` rule) over one period."""
+    from megatron.core.datasets.helpers_cpp import build_blending_indices
+
     period = int(counts.sum())
-    target = counts / period
-    taken = np.zeros(len(counts), dtype=np.int64)
-    which = np.empty(period, dtype=np.int64)
-    rank = np.empty(period, dtype=np.int64)
-    for i in range(period):
-        # megatron's BlendedDataset: the dataset whose share so far is furthest below its target.
-        k = int(np.argmax(target * (i + 1) - taken))
-        which[i], rank[i] = k, taken[k]
-        taken[k] += 1
-    return which, rank
+    which = np.zeros(period, dtype=np.int16)
+    rank = np.zeros(period, dtype=np.int64)
+    build_blending_indices(which, rank, counts / period, len(counts), period, False)
+    # Over a whole period the rule gives each dataset exactly its count (the error stays below 1).
+    assert np.array_equal(np.bincount(which, minlength=len(counts)), counts), "blending schedule is off its counts"
+    return which.astype(np.int64), rank
 
 
 def _concat(parts: list[PackedRows], order: np.ndarray) -> PackedRows:

@@ -11,13 +11,17 @@ evaluation use. Three sources:
   ``data.image_codec`` (pixel patches; a k-means patch codebook, fitted on the built-in images
   and cached the same way unless ``data.vq_codebook`` names one; or a local pretrained VQGAN);
 - ``indexed``: a dataset written by ``megafusion data prepare`` (its ``.meta.json`` says which
-  tokenizer and codec made it). With ``objective.name=transfusion`` it must have been prepared
+  tokenizer and codec made it), or several at fixed token shares (``data.blend``,
+  :mod:`megafusion.data.blend`). With ``objective.name=transfusion`` it must have been prepared
   with ``--latent-codec`` and the objective's latent settings (``PREFIX.latents.npy`` holds its
-  image latents, see :mod:`megafusion.data.formats.indexed_latents`).
+  image latents, see :mod:`megafusion.data.formats.indexed_latents`). Indexed data is streamed:
+  never loaded, its rows made per microbatch from a cached sample index
+  (:mod:`megafusion.data.streaming`, :mod:`megafusion.data.sample_index`).
 
 Documents are split into train / validation by content hash, packed whole into rows of
 ``model.seq_length + 1`` tokens, and served by ``MicrobatchSource`` (sample i of the run is a
-pure function of i and the seed, so the loader's state is the consumed-sample count).
+pure function of i and the seed, so the loader's state is the consumed-sample count). The
+built-in sets are generated in memory and take the same split and packing in memory.
 The model's vocabulary is the tokenizer's, padded to a multiple of 128 so that every
 power-of-two tensor-parallel size divides it and checkpoints move between layouts.
 """
