@@ -8,7 +8,11 @@
   through a fresh permutation per epoch (``epoch = i // num_rows``, permutation drawn from a
   numpy Generator seeded with ``(seed, epoch)``). Sample ``i`` depends only on
   ``(rows, seed, i)``: the loader's whole state is the number of samples consumed so far, and
-  resuming a run means calling ``microbatch(consumed, size)`` with that number again.
+  resuming a run means calling ``microbatch(consumed, size)`` with that number again. The rows
+  are in memory (``PackedRows``: the built-in sets) or made from the documents on disk when a
+  microbatch asks (``StreamedRows``, :mod:`megafusion.data.streaming`: indexed data), whose
+  sample index may hold the epochs' permutations (``cached_permutation``; the same values).
+- ``to_microbatch`` turns packed rows into the microbatch dict every source yields.
 """
 
 from __future__ import annotations
@@ -153,10 +157,11 @@ class MicrobatchSource:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
-        if perm is None and self._cached_permutation is not None:
-            perm = self._cached_permutation(self.seed, epoch)
         if perm is None:
-            perm = epoch_permutation(self.num_rows, self.seed, epoch)
+            if self._cached_permutation is not None:
+                perm = self._cached_permutation(self.seed, epoch)
+            if perm is None:
+                perm = epoch_permutation(self.num_rows, self.seed, epoch)
             self._perms[epoch] = perm
             while len(self._perms) > self._CACHED_EPOCHS:
                 self._perms.popitem(last=False)

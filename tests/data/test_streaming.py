@@ -14,6 +14,7 @@ import pytest
 
 from megafusion.core.errors import DataError
 from megafusion.core.modality import Modality
+from megafusion.data import loader
 from megafusion.data.blend import PERIOD, BlendedSource
 from megafusion.data.formats.indexed import read_indexed, write_indexed
 from megafusion.data.formats.indexed_latents import LatentWriter, attach_latents, read_latents
@@ -120,14 +121,20 @@ def test_index_is_built_once_per_setting_and_reused(tmp_path, monkeypatch):
     assert len([p for p in next(root.iterdir()).iterdir() if p.name.startswith("scores-")]) == 1
 
 
-def test_cached_epoch_orders_are_the_drawn_ones(tmp_path):
+def test_cached_epoch_orders_are_the_drawn_ones(tmp_path, monkeypatch):
     docs = random_docs(np.random.default_rng(3), 80, 1000)
     prefix, _ = write(tmp_path, docs)
     (train, _), splits = streamed(prefix, tmp_path / "cache")
     cache_permutations(splits["train"], SEED, 2)
     stored = splits["train"].permutation(SEED, 1)
     assert isinstance(stored, np.memmap) and splits["train"].permutation(SEED, 2) is None
-    assert_same_batches(in_memory(docs)[0], train, 3 * train.num_rows)
+    reference = in_memory(docs)[0]
+    drawn = []
+    real = loader.epoch_permutation
+    monkeypatch.setattr(loader, "epoch_permutation", lambda n, s, e: drawn.append(e) or real(n, s, e))
+    assert_same_batches(reference, train, 3 * train.num_rows)
+    # The in-memory source draws epochs 0, 1, 2; the streamed one only 2 (0 and 1 are cached).
+    assert sorted(drawn) == [0, 1, 2, 2]
 
 
 def test_streaming_errors_name_the_document_and_the_cache(tmp_path):
@@ -177,7 +184,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np
     from megafusion.data.formats.indexed import read_indexed, write_indexed
-    from megafusion.data.formats.indexed_reader import IndexedDocuments
+    from megafusion.data import loader
+from megafusion.data.formats.indexed_reader import IndexedDocuments
     from megafusion.data.loader import MicrobatchSource
     from megafusion.data.sample_index import build_sample_index
     from megafusion.data.streaming import StreamedRows
