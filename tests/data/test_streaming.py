@@ -184,8 +184,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np
     from megafusion.data.formats.indexed import read_indexed, write_indexed
-    from megafusion.data import loader
-from megafusion.data.formats.indexed_reader import IndexedDocuments
+    from megafusion.data.formats.indexed_reader import IndexedDocuments
     from megafusion.data.loader import MicrobatchSource
     from megafusion.data.sample_index import build_sample_index
     from megafusion.data.streaming import StreamedRows
