@@ -143,6 +143,34 @@ def test_traversal_by_hand():
     assert order.tolist() == [5, 0, 1, 3, 2, 4] and paths == 3
 
 
+def test_image_codes_would_order_by_look_not_by_caption(data, capsys):
+    """Why only text pieces count (megafusion.data.icp, step 1): counted, pixel codes make the order
+    follow the background colour, which no caption names (they also raise the shape share a bit)."""
+    from megafusion.core.modality import Modality
+    from megafusion.data.codecs.registry import build_codec
+    from megafusion.data.icp import BagOfPieces, icp_order
+    from megafusion.data.tokenizers.joint import MultimodalTokenizer
+
+    d = data["shapes"]
+    tok = MultimodalTokenizer.from_files(d["model"], build_codec("pixel", image_size=12, patch_size=2, levels=4))
+    specs = shapes_specs(SHAPES, SEED)
+    background, shape = np.array([s.background for s in specs]), np.array([s.shape for s in specs])
+    share = {}
+    for name, modalities in (("text", (Modality.TEXT,)), ("text+image", (Modality.TEXT, Modality.IMAGE))):
+        bag = BagOfPieces((tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id), modalities)
+        for doc in shapes_documents(SHAPES, SEED, 12):
+            bag.add(tok.encode_document(doc))
+        order = icp_order(bag.matrix(tok.vocab_size), 10).order
+        share[name] = (adjacent_same_group(background, order), adjacent_same_group(shape, order))
+    rnd = np.random.default_rng(0).permutation(SHAPES)
+    with capsys.disabled():
+        print(
+            f"\nshapes, adjacent pairs sharing (background, shape): text {share['text']}, text+image "
+            f"{share['text+image']}, random {(adjacent_same_group(background, rnd), adjacent_same_group(shape, rnd))}"
+        )
+    assert share["text+image"][0] > 0.9 and share["text"][0] < 0.65
+
+
 # ------------------------------------------------------------------ end to end through `data prepare`
 
 
