@@ -22,11 +22,11 @@ from megafusion.commands.main import main as megafusion_main
 from megafusion.data.builtin.digits import digit_images, digits_documents
 from megafusion.data.builtin.shapes import shapes_documents, shapes_specs
 from megafusion.data.formats.indexed import dataset_paths, read_indexed
-from megafusion.data.formats.indexed_latents import attach_latents, latents_path, read_latents
+from megafusion.data.formats.indexed_latents import attach_latents, read_latents
 from megafusion.data.formats.shards import write_jsonl_shard
 from megafusion.data.icp import adjacent_same_group, document_graph, nearest_neighbors, tfidf_embedding, traverse
 from megafusion.data.tokenizers.joint import train_sentencepiece
-from megafusion.data.types import TextSegment
+from megafusion.data.types import Document, ImageSegment, TextSegment
 
 DIGITS, SHAPES, SEED = 600, 300, 3
 
@@ -256,7 +256,33 @@ def test_transfusion_latents_stay_with_their_documents(data):
         np.testing.assert_array_equal(a.meta["latents"], b.meta["latents"])
     # Only text pieces count, so image codes or latents, the same shards get the same order.
     assert [doc.source for doc in read_indexed(str(root / "lm_icp"))[0]] == sources
-    assert latents_path(str(root / "tf_icp")) not in [str(p) for p in root.glob("*.tmp-*")]
+
+
+def test_latents_of_documents_with_none_or_several_images_move_with_them(data, tmp_path):
+    shapes = shapes_documents(40, SEED, 12)
+    images = [seg for doc in shapes for seg in doc.segments if isinstance(seg, ImageSegment)]
+    captions = [seg for doc in shapes for seg in doc.segments if isinstance(seg, TextSegment)]
+    # Document i: its caption and i % 4 images (0 to 3), the images before the text when i % 3 == 0.
+    docs = []
+    for i, caption in enumerate(captions):
+        pictures = [images[(i + j) % 40] for j in range(i % 4)]
+        docs.append(Document([*pictures, caption] if i % 3 == 0 else [caption, *pictures]))
+    d = {**data["shapes"], "shard": write_jsonl_shard(docs, str(tmp_path / "mixed.jsonl"))}
+    flags = ("--latent-codec", "pixels", "--latent-patch-size", "3")
+    back = {}
+    for name, more in (("input", ()), ("icp", ("--order", "icp", "--icp-neighbors", "3"))):
+        assert prepare(d, tmp_path / name, *flags, *more) == 0
+        got, meta = read_indexed(str(tmp_path / name))
+        attach_latents(got, read_latents(str(tmp_path / name), meta), str(tmp_path / name))
+        back[name] = got
+        assert meta["latents"]["count"] == sum(i % 4 for i in range(40))
+    order = [_line_index(doc.source) for doc in back["icp"]]
+    assert sorted(order) == list(range(40)) and order != list(range(40))
+    for i, doc in zip(order, back["icp"]):
+        ref = back["input"][i]
+        assert doc.meta["latents"].shape[0] == i % 4
+        np.testing.assert_array_equal(doc.tokens, ref.tokens)
+        np.testing.assert_array_equal(doc.meta["latents"], ref.meta["latents"])
 
 
 @pytest.mark.parametrize(
