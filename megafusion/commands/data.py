@@ -296,7 +296,11 @@ def _prepare_icp(output: str, write_input_order, tok, meta: dict, neighbors: int
     # Beside the output (same file system, so the rewrite needs no copy across devices).
     tmp = f"{output}.tmp-icp-input-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_input_order(tmp, observe)
+        try:
+            write_input_order(tmp, observe)
+        except DataError as err:
+            # Name the output the user gave, not the temporary prefix (as --order input would).
+            raise DataError(str(err).replace(tmp, output)) from None
         result = icp_order(bag.matrix(tok.vocab_size), neighbors)
         stats = write_reordered(tmp, output, result.order, sources, {**meta, "order": result.meta()}, latent_codec)
     finally:

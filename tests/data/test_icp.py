@@ -305,6 +305,16 @@ def test_bad_icp_flags_are_one_line_before_any_work(data, flags, message, capsys
     assert not list(tmp_path.iterdir())
 
 
+def test_no_documents_names_the_output_not_the_temporary_copy(data, capsys, tmp_path):
+    d = {**data["shapes"], "shard": str(tmp_path / "empty.jsonl")}
+    (tmp_path / "empty.jsonl").write_text("")
+    assert prepare(d, tmp_path / "x", "--order", "icp") == 2
+    assert capsys.readouterr().err == (
+        f"megafusion data prepare: {tmp_path / 'x'}: no documents to write; check the --input shards\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.jsonl"]
+
+
 def test_an_unknown_order_is_an_argument_error(data, capsys, tmp_path):
     assert prepare(data["shapes"], tmp_path / "x", "--order", "random") == 2
     err = capsys.readouterr().err.splitlines()[-1]
