@@ -369,9 +369,10 @@ def prepare_command(argv: list[str]) -> int:
         print(f"stored {stats['latents']['count']} image latents of shape {shape} (for objective.name=transfusion)")
     if "order" in stats:
         icp = stats["order"]
+        paths = f"{icp.paths} path{'s' if icp.paths != 1 else ''}"
         print(
             f"order icp: mean cosine similarity of adjacent documents {icp.input_cosine:.3f} in input order, "
-            f"{icp.icp_cosine:.3f} as written (TF-IDF of text pieces; {icp.paths} paths through the "
+            f"{icp.icp_cosine:.3f} as written (TF-IDF of text pieces; {paths} through the "
             f"{icp.neighbors}-nearest-neighbour graph)"
         )
     print("wrote " + ", ".join(stats["files"]))
