@@ -20,7 +20,8 @@ documents. The paper builds that order in three steps, all here, on CPU:
 2. **Nearest neighbours** (``nearest_neighbors``): the ``k`` most cosine-similar other documents of
    each, by brute force in row chunks (``O(n^2)`` time, ``O(chunk * n)`` memory), ties to the
    documents that follow in input order, so that equal embeddings (duplicates, identical captions)
-   give one answer on any machine and form a chain rather than a star around the first copies.
+   have a defined answer (not one of a partition's internals) and form a chain rather than a star
+   around the first copies.
    scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` finds the same
    neighbours but leaves exact ties to ``argpartition``. The paper, at billions of documents, uses
    approximate kNN (a faiss IVF-PQ index over the embeddings) instead.
