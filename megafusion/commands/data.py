@@ -37,7 +37,8 @@ prefix beside ``PREFIX`` (twice the disk for a while), then rewritten in the new
 at a time (``megafusion.data.formats.indexed_reorder``), latents with their documents; the meta
 records the order (``"order"``). One line reports the mean cosine similarity of adjacent documents
 before and after. The default ``--order input`` keeps the input order and writes exactly what it
-always did.
+always did. (Attention never crosses documents in megafusion, so related neighbours share rows,
+not attention; see ``megafusion.data.icp``.)
 """
 
 from __future__ import annotations
