@@ -6,6 +6,8 @@
     # Transfusion (objective.name=transfusion): images as continuous latents
     megafusion data prepare --input ... --tokenizer TOKENIZER --output PREFIX \\
         --latent-codec pixels|kl [--vae-path DIR] [--latent-patch-size 2] [--image-size 16]
+    # In-Context Pretraining order: related documents next to each other
+    megafusion data prepare ... --order icp [--icp-neighbors 10]
 
 ``TOKENIZER`` is a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json`` (or the
 directory holding it; see ``megafusion.data.tokenizers.text``).
@@ -26,6 +28,17 @@ trained at: one warning line tells how many documents do not fit in a packed row
 tokens. Packing (``megafusion.data.packing``) never cuts a document, so a run at that length
 would stop on the first of them; the data is written anyway (a longer ``model.seq_length`` can
 train on it).
+
+``--order icp`` writes the documents in the In-Context Pretraining order (Shi et al. 2023,
+``megafusion.data.icp``): TF-IDF over each document's text pieces, its ``--icp-neighbors`` nearest
+neighbours by cosine similarity, and the paper's greedy traversal of that graph, so that packing
+fills a row with related documents. The dataset is first written in input order under a temporary
+prefix beside ``PREFIX`` (twice the disk for a while), then rewritten in the new order one document
+at a time (``megafusion.data.formats.indexed_reorder``), latents with their documents; the meta
+records the order (``"order"``). One line reports the mean cosine similarity of adjacent documents
+before and after. The default ``--order input`` keeps the input order and writes exactly what it
+always did. (Attention never crosses documents in megafusion, so related neighbours share rows,
+not attention; see ``megafusion.data.icp``.)
 """
 
 from __future__ import annotations
@@ -33,11 +46,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_output, command_parser, subcommand
 from megafusion.core.errors import DataError, UsageError
 from megafusion.core.io import ensure_writable_file_parent
+from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
 SUBCOMMANDS = ("prepare",)
@@ -51,6 +66,8 @@ PREPARE_EXAMPLES = (
     "--vq-codebook C.safetensors",
     "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_tf --latent-codec pixels "
     "--latent-patch-size 2 --image-size 16",
+    "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set --order icp "
+    "--icp-neighbors 10",
 )
 
 PREPARE_DESCRIPTION = """\
@@ -116,6 +133,20 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="--latent-codec: latent patch per placeholder token (objective.latent_patch_size, default 2)",
     )
+    prep.add_argument(
+        "--order",
+        choices=ORDER_NAMES,
+        default="input",
+        help="document order written: input (as read, the default) or icp (In-Context Pretraining: "
+        "related documents next to each other, so a packed row holds related documents)",
+    )
+    prep.add_argument(
+        "--icp-neighbors",
+        type=int,
+        metavar="K",
+        help=f"--order icp: nearest neighbours per document in the document graph (default {DEFAULT_NEIGHBORS}); "
+        "more neighbours mean fewer restarts of the traversal but less similar steps",
+    )
     return parser
 
 
@@ -173,13 +204,24 @@ def codec_from_args(args):
     return build_codec("pixel", image_size=args.image_size, patch_size=patch_size, levels=levels)
 
 
-def prepare(inputs: list[str], tokenizer_path: str, output: str, codec, seq_length: int | None = None) -> dict:
+def prepare(
+    inputs: list[str],
+    tokenizer_path: str,
+    output: str,
+    codec,
+    seq_length: int | None = None,
+    order: str = "input",
+    neighbors: int = DEFAULT_NEIGHBORS,
+) -> dict:
     """Tokenize ``inputs`` with ``codec`` into the dataset at ``output``; returns ``write_indexed``'s stats.
 
     A :class:`~megafusion.data.transfusion_data.PlaceholderCodec` makes a Transfusion dataset:
     the stats then also hold ``"latents"`` (images written to ``PREFIX.latents.npy``). With
     ``seq_length``, they also hold ``"too_long"``: ``{"documents": n, "longest": tokens}`` of the
     documents longer than a packed row of ``seq_length + 1`` tokens (see :func:`_tally_long`).
+    ``order="icp"`` writes the documents in the In-Context Pretraining order with ``neighbors``
+    nearest neighbours (module doc); the stats then also hold ``"order"``, the
+    :class:`~megafusion.data.icp.IcpOrder`.
     """
     from megafusion.data.formats.indexed import write_indexed
     from megafusion.data.formats.indexed_latents import LatentWriter
@@ -187,6 +229,8 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec, seq_leng
     from megafusion.data.tokenizers.joint import MultimodalTokenizer
     from megafusion.data.transfusion_data import PlaceholderCodec, encode_transfusion_document
 
+    if order not in ORDER_NAMES:
+        raise UsageError(f"--order {order!r} is not one of {', '.join(ORDER_NAMES)}")
     # Resolve (and check) every input before anything is written.
     files = shard_files(list(inputs))
     tok = MultimodalTokenizer.from_files(tokenizer_path, codec)
@@ -206,11 +250,14 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec, seq_leng
         "created_by": "megafusion data prepare",
     }
     too_long = {"documents": 0, "longest": 0}
-    if not isinstance(codec, PlaceholderCodec):
-        docs = (tok.encode_document(doc) for doc in read_shards(files))
-        stats = write_indexed(output, _tally_long(docs, seq_length, too_long), meta)
-    else:
-        latents = LatentWriter(output, codec)
+    transfusion = isinstance(codec, PlaceholderCodec)
+
+    def write_input_order(prefix: str, observe=None) -> dict:
+        """The documents, as read, to ``prefix``; ``observe(doc)`` sees each one on its way."""
+        if not transfusion:
+            docs = (tok.encode_document(doc) for doc in read_shards(files))
+            return write_indexed(prefix, _observe(_tally_long(docs, seq_length, too_long), observe), meta)
+        latents = LatentWriter(prefix, codec)
 
         def transfusion_docs():
             for doc in read_shards(files):
@@ -219,11 +266,56 @@ def prepare(inputs: list[str], tokenizer_path: str, output: str, codec, seq_leng
                 latents.add(encoded.meta.pop("latents"), encoded.source)
                 yield encoded
 
-        stats = write_indexed(output, _tally_long(transfusion_docs(), seq_length, too_long), meta, sidecar=latents)
+        docs = _observe(_tally_long(transfusion_docs(), seq_length, too_long), observe)
+        stats = write_indexed(prefix, docs, meta, sidecar=latents)
         stats["latents"] = {"count": latents.count, "shape": list(latents.shape)}
+        return stats
+
+    if order == "input":
+        stats = write_input_order(output)
+    else:
+        stats = _prepare_icp(output, write_input_order, tok, meta, neighbors, codec if transfusion else None)
     if seq_length is not None:
         stats["too_long"] = too_long
     return stats
+
+
+def _prepare_icp(output: str, write_input_order, tok, meta: dict, neighbors: int, latent_codec) -> dict:
+    """``--order icp``: input order to a temporary prefix (collecting each document's bag of
+    pieces and source on the way), the ICP order of the bags, then the rewrite to ``output``."""
+    from megafusion.data.formats.indexed_reorder import remove_dataset, write_reordered
+    from megafusion.data.icp import BagOfPieces, icp_order
+
+    # Pieces every document has say nothing about what it is about (see megafusion.data.icp).
+    bag = BagOfPieces(exclude=(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id))
+    sources: list[str] = []
+
+    def observe(doc) -> None:
+        bag.add(doc)
+        sources.append(doc.source)
+
+    # Beside the output (same file system, so the rewrite needs no copy across devices).
+    tmp = f"{output}.tmp-icp-input-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            write_input_order(tmp, observe)
+        except DataError as err:
+            # Name the output the user gave, not the temporary prefix (as --order input would).
+            raise DataError(str(err).replace(tmp, output)) from None
+        result = icp_order(bag.matrix(tok.vocab_size), neighbors)
+        stats = write_reordered(tmp, output, result.order, sources, {**meta, "order": result.meta()}, latent_codec)
+    finally:
+        remove_dataset(tmp)
+    stats["order"] = result
+    return stats
+
+
+def _observe(docs, observe):
+    """Pass ``docs`` through, showing each to ``observe`` (None: nothing to show)."""
+    for doc in docs:
+        if observe is not None:
+            observe(doc)
+        yield doc
 
 
 def _tally_long(docs, seq_length: int | None, tally: dict):
@@ -260,15 +352,30 @@ def prepare_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.seq_length < 1:
         raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (the model.seq_length of the runs)")
+    if args.icp_neighbors is not None and args.order != "icp":
+        raise UsageError(f"--icp-neighbors is for --order icp (got --order {args.order}): add --order icp or drop it")
+    neighbors = DEFAULT_NEIGHBORS if args.icp_neighbors is None else args.icp_neighbors
+    if neighbors < 1:
+        raise UsageError(f"--icp-neighbors {neighbors} must be >= 1 (nearest neighbours per document)")
     # Before any shard is read: an output that cannot be written fails now, not after tokenizing.
     ensure_writable_file_parent(args.output, "--output")
-    stats = prepare(args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length)
+    stats = prepare(
+        args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length, args.order, neighbors
+    )
     total = sum(stats["tokens"].values())
     per = ", ".join(f"{name} {count}" for name, count in stats["tokens"].items())
     print(f"prepared {stats['documents']} documents, {total} tokens ({per})")
     if "latents" in stats:
         shape = "x".join(map(str, stats["latents"]["shape"]))
         print(f"stored {stats['latents']['count']} image latents of shape {shape} (for objective.name=transfusion)")
+    if "order" in stats:
+        icp = stats["order"]
+        paths = f"{icp.paths} path{'s' if icp.paths != 1 else ''}"
+        print(
+            f"order icp: mean cosine similarity of adjacent documents {icp.input_cosine:.3f} in input order, "
+            f"{icp.icp_cosine:.3f} as written (TF-IDF of text pieces; {paths} through the "
+            f"{icp.neighbors}-nearest-neighbour graph)"
+        )
     print("wrote " + ", ".join(stats["files"]))
     warning = long_documents_warning(stats["too_long"], stats["documents"], args.seq_length)
     if warning:
