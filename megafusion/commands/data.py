@@ -282,28 +282,23 @@ def prepare(
 
 def _prepare_icp(output: str, write_input_order, tok, meta: dict, neighbors: int, latent_codec) -> dict:
     """``--order icp``: input order to a temporary prefix (collecting each document's bag of
-    pieces and source on the way), the ICP order of the bags, then the rewrite to ``output``."""
+    pieces on the way), the ICP order of the bags, then the rewrite to ``output``."""
     from megafusion.data.formats.indexed_reorder import remove_dataset, write_reordered
     from megafusion.data.icp import BagOfPieces, icp_order
 
     # Pieces every document has say nothing about what it is about (see megafusion.data.icp).
     bag = BagOfPieces(exclude=(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id))
-    sources: list[str] = []
-
-    def observe(doc) -> None:
-        bag.add(doc)
-        sources.append(doc.source)
 
     # Beside the output (same file system, so the rewrite needs no copy across devices).
     tmp = f"{output}.tmp-icp-input-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         try:
-            write_input_order(tmp, observe)
+            write_input_order(tmp, bag.add)
         except DataError as err:
             # Name the output the user gave, not the temporary prefix (as --order input would).
             raise DataError(str(err).replace(tmp, output)) from None
         result = icp_order(bag.matrix(tok.vocab_size), neighbors)
-        stats = write_reordered(tmp, output, result.order, sources, {**meta, "order": result.meta()}, latent_codec)
+        stats = write_reordered(tmp, output, result.order, {**meta, "order": result.meta()}, latent_codec)
     finally:
         remove_dataset(tmp)
     stats["order"] = result
