@@ -72,7 +72,7 @@ def make_dataset(prefix: str, gb: float, work: Path) -> dict:
     codes = tok.image_offset + rng.integers(0, codec.vocab_size, 1 << 16)
 
     def documents():
-        made = 0
+        made, index = 0, 0
         while made < tokens_wanted:
             n = int(rng.integers(100, 900))
             start = int(rng.integers(0, pool.size - n))
@@ -82,8 +82,9 @@ def make_dataset(prefix: str, gb: float, work: Path) -> dict:
                 parts += [[tok.boi_id], codes[at : at + 64], [tok.eoi_id]]
                 mods += [np.zeros(1, np.uint8), np.ones(64, np.uint8), np.zeros(1, np.uint8)]
             tokens = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
-            made += tokens.size
-            yield TokenizedDocument(tokens, np.concatenate(mods), f"generated:{made}")
+            made, index = made + tokens.size, index + 1
+            # Consecutive source names compress to one run in the meta (as shard lines do).
+            yield TokenizedDocument(tokens, np.concatenate(mods), f"generated:{index}")
 
     meta = {
         "tokenizer": tok.config(),

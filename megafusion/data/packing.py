@@ -79,15 +79,19 @@ def next_fit_rows(lengths: np.ndarray, width: int, name: Callable[[int], str]) -
     over = np.flatnonzero(lengths > width)
     if over.size:
         raise too_long_error(name(int(over[0])), int(lengths[over[0]]), width)
-    starts = [0] if lengths.size else []
-    used = 0
-    for index, n in enumerate(lengths.tolist()):
-        if used + n > width and index:
-            starts.append(index)
-            used = 0
-        used += n
-    starts.append(int(lengths.size))
-    return np.asarray(starts if lengths.size else [0], dtype=np.int64)
+    # At most one row per document: fill a preallocated array (8 bytes per document, not a list).
+    starts, rows, used = np.zeros(lengths.size + 1, dtype=np.int64), 0, 0
+    for first in range(0, lengths.size, 1 << 20):  # Python ints a chunk at a time
+        for index, n in enumerate(lengths[first : first + (1 << 20)].tolist(), first):
+            if used + n > width and index:
+                rows += 1
+                starts[rows] = index
+                used = 0
+            used += n
+    if lengths.size:
+        rows += 1
+        starts[rows] = lengths.size
+    return starts[: rows + 1].copy()
 
 
 def fill_rows(rows: list[list[tuple]], width: int, pad_id: int, with_latents: bool) -> PackedRows:

@@ -50,6 +50,7 @@ from megafusion.data.packing import next_fit_rows
 
 INDEX_VERSION = 1  # bump when what the cache holds changes meaning
 SPLITS = ("train", "val")
+CHUNK = 1 << 20  # documents per pass over the index while building (bounds what a pass holds)
 
 
 def default_cache(prefix: str) -> str:
@@ -132,29 +133,39 @@ def _verified(documents: IndexedDocuments, folder: str) -> None:
 def _scores(documents: IndexedDocuments, folder: str, seed: int) -> np.ndarray:
     path = os.path.join(folder, f"scores-{seed}.npy")
     if not os.path.exists(path):
-        scores = np.empty(documents.num_documents, dtype=np.uint64)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy"
+        # Written straight into the file: the scores of a large dataset need not fit in memory.
+        scores = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint64, shape=(documents.num_documents,))
         for d in range(documents.num_documents):
             scores[d] = content_score(*documents.document(d), seed)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy"
-        np.save(tmp, scores, allow_pickle=False)
+        scores.flush()
+        del scores
         os.replace(tmp, path)
     return _load(path)
 
 
-def _modality_tokens(documents: IndexedDocuments) -> np.ndarray:
-    """``[documents, modalities]`` token counts, from the index alone."""
-    items = np.asarray(documents._doc_items, dtype=np.int64)
-    owner = np.repeat(np.arange(documents.num_documents), np.diff(items))
-    counts = np.zeros((documents.num_documents, NUM_MODALITIES), dtype=np.int64)
-    np.add.at(counts, (owner, np.asarray(documents._modes, dtype=np.int64)), np.asarray(documents._lengths))
-    return counts
+def _split_tokens(documents: IndexedDocuments, held: np.ndarray) -> dict[str, np.ndarray]:
+    """Tokens per modality of the train and the held-out documents, from the index alone, in
+    chunks of documents (nothing per item is held for the whole dataset)."""
+    items, modes, lengths = documents._doc_items, documents._modes, documents._lengths
+    totals = {"train": np.zeros(NUM_MODALITIES, np.int64), "val": np.zeros(NUM_MODALITIES, np.int64)}
+    for a in range(0, documents.num_documents, CHUNK):
+        b = min(a + CHUNK, documents.num_documents)
+        lo, hi = int(items[a]), int(items[b])
+        owner = np.repeat(np.arange(b - a), np.diff(np.asarray(items[a : b + 1], dtype=np.int64)))
+        in_val = held[a:b][owner]
+        mode = np.asarray(modes[lo:hi], dtype=np.int64)
+        length = np.asarray(lengths[lo:hi], dtype=np.int64)
+        for split, mine in (("train", ~in_val), ("val", in_val)):
+            totals[split] += np.bincount(mode[mine], weights=length[mine], minlength=NUM_MODALITIES).astype(np.int64)
+    return totals
 
 
 def _build_plan(documents: IndexedDocuments, folder: str, scores, val_fraction: float, seq_length: int) -> None:
     width = seq_length + 1
     held = held_out(np.asarray(scores), val_fraction)
     lengths = documents.document_lengths()
-    per_modality = _modality_tokens(documents)
+    split_tokens = _split_tokens(documents, held)
     tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     os.makedirs(tmp)
     stats = {}
@@ -162,7 +173,7 @@ def _build_plan(documents: IndexedDocuments, folder: str, scores, val_fraction: 
         rows = next_fit_rows(lengths[docs], width, lambda i, docs=docs: documents.source(int(docs[i])))
         _save(tmp, f"{split}_docs.npy", docs.astype(np.int64))
         _save(tmp, f"{split}_rows.npy", rows)
-        tokens = per_modality[docs].sum(axis=0)
+        tokens = split_tokens[split]
         stats[split] = {
             "tokens": {n: int(c) for n, c in zip(MODALITY_NAMES, tokens)},
             "padding": int((rows.size - 1) * width - tokens.sum()),

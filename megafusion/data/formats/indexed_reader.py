@@ -68,10 +68,16 @@ class IndexedDocuments:
     def has_latents(self) -> bool:
         return self._latents is not None
 
-    def document_lengths(self) -> np.ndarray:
-        """Tokens of every document (int64), from the index's item lengths."""
-        ends = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])
-        return np.diff(ends[np.asarray(self._doc_items, dtype=np.int64)])
+    def document_lengths(self, chunk: int = 1 << 20) -> np.ndarray:
+        """Tokens of every document (int64), from the index's item lengths, ``chunk`` documents
+        at a time (nothing per item is held for the whole dataset)."""
+        out = np.empty(self.num_documents, dtype=np.int64)
+        for a in range(0, self.num_documents, chunk):
+            b = min(a + chunk, self.num_documents)
+            bounds = np.asarray(self._doc_items[a : b + 1], dtype=np.int64)
+            ends = np.concatenate([[0], np.cumsum(self._lengths[bounds[0] : bounds[-1]], dtype=np.int64)])
+            out[a:b] = np.diff(ends[bounds - bounds[0]])
+        return out
 
     def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (int64) and per-token modalities (uint8) of document ``d``."""
