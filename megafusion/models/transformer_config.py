@@ -5,10 +5,18 @@ SwiGLU, no biases, RoPE, optional QK-norm), no dropout, fp32 on CPU and bf16 on 
 token-weighted loss averaging across microbatches and data-parallel ranks
 (``calculate_per_token_loss``), and megatron's own weight init switched to a no-op:
 weights are filled afterwards by :mod:`megafusion.models.init`, identically in every layout.
+
+``train.recompute`` maps onto megatron-core's activation recomputation (:data:`RECOMPUTE`):
+``selective`` recomputes core attention (``recompute_modules=["core_attn"]``: our
+:class:`~megafusion.layers.core_attention.MaskedCoreAttention`; norms, MLPs and MoMa's MoE layer keep
+their activations), ``full`` keeps only each transformer layer's input (``uniform`` over units of one
+layer) and runs the layer again in the backward pass. The recomputed forward sees the forward's
+modality routing through :mod:`megafusion.layers.recompute` (installed at model build).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +35,15 @@ class MegafusionTransformerConfig(TransformerConfig):
     modalities: tuple[str, ...] = MODALITY_NAMES
 
 
+# train.recompute -> megatron-core's recompute settings (recompute_num_layers=1 with "uniform": every
+# layer is its own checkpointed unit, so each layer keeps only its input).
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
 def _skip_init(weight: torch.Tensor) -> None:
     """megatron-core's init hook; weights are set by megafusion.models.init instead."""
 
@@ -42,6 +59,14 @@ def build_transformer_config(cfg, device: torch.device) -> MegafusionTransformer
     m, p = cfg.model, cfg.parallel
     dtype = resolve_dtype(m.params_dtype, device)
     vpp = p.vpp if p.vpp and p.vpp > 1 else None
+    with warnings.catch_warnings():
+        # megatron warns that Transformer Engine's fused attention needs no core_attn recompute;
+        # selective recompute here runs megafusion's own (unfused) core attention again.
+        warnings.filterwarnings("ignore", message=".*no need to set 'core_attn' to recompute.*")
+        return _transformer_config(cfg, m, p, dtype, vpp, device)
+
+
+def _transformer_config(cfg, m, p, dtype, vpp, device) -> MegafusionTransformerConfig:
     return MegafusionTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -78,5 +103,6 @@ def build_transformer_config(cfg, device: torch.device) -> MegafusionTransformer
         # silently swapped (seen with VPP). The unbatched path puts the two directions on
         # different process groups, which keeps them apart.
         batch_p2p_comm=device.type == "cuda",
+        **RECOMPUTE[cfg.train.recompute],
         **get_family(m.arch).transformer_config(cfg),
     )
