@@ -7,6 +7,10 @@ without recomputation bit for bit (fp32; recomputation reruns the same kernels o
 inputs, which the CPU runs deterministically; the issue asks for 1e-6). Two
 layers, so that a routing or mask error in the second layer (whose input depends on the first)
 shows. The parity tests (``tests/distributed``) run the parallel layouts with recomputation on.
+
+The trainer's metrics keep the model FLOPs (``flops``) and add the recomputed forward to the
+hardware FLOPs (``hardware_flops``): the forward attention (selective) or the layers' forward
+(full), counted here from ``batch_flops(forward_only=True)`` of the step's microbatches.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megafusion.accounting import flops as F
+from megafusion.accounting import params as P
 from megafusion.config import load_config, validate
 from megafusion.layers import recompute
 from tests.helpers import ROOT
@@ -42,19 +48,35 @@ def train_two_steps(runtime, config: str, overrides: list[str], mode: str):
     validate(cfg, 1)
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
-    losses, grads, consumed = [], [], 0
+    losses, grads, consumed, records = [], [], 0, []
     for step in range(cfg.train.steps):
         record = trainer.train_step(step, consumed, None)
+        record["recomputed"] = recomputed_forward(trainer, consumed, mode)
         consumed = record["consumed_samples"]
         losses.append(record["loss"])
         grads.append(full_gradients(trainer.model, False))
-    return losses, grads
+        records.append(record)
+    return losses, grads, records
+
+
+def recomputed_forward(trainer, consumed: int, mode: str) -> int:
+    """The forward FLOPs ``mode`` runs again in the step starting at sample ``consumed``."""
+    total = 0
+    for mb in trainer._microbatches(trainer.data.train, consumed):
+        inputs = {"latent_shape": trainer.latent_shape, **trainer.objective.flops_inputs(mb)}
+        forward = F.batch_flops(trainer.cfg, mb["document_ids"], mb["modality_ids"], forward_only=True, **inputs)
+        output = 2 * forward["tokens"] * P._matmul_parts(trainer.cfg)["output"]
+        layers = forward["total"] - output - forward["image_modules"]
+        total += {"none": 0, "selective": forward["attention"], "full": layers}[mode]
+    return total
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_recompute_gives_the_same_losses_and_gradients(case, runtime, monkeypatch):
     config, overrides = CASES[case]
-    want_losses, want_grads = train_two_steps(runtime, config, overrides, "none")
+    want_losses, want_grads, want_records = train_two_steps(runtime, config, overrides, "none")
+    for record in want_records:
+        assert record["hardware_flops"] == record["flops"] > 0
     calls = []
     megatron_checkpoint = recompute._MEGATRON_CHECKPOINT
     monkeypatch.setattr(
@@ -62,7 +84,10 @@ def test_recompute_gives_the_same_losses_and_gradients(case, runtime, monkeypatc
     )
     for mode in ("selective", "full"):
         calls.clear()
-        losses, grads = train_two_steps(runtime, config, overrides, mode)
+        losses, grads, records = train_two_steps(runtime, config, overrides, mode)
+        for record, want in zip(records, want_records):
+            assert record["flops"] == want["flops"]  # model FLOPs do not change
+            assert record["hardware_flops"] == record["flops"] + record["recomputed"] > record["flops"]
         # 2 steps x 2 microbatches x 2 layers, each layer's core attention or whole layer once
         assert len(calls) == 8, f"{case} {mode}: {len(calls)} checkpointed regions"
         assert losses == want_losses, f"{case} {mode}: losses {losses} vs {want_losses}"
