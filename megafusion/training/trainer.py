@@ -261,7 +261,8 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         f"vocab {cfg.model.vocab_size} | "
         f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
         f"{' | sequence parallel' if cfg.parallel.sp else ''}"
-        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
+        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''}"
+        f"{f' | recompute {cfg.train.recompute}' if cfg.train.recompute != 'none' else ''} | "
         f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
     )
     experts = describe_experts(cfg)

@@ -22,6 +22,7 @@ from megafusion.accounting import flops as F
 from megafusion.accounting import params as P
 from megafusion.config import load_config, validate
 from megafusion.layers import recompute
+from megafusion.layers.routing import ModalityRouting, active_routing, current_routing, modality_routing
 from tests.helpers import ROOT
 
 MIXED, TRANSFUSION = "tests/configs/mixed_small.yaml", "tests/configs/transfusion_small.yaml"
@@ -97,3 +98,23 @@ def test_recompute_gives_the_same_losses_and_gradients(case, runtime, monkeypatc
             for name, want in want_step.items():
                 diff = (got_step[name] - want).abs().max().item()
                 assert torch.equal(got_step[name], want), f"{case} {mode} step {step}: {name} differs by {diff:.2e}"
+
+
+def test_the_recomputed_region_re_enters_the_forwards_routing_and_keeps_non_tensor_arguments(runtime):
+    """megatron's checkpoint runs the region again in the backward pass, here outside any routing
+    context; the wrapper re-enters the routing of the forward and passes a non-tensor argument (as a
+    FlexAttention ``BlockMask`` would be), which ``save_for_backward`` refuses, through unchanged."""
+    seen, opaque = [], object()
+
+    def region(x, held):
+        seen.append((current_routing(), held, torch.is_grad_enabled()))
+        return x * x
+
+    routing = ModalityRouting.from_modality_ids(torch.tensor([[0, 1, 1]]), None, torch.device("cpu"), 2)
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    with modality_routing(routing):
+        y = recompute.checkpoint(region, False, x, opaque)
+    assert active_routing() is None and type(y.grad_fn).__name__ == "CheckpointFunctionBackward"
+    y.sum().backward()
+    assert seen == [(routing, opaque, False), (routing, opaque, True)]  # forward (no graph), recompute
+    assert torch.equal(x.grad, 2 * x.detach())
