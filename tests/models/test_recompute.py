@@ -1,12 +1,12 @@
 """Activation recomputation (``train.recompute``) changes no loss and no gradient, in one process.
 
-For dense, MoT, MoMa (with Gumbel router noise) and Transfusion (MoT layers; and the U-Net patchify),
-two layers and two optimizer steps of two microbatches each are trained with ``none``,
+For dense, MoT, MoMa (with Gumbel router noise), Transfusion (MoT layers; the U-Net patchify) and
+LMFusion, two layers and two optimizer steps of two microbatches each are trained with ``none``,
 ``selective`` and ``full``; every step's loss and every parameter's gradient must equal the run
-without recomputation bit for bit (fp32; recomputation reruns the same kernels on the same
-inputs, which the CPU runs deterministically; the issue asks for 1e-6). Two
-layers, so that a routing or mask error in the second layer (whose input depends on the first)
-shows. The parity tests (``tests/distributed``) run the parallel layouts with recomputation on.
+without recomputation bit for bit (fp32; recomputation reruns the same kernels on the same inputs,
+which the CPU runs deterministically; the issue asks for 1e-6). Two layers, so that a routing or
+mask error in the second layer (whose input depends on the first) shows. The parity tests
+(``tests/distributed``) run the parallel layouts with recomputation on.
 
 The trainer's metrics keep the model FLOPs (``flops``) and add the recomputed forward to the
 hardware FLOPs (``hardware_flops``): the forward attention (selective) or the layers' forward
@@ -32,6 +32,9 @@ CASES = {
     "mot": (MIXED, ["model.arch=mot"]),
     "moma": (MIXED, ["model.arch=moma", "moe.experts={text: 2, image: 2}", "moe.router_noise=1.0"]),
     "transfusion_mot": (TRANSFUSION, ["model.arch=mot"]),
+    # LMFusion: frozen text copies and embedding; the layers' input needs a gradient through the
+    # new-token rows and the image modules, or a recomputed layer would give its weights none.
+    "lmfusion": (TRANSFUSION, ["model.arch=mot", "model.freeze_text=true"]),
     "transfusion_unet": (
         TRANSFUSION,
         ["objective.patchify=unet", "data.image_size=16", "objective.latent_patch_size=4"],
@@ -66,7 +69,8 @@ def recomputed_forward(trainer, consumed: int, mode: str) -> int:
     for mb in trainer._microbatches(trainer.data.train, consumed):
         inputs = {"latent_shape": trainer.latent_shape, **trainer.objective.flops_inputs(mb)}
         forward = F.batch_flops(trainer.cfg, mb["document_ids"], mb["modality_ids"], forward_only=True, **inputs)
-        output = 2 * forward["tokens"] * P._matmul_parts(trainer.cfg)["output"]
+        parts = P._matmul_parts(trainer.cfg)  # the output layer (+ LMFusion's output delta): not a layer
+        output = 2 * forward["tokens"] * (parts["output"] + parts["new_rows"])
         layers = forward["total"] - output - forward["image_modules"]
         total += {"none": 0, "selective": forward["attention"], "full": layers}[mode]
     return total
