@@ -63,46 +63,42 @@ def build_transformer_config(cfg, device: torch.device) -> MegafusionTransformer
         # megatron warns that Transformer Engine's fused attention needs no core_attn recompute;
         # selective recompute here runs megafusion's own (unfused) core attention again.
         warnings.filterwarnings("ignore", message=".*no need to set 'core_attn' to recompute.*")
-        return _transformer_config(cfg, m, p, dtype, vpp, device)
-
-
-def _transformer_config(cfg, m, p, dtype, vpp, device) -> MegafusionTransformerConfig:
-    return MegafusionTransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.effective_num_query_groups(),
-        ffn_hidden_size=m.effective_ffn_hidden_size(),
-        kv_channels=m.hidden_size // m.num_attention_heads,
-        normalization="RMSNorm",
-        layernorm_epsilon=m.norm_eps,
-        qk_layernorm=m.qk_norm,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=p.sp,
-        context_parallel_size=p.cp,
-        expert_model_parallel_size=p.ep,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=device.type != "cuda",
-        init_method=_skip_init,
-        output_layer_init_method=_skip_init,
-        calculate_per_token_loss=True,
-        # The schedules need activation shapes known up front: fixed [s, b, h] per stage.
-        variable_seq_lengths=False,
-        # gloo matches point-to-point messages between two ranks in posting order. With
-        # PP=2 both neighbours are the same rank, and the batched path posts
-        # "send grad, send activation" against "recv activation, recv grad": same shapes,
-        # silently swapped (seen with VPP). The unbatched path puts the two directions on
-        # different process groups, which keeps them apart.
-        batch_p2p_comm=device.type == "cuda",
-        **RECOMPUTE[cfg.train.recompute],
-        **get_family(m.arch).transformer_config(cfg),
-    )
+        return MegafusionTransformerConfig(
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.effective_num_query_groups(),
+            ffn_hidden_size=m.effective_ffn_hidden_size(),
+            kv_channels=m.hidden_size // m.num_attention_heads,
+            normalization="RMSNorm",
+            layernorm_epsilon=m.norm_eps,
+            qk_layernorm=m.qk_norm,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            sequence_parallel=p.sp,
+            context_parallel_size=p.cp,
+            expert_model_parallel_size=p.ep,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            use_cpu_initialization=device.type != "cuda",
+            init_method=_skip_init,
+            output_layer_init_method=_skip_init,
+            calculate_per_token_loss=True,
+            # The schedules need activation shapes known up front: fixed [s, b, h] per stage.
+            variable_seq_lengths=False,
+            # gloo matches point-to-point messages between two ranks in posting order. With
+            # PP=2 both neighbours are the same rank, and the batched path posts
+            # "send grad, send activation" against "recv activation, recv grad": same shapes,
+            # silently swapped (seen with VPP). The unbatched path puts the two directions on
+            # different process groups, which keeps them apart.
+            batch_p2p_comm=device.type == "cuda",
+            **RECOMPUTE[cfg.train.recompute],
+            **get_family(m.arch).transformer_config(cfg),
+        )
