@@ -6,6 +6,10 @@ ranks, and the routers') must match the single-process run. Expert choice is tak
 rank's whole microbatch, so the routing, and with it everything else, is layout-independent.
 A run stopped under EP=2 resumes under TP=2 with sequence parallelism (EP=1) exactly where the
 uninterrupted run is, from megatron's expert-sharded checkpoint.
+
+Activation recomputation rides on the same launches, against the same reference: ep2 and tp2_sp
+run ``train.recompute=full`` (the recomputed forward routes and dispatches again, from the
+counts cached on the microbatch's routing), ep2_tp2_sp ``selective``; the others none.
 """
 
 from __future__ import annotations
@@ -13,21 +17,22 @@ from __future__ import annotations
 import pytest
 from megatron.core import dist_checkpointing
 
-from tests.helpers import assert_same_training, run_train
+from tests.helpers import assert_recompute_ran, assert_same_training, run_train
 
 pytestmark = pytest.mark.torchrun
 
 CONFIG = "tests/configs/mixed_small.yaml"
 MOMA = ["model.arch=moma", "train.steps=5", "moe.experts={text: 4, image: 4}"]
+FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
-    "ep2": (2, ["parallel.ep=2"]),
+    "ep2": (2, ["parallel.ep=2", FULL]),
     "ep2_allgather_dp2_distopt": (
         2,
         ["parallel.ep=2", "moe.dispatcher=allgather", "parallel.distributed_optimizer=true"],
     ),
-    "ep2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"]),
+    "ep2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true", SELECTIVE]),
     # EP = 1: the experts' gradients must still be summed over the sequence-parallel ranks.
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", FULL]),
     "ep2_pp2": (4, ["parallel.ep=2", "parallel.pp=2"]),
 }
 REL_TOL = 1e-5
@@ -46,6 +51,7 @@ def test_moma_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     losses, grads, out = run_train(tmp_path, nproc, CONFIG, MOMA + overrides, layout)
     assert len(losses) == 5
+    assert_recompute_ran(out, overrides)
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 

@@ -4,23 +4,29 @@ The MoT model (every part untied) trains 5 steps on the built-in mixed-modal sha
 that text and image weights both get real gradients; each layout's losses and every
 parameter's first-step full gradient (``mlp.image.linear_fc1.weight`` and so on) must match
 the single-process run.
+
+Activation recomputation rides on the same launches, against the same reference: tp2_sp and
+dp2_distopt run ``train.recompute=full`` (each layer's forward again in the backward pass, which
+must re-enter the microbatch's modality routing), pp2_vpp2 ``selective``; tp2, the post-norm and
+the Triton runs none.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import assert_same_training, run_train
+from tests.helpers import assert_recompute_ran, assert_same_training, run_train
 
 pytestmark = pytest.mark.torchrun
 
 CONFIG = "tests/configs/mixed_small.yaml"
 MOT = ["model.arch=mot", "train.steps=5"]
+FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
-    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", FULL]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", SELECTIVE]),
+    "dp2_distopt": (2, ["parallel.distributed_optimizer=true", FULL]),
 }
 REL_TOL = 1e-5
 
@@ -35,8 +41,9 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_mot_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
-    losses, grads, _ = run_train(tmp_path, nproc, CONFIG, MOT + overrides, layout)
+    losses, grads, out = run_train(tmp_path, nproc, CONFIG, MOT + overrides, layout)
     assert len(losses) == 5
+    assert_recompute_ran(out, overrides)
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 

@@ -3,24 +3,31 @@
 For a fixed seed and sample stream, each layout's per-step loss over 5 optimizer steps, and
 every parameter's first-step gradient gathered to full shape, must match the single-process
 run (fp32, relative difference <= 1e-5). Layouts run as real ``torchrun`` jobs on gloo.
+
+Activation recomputation (``train.recompute``) rides on the same launches, against the same
+reference: tp2, pp2_vpp2 and tp2_pp2 run ``full`` (each layer recomputed), tp2_sp and pp2_1f1b
+``selective`` (core attention), dp2_distopt none. Without recomputation every layout is also
+trained by a sibling test (MoT, Transfusion, MoMa, LMFusion); ``tests/models/test_recompute.py``
+shows all three modes bit-identical in one process.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import assert_same_training, run_train
+from tests.helpers import assert_recompute_ran, assert_same_training, run_train
 
 pytestmark = pytest.mark.torchrun
 
 CONFIG = "tests/configs/parity.yaml"
+FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"]),
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
-    "pp2_1f1b": (2, ["parallel.pp=2"]),
-    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "tp2": (2, ["parallel.tp=2", FULL]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", SELECTIVE]),
+    "pp2_1f1b": (2, ["parallel.pp=2", SELECTIVE]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", FULL]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", FULL]),
 }
 REL_TOL = 1e-5
 
@@ -34,8 +41,9 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
-    losses, grads, _ = run_train(tmp_path, nproc, CONFIG, overrides, layout)
+    losses, grads, out = run_train(tmp_path, nproc, CONFIG, overrides, layout)
     assert len(losses) == 5
+    assert_recompute_ran(out, overrides)
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 

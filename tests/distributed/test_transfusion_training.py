@@ -1,4 +1,11 @@
-"""Transfusion training: every layout computes the combined loss of one process; no images = the LM model."""
+"""Transfusion training: every layout computes the combined loss of one process; no images = the LM model.
+
+Activation recomputation rides on the same launches, against the same references: tp2_sp and
+unet_pp2_vpp2 run ``train.recompute=selective``, dp2_distopt, the MoT-layer tp2 run (whose
+recomputed layers re-enter the routing) and unet_pp2 ``full``; pp2_vpp2 and unet_tp2_sp_pp2 none.
+The noise and timesteps are drawn by the objective before the model call, outside the
+recomputed layers.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +21,14 @@ from megafusion.models.transformer_config import build_transformer_config
 from megafusion.models.transfusion import ImageInputs
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.lm import lm_loss_sums
-from tests.helpers import assert_same_training, run_train
+from tests.helpers import assert_recompute_ran, assert_same_training, run_train
 
 CONFIG = "tests/configs/transfusion_small.yaml"
+FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", SELECTIVE]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "dp2_distopt": (2, ["parallel.distributed_optimizer=true", FULL]),
 }
 REL_TOL = 1e-5
 
@@ -36,7 +44,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
-    losses, grads, _ = run_train(tmp_path, nproc, CONFIG, overrides, layout)
+    losses, grads, out = run_train(tmp_path, nproc, CONFIG, overrides, layout)
+    assert_recompute_ran(out, overrides)
     assert_same_training(reference, (losses, grads), layout, REL_TOL)
 
 
@@ -44,7 +53,7 @@ def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
 def test_transfusion_with_mot_layers_matches_single_process_under_tp2(tmp_path):
     mot = ["model.arch=mot"]
     reference = run_train(tmp_path, 1, CONFIG, mot, "mot_single")[:2]
-    run = run_train(tmp_path, 2, CONFIG, [*mot, "parallel.tp=2"], "mot_tp2")[:2]
+    run = run_train(tmp_path, 2, CONFIG, [*mot, "parallel.tp=2", FULL], "mot_tp2")[:2]
     assert_same_training(reference, run, "transfusion + MoT tp2", REL_TOL)
 
 
@@ -54,8 +63,8 @@ def test_transfusion_with_mot_layers_matches_single_process_under_tp2(tmp_path):
 UNET = ["objective.patchify=unet", "data.image_size=16", "objective.latent_patch_size=4", "eval.interval=2"]
 UNET_LAYOUTS = {
     # the skips and temb cross from the first to the last stage, their gradients back
-    "unet_pp2": (2, ["parallel.pp=2"]),
-    "unet_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "unet_pp2": (2, ["parallel.pp=2", FULL]),
+    "unet_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", SELECTIVE]),
     "unet_tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
 }
 
@@ -77,7 +86,8 @@ def unet_reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(UNET_LAYOUTS))
 def test_unet_transfusion_under_pipeline_parallelism_matches_single_process(layout, unet_reference, tmp_path):
     nproc, overrides = UNET_LAYOUTS[layout]
-    losses, grads, _ = run_train(tmp_path, nproc, CONFIG, [*UNET, *overrides], layout)
+    losses, grads, out = run_train(tmp_path, nproc, CONFIG, [*UNET, *overrides], layout)
+    assert_recompute_ran(out, overrides)
     ref_losses, ref_grads, ref_evals = unet_reference
     assert_same_training((ref_losses, ref_grads), (losses, grads), layout, REL_TOL)
     evals = _evaluations(tmp_path / layout)

@@ -413,3 +413,11 @@ def test_all_problems_reported_at_once():
     assert_all_in(msg, "model.num_attention_heads=6", "model.vocab_size=255", "parallel.cp=2", "world size 6")
     assert len(info.value.problems) >= 4
     assert msg.count("\n  - ") == len(info.value.problems)
+
+
+def test_none_on_the_command_line_is_a_choice_where_null_is_not_allowed():
+    """``train.recompute=none`` is the choice "none" (a str key that may not be null); an optional
+    key still reads ``none`` as null."""
+    cfg = load_config(None, ["train.recompute=none", "objective.image_positions=none", "logging.dump_grads=none"])
+    assert cfg.train.recompute == "none" and cfg.objective.image_positions == "none"
+    assert cfg.logging.dump_grads is None
