@@ -17,13 +17,14 @@ import torch.distributed as dist
 
 def measure(case: dict) -> dict:
     from megafusion.config import load_config, validate
-    from megafusion.runtime import initialize
+    from megafusion.runtime import initialize, seed_everything
     from megafusion.training.saved_activations import SavedActivations, state_bytes
     from megafusion.training.trainer import Trainer
 
     cfg = load_config(case["config"], case.get("overrides", []))
     validate(cfg, dist.get_world_size())
     runtime = initialize(cfg)
+    seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, runtime)
     params = [p for chunk in trainer.model for p in chunk.parameters()]
     with SavedActivations(params) as saved:
