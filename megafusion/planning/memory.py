@@ -99,12 +99,21 @@ def _dims(cfg):
     return m.hidden_size, m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size()
 
 
+_IMAGE_TENSORS: dict[tuple, dict[str, list[int]]] = {}
+
+
 def _image_module_tensors(cfg, latent_shape) -> dict[str, list[int]]:
-    """Transfusion's image modules: tensor sizes per module, from the real modules on meta."""
+    """Transfusion's image modules: tensor sizes per module, from the real modules on meta
+    (cached: they depend on the objective, the width and the image / latent shape only)."""
     from megafusion.objectives.registry import get_objective
 
-    modules = get_objective(cfg.objective.name).accounting_modules(cfg, latent_shape)
-    return {name: [p.numel() for p in module.parameters()] for name, (module, _run) in modules.items()}
+    key = (repr(cfg.objective), cfg.model.hidden_size, cfg.data.image_size, latent_shape)
+    if key not in _IMAGE_TENSORS:
+        modules = get_objective(cfg.objective.name).accounting_modules(cfg, latent_shape)
+        _IMAGE_TENSORS[key] = {
+            name: [p.numel() for p in module.parameters()] for name, (module, _run) in modules.items()
+        }
+    return _IMAGE_TENSORS[key]
 
 
 def chunk_parameters(cfg, rank: Rank, chunk: int, latent_shape=None) -> dict[str, list[int]]:
