@@ -40,7 +40,13 @@ def evaluate(cfg, layout, hw, params_dtype, efficiency, reserve_gb, latent_shape
     worst, worst_stage = None, 0
     for pp_rank in range(layout.pp):
         m = mem.memory(
-            run_cfg, _rank(layout, pp_rank), params_dtype, num_microbatches, layout.recompute, latent_shape, image_fraction
+            run_cfg,
+            _rank(layout, pp_rank),
+            params_dtype,
+            num_microbatches,
+            layout.recompute,
+            latent_shape,
+            image_fraction,
         )
         if worst is None or m["total"] > worst["total"]:
             worst, worst_stage = m, pp_rank
@@ -86,7 +92,9 @@ def plan(
 ) -> dict:
     """The assumptions and every layout's row, ranked (see the module docstring)."""
     if cfg.model.vocab_size is None:
-        raise UsageError("model.vocab_size is unset: the plan needs it (set model.vocab_size=N, padded as the data pads)")
+        raise UsageError(
+            "model.vocab_size is unset: the plan needs it (set model.vocab_size=N, padded as the data pads)"
+        )
     if not 0 < efficiency <= 1:
         raise UsageError(f"--efficiency {efficiency}: must be in (0, 1]")
     found = layouts(cfg, world_size, hw.gpus_per_node, recompute, micro_batch_sizes)
@@ -134,7 +142,8 @@ def describe_assumptions(result: dict) -> list[str]:
         f"reserve {a['reserve_gb']:g} GB; NVLink {a['nvlink_gbps']:g} GB/s, between nodes {a['nodes_gbps']:g} GB/s "
         "per GPU and direction",
         f"dtype {a['params_dtype']} (fp32 grads, fp32 Adam states); attention: mean {a['mean_attended_keys']:g} "
-        "keys per query" + (f"; image share of tokens {a['image_fraction']:g}" if a["image_fraction"] is not None else ""),
+        "keys per query"
+        + (f"; image share of tokens {a['image_fraction']:g}" if a["image_fraction"] is not None else ""),
     ]
     return lines
 

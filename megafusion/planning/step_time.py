@@ -128,4 +128,3 @@ def step_time(
     }
     out["step"] = sum(out.values())
     return out
-

@@ -34,7 +34,7 @@ def state_bytes(model_chunks, optimizer) -> dict[str, int]:
             grads += buffer.grad_data.numel() * buffer.grad_data.element_size()
         for p in chunk.parameters():
             param_storages.add(_storage_key(p.data))
-    for data_ptr, nbytes in param_storages:
+    for _data_ptr, nbytes in param_storages:
         params += nbytes
     opt = 0
     seen: set[tuple[int, int]] = set()
