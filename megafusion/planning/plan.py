@@ -14,7 +14,7 @@ from megafusion.accounting.flops import flops_per_token
 from megafusion.core.errors import UsageError
 from megafusion.planning import memory as mem
 from megafusion.planning.search import layouts
-from megafusion.planning.step_time import bubble_fraction, mean_attended_keys, step_time
+from megafusion.planning.step_time import bubble_fraction, mean_attended_keys, stage_flops_per_token, step_time
 
 GB = 1e9
 
@@ -54,6 +54,15 @@ def evaluate(cfg, layout, hw, params_dtype, efficiency, reserve_gb, latent_shape
     state = mem.state_bytes(run_cfg, last, params_dtype, latent_shape)
     times = step_time(run_cfg, last, hw, params_dtype, num_microbatches, layout.recompute, efficiency, state)
     tokens = t.global_batch_size * run_cfg.model.seq_length
+    # What a reader needs to redo the sums: the fullest rank's tensors and buffer, the last stage's FLOPs.
+    worst_rank = _rank(layout, worst_stage)
+    numel = buffer = 0
+    for chunk in range(layout.vpp):
+        for kind, numels in mem.chunk_parameters(run_cfg, worst_rank, chunk, latent_shape).items():
+            dp = layout.tp * layout.dp // layout.ep if kind == "expert" else layout.dp
+            numel += sum(numels)
+            buffer += mem.buffer_numel(numels, dp, layout.distributed_optimizer)
+    flops = stage_flops_per_token(run_cfg, last)
     model_flops = tokens * flops_per_token(run_cfg, mean_attended_keys(run_cfg))
     world = layout.tp * layout.pp * layout.dp
     return {
@@ -71,6 +80,13 @@ def evaluate(cfg, layout, hw, params_dtype, efficiency, reserve_gb, latent_shape
         "bubble_fraction": bubble_fraction(layout.pp, layout.vpp, num_microbatches),
         "memory_stage": worst_stage,
         "memory_bytes": worst,
+        "check": {
+            "params_on_rank": numel,
+            "buffer_numel": buffer,
+            "tokens_per_microbatch": t.micro_batch_size * run_cfg.model.seq_length,
+            "last_stage_layer_flops_per_token": flops["layers"],
+            "output_layer_flops_per_token": flops["output"],
+        },
         "fits": worst["total"] + reserve_gb * GB <= hw.hbm_gb * GB,
         "time_s": times,
         "tokens_per_s_per_gpu": tokens / times["step"] / world,
