@@ -16,6 +16,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from bench.provenance import ROOT, git_commit, utc_now
 from megafusion.config import load_config
@@ -28,7 +29,7 @@ PAPERS = {
     "transfusion_7b": {"config": "examples/configs/papers/transfusion_7b.yaml", "latent_shape": (8, 32, 32)},
 }
 GPU_COUNTS = (8, 16, 32, 64, 128, 256)
-KEEP_JSON_ROWS = 40
+KEEP_JSON_ROWS = 20
 
 
 def worked_example(row: dict, result: dict) -> list[str]:
@@ -117,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({elapsed:.1f} s)",
                 flush=True,
             )
-        out = ROOT / "bench/results" / f"plan_{name}"
-        out.with_suffix(".md").write_text("\n".join(header + body))
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        out = ROOT / "bench/results" / f"plan_{name}"  # not with_suffix: the names hold dots (1.4b)
+        Path(f"{out}.md").write_text("\n".join(header + body))
+        Path(f"{out}.json").write_text(json.dumps(record, indent=1))
         print(f"wrote {out}.md / .json")
     return 0
 

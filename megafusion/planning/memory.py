@@ -51,9 +51,12 @@ the linear inputs run on the sequence shard):
 - last stage, last chunk: final norm ``4 (2 h_s) + 4`` (MoT ``+ a h``), output-layer input
   ``a h_s``, fp32 logits ``4 (1 + [z-loss]) V / t``, loss ``4 * 3 + 1 + 8``.
 
-Recompute (``train.recompute``): ``full`` keeps a layer's input ``a h_s`` per token per layer
-and re-runs one layer in the backward (its activations added once); ``selective`` recomputes core
-attention: its log-sum-exp and float mask are not kept (the boolean mask, 1 byte, is).
+Recompute (``train.recompute``, megatron-core's ``recompute_granularity``): ``full`` keeps a
+layer's input ``a h_s`` per token per layer and re-runs one layer in the backward (its
+activations added once); ``selective`` recomputes core attention: its log-sum-exp and float mask
+are not kept (its q, k, v are, and its output is the projection's saved input). Both keep the
+checkpointed regions' boolean mask, ``b s^2`` bytes per chunk and microbatch (one tensor shared
+by the chunk's layers).
 
 In flight (:func:`in_flight`): no pipelining 1 microbatch; 1F1B stage p: ``min(P - p, M)``;
 interleaved: ``min((P - p - 1) 2 + (v - 1) P + 1, M v)`` chunk-microbatches (megatron's
@@ -274,15 +277,18 @@ def chunk_activation_bytes(
     parts = layer_activation_bytes(cfg, rank, params_dtype, b)
     one_layer = sum(parts.values())
     transient = 0.0
+    ends = 0.0
     if recompute == "full":
         kept = tokens * a * hs
         transient = one_layer
     elif recompute == "selective":
         kept = one_layer - parts["mask"] - tokens * FP32 * cfg.model.num_attention_heads / t
-        kept += b * cfg.model.seq_length**2 if parts["mask"] else 0
     else:
         kept = one_layer
-    ends = 0.0
+    if recompute != "none" and parts["mask"]:
+        # The checkpointed regions keep their arguments, the boolean mask among them: one tensor
+        # for every layer of the chunk, 1 byte per element.
+        ends += b * cfg.model.seq_length**2
     if rank.pp_rank == 0 and chunk == 0:
         ends += 8 * tokens
         if cfg.objective.name == "transfusion":

@@ -39,6 +39,17 @@ CASES = [
     for layout in LAYOUTS
     if not (model != "dense" and layout in ("tp2_sp", "dp2_dopt"))
 ]
+# Recompute on (train.recompute): selective under TP=2 and interleaved PP, full under 1F1B and
+# interleaved PP, for each model; a launch of its own.
+RECOMPUTE_CASES = [
+    {
+        "name": f"{model}_{layout}_{mode}",
+        "config": MODELS[model][0],
+        "overrides": MODELS[model][1] + LAYOUTS[layout] + [f"train.recompute={mode}"],
+    }
+    for model in MODELS
+    for layout, mode in (("tp2", "selective"), ("vpp2", "selective"), ("pp2", "full"), ("vpp2", "full"))
+]
 ACTIVATION_TOLERANCE = 0.10
 
 
@@ -59,11 +70,9 @@ def _predict(case: dict, row: dict, world: int) -> dict:
     return mem.memory(cfg, rank, "fp32", row["num_microbatches"], cfg.train.recompute, latent, row["image_fraction"])
 
 
-@pytest.mark.torchrun
-@pytest.mark.slow  # ~30 s alone on 2 cores (11 runs in one launch), ~55 s under load
-def test_planned_memory_matches_a_real_run(tmp_path):
+def _measure(tmp_path, cases: list[dict]) -> dict:
     cases_file, out = tmp_path / "cases.json", tmp_path / "measured.json"
-    cases_file.write_text(json.dumps([{**c, "config": str(ROOT / c["config"])} for c in CASES]))
+    cases_file.write_text(json.dumps([{**c, "config": str(ROOT / c["config"])} for c in cases]))
     cmd = [
         sys.executable,
         "-m",
@@ -77,9 +86,12 @@ def test_planned_memory_matches_a_real_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    measured = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _compare(cases: list[dict], measured: dict) -> list[str]:
     failures = []
-    for case in CASES:
+    for case in cases:
         rows = measured[case["name"]]
         for row in rows:
             pred = _predict(case, row, len(rows))
@@ -94,4 +106,19 @@ def test_planned_memory_matches_a_real_run(tmp_path):
                     f"{case['name']} rank {row['rank']} activations: planned {pred['activations']:.0f}, "
                     f"saved {row['activations']} ({err:+.1%})"
                 )
+    return failures
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow  # ~30 s alone on 2 cores (13 runs in one launch), ~55 s under load
+def test_planned_memory_matches_a_real_run(tmp_path):
+    failures = _compare(CASES, _measure(tmp_path, CASES))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow
+def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
+    measured = _measure(tmp_path, RECOMPUTE_CASES)
+    failures = _compare(RECOMPUTE_CASES, measured)
     assert not failures, "\n".join(failures)
