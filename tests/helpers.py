@@ -91,6 +91,18 @@ def assert_same_training(reference, run, layout: str, rel_tol: float) -> None:
         assert rel <= rel_tol, f"{layout}: gradient of {name} differs by {rel:.2e} (relative)"
 
 
+def recompute_of(overrides: list[str]) -> str:
+    """The ``train.recompute`` an override list sets (none if it sets none)."""
+    modes = [o.split("=", 1)[1] for o in overrides if o.startswith("train.recompute=")]
+    return modes[-1] if modes else "none"
+
+
+def assert_recompute_ran(out: str, overrides: list[str]) -> None:
+    """The run's banner names the recomputation its overrides asked for (and none without)."""
+    mode = recompute_of(overrides)
+    assert ("| recompute " in out) == (mode != "none") and (mode == "none" or f"| recompute {mode}" in out), mode
+
+
 def save_tiny_vae(path: Path):
     """A tiny random diffusers ``AutoencoderKL`` (16x16 images -> 4x4x4 latents), saved at ``path``."""
     from diffusers import AutoencoderKL

@@ -11,12 +11,16 @@ counted per image; their latent shape and the number of images come from the mic
 MoMa: total parameters (every expert and router) next to the active ones (what a token meets:
 the router and its group's nominal experts per token), and on the microbatch each group's
 experts on the tokens they take (``k_g`` each, from its routable tokens).
+
+With ``train.recompute`` on, the microbatch's hardware FLOPs (model FLOPs plus the forward run
+again in the backward pass, :mod:`megafusion.accounting.recompute`) follow the model FLOPs.
 """
 
 from __future__ import annotations
 
 from megafusion.accounting import flops as F
 from megafusion.accounting import image_modules, params
+from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.modality import MODALITY_NAMES, Modality
 from megafusion.objectives.registry import get_objective
 
@@ -71,11 +75,28 @@ def flops_report(cfg, batch: dict) -> str:
         f"  mask ignored (every query x all {s} keys, the mask-blind count of FlopCounterMode): "
         f"{_n(full['total'])} ({full['total'] / stats['total']:.3f}x)",
     ]
+    lines.append(_recompute_line(cfg, batch, stats, {**objective.flops_inputs(batch), **images}))
     if "loss_tokens_per_modality" in stats:
         loss = ", ".join(f"{k} {v:g}" for k, v in stats["loss_tokens_per_modality"].items())
         diffusion = "; image patches train through the diffusion loss" if objective.image_latents else ""
         lines.append(f"  next-token loss tokens: {loss} (FLOPs are spent on every position regardless{diffusion})")
     return "\n".join(lines)
+
+
+RECOMPUTED = {"selective": "core attention's forward", "full": "the transformer layers' forward"}
+
+
+def _recompute_line(cfg, batch: dict, stats: dict, inputs: dict) -> str:
+    """Hardware FLOPs under ``train.recompute`` (= the model FLOPs without recomputation)."""
+    mode = cfg.train.recompute
+    if mode == "none":
+        return "  train.recompute=none: hardware FLOPs = model FLOPs (nothing is recomputed)"
+    again = recompute_flops(cfg, batch["document_ids"], batch.get("modality_ids"), **inputs)["total"]
+    return (
+        f"  train.recompute={mode}: hardware FLOPs {_n(stats['total'] + again)} = model {_n(stats['total'])} + "
+        f"{_n(again)} recomputed ({RECOMPUTED[mode]} again in the backward pass, "
+        f"{100 * again / stats['total']:.1f}% more; MFU counts model FLOPs, HFU hardware FLOPs)"
+    )
 
 
 def _expert_lines(cfg, stats: dict) -> list[str]:

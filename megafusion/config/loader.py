@@ -128,12 +128,13 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
 
 def _parse_value(raw: str, tp):
     """Parse a command-line value string with YAML, before type coercion."""
-    base, _ = split_optional(tp)
+    base, optional = split_optional(tp)
     if base is str:
         # Keep strings verbatim: YAML would turn `out_dir=0123` into an int
         # (octal, even) and `out_dir=on` into a bool.
         if raw.strip().lower() in _NULL_WORDS:
-            return None
+            # "none" is a choice of some string keys (train.recompute=none): null only where allowed.
+            return None if optional else raw
         try:
             parsed = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -31,7 +31,10 @@ gradient over the tensor-parallel ranks (``sequence_parallel`` attribute, set by
 
 Optional Gumbel-sigmoid noise (``moe.router_noise``, MoMa's upcycling recipe) perturbs the
 selection in training, not the gates. Its generator is seeded from the run seed, the layer and a
-per-layer call count, so every tensor-parallel rank draws the same noise for the same microbatch.
+per-layer count of the microbatches it routed, so every tensor-parallel rank draws the same noise
+for the same microbatch. The count is kept on the microbatch's routing, so activation
+recomputation (``train.recompute=full``, which runs the layer again in the backward pass under the
+same routing: :mod:`megafusion.layers.recompute`) draws the same noise, not the next.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class ExpertChoiceRouter(Router):
         """The ``[N, E]`` bool map of this rank's share (expert ``e`` takes token ``t``) and its
         column sums as host ints."""
         if self.training and self.noise > 0:
-            logits = logits + self.noise * self._gumbel_difference(logits)
+            logits = logits + self.noise * self._gumbel_difference(logits, self._noise_draw(routing))
         n_tokens, num_experts = logits.shape
         routing_map = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=logits.device)
         counts = [0] * num_experts
@@ -129,10 +132,18 @@ class ExpertChoiceRouter(Router):
         real = [routing.order[start : start + routing.routable(m)] for m, start in enumerate(starts)]
         return torch.cat(real).sort().values
 
-    def _gumbel_difference(self, logits: torch.Tensor) -> torch.Tensor:
+    def _noise_draw(self, routing) -> int:
+        """This layer's draw number for the microbatch of ``routing``: the next one the first time
+        the layer routes it, the same one when its forward runs again (recomputation)."""
+        key = ("router_noise_draw", self.layer_number)
+        if key not in routing.cache:
+            routing.cache[key] = self._noise_draws
+            self._noise_draws += 1
+        return routing.cache[key]
+
+    def _gumbel_difference(self, logits: torch.Tensor, draw: int) -> torch.Tensor:
         """``G' - G''`` for two standard Gumbel draws per logit (a logistic sample)."""
-        key = f"{self.seed}:{self.layer_number}:{self._noise_draws}".encode()
-        self._noise_draws += 1
+        key = f"{self.seed}:{self.layer_number}:{draw}".encode()
         gen = torch.Generator(device=logits.device).manual_seed(zlib.crc32(key))
         u = torch.rand((2, *logits.shape), generator=gen, device=logits.device, dtype=torch.float64)
         u = u.clamp(1e-12, 1 - 1e-12)

@@ -8,8 +8,10 @@ so the routing of one microbatch travels beside the model call instead of throug
         logits = model(tokens, position_ids, attention_mask)
 
 Every modality-partitioned module reads :func:`current_routing` during its forward; the
-backward needs nothing (autograd kept the index tensors). Each pipeline stage and virtual
-chunk builds the routing from its own copy of the microbatch, so no stage asks another.
+backward needs nothing (autograd kept the index tensors), except where activation recomputation
+(``train.recompute``) runs a layer's forward again inside the backward pass, outside this context:
+:mod:`megafusion.layers.recompute` re-enters the routing the forward saw (:func:`active_routing`).
+Each pipeline stage and virtual chunk builds the routing from its own copy of the microbatch, so no stage asks another.
 
 What the routing holds, in megatron-core's token order (hidden states are ``[s, b, h]``;
 flattening the first two dims gives token ``i = pos * b + row``):
@@ -123,6 +125,11 @@ def modality_routing(routing: ModalityRouting):
         yield routing
     finally:
         _ACTIVE.pop()
+
+
+def active_routing() -> ModalityRouting | None:
+    """The routing modules would read now, or None outside any ``modality_routing`` block."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 def current_routing() -> ModalityRouting:

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megafusion import ops
+from megafusion.layers import recompute
 from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
 from megafusion.models.lmfusion import attach_new_token_rows, freeze_text
@@ -23,6 +24,8 @@ from megafusion.models.rope import apply_rope_scaling, rotary_base
 def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: dict | None = None) -> list[GPTModel]:
     """``model_cls(**GPTModel's arguments, **extra)`` per chunk, with ``model.arch``'s layers."""
     ops.use_backend(cfg.ops.backend)  # the grouped GEMMs' backend for this process
+    if tconfig.recompute_granularity:  # train.recompute: the recomputed forward re-enters the routing
+        recompute.install()
     layer_spec = get_family(cfg.model.arch).layer_spec(cfg)
     extra = extra or {}
     chunks = []

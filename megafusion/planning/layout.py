@@ -297,7 +297,7 @@ def format_layout(cfg, world_size: int, nproc_per_node: int, per_rank: bool | No
         )
     out.append(
         f"  vpp {vpp if vpp else 'off'} | sp {'on' if p.sp else 'off'} | "
-        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}"
+        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'} | recompute {t.recompute}"
     )
     per_stage = m.num_layers // p.pp
     chunk_note = f", {per_stage // vpp} per virtual chunk (interleaved)" if vpp else ""

@@ -5,8 +5,10 @@ Each logged step is one JSON line in ``<logging.out_dir>/metrics.jsonl`` with at
 ``step``, ``loss``, ``loss/<modality>``, ``lr``, ``grad_norm``, ``tokens_per_s``,
 ``tflops_per_gpu``, ``mfu`` (null where the device's peak is unknown) and ``mem_gb`` (peak
 CUDA memory on a GPU, resident set size on a CPU), ``flops`` (model FLOPs of the step, all ranks),
-``flops/<modality>`` and ``flops_total`` (since step 0, kept across resumes); evaluations add
-``val/...`` keys.
+``flops/<modality>`` and ``flops_total`` (since step 0, kept across resumes), ``hardware_flops``,
+``hardware_tflops_per_gpu`` and ``hfu`` (the model FLOPs plus the forward that ``train.recompute``
+runs again: :mod:`megafusion.accounting.recompute`; equal to the model's without recomputation);
+evaluations add ``val/...`` keys.
 The console gets a compact line with the same numbers, or a progress bar when a terminal
 is attached. W&B runs offline unless ``WANDB_MODE`` says otherwise (sync later with
 ``wandb sync``); ``logging.wandb=false`` switches it off. TensorBoard is opt-in.
@@ -161,6 +163,7 @@ def _compact(r: dict, device_label: str = "device", with_step: bool = True) -> s
         f"{r['tokens_per_s']:,.0f} tok/s",
         f"{r['tflops_per_gpu']:.3g} TFLOP/s/{device_label}",
         f"mfu {_fmt(r['mfu'], '.1%')}",
+        *([f"hfu {_fmt(r['hfu'], '.1%')}"] if r.get("hardware_flops", r.get("flops")) != r.get("flops") else []),
         f"mem {r['mem_gb']:.2f} GB",
         f"{r['step_time_s']:.2f}s",
     ]

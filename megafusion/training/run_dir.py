@@ -29,8 +29,11 @@ from megafusion.core.io import atomic_write, ensure_writable_dir
 
 RUN_RECORD = "run.json"
 METRICS = "metrics.jsonl"
-# Keys that may change between restarts of one run without making it another run.
+# Keys that may change between restarts of one run without making it another run: sections, and
+# keys of the sections compared otherwise (train.recompute changes what is kept for the backward
+# pass, not what the run computes).
 _RESTART_KEYS = ("logging", "checkpoint", "eval", "parallel", "ops")
+_RESTART_SECTION_KEYS = {"train": ("recompute",)}
 
 
 def check_output_paths(cfg, checkpoint_root: Path) -> None:
@@ -47,7 +50,11 @@ def check_output_paths(cfg, checkpoint_root: Path) -> None:
 
 
 def _identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _RESTART_KEYS}
+    kept = {k: v for k, v in config.items() if k not in _RESTART_KEYS}
+    for section, keys in _RESTART_SECTION_KEYS.items():
+        if isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+    return kept
 
 
 def _holdings(out_dir: Path, root: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from megafusion import checkpoint as ckpt
 from megafusion.accounting.flops import batch_flops
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
 from megafusion.accounting.params import describe_experts, parameter_counts
+from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
@@ -127,20 +128,17 @@ class Trainer:
         poisoned = _injected_nan(step + 1)
         if poisoned is not None:
             microbatches[poisoned]["inject_nan"] = True
-        # Model FLOPs of this rank's microbatches: [total, per modality...], summed over DP below.
-        flops = torch.zeros(1 + len(MODALITY_NAMES), dtype=torch.float64)
+        # Model FLOPs of this rank's microbatches: [total, per modality..., the recomputed forward
+        # (train.recompute; hardware FLOPs = model + it)], summed over DP below.
+        flops = torch.zeros(2 + len(MODALITY_NAMES), dtype=torch.float64)
         for mb in microbatches:
             # The objective's mask and extra modules (Transfusion: each image's time embedding,
             # patch embedding and head) are counted too.
-            counted = batch_flops(
-                self.cfg,
-                mb["document_ids"],
-                mb["modality_ids"],
-                latent_shape=self.latent_shape,
-                **self.objective.flops_inputs(mb),
-            )
+            inputs = {"latent_shape": self.latent_shape, **self.objective.flops_inputs(mb)}
+            counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)
+            again = recompute_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)["total"]
             flops += torch.tensor(
-                [counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES)], dtype=torch.float64
+                [counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES), again], dtype=torch.float64
             )
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -166,6 +164,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tflops = r["extra"][0] / elapsed / self.rt.world_size / 1e12
+        hardware = r["extra"][0] + r["extra"][-1]
+        hardware_tflops = hardware / elapsed / self.rt.world_size / 1e12
         self.flops_seen += r["extra"][0]
         record = {
             "step": step + 1,
@@ -189,9 +189,14 @@ class Trainer:
                 # since step 0 (kept across resumes): the x axis of loss-vs-compute curves
                 "flops": r["extra"][0],
                 "flops_total": self.flops_seen,
+                # hardware FLOPs: the model's plus the forward that train.recompute runs again
+                # (equal without recomputation); HFU = their rate over the peak
+                "hardware_flops": hardware,
+                "hardware_tflops_per_gpu": hardware_tflops,
+                "hfu": mfu(hardware_tflops * 1e12, self.peak),
             }
         )
-        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1:])})
+        record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1 : 1 + len(MODALITY_NAMES)])})
         if skipped:
             record["skipped"] = skipped
         return record
@@ -256,7 +261,8 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         f"vocab {cfg.model.vocab_size} | "
         f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
         f"{' | sequence parallel' if cfg.parallel.sp else ''}"
-        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''} | "
+        f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''}"
+        f"{f' | recompute {cfg.train.recompute}' if cfg.train.recompute != 'none' else ''} | "
         f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
     )
     experts = describe_experts(cfg)

@@ -200,6 +200,13 @@ def test_world_size_from_environment():
     assert resolve_world({}, {})[:2] == (1, 1)
 
 
+def test_dry_run_names_the_recompute_mode(capsys):
+    assert dry_run_main(["--config", str(CONFIG), "--world-size", "1"]) == 0
+    assert "| recompute none" in capsys.readouterr().out
+    assert dry_run_main(["--config", str(CONFIG), "train.recompute=full", "--world-size", "1"]) == 0
+    assert "| recompute full" in capsys.readouterr().out
+
+
 def test_bad_world_size_exits_2_and_names_the_keys(capsys):
     rc = dry_run_main(
         ["--config", str(CONFIG), "parallel.tp=2", "parallel.pp=2", "--world-size", "6", "--nproc-per-node", "6"]

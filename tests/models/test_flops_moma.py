@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion.accounting import flops as F
 from megafusion.accounting import params as P
+from megafusion.accounting import recompute as R
 from megafusion.accounting.report import flops_report, summary
 from megafusion.core.modality import MODALITY_NAMES, PAD_DOCUMENT_ID, Modality
 from megafusion.layers.expert_groups import ExpertGroups
@@ -130,6 +131,29 @@ def test_moma_flops_equal_flop_counter(runtime, case):
         assert sum(pairs) == L * sum(groups.sizes[g] * routable[name] for g, name in enumerate(groups.names))
     if modalities == "text":
         assert stats["experts_per_modality"]["image"] == 0 and routable["image"] == 0
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_moma_recomputed_forward_matches_flop_counter(runtime, mode):
+    """``train.recompute``: the backward (outside the routing context) runs the layers' forward again,
+    with the routing the forward saw; FlopCounterMode adds exactly :func:`recompute_flops`: the
+    attention (selective), or every layer's projections, router and chosen experts too (full)."""
+    cfg = moma_cfg({"text": 4, "image": 4})
+    batch = moma_batch(cfg, "random", 3)
+    doc, mod = batch["document_ids"], batch["modality_ids"]
+    b, s = doc.shape
+    plain, _, plain_pairs = measure(build(cfg, runtime), batch)
+    cfg.train.recompute = mode
+    counter, rows, pairs = measure(build(cfg, runtime), batch)
+    L = cfg.model.num_layers
+    extra = R.flop_counter_recompute_flops(cfg, doc, mod, "math")
+    assert counter.get_total_flops() == plain.get_total_flops() + extra
+    forward = F.batch_flops(cfg, doc, mod, attention="full", forward_only=True)
+    output = 2 * b * s * P._matmul_parts(cfg)["output"]
+    assert extra == (forward["attention"] if mode == "selective" else forward["total"] - output)
+    # full: every router ran twice per layer (forward, recomputed forward) and chose the same experts
+    assert rows == [b * s] * L * (2 if mode == "full" else 1)
+    assert pairs == plain_pairs * (2 if mode == "full" else 1)
 
 
 def test_nominal_per_token_flops_are_exact_when_every_group_divides():

@@ -10,7 +10,7 @@ import pytest
 
 from megafusion.checkpoint import io
 from megafusion.config import load_config
-from megafusion.core.errors import CheckpointError, UsageError
+from megafusion.core.errors import CheckpointError, ConfigError, UsageError
 from megafusion.training import resume_changes, run_dir
 from megafusion.training.numerics import SpikeWatch
 from tests.helpers import ROOT
@@ -45,6 +45,10 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
     for change in ("model.seq_length=16", "train.seed=1", "data.docs_per_sequence=3"):
         with pytest.raises(CheckpointError, match=change.split("=")[0].replace(".", r"\.")):
             resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
+    recompute = resume_changes.review(
+        "ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), ["train.recompute=full"])
+    )
+    assert recompute == ["train.recompute: 'none' -> 'full' (applied from the next step)"]
     unreported = ["logging.log_interval=5", "train.on_nan=skip", "data.cache_dir=elsewhere"]
     quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), unreported)
     assert resume_changes.review("ckpt", saved, quiet) == []
@@ -78,3 +82,20 @@ def test_many_epochs_of_a_small_training_set_are_announced():
     assert "holds 40 rows" in note and "20 epochs" in note and "data.num_samples" in note
     assert _epochs_note(trainer(400)) is None  # 2 epochs: ordinary
     assert _epochs_note(SimpleNamespace(cfg=cfg, data=SimpleNamespace(train=object()))) is None  # endless data
+
+
+def test_a_run_restarting_before_its_first_save_may_change_train_recompute(runtime, tmp_path):
+    """Recomputation changes what is kept for the backward pass, not what the run computes: the same
+    run may restart in its directory with another ``train.recompute``; another ``train.lr`` is another run."""
+    import json
+
+    def cfg(*overrides):
+        return load_config(str(ROOT / "tests/configs/parity.yaml"), [f"logging.out_dir={tmp_path}", *overrides])
+
+    first = cfg()
+    (tmp_path / run_dir.RUN_RECORD).write_text(json.dumps({"config": first.to_dict()}))
+    (tmp_path / run_dir.METRICS).write_text("")  # it logged, then crashed before any checkpoint
+    run_dir.claim(cfg("train.recompute=full"), tmp_path / "checkpoints", False, print)
+    assert json.loads((tmp_path / run_dir.RUN_RECORD).read_text())["config"]["train"]["recompute"] == "full"
+    with pytest.raises(ConfigError, match="holds a run"):
+        run_dir.claim(cfg("train.lr=1e-4"), tmp_path / "checkpoints", False, print)

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megafusion.accounting import flops
 from megafusion.accounting import mfu as M
 from megafusion.accounting import params as acc_params
+from megafusion.accounting import recompute as R
 from megafusion.accounting.report import flops_report
 from megafusion.commands.flops import main
 from megafusion.config import Config
@@ -129,6 +130,36 @@ def test_analytic_flops_match_flop_counter(runtime, docs, groups, kernel):
     # FlopCounterMode ignores masks: the real-mask count is strictly smaller whenever s > 1.
     real = flops.batch_flops(cfg, batch["document_ids"])
     assert real["attention"] < full
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("kernel", ["math", "fused", "cpu"])
+def test_recomputed_forward_matches_flop_counter(runtime, mode, kernel):
+    """``train.recompute``: FlopCounterMode around a real forward + backward (recomputation on, the
+    backward outside any routing) counts the model's FLOPs plus the recomputed forward; model FLOPs
+    stay as they were, hardware FLOPs add :func:`recompute_flops`."""
+    cfg = small_cfg(docs=3, groups=2)
+    cfg.train.recompute = mode
+    model = build(cfg, runtime)
+    b, s, v = 2, cfg.model.seq_length, cfg.model.vocab_size
+    batch = synthetic_microbatch(0, b, 7, s, v, 3)
+    doc = batch["document_ids"]
+    if kernel == "cpu" and CPU_SDPA in flop_counter.flop_registry:
+        kernel = "fused"
+    measured = measure(model, batch, dense_mask(doc), kernel).get_total_flops()
+    extra = R.flop_counter_recompute_flops(cfg, doc, None, kernel)
+    assert measured == flops.flop_counter_flops(cfg, b, s, kernel) + extra
+    layers = b * s * 2 * cfg.model.num_layers * acc_params._matmul_parts(cfg)["attention"]
+    layers += b * s * 2 * cfg.model.num_layers * acc_params._matmul_parts(cfg)["mlp"]
+    attention = 0 if kernel == "cpu" else b * s * s * flops.attention_flops_per_key(cfg, forward_only=True)
+    assert extra == attention + (layers if mode == "full" else 0)
+    # With the real mask (what the trainer reports): the same parts, each query's own keys.
+    real = R.recompute_flops(cfg, doc)
+    real_attention = flops.batch_flops(cfg, doc, forward_only=True)["attention"]
+    assert real["attention"] == real_attention
+    assert real["total"] == real_attention + (layers if mode == "full" else 0)
+    assert sum(real["per_modality"].values()) == real["total"]
+    assert R.recompute_flops(cfg, doc, mode="none")["total"] == 0
 
 
 def brute_force_attended(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -246,6 +277,15 @@ def test_flops_cli_prints_params_and_per_token_flops(capsys):
 
     assert main(["--config", TINY, "model.hidden_size=65"]) == 2
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_flops_cli_reports_hardware_flops_under_recompute(capsys):
+    assert main(["--config", TINY]) == 0
+    assert "train.recompute=none: hardware FLOPs = model FLOPs" in capsys.readouterr().out
+    for mode, what in (("selective", "core attention's forward"), ("full", "the transformer layers' forward")):
+        assert main(["--config", TINY, f"train.recompute={mode}"]) == 0
+        out = capsys.readouterr().out
+        assert f"train.recompute={mode}: hardware FLOPs" in out and what in out
 
 
 def test_flops_report_takes_any_microbatch():

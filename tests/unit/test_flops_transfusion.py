@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megafusion.accounting import flops, image_modules
 from megafusion.accounting import params as acc_params
+from megafusion.accounting import recompute as R
 from megafusion.accounting.report import _n, flops_report, summary
 from megafusion.config import Config
 from megafusion.core.modality import Modality
@@ -33,6 +34,7 @@ from megafusion.layers.patchify import (
     UNetPatchHead,
     unet_skip_shapes,
 )
+from megafusion.layers.routing import routing_for
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.models import transfusion as transfusion_model
 from megafusion.models.transformer_config import build_transformer_config
@@ -286,6 +288,32 @@ def test_transfusion_model_flops_match_flop_counter(runtime, patchify):
     forward_per_image = image_modules.image_flops_per_image(cfg, forward_only=True)
     for module in transfusion_model.IMAGE_MODULES:
         assert by_module[f"TransfusionGPTModel.{module}"] == images.count * forward_per_image[module], module
+
+
+@pytest.mark.parametrize("arch", ["dense", "mot"])
+def test_transfusion_full_recompute_reruns_the_layers_not_the_image_modules(runtime, arch):
+    """``train.recompute=full``: FlopCounterMode adds the transformer layers' forward (math SDPA:
+    mask-blind attention), not the output layer's or the image modules'."""
+    cfg = transfusion_cfg("unet", arch)
+    cfg.train.recompute = "full"
+    model = build(cfg, runtime)
+    tokens, images, modality = image_microbatch(cfg)
+    b, s = tokens.shape
+    position_ids = torch.arange(s).expand(b, s)
+    doc = torch.zeros(b, s, dtype=torch.int64)
+    batch = {"modality_ids": modality, "modality_counts": torch.bincount(modality.reshape(-1), minlength=2)}
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        with routing_for(batch, torch.device("cpu")):
+            logits, prediction = model(tokens, position_ids, None, labels=None, images=images)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)) + prediction.square().mean()
+        loss.backward()  # outside the routing: the recomputed MoT layers re-enter the forward's
+    stats = flops.batch_flops(cfg, doc, modality, attention="full", image_ids=images.image_ids)
+    extra = R.flop_counter_recompute_flops(cfg, doc, modality, "math", image_ids=images.image_ids)
+    assert counter.get_total_flops() == stats["total"] + extra
+    output = 2 * b * s * acc_params._matmul_parts(cfg)["output"]
+    layers = b * s * flops.flops_per_token(cfg, s, forward_only=True) - output
+    assert extra == layers
 
 
 def test_batch_flops_charges_images_to_the_image_modality():
