@@ -58,6 +58,10 @@ are not kept (its q, k, v are, and its output is the projection's saved input). 
 checkpointed regions' boolean mask, ``b s^2`` bytes per chunk and microbatch (one tensor shared
 by the chunk's layers).
 
+With full recompute the peak is the forward's state plus one rebuilt layer, less what the first
+backward released before rebuilding it: on the last stage the output layer's and the loss's
+tensors (``max(0, layer - tail)``).
+
 In flight (:func:`in_flight`): no pipelining 1 microbatch; 1F1B stage p: ``min(P - p, M)``;
 interleaved: ``min((P - p - 1) 2 + (v - 1) P + 1, M v)`` chunk-microbatches (megatron's
 ``get_pp_rank_microbatches`` warmup + 1), taken in the schedule's order (groups of P microbatches
@@ -265,8 +269,8 @@ def chunk_activation_bytes(
     micro_batch: int | None = None,
 ) -> dict[str, float]:
     """Bytes one chunk saves for one microbatch: ``layers`` (kept through the schedule),
-    ``ends`` (embedding / output / loss parts) and ``transient`` (full recompute: one layer's
-    activations rebuilt in the backward)."""
+    ``ends`` (embedding / output / loss parts), ``tail`` (of ``ends``: the output layer and loss,
+    last stage) and ``transient`` (full recompute: one layer's activations rebuilt in the backward)."""
     h, _, _, _ = _dims(cfg)
     b = micro_batch or cfg.train.micro_batch_size
     tokens = cfg.model.seq_length * b
@@ -294,14 +298,16 @@ def chunk_activation_bytes(
         if cfg.objective.name == "transfusion":
             c_p2 = 3 * cfg.objective.latent_patch_size**2
             ends += _image_tokens(cfg, tokens, image_fraction) * (a * (c_p2 + h) + 8)
+    tail = 0.0
     if rank.pp_rank == rank.pp - 1 and chunk == rank.vpp - 1:
         vocab = cfg.model.vocab_size
         z = 1 if cfg.model.z_loss_weight > 0 else 0
         final_norm = FP32 * 2 * hs + FP32 + (a * h if cfg.model.arch == "mot" else 0)
-        ends += tokens * (final_norm + a * hs + FP32 * (1 + z) * vocab / t + FP32 * 3 + 1 + 8)
+        tail = tokens * (final_norm + a * hs + FP32 * (1 + z) * vocab / t + FP32 * 3 + 1 + 8)
         if cfg.objective.name == "transfusion":
-            ends += _image_tokens(cfg, tokens, image_fraction) * a * h
-    return {"layers": n_layers * kept, "ends": ends, "transient": transient}
+            tail += _image_tokens(cfg, tokens, image_fraction) * a * h
+        ends += tail
+    return {"layers": n_layers * kept, "ends": ends, "tail": tail, "transient": transient}
 
 
 def in_flight(rank: Rank, num_microbatches: int) -> list[int]:
@@ -331,12 +337,15 @@ def activation_bytes(
     micro_batch: int | None = None,
 ) -> float:
     """Peak saved-activation bytes on this rank over the pipeline schedule."""
-    total, transient = 0.0, 0.0
+    total, transient, tail = 0.0, 0.0, 0.0
     for chunk in in_flight(rank, num_microbatches):
         part = chunk_activation_bytes(cfg, rank, chunk, params_dtype, recompute, image_fraction, micro_batch)
         total += part["layers"] + part["ends"]
         transient = max(transient, part["transient"])
-    return total + transient
+        tail = max(tail, part["tail"])
+    # Full recompute rebuilds a layer in the backward. On the last stage the first backward is the
+    # loss chunk's, whose output-layer and loss tensors are released before its layers are rebuilt.
+    return total + max(0.0, transient - tail)
 
 
 def memory(

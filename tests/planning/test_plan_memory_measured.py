@@ -109,15 +109,13 @@ def _compare(cases: list[dict], measured: dict) -> list[str]:
     return failures
 
 
-@pytest.mark.torchrun
-@pytest.mark.slow  # ~30 s alone on 2 cores (13 runs in one launch), ~55 s under load
+@pytest.mark.torchrun  # ~24 s on 2 cores (13 runs in one launch; ~55 s when other jobs share the cores)
 def test_planned_memory_matches_a_real_run(tmp_path):
     failures = _compare(CASES, _measure(tmp_path, CASES))
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.torchrun
-@pytest.mark.slow
+@pytest.mark.torchrun  # ~22 s on 2 cores (12 runs in one launch)
 def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
     measured = _measure(tmp_path, RECOMPUTE_CASES)
     failures = _compare(RECOMPUTE_CASES, measured)
