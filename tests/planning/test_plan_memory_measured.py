@@ -1,7 +1,8 @@
 """The planner's memory against what real runs allocate (2 gloo ranks, one torchrun launch).
 
 For dense, MoT and Transfusion under TP=2 (with and without SP), PP=2 1F1B, PP=2 interleaved
-(VPP=2), and DP=2 with the distributed optimizer, ``tests/planning/memory_probe.py`` builds each
+(VPP=2), and DP=2 with the distributed optimizer, and again with
+``train.recompute`` selective / full, ``tests/planning/memory_probe.py`` builds each
 run (model, megatron DDP, optimizer, data), takes one training step and reports per rank the
 bytes of the DDP buffers / parameters, the optimizer's states and the peak bytes saved for
 backward (``megafusion.training.saved_activations``). The planner
@@ -65,6 +66,7 @@ def _predict(case: dict, row: dict, world: int) -> dict:
         pp_rank=row["pp_rank"],
         dp_rank=row["dp_rank"],
         sp=p.sp,
+        ep=p.ep,
     )
     latent = tuple(row["latent_shape"]) if row["latent_shape"] else None
     return mem.memory(cfg, rank, "fp32", row["num_microbatches"], cfg.train.recompute, latent, row["image_fraction"])
