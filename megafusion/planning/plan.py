@@ -165,7 +165,13 @@ def describe_assumptions(result: dict) -> list[str]:
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:.2f}"
+    """GB with 2 decimals; a tiny model's (under 0.1 GB) with 2 significant digits instead of 0.00."""
+    return f"{x / GB:.2f}" if x >= 0.1 * GB or x == 0 else f"{x / GB:.2g}"
+
+
+def _s(x: float) -> str:
+    """Seconds with 3 decimals; under 10 ms with 2 significant digits."""
+    return f"{x:.3f}" if x >= 0.01 or x == 0 else f"{x:.2g}"
 
 
 def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> str:
@@ -197,8 +203,8 @@ def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> 
                 _gb(mb["activations"]),
                 _gb(mb["total"]),
                 "yes" if r["fits"] else "NO",
-                *(f"{ts[k]:.3f}" for k in ("compute", "tp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")),
-                f"{ts['step']:.3f}",
+                *(_s(ts[k]) for k in ("compute", "tp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")),
+                _s(ts["step"]),
                 f"{r['tokens_per_s_per_gpu']:.0f}",
                 f"{r['mfu']:.3f}",
             ]
