@@ -6,6 +6,8 @@ Subcommands:
   ``python -m megafusion.train`` (one process here; launch multi-process runs with
   ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
 - ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
+- ``plan --config FILE --gpus N --gpu h100|a100|h200 [...]``: the parallel layouts that validate,
+  their predicted memory per GPU and step time, ranked.
 - ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
   image patch codebook (the ``vq`` image codec).
@@ -46,6 +48,7 @@ USAGE = """usage: megafusion <command> [args]      (megafusion <command> --help:
 commands:
   train --config FILE [section.key=value ...] [--dry-run]   train a model (see examples/configs/)
   flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
+  plan --config FILE --gpus N [--gpu h100|a100|h200]        layouts that fit, memory and step time per GPU
   data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
   tokenizer fit-vq --builtin shapes --output CODEBOOK       fit a k-means image patch codebook
@@ -62,6 +65,7 @@ commands:
 COMMANDS = {
     "train": "megafusion.commands.train:main",
     "flops": "megafusion.commands.flops:main",
+    "plan": "megafusion.commands.plan:main",
     "data": "megafusion.commands.data:main",
     "tokenizer": "megafusion.commands.tokenizer:main",
     "convert": "megafusion.commands.convert:main",

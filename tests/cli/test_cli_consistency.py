@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from megafusion.commands import convert, data, flops, generate, logits, tokenizer, train
+from megafusion.commands import convert, data, flops, generate, logits, plan, tokenizer, train
 from megafusion.commands import eval as eval_cmd
 from megafusion.commands.main import main, version
 from megafusion.core.errors import UsageError
@@ -40,6 +40,7 @@ def _no_debug(monkeypatch):
 HELPS = [
     (None, ["train"]),
     (None, ["flops"]),
+    (None, ["plan"]),
     (None, ["data"]),
     (None, ["data", "prepare"]),
     (None, ["tokenizer"]),
@@ -73,8 +74,8 @@ def _parse_example(line: str):
         words = ["megafusion", module[words[2]], *words[3:]]
     assert words[0] == "megafusion", line
     command, args = words[1], words[2:]
-    if command in ("train", "flops"):
-        parsed = {"train": train, "flops": flops}[command].parser().parse_intermixed_args(args)
+    if command in ("train", "flops", "plan"):
+        parsed = {"train": train, "flops": flops, "plan": plan}[command].parser().parse_intermixed_args(args)
         assert parsed.config, line
         return []
     parser = {

@@ -1,0 +1,124 @@
+"""The planner's memory against what real runs allocate (2 gloo ranks, one torchrun launch).
+
+For dense, MoT and Transfusion under TP=2 (with and without SP), PP=2 1F1B, PP=2 interleaved
+(VPP=2), and DP=2 with the distributed optimizer, and again with
+``train.recompute`` selective / full, ``tests/planning/memory_probe.py`` builds each
+run (model, megatron DDP, optimizer, data), takes one training step and reports per rank the
+bytes of the DDP buffers / parameters, the optimizer's states and the peak bytes saved for
+backward (``megafusion.training.saved_activations``). The planner
+(``megafusion.planning.memory``), given only the config, the layout, the rank's coordinates and
+what the data decides (vocabulary, latent shape, image share), must equal the first three
+exactly and the activations within 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megafusion.config import load_config
+from megafusion.planning import memory as mem
+from tests.helpers import ROOT
+
+MIXED = "tests/configs/mixed_small.yaml"
+TRANSFUSION = "tests/configs/transfusion_small.yaml"
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],
+    "pp2": ["parallel.pp=2"],
+    "vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "dp2_dopt": ["parallel.distributed_optimizer=true"],
+}
+MODELS = {"dense": (MIXED, []), "mot": (MIXED, ["model.arch=mot"]), "transfusion": (TRANSFUSION, [])}
+CASES = [
+    {"name": f"{model}_{layout}", "config": MODELS[model][0], "overrides": MODELS[model][1] + LAYOUTS[layout]}
+    for model in MODELS
+    for layout in LAYOUTS
+    if not (model != "dense" and layout in ("tp2_sp", "dp2_dopt"))
+]
+# Recompute on (train.recompute): selective under TP=2 and interleaved PP, full under 1F1B and
+# interleaved PP, for each model; a launch of its own.
+RECOMPUTE_CASES = [
+    {
+        "name": f"{model}_{layout}_{mode}",
+        "config": MODELS[model][0],
+        "overrides": MODELS[model][1] + LAYOUTS[layout] + [f"train.recompute={mode}"],
+    }
+    for model in MODELS
+    for layout, mode in (("tp2", "selective"), ("vpp2", "selective"), ("pp2", "full"), ("vpp2", "full"))
+]
+ACTIVATION_TOLERANCE = 0.10
+
+
+def _predict(case: dict, row: dict, world: int) -> dict:
+    cfg = load_config(str(ROOT / case["config"]), case["overrides"])
+    cfg.model.vocab_size = row["vocab_size"]
+    p = cfg.parallel
+    rank = mem.Rank(
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp_size(),
+        dp=world // (p.tp * p.pp),
+        pp_rank=row["pp_rank"],
+        dp_rank=row["dp_rank"],
+        sp=p.sp,
+        ep=p.ep,
+    )
+    latent = tuple(row["latent_shape"]) if row["latent_shape"] else None
+    return mem.memory(cfg, rank, "fp32", row["num_microbatches"], cfg.train.recompute, latent, row["image_fraction"])
+
+
+def _measure(tmp_path, cases: list[dict]) -> dict:
+    cases_file, out = tmp_path / "cases.json", tmp_path / "measured.json"
+    cases_file.write_text(json.dumps([{**c, "config": str(ROOT / c["config"])} for c in cases]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "tests/planning/memory_probe.py"),
+        str(out),
+        str(cases_file),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def _compare(cases: list[dict], measured: dict) -> list[str]:
+    failures = []
+    for case in cases:
+        rows = measured[case["name"]]
+        for row in rows:
+            pred = _predict(case, row, len(rows))
+            for key in ("params", "grads", "optimizer"):
+                if pred[key] != row[key]:
+                    failures.append(
+                        f"{case['name']} rank {row['rank']} {key}: planned {pred[key]}, allocated {row[key]}"
+                    )
+            err = pred["activations"] / row["activations"] - 1
+            if abs(err) > ACTIVATION_TOLERANCE:
+                failures.append(
+                    f"{case['name']} rank {row['rank']} activations: planned {pred['activations']:.0f}, "
+                    f"saved {row['activations']} ({err:+.1%})"
+                )
+    return failures
+
+
+@pytest.mark.torchrun  # ~24 s on 2 cores (13 runs in one launch; ~55 s when other jobs share the cores)
+def test_planned_memory_matches_a_real_run(tmp_path):
+    failures = _compare(CASES, _measure(tmp_path, CASES))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.torchrun  # ~22 s on 2 cores (12 runs in one launch)
+def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
+    measured = _measure(tmp_path, RECOMPUTE_CASES)
+    failures = _compare(RECOMPUTE_CASES, measured)
+    assert not failures, "\n".join(failures)
