@@ -217,7 +217,10 @@ def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> 
         "dp comm + ep a2a + optim s"
     )
     if len(shown) < len(rows):
-        lines.append(f"(showing {len(shown)} of {len(rows)}; --top 0 or --json for all)")
+        lines.append(
+            f"(showing the {min(top, len(fit))} fastest layouts that fit, then the {min(top, len(unfit))} that miss "
+            f"by the least memory, of {len(rows)}; --top 0 or --json for all)"
+        )
     lines.append("")
     if markdown:
         lines.append("| " + " | ".join(header) + " |")
