@@ -1,4 +1,5 @@
-"""``megafusion data prepare``: shards -> tokenized, indexed dataset on disk.
+"""``megafusion data prepare``: shards -> tokenized, indexed dataset on disk
+(and ``megafusion data export-builtin``: a built-in set as a JSONL shard, to try it on).
 
     megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER \\
         --output PREFIX [--seq-length 64] [--image-size 16 --patch-size 2 --pixel-levels 4]
@@ -55,7 +56,7 @@ from megafusion.core.io import ensure_writable_file_parent
 from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
-SUBCOMMANDS = ("prepare",)
+SUBCOMMANDS = ("prepare", "export-builtin")
 # model.seq_length's default: the length a dataset is trained at unless the run says otherwise.
 DEFAULT_SEQ_LENGTH = 64
 
@@ -82,6 +83,17 @@ same image settings). Documents are packed whole into rows of model.seq_length +
 warning counts those longer than --seq-length allows."""
 
 
+EXPORT_EXAMPLES = (
+    "megafusion data export-builtin --set shapes --num-samples 2000 --output shards/shapes.jsonl",
+    "megafusion data export-builtin --set digits --output shards/digits.jsonl",
+)
+
+EXPORT_DESCRIPTION = """\
+Write a built-in set (data.builtin: generated captioned shapes, or scikit-learn's handwritten digits
+with a caption each) as a JSONL shard with its images as PNG files beside it: data to try `megafusion
+tokenizer train`, `megafusion data prepare` and data.blend on without a download."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = command_parser(
         PROG, "Prepare pretokenized datasets (see megafusion data prepare --help).", PREPARE_EXAMPLES[:1]
@@ -90,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     prep = subcommand(
         sub, "prepare", "tokenize shards into an indexed dataset", PREPARE_DESCRIPTION, PREPARE_EXAMPLES, PREPARE_NOTES
     )
+    export = subcommand(
+        sub, "export-builtin", "write a built-in set as a JSONL shard", EXPORT_DESCRIPTION, EXPORT_EXAMPLES
+    )
+    export.add_argument("--set", required=True, choices=("shapes", "digits"), help="which built-in set")
+    export.add_argument("--num-samples", type=int, default=4000, help="shapes: documents to generate (default 4000)")
+    export.add_argument("--image-size", type=int, default=16, help="image side in pixels (default 16)")
+    export.add_argument("--seed", type=int, default=0, help="shapes: generator seed (default 0)")
+    add_output(export, "the shard to write (images go to <stem>_images/ beside it)", metavar="FILE.jsonl")
     prep.add_argument(
         "--input",
         action="append",
@@ -342,9 +362,29 @@ def long_documents_warning(too_long: dict, documents: int, seq_length: int) -> s
     )
 
 
+def export_builtin(args) -> int:
+    """``megafusion data export-builtin``: a built-in set as a JSONL shard."""
+    from megafusion.data.builtin.digits import digits_documents
+    from megafusion.data.builtin.shapes import shapes_documents
+    from megafusion.data.formats.shards import write_jsonl_shard
+
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples {args.num_samples} must be >= 1")
+    ensure_writable_file_parent(args.output, "--output")
+    if args.set == "shapes":
+        docs = shapes_documents(args.num_samples, args.seed, args.image_size)
+    else:
+        docs = digits_documents(args.image_size)
+    path = write_jsonl_shard(docs, args.output)
+    print(f"wrote {len(docs)} {args.set} documents to {path} (images in {os.path.splitext(path)[0]}_images/)")
+    return 0
+
+
 def prepare_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion data`` (e.g. ``["prepare", "--input", ...]``)."""
     args = _parser().parse_args(argv)
+    if args.command == "export-builtin":
+        return export_builtin(args)
     if args.seq_length < 1:
         raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (the model.seq_length of the runs)")
     if args.icp_neighbors is not None and args.order != "icp":

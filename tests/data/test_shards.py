@@ -237,3 +237,18 @@ def test_writer_rejects_bad_documents(tmp_path):
     with pytest.raises(DataError, match=r"mine:3 segment 1.*shape \(4, 4\)"):
         write_jsonl_shard(bad, str(tmp_path / "x.jsonl"))
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_export_builtin_writes_the_builtin_set_as_a_shard(tmp_path):
+    from megafusion.commands.data import main
+    from megafusion.data.builtin.shapes import shapes_documents
+
+    out = tmp_path / "shards" / "shapes.jsonl"
+    assert main(["export-builtin", "--set", "shapes", "--num-samples", "6", "--seed", "3", "--output", str(out)]) == 0
+    read = list(read_shards([str(out)]))
+    made = shapes_documents(6, 3, 16)
+    assert len(read) == len(made)
+    for a, b in zip(read, made):
+        assert [type(x) for x in a.segments] == [type(x) for x in b.segments]
+        for x, y in zip(a.segments, b.segments):
+            assert x.text == y.text if hasattr(y, "text") else np.array_equal(x.pixels, y.pixels)
