@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def make_dataset(prefix: str, gb: float, work: Path) -> dict:
     """The generated dataset at ``prefix`` (reused when its meta says it has this size)."""
+    from megafusion.commands.data import dataset_meta
     from megafusion.data.builtin.shapes import shapes_documents
     from megafusion.data.codecs.registry import build_codec
     from megafusion.data.formats.indexed import read_meta, write_indexed
@@ -86,15 +87,7 @@ def make_dataset(prefix: str, gb: float, work: Path) -> dict:
             # Consecutive source names compress to one run in the meta (as shard lines do).
             yield TokenizedDocument(tokens, np.concatenate(mods), f"generated:{index}")
 
-    meta = {
-        "tokenizer": tok.config(),
-        "tokenizer_file": os.path.abspath(tok.path),
-        "codec": codec.config(),
-        "vocab_size": int(tok.vocab_size),
-        "pad_id": int(tok.pad_id),
-        "generated_tokens": tokens_wanted,
-        "created_by": "bench.streaming_memory",
-    }
+    meta = dataset_meta(tok, codec, {"generated_tokens": tokens_wanted, "created_by": "bench.streaming_memory"})
     write_indexed(prefix, documents(), meta)
     return read_meta(prefix)
 

@@ -224,6 +224,24 @@ def codec_from_args(args):
     return build_codec("pixel", image_size=args.image_size, patch_size=patch_size, levels=levels)
 
 
+def dataset_meta(tok, codec, extra: dict) -> dict:
+    """What a dataset's meta records of the tokenizer ``tok`` and image ``codec`` that made it (+ ``extra``)."""
+    return {
+        "tokenizer": tok.config(),
+        # Only for messages (a run with another tokenizer is told which file made the data); the
+        # check itself compares the content hash in "tokenizer".
+        "tokenizer_file": os.path.abspath(tok.path),
+        "codec": codec.config(),
+        "vocab_size": int(tok.vocab_size),
+        "pad_id": int(tok.pad_id),
+        "bos_id": int(tok.bos_id),
+        "eos_id": int(tok.eos_id),
+        "boi_id": int(tok.boi_id),
+        "eoi_id": int(tok.eoi_id),
+        **extra,
+    }
+
+
 def prepare(
     inputs: list[str],
     tokenizer_path: str,
@@ -254,21 +272,7 @@ def prepare(
     # Resolve (and check) every input before anything is written.
     files = shard_files(list(inputs))
     tok = MultimodalTokenizer.from_files(tokenizer_path, codec)
-    meta = {
-        "tokenizer": tok.config(),
-        # Only for messages (a run with another tokenizer is told which file made the data); the
-        # check itself compares the content hash in "tokenizer".
-        "tokenizer_file": os.path.abspath(tok.path),
-        "codec": codec.config(),
-        "vocab_size": int(tok.vocab_size),
-        "pad_id": int(tok.pad_id),
-        "bos_id": int(tok.bos_id),
-        "eos_id": int(tok.eos_id),
-        "boi_id": int(tok.boi_id),
-        "eoi_id": int(tok.eoi_id),
-        "inputs": files,
-        "created_by": "megafusion data prepare",
-    }
+    meta = dataset_meta(tok, codec, {"inputs": files, "created_by": "megafusion data prepare"})
     too_long = {"documents": 0, "longest": 0}
     transfusion = isinstance(codec, PlaceholderCodec)
 
