@@ -1,5 +1,6 @@
 """``megafusion data prepare``: shards -> tokenized, indexed dataset on disk
-(and ``megafusion data export-builtin``: a built-in set as a JSONL shard, to try it on).
+(and ``megafusion data export-builtin``: a built-in set as a JSONL shard, to try it on;
+``megafusion data index``: a run's sample index, built ahead of the run).
 
     megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER \\
         --output PREFIX [--seq-length 64] [--image-size 16 --patch-size 2 --pixel-levels 4]
@@ -50,13 +51,13 @@ import sys
 import uuid
 
 from megafusion.commands.main import run
-from megafusion.commands.parsing import add_output, command_parser, subcommand
+from megafusion.commands.parsing import add_config, add_output, command_parser, config_paths, subcommand
 from megafusion.core.errors import DataError, UsageError
 from megafusion.core.io import ensure_writable_file_parent
 from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
-SUBCOMMANDS = ("prepare", "export-builtin")
+SUBCOMMANDS = ("prepare", "export-builtin", "index")
 # model.seq_length's default: the length a dataset is trained at unless the run says otherwise.
 DEFAULT_SEQ_LENGTH = 64
 
@@ -94,6 +95,20 @@ with a caption each) as a JSONL shard with its images as PNG files beside it: da
 tokenizer train`, `megafusion data prepare` and data.blend on without a download."""
 
 
+INDEX_EXAMPLES = (
+    "megafusion data index --config run.yaml",
+    "megafusion data index --config examples/configs/tiny_mixed.yaml data.source=indexed data.path=data/my_set "
+    "data.tokenizer=my_spm.model",
+)
+
+INDEX_DESCRIPTION = """\
+Build the sample index of a run's indexed data (data.path or every dataset of data.blend) in this one
+process, as the run's first rank would: the full check of the files, the held-out split, the packed
+rows and the epoch orders, cached under data.index_cache (default PREFIX.index/). Run it once before a
+large multi-node job: the job then starts at once instead of holding every rank at a barrier (10
+minutes at most) while its first rank builds the index."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = command_parser(
         PROG, "Prepare pretokenized datasets (see megafusion data prepare --help).", PREPARE_EXAMPLES[:1]
@@ -110,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--image-size", type=int, default=16, help="image side in pixels (default 16)")
     export.add_argument("--seed", type=int, default=0, help="shapes: generator seed (default 0)")
     add_output(export, "the shard to write (images go to <stem>_images/ beside it)", metavar="FILE.jsonl")
+    index = subcommand(sub, "index", "build a run's sample index ahead of the run", INDEX_DESCRIPTION, INDEX_EXAMPLES)
+    add_config(index)
+    parser.index_parser = index  # parsed on its own: overrides may sit between the flags
     prep.add_argument(
         "--input",
         action="append",
@@ -384,8 +402,36 @@ def export_builtin(args) -> int:
     return 0
 
 
+def build_index(argv: list[str]) -> int:
+    """``megafusion data index``: the run's sample index, built here (see INDEX_DESCRIPTION)."""
+    import time
+
+    from megafusion.config import load_config, validate
+
+    args = _parser().index_parser.parse_intermixed_args(argv)
+    if not args.config:
+        raise UsageError("--config FILE is required: the run whose data to index")
+    cfg = load_config(config_paths(args.config), args.overrides)
+    p = cfg.parallel
+    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
+    if cfg.data.source != "indexed":
+        raise UsageError(f"data.source={cfg.data.source} has no sample index: it is for data.source=indexed")
+    from megafusion.data.sample_index import default_cache
+    from megafusion.data.sources import blend_entries, build_data
+
+    start = time.perf_counter()
+    data = build_data(cfg)
+    for line in data.describe().splitlines():
+        print(line)
+    where = ", ".join(cfg.data.index_cache or default_cache(path) for path, _, _ in blend_entries(cfg))
+    print(f"sample index ready in {time.perf_counter() - start:.1f} s: {where}")
+    return 0
+
+
 def prepare_command(argv: list[str]) -> int:
     """``argv`` is what follows ``megafusion data`` (e.g. ``["prepare", "--input", ...]``)."""
+    if argv and argv[0] == "index":
+        return build_index(argv[1:])  # section.key=value overrides may sit between the flags
     args = _parser().parse_args(argv)
     if args.command == "export-builtin":
         return export_builtin(args)

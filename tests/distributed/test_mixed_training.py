@@ -133,6 +133,9 @@ def test_raw_shards_to_indexed_dataset_to_training(tmp_path):
         "checkpoint.interval=2",
         f"checkpoint.dir={tmp_path / 'blend_ckpt'}",
     ]
+    # Built ahead of the run (as before a multi-node job), then found by it.
+    ready = cli("data", "index", "--config", "tests/configs/mixed_small.yaml", *blend[:3])
+    assert "sample index ready" in ready and (tmp_path / "copy.index").is_dir()
     straight, _, out = run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", blend, "blend")
     assert "blend train: 2 datasets, token shares ds 0.700, copy 0.300" in out
     records = [json.loads(line) for line in (tmp_path / "blend" / "metrics.jsonl").read_text().splitlines()]
