@@ -423,7 +423,9 @@ def _load_arrays(prefix: str, meta: dict):
 
 
 def read_indexed(prefix: str) -> tuple[list[TokenizedDocument], dict]:
-    """All documents of the dataset at ``prefix`` (in written order) and its meta.
+    """All documents of the dataset at ``prefix`` (in written order) and its meta, in memory: for
+    tools and tests (the in-memory reference); training streams instead
+    (:mod:`megafusion.data.formats.indexed_reader`).
 
     Tokens come back as int64, modalities per token as uint8, ``source`` as written. Every
     inconsistency (missing file, truncated file, unreadable meta, counts that do not match)

@@ -14,7 +14,9 @@ array ``[images, C, h, w]`` in document, then image order: document ``d``'s imag
 - ``read_latents``: the array, after checking the file against that meta entry (missing,
   truncated, corrupt or swapped files are a ``DataError`` naming the file and the fix).
 - ``attach_latents``: puts each document's latents in ``TokenizedDocument.meta["latents"]``,
-  where ``encode_transfusion_document`` puts them on the built-in path.
+  where ``encode_transfusion_document`` puts them on the built-in path (with ``read_latents``:
+  the in-memory reading of tools and tests; training memory-maps the file,
+  :mod:`megafusion.data.formats.indexed_reader`).
 """
 
 from __future__ import annotations
