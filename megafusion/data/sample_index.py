@@ -61,7 +61,12 @@ def data_id(documents: IndexedDocuments) -> str:
     """The dataset's content identity: its files' checksums, as its meta records them."""
     files = documents.meta["files"]
     latents = documents.meta.get("latents", {}).get("blake2b", "")
-    text = f"{INDEX_VERSION}:{files.get('bin_blake2b')}:{files.get('idx_blake2b')}:{latents}"
+    # The name and sizes too: a dataset whose meta has no checksums still gets an id of its own.
+    name = os.path.basename(documents.prefix)
+    text = (
+        f"{INDEX_VERSION}:{name}:{files.get('bin_bytes')}:{documents.num_documents}:"
+        f"{files.get('bin_blake2b')}:{files.get('idx_blake2b')}:{latents}"
+    )
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -147,7 +152,7 @@ def _scores(documents: IndexedDocuments, folder: str, seed: int) -> np.ndarray:
 def _split_tokens(documents: IndexedDocuments, held: np.ndarray) -> dict[str, np.ndarray]:
     """Tokens per modality of the train and the held-out documents, from the index alone, in
     chunks of documents (nothing per item is held for the whole dataset)."""
-    items, modes, lengths = documents._doc_items, documents._modes, documents._lengths
+    items, modes, lengths = documents.document_items, documents.item_modes, documents.item_lengths
     totals = {"train": np.zeros(NUM_MODALITIES, np.int64), "val": np.zeros(NUM_MODALITIES, np.int64)}
     for a in range(0, documents.num_documents, CHUNK):
         b = min(a + CHUNK, documents.num_documents)

@@ -52,12 +52,14 @@ class IndexedDocuments:
             ) from err
         index = self._dataset.index
         self.dtype = np.dtype(index.dtype)
-        self._lengths = index.sequence_lengths
-        self._pointers = index.sequence_pointers
-        self._doc_items = index.document_indices
+        # The index arrays, memory-mapped: per item (a same-modality run) its length, byte offset
+        # and mode; per document its first item (``documents + 1`` entries).
+        self.item_lengths = index.sequence_lengths
+        self.item_pointers = index.sequence_pointers
+        self.document_items = index.document_indices
         # IndexedDataset.sequence_modes asserts on an array's truth value: read the index's own.
-        self._modes = index.sequence_modes
-        self.num_documents = int(self._doc_items.shape[0] - 1)
+        self.item_modes = index.sequence_modes
+        self.num_documents = int(self.document_items.shape[0] - 1)
         self._latents = None
         self._latent_starts = None
         self._sources = None  # decoded on the first message that needs one
@@ -74,20 +76,20 @@ class IndexedDocuments:
         out = np.empty(self.num_documents, dtype=np.int64)
         for a in range(0, self.num_documents, chunk):
             b = min(a + chunk, self.num_documents)
-            bounds = np.asarray(self._doc_items[a : b + 1], dtype=np.int64)
-            ends = np.concatenate([[0], np.cumsum(self._lengths[bounds[0] : bounds[-1]], dtype=np.int64)])
+            bounds = np.asarray(self.document_items[a : b + 1], dtype=np.int64)
+            ends = np.concatenate([[0], np.cumsum(self.item_lengths[bounds[0] : bounds[-1]], dtype=np.int64)])
             out[a:b] = np.diff(ends[bounds - bounds[0]])
         return out
 
     def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (int64) and per-token modalities (uint8) of document ``d``."""
-        lo, hi = int(self._doc_items[d]), int(self._doc_items[d + 1])
-        lengths = np.asarray(self._lengths[lo:hi], dtype=np.int64)
+        lo, hi = int(self.document_items[d]), int(self.document_items[d + 1])
+        lengths = np.asarray(self.item_lengths[lo:hi], dtype=np.int64)
         # A document's items are contiguous in the .bin: one read.
         tokens = self._dataset.bin_reader.read(
-            dtype=self.dtype, count=int(lengths.sum()), offset=int(self._pointers[lo])
+            dtype=self.dtype, count=int(lengths.sum()), offset=int(self.item_pointers[lo])
         )
-        modalities = np.repeat(np.asarray(self._modes[lo:hi], dtype=np.uint8), lengths)
+        modalities = np.repeat(np.asarray(self.item_modes[lo:hi], dtype=np.uint8), lengths)
         return tokens.astype(np.int64), modalities
 
     def source(self, d: int) -> str:
@@ -122,9 +124,9 @@ class IndexedDocuments:
                 f"{info['dtype']} {want}; {rerun}"
             )
         # One image per image-mode item (an image is <boi> patches <eoi>, the markers being text).
-        image_items = np.asarray(self._modes, dtype=np.int64) == int(Modality.IMAGE)
+        image_items = np.asarray(self.item_modes, dtype=np.int64) == int(Modality.IMAGE)
         per_item = np.concatenate([[0], np.cumsum(image_items, dtype=np.int64)])
-        self._latent_starts = per_item[np.asarray(self._doc_items, dtype=np.int64)]
+        self._latent_starts = per_item[np.asarray(self.document_items, dtype=np.int64)]
         if int(self._latent_starts[-1]) != want[0]:
             raise DataError(
                 f"{latents_path(self.prefix)}: {want[0]} latents, but the documents of {self.prefix}.bin hold "
@@ -141,16 +143,16 @@ class IndexedDocuments:
             self.prefix,
             self.meta,
             self.dtype,
-            np.asarray(self._lengths, dtype=np.int64),
-            np.asarray(self._pointers, dtype=np.int64),
-            np.asarray(self._doc_items, dtype=np.int64),
-            np.asarray(self._modes, dtype=np.int64),
+            np.asarray(self.item_lengths, dtype=np.int64),
+            np.asarray(self.item_pointers, dtype=np.int64),
+            np.asarray(self.document_items, dtype=np.int64),
+            np.asarray(self.item_modes, dtype=np.int64),
         )
         if self.has_latents:
             check_latent_file(self.prefix, self.meta, checksum=True)
         # Token ids below the vocabulary, read in blocks (a corrupt .bin is caught here, not as an
         # index error deep inside the embedding).
-        total, block, vocab = int(np.sum(self._lengths, dtype=np.int64)), 1 << 24, int(self.meta["vocab_size"])
+        total, block, vocab = int(np.sum(self.item_lengths, dtype=np.int64)), 1 << 24, int(self.meta["vocab_size"])
         for first in range(0, total, block):
             count = min(block, total - first)
             chunk = self._dataset.bin_reader.read(dtype=self.dtype, count=count, offset=first * self.dtype.itemsize)
