@@ -452,24 +452,52 @@ def test_exports_only_llamas_and_bad_rope_scaling_is_named():
         load_config(None, ["model.rope_scaling=8"])
 
 
-@pytest.mark.slow
+CONVERT_CASES = """
+import contextlib, io, json, sys
+from megafusion.commands.main import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out.append([main(["convert", *argv]), err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def convert_refusals(*cases: list) -> list[tuple[int, str]]:
+    """``megafusion convert`` on each argv in turn, in ONE fresh process: (status, stderr) of each."""
+    argv = json.dumps([[str(a) for a in case] for case in cases])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERT_CASES, argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [tuple(r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
 def test_bad_command_line_inputs_are_refused(tmp_path, models):
     _, found = models
-    proc = convert("hf-to-mf", "--hf", tmp_path / "nowhere", "--output", tmp_path / "x")
-    assert proc.returncode == 2 and "is not a directory" in proc.stderr
     biased = tmp_path / "biased"
     biased.mkdir()
     config = json.loads((found["untied"][0] / "config.json").read_text())
     (biased / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
-    proc = convert("hf-to-mf", "--hf", biased, "--output", tmp_path / "x")
-    assert proc.returncode == 2 and "attention_bias=true" in proc.stderr
     binary = tmp_path / "binary"
     binary.mkdir()
     (binary / "config.json").write_text(json.dumps(config))
     (binary / "pytorch_model.bin").write_bytes(b"")
-    proc = convert("hf-to-mf", "--hf", binary, "--output", tmp_path / "x")
-    assert proc.returncode == 2 and "only safetensors" in proc.stderr and "pytorch_model.bin" in proc.stderr
-    proc = convert("hf-to-mf", "--hf", found["untied"][0], "--output", tmp_path / "x", "--vocab-size", "100")
-    assert proc.returncode == 2 and "--vocab-size 100 is smaller than the HF vocabulary (200 rows)" in proc.stderr
-    proc = convert("mf-to-hf", "--input", tmp_path / "nowhere", "--output", tmp_path / "y")
-    assert proc.returncode == 2 and "neither a megafusion checkpoint" in proc.stderr
+    results = convert_refusals(
+        ["hf-to-mf", "--hf", tmp_path / "nowhere", "--output", tmp_path / "x"],
+        ["hf-to-mf", "--hf", biased, "--output", tmp_path / "x"],
+        ["hf-to-mf", "--hf", binary, "--output", tmp_path / "x"],
+        ["hf-to-mf", "--hf", found["untied"][0], "--output", tmp_path / "x", "--vocab-size", "100"],
+        ["mf-to-hf", "--input", tmp_path / "nowhere", "--output", tmp_path / "y"],
+    )
+    expected = [
+        ["is not a directory"],
+        ["attention_bias=true"],
+        ["only safetensors", "pytorch_model.bin"],
+        ["--vocab-size 100 is smaller than the HF vocabulary (200 rows)"],
+        ["neither a megafusion checkpoint"],
+    ]
+    for (status, err), fragments in zip(results, expected):
+        assert status == 2 and all(f in err for f in fragments), (status, err, fragments)
