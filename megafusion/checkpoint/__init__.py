@@ -10,58 +10,50 @@ Layout of ``checkpoint.dir``::
 
 The package by concern:
 
-- ``io``: save and load (model, optimizer, scheduler, progress), ``latest`` and pruning;
+- ``directory``: a run's checkpoint directory: step directories, ``latest`` (rebuilt when it is
+  lost), which step a run resumes from;
+- ``io``: save and load (model, optimizer, scheduler, progress) and pruning;
 - ``manifest``: what ``megafusion.json`` records (the model keys a resume compares, asked of the
   model family and the objective), reading it, and the run config a tool rebuilds a model from;
 - ``integrity``: checksums of every file, recorded at save and verified before a load;
 - ``warm_start``: ``checkpoint.init_from`` (which differences a new run may bridge, and how);
 - ``mcore_patches``: the megatron-core 0.16.1 workarounds, with the version check.
 
-Importers use ``from megafusion import checkpoint as ck`` and the names below.
+Importers use ``from megafusion import checkpoint as ck`` and the names below. They are imported on
+first use, so ``directory``, ``manifest`` and ``integrity`` serve callers that must not import torch
+(the training command checks a run's directory before it does).
 """
 
-from megafusion.checkpoint.io import (
-    checkpoint_to_resume,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    resolve_checkpoint,
-    resolve_dir,
-    save_checkpoint,
-    save_weights,
-    step_dir,
-    verify_checkpoint,
-)
-from megafusion.checkpoint.manifest import (
-    LATEST,
-    MANIFEST,
-    check_compatible,
-    data_position,
-    model_keys,
-    read_manifest,
-    run_config,
-)
-from megafusion.checkpoint.warm_start import WarmStart
-from megafusion.core.errors import CheckpointError
+import importlib
 
-__all__ = [
-    "CheckpointError",
-    "LATEST",
-    "MANIFEST",
-    "WarmStart",
-    "check_compatible",
-    "data_position",
-    "checkpoint_to_resume",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "load_weights",
-    "model_keys",
-    "read_manifest",
-    "resolve_checkpoint",
-    "resolve_dir",
-    "run_config",
-    "save_checkpoint",
-    "save_weights",
-    "step_dir",
-    "verify_checkpoint",
-]
+_WHERE = {
+    "CheckpointError": "megafusion.core.errors",
+    **dict.fromkeys(
+        (
+            "checkpoint_to_resume",
+            "complete_steps",
+            "latest_checkpoint",
+            "recover_latest",
+            "resolve_checkpoint",
+            "resolve_dir",
+            "step_dir",
+        ),
+        "megafusion.checkpoint.directory",
+    ),
+    **dict.fromkeys(
+        ("load_checkpoint", "load_weights", "save_checkpoint", "save_weights", "verify_checkpoint"),
+        "megafusion.checkpoint.io",
+    ),
+    **dict.fromkeys(
+        ("LATEST", "MANIFEST", "check_compatible", "data_position", "model_keys", "read_manifest", "run_config"),
+        "megafusion.checkpoint.manifest",
+    ),
+    "WarmStart": "megafusion.checkpoint.warm_start",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'megafusion.checkpoint' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

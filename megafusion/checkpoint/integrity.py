@@ -20,8 +20,6 @@ import json
 import re
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import file_digest
 
@@ -30,7 +28,19 @@ SEAL_KEY = "digest"
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
+def _dist():
+    """torch.distributed, imported on use: a run's directory is checked before torch is imported."""
+    import torch.distributed as dist
+
+    return dist
+
+
 def _world() -> tuple[int, int]:
+    import sys
+
+    if "torch" not in sys.modules:  # no process group without torch
+        return 0, 1
+    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -56,7 +66,7 @@ def record_files(path: Path, skip: tuple[str, ...] = ()) -> dict | None:
         parts = [mine]
     else:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object(mine, parts, dst=0)
+        _dist().gather_object(mine, parts, dst=0)
     if rank != 0:
         return None
     table = {}
@@ -90,7 +100,7 @@ def verify_files(path: Path, manifest: dict, fallback: str = "") -> bool:
             problems.append(f"{name} does not match its checksum (flipped or overwritten bytes)")
     if world > 1:
         everyone = [None] * world
-        dist.all_gather_object(everyone, problems)
+        _dist().all_gather_object(everyone, problems)
         problems = sorted(p for part in everyone for p in part)
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")

@@ -25,20 +25,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megafusion.checkpoint import integrity, mcore_patches
+from megafusion.checkpoint.directory import latest_size, step_dir
 from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, read_manifest, write_manifest
 from megafusion.checkpoint.warm_start import WarmStart
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import atomic_write
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step_{step:07d}"
-
-
-def resolve_dir(cfg) -> Path:
-    return Path(cfg.checkpoint.dir or os.path.join(cfg.logging.out_dir, "checkpoints"))
 
 
 def _model_state(model) -> dict:
@@ -104,13 +97,15 @@ def save_checkpoint(
     cfg,
     data_meta: dict | None,
     keep_last: int,
-    flops_total: float = 0.0,
+    progress: dict | None = None,
 ) -> Path:
     """Save on every rank; returns the step directory (complete and verified when this returns).
 
     Any failure (no space, an unwritable directory, a writer error on any rank) raises the same
     ``CheckpointError`` on every rank, naming the path and the cause; the partial directory is
-    removed and ``latest`` keeps naming the last complete checkpoint."""
+    removed and ``latest`` keeps naming the last complete checkpoint. ``progress``: what the run
+    keeps besides the step and the consumed samples (FLOPs so far, recent losses), given back by
+    :func:`load_checkpoint`."""
     root = Path(root)
     path = step_dir(root, step)
     mcore_patches.no_writer_manager()
@@ -118,7 +113,7 @@ def save_checkpoint(
     failure = None
     try:
         if dist.get_rank() == 0:
-            _check_free_space(root, needed)
+            _check_free_space(root, needed, cfg.checkpoint.space_margin)
             if path.exists():  # a leftover of an interrupted save of the same step
                 shutil.rmtree(path)
             path.mkdir(parents=True)
@@ -130,7 +125,7 @@ def save_checkpoint(
         try:
             state = _sharded_state_dict(model, optimizer, is_loading=False)
             state["scheduler"] = scheduler.state_dict()
-            state["progress"] = {"step": step, "consumed_samples": consumed_samples, "flops_total": flops_total}
+            state["progress"] = {"step": step, "consumed_samples": consumed_samples, **(progress or {})}
             with _injected_write_error(step, path):
                 dist_checkpointing.save(state, str(path))
             _fault_point("after_shards", step)
@@ -237,15 +232,6 @@ def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def latest_size(root: Path) -> int | None:
-    try:
-        path = latest_checkpoint(root)
-        files = read_manifest(path).get(integrity.FILES_KEY) if path else None
-    except CheckpointError:
-        return None
-    return sum(size for size, _ in files.values()) if files else None
-
-
 def _free_bytes(path: Path) -> int | None:
     for p in (path, *path.parents):
         if p.exists():
@@ -260,14 +246,16 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _check_free_space(root: Path, needed: int) -> None:
+def _check_free_space(root: Path, needed: int, margin: float) -> None:
+    """Refuse a save the disk cannot hold: it needs ``needed`` bytes x (1 + ``margin``) free."""
     root.mkdir(parents=True, exist_ok=True)
     free = _free_bytes(root)
-    margin = needed // 10 + 2**24  # the manifest, filesystem overhead, estimate error
-    if free is not None and free < needed + margin:
+    wanted = int(needed * (1 + margin))
+    if free is not None and free < wanted:
         raise CheckpointError(
-            f"not enough free space in {root}: the checkpoint needs about {_gb(needed)}, {_gb(free)} are free; "
-            f"free space there (e.g. lower checkpoint.keep_last) or point checkpoint.dir at a larger disk"
+            f"not enough free space in {root}: the checkpoint needs about {_gb(needed)} and checkpoint.space_margin="
+            f"{margin:g} asks for {_gb(wanted)} free, {_gb(free)} are; free space there (e.g. lower "
+            f"checkpoint.keep_last), point checkpoint.dir at a larger disk, or lower checkpoint.space_margin"
         )
 
 
@@ -291,34 +279,6 @@ def _injected_write_error(step: int, path: Path):
     return contextlib.nullcontext()
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a run's checkpoint directory (then the step ``latest`` names)."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    found = latest_checkpoint(path) if (path / LATEST).exists() else None
-    if found is None:
-        raise CheckpointError(
-            f"{path} is neither a megafusion checkpoint (no {MANIFEST}) nor a checkpoint "
-            f"directory with a '{LATEST}' file: give a step directory or a run's checkpoint.dir"
-        )
-    return found
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory ``latest`` names, or None when there is no complete checkpoint."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / MANIFEST).exists():
-        raise CheckpointError(
-            f"{pointer} names {path}, which is not a complete megafusion checkpoint (no {MANIFEST}): "
-            f"point {pointer} at a complete step directory, or delete it to start from scratch"
-        )
-    return path
-
-
 def verify_checkpoint(path: Path, verify: bool = True) -> str:
     """Check the manifest's seal and every file's checksum (all ranks); returns what was checked."""
     manifest = read_manifest(path)
@@ -327,20 +287,6 @@ def verify_checkpoint(path: Path, verify: bool = True) -> str:
     if integrity.verify_files(Path(path), manifest, integrity.fallback(path)):
         return f"{len(manifest[integrity.FILES_KEY])} files verified"
     return "no checksums recorded (saved by an older megafusion): files not verified"
-
-
-def checkpoint_to_resume(root: str | Path, load_step: int | None = None) -> Path | None:
-    """The step directory a run resumes from: ``checkpoint.load_step``'s, else the one ``latest`` names."""
-    if load_step is None:
-        return latest_checkpoint(root)
-    path = step_dir(root, load_step)
-    if not (path / MANIFEST).is_file():
-        complete = sorted(p.name for p in Path(root).glob("step_*") if (p / MANIFEST).is_file())
-        raise CheckpointError(
-            f"checkpoint.load_step={load_step}: {path} is not a complete checkpoint; complete ones in {root}: "
-            f"{', '.join(complete) or 'none'}"
-        )
-    return path
 
 
 def load_weights(path: Path, model, warm: WarmStart | None = None, verify: bool = True) -> str:

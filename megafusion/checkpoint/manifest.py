@@ -156,7 +156,13 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
         raise CheckpointError(
             f"checkpoint {path} does not fit this run:\n  - "
             + "\n  - ".join(diffs)
-            + "\nuse the checkpoint's settings, or start fresh with checkpoint.resume=false or another checkpoint.dir"
+            + (
+                f"\nset these keys to the checkpoint's values, or give checkpoint.init_from a checkpoint of this "
+                f"model (now {path})"
+                if weights_only
+                else "\nuse the checkpoint's settings, or start a new run elsewhere (another logging.out_dir and "
+                "checkpoint.dir, or --overwrite to delete this one)"
+            )
             + upcycle
         )
     return warm

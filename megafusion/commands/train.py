@@ -115,6 +115,12 @@ def train_command(argv: list[str]) -> int:
         forwarded = [a for a in argv if a not in ("--dry-run", "--overwrite")]
         return dry_run.main(forwarded + ([OVERWRITE] if args.overwrite else []))
     cfg = load_and_validate(args.config, args.overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        # The run's directories are checked and claimed before torch is imported: a refusal
+        # (another run holds them, a changed data setting on resume) takes well under a second.
+        from megafusion.training import run_dir
+
+        run_dir.prepare(cfg, print)
     from megafusion.training.trainer import train
 
     train(cfg)

@@ -225,9 +225,13 @@ class CheckpointConfig:
     # is damaged); a run that then saves moves `latest` on from there.
     load_step: int | None = None
     verify: bool = True  # check every file's checksum before loading a checkpoint
-    # true (`megafusion train --overwrite`): a run may start in a logging.out_dir / checkpoint.dir
-    # that holds another run; that run's checkpoints and metrics are deleted first.
+    # true (`megafusion train --overwrite`): start a new run in a logging.out_dir / checkpoint.dir
+    # that holds another run (or this one), deleting its checkpoints and metrics first. A requeued
+    # SLURM job (the same SLURM_JOB_ID) resumes instead of deleting what it saved itself.
     overwrite: bool = False
+    # A save starts only when the disk holds the checkpoint's expected size (the last one's, else
+    # an estimate from the parameters) x (1 + space_margin); 0: the size alone.
+    space_margin: float = 0.1
 
 
 @dataclass

@@ -197,6 +197,11 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         at_least(key, v, low)
     if c.load_step is not None:
         at_least("checkpoint.load_step", c.load_step, 1)
+    if not c.space_margin >= 0:
+        problems.append(
+            f"checkpoint.space_margin={c.space_margin} must be >= 0 (the free space a save asks for beyond the "
+            f"checkpoint's size, as a fraction of it): e.g. 0.1"
+        )
     if not t.spike_factor >= 0 or 0 < t.spike_factor <= 1:
         problems.append(
             f"train.spike_factor={t.spike_factor} must be > 1 (a multiple of the running mean loss) or 0 (off)"

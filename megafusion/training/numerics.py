@@ -81,13 +81,17 @@ def weights_finite(model, device) -> bool:
 
 
 class SpikeWatch:
-    """Loss spikes: a finite loss above ``factor`` x the mean of the last SPIKE_WINDOW finite losses."""
+    """Loss spikes: a finite loss above ``factor`` x the mean of the last SPIKE_WINDOW finite losses.
+
+    ``recent`` is saved in every checkpoint and restored on resume, so a resumed run (e.g. with
+    another ``train.lr``) is watched from its first step."""
 
     def __init__(self, factor: float):
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
 
-    def check(self, step: int, loss: float) -> dict | None:
+    def check(self, step: int, loss: float, last_safe: str = "") -> dict | None:
+        """The spike event of ``step`` (None: none); ``last_safe`` says which checkpoint predates it."""
         event = None
         if self.factor and len(self.recent) >= min(5, SPIKE_WINDOW):
             mean = sum(self.recent) / len(self.recent)
@@ -99,7 +103,8 @@ class SpikeWatch:
                     "running_mean": mean,
                     "ratio": loss / mean,
                     "message": f"loss spike at step {step}: {loss:.4f} = {loss / mean:.1f}x the mean "
-                    f"{mean:.4f} of the last {len(self.recent)} steps (train.spike_factor={self.factor:g})",
+                    f"{mean:.4f} of the last {len(self.recent)} steps (train.spike_factor={self.factor:g})"
+                    + (f"; at this step {last_safe}" if last_safe else ""),
                 }
         self.recent.append(loss)
         return event

@@ -35,7 +35,7 @@ from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
 from megafusion.runtime import initialize, seed_everything, stage_channel
 from megafusion.runtime.children import die_with_parent
-from megafusion.training import numerics, resume_changes, run_dir
+from megafusion.training import numerics, resume_changes, run_dir, run_lock
 from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, duration, memory_gb
@@ -82,6 +82,7 @@ class Trainer:
         self.forward_step = make_forward_step(cfg, runtime.device)
         self.forward_backward = get_forward_backward_func()
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
+        self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
 
     def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
@@ -352,6 +353,7 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
     )
     resume_changes.apply_optimizer_settings(trainer.optimizer, cfg)
     trainer.flops_seen = float(progress.get("flops_total", 0.0))
+    trainer.spikes.recent.extend(progress.get("recent_losses", ()))  # none in checkpoints from before
     return progress["step"], progress["consumed_samples"], f"resumed from {path} ({progress['verified']})", changes
 
 
@@ -373,6 +375,13 @@ def _modalities(fields: list[str]) -> str:
     return "; ".join(parts) or ", ".join(fields)
 
 
+def _last_safe(root: Path, saved_at: int | None) -> str:
+    """Which checkpoint a run stopped now would continue from, for the lines that say it stopped."""
+    if saved_at:
+        return f"the last checkpoint is {ckpt.step_dir(root, saved_at)}"
+    return "no checkpoint was saved yet"
+
+
 def _nan_message(cfg, record: dict, root: Path, saved_at: int | None) -> str:
     step, skipped = record["step"], record["skipped"]
     if skipped["what"] == "loss":
@@ -388,11 +397,12 @@ def _nan_message(cfg, record: dict, root: Path, saved_at: int | None) -> str:
             )
     else:
         what = f"the gradient norm is {record['grad_norm']} (losses finite: {record['loss']:.4f})"
-    kept = f"{root / ckpt.LATEST} names step {saved_at}" if saved_at else "no checkpoint was saved"
+    if cfg.train.on_nan == "skip":  # the run goes on: say what was dropped, not how to drop it
+        return f"step {step}: {what}; the step's update was not applied (train.on_nan=skip)"
     return (
-        f"step {step}: {what}; the step's update was not applied and nothing was saved ({kept}). Lower "
-        f"train.lr (now {cfg.train.lr:g}) or raise train.warmup_steps, check those samples, or resume with "
-        f"train.on_nan=skip to drop such steps"
+        f"step {step}: {what}; the step's update was not applied and nothing was saved "
+        f"({_last_safe(root, saved_at)}). Lower train.lr (now {cfg.train.lr:g}) or raise train.warmup_steps, check "
+        f"those samples, or resume with train.on_nan=skip to drop such steps"
     )
 
 
@@ -431,11 +441,11 @@ def _epochs_note(trainer: Trainer) -> str | None:
     )
 
 
-def _save(trainer: Trainer, root: Path, step: int, consumed: int) -> Path:
+def _save(trainer: Trainer, root: Path, step: int, consumed: int, saved_at: int | None) -> Path:
     if not numerics.weights_finite(trainer.model, trainer.rt.device):
         raise NumericsError(
             f"step {step}: some weights are not finite although the loss and gradient norm were: nothing was "
-            f"saved ({root / ckpt.LATEST} keeps the last checkpoint); lower train.lr or train.clip_grad"
+            f"saved ({_last_safe(root, saved_at)}); lower train.lr or train.clip_grad"
         )
     return ckpt.save_checkpoint(
         root,
@@ -447,25 +457,35 @@ def _save(trainer: Trainer, root: Path, step: int, consumed: int) -> Path:
         trainer.cfg,
         trainer.data.meta,
         trainer.cfg.checkpoint.keep_last,
-        flops_total=trainer.flops_seen,
+        # The recent losses, so that a resumed run watches for loss spikes from its first step.
+        progress={"flops_total": trainer.flops_seen, "recent_losses": list(trainer.spikes.recent)},
     )
 
 
 def train(cfg, runtime=None) -> list[float]:
-    runtime = runtime or initialize(cfg)
-    if cfg.model.attention_backend == "flex" and runtime.device.type != "cuda":
+    device = runtime.device.type if runtime else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.attention_backend == "flex" and device != "cuda":
         from megafusion.config import ConfigError
 
         # torch's FlexAttention runs forward on CPU but has no CPU backward (NotImplementedError
         # at the first step): say so before building anything.
         raise ConfigError(
             f"model.attention_backend=flex trains on CUDA only (torch's FlexAttention has no "
-            f"backward on {runtime.device.type}): use model.attention_backend=sdpa (or auto) here"
+            f"backward on {device}): use model.attention_backend=sdpa (or auto) here"
         )
+    try:
+        if int(os.environ.get("RANK", "0")) == 0:  # locks, a lost `latest`, another run's files
+            run_dir.prepare(cfg, print)
+        return _train(cfg, runtime or initialize(cfg))
+    finally:
+        run_lock.release_all()
+
+
+def _train(cfg, runtime) -> list[float]:
+    dist.barrier()  # rank 0 has prepared the directories: every rank reads what it left
     root = ckpt.resolve_dir(cfg)
     run_dir.check_output_paths(cfg, root)
     resume_from = ckpt.checkpoint_to_resume(root, cfg.checkpoint.load_step) if cfg.checkpoint.resume else None
-    run_dir.claim(cfg, root, resume_from is not None, print if runtime.is_logging_rank else lambda _: None)
     # The stop signals are handled from here on: a signal while the model is built stops the run
     # after its first step (saved), not with a half-built process killed outright.
     with StopSignals(cfg.train.stop_signals, cfg.train.stop_deadline_s, runtime.rank) as stop:
@@ -482,7 +502,7 @@ def train(cfg, runtime=None) -> list[float]:
         if note:
             log.say(note)
         losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None
-        spikes, skipped_in_a_row = numerics.SpikeWatch(t.spike_factor), 0
+        skipped_in_a_row = 0
         began = time.perf_counter()
         try:
             for step in range(start_step, t.steps):
@@ -498,12 +518,13 @@ def train(cfg, runtime=None) -> list[float]:
                     if skipped_in_a_row > t.nan_skip_limit:
                         raise NumericsError(
                             f"{skipped_in_a_row} steps in a row were not finite (train.nan_skip_limit="
-                            f"{t.nan_skip_limit}); the last: {message}"
+                            f"{t.nan_skip_limit}); the last: {message}. Stopped, nothing saved "
+                            f"({_last_safe(root, saved_at)}): lower train.lr (now {t.lr:g}), or check those samples"
                         )
                     log.event({"step": step + 1, "event": "skipped_step", "message": f"skipped: {message}"})
                 else:
                     skipped_in_a_row = 0
-                    spike = spikes.check(step + 1, record["loss"])
+                    spike = trainer.spikes.check(step + 1, record["loss"], _last_safe(root, saved_at))
                     if spike:
                         log.event(spike)
                 record.pop("skipped", None)
@@ -522,7 +543,7 @@ def train(cfg, runtime=None) -> list[float]:
                         last_val = val
                 stopping = stop.agreed(runtime.device)
                 if c.save and ((c.interval and (step + 1) % c.interval == 0) or done or stopping):
-                    saved_path = _save(trainer, root, step + 1, consumed)
+                    saved_path = _save(trainer, root, step + 1, consumed, saved_at)
                     saved_at = step + 1
                     log.say(f"[megafusion] saved checkpoint {saved_path}")
                 if stopping and not done:

@@ -6,12 +6,17 @@ bit-identical but for the paths recorded in the manifests), with what that code 
 them: the losses of steps 3 and 4 resumed from the checkpoint and, for the language models, the
 logits of ``tokens.pt`` (that commit's ``megafusion.logits`` refuses Transfusion checkpoints, so
 the Transfusion run is checked by its resumed losses alone). Through the stable entry points
-(``python -m megafusion.train`` / ``megafusion.logits``) today's code must give the same numbers:
-the logits exactly (same kernels, same order of operations, one process in fp32), the losses to
-1e-6 relative. The weights-only ``dense_to_mot`` conversion must give the dense model's logits
-exactly and start a new MoT run (``checkpoint.init_from``) with the losses that commit recorded.
+(``python -m megafusion.train`` / ``megafusion.logits``) today's code must give the same numbers.
 
-Each test copies its fixture to ``tmp_path`` first and runs its two processes side by side (two
+Recorded numbers come from another machine: a CPU with other vector units (AVX2 here, AVX-512
+there) sums a matmul in another order, so the recorded logits are compared at
+``RECORDED_ATOL`` (measured: up to 1.2e-7 apart on an AVX2-only EPYC; a wrong weight moves them by
+1e-2 and more) and the recorded losses at 1e-6 relative. What is computed in the same run on the
+same machine is compared bit for bit: the weights-only ``dense_to_mot`` conversion must give
+exactly the logits the dense checkpoint gives here, and start a new MoT run
+(``checkpoint.init_from``) with the losses that commit recorded.
+
+Each test copies its fixture to ``tmp_path`` first and runs its processes two at a time (two
 cores: the start-ups overlap).
 """
 
@@ -31,6 +36,10 @@ from megafusion.config import load_config
 from tests.helpers import ROOT, run_train
 
 FIXTURES = ROOT / "tests" / "fixtures" / "legacy_checkpoints"
+RECORDED_ATOL = 1e-5  # recorded on another CPU: see the module docstring
+# The dense fixture's logits computed on this machine (by whichever test needs them first): the
+# weights-only conversion's MoT logits must equal them bit for bit.
+_DENSE_LOGITS_HERE: dict[str, torch.Tensor] = {}
 
 
 def logits(ckpt, out) -> torch.Tensor:
@@ -83,7 +92,9 @@ def test_a_checkpoint_from_before_resumes_to_the_same_losses_and_logits(name, tm
     assert f"resumed from {ckpt / 'step_0000002'}" in out
     assert losses == pytest.approx(want, rel=1e-6)
     if got:
-        torch.testing.assert_close(got[0], torch.load(FIXTURES / name / "logits.pt"), rtol=0, atol=0)
+        torch.testing.assert_close(got[0], torch.load(FIXTURES / name / "logits.pt"), rtol=0, atol=RECORDED_ATOL)
+        if name == "dense":
+            _DENSE_LOGITS_HERE["dense"] = got[0]
 
 
 def test_a_weights_only_conversion_from_before_starts_a_run(tmp_path):
@@ -91,12 +102,19 @@ def test_a_weights_only_conversion_from_before_starts_a_run(tmp_path):
     converted = copy(FIXTURES / "dense_to_mot", tmp_path / "dense_to_mot")
     read = copy(converted, tmp_path / "read")
     overrides = [*expected["overrides"], f"checkpoint.init_from={converted}"]
-    (losses, _, out), got = side_by_side(
+    calls = [
         lambda: run_train(tmp_path, 1, expected["config"], overrides, "warm"),
         lambda: logits(read, tmp_path / "logits.pt"),
-    )
+    ]
+    if "dense" not in _DENSE_LOGITS_HERE:  # run alone: the dense checkpoint's logits on this machine
+        dense = copy(FIXTURES / "dense" / "checkpoints", tmp_path / "dense")
+        calls.append(lambda: logits(dense, tmp_path / "dense_logits.pt"))
+    (losses, _, out), got, *dense_here = side_by_side(*calls)
+    dense_here = dense_here[0] if dense_here else _DENSE_LOGITS_HERE["dense"]
     assert f"initialised from {converted}" in out and "resumed from" not in out
     assert losses == pytest.approx(expected["losses"], rel=1e-6)
-    # The MoT's text copies are the dense weights: the logits are the dense model's, bit for bit.
+    # The MoT's text copies are the dense weights: the logits are the dense model's, bit for bit
+    # (both computed here), and the recorded ones within the other machine's rounding.
     assert expected["logits_equal_dense"]
-    torch.testing.assert_close(got, torch.load(FIXTURES / "dense" / "logits.pt"), rtol=0, atol=0)
+    torch.testing.assert_close(got, dense_here, rtol=0, atol=0)
+    torch.testing.assert_close(got, torch.load(FIXTURES / "dense" / "logits.pt"), rtol=0, atol=RECORDED_ATOL)

@@ -10,7 +10,7 @@ import pytest
 
 from megafusion.checkpoint import io
 from megafusion.config import load_config
-from megafusion.core.errors import CheckpointError, ConfigError, UsageError
+from megafusion.core.errors import CheckpointError, UsageError
 from megafusion.training import resume_changes, run_dir
 from megafusion.training.numerics import SpikeWatch
 from tests.helpers import ROOT
@@ -21,10 +21,10 @@ Usage = namedtuple("Usage", "total used free")
 def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
     with pytest.raises(CheckpointError) as err:
-        io._check_free_space(tmp_path / "ckpt", needed=2**30)
+        io._check_free_space(tmp_path / "ckpt", needed=2**30, margin=0.1)
     assert str(tmp_path / "ckpt") in str(err.value) and "1.00 GiB" in str(err.value) and "1.0 MiB" in str(err.value)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * 2**30, 0, 10 * 2**30))
-    io._check_free_space(tmp_path / "ckpt", needed=2**30)  # room: no error
+    io._check_free_space(tmp_path / "ckpt", needed=2**30, margin=0.1)  # room: no error
 
 
 def test_loss_spikes_are_events_and_ordinary_noise_is_not():
@@ -82,20 +82,3 @@ def test_many_epochs_of_a_small_training_set_are_announced():
     assert "holds 40 rows" in note and "20 epochs" in note and "data.num_samples" in note
     assert _epochs_note(trainer(400)) is None  # 2 epochs: ordinary
     assert _epochs_note(SimpleNamespace(cfg=cfg, data=SimpleNamespace(train=object()))) is None  # endless data
-
-
-def test_a_run_restarting_before_its_first_save_may_change_train_recompute(runtime, tmp_path):
-    """Recomputation changes what is kept for the backward pass, not what the run computes: the same
-    run may restart in its directory with another ``train.recompute``; another ``train.lr`` is another run."""
-    import json
-
-    def cfg(*overrides):
-        return load_config(str(ROOT / "tests/configs/parity.yaml"), [f"logging.out_dir={tmp_path}", *overrides])
-
-    first = cfg()
-    (tmp_path / run_dir.RUN_RECORD).write_text(json.dumps({"config": first.to_dict()}))
-    (tmp_path / run_dir.METRICS).write_text("")  # it logged, then crashed before any checkpoint
-    run_dir.claim(cfg("train.recompute=full"), tmp_path / "checkpoints", False, print)
-    assert json.loads((tmp_path / run_dir.RUN_RECORD).read_text())["config"]["train"]["recompute"] == "full"
-    with pytest.raises(ConfigError, match="holds a run"):
-        run_dir.claim(cfg("train.lr=1e-4"), tmp_path / "checkpoints", False, print)
