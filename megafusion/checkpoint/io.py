@@ -50,20 +50,21 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def _complete(root: Path | None, path: Path, manifest: dict, keep_last: int = 0) -> None:
+def _complete(root: Path | None, path: Path, manifest: dict, keep_last: int = 0, pinned=()) -> None:
     """Rank 0 completes a checkpoint: manifest last, then (for a run directory) ``latest`` and pruning."""
     write_manifest(path, manifest)
     if root is not None:
         atomic_write(root / LATEST, path.name + "\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, pinned)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop older and incomplete ones."""
+def _prune(root: Path, keep_last: int, pinned=()) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints and the ``pinned`` ones; drop older and
+    incomplete ones."""
     latest = (root / LATEST).read_text().strip()
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     complete = [p for p in steps if (p / MANIFEST).exists()]
-    keep = set(complete[-keep_last:]) | {root / latest}
+    keep = set(complete[-keep_last:]) | {root / latest} | {Path(p) for p in pinned}
     for p in steps:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
@@ -98,6 +99,7 @@ def save_checkpoint(
     data_meta: dict | None,
     keep_last: int,
     progress: dict | None = None,
+    pinned=(),
 ) -> Path:
     """Save on every rank; returns the step directory (complete and verified when this returns).
 
@@ -105,7 +107,8 @@ def save_checkpoint(
     ``CheckpointError`` on every rank, naming the path and the cause; the partial directory is
     removed and ``latest`` keeps naming the last complete checkpoint. ``progress``: what the run
     keeps besides the step and the consumed samples (FLOPs so far, recent losses), given back by
-    :func:`load_checkpoint`."""
+    :func:`load_checkpoint`. ``pinned``: step directories pruning must keep (the last one before a
+    loss spike)."""
     root = Path(root)
     path = step_dir(root, step)
     mcore_patches.no_writer_manager()
@@ -132,7 +135,7 @@ def save_checkpoint(
             files = integrity.record_files(path)
             if dist.get_rank() == 0:
                 manifest = new_manifest(cfg, data_meta, step, consumed_samples, **{integrity.FILES_KEY: files})
-                _complete(root, path, manifest, keep_last)
+                _complete(root, path, manifest, keep_last, pinned)
         except BaseException as err:  # torch DCP's CheckpointException is a BaseException
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise

@@ -90,8 +90,8 @@ class SpikeWatch:
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
 
-    def check(self, step: int, loss: float, last_safe: str = "") -> dict | None:
-        """The spike event of ``step`` (None: none); ``last_safe`` says which checkpoint predates it."""
+    def check(self, step: int, loss: float) -> dict | None:
+        """The spike event of ``step`` (None: none)."""
         event = None
         if self.factor and len(self.recent) >= min(5, SPIKE_WINDOW):
             mean = sum(self.recent) / len(self.recent)
@@ -103,8 +103,7 @@ class SpikeWatch:
                     "running_mean": mean,
                     "ratio": loss / mean,
                     "message": f"loss spike at step {step}: {loss:.4f} = {loss / mean:.1f}x the mean "
-                    f"{mean:.4f} of the last {len(self.recent)} steps (train.spike_factor={self.factor:g})"
-                    + (f"; at this step {last_safe}" if last_safe else ""),
+                    f"{mean:.4f} of the last {len(self.recent)} steps (train.spike_factor={self.factor:g})",
                 }
         self.recent.append(loss)
         return event

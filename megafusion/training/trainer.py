@@ -83,6 +83,8 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
         self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
+        self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned
+        self.last_spike: int | None = None
 
     def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
@@ -459,6 +461,7 @@ def _save(trainer: Trainer, root: Path, step: int, consumed: int, saved_at: int 
         trainer.cfg.checkpoint.keep_last,
         # The recent losses, so that a resumed run watches for loss spikes from its first step.
         progress={"flops_total": trainer.flops_seen, "recent_losses": list(trainer.spikes.recent)},
+        pinned=trainer.pinned,
     )
 
 
@@ -524,8 +527,18 @@ def _train(cfg, runtime) -> list[float]:
                     log.event({"step": step + 1, "event": "skipped_step", "message": f"skipped: {message}"})
                 else:
                     skipped_in_a_row = 0
-                    spike = trainer.spikes.check(step + 1, record["loss"], _last_safe(root, saved_at))
+                    spike = trainer.spikes.check(step + 1, record["loss"])
                     if spike:
+                        # The first spike of an episode (none in the steps the running mean spans)
+                        # pins the checkpoint saved before it, which later saves would prune.
+                        first = trainer.last_spike is None or step + 1 - trainer.last_spike > numerics.SPIKE_WINDOW
+                        trainer.last_spike = step + 1
+                        before = ckpt.step_dir(root, saved_at) if saved_at and c.save and first else None
+                        if before is not None and before not in trainer.pinned:
+                            trainer.pinned.append(before)
+                            spike["message"] += (
+                                f"; {before}, saved before it, is kept (checkpoint.keep_last will not prune it)"
+                            )
                         log.event(spike)
                 record.pop("skipped", None)
                 losses.append(record["loss"])
