@@ -85,7 +85,10 @@ def recover_latest(root: str | Path, verify: bool, say) -> Path | None:
         atomic_write(root / LATEST, path.name + "\n")
         also = f"; newer ones failed verification: {', '.join(rejected)}" if rejected else ""
         how = "verified" if verify else "its manifest checked (checkpoint.verify=false)"
-        say(f"[megafusion] {root / LATEST} {state}: rebuilt it to name {path.name}, the newest complete checkpoint ({how}{also})")
+        say(
+            f"[megafusion] {root / LATEST} {state}: rebuilt it to name {path.name}, the newest complete "
+            f"checkpoint ({how}{also})"
+        )
         return path
     raise CheckpointError(
         f"{root / LATEST} {state}, and none of the complete checkpoints verifies: {'; '.join(rejected)}. "

@@ -47,6 +47,10 @@ def _env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def _tail(proc: subprocess.Popen) -> str:
+    return proc.stdout.read()[-3000:] if proc.poll() is not None else "still running"
+
+
 def _run(cmd: list[str], rc: int = 0) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
@@ -69,7 +73,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
         deadline = time.time() + 240
         # Until A has saved 6 steps: the recent losses in its checkpoint fill the spike watch's window.
         while not (ckpt / "latest").exists() or (ckpt / "latest").read_text().strip() < "step_0000006":
-            assert a.poll() is None and time.time() < deadline, (a.stdout.read() if a.poll() is not None else "")[-3000:]
+            assert a.poll() is None and time.time() < deadline, _tail(a)
             time.sleep(0.2)
         began = time.perf_counter()
         refused = _run(_command(tmp_path / "b", ckpt, "train.steps=3", "train.lr=1e-2"), rc=2)
