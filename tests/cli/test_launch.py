@@ -290,12 +290,19 @@ def test_sbatch_runs_one_torchrun_per_node(fake_slurm):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     argv = capture.with_suffix(".argv").read_text().splitlines()
-    i = argv.index("-m")  # python -m torch.distributed.run
-    srun_args, launcher = argv[: i - 1], argv[i - 1 : i + 2]
-    assert launcher == [sys.executable, "-m", "torch.distributed.run"]
+    # python launch/torchrun_report.py --log <one file per node> -- <torchrun's arguments>
+    i = argv.index(sys.executable)
+    srun_args, launcher = argv[:i], argv[i : argv.index("--") + 1]
+    assert launcher == [
+        sys.executable,
+        str(ROOT / "launch/torchrun_report.py"),
+        "--log",
+        f"{cwd}/logs/123456/torchrun/agent-node%n.log",
+        "--",
+    ]
     assert "--nodes=2" in srun_args and "--ntasks-per-node=1" in srun_args and "--ntasks=2" in srun_args
     assert "--cpus-per-task=64" in srun_args and "--kill-on-bad-exit=1" in srun_args
-    rest = argv[i + 2 :]
+    rest = argv[argv.index("--") + 1 :]
 
     def flag(name):
         return rest[rest.index(name) + 1]
