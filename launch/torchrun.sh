@@ -5,21 +5,25 @@
 #
 # The ranks print on the console as under plain torchrun; torchrun's own messages (and the
 # traceback it prints whenever a rank exits non-zero, a clean stop on a signal included) go to
-# logs/torchrun-<date>-<pid>.log (TORCHRUN_LOG=FILE to choose). The run ends with one line and
-# the exit status says how (launch/torchrun_report.py):
+# logs/torchrun-<date>-<pid>.log (TORCHRUN_LOG=FILE to choose). The exit status says how the
+# run ended, and every outcome but 0 and 2 ends with one line naming that log
+# (launch/torchrun_report.py):
 #   0   finished
+#   2   a user's error: the ranks' one line
 #   75  stopped on a signal with a checkpoint saved: "preempted at step N, saved <checkpoint>;
 #       run the same command again to continue"
-#   76  forced out without saving (a second signal, or train.stop_deadline_s): run the same
-#       command again to continue from the last complete checkpoint
-#   2   a user's error (the ranks' one line above); anything else: the failed rank's status
-#       (128 + N when a signal N killed it), its traceback above
-# SIGTERM / SIGUSR1 / SIGINT sent to this process reach every rank once (torchrun passes them
-# on); the ranks get MEGAFUSION_SHUTDOWN_TIMEOUT (default 115) s to finish the step and save.
+#   76  forced out without saving (a second signal more than 5 s after the first, or
+#       train.stop_deadline_s): run the same command again to continue from the last
+#       complete checkpoint
+#   any other: a crash, the failed rank's status (128 + N when signal N killed it), its
+#       traceback above
+# SIGTERM / SIGUSR1 sent to this process reach every rank once (torchrun passes them on); the
+# ranks get MEGAFUSION_SHUTDOWN_TIMEOUT (default 115) s to finish the step and save.
 #
-# Environment knobs: NPROC, PYTHON (default: <repo>/.venv/bin/python, else torchrun's, else python3), TORCHRUN_LOG,
-# MEGAFUSION_SHUTDOWN_TIMEOUT, MEGAFUSION_EXIT_STATUS_FILE (where the ranks write the outcome;
-# default next to the log, removed once it is in the log).
+# Environment knobs: NPROC, PYTHON (default: <repo>/.venv/bin/python, else the interpreter of
+# torchrun, else python3), TORCHRUN_LOG, MEGAFUSION_SHUTDOWN_TIMEOUT,
+# MEGAFUSION_EXIT_STATUS_FILE (where the ranks write the outcome; default next to the log,
+# removed once it is in the log).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)

@@ -20,10 +20,11 @@ itself (a bad argument, a rendezvous error) prints its traceback on the console 
 - ``preempted step N <checkpoint>``: "preempted at step N, saved <checkpoint>; run the same command
   again to continue", exit status 75;
 - ``forced <why>``: "stopped without saving (<why>) ...", exit status 76;
-- any other failure: which rank failed with which status, exit status that status;
-- a finished run: no line, exit status 0.
+- a crash: which rank failed with which status, exit status that status;
+- a finished run (0) or a user's error (2, the ranks' one line above): no line.
 
-Every line names the log file. No megafusion import: the agent needs only torch.
+Every line names the log file, which holds torchrun's messages in every case. No megafusion
+import: the agent needs only torch.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def report(status_text: str, code: int, failed: str, log_path: str) -> tuple[str
             f"command again to continue from it (exit status {EXIT_FORCED}; {where})",
             EXIT_FORCED,
         )
-    if code == 0:
-        return None, 0
+    if code in (0, 2):  # done, or a user's error, which the ranks have said in one line
+        return None, code
     failed = failed or f"the run failed (exit status {code})"
     return f"{failed}: the ranks' messages are above, torchrun's in {log_path}", code
 

@@ -105,7 +105,8 @@ class StopSignals:
             self._copy_said = True
             self._say(
                 f"{name} {now - self._first_at:.1f} s after the first signal: taken as a copy of it (launchers "
-                f"pass one signal on several times); to force the exit, signal again after {DUPLICATE_WINDOW_S:g} s"
+                f"pass one signal on several times); a signal more than {DUPLICATE_WINDOW_S:g} s after the first "
+                f"forces the exit"
             )
 
     def force(self, why: str) -> None:

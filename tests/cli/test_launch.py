@@ -382,6 +382,7 @@ def test_torchrun_report_line_and_status():
     line, code = outcome("forced second signal (SIGTERM)", 143, "torchrun stopped on SIGTERM")
     assert code == 76 and line.startswith("stopped without saving (second signal (SIGTERM)); checkpoint.dir/latest")
     assert outcome("done step 6", 0) == (None, 0)
+    assert outcome("", 2, "rank 0 exited with status 2") == (None, 2)  # the ranks' one line says it all
     # a crash (also after rank 0 wrote "done"): the failed rank's own status and torchrun's log, never 75/76
     for status_text in ("", "done step 6"):
         line, code = outcome(status_text, 1, "rank 1 exited with status 1")
