@@ -11,8 +11,8 @@ the same command again (it resumes from that checkpoint). A second signal more t
 reaching the end, forces the exit at once (:data:`EXIT_FORCED`) after killing the process's
 children: ``latest`` still names the last complete checkpoint. A signal within
 :data:`DUPLICATE_WINDOW_S` of the first is taken as a copy of it, because one signal reaches a
-rank several times within milliseconds (slurmstepd, srun and torchrun each pass it on) and a
-signal carries nothing that tells a copy from a person's second ``kill``; rank 0 says so once.
+rank more than once within milliseconds (under SLURM, slurmstepd and torchrun both pass it on)
+and a signal carries nothing that tells a copy from a person's second ``kill``; rank 0 says so once.
 
 With ``MEGAFUSION_EXIT_STATUS_FILE`` set (both launchers set it), the outcome is also written
 there (``preempted step N <checkpoint>``, ``forced <why>``, ``done step N``), because torchrun
