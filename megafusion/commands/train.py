@@ -29,7 +29,12 @@ NOTES = """\
 section.key=value: any config key, e.g. parallel.tp=2 model.arch=mot train.steps=100
   logging.out_dir=runs/x; overrides win over the --config files, later ones over earlier ones.
 several processes: torchrun --nproc-per-node N -m megafusion.train ... (same arguments),
-  launch/torchrun.sh or launch/slurm/train.sbatch."""
+  launch/torchrun.sh or launch/slurm/train.sbatch.
+exit status: 0 done; 2 a user's error (one line); 75 stopped on a signal (train.stop_signals) with
+  a checkpoint saved: run the same command again to continue (train.sbatch requeues); 76 forced
+  out without saving (a second signal more than 5 s after the first, or train.stop_deadline_s):
+  run again to continue from the last complete checkpoint; anything else: a crash. Plain torchrun
+  exits 1 for any of 2, 75, 76 and crashes; launch/torchrun.sh and train.sbatch pass them on."""
 
 EXAMPLES = (
     "megafusion train --config examples/configs/tiny_mixed.yaml",

@@ -6,14 +6,18 @@ followed by SIGKILL after a grace time. :class:`StopSignals` replaces the handle
 ``train.stop_signals``: the first signal only sets a flag; after each step the ranks agree (one
 all-reduce of one number) and, if any rank was signalled, every rank saves a checkpoint and the
 run raises :class:`Preempted`, whose exit status :data:`EXIT_PREEMPTED` tells a launcher to run
-the same command again (it resumes from that checkpoint). A second signal, or
-``train.stop_deadline_s`` seconds without reaching the end, forces the exit at once
-(:data:`EXIT_FORCED`) after killing the process's children: ``latest`` still names the last
-complete checkpoint. Copies of one signal delivered by several launchers at once (slurmstepd
-and torchrun both pass it on) count as one.
+the same command again (it resumes from that checkpoint). A second signal more than
+:data:`DUPLICATE_WINDOW_S` seconds after the first, or ``train.stop_deadline_s`` seconds without
+reaching the end, forces the exit at once (:data:`EXIT_FORCED`) after killing the process's
+children: ``latest`` still names the last complete checkpoint. A signal within
+:data:`DUPLICATE_WINDOW_S` of the first is taken as a copy of it, because one signal reaches a
+rank more than once within milliseconds (under SLURM, slurmstepd and torchrun both pass it on)
+and a signal carries nothing that tells a copy from a person's second ``kill``; rank 0 says so once.
 
-With ``MEGAFUSION_EXIT_STATUS_FILE`` set (the sbatch script does), the outcome is also written
-there, because torchrun reports a worker's status 75 as a plain failure.
+With ``MEGAFUSION_EXIT_STATUS_FILE`` set (both launchers set it), the outcome is also written
+there (``preempted step N <checkpoint>``, ``forced <why>``, ``done step N``), because torchrun
+reports a worker's status 75 as a plain failure; ``launch/torchrun_report.py`` and
+``launch/slurm/train.sbatch`` turn it into their one-line report and exit status.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.distributed as dist
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, checkpoint saved; run the same command again
 EXIT_FORCED = 76  # a second signal or the deadline: exited without saving
 STATUS_FILE_VARIABLE = "MEGAFUSION_EXIT_STATUS_FILE"
+# Signals within this many seconds of the first are copies of it (launchers forwarding one signal).
 DUPLICATE_WINDOW_S = 5.0
 
 
@@ -60,6 +65,7 @@ class StopSignals:
         self.rank = rank
         self.received: str | None = None
         self._first_at = 0.0
+        self._copy_said = False
         self._previous: dict = {}
         self._timer: threading.Timer | None = None
 
@@ -85,8 +91,9 @@ class StopSignals:
         if self.received is None:
             self.received, self._first_at = name, now
             self._say(
-                f"{name} received: finishing this step, then saving a checkpoint and exiting "
-                f"(a second signal, or {self.deadline_s:g} s, force the exit without saving)"
+                f"{name} received: finishing this step, then saving a checkpoint and exiting (a second signal "
+                f"more than {DUPLICATE_WINDOW_S:g} s after this one, or train.stop_deadline_s={self.deadline_s:g} "
+                f"s, forces the exit without saving)"
             )
             why = f"train.stop_deadline_s={self.deadline_s:g} passed"
             self._timer = threading.Timer(self.deadline_s, self.force, args=(why,))
@@ -94,6 +101,13 @@ class StopSignals:
             self._timer.start()
         elif now - self._first_at > DUPLICATE_WINDOW_S:
             self.force(f"second signal ({name})")
+        elif self.rank == 0 and not self._copy_said:
+            self._copy_said = True
+            self._say(
+                f"{name} {now - self._first_at:.1f} s after the first signal: taken as a copy of it (launchers "
+                f"pass one signal on several times); a signal more than {DUPLICATE_WINDOW_S:g} s after the first "
+                f"forces the exit"
+            )
 
     def force(self, why: str) -> None:
         from megafusion.runtime.children import reap_children

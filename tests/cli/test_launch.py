@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -290,12 +291,19 @@ def test_sbatch_runs_one_torchrun_per_node(fake_slurm):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     argv = capture.with_suffix(".argv").read_text().splitlines()
-    i = argv.index("-m")  # python -m torch.distributed.run
-    srun_args, launcher = argv[: i - 1], argv[i - 1 : i + 2]
-    assert launcher == [sys.executable, "-m", "torch.distributed.run"]
+    # python launch/torchrun_report.py --log <one file per node> -- <torchrun's arguments>
+    i = argv.index(sys.executable)
+    srun_args, launcher = argv[:i], argv[i : argv.index("--") + 1]
+    assert launcher == [
+        sys.executable,
+        str(ROOT / "launch/torchrun_report.py"),
+        "--log",
+        f"{cwd}/logs/123456/torchrun/agent-node%n.log",
+        "--",
+    ]
     assert "--nodes=2" in srun_args and "--ntasks-per-node=1" in srun_args and "--ntasks=2" in srun_args
     assert "--cpus-per-task=64" in srun_args and "--kill-on-bad-exit=1" in srun_args
-    rest = argv[i + 2 :]
+    rest = argv[argv.index("--") + 1 :]
 
     def flag(name):
         return rest[rest.index(name) + 1]
@@ -353,3 +361,32 @@ def test_sbatch_dry_run_prints_layout_and_command(fake_slurm):
     assert "-m megafusion.train --config" in cmd
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in out
     assert not capture.with_suffix(".argv").exists() and not (cwd / "logs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/torchrun_report.py: the line and the exit status launch/torchrun.sh ends with (a real
+# preempted run through it: tests/distributed/test_faults.py)
+
+
+def test_torchrun_report_line_and_status():
+    spec = importlib.util.spec_from_file_location("torchrun_report", ROOT / "launch/torchrun_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def outcome(status_text, code, failed=""):
+        return report.report(status_text, code, failed, "logs/t.log")
+
+    line, code = outcome("preempted step 3 runs/x/checkpoints/step_0000003", 75, "rank 1 exited with status 75")
+    assert code == 75 and line.startswith("preempted at step 3, saved runs/x/checkpoints/step_0000003; run the same")
+    assert outcome("preempted step 3", 75)[0].startswith("preempted at step 3, nothing saved (checkpoint.save=false)")
+    line, code = outcome("forced second signal (SIGTERM)", 143, "torchrun stopped on SIGTERM")
+    assert code == 76 and line.startswith("stopped without saving (second signal (SIGTERM)); checkpoint.dir/latest")
+    assert outcome("done step 6", 0) == (None, 0)
+    assert outcome("", 2, "rank 0 exited with status 2") == (None, 2)  # the ranks' one line says it all
+    # a crash (also after rank 0 wrote "done"): the failed rank's own status and torchrun's log, never 75/76
+    for status_text in ("", "done step 6"):
+        line, code = outcome(status_text, 1, "rank 1 exited with status 1")
+        assert code == 1
+        assert line == "rank 1 exited with status 1: the ranks' messages are above, torchrun's in logs/t.log"
+    assert report._status_of(-9) == 137 and report._describe(-9) == "was killed by SIGKILL (exit status 137)"
+    assert report._status_of(2) == 2 and report._describe(2) == "exited with status 2"

@@ -49,9 +49,13 @@ def _env(tag: str, **extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MEGAFUSION_TEST_TAG": tag, **extra}
 
 
-def _run(out: Path, *overrides: str, nproc: int = 1, rc: int = 0, **env: str) -> str:
+def _run(out: Path, *overrides: str, nproc: int = 1, rc: int = 0, launcher: bool = False, **env: str) -> str:
+    """The run's console (stdout, then stderr); ``launcher``: through ``launch/torchrun.sh``."""
     tag = uuid.uuid4().hex
     cmd = train_command(nproc, _args(out, *overrides))
+    if launcher:
+        cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *_args(out, *overrides)]
+        env = {"NPROC": str(nproc), "PYTHON": sys.executable, **env}
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tag, **env), capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == rc, f"exit {proc.returncode}, expected {rc}:\n{text[-5000:]}"
@@ -137,20 +141,23 @@ def test_sigterm_saves_exits_75_and_the_rerun_continues_exactly(reference, tmp_p
 
 
 def test_signal_on_one_of_two_ranks_stops_both_and_the_rerun_continues(reference, tmp_path):
-    """SIGTERM delivered to rank 1 only (DP=2): every rank agrees, saves step 3 and exits; the
-    rerun under torchrun continues to the one-process losses."""
-    out, status = tmp_path / "run", tmp_path / "status"
-    text = _run(
-        out,
-        nproc=2,
-        rc=1,  # torchrun reports its workers' status 75 as a failure; the status file says why
-        MEGAFUSION_FAULT="sigterm:3:1",
-        MEGAFUSION_EXIT_STATUS_FILE=str(status),
+    """SIGTERM delivered to rank 1 only (DP=2), under ``launch/torchrun.sh``: every rank agrees,
+    saves step 3 and exits; the launcher ends with one line and status 75 (torchrun alone: 1 and
+    a traceback, which the launcher keeps in the log it names); the rerun continues to the
+    one-process losses."""
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    text = _run(out, nproc=2, rc=75, launcher=True, MEGAFUSION_FAULT="sigterm:3:1", TORCHRUN_LOG=str(log))
+    assert "rank 1: SIGTERM received" in text, text[-3000:]
+    assert text.splitlines()[-1] == (
+        f"launch/torchrun.sh: preempted at step 3, saved {out}/checkpoints/step_0000003; run the same command "
+        f"again to continue (exit status 75; torchrun's messages: {log})"
     )
-    assert "rank 1: SIGTERM received" in text and "exitcode  : 75" in text, text[-3000:]
-    assert status.read_text().startswith("preempted step 3 ")
+    assert "Traceback" not in text and "ChildFailedError" not in text and "exitcode" not in text, text[-3000:]
+    kept = log.read_text()
+    assert "ChildFailedError" in kept and "exitcode  : 75" in kept and "== outcome: preempted step 3 " in kept
     assert (out / "checkpoints/latest").read_text().strip() == "step_0000003"
-    _run(out, nproc=2)
+    text = _run(out, nproc=2, launcher=True, TORCHRUN_LOG=str(log))
+    assert "launch/torchrun.sh:" not in text  # a finished run: no line of the launcher's
     _close(_losses(out), reference[3:], 1e-5)  # DP=2 vs one process: parity tolerance
 
 
@@ -278,7 +285,9 @@ def test_unwritable_output_paths_are_refused_before_training(tmp_path):
 
 
 def test_stop_signals_second_signal_and_deadline_force_the_exit(tmp_path):
-    """Forced exits (status 76): a second signal, or the deadline; a forked child dies too."""
+    """Forced exits (status 76), as the first message says: a second signal more than
+    DUPLICATE_WINDOW_S after the first; not one within it (a launcher's copy, said once), so there the
+    deadline forces it; a forked child dies too."""
     script = """
 import multiprocessing as mp, os, signal, sys, time
 from megafusion.runtime.children import die_with_parent
@@ -290,22 +299,33 @@ with preemption.StopSignals("SIGTERM,SIGUSR1", float(sys.argv[1])) as stop:
     child.start()
     print(child.pid, flush=True)
     os.kill(os.getpid(), signal.SIGUSR1)
-    if sys.argv[3] == "twice":
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(float(sys.argv[3]))
+    os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
 """
-    for deadline, window, how in (("60", "0", "twice"), ("0.5", "5", "once")):
-        status = tmp_path / f"status_{how}"
+    # (train.stop_deadline_s, window, seconds to the second signal, what forces the exit)
+    cases = (("60", "0.1", "0.3", "second signal (SIGTERM)"), ("0.8", "5", "0.1", "train.stop_deadline_s=0.8 passed"))
+    for deadline, window, gap, why in cases:
+        status = tmp_path / f"status_{window}"
         tag = uuid.uuid4().hex
         proc = subprocess.run(
-            [sys.executable, "-c", script, deadline, window, how],
+            [sys.executable, "-c", script, deadline, window, gap],
             env=_env(tag, MEGAFUSION_EXIT_STATUS_FILE=str(status)),
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert proc.returncode == 76, proc.stderr
-        assert status.read_text().startswith("forced "), how
-        assert "exiting now without saving" in proc.stderr
+        assert status.read_text() == f"forced {why}\n"
+        said = proc.stderr.splitlines()
+        assert said[0] == (
+            f"[megafusion] rank 0: SIGUSR1 received: finishing this step, then saving a checkpoint and exiting (a "
+            f"second signal more than {window} s after this one, or train.stop_deadline_s={deadline} s, forces the "
+            f"exit without saving)"
+        ), said
+        if float(gap) < float(window):  # said once, before the deadline forces the exit
+            copy = said.pop(1)
+            assert copy.startswith("[megafusion] rank 0: SIGTERM ") and "the first signal: taken as a copy" in copy
+        assert not any("taken as a copy" in line for line in said), said
+        assert said[1].startswith(f"[megafusion] rank 0: {why}: exiting now without saving"), said
         _assert_no_process_left(tag)
