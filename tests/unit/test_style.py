@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PATHS = ["megafusion", "tests", "bench", "examples"]
+PATHS = ["megafusion", "tests", "bench", "examples", "launch"]
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
