@@ -64,6 +64,8 @@ class StopSignals:
         self.deadline_s = deadline_s
         self.rank = rank
         self.received: str | None = None
+        # The newest complete checkpoint (the trainer sets it after each save): a forced exit names it.
+        self.last_checkpoint: str | None = None
         self._first_at = 0.0
         self._copy_said = False
         self._previous: dict = {}
@@ -112,7 +114,12 @@ class StopSignals:
     def force(self, why: str) -> None:
         from megafusion.runtime.children import reap_children
 
-        self._say(f"{why}: exiting now without saving; the last complete checkpoint (checkpoint.dir/latest) is kept")
+        kept = (
+            f"the last complete checkpoint, {self.last_checkpoint}, is kept"
+            if self.last_checkpoint
+            else "no checkpoint was saved by this run (checkpoint.dir/latest, if any, is kept)"
+        )
+        self._say(f"{why}: exiting now without saving; {kept}")
         write_status(f"forced {why}")
         reap_children(timeout=1.0)
         os._exit(EXIT_FORCED)

@@ -505,6 +505,7 @@ def _train(cfg, runtime) -> list[float]:
         if note:
             log.say(note)
         losses, saved_at, saved_path, last, last_val = [], start_step or None, resume_from, None, None
+        stop.last_checkpoint = str(resume_from) if resume_from else None
         skipped_in_a_row = 0
         began = time.perf_counter()
         try:
@@ -558,6 +559,7 @@ def _train(cfg, runtime) -> list[float]:
                 if c.save and ((c.interval and (step + 1) % c.interval == 0) or done or stopping):
                     saved_path = _save(trainer, root, step + 1, consumed, saved_at)
                     saved_at = step + 1
+                    stop.last_checkpoint = str(saved_path)
                     log.say(f"[megafusion] saved checkpoint {saved_path}")
                 if stopping and not done:
                     where = f"saved {saved_path}" if saved_at == step + 1 else "checkpoint.save=false: nothing saved"
