@@ -18,3 +18,9 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 # load_state_dict APIs on every load; nothing a user can act on (it is megatron's to move).
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+
+# A part of megatron-core's import that does nothing for megafusion is skipped (~1.5-2 s per process;
+# megafusion/core/lazy_imports.py says which and why).
+from megafusion.core import lazy_imports as _lazy_imports  # noqa: E402
+
+_lazy_imports.install()

@@ -37,3 +37,17 @@ def test_megatron_rng_tracker_forks_the_cpu_generator(runtime):
     after = torch.rand(3)
     assert not torch.equal(inside, before), "the fork must use its own stream"
     assert torch.equal(after, before), "the default stream resumes where it was"
+
+
+def test_megatron_s_torch_compile_decorations_are_skipped_without_cuda():
+    """megafusion/core/lazy_imports.py: megatron's fusion functions are left undecorated on a CPU (their
+    torch.compile wrappers import Inductor at import time, ~1.5 s per process), and nothing else changes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megafusion, megatron.core, megatron.core.jit as jit\n"
+        "print(jit.jit_fuser is jit.noop_decorator, 'torch._inductor.compile_fx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr[-2000:]
