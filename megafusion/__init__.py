@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 
-# A part of megatron-core's import that does nothing for megafusion is skipped (~1.5-2 s per process;
+# Two parts of megatron-core's import that do nothing for megafusion are skipped (~2-3 s per process;
 # megafusion/core/lazy_imports.py says which and why).
 from megafusion.core import lazy_imports as _lazy_imports  # noqa: E402
 

@@ -39,15 +39,18 @@ def test_megatron_rng_tracker_forks_the_cpu_generator(runtime):
     assert torch.equal(after, before), "the default stream resumes where it was"
 
 
-def test_megatron_s_torch_compile_decorations_are_skipped_without_cuda():
+def test_megatron_import_skips_inductor_on_cpu_and_wandb_until_it_is_used():
     """megafusion/core/lazy_imports.py: megatron's fusion functions are left undecorated on a CPU (their
-    torch.compile wrappers import Inductor at import time, ~1.5 s per process), and nothing else changes."""
+    torch.compile wrappers import Inductor at import time), and wandb runs its code at its first use."""
     import subprocess
     import sys
 
     code = (
         "import sys, megafusion, megatron.core, megatron.core.jit as jit\n"
-        "print(jit.jit_fuser is jit.noop_decorator, 'torch._inductor.compile_fx' in sys.modules)"
+        "print(jit.jit_fuser is jit.noop_decorator, 'torch._inductor.compile_fx' in sys.modules,"
+        " 'wandb.sdk' in sys.modules)\n"
+        "import wandb\n"
+        "print(callable(wandb.init), 'wandb.sdk' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False", "True", "True"], out.stdout + out.stderr[-2000:]
