@@ -40,12 +40,13 @@ defines: the run seed, the layer and the global sample number of its row (the ro
 per step it is trained in; a later epoch reads the same row as another sample number.
 
 Selection margin: in training the router keeps, as a device scalar (no synchronisation), the
-smallest gap between an expert's ``k``-th chosen score and the best score it did not choose,
-over its groups and the microbatches of the step; :func:`take_min_margin` hands the step's
-minimum to the trainer (``moe/min_margin``, reduced once per step over the ranks). Two layouts
-compute the scores with rounding differences of the order of fp32 rounding; a margin above that
-keeps every choice the same in both, a margin at that level can flip one (a near-tie), after
-which the two runs are slightly different trainings.
+smallest gap between an expert's ``k``-th chosen score and the best score below it that it did
+not choose (:func:`selection_margin`; exact ties, which go to the earlier token in every layout,
+are left out), over its groups and the microbatches of the step; :func:`take_min_margin` hands
+the step's minimum to the trainer (``moe/min_margin``, reduced once per step over the ranks). Two
+layouts compute the scores with rounding differences of the order of fp32 rounding; a margin
+above that keeps every choice the same in both, a margin at that level can flip one (a near-tie),
+after which the two runs are slightly different trainings.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ class ExpertChoiceRouter(Router):
             # Stable: among equal scores the earlier token wins, on every device and layout.
             ranked = torch.sort(scores, dim=0, descending=True, stable=True)
             chosen = ranked.indices[:k]  # [k, E_g]
-            if self.training and k < n_group:  # k-th chosen minus best unchosen, per expert
-                self._note_margin((ranked.values[k - 1] - ranked.values[k]).min())
+            if self.training and k < n_group:
+                self._note_margin(selection_margin(ranked.values, k))
             if tokens is not None:
                 chosen = tokens[chosen]
             if shares > 1:  # this rank's contiguous share of each expert's tokens, in position order
@@ -166,6 +167,21 @@ class ExpertChoiceRouter(Router):
         # rand gives k / 2^24; the half step makes u symmetric in (0, 1), so logit(u) is finite.
         u = torch.stack(rows, dim=1).reshape(s * b, -1) + 2.0**-25  # token i = pos * b + row
         return torch.logit(u).to(logits.dtype)
+
+
+def selection_margin(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """The smallest gap, over the experts (columns of ``ranked``, each column's scores in descending
+    order), between the ``k``-th chosen score and the best unchosen score below it; +inf if none.
+
+    Exact ties are left out: equal scores go to the earlier token in any layout that computes them
+    equal, and those that occur are identical tokens (the same document prefix twice in a
+    microbatch), which every layout computes alike. Identical tokens that round one ulp apart
+    (the same prefix at another offset in the row) count: a near-tie like any other.
+    """
+    kth = ranked[k - 1]
+    rest = ranked[k:]
+    below = torch.where(rest < kth, rest, float("-inf")).max(dim=0).values
+    return (kth - below).min()
 
 
 def take_min_margin(routers, device: torch.device) -> torch.Tensor:

@@ -20,9 +20,9 @@ expert-parallel dispatch counts), so it exchanges nothing; MoMa's router noise i
 routing's sample numbers, so the recomputed forward draws the same noise again. Everything else
 a layer reads comes in as an argument (the attention mask) or is computed outside the recomputed
 region (Transfusion's noise and timesteps, drawn by the objective before the model call; its image
-modules and the U-Net stage channel, which sit outside the
-transformer layers). Arguments that are not tensors (a FlexAttention ``BlockMask``), which
-``save_for_backward`` refuses, are held by the closure too.
+modules and the U-Net stage channel, which sit outside the transformer layers). Arguments that
+are not tensors (a FlexAttention ``BlockMask``), which ``save_for_backward`` refuses, are held by
+the closure too.
 
 Without recomputation nothing calls it; with it, megatron's function does the work unchanged.
 """
