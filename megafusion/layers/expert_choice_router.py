@@ -190,7 +190,7 @@ def take_min_margin(routers, device: torch.device) -> torch.Tensor:
     margins = [r.min_margin for r in routers if r.min_margin is not None]
     for r in routers:
         r.min_margin = None
-    return torch.stack(margins).min() if margins else torch.tensor(float("inf"), device=device)
+    return torch.stack(margins).min() if margins else torch.full((), float("inf"), device=device)
 
 
 def routers_of(modules) -> list[ExpertChoiceRouter]:
