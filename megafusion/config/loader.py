@@ -11,7 +11,7 @@ import os
 
 import yaml
 
-from .schema import SECTIONS, Config, ConfigError, field_types, split_optional
+from .schema import DICT_FORMS, SECTIONS, Config, ConfigError, field_types, split_optional
 
 # Spellings accepted as "no value" for Optional fields. YAML already maps
 # null/~ to None; "none" is added because people type it on the command line.
@@ -59,7 +59,7 @@ def coerce(value, tp, key: str):
         # checked by validate(), which knows what each dict field may hold.
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
-        raise bad
+        raise ConfigError(f"{bad}: write it as {DICT_FORMS[key]}") if key in DICT_FORMS else bad
     if base is list:
         # A sequence (YAML, or `section.key=[...]` on the command line); validate() checks its items.
         if isinstance(value, list):

@@ -108,6 +108,16 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # megatron-core's token dispatcher: alltoall | allgather
 
 
+# How to write a dict setting, for a value of another type (``moe.capacity=1.5``).
+DICT_FORMS = {
+    "moe.experts": "moe.experts={text: 4, image: 4} (experts per modality group) or moe.experts={mixed: 8}",
+    "moe.capacity": (
+        "moe.capacity={text: 0.25, image: 0.25} (the fraction of its group's tokens each expert takes, "
+        "one per group of moe.experts), or null for 1/experts of each group"
+    ),
+}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 10

@@ -21,7 +21,17 @@ from megafusion.core.choices import (
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.registries import FAMILIES, OBJECTIVES
 
-from .schema import MOT_PARTS, SECTIONS, UNET_CHANNELS, Config, ConfigError, field_types, split_optional
+from .schema import (
+    DICT_FORMS,
+    MOT_PARTS,
+    SECTIONS,
+    UNET_CHANNELS,
+    Config,
+    ConfigError,
+    MoEConfig,
+    field_types,
+    split_optional,
+)
 
 
 def _blend_problems(d) -> list[str]:
@@ -99,10 +109,10 @@ def _type_problems(cfg: Config) -> list[str]:
                 dict: isinstance(v, dict),
             }.get(base, True)
             if not ok:
-                problems.append(
-                    f"{section}.{name}={v!r} is a {type(v).__name__}, expected {base.__name__}"
-                    f"{' or null' if optional else ''}: set it to a {base.__name__} value"
-                )
+                key = f"{section}.{name}"
+                fix = f"write it as {DICT_FORMS[key]}" if key in DICT_FORMS else f"set it to a {base.__name__} value"
+                expected = f"{base.__name__}{' or null' if optional else ''}"
+                problems.append(f"{key}={v!r} is a {type(v).__name__}, expected {expected}: {fix}")
     return problems
 
 
@@ -215,8 +225,10 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
             f"{', '.join(STOP_SIGNALS)} (or an empty string: no signal handling)"
         )
     problems += _rope_scaling_problems(m.rope_scaling)
-    if m.arch in EXPERT_ARCHS:
+    if _has_experts(m.arch, known_archs):
         problems += _moe_problems(cfg.moe)
+    elif m.arch in known_archs:
+        problems += _moe_without_experts(cfg, known_archs)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
     if bad_parts:
@@ -413,6 +425,35 @@ def _model_shape_problems(cfg: Config) -> list[str]:
             f"{_near(m.seq_length, tp)} or parallel.sp=false"
         )
     return problems
+
+
+def _has_experts(arch: str, known_archs: tuple) -> bool:
+    """Whether model.arch's FFN is routed experts (what the moe section configures). A built-in
+    family says so in EXPERT_ARCHS (validation imports no model); a registered one (a plugin) is
+    asked: ``experts(cfg)`` of a family without experts is its default, which returns None."""
+    if arch in FAMILIES.builtin:
+        return arch in EXPERT_ARCHS
+    if arch not in known_archs or arch not in FAMILIES.names():
+        return False
+    return FAMILIES.get(arch).experts(Config()) is not None
+
+
+def _moe_without_experts(cfg: Config, known_archs: tuple) -> list[str]:
+    """``moe.*`` keys set away from their defaults on a model without experts, which ignores them."""
+    defaults = MoEConfig()
+    changed = [
+        f"moe.{f}={getattr(cfg.moe, f)!r}"
+        for f in field_types(MoEConfig)
+        if getattr(cfg.moe, f) != getattr(defaults, f)
+    ]
+    if not changed:
+        return []
+    with_experts = [a for a in known_archs if _has_experts(a, known_archs)]
+    return [
+        f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but model.arch={cfg.model.arch} has no "
+        f"experts and ignores the moe section: remove {'it' if len(changed) == 1 else 'them'}, or use a model "
+        f"with experts (model.arch={'/'.join(with_experts) or 'moma'})"
+    ]
 
 
 def _moe_problems(moe) -> list[str]:

@@ -18,6 +18,12 @@ megatron's ``MoELayer`` (router -> dispatcher -> experts -> combine) with three 
    value; with the whole microbatch on every rank, rank ``t`` of ``T`` instead dispatches the
    ``t``-th of ``T`` contiguous shares of each expert's tokens (in position order), whose sizes
    are host ints; the reduce-scatter sums the shares back onto the ranks that hold the tokens.
+
+A layer spec names the layer as a class with its submodules bound (:meth:`ExpertChoiceMoELayer.bound`),
+not as a ``ModuleSpec``: megatron's ``TransformerLayer`` hands its process groups only to the MLP
+modules it lists by identity (``MoELayer``, not a subclass) and warns "Unknown MLP type ... Using
+default kwargs" for any other ``ModuleSpec``; a class it builds from the config alone, as it
+does MoT's ``ModalityMLP``. The layer takes megatron's default process groups either way.
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ from megafusion.runtime.distributed import all_gather_host_ints
 
 
 class ExpertChoiceMoELayer(MoELayer):
+    SUBMODULES = None  # MoESubmodules bound by `bound` (a layer spec's MLP class)
+
+    @classmethod
+    def bound(cls, submodules) -> type[ExpertChoiceMoELayer]:
+        """This layer with ``submodules`` (``MoESubmodules``: experts, router) as its default."""
+        return type(cls.__name__, (cls,), {"SUBMODULES": submodules, "__module__": cls.__module__})
+
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        submodules = submodules or self.SUBMODULES
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
         if self.use_shared_expert or config.moe_latent_size or self.moe_layer_recompute:

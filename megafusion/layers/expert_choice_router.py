@@ -30,11 +30,23 @@ through this rank's shares only, and megatron's gradient reduction sums the rout
 gradient over the tensor-parallel ranks (``sequence_parallel`` attribute, set by ``Router``).
 
 Optional Gumbel-sigmoid noise (``moe.router_noise``, MoMa's upcycling recipe) perturbs the
-selection in training, not the gates. Its generator is seeded from the run seed, the layer and a
-per-layer count of the microbatches it routed, so every tensor-parallel rank draws the same noise
-for the same microbatch. The count is kept on the microbatch's routing, so activation
-recomputation (``train.recompute=full``, which runs the layer again in the backward pass under the
-same routing: :mod:`megafusion.layers.recompute`) draws the same noise, not the next.
+selection in training, not the gates: ``logits + scale x (G' - G'')``, drawn as the logistic
+sample ``logit(u)`` it equals in distribution. The noise of a token is keyed by what the data
+defines: the run seed, the layer and the global sample number of its row (the routing's
+``sample_ids``), one generator per row. So a sample gets the same noise in every TP / SP / EP / PP
+/ DP layout, at any position in any microbatch and after a resume, and activation recomputation
+(``train.recompute``, which runs the layer again under the same routing:
+:mod:`megafusion.layers.recompute`) draws the same noise again. A sample is routed by a layer once
+per step it is trained in; a later epoch reads the same row as another sample number.
+
+Selection margin: in training the router keeps, as a device scalar (no synchronisation), the
+smallest gap between an expert's ``k``-th chosen score and the best score below it that it did
+not choose (:func:`selection_margin`; exact ties, which go to the earlier token in every layout,
+are left out), over its groups and the microbatches of the step; :func:`take_min_margin` hands
+the step's minimum to the trainer (``moe/min_margin``, reduced once per step over the ranks). Two
+layouts compute the scores with rounding differences of the order of fp32 rounding; a margin
+above that keeps every choice the same in both, a margin at that level can flip one (a near-tie),
+after which the two runs are slightly different trainings.
 """
 
 from __future__ import annotations
@@ -70,7 +82,7 @@ class ExpertChoiceRouter(Router):
         # "one" holds every chosen token's gate at 1 (an upcycled 1t1i model at capacity 1 then
         # computes exactly its MoT FFN; tests check the wiring with it).
         self.gate = "sigmoid"
-        self._noise_draws = 0
+        self.min_margin: torch.Tensor | None = None  # smallest selection margin since take_min_margin
         self.share = (0, 1)  # (this rank's share, shares): set by the layer under sequence parallelism
         self.dispatch_counts: list[int] = []  # tokens this rank dispatches to each expert, last forward
         self._expert_id_tensors: dict = {}  # (group, device) -> the group's global expert ids
@@ -86,7 +98,7 @@ class ExpertChoiceRouter(Router):
         """The ``[N, E]`` bool map of this rank's share (expert ``e`` takes token ``t``) and its
         column sums as host ints."""
         if self.training and self.noise > 0:
-            logits = logits + self.noise * self._gumbel_difference(logits, self._noise_draw(routing))
+            logits = logits + self.noise * self._logistic_noise(logits, routing)
         n_tokens, num_experts = logits.shape
         routing_map = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=logits.device)
         counts = [0] * num_experts
@@ -103,7 +115,10 @@ class ExpertChoiceRouter(Router):
             if tokens is not None:
                 scores = scores.index_select(0, tokens)
             # Stable: among equal scores the earlier token wins, on every device and layout.
-            chosen = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]  # [k, E_g]
+            ranked = torch.sort(scores, dim=0, descending=True, stable=True)
+            chosen = ranked.indices[:k]  # [k, E_g]
+            if self.training and k < n_group:
+                self._note_margin(selection_margin(ranked.values, k))
             if tokens is not None:
                 chosen = tokens[chosen]
             if shares > 1:  # this rank's contiguous share of each expert's tokens, in position order
@@ -132,23 +147,55 @@ class ExpertChoiceRouter(Router):
         real = [routing.order[start : start + routing.routable(m)] for m, start in enumerate(starts)]
         return torch.cat(real).sort().values
 
-    def _noise_draw(self, routing) -> int:
-        """This layer's draw number for the microbatch of ``routing``: the next one the first time
-        the layer routes it, the same one when its forward runs again (recomputation)."""
-        key = ("router_noise_draw", self.layer_number)
-        if key not in routing.cache:
-            routing.cache[key] = self._noise_draws
-            self._noise_draws += 1
-        return routing.cache[key]
+    def _note_margin(self, margin: torch.Tensor) -> None:
+        self.min_margin = margin if self.min_margin is None else torch.minimum(self.min_margin, margin)
 
-    def _gumbel_difference(self, logits: torch.Tensor, draw: int) -> torch.Tensor:
-        """``G' - G''`` for two standard Gumbel draws per logit (a logistic sample)."""
-        key = f"{self.seed}:{self.layer_number}:{draw}".encode()
-        gen = torch.Generator(device=logits.device).manual_seed(zlib.crc32(key))
-        u = torch.rand((2, *logits.shape), generator=gen, device=logits.device, dtype=torch.float64)
-        u = u.clamp(1e-12, 1 - 1e-12)
-        gumbel = -torch.log(-torch.log(u))
-        return (gumbel[0] - gumbel[1]).to(logits.dtype)
+    def _logistic_noise(self, logits: torch.Tensor, routing) -> torch.Tensor:
+        """``[N, E]`` standard logistic noise (``G' - G''``), each row's from its own generator
+        seeded by (seed, layer, the row's sample number), in megatron's token order."""
+        if routing.sample_ids is None:
+            raise ValueError(
+                "moe.router_noise > 0 needs each row's sample number: give the batch `sample_ids` "
+                "(megafusion's trainer does) or set moe.router_noise=0"
+            )
+        s, b = routing.seq_length, routing.micro_batch_size
+        rows = []
+        for sample in routing.sample_ids:
+            key = zlib.crc32(f"router-noise:{self.seed}:{self.layer_number}:{sample}".encode())
+            gen = torch.Generator(device=logits.device).manual_seed(key)
+            rows.append(torch.rand((s, logits.shape[1]), generator=gen, device=logits.device))
+        # rand gives k / 2^24; the half step makes u symmetric in (0, 1), so logit(u) is finite.
+        u = torch.stack(rows, dim=1).reshape(s * b, -1) + 2.0**-25  # token i = pos * b + row
+        return torch.logit(u).to(logits.dtype)
+
+
+def selection_margin(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """The smallest gap, over the experts (columns of ``ranked``, each column's scores in descending
+    order), between the ``k``-th chosen score and the best unchosen score below it; +inf if none.
+
+    Exact ties are left out: equal scores go to the earlier token in any layout that computes them
+    equal, and those that occur are identical tokens (the same document prefix twice in a
+    microbatch), which every layout computes alike. Identical tokens that round one ulp apart
+    (the same prefix at another offset in the row) count: a near-tie like any other.
+    """
+    kth = ranked[k - 1]
+    rest = ranked[k:]
+    below = torch.where(rest < kth, rest, float("-inf")).max(dim=0).values
+    return (kth - below).min()
+
+
+def take_min_margin(routers, device: torch.device) -> torch.Tensor:
+    """The smallest selection margin of ``routers`` since the last call, as a device scalar (+inf
+    where no expert left a token unchosen), and start again. No synchronisation."""
+    margins = [r.min_margin for r in routers if r.min_margin is not None]
+    for r in routers:
+        r.min_margin = None
+    return torch.stack(margins).min() if margins else torch.full((), float("inf"), device=device)
+
+
+def routers_of(modules) -> list[ExpertChoiceRouter]:
+    """The expert-choice routers inside ``modules`` (model chunks)."""
+    return [m for module in modules for m in module.modules() if isinstance(m, ExpertChoiceRouter)]
 
 
 def share_bounds(k: int, share: int, shares: int) -> tuple[int, int]:

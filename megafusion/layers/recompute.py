@@ -16,12 +16,13 @@ right one.
 by :func:`checkpoint`, which hands megatron's ``CheckpointFunction`` a closure holding the routing
 active at the forward: the recomputed forward re-enters it, so it routes every token as the
 forward did, and it finds the microbatch's host-side facts cached on that routing (MoMa's
-expert-parallel dispatch counts, its router-noise draw number), so it exchanges nothing and draws
-the same noise. Everything else a layer reads comes in as an argument (the attention mask) or is
-computed outside the recomputed region (Transfusion's noise and timesteps, drawn by the objective
-before the model call; its image modules and the U-Net stage channel, which sit outside the
-transformer layers). Arguments that are not tensors (a FlexAttention ``BlockMask``), which
-``save_for_backward`` refuses, are held by the closure too.
+expert-parallel dispatch counts), so it exchanges nothing; MoMa's router noise is keyed by the
+routing's sample numbers, so the recomputed forward draws the same noise again. Everything else
+a layer reads comes in as an argument (the attention mask) or is computed outside the recomputed
+region (Transfusion's noise and timesteps, drawn by the objective before the model call; its image
+modules and the U-Net stage channel, which sit outside the transformer layers). Arguments that
+are not tensors (a FlexAttention ``BlockMask``), which ``save_for_backward`` refuses, are held by
+the closure too.
 
 Without recomputation nothing calls it; with it, megatron's function does the work unchanged.
 """

@@ -22,7 +22,10 @@ flattening the first two dims gives token ``i = pos * b + row``):
   token, so expert-choice routing can leave it out;
 - ``counts``: tokens per modality as Python ints, from the batch's host-side
   ``modality_counts``, so routing never synchronises with the device; ``routable_counts``: the
-  same without padding (the first ``routable_counts[m]`` of modality ``m``'s tokens in ``order``).
+  same without padding (the first ``routable_counts[m]`` of modality ``m``'s tokens in ``order``);
+- ``sample_ids``: the global sample number of each row (host ints, the batch's ``sample_ids``),
+  which keys anything drawn at random per row (MoMa's router noise), so a sample gets the same
+  draw in every parallel layout, at any microbatch position and after a resume.
 
 Under sequence parallelism each tensor-parallel rank holds a contiguous slice of the
 sequence between the linears; :meth:`ModalityRouting.modality_of` returns the modality of
@@ -51,6 +54,7 @@ class ModalityRouting:
     seq_length: int
     micro_batch_size: int
     routable_counts: tuple[int, ...] | None = None  # counts without padding; None: no padding
+    sample_ids: tuple[int, ...] | None = None  # each row's global sample number (host ints); None: unknown
     # Host-side facts derived from the microbatch once and shared by its layers (MoMa's
     # expert-parallel dispatch counts, :mod:`megafusion.layers.expert_choice_layer`).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -66,12 +70,14 @@ class ModalityRouting:
         device: torch.device,
         num_modalities: int,
         padding: torch.Tensor | None = None,
+        sample_ids=None,
     ) -> ModalityRouting:
         """Routing of one ``[b, s]`` microbatch whose metadata lives on the host.
 
         ``modality_counts`` (``[num_modalities]``, counted when the batch was made) is checked
         against the ids here, on the host, so a broken data pipeline fails loudly instead of
-        mis-routing tokens. ``padding`` (``[b, s]`` bool, optional) marks the batch's padding.
+        mis-routing tokens. ``padding`` (``[b, s]`` bool, optional) marks the batch's padding;
+        ``sample_ids`` (``[b]``, host tensor or ints, optional) each row's global sample number.
         """
         if modality_ids.device.type != "cpu":
             raise ValueError(
@@ -79,6 +85,10 @@ class ModalityRouting:
                 "build the routing before moving the batch to the device"
             )
         b, s = modality_ids.shape
+        if sample_ids is not None:
+            sample_ids = tuple(int(i) for i in sample_ids)
+            if len(sample_ids) != b:
+                raise ValueError(f"{len(sample_ids)} sample_ids for a microbatch of {b} rows")
         flat = modality_ids.t().reshape(-1).to(torch.int64)  # [s, b] order, like the hidden states
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_modalities):
             raise ValueError(
@@ -99,7 +109,8 @@ class ModalityRouting:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - three identical moves
-        return cls(move(flat), move(order), move(inverse), tuple(int(c) for c in counted), s, b, routable)
+        counts = tuple(int(c) for c in counted)
+        return cls(move(flat), move(order), move(inverse), counts, s, b, routable, sample_ids)
 
     def modality_of(self, x: torch.Tensor) -> torch.Tensor:
         """Modality of each token of ``x`` (``[s or s/tp, b, ...]``), shaped ``[x.shape[0], b]``."""
@@ -147,6 +158,6 @@ def routing_for(batch: dict, device: torch.device):
     documents = batch.get("document_ids")
     padding = None if documents is None else documents == PAD_DOCUMENT_ID
     routing = ModalityRouting.from_modality_ids(
-        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES, padding
+        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES, padding, batch.get("sample_ids")
     )
     return modality_routing(routing)

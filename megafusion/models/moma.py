@@ -41,19 +41,21 @@ from megafusion.models.spec import ModelFamily
 UNTIED = ("attention", "norms")  # the parts model.untie may untie; the FFN is the experts
 
 
-def experts_spec(cfg) -> ModuleSpec:
+def experts_layer(cfg) -> type[ExpertChoiceMoELayer]:
+    """The FFN: megatron's MoE layer with megafusion's router and experts bound to it, as a class
+    (a ``ModuleSpec`` of a ``MoELayer`` subclass makes megatron warn: :mod:`~megafusion.layers.expert_choice_layer`)."""
     groups = ExpertGroups.from_config(cfg.moe)
     router = partial(ExpertChoiceRouter, groups=groups, noise=cfg.moe.router_noise, seed=cfg.train.seed)
     experts = ModuleSpec(
         module=Experts,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
-    return ModuleSpec(module=ExpertChoiceMoELayer, submodules=MoESubmodules(experts=experts, router=router))
+    return ExpertChoiceMoELayer.bound(MoESubmodules(experts=experts, router=router))
 
 
 def moma_layer_spec(cfg) -> ModuleSpec:
     parts = [p for p in cfg.model.untied_parts() if p in UNTIED]
-    return transformer_layer_spec(cfg, **untied_modules(parts), mlp=experts_spec(cfg))
+    return transformer_layer_spec(cfg, **untied_modules(parts), mlp=experts_layer(cfg))
 
 
 def transformer_config(cfg) -> dict:

@@ -12,6 +12,7 @@ in every layout and after a resume.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
+from megafusion.layers.expert_choice_router import routers_of, take_min_margin
+from megafusion.models.registry import get_family
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
@@ -85,11 +88,15 @@ class Trainer:
         self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
         self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned
         self.last_spike: int | None = None
+        # Expert-choice families: the routers whose smallest selection margin a step reports.
+        self.routers = routers_of(self.model) if get_family(cfg.model.arch).experts(cfg) is not None else None
 
     def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
         first = first_sample + self.rt.dp_rank * self.per_rank
         batches = [source.microbatch(first + k * mbs, mbs) for k in range(self.num_microbatches)]
+        for k, batch in enumerate(batches):  # each row's sample number keys its random draws (router noise)
+            batch.setdefault("sample_ids", torch.arange(first + k * mbs, first + (k + 1) * mbs))
         self.objective.prepare_step(self.cfg, source, first_sample, batches, training)
         return batches
 
@@ -148,6 +155,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = self._run(microbatches, forward_only=False)
+        margin = self._min_margin()
         if dump_grads:
             _dump_gradients(self.model, self.cfg.parallel.distributed_optimizer, dump_grads)
         # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
@@ -202,9 +210,20 @@ class Trainer:
         )
         record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1 : 1 + len(MODALITY_NAMES)])})
         record.update(_token_shares(r["extra"][2 + len(MODALITY_NAMES) :], self.data.train))
+        if margin is not None and math.isfinite(smallest := margin.item()):  # after _reduce's sync: no wait
+            record["moe/min_margin"] = smallest
         if skipped:
             record["skipped"] = skipped
         return record
+
+    def _min_margin(self) -> torch.Tensor | None:
+        """The step's smallest expert-choice selection margin over all ranks (one all-reduce), or
+        None for a family without experts; +inf when every expert took every token."""
+        if self.routers is None:
+            return None
+        margin = take_min_margin(self.routers, self.rt.device)
+        dist.all_reduce(margin, op=dist.ReduceOp.MIN)
+        return margin
 
     def evaluate(self, step: int) -> dict | None:
         if self.data.val is None:

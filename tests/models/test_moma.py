@@ -7,10 +7,16 @@
 - Router: each expert takes exactly ``k_e`` tokens, all of its own modality, never padding; ties
   go to the earlier token; tokens no expert chose get nothing from the FFN.
 - Perturbing the image experts leaves a text-only sequence's logits bit-identical.
+- Router noise (``moe.router_noise``) is keyed by each row's sample number and the layer: the same
+  for a sample at any position, in any microbatch, on any call; the selection ranks the noisy
+  scores; a noisy run resumed at step 2 equals the straight run bit for bit.
+- The router's smallest selection margin (``moe/min_margin``) equals one computed by loops.
+- Building MoMa prints nothing from megatron (its "Unknown MLP type" warning).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -21,6 +27,7 @@ from megafusion.core.modality import MODALITY_NAMES, Modality
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.models.param_layout import global_param_names
+from tests.helpers import ROOT
 from tests.models.test_mot import batch_with_modalities, build, forward, small_cfg
 
 NUM_MODALITIES = len(MODALITY_NAMES)
@@ -39,13 +46,13 @@ def moe_layer(cfg, runtime, layer: int = 0):
     return model, model.decoder.layers[layer].mlp
 
 
-def layer_inputs(seed: int, modality=None, padding=None):
+def layer_inputs(seed: int, modality=None, padding=None, sample_ids=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(SEQ, BATCH, 32, generator=gen)
     if modality is None:
         modality = torch.randint(NUM_MODALITIES, (BATCH, SEQ), generator=gen)
-    routing = ModalityRouting.from_modality_ids(modality, None, torch.device("cpu"), NUM_MODALITIES, padding)
-    return x, routing
+    cpu = torch.device("cpu")
+    return x, ModalityRouting.from_modality_ids(modality, None, cpu, NUM_MODALITIES, padding, sample_ids)
 
 
 def reference_moe(x, router_w, experts, groups: ExpertGroups, modality, padding, capacity):
@@ -223,3 +230,129 @@ def test_generation_refuses_expert_choice_routing():
 
     with pytest.raises(ValueError, match="expert-choice routing is not causal"):
         Generator(moma_cfg(), None, None, None)
+
+
+def noisy_router(runtime, layer: int = 0):
+    cfg = moma_cfg({"text": 2, "image": 2})
+    cfg.moe.router_noise = 1.0
+    model, _ = moe_layer(cfg, runtime)
+    return model, model.decoder.layers[layer].mlp.router
+
+
+def router_noise(router, sample_ids, seq: int = SEQ):
+    """The noise ``router`` adds for rows ``sample_ids``, as ``[seq, rows, experts]``."""
+    modality = torch.zeros(len(sample_ids), seq, dtype=torch.int64)
+    routing = ModalityRouting.from_modality_ids(modality, None, torch.device("cpu"), NUM_MODALITIES, None, sample_ids)
+    logits = torch.zeros(seq * len(sample_ids), router.weight.shape[0])
+    return router._logistic_noise(logits, routing).view(seq, len(sample_ids), -1)
+
+
+def test_router_noise_is_keyed_by_the_sample_and_layer(runtime):
+    """Not by how often or where the router saw a sample: the same rows in another order, alone, or
+    again (recomputation, another microbatch) get the same noise; other samples and layers other."""
+    model, router = noisy_router(runtime)
+    pair = router_noise(router, (5, 9))
+    assert torch.equal(pair, router_noise(router, (5, 9)))  # a second call: the same
+    swapped = router_noise(router, (9, 5))
+    assert torch.equal(pair[:, 0], swapped[:, 1]) and torch.equal(pair[:, 1], swapped[:, 0])
+    assert torch.equal(pair[:, 1], router_noise(router, (9,))[:, 0])
+    assert not torch.equal(pair[:, 0], pair[:, 1])
+    assert not torch.equal(pair[:, 0], router_noise(model.decoder.layers[1].mlp.router, (5,))[:, 0])
+    # G' - G'' of standard Gumbels is standard logistic: mean 0, std pi / sqrt(3) = 1.814
+    many = router_noise(router, (1, 2, 3, 4), seq=1024).flatten()  # 16384 draws
+    assert abs(many.mean().item()) < 0.05 and abs(many.std().item() - math.pi / math.sqrt(3)) < 0.05
+    assert many.isfinite().all()
+
+
+def test_noisy_selection_ranks_the_noisy_scores_in_training_only(runtime):
+    """A zero router scores every token alike: with noise, each expert takes its group's tokens with
+    the highest noise (keyed by the row's sample); in evaluation, without noise, the first ones."""
+    _, router = noisy_router(runtime)
+    torch.nn.init.zeros_(router.weight)
+    x, routing = layer_inputs(4, sample_ids=(17, 3))
+    noise = router_noise(router, (17, 3)).reshape(SEQ * BATCH, -1)
+    groups = ExpertGroups.from_config(moma_cfg({"text": 2, "image": 2}).moe)
+    for training in (True, False):
+        router.train(training)
+        with modality_routing(routing):
+            _, routing_map = router(x)
+        for g, ids in enumerate(groups.global_ids):
+            members = (routing.token_modality == g).nonzero().flatten()
+            k = groups.tokens_per_expert(g, members.numel())
+            for e in ids:
+                want = members[noise[members, e].argsort(descending=True)[:k]] if training else members[:k]
+                assert torch.equal(routing_map[:, e].nonzero().flatten(), want.sort().values), (training, e)
+    router.train()
+
+
+def test_router_keeps_its_smallest_selection_margin(runtime):
+    """The k-th chosen minus the best unchosen score below it of each expert, minimum over experts,
+    groups and calls (fp32, as selected), against loops; exact ties (identical tokens: here two rows
+    alike) are left out; :func:`take_min_margin` hands it over and starts again; evaluation records
+    none."""
+    from megafusion.layers.expert_choice_router import take_min_margin
+
+    cfg = moma_cfg({"text": 3, "image": 2}, {"text": 0.4, "image": 0.7})
+    _, layer = moe_layer(cfg, runtime)
+    router, groups = layer.router, ExpertGroups.from_config(cfg.moe)
+    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    padding[0, -4:] = True
+    want = math.inf
+    for seed in (7, 8):
+        x, routing = layer_inputs(seed, padding=padding)
+        x[:, 1] = x[:, 0]  # the second row repeats the first: exact ties at every position
+        with modality_routing(routing):
+            router(x)
+        logits = router.gating(x.reshape(-1, x.shape[-1])).detach()
+        real = ~padding.t().reshape(-1)
+        for g, ids in enumerate(groups.global_ids):
+            members = [t for t in range(logits.shape[0]) if real[t] and routing.token_modality[t] == g]
+            k = groups.tokens_per_expert(g, len(members))
+            for e in ids:
+                scores = sorted((float(logits[t, e]) for t in members), reverse=True)
+                below = [v for v in scores[k:] if v < scores[k - 1]]  # an exact tie is left out
+                want = min(want, scores[k - 1] - max(below, default=-math.inf))
+    assert 0 < want < math.inf
+    assert take_min_margin([router], torch.device("cpu")).item() == pytest.approx(want, rel=0, abs=0)
+    assert take_min_margin([router], torch.device("cpu")).item() == math.inf  # started again
+    router.eval()
+    with modality_routing(routing):
+        router(x)
+    router.train()
+    assert router.min_margin is None
+
+
+def test_a_moma_build_prints_nothing_from_megatron(runtime, capfd, caplog):
+    """megatron's TransformerLayer warns "Unknown MLP type ... Using default kwargs" for each layer
+    whose MLP is a ModuleSpec of a class it does not list; MoMa's FFN is a class (none)."""
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG, logger="megatron"):
+        build(moma_cfg(), runtime)
+    out, err = capfd.readouterr()
+    assert "Unknown MLP type" not in out + err + caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_noisy_moma_resumed_at_step_2_is_the_straight_run_bit_for_bit(runtime, tmp_path):
+    """A run resumed from its step-2 checkpoint continues with the same noise: the straight run's
+    losses, bit for bit (one process, the same machine)."""
+    from megafusion.config import load_config, validate
+    from megafusion.training.trainer import train
+
+    common = [
+        *("model.arch=moma", "moe.experts={text: 2, image: 2}", "moe.router_noise=1.0", "model.num_layers=2"),
+        *("train.steps=4", "train.global_batch_size=4", "eval.interval=0", "checkpoint.interval=2"),
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+
+    def run(tag: str, *overrides: str) -> list[float]:
+        cfg = load_config(
+            str(ROOT / "tests/configs/mixed_small.yaml"), [*common, f"logging.out_dir={tmp_path / tag}", *overrides]
+        )
+        validate(cfg, 1)
+        return train(cfg, runtime)
+
+    straight = run("straight", "checkpoint.save=true")
+    resumed = run("resumed", "checkpoint.save=false", "checkpoint.load_step=2")
+    assert len(straight) == 4 and len(resumed) == 2
+    assert resumed == straight[2:], (resumed, straight[2:])

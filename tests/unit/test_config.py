@@ -325,6 +325,58 @@ def test_moma_experts_capacity_and_layout():
     validate(make("model.arch=moma", "moe.experts={mixed: 4}", "parallel.ep=2", "parallel.tp=2", "parallel.sp=true"), 8)
 
 
+def test_moe_keys_on_a_model_without_experts_are_refused():
+    msg = problems_of(make("model.arch=mot", "moe.router_noise=1.0", "moe.capacity={text: 0.5, image: 0.5}"), 1)
+    assert_all_in(
+        msg,
+        "1 problem)",
+        "moe.capacity={'text': 0.5, 'image': 0.5}, moe.router_noise=1.0 are set, but model.arch=mot has no experts",
+        "remove them, or use a model with experts (model.arch=moma)",
+    )
+    assert_all_in(problems_of(make("moe.dispatcher=allgather"), 1), "moe.dispatcher='allgather' is set", "remove it")
+    # A key at its default value changes nothing: fine on any family (a shared config file).
+    validate(make("model.arch=dense", "moe.experts={image: 4, text: 4}", "moe.router_noise=0", "moe.capacity=null"), 1)
+
+
+def test_which_families_have_experts_is_asked_of_the_family():
+    """Built-in families: EXPERT_ARCHS (validation imports no model) must agree with the families;
+    a registered family (a plugin) is asked."""
+    from types import SimpleNamespace
+
+    from megafusion.config.validate import _has_experts
+    from megafusion.core.registries import FAMILIES
+    from megafusion.models.registry import get_family
+
+    for name in FAMILIES.builtin:
+        assert _has_experts(name, FAMILIES.builtin) == (get_family(name).experts(Config()) is not None), name
+    groups = SimpleNamespace(name="plugin_moe", experts=lambda cfg: "groups")
+    plain = SimpleNamespace(name="plugin_dense", experts=lambda cfg: None)
+    known = (*FAMILIES.builtin, "plugin_moe", "plugin_dense")
+    try:
+        FAMILIES.register(groups)
+        FAMILIES.register(plain)
+        assert _has_experts("plugin_moe", known) and not _has_experts("plugin_dense", known)
+        msg = problems_of(make("model.arch=plugin_dense", "moe.router_noise=1.0"), 1, known_archs=known)
+        assert_all_in(msg, "model.arch=plugin_dense has no experts", "(model.arch=moma/plugin_moe)")
+        validate(make("model.arch=plugin_moe", "moe.router_noise=1.0"), 1, known_archs=known)
+    finally:
+        FAMILIES._registered.pop("plugin_moe", None)
+        FAMILIES._registered.pop("plugin_dense", None)
+
+
+def test_a_moe_dict_of_the_wrong_type_says_the_form():
+    form = "moe.capacity={text: 0.25, image: 0.25}"
+    with pytest.raises(ConfigError) as info:
+        make("model.arch=moma", "moe.capacity=1.5")
+    assert_all_in(str(info.value), "moe.capacity: cannot use 1.5", form, "or null for 1/experts of each group")
+    with pytest.raises(ConfigError) as info:
+        make("model.arch=moma", "moe.experts=8")
+    assert_all_in(str(info.value), "moe.experts: cannot use 8", "moe.experts={text: 4, image: 4}", "{mixed: 8}")
+    cfg = make("model.arch=moma")
+    cfg.moe.capacity = 1.5  # set by hand: validate says the same
+    assert_all_in(problems_of(cfg, 1), "moe.capacity=1.5 is a float, expected dict or null: write it as " + form)
+
+
 def test_global_batch_not_divisible():
     msg = problems_of(
         make("parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2", "train.global_batch_size=10"), 8
