@@ -145,6 +145,37 @@ def test_version_is_printed_without_a_command(capsys):
     assert re.fullmatch(r"\d+\.\d+.*", version())
 
 
+def _command_lines() -> list[list[str]]:
+    """Every command and subcommand, read from the parsers themselves (``["data", "index"]``, ...)."""
+    import argparse
+    import importlib
+
+    from megafusion.commands.main import COMMANDS
+
+    lines = []
+    for name, target in COMMANDS.items():
+        module = importlib.import_module(target.split(":")[0])
+        parser = (getattr(module, "parser", None) or module._parser)()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        lines += [[name, sub] for action in subs for sub in action.choices] or [[name]]
+    return lines
+
+
+def test_the_usage_lists_every_command_and_subcommand_and_each_answers_version(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    listed = [line.split()[:2] for line in usage.split("\ncommands:\n", 1)[1].splitlines() if line.strip()]
+    commands = _command_lines()
+    assert ["data", "index"] in commands and ["convert", "upcycle"] in commands and ["plan"] in commands
+    for words in commands:
+        assert any(line[: len(words)] == words for line in listed), f"{' '.join(words)} is missing from USAGE"
+        assert main([*words, "--version"]) == 0, words
+        assert capsys.readouterr().out == f"megafusion {version()}\n", words
+    for extra in (["train", "--dry-run"], ["eval", "--text", "FILE"]):
+        assert main([*extra, "--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
+    assert logits.main(["--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
+
+
 # ------------------------------------------------------------------ train / flops need --config
 
 
@@ -195,6 +226,9 @@ def test_train_keeps_the_dry_run_flags_for_the_dry_run(capsys):
 # (argv of `megafusion`, or of the logits tool after "logits:", and the exit status)
 LIGHT = [
     (["--version"], 0),
+    (["train", "--dry-run", "--version"], 0),
+    (["data", "index", "--version"], 0),
+    (["convert", "upcycle", "--version"], 0),
     (["--help"], 0),
     (["train"], 2),
     (["flops"], 2),
