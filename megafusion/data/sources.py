@@ -182,6 +182,78 @@ def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], No
     return fit()
 
 
+def _builtin_tokenizer(cfg, documents, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
+    """(codec, MultimodalTokenizer) of the built-in ``documents``: the tokenizer trained on their
+    captions (cached) unless data.tokenizer names one, the image codec (latent placeholders for
+    Transfusion)."""
+    from megafusion.data.tokenizers.joint import MultimodalTokenizer
+
+    codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
+    texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
+    return codec, MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
+
+
+def data_vocabulary(cfg) -> tuple[int, str]:
+    """(the model vocabulary a run of ``cfg`` takes from its data, where it comes from), as
+    ``build_data(cfg)`` + ``set_model_vocabulary`` set it, without tokenizing, packing or
+    indexing anything: the synthetic default, the built-in tokenizer (trained and cached on first
+    use, as a run does), or the first dataset's ``.meta.json`` (a run checks that its tokenizer
+    is the one recorded there)."""
+    d, m = cfg.data, cfg.model
+    if m.vocab_size is not None:
+        return m.vocab_size, "model.vocab_size"
+    if d.source == "synthetic":
+        return SYNTHETIC_VOCAB, "data.source=synthetic"
+    if d.source == "builtin":
+        from megafusion.objectives.registry import get_objective
+
+        transfusion = get_objective(cfg.objective.name).image_latents
+        _, tokenizer = _builtin_tokenizer(cfg, _builtin_documents(cfg), transfusion, True, lambda: None)
+        where = f"data.source=builtin: {tokenizer.vocab_size} ids of its tokenizer"
+        return padded_vocab(tokenizer.vocab_size, None, 1), where
+    from megafusion.data.formats.indexed import read_meta
+
+    path, _, key = _dataset_keys(cfg)[0]
+    check_dataset_exists(path, key)
+    vocab = read_meta(path)["vocab_size"]
+    return padded_vocab(vocab, None, 1), f"{key}={path}: {vocab} ids in its .meta.json"
+
+
+def _dataset_keys(cfg) -> list[tuple[str, float, str]]:
+    """``(path, weight, config key)`` of every dataset of the run (``data.path`` or ``data.blend[k].path``)."""
+    keys = ["data.path"] if not cfg.data.blend else [f"data.blend[{k}].path" for k in range(len(cfg.data.blend))]
+    return [(path, weight, key) for (path, weight, _), key in zip(blend_entries(cfg), keys)]
+
+
+def check_dataset_exists(path: str, key: str) -> None:
+    """A DataError naming ``key`` and ``path`` when no file of a dataset is there (a mistyped path;
+    a dataset with some of its files is left to the reader, which says which one is missing)."""
+    import difflib
+
+    from megafusion.data.formats.indexed import dataset_paths
+
+    if any(os.path.exists(p) for p in dataset_paths(path).values()):
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        hint = f"the directory {folder}/ does not exist"
+    else:
+        suffix = ".meta.json"
+        names = sorted(f[: -len(suffix)] for f in os.listdir(folder) if f.endswith(suffix))
+        close = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)
+        if close:
+            hint = "did you mean " + " or ".join(os.path.join(os.path.dirname(path), c) for c in close) + "?"
+        elif names:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            hint = f"the datasets in {folder}/ are {shown}"
+        else:
+            hint = f"{folder}/ holds no dataset"
+    raise DataError(
+        f"{key}={path}: no dataset there ({path}.meta.json does not exist; {hint}): give the --output "
+        "prefix of `megafusion data prepare`"
+    )
+
+
 def _latent_placeholders(cfg):
     """objective=transfusion: images become latents; the tokenizer only places their patches."""
     from megafusion.data.codecs.registry import build_latent_codec
@@ -285,6 +357,8 @@ def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier:
     seed = cfg.train.seed
     trains, vals, names, weights = [], [], [], []
     first = None
+    for path, _, key in _dataset_keys(cfg):  # every path first: a mistyped one is told before any is read
+        check_dataset_exists(path, key)
     for k, (path, weight, name) in enumerate(blend_entries(cfg)):
         documents, codec, tokenizer = _open_indexed(cfg, path, transfusion, is_first_rank, barrier)
         if first is None:
@@ -344,16 +418,13 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
 
     from megafusion.data.loader import MicrobatchSource, split_documents
     from megafusion.data.packing import pack_documents
-    from megafusion.data.tokenizers.joint import MultimodalTokenizer
     from megafusion.data.transfusion_data import encode_transfusion_document
     from megafusion.objectives.registry import get_objective
 
     transfusion = get_objective(cfg.objective.name).image_latents  # images as latents beside the tokens
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
-        codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
-        texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
-        tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
+        codec, tokenizer = _builtin_tokenizer(cfg, documents, transfusion, is_first_rank, barrier)
         encode = (lambda doc: encode_transfusion_document(tokenizer, doc)) if transfusion else tokenizer.encode_document
         tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"

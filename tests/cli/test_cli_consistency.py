@@ -366,6 +366,7 @@ UNWRITABLE = [
     (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{bad}/png"], "generate"),
     (["eval", "--ckpt", "{tmp}/none", "--output", "{bad}/png"], "eval"),
     (["logits:", "--ckpt", "{tmp}/none", "--tokens", "{tmp}/none.pt", "--output", "{bad}/l.pt"], "logits"),
+    (["plan", "--config", "{tmp}/none.yaml", "--gpus", "8", "--json", "{bad}/plan.json"], "plan"),
 ]
 
 
@@ -376,7 +377,7 @@ def test_an_unwritable_output_is_refused_before_any_work(argv, command, tmp_path
     argv = [a.format(tmp=tmp_path, bad=bad) for a in argv]
     rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
     err = capsys.readouterr().err
-    flag = "--config-out" if "--config-out" in argv else "--output"
+    flag = next((f for f in ("--config-out", "--json", "--output") if f in argv), "--output")
     path = argv[argv.index(flag) + 1] if flag in argv else argv[argv.index("--out") + 1]
     assert rc == 2 and err.count("\n") == 1, err
     # The missing inputs (checkpoint, shards, HF directory) would be reported next: the output came first.
