@@ -53,7 +53,7 @@ import uuid
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_config, add_output, command_parser, config_paths, subcommand
 from megafusion.core.errors import DataError, UsageError
-from megafusion.core.io import ensure_writable_file_parent
+from megafusion.core.io import ensure_exists, ensure_writable_file_parent
 from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
@@ -444,6 +444,9 @@ def build_index(argv: list[str]) -> int:
     validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
     if cfg.data.source != "indexed":
         raise UsageError(f"data.source={cfg.data.source} has no sample index: it is for data.source=indexed")
+    from megafusion.data.paths import check_data_paths
+
+    check_data_paths(cfg)  # before torch is imported
     from megafusion.data.sample_index import default_cache
     from megafusion.data.sources import blend_entries, build_data
 
@@ -470,8 +473,19 @@ def prepare_command(argv: list[str]) -> int:
     neighbors = DEFAULT_NEIGHBORS if args.icp_neighbors is None else args.icp_neighbors
     if neighbors < 1:
         raise UsageError(f"--icp-neighbors {neighbors} must be >= 1 (nearest neighbours per document)")
-    # Before any shard is read: an output that cannot be written fails now, not after tokenizing.
+    # Before any shard is read: an output that cannot be written fails now, not after tokenizing;
+    # then the inputs, before torch is imported.
     ensure_writable_file_parent(args.output, "--output")
+    for path in args.input:
+        ensure_exists(path, "--input", "a shard file (*.jsonl, *.tar) or a directory of them")
+    ensure_exists(args.tokenizer, "--tokenizer", "a SentencePiece .model, or a tokenizer.json or its directory")
+    for flag, path, kind, expected in (
+        ("--vq-codebook", args.vq_codebook, "file", "a codebook file from `megafusion tokenizer fit-vq`"),
+        ("--vqgan-path", args.vqgan_path, "dir", "a diffusers VQModel directory saved locally"),
+        ("--vae-path", args.vae_path, "dir", "a diffusers AutoencoderKL directory saved locally"),
+    ):
+        if path:
+            ensure_exists(path, flag, expected, kind=kind)
     stats = prepare(
         args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length, args.order, neighbors
     )

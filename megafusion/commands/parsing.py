@@ -64,6 +64,17 @@ def subcommand(
     return parser
 
 
+# What --ckpt takes, in messages.
+CKPT = "a step directory or a run's checkpoint.dir"
+
+
+def check_ckpt(path: str) -> None:
+    """``--ckpt`` exists and is a directory: told before torch is imported (what it holds is checked on load)."""
+    from megafusion.core.io import ensure_exists
+
+    ensure_exists(path, "--ckpt", CKPT, kind="dir")
+
+
 def add_ckpt(parser: argparse.ArgumentParser, help: str, *old: str, required: bool = True) -> None:
     """``--ckpt CKPT`` (a checkpoint that is read), also accepted as ``old`` spellings."""
     parser.add_argument("--ckpt", *old, dest="ckpt", required=required, metavar="CKPT", help=help)

@@ -29,7 +29,8 @@ GPU numbers and the efficiency are printed and can be overridden."""
 
 EXAMPLES = (
     "megafusion plan --config examples/configs/papers/mot_7b.yaml --gpus 64 --gpu h100",
-    "megafusion plan --config examples/configs/papers/transfusion_7b.yaml --gpus 256 --gpu a100 --top 10",
+    "megafusion plan --config examples/configs/papers/transfusion_7b.yaml --gpus 256 --gpu a100 --latent-shape 8,32,32 "
+    "--top 10",
     "megafusion plan --config examples/configs/tiny_dense.yaml model.vocab_size=256 --gpus 8 --gpu h200 "
     "--efficiency 0.4 --nodes-bandwidth 25 --json plan.json",
 )
@@ -110,6 +111,12 @@ def plan_command(argv: list[str]) -> int:
     from megafusion.config import load_config
 
     cfg = load_config(config_paths(args.config), args.overrides)
+    o = cfg.objective
+    if latent is None and o.name == "transfusion" and o.latent_codec != "pixels":
+        raise UsageError(
+            f"--latent-shape C,H,W is needed: with objective.latent_codec={o.latent_codec} an image's latent shape "
+            "depends on the autoencoder (e.g. --latent-shape 8,32,32: 8 channels, 256-pixel images downsampled 8x)"
+        )
     if cfg.model.vocab_size is None:  # the data decides it, as in training (megafusion.data.sources)
         from megafusion.data.sources import VOCAB_MULTIPLE, data_vocabulary
 
@@ -120,18 +127,21 @@ def plan_command(argv: list[str]) -> int:
         )
     from megafusion.planning.plan import format_table, plan
 
-    result = plan(
-        cfg,
-        args.gpus,
-        hw,
-        params_dtype=args.dtype,
-        efficiency=args.efficiency,
-        reserve_gb=args.reserve,
-        latent_shape=tuple(latent) if latent else None,
-        image_fraction=args.image_fraction,
-        recompute=modes,
-        micro_batch_sizes=micro_batch_sizes,
-    )
+    try:
+        result = plan(
+            cfg,
+            args.gpus,
+            hw,
+            params_dtype=args.dtype,
+            efficiency=args.efficiency,
+            reserve_gb=args.reserve,
+            latent_shape=tuple(latent) if latent else None,
+            image_fraction=args.image_fraction,
+            recompute=modes,
+            micro_batch_sizes=micro_batch_sizes,
+        )
+    except ValueError as err:  # a config the formulas cannot count (e.g. a latent the patch size does not divide)
+        raise UsageError(str(err)) from err
     print(format_table(result, top=args.top or None, markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:

@@ -38,6 +38,7 @@ from megafusion.core.errors import DataError
 from megafusion.core.modality import NUM_MODALITIES
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.data.codecs.diffusers_local import weights_identity
+from megafusion.data.paths import check_data_paths
 
 VOCAB_MULTIPLE = 128
 SYNTHETIC_VOCAB = 256
@@ -213,45 +214,9 @@ def data_vocabulary(cfg) -> tuple[int, str]:
         return padded_vocab(tokenizer.vocab_size, None, 1), where
     from megafusion.data.formats.indexed import read_meta
 
-    path, _, key = _dataset_keys(cfg)[0]
-    check_dataset_exists(path, key)
+    path, key = check_data_paths(cfg)[0]
     vocab = read_meta(path)["vocab_size"]
     return padded_vocab(vocab, None, 1), f"{key}={path}: {vocab} ids in its .meta.json"
-
-
-def _dataset_keys(cfg) -> list[tuple[str, float, str]]:
-    """``(path, weight, config key)`` of every dataset of the run (``data.path`` or ``data.blend[k].path``)."""
-    keys = ["data.path"] if not cfg.data.blend else [f"data.blend[{k}].path" for k in range(len(cfg.data.blend))]
-    return [(path, weight, key) for (path, weight, _), key in zip(blend_entries(cfg), keys)]
-
-
-def check_dataset_exists(path: str, key: str) -> None:
-    """A DataError naming ``key`` and ``path`` when no file of a dataset is there (a mistyped path;
-    a dataset with some of its files is left to the reader, which says which one is missing)."""
-    import difflib
-
-    from megafusion.data.formats.indexed import dataset_paths
-
-    if any(os.path.exists(p) for p in dataset_paths(path).values()):
-        return
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        hint = f"the directory {folder}/ does not exist"
-    else:
-        suffix = ".meta.json"
-        names = sorted(f[: -len(suffix)] for f in os.listdir(folder) if f.endswith(suffix))
-        close = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)
-        if close:
-            hint = "did you mean " + " or ".join(os.path.join(os.path.dirname(path), c) for c in close) + "?"
-        elif names:
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            hint = f"the datasets in {folder}/ are {shown}"
-        else:
-            hint = f"{folder}/ holds no dataset"
-    raise DataError(
-        f"{key}={path}: no dataset there ({path}.meta.json does not exist; {hint}): give the --output "
-        "prefix of `megafusion data prepare`"
-    )
 
 
 def _latent_placeholders(cfg):
@@ -357,8 +322,7 @@ def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier:
     seed = cfg.train.seed
     trains, vals, names, weights = [], [], [], []
     first = None
-    for path, _, key in _dataset_keys(cfg):  # every path first: a mistyped one is told before any is read
-        check_dataset_exists(path, key)
+    check_data_paths(cfg)  # every path first: a mistyped one is told before any is read
     for k, (path, weight, name) in enumerate(blend_entries(cfg)):
         documents, codec, tokenizer = _open_indexed(cfg, path, transfusion, is_first_rank, barrier)
         if first is None:
