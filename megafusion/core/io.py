@@ -72,17 +72,19 @@ def ensure_writable_file_parent(path: str | os.PathLike, what: str) -> Path:
     return target
 
 
-def ensure_exists(path: str | os.PathLike, what: str, expected: str, *, kind: str | None = None) -> Path:
+def ensure_exists(
+    path: str | os.PathLike, what: str, expected: str, *, kind: str | None = None, error: type = UsageError
+) -> Path:
     """Check that input ``path`` (named ``what`` in messages, e.g. ``"--ckpt"``) exists and, with
-    ``kind="dir"`` / ``"file"``, is one, before anything heavy is imported or loaded; raises
-    :class:`UsageError` naming the flag, the path, close names beside it and ``expected`` otherwise."""
+    ``kind="dir"`` / ``"file"``, is one, before anything heavy is imported or loaded; raises ``error``
+    naming the flag, the path, close names beside it and ``expected`` otherwise."""
     target = Path(path)
     if not target.exists():
-        raise UsageError(f"{what} {path}: no such file or directory{_close_names(target)}: give {expected}")
+        raise error(f"{what} {path}: no such file or directory{_close_names(target)}: give {expected}")
     if kind == "dir" and not target.is_dir():
-        raise UsageError(f"{what} {path}: a file, not a directory: give {expected}")
+        raise error(f"{what} {path}: a file, not a directory: give {expected}")
     if kind == "file" and target.is_dir():
-        raise UsageError(f"{what} {path}: a directory, not a file: give {expected}")
+        raise error(f"{what} {path}: a directory, not a file: give {expected}")
     return target
 
 
