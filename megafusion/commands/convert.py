@@ -20,8 +20,8 @@ import argparse
 import sys
 
 from megafusion.commands.main import run
-from megafusion.commands.parsing import add_ckpt, add_output, command_parser, subcommand
-from megafusion.core.io import ensure_writable_dir, ensure_writable_file_parent
+from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, command_parser, subcommand
+from megafusion.core.io import ensure_exists, ensure_writable_dir, ensure_writable_file_parent
 
 PROG = "megafusion convert"
 SUBCOMMANDS = ("dense-to-mot", "upcycle", "hf-to-mf", "mf-to-hf")
@@ -151,6 +151,11 @@ def convert_command(argv: list[str]) -> int:
     ensure_writable_dir(args.output, "--output")
     if getattr(args, "config_out", None):
         ensure_writable_file_parent(args.config_out, "--config-out")
+    # Then the input, before torch is imported.
+    if args.command == "hf-to-mf":
+        ensure_exists(args.hf, "--hf", "a Hugging Face model directory (config.json and *.safetensors)", kind="dir")
+    else:
+        check_ckpt(args.ckpt)
     if args.command == "dense-to-mot":
         from megafusion.interop.dense_to_mot import dense_to_mot
 

@@ -53,13 +53,15 @@ import uuid
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_config, add_output, command_parser, config_paths, subcommand
 from megafusion.core.errors import DataError, UsageError
-from megafusion.core.io import ensure_writable_file_parent
+from megafusion.core.io import ensure_exists, ensure_writable_file_parent
 from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
 SUBCOMMANDS = ("prepare", "export-builtin", "index")
 # model.seq_length's default: the length a dataset is trained at unless the run says otherwise.
 DEFAULT_SEQ_LENGTH = 64
+SHAPES_DEFAULT = 4000  # export-builtin --set shapes: documents generated unless --num-samples says
+DIGITS_TOTAL = 1797  # scikit-learn's handwritten digits (load_digits)
 
 PREPARE_EXAMPLES = (
     "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set",
@@ -121,7 +123,13 @@ def _parser() -> argparse.ArgumentParser:
         sub, "export-builtin", "write a built-in set as a JSONL shard", EXPORT_DESCRIPTION, EXPORT_EXAMPLES
     )
     export.add_argument("--set", required=True, choices=("shapes", "digits"), help="which built-in set")
-    export.add_argument("--num-samples", type=int, default=4000, help="shapes: documents to generate (default 4000)")
+    export.add_argument(
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help=f"documents to write: shapes generates N (default {SHAPES_DEFAULT}); digits writes the first N of its "
+        f"{DIGITS_TOTAL} (default all)",
+    )
     export.add_argument("--image-size", type=int, default=16, help="image side in pixels (default 16)")
     export.add_argument("--seed", type=int, default=0, help="shapes: generator seed (default 0)")
     add_output(export, "the shard to write (images go to <stem>_images/ beside it)", metavar="FILE.jsonl")
@@ -294,15 +302,29 @@ def prepare(
     too_long = {"documents": 0, "longest": 0}
     transfusion = isinstance(codec, PlaceholderCodec)
 
+    def documents():
+        """The shards' documents, in order; none at all is a DataError naming the inputs (not the output)."""
+        count = 0
+        for doc in read_shards(files):
+            count += 1
+            yield doc
+        if not count:
+            given = " --input ".join(inputs)
+            what = "" if list(inputs) == files else f" ({len(files)} shard{'s' * (len(files) > 1)}: {', '.join(files)})"
+            raise DataError(
+                f"--input {given}: no documents in it{what}: give shards with at least one document (a JSONL shard "
+                "holds one JSON object per line)"
+            )
+
     def write_input_order(prefix: str, observe=None) -> dict:
         """The documents, as read, to ``prefix``; ``observe(doc)`` sees each one on its way."""
         if not transfusion:
-            docs = (tok.encode_document(doc) for doc in read_shards(files))
+            docs = (tok.encode_document(doc) for doc in documents())
             return write_indexed(prefix, _observe(_tally_long(docs, seq_length, too_long), observe), meta)
         latents = LatentWriter(prefix, codec)
 
         def transfusion_docs():
-            for doc in read_shards(files):
+            for doc in documents():
                 encoded = encode_transfusion_document(tok, doc)
                 # The latents live in their own file; the indexed files get tokens and modalities only.
                 latents.add(encoded.meta.pop("latents"), encoded.source)
@@ -390,15 +412,21 @@ def export_builtin(args) -> int:
     from megafusion.data.builtin.shapes import shapes_documents
     from megafusion.data.formats.shards import write_jsonl_shard
 
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples {args.num_samples} must be >= 1")
+    n = args.num_samples
+    if n is not None and n < 1:
+        raise UsageError(f"--num-samples {n} must be >= 1")
+    if n is not None and args.set == "digits" and n > DIGITS_TOTAL:
+        raise UsageError(f"--num-samples {n}: the digits set has {DIGITS_TOTAL} documents; give at most that")
     ensure_writable_file_parent(args.output, "--output")
     if args.set == "shapes":
-        docs = shapes_documents(args.num_samples, args.seed, args.image_size)
+        docs = shapes_documents(SHAPES_DEFAULT if n is None else n, args.seed, args.image_size)
+        what = f"{len(docs)} shapes documents (seed {args.seed})"
     else:
         docs = digits_documents(args.image_size)
+        what = f"{len(docs)} digits documents" if n is None else f"the first {n} of the {len(docs)} digits documents"
+        docs = docs[:n]
     path = write_jsonl_shard(docs, args.output)
-    print(f"wrote {len(docs)} {args.set} documents to {path} (images in {os.path.splitext(path)[0]}_images/)")
+    print(f"wrote {what} to {path} (images in {os.path.splitext(path)[0]}_images/)")
     return 0
 
 
@@ -416,6 +444,9 @@ def build_index(argv: list[str]) -> int:
     validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
     if cfg.data.source != "indexed":
         raise UsageError(f"data.source={cfg.data.source} has no sample index: it is for data.source=indexed")
+    from megafusion.data.paths import check_data_paths
+
+    check_data_paths(cfg)  # before torch is imported
     from megafusion.data.sample_index import default_cache
     from megafusion.data.sources import blend_entries, build_data
 
@@ -442,8 +473,19 @@ def prepare_command(argv: list[str]) -> int:
     neighbors = DEFAULT_NEIGHBORS if args.icp_neighbors is None else args.icp_neighbors
     if neighbors < 1:
         raise UsageError(f"--icp-neighbors {neighbors} must be >= 1 (nearest neighbours per document)")
-    # Before any shard is read: an output that cannot be written fails now, not after tokenizing.
+    # Before any shard is read: an output that cannot be written fails now, not after tokenizing;
+    # then the inputs, before torch is imported.
     ensure_writable_file_parent(args.output, "--output")
+    for path in args.input:
+        ensure_exists(path, "--input", "a shard file (*.jsonl, *.tar) or a directory of them")
+    ensure_exists(args.tokenizer, "--tokenizer", "a SentencePiece .model, or a tokenizer.json or its directory")
+    for flag, path, kind, expected in (
+        ("--vq-codebook", args.vq_codebook, "file", "a codebook file from `megafusion tokenizer fit-vq`"),
+        ("--vqgan-path", args.vqgan_path, "dir", "a diffusers VQModel directory saved locally"),
+        ("--vae-path", args.vae_path, "dir", "a diffusers AutoencoderKL directory saved locally"),
+    ):
+        if path:
+            ensure_exists(path, flag, expected, kind=kind)
     stats = prepare(
         args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length, args.order, neighbors
     )

@@ -19,9 +19,9 @@ import sys
 
 from megafusion.commands.generate import IMAGE_SAMPLERS
 from megafusion.commands.main import run
-from megafusion.commands.parsing import add_ckpt, add_output, command_parser
+from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, command_parser
 from megafusion.core.errors import UsageError
-from megafusion.core.io import ensure_writable_dir
+from megafusion.core.io import ensure_exists, ensure_writable_dir
 
 PROG = "megafusion eval"
 # megafusion.evaluation.text.TOKENIZER_KINDS, spelt out here: importing that module imports torch,
@@ -106,6 +106,7 @@ def eval_command(argv: list[str]) -> int:
         raise UsageError("--samples and --steps must be >= 1")
     if args.out is not None:  # before the checkpoint is loaded: an output that cannot be written fails now
         ensure_writable_dir(args.out, "--output")
+    check_ckpt(args.ckpt)
     from megafusion.evaluation.captions import evaluate
 
     print(json.dumps(evaluate(args), indent=1), flush=True)
@@ -120,6 +121,10 @@ def text_command(argv: list[str]) -> int:
         raise UsageError(f"unknown option(s) {' '.join(unknown)} with --text; see megafusion eval --text FILE --help")
     if args.batch < 1 or (args.seq_length is not None and args.seq_length < 2):
         raise UsageError("--batch must be >= 1 and --seq-length >= 2")
+    check_ckpt(args.ckpt)
+    ensure_exists(args.text, "--text", "a UTF-8 plain text file", kind="file")
+    if args.tokenizer:
+        ensure_exists(args.tokenizer, "--tokenizer", TOKENIZER_KINDS)
     from megafusion.evaluation.text import evaluate_text, plan
 
     result = evaluate_text(plan(args, overrides))

@@ -49,13 +49,16 @@ def flops_command(argv: list[str]) -> int:
     args = cli.parse_intermixed_args(argv)
     if not args.config:
         return config_missing(cli)
-    from megafusion.accounting.report import _images, flops_report, summary
     from megafusion.config import load_config, validate
+    from megafusion.data.paths import check_data_paths
 
     cfg = load_config(config_paths(args.config), args.overrides)
     # FLOPs do not depend on the layout: validate against the smallest world it accepts.
     p = cfg.parallel
     validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
+    check_data_paths(cfg)  # before torch is imported
+    from megafusion.accounting.report import _images, flops_report, summary
+
     batch, where = representative_batch(cfg)  # first: the data decides the vocabulary
     try:
         report = summary(cfg, _images(batch)["latent_shape"])

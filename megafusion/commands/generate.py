@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from megafusion.commands.main import run
-from megafusion.commands.parsing import add_ckpt, add_output, command_parser
+from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, command_parser
 from megafusion.core.errors import UsageError
 from megafusion.core.io import ensure_writable_dir
 
@@ -66,6 +66,7 @@ def generate_command(argv: list[str]) -> int:
         raise UsageError("--steps must be >= 1")
     # Before the checkpoint is loaded: an output that cannot be written fails now.
     ensure_writable_dir(args.output, "--output")
+    check_ckpt(args.ckpt)
     import torch
     from PIL import Image
 

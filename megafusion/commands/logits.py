@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from megafusion.commands.main import run
-from megafusion.commands.parsing import add_ckpt, add_output, command_parser
+from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, command_parser
 from megafusion.core.errors import DataError
-from megafusion.core.io import ensure_writable_file_parent
+from megafusion.core.io import ensure_exists, ensure_writable_file_parent
 
 PROG = "megafusion logits"
 
@@ -50,6 +50,8 @@ def logits_command(argv: list[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Before the checkpoint is loaded: an output that cannot be written fails now.
     ensure_writable_file_parent(args.output, "--output")
+    check_ckpt(args.ckpt)
+    ensure_exists(args.tokens, "--tokens", ".pt file with an int64 tensor [batch, seq]", kind="file")
     import torch
 
     from megafusion.inference.logits import forward_logits, load_model

@@ -8,7 +8,8 @@ Subcommands:
 - ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
 - ``plan --config FILE --gpus N --gpu h100|a100|h200 [...]``: the parallel layouts that validate,
   their predicted memory per GPU and step time, ranked.
-- ``data prepare ...``: raw JSONL / tar shards -> indexed dataset.
+- ``data prepare ...``: raw JSONL / tar shards -> indexed dataset; ``data export-builtin``: a built-in
+  set as a JSONL shard; ``data index``: a run's sample index, built ahead of the run.
 - ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
   image patch codebook (the ``vq`` image codec).
 - ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint;
@@ -18,8 +19,10 @@ Subcommands:
 - ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
   ``eval --ckpt CKPT --text FILE``: the mean next-token loss on a plain text file.
 
-``megafusion --version`` prints the installed version; ``megafusion <command> --help`` the
-command's options and examples (the parsers: :mod:`megafusion.commands.parsing`).
+``megafusion --version`` (and ``megafusion <command> --version``) prints the installed version;
+``megafusion <command> --help`` the command's options and examples (the parsers:
+:mod:`megafusion.commands.parsing`). ``USAGE`` lists every command and subcommand (a test derives
+them from the parsers).
 
 Each command module under :mod:`megafusion.commands` holds only its argument parsing and a
 ``main(argv) -> int`` that is ``run(<the command>, argv, <its prog>)``: this console command, the
@@ -43,13 +46,15 @@ from collections.abc import Callable, Sequence
 from megafusion.core.errors import MegafusionError
 
 USAGE = """usage: megafusion <command> [args]      (megafusion <command> --help: its options and examples)
-       megafusion --version
+       megafusion [<command>] --version
 
 commands:
   train --config FILE [section.key=value ...] [--dry-run]   train a model (see examples/configs/)
   flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
   plan --config FILE --gpus N [--gpu h100|a100|h200]        layouts that fit, memory and step time per GPU
   data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
+  data export-builtin --set shapes|digits --output F.jsonl  a built-in set as a JSONL shard (to try the tools on)
+  data index --config FILE [section.key=value ...]          build a run's sample index ahead of a large job
   tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
   tokenizer fit-vq --builtin shapes --output CODEBOOK       fit a k-means image patch codebook
   convert dense-to-mot --ckpt CKPT --output DIR             MoT weights copied from a dense checkpoint

@@ -22,13 +22,34 @@ def epilog(examples: Sequence[str], notes: str = "") -> str:
     return f"{notes.strip()}\n\n{text}" if notes else text
 
 
+class _Version(argparse.Action):
+    """``--version``: prints ``megafusion <version>`` and exits 0, like ``megafusion --version``
+    (the version is looked up only when asked for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from megafusion.commands.main import version
+
+        print(f"megafusion {version()}")
+        parser.exit()
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action=_Version, help="print the installed megafusion version and exit")
+
+
 def command_parser(
     prog: str, description: str, examples: Sequence[str], notes: str = "", **kwargs
 ) -> argparse.ArgumentParser:
-    """A command's parser: ``description`` above the options, ``notes`` and ``examples`` below."""
-    return argparse.ArgumentParser(
+    """A command's parser: ``description`` above the options, ``notes`` and ``examples`` below,
+    and ``--version``."""
+    parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog(examples, notes), formatter_class=FORMATTER, **kwargs
     )
+    add_version(parser)
+    return parser
 
 
 def subcommand(
@@ -36,9 +57,23 @@ def subcommand(
 ) -> argparse.ArgumentParser:
     """A sub-subcommand (``megafusion convert mf-to-hf``) with the same look; ``summary`` is its line
     in the parent's help."""
-    return subparsers.add_parser(
+    parser = subparsers.add_parser(
         name, help=summary, description=description, epilog=epilog(examples, notes), formatter_class=FORMATTER
     )
+    add_version(parser)
+    return parser
+
+
+# What --ckpt takes, in messages.
+CKPT = "a step directory or a run's checkpoint.dir"
+
+
+def check_ckpt(path: str) -> None:
+    """``--ckpt`` exists and is a directory: told before torch is imported (what it holds is checked on load)."""
+    from megafusion.core.errors import CheckpointError
+    from megafusion.core.io import ensure_exists
+
+    ensure_exists(path, "--ckpt", CKPT, kind="dir", error=CheckpointError)
 
 
 def add_ckpt(parser: argparse.ArgumentParser, help: str, *old: str, required: bool = True) -> None:

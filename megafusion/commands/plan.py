@@ -14,7 +14,9 @@ import sys
 
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_config, command_parser, config_missing, config_paths
+from megafusion.core.choices import RECOMPUTE_MODES
 from megafusion.core.errors import UsageError
+from megafusion.core.io import ensure_writable_file_parent
 
 PROG = "megafusion plan"
 
@@ -27,7 +29,8 @@ GPU numbers and the efficiency are printed and can be overridden."""
 
 EXAMPLES = (
     "megafusion plan --config examples/configs/papers/mot_7b.yaml --gpus 64 --gpu h100",
-    "megafusion plan --config examples/configs/papers/transfusion_7b.yaml --gpus 256 --gpu a100 --top 10",
+    "megafusion plan --config examples/configs/papers/transfusion_7b.yaml --gpus 256 --gpu a100 --latent-shape 8,32,32 "
+    "--top 10",
     "megafusion plan --config examples/configs/tiny_dense.yaml model.vocab_size=256 --gpus 8 --gpu h200 "
     "--efficiency 0.4 --nodes-bandwidth 25 --json plan.json",
 )
@@ -75,11 +78,27 @@ def plan_command(argv: list[str]) -> int:
         return config_missing(cli)
     if args.gpus is None or args.gpus < 1:
         raise UsageError("--gpus N: the number of GPUs to plan for (a positive integer) is required")
-    from megafusion.config import load_config
+    # Every flag is checked before any work (the config, the data's vocabulary, the search).
+    if not 0 < args.efficiency <= 1:
+        raise UsageError(f"--efficiency {args.efficiency:g}: must be in (0, 1] (the achieved fraction of peak)")
+    if args.reserve < 0 or args.top < 0 or not 0 <= args.image_fraction <= 1:
+        raise UsageError("--reserve and --top must be >= 0 and --image-fraction in [0, 1]")
+    latent = _ints(args.latent_shape, "--latent-shape")
+    if latent is not None and (len(latent) != 3 or min(latent) < 1):
+        raise UsageError(f"--latent-shape {args.latent_shape}: expected C,H,W (three positive integers)")
+    micro_batch_sizes = _ints(args.micro_batch_sizes, "--micro-batch-sizes")
+    modes = [m.strip() for m in args.recompute.split(",")] if args.recompute else None
+    unknown = [m for m in modes or () if m not in RECOMPUTE_MODES]
+    if unknown:
+        raise UsageError(
+            f"--recompute {args.recompute}: {', '.join(unknown)} is not one of {', '.join(RECOMPUTE_MODES)}"
+        )
+    if micro_batch_sizes is not None and min(micro_batch_sizes) < 1:
+        raise UsageError(f"--micro-batch-sizes {args.micro_batch_sizes}: expected positive integers")
+    if args.json:  # an output that cannot be written fails now, not after the search
+        ensure_writable_file_parent(args.json, "--json")
     from megafusion.planning.hardware import hardware
-    from megafusion.planning.plan import format_table, plan
 
-    cfg = load_config(config_paths(args.config), args.overrides)
     hw = hardware(
         args.gpu,
         hbm_gb=args.gpu_memory,
@@ -89,22 +108,40 @@ def plan_command(argv: list[str]) -> int:
         hbm_gbps=args.hbm_gbps,
         gpus_per_node=args.gpus_per_node,
     )
-    latent = _ints(args.latent_shape, "--latent-shape")
-    if latent is not None and len(latent) != 3:
-        raise UsageError(f"--latent-shape {args.latent_shape}: expected C,H,W")
-    modes = args.recompute.split(",") if args.recompute else None
-    result = plan(
-        cfg,
-        args.gpus,
-        hw,
-        params_dtype=args.dtype,
-        efficiency=args.efficiency,
-        reserve_gb=args.reserve,
-        latent_shape=tuple(latent) if latent else None,
-        image_fraction=args.image_fraction,
-        recompute=modes,
-        micro_batch_sizes=_ints(args.micro_batch_sizes, "--micro-batch-sizes"),
-    )
+    from megafusion.config import load_config
+
+    cfg = load_config(config_paths(args.config), args.overrides)
+    o = cfg.objective
+    if latent is None and o.name == "transfusion" and o.latent_codec != "pixels":
+        raise UsageError(
+            f"--latent-shape C,H,W is needed: with objective.latent_codec={o.latent_codec} an image's latent shape "
+            "depends on the autoencoder (e.g. --latent-shape 8,32,32: 8 channels, 256-pixel images downsampled 8x)"
+        )
+    if cfg.model.vocab_size is None:  # the data decides it, as in training (megafusion.data.sources)
+        from megafusion.data.sources import VOCAB_MULTIPLE, data_vocabulary
+
+        cfg.model.vocab_size, where = data_vocabulary(cfg)
+        print(
+            f"model.vocab_size={cfg.model.vocab_size}: taken from the data as a run takes it ({where}, "
+            f"padded to a multiple of {VOCAB_MULTIPLE})"
+        )
+    from megafusion.planning.plan import format_table, plan
+
+    try:
+        result = plan(
+            cfg,
+            args.gpus,
+            hw,
+            params_dtype=args.dtype,
+            efficiency=args.efficiency,
+            reserve_gb=args.reserve,
+            latent_shape=tuple(latent) if latent else None,
+            image_fraction=args.image_fraction,
+            recompute=modes,
+            micro_batch_sizes=micro_batch_sizes,
+        )
+    except ValueError as err:  # a config the formulas cannot count (e.g. a latent the patch size does not divide)
+        raise UsageError(str(err)) from err
     print(format_table(result, top=args.top or None, markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:

@@ -22,7 +22,7 @@ import sys
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_output, command_parser, subcommand
 from megafusion.core.errors import DataError
-from megafusion.core.io import ensure_writable_file_parent
+from megafusion.core.io import ensure_exists, ensure_writable_file_parent
 
 PROG = "megafusion tokenizer"
 SUBCOMMANDS = ("train", "fit-vq")
@@ -160,6 +160,8 @@ def tokenizer_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     # Before any shard is read or k-means run: an output that cannot be written fails now.
     ensure_writable_file_parent(args.output, "--output")
+    for path in args.input or ():
+        ensure_exists(path, "--input", "a shard file (*.jsonl, *.tar) or a directory of them")
     if args.command == "fit-vq":
         return _fit_vq(args)
     # Imported here so that `--help` stays fast.

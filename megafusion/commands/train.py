@@ -42,7 +42,7 @@ EXAMPLES = (
     "megafusion train --config examples/configs/tiny_mixed.yaml --overwrite",
     "torchrun --nproc-per-node 4 -m megafusion.train --config examples/configs/tiny_mixed.yaml parallel.tp=2 "
     "parallel.pp=2",
-    "megafusion train --dry-run --config examples/configs/tiny_mixed.yaml parallel.tp=8 parallel.pp=2 "
+    "megafusion train --dry-run --config examples/configs/tiny_mixed.yaml parallel.tp=2 parallel.pp=2 "
     "--world-size 16 --nproc-per-node 8",
 )
 
@@ -102,10 +102,12 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
 def load_and_validate(config: list[str], overrides: list[str]):
     """The config of ``config`` (one or more files) and ``overrides``, validated for this world size."""
     from megafusion.config import load_config, validate
+    from megafusion.data.paths import check_data_paths
 
     cfg = load_config(config_paths(config), overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
+    check_data_paths(cfg)  # a mistyped data.path is told now, before torch is imported
     return cfg
 
 

@@ -4,6 +4,10 @@ The YAML file's top-level keys are section names (parallel, model, train, data,
 logging); each section maps keys to values. Overrides from the command line use
 the same names with a dot (`parallel.tp=2`) and win over the file. Every value,
 from YAML or the command line, is coerced to its field's declared type.
+
+A file is refused, in one line naming it, when it is not UTF-8 (the byte and its line), not
+YAML, empty (no sections), or gives one key twice in a mapping (PyYAML would keep the last
+silently; the key and both lines are named).
 """
 
 import difflib
@@ -18,6 +22,42 @@ from .schema import DICT_FORMS, SECTIONS, Config, ConfigError, field_types, spli
 _NULL_WORDS = {"null", "none", "~", ""}
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives ``key`` twice: first on line ``first``, again on line ``line`` (1-based)."""
+
+    def __init__(self, key, first: int, line: int):
+        super().__init__(f"key {key!r} is given twice (lines {first} and {line})")
+        self.key, self.first, self.line = key, first, line
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error."""
+
+
+def _mapping_without_duplicates(loader, node):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], line)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        seen[key] = line
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def strict_yaml(text: str):
+    """``yaml.safe_load(text)``, refusing a key given twice in a mapping (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _type_name(tp) -> str:
@@ -146,7 +186,9 @@ def _parse_value(raw: str, tp):
             return raw
         return parsed if isinstance(parsed, str) else raw
     try:
-        return yaml.safe_load(raw)
+        return strict_yaml(raw)
+    except DuplicateKeyError:
+        raise  # apply_overrides names the override
     except yaml.YAMLError:
         return raw  # let coerce() report it with the expected type
 
@@ -166,7 +208,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         section, key = name.split(".")
         types = field_types(SECTIONS[section]) if section in SECTIONS else {}
         # Unknown names keep the raw string; _set reports them.
-        value = _parse_value(raw, types[key]) if key in types else raw
+        try:
+            value = _parse_value(raw, types[key]) if key in types else raw
+        except DuplicateKeyError as err:
+            raise ConfigError(f"override '{item}': key {err.key!r} is given twice: keep one") from None
         _set(cfg, section, key, value)
     return cfg
 
@@ -181,18 +226,53 @@ def load_config(path: str | list[str] | None, overrides: list[str] | None = None
     paths = [path] if isinstance(path, str) else list(path or [])
     data = None
     for one in paths:
-        if not os.path.isfile(one):
-            raise ConfigError(f"config file '{one}' does not exist")
-        try:
-            with open(one, encoding="utf-8") as f:
-                layer = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{one}' is not valid YAML: {e}") from None
-        data = _merged(data, layer)
+        data = _merged(data, read_config_file(one))
     cfg = config_from_dict(
         data, source=f"config file{'s' if len(paths) > 1 else ''} {', '.join(repr(p) for p in paths)}"
     )
     return apply_overrides(cfg, list(overrides or []))
+
+
+def read_config_file(path: str):
+    """The YAML document of config file ``path``; ConfigError, in one line naming the file, when it is
+    missing, unreadable, not UTF-8, not YAML, empty, or gives a key twice."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text: byte 0x{raw[err.start]:02x} at position {err.start} "
+            f"(line {line}) cannot be decoded: save the file as UTF-8"
+        ) from None
+    try:
+        layer = strict_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"config file '{path}' line {err.line}: key {err.key!r} is given twice (first on line {err.first}; "
+            "YAML would keep only the last): keep one"
+        ) from None
+    except yaml.YAMLError as err:
+        # One line: where, and what the parser was doing (its own message spans several lines).
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML{at}: {context + ', ' if context else ''}{problem}"
+        ) from None
+    if layer is None or layer == {}:
+        what = "an empty mapping {}" if layer == {} else "no settings"
+        raise ConfigError(
+            f"config file '{path}' holds {what}: give the sections to set (parallel, model, train, data, ...; "
+            "examples/configs/ has complete ones)"
+        )
+    return layer
 
 
 def _merged(base, layer):

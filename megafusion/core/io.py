@@ -4,8 +4,8 @@
 a reader never sees a partial file, a crash leaves the old file, and two writers of the same
 content cannot corrupt each other. ``file_digest`` streams a file once (datasets record it so
 any flipped byte is caught on read). ``ensure_writable_dir`` / ``ensure_writable_file_parent``
-let a command refuse an output it could not write before it loads anything, with one line that
-names the flag, the path, the cause and the fix.
+let a command refuse an output it could not write before it loads anything, and ``ensure_exists``
+an input that is not there, with one line that names the flag, the path, the cause and the fix.
 """
 
 from __future__ import annotations
@@ -70,6 +70,41 @@ def ensure_writable_file_parent(path: str | os.PathLike, what: str) -> Path:
         raise _unwritable(what, path, f"'{target}' is a directory")
     _probe(target.parent, what, path)
     return target
+
+
+def ensure_exists(
+    path: str | os.PathLike, what: str, expected: str, *, kind: str | None = None, error: type = UsageError
+) -> Path:
+    """Check that input ``path`` (named ``what`` in messages, e.g. ``"--ckpt"``) exists and, with
+    ``kind="dir"`` / ``"file"``, is one, before anything heavy is imported or loaded; raises ``error``
+    naming the flag, the path, close names beside it and ``expected`` otherwise."""
+    target = Path(path)
+    if not target.exists():
+        raise error(f"{what} {path}: no such file or directory{_close_names(target)}: give {expected}")
+    if kind == "dir" and not target.is_dir():
+        raise error(f"{what} {path}: a file, not a directory: give {expected}")
+    if kind == "file" and target.is_dir():
+        raise error(f"{what} {path}: a directory, not a file: give {expected}")
+    return target
+
+
+def _close_names(target: Path) -> str:
+    """What is missing and what is close: `` (runs/x does not exist; did you mean runs/y?)``, for the
+    first component of ``target`` that does not exist (``target`` itself: only the suggestion)."""
+    import difflib
+
+    missing = target
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    gone = f"{missing} does not exist" if missing != target else ""
+    try:
+        names = [entry.name for entry in missing.parent.iterdir()] if missing.parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(missing.name, names, n=3, cutoff=0.6)
+    mean = f"did you mean {' or '.join(str(missing.parent / name) for name in close)}?" if close else ""
+    said = "; ".join(x for x in (gone, mean) if x)
+    return f" ({said})" if said else ""
 
 
 def _probe(directory: Path, what: str, shown) -> None:

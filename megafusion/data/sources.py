@@ -38,6 +38,7 @@ from megafusion.core.errors import DataError
 from megafusion.core.modality import NUM_MODALITIES
 from megafusion.data.builtin.synthetic import synthetic_microbatch
 from megafusion.data.codecs.diffusers_local import weights_identity
+from megafusion.data.paths import check_data_paths
 
 VOCAB_MULTIPLE = 128
 SYNTHETIC_VOCAB = 256
@@ -182,6 +183,42 @@ def _builtin_codec(cfg, documents, is_first_rank: bool, barrier: Callable[[], No
     return fit()
 
 
+def _builtin_tokenizer(cfg, documents, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]):
+    """(codec, MultimodalTokenizer) of the built-in ``documents``: the tokenizer trained on their
+    captions (cached) unless data.tokenizer names one, the image codec (latent placeholders for
+    Transfusion)."""
+    from megafusion.data.tokenizers.joint import MultimodalTokenizer
+
+    codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
+    texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
+    return codec, MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
+
+
+def data_vocabulary(cfg) -> tuple[int, str]:
+    """(the model vocabulary a run of ``cfg`` takes from its data, where it comes from), as
+    ``build_data(cfg)`` + ``set_model_vocabulary`` set it, without tokenizing, packing or
+    indexing anything: the synthetic default, the built-in tokenizer (trained and cached on first
+    use, as a run does), or the first dataset's ``.meta.json`` (a run checks that its tokenizer
+    is the one recorded there)."""
+    d, m = cfg.data, cfg.model
+    if m.vocab_size is not None:
+        return m.vocab_size, "model.vocab_size"
+    if d.source == "synthetic":
+        return SYNTHETIC_VOCAB, "data.source=synthetic"
+    if d.source == "builtin":
+        from megafusion.objectives.registry import get_objective
+
+        transfusion = get_objective(cfg.objective.name).image_latents
+        _, tokenizer = _builtin_tokenizer(cfg, _builtin_documents(cfg), transfusion, True, lambda: None)
+        where = f"data.source=builtin: {tokenizer.vocab_size} ids of its tokenizer"
+        return padded_vocab(tokenizer.vocab_size, None, 1), where
+    from megafusion.data.formats.indexed import read_meta
+
+    path, key = check_data_paths(cfg)[0]
+    vocab = read_meta(path)["vocab_size"]
+    return padded_vocab(vocab, None, 1), f"{key}={path}: {vocab} ids in its .meta.json"
+
+
 def _latent_placeholders(cfg):
     """objective=transfusion: images become latents; the tokenizer only places their patches."""
     from megafusion.data.codecs.registry import build_latent_codec
@@ -285,6 +322,7 @@ def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier:
     seed = cfg.train.seed
     trains, vals, names, weights = [], [], [], []
     first = None
+    check_data_paths(cfg)  # every path first: a mistyped one is told before any is read
     for k, (path, weight, name) in enumerate(blend_entries(cfg)):
         documents, codec, tokenizer = _open_indexed(cfg, path, transfusion, is_first_rank, barrier)
         if first is None:
@@ -344,16 +382,13 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
 
     from megafusion.data.loader import MicrobatchSource, split_documents
     from megafusion.data.packing import pack_documents
-    from megafusion.data.tokenizers.joint import MultimodalTokenizer
     from megafusion.data.transfusion_data import encode_transfusion_document
     from megafusion.objectives.registry import get_objective
 
     transfusion = get_objective(cfg.objective.name).image_latents  # images as latents beside the tokens
     if d.source == "builtin":
         documents = _builtin_documents(cfg)
-        codec = _latent_placeholders(cfg) if transfusion else _builtin_codec(cfg, documents, is_first_rank, barrier)
-        texts = lambda: [seg.text for doc in documents for seg in doc.segments if hasattr(seg, "text")]  # noqa: E731
-        tokenizer = MultimodalTokenizer.from_files(_tokenizer(cfg, texts, is_first_rank, barrier), codec)
+        codec, tokenizer = _builtin_tokenizer(cfg, documents, transfusion, is_first_rank, barrier)
         encode = (lambda doc: encode_transfusion_document(tokenizer, doc)) if transfusion else tokenizer.encode_document
         tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"

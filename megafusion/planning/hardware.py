@@ -43,6 +43,17 @@ GPUS: dict[str, Hardware] = {
 }
 
 
+# The `megafusion plan` flag that overrides each field (named in messages).
+FLAGS = {
+    "peak_tflops": "--peak-tflops",
+    "hbm_gb": "--gpu-memory",
+    "hbm_gbps": "--hbm-gbps",
+    "nvlink_gbps": "--nvlink-gbps",
+    "nodes_gbps": "--nodes-bandwidth",
+    "gpus_per_node": "--gpus-per-node",
+}
+
+
 def hardware(name: str, **overrides) -> Hardware:
     """The table's entry for ``name`` with any non-None ``overrides`` (field name -> value)."""
     key = name.lower()
@@ -51,5 +62,7 @@ def hardware(name: str, **overrides) -> Hardware:
     given = {k: v for k, v in overrides.items() if v is not None}
     for k, v in given.items():
         if not v > 0:
-            raise UsageError(f"--{k.replace('_', '-')} {v}: must be > 0")
+            raise UsageError(
+                f"{FLAGS[k]} {v:g}: must be > 0 (the {GPUS[key].name} table's value: {getattr(GPUS[key], k):g})"
+            )
     return replace(GPUS[key], **given)

@@ -6,10 +6,14 @@ prints, for the given number of processes, which tensor / pipeline / data (/ con
 parallel coordinates every global rank gets, which transformer layers it builds (per virtual
 pipeline chunk) and whether it holds the embedding or the output layer.
 
-Nothing is re-derived by hand: the coordinates come from megatron-core's own ``RankGenerator``
-built exactly as ``parallel_state.initialize_model_parallel`` builds it (default order
-``tp-cp-ep-dp-pp``), and the layers from megatron-core's ``get_num_layers_to_build`` /
-``get_transformer_layer_offset`` on the ``TransformerConfig`` that training builds.
+The rules are megatron-core's, restated in plain Python so that a dry-run imports neither torch
+nor megatron (it answers in a moment): the coordinates are those of ``RankGenerator`` (its
+``generate_masked_orthogonal_rank_groups``) as ``parallel_state.initialize_model_parallel`` builds
+it for megafusion (default order ``tp-cp-ep-dp-pp``; the expert generator with
+``expert_tensor_parallel_size=1``, as :mod:`megafusion.runtime.distributed` asks), and the layers
+those of ``get_num_layers_to_build`` / ``get_transformer_layer_offset`` for an even split (the only
+one megafusion configures). ``tests/cli/test_launch.py`` checks both against megatron-core's own
+functions over a grid of layouts, and against the groups of a real 2-node torchrun job.
 
 API:
 
@@ -32,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 
 from megafusion.config import ConfigError, load_config, parse_cli, validate
 
@@ -50,20 +53,48 @@ Exit status 2 when the configuration cannot run on that many processes.
 PER_RANK_MAX = 32
 
 
-def _megatron_order() -> str:
-    """The ``order`` megafusion's ``initialize`` gets: initialize_model_parallel's default."""
-    import inspect
-
-    from megatron.core import parallel_state as ps
-
-    return inspect.signature(ps.initialize_model_parallel).parameters["order"].default
+# initialize_model_parallel's default ``order`` (megafusion's runtime passes none).
+ORDER = "tp-cp-ep-dp-pp"
+# megafusion.runtime.distributed passes expert_tensor_parallel_size=1: whole experts on every rank.
+EXPERT_TP = 1
 
 
-def _quiet_import_megatron():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")
-        from megatron.core import parallel_state  # noqa: F401
-        from megatron.core.transformer import transformer_block, transformer_layer  # noqa: F401
+class RankGenerator:
+    """megatron-core's ``parallel_state.RankGenerator`` (sizes, order, ``get_ranks(token)``), in plain
+    Python: a rank is ``sum(coordinate x stride)`` over the dimensions in ``order`` (strides: the
+    prefix products of the sizes); a group holds the ranks that differ only in ``token``'s
+    dimensions, groups and members both counted in that order."""
+
+    def __init__(self, tp: int, ep: int, dp: int, pp: int, cp: int, order: str = ORDER):
+        sizes = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "cp": cp}
+        names = order.lower().split("-")
+        names += [name for name in sizes if name not in names]  # size 1 (megatron refuses others)
+        self.names, self.sizes = names, [sizes[name] for name in names]
+        self.world_size = tp * ep * dp * pp * cp
+
+    def get_ranks(self, token: str) -> list[list[int]]:
+        wanted = token.split("-")
+        strides = [1]
+        for size in self.sizes[:-1]:
+            strides.append(strides[-1] * size)
+        inside = [(size, stride) for name, size, stride in zip(self.names, self.sizes, strides) if name in wanted]
+        outside = [(size, stride) for name, size, stride in zip(self.names, self.sizes, strides) if name not in wanted]
+        group_size = 1
+        for size, _ in inside:
+            group_size *= size
+        return [
+            [_offset(member, inside) + _offset(group, outside) for member in range(group_size)]
+            for group in range(self.world_size // group_size)
+        ]
+
+
+def _offset(index: int, dims: list[tuple[int, int]]) -> int:
+    """The rank offset of the ``index``-th combination of ``dims`` (size, stride), first dimension fastest."""
+    total = 0
+    for size, stride in dims:
+        total += (index % size) * stride
+        index //= size
+    return total
 
 
 def _sizes(cfg, world_size: int) -> dict:
@@ -77,11 +108,10 @@ def _sizes(cfg, world_size: int) -> dict:
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
             f"{p.tp} x {p.pp} x {p.cp} = {model}"
         )
-    expert = p.tp * p.ep * p.pp  # expert tensor parallel size defaults to tp
+    expert = EXPERT_TP * p.ep * p.pp  # megatron's expert_tensor x expert_model x pipeline parallel size
     if world_size % expert:
         raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp x parallel.ep x parallel.pp = "
-            f"{p.tp} x {p.ep} x {p.pp} = {expert}"
+            f"world size {world_size} is not divisible by parallel.ep x parallel.pp = {p.ep} x {p.pp} = {expert}"
         )
     return {
         "tp": p.tp,
@@ -94,14 +124,10 @@ def _sizes(cfg, world_size: int) -> dict:
 
 
 def _generators(cfg, world_size: int):
-    """(decoder, expert) RankGenerators, as initialize_model_parallel creates them."""
-    _quiet_import_megatron()
-    from megatron.core.parallel_state import RankGenerator
-
+    """(decoder, expert) rank generators, as initialize_model_parallel creates them for megafusion."""
     s = _sizes(cfg, world_size)
-    order = _megatron_order()
-    decoder = RankGenerator(tp=s["tp"], ep=1, dp=s["dp"], pp=s["pp"], cp=s["cp"], order=order, rank_offset=0)
-    expert = RankGenerator(tp=s["tp"], ep=s["ep"], dp=s["expert_dp"], pp=s["pp"], cp=1, order=order, rank_offset=0)
+    decoder = RankGenerator(tp=s["tp"], ep=1, dp=s["dp"], pp=s["pp"], cp=s["cp"])
+    expert = RankGenerator(tp=EXPERT_TP, ep=s["ep"], dp=s["expert_dp"], pp=s["pp"], cp=1)
     return decoder, expert
 
 
@@ -123,37 +149,9 @@ def _rank_in_group(group_lists: list[list[int]], world_size: int) -> list[int]:
     return where
 
 
-def _pipeline_tconfig(cfg):
-    """The TransformerConfig training builds (only its pipeline-split fields matter here).
-
-    A config training could not build (e.g. parallel.ep>1 for a dense model) falls back to a
-    minimal TransformerConfig with the same layer count and pipeline sizes.
-    """
-    import torch
-    from megatron.core.transformer import TransformerConfig
-
-    from megafusion.models.transformer_config import build_transformer_config
-
-    try:
-        return build_transformer_config(cfg, torch.device("cpu"))
-    except (ValueError, AssertionError):
-        m, p = cfg.model, cfg.parallel
-        return TransformerConfig(
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,
-            pipeline_dtype=torch.float32,
-        )
-
-
 def _stage_layers(cfg) -> dict[int, list[list[int]]]:
-    """pp rank -> per virtual chunk, the global 0-based layer indices megatron builds there."""
-    _quiet_import_megatron()
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
+    """pp rank -> per virtual chunk, the global 0-based layer indices megatron builds there: an even
+    split into pp x vpp chunks, chunk ``v`` of stage ``p`` being the ``(v x pp + p)``-th."""
     p, m = cfg.parallel, cfg.model
     vpp = p.vpp if p.vpp and p.vpp > 1 else None
     if vpp is not None and p.pp == 1:
@@ -161,17 +159,13 @@ def _stage_layers(cfg) -> dict[int, list[list[int]]]:
     chunks = p.pp * (vpp or 1)
     if m.num_layers % chunks:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = {chunks}")
-    tconfig = _pipeline_tconfig(cfg)
-    out = {}
-    for pp_rank in range(p.pp):
-        per_chunk = []
-        for vp in range(vpp or 1):
-            vp_stage = vp if vpp else None
-            n = get_num_layers_to_build(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-            offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage, pp_rank=pp_rank)
-            per_chunk.append(list(range(offset, offset + n)))
-        out[pp_rank] = per_chunk
-    return out
+    per_chunk = m.num_layers // chunks
+    return {
+        pp_rank: [
+            list(range((v * p.pp + pp_rank) * per_chunk, (v * p.pp + pp_rank + 1) * per_chunk)) for v in range(vpp or 1)
+        ]
+        for pp_rank in range(p.pp)
+    }
 
 
 def layout(cfg, world_size: int, nproc_per_node: int) -> list[dict]:
@@ -278,7 +272,7 @@ def format_layout(cfg, world_size: int, nproc_per_node: int, per_rank: bool | No
     """A readable header and a table: per rank up to PER_RANK_MAX ranks, else per (node, pp stage)."""
     rows = layout(cfg, world_size, nproc_per_node)
     grp = groups(cfg, world_size)
-    order = _megatron_order()
+    order = ORDER
     p, m, t = cfg.parallel, cfg.model, cfg.train
     s = _sizes(cfg, world_size)
     nnodes = world_size // nproc_per_node
@@ -292,8 +286,8 @@ def format_layout(cfg, world_size: int, nproc_per_node: int, per_rank: bool | No
     ]
     if p.ep > 1:
         out.append(
-            f"  ep {p.ep}: expert-parallel groups are carved out of dp x cp "
-            f"(expert dp {s['expert_dp']} = {world_size} / (tp {p.tp} x ep {p.ep} x pp {p.pp}))"
+            f"  ep {p.ep}: expert-parallel groups are carved out of tp x dp x cp, whole experts on every rank "
+            f"(expert dp {s['expert_dp']} = {world_size} / (ep {p.ep} x pp {p.pp}))"
         )
     out.append(
         f"  vpp {vpp if vpp else 'off'} | sp {'on' if p.sp else 'off'} | "
@@ -473,7 +467,7 @@ def layout_json(cfg, world_size: int, nproc_per_node: int, source: str = "") -> 
         "world_size": world_size,
         "nproc_per_node": nproc_per_node,
         "source": source,
-        "order": _megatron_order(),
+        "order": ORDER,
         "sizes": _sizes(cfg, world_size),
     }
     lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]

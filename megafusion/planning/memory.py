@@ -71,6 +71,7 @@ per chunk).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from megafusion.models.registry import get_family
@@ -342,9 +343,11 @@ def activation_bytes(
 ) -> float:
     """Peak saved-activation bytes on this rank over the pipeline schedule."""
     total, transient, tail = 0.0, 0.0, 0.0
-    for chunk in in_flight(rank, num_microbatches):
+    # Each chunk's bytes once, times the microbatches in flight on it (the planner calls this for
+    # thousands of layouts, some with dozens of microbatches in flight).
+    for chunk, count in sorted(Counter(in_flight(rank, num_microbatches)).items()):
         part = chunk_activation_bytes(cfg, rank, chunk, params_dtype, recompute, image_fraction, micro_batch)
-        total += part["layers"] + part["ends"]
+        total += count * (part["layers"] + part["ends"])
         transient = max(transient, part["transient"])
         tail = max(tail, part["tail"])
     # Full recompute rebuilds a layer in the backward. On the last stage the first backward is the

@@ -109,7 +109,8 @@ def plan(
     """The assumptions and every layout's row, ranked (see the module docstring)."""
     if cfg.model.vocab_size is None:
         raise UsageError(
-            "model.vocab_size is unset: the plan needs it (set model.vocab_size=N, padded as the data pads)"
+            "model.vocab_size is unset: the plan needs it; set model.vocab_size=N (the padded vocabulary a run takes "
+            "from its data: megafusion.data.sources.data_vocabulary, as `megafusion plan` does)"
         )
     if not 0 < efficiency <= 1:
         raise UsageError(f"--efficiency {efficiency}: must be in (0, 1]")

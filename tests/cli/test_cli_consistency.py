@@ -105,6 +105,72 @@ def test_every_command_has_help_with_a_description_and_examples_that_parse(call,
         assert _parse_example(line) == [], line
 
 
+def _readme_commands() -> list[str]:
+    """Every megafusion command of the README's ``bash`` blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                one, words = (
+                    (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
+                )
+                if one[:1] in (["megafusion"], ["torchrun"]) or one[:3] in (
+                    ["python", "-m", "megafusion.train"],
+                    ["python", "-m", "megafusion.evaluate"],
+                    ["python", "-m", "megafusion.logits"],
+                ):
+                    commands.append(shlex.join(one))
+    return commands
+
+
+def _help_examples(capsys) -> list[str]:
+    texts = [_help(call, argv, "--help", capsys) for call, argv in HELPS]
+    return [line.strip() for text in texts for line in text.split("\nexamples:\n", 1)[1].splitlines() if line.strip()]
+
+
+def _runs_without_training(words: list[str]) -> bool:
+    return words[1] in ("plan", "flops") or words[1:2] == ["train"] and "--dry-run" in words
+
+
+def test_the_readme_commands_parse(capsys):
+    commands = _readme_commands()
+    assert len(commands) > 30 and any("--dry-run" in c for c in commands)
+    for line in commands:
+        assert _parse_example(line) == [], line
+
+
+def test_every_dry_run_plan_and_flops_example_of_the_readme_and_the_help_runs(tmp_path, monkeypatch, capsys):
+    """As written, from a fresh directory holding examples/ (what they write, plan.json and the
+    tokenizer cache, lands there), all in this process. Cheaper, not different: the built-in data
+    is built once per data setting, and the plan searches one micro-batch size and recompute mode
+    unless the example names them (the planner's own tests cover the search)."""
+    from megafusion.data import sources
+    from megafusion.planning import search
+
+    examples = sorted({*_readme_commands(), *_help_examples(capsys)})
+    runs = [shlex.split(line) for line in examples if _runs_without_training(shlex.split(line))]
+    assert {words[1] for words in runs} == {"train", "plan", "flops"} and len(runs) >= 10
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    built = {}
+
+    def build_data(cfg, *args, **kwargs):
+        key = repr((cfg.data, cfg.objective, cfg.model.seq_length, cfg.model.vocab_size, cfg.train.seed, args, kwargs))
+        if key not in built:
+            built[key] = real_build_data(cfg, *args, **kwargs)
+        return built[key]
+
+    real_build_data = sources.build_data
+    monkeypatch.setattr(sources, "build_data", build_data)
+    monkeypatch.setattr(search, "MICRO_BATCH_SIZES", (1,))
+    monkeypatch.setattr(search, "RECOMPUTE_MODES", ("none",))
+    for words in runs:
+        assert main(words[1:]) == 0, (shlex.join(words), capsys.readouterr().err)
+        out = capsys.readouterr()
+        assert out.err == "" and out.out, shlex.join(words)
+
+
 def test_the_usage_lists_the_new_flag_names(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
@@ -143,6 +209,37 @@ def test_version_is_printed_without_a_command(capsys):
         assert main([flag]) == 0
         assert capsys.readouterr().out == f"megafusion {version()}\n"
     assert re.fullmatch(r"\d+\.\d+.*", version())
+
+
+def _command_lines() -> list[list[str]]:
+    """Every command and subcommand, read from the parsers themselves (``["data", "index"]``, ...)."""
+    import argparse
+    import importlib
+
+    from megafusion.commands.main import COMMANDS
+
+    lines = []
+    for name, target in COMMANDS.items():
+        module = importlib.import_module(target.split(":")[0])
+        parser = (getattr(module, "parser", None) or module._parser)()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        lines += [[name, sub] for action in subs for sub in action.choices] or [[name]]
+    return lines
+
+
+def test_the_usage_lists_every_command_and_subcommand_and_each_answers_version(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    listed = [line.split()[:2] for line in usage.split("\ncommands:\n", 1)[1].splitlines() if line.strip()]
+    commands = _command_lines()
+    assert ["data", "index"] in commands and ["convert", "upcycle"] in commands and ["plan"] in commands
+    for words in commands:
+        assert any(line[: len(words)] == words for line in listed), f"{' '.join(words)} is missing from USAGE"
+        assert main([*words, "--version"]) == 0, words
+        assert capsys.readouterr().out == f"megafusion {version()}\n", words
+    for extra in (["train", "--dry-run"], ["eval", "--text", "FILE"]):
+        assert main([*extra, "--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
+    assert logits.main(["--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
 
 
 # ------------------------------------------------------------------ train / flops need --config
@@ -192,9 +289,51 @@ def test_train_keeps_the_dry_run_flags_for_the_dry_run(capsys):
 # ------------------------------------------------------------------ argument errors import nothing heavy
 
 
+# (argv with {tmp}: a fresh directory, the flag and path the one-line error names)
+MISSING = [
+    (["generate", "--ckpt", "{tmp}/none", "--prompt", "p", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
+    (["eval", "--ckpt", "{tmp}/none"], "--ckpt {tmp}/none"),
+    (["eval", "--ckpt", "{tmp}", "--text", "{tmp}/none.txt"], "--text {tmp}/none.txt"),
+    (["convert", "dense-to-mot", "--ckpt", "{tmp}/none", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
+    (["convert", "upcycle", "--ckpt", "{tmp}/none", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
+    (["convert", "mf-to-hf", "--ckpt", "{tmp}/none", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
+    (["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/o"], "--hf {tmp}/none"),
+    (["logits:", "--ckpt", "{tmp}/none", "--tokens", "t.pt", "--output", "{tmp}/o.pt"], "--ckpt {tmp}/none"),
+    (["logits:", "--ckpt", "{tmp}", "--tokens", "{tmp}/none.pt", "--output", "{tmp}/o.pt"], "--tokens {tmp}/none.pt"),
+    (["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "t", "--output", "{tmp}/o"], "--input {tmp}/none"),
+    (
+        ["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/t"],
+        "--input {tmp}/none",
+    ),
+    (["flops", "--config", CONFIG, "data.source=indexed", "data.path={tmp}/none"], "data.path={tmp}/none"),
+    (["train", "--config", CONFIG, "data.source=indexed", "data.path={tmp}/none"], "data.path={tmp}/none"),
+    (["data", "index", "--config", CONFIG, "data.source=indexed", "data.path={tmp}/none"], "data.path={tmp}/none"),
+]
+
+
+@pytest.mark.parametrize("argv,named", MISSING, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(MISSING)])
+def test_a_missing_input_is_one_line_naming_the_flag_and_the_path(argv, named, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
+    err = capsys.readouterr().err
+    command = (
+        "logits"
+        if argv[0] == "logits:"
+        else " ".join(argv[:2] if argv[0] in ("data", "convert", "tokenizer") else argv[:1])
+    )
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"megafusion {command}: {named.format(tmp=tmp_path)}: no "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
 # (argv of `megafusion`, or of the logits tool after "logits:", and the exit status)
 LIGHT = [
     (["--version"], 0),
+    # A dry-run that works: the layout is computed without torch or megatron.
+    (["train", "--dry-run", "--config", CONFIG, "parallel.tp=2", "parallel.pp=2", "--world-size", "8", "--json"], 0),
+    (["train", "--dry-run", "--version"], 0),
+    (["data", "index", "--version"], 0),
+    (["convert", "upcycle", "--version"], 0),
     (["--help"], 0),
     (["train"], 2),
     (["flops"], 2),
@@ -254,6 +393,8 @@ LIGHT = [
     (["logits:", "--ckpt", "c", "--tokens", "t"], 2),
     (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "o.pt", "--bogus"], 2),
     (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "{file}/o.pt"], 2),
+    # Inputs that are not there: told before torch is imported (MISSING below checks the messages).
+    *((argv, 2) for argv, _ in MISSING),
 ]
 
 PROBE = """
@@ -272,7 +413,7 @@ print(json.dumps(results))
 def test_argument_errors_and_help_import_no_torch(tmp_path):
     """One fresh interpreter runs every case in turn: the first one that imports torch shows."""
     (tmp_path / "file").write_text("")
-    cases = [[a.format(file=tmp_path / "file") for a in argv] for argv, _ in LIGHT]
+    cases = [[a.format(file=tmp_path / "file", tmp=tmp_path) for a in argv] for argv, _ in LIGHT]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MEGAFUSION_DEBUG", None)
     proc = subprocess.run(
@@ -332,6 +473,7 @@ UNWRITABLE = [
     (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{bad}/png"], "generate"),
     (["eval", "--ckpt", "{tmp}/none", "--output", "{bad}/png"], "eval"),
     (["logits:", "--ckpt", "{tmp}/none", "--tokens", "{tmp}/none.pt", "--output", "{bad}/l.pt"], "logits"),
+    (["plan", "--config", "{tmp}/none.yaml", "--gpus", "8", "--json", "{bad}/plan.json"], "plan"),
 ]
 
 
@@ -342,7 +484,7 @@ def test_an_unwritable_output_is_refused_before_any_work(argv, command, tmp_path
     argv = [a.format(tmp=tmp_path, bad=bad) for a in argv]
     rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
     err = capsys.readouterr().err
-    flag = "--config-out" if "--config-out" in argv else "--output"
+    flag = next((f for f in ("--config-out", "--json", "--output") if f in argv), "--output")
     path = argv[argv.index(flag) + 1] if flag in argv else argv[argv.index("--out") + 1]
     assert rc == 2 and err.count("\n") == 1, err
     # The missing inputs (checkpoint, shards, HF directory) would be reported next: the output came first.

@@ -121,36 +121,37 @@ ERRORS = [
     (
         ["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "{tmp}/t.model", "--output", "{tmp}/ds"],
         "megafusion data prepare",
-        "none: no such shard file or directory",
+        "--input {tmp}/none: no such file or directory",
     ),
     (
         ["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/tok"],
         "megafusion tokenizer train",
-        "none: no such shard file or directory",
+        "--input {tmp}/none: no such file or directory",
     ),
     (
         ["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/mf"],
         "megafusion convert hf-to-mf",
-        "is not a directory",
+        "--hf {tmp}/none: no such file or directory",
     ),
     (
         ["convert", "dense-to-mot", "--input", "{tmp}/none", "--output", "{tmp}/mot"],
         "megafusion convert dense-to-mot",
-        "neither a megafusion checkpoint",
+        "--ckpt {tmp}/none: no such file or directory",
     ),
     (
         ["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png"],
         "megafusion generate",
-        "neither a megafusion checkpoint",
+        "--ckpt {tmp}/none: no such file or directory",
     ),
     (
         ["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{tmp}/png", "--steps", "0"],
         "megafusion generate",
         "--steps must be >= 1",
     ),
-    (["eval", "--ckpt", "{tmp}/none"], "megafusion eval", "neither a megafusion checkpoint"),
+    (["eval", "--ckpt", "{tmp}/none"], "megafusion eval", "--ckpt {tmp}/none: no such file or directory"),
+    (["eval", "--ckpt", "{tmp}"], "megafusion eval", "neither a megafusion checkpoint"),  # there, but not one
     (["eval", "--ckpt", "{tmp}/none", "--samples", "0"], "megafusion eval", "--samples and --steps must be >= 1"),
-    (["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt"], "megafusion eval", "neither a megafusion checkpoint"),
+    (["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt"], "megafusion eval", "--ckpt {tmp}/none: no such file"),
     (
         ["eval", "--ckpt", "{tmp}/none", "--text", "{tmp}/t.txt", "--bogus"],
         "megafusion eval",
@@ -166,7 +167,7 @@ def test_each_command_reports_a_bad_input_as_one_prefixed_line(argv, prefix, fra
     assert main([a.format(tmp=paths) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(f"{prefix}: "), captured.err
-    assert fragment in captured.err and "Traceback" not in captured.err
+    assert fragment.format(tmp=paths) in captured.err and "Traceback" not in captured.err
     assert not (paths / "png").exists() and not (paths / "mot").exists()  # refused before any work
 
 
@@ -174,7 +175,7 @@ def test_the_logits_command_reports_the_same_way(paths, capsys, monkeypatch):
     from megafusion.commands.logits import main as logits_main
 
     monkeypatch.delenv("MEGAFUSION_DEBUG", raising=False)
-    assert logits_main(["--ckpt", str(paths / "none"), "--tokens", str(paths / "floats.pt"), "--out", "x.pt"]) == 2
+    assert logits_main(["--ckpt", str(paths), "--tokens", str(paths / "floats.pt"), "--out", "x.pt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"megafusion logits: {paths / 'floats.pt'} must hold an int64 tensor")
     assert err.count("\n") == 1

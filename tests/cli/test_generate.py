@@ -70,7 +70,7 @@ def test_generated_images_are_pngs_of_the_trained_size_and_reproducible(checkpoi
 
 def test_generate_names_what_is_wrong(checkpoint, tmp_path):
     proc = generate("--ckpt", tmp_path / "missing", "--prompt", "x", "--out", tmp_path)
-    assert proc.returncode == 2 and "neither a megafusion checkpoint" in proc.stderr
+    assert proc.returncode == 2 and f"--ckpt {tmp_path / 'missing'}: no such file or directory" in proc.stderr
     proc = generate("--ckpt", checkpoint / "ckpt", "--prompt", "x", "--out", tmp_path, "--steps", 0)
     assert proc.returncode == 2 and "--steps" in proc.stderr
 

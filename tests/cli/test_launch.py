@@ -42,6 +42,7 @@ COMBOS = [
     ({"pp": 4, "vpp": 2, "num_layers": 8}, True),  # interleaved, 4 stages
     ({"tp": 2, "cp": 2}, False),  # context parallel
     ({"pp": 2, "ep": 2}, False),  # expert parallel carved out of dp
+    ({"tp": 2, "ep": 2}, False),  # expert parallel across tp (whole experts per rank: expert tp 1)
 ]
 
 WORKER = textwrap.dedent(
@@ -162,6 +163,54 @@ def test_layout_matches_real_megatron_groups(real_groups, index):
     assert sorted(sum((r["layers"] for r in plan if r["dp"] == 0 and r["tp"] == 0 and r["cp"] == 0), [])) == list(
         range(cfg.model.num_layers)
     )
+
+
+def test_the_plain_python_layout_is_megatrons():
+    """The rank groups and the layer split the dry-run computes without torch equal megatron-core's own
+    functions for every size, order and group kind here (the torchrun test above checks real groups)."""
+    import inspect
+    import itertools
+
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megafusion.planning.layout import ORDER, RankGenerator, _stage_layers
+
+    assert inspect.signature(ps.initialize_model_parallel).parameters["order"].default == ORDER
+    checked = 0
+    for tp, ep, dp, pp, cp in itertools.product([1, 2, 4], [1, 2], [1, 2, 3], [1, 2, 4], [1, 2]):
+        for order in (ORDER, "tp-dp-pp", "tp-pp-dp", "tp-cp-ep-pp-dp"):
+            if ep > 1 and cp > 1 or cp > 1 and "cp" not in order or ep > 1 and "ep" not in order:
+                continue  # megatron refuses these
+            theirs = ps.RankGenerator(tp=tp, ep=ep, dp=dp, pp=pp, cp=cp, order=order)
+            mine = RankGenerator(tp=tp, ep=ep, dp=dp, pp=pp, cp=cp, order=order)
+            for token in ("tp", "pp", "dp", "cp", "ep", "tp-pp", "dp-cp", "tp-dp-cp", "tp-ep", "pp-dp"):
+                if all(t in theirs.order for t in token.split("-")):
+                    assert mine.get_ranks(token) == theirs.get_ranks(token), (tp, ep, dp, pp, cp, order, token)
+                    checked += 1
+    assert checked > 1000
+    for layers, pp, vpp in itertools.product([4, 8, 12, 24], [1, 2, 3, 4], [None, 2, 3]):
+        if vpp and pp == 1 or layers % (pp * (vpp or 1)):
+            continue
+        tconfig = TransformerConfig(
+            num_layers=layers,
+            hidden_size=16,
+            num_attention_heads=4,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            pipeline_dtype=torch.float32,
+        )
+        cfg = _cfg({"pp": pp, "vpp": vpp, "num_layers": layers})
+        for pp_rank, chunks in _stage_layers(cfg).items():
+            expected = []
+            for v in range(vpp or 1):
+                stage = v if vpp else None
+                first = get_transformer_layer_offset(tconfig, vp_stage=stage, pp_rank=pp_rank)
+                expected.append(list(range(first, first + get_num_layers_to_build(tconfig, stage, pp_rank))))
+            assert chunks == expected, (layers, pp, vpp, pp_rank)
 
 
 def test_interleaved_layer_assignment_pp2_vpp2():

@@ -57,3 +57,23 @@ def test_bad_input_is_one_line(capsys):
     assert len(err) == 1 and "unknown GPU" in err[0]
     assert main(["plan", "--config", CONFIG]) == 2
     assert "--gpus" in capsys.readouterr().err
+    # Each names the flag as typed, and all are told before the config is read (it does not exist here).
+    missing = str(ROOT / "none.yaml")
+    for flags, message in [
+        (["--gpu-memory", "-1"], "--gpu-memory -1: must be > 0 (the h100 table's value: 80)"),
+        (["--efficiency", "0"], "--efficiency 0: must be in (0, 1] (the achieved fraction of peak)"),
+        (["--recompute", "none,ful"], "--recompute none,ful: ful is not one of none, selective, full"),
+        (["--latent-shape", "4,8"], "--latent-shape 4,8: expected C,H,W (three positive integers)"),
+    ]:
+        assert main(["plan", "--config", missing, "--gpus", "4", *flags]) == 2
+        assert capsys.readouterr().err == f"megafusion plan: {message}\n"
+
+
+def test_a_config_without_vocab_size_takes_it_from_its_data(tmp_path, capsys):
+    """The README's main config sets no model.vocab_size: the plan takes the data's, as training does."""
+    argv = ["plan", "--config", str(ROOT / "tests/configs/mixed_small.yaml"), f"data.cache_dir={tmp_path}"]
+    assert main([*argv, "data.num_samples=60", "--gpus", "1", "--micro-batch-sizes", "2", "--recompute", "none"]) == 0
+    out = capsys.readouterr().out
+    first, rest = out.split("\n", 1)
+    assert first.startswith("model.vocab_size=256: taken from the data as a run takes it (data.source=builtin: ")
+    assert first.endswith(" ids of its tokenizer, padded to a multiple of 128)") and ", vocab 256, " in rest

@@ -183,6 +183,8 @@ def test_bad_text_files_are_refused(imported, tmp_path, capsys):
     code, err = eval_main(["--ckpt", ckpt, "--text", tmp_path / "latin1.txt", "--tokenizer", tok], capsys)
     assert code == 2 and "not UTF-8 text" in err
     code, err = eval_main(["--ckpt", tmp_path / "nowhere", "--text", imported["text"]], capsys)
+    assert code == 2 and f"--ckpt {tmp_path / 'nowhere'}: no such file or directory" in err
+    code, err = eval_main(["--ckpt", tmp_path, "--text", imported["text"]], capsys)  # there, but not a checkpoint
     assert code == 2 and "neither a megafusion checkpoint" in err
 
 

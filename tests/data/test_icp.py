@@ -305,12 +305,13 @@ def test_bad_icp_flags_are_one_line_before_any_work(data, flags, message, capsys
     assert not list(tmp_path.iterdir())
 
 
-def test_no_documents_names_the_output_not_the_temporary_copy(data, capsys, tmp_path):
+def test_no_documents_names_the_input_not_the_temporary_copy(data, capsys, tmp_path):
     d = {**data["shapes"], "shard": str(tmp_path / "empty.jsonl")}
     (tmp_path / "empty.jsonl").write_text("")
     assert prepare(d, tmp_path / "x", "--order", "icp") == 2
     assert capsys.readouterr().err == (
-        f"megafusion data prepare: {tmp_path / 'x'}: no documents to write; check the --input shards\n"
+        f"megafusion data prepare: --input {tmp_path / 'empty.jsonl'}: no documents in it: give shards with at "
+        "least one document (a JSONL shard holds one JSON object per line)\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["empty.jsonl"]
 

@@ -338,3 +338,53 @@ def test_cli_prepare_with_a_vq_codebook_fitted_on_the_shards(tmp_path, capsys):
     tok = MultimodalTokenizer.from_files(sp_model, codec)
     for a, b in zip((tok.encode_document(d) for d in read_shards([str(shard)])), docs):
         np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_an_empty_input_shard_is_named_not_the_output(tmp_path, capsys):
+    from megafusion.commands.data import main
+    from megafusion.data.tokenizers.joint import train_sentencepiece
+
+    sp_model = train_sentencepiece(["a red circle", "two blue squares"] * 20, 30, str(tmp_path / "sp"))
+    (tmp_path / "empty.jsonl").write_text("")
+    out = str(tmp_path / "out" / "ds")
+    argv = ["prepare", "--input", str(tmp_path / "empty.jsonl"), "--tokenizer", sp_model, "--output", out]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"megafusion data prepare: --input {tmp_path / 'empty.jsonl'}: no documents in it: give shards with at least "
+        "one document (a JSONL shard holds one JSON object per line)\n"
+    )
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.jsonl").write_text("\n")
+    assert main([*argv[:2], str(tmp_path / "shards"), *argv[3:], "--order", "icp"]) == 2
+    err = capsys.readouterr().err
+    assert f"--input {tmp_path / 'shards'}: no documents in it (1 shard: {tmp_path / 'shards' / 'a.jsonl'}): " in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing left behind
+
+
+def test_a_mistyped_data_path_or_blend_path_is_said_not_to_exist(tmp_path):
+    from megafusion.config import load_config
+    from megafusion.data.sources import build_data
+
+    write(tmp_path, random_docs(np.random.default_rng(0), 3, 1000), name="digits")
+    write(tmp_path, random_docs(np.random.default_rng(1), 3, 1000), name="shapes")
+    base = ["data.source=indexed", "data.tokenizer=unused.model"]
+
+    def message(*overrides):
+        with pytest.raises(DataError) as err:
+            build_data(load_config(None, [*base, *overrides]))
+        return str(err.value)
+
+    typo = tmp_path / "digts"
+    assert message(f"data.path={typo}") == (
+        f"data.path={typo}: no dataset there ({typo}.meta.json does not exist; did you mean {tmp_path / 'digits'}?): "
+        "give the --output prefix of `megafusion data prepare`"
+    )
+    blend = f"data.blend=[{{path: {tmp_path / 'shapes'}, weight: 1}}, {{path: {tmp_path / 'zebra'}, weight: 1}}]"
+    assert message(blend).startswith(
+        f"data.blend[1].path={tmp_path / 'zebra'}: no dataset there ({tmp_path / 'zebra'}.meta.json does not exist; "
+        f"the datasets in {tmp_path}/ are digits, shapes): "
+    )
+    assert f"the directory {tmp_path / 'nowhere'}/ does not exist" in message(f"data.path={tmp_path / 'nowhere' / 'x'}")
+    # A dataset with some of its files is not a typo: the reader says which file is missing.
+    os.remove(tmp_path / "digits.meta.json")
+    assert "was never completely written" in message(f"data.path={tmp_path / 'digits'}")

@@ -252,3 +252,23 @@ def test_export_builtin_writes_the_builtin_set_as_a_shard(tmp_path):
         assert [type(x) for x in a.segments] == [type(x) for x in b.segments]
         for x, y in zip(a.segments, b.segments):
             assert x.text == y.text if hasattr(y, "text") else np.array_equal(x.pixels, y.pixels)
+
+
+def test_export_builtin_digits_writes_the_number_asked_for(tmp_path, capsys):
+    from megafusion.commands.data import main
+    from megafusion.data.builtin.digits import digits_documents
+
+    out = tmp_path / "digits.jsonl"
+    assert main(["export-builtin", "--set", "digits", "--num-samples", "60", "--output", str(out)]) == 0
+    everything = digits_documents(16)
+    read = list(read_shards([str(out)]))
+    assert len(read) == 60 and len(everything) == 1797
+    assert [d.segments[0].text for d in read] == [d.segments[0].text for d in everything[:60]]
+    assert np.array_equal(read[59].segments[1].pixels, everything[59].segments[1].pixels)
+    assert capsys.readouterr().out == (
+        f"wrote the first 60 of the 1797 digits documents to {out} (images in {tmp_path / 'digits'}_images/)\n"
+    )
+    assert main(["export-builtin", "--set", "digits", "--num-samples", "1798", "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "megafusion data export-builtin: --num-samples 1798: the digits set has 1797 documents; give at most that\n"
+    )

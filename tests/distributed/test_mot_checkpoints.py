@@ -114,7 +114,7 @@ def test_weights_only_checkpoint_cannot_be_resumed_and_bad_input_is_named(conver
     proc = convert(mot_init, tmp_path / "again")
     assert proc.returncode == 2 and "dense checkpoints only" in proc.stderr
     proc = convert(tmp_path / "nowhere", tmp_path / "x")
-    assert proc.returncode == 2 and "neither a megafusion checkpoint" in proc.stderr
+    assert proc.returncode == 2 and f"--ckpt {tmp_path / 'nowhere'}: no such file or directory" in proc.stderr
     _, _, out = run_train(
         tmp_path,
         1,

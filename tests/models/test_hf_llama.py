@@ -493,11 +493,11 @@ def test_bad_command_line_inputs_are_refused(tmp_path, models):
         ["mf-to-hf", "--input", tmp_path / "nowhere", "--output", tmp_path / "y"],
     )
     expected = [
-        ["is not a directory"],
+        [f"--hf {tmp_path / 'nowhere'}: no such file or directory"],
         ["attention_bias=true"],
         ["only safetensors", "pytorch_model.bin"],
         ["--vocab-size 100 is smaller than the HF vocabulary (200 rows)"],
-        ["neither a megafusion checkpoint"],
+        [f"--ckpt {tmp_path / 'nowhere'}: no such file or directory"],
     ]
     for (status, err), fragments in zip(results, expected):
         assert status == 2 and all(f in err for f in fragments), (status, err, fragments)

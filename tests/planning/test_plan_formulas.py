@@ -91,6 +91,40 @@ def test_hardware_overrides_and_bad_names():
         hardware("h100", hbm_gb=0)
 
 
+def test_a_bad_hardware_number_names_the_flag_that_sets_it():
+    from megafusion.commands.plan import parser
+    from megafusion.planning.hardware import FLAGS
+
+    flags = {flag for action in parser()._actions for flag in action.option_strings}
+    assert set(FLAGS) == set(GPUS["h100"].as_dict()) - {"name"}  # every number of the table has its flag
+    for field, flag in FLAGS.items():
+        assert flag in flags, flag
+        with pytest.raises(UsageError) as err:
+            hardware("h100", **{field: -1})
+        assert str(err.value) == f"{flag} -1: must be > 0 (the h100 table's value: {getattr(GPUS['h100'], field):g})"
+
+
+def test_the_plan_takes_the_vocabulary_from_the_data_as_a_run_does(tmp_path):
+    from megafusion.data.sources import build_data, data_vocabulary
+    from tests.data.test_indexed import random_docs, write
+
+    # Built-in data: the tokenizer a run trains (and caches); the run's own path is the reference.
+    cfg = load_config(MIXED, [f"data.cache_dir={tmp_path / 'cache'}", "data.num_samples=60"])
+    assert cfg.model.vocab_size is None
+    vocab, where = data_vocabulary(cfg)
+    data = build_data(cfg)
+    data.set_model_vocabulary(cfg.model)
+    assert vocab == cfg.model.vocab_size and vocab % 128 == 0
+    assert where == f"data.source=builtin: {data.tokenizer.vocab_size} ids of its tokenizer"
+    # An indexed dataset: the ids its meta records (1000 here), padded as a run pads them; nothing is indexed.
+    import numpy as np
+
+    write(tmp_path, random_docs(np.random.default_rng(0), 3, 1000), vocab_size=1000)
+    cfg = load_config(MIXED, ["data.source=indexed", f"data.path={tmp_path / 'ds'}"])
+    assert data_vocabulary(cfg) == (1024, f"data.path={tmp_path / 'ds'}: 1000 ids in its .meta.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds.bin", "ds.idx", "ds.meta.json"]
+
+
 def test_search_keeps_only_layouts_that_validate():
     cfg = load_config(MIXED, ["model.vocab_size=256"])
     found = layouts(cfg, 8, recompute=["none"])

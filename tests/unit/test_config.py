@@ -78,10 +78,56 @@ def test_overrides_win_over_yaml(tmp_path):
     assert cfg.parallel.tp == 4 and cfg.train.steps == 5 and cfg.train.lr == 1e-3
 
 
-def test_empty_yaml_means_defaults(tmp_path):
+@pytest.mark.parametrize(
+    "text,what", [("", "no settings"), ("# nothing yet\n", "no settings"), ("{}\n", "an empty mapping {}")]
+)
+def test_an_empty_config_file_is_refused(tmp_path, text, what):
     path = tmp_path / "empty.yaml"
-    path.write_text("")
-    assert load_config(str(path), []) == Config()
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), [])
+    assert str(info.value) == (
+        f"config file '{path}' holds {what}: give the sections to set (parallel, model, train, data, ...; "
+        "examples/configs/ has complete ones)"
+    )
+    assert load_config(None, []) == Config()  # no file at all: the defaults, as before
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    raw = "model:\n  hidden_size: 64  # caf\xe9\n".encode("latin-1")
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), [])
+    assert str(info.value) == (
+        f"config file '{path}' is not UTF-8 text: byte 0xe9 at position {raw.index(0xE9)} (line 2) cannot be decoded: "
+        "save the file as UTF-8"
+    )
+
+
+@pytest.mark.parametrize(
+    "text,key,first,line",
+    [
+        ("model:\n  hidden_size: 64\n  num_layers: 2\n  hidden_size: 128\n", "hidden_size", 2, 4),
+        ("train:\n  steps: 3\nmodel:\n  num_layers: 2\ntrain:\n  lr: 0.1\n", "train", 1, 5),
+        ("moe:\n  experts: {text: 4, image: 2, text: 2}\n", "text", 2, 2),
+    ],
+    ids=["key", "section", "nested"],
+)
+def test_a_key_given_twice_is_refused_naming_the_key_the_file_and_the_line(tmp_path, text, key, first, line):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), [])
+    assert str(info.value) == (
+        f"config file '{path}' line {line}: key '{key}' is given twice (first on line {first}; "
+        "YAML would keep only the last): keep one"
+    )
+    # The same mapping in an override is refused too; YAML anchors and merges stay usable.
+    with pytest.raises(ConfigError, match=r"override 'moe.experts=\{text: 4, text: 2\}': key 'text' is given twice"):
+        make("moe.experts={text: 4, text: 2}")
+    path.write_text("model:\n  <<: {num_layers: 2}\n  num_layers: 3\n")
+    assert load_config(str(path), []).model.num_layers == 3
 
 
 @pytest.mark.parametrize("raw,expected", [("3e-4", 3e-4), ("1", 1.0), ("0.5", 0.5), ("1E-3", 1e-3)])
@@ -162,8 +208,10 @@ def test_missing_file():
 def test_unparsable_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match=re.escape(str(path))):
+    with pytest.raises(ConfigError) as info:
         load_config(str(path), [])
+    message = str(info.value)
+    assert message.startswith(f"config file '{path}' is not valid YAML at line 2, column 1: ") and "\n" not in message
 
 
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "42\n", "model: 3\n"])
