@@ -7,6 +7,7 @@ not import torch or megatron.
 """
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 
@@ -308,6 +309,12 @@ SECTIONS: dict[str, type] = {
 
 def field_types(cls: type) -> dict[str, typing.Any]:
     """Declared type of each field of a section dataclass (annotations resolved)."""
+    return dict(_field_types(cls))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, typing.Any]:
+    # Resolving annotations is slow (the planner builds tens of thousands of configs): once per class.
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

@@ -4,7 +4,8 @@
 process group exists and, from ``megafusion train``, before torch is imported, so every refusal
 below takes well under a second. In order:
 
-1. every output path is checked writable (:func:`check_output_paths`, on every rank too);
+1. every output path is checked writable (:func:`check_output_paths`, on every rank too), and the
+   inputs a run names by path (``checkpoint.init_from``, ``data.tokenizer``) exist;
 2. the run takes ``run.lock`` in ``logging.out_dir`` and in its checkpoint directory
    (:mod:`megafusion.training.run_lock`): a second run on either is refused, naming the holder;
 3. what the run continues: ``checkpoint.load_step``'s checkpoint, else the one ``latest`` names;
@@ -37,8 +38,8 @@ from pathlib import Path
 
 from megafusion.checkpoint import directory
 from megafusion.checkpoint.manifest import LATEST, read_manifest
-from megafusion.core.errors import ConfigError
-from megafusion.core.io import atomic_write, ensure_writable_dir
+from megafusion.core.errors import CheckpointError, ConfigError
+from megafusion.core.io import atomic_write, ensure_exists, ensure_writable_dir
 from megafusion.training import resume_changes, run_lock
 
 RUN_RECORD = "run.json"
@@ -61,6 +62,24 @@ def check_output_paths(cfg, checkpoint_root: Path) -> None:
         target = getattr(cfg.logging, key)
         if target:
             ensure_writable_dir(os.path.dirname(os.path.abspath(target)), f"logging.{key}")
+
+
+def check_inputs(cfg) -> None:
+    """The inputs a run names by path exist (what they hold is checked where they are read)."""
+    if cfg.checkpoint.init_from:
+        ensure_exists(
+            cfg.checkpoint.init_from,
+            "checkpoint.init_from",
+            "a checkpoint: a step directory, a run's checkpoint.dir, or what `megafusion convert` wrote",
+            error=CheckpointError,
+        )
+    if cfg.data.tokenizer:
+        ensure_exists(
+            cfg.data.tokenizer,
+            "data.tokenizer",
+            "a SentencePiece .model, a Hugging Face tokenizer.json or the directory holding one",
+            error=ConfigError,
+        )
 
 
 def _identity(config: dict) -> dict:
@@ -177,6 +196,7 @@ def prepare(cfg, say=print) -> Path | None:
         return _prepared[key]
     root = directory.resolve_dir(cfg)
     check_output_paths(cfg, root)
+    check_inputs(cfg)
     run_lock.hold(_lock_targets(cfg, root), say)
     resume_from = _continues(cfg, root, say)
     _claim(cfg, root, resume_from is not None, say)

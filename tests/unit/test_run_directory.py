@@ -145,17 +145,26 @@ def test_of_two_runs_taking_over_one_stale_lock_one_wins(tmp_path):
     first.release()
 
 
-def test_the_command_refuses_a_held_directory_before_importing_torch(tmp_path):
+def test_the_command_refuses_a_held_directory_and_missing_inputs_before_importing_torch(tmp_path):
     _write_lock(tmp_path / "out", host="node-elsewhere", pid=1)
+    cases = [
+        [f"logging.out_dir={tmp_path / 'out'}"],
+        [f"logging.out_dir={tmp_path / 'new'}", f"checkpoint.init_from={tmp_path / 'no_such_ckpt'}"],
+        [f"logging.out_dir={tmp_path / 'new'}", f"data.tokenizer={tmp_path / 'no_such.model'}"],
+    ]
     code = (
         "import sys; from megafusion.commands.train import main\n"
-        f"status = main(['--config', {CONFIG!r}, 'logging.out_dir={tmp_path / 'out'}'])\n"
-        "print('torch imported:', 'torch' in sys.modules); sys.exit(status)"
+        f"statuses = [main(['--config', {CONFIG!r}, *case]) for case in {cases!r}]\n"
+        "print(statuses, 'torch imported:', 'torch' in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_JOB_ID")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 2 and "torch imported: False" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.stderr.count("\n") == 1 and "in use by another run (host node-elsewhere" in proc.stderr
+    assert "[2, 2, 2] torch imported: False" in proc.stdout, proc.stdout + proc.stderr
+    held, init_from, tokenizer = proc.stderr.splitlines()
+    assert "in use by another run (host node-elsewhere" in held
+    assert f"checkpoint.init_from {tmp_path / 'no_such_ckpt'}: no such file or directory" in init_from
+    assert f"data.tokenizer {tmp_path / 'no_such.model'}: no such file or directory" in tokenizer
+    assert not (tmp_path / "new").exists()
 
 
 # --- a lost `latest` -------------------------------------------------------------------------------
