@@ -176,6 +176,8 @@ def test_nan_skip_drops_the_step_and_logs_it(tmp_path):
     _run(out, "train.on_nan=skip", MEGAFUSION_FAULT="nan:3:1")
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     assert [e["step"] for e in events if e["event"] == "skipped_step"] == [3]
+    skipped = next(e["message"] for e in events if e["event"] == "skipped_step")
+    assert "(train.on_nan=skip)" in skipped and "resume with train.on_nan=skip" not in skipped, skipped
     assert all(x == x for x in _losses(out)[3:])  # finite after the skipped step
     assert (out / "checkpoints/latest").read_text().strip() == f"step_{STEPS:07d}"
 

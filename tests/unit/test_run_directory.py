@@ -272,3 +272,15 @@ def test_the_free_space_rule_is_the_size_times_the_stated_margin(tmp_path, monke
         io._check_free_space(tmp_path, needed=int(10.1 * mib), margin=0.6)
     line = str(err.value)
     assert "10.1 MiB" in line and "checkpoint.space_margin=0.6 asks for 16.2 MiB" in line and "16.0 MiB are" in line
+
+
+def test_a_warm_start_of_another_shape_says_what_to_set_not_how_to_resume(tmp_path):
+    from megafusion.checkpoint.manifest import check_compatible
+
+    saved = _cfg(tmp_path, "model.hidden_size=64")
+    manifest = new_manifest(saved, None, 0, 0, weights_only=True)
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(tmp_path / "init", manifest, _cfg(tmp_path), None, weights_only=True)
+    text = str(err.value)
+    assert "model.hidden_size: checkpoint 64, this run 32" in text and "checkpoint.init_from a checkpoint" in text
+    assert "checkpoint.resume" not in text
