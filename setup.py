@@ -33,8 +33,8 @@ setup(
         # builds of torch already depend on a matching Triton: this extra is for CPU test machines.
         "triton": ["triton>=3.2"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=8"],
-        "dev": ["pytest>=8", "ruff==0.17.6", "import-linter==2.17", "grimp==3.20"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "import-linter==2.17", "grimp==3.20"],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )
