@@ -119,9 +119,9 @@ def run(
         loaded = sys.modules.get("megafusion.runtime") if runtime else None
         if loaded is not None:
             loaded.shutdown()
-        locks = sys.modules.get("megafusion.training.run_lock") if runtime else None
-        if locks is not None:  # a training run's directory locks, however it ended
-            locks.release_all()
+        claimed = sys.modules.get("megafusion.training.run_dir") if runtime else None
+        if claimed is not None:  # a training run's directory locks, however it ended
+            claimed.release()
         children = sys.modules.get("megafusion.runtime.children") if runtime else None
         if children is not None:  # a training run: no process it started outlives it, on any exit path
             children.reap_children()

@@ -184,7 +184,7 @@ def _claim(cfg, root: Path, resuming: bool, say) -> None:
     )
 
 
-_prepared: dict[str, Path | None] = {}  # the config (as JSON) -> what prepare() decided
+_prepared: dict[str, Path | None] = {}  # the config (as JSON) -> what prepare() decided, while it holds
 
 
 def prepare(cfg, say=print) -> Path | None:
@@ -204,3 +204,10 @@ def prepare(cfg, say=print) -> Path | None:
         resume_changes.review(resume_from, read_manifest(resume_from).get("config", {}), cfg)
     _prepared[key] = resume_from
     return resume_from
+
+
+def release() -> None:
+    """The run is over (however it ended): its locks released, and a run started next in this process
+    (in-process callers) is prepared afresh."""
+    _prepared.clear()
+    run_lock.release_all()

@@ -38,7 +38,7 @@ from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
 from megafusion.runtime import initialize, seed_everything, stage_channel
 from megafusion.runtime.children import die_with_parent
-from megafusion.training import numerics, resume_changes, run_dir, run_lock
+from megafusion.training import numerics, resume_changes, run_dir
 from megafusion.training.forward_step import make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, duration, memory_gb
@@ -500,7 +500,7 @@ def train(cfg, runtime=None) -> list[float]:
             run_dir.prepare(cfg, print)
         return _train(cfg, runtime or initialize(cfg))
     finally:
-        run_lock.release_all()
+        run_dir.release()
 
 
 def _train(cfg, runtime) -> list[float]:

@@ -36,7 +36,7 @@ def _fresh_process_state(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(run_dir, "_prepared", {})
     yield
-    run_lock.release_all()
+    run_dir.release()
 
 
 def _cfg(out: Path, *overrides: str):
