@@ -122,6 +122,9 @@ class StopSignals:
         self._say(f"{why}: exiting now without saving; {kept}")
         write_status(f"forced {why}")
         reap_children(timeout=1.0)
+        from megafusion.training import run_lock
+
+        run_lock.release_all()  # the rerun finds the directories free (not a stale lock to take over)
         os._exit(EXIT_FORCED)
 
     def agreed(self, device: torch.device) -> str | None:
