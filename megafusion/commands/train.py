@@ -64,8 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="start a new run in a logging.out_dir / checkpoint.dir that holds another run's checkpoints and "
-        "metrics, deleting them (the same as the override checkpoint.overwrite=true)",
+        help="start a new run from step 0 in a logging.out_dir / checkpoint.dir that holds a run (this one or "
+        "another), deleting its checkpoints and metrics first; a requeued SLURM job (the same job id) continues "
+        "what it saved instead (the same as the override checkpoint.overwrite=true)",
     )
     dry = p.add_argument_group("layout only (--dry-run)")
     dry.add_argument(
