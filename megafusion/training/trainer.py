@@ -86,7 +86,7 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
         self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
-        self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned
+        self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned (kept on resume)
         self.last_spike: int | None = None
         # Expert-choice families: the routers whose smallest selection margin a step reports.
         self.routers = routers_of(self.model) if get_family(cfg.model.arch).experts(cfg) is not None else None
@@ -375,6 +375,7 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
     resume_changes.apply_optimizer_settings(trainer.optimizer, cfg)
     trainer.flops_seen = float(progress.get("flops_total", 0.0))
     trainer.spikes.recent.extend(progress.get("recent_losses", ()))  # none in checkpoints from before
+    trainer.pinned = [path.parent / name for name in progress.get("pinned", ()) if (path.parent / name).is_dir()]
     return progress["step"], progress["consumed_samples"], f"resumed from {path} ({progress['verified']})", changes
 
 
@@ -479,7 +480,12 @@ def _save(trainer: Trainer, root: Path, step: int, consumed: int, saved_at: int 
         trainer.data.meta,
         trainer.cfg.checkpoint.keep_last,
         # The recent losses, so that a resumed run watches for loss spikes from its first step.
-        progress={"flops_total": trainer.flops_seen, "recent_losses": list(trainer.spikes.recent)},
+        # The pins too: a resumed run keeps them out of pruning as well.
+        progress={
+            "flops_total": trainer.flops_seen,
+            "recent_losses": list(trainer.spikes.recent),
+            "pinned": [p.name for p in trainer.pinned],
+        },
         pinned=trainer.pinned,
     )
 

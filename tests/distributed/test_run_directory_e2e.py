@@ -108,3 +108,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
     assert f"{last}, saved before it, is kept (checkpoint.keep_last will not prune it)" in text
     assert last.is_dir() and (ckpt / "latest").read_text().strip() == f"step_{at + 4:07d}"
     assert not (ckpt / "run.lock").exists() and not (tmp_path / "a" / "run.lock").exists()  # released at the end
+    # Resumed once more (one step, keep_last=1): the pin travels in the checkpoint, so the pre-spike
+    # checkpoint survives the resumed run's pruning too.
+    _run(_command(tmp_path / "a", ckpt, *rerun[:-1], f"train.steps={at + 5}"))
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [last.name, f"step_{at + 5:07d}"]
