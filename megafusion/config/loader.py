@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from .schema import DICT_FORMS, SECTIONS, Config, ConfigError, field_types, split_optional
+from .schema import Config, ConfigError, dict_forms, field_types, section_classes, split_optional
 
 # Spellings accepted as "no value" for Optional fields. YAML already maps
 # null/~ to None; "none" is added because people type it on the command line.
@@ -99,7 +99,8 @@ def coerce(value, tp, key: str):
         # checked by validate(), which knows what each dict field may hold.
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
-        raise ConfigError(f"{bad}: write it as {DICT_FORMS[key]}") if key in DICT_FORMS else bad
+        forms = dict_forms()
+        raise ConfigError(f"{bad}: write it as {forms[key]}") if key in forms else bad
     if base is list:
         # A sequence (YAML, or `section.key=[...]` on the command line); validate() checks its items.
         if isinstance(value, list):
@@ -140,9 +141,10 @@ def coerce(value, tp, key: str):
 
 def _set(cfg: Config, section: str, key: str, value, prefix_err: str = "") -> None:
     """Coerce and assign cfg.<section>.<key> = value, checking both names."""
-    if section not in SECTIONS:
-        raise ConfigError(prefix_err + str(_unknown("section", section, list(SECTIONS))))
-    types = field_types(SECTIONS[section])
+    sections = section_classes()
+    if section not in sections:
+        raise ConfigError(prefix_err + str(_unknown("section", section, list(sections))))
+    types = field_types(sections[section])
     if key not in types:
         raise ConfigError(prefix_err + str(_unknown("key", key, list(types), f"{section}.")))
     try:
@@ -159,9 +161,10 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     where = f"{source}: "
+    sections = section_classes()
     for section, values in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(where + str(_unknown("section", str(section), list(SECTIONS))))
+        if section not in sections:
+            raise ConfigError(where + str(_unknown("section", str(section), list(sections))))
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -203,10 +206,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if name.count(".") != 1:
             raise ConfigError(
                 f"override key '{name}' must be section.key (one dot), e.g. parallel.tp; "
-                f"sections: {', '.join(SECTIONS)}"
+                f"sections: {', '.join(section_classes())}"
             )
         section, key = name.split(".")
-        types = field_types(SECTIONS[section]) if section in SECTIONS else {}
+        sections = section_classes()
+        types = field_types(sections[section]) if section in sections else {}
         # Unknown names keep the raw string; _set reports them.
         try:
             value = _parse_value(raw, types[key]) if key in types else raw

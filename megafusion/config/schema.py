@@ -1,7 +1,8 @@
 """Typed configuration dataclasses for megafusion.
 
-One dataclass per YAML section (parallel, model, train, data, logging), gathered
-in `Config`. Defaults describe a tiny dense model that runs on one CPU process.
+One dataclass per YAML section (parallel, model, train, data, objective, checkpoint, eval,
+logging, ops), gathered in `Config` with the sections and keys that model families and objectives
+own (:mod:`megafusion.core.options`). Defaults describe a tiny dense model that runs on one CPU process.
 This module is pure Python: it runs before any process group exists, so it must
 not import torch or megatron.
 """
@@ -9,10 +10,11 @@ not import torch or megatron.
 import dataclasses
 import functools
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from megafusion.core.choices import MOT_PARTS
 from megafusion.core.errors import ConfigError  # noqa: F401  (re-exported by megafusion.config)
+from megafusion.core.registries import known_options
 
 
 @dataclass
@@ -92,34 +94,6 @@ class ModelConfig:
 
 
 @dataclass
-class MoEConfig:
-    """The experts that replace the FFN of every layer of model.arch=moma (MoMa, arXiv 2407.21770)."""
-
-    # Experts per group. Modality groups route each modality's tokens among its own experts:
-    # {text: 4, image: 4} is MoMa 4t4i, {text: 1, image: 1} MoT's FFN ("1t1i"); {mixed: 8} is one
-    # modality-blind group (the paper's MoE-8x baseline).
-    experts: dict = field(default_factory=lambda: {"text": 4, "image": 4})
-    # Expert-choice capacity per group, in (0, 1]: each expert of group g takes the top
-    # ceil(capacity_g x n_g) of the microbatch's n_g tokens of its group; null = 1 / (experts of
-    # the group), so a token meets one expert on average (zero, one or several).
-    capacity: dict | None = None
-    # Gumbel-sigmoid noise on the router logits when selecting tokens in training (MoMa's
-    # upcycling recipe): logits + scale x (G' - G''); 0 = off.
-    router_noise: float = 0.0
-    dispatcher: str = "alltoall"  # megatron-core's token dispatcher: alltoall | allgather
-
-
-# How to write a dict setting, for a value of another type (``moe.capacity=1.5``).
-DICT_FORMS = {
-    "moe.experts": "moe.experts={text: 4, image: 4} (experts per modality group) or moe.experts={mixed: 8}",
-    "moe.capacity": (
-        "moe.capacity={text: 0.25, image: 0.25} (the fraction of its group's tokens each expert takes, "
-        "one per group of moe.experts), or null for 1/experts of each group"
-    ),
-}
-
-
-@dataclass
 class TrainConfig:
     steps: int = 10
     micro_batch_size: int = 2
@@ -187,38 +161,13 @@ class DataConfig:
         return self.source != "synthetic" or self.docs_per_sequence > 1
 
 
-# The small U-Net of objective.patchify=unet: block widths (each block after the first halves
-# the latent) and resnet layers per block. Here, not in layers/patchify.py, so that validation
-# can check objective.latent_patch_size against the downsampling before anything is built.
-UNET_CHANNELS = (32, 64)
-UNET_LAYERS_PER_BLOCK = 1
-
-
 @dataclass
 class ObjectiveConfig:
     # lm: next-token loss on every token (text pieces and discrete image codes: Chameleon);
     # transfusion: text keeps the next-token loss, images are continuous latents trained with a
-    # diffusion loss in the same sequence (data.source=builtin, or indexed from `data prepare
-    # --latent-codec`; see docs/architecture.md).
+    # diffusion loss in the same sequence. An objective's own keys join this section
+    # (megafusion.core.options; Transfusion's: megafusion/objectives/transfusion_options.py).
     name: str = "lm"
-    diffusion_weight: float = 5.0  # lambda in loss = LM + lambda * diffusion (Transfusion: 5)
-    noise_schedule: str = "cosine"  # cosine|linear (diffusers DDPMScheduler betas)
-    prediction: str = "epsilon"  # epsilon|v_prediction|sample (x0)|flow
-    train_timesteps: int = 1000
-    latent_codec: str = "pixels"  # pixels (the image in [-1, 1]) | kl (a local diffusers AutoencoderKL)
-    vae_path: str | None = None  # latent_codec=kl: the AutoencoderKL directory (save_pretrained)
-    latent_patch_size: int = 2  # one sequence position per latent_patch_size^2 latent patch
-    patchify: str = "linear"  # linear|unet (the paper's U-Net down/up blocks)
-    # none: a patch knows where it sits only through the sequence's 1D RoPE positions; sincos2d:
-    # DiT's fixed 2D sine-cosine embedding of the patch's row and column is added to every patch
-    # (objective.patchify=linear; no parameters).
-    image_positions: str = "none"
-    # Images with no text before them in their document get timesteps <= this (Transfusion: 500
-    # of 1000), so that captioning an image trains on mostly-clean images; -1 = no cap.
-    uncaptioned_max_t: int = 500
-    # Fraction of captioned images trained without their caption (their patches see only <bos>
-    # <boi> and the image): the unconditional branch of classifier-free guidance.
-    caption_dropout: float = 0.1
 
 
 @dataclass
@@ -272,22 +221,82 @@ class OpsConfig:
     backend: str = "auto"
 
 
-@dataclass
+# The sections every run has, in order; families and objectives add theirs (section_classes).
+CORE_SECTIONS: dict[str, type] = {
+    "parallel": ParallelConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "objective": ObjectiveConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+    "ops": OpsConfig,
+}
+
+
+def section_classes() -> dict[str, type]:
+    """Section name -> dataclass of its keys: the core sections, each extended by the keys that
+    known families and objectives add to it, then their new sections (MoMa's ``moe``)."""
+    owned = tuple((section, cls) for _, _, options in known_options() for section, cls in options.sections.items())
+    return _section_classes(owned)
+
+
+@functools.cache
+def _section_classes(owned: tuple) -> dict[str, type]:
+    extra: dict[str, list[type]] = {}
+    for section, cls in owned:
+        if cls not in extra.setdefault(section, []):
+            extra[section].append(cls)
+    classes = dict(CORE_SECTIONS)
+    for section, parts in extra.items():
+        bases = ([classes[section]] if section in classes else []) + parts
+        seen: dict[str, type] = {}
+        for base in bases:
+            for f in dataclasses.fields(base):
+                if f.name in seen:
+                    raise TypeError(
+                        f"{section}.{f.name} is declared by both {seen[f.name].__name__} and {base.__name__}: "
+                        f"rename one of them"
+                    )
+                seen[f.name] = base
+        # One dataclass whose fields are every base's (methods of the core section kept).
+        classes[section] = (
+            bases[0] if len(bases) == 1 else dataclasses.make_dataclass(bases[0].__name__, [], bases=tuple(bases[::-1]))
+        )
+    return classes
+
+
+def dict_forms() -> dict[str, str]:
+    """How to write each dict-valued key that a family or objective owns (``moe.experts``)."""
+    return {k: v for _, _, options in known_options() for k, v in options.dict_forms.items()}
+
+
 class Config:
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    ops: OpsConfig = field(default_factory=OpsConfig)
+    """A run's configuration: one dataclass instance per section (``cfg.model.hidden_size``).
+
+    The sections are :func:`section_classes`: the core ones and those of every known family and
+    objective (plugins included), each at its defaults unless given.
+    """
+
+    def __init__(self, **sections):
+        for name, cls in section_classes().items():
+            setattr(self, name, sections.pop(name) if name in sections else cls())
+        if sections:
+            raise TypeError(f"Config has no section(s) {sorted(sections)}: sections are {', '.join(section_classes())}")
+
+    def section_names(self) -> list[str]:
+        return [name for name in vars(self) if not name.startswith("_")]
 
     def to_dict(self) -> dict:
         """Nested plain dict (section -> key -> value), e.g. for logging or YAML."""
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.section_names()}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.section_names()) + ")"
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size: world_size // (tp * pp * cp).
@@ -298,13 +307,6 @@ class Config:
         """
         p = self.parallel
         return world_size // (p.tp * p.pp * p.cp)
-
-
-# Section name -> dataclass, in the order of Config's fields.
-SECTIONS: dict[str, type] = {
-    f.name: f.default_factory
-    for f in dataclasses.fields(Config)  # type: ignore[misc]
-}
 
 
 def field_types(cls: type) -> dict[str, typing.Any]:

@@ -5,31 +5,29 @@ them all, so a user fixes a config in one round instead of one error at a time.
 Each problem names the offending keys, their values and a concrete fix.
 """
 
+import copy
+
 from megafusion.core.choices import (
     ATTENTION_BACKENDS,
     BUILTIN_SETS,
     DATA_SOURCES,
-    EXPERT_ARCHS,
     IMAGE_CODECS,
-    LATENT_CODECS,
-    MOE_DISPATCHERS,
     OPS_BACKENDS,
     PARAMS_DTYPES,
     RECOMPUTE_MODES,
     STOP_SIGNALS,
 )
-from megafusion.core.modality import MODALITY_NAMES
-from megafusion.core.registries import FAMILIES, OBJECTIVES
+from megafusion.core.registries import FAMILIES, OBJECTIVES, known_options
 
+from .checks import at_least, braces, divisors, is_int, near, one_of
 from .schema import (
-    DICT_FORMS,
+    CORE_SECTIONS,
     MOT_PARTS,
-    SECTIONS,
-    UNET_CHANNELS,
     Config,
     ConfigError,
-    MoEConfig,
+    dict_forms,
     field_types,
+    section_classes,
     split_optional,
 )
 
@@ -72,29 +70,11 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _braces(xs) -> str:
-    return "{" + ", ".join(str(x) for x in xs) + "}"
-
-
-def _near(value: int, step: int) -> str:
-    """The multiples of `step` nearest to `value`, as 'a or b'."""
-    lo = (value // step) * step
-    hi = lo + step
-    return f"{lo} or {hi}" if lo >= step else str(hi)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _type_problems(cfg: Config) -> list[str]:
     """Fields whose Python type does not match the schema (e.g. set by hand)."""
     problems = []
-    for section, cls in SECTIONS.items():
+    forms = dict_forms()
+    for section, cls in section_classes().items():
         obj = getattr(cfg, section)
         for name, tp in field_types(cls).items():
             v = getattr(obj, name)
@@ -103,132 +83,73 @@ def _type_problems(cfg: Config) -> list[str]:
                 continue
             ok = {
                 bool: isinstance(v, bool),
-                int: _is_int(v),
+                int: is_int(v),
                 float: isinstance(v, (int, float)) and not isinstance(v, bool),
                 str: isinstance(v, str),
                 dict: isinstance(v, dict),
             }.get(base, True)
             if not ok:
                 key = f"{section}.{name}"
-                fix = f"write it as {DICT_FORMS[key]}" if key in DICT_FORMS else f"set it to a {base.__name__} value"
+                fix = f"write it as {forms[key]}" if key in forms else f"set it to a {base.__name__} value"
                 expected = f"{base.__name__}{' or null' if optional else ''}"
                 problems.append(f"{key}={v!r} is a {type(v).__name__}, expected {expected}: {fix}")
     return problems
 
 
 def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_objectives: tuple) -> list[str]:
-    p, m, t, d, lg = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.logging
+    """Every section's own value checks (the core sections here, a family's or an objective's from
+    its options), before the checks that combine sections with the world size."""
+    problems = [f"world size {world_size} ({WORLD}) must be >= 1"] if world_size < 1 else []
+    return (
+        problems
+        + _parallel_problems(cfg.parallel)
+        + _model_problems(cfg, known_archs)
+        + _train_problems(cfg.train)
+        + _data_problems(cfg)
+        + one_of("objective.name", cfg.objective.name, tuple(known_objectives))
+        + _checkpoint_problems(cfg.checkpoint)
+        + _eval_and_logging_problems(cfg.eval, cfg.logging)
+        + _owned_problems(cfg, known_archs, known_objectives)
+    )
+
+
+def _parallel_problems(p) -> list[str]:
     problems = []
+    for key in ("tp", "pp", "ep", "cp"):
+        problems += at_least(f"parallel.{key}", getattr(p, key), 1)
+    if p.vpp is not None and p.vpp < 1:
+        problems.append(f"parallel.vpp={p.vpp} must be >= 1 or null: set parallel.vpp=null to use the default")
+    return problems
 
-    def at_least(key: str, v, low: int) -> None:
-        if v < low:
-            problems.append(f"{key}={v} must be >= {low}: set {key} to {low} or more")
 
-    if world_size < 1:
-        problems.append(f"world size {world_size} ({WORLD}) must be >= 1")
-    for key, v in [
-        ("parallel.tp", p.tp),
-        ("parallel.pp", p.pp),
-        ("parallel.ep", p.ep),
-        ("parallel.cp", p.cp),
-        ("model.num_layers", m.num_layers),
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("train.steps", t.steps),
-        ("train.micro_batch_size", t.micro_batch_size),
-        ("train.global_batch_size", t.global_batch_size),
-        ("data.docs_per_sequence", d.docs_per_sequence),
-        ("logging.log_interval", lg.log_interval),
-    ]:
-        at_least(key, v, 1)
-    for key, v in [
-        ("parallel.vpp", p.vpp),
-        ("model.num_query_groups", m.num_query_groups),
-        ("model.ffn_hidden_size", m.ffn_hidden_size),
-    ]:
+def _model_problems(cfg: Config, known_archs: tuple) -> list[str]:
+    m, d = cfg.model, cfg.data
+    problems = []
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        problems += at_least(f"model.{key}", getattr(m, key), 1)
+    for key in ("num_query_groups", "ffn_hidden_size"):
+        v = getattr(m, key)
         if v is not None and v < 1:
-            problems.append(f"{key}={v} must be >= 1 or null: set {key}=null to use the default")
-    at_least("model.seq_length", m.seq_length, 2)
+            problems.append(f"model.{key}={v} must be >= 1 or null: set model.{key}=null to use the default")
+    problems += at_least("model.seq_length", m.seq_length, 2)
     if m.vocab_size is not None:
-        at_least("model.vocab_size", m.vocab_size, 2)
-    at_least("train.warmup_steps", t.warmup_steps, 0)
-
-    for key, v in [
-        ("train.lr", t.lr),
-        ("train.adam_eps", t.adam_eps),
-        ("model.norm_eps", m.norm_eps),
-        ("model.init_std", m.init_std),
-        ("model.rope_theta", m.rope_theta),
-    ]:
+        problems += at_least("model.vocab_size", m.vocab_size, 2)
+    for key in ("norm_eps", "init_std", "rope_theta"):
+        v = getattr(m, key)
         if not v > 0:
-            problems.append(f"{key}={v} must be > 0: set {key} to a positive number")
-    for key, v in [
-        ("train.min_lr", t.min_lr),
-        ("train.weight_decay", t.weight_decay),
-        ("train.clip_grad", t.clip_grad),
-        ("model.z_loss_weight", m.z_loss_weight),
-    ]:
-        if not v >= 0:
-            problems.append(f"{key}={v} must be >= 0: set {key} to 0 or a positive number")
-    if t.lr > 0 and t.min_lr > t.lr:
-        problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}: set train.min_lr <= train.lr")
-    for key, v in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
-        if not 0 <= v < 1:
-            problems.append(f"{key}={v} must be in [0, 1): e.g. {key}=0.9")
-
-    for key, v, allowed in [
-        ("model.params_dtype", m.params_dtype, PARAMS_DTYPES),
-        ("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS),
-        ("ops.backend", cfg.ops.backend, OPS_BACKENDS),
-        ("model.norm_placement", m.norm_placement, ("pre", "post")),
-        ("data.source", d.source, DATA_SOURCES),
-        ("data.image_codec", d.image_codec, IMAGE_CODECS),
-        ("model.arch", m.arch, tuple(known_archs)),
-        ("train.on_nan", t.on_nan, ("stop", "skip")),
-        ("train.recompute", t.recompute, RECOMPUTE_MODES),
-    ]:
-        if v not in allowed:
-            problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
-
-    c, ev = cfg.checkpoint, cfg.eval
-    for key, v, low in [
-        ("checkpoint.interval", c.interval, 0),
-        ("checkpoint.keep_last", c.keep_last, 1),
-        ("eval.interval", ev.interval, 0),
-        ("eval.batches", ev.batches, 1),
-        ("data.num_samples", d.num_samples, 1),
-        ("data.text_vocab_size", d.text_vocab_size, 16),
-        ("data.image_size", d.image_size, 1),
-        ("data.patch_size", d.patch_size, 1),
-        ("data.pixel_levels", d.pixel_levels, 2),
-        ("data.vq_codebook_size", d.vq_codebook_size, 2),
-        ("train.nan_skip_limit", t.nan_skip_limit, 1),
-    ]:
-        at_least(key, v, low)
-    if c.load_step is not None:
-        at_least("checkpoint.load_step", c.load_step, 1)
-    if not c.space_margin >= 0:
+            problems.append(f"model.{key}={v} must be > 0: set model.{key} to a positive number")
+    if not m.z_loss_weight >= 0:
         problems.append(
-            f"checkpoint.space_margin={c.space_margin} must be >= 0 (the free space a save asks for beyond the "
-            f"checkpoint's size, as a fraction of it): e.g. 0.1"
+            f"model.z_loss_weight={m.z_loss_weight} must be >= 0: set model.z_loss_weight to 0 or a positive number"
         )
-    if not t.spike_factor >= 0 or 0 < t.spike_factor <= 1:
-        problems.append(
-            f"train.spike_factor={t.spike_factor} must be > 1 (a multiple of the running mean loss) or 0 (off)"
-        )
-    if not t.stop_deadline_s > 0:
-        problems.append(f"train.stop_deadline_s={t.stop_deadline_s} must be > 0 seconds: e.g. 100")
-    bad_signals = [n for n in t.stop_signals.split(",") if n.strip() and n.strip() not in STOP_SIGNALS]
-    if bad_signals:
-        problems.append(
-            f"train.stop_signals={t.stop_signals!r} names {bad_signals}: use a comma-separated subset of "
-            f"{', '.join(STOP_SIGNALS)} (or an empty string: no signal handling)"
-        )
+    for key, allowed in [
+        ("params_dtype", PARAMS_DTYPES),
+        ("attention_backend", ATTENTION_BACKENDS),
+        ("norm_placement", ("pre", "post")),
+        ("arch", tuple(known_archs)),
+    ]:
+        problems += one_of(f"model.{key}", getattr(m, key), allowed)
     problems += _rope_scaling_problems(m.rope_scaling)
-    if _has_experts(m.arch, known_archs):
-        problems += _moe_problems(cfg.moe)
-    elif m.arch in known_archs:
-        problems += _moe_without_experts(cfg, known_archs)
     untie = [x.strip() for x in m.untie.split(",") if x.strip()]
     bad_parts = [x for x in untie if x not in (*MOT_PARTS, "all")]
     if bad_parts:
@@ -237,11 +158,12 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
             f"of {', '.join(MOT_PARTS)}, or all (an empty string unties nothing)"
         )
     if m.freeze_text:
-        if m.arch != "mot" or set(m.untied_parts()) != set(MOT_PARTS):
+        if m.arch not in known_archs or not FAMILIES.options(m.arch).freezes_text(cfg):
+            able = "/".join(a for a in known_archs if FAMILIES.options(a).freezes_text(_every_part_untied(cfg, a)))
             problems.append(
-                f"model.freeze_text=true (LMFusion) needs model.arch=mot and model.untie=all (got arch="
-                f"{m.arch!r}, untie={m.untie!r}): a part shared by text and image cannot be frozen "
-                f"for text and trained for images"
+                f"model.freeze_text=true (LMFusion) needs every part of a layer to have a text and an image copy "
+                f"(model.arch={able or '(none known)'} with model.untie=all; got arch={m.arch!r}, untie={m.untie!r}): "
+                f"a part shared by text and image cannot be frozen for text and trained for images"
             )
         if m.frozen_vocab_rows is None and d.source == "synthetic":
             problems.append(
@@ -254,71 +176,75 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
                 f"{m.vocab_size}]: set it to the text vocabulary's size, or null to take the text "
                 f"tokenizer's"
             )
-    o = cfg.objective
-    for key, v, allowed in [
-        ("objective.name", o.name, tuple(known_objectives)),
-        ("objective.noise_schedule", o.noise_schedule, ("cosine", "linear")),
-        ("objective.prediction", o.prediction, ("epsilon", "v_prediction", "sample", "flow")),
-        ("objective.latent_codec", o.latent_codec, LATENT_CODECS),
-        ("objective.patchify", o.patchify, ("linear", "unet")),
-        ("objective.image_positions", o.image_positions, ("none", "sincos2d")),
-    ]:
-        if v not in allowed:
-            problems.append(f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them")
-    if o.name == "transfusion":
-        at_least("objective.train_timesteps", o.train_timesteps, 2)
-        at_least("objective.latent_patch_size", o.latent_patch_size, 1)
-        if o.diffusion_weight < 0:
-            problems.append(f"objective.diffusion_weight={o.diffusion_weight} must be >= 0: e.g. 5.0 (Transfusion)")
-        if d.source == "synthetic":
-            problems.append(
-                "objective.name=transfusion needs images, and data.source=synthetic has none: set "
-                "data.source=builtin, or data.source=indexed with a dataset from `megafusion data "
-                "prepare ... --latent-codec pixels|kl`"
-            )
-        if not 0 <= o.caption_dropout < 1:
-            problems.append(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1): e.g. 0.1")
-        if not -1 <= o.uncaptioned_max_t < o.train_timesteps:
-            problems.append(
-                f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
-                f"below objective.train_timesteps={o.train_timesteps}, e.g. {o.train_timesteps // 2}"
-            )
-        if o.latent_codec == "kl" and not o.vae_path:
-            problems.append(
-                "objective.latent_codec=kl needs objective.vae_path: the directory of a diffusers "
-                "AutoencoderKL saved with save_pretrained"
-            )
-        factor = 2 ** (len(UNET_CHANNELS) - 1)  # the U-Net's downsampling inside each patch
-        if o.patchify == "unet" and o.latent_patch_size >= 1 and o.latent_patch_size % factor:
-            problems.append(
-                f"objective.latent_patch_size={o.latent_patch_size} must be a multiple of {factor} with "
-                f"objective.patchify=unet (its U-Net halves the latent {len(UNET_CHANNELS) - 1} time(s) "
-                f"inside each patch): set it to {_near(o.latent_patch_size, factor)}, or use "
-                f"objective.patchify=linear"
-            )
-        if o.image_positions != "none" and o.patchify != "linear":
-            problems.append(
-                f"objective.image_positions={o.image_positions} is added by the linear patch embedding: use it "
-                f"with objective.patchify=linear, or set objective.image_positions=none (the U-Net's "
-                f"convolutions see the 2D layout)"
-            )
-        if o.latent_codec == "pixels" and d.image_size % max(o.latent_patch_size, 1):
-            problems.append(
-                f"objective.latent_patch_size={o.latent_patch_size} does not divide data.image_size="
-                f"{d.image_size} (pixel latents are the image): choose a divisor of {d.image_size}"
-            )
-    if lg.peak_tflops is not None and not lg.peak_tflops > 0:
+    return problems
+
+
+def _every_part_untied(cfg: Config, arch: str) -> Config:
+    """``cfg`` with model.arch=arch and every part untied: the setting LMFusion asks a family about."""
+    probe = copy.deepcopy(cfg)
+    probe.model.arch, probe.model.untie = arch, "all"
+    return probe
+
+
+def _train_problems(t) -> list[str]:
+    problems = []
+    for key in ("steps", "micro_batch_size", "global_batch_size"):
+        problems += at_least(f"train.{key}", getattr(t, key), 1)
+    problems += at_least("train.warmup_steps", t.warmup_steps, 0)
+    problems += at_least("train.nan_skip_limit", t.nan_skip_limit, 1)
+    for key in ("lr", "adam_eps"):
+        v = getattr(t, key)
+        if not v > 0:
+            problems.append(f"train.{key}={v} must be > 0: set train.{key} to a positive number")
+    for key in ("min_lr", "weight_decay", "clip_grad"):
+        v = getattr(t, key)
+        if not v >= 0:
+            problems.append(f"train.{key}={v} must be >= 0: set train.{key} to 0 or a positive number")
+    if t.lr > 0 and t.min_lr > t.lr:
+        problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}: set train.min_lr <= train.lr")
+    for key in ("adam_beta1", "adam_beta2"):
+        v = getattr(t, key)
+        if not 0 <= v < 1:
+            problems.append(f"train.{key}={v} must be in [0, 1): e.g. train.{key}=0.9")
+    problems += one_of("train.on_nan", t.on_nan, ("stop", "skip"))
+    problems += one_of("train.recompute", t.recompute, RECOMPUTE_MODES)
+    if not t.spike_factor >= 0 or 0 < t.spike_factor <= 1:
         problems.append(
-            f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
-            f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989"
+            f"train.spike_factor={t.spike_factor} must be > 1 (a multiple of the running mean loss) or 0 (off)"
         )
+    if not t.stop_deadline_s > 0:
+        problems.append(f"train.stop_deadline_s={t.stop_deadline_s} must be > 0 seconds: e.g. 100")
+    bad_signals = [n for n in t.stop_signals.split(",") if n.strip() and n.strip() not in STOP_SIGNALS]
+    if bad_signals:
+        problems.append(
+            f"train.stop_signals={t.stop_signals!r} names {bad_signals}: use a comma-separated subset of "
+            f"{', '.join(STOP_SIGNALS)} (or an empty string: no signal handling)"
+        )
+    return problems
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    d, m = cfg.data, cfg.model
+    problems = at_least("data.docs_per_sequence", d.docs_per_sequence, 1)
+    for key, low in [
+        ("num_samples", 1),
+        ("text_vocab_size", 16),
+        ("image_size", 1),
+        ("patch_size", 1),
+        ("pixel_levels", 2),
+        ("vq_codebook_size", 2),
+    ]:
+        problems += at_least(f"data.{key}", getattr(d, key), low)
+    problems += one_of("data.source", d.source, DATA_SOURCES)
+    problems += one_of("data.image_codec", d.image_codec, IMAGE_CODECS)
+    problems += one_of("ops.backend", cfg.ops.backend, OPS_BACKENDS)
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")
     # vqgan ignores patch_size: its latent grid comes from the model.
     if d.image_codec != "vqgan" and d.image_size >= 1 and d.patch_size >= 1 and d.image_size % d.patch_size:
         problems.append(
             f"data.image_size={d.image_size} is not divisible by data.patch_size={d.patch_size}: "
-            f"set data.image_size to {_near(d.image_size, d.patch_size)}"
+            f"set data.image_size to {near(d.image_size, d.patch_size)}"
         )
     if d.source == "builtin":
         sets = [x.strip() for x in d.builtin.split(",") if x.strip()]
@@ -340,6 +266,64 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
             f"{m.seq_length // 2} (each packed document needs at least 2 tokens): set "
             f"data.docs_per_sequence to at most {m.seq_length // 2} or raise model.seq_length"
         )
+    return problems
+
+
+def _checkpoint_problems(c) -> list[str]:
+    problems = at_least("checkpoint.interval", c.interval, 0) + at_least("checkpoint.keep_last", c.keep_last, 1)
+    if c.load_step is not None:
+        problems += at_least("checkpoint.load_step", c.load_step, 1)
+    if not c.space_margin >= 0:
+        problems.append(
+            f"checkpoint.space_margin={c.space_margin} must be >= 0 (the free space a save asks for beyond the "
+            f"checkpoint's size, as a fraction of it): e.g. 0.1"
+        )
+    return problems
+
+
+def _eval_and_logging_problems(ev, lg) -> list[str]:
+    problems = at_least("eval.interval", ev.interval, 0) + at_least("eval.batches", ev.batches, 1)
+    problems += at_least("logging.log_interval", lg.log_interval, 1)
+    if lg.peak_tflops is not None and not lg.peak_tflops > 0:
+        problems.append(
+            f"logging.peak_tflops={lg.peak_tflops} must be > 0 or null: give the device's "
+            f"dense bf16 peak in TFLOP/s, e.g. logging.peak_tflops=989"
+        )
+    return problems
+
+
+def _owned_problems(cfg: Config, known_archs: tuple, known_objectives: tuple) -> list[str]:
+    """The selected family's and objective's own checks, and any section owned only by entries that
+    are not selected, set away from its defaults (it would be ignored)."""
+    selected = {"model.arch": cfg.model.arch, "objective.name": cfg.objective.name}
+    known = {"model.arch": tuple(known_archs), "objective.name": tuple(known_objectives)}
+    problems = []
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for key, name, options in known_options():
+        if name not in known[key]:
+            continue
+        if name == selected[key]:
+            problems += options.problems(cfg)
+        for section in options.sections:
+            if section not in CORE_SECTIONS:
+                owners.setdefault(section, []).append((key, name))
+    for section, entries in owners.items():
+        if any(selected[key] == name for key, name in entries):
+            continue
+        current, default = getattr(cfg, section), type(getattr(cfg, section))()
+        changed = [
+            f"{section}.{f}={getattr(current, f)!r}"
+            for f in field_types(type(current))
+            if getattr(current, f) != getattr(default, f)
+        ]
+        if changed:
+            one = len(changed) == 1
+            key = entries[0][0]
+            users = "/".join(name for _, name in entries)
+            problems.append(
+                f"{', '.join(changed)} {'is' if one else 'are'} set, but {key}={selected[key]} ignores the {section} "
+                f"section: remove {'it' if one else 'them'}, or use {key}={users}"
+            )
     return problems
 
 
@@ -382,27 +366,27 @@ def _model_shape_problems(cfg: Config) -> list[str]:
     if heads % tp:
         problems.append(
             f"model.num_attention_heads={heads} is not divisible by parallel.tp={tp}: "
-            f"choose parallel.tp in {_braces(_divisors(heads))} or change the head count"
+            f"choose parallel.tp in {braces(divisors(heads))} or change the head count"
         )
     if m.num_query_groups is not None:
         groups = m.num_query_groups
         if heads % groups:
             problems.append(
                 f"model.num_query_groups={groups} does not divide model.num_attention_heads={heads}: "
-                f"choose model.num_query_groups in {_braces(_divisors(heads))}"
+                f"choose model.num_query_groups in {braces(divisors(heads))}"
             )
         elif groups % tp:
-            fits = [g for g in _divisors(heads) if g % tp == 0]
-            alt = f"model.num_query_groups in {_braces(fits)} or " if fits else ""
+            fits = [g for g in divisors(heads) if g % tp == 0]
+            alt = f"model.num_query_groups in {braces(fits)} or " if fits else ""
             problems.append(
                 f"model.num_query_groups={groups} (key/value heads) is not divisible by parallel.tp={tp}"
                 f" (each tensor-parallel rank needs whole kv heads): choose {alt}"
-                f"parallel.tp in {_braces(_divisors(groups))}"
+                f"parallel.tp in {braces(divisors(groups))}"
             )
     if m.hidden_size % heads:
         problems.append(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={heads}: "
-            f"set model.hidden_size to {_near(m.hidden_size, heads)}, or change the head count"
+            f"set model.hidden_size to {near(m.hidden_size, heads)}, or change the head count"
         )
     ffn = m.effective_ffn_hidden_size()
     if ffn % tp:
@@ -411,7 +395,7 @@ def _model_shape_problems(cfg: Config) -> list[str]:
             if m.ffn_hidden_size is not None
             else f"model.ffn_hidden_size (default 4 x model.hidden_size = {ffn})"
         )
-        problems.append(f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {_near(ffn, tp)}")
+        problems.append(f"{what} is not divisible by parallel.tp={tp}: set model.ffn_hidden_size to {near(ffn, tp)}")
     if m.vocab_size is not None and m.vocab_size % tp:
         nxt = -(-m.vocab_size // tp) * tp
         problems.append(
@@ -422,86 +406,7 @@ def _model_shape_problems(cfg: Config) -> list[str]:
         problems.append(
             f"parallel.sp=true splits the sequence across tensor-parallel ranks, but model.seq_length="
             f"{m.seq_length} is not divisible by parallel.tp={tp}: set model.seq_length to "
-            f"{_near(m.seq_length, tp)} or parallel.sp=false"
-        )
-    return problems
-
-
-def _has_experts(arch: str, known_archs: tuple) -> bool:
-    """Whether model.arch's FFN is routed experts (what the moe section configures). A built-in
-    family says so in EXPERT_ARCHS (validation imports no model); a registered one (a plugin) is
-    asked: ``experts(cfg)`` of a family without experts is its default, which returns None."""
-    if arch in FAMILIES.builtin:
-        return arch in EXPERT_ARCHS
-    if arch not in known_archs or arch not in FAMILIES.names():
-        return False
-    return FAMILIES.get(arch).experts(Config()) is not None
-
-
-def _moe_without_experts(cfg: Config, known_archs: tuple) -> list[str]:
-    """``moe.*`` keys set away from their defaults on a model without experts, which ignores them."""
-    defaults = MoEConfig()
-    changed = [
-        f"moe.{f}={getattr(cfg.moe, f)!r}"
-        for f in field_types(MoEConfig)
-        if getattr(cfg.moe, f) != getattr(defaults, f)
-    ]
-    if not changed:
-        return []
-    with_experts = [a for a in known_archs if _has_experts(a, known_archs)]
-    return [
-        f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but model.arch={cfg.model.arch} has no "
-        f"experts and ignores the moe section: remove {'it' if len(changed) == 1 else 'them'}, or use a model "
-        f"with experts (model.arch={'/'.join(with_experts) or 'moma'})"
-    ]
-
-
-def _moe_problems(moe) -> list[str]:
-    """The ``moe`` section (model.arch=moma): groups, expert counts, capacities, dispatcher."""
-    example = "e.g. moe.experts={text: 4, image: 4} (MoMa 4t4i) or moe.experts={mixed: 8}"
-    keys = set(moe.experts)
-    if not keys or not (keys == {"mixed"} or keys == set(MODALITY_NAMES)):
-        return [
-            f"moe.experts={moe.experts!r} must name every modality ({', '.join(MODALITY_NAMES)}) with its "
-            f"expert count, or only 'mixed' (one modality-blind group): {example}"
-        ]
-    problems = []
-    bad = {k: v for k, v in moe.experts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
-    if bad:
-        problems.append(f"moe.experts: {bad} must be whole numbers >= 1 (experts in the group): {example}")
-    if moe.capacity is not None:
-        if set(moe.capacity) != keys:
-            problems.append(
-                f"moe.capacity={moe.capacity!r} must name the groups of moe.experts ({', '.join(sorted(keys))}), "
-                f"or be null (each group's capacity 1 / its expert count)"
-            )
-        for name, c in moe.capacity.items():
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-                problems.append(
-                    f"moe.capacity.{name}={c!r} must be in (0, 1] (the fraction of the group's tokens each "
-                    f"expert takes; 1 = every token): e.g. moe.capacity={{{name}: 0.25}}"
-                )
-    if not moe.router_noise >= 0:
-        problems.append(f"moe.router_noise={moe.router_noise} must be >= 0 (0 = no noise)")
-    if moe.dispatcher not in MOE_DISPATCHERS:
-        problems.append(f"moe.dispatcher={moe.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
-    return problems
-
-
-def _expert_layout_problems(cfg: Config) -> list[str]:
-    p, experts = cfg.parallel, cfg.moe.experts
-    problems = []
-    total = sum(v for v in experts.values() if isinstance(v, int))
-    if total and total % p.ep:
-        problems.append(
-            f"moe.experts={experts!r} holds {total} experts, not divisible by parallel.ep={p.ep} (every "
-            f"expert-parallel rank holds the same number of experts): choose parallel.ep in "
-            f"{_braces(_divisors(total))} or change moe.experts"
-        )
-    if p.tp > 1 and not p.sp:
-        problems.append(
-            f"model.arch={cfg.model.arch} with parallel.tp={p.tp} needs parallel.sp=true (megatron-core's "
-            f"MoE layer refuses tensor parallelism without sequence parallelism in training)"
+            f"{near(m.seq_length, tp)} or parallel.sp=false"
         )
     return problems
 
@@ -517,19 +422,19 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
         )
     if p.cp != 1:
         problems.append(f"parallel.cp={p.cp}: context parallelism is reserved, not implemented yet: set parallel.cp=1")
-    if p.ep > 1 and m.arch not in EXPERT_ARCHS:
+    experts = FAMILIES.options(m.arch).experts(cfg)
+    if p.ep > 1 and experts is None:
+        with_experts = [a for a in FAMILIES.names() if FAMILIES.options(a).experts(cfg) is not None]
         problems.append(
             f"parallel.ep={p.ep}: expert parallelism needs a model with experts (model.arch="
-            f"{'/'.join(EXPERT_ARCHS)}), not model.arch={m.arch}: set parallel.ep=1"
+            f"{'/'.join(with_experts)}), not model.arch={m.arch}: set parallel.ep=1"
         )
-    if m.arch in EXPERT_ARCHS:
-        problems += _expert_layout_problems(cfg)
     chunks = p.pp * vpp
     if m.num_layers % chunks:
         problems.append(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = "
             f"{p.pp} x {vpp} = {chunks} (parallel.vpp={p.vpp if p.vpp is not None else 'null'}; every model "
-            f"chunk needs the same number of layers): set model.num_layers to {_near(m.num_layers, chunks)}, "
+            f"chunk needs the same number of layers): set model.num_layers to {near(m.num_layers, chunks)}, "
             f"or change parallel.pp / parallel.vpp"
         )
     if vpp > 1 and p.pp == 1:
@@ -543,18 +448,18 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             f"world size {world_size} ({WORLD}) is not divisible by parallel.tp x parallel.pp x parallel.cp = "
             f"{p.tp} x {p.pp} x {p.cp} = {mp}: start a multiple of {mp} processes "
-            f"(e.g. {_near(world_size, mp)}) or lower parallel.tp / parallel.pp"
+            f"(e.g. {near(world_size, mp)}) or lower parallel.tp / parallel.pp"
         )
         return problems  # dp is undefined, so the batch checks below cannot run
     if world_size < 1:
         return problems
     dp = world_size // mp
-    if p.ep > 1 and m.arch in EXPERT_ARCHS and (p.tp * dp * p.cp) % p.ep:
+    if p.ep > 1 and experts is not None and (p.tp * dp * p.cp) % p.ep:
         # megatron-core carves expert parallelism out of the tensor-, context- and data-parallel
         # ranks of a pipeline stage (experts are whole: no expert tensor parallelism).
         problems.append(
             f"parallel.ep={p.ep} does not divide parallel.tp x dp x parallel.cp = {p.tp} x {dp} x {p.cp}: "
-            f"choose parallel.ep in {_braces(_divisors(p.tp * dp * p.cp))}"
+            f"choose parallel.ep in {braces(divisors(p.tp * dp * p.cp))}"
         )
     step = t.micro_batch_size * dp
     dp_how = (
@@ -564,7 +469,7 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x dp = "
             f"{t.micro_batch_size} x {dp} = {step}, where {dp_how}: set train.global_batch_size to "
-            f"{_near(t.global_batch_size, step)} (a multiple of {step}) or change train.micro_batch_size"
+            f"{near(t.global_batch_size, step)} (a multiple of {step}) or change train.micro_batch_size"
         )
     elif vpp > 1 and p.pp > 1:
         # megatron-core's interleaved schedule (microbatch_group_size_per_vp_stage
@@ -575,7 +480,7 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f"with parallel.vpp={p.vpp}, megatron-core's interleaved schedule needs the number of "
                 f"microbatches per data-parallel rank, train.global_batch_size / (train.micro_batch_size x dp)"
                 f" = {t.global_batch_size} / {step} = {n_micro}, to be divisible by parallel.pp={p.pp} "
-                f"({dp_how}): set train.global_batch_size to {_near(t.global_batch_size, step * p.pp)}"
+                f"({dp_how}): set train.global_batch_size to {near(t.global_batch_size, step * p.pp)}"
                 f" (a multiple of {step * p.pp})"
             )
     return problems

@@ -10,7 +10,6 @@ BUILTIN_SETS = ("shapes", "digits")
 MOT_PARTS = ("attention", "ffn", "norms")
 # ops.backend: who runs the grouped GEMMs of MoT and the experts (megafusion/ops/backends.py)
 OPS_BACKENDS = ("auto", "triton", "torch_grouped_mm", "torch")
-EXPERT_ARCHS = ("moma",)  # model.arch values whose FFNs are experts (parallel.ep, the moe section)
 # train.recompute: activation recomputation (megatron-core's recompute_granularity; none keeps every
 # activation, selective recomputes core attention, full recomputes each transformer layer)
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -18,3 +17,8 @@ MOE_DISPATCHERS = ("alltoall", "allgather")  # megatron-core token dispatchers t
 # Signals train.stop_signals may name (SLURM sends SIGTERM on preemption, --signal=B:USR1@T before
 # the time limit); SIGINT stays Ctrl-C, an immediate stop.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+# The small U-Net of objective.patchify=unet: block widths (each block after the first halves
+# the latent) and resnet layers per block. Here, not in layers/patchify.py, so that validation
+# can check objective.latent_patch_size against the downsampling before anything is built.
+UNET_CHANNELS = (32, 64)
+UNET_LAYERS_PER_BLOCK = 1

@@ -1,8 +1,10 @@
 """The two tables a run's config selects from: ``model.arch`` -> model family and
 ``objective.name`` -> objective.
 
-Built-in entries are named by module path (each module defines ``FAMILY`` / ``OBJECTIVE``); so
-config validation lists the names, plugins included, without importing torch or a model.
+Built-in entries are named by module path (each module defines ``FAMILY`` / ``OBJECTIVE``), and
+so are their torch-free option companions (each defines ``OPTIONS``); so config loading and
+validation list the names and read the options, plugins included, without importing torch or a
+model.
 :mod:`megafusion.models.registry` and :mod:`megafusion.objectives.registry` hand out the objects.
 """
 
@@ -19,6 +21,7 @@ FAMILIES = Registry(
     },
     attribute="FAMILY",
     register_hint="megafusion.models.registry.register_family",
+    options={"mot": "megafusion.models.mot_options", "moma": "megafusion.models.moma_options"},
 )
 
 OBJECTIVES = Registry(
@@ -29,4 +32,11 @@ OBJECTIVES = Registry(
     },
     attribute="OBJECTIVE",
     register_hint="megafusion.objectives.registry.register_objective",
+    options={"transfusion": "megafusion.objectives.transfusion_options"},
 )
+
+
+def known_options():
+    """Every known family's and objective's :class:`~megafusion.core.options.Options` (plugins
+    included), as (key, name, options), in registry order."""
+    return [(r.key, name, r.options(name)) for r in (FAMILIES, OBJECTIVES) for name in r.names()]

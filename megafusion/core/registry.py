@@ -3,7 +3,8 @@
 Built-in entries are named as modules, imported on first use (their ``attribute``), so that
 listing the names (config validation, ``--dry-run``) imports neither torch nor megatron-core;
 ``register`` adds an object at run time (a plugin, see ``MEGAFUSION_PLUGINS``), which is then
-used exactly like a built-in one.
+used exactly like a built-in one. ``options(name)`` gives an entry's config keys and checks
+(:mod:`megafusion.core.options`) from a torch-free companion module.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ from __future__ import annotations
 import importlib
 
 from megafusion.core.errors import ConfigError
+from megafusion.core.options import NO_OPTIONS, Options
 from megafusion.core.plugins import load_plugins
 
 
 class Registry:
-    def __init__(self, key: str, builtin: dict[str, str], attribute: str, register_hint: str):
+    def __init__(
+        self,
+        key: str,
+        builtin: dict[str, str],
+        attribute: str,
+        register_hint: str,
+        options: dict[str, str] | None = None,
+    ):
         self.key, self.builtin, self.attribute, self.register_hint = key, dict(builtin), attribute, register_hint
+        self.option_modules = dict(options or {})  # name -> torch-free module defining OPTIONS
         self._registered: dict = {}
 
     def register(self, obj) -> None:
@@ -39,3 +49,13 @@ class Registry:
                 f"(or register yours: {self.register_hint})"
             )
         return getattr(importlib.import_module(self.builtin[name]), self.attribute)
+
+    def options(self, name: str) -> Options:
+        """The config keys and checks of entry ``name`` (:class:`~megafusion.core.options.Options`),
+        without importing torch for a built-in one; an unknown name has none."""
+        load_plugins()
+        if name in self._registered:
+            return getattr(self._registered[name], "options", NO_OPTIONS)
+        if name in self.option_modules:
+            return importlib.import_module(self.option_modules[name]).OPTIONS
+        return NO_OPTIONS

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+from megafusion.core.choices import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
 
 # The U-Net that ``TransfusionGPTModel`` builds (objective.patchify=unet): the widths and layers
 # above, and this (``megafusion.accounting`` measures the built modules, so it follows any change).

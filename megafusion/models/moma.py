@@ -35,6 +35,7 @@ from megafusion.layers.expert_choice_router import ExpertChoiceRouter
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.layers.experts import Experts
 from megafusion.models.dense import transformer_layer_spec
+from megafusion.models.moma_options import OPTIONS
 from megafusion.models.mot import untied_modules
 from megafusion.models.spec import ModelFamily
 
@@ -102,6 +103,7 @@ FAMILY = ModelFamily(
     copies=copies,
     experts=expert_groups,
     manifest_keys=manifest_keys,
+    options=OPTIONS,
     transformer_config=transformer_config,
     description="MoMa: per-modality expert groups with expert-choice routing (moe.experts), attention as in MoT",
 )

@@ -28,6 +28,7 @@ from megafusion.layers.modality_mlp import ModalityMLP
 from megafusion.layers.modality_norm import ModalityRMSNorm
 from megafusion.models.dense import transformer_layer_spec
 from megafusion.models.init import tied_name
+from megafusion.models.mot_options import OPTIONS
 from megafusion.models.spec import ModelFamily, WarmStartRule
 
 
@@ -81,6 +82,7 @@ FAMILY = ModelFamily(
     routed=True,
     copies=copies,
     manifest_keys=manifest_keys,
+    options=OPTIONS,
     warm_starts={
         "dense": WarmStartRule(
             checkpoint_key=dense_key,

@@ -23,6 +23,10 @@ family instead of branching on its name:
   (a :class:`WarmStartRule`: which checkpoint tensor each local tensor reads, and what fills the
   tensors the checkpoint does not have).
 
+- ``options``: its config keys and their checks (:class:`~megafusion.core.options.Options`; a
+  built-in family's live in a torch-free companion module, e.g. :mod:`megafusion.models.moma_options`,
+  so that validation imports no model).
+
 A family registered from outside the package (``register_family``, e.g. in a module named in
 ``MEGAFUSION_PLUGINS``) is used exactly like the built-in ones.
 """
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from megafusion.core.options import NO_OPTIONS, Options
 
 
 def _one_copy(cfg, part: str) -> int:
@@ -76,4 +82,5 @@ class ModelFamily:
     manifest_keys: Callable[[object], dict] = _no_keys
     transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)
+    options: Options = NO_OPTIONS
     description: str = ""

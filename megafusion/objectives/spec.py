@@ -23,6 +23,10 @@ text (and discrete image) tokens; what it adds:
   on the meta device and ``run()`` one image's forward through it (data inputs without gradient,
   as in the model), which accounting measures (:mod:`megafusion.accounting.image_modules`).
 
+- ``options``: its config keys (joining the ``objective`` section or sections of their own) and
+  their checks, a :class:`~megafusion.core.options.Options` (a built-in objective's live in a
+  torch-free companion module, e.g. :mod:`megafusion.objectives.transfusion_options`).
+
 What the tools that run a checkpoint ask of it (instead of its name):
 
 - ``image_latents``: its images are continuous latents (the data carries them beside the
@@ -35,9 +39,12 @@ What the tools that run a checkpoint ask of it (instead of its name):
 
 from __future__ import annotations
 
+from megafusion.core.options import NO_OPTIONS
+
 
 class Objective:
     name = ""
+    options = NO_OPTIONS  # its config keys and checks (a built-in one's come from a torch-free companion)
     report_fields: tuple[str, ...] = ()
     extra_modules: tuple[str, ...] = ()
     image_latents = False

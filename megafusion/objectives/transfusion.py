@@ -25,6 +25,7 @@ from megafusion.core.modality import Modality
 from megafusion.models.transfusion import IMAGE_MODULES, ImageInputs
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 from megafusion.objectives.spec import Objective
+from megafusion.objectives.transfusion_options import OPTIONS
 
 DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
@@ -155,6 +156,7 @@ class Transfusion(Objective):
     with the image modules of :class:`~megafusion.models.transfusion.TransfusionGPTModel`."""
 
     name = "transfusion"
+    options = OPTIONS
     report_fields = DIFFUSION_FIELDS
     extra_modules = IMAGE_MODULES
     image_latents = True
@@ -212,7 +214,7 @@ class Transfusion(Objective):
         """The image modules of one model on the meta device (no memory, no init), each with one
         image's forward as the model runs it: the noised latent and the sinusoidal features are
         data (no gradient); ``temb``, the head's tokens and the U-Net's skips carry one."""
-        from megafusion.config.schema import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
+        from megafusion.core.choices import UNET_CHANNELS, UNET_LAYERS_PER_BLOCK
         from megafusion.layers.patchify import (
             LinearPatchEmbed,
             LinearPatchHead,

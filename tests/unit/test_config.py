@@ -378,35 +378,37 @@ def test_moe_keys_on_a_model_without_experts_are_refused():
     assert_all_in(
         msg,
         "1 problem)",
-        "moe.capacity={'text': 0.5, 'image': 0.5}, moe.router_noise=1.0 are set, but model.arch=mot has no experts",
-        "remove them, or use a model with experts (model.arch=moma)",
+        "moe.capacity={'text': 0.5, 'image': 0.5}, moe.router_noise=1.0 are set, but model.arch=mot ignores the moe "
+        "section: remove them, or use model.arch=moma",
     )
     assert_all_in(problems_of(make("moe.dispatcher=allgather"), 1), "moe.dispatcher='allgather' is set", "remove it")
     # A key at its default value changes nothing: fine on any family (a shared config file).
     validate(make("model.arch=dense", "moe.experts={image: 4, text: 4}", "moe.router_noise=0", "moe.capacity=null"), 1)
 
 
-def test_which_families_have_experts_is_asked_of_the_family():
-    """Built-in families: EXPERT_ARCHS (validation imports no model) must agree with the families;
-    a registered family (a plugin) is asked."""
+def test_what_validation_knows_of_a_family_it_asks_its_options():
+    """Sections, checks and expert counts come from a family's options (built-in: the torch-free
+    companion; a plugin: its object's ``options``), not from a list of names."""
     from types import SimpleNamespace
 
-    from megafusion.config.validate import _has_experts
+    from megafusion.core.options import Options
     from megafusion.core.registries import FAMILIES
+    from megafusion.models.moma_options import MoEConfig, total_experts
     from megafusion.models.registry import get_family
 
-    for name in FAMILIES.builtin:
-        assert _has_experts(name, FAMILIES.builtin) == (get_family(name).experts(Config()) is not None), name
-    groups = SimpleNamespace(name="plugin_moe", experts=lambda cfg: "groups")
-    plain = SimpleNamespace(name="plugin_dense", experts=lambda cfg: None)
+    for name in FAMILIES.builtin:  # the companion is the family's own options
+        assert get_family(name).options is FAMILIES.options(name), name
+    moe_like = SimpleNamespace(name="plugin_moe", options=Options(sections={"moe": MoEConfig}, experts=total_experts))
+    plain = SimpleNamespace(name="plugin_dense", options=Options(problems=lambda cfg: ["plugin_dense: no way"]))
     known = (*FAMILIES.builtin, "plugin_moe", "plugin_dense")
     try:
-        FAMILIES.register(groups)
+        FAMILIES.register(moe_like)
         FAMILIES.register(plain)
-        assert _has_experts("plugin_moe", known) and not _has_experts("plugin_dense", known)
         msg = problems_of(make("model.arch=plugin_dense", "moe.router_noise=1.0"), 1, known_archs=known)
-        assert_all_in(msg, "model.arch=plugin_dense has no experts", "(model.arch=moma/plugin_moe)")
-        validate(make("model.arch=plugin_moe", "moe.router_noise=1.0"), 1, known_archs=known)
+        assert_all_in(msg, "model.arch=plugin_dense ignores the moe section", "model.arch=moma/plugin_moe", "no way")
+        msg = problems_of(make("model.arch=plugin_dense", "parallel.ep=2"), 2, known_archs=known)
+        assert_all_in(msg, "expert parallelism needs a model with experts (model.arch=moma/plugin_moe)")
+        validate(make("model.arch=plugin_moe", "moe.router_noise=1.0", "parallel.ep=2"), 2, known_archs=known)
     finally:
         FAMILIES._registered.pop("plugin_moe", None)
         FAMILIES._registered.pop("plugin_dense", None)
