@@ -61,7 +61,7 @@ An objective's extra modules (Transfusion's image modules) run once per *image*,
 :mod:`megafusion.accounting.image_modules` measures them; ``batch_flops`` charges them per image
 to the image modality (key ``image_modules``).
 
-Routed experts (MoMa, ``ModelFamily.experts``)
+Routed experts (MoMa: its ``LayerCost``, :mod:`megafusion.models.spec`)
 ----------------------------------------------
 Each layer's FFN is ``E`` experts (the MLP above, each) and a router. Per layer and microbatch,
 forward:
@@ -90,10 +90,13 @@ microbatch whenever every ``c_g * n_g`` is whole.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC, image_flops_per_image
-from megafusion.accounting.params import _dims, _layer_matmul, _matmul_parts, _whole, expert_groups
+from megafusion.accounting.params import _dims, _layer_matmul, _matmul_parts, _whole, layer_costs, routed_ffns
 from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, PAD_DOCUMENT_ID, Modality
 from megafusion.layers.attended_keys import attended_keys
 from megafusion.objectives.registry import get_objective
@@ -139,47 +142,45 @@ def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None 
 
 
 def token_flops_without_experts(cfg, forward_only: bool = False, modality: int | None = None) -> int:
-    """The matmul FLOPs one token costs whether or not an expert takes it: :func:`dense_flops_per_token`
-    without experts (dense, MoT, LMFusion); MoMa: its attention projections, the router and the
-    output layer (:func:`expert_flops` counts the experts per microbatch)."""
-    if expert_groups(cfg) is None:
+    """The matmul FLOPs one token costs whatever the routing does: :func:`dense_flops_per_token`
+    when every FFN runs on every token (dense, MoT, LMFusion); otherwise the attention projections,
+    the routers, the FFNs of the layers that every token runs, and the output layer
+    (:func:`expert_flops` counts the routed FFNs per microbatch)."""
+    if not routed_ffns(cfg):
         return dense_flops_per_token(cfg, forward_only, modality)
-    parts, layers = _matmul_parts(cfg), _dims(cfg)["layers"]
-    weights = layers * (parts["attention"] + parts["router"]) + parts["output"] + parts["new_rows"]
+    parts = _matmul_parts(cfg)
+    weights = sum(
+        parts["attention"] + cost.router + (parts["mlp"] if cost.ffn_runs is None else 0) for cost in layer_costs(cfg)
+    )
+    weights += parts["output"] + parts["new_rows"]
     return MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only)
 
 
 def expert_flops(cfg, routable_tokens, forward_only: bool = False) -> list[int]:
-    """Model FLOPs of the expert FFNs of one microbatch, per modality (``Modality`` order), exactly.
+    """Model FLOPs of the routed FFNs of one microbatch, per modality (``Modality`` order), exactly.
 
-    ``routable_tokens``: the microbatch's non-padding tokens per modality, which the router ranks.
-    Each of group ``g``'s ``E_g`` experts runs its MLP on ``k_g`` of the group's ``n_g`` tokens, in
-    every layer. A modality group is charged to its modality; the ``mixed`` group to the modalities
-    in proportion to their routable tokens (see the module doc). All zeros without experts.
+    ``routable_tokens``: the microbatch's non-padding tokens per modality, which the routers rank.
+    Each layer whose FFN is routed says its FFN runs per modality (``LayerCost.ffn_runs``: MoMa's
+    group ``g`` runs ``E_g x k_g`` expert MLPs; a modality-blind group's runs are shared in
+    proportion to the modalities' routable tokens, as Fractions); the sum over layers is rounded
+    cumulatively over the modalities, whole FLOPs that add up exactly to the total. All zeros
+    without routed FFNs.
     """
-    out = [0] * NUM_MODALITIES
-    groups = expert_groups(cfg)
-    if groups is None:
-        return out
-    parts = _matmul_parts(cfg)
-    per_expert_token = MATMUL_FLOPS_PER_MAC * _dims(cfg)["layers"] * parts["mlp"] * _passes(forward_only)
     counts = [int(n) for n in routable_tokens]
     if len(counts) != NUM_MODALITIES:
         raise ValueError(f"routable_tokens: one count per modality ({', '.join(MODALITY_NAMES)}), got {counts}")
-    if not groups.modality_blind:
-        for g, name in enumerate(groups.names):
-            m = MODALITY_NAMES.index(name)
-            out[m] = groups.sizes[g] * groups.tokens_per_expert(g, counts[m]) * per_expert_token
-        return out
-    n = sum(counts)
-    group = groups.sizes[0] * groups.tokens_per_expert(0, n) * per_expert_token
-    # Cumulative rounding: modality m gets floor(F * (n_0 + .. + n_m) / n) - (what the earlier got),
-    # whole FLOPs that sum to F exactly, each within one FLOP of its proportional share.
-    seen = given = 0
-    for m, count in enumerate(counts):
-        seen += count
-        share = group * seen // n if n else 0
-        out[m], given = share - given, share
+    per_run = MATMUL_FLOPS_PER_MAC * _matmul_parts(cfg)["mlp"] * _passes(forward_only)
+    exact = [Fraction(0)] * NUM_MODALITIES
+    for cost in layer_costs(cfg):
+        if cost.ffn_runs is not None:
+            exact = [e + per_run * Fraction(r) for e, r in zip(exact, cost.ffn_runs(counts))]
+    # Cumulative rounding: modality m gets floor(F_0 + .. + F_m) - (what the earlier got), each
+    # within one FLOP of its exact share.
+    out, seen, given = [], Fraction(0), 0
+    for value in exact:
+        seen += value
+        out.append(math.floor(seen) - given)
+        given = math.floor(seen)
     return out
 
 
@@ -382,7 +383,7 @@ def flop_counter_flops(
     if kernel not in FLOP_COUNTER_KERNELS:
         raise ValueError(f"kernel={kernel!r} must be one of {FLOP_COUNTER_KERNELS}")
     tokens = batch_size * seq_length
-    if expert_groups(cfg) is None:
+    if not routed_ffns(cfg):
         dense = tokens * dense_flops_per_token(cfg)
     else:
         shape = (batch_size, seq_length)

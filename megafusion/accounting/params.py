@@ -1,20 +1,21 @@
 """Exact parameter counts of the model a config builds (all ranks together), and the per-token
 matmul weights that the FLOPs formulas multiply by.
 
-The transformer's parts are the dense model's formulas times the family's copies of each part
-(``ModelFamily.copies``: MoT holds one per modality of each untied part; a token meets one);
-the objective's extra modules (Transfusion's image modules) are measured on the real modules
-(:mod:`megafusion.accounting.image_modules`). LMFusion (``model.freeze_text``) adds its new-row
-deltas and freezes the text half (``trainable``).
+The transformer's parts are the dense model's formulas, layer by layer, times what the family says
+of each layer (``ModelFamily.layer_cost``, a :class:`~megafusion.models.spec.LayerCost`): the
+copies of each part it holds (MoT: one per modality of each untied part; a token meets one), its
+experts and router, and the FFN runs a token costs; the objective's extra modules (Transfusion's
+image modules) are measured on the real modules (:mod:`megafusion.accounting.image_modules`).
+LMFusion (``model.freeze_text``) adds its new-row deltas and freezes the text half
+(``trainable``).
 
-A family whose FFN is routed experts (``ModelFamily.experts``: MoMa) holds ``E`` experts per
-layer (``copies(cfg, "ffn")``, each a whole SwiGLU MLP) and a router (an fp32 ``[E, h]`` weight, no
-bias) per layer. Every token meets the router; with expert-choice routing a token of group ``g``
-meets ``E_g * k_g / n_g`` of its group's experts on average, a microbatch's property (``n_g`` its
-routable tokens, ``k_g`` each expert's share: :mod:`megafusion.accounting.flops` counts it
-exactly). Parameter counts, which know no microbatch, use the nominal ``E_g * c_g`` (capacity
-``c_g``; 1 at the default ``c_g = 1 / E_g``, and ``E_g`` at capacity 1, where every expert takes
-every token).
+A layer whose FFN is routed experts (MoMa) holds ``E`` experts (each a whole SwiGLU MLP) and a
+router (an fp32 ``[E, h]`` weight, no bias). Every token meets the router; the FFN runs a token
+costs are a microbatch's property (expert choice: a token of group ``g`` meets ``E_g * k_g / n_g``
+of its group's experts on average, ``n_g`` its routable tokens, ``k_g`` each expert's share:
+:mod:`megafusion.accounting.flops` counts it exactly from ``LayerCost.ffn_runs``). Parameter
+counts, which know no microbatch, use the nominal ``LayerCost.ffn_per_token`` (expert choice:
+``E_g * c_g``, 1 at the default ``c_g = 1 / E_g``).
 """
 
 from __future__ import annotations
@@ -38,46 +39,46 @@ def _dims(cfg) -> dict[str, int]:
     }
 
 
-def _copies(cfg, part: str) -> int:
-    """How many copies of a layer part the model holds (the family says: MoT one per modality of
-    each untied part); a token meets one of them."""
-    return get_family(cfg.model.arch).copies(cfg, part)
+def layer_costs(cfg) -> list:
+    """Each layer's :class:`~megafusion.models.spec.LayerCost`, layer 1 first (the family says)."""
+    family = get_family(cfg.model.arch)
+    return [family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1)]
 
 
-def expert_groups(cfg):
-    """The FFN's expert groups (an ``ExpertGroups``: MoMa), or None when a token meets one FFN (dense, MoT)."""
-    return get_family(cfg.model.arch).experts(cfg)
+def routed_ffns(cfg) -> bool:
+    """Whether some layer's FFN runs depend on the microbatch (routed experts, skipped FFNs)."""
+    return any(cost.ffn_runs is not None for cost in layer_costs(cfg))
+
+
+def _ffns_met(cost, modality: int | None) -> float:
+    """FFN runs a token of ``modality`` costs in a layer at the nominal routing (``modality`` is
+    needed only where the modalities' differ)."""
+    if modality is not None:
+        return cost.ffn_per_token(int(modality))
+    met = {cost.ffn_per_token(int(m)) for m in Modality}
+    if len(met) > 1:
+        raise ValueError(
+            f"the layers give the modalities different FFN runs per token ({sorted(met)}, e.g. moe.capacity "
+            "per group): a token's FLOPs depend on its modality: pass modality"
+        )
+    return met.pop()
 
 
 def experts_per_token(cfg) -> dict[str, float] | None:
-    """Per modality name: the expert FFNs a token meets at its group's nominal capacity, ``E_g * c_g``
-    (exactly 1 at the default ``c_g = 1 / E_g``); None without experts.
+    """Per modality name: the expert FFNs a token meets per expert layer at the nominal routing
+    (expert choice: ``E_g * c_g``, exactly 1 at the default ``c_g = 1 / E_g``), the mean over the
+    layers with experts; None without experts.
 
     A microbatch's own is ``E_g * ceil(c_g * n_g) / n_g`` over its ``n_g`` routable tokens of the group
     (``ExpertGroups.mean_experts_per_token``): slightly more where ``c_g * n_g`` is not whole.
     """
-    groups = expert_groups(cfg)
-    if groups is None:
+    expert_layers = [cost for cost in layer_costs(cfg) if cost.experts]
+    if not expert_layers:
         return None
-    met = [1 if c is None else size * c for size, c in zip(groups.sizes, groups.capacities)]
-    if groups.modality_blind:
-        return {name: met[0] for name in MODALITY_NAMES}
-    return {name: met[groups.names.index(name)] for name in MODALITY_NAMES}
-
-
-def _experts_met(cfg, modality: int | None) -> float:
-    """FFNs a token of ``modality`` meets: 1 without experts; :func:`experts_per_token` with them."""
-    met = experts_per_token(cfg)
-    if met is None:
-        return 1
-    if modality is not None:
-        return met[MODALITY_NAMES[int(modality)]]
-    if len(set(met.values())) > 1:
-        raise ValueError(
-            f"moe.capacity gives the expert groups different experts per token ({met}): a token's FLOPs "
-            "depend on its modality: pass modality"
-        )
-    return next(iter(met.values()))
+    return {
+        name: _whole(sum(cost.ffn_per_token(int(m)) for cost in expert_layers) / len(expert_layers))
+        for name, m in zip(MODALITY_NAMES, Modality)
+    }
 
 
 def _whole(x: float) -> int | float:
@@ -85,19 +86,22 @@ def _whole(x: float) -> int | float:
     return int(x) if x == int(x) else x
 
 
-def describe_experts(cfg) -> str:
-    """One line about the experts for the banner and ``megafusion flops`` ("" without experts)."""
-    groups = expert_groups(cfg)
-    if groups is None:
+def describe_layers(cfg) -> str:
+    """What the layers' routing is, one clause per run of alike layers ("" when every layer is plain),
+    for the run banner and ``megafusion flops``."""
+    runs: list[list] = []
+    for layer, cost in enumerate(layer_costs(cfg), start=1):
+        if runs and runs[-1][2] == cost.describe:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, cost.describe])
+    if all(not text for *_, text in runs):
         return ""
-    sizes = ", ".join(f"{name} {size}" for name, size in zip(groups.names, groups.sizes))
-    met = experts_per_token(cfg)
-    per_token = ", ".join(f"{name} {value:g}" for name, value in met.items())
-    if len(set(met.values())) == 1:
-        per_token = f"{next(iter(met.values())):g}"
-    return (
-        f"{groups.total} experts per layer ({sizes}); a token meets the router and {per_token} of its "
-        "group's experts at the nominal capacity"
+    if len(runs) == 1:
+        return f"every layer: {runs[0][2]}"
+    return "; ".join(
+        f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {text or 'plain (one FFN per token)'}"
+        for a, b, text in runs
     )
 
 
@@ -150,16 +154,14 @@ def new_token_rows(cfg) -> int:
 
 def _matmul_parts(cfg) -> dict[str, int]:
     """Weights that multiply each token, by where they sit: ``attention`` and ``mlp`` (one copy, one
-    expert), ``router`` (MoMa's ``E x h``, 0 without experts), all per layer; ``output`` (the output
+    expert) of a layer (a layer's router is its ``LayerCost.router``); ``output`` (the output
     layer), ``new_rows`` (LMFusion's output delta: its own matmul). :func:`_layer_matmul` adds up
     the layers."""
     k = _dims(cfg)
     h, d, ffn = k["hidden"], k["head_dim"], k["ffn"]
-    groups = expert_groups(cfg)
     return {
         "attention": h * (k["heads"] + 2 * k["groups"]) * d + k["heads"] * d * h,  # QKV + output projection
         "mlp": h * 2 * ffn + ffn * h,
-        "router": 0 if groups is None else h * groups.total,
         "output": h * k["vocab"],
         "new_rows": h * new_token_rows(cfg),
     }
@@ -167,36 +169,40 @@ def _matmul_parts(cfg) -> dict[str, int]:
 
 def _layer_matmul(cfg, modality: int | None = None) -> int | float:
     """Layer weights that multiply one token of ``modality``, all layers: one modality's copy of
-    attention, the router and :func:`_experts_met` FFNs (one without experts; ``modality`` is
-    needed only where MoMa's groups meet different numbers of experts per token)."""
+    attention, the router and the nominal FFN runs of each layer (``modality`` is needed only where
+    the modalities' FFN runs differ, e.g. MoMa groups of different ``E_g * c_g``)."""
     parts = _matmul_parts(cfg)
-    per_layer = parts["attention"] + parts["router"] + parts["mlp"] * _experts_met(cfg, modality)
-    return _whole(_dims(cfg)["layers"] * per_layer)
+    return _whole(
+        sum(parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, modality) for cost in layer_costs(cfg))
+    )
 
 
 def _transformer_parameter_counts(cfg) -> dict[str, int]:
     """:func:`parameter_counts` of the GPTModel alone (no image modules): needs no latent shape."""
     k, parts = _dims(cfg), _matmul_parts(cfg)
-    h, L = k["hidden"], k["layers"]
+    h = k["hidden"]
     attention, mlp = parts["attention"], parts["mlp"]
-    norms = L * (2 * h + (2 * k["head_dim"] if cfg.model.qk_norm else 0)) + h  # input, pre-MLP (+ q, k), final
+    costs = layer_costs(cfg)
+    layer_norms = 2 * h + (2 * k["head_dim"] if cfg.model.qk_norm else 0)  # input, pre-MLP (+ q, k)
+    norms = len(costs) * layer_norms + h  # one copy of each, the final norm included
+    # The final norm has as many copies as the last layer's norms (models/build.py).
+    norm_weights = sum(layer_norms * c.copies_of("norms") for c in costs) + h * costs[-1].copies_of("norms")
     embedding = k["vocab"] * h
     # Tied (model.tie_embeddings): the output layer multiplies by the embedding's own weight.
     output_layer = 0 if cfg.model.tie_embeddings else parts["output"]
     deltas = 2 * parts["new_rows"]  # LMFusion: an input and an output delta (even when tied)
-    # A token's layer weights by modality (equal but for MoMa groups of different E_g * c_g).
+    # A token's layer weights by modality (equal but where the modalities' FFN runs differ).
     layers = {name: _layer_matmul(cfg, m) for name, m in zip(MODALITY_NAMES, Modality)}
     active = {name: round(embedding + output_layer + deltas + met + norms) for name, met in layers.items()}
-    experts = L * mlp * _copies(cfg, "ffn") if expert_groups(cfg) is not None else 0
-    router = L * parts["router"]
+    experts = sum(mlp * c.experts for c in costs)
+    router = sum(c.router for c in costs)
     total = (
         embedding
         + output_layer
         + deltas
-        + L * attention * _copies(cfg, "attention")
-        + L * mlp * _copies(cfg, "ffn")
+        + sum(attention * c.copies_of("attention") + mlp * c.copies_of("ffn") for c in costs)
         + router
-        + norms * _copies(cfg, "norms")
+        + norm_weights
     )
     # LMFusion freezes the embedding, the output layer and the text copy of every (untied) part.
     frozen = embedding + output_layer + layers["text"] + norms if cfg.model.freeze_text else 0
@@ -205,7 +211,7 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
         "embedding": embedding,
         "output_layer": output_layer,
         "new_token_rows": deltas,
-        "norm": norms * _copies(cfg, "norms"),
+        "norm": norm_weights,
         "non_embedding": total - embedding - output_layer - deltas,
         "matmul": round(max(layers.values()) + parts["output"] + parts["new_rows"]),
         "active": max(active.values()),

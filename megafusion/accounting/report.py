@@ -64,7 +64,7 @@ def flops_report(cfg, batch: dict) -> str:
         share = f"{100 * f / stats['total']:.1f}%" if stats["total"] else "-"
         lines.append(f"  {name:<10}{t:>10}{per_tok:>14}{attn:>11}{share:>8}")
     lines += [
-        *_expert_lines(cfg, stats),
+        *_routing_lines(cfg, stats),
         f"  total     {_n(stats['total'])} = {_n(stats['total'] / tokens)}/token "
         f"(dense matmuls {_n(stats['dense'])}, "
         + (f"experts {_n(stats['experts'])}, " if stats["experts"] else "")
@@ -99,21 +99,19 @@ def _recompute_line(cfg, batch: dict, stats: dict, inputs: dict) -> str:
     )
 
 
-def _expert_lines(cfg, stats: dict) -> list[str]:
-    """MoMa: what each group's experts took from the microbatch ([] without experts)."""
-    groups = params.expert_groups(cfg)
-    if groups is None:
+def _routing_lines(cfg, stats: dict) -> list[str]:
+    """What the routed layers did with the microbatch ([] when no layer's FFN is routed)."""
+    routable = [stats["routable_tokens_per_modality"][name] for name in MODALITY_NAMES]
+    said = []
+    for cost in params.layer_costs(cfg):
+        if cost.explain is not None and cost.explain(routable) not in said:
+            said.append(cost.explain(routable))
+    if not said:
         return []
-    routable = stats["routable_tokens_per_modality"]
-    counts = [sum(routable.values())] if groups.modality_blind else [routable[name] for name in groups.names]
-    taken = ", ".join(
-        f"{name} {size} x {groups.tokens_per_expert(g, n)} of {n}"
-        for g, (name, size, n) in enumerate(zip(groups.names, groups.sizes, counts))
-    )
-    padding = stats["tokens"] - sum(routable.values())
+    padding = stats["tokens"] - sum(routable)
     return [
-        f"  experts (per layer, experts x tokens each of the group's routable tokens): {taken}; "
-        f"the router on all {stats['tokens']} tokens" + (f" ({padding} padding, never routed)" if padding else "")
+        f"  routed layers (per layer): {'; '.join(said)}; the router on all {stats['tokens']} tokens"
+        + (f" ({padding} padding, never routed)" if padding else "")
     ]
 
 
@@ -141,7 +139,7 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
     attn = F.attention_flops_per_key(cfg) * keys
     total = dense + attn
     w = 22
-    experts = params.describe_experts(cfg)
+    experts = params.describe_layers(cfg)
     active_note = (
         "  (per token: router + nominal experts; "
         + ", ".join(f"{name} {n[f'active/{name}']:,}" for name in MODALITY_NAMES)
@@ -160,7 +158,7 @@ def summary(cfg, latent_shape: tuple[int, int, int] | None = None) -> str:
         f"model: arch {m.arch}, {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
         f"({m.effective_num_query_groups()} kv), ffn {m.effective_ffn_hidden_size()}, vocab {m.vocab_size}, "
         f"seq {s}",
-        *([f"experts: {experts}"] if experts else []),
+        *([f"layers: {experts}"] if experts else []),
         "parameters:",
         f"  {'total':<{w}}{n['total']:>16,}",
         f"  {'embedding':<{w}}{n['embedding']:>16,}  (input lookup: 0 FLOPs)",

@@ -111,11 +111,14 @@ def plan_command(argv: list[str]) -> int:
     from megafusion.config import load_config
 
     cfg = load_config(config_paths(args.config), args.overrides)
-    o = cfg.objective
-    if latent is None and o.name == "transfusion" and o.latent_codec != "pixels":
+    from megafusion.objectives.registry import get_objective
+
+    objective = get_objective(cfg.objective.name)
+    if latent is None and objective.image_latents and objective.latent_shape(cfg) is None:
         raise UsageError(
-            f"--latent-shape C,H,W is needed: with objective.latent_codec={o.latent_codec} an image's latent shape "
-            "depends on the autoencoder (e.g. --latent-shape 8,32,32: 8 channels, 256-pixel images downsampled 8x)"
+            f"--latent-shape C,H,W is needed: with objective.name={cfg.objective.name} and this config an image's "
+            "latent shape depends on the autoencoder (e.g. objective.latent_codec=kl: --latent-shape 8,32,32, "
+            "8 channels, 256-pixel images downsampled 8x)"
         )
     if cfg.model.vocab_size is None:  # the data decides it, as in training (megafusion.data.sources)
         from megafusion.data.sources import VOCAB_MULTIPLE, data_vocabulary

@@ -61,13 +61,13 @@ class Generator:
         from megafusion.models.registry import get_family
         from megafusion.objectives.transfusion import schedule_for
 
-        if get_family(cfg.model.arch).experts(cfg) is not None:
-            # Expert choice ranks a microbatch's tokens against each other (later ones included):
+        if not get_family(cfg.model.arch).causal_routing:
+            # E.g. expert choice ranks a microbatch's tokens against each other (later ones included):
             # one decoded token would be taken by every expert of its group.
             raise ValueError(
-                f"model.arch={cfg.model.arch}: expert-choice routing is not causal, so it cannot generate "
-                f"token by token; generation needs a causal router (MoMa's auxiliary router), which "
-                f"megafusion does not have yet"
+                f"model.arch={cfg.model.arch}: its routing is not causal (a token's computation depends on "
+                f"later tokens), so it cannot generate token by token; generation needs a causal router "
+                f"(MoMa's auxiliary router), which megafusion does not have yet"
             )
 
         self.cfg, self.runtime, self.tokenizer, self.model = cfg, runtime, tokenizer, model

@@ -1,4 +1,4 @@
-"""Model assembly: the family's layer spec (``model.arch``) into megatron-core GPTModels.
+"""Model assembly: the family's layer specs (``model.arch``, one per global layer) into megatron-core GPTModels.
 
 ``assemble_chunks`` returns one ``GPTModel`` (or the given subclass: an objective's model, see
 :func:`megafusion.objectives.build.build_model_chunks`, which is what runs call) per
@@ -11,6 +11,7 @@ from __future__ import annotations
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megafusion import ops
 from megafusion.layers import recompute
@@ -26,13 +27,18 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
     ops.use_backend(cfg.ops.backend)  # the grouped GEMMs' backend for this process
     if tconfig.recompute_granularity:  # train.recompute: the recomputed forward re-enters the routing
         recompute.install()
-    layer_spec = get_family(cfg.model.arch).layer_spec(cfg)
+    family = get_family(cfg.model.arch)
     extra = extra or {}
     chunks = []
     for vp_stage in range(runtime.vpp or 1):
         vp = vp_stage if runtime.vpp else None
+        # Megatron places the layers (pipeline stage, virtual chunk): this chunk builds global layers
+        # offset + 1 .. offset + n, each with the family's spec for its depth.
         num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
-        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm_of(layer_spec))
+        offset = get_transformer_layer_offset(tconfig, vp_stage=vp)
+        specs = [family.layer_spec(cfg, offset + i + 1) for i in range(num_layers)]
+        last = family.layer_spec(cfg, cfg.model.num_layers)  # the final norm follows the last layer's
+        block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm_of(last))
         model = model_cls(
             config=tconfig,
             transformer_layer_spec=block,

@@ -94,7 +94,7 @@ def final_norm_of(layer_spec: ModuleSpec) -> type:
     return getattr(sub, "post_attention_layernorm", None) or sub.input_layernorm
 
 
-def dense_layer_spec(cfg) -> ModuleSpec:
+def dense_layer_spec(cfg, layer: int = 1) -> ModuleSpec:
     return transformer_layer_spec(cfg)
 
 

@@ -22,6 +22,7 @@ are one tensor with a leading expert axis, ``decoder.layers.mlp.experts.experts.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from functools import partial
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -29,15 +30,15 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megafusion.core.modality import NUM_MODALITIES
+from megafusion.core.modality import MODALITY_NAMES
 from megafusion.layers.expert_choice_layer import ExpertChoiceMoELayer
 from megafusion.layers.expert_choice_router import ExpertChoiceRouter
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.layers.experts import Experts
 from megafusion.models.dense import transformer_layer_spec
 from megafusion.models.moma_options import OPTIONS
-from megafusion.models.mot import untied_modules
-from megafusion.models.spec import ModelFamily
+from megafusion.models.mot import untied_copies, untied_modules
+from megafusion.models.spec import LayerCost, ModelFamily
 
 UNTIED = ("attention", "norms")  # the parts model.untie may untie; the FFN is the experts
 
@@ -54,7 +55,7 @@ def experts_layer(cfg) -> type[ExpertChoiceMoELayer]:
     return ExpertChoiceMoELayer.bound(MoESubmodules(experts=experts, router=router))
 
 
-def moma_layer_spec(cfg) -> ModuleSpec:
+def moma_layer_spec(cfg, layer: int = 1) -> ModuleSpec:
     parts = [p for p in cfg.model.untied_parts() if p in UNTIED]
     return transformer_layer_spec(cfg, **untied_modules(parts), mlp=experts_layer(cfg))
 
@@ -76,15 +77,68 @@ def transformer_config(cfg) -> dict:
     }
 
 
-def copies(cfg, part: str) -> int:
-    if part == "ffn":
-        return ExpertGroups.from_config(cfg.moe).total
-    return NUM_MODALITIES if part in cfg.model.untied_parts() else 1
+def moma_layer_cost(cfg, layer: int) -> LayerCost:
+    """Every token meets the router (``E x h``, fp32); each expert of group ``g`` takes
+    ``k_g = ceil(c_g x n_g)`` of the group's ``n_g`` routable tokens (padding is never routed)."""
+    groups = ExpertGroups.from_config(cfg.moe)
+    parts = [p for p in cfg.model.untied_parts() if p in UNTIED]
+    return LayerCost(
+        copies={**untied_copies(parts), "ffn": groups.total},
+        experts=groups.total,
+        router=cfg.model.hidden_size * groups.total,
+        ffn_per_token=partial(nominal_experts_per_token, groups),
+        ffn_runs=partial(expert_runs, groups),
+        explain=partial(explain_routing, groups),
+        describe=describe_experts(groups),
+    )
 
 
-def expert_groups(cfg) -> ExpertGroups:
-    """For accounting: the router and each expert's tokens per group (``copies`` counts the experts' weights)."""
-    return ExpertGroups.from_config(cfg.moe)
+def _group_of(groups: ExpertGroups, modality: int) -> int:
+    return 0 if groups.modality_blind else groups.names.index(MODALITY_NAMES[int(modality)])
+
+
+def nominal_experts_per_token(groups: ExpertGroups, modality: int) -> float:
+    """``E_g x c_g`` (exactly 1 at the default ``c_g = 1 / E_g``); a microbatch's own is
+    ``E_g x ceil(c_g x n_g) / n_g``, slightly more where ``c_g x n_g`` is not whole."""
+    g = _group_of(groups, modality)
+    c = groups.capacities[g]
+    return 1 if c is None else groups.sizes[g] * c
+
+
+def expert_runs(groups: ExpertGroups, routable: list[int]) -> list:
+    """Expert FFN runs of a microbatch per modality: a modality group's ``E_g x k_g`` go to its
+    modality; the ``mixed`` group's to the modalities in proportion to their routable tokens (every
+    routable token is charged the group's mean, as a Fraction: which tokens the experts took is
+    known only inside the step)."""
+    if groups.modality_blind:
+        n = sum(routable)
+        runs = groups.sizes[0] * groups.tokens_per_expert(0, n)
+        return [Fraction(runs * count, n) if n else 0 for count in routable]
+    out = [0] * len(routable)
+    for g, name in enumerate(groups.names):
+        m = MODALITY_NAMES.index(name)
+        out[m] = groups.sizes[g] * groups.tokens_per_expert(g, routable[m])
+    return out
+
+
+def explain_routing(groups: ExpertGroups, routable: list[int]) -> str:
+    counts = [sum(routable)] if groups.modality_blind else [routable[MODALITY_NAMES.index(n)] for n in groups.names]
+    return "experts x tokens each of the group's routable tokens: " + ", ".join(
+        f"{name} {size} x {groups.tokens_per_expert(g, n)} of {n}"
+        for g, (name, size, n) in enumerate(zip(groups.names, groups.sizes, counts))
+    )
+
+
+def describe_experts(groups: ExpertGroups) -> str:
+    sizes = ", ".join(f"{name} {size}" for name, size in zip(groups.names, groups.sizes))
+    met = {name: nominal_experts_per_token(groups, m) for m, name in enumerate(MODALITY_NAMES)}
+    per_token = ", ".join(f"{name} {value:g}" for name, value in met.items())
+    if len(set(met.values())) == 1:
+        per_token = f"{next(iter(met.values())):g}"
+    return (
+        f"{groups.total} experts ({sizes}), expert choice; a token meets the router and {per_token} of its "
+        "group's experts at the nominal capacity"
+    )
 
 
 def manifest_keys(cfg) -> dict:
@@ -99,9 +153,9 @@ def manifest_keys(cfg) -> dict:
 FAMILY = ModelFamily(
     name="moma",
     layer_spec=moma_layer_spec,
+    layer_cost=moma_layer_cost,
     routed=True,
-    copies=copies,
-    experts=expert_groups,
+    causal_routing=False,
     manifest_keys=manifest_keys,
     options=OPTIONS,
     transformer_config=transformer_config,

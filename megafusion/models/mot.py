@@ -29,7 +29,7 @@ from megafusion.layers.modality_norm import ModalityRMSNorm
 from megafusion.models.dense import transformer_layer_spec
 from megafusion.models.init import tied_name
 from megafusion.models.mot_options import OPTIONS
-from megafusion.models.spec import ModelFamily, WarmStartRule
+from megafusion.models.spec import LayerCost, ModelFamily, WarmStartRule
 
 
 def untied_modules(parts) -> dict:
@@ -44,13 +44,18 @@ def untied_modules(parts) -> dict:
     return kwargs
 
 
-def mot_layer_spec(cfg) -> ModuleSpec:
+def mot_layer_spec(cfg, layer: int = 1) -> ModuleSpec:
     return transformer_layer_spec(cfg, **untied_modules(cfg.model.untied_parts()))
 
 
-def copies(cfg, part: str) -> int:
+def untied_copies(parts) -> dict[str, int]:
     """One copy per modality of each untied part (``attention``, ``ffn``, ``norms``)."""
-    return NUM_MODALITIES if part in cfg.model.untied_parts() else 1
+    return {part: NUM_MODALITIES for part in parts}
+
+
+def mot_layer_cost(cfg, layer: int) -> LayerCost:
+    """A token meets its own modality's copy of each part: a dense layer's cost, more parameters."""
+    return LayerCost(copies=untied_copies(cfg.model.untied_parts()))
 
 
 def manifest_keys(cfg) -> dict:
@@ -79,8 +84,8 @@ def copy_text_into_image(module) -> None:
 FAMILY = ModelFamily(
     name="mot",
     layer_spec=mot_layer_spec,
+    layer_cost=mot_layer_cost,
     routed=True,
-    copies=copies,
     manifest_keys=manifest_keys,
     options=OPTIONS,
     warm_starts={

@@ -1,28 +1,31 @@
-"""What a model family is to the rest of megafusion: ``ModelFamily``.
+"""What a model family is to the rest of megafusion: ``ModelFamily`` and the ``LayerCost`` of a layer.
 
 A family (``model.arch``) is one module under ``megafusion/models/`` that defines ``FAMILY``, a
-``ModelFamily``, and one line in :mod:`megafusion.models.registry`. Everything else asks the
+``ModelFamily``, and one line in :mod:`megafusion.core.registries`. Everything else asks the
 family instead of branching on its name:
 
-- ``layer_spec(cfg)``: megatron-core's ``ModuleSpec`` of one transformer layer (the block, the
-  embedding and the output layer are megatron's ``GPTModel``; see :mod:`megafusion.models.build`);
+- ``layer_spec(cfg, layer)``: megatron-core's ``ModuleSpec`` of transformer layer ``layer`` (global,
+  1-based: a heterogeneous stack gives different specs by depth; megatron's pipeline and
+  virtual-pipeline placement decides which rank builds which layers). The block, the embedding and
+  the output layer are megatron's ``GPTModel`` (:mod:`megafusion.models.build`);
+- ``layer_cost(cfg, layer)``: what that layer holds and what a token costs in it, whatever its
+  routing (a :class:`LayerCost`): parameter copies of each part, experts, router weights, FFN runs
+  per token (nominal) and per microbatch (exact). Parameter and FLOPs accounting, the banner and
+  the planner read only this (:mod:`megafusion.accounting`, :mod:`megafusion.planning`);
 - ``routed``: whether its layers read the per-token modality routing
   (:mod:`megafusion.layers.routing`), which the forward step, generation and the logits tool then
   set around every model call;
-- ``copies(cfg, part)``: how many copies of a layer part (``attention``, ``ffn``, ``norms``) the
-  model holds, what parameter and FLOPs accounting need to know beyond the dense formulas
-  (:mod:`megafusion.accounting`; a token meets one copy of each part, unless the FFN is experts);
-- ``experts(cfg)``: the FFN's expert groups (a
-  :class:`~megafusion.layers.expert_groups.ExpertGroups`) when it is routed experts, else None:
-  accounting then counts the router and each expert on the tokens it takes, not one FFN per token;
+- ``causal_routing``: whether a token's computation depends only on itself and earlier tokens
+  (False for expert choice, which ranks each token against the whole microbatch): generation,
+  which sees one token at a time, refuses a family without it, and evaluation says its losses use
+  the training routing;
 - ``transformer_config(cfg)``: settings of megatron-core's ``TransformerConfig`` beyond the shared
   ones (:mod:`megafusion.models.transformer_config`; MoMa: the experts and the dispatcher);
 - ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
   tensors mean something else (MoT: which parts are untied); a resume compares them;
 - ``warm_starts``: checkpoint families it can start from with ``checkpoint.init_from`` and how
   (a :class:`WarmStartRule`: which checkpoint tensor each local tensor reads, and what fills the
-  tensors the checkpoint does not have).
-
+  tensors the checkpoint does not have);
 - ``options``: its config keys and their checks (:class:`~megafusion.core.options.Options`; a
   built-in family's live in a torch-free companion module, e.g. :mod:`megafusion.models.moma_options`,
   so that validation imports no model).
@@ -38,13 +41,48 @@ from dataclasses import dataclass, field
 
 from megafusion.core.options import NO_OPTIONS, Options
 
+PARTS = ("attention", "ffn", "norms")  # the parts of a layer whose copies LayerCost counts
 
-def _one_copy(cfg, part: str) -> int:
+
+def _one_ffn(modality: int) -> int:
     return 1
 
 
-def _no_experts(cfg) -> None:
-    return None
+@dataclass(frozen=True)
+class LayerCost:
+    """What one transformer layer holds and what a token costs in it, in the same terms for every
+    routing (none, by modality, expert choice, token choice, a layer a token may skip).
+
+    - ``copies``: part (``attention``, ``ffn``, ``norms``) -> copies of its weights held (missing: 1;
+      MoT: one per modality of each untied part; experts: the FFN's copies are the experts); a
+      token meets one copy of attention and norms;
+    - ``experts``: the FFN is this many routed experts (each a whole SwiGLU MLP, split over
+      ``parallel.ep``), 0 when it is not;
+    - ``router``: router weights (``E x h``), multiplied by every token (padding included);
+    - ``ffn_per_token(modality)``: FFN runs a token of that modality costs at the nominal routing
+      (1 for a plain FFN; expert choice: ``E_g x c_g``; top-k token choice: ``k``; a skipped FFN: 0);
+    - ``ffn_runs(routable)``: the exact FFN runs of one microbatch per modality from its routable
+      (non-padding) tokens per modality (ints, or Fractions where a modality-blind group's runs are
+      shared by the modalities in proportion to their tokens); None: every token (padding
+      included) runs the FFN once, as part of its own matmuls;
+    - ``explain(routable)``: one line on what the routing did with such a microbatch (``flops``'s
+      report); ``describe``: one line on the layer's routing (the run banner; "" for a plain layer).
+    """
+
+    copies: Mapping[str, int] = field(default_factory=dict)
+    experts: int = 0
+    router: int = 0
+    ffn_per_token: Callable[[int], float] = _one_ffn
+    ffn_runs: Callable[[list[int]], list] | None = None
+    explain: Callable[[list[int]], str] | None = None
+    describe: str = ""
+
+    def copies_of(self, part: str) -> int:
+        return self.copies.get(part, 1)
+
+
+def _plain_layer(cfg, layer: int) -> LayerCost:
+    return LayerCost()
 
 
 def _no_keys(cfg) -> dict:
@@ -75,10 +113,10 @@ class WarmStartRule:
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
-    layer_spec: Callable  # (cfg) -> megatron ModuleSpec of one layer
+    layer_spec: Callable  # (cfg, layer) -> megatron ModuleSpec of global layer `layer` (1-based)
+    layer_cost: Callable[[object, int], LayerCost] = _plain_layer
     routed: bool = False
-    copies: Callable[[object, str], int] = _one_copy
-    experts: Callable[[object], object | None] = _no_experts  # (cfg) -> ExpertGroups | None
+    causal_routing: bool = True
     manifest_keys: Callable[[object], dict] = _no_keys
     transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)

@@ -21,7 +21,10 @@ text (and discrete image) tokens; what it adds:
   query attends under the objective's mask, the images that run the extra modules);
   ``accounting_modules(cfg, latent_shape)``: name -> ``(module, run)``, each extra module built
   on the meta device and ``run()`` one image's forward through it (data inputs without gradient,
-  as in the model), which accounting measures (:mod:`megafusion.accounting.image_modules`).
+  as in the model), which accounting measures (:mod:`megafusion.accounting.image_modules`);
+- for the planner (:mod:`megafusion.planning.memory`): ``module_stages`` (which pipeline stage holds
+  each extra module), ``latent_shape(cfg)`` (one latent's shape when the config says it) and
+  ``activation_bytes_per_image_token(cfg, latent_shape, element_bytes)``.
 
 - ``options``: its config keys (joining the ``objective`` section or sections of their own) and
   their checks, a :class:`~megafusion.core.options.Options` (a built-in objective's live in a
@@ -47,6 +50,9 @@ class Objective:
     options = NO_OPTIONS  # its config keys and checks (a built-in one's come from a torch-free companion)
     report_fields: tuple[str, ...] = ()
     extra_modules: tuple[str, ...] = ()
+    # extra module -> the pipeline stage that holds it ("first": with the embedding, "last": with
+    # the output layer), which the planner charges its parameters to
+    module_stages: dict[str, str] = {}
     image_latents = False
 
     def model_class(self, cfg, latent_shape: tuple[int, int, int] | None):
@@ -80,3 +86,13 @@ class Objective:
 
     def accounting_modules(self, cfg, latent_shape: tuple[int, int, int] | None) -> dict:
         return {}
+
+    def latent_shape(self, cfg) -> tuple[int, int, int] | None:
+        """One image latent's ``[C, H, W]`` when the config alone says it; None without latents, or
+        when the autoencoder decides it (a caller then passes the codec's)."""
+        return None
+
+    def activation_bytes_per_image_token(self, cfg, latent_shape, element_bytes: int) -> dict[str, float]:
+        """Bytes its extra modules save for backward per image token, on the ``first`` and the
+        ``last`` pipeline stage (the planner's activation memory; 0 without extra modules)."""
+        return {"first": 0.0, "last": 0.0}

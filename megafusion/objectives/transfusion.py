@@ -159,6 +159,7 @@ class Transfusion(Objective):
     options = OPTIONS
     report_fields = DIFFUSION_FIELDS
     extra_modules = IMAGE_MODULES
+    module_stages = {"image_time_embed": "first", "image_patch_embed": "first", "image_patch_head": "last"}
     image_latents = True
 
     def model_class(self, cfg, latent_shape):
@@ -231,7 +232,7 @@ class Transfusion(Objective):
                 f"latent_shape (the codec's latent_shape, e.g. data.tokenizer.codec.latent_codec"
                 f".latent_shape) to count the image modules"
             )
-        channels, height, width = latent_shape or (3, cfg.data.image_size, cfg.data.image_size)
+        channels, height, width = latent_shape or self.latent_shape(cfg)
         p, unet = o.latent_patch_size, o.patchify == "unet"
         if p < 1 or height % p or width % p:  # before the forward, whose own check speaks of tensor shapes
             raise ValueError(
@@ -259,6 +260,18 @@ class Transfusion(Objective):
             "image_patch_embed": (embed, lambda: embed(latent, temb)),
             "image_patch_head": (head, run_head),
         }
+
+    def latent_shape(self, cfg):
+        """Pixel latents are the image, ``(3, S, S)``; a ``kl`` latent's shape is the autoencoder's."""
+        size = cfg.data.image_size
+        return (3, size, size) if cfg.objective.latent_codec == "pixels" else None
+
+    def activation_bytes_per_image_token(self, cfg, latent_shape, element_bytes):
+        """First stage: the patch ``C p^2`` and the patch embedding's output ``h`` (element bytes)
+        and its index (8); last stage: the head's input ``h``."""
+        channels = (latent_shape or self.latent_shape(cfg) or (3,))[0]
+        h, p = cfg.model.hidden_size, cfg.objective.latent_patch_size
+        return {"first": element_bytes * (channels * p**2 + h) + 8, "last": element_bytes * h}
 
 
 OBJECTIVE = Transfusion()

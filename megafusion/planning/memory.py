@@ -43,13 +43,17 @@ the linear inputs run on the sequence shard):
   (packed documents or images, any backend but flex) the additive float mask ``a b s^2``;
 - MLP: pre-MLP RMSNorm ``4 (2 h_s) + 4 r``, fc1 input ``a h_s``, fc1 output, SiLU output, the
   gated product and the fc2 input ``a 5 f / t``;
-- MoT (``model.arch=mot``; MoMa too): the per-modality gathers and scatters of the grouped linears and
+- a layer with per-modality copies of some part (``LayerCost.copies``: MoT, MoMa) or experts: the
+  per-modality gathers and scatters of the grouped linears and
   norms add ``a (6 h_s + (H d + G d - f) / t) + 5`` (fitted to the saved tensors at h 32 / 64,
   f 64 / 128);
-- first stage, first chunk: token ids ``8``; Transfusion: per image token ``a (C p^2 + 2 h) + 8``
-  (patches, patch-embedding output, head input, index) for the ``image_fraction`` of tokens;
-- last stage, last chunk: final norm ``4 (2 h_s) + 4`` (MoT ``+ a h``), output-layer input
-  ``a h_s``, fp32 logits ``4 (1 + [z-loss]) V / t``, loss ``4 * 3 + 1 + 8``.
+- first stage, first chunk: token ids ``8``; the objective's extra modules, per image token
+  (``Objective.activation_bytes_per_image_token``; Transfusion: ``a (C p^2 + h) + 8``, patches,
+  patch-embedding output and index, ``C`` the latent's channels) for the ``image_fraction`` of
+  tokens;
+- last stage, last chunk: final norm ``4 (2 h_s) + 4`` (per-modality norms ``+ a h``), output-layer
+  input ``a h_s``, fp32 logits ``4 (1 + [z-loss]) V / t``, loss ``4 * 3 + 1 + 8``; the extra
+  modules' per image token (Transfusion: the head's input ``a h``).
 
 Recompute (``train.recompute``, megatron-core's ``recompute_granularity``): ``full`` keeps a
 layer's input ``a h_s`` per token per layer and re-runs one layer in the backward (its
@@ -74,13 +78,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from megafusion.models.registry import get_family
+from megafusion.accounting.params import layer_costs
+from megafusion.models.spec import PARTS
+from megafusion.objectives.registry import get_objective
 
 FP32 = 4
-# Families whose layers route tokens through per-modality modules (MoMa: MoT's attention and norms;
-# its expert FFN is counted as MoT's, one expert per token at the default capacity, checked on one
-# CPU run only: -2% at mixed_small).
-MODALITY_LAYERS = ("mot", "moma")
 
 
 def dtype_bytes(params_dtype: str) -> int:
@@ -111,14 +113,22 @@ def _dims(cfg):
     return m.hidden_size, m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size()
 
 
+def chunk_layers(cfg, rank: Rank, chunk: int) -> range:
+    """The global layer numbers (1-based) of this rank's model chunk, placed as megatron places them
+    (``get_transformer_layer_offset`` without a custom layout: chunk c of stage p holds the
+    ``(c P + p)``-th run of ``L / (P v)`` layers)."""
+    per_chunk = cfg.model.num_layers // (rank.pp * rank.vpp)
+    first = (chunk * rank.pp + rank.pp_rank) * per_chunk + 1
+    return range(first, first + per_chunk)
+
+
 _IMAGE_TENSORS: dict[tuple, dict[str, list[int]]] = {}
 
 
-def _image_module_tensors(cfg, latent_shape) -> dict[str, list[int]]:
-    """Transfusion's image modules: tensor sizes per module, from the real modules on meta
-    (cached: they depend on the objective, the width and the image / latent shape only)."""
-    from megafusion.objectives.registry import get_objective
-
+def _extra_module_tensors(cfg, latent_shape) -> dict[str, list[int]]:
+    """The objective's extra modules (Transfusion's image modules): tensor sizes per module, from
+    the real modules on meta (cached: they depend on the objective, the width and the image / latent
+    shape only)."""
     key = (repr(cfg.objective), cfg.model.hidden_size, cfg.data.image_size, latent_shape)
     if key not in _IMAGE_TENSORS:
         modules = get_objective(cfg.objective.name).accounting_modules(cfg, latent_shape)
@@ -130,44 +140,44 @@ def _image_module_tensors(cfg, latent_shape) -> dict[str, list[int]]:
 
 def chunk_parameters(cfg, rank: Rank, chunk: int, latent_shape=None) -> dict[str, list[int]]:
     """Tensor sizes (elements) of one model chunk on this rank, by buffer: ``dense`` (the model's
-    dtype), ``fp32`` (MoMa's routers) and ``expert`` (MoMa's experts, reduced over expert DP)."""
+    dtype), ``fp32`` (routers) and ``expert`` (experts, reduced over expert DP), layer by layer as
+    the family describes each (``LayerCost``)."""
     h, heads, groups, f = _dims(cfg)
     d = h // heads
-    t, family = rank.tp, get_family(cfg.model.arch)
-    attention, ffn, norms = (family.copies(cfg, part) for part in ("attention", "ffn", "norms"))
-    experts = family.experts(cfg)
-    layers = cfg.model.num_layers // (rank.pp * rank.vpp)
+    t = rank.tp
+    costs = layer_costs(cfg)
     first = rank.pp_rank == 0 and chunk == 0
     last = rank.pp_rank == rank.pp - 1 and chunk == rank.vpp - 1
     vocab = cfg.model.vocab_size
     out = {"dense": [], "fp32": [], "expert": []}
     if first:
         out["dense"].append(vocab // t * h)
-    per_layer = []
-    per_layer += [h] * norms
-    per_layer += [h * heads * d // t, (heads + 2 * groups) * d // t * h] * attention
-    if cfg.model.qk_norm:
-        per_layer += [d, d] * norms
-    per_layer += [h] * norms
-    if experts is None:
-        per_layer += [2 * f // t * h, h * f // t] * ffn
-    else:
-        local = experts.total // rank.ep
-        out["expert"] += [2 * f * h, h * f] * local * layers
-        out["fp32"] += [experts.total * h] * layers
-    out["dense"] += per_layer * layers
-    if last:
+    for layer in chunk_layers(cfg, rank, chunk):
+        cost = costs[layer - 1]
+        attention, ffn, norms = (cost.copies_of(part) for part in PARTS)
         out["dense"] += [h] * norms
+        out["dense"] += [h * heads * d // t, (heads + 2 * groups) * d // t * h] * attention
+        if cfg.model.qk_norm:
+            out["dense"] += [d, d] * norms
+        out["dense"] += [h] * norms
+        if cost.experts:
+            out["expert"] += [2 * f * h, h * f] * (cost.experts // rank.ep)
+        else:
+            out["dense"] += [2 * f // t * h, h * f // t] * ffn
+        if cost.router:
+            out["fp32"].append(cost.router)
+    if last:
+        out["dense"] += [h] * costs[-1].copies_of("norms")
         if not cfg.model.tie_embeddings:
             out["dense"].append(vocab // t * h)
         elif rank.pp > 1:
             out["dense"].append(vocab // t * h)  # the last stage's synced copy of the embedding
-    if cfg.objective.name == "transfusion":
-        tensors = _image_module_tensors(cfg, latent_shape)
-        if first:
-            out["dense"] += tensors.get("image_time_embed", []) + tensors.get("image_patch_embed", [])
-        if last:
-            out["dense"] += tensors.get("image_patch_head", [])
+    objective = get_objective(cfg.objective.name)
+    if objective.extra_modules:
+        tensors = _extra_module_tensors(cfg, latent_shape)
+        for name, stage in objective.module_stages.items():
+            if (first and stage == "first") or (last and stage == "last"):
+                out["dense"] += tensors.get(name, [])
     return out
 
 
@@ -230,11 +240,19 @@ def state_bytes(cfg, rank: Rank, params_dtype: str, latent_shape=None) -> dict[s
 def _has_dense_mask(cfg) -> bool:
     if cfg.model.attention_backend == "flex":
         return False
-    return cfg.data.packs_documents() or cfg.objective.name == "transfusion"
+    # Continuous image latents attend bidirectionally inside their span (Transfusion's mask).
+    return cfg.data.packs_documents() or get_objective(cfg.objective.name).image_latents
 
 
-def layer_activation_bytes(cfg, rank: Rank, params_dtype: str, micro_batch: int | None = None) -> dict[str, float]:
-    """Bytes one transformer layer saves for one microbatch on this rank, by part (no recompute)."""
+def _split_by_modality(cost) -> bool:
+    """Whether a layer runs some part as per-modality copies (grouped linears and norms)."""
+    return any(cost.copies_of(part) > 1 for part in PARTS) or bool(cost.experts)
+
+
+def layer_activation_bytes(
+    cfg, rank: Rank, params_dtype: str, micro_batch: int | None = None, layer: int = 1
+) -> dict[str, float]:
+    """Bytes transformer layer ``layer`` saves for one microbatch on this rank, by part (no recompute)."""
     h, heads, groups, f = _dims(cfg)
     d, s = h // heads, cfg.model.seq_length
     b = micro_batch or cfg.train.micro_batch_size
@@ -255,13 +273,12 @@ def layer_activation_bytes(cfg, rank: Rank, params_dtype: str, micro_batch: int 
         "mask": a * b * s * s if _has_dense_mask(cfg) else 0,
         "mlp": tokens * mlp,
     }
-    if cfg.model.arch in MODALITY_LAYERS:
-        parts["mot"] = tokens * (a * (6 * hs + (heads * d + groups * d - f) / t) + 5)
+    # Per-modality copies: the grouped linears' and norms' gathers and scatters (an expert FFN is
+    # counted as MoT's, one expert per token at the default capacity, checked on one CPU run only:
+    # -2% at mixed_small).
+    if _split_by_modality(layer_costs(cfg)[layer - 1]):
+        parts["by_modality"] = tokens * (a * (6 * hs + (heads * d + groups * d - f) / t) + 5)
     return parts
-
-
-def _image_tokens(cfg, tokens: int, image_fraction: float) -> float:
-    return tokens * image_fraction if cfg.objective.name == "transfusion" else 0
 
 
 def chunk_activation_bytes(
@@ -272,6 +289,7 @@ def chunk_activation_bytes(
     recompute: str = "none",
     image_fraction: float = 0.5,
     micro_batch: int | None = None,
+    latent_shape=None,
 ) -> dict[str, float]:
     """Bytes one chunk saves for one microbatch: ``layers`` (kept through the schedule),
     ``ends`` (embedding / output / loss parts), ``tail`` (of ``ends``: the output layer and loss,
@@ -282,37 +300,36 @@ def chunk_activation_bytes(
     t, a = rank.tp, dtype_bytes(params_dtype)
     sp = rank.sp and t > 1
     hs = h / t if sp else h
-    n_layers = cfg.model.num_layers // (rank.pp * rank.vpp)
-    parts = layer_activation_bytes(cfg, rank, params_dtype, b)
-    one_layer = sum(parts.values())
-    transient = 0.0
-    ends = 0.0
-    if recompute == "full":
-        kept = tokens * a * hs
-        transient = one_layer
-    elif recompute == "selective":
-        kept = one_layer - parts["mask"] - tokens * FP32 * cfg.model.num_attention_heads / t
-    else:
-        kept = one_layer
-    if recompute != "none" and parts["mask"]:
+    kept, transient, ends, mask = 0.0, 0.0, 0.0, 0.0
+    for layer in chunk_layers(cfg, rank, chunk):
+        parts = layer_activation_bytes(cfg, rank, params_dtype, b, layer)
+        one_layer, mask = sum(parts.values()), parts["mask"]
+        if recompute == "full":
+            kept += tokens * a * hs
+            transient = max(transient, one_layer)
+        elif recompute == "selective":
+            kept += one_layer - mask - tokens * FP32 * cfg.model.num_attention_heads / t
+        else:
+            kept += one_layer
+    objective = get_objective(cfg.objective.name)
+    image_tokens = tokens * image_fraction if objective.extra_modules else 0
+    per_image_token = objective.activation_bytes_per_image_token(cfg, latent_shape, a)
+    if recompute != "none" and mask:
         # The checkpointed regions keep their arguments, the boolean mask among them: one tensor
         # for every layer of the chunk, 1 byte per element.
         ends += b * cfg.model.seq_length**2
     if rank.pp_rank == 0 and chunk == 0:
-        ends += 8 * tokens
-        if cfg.objective.name == "transfusion":
-            c_p2 = 3 * cfg.objective.latent_patch_size**2
-            ends += _image_tokens(cfg, tokens, image_fraction) * (a * (c_p2 + h) + 8)
+        ends += 8 * tokens + image_tokens * per_image_token["first"]
     tail = 0.0
     if rank.pp_rank == rank.pp - 1 and chunk == rank.vpp - 1:
         vocab = cfg.model.vocab_size
         z = 1 if cfg.model.z_loss_weight > 0 else 0
-        final_norm = FP32 * 2 * hs + FP32 + (a * h if cfg.model.arch in MODALITY_LAYERS else 0)
+        split_norm = layer_costs(cfg)[-1].copies_of("norms") > 1  # the final norm follows the last layer
+        final_norm = FP32 * 2 * hs + FP32 + (a * h if split_norm else 0)
         tail = tokens * (final_norm + a * hs + FP32 * (1 + z) * vocab / t + FP32 * 3 + 1 + 8)
-        if cfg.objective.name == "transfusion":
-            tail += _image_tokens(cfg, tokens, image_fraction) * a * h
+        tail += image_tokens * per_image_token["last"]
         ends += tail
-    return {"layers": n_layers * kept, "ends": ends, "tail": tail, "transient": transient}
+    return {"layers": kept, "ends": ends, "tail": tail, "transient": transient}
 
 
 def in_flight(rank: Rank, num_microbatches: int) -> list[int]:
@@ -340,13 +357,16 @@ def activation_bytes(
     recompute: str = "none",
     image_fraction: float = 0.5,
     micro_batch: int | None = None,
+    latent_shape=None,
 ) -> float:
     """Peak saved-activation bytes on this rank over the pipeline schedule."""
     total, transient, tail = 0.0, 0.0, 0.0
     # Each chunk's bytes once, times the microbatches in flight on it (the planner calls this for
     # thousands of layouts, some with dozens of microbatches in flight).
     for chunk, count in sorted(Counter(in_flight(rank, num_microbatches)).items()):
-        part = chunk_activation_bytes(cfg, rank, chunk, params_dtype, recompute, image_fraction, micro_batch)
+        part = chunk_activation_bytes(
+            cfg, rank, chunk, params_dtype, recompute, image_fraction, micro_batch, latent_shape
+        )
         total += count * (part["layers"] + part["ends"])
         transient = max(transient, part["transient"])
         tail = max(tail, part["tail"])
@@ -366,6 +386,8 @@ def memory(
 ) -> dict[str, float]:
     """Everything above for one rank: params, grads, optimizer, activations, total (bytes)."""
     out = dict(state_bytes(cfg, rank, params_dtype, latent_shape))
-    out["activations"] = activation_bytes(cfg, rank, params_dtype, num_microbatches, recompute, image_fraction)
+    out["activations"] = activation_bytes(
+        cfg, rank, params_dtype, num_microbatches, recompute, image_fraction, latent_shape=latent_shape
+    )
     out["total"] = sum(out.values())
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from megafusion.accounting.flops import flops_per_token
 from megafusion.core.errors import UsageError
+from megafusion.objectives.registry import get_objective
 from megafusion.planning import memory as mem
 from megafusion.planning.search import layouts
 from megafusion.planning.step_time import bubble_fraction, mean_attended_keys, stage_flops_per_token, step_time
@@ -129,7 +130,7 @@ def plan(
             "params_dtype": params_dtype,
             "efficiency": efficiency,
             "reserve_gb": reserve_gb,
-            "image_fraction": image_fraction if cfg.objective.name == "transfusion" else None,
+            "image_fraction": image_fraction if get_objective(cfg.objective.name).extra_modules else None,
             "mean_attended_keys": mean_attended_keys(cfg),
         },
         "model": {

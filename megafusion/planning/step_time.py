@@ -29,9 +29,11 @@ direction in bytes/s. Nothing overlaps (the trainer runs DDP with ``overlap_grad
 
 from __future__ import annotations
 
-from megafusion.accounting.flops import attention_flops_per_key, dense_flops_per_token
-from megafusion.accounting.params import _matmul_parts
-from megafusion.planning.memory import Rank, dtype_bytes
+from dataclasses import replace
+
+from megafusion.accounting.flops import attention_flops_per_key
+from megafusion.accounting.params import _ffns_met, _matmul_parts, layer_costs
+from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes
 
 
 def mean_attended_keys(cfg) -> float:
@@ -43,15 +45,39 @@ def mean_attended_keys(cfg) -> float:
     return (s / docs + 1) / 2
 
 
+def stage_layers(cfg, rank: Rank, pp_rank: int) -> list[int]:
+    """Global layer numbers held by pipeline stage ``pp_rank`` (every virtual chunk)."""
+    return [layer for chunk in range(rank.vpp) for layer in chunk_layers(cfg, replace(rank, pp_rank=pp_rank), chunk)]
+
+
 def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
-    """Model FLOPs (forward + backward) per token of the heaviest stage, before dividing by TP:
-    ``layers`` (its L / P layers incl. attention), ``output`` (the output layer, last stage)."""
-    per_token = dense_flops_per_token(cfg)
-    output = 3 * 2 * _matmul_parts(cfg)["output"]
-    layers_all = per_token - output + attention_flops_per_key(cfg) * mean_attended_keys(cfg)
-    layers = layers_all / rank.pp
-    attention = attention_flops_per_key(cfg) * mean_attended_keys(cfg) / rank.pp
-    return {"layers": layers, "output": output, "attention": attention}
+    """Model FLOPs (forward + backward) per token of the heaviest pipeline stage, before dividing by
+    TP: ``layers`` (its layers incl. attention, each as its ``LayerCost`` says at the nominal
+    routing), ``output`` (the output layer, on the last stage only), ``attention`` (its layers'
+    attention), ``expert_layers`` (its layers with experts, each an all-to-all over EP)."""
+    parts, costs = _matmul_parts(cfg), layer_costs(cfg)
+    output = 3 * 2 * (parts["output"] + parts["new_rows"])  # LMFusion's output delta sits beside it
+    attention_per_layer = attention_flops_per_key(cfg) * mean_attended_keys(cfg) / cfg.model.num_layers
+
+    def layer_flops(layer: int) -> float:
+        cost = costs[layer - 1]
+        weights = parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, None)
+        return 3 * 2 * weights + attention_per_layer
+
+    stages = []
+    for p in range(rank.pp):
+        layers = stage_layers(cfg, rank, p)
+        total = sum(layer_flops(layer) for layer in layers)
+        stages.append(
+            {
+                "layers": total,
+                "output": output if p == rank.pp - 1 else 0.0,
+                "attention": attention_per_layer * len(layers),
+                "expert_layers": sum(1 for layer in layers if costs[layer - 1].experts),
+                "count": len(layers),
+            }
+        )
+    return max(stages, key=lambda st: (st["layers"] + st["output"], st["output"]))
 
 
 def ring(n: int) -> float:
@@ -90,21 +116,21 @@ def step_time(
         layer_flops *= 4 / 3
     elif recompute == "selective":
         layer_flops += flops["attention"] / 3
-    stage = layer_flops + flops["output"]  # the last stage is the slowest: it adds the output layer
+    stage = layer_flops + flops["output"]
     compute = tokens * stage / t / rate
 
     # Megatron's order tp-cp-ep-dp-pp: TP groups are consecutive ranks, DP strides by TP, PP by TP x DP.
     b_tp = nvlink if t <= per_node else nodes
     b_dp = nvlink if t * D <= per_node else nodes
     b_pp = nvlink if t * D * P <= per_node else nodes
-    layers_here = cfg.model.num_layers // P
+    layers_here = flops["count"]
     collectives = 4 + (2 if recompute == "full" else 0)
     tp_comm = layers_here * collectives * 2 * ring(t) * tokens * h * a / b_tp
     p2p = (2 * v * tokens * h * a / (t if rank.sp else 1) / b_pp) if P > 1 else 0.0
     a2a = 0.0
     if rank.ep > 1:
         b_ep = nvlink if t * rank.ep <= per_node else nodes
-        a2a = layers_here * 4 * ring(rank.ep) * tokens * h * a / b_ep
+        a2a = flops["expert_layers"] * 4 * ring(rank.ep) * tokens * h * a / b_ep
     per_microbatch = compute + tp_comm + p2p + a2a
     bubble = (P - 1) / v * per_microbatch
 

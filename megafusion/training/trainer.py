@@ -26,13 +26,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megafusion import checkpoint as ckpt
 from megafusion.accounting.flops import batch_flops
 from megafusion.accounting.mfu import describe_peak, mfu, peak_tflops
-from megafusion.accounting.params import describe_experts, parameter_counts
+from megafusion.accounting.params import describe_layers, layer_costs, parameter_counts
 from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
 from megafusion.layers.expert_choice_router import routers_of, take_min_margin
-from megafusion.models.registry import get_family
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
@@ -88,8 +87,8 @@ class Trainer:
         self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
         self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned (kept on resume)
         self.last_spike: int | None = None
-        # Expert-choice families: the routers whose smallest selection margin a step reports.
-        self.routers = routers_of(self.model) if get_family(cfg.model.arch).experts(cfg) is not None else None
+        # Layers with a router: the routers whose smallest selection margin a step reports.
+        self.routers = routers_of(self.model) if any(c.router for c in layer_costs(cfg)) else None
 
     def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
@@ -318,9 +317,9 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         f"{f' | recompute {cfg.train.recompute}' if cfg.train.recompute != 'none' else ''} | "
         f"{rt.device.type} / {rt.backend} | {trainer.num_microbatches} microbatches/step"
     )
-    experts = describe_experts(cfg)
-    if experts:
-        log.say(f"[megafusion] moe: {experts}")
+    routing = describe_layers(cfg)
+    if routing:
+        log.say(f"[megafusion] layers: {routing}")
     for line in trainer.data.describe().splitlines():
         log.say(f"[megafusion] data {line}")
     if trainer.peak is None:

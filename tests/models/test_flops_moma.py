@@ -221,7 +221,7 @@ def test_report_shows_total_and_active_parameters():
     text = summary(cfg)
     for key in ("total", "experts", "router", "active"):
         assert f"{counts[key]:,}" in text, key
-    assert "5 experts per layer" in text and "text 3, image 1" in text
+    assert "every layer: 5 experts (text 3, image 2)" in text and "text 3, image 1" in text
     assert "dense matmuls, text" in text and "dense matmuls, image" in text  # the groups' differ
     assert "experts" not in summary(small_cfg("mot")).split("parameters:")[0]
     batch = moma_batch(cfg, "random", 3)
