@@ -72,7 +72,7 @@ def _predict(case: dict, row: dict, world: int) -> dict:
     return mem.memory(cfg, rank, "fp32", row["num_microbatches"], cfg.train.recompute, latent, row["image_fraction"])
 
 
-def _measure(tmp_path, cases: list[dict]) -> dict:
+def _measure(tmp_path, cases: list[dict], env: dict | None = None) -> dict:
     cases_file, out = tmp_path / "cases.json", tmp_path / "measured.json"
     cases_file.write_text(json.dumps([{**c, "config": str(ROOT / c["config"])} for c in cases]))
     cmd = [
@@ -85,7 +85,7 @@ def _measure(tmp_path, cases: list[dict]) -> dict:
         str(out),
         str(cases_file),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -121,4 +121,28 @@ def test_planned_memory_matches_a_real_run(tmp_path):
 def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
     measured = _measure(tmp_path, RECOMPUTE_CASES)
     failures = _compare(RECOMPUTE_CASES, measured)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.torchrun  # ~20 s on 2 cores (4 runs in one launch)
+def test_planned_memory_of_a_plugin_family_and_of_kl_latents_matches_a_real_run(tmp_path, monkeypatch):
+    """A family from outside the package with two kinds of layers (``toy_twin``: its twin layers
+    hold two FFNs, as its ``LayerCost`` says) and Transfusion on ``kl`` latents (4 channels, the
+    autoencoder's shape, not the 3 of pixels): the planner asks the family and the objective."""
+    from tests.helpers import save_tiny_vae
+
+    plugin = {"MEGAFUSION_PLUGINS": "tests.distributed.test_new_family"}
+    monkeypatch.setenv("MEGAFUSION_PLUGINS", plugin["MEGAFUSION_PLUGINS"])
+    save_tiny_vae(tmp_path / "vae")
+    kl = ["objective.latent_codec=kl", f"objective.vae_path={tmp_path / 'vae'}"]
+    twin = ["model.arch=toy_twin", "objective.name=toy_double_lm"]
+    cases = [
+        {"name": "twin_pp2", "config": "tests/configs/parity.yaml", "overrides": twin + LAYOUTS["pp2"]},
+        {"name": "twin_tp2_sp", "config": "tests/configs/parity.yaml", "overrides": twin + LAYOUTS["tp2_sp"]},
+        {"name": "transfusion_kl_pp2", "config": TRANSFUSION, "overrides": kl + LAYOUTS["pp2"]},
+        {"name": "transfusion_kl_tp2", "config": TRANSFUSION, "overrides": kl + LAYOUTS["tp2"]},
+    ]
+    measured = _measure(tmp_path, cases, env=plugin)
+    assert measured["transfusion_kl_pp2"][0]["latent_shape"][0] == 4  # the autoencoder's channels
+    failures = _compare(cases, measured)
     assert not failures, "\n".join(failures)
