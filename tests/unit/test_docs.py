@@ -227,3 +227,13 @@ def test_results_record_repository_paths():
         "bench/results records paths of a machine, not of the repository (record them relative to the "
         "repository; a scratch --out is not part of the result):\n  " + "\n  ".join(problems)
     )
+
+
+def test_recorded_command_names_no_machine_path():
+    from bench.provenance import ROOT as REPO
+    from bench.provenance import recorded_command
+
+    argv = ["--out", "/tmp/x.json", f"logging.out_dir={REPO}/runs/a", "--out=bench/results/x.json", "--steps", "3"]
+    assert recorded_command("bench.x", argv) == (
+        "python -m bench.x logging.out_dir=runs/a --out=bench/results/x.json --steps 3"
+    )
