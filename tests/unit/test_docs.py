@@ -98,8 +98,8 @@ def _tree_block() -> list[str]:
     return section.group(1).splitlines()
 
 
-# An entry: up to 12 spaces, a name ending in "/" or ".py"/".sh"/... , then 2+ spaces or the end.
-_ENTRY = re.compile(r"^( {0,12})([\w.-]+/?)(?: {2,}|$)")
+# An entry: up to 12 spaces of indentation, a name (a folder ends in "/"), then a space or the end.
+_ENTRY = re.compile(r"^( {0,12})([\w.-]+/?)(?: |$)")
 
 
 def tree_entries() -> list[str]:
