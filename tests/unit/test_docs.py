@@ -90,6 +90,32 @@ def test_every_path_named_exists(doc):
     )
 
 
+_TEST_NAMED = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_rel)
+def test_every_test_named_exists(doc):
+    """`tests/x.py::test_name` names a test function defined in that file."""
+    missing = []
+    for path, name in sorted(set(_TEST_NAMED.findall(doc.read_text()))):
+        file = ROOT / path
+        if not file.exists() or not re.search(rf"^\s*(async )?def {name}\(", file.read_text(), re.M):
+            missing.append(f"{path}::{name}" + ("" if file.exists() else f" ({path} does not exist)"))
+    assert not missing, f"{_rel(doc)} names tests that do not exist (fix the name or the path):\n  " + "\n  ".join(
+        missing
+    )
+
+
+def test_readme_keeps_the_two_commands_ci_reads():
+    """`.ci/run` runs the line after "# 2. set up and run the tests"; the main job is the line after "# 1."."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    for header in ("# 1. set up and run the main job", "# 2. set up and run the tests"):
+        at = [i for i, line in enumerate(lines) if line.startswith(header)]
+        assert len(at) == 1, f"README.md must have exactly one line starting with {header!r} (found {len(at)})"
+        command = lines[at[0] + 1] if at[0] + 1 < len(lines) else ""
+        assert command.startswith("python3 -m venv"), f"README.md: the line after {header!r} is not its command"
+
+
 def _tree_block() -> list[str]:
     """The lines of the code block under docs/architecture.md's "## 2." heading."""
     text = ARCHITECTURE.read_text()
