@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything megafusion owes a GPU, in one call (see ../shared/notes/gpu-runbook.md): the fused
+# Everything megafusion owes a GPU, in one call: the fused
 # kernels checked in bf16 against the per-group loop and timed against one dense GEMM
 # (bench.kernels), then one MoT layer and one MoMa layer against dense, with the Triton kernels and
-# with the torch reference (bench.mot_layer / bench.moma_layer, which need megatron-core: run
-# ../shared/tools/gpu-wheels.sh first and carry .whl). Results (JSON + logs) go to $OUT, default
+# with the torch reference (bench.mot_layer / bench.moma_layer, which need megatron-core: wheels
+# in .whl/ are installed first, for a machine without a package index). Results (JSON + logs) go to $OUT, default
 # bench/results/gpu; copy them into bench/results and re-render the tables with --table-only.
 #   bash bench/gpu_suite.sh            # on the GPU machine, from the repository root
 set -euo pipefail
@@ -26,6 +26,6 @@ if python3 -c "import megatron.core" 2> /dev/null; then
   python3 -m bench.moma_layer --ops-backend triton --iters 30 --warmup 10 --out "$OUT/moma_layer_gpu_triton.json" 2>&1 |
     tee "$OUT/moma_layer.log"
 else
-  echo "megatron-core is not importable: layer benchmarks skipped (run ../shared/tools/gpu-wheels.sh, carry .whl)" |
+  echo "megatron-core is not importable: layer benchmarks skipped (put its wheels in .whl/)" |
     tee "$OUT/layers_skipped.txt"
 fi

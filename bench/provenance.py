@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -87,3 +88,27 @@ def repo_relative(value):
         return [repo_relative(v) for v in value]
     prefix = f"{ROOT}{os.sep}"
     return value[len(prefix) :] if isinstance(value, str) and value.startswith(prefix) else value
+
+
+def _outside_repository(path: str) -> bool:
+    return not (ROOT / path).resolve().is_relative_to(ROOT)
+
+
+def recorded_command(module: str, argv: list[str]) -> str:
+    """``python -m <module> ARGS`` as a result records it: paths inside this repository relative to
+    it (``key=PATH`` overrides too), and an ``--out`` outside the repository left out: that is a
+    scratch file, and a result copied from it into ``bench/results`` must not name a path of the
+    machine it ran on."""
+    args, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--out" and i + 1 < len(argv) and _outside_repository(argv[i + 1]):
+            skip = True
+            continue
+        if arg.startswith("--out=") and _outside_repository(arg.removeprefix("--out=")):
+            continue
+        key, eq, value = arg.rpartition("=") if "=" in arg else ("", "", arg)
+        args.append(f"{key}{eq}{repo_relative(value)}")
+    return shlex.join(["python", "-m", module, *args])

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.provenance import ROOT, git_commit, machine, utc_now
+from bench.provenance import ROOT, git_commit, machine, recorded_command, utc_now
 
 DEFAULT_OUT = "bench/results/streaming_memory.json"
 WORK = ROOT / "runs" / "streaming_memory"
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "commit": git_commit(),
                 "machine": machine(),
                 "date_utc": utc_now(),
-                "command": "python -m bench.streaming_memory " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                "command": recorded_command("bench.streaming_memory", argv if argv is not None else sys.argv[1:]),
                 "summary": summary,
             }
         )

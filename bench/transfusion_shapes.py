@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.provenance import ROOT, git_commit, machine
+from bench.provenance import ROOT, git_commit, machine, recorded_command
 
 DEFAULT_CONFIG = "examples/configs/tiny_transfusion.yaml"
 DEFAULT_OUT = "bench/results/transfusion_shapes.json"
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "machine": machine(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": shlex.join(["python", "-m", "bench.transfusion_shapes", *argv]),
+        "command": recorded_command("bench.transfusion_shapes", argv),
         "config": args.config,
         "overrides": overrides,
         "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,

@@ -106,9 +106,11 @@ def test_every_command_has_help_with_a_description_and_examples_that_parse(call,
 
 
 def _readme_commands() -> list[str]:
-    """Every megafusion command of the README's ``bash`` blocks, continuation lines joined, comments dropped."""
+    """Every megafusion command of the ``bash`` blocks of the README and the docs/ pages, continuation
+    lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+    docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    for block in re.findall(r"```bash\n(.*?)```", docs, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             while words:
