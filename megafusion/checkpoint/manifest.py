@@ -147,10 +147,11 @@ def check_compatible(path: Path, manifest: dict, cfg, data_meta: dict | None, we
             f"{cfg.parallel.distributed_optimizer} (the optimizer kind cannot change on resume)"
         )
     if diffs:
+        convert = _conversion(ours.get("arch"), theirs.get("arch"))
         upcycle = (
-            "\nto start MoMa from a MoT or dense checkpoint, convert it first: megafusion convert upcycle "
-            f"--ckpt {path} --output DIR"
-            if ours.get("arch") == "moma" and theirs.get("arch") in ("mot", "dense")
+            f"\nto start model.arch={ours.get('arch')} from a model.arch={theirs.get('arch')} checkpoint, convert it "
+            f"first: {convert.format(ckpt=path)}"
+            if convert
             else ""
         )
         raise CheckpointError(
@@ -182,3 +183,13 @@ def data_position(manifest: dict) -> int:
     continue its data stream (``megafusion convert upcycle --keep-data-order``, MoMa's recipe)."""
     origin = manifest.get("origin") or {}
     return int(origin.get("consumed_samples", 0)) if origin.get("keep_data_order") else 0
+
+
+def _conversion(ours: str | None, theirs: str | None) -> str | None:
+    """The command that converts a checkpoint of family ``theirs`` into family ``ours`` (the family
+    says: ``ModelFamily.conversions``), or None."""
+    from megafusion.core.registries import FAMILIES
+
+    if ours not in FAMILIES.names() or theirs is None:
+        return None
+    return FAMILIES.get(ours).conversions.get(theirs)

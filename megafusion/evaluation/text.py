@@ -51,7 +51,9 @@ to its loss sum on the device as soon as they exist and then dropped, never coll
 
 Output: one JSON object on one line of stdout (printed by one rank): ``checkpoint``, ``step``,
 ``text``, ``tokenizer``, ``tokens`` (predicted tokens counted), ``windows``, ``seq_length``,
-``loss``, ``perplexity``, ``loss_vocab``, ``layout`` (``tp``, ``pp``, ``vpp``, ``dp``). Bad input
+``loss``, ``perplexity``, ``loss_vocab``, ``layout`` (``tp``, ``pp``, ``vpp``, ``dp``),
+``causal_routing`` (the family's: False for expert choice, whose losses here use the training
+routing, which sees the later tokens of each window; ``routing`` then says so). Bad input
 (a missing or empty text file, ids outside the model's vocabulary, a tokenizer that is not
 the checkpoint's, none found) exits with code 2 and a message naming the fix.
 """
@@ -271,6 +273,9 @@ def evaluate_text(job: Plan) -> dict | None:
         return None
     nll, count = total.tolist()
     loss = nll / count
+    from megafusion.models.registry import get_family
+
+    causal = get_family(cfg.model.arch).causal_routing
     return {
         "checkpoint": str(job.path),
         "step": job.step,
@@ -284,4 +289,8 @@ def evaluate_text(job: Plan) -> dict | None:
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "loss_vocab": job.loss_vocab,
         "layout": {"tp": runtime.tp, "pp": runtime.pp, "vpp": runtime.vpp or 1, "dp": runtime.dp},
+        # A family whose routing is not causal (expert choice) is evaluated with its training
+        # routing: each window's tokens are routed knowing the later ones (optimistic for decoding).
+        "causal_routing": causal,
+        **({} if causal else {"routing": "teacher-forced training routing (not causal)"}),
     }

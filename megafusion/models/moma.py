@@ -154,6 +154,7 @@ FAMILY = ModelFamily(
     name="moma",
     layer_spec=moma_layer_spec,
     layer_cost=moma_layer_cost,
+    conversions=dict.fromkeys(("dense", "mot"), "megafusion convert upcycle --ckpt {ckpt} --output DIR"),
     routed=True,
     causal_routing=False,
     manifest_keys=manifest_keys,

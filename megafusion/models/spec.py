@@ -26,6 +26,8 @@ family instead of branching on its name:
 - ``warm_starts``: checkpoint families it can start from with ``checkpoint.init_from`` and how
   (a :class:`WarmStartRule`: which checkpoint tensor each local tensor reads, and what fills the
   tensors the checkpoint does not have);
+- ``conversions``: checkpoint families a ``megafusion convert`` command turns into this one, and
+  the command (``{ckpt}`` is the checkpoint), which a refused resume or warm start suggests;
 - ``options``: its config keys and their checks (:class:`~megafusion.core.options.Options`; a
   built-in family's live in a torch-free companion module, e.g. :mod:`megafusion.models.moma_options`,
   so that validation imports no model).
@@ -120,5 +122,6 @@ class ModelFamily:
     manifest_keys: Callable[[object], dict] = _no_keys
     transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)
+    conversions: Mapping[str, str] = field(default_factory=dict)
     options: Options = NO_OPTIONS
     description: str = ""
