@@ -234,8 +234,9 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     # The text path is the Llama: without the copies a family keeps per modality (MoT: the image
     # copies) and the modules an objective adds (Transfusion: the image modules); the plain LM
     # is built and the checkpoint's other tensors are simply not read.
-    copies = get_family(cfg.model.arch).copies
-    text_half = any(copies(cfg, part) > 1 for part in MOT_PARTS) or bool(
+    family = get_family(cfg.model.arch)
+    costs = [family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1)]
+    text_half = any(cost.copies_of(part) > 1 for cost in costs for part in MOT_PARTS) or bool(
         get_objective(cfg.objective.name).extra_modules
     )
     cfg.objective.name = "lm"

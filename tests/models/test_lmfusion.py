@@ -339,8 +339,8 @@ def test_lmfusion_needs_a_pretrained_model_and_a_fitting_config(tmp_path):
     from megafusion.config import ConfigError, validate
 
     for overrides, words in [
-        (["model.freeze_text=true"], "needs model.arch=mot and model.untie=all"),
-        ([*LMFUSION, "model.untie=ffn"], "needs model.arch=mot and model.untie=all"),
+        (["model.freeze_text=true"], "image copy \\(model.arch=mot with model.untie=all"),
+        ([*LMFUSION, "model.untie=ffn"], "image copy \\(model.arch=mot with model.untie=all"),
         ([*LMFUSION, "data.source=synthetic", "objective.name=lm"], "frozen_vocab_rows"),
     ]:
         with pytest.raises(ConfigError, match=words):
