@@ -78,6 +78,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from megafusion.accounting.params import _dims as model_dims
 from megafusion.accounting.params import layer_costs
 from megafusion.models.spec import PARTS
 from megafusion.objectives.registry import get_objective
@@ -108,9 +109,10 @@ class Rank:
 # Parameters
 
 
-def _dims(cfg):
-    m = cfg.model
-    return m.hidden_size, m.num_attention_heads, m.effective_num_query_groups(), m.effective_ffn_hidden_size()
+def _dims(cfg) -> tuple[int, int, int, int]:
+    """h, H, G, f (:func:`megafusion.accounting.params._dims`, the one reading of the model's shape)."""
+    k = model_dims(cfg)
+    return k["hidden"], k["heads"], k["groups"], k["ffn"]
 
 
 def chunk_layers(cfg, rank: Rank, chunk: int) -> range:
