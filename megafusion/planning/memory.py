@@ -42,7 +42,8 @@ the linear inputs run on the sequence shard):
 - per layer and microbatch: RoPE's cos / sin ``4 * 4 s d`` (fp32), and with a dense mask
   (packed documents or images, any backend but flex) the additive float mask ``a b s^2``;
 - MLP: pre-MLP RMSNorm ``4 (2 h_s) + 4 r``, fc1 input ``a h_s``, fc1 output, SiLU output, the
-  gated product and the fc2 input ``a 5 f / t``;
+  gated product and the fc2 input ``a 5 f / t``; each further FFN a token runs on the same input
+  (``LayerCost.ffn_per_token`` above 1 without per-modality copies) ``a 4 f / t``;
 - a layer with per-modality copies of some part (``LayerCost.copies``: MoT, MoMa) or experts: the
   per-modality gathers and scatters of the grouped linears and
   norms add ``a (6 h_s + (H d + G d - f) / t) + 5`` (fitted to the saved tensors at h 32 / 64,
@@ -79,7 +80,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from megafusion.accounting.params import _dims as model_dims
-from megafusion.accounting.params import layer_costs
+from megafusion.accounting.params import _ffns_met, layer_costs
+from megafusion.core.modality import Modality
 from megafusion.models.spec import PARTS
 from megafusion.objectives.registry import get_objective
 
@@ -247,8 +249,15 @@ def _has_dense_mask(cfg) -> bool:
 
 
 def _split_by_modality(cost) -> bool:
-    """Whether a layer runs some part as per-modality copies (grouped linears and norms)."""
-    return any(cost.copies_of(part) > 1 for part in PARTS) or bool(cost.experts)
+    """Whether a layer runs some part as per-modality copies, a token meeting one of them (grouped
+    linears and norms): attention or norms copies, experts, or more FFN copies than a token runs."""
+    ffn_runs = _ffns_met(cost, None) if len({cost.ffn_per_token(int(m)) for m in Modality}) == 1 else 1
+    return (
+        cost.copies_of("attention") > 1
+        or cost.copies_of("norms") > 1
+        or bool(cost.experts)
+        or cost.copies_of("ffn") > ffn_runs
+    )
 
 
 def layer_activation_bytes(
@@ -268,7 +277,12 @@ def layer_activation_bytes(
         k_input = 0 if a == FP32 else groups * d
         attn += FP32 * (2 * heads * d + groups * d + k_input) / t + FP32 * (heads + groups) / t
     attn += a * (heads + groups) * d / t + a * heads * d / t + FP32 * heads / t
-    mlp = norm + a * hs + a * 5 * f / t
+    cost = layer_costs(cfg)[layer - 1]
+    # A further FFN run on the same input (a layer whose token runs two FFNs) saves its fc1 output
+    # (2f), SiLU output and gated product (f each): 4f, measured (tests/planning/
+    # test_plan_memory_measured.py, the plugin family); experts count as one run per token (below).
+    runs = 1 if cost.experts or _split_by_modality(cost) else _ffns_met(cost, None)
+    mlp = norm + a * hs + a * 5 * f / t + a * 4 * f / t * (runs - 1)
     parts = {
         "attention": tokens * attn,
         "rope": FP32 * 4 * s * d,
@@ -278,7 +292,7 @@ def layer_activation_bytes(
     # Per-modality copies: the grouped linears' and norms' gathers and scatters (an expert FFN is
     # counted as MoT's, one expert per token at the default capacity, checked on one CPU run only:
     # -2% at mixed_small).
-    if _split_by_modality(layer_costs(cfg)[layer - 1]):
+    if _split_by_modality(cost):
         parts["by_modality"] = tokens * (a * (6 * hs + (heads * d + groups * d - f) / t) + 5)
     return parts
 
