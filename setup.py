@@ -6,7 +6,14 @@ setup(
     name="megafusion",
     version="0.1.0",
     description="Megatron-style distributed pretraining for mixed-modal early-fusion models",
-    packages=find_packages(include=["megafusion", "megafusion.*"]),
+    # The Triton kernels' sources sit at the top of the repository (kernels/) and install as
+    # megafusion.kernels. The link megafusion/kernels -> ../kernels serves a source tree on
+    # PYTHONPATH and the import-layer check; package_dir makes the install independent of it.
+    packages=[
+        *find_packages(include=["megafusion", "megafusion.*"], exclude=["megafusion.kernels"]),
+        "megafusion.kernels",
+    ],
+    package_dir={"megafusion.kernels": "kernels"},
     python_requires=">=3.10",
     # GPU users get their own CUDA torch; CI pins the CPU build in requirements-ci.txt.
     install_requires=[
