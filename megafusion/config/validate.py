@@ -19,6 +19,7 @@ from megafusion.core.choices import (
     STOP_SIGNALS,
 )
 from megafusion.core.modality import MODALITY_NAMES
+from megafusion.core.numbers import divisors as _divisors
 from megafusion.core.registries import FAMILIES, OBJECTIVES
 
 from .schema import (
@@ -70,10 +71,6 @@ def _blend_problems(d) -> list[str]:
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _braces(xs) -> str:

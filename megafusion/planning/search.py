@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from megafusion.config import ConfigError, validate
 from megafusion.core.choices import RECOMPUTE_MODES
+from megafusion.core.numbers import divisors
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 
@@ -52,10 +53,6 @@ class Layout:
         )
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def layouts(cfg, world_size: int, gpus_per_node: int = 8, recompute=None, micro_batch_sizes=None) -> list[Layout]:
     """Every layout of ``cfg`` on ``world_size`` GPUs that validates (see the module docstring)."""
     from megafusion.models.registry import get_family
@@ -65,12 +62,12 @@ def layouts(cfg, world_size: int, gpus_per_node: int = 8, recompute=None, micro_
     modes = tuple(recompute or RECOMPUTE_MODES)
     sizes = tuple(micro_batch_sizes or MICRO_BATCH_SIZES)
     found = []
-    for tp, pp in itertools.product(_divisors(world_size), _divisors(world_size)):
+    for tp, pp in itertools.product(divisors(world_size), divisors(world_size)):
         if tp > gpus_per_node or world_size % (tp * pp) or layers % pp:
             continue
         dp = world_size // (tp * pp)
-        vpps = [1] + ([v for v in _divisors(layers // pp) if v > 1] if pp > 1 else [])
-        eps = [e for e in _divisors(experts.total) if (tp * dp) % e == 0] if experts is not None else [1]
+        vpps = [1] + ([v for v in divisors(layers // pp) if v > 1] if pp > 1 else [])
+        eps = [e for e in divisors(experts.total) if (tp * dp) % e == 0] if experts is not None else [1]
         for sp, vpp, ep, dist_opt, mode, mbs in itertools.product(
             (False, True) if tp > 1 else (False,), vpps, eps, (False, True) if dp > 1 else (False,), modes, sizes
         ):
