@@ -30,7 +30,10 @@ setup(
         "wandb",  # offline by default; logging.wandb=false switches it off
         "diffusers>=0.30",  # VQ / KL image autoencoders and noise schedulers, loaded from local paths
         "safetensors",
-        "matplotlib",  # experiment plots in bench/results
+        # data.tokenizer / --tokenizer may name a Hugging Face tokenizer.json, which
+        # megafusion/data/tokenizers/hf.py reads with `tokenizers` itself (transformers, in the hf
+        # extra, depends on it too, but reading a tokenizer needs no transformers); tested with 0.23.
+        "tokenizers>=0.22",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
@@ -40,8 +43,18 @@ setup(
         # builds of torch already depend on a matching Triton: this extra is for CPU test machines.
         "triton": ["triton>=3.2"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "import-linter==2.17", "grimp==3.20"],
+        # the plots of the experiments (examples/experiments) and of their reports in bench/results
+        "plots": ["matplotlib"],
+        # the experiment tests draw their plots too
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "matplotlib",
+            "ruff==0.17.6",
+            "import-linter==2.17",
+            "grimp==3.20",
+        ],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )
