@@ -6,7 +6,14 @@ setup(
     name="megafusion",
     version="0.1.0",
     description="Megatron-style distributed pretraining for mixed-modal early-fusion models",
-    packages=find_packages(include=["megafusion", "megafusion.*"]),
+    # The Triton kernels' sources sit at the top of the repository (kernels/) and install as
+    # megafusion.kernels. The link megafusion/kernels -> ../kernels serves a source tree on
+    # PYTHONPATH and the import-layer check; package_dir makes the install independent of it.
+    packages=[
+        *find_packages(include=["megafusion", "megafusion.*"], exclude=["megafusion.kernels"]),
+        "megafusion.kernels",
+    ],
+    package_dir={"megafusion.kernels": "kernels"},
     python_requires=">=3.10",
     # GPU users get their own CUDA torch; CI pins the CPU build in requirements-ci.txt.
     install_requires=[
@@ -23,7 +30,10 @@ setup(
         "wandb",  # offline by default; logging.wandb=false switches it off
         "diffusers>=0.30",  # VQ / KL image autoencoders and noise schedulers, loaded from local paths
         "safetensors",
-        "matplotlib",  # experiment plots in bench/results
+        # data.tokenizer / --tokenizer may name a Hugging Face tokenizer.json, which
+        # megafusion/data/tokenizers/hf.py reads with `tokenizers` itself (transformers, in the hf
+        # extra, depends on it too, but reading a tokenizer needs no transformers); tested with 0.23.
+        "tokenizers>=0.22",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
@@ -33,8 +43,18 @@ setup(
         # builds of torch already depend on a matching Triton: this extra is for CPU test machines.
         "triton": ["triton>=3.2"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "import-linter==2.17", "grimp==3.20"],
+        # the plots of the experiments (examples/experiments) and of their reports in bench/results
+        "plots": ["matplotlib"],
+        # the experiment tests draw their plots too
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "matplotlib",
+            "ruff==0.17.6",
+            "import-linter==2.17",
+            "grimp==3.20",
+        ],
     },
     entry_points={"console_scripts": ["megafusion=megafusion.commands.main:main"]},
 )

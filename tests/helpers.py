@@ -13,12 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(script: Path, *args: str, timeout: int = 120, one_thread: bool = False) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` in the repository root, as a user runs an experiment; output captured.
+def run_module(module: str, *args: str, timeout: int = 120, one_thread: bool = False) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in the repository root, as a user runs an experiment; output captured.
     ``one_thread``: torch on one thread (runs that launch several processes share 2 cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
     return subprocess.run(
-        [sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -3,7 +3,6 @@ with known answers, the FLOPs-budget rule, and one tiny end-to-end run of run.py
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,22 +11,12 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, run_script
+from examples.experiments.lmfusion import analyze
+from tests.helpers import ROOT, run_module
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
-HERE = ROOT / "examples" / "experiments" / "lmfusion"
-
-
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-analyze = _load("lmfusion_analyze", "analyze.py")
+RUN = "examples.experiments.lmfusion.run"
 
 
 def write_run(run_dir, steps: int, step_flops: float, losses, eval_every: int = 20, step_time: float = 0.1):
@@ -71,7 +60,7 @@ def runs(tmp_path):
     write_run(out / "text_lm", 10, 5e8, lambda s: {"val/loss": 0.8, "val/loss/text": 0.8}, eval_every=5)
     ev = lambda loss: {"loss": loss, "perplexity": math.exp(loss), "tokens": 100}  # noqa: E731
     info = {
-        "command": "python examples/experiments/lmfusion/run.py",
+        "command": "python -m examples.experiments.lmfusion.run",
         "commit": "abc1234",
         "machine": "test",
         "date_utc": "2026-01-01T00:00:00Z",
@@ -137,7 +126,10 @@ def test_analysis_on_known_curves(runs, tmp_path):
 
 
 def test_missing_and_appended_metrics_are_explained(runs, tmp_path):
-    with pytest.raises(analyze.AnalysisError, match=r"nowhere/lmfusion/metrics.jsonl does not exist.*run.py"):
+    with pytest.raises(
+        analyze.AnalysisError,
+        match=r"nowhere/lmfusion/metrics.jsonl does not exist.*-m examples.experiments.lmfusion.run",
+    ):
         analyze.analyze_runs(tmp_path / "nowhere")
     path = runs / "mot_scratch" / "metrics.jsonl"
     path.write_text(path.read_text() * 2)
@@ -156,11 +148,9 @@ def test_crossing_helpers():
     assert row["reached"] and row["at_first_point"] and row["fraction_of_other_flops"] == 0.25
 
 
-def test_budget_rule_and_model_section(tmp_path, monkeypatch):
-    # run.py does `import analyze` (its folder is on sys.path as a script); both experiments have an
-    # analyze.py, so hand it this folder's module by name rather than through sys.path and a cache.
-    monkeypatch.setitem(sys.modules, "analyze", analyze)
-    run = _load("lmfusion_run", "run.py")
+def test_budget_rule_and_model_section(tmp_path):
+    from examples.experiments.lmfusion import run  # sets OMP_NUM_THREADS if unset, as a run would
+
     # MoT costs 1.2x per step: 8 steps (96) fit in LMFusion's 100, 9 (108) do not.
     budget = run.mot_steps_for_budget([10.0] * 10, [12.0, 12.0])
     assert budget["mot_steps"] == 8 and budget["mot_predicted_flops_total"] == pytest.approx(96.0)
@@ -184,7 +174,7 @@ def test_run_py_quick_end_to_end(tmp_path):
     the MoT pilot and the MoT from scratch at the same FLOPs, four eval --text, the report."""
     out, results = tmp_path / "runs", tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "--quick", "--out-dir", str(out), "--results", str(results)],
+        [sys.executable, "-m", RUN, "--quick", "--out-dir", str(out), "--results", str(results)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -238,7 +228,7 @@ def test_run_py_quick_end_to_end(tmp_path):
     assert "initialised from" in log and "vocabulary grown from" in log and "dense -> MoT" in log
     assert (results / "lmfusion.md").read_text().startswith("# LMFusion vs MoT from scratch")
     assert (results / "lmfusion.png").is_file()
-    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
+    again = run_module(RUN, "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "lmfusion.json").read_text())["date_utc"] == result["date_utc"]
 

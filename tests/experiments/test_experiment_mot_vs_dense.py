@@ -4,7 +4,6 @@ tiny end-to-end run of run.py in each."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,15 +12,14 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, run_script
+from examples.experiments.harness import fmt_pct
+from examples.experiments.mot_vs_dense import analyze, run
+from tests.helpers import ROOT, run_module
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
 HERE = ROOT / "examples" / "experiments" / "mot_vs_dense"
-_spec = importlib.util.spec_from_file_location("mot_vs_dense_analyze", HERE / "analyze.py")
-analyze = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = analyze  # dataclasses look their module up there (importlib's recipe)
-_spec.loader.exec_module(analyze)
+RUN = "examples.experiments.mot_vs_dense.run"
 
 STEPS, EVAL_EVERY, STEP_FLOPS = 100, 20, 1e9
 
@@ -103,7 +101,7 @@ def write_run_info(out_dir, config: str):
         f"logging.out_dir={out_dir / arch}",
     ]
     info = {
-        "command": "python examples/experiments/mot_vs_dense/run.py",
+        "command": "python -m examples.experiments.mot_vs_dense.run",
         "commit": "abc1234",
         "machine": "test",
         "date_utc": "2026-01-01T00:00:00Z",
@@ -151,11 +149,14 @@ def test_ema_and_crossing_helpers():
         {"flops": [1.0, 2.0], "wall_s": [2.0, 4.0], "step": [1, 2], **dict.fromkeys(analyze.MODALITIES, [1.5, 1.0])},
     )
     assert early["text"]["at_first_point"] and early["text"]["flops_fraction"] == 0.5  # an upper bound
-    assert analyze._pct(0.5, upper_bound=True) == "<= 50.0%"
+    assert fmt_pct(0.5, upper_bound=True) == "<= 50.0%"
 
 
 def test_missing_and_appended_metrics_are_explained(tmp_path, runs):
-    with pytest.raises(analyze.AnalysisError, match=r"nowhere/dense/metrics.jsonl does not exist.*run.py"):
+    with pytest.raises(
+        analyze.AnalysisError,
+        match=r"nowhere/dense/metrics.jsonl does not exist.*-m examples.experiments.mot_vs_dense.run",
+    ):
         analyze.analyze_runs(tmp_path / "nowhere")
     path = runs / "mot" / "metrics.jsonl"
     path.write_text(path.read_text() * 2)  # a second run appended to the same file
@@ -230,14 +231,8 @@ def test_setting_unknown_from_metrics_is_explained(tmp_path):
         analyze.analyze_runs(tmp_path / "runs")
 
 
-def test_run_py_setting_and_config_must_agree(monkeypatch):
+def test_run_py_setting_and_config_must_agree():
     """--setting picks the setting's config; a --config of the other setting is refused (before any training)."""
-    # run.py does `import analyze` (its folder is on sys.path as a script); both experiments have an
-    # analyze.py, so hand it this folder's module by name rather than through sys.path and a cache.
-    monkeypatch.setitem(sys.modules, "analyze", analyze)
-    spec = importlib.util.spec_from_file_location("mot_vs_dense_run", HERE / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
     assert run.choose_setting("transfusion", None, []) == ("transfusion", HERE / "config_transfusion.yaml")
     assert run.choose_setting(None, str(HERE / "config_transfusion.yaml"), [])[0] == "transfusion"
     assert run.choose_setting(None, str(HERE / "config.yaml"), ["objective.name=transfusion"])[0] == "transfusion"
@@ -245,7 +240,7 @@ def test_run_py_setting_and_config_must_agree(monkeypatch):
     with pytest.raises(ValueError, match=r"--setting lm, but .*config_transfusion.yaml.* objective.name=transfusion"):
         run.choose_setting("lm", str(HERE / "config_transfusion.yaml"), [])
     refused = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "--setting", "lm", "--config", str(HERE / "config_transfusion.yaml")],
+        [sys.executable, "-m", RUN, "--setting", "lm", "--config", str(HERE / "config_transfusion.yaml")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -276,7 +271,7 @@ def test_run_py_end_to_end_tiny(tmp_path):
         "eval.batches=1",
     ]
     proc = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "--steps", "3", "--out-dir", str(out), "--results", str(results), *tiny],
+        [sys.executable, "-m", RUN, "--steps", "3", "--out-dir", str(out), "--results", str(results), *tiny],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -293,11 +288,11 @@ def test_run_py_end_to_end_tiny(tmp_path):
     assert set(result["train_commands"]) == {"dense", "mot"} and "model.arch=mot" in result["train_commands"]["mot"]
     assert (results / "mot_vs_dense.md").is_file() and (results / "mot_vs_dense.png").is_file()
     # Analysis alone reuses the runs; a reserved override is refused.
-    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
+    again = run_module(RUN, "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "mot_vs_dense.json").is_file()
     refused = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "model.arch=mot"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", RUN, "model.arch=mot"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 2 and "model.arch" in refused.stderr
 
@@ -322,8 +317,8 @@ def test_run_py_end_to_end_tiny_transfusion(tmp_path):
         "eval.interval=2",
         "eval.batches=1",
     ]
-    proc = run_script(
-        HERE / "run.py",
+    proc = run_module(
+        RUN,
         "--config",
         str(HERE / "config_transfusion.yaml"),
         "--steps",

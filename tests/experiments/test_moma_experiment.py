@@ -4,30 +4,17 @@ to end into temporary folders."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, run_script
+from examples.experiments.moma import analyze
+from tests.helpers import run_module
 
 pytestmark = pytest.mark.slow  # experiments and benchmarks end to end
 
-HERE = ROOT / "examples" / "experiments" / "moma"
-
-
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there (importlib's recipe)
-    spec.loader.exec_module(module)
-    return module
-
-
-analyze = _load("moma_analyze", "analyze.py")
+RUN = "examples.experiments.moma.run"
 
 STEPS, EVAL_EVERY, STEP_FLOPS = 100, 20, 1e9
 UPCYCLE_AT = 40
@@ -77,7 +64,7 @@ def runs(tmp_path):
     own = lambda m, step: {"text": 2.0, "overall": 2.5, "image": 4.0 - 0.05 * step}[m]  # noqa: E731
     write_run(out / analyze.UPCYCLED, own, step_time=0.25, steps=STEPS - UPCYCLE_AT, step_flops=2e9)
     info = {
-        "command": "python examples/experiments/moma/run.py",
+        "command": "python -m examples.experiments.moma.run",
         "commit": "abc1234",
         "machine": "test",
         "date_utc": "2026-01-01T00:00:00Z",
@@ -135,7 +122,7 @@ def test_fractions_and_step_times_on_known_curves(runs, tmp_path):
     base = tmp_path / "results" / "moma"
     saved = json.loads(base.with_suffix(".json").read_text())
     assert saved["commit"] == "abc1234" and saved["machine"] == "test" and saved["date_utc"].endswith("Z")
-    assert saved["command"] == "python examples/experiments/moma/run.py"
+    assert saved["command"] == "python -m examples.experiments.moma.run"
     assert saved["validation"]["mot"]["text"]["flops_fraction"] == pytest.approx(0.5)
     table = base.with_suffix(".md").read_text()
     assert table.startswith("# MoMa vs MoT vs dense at equal active FLOPs")
@@ -157,7 +144,9 @@ def test_without_the_upcycled_run(runs, tmp_path):
 
 
 def test_missing_runs_and_bad_stitching_are_explained(runs, tmp_path):
-    with pytest.raises(analyze.AnalysisError, match=r"nowhere/dense/metrics.jsonl does not exist.*moma/run.py"):
+    with pytest.raises(
+        analyze.AnalysisError, match=r"nowhere/dense/metrics.jsonl does not exist.*-m examples.experiments.moma.run"
+    ):
         analyze.analyze_runs(tmp_path / "nowhere")
     info = json.loads((runs / "run_info.json").read_text())
     info["upcycle"]["step"] = 500  # beyond MoT's steps
@@ -166,11 +155,9 @@ def test_missing_runs_and_bad_stitching_are_explained(runs, tmp_path):
         analyze.analyze_runs(runs)
 
 
-def test_run_py_plan(monkeypatch):
-    # run.py does `import analyze` (its folder is on sys.path as a script); other experiments have an
-    # analyze.py too, so hand it this folder's module by name rather than through sys.path and a cache.
-    monkeypatch.setitem(sys.modules, "analyze", analyze)
-    run = _load("moma_run", "run.py")
+def test_run_py_plan():
+    from examples.experiments.moma import run  # sets OMP_NUM_THREADS if unset, as a run would
+
     assert run.default_upcycle_step(400, 25) == 100 and run.default_upcycle_step(6, 2) == 2
     assert run.default_upcycle_step(10, 0) == 2  # no evaluations between: a quarter
     assert run.experts_value("moma_4t4i") == "{text: 4, image: 4}"
@@ -180,31 +167,20 @@ def test_run_py_plan(monkeypatch):
         "--config",
         "c.yaml",
     ]
-    refused = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "--quick", "moe.experts={mixed: 8}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = run_module(RUN, "--quick", "moe.experts={mixed: 8}", timeout=60)
     assert refused.returncode == 2 and "moe.experts" in refused.stderr
-    refused = subprocess.run(
-        [sys.executable, str(HERE / "run.py"), "--quick", "--no-upcycle", "--upcycle-step", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = run_module(RUN, "--quick", "--no-upcycle", "--upcycle-step", "2", timeout=60)
     assert refused.returncode == 2 and "--no-upcycle" in refused.stderr
 
 
-def test_run_py_quick_end_to_end(tmp_path, monkeypatch):
+def test_run_py_quick_end_to_end(tmp_path):
     """run.py --quick: the five tiny runs (and the upcycled one where `convert upcycle` exists) and the report."""
-    monkeypatch.setitem(sys.modules, "analyze", analyze)
-    upcycle = _load("moma_run", "run.py").upcycle_unavailable() is None
+    from examples.experiments.moma import run
+
+    upcycle = run.upcycle_unavailable() is None
     out, results = tmp_path / "runs", tmp_path / "results"
-    proc = run_script(
-        HERE / "run.py",
+    proc = run_module(
+        RUN,
         "--quick",
         "--out-dir",
         str(out),
@@ -219,7 +195,7 @@ def test_run_py_quick_end_to_end(tmp_path, monkeypatch):
     names = [*analyze.RUNS, *([analyze.UPCYCLED] if upcycle else [])]
     assert list(result["runs"]) == names
     assert result["quick"] and result["commit"] and result["machine"] and result["date_utc"].endswith("Z")
-    assert result["command"].startswith("python examples/experiments/moma/run.py --quick")
+    assert result["command"].startswith("python -m examples.experiments.moma.run --quick")
     steps = {n: r["steps"] for n, r in result["runs"].items()}
     assert set(steps.values()) == {6}, steps  # the upcycled run too: MoT's steps, then its own
     for name in names:
@@ -250,6 +226,6 @@ def test_run_py_quick_end_to_end(tmp_path, monkeypatch):
     assert (results / "moma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The analysis alone reuses the runs and their provenance.
-    again = run_script(HERE / "run.py", "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "a"))
+    again = run_module(RUN, "--analyze-only", "--out-dir", str(out), "--results", str(tmp_path / "a"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "a" / "moma.json").read_text())["date_utc"] == result["date_utc"]

@@ -1,7 +1,8 @@
 """Analyse the LMFusion experiment: LMFusion vs the same MoT trained from scratch on the same
 mixed-modal data and training FLOPs; image validation loss vs FLOPs; text loss before / after.
 
-``python examples/experiments/lmfusion/analyze.py [--out-dir runs/lmfusion] [--results bench/results]``
+``python -m examples.experiments.lmfusion.analyze [--out-dir runs/lmfusion] [--results bench/results]`` (from
+the repository root)
 
 Reads what ``run.py`` leaves in ``--out-dir``:
 
@@ -31,18 +32,17 @@ Writes ``lmfusion.json`` (every number and the curves), ``lmfusion.md`` (the tab
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
-from megafusion.evaluation.curves import first_crossing, read_metrics, value_at  # noqa: E402
+from bench.provenance import recorded_or_now
+from examples.experiments import harness
+from examples.experiments.harness import AnalysisError, finish, fmt_loss, provenance_lines
+from megafusion.evaluation.curves import first_crossing, read_metrics, value_at
 
 RESULT_NAME = "lmfusion"
-RUN_COMMAND = "python examples/experiments/lmfusion/run.py"
+RUN_COMMAND = "python -m examples.experiments.lmfusion.run"
 MIXED_RUNS = ("lmfusion", "mot_scratch")  # the two mixed-modal runs compared
 TEXT_RUN = "text_lm"  # the text-only pretraining
 LABELS = {
@@ -69,19 +69,9 @@ def versions() -> dict:
     }
 
 
-class AnalysisError(RuntimeError):
-    """The runs are missing or unusable; the message says which file and what to do."""
-
-
 # --------------------------------------------------------------------------- reading
 def read_run_info(out_dir: Path) -> dict:
-    path = out_dir / "run_info.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AnalysisError(f"{path} is not JSON ({err}): rerun `{RUN_COMMAND}`") from None
+    return harness.read_run_info(out_dir, f"rerun `{RUN_COMMAND}`")
 
 
 def load_run(run_dir: Path) -> dict:
@@ -250,10 +240,6 @@ def analyze_runs(out_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- writing
-def _loss(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
 def _params(p) -> str:
     if not p:
         return "n/a"
@@ -286,10 +272,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# LMFusion vs MoT from scratch (built-in captioned shapes, Transfusion objective)",
         "",
-        f"- commit: `{result['commit']}`",
-        f"- machine: {result['machine']}",
-        f"- date (UTC): {result['date_utc']}",
-        f"- command: `{result['command']}`",
+        *provenance_lines(result),
     ]
     v = result.get("versions") or {}
     if v:
@@ -325,14 +308,14 @@ def markdown(result: dict) -> str:
     if t:
         lines.append(
             f"| {LABELS['text_lm']}, text-only data | {t['steps']} | {t['flops_total']:.4g} | - | "
-            f"{_loss(t['final_text'])} (its own held-out text documents) | {t['step_wall_s']:.0f} s | "
+            f"{fmt_loss(t['final_text'])} (its own held-out text documents) | {t['step_wall_s']:.0f} s | "
             f"{_secs(t['process_wall_s'])} | {_params(t['parameters'])} |"
         )
     for name in MIXED_RUNS:
         x = r[name]
         lines.append(
-            f"| {LABELS[name]} | {x['steps']} | {x['flops_total']:.4g} | {_loss(x['final_image'])} | "
-            f"{_loss(x['final_text'])} | {x['step_wall_s']:.0f} s (median step {x['median_step_s']:.2f} s) | "
+            f"| {LABELS[name]} | {x['steps']} | {x['flops_total']:.4g} | {fmt_loss(x['final_image'])} | "
+            f"{fmt_loss(x['final_text'])} | {x['step_wall_s']:.0f} s (median step {x['median_step_s']:.2f} s) | "
             f"{_secs(x['process_wall_s'])} | {_params(x['parameters'])} |"
         )
     pre = t["flops_total"] if t else None
@@ -396,11 +379,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Image (diffusion) and text validation loss vs training FLOPs, LMFusion and MoT from scratch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     curves = result["curves"]
     colours = {"lmfusion": "tab:green", "mot_scratch": "tab:orange"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
@@ -454,11 +433,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
         "steps": info.get("steps", []),
         **analysed,
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    base = results_dir / RESULT_NAME
-    base.with_suffix(".json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
-    base.with_suffix(".md").write_text(markdown(result))
-    plot(result, base.with_suffix(".png"))
+    harness.write_report(result, results_dir / RESULT_NAME, markdown, plot)
     return result
 
 
@@ -469,14 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         "--results", default="bench/results", help="where lmfusion.{json,md,png} go (default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    try:
-        result = write_results(Path(args.out_dir), Path(args.results))
-    except AnalysisError as err:
-        print(f"analyze: {err}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    print(f"wrote {Path(args.results) / RESULT_NAME}.json, .md, .png")
-    return 0
+    results = Path(args.results)
+    return finish(
+        "[lmfusion]", lambda: write_results(Path(args.out_dir), results), markdown, lambda _: results / RESULT_NAME
+    )
 
 
 if __name__ == "__main__":

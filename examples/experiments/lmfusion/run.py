@@ -1,10 +1,11 @@
 """LMFusion from a pretrained text model vs the same MoT from scratch, at equal training FLOPs.
 
-``python examples/experiments/lmfusion/run.py [--out-dir runs/lmfusion] [--results bench/results]
-[--quick] [--analyze-only] [--launcher subprocess|inprocess] [--text-steps N] [--steps N]``
+``python -m examples.experiments.lmfusion.run [--out-dir runs/lmfusion] [--results bench/results]
+[--quick] [--analyze-only] [--launcher subprocess|inprocess] [--text-steps N] [--steps N]`` (from the
+repository root)
 
 One step after the other (never side by side: wall clocks are recorded), every megafusion step
-being the ``megafusion`` command shown (run as ``python -m megafusion.cli ...``):
+being the ``megafusion`` command shown (run as ``python -m megafusion.commands.main ...``):
 
 1. text data: the captions of the built-in shapes (shapes seed ``TEXT_SEED``), grouped into
    text-only documents of 1 to N captions (one caption per line), written to a JSONL shard; a
@@ -38,26 +39,28 @@ process per step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (in-process steps, machine())
 
-import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
-
-from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
-from bench.tee import Tee  # noqa: E402
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402
+from examples.experiments.harness import (  # noqa: E402
+    finish,
+    recorded_command,
+    run_inprocess,
+    run_logged,
+    shown,
+    shown_arg,
+)
+from examples.experiments.lmfusion import analyze  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROOT = analyze.ROOT
 TEXT_CONFIG, MIXED_CONFIG = HERE / "config_text.yaml", HERE / "config_mixed.yaml"
 TEXT_SEED, HELDOUT_SEED = 1001, 2002  # shapes seeds of the text data; the mixed-modal set uses train.seed (1234)
 CAPTION_IMAGE_SIZE = 12  # the captions do not depend on it; the smallest size renders fastest
@@ -120,20 +123,6 @@ OUTPUTS = (
 )
 
 
-def _shown(path) -> str:
-    """A path relative to the repository root where it lies inside it (shorter commands)."""
-    path = Path(os.path.abspath(path))
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def _shown_arg(arg: str) -> str:
-    """A command-line argument with its path (alone, or the value of key=PATH) shortened by _shown."""
-    key, sep, value = arg.partition("=")
-    if sep and os.path.isabs(value):
-        return f"{key}={_shown(value)}"
-    return _shown(arg) if os.path.isabs(arg) else arg
-
-
 class StepFailed(RuntimeError):
     pass
 
@@ -164,7 +153,7 @@ class Runner:
                 "name": name,
                 "command": command,
                 "seconds": seconds,
-                "log": _shown(log) if log else None,
+                "log": shown(log) if log else None,
                 "load_avg_1min": [load, _load()] if load is not None else None,
             }
         )
@@ -173,59 +162,23 @@ class Runner:
     def megafusion(self, name: str, args: list[str]) -> str:
         """Run ``megafusion <args>``; return its output (stdout and stderr)."""
         args = [str(a) for a in args]
-        shown = "megafusion " + shlex.join(_shown_arg(a) for a in args)
+        shown = "megafusion " + shlex.join(shown_arg(a) for a in args)
         log_path = self.out_dir / "logs" / f"{name}.log"
         print(f"[lmfusion] {name}: {shown}", flush=True)
         load, start = _load(), time.perf_counter()
         with open(log_path, "w", encoding="utf-8") as log:
             if self.launcher == "subprocess":
-                rc, output = self._subprocess(args, log)
+                cmd = [sys.executable, "-m", "megafusion.commands.main", *args]
+                env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                rc, output = run_logged(cmd, log, env)
             else:
-                rc, output = self._inprocess(args, log)
+                rc, output = run_inprocess(args, log)
         seconds = time.perf_counter() - start
         if rc != 0:
-            raise StepFailed(f"step {name} failed (exit code {rc}); its output is in {_shown(log_path)}")
+            raise StepFailed(f"step {name} failed (exit code {rc}); its output is in {shown(log_path)}")
         print(f"[lmfusion] {name} took {seconds:.1f} s", flush=True)
         self.record(name, shown, seconds, log_path, load)
         return output
-
-    def _subprocess(self, args: list[str], log) -> tuple[int, str]:
-        cmd = [sys.executable, "-m", "megafusion.commands.main", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        lines = []
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-                lines.append(line)
-        except BaseException:  # e.g. Ctrl-C: do not leave the step running
-            proc.terminate()
-            proc.wait()
-            raise
-        return proc.wait(), "".join(lines)
-
-    def _inprocess(self, args: list[str], log) -> tuple[int, str]:
-        from io import StringIO
-
-        from megafusion.commands.main import main as cli_main
-
-        captured = StringIO()
-        tee = Tee(sys.__stdout__, log, captured)
-        cwd = os.getcwd()
-        os.chdir(ROOT)  # as the subprocess launcher: relative paths are from the repository root
-        try:
-            with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
-                try:
-                    rc = cli_main(args)
-                except SystemExit as exit_:
-                    rc = exit_.code if isinstance(exit_.code, int) else 1
-                except Exception:  # noqa: BLE001 -- reported like a failed process
-                    traceback.print_exc()
-                    rc = 1
-        finally:
-            os.chdir(cwd)
-        return int(rc or 0), captured.getvalue()
 
 
 # --------------------------------------------------------------------------- the steps
@@ -360,7 +313,7 @@ def run_experiment(out_dir: Path, scale: dict, launcher: str, info: dict) -> Non
     runner.record(
         "text_data",
         f"(run.py) {scale['text_captions']} captions of shapes seed {TEXT_SEED} -> "
-        f"{_shown(shard)}; {scale['heldout_captions']} of seed {HELDOUT_SEED} -> {_shown(heldout)}",
+        f"{shown(shard)}; {scale['heldout_captions']} of seed {HELDOUT_SEED} -> {shown(heldout)}",
         time.perf_counter() - start,
         None,
     )
@@ -371,7 +324,7 @@ def run_experiment(out_dir: Path, scale: dict, launcher: str, info: dict) -> Non
     runner.megafusion("data_prepare", ["data", "prepare", "--input", shard, "--tokenizer", sp, "--output", text_prefix])
     meta = json.loads(Path(f"{text_prefix}.meta.json").read_text())
     n_text = int(meta["tokenizer"]["n_text"])
-    info["settings"].update(n_text=n_text, text_tokens=meta["tokens"]["text"], tokenizer=_shown(sp))
+    info["settings"].update(n_text=n_text, text_tokens=meta["tokens"]["text"], tokenizer=shown(sp))
     runner.save_info()
 
     # 2. the text-only pretraining
@@ -539,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean(out_dir)
         info = {
-            "command": shlex.join(["python", _shown(__file__), *argv]),
+            "command": recorded_command(analyze.RUN_COMMAND, argv),
             "commit": git_commit(),
             "machine": machine(),
             "versions": analyze.versions(),
@@ -557,14 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[lmfusion] {err}", file=sys.stderr)
             return 1
         print(f"[lmfusion] all steps took {info['total_seconds']:.0f} s", flush=True)
-    try:
-        result = analyze.write_results(out_dir, results)
-    except analyze.AnalysisError as err:
-        print(f"[lmfusion] {err}", file=sys.stderr)
-        return 2
-    print(analyze.markdown(result))
-    print(f"[lmfusion] wrote {_shown(results / analyze.RESULT_NAME)}.json, .md, .png")
-    return 0
+    return finish(
+        "[lmfusion]",
+        lambda: analyze.write_results(out_dir, results),
+        analyze.markdown,
+        lambda _: results / analyze.RESULT_NAME,
+    )
 
 
 if __name__ == "__main__":

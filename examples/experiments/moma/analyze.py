@@ -2,7 +2,8 @@
 validation loss per modality against training FLOPs and wall clock, the fraction of dense's FLOPs
 (and wall clock) each needs to reach dense's final loss, and step-time ratios.
 
-``python examples/experiments/moma/analyze.py [--out-dir runs/moma] [--results bench/results]``
+``python -m examples.experiments.moma.analyze [--out-dir runs/moma] [--results bench/results]`` (from the
+repository root)
 
 Reads ``<out-dir>/<run>/metrics.jsonl`` of every run in ``RUNS`` (``run.py`` produces them) and,
 where present, ``<out-dir>/run_info.json`` (commands, provenance, the upcycling) and
@@ -12,10 +13,10 @@ its curve is MoT's first ``upcycle.step`` steps (the checkpoint it was upcycled 
 its own steps, shifted by them in steps, FLOPs and wall clock.
 
 The curves and crossings are those of the MoT-vs-dense experiment
-(``examples/experiments/mot_vs_dense/analyze.py``, its lm = Chameleon setting), loaded by path
-because both folders have an ``analyze.py``: validation loss after each evaluation against
-cumulative ``flops_total`` and summed ``step_time_s``; the crossing of dense's final loss
-interpolated linearly between evaluation points; the same on the EMA-smoothed training loss.
+(:mod:`examples.experiments.mot_vs_dense.analyze`, its lm = Chameleon setting): validation loss
+after each evaluation against cumulative ``flops_total`` and summed ``step_time_s``; the crossing
+of dense's final loss interpolated linearly between evaluation points; the same on the
+EMA-smoothed training loss.
 
 Writes ``<results>/moma.json`` (every number and the curves), ``moma.md`` (the tables) and
 ``moma.png`` (the curves).
@@ -24,39 +25,21 @@ Writes ``<results>/moma.json`` (every number and the curves), ``moma.md`` (the t
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import math
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-_BASE_NAME = "mot_vs_dense_analyze"  # the name its own test registers it under, too
+from bench.provenance import recorded_or_now
+from examples.experiments import harness
+from examples.experiments.harness import AnalysisError, finish, fmt_loss, fmt_pct, provenance_lines
+from examples.experiments.mot_vs_dense import analyze as base
 
-
-def _load_base():
-    """examples/experiments/mot_vs_dense/analyze.py as a module (it also puts the repository on sys.path)."""
-    if _BASE_NAME in sys.modules:
-        return sys.modules[_BASE_NAME]
-    spec = importlib.util.spec_from_file_location(_BASE_NAME, HERE.parent / "mot_vs_dense" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_BASE_NAME] = module  # dataclasses look their module up there (importlib's recipe)
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _load_base()
-ROOT = base.ROOT
-AnalysisError = base.AnalysisError
 MODALITIES = base.MODALITIES
 SETTING = base.SETTINGS["lm"]  # the Chameleon setting: discrete image codes, image loss val/loss/image
-
-from bench.provenance import recorded_or_now, repo_relative  # noqa: E402  (base put the repository on sys.path)
-
 RESULT_NAME = "moma"
-RUN_COMMAND = "python examples/experiments/moma/run.py"
+RUN_COMMAND = "python -m examples.experiments.moma.run"
 
 
 @dataclass(frozen=True)
@@ -137,7 +120,7 @@ def _median(values: list[float]) -> float:
 def analyze_runs(out_dir: Path) -> dict:
     """Load every run under ``out_dir`` and compute every number of the report (no files written)."""
     out_dir = Path(out_dir)
-    info = base.read_run_info(out_dir)
+    info = harness.read_run_info(out_dir, f"rerun `{RUN_COMMAND}`")
     runs = load_runs(out_dir, info)
     base.check_image_loss(runs, SETTING)
     val = {n: base.val_curves(r, SETTING) for n, r in runs.items()}
@@ -192,14 +175,12 @@ def analyze_runs(out_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- writing results
-_pct, _loss = base._pct, base._loss
-
-
 def _fractions(row: dict) -> str:
     """``FLOPs% (wall%)`` of one crossing, or "not reached"."""
     if not row["reached"]:
         return "not reached"
-    return f"{_pct(row['flops_fraction'], row['at_first_point'])} ({_pct(row['wall_fraction'], row['at_first_point'])})"
+    bound = row["at_first_point"]
+    return f"{fmt_pct(row['flops_fraction'], bound)} ({fmt_pct(row['wall_fraction'], bound)})"
 
 
 def _params(p: dict | None) -> tuple[str, str]:
@@ -211,10 +192,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# MoMa vs MoT vs dense at equal active FLOPs (Chameleon setting, built-in shapes + digits, vq image codes)",
         "",
-        f"- commit: `{result['commit']}`",
-        f"- machine: {result['machine']}",
-        f"- date (UTC): {result['date_utc']}",
-        f"- command: `{result['command']}`",
+        *provenance_lines(result),
     ]
     if result.get("quick"):
         lines.append(
@@ -266,7 +244,7 @@ def markdown(result: dict) -> str:
     ]
     finals = {n: result["curves"]["validation"][n] for n in r}
     for n in r:
-        lines.append(f"| {LABELS[n]} | " + " | ".join(_loss(finals[n][m][-1]) for m in MODALITIES) + " |")
+        lines.append(f"| {LABELS[n]} | " + " | ".join(fmt_loss(finals[n][m][-1]) for m in MODALITIES) + " |")
     for title, key in (
         ("Validation loss: fraction of dense's FLOPs (wall clock) to reach dense's final loss", "validation"),
         (
@@ -308,11 +286,7 @@ COLOURS = {
 def plot(result: dict, path: Path) -> None:
     """2 x 3 panels: validation loss (overall, text, image) of every run vs training FLOPs (top) and
     summed step wall clock (bottom), dense's final loss dashed, the upcycling point dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     curves, up = result["curves"]["validation"], result["upcycle"]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), squeeze=False)
     for row, (axis, xlabel) in enumerate((("flops", "training FLOPs"), ("wall_s", "wall clock of steps (s)"))):
@@ -359,7 +333,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
     """Analyse the runs under ``out_dir`` and write moma.{json,md,png} into ``results_dir``."""
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     result = analyze_runs(out_dir)
-    info = base.read_run_info(out_dir)
+    info = harness.read_run_info(out_dir, f"rerun `{RUN_COMMAND}`")
     # The runs' provenance (from run.py) where known; else this analysis's, which is all we have.
     result = {
         **recorded_or_now(info),
@@ -372,11 +346,7 @@ def write_results(out_dir: Path, results_dir: Path) -> dict:
         "parameters": base.parameter_counts(out_dir, info, tuple(result["runs"])),
         **result,
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_dir / RESULT_NAME
-    Path(f"{stem}.json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    plot(result, Path(f"{stem}.png"))
+    harness.write_report(result, results_dir / RESULT_NAME, markdown, plot)
     return result
 
 
@@ -385,14 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs/moma", help="holds one folder per run (default: %(default)s)")
     parser.add_argument("--results", default="bench/results", help="where moma.{json,md,png} go (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        result = write_results(Path(args.out_dir), Path(args.results))
-    except AnalysisError as err:
-        print(f"analyze: {err}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    print(f"wrote {Path(args.results) / RESULT_NAME}.json, .md, .png")
-    return 0
+    results = Path(args.results)
+    return finish(
+        "[moma]", lambda: write_results(Path(args.out_dir), results), markdown, lambda _: results / RESULT_NAME
+    )
 
 
 if __name__ == "__main__":

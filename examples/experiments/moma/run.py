@@ -1,9 +1,9 @@
 """Train dense, MoT, MoMa 1t1i, MoMa 4t4i, the modality-blind MoE-8x and MoMa 4t4i upcycled from MoT
 on one config at equal active FLOPs per token, one after the other; then compare them (analyze.py).
 
-``python examples/experiments/moma/run.py [--quick] [--steps N] [--upcycle-step K] [--no-upcycle]
+``python -m examples.experiments.moma.run [--quick] [--steps N] [--upcycle-step K] [--no-upcycle]
 [--upcycle-router-noise X] [--out-dir DIR] [--results DIR] [--config FILE]
-[--launcher subprocess|inprocess] [--analyze-only] [section.key=value ...]``
+[--launcher subprocess|inprocess] [--analyze-only] [section.key=value ...]`` (from the repository root)
 
 Every run (``analyze.RUNS``, in that order) is ``python -m megafusion.commands.train --config FILE
 [overrides] <its model.arch / moe.experts> logging.out_dir=OUT/<run>`` in the repository root, with
@@ -42,15 +42,12 @@ unless ``--out-dir`` / ``--results`` say otherwise, so a smoke run never replace
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 # One torch thread per run unless the environment says otherwise, set before torch is imported (the
@@ -60,13 +57,11 @@ from pathlib import Path
 # costs MoMa little (its small operations gain little from a second thread).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import analyze  # noqa: E402  (this folder is on sys.path when run as a script)
-
-from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
-from bench.tee import Tee  # noqa: E402
+from bench.provenance import git_commit, machine, utc_now  # noqa: E402
+from examples.experiments.harness import finish, recorded_command, run_inprocess, run_logged, shown  # noqa: E402
+from examples.experiments.moma import analyze  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROOT = analyze.ROOT
 CONFIG = HERE / "config.yaml"
 # Set per run by this script: overriding them would break the like-for-like comparison.
 RESERVED = ("model.arch", "logging.out_dir", "moe.experts", "moe.capacity", "checkpoint.init_from")
@@ -95,14 +90,6 @@ QUICK = [
 ]
 
 
-def _shown(path) -> str:
-    """A path relative to the repository root where it lies inside it (shorter commands).
-
-    abspath, not resolve: resolving symlinks would turn the venv's python into the base one."""
-    path = Path(os.path.abspath(path))
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 class StepFailed(RuntimeError):
     pass
 
@@ -111,8 +98,8 @@ class StepFailed(RuntimeError):
 def command_line(args: list[str]) -> list[str]:
     """The process that runs ``megafusion <args>``: training as ``python -m megafusion.commands.train``."""
     if args[0] == "train":
-        return [_shown(sys.executable), "-m", "megafusion.commands.train", *args[1:]]
-    return [_shown(sys.executable), "-m", "megafusion.commands.main", *args]
+        return [shown(sys.executable), "-m", "megafusion.commands.train", *args[1:]]
+    return [shown(sys.executable), "-m", "megafusion.commands.main", *args]
 
 
 def run_megafusion(args: list[str], log_path: Path, launcher: str) -> float:
@@ -121,44 +108,11 @@ def run_megafusion(args: list[str], log_path: Path, launcher: str) -> float:
     print(f"[moma] {shlex.join(command_line(args))}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        rc = _subprocess(args, log) if launcher == "subprocess" else _inprocess(args, log)
+        rc, _ = run_logged(command_line(args), log) if launcher == "subprocess" else run_inprocess(args, log)
     elapsed = time.perf_counter() - start
     if rc != 0:
-        raise StepFailed(f"`megafusion {args[0]}` failed (exit code {rc}); its output is in {_shown(log_path)}")
+        raise StepFailed(f"`megafusion {args[0]}` failed (exit code {rc}); its output is in {shown(log_path)}")
     return elapsed
-
-
-def _subprocess(args: list[str], log) -> int:
-    proc = subprocess.Popen(command_line(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-    except BaseException:  # e.g. Ctrl-C: do not leave the run going on its own
-        proc.terminate()
-        proc.wait()
-        raise
-    return proc.wait()
-
-
-def _inprocess(args: list[str], log) -> int:
-    from megafusion.commands.main import main as cli_main
-
-    tee = Tee(sys.__stdout__, log)
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # as the subprocess launcher: relative paths are from the repository root
-    try:
-        with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
-            try:
-                rc = cli_main(args)
-            except SystemExit as exit_:  # as a process would end
-                rc = exit_.code if isinstance(exit_.code, int) else 1
-            except Exception:  # noqa: BLE001 -- reported like a failed process
-                traceback.print_exc()
-                rc = 1
-    finally:
-        os.chdir(cwd)
-    return int(rc or 0)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -196,7 +150,7 @@ def experts_value(name: str) -> str:
 
 
 def train_args(config: Path, overrides: list[str], run: list[str], run_dir: Path) -> list[str]:
-    return ["train", "--config", _shown(config), *overrides, *run, f"logging.out_dir={_shown(run_dir)}"]
+    return ["train", "--config", shown(config), *overrides, *run, f"logging.out_dir={shown(run_dir)}"]
 
 
 def clean(path: Path) -> None:
@@ -240,7 +194,7 @@ def run_main(runner: Runner, upcycle_step: int | None) -> None:
             extra = [
                 "checkpoint.save=true",
                 "checkpoint.resume=false",
-                f"checkpoint.dir={_shown(runner.out_dir / name / 'checkpoints')}",
+                f"checkpoint.dir={shown(runner.out_dir / name / 'checkpoints')}",
                 f"checkpoint.interval={upcycle_step}",
                 f"checkpoint.keep_last={total // upcycle_step + 1}",
             ]
@@ -261,9 +215,9 @@ def run_upcycle(runner: Runner, upcycle_step: int, router_noise: float) -> None:
         "convert",
         "upcycle",
         "--ckpt",
-        _shown(source),
+        shown(source),
         "--output",
-        _shown(init),
+        shown(init),
         "--experts",
         experts_value(analyze.UPCYCLED_AS),
         # The upcycled run goes on with the data MoT saw after step K (the trainer starts it at the
@@ -282,14 +236,14 @@ def run_upcycle(runner: Runner, upcycle_step: int, router_noise: float) -> None:
             *analyze.RUNS[analyze.UPCYCLED_AS].overrides,
             f"train.steps={total - upcycle_step}",
             f"moe.router_noise={router_noise}",
-            f"checkpoint.init_from={_shown(init)}",
+            f"checkpoint.init_from={shown(init)}",
         ],
     )
     runner.info["upcycle"] = {
         "from": analyze.UPCYCLED_SOURCE,
         "step": upcycle_step,
         "steps": total - upcycle_step,
-        "checkpoint": _shown(source),
+        "checkpoint": shown(source),
         "router_noise": router_noise,
         "complete": True,
     }
@@ -349,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--config {args.config}: no such file")
         args.launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
         # The tiny settings first: the user's overrides win over them, --steps over both.
-        overrides = [*(QUICK + [f"data.cache_dir={_shown(out_dir / 'cache')}"] if args.quick else []), *args.overrides]
+        overrides = [*(QUICK + [f"data.cache_dir={shown(out_dir / 'cache')}"] if args.quick else []), *args.overrides]
         if args.steps is not None:
             if args.steps < 2:
                 parser.error("--steps must be >= 2")
@@ -376,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             clean(out_dir / name)  # nothing of an earlier run may be analysed with this one's
         # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
         info = {
-            "command": shlex.join(["python", _shown(__file__), *argv]),
+            "command": recorded_command(analyze.RUN_COMMAND, argv),
             "commit": git_commit(),
             "machine": machine(),
             "date_utc": utc_now(),
@@ -407,14 +361,13 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
         total = sum(info["run_seconds"].values())
         print(f"[moma] all steps took {total:.0f} s", flush=True)
-    try:
-        result = analyze.write_results(out_dir, results)
-    except analyze.AnalysisError as err:
-        print(f"[moma] {err}", file=sys.stderr)
-        return 2
-    print(analyze.markdown(result))
-    print(f"[moma] wrote {_shown(results / analyze.RESULT_NAME)}.json, .md, .png")
-    return 1 if failed else 0
+    rc = finish(
+        "[moma]",
+        lambda: analyze.write_results(out_dir, results),
+        analyze.markdown,
+        lambda _: results / analyze.RESULT_NAME,
+    )
+    return rc or (1 if failed else 0)
 
 
 if __name__ == "__main__":

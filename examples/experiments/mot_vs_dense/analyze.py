@@ -1,8 +1,8 @@
 """Compare a dense and a MoT run: loss vs training FLOPs and vs wall clock, and how much of
 dense's budget MoT needs to reach dense's final loss.
 
-``python examples/experiments/mot_vs_dense/analyze.py [--setting lm|transfusion] [--out-dir DIR]
-[--results bench/results]``
+``python -m examples.experiments.mot_vs_dense.analyze [--setting lm|transfusion] [--out-dir DIR]
+[--results bench/results]`` (from the repository root)
 
 Reads ``<out-dir>/dense/metrics.jsonl`` and ``<out-dir>/mot/metrics.jsonl`` (written by
 ``megafusion train``; ``run.py`` produces both) and, when present, ``<out-dir>/run_info.json``
@@ -40,7 +40,6 @@ curves) into the results directory, ``<name>`` being the setting's ``result_name
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -48,20 +47,24 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository (for git and the default paths)
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not an installed package
-from bench.provenance import recorded_or_now, repo_relative  # noqa: E402
-from megafusion.evaluation.curves import first_crossing, read_metrics, value_at  # noqa: E402
+from bench.provenance import ROOT, recorded_or_now
+from examples.experiments import harness
+from examples.experiments.harness import (
+    AnalysisError,
+    finish,
+    fmt_loss,
+    fmt_pct,
+    provenance_lines,
+    pyplot,
+    write_report,
+)
+from megafusion.evaluation.curves import first_crossing, read_metrics, value_at
 
 ARCHS = ("dense", "mot")
 MODALITIES = ("overall", "text", "image")
 EMA_BETA = 0.95  # ~20-step window: smooths step-to-step batch noise, lags the curve by ~20 steps
 RESULT_NAME = "mot_vs_dense"  # the lm setting's; see Setting.result_name
-RUN_COMMAND = "python examples/experiments/mot_vs_dense/run.py"
-
-
-class AnalysisError(RuntimeError):
-    """The runs to compare are missing or unusable; the message says which file and what to do."""
+RUN_COMMAND = "python -m examples.experiments.mot_vs_dense.run"
 
 
 @dataclass(frozen=True)
@@ -206,16 +209,9 @@ def train_curves(run: dict, setting: Setting, beta: float = EMA_BETA) -> dict:
 # --------------------------------------------------------------------------- which setting
 def read_run_info(out_dir: Path) -> dict:
     """``run_info.json`` of run.py (the commands, provenance), or {} where there is none."""
-    path = out_dir / "run_info.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AnalysisError(
-            f"{path} is not JSON ({err}): delete it (the analysis then infers the setting "
-            f"from the metrics) or rerun the runs"
-        ) from None
+    return harness.read_run_info(
+        out_dir, "delete it (the analysis then infers the setting from the metrics) or rerun the runs"
+    )
 
 
 def run_config(info: dict, arch: str):
@@ -451,14 +447,6 @@ def parameter_counts(out_dir: Path, info: dict, names: tuple[str, ...] = ARCHS) 
 
 
 # --------------------------------------------------------------------------- writing results
-def _pct(x, upper_bound: bool = False) -> str:
-    return "not reached" if x is None else f"{'<= ' if upper_bound else ''}{100 * x:.1f}%"
-
-
-def _loss(x) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
-
-
 def _objective_line(result: dict) -> list[str]:
     """Transfusion only: what the image row and the overall row measure (the lm report has no such line)."""
     if result["setting"] != "transfusion":
@@ -480,10 +468,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# {setting.title}",
         "",
-        f"- commit: `{result['commit']}`",
-        f"- machine: {result['machine']}",
-        f"- date (UTC): {result['date_utc']}",
-        f"- command: `{result['command']}`",
+        *provenance_lines(result),
         *_objective_line(result),
     ]
     for a in ARCHS:
@@ -514,9 +499,9 @@ def markdown(result: dict) -> str:
         for m in MODALITIES:
             row = result[key][m]
             lines.append(
-                f"| {setting.label(m)} | {_loss(row['dense_final'])} | {_loss(row['mot_final'])} | "
-                f"{_pct(row['flops_fraction'], row['at_first_point'])} | "
-                f"{_pct(row['wall_fraction'], row['at_first_point'])} |"
+                f"| {setting.label(m)} | {fmt_loss(row['dense_final'])} | {fmt_loss(row['mot_final'])} | "
+                f"{fmt_pct(row['flops_fraction'], row['at_first_point'])} | "
+                f"{fmt_pct(row['wall_fraction'], row['at_first_point'])} |"
             )
     lines += [
         "",
@@ -531,11 +516,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """2 x 3 panels: validation loss (overall, text, image) vs training FLOPs (top) and wall clock (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     curves, val = result["curves"]["validation"], result["validation"]
     setting = get_setting(result.get("setting", "lm"))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
@@ -552,9 +533,9 @@ def plot(result: dict, path: Path) -> None:
             frac = val[m]["flops_fraction" if axis == "flops" else "wall_fraction"]
             if hit is not None:
                 ax.axvline(
-                    hit, color=colours["mot"], linestyle=":", linewidth=0.8, label=f"MoT matches at {_pct(frac)}"
+                    hit, color=colours["mot"], linestyle=":", linewidth=0.8, label=f"MoT matches at {fmt_pct(frac)}"
                 )
-            ax.set_title(f"val loss, {setting.label(m)}: MoT needs {_pct(frac, val[m]['at_first_point'])}")
+            ax.set_title(f"val loss, {setting.label(m)}: MoT needs {fmt_pct(frac, val[m]['at_first_point'])}")
             ax.set_xlabel(label)
             ax.set_ylabel("validation loss")
             ax.grid(alpha=0.3)
@@ -585,11 +566,7 @@ def write_results(out_dir: Path, results_dir: Path, setting: str | None = None) 
         "parameters": parameter_counts(out_dir, info),
         **result,
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    base = result_base(results_dir, result["setting"])
-    Path(f"{base}.json").write_text(json.dumps(repo_relative(result), indent=1) + "\n")
-    Path(f"{base}.md").write_text(markdown(result))
-    plot(result, Path(f"{base}.png"))
+    write_report(result, result_base(results_dir, result["setting"]), markdown, plot)
     return result
 
 
@@ -610,15 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", default="bench/results", help="where the json/md/png go (default: %(default)s)")
     args = parser.parse_args(argv)
-    out_dir = args.out_dir or SETTINGS[args.setting or "lm"].out_dir
-    try:
-        result = write_results(Path(out_dir), Path(args.results), args.setting)
-    except AnalysisError as err:
-        print(f"analyze: {err}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    print(f"wrote {result_base(Path(args.results), result['setting'])}.json, .md, .png")
-    return 0
+    out_dir = Path(args.out_dir or SETTINGS[args.setting or "lm"].out_dir)
+    return finish(
+        "[mot_vs_dense]",
+        lambda: write_results(out_dir, Path(args.results), args.setting),
+        markdown,
+        lambda result: result_base(Path(args.results), result["setting"]),
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train dense, then MoT, on the same config, data, seed and steps; then compare them (analyze.py).
 
-``python examples/experiments/mot_vs_dense/run.py [--setting lm|transfusion] [--steps N] [--out-dir DIR]
-[--results bench/results] [--config FILE] [--analyze-only] [section.key=value ...]``
+``python -m examples.experiments.mot_vs_dense.run [--setting lm|transfusion] [--steps N] [--out-dir DIR]
+[--results bench/results] [--config FILE] [--analyze-only] [section.key=value ...]`` (from the
+repository root)
 
 The setting is the config's ``objective.name`` (after the overrides): ``lm`` (Chameleon:
 ``config.yaml``, the default) or ``transfusion`` (``config_transfusion.yaml``). ``--setting``
@@ -20,43 +21,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import analyze  # this folder is on sys.path when run as a script
-
-from bench.provenance import git_commit, machine, utc_now  # noqa: E402  (analyze put the repository on sys.path)
+from bench.provenance import git_commit, machine, utc_now
+from examples.experiments.harness import finish, recorded_command, run_logged, shown
+from examples.experiments.mot_vs_dense import analyze
 
 HERE = Path(__file__).resolve().parent
-ROOT = analyze.ROOT
 # Set per run by this script: overriding them would break the like-for-like comparison.
 RESERVED = ("model.arch", "logging.out_dir")
-
-
-def _shown(path: Path | str) -> str:
-    """A path relative to the repository root where it lies inside it (shorter commands).
-
-    abspath, not resolve: resolving symlinks would turn the venv's python into the base one."""
-    path = Path(os.path.abspath(path))
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, steps: int | None) -> list[str]:
     extra = [f"train.steps={steps}"] if steps is not None else []
     return [
-        _shown(sys.executable),
+        shown(sys.executable),
         "-m",
         "megafusion.commands.train",
         "--config",
-        _shown(config),
+        shown(config),
         *overrides,
         *extra,
         f"model.arch={arch}",
-        f"logging.out_dir={_shown(run_dir)}",
+        f"logging.out_dir={shown(run_dir)}",
     ]
 
 
@@ -70,7 +60,7 @@ def config_setting(config: Path, overrides: list[str]) -> str:
         raise ValueError(str(err)) from None
     if name not in analyze.SETTINGS:
         raise ValueError(
-            f"{_shown(config)}: objective.name={name} is neither of "
+            f"{shown(config)}: objective.name={name} is neither of "
             f"{', '.join(analyze.SETTINGS)}; this experiment compares in those settings only"
         )
     return name
@@ -88,7 +78,7 @@ def choose_setting(setting: str | None, config: str | None, overrides: list[str]
     found = config_setting(path, overrides)
     if setting is not None and found != setting:
         raise ValueError(
-            f"--setting {setting}, but {_shown(path)} (with the overrides) has "
+            f"--setting {setting}, but {shown(path)} (with the overrides) has "
             f"objective.name={found}: drop --setting or --config, or make them agree"
         )
     return found, path
@@ -103,11 +93,7 @@ def run_one(cmd: list[str], run_dir: Path) -> float:
     print(f"[mot_vs_dense] {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        rc = proc.wait()
+        rc, _ = run_logged(cmd, log)
     elapsed = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"[mot_vs_dense] training failed (exit code {rc}); its output is in {log_path}")
@@ -158,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.analyze_only:
         # Provenance of the *runs* (an --analyze-only pass later must not restamp it).
         info = {
-            "command": shlex.join(["python", _shown(__file__), *argv]),
+            "command": recorded_command(analyze.RUN_COMMAND, argv),
             "commit": git_commit(),
             "machine": machine(),
             "date_utc": utc_now(),
@@ -171,14 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             info["run_seconds"][arch] = run_one(cmd, out_dir / arch)
             print(f"[mot_vs_dense] {arch} took {info['run_seconds'][arch]:.1f} s", flush=True)
         (out_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    try:
-        result = analyze.write_results(out_dir, results, setting)
-    except analyze.AnalysisError as err:
-        print(f"[mot_vs_dense] {err}", file=sys.stderr)
-        return 2
-    print(analyze.markdown(result))
-    print(f"[mot_vs_dense] wrote {_shown(analyze.result_base(results, result['setting']))}.json, .md, .png")
-    return 0
+    return finish(
+        "[mot_vs_dense]",
+        lambda: analyze.write_results(out_dir, results, setting),
+        analyze.markdown,
+        lambda result: analyze.result_base(results, result["setting"]),
+    )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def _safetensors_bytes(codebook: np.ndarray, metadata: dict[str, str]) -> bytes:
 
 def save_vq_codebook(codebook: np.ndarray, image_size: int, patch_size: int, out_path: str) -> str:
     """Write ``codebook`` (``[K, patch_size**2 * 3]`` values in [0, 1]) atomically; return the path."""
-    from megafusion.data.tokenizers.joint import atomic_write_bytes
+    from megafusion.core.io import atomic_write
 
     check_sizes(image_size, patch_size, f"vq codebook {out_path}")
     codebook = np.asarray(codebook, dtype=np.float32)
@@ -80,7 +80,7 @@ def save_vq_codebook(codebook: np.ndarray, image_size: int, patch_size: int, out
             f"got shape {tuple(codebook.shape)}"
         )
     meta = {"format": CODEBOOK_FORMAT, "image_size": str(int(image_size)), "patch_size": str(int(patch_size))}
-    atomic_write_bytes(out_path, _safetensors_bytes(codebook, meta))
+    atomic_write(out_path, _safetensors_bytes(codebook, meta))
     return str(out_path)
 
 

@@ -24,7 +24,6 @@ joins the same all-or-nothing write (see ``write_indexed``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from megafusion.core.errors import DataError
+from megafusion.core.io import atomic_write, file_digest
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.data.types import TokenizedDocument
 
@@ -67,8 +67,9 @@ def token_dtype(vocab_size: int) -> type[np.number]:
     return DType.optimal_dtype(int(vocab_size))
 
 
-def _rerun_hint(prefix: str) -> str:
-    return f"re-run `megafusion data prepare ... --output {prefix}`"
+def _rerun_hint(prefix: str, options: str = "") -> str:
+    """The fix for a damaged dataset at ``prefix``; ``options``: flags it was prepared with (``--latent-codec ...``)."""
+    return f"re-run `megafusion data prepare ... {options + ' ' if options else ''}--output {prefix}`"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,15 +112,6 @@ def _decode_sources(runs: list, where: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-
-def file_digest(path: str) -> str:
-    """blake2b of a file: the meta records it so any flipped byte is caught on read."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_document(doc: TokenizedDocument, index: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +185,7 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
     # Write under private temporary names: a failure (bad document, interrupt) leaves an existing
     # dataset at ``prefix`` untouched and removes the partial files.
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_bin, tmp_idx, tmp_meta = paths["bin"] + tag, paths["idx"] + tag, paths["meta"] + tag
+    tmp_bin, tmp_idx = paths["bin"] + tag, paths["idx"] + tag
 
     counts = np.zeros(NUM_MODALITIES, dtype=np.int64)
     sources: list[str] = []
@@ -257,11 +249,7 @@ def write_indexed(prefix: str, docs: Iterable[TokenizedDocument], meta: dict, si
     os.replace(tmp_idx, paths["idx"])
     if sidecar is not None:
         sidecar.commit()
-    with open(tmp_meta, "w") as f:
-        json.dump(full, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_meta, paths["meta"])
+    atomic_write(paths["meta"], json.dumps(full, indent=1))
     return {
         "documents": len(sources),
         "items": items,
@@ -460,4 +448,4 @@ def read_indexed(prefix: str) -> tuple[list[TokenizedDocument], dict]:
     return docs, meta
 
 
-__all__ = ["write_indexed", "read_indexed", "read_meta", "dataset_paths", "token_dtype", "file_digest"]
+__all__ = ["write_indexed", "read_indexed", "read_meta", "dataset_paths", "token_dtype"]

@@ -28,21 +28,19 @@ import uuid
 import numpy as np
 
 from megafusion.core.errors import DataError
+from megafusion.core.io import file_digest
 from megafusion.core.modality import Modality
-from megafusion.data.formats.indexed import file_digest
+from megafusion.data.formats.indexed import _rerun_hint
 from megafusion.data.types import TokenizedDocument
 
 META_KEY = "latents"  # the key of the dataset meta that marks (and describes) a Transfusion dataset
 LATENT_DTYPE = np.dtype("<f4")  # what encode_transfusion_document produces, little-endian on disk
+LATENT_OPTIONS = "--latent-codec ..."  # what `data prepare` is given to write a latents file
 _NEED = ("codec", "patch_size", "shape", "dtype", "count", "bytes", "blake2b")
 
 
 def latents_path(prefix: str) -> str:
     return prefix + ".latents.npy"
-
-
-def _rerun_hint(prefix: str) -> str:
-    return f"re-run `megafusion data prepare ... --latent-codec ... --output {prefix}`"
 
 
 class LatentWriter:
@@ -125,12 +123,14 @@ def latent_info(prefix: str, meta: dict) -> dict:
     if not isinstance(info, dict):
         raise DataError(
             f"{where}: the dataset has no image latents (it was prepared for objective.name=lm, "
-            f"with image codes), so objective.name=transfusion cannot read it: {_rerun_hint(prefix)}, "
+            f"with image codes), so objective.name=transfusion cannot read it: {_rerun_hint(prefix, LATENT_OPTIONS)}, "
             "or train on it with objective.name=lm"
         )
     missing = [k for k in _NEED if k not in info]
     if missing:
-        raise DataError(f"{where}: the 'latents' entry lacks {missing}; the file is corrupt, {_rerun_hint(prefix)}")
+        raise DataError(
+            f"{where}: the 'latents' entry lacks {missing}; the file is corrupt, {_rerun_hint(prefix, LATENT_OPTIONS)}"
+        )
     return info
 
 
@@ -142,18 +142,18 @@ def check_latent_file(prefix: str, meta: dict, checksum: bool = True) -> dict:
     if not os.path.exists(path):
         raise DataError(
             f"{path} is missing (a Transfusion dataset at {prefix} needs .bin, .idx, .latents.npy "
-            f"and .meta.json); {_rerun_hint(prefix)}"
+            f"and .meta.json); {_rerun_hint(prefix, LATENT_OPTIONS)}"
         )
     size = os.path.getsize(path)
     if size != info["bytes"]:
         raise DataError(
             f"{path} is {size} bytes but {where} says {info['bytes']}: the file is truncated or was "
-            f"replaced after the meta was written; {_rerun_hint(prefix)}"
+            f"replaced after the meta was written; {_rerun_hint(prefix, LATENT_OPTIONS)}"
         )
     if checksum and file_digest(path) != info["blake2b"]:
         raise DataError(
             f"{path}: contents do not match the checksum in {where}: the file is corrupt or was "
-            f"replaced after the meta was written; {_rerun_hint(prefix)}"
+            f"replaced after the meta was written; {_rerun_hint(prefix, LATENT_OPTIONS)}"
         )
     return info
 
@@ -165,12 +165,12 @@ def read_latents(prefix: str, meta: dict) -> np.ndarray:
     try:
         latents = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npy array ({err}); {_rerun_hint(prefix)}") from None
+        raise DataError(f"{path}: not a readable .npy array ({err}); {_rerun_hint(prefix, LATENT_OPTIONS)}") from None
     want = (int(info["count"]), *(int(x) for x in info["shape"]))
     if latents.shape != want or latents.dtype != np.dtype(info["dtype"]):
         raise DataError(
             f"{path}: holds {latents.dtype} {latents.shape}, but {where} says {info['dtype']} {want}; "
-            f"{_rerun_hint(prefix)}"
+            f"{_rerun_hint(prefix, LATENT_OPTIONS)}"
         )
     return latents.astype(np.float32, copy=False)
 
@@ -187,7 +187,7 @@ def attach_latents(docs: list[TokenizedDocument], latents: np.ndarray, prefix: s
     if sum(counts) != latents.shape[0]:
         raise DataError(
             f"{latents_path(prefix)}: {latents.shape[0]} latents, but the documents of {prefix}.bin "
-            f"hold {sum(counts)} images; the files do not belong together, {_rerun_hint(prefix)}"
+            f"hold {sum(counts)} images; the files do not belong together, {_rerun_hint(prefix, LATENT_OPTIONS)}"
         )
     start = 0
     for doc, k in zip(docs, counts):

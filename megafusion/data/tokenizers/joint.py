@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import uuid
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
 from megafusion.core.errors import DataError
+from megafusion.core.io import atomic_write
 from megafusion.core.modality import Modality
 from megafusion.data.tokenizers.text import TextTokenizer, load_text_tokenizer
 from megafusion.data.types import Document, ImageCodec, ImageSegment, Segment, TextSegment, TokenizedDocument
@@ -54,19 +53,6 @@ def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
         for line in text.splitlines():
             if line.strip():
                 yield line
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a private temporary name, then rename: readers never see a partial file and
-    two writers of the same content cannot corrupt each other."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train_sentencepiece(
@@ -130,7 +116,7 @@ def train_sentencepiece(
             hint = " Raise --vocab-size (byte_fallback alone needs 256 byte pieces)."
         raise DataError(f"tokenizer training for {model_prefix} failed: {msg}.{hint}") from None
     path = f"{model_prefix}.model"
-    atomic_write_bytes(path, model.getvalue())
+    atomic_write(path, model.getvalue())
     return path
 
 

@@ -1,0 +1,1 @@
+"""megafusion's examples: configs (``examples/configs``) and experiments (:mod:`examples.experiments`)."""

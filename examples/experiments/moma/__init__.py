@@ -1,0 +1,1 @@
+"""MoMa vs MoT vs dense at equal active FLOPs (``run``: the runs and the report; ``analyze``: the report)."""
