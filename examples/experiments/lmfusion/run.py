@@ -4,7 +4,7 @@
 [--quick] [--analyze-only] [--launcher subprocess|inprocess] [--text-steps N] [--steps N]``
 
 One step after the other (never side by side: wall clocks are recorded), every megafusion step
-being the ``megafusion`` command shown (run as ``python -m megafusion.cli ...``):
+being the ``megafusion`` command shown (run as ``python -m megafusion ...``):
 
 1. text data: the captions of the built-in shapes (shapes seed ``TEXT_SEED``), grouped into
    text-only documents of 1 to N captions (one caption per line), written to a JSONL shard; a
@@ -190,7 +190,7 @@ class Runner:
         return output
 
     def _subprocess(self, args: list[str], log) -> tuple[int, str]:
-        cmd = [sys.executable, "-m", "megafusion.commands.main", *args]
+        cmd = [sys.executable, "-m", "megafusion", *args]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines = []
