@@ -52,10 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def make_dataset(prefix: str, gb: float, work: Path) -> dict:
     """The generated dataset at ``prefix`` (reused when its meta says it has this size)."""
-    from megafusion.commands.data import dataset_meta
     from megafusion.data.builtin.shapes import shapes_documents
     from megafusion.data.codecs.registry import build_codec
     from megafusion.data.formats.indexed import read_meta, write_indexed
+    from megafusion.data.prepare import dataset_meta
     from megafusion.data.tokenizers.joint import MultimodalTokenizer, builtin_tokenizer
     from megafusion.data.types import TokenizedDocument
 

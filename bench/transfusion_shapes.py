@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd = [
         sys.executable,
         "-m",
-        "megafusion.commands.train",
+        "megafusion.train",
         "--config",
         args.config,
         *overrides,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_cmd = [
         sys.executable,
         "-m",
-        "megafusion.commands.main",
+        "megafusion",
         "eval",
         "--ckpt",
         ckpt,

@@ -1,6 +1,8 @@
 """``megafusion data prepare``: shards -> tokenized, indexed dataset on disk
 (and ``megafusion data export-builtin``: a built-in set as a JSONL shard, to try it on;
-``megafusion data index``: a run's sample index, built ahead of the run).
+``megafusion data index``: a run's sample index, built ahead of the run). The argument parsing
+and printing only; the work: :mod:`megafusion.data.prepare` (with :mod:`megafusion.data.icp_rewrite`
+for ``--order icp``), :mod:`megafusion.data.builtin.export`, :mod:`megafusion.data.index_build`.
 
     megafusion data prepare --input SHARD_OR_DIR [--input ...] --tokenizer TOKENIZER \\
         --output PREFIX [--seq-length 64] [--image-size 16 --patch-size 2 --pixel-levels 4]
@@ -12,35 +14,15 @@
     megafusion data prepare ... --order icp [--icp-neighbors 10]
 
 ``TOKENIZER`` is a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json`` (or the
-directory holding it; see ``megafusion.data.tokenizers.text``).
-Reads the shards (``megafusion.data.formats.shards.read_shards``), tokenizes every document with the
-text tokenizer plus the image codec (pixel patches by default; ``vq`` takes a codebook
-from ``megafusion tokenizer fit-vq``, ``vqgan`` a local diffusers VQModel), and writes ``PREFIX.bin``,
-``PREFIX.idx`` and ``PREFIX.meta.json`` (``megafusion.data.formats.indexed``). The meta records the tokenizer and codec
-configs (the tokenizer by content hash, its file for messages) so a training run can check
-that its model matches the data.
-
-With ``--latent-codec`` the dataset is for Transfusion: the tokens are exactly those of
-``encode_transfusion_document`` (an image = ``<boi>``, one placeholder per
-``--latent-patch-size`` patch of its latent, ``<eoi>``) and the latents of all images go to
-``PREFIX.latents.npy`` (``megafusion.data.formats.indexed_latents``), described in the meta.
+directory holding it; see ``megafusion.data.tokenizers.text``). The image flags make the codec
+(pixel patches by default; ``vq`` takes a codebook from ``megafusion tokenizer fit-vq``,
+``vqgan`` a local diffusers VQModel; ``--latent-codec``: Transfusion latents, one placeholder per
+``--latent-patch-size`` patch).
 
 ``--seq-length N`` (default 64, the default ``model.seq_length``) is the length the data will be
 trained at: one warning line tells how many documents do not fit in a packed row of ``N + 1``
-tokens. Packing (``megafusion.data.packing``) never cuts a document, so a run at that length
-would stop on the first of them; the data is written anyway (a longer ``model.seq_length`` can
-train on it).
-
-``--order icp`` writes the documents in the In-Context Pretraining order (Shi et al. 2023,
-``megafusion.data.icp``): TF-IDF over each document's text pieces, its ``--icp-neighbors`` nearest
-neighbours by cosine similarity, and the paper's greedy traversal of that graph, so that packing
-fills a row with related documents. The dataset is first written in input order under a temporary
-prefix beside ``PREFIX`` (twice the disk for a while), then rewritten in the new order one document
-at a time (``megafusion.data.formats.indexed_reorder``), latents with their documents; the meta
-records the order (``"order"``). One line reports the mean cosine similarity of adjacent documents
-before and after. The default ``--order input`` keeps the input order and writes exactly what it
-always did. (Attention never crosses documents in megafusion, so related neighbours share rows,
-not attention; see ``megafusion.data.icp``.)
+tokens (packing never cuts a document; the data is written anyway). ``--order icp`` prints one
+line with the mean cosine similarity of adjacent documents before and after the reordering.
 """
 
 from __future__ import annotations
@@ -48,20 +30,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_config, add_output, command_parser, config_paths, subcommand
 from megafusion.core.errors import DataError, UsageError
 from megafusion.core.io import ensure_exists, ensure_writable_file_parent
+from megafusion.data.builtin.export import DIGITS_TOTAL, SETS, SHAPES_DEFAULT
 from megafusion.data.icp import DEFAULT_NEIGHBORS, ORDER_NAMES
 
 PROG = "megafusion data"
 SUBCOMMANDS = ("prepare", "export-builtin", "index")
 # model.seq_length's default: the length a dataset is trained at unless the run says otherwise.
 DEFAULT_SEQ_LENGTH = 64
-SHAPES_DEFAULT = 4000  # export-builtin --set shapes: documents generated unless --num-samples says
-DIGITS_TOTAL = 1797  # scikit-learn's handwritten digits (load_digits)
 
 PREPARE_EXAMPLES = (
     "megafusion data prepare --input shards/ --tokenizer my_spm.model --output data/my_set",
@@ -122,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     export = subcommand(
         sub, "export-builtin", "write a built-in set as a JSONL shard", EXPORT_DESCRIPTION, EXPORT_EXAMPLES
     )
-    export.add_argument("--set", required=True, choices=("shapes", "digits"), help="which built-in set")
+    export.add_argument("--set", required=True, choices=SETS, help="which built-in set")
     export.add_argument(
         "--num-samples",
         type=int,
@@ -250,148 +230,6 @@ def codec_from_args(args):
     return build_codec("pixel", image_size=args.image_size, patch_size=patch_size, levels=levels)
 
 
-def dataset_meta(tok, codec, extra: dict) -> dict:
-    """What a dataset's meta records of the tokenizer ``tok`` and image ``codec`` that made it (+ ``extra``)."""
-    return {
-        "tokenizer": tok.config(),
-        # Only for messages (a run with another tokenizer is told which file made the data); the
-        # check itself compares the content hash in "tokenizer".
-        "tokenizer_file": os.path.abspath(tok.path),
-        "codec": codec.config(),
-        "vocab_size": int(tok.vocab_size),
-        "pad_id": int(tok.pad_id),
-        "bos_id": int(tok.bos_id),
-        "eos_id": int(tok.eos_id),
-        "boi_id": int(tok.boi_id),
-        "eoi_id": int(tok.eoi_id),
-        **extra,
-    }
-
-
-def prepare(
-    inputs: list[str],
-    tokenizer_path: str,
-    output: str,
-    codec,
-    seq_length: int | None = None,
-    order: str = "input",
-    neighbors: int = DEFAULT_NEIGHBORS,
-) -> dict:
-    """Tokenize ``inputs`` with ``codec`` into the dataset at ``output``; returns ``write_indexed``'s stats.
-
-    A :class:`~megafusion.data.transfusion_data.PlaceholderCodec` makes a Transfusion dataset:
-    the stats then also hold ``"latents"`` (images written to ``PREFIX.latents.npy``). With
-    ``seq_length``, they also hold ``"too_long"``: ``{"documents": n, "longest": tokens}`` of the
-    documents longer than a packed row of ``seq_length + 1`` tokens (see :func:`_tally_long`).
-    ``order="icp"`` writes the documents in the In-Context Pretraining order with ``neighbors``
-    nearest neighbours (module doc); the stats then also hold ``"order"``, the
-    :class:`~megafusion.data.icp.IcpOrder`.
-    """
-    from megafusion.data.formats.indexed import write_indexed
-    from megafusion.data.formats.indexed_latents import LatentWriter
-    from megafusion.data.formats.shards import read_shards, shard_files
-    from megafusion.data.tokenizers.joint import MultimodalTokenizer
-    from megafusion.data.transfusion_data import PlaceholderCodec, encode_transfusion_document
-
-    if order not in ORDER_NAMES:
-        raise UsageError(f"--order {order!r} is not one of {', '.join(ORDER_NAMES)}")
-    # Resolve (and check) every input before anything is written.
-    files = shard_files(list(inputs))
-    tok = MultimodalTokenizer.from_files(tokenizer_path, codec)
-    meta = dataset_meta(tok, codec, {"inputs": files, "created_by": "megafusion data prepare"})
-    too_long = {"documents": 0, "longest": 0}
-    transfusion = isinstance(codec, PlaceholderCodec)
-
-    def documents():
-        """The shards' documents, in order; none at all is a DataError naming the inputs (not the output)."""
-        count = 0
-        for doc in read_shards(files):
-            count += 1
-            yield doc
-        if not count:
-            given = " --input ".join(inputs)
-            what = "" if list(inputs) == files else f" ({len(files)} shard{'s' * (len(files) > 1)}: {', '.join(files)})"
-            raise DataError(
-                f"--input {given}: no documents in it{what}: give shards with at least one document (a JSONL shard "
-                "holds one JSON object per line)"
-            )
-
-    def write_input_order(prefix: str, observe=None) -> dict:
-        """The documents, as read, to ``prefix``; ``observe(doc)`` sees each one on its way."""
-        if not transfusion:
-            docs = (tok.encode_document(doc) for doc in documents())
-            return write_indexed(prefix, _observe(_tally_long(docs, seq_length, too_long), observe), meta)
-        latents = LatentWriter(prefix, codec)
-
-        def transfusion_docs():
-            for doc in documents():
-                encoded = encode_transfusion_document(tok, doc)
-                # The latents live in their own file; the indexed files get tokens and modalities only.
-                latents.add(encoded.meta.pop("latents"), encoded.source)
-                yield encoded
-
-        docs = _observe(_tally_long(transfusion_docs(), seq_length, too_long), observe)
-        stats = write_indexed(prefix, docs, meta, sidecar=latents)
-        stats["latents"] = {"count": latents.count, "shape": list(latents.shape)}
-        return stats
-
-    if order == "input":
-        stats = write_input_order(output)
-    else:
-        stats = _prepare_icp(output, write_input_order, tok, meta, neighbors, codec if transfusion else None)
-    if seq_length is not None:
-        stats["too_long"] = too_long
-    return stats
-
-
-def _prepare_icp(output: str, write_input_order, tok, meta: dict, neighbors: int, latent_codec) -> dict:
-    """``--order icp``: input order to a temporary prefix (collecting each document's bag of
-    pieces on the way), the ICP order of the bags, then the rewrite to ``output``."""
-    from megafusion.data.formats.indexed_reorder import remove_dataset, write_reordered
-    from megafusion.data.icp import BagOfPieces, icp_order
-
-    # Pieces every document has say nothing about what it is about (see megafusion.data.icp).
-    bag = BagOfPieces(exclude=(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id))
-
-    # Beside the output (same file system, so the rewrite needs no copy across devices).
-    tmp = f"{output}.tmp-icp-input-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        try:
-            write_input_order(tmp, bag.add)
-        except DataError as err:
-            # Name the output the user gave, not the temporary prefix (as --order input would).
-            raise DataError(str(err).replace(tmp, output)) from None
-        result = icp_order(bag.matrix(tok.vocab_size), neighbors)
-        stats = write_reordered(tmp, output, result.order, {**meta, "order": result.meta()}, latent_codec)
-    finally:
-        remove_dataset(tmp)
-    stats["order"] = result
-    return stats
-
-
-def _observe(docs, observe):
-    """Pass ``docs`` through, showing each to ``observe`` (None: nothing to show)."""
-    for doc in docs:
-        if observe is not None:
-            observe(doc)
-        yield doc
-
-
-def _tally_long(docs, seq_length: int | None, tally: dict):
-    """Pass ``docs`` through, counting in ``tally`` those that do not fit in a packed row.
-
-    The criterion is packing's own (``megafusion.data.packing.pack_documents``): a row holds
-    ``model.seq_length + 1`` tokens and a longer document is refused, never cut. The tokens
-    counted are the ones written, i.e. exactly what training will pack.
-    """
-    for doc in docs:
-        n = len(doc.tokens)
-        if seq_length is not None and n > seq_length + 1:
-            tally["documents"] += 1
-            tally["longest"] = max(tally["longest"], n)
-        yield doc
-
-
 def long_documents_warning(too_long: dict, documents: int, seq_length: int) -> str | None:
     """The one warning line about documents a run at ``seq_length`` cannot pack (None: all fit)."""
     if not too_long["documents"]:
@@ -408,32 +246,21 @@ def long_documents_warning(too_long: dict, documents: int, seq_length: int) -> s
 
 def export_builtin(args) -> int:
     """``megafusion data export-builtin``: a built-in set as a JSONL shard."""
-    from megafusion.data.builtin.digits import digits_documents
-    from megafusion.data.builtin.shapes import shapes_documents
-    from megafusion.data.formats.shards import write_jsonl_shard
+    from megafusion.data.builtin.export import export_builtin as export
 
-    n = args.num_samples
-    if n is not None and n < 1:
-        raise UsageError(f"--num-samples {n} must be >= 1")
-    if n is not None and args.set == "digits" and n > DIGITS_TOTAL:
-        raise UsageError(f"--num-samples {n}: the digits set has {DIGITS_TOTAL} documents; give at most that")
-    ensure_writable_file_parent(args.output, "--output")
+    done = export(args.set, args.output, args.num_samples, args.image_size, args.seed)
     if args.set == "shapes":
-        docs = shapes_documents(SHAPES_DEFAULT if n is None else n, args.seed, args.image_size)
-        what = f"{len(docs)} shapes documents (seed {args.seed})"
+        what = f"{done.documents} shapes documents (seed {args.seed})"
+    elif args.num_samples is None:
+        what = f"{done.documents} digits documents"
     else:
-        docs = digits_documents(args.image_size)
-        what = f"{len(docs)} digits documents" if n is None else f"the first {n} of the {len(docs)} digits documents"
-        docs = docs[:n]
-    path = write_jsonl_shard(docs, args.output)
-    print(f"wrote {what} to {path} (images in {os.path.splitext(path)[0]}_images/)")
+        what = f"the first {done.documents} of the {done.available} digits documents"
+    print(f"wrote {what} to {done.path} (images in {os.path.splitext(done.path)[0]}_images/)")
     return 0
 
 
 def build_index(argv: list[str]) -> int:
     """``megafusion data index``: the run's sample index, built here (see INDEX_DESCRIPTION)."""
-    import time
-
     from megafusion.config import load_config, validate
 
     args = _parser().index_parser.parse_intermixed_args(argv)
@@ -441,21 +268,13 @@ def build_index(argv: list[str]) -> int:
         raise UsageError("--config FILE is required: the run whose data to index")
     cfg = load_config(config_paths(args.config), args.overrides)
     p = cfg.parallel
-    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))
-    if cfg.data.source != "indexed":
-        raise UsageError(f"data.source={cfg.data.source} has no sample index: it is for data.source=indexed")
-    from megafusion.data.paths import check_data_paths
+    validate(cfg, world_size=max(1, p.tp * p.pp * p.cp))  # one data-parallel replica: the data is the same
+    from megafusion.data.index_build import build_run_index
 
-    check_data_paths(cfg)  # before torch is imported
-    from megafusion.data.sample_index import default_cache
-    from megafusion.data.sources import blend_entries, build_data
-
-    start = time.perf_counter()
-    data = build_data(cfg)
-    for line in data.describe().splitlines():
+    built = build_run_index(cfg)
+    for line in built.describe.splitlines():
         print(line)
-    where = ", ".join(cfg.data.index_cache or default_cache(path) for path, _, _ in blend_entries(cfg))
-    print(f"sample index ready in {time.perf_counter() - start:.1f} s: {where}")
+    print(f"sample index ready in {built.seconds:.1f} s: {', '.join(built.caches)}")
     return 0
 
 
@@ -486,6 +305,8 @@ def prepare_command(argv: list[str]) -> int:
     ):
         if path:
             ensure_exists(path, flag, expected, kind=kind)
+    from megafusion.data.prepare import prepare
+
     stats = prepare(
         args.input, args.tokenizer, args.output, codec_from_args(args), args.seq_length, args.order, neighbors
     )

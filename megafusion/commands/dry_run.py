@@ -1,4 +1,4 @@
-"""``megafusion train --dry-run`` / ``python -m megafusion.launch_plan``: the command line of
+"""``megafusion train --dry-run``: the command line of
 :func:`megafusion.planning.layout.dry_run` (the resolved parallel layout of a run, printed
 without starting any process; ``launch/slurm/train.sbatch --dry-run`` calls it).
 """

@@ -1,8 +1,8 @@
-"""``megafusion eval`` / ``python -m megafusion.evaluate``: the command lines of the evaluations.
+"""``megafusion eval``: the command lines of the evaluations.
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
         [--seed 0] [--output DIR]
-    [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
+    [torchrun --nproc-per-node N -m megafusion] eval --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
 Without ``--text``: validation loss and caption consistency of a Transfusion checkpoint trained on
@@ -43,7 +43,7 @@ EXAMPLES = (
 TEXT_EXAMPLES = (
     "megafusion eval --ckpt runs/llama_init --text sample.txt",
     "megafusion eval --ckpt runs/llama_init --text sample.txt --tokenizer path/to/Llama-3.2-1B --seq-length 512",
-    "torchrun --nproc-per-node 2 -m megafusion.evaluate --ckpt runs/llama_init --text sample.txt parallel.tp=2",
+    "torchrun --nproc-per-node 2 -m megafusion eval --ckpt runs/llama_init --text sample.txt parallel.tp=2",
 )
 
 
@@ -73,7 +73,7 @@ def _text_parser() -> argparse.ArgumentParser:
         "over non-overlapping --seq-length windows of [bos] + text. Prints one JSON line.",
         TEXT_EXAMPLES,
         "section.key=value: the layout to run in, e.g. parallel.tp=2 parallel.pp=2 (launch the processes\n"
-        "with torchrun --nproc-per-node N -m megafusion.evaluate ...).",
+        "with torchrun --nproc-per-node N -m megafusion eval ...).",
         usage="megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch N] "
         "[--loss-vocab N] [section.key=value ...]",
     )

@@ -1,4 +1,4 @@
-"""``megafusion generate`` / ``python -m megafusion.generate``: the command line of
+"""``megafusion generate``: the command line of
 :class:`megafusion.inference.generate.Generator` (text and images from a Transfusion checkpoint).
 
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]

@@ -1,4 +1,4 @@
-"""``[torchrun --nproc-per-node N] python -m megafusion.logits --ckpt CKPT --tokens IN.pt --output OUT.pt
+"""``[torchrun --nproc-per-node N -m] megafusion logits --ckpt CKPT --tokens IN.pt --output OUT.pt
 [section.key=value ...]``: the command line of :mod:`megafusion.inference.logits` (full-vocabulary
 logits of given token ids from a checkpoint, in any parallel layout). ``--out`` is still accepted
 for ``--output``, which is checked to be writable before the checkpoint is loaded.
@@ -22,18 +22,18 @@ layout (section.key=value, e.g. parallel.tp=2; start the processes with torchrun
 tensor [batch, seq, vocab] with torch.save."""
 
 EXAMPLES = (
-    "python -m megafusion.logits --ckpt runs/tiny_mixed/checkpoints --tokens ids.pt --output logits.pt",
-    "torchrun --nproc-per-node 2 -m megafusion.logits --ckpt runs/tiny_mixed/checkpoints --tokens ids.pt "
+    "megafusion logits --ckpt runs/tiny_mixed/checkpoints --tokens ids.pt --output logits.pt",
+    "torchrun --nproc-per-node 2 -m megafusion logits --ckpt runs/tiny_mixed/checkpoints --tokens ids.pt "
     "--output logits.pt parallel.tp=2",
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = command_parser(
-        "python -m megafusion.logits",
+        PROG,
         DESCRIPTION,
         EXAMPLES,
-        usage="python -m megafusion.logits [-h] --ckpt CKPT --tokens IN.pt --output OUT.pt [section.key=value ...]",
+        usage=f"{PROG} [-h] --ckpt CKPT --tokens IN.pt --output OUT.pt [section.key=value ...]",
     )
     add_ckpt(p, "step directory or checkpoint.dir (any layout)")
     p.add_argument("--tokens", required=True, metavar="IN.pt", help=".pt file with an int64 tensor [batch, seq]")

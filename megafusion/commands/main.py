@@ -1,38 +1,20 @@
-"""The ``megafusion`` console command (``megafusion <subcommand> ...``) and :func:`run`, the one way
-every command runs and reports a user's error.
+"""The ``megafusion`` console command (``megafusion <command> ...``, also ``python -m megafusion
+<command> ...``), its command table :data:`COMMANDS` and :func:`run`, the one way every command
+runs and reports a user's error.
 
-Subcommands:
-- ``train --config FILE [section.key=value ...] [--dry-run] [--overwrite]``: the same as
-  ``python -m megafusion.train`` (one process here; launch multi-process runs with
-  ``torchrun -m megafusion.train``, ``launch/torchrun.sh`` or ``launch/slurm/train.sbatch``).
-- ``flops --config FILE [...]``: parameters and FLOPs per token per modality.
-- ``plan --config FILE --gpus N --gpu h100|a100|h200 [...]``: the parallel layouts that validate,
-  their predicted memory per GPU and step time, ranked.
-- ``data prepare ...``: raw JSONL / tar shards -> indexed dataset; ``data export-builtin``: a built-in
-  set as a JSONL shard; ``data index``: a run's sample index, built ahead of the run.
-- ``tokenizer train|fit-vq ...``: a SentencePiece model from the text of shards, or a k-means
-  image patch codebook (the ``vq`` image codec).
-- ``convert dense-to-mot ...``: warm-start a Mixture-of-Transformers from a dense checkpoint;
-  ``convert upcycle ...``: a MoMa checkpoint from a MoT (or dense) one, every expert a copy of its FFN;
-  ``convert hf-to-mf`` / ``mf-to-hf``: Hugging Face Llama checkpoints in and out.
-- ``generate ...``: text and images (denoised with classifier-free guidance) from a Transfusion checkpoint.
-- ``eval ...``: held-out loss per modality and caption consistency of generated shapes images;
-  ``eval --ckpt CKPT --text FILE``: the mean next-token loss on a plain text file.
+:data:`COMMANDS` is the one list of the commands: the dispatcher, ``megafusion --help``
+(:func:`usage`) and the tests read it. ``megafusion --version`` (and ``megafusion <command>
+--version``) prints the installed version; ``megafusion <command> --help`` the command's options
+and examples (the parsers: :mod:`megafusion.commands.parsing`).
 
-``megafusion --version`` (and ``megafusion <command> --version``) prints the installed version;
-``megafusion <command> --help`` the command's options and examples (the parsers:
-:mod:`megafusion.commands.parsing`). ``USAGE`` lists every command and subcommand (a test derives
-them from the parsers).
-
-Each command module under :mod:`megafusion.commands` holds only its argument parsing and a
-``main(argv) -> int`` that is ``run(<the command>, argv, <its prog>)``: this console command, the
-``python -m megafusion.<name>`` entry points (``train``, ``cli``, ``evaluate``, ``logits``,
-``generate``, ``launch_plan``) and in-process callers all go through :func:`run`, so every
-command prints a user's error the same way: one line ``<prog>: <message>``, ``<prog>`` being the
-command as typed up to its subcommand (``megafusion train``, ``megafusion data prepare``,
-``megafusion convert mf-to-hf``), the prefix of argparse's own usage errors too. Nothing here
-imports torch, and no command module imports it before its arguments are parsed (``--help``,
-argument errors and ``--dry-run`` stay instant).
+Each command module ``megafusion.commands.<name>`` holds only its argument parsing and a
+``main(argv) -> int`` that is ``run(<the command>, argv, <its prog>)``: this console command,
+``python -m megafusion.train`` (kept for ``torchrun -m megafusion.train``) and in-process callers
+all go through :func:`run`, so every command prints a user's error the same way: one line
+``<prog>: <message>``, ``<prog>`` being the command as typed up to its subcommand (``megafusion
+train``, ``megafusion data prepare``, ``megafusion convert mf-to-hf``), the prefix of argparse's
+own usage errors too. Nothing here imports torch, and no command module imports it before its
+arguments are parsed (``--help``, argument errors and ``--dry-run`` stay instant).
 """
 
 from __future__ import annotations
@@ -42,41 +24,79 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from difflib import get_close_matches
 
 from megafusion.core.errors import MegafusionError
 
-USAGE = """usage: megafusion <command> [args]      (megafusion <command> --help: its options and examples)
-       megafusion [<command>] --version
 
-commands:
-  train --config FILE [section.key=value ...] [--dry-run]   train a model (see examples/configs/)
-  flops --config FILE [section.key=value ...]               parameters and FLOPs per token per modality
-  plan --config FILE --gpus N [--gpu h100|a100|h200]        layouts that fit, memory and step time per GPU
-  data prepare --input SHARDS --tokenizer M --output P      shards -> indexed dataset
-  data export-builtin --set shapes|digits --output F.jsonl  a built-in set as a JSONL shard (to try the tools on)
-  data index --config FILE [section.key=value ...]          build a run's sample index ahead of a large job
-  tokenizer train --input SHARDS --vocab-size N --output P  train a SentencePiece model
-  tokenizer fit-vq --builtin shapes --output CODEBOOK       fit a k-means image patch codebook
-  convert dense-to-mot --ckpt CKPT --output DIR             MoT weights copied from a dense checkpoint
-  convert upcycle --ckpt CKPT --output DIR [--experts E]    MoMa experts copied from a MoT / dense checkpoint
-  convert hf-to-mf --hf DIR --output CKPT [--config-out F]  import a Hugging Face Llama (safetensors)
-  convert mf-to-hf --ckpt CKPT --output DIR                 export a dense checkpoint as a Hugging Face Llama
-  generate --ckpt CKPT --prompt TEXT --output DIR           text (and --image) from a Transfusion checkpoint
-  eval --ckpt CKPT [--samples N]                            validation loss + caption consistency (shapes)
-  eval --ckpt CKPT --text FILE [--tokenizer T]              mean next-token loss on a plain text file
-"""
+@dataclass(frozen=True)
+class Command:
+    """One ``megafusion`` subcommand: its ``main`` is ``megafusion.commands.<name>.main`` (that
+    module's run-wrapped main); ``usage``: one ``(arguments, what it does)`` per form of the
+    command, the lines ``megafusion --help`` shows."""
 
-# Subcommand -> "module:function", the function being that module's run-wrapped main.
+    usage: tuple[tuple[str, str], ...]
+
+
+# The commands, in the order the usage lists them: the one place they are written down.
 COMMANDS = {
-    "train": "megafusion.commands.train:main",
-    "flops": "megafusion.commands.flops:main",
-    "plan": "megafusion.commands.plan:main",
-    "data": "megafusion.commands.data:main",
-    "tokenizer": "megafusion.commands.tokenizer:main",
-    "convert": "megafusion.commands.convert:main",
-    "generate": "megafusion.commands.generate:main",
-    "eval": "megafusion.commands.eval:main",
+    "train": Command((("--config FILE [section.key=value ...] [--dry-run]", "train a model (see examples/configs/)"),)),
+    "flops": Command((("--config FILE [section.key=value ...]", "parameters and FLOPs per token per modality"),)),
+    "plan": Command(
+        (("--config FILE --gpus N [--gpu h100|a100|h200]", "layouts that fit, memory and step time per GPU"),)
+    ),
+    "data": Command(
+        (
+            ("prepare --input SHARDS --tokenizer M --output P", "shards -> indexed dataset"),
+            (
+                "export-builtin --set shapes|digits --output F.jsonl",
+                "a built-in set as a JSONL shard (to try the tools on)",
+            ),
+            ("index --config FILE [section.key=value ...]", "build a run's sample index ahead of a large job"),
+        )
+    ),
+    "tokenizer": Command(
+        (
+            ("train --input SHARDS --vocab-size N --output P", "train a SentencePiece model"),
+            ("fit-vq --builtin shapes --output CODEBOOK", "fit a k-means image patch codebook"),
+        )
+    ),
+    "convert": Command(
+        (
+            ("dense-to-mot --ckpt CKPT --output DIR", "MoT weights copied from a dense checkpoint"),
+            ("upcycle --ckpt CKPT --output DIR [--experts E]", "MoMa experts copied from a MoT / dense checkpoint"),
+            ("hf-to-mf --hf DIR --output CKPT [--config-out F]", "import a Hugging Face Llama (safetensors)"),
+            ("mf-to-hf --ckpt CKPT --output DIR", "export a dense checkpoint as a Hugging Face Llama"),
+        )
+    ),
+    "generate": Command(
+        (("--ckpt CKPT --prompt TEXT --output DIR", "text (and --image) from a Transfusion checkpoint"),)
+    ),
+    "eval": Command(
+        (
+            ("--ckpt CKPT [--samples N]", "validation loss + caption consistency (shapes)"),
+            ("--ckpt CKPT --text FILE [--tokenizer T]", "mean next-token loss on a plain text file"),
+        )
+    ),
+    "logits": Command(
+        (("--ckpt CKPT --tokens IN.pt --output OUT.pt", "full-vocabulary logits of token ids (any layout)"),)
+    ),
 }
+
+
+def usage() -> str:
+    """``megafusion --help``: every form of every command of :data:`COMMANDS`, in its order."""
+    lines = [(f"{name} {arguments}", what) for name, command in COMMANDS.items() for arguments, what in command.usage]
+    width = max(len(left) for left, _ in lines) + 3
+    listed = "\n".join(f"  {left:<{width}}{what}" for left, what in lines)
+    return (
+        "usage: megafusion <command> [args]      (megafusion <command> --help: its options and examples)\n"
+        "       megafusion [<command>] --version\n"
+        "       python -m megafusion <command> [args]   (the same; torchrun -m megafusion <command> ...)\n"
+        f"\ncommands:\n{listed}\n"
+    )
+
 
 DEBUG_VARIABLE = "MEGAFUSION_DEBUG"  # =1: a user's error also prints its traceback
 
@@ -144,16 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     """``megafusion <command> [args]``: hands ``args`` to the command's ``main``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         print(f"megafusion {version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
-        module, function = COMMANDS[command].split(":")
-        return getattr(importlib.import_module(module), function)(rest)
-    print(f"megafusion: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return importlib.import_module(f"megafusion.commands.{command}").main(rest)
+    guess = get_close_matches(command, COMMANDS, n=1)
+    hint = f", did you mean {guess[0]!r}?" if guess else ""
+    print(
+        f"megafusion: unknown command {command!r}{hint} (the commands: {', '.join(COMMANDS)}; "
+        "megafusion --help shows their arguments)",
+        file=sys.stderr,
+    )
     return 2
 
 

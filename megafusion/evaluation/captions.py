@@ -3,7 +3,7 @@ runs (its command line: :mod:`megafusion.commands.eval`).
 
     megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
         [--seed 0] [--output DIR]
-    [torchrun --nproc-per-node N -m megafusion.evaluate | megafusion eval] --ckpt CKPT --text FILE
+    [torchrun --nproc-per-node N -m megafusion] eval --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
 With ``--text``: the mean next-token loss of any LM or Transfusion checkpoint (dense or MoT, any

@@ -3,7 +3,7 @@
 
     megafusion eval --ckpt CKPT --text FILE [--tokenizer PATH] [--seq-length N] [--batch 4]
         [--loss-vocab N] [section.key=value ...]
-    torchrun --nproc-per-node N -m megafusion.evaluate --ckpt CKPT --text FILE ... parallel.tp=2 ...
+    torchrun --nproc-per-node N -m megafusion eval --ckpt CKPT --text FILE ... parallel.tp=2 ...
 
 For checking a Hugging Face Llama import (``megafusion convert hf-to-mf``) against the original
 model, and that training (e.g. LMFusion, whose text weights are frozen) left the text ability of

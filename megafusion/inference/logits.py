@@ -1,6 +1,6 @@
 """Full-vocabulary logits of given token ids from a checkpoint, in any parallel layout.
 
-    [torchrun --nproc-per-node N] python -m megafusion.logits --ckpt CKPT --tokens IN.pt --output OUT.pt
+    [torchrun --nproc-per-node N -m] megafusion logits --ckpt CKPT --tokens IN.pt --output OUT.pt
         [parallel.tp=2 parallel.pp=2 ...]
 
 (the command line: :mod:`megafusion.commands.logits`). ``IN.pt`` holds an int64 tensor ``[b, s]``

@@ -1,7 +1,7 @@
 """The resolved parallel layout of a run, computed before any process group exists.
 
 ``megafusion train --dry-run --config FILE [section.key=value ...] --world-size 16 --nproc-per-node 8``
-(or ``python -m megafusion.launch_plan ...``; its command line: :mod:`megafusion.commands.dry_run`)
+(its command line: :mod:`megafusion.commands.dry_run`)
 prints, for the given number of processes, which tensor / pipeline / data (/ context / expert)
 parallel coordinates every global rank gets, which transformer layers it builds (per virtual
 pipeline chunk) and whether it holds the embedding or the output layer.
@@ -39,7 +39,7 @@ import re
 
 from megafusion.config import ConfigError, load_config, parse_cli, validate
 
-USAGE = """usage: python -m megafusion.launch_plan --config FILE [section.key=value ...]
+USAGE = """usage: megafusion train --dry-run --config FILE [section.key=value ...]
                                         [--world-size N] [--nnodes N] [--nproc-per-node M]
                                         [--per-rank | --grouped] [--json]
 

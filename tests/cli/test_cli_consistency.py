@@ -55,7 +55,7 @@ HELPS = [
     (None, ["generate"]),
     (None, ["eval"]),
     (None, ["eval", "--text", "FILE"]),
-    (logits.main, []),
+    (None, ["logits"]),
 ]
 
 
@@ -71,10 +71,11 @@ def _parse_example(line: str):
     words = shlex.split(line)
     if words[0] == "torchrun":
         words = ["python", *words[words.index("-m") :]]
-    if words[:2] == ["python", "-m"]:
-        module = {"megafusion.train": "train", "megafusion.evaluate": "eval", "megafusion.logits": "logits"}
-        words = ["megafusion", module[words[2]], *words[3:]]
-    assert words[0] == "megafusion", line
+    if words[:3] == ["python", "-m", "megafusion.train"]:  # torchrun's habit, kept
+        words = ["megafusion", "train", *words[3:]]
+    elif words[:3] == ["python", "-m", "megafusion"]:
+        words = words[2:]
+    assert words[0] == "megafusion", f"{line}: not megafusion <command> (python -m megafusion <command>)"
     command, args = words[1], words[2:]
     if command in ("train", "flops", "plan"):
         parsed = {"train": train, "flops": flops, "plan": plan}[command].parser().parse_intermixed_args(args)
@@ -92,7 +93,7 @@ def _parse_example(line: str):
     return [word for word in rest if "=" not in word or word.startswith("-")]
 
 
-@pytest.mark.parametrize("call,argv", HELPS, ids=[" ".join(argv) or "logits" for _, argv in HELPS])
+@pytest.mark.parametrize("call,argv", HELPS, ids=[" ".join(argv) for _, argv in HELPS])
 def test_every_command_has_help_with_a_description_and_examples_that_parse(call, argv, capsys):
     text = _help(call, argv, "--help", capsys)
     assert text == _help(call, argv, "-h", capsys)
@@ -103,6 +104,18 @@ def test_every_command_has_help_with_a_description_and_examples_that_parse(call,
     assert examples
     for line in examples:
         assert _parse_example(line) == [], line
+
+
+# `python -m` lines that are megafusion commands: the entry points and the retired shims (named to
+# be refused by _parse_example).
+ENTRY_MODULES = [
+    ["python", "-m", name]
+    for name in (
+        "megafusion",
+        "megafusion.train",
+        *(f"megafusion.{old}" for old in ("cli", "evaluate", "logits", "generate", "launch_plan")),
+    )
+]
 
 
 def _readme_commands() -> list[str]:
@@ -117,11 +130,7 @@ def _readme_commands() -> list[str]:
                 one, words = (
                     (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
                 )
-                if one[:1] in (["megafusion"], ["torchrun"]) or one[:3] in (
-                    ["python", "-m", "megafusion.train"],
-                    ["python", "-m", "megafusion.evaluate"],
-                    ["python", "-m", "megafusion.logits"],
-                ):
+                if one[:1] in (["megafusion"], ["torchrun"]) or one[:3] in ENTRY_MODULES:
                     commands.append(shlex.join(one))
     return commands
 
@@ -221,27 +230,46 @@ def _command_lines() -> list[list[str]]:
     from megafusion.commands.main import COMMANDS
 
     lines = []
-    for name, target in COMMANDS.items():
-        module = importlib.import_module(target.split(":")[0])
+    for name in COMMANDS:
+        module = importlib.import_module(f"megafusion.commands.{name}")
         parser = (getattr(module, "parser", None) or module._parser)()
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         lines += [[name, sub] for action in subs for sub in action.choices] or [[name]]
     return lines
 
 
-def test_the_usage_lists_every_command_and_subcommand_and_each_answers_version(capsys):
+def test_the_usage_lists_exactly_the_commands_of_the_table_and_their_subcommands(capsys, monkeypatch):
+    """The usage is made from ``COMMANDS``: the commands in its order, no other; every subcommand of
+    a command's parser, and no subcommand its parser does not have."""
+    from megafusion.commands.main import COMMANDS, Command
+
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    listed = [line.split()[:2] for line in usage.split("\ncommands:\n", 1)[1].splitlines() if line.strip()]
+    assert list(dict.fromkeys(name for name, _ in listed)) == list(COMMANDS)
+    commands = _command_lines()
+    with_subcommands = {words[0] for words in commands if len(words) == 2}
+    assert {"data", "convert", "tokenizer"} <= with_subcommands
+    for name, word in listed:
+        assert name not in with_subcommands or [name, word] in commands, f"{name} {word}: no such subcommand"
+    # A command added to the table is in the usage at once (nothing else lists them).
+    monkeypatch.setitem(COMMANDS, "frobnicate", Command((("--gently", "a command added in this test"),)))
+    assert main(["--help"]) == 0
+    assert "\n  frobnicate --gently " in capsys.readouterr().out
+
+
+def test_every_command_and_subcommand_is_in_the_usage_and_answers_version(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
     listed = [line.split()[:2] for line in usage.split("\ncommands:\n", 1)[1].splitlines() if line.strip()]
     commands = _command_lines()
-    assert ["data", "index"] in commands and ["convert", "upcycle"] in commands and ["plan"] in commands
+    assert ["data", "index"] in commands and ["convert", "upcycle"] in commands and ["logits"] in commands
     for words in commands:
-        assert any(line[: len(words)] == words for line in listed), f"{' '.join(words)} is missing from USAGE"
+        assert any(line[: len(words)] == words for line in listed), f"{' '.join(words)} is missing from the usage"
         assert main([*words, "--version"]) == 0, words
         assert capsys.readouterr().out == f"megafusion {version()}\n", words
     for extra in (["train", "--dry-run"], ["eval", "--text", "FILE"]):
         assert main([*extra, "--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
-    assert logits.main(["--version"]) == 0 and capsys.readouterr().out == f"megafusion {version()}\n"
 
 
 # ------------------------------------------------------------------ train / flops need --config
@@ -300,8 +328,8 @@ MISSING = [
     (["convert", "upcycle", "--ckpt", "{tmp}/none", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
     (["convert", "mf-to-hf", "--ckpt", "{tmp}/none", "--output", "{tmp}/o"], "--ckpt {tmp}/none"),
     (["convert", "hf-to-mf", "--hf", "{tmp}/none", "--output", "{tmp}/o"], "--hf {tmp}/none"),
-    (["logits:", "--ckpt", "{tmp}/none", "--tokens", "t.pt", "--output", "{tmp}/o.pt"], "--ckpt {tmp}/none"),
-    (["logits:", "--ckpt", "{tmp}", "--tokens", "{tmp}/none.pt", "--output", "{tmp}/o.pt"], "--tokens {tmp}/none.pt"),
+    (["logits", "--ckpt", "{tmp}/none", "--tokens", "t.pt", "--output", "{tmp}/o.pt"], "--ckpt {tmp}/none"),
+    (["logits", "--ckpt", "{tmp}", "--tokens", "{tmp}/none.pt", "--output", "{tmp}/o.pt"], "--tokens {tmp}/none.pt"),
     (["data", "prepare", "--input", "{tmp}/none", "--tokenizer", "t", "--output", "{tmp}/o"], "--input {tmp}/none"),
     (
         ["tokenizer", "train", "--input", "{tmp}/none", "--vocab-size", "50", "--output", "{tmp}/t"],
@@ -316,19 +344,15 @@ MISSING = [
 @pytest.mark.parametrize("argv,named", MISSING, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(MISSING)])
 def test_a_missing_input_is_one_line_naming_the_flag_and_the_path(argv, named, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]
-    rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
+    rc = main(argv)
     err = capsys.readouterr().err
-    command = (
-        "logits"
-        if argv[0] == "logits:"
-        else " ".join(argv[:2] if argv[0] in ("data", "convert", "tokenizer") else argv[:1])
-    )
+    command = " ".join(argv[:2] if argv[0] in ("data", "convert", "tokenizer") else argv[:1])
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith(f"megafusion {command}: {named.format(tmp=tmp_path)}: no "), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
-# (argv of `megafusion`, or of the logits tool after "logits:", and the exit status)
+# (argv of `megafusion`, and the exit status)
 LIGHT = [
     (["--version"], 0),
     # A dry-run that works: the layout is computed without torch or megatron.
@@ -391,22 +415,21 @@ LIGHT = [
     (["eval", "--ckpt", "c", "--bogus"], 2),
     (["eval", "--ckpt", "c", "--text", "t", "--help"], 0),
     (["eval", "--ckpt", "c", "--text", "t", "--bogus"], 2),
-    (["logits:", "--help"], 0),
-    (["logits:", "--ckpt", "c", "--tokens", "t"], 2),
-    (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "o.pt", "--bogus"], 2),
-    (["logits:", "--ckpt", "c", "--tokens", "t", "--output", "{file}/o.pt"], 2),
+    (["logits", "--help"], 0),
+    (["logits", "--ckpt", "c", "--tokens", "t"], 2),
+    (["logits", "--ckpt", "c", "--tokens", "t", "--output", "o.pt", "--bogus"], 2),
+    (["logits", "--ckpt", "c", "--tokens", "t", "--output", "{file}/o.pt"], 2),
     # Inputs that are not there: told before torch is imported (MISSING below checks the messages).
     *((argv, 2) for argv, _ in MISSING),
 ]
 
 PROBE = """
 import contextlib, io, json, sys
-from megafusion.commands.logits import main as logits_main
 from megafusion.commands.main import main
 results = []
 for argv in json.loads(sys.argv[1]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        rc = logits_main(argv[1:]) if argv[:1] == ["logits:"] else main(argv)
+        rc = main(argv)
     results.append([rc, sorted(m for m in ("torch", "megatron", "transformers") if m in sys.modules)])
 print(json.dumps(results))
 """
@@ -474,7 +497,7 @@ UNWRITABLE = [
     ),
     (["generate", "--ckpt", "{tmp}/none", "--prompt", "x", "--out", "{bad}/png"], "generate"),
     (["eval", "--ckpt", "{tmp}/none", "--output", "{bad}/png"], "eval"),
-    (["logits:", "--ckpt", "{tmp}/none", "--tokens", "{tmp}/none.pt", "--output", "{bad}/l.pt"], "logits"),
+    (["logits", "--ckpt", "{tmp}/none", "--tokens", "{tmp}/none.pt", "--output", "{bad}/l.pt"], "logits"),
     (["plan", "--config", "{tmp}/none.yaml", "--gpus", "8", "--json", "{bad}/plan.json"], "plan"),
 ]
 
@@ -484,7 +507,7 @@ def test_an_unwritable_output_is_refused_before_any_work(argv, command, tmp_path
     (tmp_path / "file").write_text("")
     bad = tmp_path / "file"
     argv = [a.format(tmp=tmp_path, bad=bad) for a in argv]
-    rc = logits.main(argv[1:]) if argv[0] == "logits:" else main(argv)
+    rc = main(argv)
     err = capsys.readouterr().err
     flag = next((f for f in ("--config-out", "--json", "--output") if f in argv), "--output")
     path = argv[argv.index(flag) + 1] if flag in argv else argv[argv.index("--out") + 1]

@@ -4,13 +4,15 @@
 and exit status 2 (a traceback only with ``MEGAFUSION_DEBUG=1``), argparse's errors keep their
 status 2, and a command that may start the runtime has it shut down afterwards. The commands
 are called in process through the ``megafusion`` dispatcher (no model is built: each error is
-found before); only the ``python -m`` entry points need a process of their own.
+found before); only ``python -m megafusion`` and ``python -m megafusion.train`` need a process of
+their own.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,34 +194,54 @@ def test_argparse_errors_keep_status_2_and_unknown_commands_are_named(capsys):
 # ------------------------------------------------------------------ entry points
 
 
-def test_every_entry_point_is_a_commands_main():
-    """The console subcommands and the `python -m megafusion.<name>` shims run the same functions."""
-    for name, target in COMMANDS.items():
-        module, function = target.split(":")
-        assert function == "main" and module == f"megafusion.commands.{name}"
-    shims = {
-        "train": "megafusion.commands.train",
-        "evaluate": "megafusion.commands.eval",
-        "generate": "megafusion.commands.generate",
-        "logits": "megafusion.commands.logits",
-        "cli": "megafusion.commands.main",
-        "launch_plan": "megafusion.commands.dry_run",
-    }
-    for shim, module in shims.items():
-        assert importlib.import_module(f"megafusion.{shim}").main is importlib.import_module(module).main, shim
+RETIRED = ("cli", "evaluate", "generate", "logits", "launch_plan")  # python -m megafusion <command> instead
+
+
+def test_every_entry_point_is_the_dispatcher_or_a_commands_main():
+    """``megafusion <name>`` runs ``megafusion.commands.<name>.main``; the console script and
+    ``python -m megafusion`` are the dispatcher; ``python -m megafusion.train`` (torchrun's habit)
+    is train's main; the retired ``python -m megafusion.<name>`` shims are gone."""
+
+    for name in COMMANDS:
+        assert callable(importlib.import_module(f"megafusion.commands.{name}").main), name
+    scripts = re.search(r'"console_scripts": \[(.*?)\]', (ROOT / "setup.py").read_text()).group(1)
+    assert scripts == '"megafusion=megafusion.commands.main:main"'
+    assert importlib.import_module("megafusion.__main__").main is main
+    assert importlib.import_module("megafusion.train").main is importlib.import_module("megafusion.commands.train").main
+    for name in RETIRED:
+        assert not (ROOT / "megafusion" / f"{name}.py").exists(), f"megafusion/{name}.py is back"
+
+
+def test_python_m_megafusion_answers_help_and_names_an_unknown_command_in_one_line():
+    from megafusion.commands.main import usage
+
+    def megafusion(*args):
+        cmd = [sys.executable, "-m", "megafusion", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+    proc = megafusion("--help")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, usage() + "\n", "")
+    proc = megafusion()
+    assert (proc.returncode, proc.stdout) == (2, usage() + "\n")
+    proc = megafusion("trian", "--config", CONFIG)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("megafusion: unknown command 'trian', did you mean 'train'? (the commands: train,")
+    proc = megafusion("logits", "--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("megafusion "), proc.stderr
 
 
 def test_module_entry_point_and_console_command_behave_the_same():
     console = shutil.which("megafusion")
-    via_console = [console] if console else [sys.executable, "-m", "megafusion.cli"]
+    launchers = [[sys.executable, "-m", "megafusion", "train"], [sys.executable, "-m", "megafusion.train"]]
+    launchers += [[console, "train"]] if console else []
 
     def both(*args):
         procs = [
             subprocess.run([*launcher, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-            for launcher in ([*via_console, "train"], [sys.executable, "-m", "megafusion.train"])
+            for launcher in launchers
         ]
-        assert procs[0].returncode == procs[1].returncode and procs[0].stdout == procs[1].stdout, procs
-        assert procs[0].stderr == procs[1].stderr
+        seen = [(proc.returncode, proc.stdout, proc.stderr) for proc in procs]
+        assert seen == seen[:1] * len(seen), seen
         return procs[0]
 
     proc = both("--config", CONFIG, "parallel.tpp=2")

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 
 def generate(*args):
-    cmd = [sys.executable, "-m", "megafusion.cli", "generate", *map(str, args)]
+    cmd = [sys.executable, "-m", "megafusion", "generate", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -101,7 +101,7 @@ def test_eval_reports_validation_loss_and_consistency(checkpoint):
     cmd = [
         sys.executable,
         "-m",
-        "megafusion.cli",
+        "megafusion",
         "eval",
         "--ckpt",
         str(checkpoint / "ckpt"),

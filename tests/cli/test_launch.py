@@ -266,7 +266,17 @@ def test_bad_world_size_exits_2_and_names_the_keys(capsys):
     assert "world size 6" in err and "parallel.tp" in err and "parallel.pp" in err
     # the same through the module entry point, before any torch import
     proc = subprocess.run(
-        [sys.executable, "-m", "megafusion.launch_plan", "--config", str(CONFIG), "parallel.tp=4", "--world-size=6"],
+        [
+            sys.executable,
+            "-m",
+            "megafusion",
+            "train",
+            "--dry-run",
+            "--config",
+            str(CONFIG),
+            "parallel.tp=4",
+            "--world-size=6",
+        ],
         cwd=ROOT,
         env=ENV,
         capture_output=True,

@@ -96,7 +96,7 @@ def test_loss_equals_transformers(imported):
         ok(
             run(
                 [
-                    "megafusion.cli",
+                    "megafusion",
                     "eval",
                     "--ckpt",
                     str(imported["ckpt"]),
@@ -130,7 +130,8 @@ def test_tensor_parallel_with_the_tokenizer_of_the_origin(imported):
         ok(
             run(
                 [
-                    "megafusion.evaluate",
+                    "megafusion",
+                    "eval",
                     "--ckpt",
                     str(imported["ckpt"]),
                     "--text",
@@ -253,7 +254,7 @@ def test_transfusion_run_from_the_import_keeps_its_text_loss(imported, tmp_path,
         ],
         "transfusion",
     )
-    out = result(ok(run(["megafusion.cli", "eval", "--ckpt", str(tmp_path / "run"), "--text", str(imported["text"])])))
+    out = result(ok(run(["megafusion", "eval", "--ckpt", str(tmp_path / "run"), "--text", str(imported["text"])])))
     want, count = hf_windows_loss(imported["hf"], imported["ids"], seq)
     assert abs(out["loss"] - want) <= 1e-5, (out["loss"], want)
     assert (out["tokens"], out["seq_length"], out["step"]) == (count, seq, 1)

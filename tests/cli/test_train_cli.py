@@ -54,7 +54,7 @@ def test_console_command_equals_module_entry_point(tmp_path):
     console = shutil.which("megafusion")
     first = [*args, f"logging.out_dir={tmp_path / 'console'}"]
     via_console = (
-        run([console, "train", *first]) if console else run([sys.executable, "-m", "megafusion.cli", "train", *first])
+        run([console, "train", *first]) if console else run([sys.executable, "-m", "megafusion", "train", *first])
     )
     via_module = run([sys.executable, "-m", "megafusion.train", *args, f"logging.out_dir={tmp_path / 'module'}"])
     assert via_console.returncode == via_module.returncode == 0, via_console.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_unknown_key_and_missing_file_are_named():
 
 
 def test_unknown_cli_command():
-    proc = run([sys.executable, "-m", "megafusion.cli", "trian"])
+    proc = run([sys.executable, "-m", "megafusion", "trian"])
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 

@@ -240,11 +240,11 @@ def test_writer_rejects_bad_documents(tmp_path):
 
 
 def test_export_builtin_writes_the_builtin_set_as_a_shard(tmp_path):
-    from megafusion.commands.data import main
+    from megafusion.data.builtin.export import Exported, export_builtin
     from megafusion.data.builtin.shapes import shapes_documents
 
     out = tmp_path / "shards" / "shapes.jsonl"
-    assert main(["export-builtin", "--set", "shapes", "--num-samples", "6", "--seed", "3", "--output", str(out)]) == 0
+    assert export_builtin("shapes", str(out), num_samples=6, seed=3) == Exported(str(out), 6, 6)
     read = list(read_shards([str(out)]))
     made = shapes_documents(6, 3, 16)
     assert len(read) == len(made)

@@ -5,8 +5,8 @@ d57b771 (``make.py`` there regenerates them from a checkout of that commit; they
 bit-identical but for the paths recorded in the manifests), with what that code computed from
 them: the losses of steps 3 and 4 resumed from the checkpoint and, for the language models, the
 logits of ``tokens.pt`` (that commit's ``megafusion.logits`` refuses Transfusion checkpoints, so
-the Transfusion run is checked by its resumed losses alone). Through the stable entry points
-(``python -m megafusion.train`` / ``megafusion.logits``) today's code must give the same numbers.
+the Transfusion run is checked by its resumed losses alone). Through the entry points
+(``python -m megafusion.train`` / ``python -m megafusion logits``) today's code must give the same numbers.
 
 Recorded numbers come from another machine: a CPU with other vector units (AVX2 here, AVX-512
 there) sums a matmul in another order, so the recorded logits are compared at
@@ -44,7 +44,7 @@ _DENSE_LOGITS_HERE: dict[str, torch.Tensor] = {}
 
 def logits(ckpt, out) -> torch.Tensor:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "megafusion.logits", "--ckpt", str(ckpt), "--tokens", str(FIXTURES / "tokens.pt")]
+    cmd = [sys.executable, "-m", "megafusion", "logits", "--ckpt", str(ckpt), "--tokens", str(FIXTURES / "tokens.pt")]
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return torch.load(out)

@@ -87,7 +87,7 @@ def test_raw_shards_to_indexed_dataset_to_training(tmp_path):
 
     def cli(*args):
         proc = subprocess.run(
-            [sys.executable, "-m", "megafusion.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "megafusion", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout

@@ -44,7 +44,7 @@ UPCYCLES = {
 
 
 def upcycle_command(src, out, *extra) -> list[str]:
-    cli = [sys.executable, "-m", "megafusion.cli", "convert", "upcycle"]
+    cli = [sys.executable, "-m", "megafusion", "convert", "upcycle"]
     return [*cli, "--input", str(src), "--output", str(out), *extra]
 
 

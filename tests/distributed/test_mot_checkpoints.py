@@ -59,7 +59,7 @@ def convert(src, out, *extra):
     cmd = [
         sys.executable,
         "-m",
-        "megafusion.cli",
+        "megafusion",
         "convert",
         "dense-to-mot",
         "--input",

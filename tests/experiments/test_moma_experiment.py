@@ -163,7 +163,7 @@ def test_run_py_plan():
     assert run.experts_value("moma_4t4i") == "{text: 4, image: 4}"
     assert run.command_line(["train", "--config", "c.yaml"])[1:] == [
         "-m",
-        "megafusion.commands.train",
+        "megafusion.train",
         "--config",
         "c.yaml",
     ]
@@ -200,7 +200,7 @@ def test_run_py_quick_end_to_end(tmp_path):
     assert set(steps.values()) == {6}, steps  # the upcycled run too: MoT's steps, then its own
     for name in names:
         cmd = result["train_commands"][name]
-        assert cmd[1:3] == ["-m", "megafusion.commands.train"] and f"logging.out_dir={out / name}" in cmd
+        assert cmd[1:3] == ["-m", "megafusion.train"] and f"logging.out_dir={out / name}" in cmd
         assert all(math.isfinite(result["curves"]["validation"][name][m][-1]) for m in analyze.MODALITIES)
         # The same width, depth and FFN: MoMa's FLOPs per step are dense's up to the router, the
         # rounding of the capacity and the padding nobody routes (plenty in this tiny data set).

@@ -3,8 +3,8 @@
 A tiny random ``LlamaForCausalLM`` (4 layers, hidden 64, 4 heads over 2 kv heads, SwiGLU 160,
 vocab 200, rope_theta 500000 with Llama-3 scaling whose three wavelength bands all hold
 frequencies at head_dim 16, random RMSNorm weights, fp32), untied and tied, is saved with
-transformers, imported with ``megafusion convert hf-to-mf``, and run by ``python -m
-megafusion.logits`` alone and under torchrun (TP = 2, PP = 2): its logits equal transformers'
+transformers, imported with ``megafusion convert hf-to-mf``, and run by ``megafusion
+logits`` alone and under torchrun (TP = 2, PP = 2): its logits equal transformers'
 on HF's vocabulary rows (the padding rows are zero). ``mf-to-hf`` gives back the original
 safetensors bit for bit, also from a checkpoint trained in a TP = 2 layout.
 """
@@ -81,7 +81,7 @@ def run(args: list[str], nproc: int = 1, timeout: int = 300):
 
 
 def convert(*args: str):
-    return run(["megafusion.cli", "convert", *map(str, args)])
+    return run(["megafusion", "convert", *map(str, args)])
 
 
 def ok(proc) -> str:
@@ -162,7 +162,8 @@ def test_logits_equal_transformers(models, layout, tmp_path):
     ok(
         run(
             [
-                "megafusion.logits",
+                "megafusion",
+                "logits",
                 "--ckpt",
                 str(ckpt),
                 "--tokens",

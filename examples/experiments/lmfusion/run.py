@@ -5,7 +5,7 @@
 repository root)
 
 One step after the other (never side by side: wall clocks are recorded), every megafusion step
-being the ``megafusion`` command shown (run as ``python -m megafusion.commands.main ...``):
+being the ``megafusion`` command shown (run as ``python -m megafusion ...``):
 
 1. text data: the captions of the built-in shapes (shapes seed ``TEXT_SEED``), grouped into
    text-only documents of 1 to N captions (one caption per line), written to a JSONL shard; a
@@ -168,7 +168,7 @@ class Runner:
         load, start = _load(), time.perf_counter()
         with open(log_path, "w", encoding="utf-8") as log:
             if self.launcher == "subprocess":
-                cmd = [sys.executable, "-m", "megafusion.commands.main", *args]
+                cmd = [sys.executable, "-m", "megafusion", *args]
                 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                 rc, output = run_logged(cmd, log, env)
             else:

@@ -5,7 +5,7 @@ on one config at equal active FLOPs per token, one after the other; then compare
 [--upcycle-router-noise X] [--out-dir DIR] [--results DIR] [--config FILE]
 [--launcher subprocess|inprocess] [--analyze-only] [section.key=value ...]`` (from the repository root)
 
-Every run (``analyze.RUNS``, in that order) is ``python -m megafusion.commands.train --config FILE
+Every run (``analyze.RUNS``, in that order) is ``python -m megafusion.train --config FILE
 [overrides] <its model.arch / moe.experts> logging.out_dir=OUT/<run>`` in the repository root, with
 the same config, data, seed and steps; the overrides apply to all of them. The runs go one after
 the other, never side by side, because their wall clocks are compared. Each run's console output
@@ -96,10 +96,10 @@ class StepFailed(RuntimeError):
 
 # --------------------------------------------------------------------------- launching
 def command_line(args: list[str]) -> list[str]:
-    """The process that runs ``megafusion <args>``: training as ``python -m megafusion.commands.train``."""
+    """The process that runs ``megafusion <args>``: training as ``python -m megafusion.train``."""
     if args[0] == "train":
-        return [shown(sys.executable), "-m", "megafusion.commands.train", *args[1:]]
-    return [shown(sys.executable), "-m", "megafusion.commands.main", *args]
+        return [shown(sys.executable), "-m", "megafusion.train", *args[1:]]
+    return [shown(sys.executable), "-m", "megafusion", *args]
 
 
 def run_megafusion(args: list[str], log_path: Path, launcher: str) -> float:

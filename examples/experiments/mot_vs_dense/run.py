@@ -40,7 +40,7 @@ def train_command(config: Path, overrides: list[str], arch: str, run_dir: Path, 
     return [
         shown(sys.executable),
         "-m",
-        "megafusion.commands.train",
+        "megafusion.train",
         "--config",
         shown(config),
         *overrides,
