@@ -1,4 +1,5 @@
-"""Test setup: one single-process megatron-core runtime (CPU + gloo) shared by in-process tests."""
+"""Test setup: one single-process megatron-core runtime (CPU + gloo) shared by in-process tests;
+``gpu``-marked tests skipped where CUDA is not available."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 # thread, as the commands the tests start do (OMP_NUM_THREADS=1): two workers share two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A ``gpu`` test is skipped, not failed, on a machine without CUDA (the README's command runs on CPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu); torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 _RUNTIME = []  # the in-process runtime, made by the first test that asks for one

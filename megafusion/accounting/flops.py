@@ -38,7 +38,7 @@ recomputation of the scores in the backward is not counted, and with the real ma
 bidirectional within an image when ``image_ids`` are given) masked-out pairs are not counted.
 
 What FlopCounterMode counts for attention (measured with torch 2.13 and read in
-``torch/utils/flop_counter.py``; see ``tests/unit/test_flops.py``)
+``torch/utils/flop_counter.py``; see ``tests/accounting/test_flops.py``)
 ----------------------------------------------------------------------------------------------
 - The fused CUDA SDPA kernels (flash / memory-efficient / cuDNN) and FlexAttention are
   counted from the *shapes* of q, k, v only: every query attends all ``s`` keys. ``is_causal``

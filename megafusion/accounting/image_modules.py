@@ -20,7 +20,7 @@ backward computes a weight gradient for every layer but an input gradient only w
 needs one: the layers that read data (``conv_in`` / the linear embed on the noised latents,
 ``linear_1`` on the sinusoidal features), which the run feeds without gradient exactly as the
 model does, cost forward + weight gradient = 2 x forward, every other layer 3 x forward: what
-runs and what FlopCounterMode counts (see ``tests/unit/test_flops_transfusion.py``). They are
+runs and what FlopCounterMode counts (see ``tests/accounting/test_flops_transfusion.py``). They are
 model FLOPs counted once: that every TP rank computes these small modules in full is not counted
 again. The latent shape is the objective's to choose when none is given (Transfusion: ``(3, S,
 S)`` for ``latent_codec=pixels``, ``S = data.image_size``; for ``kl`` it depends on the VAE, so

@@ -3,7 +3,7 @@
 Each one is a bug or assumption of megatron-core 0.16.1 found by megafusion's resume tests
 (torch's Adam, i.e. without Apex / Transformer Engine, as on CPU); with Apex / TE they change
 nothing. They were written against that version only: ``check_version`` refuses any other
-with the fix, so an upgrade is a deliberate act (re-run tests/distributed/test_resume.py, then
+with the fix, so an upgrade is a deliberate act (re-run tests/checkpoint/test_resume.py, then
 add the version to ``TESTED``).
 """
 
@@ -27,7 +27,7 @@ def check_version() -> None:
             f"megatron-core {__version__} is installed, but megafusion's checkpoint workarounds "
             f"(megafusion/checkpoint/mcore_patches.py) are tested with {', '.join(TESTED)} only: "
             f"pip install megatron-core=={TESTED[-1]}, or set {ALLOW_ENV}=1 to try anyway (then check that "
-            f"tests/distributed/test_resume.py passes)"
+            f"tests/checkpoint/test_resume.py passes)"
         )
 
 

@@ -12,7 +12,7 @@ nor megatron (it answers in a moment): the coordinates are those of ``RankGenera
 it for megafusion (default order ``tp-cp-ep-dp-pp``; the expert generator with
 ``expert_tensor_parallel_size=1``, as :mod:`megafusion.runtime.distributed` asks), and the layers
 those of ``get_num_layers_to_build`` / ``get_transformer_layer_offset`` for an even split (the only
-one megafusion configures). ``tests/cli/test_launch.py`` checks both against megatron-core's own
+one megafusion configures). ``tests/launch/test_launch.py`` checks both against megatron-core's own
 functions over a grid of layouts, and against the groups of a real 2-node torchrun job.
 
 API:

@@ -7,7 +7,7 @@ run (fp32, relative difference <= 1e-5). Layouts run as real ``torchrun`` jobs o
 Activation recomputation (``train.recompute``) rides on the same launches, against the same
 reference: tp2, pp2_vpp2 and tp2_pp2 run ``full`` (each layer recomputed), tp2_sp and pp2_1f1b
 ``selective`` (core attention), dp2_distopt none. Without recomputation every layout is also
-trained by a sibling test (MoT, Transfusion, MoMa, LMFusion); ``tests/models/test_recompute.py``
+trained by a sibling test (MoT, Transfusion, MoMa, LMFusion); ``tests/training/test_recompute.py``
 shows all three modes bit-identical in one process.
 """
 

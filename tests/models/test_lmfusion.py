@@ -196,7 +196,7 @@ def text_logits(runtime, cfg, path, tokens, warm=None) -> torch.Tensor:
 
 
 def test_text_half_is_bit_identical_after_training(runs, runtime):
-    from tests.models.test_hf_llama import checkpoint_tensors
+    from tests.interop.test_hf_llama import checkpoint_tensors
 
     tmp, _, _ = runs
     (dense_path, dense_cfg), (lmf_path, cfg) = _checkpoint(tmp / "dense"), _checkpoint(tmp / "lmf")
@@ -234,7 +234,7 @@ def test_lmfusion_from_a_hugging_face_llama(tmp_path, runtime, tied):
     from transformers import LlamaForCausalLM
 
     from tests.data.test_hf_tokenizer import raw, shapes_hf
-    from tests.models.test_hf_llama import convert, ok, tiny_llama_config
+    from tests.interop.test_hf_llama import convert, ok, tiny_llama_config
 
     tok_path = shapes_hf(tmp_path)
     n = raw(tok_path).get_vocab_size(with_added_tokens=True)

@@ -3,7 +3,7 @@ on another host, a requeued SLURM job, two take-overs at once), a lost ``latest`
 newest complete verified step, ``--overwrite`` over a checkpoint (and a requeued job that must not
 delete what it saved), the directory a refusal names, a changed ``train.seed`` refused before any
 data is built, and the free-space rule. End to end (two real runs on one directory, a killed run's
-lock taken over): tests/distributed/test_run_directory_e2e.py."""
+lock taken over): tests/training/test_run_directory_e2e.py."""
 
 from __future__ import annotations
 

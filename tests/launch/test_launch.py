@@ -51,7 +51,7 @@ WORKER = textwrap.dedent(
     from megafusion.runtime import initialize, shutdown
     from megatron.core import parallel_state as ps
 
-    from tests.cli.test_launch import _cfg
+    from tests.launch.test_launch import _cfg
 
     combos, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     records = []
@@ -424,7 +424,7 @@ def test_sbatch_dry_run_prints_layout_and_command(fake_slurm):
 
 # ---------------------------------------------------------------------------------------------
 # launch/torchrun_report.py: the line and the exit status launch/torchrun.sh ends with (a real
-# preempted run through it: tests/distributed/test_faults.py)
+# preempted run through it: tests/training/test_faults.py)
 
 
 def test_torchrun_report_line_and_status():

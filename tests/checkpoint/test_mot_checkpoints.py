@@ -88,8 +88,10 @@ def converted(tmp_path_factory):
     return tmp, dense_ckpt, tmp / "mot_init"
 
 
-@pytest.mark.torchrun
-@pytest.mark.parametrize("layout", [(1, []), (2, ["parallel.tp=2"])], ids=["single", "tp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param((1, []), id="single"), pytest.param((2, ["parallel.tp=2"]), id="tp2", marks=pytest.mark.torchrun)],
+)
 def test_converted_mot_starts_exactly_where_the_dense_model_is(converted, layout):
     """Same first-step loss as the dense weights; MoT gradients summed over modalities = dense gradients."""
     tmp, dense_ckpt, mot_init = converted

@@ -116,7 +116,7 @@ def measure(out_dir: Path) -> None:
 def measured(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("guidance_leak")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "tests.distributed.test_guidance_leak", str(out)]
+    cmd += ["-m", __name__, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -27,7 +27,7 @@ def test_bf16_transfusion_and_lmfusion_train_and_checkpoint(tmp_path):
     checkpoint a model mixing fp32 and bf16 parameters), and warm-starts LMFusion, which trains
     and saves too."""
     from megafusion import checkpoint as ck
-    from tests.models.test_hf_llama import checkpoint_tensors
+    from tests.interop.test_hf_llama import checkpoint_tensors
 
     config, steps = "tests/configs/transfusion_small.yaml", ["train.steps=3", "checkpoint.save=true"]
     fp32, _, _ = run_train(tmp_path, 1, config, ["model.params_dtype=fp32", "train.steps=3"], "fp32")

@@ -77,9 +77,7 @@ def test_kv_cache_equals_recomputing_the_sequence(tmp_path, arch):
         ],
         "train",
     )
-    code = (
-        f"from tests.models.test_kv_cache import check_cache_matches_recomputation as c; c({str(tmp_path / 'ckpt')!r})"
-    )
+    code = f"from {__name__} import check_cache_matches_recomputation as c; c({str(tmp_path / 'ckpt')!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

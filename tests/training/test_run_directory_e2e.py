@@ -7,7 +7,7 @@ start in one line naming A's host and pid, before torch is imported. A is then k
 loss spike at its second step: the checkpoint carries the recent losses.
 
 The in-process cases (another host, a requeued job, two take-overs at once, every kind of lost
-``latest``, --overwrite): tests/unit/test_run_directory.py.
+``latest``, --overwrite): tests/training/test_run_directory.py.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from megafusion.checkpoint.manifest import write_manifest
 from tests.data.test_hf_tokenizer import HARD, LLAMA3, TEXTS, train_hf
 from tests.helpers import run_train
-from tests.models.test_hf_llama import convert, ok, run, tiny_llama_config
+from tests.interop.test_hf_llama import convert, ok, run, tiny_llama_config
 
 SEQ = 32  # tokens per window: the text below makes 15 full windows and a shorter last one
 

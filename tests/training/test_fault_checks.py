@@ -1,5 +1,5 @@
 """The in-process pieces of fault handling: the free-space check before a save, loss-spike events,
-and the resume review's decisions (the end-to-end cases are in tests/distributed/test_faults.py)."""
+and the resume review's decisions (the end-to-end cases are in tests/training/test_faults.py)."""
 
 from __future__ import annotations
 

@@ -152,8 +152,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.torchrun
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# torchrun marks the layouts of several processes only: the single-process ones are quick tests.
+@pytest.mark.parametrize(
+    "layout", [pytest.param(k, marks=pytest.mark.torchrun if n > 1 else ()) for k, (_, n, _) in LAYOUTS.items()]
+)
 def test_logits_equal_transformers(models, layout, tmp_path):
     tmp, found = models
     name, nproc, overrides = LAYOUTS[layout]
