@@ -260,10 +260,16 @@ def _section_classes(owned: tuple) -> dict[str, type]:
                         f"rename one of them"
                     )
                 seen[f.name] = base
-        # One dataclass whose fields are every base's (methods of the core section kept).
-        classes[section] = (
-            bases[0] if len(bases) == 1 else dataclasses.make_dataclass(bases[0].__name__, [], bases=tuple(bases[::-1]))
-        )
+        # One dataclass whose fields are every base's (methods of the core section kept), findable
+        # by pickle under its own name in this module.
+        if len(bases) > 1:
+            name = "_".join([bases[0].__name__, *(b.__name__ for b in parts if b is not bases[0])])
+            merged = dataclasses.make_dataclass(name, [], bases=tuple(bases[::-1]))
+            merged.__module__ = __name__
+            globals()[name] = merged
+            classes[section] = merged
+        else:
+            classes[section] = bases[0]
     return classes
 
 
