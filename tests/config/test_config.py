@@ -39,7 +39,17 @@ def test_defaults_and_to_dict():
     cfg = load_config(None, [])
     d = cfg.to_dict()
     assert d["parallel"]["tp"] == 1 and d["model"]["arch"] == "dense"
-    assert set(d) == {"parallel", "model", "moe", "train", "data", "objective", "checkpoint", "eval", "logging", "ops"}
+    from megafusion.core.registries import FAMILIES, OBJECTIVES, known_options
+
+    core = {"parallel", "model", "train", "data", "objective", "checkpoint", "eval", "logging", "ops"}
+    # MoMa's moe section, and those of any plugin registered in this process (tests register some)
+    plugins = {
+        s
+        for key, name, o in known_options()
+        if name not in {*FAMILIES.builtin, *OBJECTIVES.builtin}
+        for s in o.sections
+    }
+    assert set(d) == core | {"moe"} | plugins
     assert cfg.model.effective_ffn_hidden_size() == 4 * cfg.model.hidden_size
     assert cfg.model.effective_num_query_groups() == cfg.model.num_attention_heads
     assert cfg.data_parallel_size(8) == 8
