@@ -53,7 +53,7 @@ def _one_ffn(modality: int) -> int:
 @dataclass(frozen=True)
 class LayerCost:
     """What one transformer layer holds and what a token costs in it, in the same terms for every
-    routing (none, by modality, expert choice, token choice, a layer a token may skip).
+    routing of its FFN (none, by modality, expert choice, top-k token choice, an FFN a token may skip).
 
     - ``copies``: part (``attention``, ``ffn``, ``norms``) -> copies of its weights held (missing: 1;
       MoT: one per modality of each untied part; experts: the FFN's copies are the experts); a
