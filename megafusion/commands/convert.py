@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--experts",
         metavar="E",
         help="moe.experts, as the config spells it: '{text: 4, image: 4}' (MoMa 4t4i) or '{mixed: 8}' "
-        "(default: the source run's moe.experts, 4t4i unless it set one)",
+        "(default: {text: 4, image: 4}; a dense or MoT run cannot set the moe section)",
     )
     up.add_argument(
         "--capacity",

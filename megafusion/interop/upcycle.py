@@ -142,8 +142,8 @@ def upcycle(
 ):
     """Convert (in this process, TP = PP = 1); returns the MoMa config and the ``origin`` written with the weights.
 
-    ``experts`` / ``capacity``: the ``moe.experts`` / ``moe.capacity`` values (default: the source
-    run's config's ``moe`` section, 4t4i at capacity 1/4 unless it set one); ``untie``:
+    ``experts`` / ``capacity``: the ``moe.experts`` / ``moe.capacity`` values (default: the ``moe``
+    section's defaults, 4t4i at capacity 1/4: a dense or MoT run cannot set it); ``untie``:
     ``model.untie`` (default: the MoT's, or ``all`` from a dense model)."""
     import torch
 
