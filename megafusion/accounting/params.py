@@ -39,10 +39,25 @@ def _dims(cfg) -> dict[str, int]:
     }
 
 
-def layer_costs(cfg) -> list:
-    """Each layer's :class:`~megafusion.models.spec.LayerCost`, layer 1 first (the family says)."""
+def layer_costs(cfg) -> tuple:
+    """Each layer's :class:`~megafusion.models.spec.LayerCost`, layer 1 first (the family says).
+
+    Remembered for the last configs asked about, by what a family's answer may depend on (the
+    planner asks for every chunk of thousands of layouts): ``model.*`` and the family's own option
+    sections (``ModelFamily.options.sections``)."""
     family = get_family(cfg.model.arch)
-    return [family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1)]
+    key = repr(cfg.model) + "".join(repr(getattr(cfg, s)) for s in family.options.sections)
+    hit = _COSTS.get(key)
+    if hit is not None and hit[0] is family:
+        return hit[1]
+    costs = tuple(family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1))
+    if len(_COSTS) >= 256:
+        _COSTS.pop(next(iter(_COSTS)))
+    _COSTS[key] = (family, costs)
+    return costs
+
+
+_COSTS: dict[str, tuple] = {}
 
 
 def routed_ffns(cfg) -> bool:

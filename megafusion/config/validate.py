@@ -6,6 +6,7 @@ Each problem names the offending keys, their values and a concrete fix.
 """
 
 import copy
+import functools
 
 from megafusion.core.choices import (
     ATTENTION_BACKENDS,
@@ -70,26 +71,33 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 WORLD = "the number of processes torchrun starts, --nproc-per-node x --nnodes"
 
 
+_TYPE_OK = {
+    bool: lambda v: isinstance(v, bool),
+    int: is_int,
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    dict: lambda v: isinstance(v, dict),
+}
+
+
+@functools.cache
+def _declared(cls: type) -> tuple:
+    """(name, base type, allows None) of each field (the planner validates thousands of configs)."""
+    return tuple((name, *split_optional(tp)) for name, tp in field_types(cls).items())
+
+
 def _type_problems(cfg: Config) -> list[str]:
     """Fields whose Python type does not match the schema (e.g. set by hand)."""
     problems = []
-    forms = dict_forms()
     for section, cls in section_classes().items():
         obj = getattr(cfg, section)
-        for name, tp in field_types(cls).items():
+        for name, base, optional in _declared(cls):
             v = getattr(obj, name)
-            base, optional = split_optional(tp)
             if v is None and optional:
                 continue
-            ok = {
-                bool: isinstance(v, bool),
-                int: is_int(v),
-                float: isinstance(v, (int, float)) and not isinstance(v, bool),
-                str: isinstance(v, str),
-                dict: isinstance(v, dict),
-            }.get(base, True)
-            if not ok:
+            if not _TYPE_OK.get(base, lambda v: True)(v):
                 key = f"{section}.{name}"
+                forms = dict_forms()
                 fix = f"write it as {forms[key]}" if key in forms else f"set it to a {base.__name__} value"
                 expected = f"{base.__name__}{' or null' if optional else ''}"
                 problems.append(f"{key}={v!r} is a {type(v).__name__}, expected {expected}: {fix}")

@@ -13,10 +13,15 @@ from megafusion.core.errors import ConfigError
 
 ENV = "MEGAFUSION_PLUGINS"
 _loaded: set[str] = set()
+_done = ""  # the value of the variable whose modules are all imported (registries ask often)
 
 
 def load_plugins() -> None:
-    for name in filter(None, (n.strip() for n in os.environ.get(ENV, "").split(","))):
+    global _done
+    value = os.environ.get(ENV, "")
+    if value == _done:
+        return
+    for name in filter(None, (n.strip() for n in value.split(","))):
         if name in _loaded:
             continue
         try:
@@ -27,3 +32,4 @@ def load_plugins() -> None:
                 f"or remove it from {ENV}"
             ) from err
         _loaded.add(name)
+    _done = value

@@ -28,6 +28,8 @@ class Registry:
         self.key, self.builtin, self.attribute, self.register_hint = key, dict(builtin), attribute, register_hint
         self.option_modules = dict(options or {})  # name -> torch-free module defining OPTIONS
         self._registered: dict = {}
+        self._builtin_objects: dict = {}
+        self._builtin_options: dict = {}
 
     def register(self, obj) -> None:
         """Make ``obj`` (with a ``name``) selectable as ``<key>=<obj.name>``."""
@@ -48,7 +50,9 @@ class Registry:
                 f"{self.key}={name!r} is unknown: choose one of {', '.join(self.names())} "
                 f"(or register yours: {self.register_hint})"
             )
-        return getattr(importlib.import_module(self.builtin[name]), self.attribute)
+        if name not in self._builtin_objects:  # imported once (the planner asks thousands of times)
+            self._builtin_objects[name] = getattr(importlib.import_module(self.builtin[name]), self.attribute)
+        return self._builtin_objects[name]
 
     def options(self, name: str) -> Options:
         """The config keys and checks of entry ``name`` (:class:`~megafusion.core.options.Options`),
@@ -57,5 +61,7 @@ class Registry:
         if name in self._registered:
             return getattr(self._registered[name], "options", NO_OPTIONS)
         if name in self.option_modules:
-            return importlib.import_module(self.option_modules[name]).OPTIONS
+            if name not in self._builtin_options:
+                self._builtin_options[name] = importlib.import_module(self.option_modules[name]).OPTIONS
+            return self._builtin_options[name]
         return NO_OPTIONS

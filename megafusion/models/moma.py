@@ -22,14 +22,17 @@ are one tensor with a leading expert axis, ``decoder.layers.mlp.experts.experts.
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from functools import partial
+from types import SimpleNamespace
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megafusion.config.schema import ModelConfig
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.layers.expert_choice_layer import ExpertChoiceMoELayer
 from megafusion.layers.expert_choice_router import ExpertChoiceRouter
@@ -79,13 +82,22 @@ def transformer_config(cfg) -> dict:
 
 def moma_layer_cost(cfg, layer: int) -> LayerCost:
     """Every token meets the router (``E x h``, fp32); each expert of group ``g`` takes
-    ``k_g = ceil(c_g x n_g)`` of the group's ``n_g`` routable tokens (padding is never routed)."""
-    groups = ExpertGroups.from_config(cfg.moe)
-    parts = [p for p in cfg.model.untied_parts() if p in UNTIED]
+    ``k_g = ceil(c_g x n_g)`` of the group's ``n_g`` routable tokens (padding is never routed).
+    Every layer's is the same."""
+    moe = cfg.moe
+    capacity = None if moe.capacity is None else tuple(sorted(moe.capacity.items()))
+    return _layer_cost(tuple(sorted(moe.experts.items())), capacity, cfg.model.untie, cfg.model.hidden_size)
+
+
+@functools.cache
+def _layer_cost(experts: tuple, capacity: tuple | None, untie: str, hidden: int) -> LayerCost:
+    groups = ExpertGroups.from_config(SimpleNamespace(experts=dict(experts), capacity=capacity and dict(capacity)))
+    untied = ModelConfig(untie=untie).untied_parts()
+    parts = [p for p in untied if p in UNTIED]
     return LayerCost(
         copies={**untied_copies(parts), "ffn": groups.total},
         experts=groups.total,
-        router=cfg.model.hidden_size * groups.total,
+        router=hidden * groups.total,
         ffn_per_token=partial(nominal_experts_per_token, groups),
         ffn_runs=partial(expert_runs, groups),
         explain=partial(explain_routing, groups),

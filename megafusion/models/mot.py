@@ -19,6 +19,8 @@ dense model's; only the parameter count grows. Modules read the per-token modali
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -55,7 +57,12 @@ def untied_copies(parts) -> dict[str, int]:
 
 def mot_layer_cost(cfg, layer: int) -> LayerCost:
     """A token meets its own modality's copy of each part: a dense layer's cost, more parameters."""
-    return LayerCost(copies=untied_copies(cfg.model.untied_parts()))
+    return _untied_layer(cfg.model.untied_parts())
+
+
+@functools.cache
+def _untied_layer(parts: tuple[str, ...]) -> LayerCost:
+    return LayerCost(copies=untied_copies(parts))
 
 
 def manifest_keys(cfg) -> dict:

@@ -11,7 +11,8 @@ family instead of branching on its name:
 - ``layer_cost(cfg, layer)``: what that layer holds and what a token costs in it, whatever its
   routing (a :class:`LayerCost`): parameter copies of each part, experts, router weights, FFN runs
   per token (nominal) and per microbatch (exact). Parameter and FLOPs accounting, the banner and
-  the planner read only this (:mod:`megafusion.accounting`, :mod:`megafusion.planning`);
+  the planner read only this (:mod:`megafusion.accounting`, :mod:`megafusion.planning`). It may
+  read ``cfg.model`` and the family's own option sections (accounting remembers answers by them);
 - ``routed``: whether its layers read the per-token modality routing
   (:mod:`megafusion.layers.routing`), which the forward step, generation and the logits tool then
   set around every model call;
@@ -83,8 +84,11 @@ class LayerCost:
         return self.copies.get(part, 1)
 
 
+PLAIN_LAYER = LayerCost()  # one FFN per token, one copy of everything
+
+
 def _plain_layer(cfg, layer: int) -> LayerCost:
-    return LayerCost()
+    return PLAIN_LAYER
 
 
 def _no_keys(cfg) -> dict:

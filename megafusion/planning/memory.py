@@ -156,20 +156,25 @@ def chunk_parameters(cfg, rank: Rank, chunk: int, latent_shape=None) -> dict[str
     out = {"dense": [], "fp32": [], "expert": []}
     if first:
         out["dense"].append(vocab // t * h)
+    made: dict[int, dict[str, list[int]]] = {}  # one layer's tensors, per distinct LayerCost
     for layer in chunk_layers(cfg, rank, chunk):
         cost = costs[layer - 1]
-        attention, ffn, norms = (cost.copies_of(part) for part in PARTS)
-        out["dense"] += [h] * norms
-        out["dense"] += [h * heads * d // t, (heads + 2 * groups) * d // t * h] * attention
-        if cfg.model.qk_norm:
-            out["dense"] += [d, d] * norms
-        out["dense"] += [h] * norms
-        if cost.experts:
-            out["expert"] += [2 * f * h, h * f] * (cost.experts // rank.ep)
-        else:
-            out["dense"] += [2 * f // t * h, h * f // t] * ffn
-        if cost.router:
-            out["fp32"].append(cost.router)
+        if id(cost) not in made:
+            attention, ffn, norms = (cost.copies_of(part) for part in PARTS)
+            mine = {"dense": [h] * norms, "fp32": [], "expert": []}
+            mine["dense"] += [h * heads * d // t, (heads + 2 * groups) * d // t * h] * attention
+            if cfg.model.qk_norm:
+                mine["dense"] += [d, d] * norms
+            mine["dense"] += [h] * norms
+            if cost.experts:
+                mine["expert"] += [2 * f * h, h * f] * (cost.experts // rank.ep)
+            else:
+                mine["dense"] += [2 * f // t * h, h * f // t] * ffn
+            if cost.router:
+                mine["fp32"].append(cost.router)
+            made[id(cost)] = mine
+        for kind, numels in made[id(cost)].items():
+            out[kind] += numels
     if last:
         out["dense"] += [h] * costs[-1].copies_of("norms")
         if not cfg.model.tie_embeddings:
@@ -261,9 +266,10 @@ def _split_by_modality(cost) -> bool:
 
 
 def layer_activation_bytes(
-    cfg, rank: Rank, params_dtype: str, micro_batch: int | None = None, layer: int = 1
+    cfg, rank: Rank, params_dtype: str, micro_batch: int | None = None, layer: int = 1, costs=None
 ) -> dict[str, float]:
-    """Bytes transformer layer ``layer`` saves for one microbatch on this rank, by part (no recompute)."""
+    """Bytes transformer layer ``layer`` saves for one microbatch on this rank, by part (no recompute);
+    ``costs``: the layers' ``LayerCost``s when the caller has them."""
     h, heads, groups, f = _dims(cfg)
     d, s = h // heads, cfg.model.seq_length
     b = micro_batch or cfg.train.micro_batch_size
@@ -277,7 +283,7 @@ def layer_activation_bytes(
         k_input = 0 if a == FP32 else groups * d
         attn += FP32 * (2 * heads * d + groups * d + k_input) / t + FP32 * (heads + groups) / t
     attn += a * (heads + groups) * d / t + a * heads * d / t + FP32 * heads / t
-    cost = layer_costs(cfg)[layer - 1]
+    cost = (costs or layer_costs(cfg))[layer - 1]
     # A further FFN run on the same input (a layer whose token runs two FFNs) saves its fc1 output
     # (2f), SiLU output and gated product (f each): 4f, measured (tests/planning/
     # test_plan_memory_measured.py, the plugin family); experts count as one run per token (below).
@@ -317,8 +323,13 @@ def chunk_activation_bytes(
     sp = rank.sp and t > 1
     hs = h / t if sp else h
     kept, transient, ends, mask = 0.0, 0.0, 0.0, 0.0
+    costs = layer_costs(cfg)
+    made: dict[int, dict[str, float]] = {}  # one layer's bytes, per distinct LayerCost
     for layer in chunk_layers(cfg, rank, chunk):
-        parts = layer_activation_bytes(cfg, rank, params_dtype, b, layer)
+        cost = costs[layer - 1]
+        if id(cost) not in made:
+            made[id(cost)] = layer_activation_bytes(cfg, rank, params_dtype, b, layer, costs)
+        parts = made[id(cost)]
         one_layer, mask = sum(parts.values()), parts["mask"]
         if recompute == "full":
             kept += tokens * a * hs
@@ -340,7 +351,7 @@ def chunk_activation_bytes(
     if rank.pp_rank == rank.pp - 1 and chunk == rank.vpp - 1:
         vocab = cfg.model.vocab_size
         z = 1 if cfg.model.z_loss_weight > 0 else 0
-        split_norm = layer_costs(cfg)[-1].copies_of("norms") > 1  # the final norm follows the last layer
+        split_norm = costs[-1].copies_of("norms") > 1  # the final norm follows the last layer
         final_norm = FP32 * 2 * hs + FP32 + (a * h if split_norm else 0)
         tail = tokens * (final_norm + a * hs + FP32 * (1 + z) * vocab / t + FP32 * 3 + 1 + 8)
         tail += image_tokens * per_image_token["last"]

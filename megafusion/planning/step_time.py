@@ -59,10 +59,14 @@ def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
     output = 3 * 2 * (parts["output"] + parts["new_rows"])  # LMFusion's output delta sits beside it
     attention_per_layer = attention_flops_per_key(cfg) * mean_attended_keys(cfg) / cfg.model.num_layers
 
+    made: dict[int, float] = {}  # per distinct LayerCost
+
     def layer_flops(layer: int) -> float:
         cost = costs[layer - 1]
-        weights = parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, None)
-        return 3 * 2 * weights + attention_per_layer
+        if id(cost) not in made:
+            weights = parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, None)
+            made[id(cost)] = 3 * 2 * weights + attention_per_layer
+        return made[id(cost)]
 
     stages = []
     for p in range(rank.pp):
