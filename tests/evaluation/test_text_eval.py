@@ -119,6 +119,7 @@ def test_loss_equals_transformers(imported):
     # Softmax over the HF model's vocabulary, not the 384 rows the import padded it to.
     assert out["loss_vocab"] == imported["hf_vocab"]
     assert out["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "dp": 1} and out["step"] == 0
+    assert out["causal_routing"] is True and "routing" not in out  # a dense model routes nothing
     assert out["tokenizer"] == str(imported["hf"] / "tokenizer.json") and out["checkpoint"] == str(imported["ckpt"])
     imported["single"] = out["loss"]
 
