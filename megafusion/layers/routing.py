@@ -23,6 +23,8 @@ flattening the first two dims gives token ``i = pos * b + row``):
 - ``counts``: tokens per modality as Python ints, from the batch's host-side
   ``modality_counts``, so routing never synchronises with the device; ``routable_counts``: the
   same without padding (the first ``routable_counts[m]`` of modality ``m``'s tokens in ``order``);
+- ``causal``: whether routed layers must route each token from its own state only (causal
+  inference: generation, eval's causal column; auxiliary routers decide); expert choice otherwise;
 - ``sample_ids``: the global sample number of each row (host ints, the batch's ``sample_ids``),
   which keys anything drawn at random per row (MoMa's router noise), so a sample gets the same
   draw in every parallel layout, at any microbatch position and after a resume.
@@ -55,6 +57,9 @@ class ModalityRouting:
     micro_batch_size: int
     routable_counts: tuple[int, ...] | None = None  # counts without padding; None: no padding
     sample_ids: tuple[int, ...] | None = None  # each row's global sample number (host ints); None: unknown
+    # Causal routing: every routed layer routes each token from its own state only (auxiliary
+    # routers' predictions, :mod:`megafusion.layers.aux_router`), never against other tokens.
+    causal: bool = False
     # Host-side facts derived from the microbatch once and shared by its layers (MoMa's
     # expert-parallel dispatch counts, :mod:`megafusion.layers.expert_choice_layer`).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -71,13 +76,15 @@ class ModalityRouting:
         num_modalities: int,
         padding: torch.Tensor | None = None,
         sample_ids=None,
+        causal: bool = False,
     ) -> ModalityRouting:
         """Routing of one ``[b, s]`` microbatch whose metadata lives on the host.
 
         ``modality_counts`` (``[num_modalities]``, counted when the batch was made) is checked
         against the ids here, on the host, so a broken data pipeline fails loudly instead of
         mis-routing tokens. ``padding`` (``[b, s]`` bool, optional) marks the batch's padding;
-        ``sample_ids`` (``[b]``, host tensor or ints, optional) each row's global sample number.
+        ``sample_ids`` (``[b]``, host tensor or ints, optional) each row's global sample number;
+        ``causal``: route each token from its own state only (:attr:`causal`).
         """
         if modality_ids.device.type != "cpu":
             raise ValueError(
@@ -110,7 +117,19 @@ class ModalityRouting:
         inverse[order] = torch.arange(order.numel())
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - three identical moves
         counts = tuple(int(c) for c in counted)
-        return cls(move(flat), move(order), move(inverse), counts, s, b, routable, sample_ids)
+        return cls(move(flat), move(order), move(inverse), counts, s, b, routable, sample_ids, causal)
+
+    def routable_mask(self) -> torch.Tensor:
+        """``[s * b]`` bool on the device, megatron order: True for the tokens that are not padding
+        (made once per microbatch, kept in :attr:`cache`)."""
+        if "routable_mask" not in self.cache:
+            mask = torch.ones_like(self.token_modality, dtype=torch.bool)
+            start = 0
+            for m, count in enumerate(self.counts):
+                mask[self.order[start + self.routable(m) : start + count]] = False
+                start += count
+            self.cache["routable_mask"] = mask
+        return self.cache["routable_mask"]
 
     def modality_of(self, x: torch.Tensor) -> torch.Tensor:
         """Modality of each token of ``x`` (``[s or s/tp, b, ...]``), shaped ``[x.shape[0], b]``."""
@@ -153,11 +172,18 @@ def current_routing() -> ModalityRouting:
     return _ACTIVE[-1]
 
 
-def routing_for(batch: dict, device: torch.device):
-    """The modality routing of a microbatch, as a context for the model call (MoT families)."""
+def routing_for(batch: dict, device: torch.device, causal: bool = False):
+    """The modality routing of a microbatch, as a context for the model call (MoT families);
+    ``causal``: every routed layer routes each token from its own state only (inference)."""
     documents = batch.get("document_ids")
     padding = None if documents is None else documents == PAD_DOCUMENT_ID
     routing = ModalityRouting.from_modality_ids(
-        batch["modality_ids"], batch.get("modality_counts"), device, NUM_MODALITIES, padding, batch.get("sample_ids")
+        batch["modality_ids"],
+        batch.get("modality_counts"),
+        device,
+        NUM_MODALITIES,
+        padding,
+        batch.get("sample_ids"),
+        causal,
     )
     return modality_routing(routing)
