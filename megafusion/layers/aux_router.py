@@ -26,8 +26,8 @@ norms) or the whole microbatch on every rank (``False``: every rank computes the
 nothing is reduced; the statistics are kept on tensor-parallel rank 0 only).
 
 Statistics (:meth:`AuxRouter.record`): per router, a float64 device vector ``STAT_FIELDS`` (BCE
-summed over every decision, i.e. token and output; true/false positives, false/true negatives, decisions) accumulated without synchronisation
-until :func:`take_stats` hands the sum over routers to a trainer or an evaluation and resets
+summed over every decision, i.e. token and output; true/false positives, false/true negatives,
+decisions) accumulated without synchronisation until :func:`take_stats` hands the sum over routers to a trainer or an evaluation and resets
 them. Activation recomputation runs a layer's forward twice; a router records a microbatch once
 (keyed on its routing, :mod:`megafusion.layers.routing`).
 """
@@ -44,12 +44,13 @@ THRESHOLD = 0.5  # a score above it picks (causal routing)
 
 
 class AuxRouter(torch.nn.Module):
-    """``sigmoid(SiLU(x W1) W2)`` on detached fp32 inputs; ``fc1.weight`` ``[d/2, d]``, ``fc2.weight`` ``[outputs, d/2]``."""
+    """``sigmoid(SiLU(x W1) W2)`` on detached fp32 inputs; ``fc1.weight`` ``[d/2, d]``, ``fc2.weight``
+    ``[outputs, d/2]``."""
 
     def __init__(self, hidden_size: int, outputs: int, *, sequence_parallel: bool = False, device=None):
         super().__init__()
         if hidden_size < 2 or outputs < 1:
-            raise ValueError(f"an auxiliary router needs hidden_size >= 2 and outputs >= 1, got {hidden_size}, {outputs}")
+            raise ValueError(f"an auxiliary router needs hidden_size >= 2 and outputs >= 1: got {hidden_size}, {outputs}")
         inner = hidden_size // 2
         self.fc1 = torch.nn.Linear(hidden_size, inner, bias=False, device=device, dtype=torch.float32)
         self.fc2 = torch.nn.Linear(inner, outputs, bias=False, device=device, dtype=torch.float32)

@@ -40,7 +40,8 @@ def test_bce_matches_float64_reference_and_statistics():
     stats = take_stats([r], torch.device("cpu"))
     picked = (p > 0.5)[valid]
     t = targets[valid]
-    expect = [float(ref_all.detach()), (picked & t).sum(), (picked & ~t).sum(), (~picked & t).sum(), (~picked & ~t).sum(), 24]
+    counts = [(picked & t).sum(), (picked & ~t).sum(), (~picked & t).sum(), (~picked & ~t).sum(), 24]
+    expect = [float(ref_all.detach()), *counts]
     torch.testing.assert_close(stats[0], torch.tensor(expect[0], dtype=torch.float64), rtol=1e-6, atol=0)
     assert stats[1:].tolist() == [float(v) for v in expect[1:]]
     assert r.stats is None and take_stats([r], torch.device("cpu")).abs().sum() == 0  # taken and reset
