@@ -27,9 +27,10 @@ nothing is reduced; the statistics are kept on tensor-parallel rank 0 only).
 
 Statistics (:meth:`AuxRouter.record`): per router, a float64 device vector ``STAT_FIELDS`` (BCE
 summed over every decision, i.e. token and output; true/false positives, false/true negatives,
-decisions) accumulated without synchronisation until :func:`take_stats` hands the sum over routers to a trainer or an evaluation and resets
-them. Activation recomputation runs a layer's forward twice; a router records a microbatch once
-(keyed on its routing, :mod:`megafusion.layers.routing`).
+decisions) accumulated without synchronisation until :func:`take_stats` hands the sum over
+routers to a trainer or an evaluation and resets them. Activation recomputation runs a layer's
+forward twice; a router records a microbatch once (keyed on its routing,
+:mod:`megafusion.layers.routing`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class AuxRouter(torch.nn.Module):
     def __init__(self, hidden_size: int, outputs: int, *, sequence_parallel: bool = False, device=None):
         super().__init__()
         if hidden_size < 2 or outputs < 1:
-            raise ValueError(f"an auxiliary router needs hidden_size >= 2 and outputs >= 1: got {hidden_size}, {outputs}")
+            raise ValueError(f"AuxRouter needs hidden_size >= 2 and outputs >= 1, not {hidden_size}, {outputs}")
         inner = hidden_size // 2
         self.fc1 = torch.nn.Linear(hidden_size, inner, bias=False, device=device, dtype=torch.float32)
         self.fc2 = torch.nn.Linear(inner, outputs, bias=False, device=device, dtype=torch.float32)
