@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from megafusion.accounting.image_modules import image_module_layers
 from megafusion.core.modality import MODALITY_NAMES, Modality
-from megafusion.models.registry import get_family
+from megafusion.models.registry import extension_sections, get_family, layer_cost
 
 
 def _dims(cfg) -> dict[str, int]:
@@ -46,11 +46,12 @@ def layer_costs(cfg) -> tuple:
     planner asks for every chunk of thousands of layouts): ``model.*`` and the family's own option
     sections (``ModelFamily.options.sections``)."""
     family = get_family(cfg.model.arch)
-    key = repr(cfg.model) + "".join(repr(getattr(cfg, s)) for s in family.options.sections)
+    sections = (*family.options.sections, *extension_sections(cfg))
+    key = repr(cfg.model) + "".join(repr(getattr(cfg, s)) for s in sections)
     hit = _COSTS.get(key)
     if hit is not None and hit[0] is family:
         return hit[1]
-    costs = tuple(family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1))
+    costs = tuple(layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1))
     if len(_COSTS) >= 256:
         _COSTS.pop(next(iter(_COSTS)))
     _COSTS[key] = (family, costs)

@@ -21,7 +21,7 @@ from pathlib import Path
 from megafusion.checkpoint import integrity
 from megafusion.core.errors import CheckpointError
 from megafusion.core.io import atomic_write
-from megafusion.models.registry import get_family
+from megafusion.models.registry import manifest_keys as family_manifest_keys
 from megafusion.objectives.registry import get_objective
 
 LATEST = "latest"
@@ -45,7 +45,7 @@ def model_keys(cfg) -> dict:
     values = {k: getattr(m, k) for k in SHAPE_KEYS}
     values["num_query_groups"] = m.effective_num_query_groups()
     values["ffn_hidden_size"] = m.effective_ffn_hidden_size()
-    values.update(get_family(m.arch).manifest_keys(cfg))
+    values.update(family_manifest_keys(cfg))
     if m.norm_placement != "pre":  # other norm keys
         values["norm_placement"] = m.norm_placement
     if m.tie_embeddings:  # no output_layer.weight

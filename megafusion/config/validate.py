@@ -18,7 +18,7 @@ from megafusion.core.choices import (
     RECOMPUTE_MODES,
     STOP_SIGNALS,
 )
-from megafusion.core.registries import FAMILIES, OBJECTIVES, known_options
+from megafusion.core.registries import EXTENSIONS, FAMILIES, OBJECTIVES, known_options
 
 from .checks import at_least, braces, divisors, is_int, near, one_of
 from .schema import (
@@ -301,13 +301,16 @@ def _eval_and_logging_problems(ev, lg) -> list[str]:
 
 
 def _owned_problems(cfg: Config, known_archs: tuple, known_objectives: tuple) -> list[str]:
-    """The selected family's and objective's own checks, and any section owned only by entries that
-    are not selected, set away from its defaults (it would be ignored)."""
+    """The selected family's and objective's own checks, every layer extension's, and any section
+    owned only by entries that are not selected, set away from its defaults (it would be ignored)."""
     selected = {"model.arch": cfg.model.arch, "objective.name": cfg.objective.name}
     known = {"model.arch": tuple(known_archs), "objective.name": tuple(known_objectives)}
     problems = []
     owners: dict[str, list[tuple[str, str]]] = {}
     for key, name, options in known_options():
+        if key == EXTENSIONS.key:  # an extension checks itself (nothing while its section leaves it off)
+            problems += options.problems(cfg)
+            continue
         if name not in known[key]:
             continue
         if name == selected[key]:

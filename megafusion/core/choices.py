@@ -22,3 +22,4 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # can check objective.latent_patch_size against the downsampling before anything is built.
 UNET_CHANNELS = (32, 64)
 UNET_LAYERS_PER_BLOCK = 1
+MOD_SPLITS = ("global", "per_modality")  # where Mixture-of-Depths selects: a row's tokens, or per modality

@@ -1,5 +1,6 @@
-"""The two tables a run's config selects from: ``model.arch`` -> model family and
-``objective.name`` -> objective.
+"""The tables a run's config selects from: ``model.arch`` -> model family, ``objective.name`` ->
+objective, and the layer extensions any family's layers may take (Mixture-of-Depths), each switched
+on by its own section (``Options.active``).
 
 Built-in entries are named by module path (each module defines ``FAMILY`` / ``OBJECTIVE``), and
 so are their torch-free option companions (each defines ``OPTIONS``); so config loading and
@@ -36,7 +37,16 @@ OBJECTIVES = Registry(
 )
 
 
+EXTENSIONS = Registry(
+    key="extension",
+    builtin={"mod": "megafusion.models.mod"},
+    attribute="EXTENSION",
+    register_hint="megafusion.models.registry.register_extension",
+    options={"mod": "megafusion.models.mod_options"},
+)
+
+
 def known_options():
-    """Every known family's and objective's :class:`~megafusion.core.options.Options` (plugins
-    included), as (key, name, options), in registry order."""
-    return [(r.key, name, r.options(name)) for r in (FAMILIES, OBJECTIVES) for name in r.names()]
+    """Every known family's, objective's and layer extension's :class:`~megafusion.core.options.Options`
+    (plugins included), as (key, name, options), in registry order."""
+    return [(r.key, name, r.options(name)) for r in (FAMILIES, OBJECTIVES, EXTENSIONS) for name in r.names()]

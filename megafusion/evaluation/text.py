@@ -273,9 +273,9 @@ def evaluate_text(job: Plan) -> dict | None:
         return None
     nll, count = total.tolist()
     loss = nll / count
-    from megafusion.models.registry import get_family
+    from megafusion.models.registry import causal_routing
 
-    causal = get_family(cfg.model.arch).causal_routing
+    causal = causal_routing(cfg)
     return {
         "checkpoint": str(job.path),
         "step": job.step,

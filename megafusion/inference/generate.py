@@ -58,10 +58,10 @@ class Generator:
     """A Transfusion model (an unwrapped ``TransfusionGPTModel``), its tokenizer and latent codec."""
 
     def __init__(self, cfg, runtime, tokenizer, model, kv_cache: bool = True):
-        from megafusion.models.registry import get_family
+        from megafusion.models.registry import causal_routing
         from megafusion.objectives.transfusion import schedule_for
 
-        if not get_family(cfg.model.arch).causal_routing:
+        if not causal_routing(cfg):
             # E.g. expert choice ranks a microbatch's tokens against each other (later ones included):
             # one decoded token would be taken by every expert of its group.
             raise ValueError(
@@ -111,7 +111,7 @@ class Generator:
         from megafusion.core.modality import Modality
         from megafusion.layers.masks import dense_mask
         from megafusion.layers.routing import routing_for
-        from megafusion.models.registry import get_family
+        from megafusion.models.registry import routed as needs_routing
         from megafusion.models.transfusion import ImageInputs
 
         if cache is None and start:
@@ -145,7 +145,7 @@ class Generator:
         modality = torch.where(image_ids >= 0, int(Modality.IMAGE), int(Modality.TEXT))
         ids = torch.tensor([seq.tokens[start:]], dtype=torch.int64, device=device)
         position_ids = torch.arange(start, s, device=device)[None]
-        routed = get_family(self.cfg.model.arch).routed
+        routed = needs_routing(self.cfg)
         if cache is not None:
             cache.sequence_len_offset = start
         with torch.no_grad(), routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext():

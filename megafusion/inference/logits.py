@@ -61,11 +61,11 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
     from megafusion.core.modality import Modality
     from megafusion.layers.masks import attention_mask_for
     from megafusion.layers.routing import routing_for
-    from megafusion.models.registry import get_family
+    from megafusion.models.registry import routed as needs_routing
 
     b, s = tokens.shape
     device = runtime.device
-    routed = get_family(cfg.model.arch).routed
+    routed = needs_routing(cfg)
     rows = [
         {
             "tokens": tokens[i : i + 1],

@@ -222,7 +222,7 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     from megafusion.core.choices import MOT_PARTS
     from megafusion.inference.load import checkpoint_config, model_from_checkpoint
     from megafusion.models.param_layout import global_param_names
-    from megafusion.models.registry import get_family
+    from megafusion.models.registry import layer_cost
     from megafusion.objectives.registry import get_objective
     from megafusion.runtime import shutdown
 
@@ -234,8 +234,7 @@ def mf_to_hf(src: str, out: str, vocab_size: int | None = None) -> tuple[Path, b
     # The text path is the Llama: without the copies a family keeps per modality (MoT: the image
     # copies) and the modules an objective adds (Transfusion: the image modules); the plain LM
     # is built and the checkpoint's other tensors are simply not read.
-    family = get_family(cfg.model.arch)
-    costs = [family.layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1)]
+    costs = [layer_cost(cfg, layer) for layer in range(1, cfg.model.num_layers + 1)]
     text_half = any(cost.copies_of(part) > 1 for cost in costs for part in MOT_PARTS) or bool(
         get_objective(cfg.objective.name).extra_modules
     )

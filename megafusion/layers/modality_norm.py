@@ -28,8 +28,9 @@ class ModalityRMSNorm(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = current_routing().modality_of(x)  # [s, b]
-        weights = torch.stack([getattr(self, name).weight for name in self.modalities]).float()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 at least; float64 tests stay float64
+        weights = torch.stack([getattr(self, name).weight for name in self.modalities]).to(dtype)
         per_token = weights[ids]  # [s, b, hidden]
         per_token = per_token.view(*ids.shape, *([1] * (x.dim() - 3)), x.shape[-1])
-        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * per_token
+        y = F.rms_norm(x.to(dtype), (x.shape[-1],), None, self.eps) * per_token
         return y.to(x.dtype)

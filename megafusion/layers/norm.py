@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(torch.nn.Module):
-    """``y = x / rms(x) * weight``, computed in fp32 and cast back to the input dtype."""
+    """``y = x / rms(x) * weight``, computed in fp32 (float64 for float64 inputs) and cast back to the input dtype."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
@@ -25,5 +25,6 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 at least; float64 tests stay float64
+        y = F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
         return y.to(x.dtype)

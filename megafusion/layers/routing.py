@@ -60,6 +60,9 @@ class ModalityRouting:
     # Causal routing: every routed layer routes each token from its own state only (auxiliary
     # routers' predictions, :mod:`megafusion.layers.aux_router`), never against other tokens.
     causal: bool = False
+    # Routable (non-padding) tokens of each row per modality, ``[b][num_modalities]`` host ints
+    # (Mixture-of-Depths' per-row capacities, :mod:`megafusion.layers.mod_layer`); None: unknown.
+    row_routable: tuple[tuple[int, ...], ...] | None = None
     # Host-side facts derived from the microbatch once and shared by its layers (MoMa's
     # expert-parallel dispatch counts, :mod:`megafusion.layers.expert_choice_layer`).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -117,7 +120,12 @@ class ModalityRouting:
         inverse[order] = torch.arange(order.numel())
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - three identical moves
         counts = tuple(int(c) for c in counted)
-        return cls(move(flat), move(order), move(inverse), counts, s, b, routable, sample_ids, causal)
+        real = modality_ids if padding is None else torch.where(padding, num_modalities, modality_ids)
+        rows = tuple(
+            tuple(int(c) for c in torch.bincount(row.to(torch.int64), minlength=num_modalities + 1)[:num_modalities])
+            for row in real
+        )
+        return cls(move(flat), move(order), move(inverse), counts, s, b, routable, sample_ids, causal, rows)
 
     def routable_mask(self) -> torch.Tensor:
         """``[s * b]`` bool on the device, megatron order: True for the tokens that are not padding

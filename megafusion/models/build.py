@@ -18,7 +18,7 @@ from megafusion.layers import recompute
 from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
 from megafusion.models.lmfusion import attach_new_token_rows, freeze_text
-from megafusion.models.registry import get_family
+from megafusion.models.registry import layer_spec
 from megafusion.models.rope import apply_rope_scaling, rotary_base
 
 
@@ -27,7 +27,6 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
     ops.use_backend(cfg.ops.backend)  # the grouped GEMMs' backend for this process
     if tconfig.recompute_granularity:  # train.recompute: the recomputed forward re-enters the routing
         recompute.install()
-    family = get_family(cfg.model.arch)
     extra = extra or {}
     chunks = []
     for vp_stage in range(runtime.vpp or 1):
@@ -36,8 +35,8 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
         # offset + 1 .. offset + n, each with the family's spec for its depth.
         num_layers = get_num_layers_to_build(tconfig, vp_stage=vp)
         offset = get_transformer_layer_offset(tconfig, vp_stage=vp)
-        specs = [family.layer_spec(cfg, offset + i + 1) for i in range(num_layers)]
-        last = family.layer_spec(cfg, cfg.model.num_layers)  # the final norm follows the last layer's
+        specs = [layer_spec(cfg, offset + i + 1) for i in range(num_layers)]
+        last = layer_spec(cfg, cfg.model.num_layers)  # the final norm follows the last layer's
         block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm_of(last))
         model = model_cls(
             config=tconfig,

@@ -129,3 +129,45 @@ class ModelFamily:
     conversions: Mapping[str, str] = field(default_factory=dict)
     options: Options = NO_OPTIONS
     description: str = ""
+
+
+def _same_spec(cfg, layer: int, spec):
+    return spec
+
+
+def _same_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
+    return cost
+
+
+def _never(cfg) -> bool:
+    return False
+
+
+def _always(cfg) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class LayerExtension:
+    """Something any family's layers may take (Mixture-of-Depths), switched on by its own config
+    section (``options.active(cfg)``). A built-in one is a module under ``megafusion/models/``
+    defining ``EXTENSION``, named in :data:`megafusion.core.registries.EXTENSIONS`; the rest of
+    megafusion asks :mod:`megafusion.models.registry` (``layer_spec``, ``layer_cost``, ``routed``,
+    ``causal_routing``, ``manifest_keys``), which applies every active extension, never its name.
+
+    - ``wrap_spec(cfg, layer, spec, family)``: the ``ModuleSpec`` of global layer ``layer`` (1-based)
+      given the family's (or an earlier extension's);
+    - ``wrap_cost(cfg, layer, cost)``: that layer's :class:`LayerCost` given the family's;
+    - ``routed(cfg)``: its layers read the microbatch's routing (:mod:`megafusion.layers.routing`);
+    - ``causal_routing(cfg)``: a token's computation depends only on itself and earlier tokens;
+    - ``manifest_keys(cfg)``: what a checkpoint records of it (compared on resume).
+    """
+
+    name: str
+    wrap_spec: Callable = _same_spec
+    wrap_cost: Callable = _same_cost
+    routed: Callable[[object], bool] = _never
+    causal_routing: Callable[[object], bool] = _always
+    manifest_keys: Callable[[object], dict] = _no_keys
+    options: Options = NO_OPTIONS
+    description: str = ""

@@ -20,7 +20,7 @@ import torch
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.layers.masks import attention_mask_for
 from megafusion.layers.routing import routing_for
-from megafusion.models.registry import get_family
+from megafusion.models.registry import routed as needs_routing
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
 
@@ -63,7 +63,7 @@ def make_forward_step(cfg, device: torch.device):
     around the model call; the objective adds its model inputs and its loss.
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
-    routed = get_family(cfg.model.arch).routed
+    routed = needs_routing(cfg)
     objective = get_objective(cfg.objective.name)
 
     def forward_step(data_iterator, model):

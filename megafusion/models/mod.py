@@ -1,0 +1,54 @@
+"""Mixture-of-Depths (``mod.capacity``), a layer extension any family's layers take (arXiv 2404.02258).
+
+Every ``mod.every``-th layer from ``mod.first`` (global, 1-based) becomes a MoD layer: the
+family's own layer class with a router in front that runs the block on ``floor(c x n)`` of each
+row's ``n`` routable tokens and lets the others skip it
+(:mod:`megafusion.layers.mod_layer`, which states the selection, positions, mask and output
+rules). MoD on dense, MoT and MoMa layers (MoMa + MoD: the experts see only the picked tokens).
+Parameter names: the family's, plus ``mod_router.weight`` (``[1, h]``, fp32) in each MoD layer.
+Options and checks: :mod:`megafusion.models.mod_options` (the ``mod`` section).
+"""
+
+from __future__ import annotations
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megafusion.layers.mod_layer import ModSettings, mod_layer_class
+from megafusion.models.mod_options import OPTIONS, is_mod_layer
+from megafusion.models.spec import LayerExtension
+
+
+def settings_of(cfg, family) -> ModSettings:
+    return ModSettings(capacity=float(cfg.mod.capacity), split=cfg.mod.split, routed=family.routed)
+
+
+def wrap_spec(cfg, layer: int, spec: ModuleSpec, family) -> ModuleSpec:
+    if not is_mod_layer(cfg, layer):
+        return spec
+    return ModuleSpec(
+        module=mod_layer_class(spec.module, settings_of(cfg, family)), params=spec.params, submodules=spec.submodules
+    )
+
+
+def manifest_keys(cfg) -> dict:
+    m = cfg.mod
+    return {"capacity": m.capacity, "every": m.every, "first": m.first, "split": m.split}
+
+
+def routed(cfg) -> bool:
+    return True  # per-row capacities and padding come with the microbatch's routing
+
+
+def causal_routing(cfg) -> bool:
+    return False  # top-k over each row ranks a token against later ones
+
+
+EXTENSION = LayerExtension(
+    name="mod",
+    wrap_spec=wrap_spec,
+    routed=routed,
+    causal_routing=causal_routing,
+    manifest_keys=manifest_keys,
+    options=OPTIONS,
+    description="Mixture-of-Depths: every mod.every-th layer runs floor(mod.capacity x n) of each row's tokens",
+)
