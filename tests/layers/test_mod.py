@@ -265,3 +265,31 @@ def test_moma_mod_layers_hold_their_own_experts(runtime):
     first = [p for n, p in layers[0].mlp.experts.named_parameters() if "local_experts.0." in n]
     second = [p for n, p in layers[0].mlp.experts.named_parameters() if "local_experts.1." in n]
     assert all(not torch.equal(x, y) for x, y in zip(first, second))  # no [expert] * N sharing
+
+
+@pytest.mark.parametrize("split", ["per_modality", "global"])
+def test_moma_mod_reads_a_device_value_only_with_global_selection(runtime, split):
+    """On the meta device (shapes, no data) any read of a device value raises: per-modality
+    selection needs none; the paper's global selection reads each modality's count of picks."""
+    cfg = mod_cfg("moma", capacity=0.5, split=split)
+    model, layer = one_layer(cfg, runtime)
+    layer.to("meta")
+    batch = padded_batch(cfg)
+    routing = ModalityRouting.from_modality_ids(
+        batch["modality_ids"], None, torch.device("meta"), NUM_MODALITIES, batch["document_ids"] == -1
+    )
+    x = torch.empty(16, 2, 32, device="meta", requires_grad=True)
+    mask = dense_mask(batch["document_ids"]).to("meta")
+    rot = torch.empty(16, 1, 1, 8, device="meta")
+
+    def step():
+        with modality_routing(routing):
+            out, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rot)
+        out.sum().backward()
+
+    if split == "global":
+        with pytest.raises(NotImplementedError, match="(?i)meta"):
+            step()
+    else:
+        step()
+        assert x.grad.shape == x.shape and layer.mod_router.weight.grad is not None
