@@ -96,7 +96,15 @@ from fractions import Fraction
 import torch
 
 from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC, image_flops_per_image
-from megafusion.accounting.params import _dims, _layer_matmul, _matmul_parts, _whole, layer_costs, routed_ffns
+from megafusion.accounting.params import (
+    _dims,
+    _layer_matmul,
+    _matmul_parts,
+    _whole,
+    layer_costs,
+    layer_weights_per_token,
+    routed_ffns,
+)
 from megafusion.core.modality import MODALITY_NAMES, NO_IMAGE, NUM_MODALITIES, PAD_DOCUMENT_ID, Modality
 from megafusion.layers.attended_keys import attended_keys
 from megafusion.objectives.registry import get_objective
@@ -149,9 +157,8 @@ def token_flops_without_experts(cfg, forward_only: bool = False, modality: int |
     if not routed_ffns(cfg):
         return dense_flops_per_token(cfg, forward_only, modality)
     parts = _matmul_parts(cfg)
-    weights = sum(
-        parts["attention"] + cost.router + (parts["mlp"] if cost.ffn_runs is None else 0) for cost in layer_costs(cfg)
-    )
+    costs = layer_costs(cfg)
+    weights = sum(layer_weights_per_token(cost, parts, modality, ffn=cost.ffn_runs is None) for cost in costs)
     weights += parts["output"] + parts["new_rows"]
     return MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only)
 
@@ -203,7 +210,9 @@ def attention_flops_per_key(cfg, forward_only: bool = False) -> int:
     """FLOPs of one (query, attended key) pair over all layers: ``QK^T`` and ``PV``, 2*H*d each."""
     k = _dims(cfg)
     per_layer = 2 * (MATMUL_FLOPS_PER_MAC * k["heads"] * k["head_dim"])
-    return k["layers"] * per_layer * _passes(forward_only)
+    # A Mixture-of-Depths layer attends only among its picked tokens (nominal: c^2 of the pairs).
+    layers = _whole(sum(cost.attention_fraction for cost in layer_costs(cfg)))
+    return _whole(layers * per_layer * _passes(forward_only))
 
 
 def causal_mean_attended_keys(seq_length: int) -> float:

@@ -186,11 +186,18 @@ def _matmul_parts(cfg) -> dict[str, int]:
 def _layer_matmul(cfg, modality: int | None = None) -> int | float:
     """Layer weights that multiply one token of ``modality``, all layers: one modality's copy of
     attention, the router and the nominal FFN runs of each layer (``modality`` is needed only where
-    the modalities' FFN runs differ, e.g. MoMa groups of different ``E_g * c_g``)."""
+    the modalities' FFN runs differ, e.g. MoMa groups of different ``E_g * c_g``), times the
+    fraction of tokens that run the block (Mixture-of-Depths)."""
     parts = _matmul_parts(cfg)
-    return _whole(
-        sum(parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, modality) for cost in layer_costs(cfg))
-    )
+    return _whole(sum(layer_weights_per_token(cost, parts, modality) for cost in layer_costs(cfg)))
+
+
+def layer_weights_per_token(cost, parts: dict, modality: int | None = None, ffn: bool = True) -> int | float:
+    """One layer's weights that multiply a token at the nominal routing: the router part every token
+    meets, plus ``block_fraction`` x (attention projections, the block's router, FFN runs)."""
+    block = parts["attention"] + cost.block_router + (parts["mlp"] * _ffns_met(cost, modality) if ffn else 0)
+    outer = cost.router - cost.block_router
+    return outer + block if cost.block_fraction == 1 else outer + cost.block_fraction * block
 
 
 def _transformer_parameter_counts(cfg) -> dict[str, int]:

@@ -11,11 +11,13 @@ Options and checks: :mod:`megafusion.models.mod_options` (the ``mod`` section).
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megafusion.layers.mod_layer import ModSettings, mod_layer_class
 from megafusion.models.mod_options import OPTIONS, is_mod_layer
-from megafusion.models.spec import LayerExtension
+from megafusion.models.spec import LayerCost, LayerExtension
 
 
 def settings_of(cfg, family) -> ModSettings:
@@ -27,6 +29,24 @@ def wrap_spec(cfg, layer: int, spec: ModuleSpec, family) -> ModuleSpec:
         return spec
     return ModuleSpec(
         module=mod_layer_class(spec.module, settings_of(cfg, family)), params=spec.params, submodules=spec.submodules
+    )
+
+
+def wrap_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
+    """A MoD layer: its router (``h`` weights) meets every token; the block (attention projections,
+    norms, FFN or experts and their router) a fraction ``c`` of them, attention ``c^2`` of the pairs
+    (nominal: exact per microbatch where every row's ``c x n`` is whole and there is no padding)."""
+    if not is_mod_layer(cfg, layer):
+        return cost
+    c = float(cfg.mod.capacity)
+    note = f"Mixture-of-Depths: floor({c:g} x n) of each row's tokens run the block ({cfg.mod.split} selection)"
+    return dataclasses.replace(
+        cost,
+        router=cost.router + cfg.model.hidden_size,
+        block_router=cost.router,
+        block_fraction=c,
+        attention_fraction=c * c,
+        describe=f"{cost.describe}; {note}" if cost.describe else note,
     )
 
 
@@ -46,6 +66,7 @@ def causal_routing(cfg) -> bool:
 EXTENSION = LayerExtension(
     name="mod",
     wrap_spec=wrap_spec,
+    wrap_cost=wrap_cost,
     routed=routed,
     causal_routing=causal_routing,
     manifest_keys=manifest_keys,

@@ -69,7 +69,15 @@ class LayerCost:
       shared by the modalities in proportion to their tokens); None: every token (padding
       included) runs the FFN once, as part of its own matmuls;
     - ``explain(routable)``: one line on what the routing did with such a microbatch (``flops``'s
-      report); ``describe``: one line on the layer's routing (the run banner; "" for a plain layer).
+      report); ``describe``: one line on the layer's routing (the run banner; "" for a plain layer);
+    - ``block_fraction``: the fraction of tokens that run the layer's block (attention projections,
+      norms, FFN, and the ``block_router`` part of ``router``); 1 but for a block a token may skip
+      (Mixture-of-Depths: its capacity ``c``, exact for a microbatch when every row's ``c x n`` is
+      whole and has no padding); ``ffn_per_token`` / ``ffn_runs`` then count per token that runs it;
+    - ``block_router``: the part of ``router`` inside the block (MoMa's, under MoD), which only the
+      tokens that run the block meet; the rest (MoD's own ``h`` weights) meets every token;
+    - ``attention_fraction``: the fraction of the attended (query, key) pairs this layer computes
+      (1; MoD: ``c^2`` at the nominal routing, picked queries over picked keys).
     """
 
     copies: Mapping[str, int] = field(default_factory=dict)
@@ -79,6 +87,9 @@ class LayerCost:
     ffn_runs: Callable[[list[int]], list] | None = None
     explain: Callable[[list[int]], str] | None = None
     describe: str = ""
+    block_fraction: float = 1
+    block_router: int = 0
+    attention_fraction: float = 1
 
     def copies_of(self, part: str) -> int:
         return self.copies.get(part, 1)

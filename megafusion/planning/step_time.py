@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from megafusion.accounting.flops import attention_flops_per_key
-from megafusion.accounting.params import _ffns_met, _matmul_parts, layer_costs
+from megafusion.accounting.params import _matmul_parts, layer_costs, layer_weights_per_token
 from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes
 
 
@@ -64,7 +64,7 @@ def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
     def layer_flops(layer: int) -> float:
         cost = costs[layer - 1]
         if id(cost) not in made:
-            weights = parts["attention"] + cost.router + parts["mlp"] * _ffns_met(cost, None)
+            weights = layer_weights_per_token(cost, parts)
             made[id(cost)] = 3 * 2 * weights + attention_per_layer
         return made[id(cost)]
 
