@@ -50,7 +50,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_viewless_tensor
 
 from megafusion.core.modality import NUM_MODALITIES, Modality
 from megafusion.layers.routing import ModalityRouting, active_routing, modality_routing
@@ -173,6 +173,17 @@ class MoDLayerMixin:
     def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
         super().__init__(config, submodules, layer_number, **kwargs)
         self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """The family's layer's, with the router as a tensor of its own per MoD layer
+        (``decoder.layers.<global layer>.mod_router.weight``): only some layers have one, so it
+        cannot join megatron's layer-stacked ``[L, ...]`` tensors (replicated over TP and DP)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}mod_router.weight"
+        state[key] = make_sharded_tensor_for_checkpoint(
+            self.mod_router.weight, f"{prefix}{self.layer_number}.mod_router.weight"
+        )
+        return state
 
     def _tp_group(self):
         return ps.get_tensor_model_parallel_group()
