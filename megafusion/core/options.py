@@ -15,7 +15,10 @@ loading and validating a config imports no model:
 - ``experts(cfg)``: how many experts ``parallel.ep`` splits (None: the entry has no experts, and
   ``parallel.ep`` must stay 1);
 - ``freezes_text(cfg)``: whether every part of a layer has a text and an image copy, which
-  ``model.freeze_text`` (LMFusion) needs.
+  ``model.freeze_text`` (LMFusion) needs;
+- ``aux_routers(cfg)``: whether the entry's layers hold auxiliary routers
+  (:mod:`megafusion.layers.aux_router`), which ``train.trainable=aux_routers`` trains alone and
+  causal routing needs.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Options:
     dict_forms: Mapping[str, str] = field(default_factory=dict)
     experts: Callable[[object], int | None] = _no_experts
     freezes_text: Callable[[object], bool] = _no
+    aux_routers: Callable[[object], bool] = _no
 
 
 NO_OPTIONS = Options()
