@@ -16,8 +16,8 @@ from megafusion.core.choices import (
     OPS_BACKENDS,
     PARAMS_DTYPES,
     RECOMPUTE_MODES,
-    TRAINABLE,
     STOP_SIGNALS,
+    TRAINABLE,
 )
 from megafusion.core.registries import FAMILIES, OBJECTIVES, known_options
 
