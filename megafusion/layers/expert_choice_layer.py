@@ -35,6 +35,7 @@ does MoT's ``ModalityMLP``. The layer takes megatron's default process groups ei
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -43,8 +44,11 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_col
 
 from megafusion.layers.aux_router import AuxRouter, attach, sequence_rows
 from megafusion.layers.expert_dispatch import DISPATCHERS, sorted_by_counts
+from megafusion.layers.grouped_swiglu import grouped_swiglu
 from megafusion.layers.routing import current_routing
 from megafusion.runtime.distributed import all_gather_host_ints
+
+CAUSAL_ROW_BUCKET = 16  # causal routing: each expert's rows padded to a multiple of this
 
 
 class ExpertChoiceMoELayer(MoELayer):
@@ -111,8 +115,43 @@ class ExpertChoiceMoELayer(MoELayer):
         counts = self.router.dispatch_counts
         indices, permuted_probs = sorted_by_counts(routing_map, counts, probs)
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if current_routing().causal:
+            return self._row_independent(rows, indices, counts, permuted_probs).view(hidden_states.shape)
         output = self.experts.gathered(rows, indices, counts, permuted_probs, rows.shape[0])
         return output.view(hidden_states.shape)
+
+    def _row_independent(self, rows, indices, counts, probs):
+        """The experts under causal routing, where each expert's token count depends on the data.
+
+        A GEMM's result for one row can depend on how many rows it multiplies (small row counts
+        take other kernels: on CPU, fewer than 12 rows that are not a multiple of 4), so a token's
+        output would depend on how many other tokens, later ones included, an expert took. Each
+        expert's rows are padded to a multiple of :data:`CAUSAL_ROW_BUCKET` with copies of row 0
+        that land in a spare output row, so every GEMM has a row count its kernels treat alike
+        (bit-identical causality where the library's per-row results agree for such counts)."""
+        n = rows.shape[0]
+        gather, scatter, gates, padded = [], [], [], []
+        start = 0
+        for count in counts:
+            pad = -(-count // CAUSAL_ROW_BUCKET) * CAUSAL_ROW_BUCKET - count
+            part = indices[start : start + count]
+            gather += [part, part.new_zeros(pad)]
+            scatter += [part, part.new_full((pad,), n)]
+            gates += [probs[start : start + count], probs.new_zeros(pad)]
+            padded.append(count + pad)
+            start += count
+        out = grouped_swiglu(
+            rows,
+            self.experts.local_experts,
+            padded,
+            self.config.activation_func,
+            gather=torch.cat(gather),
+            gather_permutes=False,
+            scatter=torch.cat(scatter),
+            scale=torch.cat(gates),
+            out_rows=n + 1,
+        )
+        return out[:n]
 
     def route(self, hidden_states, padding_mask=None):
         if self._whole_microbatch():
