@@ -135,6 +135,11 @@ def _trainable_problems(cfg: Config, known_archs: tuple) -> list[str]:
             )
         if m.freeze_text:
             problems.append("train.trainable=aux_routers with model.freeze_text=true: choose one (both freeze weights)")
+        if t.recompute == "full":
+            problems.append(
+                "train.trainable=aux_routers with train.recompute=full: a recomputed frozen layer passes no gradient "
+                "to its auxiliary router; use train.recompute=selective or none"
+            )
     return problems
 
 
