@@ -4,10 +4,10 @@
 that a warm start can bridge, each decided by who owns it: another model family (the run's
 family's ``warm_starts`` rule, e.g. dense -> MoT), a grown vocabulary (megatron-core's embedding
 and output sharded tensors allow a shape mismatch: rows past the checkpoint's load as zero), the
-modules a new objective adds (``Objective.extra_modules``, e.g. a language model into Transfusion)
+modules a new objective adds (``Objective.extra_modules``, e.g. a language model into Transfusion),
 LMFusion's new-token deltas and auxiliary routers added to a trained model (manifest key
-``aux_routers``, e.g. MoMa's ``moe.aux_router``: they start from their initialisation). Anything else stays a difference that ``check_compatible``
-refuses. ``WarmStart`` is the result; ``io.load_weights`` applies it.
+``aux_routers``, e.g. MoMa's ``moe.aux_router``: they start from their initialisation). Anything
+else stays a difference that ``check_compatible`` refuses. ``WarmStart`` is the result; ``io.load_weights`` applies it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megafusion.models.lmfusion import INPUT_ROWS, OUTPUT_ROWS
-
-AUX_ROUTER_PART = "aux_router"  # the submodule name of an auxiliary router (megafusion.layers.aux_router)
 from megafusion.models.registry import get_family
 from megafusion.models.spec import WarmStartRule
 from megafusion.objectives.registry import get_objective
+
+AUX_ROUTER_PART = "aux_router"  # the submodule name of an auxiliary router (megafusion.layers.aux_router)
 
 
 @dataclass
