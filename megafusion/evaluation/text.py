@@ -275,7 +275,7 @@ def evaluate_text(job: Plan) -> dict | None:
     loss = nll / count
     from megafusion.models.registry import get_family
 
-    causal = get_family(cfg.model.arch).causal_routing
+    causal = get_family(cfg.model.arch).routes_causally(cfg)
     return {
         "checkpoint": str(job.path),
         "step": job.step,
