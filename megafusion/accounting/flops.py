@@ -72,7 +72,12 @@ forward:
   is never routed) give each of its ``E_g`` experts ``k_g = ceil(c_g * n_g)`` tokens
   (``ExpertGroups.tokens_per_expert``), so ``E_g * k_g * 2 * (h * 2f + f * h)``;
 - the selection (a sort), the sigmoid gates and the weighted combine: 0 FLOPs (no matmul), in
-  FlopCounterMode too.
+  FlopCounterMode too;
+- an auxiliary router (``moe.aux_router``: ``h x h/2`` then ``h/2 x E``) on every token, padding
+  included: forward both matrices; its input is detached, so training adds both weight gradients
+  and the second matrix's input gradient only (:func:`~megafusion.accounting.params.aux_router_macs`),
+  in ``dense``. Under ``train.trainable=aux_routers`` the count is the joint one (the frozen
+  weights' gradients are not computed there: an overestimate of what runs).
 
 Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input,
 and every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
@@ -101,6 +106,7 @@ from megafusion.accounting.params import (
     _layer_matmul,
     _matmul_parts,
     _whole,
+    aux_router_macs,
     layer_costs,
     layer_weights_per_token,
     routed_ffns,
@@ -134,15 +140,16 @@ def dense_flops_per_token(cfg, forward_only: bool = False, modality: int | None 
     must be given.
     """
     parts = _matmul_parts(cfg)
+    aux = MATMUL_FLOPS_PER_MAC * aux_router_macs(cfg, forward_only)
     if forward_only or not cfg.model.freeze_text:
         weights = _layer_matmul(cfg, modality) + parts["output"] + parts["new_rows"]
-        return _whole(MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only))
+        return _whole(MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only) + aux)
     if modality is None:
         raise ValueError(
             "model.freeze_text=true: a token's FLOPs depend on its modality (frozen text copies): pass modality"
         )
     layers_passes = FROZEN_PASSES if int(modality) == int(Modality.TEXT) else _passes(False)
-    return MATMUL_FLOPS_PER_MAC * (
+    return aux + MATMUL_FLOPS_PER_MAC * (
         _layer_matmul(cfg, modality) * layers_passes
         + parts["output"] * FROZEN_PASSES
         + parts["new_rows"] * _passes(False)
@@ -160,7 +167,7 @@ def token_flops_without_experts(cfg, forward_only: bool = False, modality: int |
     costs = layer_costs(cfg)
     weights = sum(layer_weights_per_token(cost, parts, modality, ffn=cost.ffn_runs is None) for cost in costs)
     weights += parts["output"] + parts["new_rows"]
-    return MATMUL_FLOPS_PER_MAC * weights * _passes(forward_only)
+    return MATMUL_FLOPS_PER_MAC * (weights * _passes(forward_only) + aux_router_macs(cfg, forward_only))
 
 
 def expert_flops(cfg, routable_tokens, forward_only: bool = False) -> list[int]:

@@ -135,6 +135,9 @@ def parameter_counts(cfg, latent_shape: tuple[int, int, int] | None = None) -> d
     ``E_g * c_g``; ``active`` and ``matmul`` are then the largest, the most a token meets; rounded
     to whole parameters where ``E_g * c_g`` is not); ``experts`` (every expert's weights) and
     ``router`` (every router's; both 0 without experts, in ``total`` and ``non_embedding``);
+    ``aux_router``: every auxiliary router's (``LayerCost.aux_router``; in ``total``, ``non_embedding``
+    and ``active``, not in ``matmul``: their backward is not the 2 x forward of the 6N rule, see
+    :func:`aux_router_macs`; ``trainable`` is only these under ``train.trainable=aux_routers``);
     ``image_modules``: the objective's extra modules (``Objective.accounting_modules``; 0 for ``lm``), and one key per
     module (Transfusion: ``image_time_embed``, ``image_patch_embed`` and ``image_patch_head``;
     none for ``lm``). They are in ``total``, ``non_embedding``,
@@ -200,6 +203,20 @@ def layer_weights_per_token(cost, parts: dict, modality: int | None = None, ffn:
     return outer + block if cost.block_fraction == 1 else outer + cost.block_fraction * block
 
 
+def aux_router_macs(cfg, forward_only: bool = False) -> int:
+    """Multiply-adds per token of every layer's auxiliary router (``LayerCost.aux_router``: ``h x h/2``
+    then ``h/2 x outputs``). Forward: both matrices; training adds the weight gradients of both and the
+    input gradient of the second only (its input is detached: the first needs none)."""
+    h = _dims(cfg)["hidden"]
+    total = 0
+    for cost in layer_costs(cfg):
+        if cost.aux_router:
+            first = h * (h // 2)
+            second = cost.aux_router - first
+            total += first + second if forward_only else 2 * first + 3 * second
+    return total
+
+
 def _transformer_parameter_counts(cfg) -> dict[str, int]:
     """:func:`parameter_counts` of the GPTModel alone (no image modules): needs no latent shape."""
     k, parts = _dims(cfg), _matmul_parts(cfg)
@@ -216,7 +233,8 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
     deltas = 2 * parts["new_rows"]  # LMFusion: an input and an output delta (even when tied)
     # A token's layer weights by modality (equal but where the modalities' FFN runs differ).
     layers = {name: _layer_matmul(cfg, m) for name, m in zip(MODALITY_NAMES, Modality)}
-    active = {name: round(embedding + output_layer + deltas + met + norms) for name, met in layers.items()}
+    aux = sum(c.aux_router for c in costs)  # auxiliary routers: every token meets them
+    active = {name: round(embedding + output_layer + deltas + met + norms + aux) for name, met in layers.items()}
     experts = sum(mlp * c.experts for c in costs)
     router = sum(c.router for c in costs)
     total = (
@@ -225,10 +243,13 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
         + deltas
         + sum(attention * c.copies_of("attention") + mlp * c.copies_of("ffn") for c in costs)
         + router
+        + aux
         + norm_weights
     )
     # LMFusion freezes the embedding, the output layer and the text copy of every (untied) part.
     frozen = embedding + output_layer + layers["text"] + norms if cfg.model.freeze_text else 0
+    if cfg.train.trainable == "aux_routers":  # the second stage: only the auxiliary routers train
+        frozen = total - aux
     return {
         "total": total,
         "embedding": embedding,
@@ -241,5 +262,6 @@ def _transformer_parameter_counts(cfg) -> dict[str, int]:
         **{f"active/{name}": count for name, count in active.items()},
         "experts": experts,
         "router": router,
+        "aux_router": aux,
         "trainable": total - frozen,
     }

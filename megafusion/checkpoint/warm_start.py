@@ -4,9 +4,10 @@
 that a warm start can bridge, each decided by who owns it: another model family (the run's
 family's ``warm_starts`` rule, e.g. dense -> MoT), a grown vocabulary (megatron-core's embedding
 and output sharded tensors allow a shape mismatch: rows past the checkpoint's load as zero), the
-modules a new objective adds (``Objective.extra_modules``, e.g. a language model into Transfusion)
-and LMFusion's new-token deltas. Anything else stays a difference that ``check_compatible``
-refuses. ``WarmStart`` is the result; ``io.load_weights`` applies it.
+modules a new objective adds (``Objective.extra_modules``, e.g. a language model into Transfusion),
+LMFusion's new-token deltas and auxiliary routers added to a trained model (manifest key
+``aux_routers``, e.g. MoMa's ``moe.aux_router``: they start from their initialisation). Anything
+else stays a difference that ``check_compatible`` refuses. ``WarmStart`` is the result; ``io.load_weights`` applies it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from megafusion.models.registry import get_family
 from megafusion.models.spec import WarmStartRule
 from megafusion.objectives.registry import get_objective
 
+AUX_ROUTER_PART = "aux_router"  # the submodule name of an auxiliary router (megafusion.layers.aux_router)
+
 
 @dataclass
 class WarmStart:
@@ -26,11 +29,12 @@ class WarmStart:
     rule: WarmStartRule | None = None  # another family's checkpoint: which key each tensor reads, what fills the rest
     vocab: tuple[int, int] | None = None  # (checkpoint rows, run rows): a grown vocabulary, new rows zero
     new_modules: tuple[str, ...] = ()  # module names the checkpoint lacks: they keep their initialisation
+    new_parts: tuple[str, ...] = ()  # submodule names (any depth) the checkpoint lacks: initialised too
 
     def checkpoint_key(self, local: str, key: str) -> str | None:
         """The checkpoint key that tensor ``local`` (chunk-local name, global ``key``) loads from,
         or None when the checkpoint does not hold it."""
-        if local.split(".")[0] in self.new_modules:
+        if local.split(".")[0] in self.new_modules or any(f".{p}." in f".{local}" for p in self.new_parts):
             return None
         return self.rule.checkpoint_key(key) if self.rule else key
 
@@ -40,8 +44,8 @@ class WarmStart:
             parts.append(self.rule.describe)
         if self.vocab:
             parts.append(f"vocabulary grown from {self.vocab[0]} to {self.vocab[1]} rows (new rows start at zero)")
-        if self.new_modules:
-            parts.append(f"new (initialised, not loaded): {', '.join(self.new_modules)}")
+        if self.new_modules or self.new_parts:
+            parts.append(f"new (initialised, not loaded): {', '.join((*self.new_modules, *self.new_parts))}")
         return "; ".join(parts)
 
 
@@ -66,5 +70,9 @@ def plan_warm_start(cfg, ours: dict, theirs: dict, diffs: dict[str, tuple]) -> W
         new += (INPUT_ROWS, OUTPUT_ROWS)  # into LMFusion: the new-row deltas start at zero
         del diffs["freeze_text"]
         diffs.pop("frozen_vocab_rows", None)
+    if diffs.get("aux_routers") == (None, True):
+        # Auxiliary routers added to a trained model (their second stage): they start initialised.
+        warm.new_parts = (AUX_ROUTER_PART,)
+        del diffs["aux_routers"]
     warm.new_modules = tuple(new)
     return warm

@@ -122,6 +122,11 @@ class TrainConfig:
     # megatron's selective granularity) | full (each transformer layer keeps only its input and
     # runs its forward again in the backward pass). Losses and gradients are unchanged.
     recompute: str = "none"
+    # What trains: all | aux_routers (only the auxiliary routers, e.g. MoMa's moe.aux_router, from
+    # a trained model via checkpoint.init_from; every other weight frozen: no gradient, no
+    # optimizer state). Jointly (all), the auxiliary routers learn on detached inputs and are left
+    # out of the gradient norm, so the main model's update is the one without them.
+    trainable: str = "all"
 
 
 @dataclass

@@ -17,6 +17,7 @@ from megafusion.core.choices import (
     PARAMS_DTYPES,
     RECOMPUTE_MODES,
     STOP_SIGNALS,
+    TRAINABLE,
 )
 from megafusion.core.registries import EXTENSIONS, FAMILIES, OBJECTIVES, known_options
 
@@ -118,7 +119,28 @@ def _range_problems(cfg: Config, world_size: int, known_archs: tuple, known_obje
         + _checkpoint_problems(cfg.checkpoint)
         + _eval_and_logging_problems(cfg.eval, cfg.logging)
         + _owned_problems(cfg, known_archs, known_objectives)
+        + _trainable_problems(cfg, known_archs)
     )
+
+
+def _trainable_problems(cfg: Config, known_archs: tuple) -> list[str]:
+    """``train.trainable``: ``aux_routers`` needs a model that has them, and nothing else frozen."""
+    t, m = cfg.train, cfg.model
+    problems = one_of("train.trainable", t.trainable, TRAINABLE)
+    if t.trainable == "aux_routers":
+        if m.arch in known_archs and not FAMILIES.options(m.arch).aux_routers(cfg):
+            problems.append(
+                f"train.trainable=aux_routers trains the auxiliary routers alone, but model.arch={m.arch} with "
+                f"these settings has none: turn them on (MoMa: moe.aux_router=true) or set train.trainable=all"
+            )
+        if m.freeze_text:
+            problems.append("train.trainable=aux_routers with model.freeze_text=true: choose one (both freeze weights)")
+        if t.recompute == "full":
+            problems.append(
+                "train.trainable=aux_routers with train.recompute=full: a recomputed frozen layer passes no gradient "
+                "to its auxiliary router; use train.recompute=selective or none"
+            )
+    return problems
 
 
 def _parallel_problems(p) -> list[str]:

@@ -13,6 +13,9 @@ OPS_BACKENDS = ("auto", "triton", "torch_grouped_mm", "torch")
 # train.recompute: activation recomputation (megatron-core's recompute_granularity; none keeps every
 # activation, selective recomputes core attention, full recomputes each transformer layer)
 RECOMPUTE_MODES = ("none", "selective", "full")
+# train.trainable: what the optimizer trains (all; or only the auxiliary routers, the rest frozen:
+# the second stage after a trained model, megafusion/layers/aux_router.py)
+TRAINABLE = ("all", "aux_routers")
 MOE_DISPATCHERS = ("alltoall", "allgather")  # megatron-core token dispatchers that keep every routed token
 # Signals train.stop_signals may name (SLURM sends SIGTERM on preemption, --signal=B:USR1@T before
 # the time limit); SIGINT stays Ctrl-C, an immediate stop.

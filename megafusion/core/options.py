@@ -18,7 +18,10 @@ loading and validating a config imports no model:
   ``model.freeze_text`` (LMFusion) needs;
 - ``active(cfg)``: for a layer extension (``core/registries.EXTENSIONS``, e.g. Mixture-of-Depths),
   whether its section switches it on; its ``problems`` run for every config (they check nothing
-  while it is off), and its section is never "ignored".
+  while it is off), and its section is never "ignored";
+- ``aux_routers(cfg)``: whether the entry's layers hold auxiliary routers
+  (:mod:`megafusion.layers.aux_router`), which ``train.trainable=aux_routers`` trains alone and
+  causal routing needs.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Options:
     experts: Callable[[object], int | None] = _no_experts
     freezes_text: Callable[[object], bool] = _no
     active: Callable[[object], bool] = _no
+    aux_routers: Callable[[object], bool] = _no
 
 
 NO_OPTIONS = Options()

@@ -52,8 +52,10 @@ to its loss sum on the device as soon as they exist and then dropped, never coll
 Output: one JSON object on one line of stdout (printed by one rank): ``checkpoint``, ``step``,
 ``text``, ``tokenizer``, ``tokens`` (predicted tokens counted), ``windows``, ``seq_length``,
 ``loss``, ``perplexity``, ``loss_vocab``, ``layout`` (``tp``, ``pp``, ``vpp``, ``dp``),
-``causal_routing`` (the family's: False for expert choice, whose losses here use the training
-routing, which sees the later tokens of each window; ``routing`` then says so). Bad input
+``causal_routing`` (whether the model can route causally: False for expert choice without
+auxiliary routers, whose losses here use the training routing, which sees the later tokens of
+each window; ``routing`` then says so); with auxiliary routers (MoMa's ``moe.aux_router``)
+``loss`` is the teacher-forced routing's and ``loss_causal`` the causal routing's. Bad input
 (a missing or empty text file, ids outside the model's vocabulary, a tokenizer that is not
 the checkpoint's, none found) exits with code 2 and a message naming the fix.
 """
@@ -249,7 +251,12 @@ def evaluate_text(job: Plan) -> dict | None:
     cfg, runtime, chunks = loaded.cfg, loaded.runtime, loaded.chunks
     pp, bos = runtime.pp, job.tokenizer.bos_id
     mine = job.windows[runtime.dp_rank :: runtime.dp]  # data-parallel ranks share the windows
-    sums = torch.zeros(2, dtype=torch.float64)  # summed loss, predicted tokens
+    from megafusion.layers.aux_router import aux_routers_of
+    from megafusion.models.registry import causal_routing
+
+    # With auxiliary routers the losses under causal routing too (each token routed from itself).
+    both = bool(aux_routers_of(chunks)) and causal_routing(cfg)
+    sums = torch.zeros(3, dtype=torch.float64)  # summed loss, predicted tokens, summed causal-routing loss
     for first in range(0, len(mine), job.batch):
         group = mine[first : first + job.batch]
         rows = -(-len(group) // pp) * pp if job.interleaved else len(group)  # padded with empty rows
@@ -264,17 +271,17 @@ def evaluate_text(job: Plan) -> dict | None:
             return row_nll(logits, tokens[i], lengths[i], job.loss_vocab).cpu()
 
         out = forward_logits(cfg, runtime, chunks, tokens, reduce=reduce)
+        causal_out = forward_logits(cfg, runtime, chunks, tokens, reduce=reduce, causal=True) if both else None
         if out is not None:  # the last pipeline stage
             sums[0] += sum(float(x) for x in out)
             sums[1] += sum(max(n - 1, 0) for n in lengths)
+            sums[2] += sum(float(x) for x in causal_out or ())
     total = sums.to(runtime.device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     if not (ps.is_pipeline_last_stage(ignore_virtual=True) and runtime.tp_rank == 0 and runtime.dp_rank == 0):
         return None
-    nll, count = total.tolist()
+    nll, count, causal_nll = total.tolist()
     loss = nll / count
-    from megafusion.models.registry import causal_routing
-
     causal = causal_routing(cfg)
     return {
         "checkpoint": str(job.path),
@@ -290,7 +297,9 @@ def evaluate_text(job: Plan) -> dict | None:
         "loss_vocab": job.loss_vocab,
         "layout": {"tp": runtime.tp, "pp": runtime.pp, "vpp": runtime.vpp or 1, "dp": runtime.dp},
         # A family whose routing is not causal (expert choice) is evaluated with its training
-        # routing: each window's tokens are routed knowing the later ones (optimistic for decoding).
+        # routing: each window's tokens are routed knowing the later ones (optimistic for decoding);
+        # with auxiliary routers, `loss` is that and `loss_causal` the causal routing's.
         "causal_routing": causal,
-        **({} if causal else {"routing": "teacher-forced training routing (not causal)"}),
+        **({"routing": "teacher-forced training routing (not causal)"} if not causal or both else {}),
+        **({"loss_causal": causal_nll / count} if both else {}),
     }

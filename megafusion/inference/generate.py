@@ -66,8 +66,8 @@ class Generator:
             # one decoded token would be taken by every expert of its group.
             raise ValueError(
                 f"model.arch={cfg.model.arch}: its routing is not causal (a token's computation depends on "
-                f"later tokens), so it cannot generate token by token; generation needs a causal router "
-                f"(MoMa's auxiliary router), which megafusion does not have yet"
+                f"later tokens), so it cannot generate token by token; train it with a causal router "
+                f"(MoMa: moe.aux_router=true, or train.trainable=aux_routers from this checkpoint)"
             )
 
         self.cfg, self.runtime, self.tokenizer, self.model = cfg, runtime, tokenizer, model
@@ -148,7 +148,9 @@ class Generator:
         routed = needs_routing(self.cfg)
         if cache is not None:
             cache.sequence_len_offset = start
-        with torch.no_grad(), routing_for({"modality_ids": modality}, device) if routed else contextlib.nullcontext():
+        # Causal routing: each token is routed from its own state, as when it was generated.
+        routing = routing_for({"modality_ids": modality}, device, causal=True)
+        with torch.no_grad(), routing if routed else contextlib.nullcontext():
             logits, prediction = self.model(
                 ids, position_ids, mask, labels=None, images=images, inference_context=cache, runtime_gather_output=True
             )

@@ -47,13 +47,14 @@ def load_model(ckpt: str, overrides: list[str], seq_length: int, batch: int, ext
     return model_from_checkpoint(source, overrides, rows=(batch, seq_length))
 
 
-def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
+def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None, causal: bool = False):
     """Logits ``[b, s, vocab]`` (fp32, CPU) of ``tokens`` ``[b, s]`` on last-stage ranks, None elsewhere.
 
     ``reduce(logits, i)``: instead of the logits, keep what it returns for row ``i`` (called on
     the last stage with that row's logits ``[1, s, vocab]`` as the model gives them, on the
     device, the full vocabulary on every tensor-parallel rank); the result is then the list of
     those values in row order. Keeps only the reductions in memory, not every row's logits.
+    ``causal``: routed families route each token from its own state (auxiliary routers).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -83,7 +84,7 @@ def forward_logits(cfg, runtime, chunks, tokens: torch.Tensor, reduce=None):
         row = next(data_iterator)
         mask = attention_mask_for(row, cfg.model.attention_backend, cfg.data.packs_documents(), device)
         positions = torch.arange(s, device=device)[None]
-        with routing_for(row, device) if routed else contextlib.nullcontext():
+        with routing_for(row, device, causal) if routed else contextlib.nullcontext():
             # runtime_gather_output: the full vocabulary on every tensor-parallel rank.
             out = model(row["tokens"].to(device), positions, mask, labels=None, runtime_gather_output=True)
 

@@ -25,6 +25,11 @@ each token is counted on exactly one tensor-parallel rank, and the weights carry
 norms) or the whole microbatch on every rank (``False``: every rank computes the same gradient and
 nothing is reduced; the statistics are kept on tensor-parallel rank 0 only).
 
+Training alone or jointly (:func:`prepare_training`, ``train.trainable``): alone, every other
+weight is frozen; jointly, the routers' gradients are left out of the gradient norm, so that
+clipping (by the norm of the main model's gradients only) leaves the main model's update exactly
+what it is without them; ``grad_norm`` is then the main model's.
+
 Statistics (:meth:`AuxRouter.record`): per router, a float64 device vector ``STAT_FIELDS`` (BCE
 summed over every decision, i.e. token and output; true/false positives, false/true negatives,
 decisions) accumulated without synchronisation until :func:`take_stats` hands the sum over
@@ -119,6 +124,25 @@ def attach(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 def aux_routers_of(modules) -> list[AuxRouter]:
     """Every auxiliary router inside ``modules`` (model chunks, DDP-wrapped or not)."""
     return [m for module in modules for m in module.modules() if isinstance(m, AuxRouter)]
+
+
+def prepare_training(chunks, trainable: str) -> None:
+    """Before DDP wraps ``chunks``: ``trainable="aux_routers"`` freezes every weight but the
+    auxiliary routers' (megatron's DDP and optimizer then give the rest no gradient buffer or
+    state); ``"all"`` (joint training) leaves the routers out of the gradient norm (megatron's
+    ``shared`` attribute, which its norm skips), so clipping scales the main model's update by
+    exactly what it would be without them (the routers' gradients are scaled by the same factor)."""
+    routers = aux_routers_of(chunks)
+    own = {id(p) for r in routers for p in r.parameters()}
+    if trainable == "aux_routers":
+        for chunk in chunks:
+            for param in chunk.parameters():
+                if id(param) not in own:
+                    param.requires_grad_(False)
+        return
+    for router in routers:
+        for param in router.parameters():
+            param.shared = True
 
 
 def take_stats(routers, device: torch.device) -> torch.Tensor:

@@ -19,6 +19,13 @@ megatron's ``MoELayer`` (router -> dispatcher -> experts -> combine) with three 
    ``t``-th of ``T`` contiguous shares of each expert's tokens (in position order), whose sizes
    are host ints; the reduce-scatter sums the shares back onto the ranks that hold the tokens.
 
+5. an auxiliary router (``aux_router``: :mod:`megafusion.layers.aux_router`, one output per
+   expert) learns to predict the router's choices from each token alone: in training and
+   teacher-forced evaluation it reads this rank's (sequence-parallel) slice of the layer's input and
+   the router's whole-microbatch selection, adds its BCE to the backward pass through the layer's
+   output and records its statistics; under causal routing (``ModalityRouting.causal``) its
+   predictions choose the tokens instead (:meth:`ExpertChoiceRouter.causal_routing`).
+
 A layer spec names the layer as a class with its submodules bound (:meth:`ExpertChoiceMoELayer.bound`),
 not as a ``ModuleSpec``: megatron's ``TransformerLayer`` hands its process groups only to the MLP
 modules it lists by identity (``MoELayer``, not a subclass) and warns "Unknown MLP type ... Using
@@ -28,24 +35,32 @@ does MoT's ``ModalityMLP``. The layer takes megatron's default process groups ei
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 
+from megafusion.layers.aux_router import AuxRouter, attach, sequence_rows
 from megafusion.layers.expert_dispatch import DISPATCHERS, sorted_by_counts
+from megafusion.layers.grouped_swiglu import grouped_swiglu
 from megafusion.layers.routing import current_routing
 from megafusion.runtime.distributed import all_gather_host_ints
+
+CAUSAL_ROW_BUCKET = 16  # causal routing: each expert's rows padded to a multiple of this
 
 
 class ExpertChoiceMoELayer(MoELayer):
     SUBMODULES = None  # MoESubmodules bound by `bound` (a layer spec's MLP class)
+    AUX_ROUTER = False  # whether the layer has an auxiliary router (bound by `bound`)
 
     @classmethod
-    def bound(cls, submodules) -> type[ExpertChoiceMoELayer]:
-        """This layer with ``submodules`` (``MoESubmodules``: experts, router) as its default."""
-        return type(cls.__name__, (cls,), {"SUBMODULES": submodules, "__module__": cls.__module__})
+    def bound(cls, submodules, aux_router: bool = False) -> type[ExpertChoiceMoELayer]:
+        """This layer with ``submodules`` (``MoESubmodules``: experts, router) as its default, and
+        an auxiliary router if ``aux_router``."""
+        attrs = {"SUBMODULES": submodules, "AUX_ROUTER": aux_router, "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), attrs)
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         submodules = submodules or self.SUBMODULES
@@ -58,12 +73,21 @@ class ExpertChoiceMoELayer(MoELayer):
         )
         # Nothing to send without expert parallelism (tests turn it off to run the dispatchers).
         self.skip_dispatch = self.token_dispatcher.ep_size == 1
+        self.aux_router = None
+        if self.AUX_ROUTER:
+            # It reads this rank's sequence-parallel slice, so its weights' gradients are summed
+            # over the tensor-parallel ranks (megatron's `sequence_parallel` attribute).
+            self.aux_router = AuxRouter(
+                config.hidden_size, config.num_moe_experts, sequence_parallel=config.sequence_parallel
+            )
+            self.router.keep_selection = True
 
     def _whole_microbatch(self) -> bool:
         return self.config.sequence_parallel and self.tp_group.size() > 1
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         whole = self._whole_microbatch()
+        local = hidden_states  # this rank's sequence-parallel slice: what the auxiliary router learns on
         if whole:  # [s/tp, b, h] -> [s, b, h]; its backward reduce-scatters the gradient
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
         if self.skip_dispatch:
@@ -72,7 +96,18 @@ class ExpertChoiceMoELayer(MoELayer):
             output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
         if whole:  # each rank holds its shares' outputs for the whole microbatch: sum, keep its slice
             output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
+        if self.aux_router is not None and not current_routing().causal:
+            output = attach(output, self._aux_loss(local))
         return output, bias
+
+    def _aux_loss(self, local):
+        """The auxiliary router's BCE on this rank's tokens ``local`` against the router's
+        whole-microbatch selection (statistics recorded)."""
+        routing = current_routing()
+        rows, b = local.shape[0], routing.micro_batch_size
+        targets = sequence_rows(self.router.selection, rows, routing.seq_length, b)
+        valid = sequence_rows(routing.routable_mask(), rows, routing.seq_length, b)
+        return self.aux_router.loss(local, targets, valid, key=routing)
 
     def _local_forward(self, hidden_states):
         """Route, then every expert on its tokens' rows in place (no dispatch: EP = 1)."""
@@ -80,12 +115,54 @@ class ExpertChoiceMoELayer(MoELayer):
         counts = self.router.dispatch_counts
         indices, permuted_probs = sorted_by_counts(routing_map, counts, probs)
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if current_routing().causal:
+            return self._row_independent(rows, indices, counts, permuted_probs).view(hidden_states.shape)
         output = self.experts.gathered(rows, indices, counts, permuted_probs, rows.shape[0])
         return output.view(hidden_states.shape)
+
+    def _row_independent(self, rows, indices, counts, probs):
+        """The experts under causal routing, where each expert's token count depends on the data.
+
+        A GEMM's result for one row can depend on how many rows it multiplies (small row counts
+        take other kernels: on CPU, fewer than 12 rows that are not a multiple of 4), so a token's
+        output would depend on how many other tokens, later ones included, an expert took. Each
+        expert's rows are padded to a multiple of :data:`CAUSAL_ROW_BUCKET` with copies of row 0
+        that land in a spare output row, so every GEMM has a row count its kernels treat alike
+        (bit-identical causality where the library's per-row results agree for such counts)."""
+        n = rows.shape[0]
+        gather, scatter, gates, padded = [], [], [], []
+        start = 0
+        for count in counts:
+            pad = -(-count // CAUSAL_ROW_BUCKET) * CAUSAL_ROW_BUCKET - count
+            part = indices[start : start + count]
+            gather += [part, part.new_zeros(pad)]
+            scatter += [part, part.new_full((pad,), n)]
+            gates += [probs[start : start + count], probs.new_zeros(pad)]
+            padded.append(count + pad)
+            start += count
+        out = grouped_swiglu(
+            rows,
+            self.experts.local_experts,
+            padded,
+            self.config.activation_func,
+            gather=torch.cat(gather),
+            gather_permutes=False,
+            scatter=torch.cat(scatter),
+            scale=torch.cat(gates),
+            out_rows=n + 1,
+        )
+        return out[:n]
 
     def route(self, hidden_states, padding_mask=None):
         if self._whole_microbatch():
             self.router.share = (self.tp_group.rank(), self.tp_group.size())
+        if current_routing().causal:
+            if self.aux_router is None:
+                raise ValueError(
+                    "causal routing of an expert-choice layer needs its auxiliary router: train with "
+                    "moe.aux_router=true (or route with expert choice, causal=False)"
+                )
+            self.router.predicted = self.aux_router.picks(hidden_states.reshape(-1, hidden_states.shape[-1]))
         probs, routing_map = super().route(hidden_states, padding_mask)
         self.token_dispatcher.counts = self._ep_counts(self.router.dispatch_counts)
         return probs, routing_map
@@ -97,7 +174,10 @@ class ExpertChoiceMoELayer(MoELayer):
             return [own]
         # The same for every MoMa layer of the microbatch (and on every rank of the EP group
         # either found or exchanged in the same layer), so it is exchanged once per microbatch.
-        cache = current_routing().cache
+        routing = current_routing()
+        if routing.causal:  # the counts are the predictions' and differ by layer: exchange every time
+            return all_gather_host_ints(own, group)
+        cache = routing.cache
         key = ("expert_counts", tuple(own))
         if key not in cache:
             cache[key] = all_gather_host_ints(own, group)

@@ -39,6 +39,12 @@ defines: the run seed, the layer and the global sample number of its row (the ro
 :mod:`megafusion.layers.recompute`) draws the same noise again. A sample is routed by a layer once
 per step it is trained in; a later epoch reads the same row as another sample number.
 
+Causal routing (``ModalityRouting.causal``: generation, causal evaluation): the layer's
+auxiliary router (:mod:`megafusion.layers.aux_router`) predicts, from each token alone, which
+experts of its group would take it; those take it, with the same sigmoid gate
+(:meth:`ExpertChoiceRouter.causal_routing`). Each expert's count then depends on the data: one
+device-to-host copy per layer, and the expert-parallel counts are exchanged per layer.
+
 Selection margin: in training the router keeps, as a device scalar (no synchronisation), the
 smallest gap between an expert's ``k``-th chosen score and the best score below it that it did
 not choose (:func:`selection_margin`; exact ties, which go to the earlier token in every layout,
@@ -57,6 +63,7 @@ import torch
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import Router
 
+from megafusion.core.modality import MODALITY_NAMES
 from megafusion.layers.expert_groups import ExpertGroups
 from megafusion.layers.routing import current_routing
 
@@ -86,10 +93,21 @@ class ExpertChoiceRouter(Router):
         self.share = (0, 1)  # (this rank's share, shares): set by the layer under sequence parallelism
         self.dispatch_counts: list[int] = []  # tokens this rank dispatches to each expert, last forward
         self._expert_id_tensors: dict = {}  # (group, device) -> the group's global expert ids
+        # With an auxiliary router (the layer sets these): the whole microbatch's selection
+        # ([N, E] bool, every rank's shares), its training targets; and, under causal routing, its
+        # predictions ([N, E] bool), which choose instead of the ranking.
+        self.keep_selection = False
+        self.selection: torch.Tensor | None = None
+        self.predicted: torch.Tensor | None = None
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         logits = self.gating(input.reshape(-1, input.shape[-1]))  # [N, E], the whole microbatch
-        routing_map, self.dispatch_counts = self.routing(logits.detach(), current_routing())
+        routing = current_routing()
+        if routing.causal:
+            predicted, self.predicted = self.predicted, None
+            routing_map, self.dispatch_counts = self.causal_routing(predicted, routing)
+        else:
+            routing_map, self.dispatch_counts = self.routing(logits.detach(), routing)
         if self.gate == "one":
             return routing_map.to(logits.dtype), routing_map
         return torch.sigmoid(logits) * routing_map, routing_map
@@ -101,6 +119,7 @@ class ExpertChoiceRouter(Router):
             logits = logits + self.noise * self._logistic_noise(logits, routing)
         n_tokens, num_experts = logits.shape
         routing_map = torch.zeros(n_tokens, num_experts, dtype=torch.bool, device=logits.device)
+        selection = torch.zeros_like(routing_map) if self.keep_selection else None
         counts = [0] * num_experts
         share, shares = self.share
         for g, expert_ids in enumerate(self.groups.global_ids):
@@ -121,12 +140,53 @@ class ExpertChoiceRouter(Router):
                 self._note_margin(selection_margin(ranked.values, k))
             if tokens is not None:
                 chosen = tokens[chosen]
+            if selection is not None:
+                selection[chosen.reshape(-1), experts.repeat(k)] = True
             if shares > 1:  # this rank's contiguous share of each expert's tokens, in position order
                 chosen = chosen.sort(dim=0).values[start : start + size]
             routing_map[chosen.reshape(-1), experts.repeat(size)] = True
             for e in expert_ids:
                 counts[e] = size
+        self.selection = selection
         return routing_map, counts
+
+    def causal_routing(self, predicted: torch.Tensor | None, routing) -> tuple[torch.Tensor, list[int]]:
+        """Causal routing: expert ``e`` takes a routable token of its group iff the auxiliary
+        router predicted so (``predicted`` ``[N, E]`` bool); this rank's share as in
+        :meth:`routing`. The counts depend on the data: one device-to-host copy per layer."""
+        if predicted is None:
+            raise ValueError("causal routing reached an expert-choice router without its auxiliary predictions")
+        allowed = self._group_mask(routing, predicted.device) & routing.routable_mask()[:, None]
+        picked = predicted & allowed
+        totals = picked.sum(dim=0).tolist()  # the one synchronisation
+        share, shares = self.share
+        if shares == 1:
+            return picked, totals
+        # Each expert's picked tokens first, in position order; this rank takes its contiguous share.
+        order = torch.sort(picked.T.to(torch.int8), dim=1, descending=True, stable=True).indices
+        routing_map = torch.zeros_like(picked)
+        counts = []
+        for e, total in enumerate(totals):
+            start, size = share_bounds(total, share, shares)
+            routing_map[order[e, start : start + size], e] = True
+            counts.append(size)
+        return routing_map, counts
+
+    def _group_mask(self, routing, device: torch.device) -> torch.Tensor:
+        """``[N, E]`` bool: expert ``e`` may take token ``t`` (same modality group), made once per
+        microbatch and router."""
+        key = ("expert_group_mask", id(self.groups), device)
+        if key not in routing.cache:
+            n = routing.token_modality.numel()
+            if self.groups.modality_blind:
+                mask = torch.ones(n, self.groups.total, dtype=torch.bool, device=device)
+            else:
+                modality_of_expert = torch.empty(self.groups.total, dtype=torch.int64)
+                for g, name in enumerate(self.groups.names):
+                    modality_of_expert[list(self.groups.global_ids[g])] = MODALITY_NAMES.index(name)
+                mask = routing.token_modality.to(device)[:, None] == modality_of_expert.to(device)[None, :]
+            routing.cache[key] = mask
+        return routing.cache[key]
 
     def _expert_ids(self, g: int, device: torch.device) -> torch.Tensor:
         """Group ``g``'s global expert ids on ``device``, copied there once: a host-to-device copy

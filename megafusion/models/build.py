@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megafusion import ops
 from megafusion.layers import recompute
+from megafusion.layers.aux_router import prepare_training
 from megafusion.models.dense import final_norm_of
 from megafusion.models.init import initialize_weights
 from megafusion.models.lmfusion import attach_new_token_rows, freeze_text
@@ -62,6 +63,7 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
     if cfg.model.freeze_text:  # before DDP: megatron-core gives frozen weights no buffers or state
         for chunk in chunks:
             freeze_text(chunk)
+    prepare_training(chunks, cfg.train.trainable)  # auxiliary routers: alone, or out of the gradient norm
     return chunks
 
 

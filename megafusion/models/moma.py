@@ -55,7 +55,7 @@ def experts_layer(cfg) -> type[ExpertChoiceMoELayer]:
         module=Experts,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
-    return ExpertChoiceMoELayer.bound(MoESubmodules(experts=experts, router=router))
+    return ExpertChoiceMoELayer.bound(MoESubmodules(experts=experts, router=router), aux_router=cfg.moe.aux_router)
 
 
 def moma_layer_spec(cfg, layer: int = 1) -> ModuleSpec:
@@ -86,11 +86,12 @@ def moma_layer_cost(cfg, layer: int) -> LayerCost:
     Every layer's is the same."""
     moe = cfg.moe
     capacity = None if moe.capacity is None else tuple(sorted(moe.capacity.items()))
-    return _layer_cost(tuple(sorted(moe.experts.items())), capacity, cfg.model.untie, cfg.model.hidden_size)
+    experts = tuple(sorted(moe.experts.items()))
+    return _layer_cost(experts, capacity, cfg.model.untie, cfg.model.hidden_size, bool(moe.aux_router))
 
 
 @functools.cache
-def _layer_cost(experts: tuple, capacity: tuple | None, untie: str, hidden: int) -> LayerCost:
+def _layer_cost(experts: tuple, capacity: tuple | None, untie: str, hidden: int, aux: bool = False) -> LayerCost:
     groups = ExpertGroups.from_config(SimpleNamespace(experts=dict(experts), capacity=capacity and dict(capacity)))
     untied = ModelConfig(untie=untie).untied_parts()
     parts = [p for p in untied if p in UNTIED]
@@ -98,11 +99,22 @@ def _layer_cost(experts: tuple, capacity: tuple | None, untie: str, hidden: int)
         copies={**untied_copies(parts), "ffn": groups.total},
         experts=groups.total,
         router=hidden * groups.total,
+        aux_router=aux_router_weights(hidden, groups.total) if aux else 0,
         ffn_per_token=partial(nominal_experts_per_token, groups),
         ffn_runs=partial(expert_runs, groups),
         explain=partial(explain_routing, groups),
         describe=describe_experts(groups),
     )
+
+
+def aux_router_weights(hidden: int, outputs: int) -> int:
+    """An auxiliary router's weights: ``h x h/2`` and ``h/2 x outputs``."""
+    return hidden * (hidden // 2) + (hidden // 2) * outputs
+
+
+def routes_causally(cfg) -> bool:
+    """Expert choice is not causal; the auxiliary routers (``moe.aux_router``) route causally."""
+    return bool(cfg.moe.aux_router)
 
 
 def _group_of(groups: ExpertGroups, modality: int) -> int:
@@ -159,6 +171,8 @@ def manifest_keys(cfg) -> dict:
         "untie": ",".join(p for p in cfg.model.untied_parts() if p in UNTIED),
         "experts": dict(zip(groups.names, groups.sizes)),
         "capacity": dict(zip(groups.names, groups.capacities)),
+        # Written only when on, so older checkpoints (none) compare equal to runs without them.
+        **({"aux_routers": True} if cfg.moe.aux_router else {}),
     }
 
 
@@ -168,7 +182,7 @@ FAMILY = ModelFamily(
     layer_cost=moma_layer_cost,
     conversions=dict.fromkeys(("dense", "mot"), "megafusion convert upcycle --ckpt {ckpt} --output DIR"),
     routed=True,
-    causal_routing=False,
+    causal_routing=routes_causally,
     manifest_keys=manifest_keys,
     options=OPTIONS,
     transformer_config=transformer_config,

@@ -27,6 +27,11 @@ class MoEConfig:
     # upcycling recipe): logits + scale x (G' - G''); 0 = off.
     router_noise: float = 0.0
     dispatcher: str = "alltoall"  # megatron-core's token dispatcher: alltoall | allgather
+    # An auxiliary router per layer (sigmoid(SiLU(x W1) W2), one output per expert) trained with
+    # BCE against the router's choices on detached inputs (main-model gradients unchanged):
+    # needed for causal routing (generation, eval's causal column). Train it jointly, or alone
+    # from a trained checkpoint with train.trainable=aux_routers.
+    aux_router: bool = False
 
 
 # How to write a dict setting, for a value of another type (``moe.capacity=1.5``).
@@ -76,6 +81,8 @@ def _section_problems(moe) -> list[str]:
                 )
     if not moe.router_noise >= 0:
         problems.append(f"moe.router_noise={moe.router_noise} must be >= 0 (0 = no noise)")
+    if not isinstance(moe.aux_router, bool):
+        problems.append(f"moe.aux_router={moe.aux_router!r} must be true or false")
     if moe.dispatcher not in MOE_DISPATCHERS:
         problems.append(f"moe.dispatcher={moe.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
     return problems
@@ -99,4 +106,15 @@ def _layout_problems(cfg) -> list[str]:
     return problems
 
 
-OPTIONS = Options(sections={"moe": MoEConfig}, problems=moe_problems, dict_forms=DICT_FORMS, experts=total_experts)
+def has_aux_routers(cfg) -> bool:
+    """Whether the layers have auxiliary routers (what ``train.trainable=aux_routers`` trains)."""
+    return bool(cfg.moe.aux_router)
+
+
+OPTIONS = Options(
+    sections={"moe": MoEConfig},
+    problems=moe_problems,
+    dict_forms=DICT_FORMS,
+    experts=total_experts,
+    aux_routers=has_aux_routers,
+)

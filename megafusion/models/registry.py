@@ -54,7 +54,9 @@ def routed(cfg) -> bool:
 
 def causal_routing(cfg) -> bool:
     """Whether a token's computation depends only on itself and earlier tokens."""
-    return get_family(cfg.model.arch).causal_routing and all(ext.causal_routing(cfg) for ext in active_extensions(cfg))
+    return get_family(cfg.model.arch).routes_causally(cfg) and all(
+        ext.causal_routing(cfg) for ext in active_extensions(cfg)
+    )
 
 
 def manifest_keys(cfg) -> dict:

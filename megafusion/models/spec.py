@@ -16,10 +16,12 @@ family instead of branching on its name:
 - ``routed``: whether its layers read the per-token modality routing
   (:mod:`megafusion.layers.routing`), which the forward step, generation and the logits tool then
   set around every model call;
-- ``causal_routing``: whether a token's computation depends only on itself and earlier tokens
-  (False for expert choice, which ranks each token against the whole microbatch): generation,
-  which sees one token at a time, refuses a family without it, and evaluation says its losses use
-  the training routing;
+- ``causal_routing``: whether a token's computation can depend only on itself and earlier tokens,
+  a bool or ``(cfg) -> bool`` (:meth:`ModelFamily.routes_causally`): expert choice ranks each token
+  against the whole microbatch, so MoMa routes causally only with auxiliary routers
+  (``moe.aux_router``), under ``ModalityRouting.causal``. Generation, which sees one token at a
+  time, refuses a config without it and routes causally otherwise; evaluation reports causal-routing
+  losses beside the training routing's;
 - ``transformer_config(cfg)``: settings of megatron-core's ``TransformerConfig`` beyond the shared
   ones (:mod:`megafusion.models.transformer_config`; MoMa: the experts and the dispatcher);
 - ``manifest_keys(cfg)``: model settings beyond the shared shapes that make its checkpoint
@@ -62,6 +64,9 @@ class LayerCost:
     - ``experts``: the FFN is this many routed experts (each a whole SwiGLU MLP, split over
       ``parallel.ep``), 0 when it is not;
     - ``router``: router weights (``E x h``), multiplied by every token (padding included);
+    - ``aux_router``: auxiliary-router weights (:mod:`megafusion.layers.aux_router`: ``h x h/2`` then
+      ``h/2 x outputs``, fp32), multiplied by every token (padding included); its input is
+      detached, so in training its first matrix gets a weight gradient only (no input gradient);
     - ``ffn_per_token(modality)``: FFN runs a token of that modality costs at the nominal routing
       (1 for a plain FFN; expert choice: ``E_g x c_g``; top-k token choice: ``k``; a skipped FFN: 0);
     - ``ffn_runs(routable)``: the exact FFN runs of one microbatch per modality from its routable
@@ -83,6 +88,7 @@ class LayerCost:
     copies: Mapping[str, int] = field(default_factory=dict)
     experts: int = 0
     router: int = 0
+    aux_router: int = 0
     ffn_per_token: Callable[[int], float] = _one_ffn
     ffn_runs: Callable[[list[int]], list] | None = None
     explain: Callable[[list[int]], str] | None = None
@@ -133,13 +139,17 @@ class ModelFamily:
     layer_spec: Callable  # (cfg, layer) -> megatron ModuleSpec of global layer `layer` (1-based)
     layer_cost: Callable[[object, int], LayerCost] = _plain_layer
     routed: bool = False
-    causal_routing: bool = True
+    causal_routing: bool | Callable[[object], bool] = True
     manifest_keys: Callable[[object], dict] = _no_keys
     transformer_config: Callable[[object], dict] = _no_settings
     warm_starts: Mapping[str, WarmStartRule] = field(default_factory=dict)
     conversions: Mapping[str, str] = field(default_factory=dict)
     options: Options = NO_OPTIONS
     description: str = ""
+
+    def routes_causally(self, cfg) -> bool:
+        """Whether ``cfg``'s model can route every token from itself and earlier tokens only."""
+        return bool(self.causal_routing(cfg) if callable(self.causal_routing) else self.causal_routing)
 
 
 def _same_spec(cfg, layer: int, spec):

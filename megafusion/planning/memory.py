@@ -172,6 +172,8 @@ def chunk_parameters(cfg, rank: Rank, chunk: int, latent_shape=None) -> dict[str
                 mine["dense"] += [2 * f // t * h, h * f // t] * ffn
             if cost.router:
                 mine["fp32"].append(cost.router)
+            if cost.aux_router:  # fp32, replicated like the router
+                mine["fp32"].append(cost.aux_router)
             made[id(cost)] = mine
         for kind, numels in made[id(cost)].items():
             out[kind] += numels

@@ -65,7 +65,8 @@ def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
         cost = costs[layer - 1]
         if id(cost) not in made:
             weights = layer_weights_per_token(cost, parts)
-            made[id(cost)] = 3 * 2 * weights + attention_per_layer
+            # an auxiliary router: < 3 passes (detached input), counted as 3 here (it is small)
+            made[id(cost)] = 3 * 2 * (weights + cost.aux_router) + attention_per_layer
         return made[id(cost)]
 
     stages = []

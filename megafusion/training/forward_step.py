@@ -55,12 +55,13 @@ def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, objective, 
     return total, sums["tokens"], {"report": report}
 
 
-def make_forward_step(cfg, device: torch.device):
+def make_forward_step(cfg, device: torch.device, causal: bool = False):
     """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
 
     Packed real data always needs the document mask; synthetic data only when it packs
     several documents per row. Families that route by modality get the microbatch's routing
-    around the model call; the objective adds its model inputs and its loss.
+    around the model call (``causal``: each token routed from its own state, evaluation's causal
+    column); the objective adds its model inputs and its loss.
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
     routed = needs_routing(cfg)
@@ -70,7 +71,7 @@ def make_forward_step(cfg, device: torch.device):
         batch = next(data_iterator)
         mask = attention_mask_for(batch, backend, packs, device)
         extra, context = objective.forward_inputs(cfg, batch, device)
-        with routing_for(batch, device) if routed else contextlib.nullcontext():
+        with routing_for(batch, device, causal) if routed else contextlib.nullcontext():
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
         if batch.get("inject_nan"):  # test hook of the trainer (MEGAFUSION_FAULT=nan:<step>:<microbatch>)
             output = (output[0] * float("nan"), output[1]) if isinstance(output, tuple) else output * float("nan")

@@ -31,7 +31,9 @@ from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
+from megafusion.layers.aux_router import aux_routers_of, summarize, take_stats
 from megafusion.layers.expert_choice_router import routers_of, take_min_margin
+from megafusion.models.registry import causal_routing
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
@@ -89,6 +91,10 @@ class Trainer:
         self.last_spike: int | None = None
         # Layers with a router: the routers whose smallest selection margin a step reports.
         self.routers = routers_of(self.model) if any(c.router for c in layer_costs(cfg)) else None
+        # Auxiliary routers (causal predictors of a non-causal router): their BCE and accuracy are
+        # logged; evaluation then reports the losses under causal routing too.
+        self.aux_routers = aux_routers_of(self.model)
+        self.causal_eval = bool(self.aux_routers) and causal_routing(cfg)
 
     def _microbatches(self, source, first_sample: int, training: bool = True) -> list[dict]:
         mbs = self.cfg.train.micro_batch_size
@@ -155,6 +161,7 @@ class Trainer:
         self.optimizer.zero_grad()
         store = self._run(microbatches, forward_only=False)
         margin = self._min_margin()
+        aux = self._aux_stats()
         if dump_grads:
             _dump_gradients(self.model, self.cfg.parallel.distributed_optimizer, dump_grads)
         # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
@@ -211,9 +218,20 @@ class Trainer:
         record.update(_token_shares(r["extra"][2 + len(MODALITY_NAMES) :], self.data.train))
         if margin is not None and math.isfinite(smallest := margin.item()):  # after _reduce's sync: no wait
             record["moe/min_margin"] = smallest
+        if aux is not None:
+            record.update(summarize(aux.tolist(), "aux"))
         if skipped:
             record["skipped"] = skipped
         return record
+
+    def _aux_stats(self) -> torch.Tensor | None:
+        """The auxiliary routers' statistics since the last call, summed over every rank (each
+        token counted once per layer: :mod:`megafusion.layers.aux_router`); None without them."""
+        if not self.aux_routers:
+            return None
+        stats = take_stats(self.aux_routers, self.rt.device)
+        dist.all_reduce(stats)
+        return stats
 
     def _min_margin(self) -> torch.Tensor | None:
         """The step's smallest expert-choice selection margin over all ranks (one all-reduce), or
@@ -225,24 +243,43 @@ class Trainer:
         return margin
 
     def evaluate(self, step: int) -> dict | None:
+        """Validation losses (``val/...``) under the training routing; with auxiliary routers also
+        their precision, recall and accuracy against it (``val/aux/...``) and the losses under
+        causal routing (``val_causal/...``: each token routed from its own state, as in generation)."""
         if self.data.val is None:
             return None
-        total = None
         for chunk in self.model:
             chunk.eval()
-        with torch.no_grad():
-            for b in range(self.cfg.eval.batches):
-                first = b * self.cfg.train.global_batch_size
-                r = self._reduce(
-                    self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
-                    torch.zeros(0),
-                )
-                total = r if total is None else {k: total[k] + r[k] for k in self.fields}
-        for chunk in self.model:
-            chunk.train()
+        take_stats(self.aux_routers, self.rt.device)  # what training left: not validation's
+        total = self._validation(self.forward_step)
         record = {"step": step, "val/loss": total["total"] / total["tokens"], "val/tokens": int(total["tokens"])}
         record.update(self._per_modality(total, "val/loss"))
+        if self.aux_routers:
+            record.update(summarize(self._aux_stats().tolist(), "val/aux"))
+        if self.causal_eval:
+            causal = self._validation(make_forward_step(self.cfg, self.rt.device, causal=True))
+            record["val_causal/loss"] = causal["total"] / causal["tokens"]
+            record.update(self._per_modality(causal, "val_causal/loss"))
+        for chunk in self.model:
+            chunk.train()
         return record
+
+    def _validation(self, forward_step) -> dict:
+        """The reports of ``eval.batches`` validation batches, summed."""
+        total, train_step = None, self.forward_step
+        self.forward_step = forward_step
+        try:
+            with torch.no_grad():
+                for b in range(self.cfg.eval.batches):
+                    first = b * self.cfg.train.global_batch_size
+                    r = self._reduce(
+                        self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
+                        torch.zeros(0),
+                    )
+                    total = r if total is None else {k: total[k] + r[k] for k in self.fields}
+        finally:
+            self.forward_step = train_step
+        return total
 
     def _per_modality(self, r: dict, prefix: str) -> dict:
         """LM loss per modality (where it has tokens), then the objective's (Transfusion: diffusion)."""

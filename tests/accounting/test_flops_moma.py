@@ -227,3 +227,40 @@ def test_report_shows_total_and_active_parameters():
     batch = moma_batch(cfg, "random", 3)
     report = flops_report(cfg, batch)
     assert "3 padding, never routed" in report and "experts " in report
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_aux_router_flops_and_parameters_equal_the_model(runtime, forward_only):
+    """``moe.aux_router``: FlopCounterMode (forward + backward, or forward only) equals
+    ``batch_flops``, and the built model's auxiliary weights equal ``parameter_counts``. The
+    auxiliary loss joins the backward through the layer outputs, as in training."""
+    from megafusion.layers.aux_router import aux_routers_of
+
+    cfg = moma_cfg({"text": 2, "image": 2})
+    cfg.moe.aux_router = True
+    model = build(cfg, runtime)
+    batch = moma_batch(cfg, "random", 3)
+    doc, mod = batch["document_ids"], batch["modality_ids"]
+    if forward_only:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            with routing_for(batch, torch.device("cpu")):
+                model(batch["tokens"], batch["position_ids"], dense_mask(doc), labels=None)
+    else:
+        counter = measure(model, batch)[0]
+    stats = F.batch_flops(cfg, doc, mod, attention="full", forward_only=forward_only)
+    assert counter.get_total_flops() == stats["total"]
+    # Control: the same model without auxiliary routers counts less, by the formula's share.
+    h, L, E = cfg.model.hidden_size, cfg.model.num_layers, 4
+    first, second = h * (h // 2), (h // 2) * E
+    per_token = 2 * L * ((first + second) if forward_only else (2 * first + 3 * second))
+    plain = moma_cfg({"text": 2, "image": 2})
+    without = F.batch_flops(plain, doc, mod, attention="full", forward_only=forward_only)
+    assert stats["total"] - without["total"] == per_token * doc.numel()
+    counts = P.parameter_counts(cfg)
+    named = global_param_names(model)
+    aux = sum(p.numel() for n, p in named.items() if ".aux_router." in n)
+    assert counts["aux_router"] == aux == sum(p.numel() for r in aux_routers_of([model]) for p in r.parameters())
+    assert counts["total"] == sum(p.numel() for p in named.values())
+    assert counts["total"] - P.parameter_counts(plain)["total"] == aux == L * (first + second)
+    cfg.train.trainable = "aux_routers"
+    assert P.parameter_counts(cfg)["trainable"] == aux

@@ -1,4 +1,5 @@
-"""The KV cache of ``megafusion generate`` equals recomputing the whole sequence (dense and MoT).
+"""The KV cache of ``megafusion generate`` equals recomputing the whole sequence (dense, MoT, and MoMa
+with causal routing by its auxiliary routers).
 
 Each check runs in a fresh process (the generator initialises megatron-core's parallel state)
 on a Transfusion checkpoint trained for two steps: every denoising prediction of an image
@@ -62,8 +63,10 @@ def check_cache_matches_recomputation(ckpt: str) -> None:
         close(g._forward(seq, position, cache)[0], g._forward(seq, 0, None)[0], f"text position {position}")
 
 
-@pytest.mark.parametrize("arch", ["dense", "mot"])
+@pytest.mark.parametrize("arch", ["dense", "mot", "moma"])
 def test_kv_cache_equals_recomputing_the_sequence(tmp_path, arch):
+    # MoMa generates with causal routing: its auxiliary routers (trained jointly here) choose.
+    moma = ["moe.aux_router=true", "moe.experts={text: 2, image: 2}"] if arch == "moma" else []
     run_train(
         tmp_path,
         1,
@@ -71,6 +74,7 @@ def test_kv_cache_equals_recomputing_the_sequence(tmp_path, arch):
         [
             "train.steps=2",
             f"model.arch={arch}",
+            *moma,
             "checkpoint.save=true",
             f"checkpoint.dir={tmp_path / 'ckpt'}",
             "logging.dump_grads=null",
