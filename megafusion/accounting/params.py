@@ -210,10 +210,17 @@ def aux_router_macs(cfg, forward_only: bool = False) -> int:
     h = _dims(cfg)["hidden"]
     total = 0
     for cost in layer_costs(cfg):
-        if cost.aux_router:
-            first = h * (h // 2)
-            second = cost.aux_router - first
-            total += first + second if forward_only else 2 * first + 3 * second
+        # Every token meets the layer's own router (MoD's); the block's (MoMa's under MoD) only
+        # the block_fraction of tokens that run the block.
+        for weights, fraction in (
+            (cost.aux_router - cost.block_aux_router, 1),
+            (cost.block_aux_router, cost.block_fraction),
+        ):
+            if weights:
+                first = h * (h // 2)
+                second = weights - first
+                macs = first + second if forward_only else 2 * first + 3 * second
+                total += macs if fraction == 1 else fraction * macs
     return total
 
 

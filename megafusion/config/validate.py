@@ -128,10 +128,12 @@ def _trainable_problems(cfg: Config, known_archs: tuple) -> list[str]:
     t, m = cfg.train, cfg.model
     problems = one_of("train.trainable", t.trainable, TRAINABLE)
     if t.trainable == "aux_routers":
-        if m.arch in known_archs and not FAMILIES.options(m.arch).aux_routers(cfg):
+        extensions = any(EXTENSIONS.options(name).aux_routers(cfg) for name in EXTENSIONS.names())
+        if m.arch in known_archs and not FAMILIES.options(m.arch).aux_routers(cfg) and not extensions:
             problems.append(
                 f"train.trainable=aux_routers trains the auxiliary routers alone, but model.arch={m.arch} with "
-                f"these settings has none: turn them on (MoMa: moe.aux_router=true) or set train.trainable=all"
+                f"these settings has none: turn them on (MoMa: moe.aux_router=true; Mixture-of-Depths: "
+                f"mod.aux_router=true) or set train.trainable=all"
             )
         if m.freeze_text:
             problems.append("train.trainable=aux_routers with model.freeze_text=true: choose one (both freeze weights)")

@@ -16,12 +16,14 @@ import dataclasses
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megafusion.layers.mod_layer import ModSettings, mod_layer_class
-from megafusion.models.mod_options import OPTIONS, is_mod_layer
+from megafusion.models.mod_options import OPTIONS, has_aux_routers, is_mod_layer
 from megafusion.models.spec import LayerCost, LayerExtension
 
 
 def settings_of(cfg, family) -> ModSettings:
-    return ModSettings(capacity=float(cfg.mod.capacity), split=cfg.mod.split, routed=family.routed)
+    return ModSettings(
+        capacity=float(cfg.mod.capacity), split=cfg.mod.split, routed=family.routed, aux_router=has_aux_routers(cfg)
+    )
 
 
 def wrap_spec(cfg, layer: int, spec: ModuleSpec, family) -> ModuleSpec:
@@ -39,11 +41,15 @@ def wrap_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
     if not is_mod_layer(cfg, layer):
         return cost
     c = float(cfg.mod.capacity)
+    h = cfg.model.hidden_size
+    aux = h * (h // 2) + h // 2 if has_aux_routers(cfg) else 0  # its auxiliary router: h x h/2, h/2 x 1
     note = f"Mixture-of-Depths: floor({c:g} x n) of each row's tokens run the block ({cfg.mod.split} selection)"
     return dataclasses.replace(
         cost,
-        router=cost.router + cfg.model.hidden_size,
+        router=cost.router + h,
         block_router=cost.router,
+        aux_router=cost.aux_router + aux,
+        block_aux_router=cost.aux_router,
         block_fraction=c,
         attention_fraction=c * c,
         describe=f"{cost.describe}; {note}" if cost.describe else note,
@@ -52,7 +58,10 @@ def wrap_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
 
 def manifest_keys(cfg) -> dict:
     m = cfg.mod
-    return {"capacity": m.capacity, "every": m.every, "first": m.first, "split": m.split}
+    keys = {"capacity": m.capacity, "every": m.every, "first": m.first, "split": m.split}
+    if has_aux_routers(cfg):  # written only when on: checkpoints without them compare equal
+        keys["aux_router"] = True
+    return keys
 
 
 def routed(cfg) -> bool:
@@ -60,7 +69,9 @@ def routed(cfg) -> bool:
 
 
 def causal_routing(cfg) -> bool:
-    return False  # top-k over each row ranks a token against later ones
+    """Top-k over each row ranks a token against later ones; the auxiliary routers
+    (``mod.aux_router``) decide each token from its own state instead."""
+    return has_aux_routers(cfg)
 
 
 EXTENSION = LayerExtension(

@@ -24,6 +24,11 @@ class ModConfig:
     # layer then reads each modality's count of picked tokens from the device, once per MoD
     # layer) or "per_modality" (floor(c x n_m) of each modality: counts known on the host).
     split: str = "global"
+    # An auxiliary router per MoD layer (megafusion.layers.aux_router, one output), trained with
+    # stop-gradient against the layer's picks: with it the model routes causally (generation,
+    # causal evaluation: a token runs the layer iff its score > 0.5). Trainable alone after the
+    # main model with train.trainable=aux_routers.
+    aux_router: bool = False
 
 
 def enabled(cfg) -> bool:
@@ -34,6 +39,11 @@ def is_mod_layer(cfg, layer: int) -> bool:
     """Whether global layer ``layer`` (1-based) is a MoD layer."""
     m = cfg.mod
     return enabled(cfg) and layer >= m.first and (layer - m.first) % m.every == 0
+
+
+def has_aux_routers(cfg) -> bool:
+    """Whether the MoD layers hold auxiliary routers (what ``train.trainable=aux_routers`` trains)."""
+    return enabled(cfg) and cfg.mod.aux_router is True
 
 
 def mod_problems(cfg) -> list[str]:
@@ -56,6 +66,8 @@ def mod_problems(cfg) -> list[str]:
             )
     if m.split not in MOD_SPLITS:
         problems.append(f"mod.split={m.split!r} is not one of {', '.join(MOD_SPLITS)}: set mod.split to one of them")
+    if not isinstance(m.aux_router, bool):
+        problems.append(f"mod.aux_router={m.aux_router!r} must be true or false")
     if cfg.model.attention_backend in ("flex", "te"):
         problems.append(
             f"mod.capacity={c} with model.attention_backend={cfg.model.attention_backend}: a Mixture-of-Depths "
@@ -64,4 +76,4 @@ def mod_problems(cfg) -> list[str]:
     return problems
 
 
-OPTIONS = Options(sections={"mod": ModConfig}, problems=mod_problems, active=enabled)
+OPTIONS = Options(sections={"mod": ModConfig}, problems=mod_problems, active=enabled, aux_routers=has_aux_routers)

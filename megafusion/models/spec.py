@@ -81,6 +81,8 @@ class LayerCost:
       whole and has no padding); ``ffn_per_token`` / ``ffn_runs`` then count per token that runs it;
     - ``block_router``: the part of ``router`` inside the block (MoMa's, under MoD), which only the
       tokens that run the block meet; the rest (MoD's own ``h`` weights) meets every token;
+    - ``block_aux_router``: the part of ``aux_router`` inside the block (MoMa's, under MoD), which
+      only the tokens that run the block meet; the rest (MoD's own) meets every token;
     - ``attention_fraction``: the fraction of the attended (query, key) pairs this layer computes
       (1; MoD: ``c^2`` at the nominal routing, picked queries over picked keys).
     """
@@ -95,6 +97,7 @@ class LayerCost:
     describe: str = ""
     block_fraction: float = 1
     block_router: int = 0
+    block_aux_router: int = 0
     attention_fraction: float = 1
 
     def copies_of(self, part: str) -> int:
