@@ -1,4 +1,4 @@
-"""The KV cache of ``megafusion generate`` equals recomputing the whole sequence (dense, MoT, and MoMa
+"""The KV cache of ``megafusion generate`` equals recomputing the whole sequence (dense, MoT, MoMa and MoMa + MoD
 with causal routing by its auxiliary routers).
 
 Each check runs in a fresh process (the generator initialises megatron-core's parallel state)
@@ -63,10 +63,14 @@ def check_cache_matches_recomputation(ckpt: str) -> None:
         close(g._forward(seq, position, cache)[0], g._forward(seq, 0, None)[0], f"text position {position}")
 
 
-@pytest.mark.parametrize("arch", ["dense", "mot", "moma"])
+@pytest.mark.parametrize("arch", ["dense", "mot", "moma", "moma+mod"])
 def test_kv_cache_equals_recomputing_the_sequence(tmp_path, arch):
     # MoMa generates with causal routing: its auxiliary routers (trained jointly here) choose.
-    moma = ["moe.aux_router=true", "moe.experts={text: 2, image: 2}"] if arch == "moma" else []
+    # MoMa + MoD: MoD's too; each MoD layer keeps only the tokens routed into it in its cache, and
+    # forgets the image's slots at every denoising step (they are run again).
+    moma = ["moe.aux_router=true", "moe.experts={text: 2, image: 2}"] if arch.startswith("moma") else []
+    if arch.endswith("+mod"):
+        arch, moma = "moma", [*moma, "mod.capacity=0.5", "mod.aux_router=true"]
     run_train(
         tmp_path,
         1,
