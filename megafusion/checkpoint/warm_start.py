@@ -6,7 +6,8 @@ family's ``warm_starts`` rule, e.g. dense -> MoT), a grown vocabulary (megatron-
 and output sharded tensors allow a shape mismatch: rows past the checkpoint's load as zero), the
 modules a new objective adds (``Objective.extra_modules``, e.g. a language model into Transfusion),
 LMFusion's new-token deltas and auxiliary routers added to a trained model (manifest key
-``aux_routers``, e.g. MoMa's ``moe.aux_router``: they start from their initialisation). Anything
+``aux_routers``, e.g. MoMa's ``moe.aux_router``, or an extension's ``aux_router`` key, e.g.
+Mixture-of-Depths' ``mod.aux_router``: they start from their initialisation). Anything
 else stays a difference that ``check_compatible`` refuses. ``WarmStart`` is the result; ``io.load_weights`` applies it.
 """
 
@@ -74,5 +75,13 @@ def plan_warm_start(cfg, ours: dict, theirs: dict, diffs: dict[str, tuple]) -> W
         # Auxiliary routers added to a trained model (their second stage): they start initialised.
         warm.new_parts = (AUX_ROUTER_PART,)
         del diffs["aux_routers"]
+    for key, (before, now) in list(diffs.items()):
+        # A layer extension's auxiliary routers added (its keys gain ``aux_router: true``; its
+        # routers are submodules named ``<extension>_aux_router``, e.g. ``mod_aux_router``): they
+        # start initialised; any other router the checkpoint holds still loads.
+        if isinstance(before, dict) and isinstance(now, dict) and now.get("aux_router") is True:
+            if "aux_router" not in before and before == {k: v for k, v in now.items() if k != "aux_router"}:
+                warm.new_parts = (*warm.new_parts, f"{key}_{AUX_ROUTER_PART}")
+                del diffs[key]
     warm.new_modules = tuple(new)
     return warm

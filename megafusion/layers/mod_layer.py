@@ -234,7 +234,7 @@ class MoDLayerMixin:
         self.mod_router = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
         # It reads the whole microbatch on every tensor-parallel rank (gathered under sequence
         # parallelism), as the router does: every rank computes the same gradient, none is reduced.
-        self.aux_router = AuxRouter(config.hidden_size, 1) if self.MOD.aux_router else None
+        self.mod_aux_router = AuxRouter(config.hidden_size, 1) if self.MOD.aux_router else None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """The family's layer's, with the router as a tensor of its own per MoD layer
@@ -242,8 +242,8 @@ class MoDLayerMixin:
         cannot join megatron's layer-stacked ``[L, ...]`` tensors (replicated over TP and DP)."""
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         own = [("mod_router.weight", self.mod_router.weight)]
-        if self.aux_router is not None:
-            own += [(f"aux_router.{n}", p) for n, p in self.aux_router.named_parameters()]
+        if self.mod_aux_router is not None:
+            own += [(f"mod_aux_router.{n}", p) for n, p in self.mod_aux_router.named_parameters()]
         for name, param in own:
             state[f"{prefix}{name}"] = make_sharded_tensor_for_checkpoint(param, f"{prefix}{self.layer_number}.{name}")
         return state
@@ -281,7 +281,7 @@ class MoDLayerMixin:
         flat = sel.positions * b + torch.arange(b, device=x.device)[None, :]  # [k, b] megatron order
         fillers = sel.filler_mask(x.device)
         real = self._real_slots(sel, x.device) if fillers is not None else None
-        aux = None if causal or self.aux_router is None else self._aux_loss(x, flat, real, routing)
+        aux = None if causal or self.mod_aux_router is None else self._aux_loss(x, flat, real, routing)
         if sel.slots == 0:  # nothing picked: the block is skipped for every token
             return (hidden_states if aux is None else attach(hidden_states, aux)), kwargs.get("context")
         rows = x.reshape(s * b, h)
@@ -321,18 +321,18 @@ class MoDLayerMixin:
         targets = torch.zeros(s * b, 1, dtype=torch.bool, device=x.device)
         targets[index] = True
         valid = None if routing is None else routing.routable_mask()
-        return self.aux_router.loss(x, targets, valid, key=routing)
+        return self.mod_aux_router.loss(x, targets, valid, key=routing)
 
     def _causal_picks(self, x: torch.Tensor, routing) -> torch.Tensor:
         """``[s, b]`` bool: the tokens of ``x`` ``[s, b, h]`` whose auxiliary score is above 0.5,
         padding never (causal routing: each token decided from its own state)."""
-        if self.aux_router is None:
+        if self.mod_aux_router is None:
             raise ValueError(
                 f"causal routing reached Mixture-of-Depths layer {self.layer_number} without an auxiliary "
                 "router: train with mod.aux_router=true (or train.trainable=aux_routers from this checkpoint)"
             )
         s, b, _ = x.shape
-        return self.aux_router.picks(x).squeeze(-1) & routing.routable_mask().view(s, b)
+        return self.mod_aux_router.picks(x).squeeze(-1) & routing.routable_mask().view(s, b)
 
     @staticmethod
     def _modality(routing, s: int, b: int) -> torch.Tensor:

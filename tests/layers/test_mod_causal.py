@@ -153,7 +153,7 @@ def test_causal_picks_are_the_aux_predictions_and_used(runtime, arch, monkeypatc
     real = (batch["document_ids"] != PAD_DOCUMENT_ID).t()  # [s, b]
     for layer in mod_layers(model):
         x, picks = seen[layer.layer_number]
-        r = layer.aux_router
+        r = layer.mod_aux_router
         h = x.double() @ r.fc1.weight.double().T
         score = torch.sigmoid((h * torch.sigmoid(h)) @ r.fc2.weight.double().T).squeeze(-1)
         assert torch.equal(picks, (score > 0.5) & real)
@@ -162,7 +162,7 @@ def test_causal_picks_are_the_aux_predictions_and_used(runtime, arch, monkeypatc
     # causal logits change.
     with torch.no_grad():
         for layer in mod_layers(model):
-            layer.aux_router.fc2.weight.zero_()
+            layer.mod_aux_router.fc2.weight.zero_()
     seen.clear()
     assert not torch.equal(logits_of(model, batch, True), want_logits)
     assert all(int(p.sum()) == 0 for _, p in seen.values())
@@ -186,14 +186,14 @@ def test_aux_loss_leaves_every_main_gradient_bit_identical(runtime, arch, monkey
     main = grads(plain, batch, labels)
     take_stats(aux_routers_of([with_aux]), torch.device("cpu"))
     joint = grads(with_aux, batch, labels)
-    aux_names = {n for n in joint if ".aux_router." in n}
-    mod_aux = {n for n in aux_names if ".mlp." not in n}
+    aux_names = {n for n in joint if "aux_router." in n}
+    mod_aux = {n for n in aux_names if ".mod_aux_router." in n}
     assert len(mod_aux) == 2 * 2 and all(joint[n].abs().sum() > 0 for n in aux_names)
     assert set(joint) - aux_names == set(main)
     for name, g in main.items():
         assert torch.equal(joint[name], g), name
     # Statistics: every routable token of both rows, once per MoD layer (+ MoMa's, per expert).
-    stats = take_stats([layer.aux_router for layer in mod_layers(with_aux)], torch.device("cpu"))
+    stats = take_stats([layer.mod_aux_router for layer in mod_layers(with_aux)], torch.device("cpu"))
     assert stats[-1] == 2 * (2 * S - 3)
     # Control: without the detach the auxiliary loss reaches the main model.
     monkeypatch.setattr(aux_module.AuxRouter, "logits", lambda self, x: self.fc2(torch.nn.functional.silu(self.fc1(x))))
