@@ -72,8 +72,15 @@ class AuxRouter(torch.nn.Module):
         return self.fc2(F.silu(self.fc1(x.detach().float())))
 
     def picks(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., outputs]`` bool: the causal choice, score > 0.5 (logit > 0, the same test)."""
-        return self.logits(x) > 0
+        """``[..., outputs]`` bool: the causal choice, score > 0.5 (logit > 0, the same test).
+
+        The second product runs in float64: with few outputs (one for Mixture-of-Depths) it is a
+        matrix-vector product, whose fp32 result for a token can depend on the token's row index
+        in the matrix (seen on CPU with one thread), so a token's choice would depend on how many
+        rows come before it (other batch rows); float64 makes a sign flip from that practically
+        impossible."""
+        inner = F.silu(self.fc1(x.detach().float()))
+        return F.linear(inner.double(), self.fc2.weight.double()) > 0
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None, key=None):
         """The BCE sum over the valid tokens of ``x`` (``[T, d]`` or ``[s, b, d]``) against ``targets``

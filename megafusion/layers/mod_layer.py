@@ -271,7 +271,7 @@ class MoDLayerMixin:
         s, b, h = x.shape
         routing = active_routing()
         causal = routing is not None and routing.causal
-        logits = self.router_logits(x)  # [s, b]
+        logits = self._logits(x, causal)  # [s, b]
         if causal:
             sel = causal_select(
                 self._causal_picks(x, routing).t(), self._modality(routing, s, b), settings.routed, tp if sp else 1
@@ -312,6 +312,15 @@ class MoDLayerMixin:
         if sp:
             out = scatter_to_sequence_parallel_region(out, group)
         return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True), context
+
+    def _logits(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The router logits; under causal routing computed in float64 and rounded to fp32: the
+        ``[s*b, h] x [h, 1]`` product is a matrix-vector product whose fp32 result for a token can
+        depend on its row index (other batch rows before it), which float64 makes invisible after
+        rounding (batch invariance)."""
+        if not causal or x.dtype == torch.float64:
+            return self.router_logits(x)
+        return self.router_logits(x.double()).to(torch.promote_types(x.dtype, torch.float32))
 
     def _aux_loss(self, x: torch.Tensor, flat: torch.Tensor, real, routing) -> torch.Tensor:
         """The auxiliary router's BCE on every routable token of ``x`` ``[s, b, h]`` (the whole
@@ -363,7 +372,7 @@ class MoDLayerMixin:
         start, first_row = context.sequence_len_offset, context.batch_size_offset
         cache = ModLayerCache.of(context, self.layer_number)
         picks = self._causal_picks(x, routing)
-        weight = torch.sigmoid(self.router_logits(x))  # [s, b]
+        weight = torch.sigmoid(self._logits(x, True))  # [s, b]
         runs = picks.t().tolist()  # which run tokens each row routes here: one device-to-host copy
         modality = routing.token_modality.view(s, b).t().tolist() if self.MOD.routed else None
         kwargs = {k: v for k, v in kwargs.items() if k != "sequence_len_offset"}

@@ -109,8 +109,17 @@ def test_causal_routing_is_causal_and_top_k_is_not(runtime, arch, rows, pad):
     assert leaked >= 2
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU thread (as under pytest-xdist), where the controls below are known to show."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("arch", ["dense", "moma"])
-def test_a_sequence_alone_and_batched_is_bit_identical(runtime, arch):
+def test_a_sequence_alone_and_batched_is_bit_identical(runtime, arch, one_thread, monkeypatch):
     # MoMa with shared attention and norms (untie=none): MoT's per-modality linears group each
     # modality's rows of the whole microbatch, whose counts depend on the other rows (a MoT layer
     # is not batch-invariant to the bit without MoD either).
@@ -123,11 +132,12 @@ def test_a_sequence_alone_and_batched_is_bit_identical(runtime, arch):
     assert torch.equal(both[:1], logits_of(model, alone, True))
     last = {k: v[1:] for k, v in pair.items()}
     assert torch.equal(both[1:, : S - 4], logits_of(model, last, True)[:, : S - 4])
-    # Control: without the bucketed row counts the other row changes this one's logits.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mod_layer, "CAUSAL_ROW_BUCKET", 1)
-        patch.setattr(expert_choice_layer, "CAUSAL_ROW_BUCKET", 1)
-        assert not torch.equal(logits_of(model, pair, True)[:1], logits_of(model, alone, True))
+    # Control: with the MoD router's fp32 matrix-vector product (a token's logit depends on its
+    # row index there) and unbucketed row counts, the other row changes this one's logits.
+    monkeypatch.setattr(MoDLayerMixin, "_logits", lambda self, x, causal: self.router_logits(x))
+    monkeypatch.setattr(mod_layer, "CAUSAL_ROW_BUCKET", 1)
+    monkeypatch.setattr(expert_choice_layer, "CAUSAL_ROW_BUCKET", 1)
+    assert not torch.equal(logits_of(model, pair, True)[:1], logits_of(model, alone, True))
 
 
 def spy_picks(model, monkeypatch) -> dict:
