@@ -45,3 +45,37 @@ def test_mod_flops_and_parameters_match_the_built_model(runtime, arch):
     plain = mod_cfg(arch, capacity=None, layers=3)
     full = measure(build(plain, runtime), batch).get_total_flops()
     assert full == b * s * flops.flops_per_token(plain, attended_keys=s) > counter.get_total_flops()
+
+
+@pytest.mark.parametrize("arch", ["dense", "moma"])
+def test_mod_aux_router_flops_and_parameters_match_the_built_model(runtime, arch):
+    """``mod.aux_router`` (and MoMa's ``moe.aux_router`` inside MoD layers): parameter counts equal
+    the built model's; what the auxiliary routers add to FlopCounterMode (forward + backward, the
+    BCE through the layer outputs) equals what they add to the analytic count: MoD's on every
+    token, MoMa's only on the tokens a MoD layer picked. Dense + MoD: the totals are equal too
+    (MoMa + MoD's expert runs over the picked tokens are not yet exact per microbatch)."""
+
+    def config(aux: bool):
+        cfg = mod_cfg(arch, capacity=0.25, every=2, layers=3)
+        cfg.mod.aux_router = aux
+        if arch == "moma":
+            cfg.moe.aux_router = aux
+        return cfg
+
+    cfg, plain = config(True), config(False)
+    model = build(cfg, runtime)
+    counts = acc_params.parameter_counts(cfg)
+    named = dict(model.named_parameters())
+    assert counts["total"] == sum(p.numel() for p in named.values())
+    assert counts["aux_router"] == sum(p.numel() for n, p in named.items() if "aux_router." in n) > 0
+    batch = batch_with_modalities(cfg)
+    b, s = batch["tokens"].shape
+    total = measure(model, batch).get_total_flops()
+    without = measure(build(plain, runtime), batch).get_total_flops()
+    analytic = b * s * (flops.flops_per_token(cfg, attended_keys=s) - flops.flops_per_token(plain, attended_keys=s))
+    assert total - without == analytic > 0
+    h = cfg.model.hidden_size
+    mod_share = b * s * 2 * 2 * (2 * h * (h // 2) + 3 * (h // 2))  # 2 MoD layers' routers, every token
+    assert analytic == mod_share if arch == "dense" else analytic > mod_share  # control: MoMa's add to it
+    if arch == "dense":
+        assert total == b * s * flops.flops_per_token(cfg, attended_keys=s)
