@@ -30,6 +30,16 @@ stay the family's; the router adds ``mod_router.weight`` ``[1, h]``, fp32). Per 
    (the same value, and exactly the block's output when ``w == 1``); unpicked tokens' rows are
    ``x``, bit for bit. The residual is never scaled.
 
+5. **Auxiliary router** (``mod_aux_router``, with ``mod.aux_router``: :mod:`megafusion.layers.aux_router`,
+   one output): in training, BCE of its score against the picks on the whole microbatch's
+   detached inputs, attached to the output. Under causal routing (``ModalityRouting.causal``)
+   it decides instead: the layer runs the routable tokens whose score is above 0.5
+   (:func:`causal_select`: counts read from the device once; slots and each modality's rows
+   padded with fillers to :data:`CAUSAL_ROW_BUCKET`; router logits in float64), so a token's
+   result depends on no later token and no other row. With a KV cache (megatron's
+   ``StaticInferenceContext``) the layer keeps its own (:class:`ModLayerCache`): only the tokens
+   routed into it, with their absolute positions.
+
 Selection and output are made on the whole microbatch on every tensor-parallel rank (the
 router's weight gets the same gradient on each, so it is not reduced); the parent layer runs
 sequence-parallel on the picked tokens as usual. Activation recomputation runs the same
