@@ -308,17 +308,28 @@ def measure(args, cfg, device: torch.device) -> dict:
             "max_ratio": GPU_TARGET_RATIO,
             "met": None if device.type != "cuda" else ratio("moma", "dense") <= GPU_TARGET_RATIO,
         },
-        "mod": mod_result(args, stats, counted, device),
+        "mod": mod_result(args, cfg, stats, counted, device),
     }
 
 
-def mod_result(args, stats: dict, counted: dict, device: torch.device) -> dict:
-    """The Mixture-of-Depths case: its time and FLOPs against dense's, and the GPU target."""
+def mod_result(args, cfg, stats: dict, counted: dict, device: torch.device) -> dict:
+    """The Mixture-of-Depths case: its time and FLOPs against dense's, and the GPU target.
+
+    Expected FLOPs: the dense layer's on the ``k`` picked tokens of each row (math-kernel attention
+    over ``k x k``) plus the router (``h -> 1`` per token, x3: its weight and input get gradients)."""
+    from megafusion.accounting.flops import BACKWARD_FACTOR
+    from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC
+
     c = args.mod_capacity
     ratio = round(stats["mod"]["median"] / stats["dense"]["median"], 4)
+    picked = math.floor(round(c * args.seq, 9))
+    router = MATMUL_FLOPS_PER_MAC * (1 + BACKWARD_FACTOR) * args.hidden * args.seq * args.batch
+    expected = layer_flops(cfg, args.batch, picked)[0] + router
     return {
         "capacity": c,
-        "picked_per_row": math.floor(round(c * args.seq, 9)),
+        "picked_per_row": picked,
+        "expected_flops": expected,
+        "matches_expected": expected == counted["mod"],
         "layer_ms": stats["mod"],
         "ratio": ratio,
         "ratio_over_capacity": round(ratio / c, 4),
