@@ -24,7 +24,13 @@ Measured, alternating the cases every iteration (``bench.mot_layer.time_cases``)
 - the whole layer, forward + backward, dense / MoT / MoMa;
 - the MLP alone: megatron's ``MLP`` / MoT's ``ModalityMLP`` / MoMa's ``MoELayer`` (router, token
   dispatch, experts, combine);
-- the expert-choice router alone (gating matmul, per-group top-k, sigmoid gates), forward + backward.
+- the expert-choice router alone (gating matmul, per-group top-k, sigmoid gates), forward + backward;
+- Mixture-of-Depths: the dense layer as a MoD layer (``mod.capacity`` = ``--mod-capacity``, default
+  0.125: each row's top ``floor(c x s)`` tokens run the block, the rest pass through), forward +
+  backward. Its FLOPs are ``c`` of the dense layer's linear FLOPs and ``~c^2`` of its attention
+  scores, plus the router; the GPU target is a time proportional to ``c`` within 10%
+  (``|(MoD / dense) / c - 1| <= 0.10``): what skipping buys if the gather, the router and the
+  shorter GEMMs cost nothing extra.
 
 Usage::
 
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +80,8 @@ DEFAULT_EXPERTS = "text=4,image=4"  # MoMa 4t4i
 FLOPS_TOLERANCE = 0.03
 GPU_TARGET_RATIO = 1.05  # the project's target for MoMa / dense on a GPU (the paper's MoMa lost 17 %)
 CASES = ("dense", "mot", "moma")
+DEFAULT_MOD_CAPACITY = 0.125  # the MoD paper's best capacity
+MOD_TARGET_ERROR = 0.10  # GPU target: MoD / dense time within 10 % of the picked fraction
 
 
 def parse_groups(text: str, kind: type, option: str, example: str) -> dict:
@@ -101,6 +110,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="expert-choice capacity per group, moe.capacity, e.g. text=0.25,image=0.25 (default 1/experts)",
     )
+    p.add_argument(
+        "--mod-capacity",
+        type=float,
+        default=DEFAULT_MOD_CAPACITY,
+        help=f"the Mixture-of-Depths case's mod.capacity (default {DEFAULT_MOD_CAPACITY})",
+    )
     args = mot_layer.resolve_sizes(p, p.parse_args(argv))
     try:
         args.experts = parse_groups(args.experts, int, "--experts", DEFAULT_EXPERTS)
@@ -114,6 +129,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
         try:  # megafusion's own checks of the moe section (groups, counts, capacities)
             validate(moma_cfg(make_cfg(args), args), world_size=1)
+            validate(mod_cfg(make_cfg(args), args), world_size=1)
         except ConfigError as err:
             p.error(str(err))
     return args
@@ -124,6 +140,13 @@ def moma_cfg(cfg, args):
     cfg = copy.deepcopy(cfg)
     cfg.model.arch = "moma"
     cfg.moe.experts, cfg.moe.capacity = dict(args.experts), args.capacity and dict(args.capacity)
+    return cfg
+
+
+def mod_cfg(cfg, args):
+    """``cfg`` (dense) with its one layer a Mixture-of-Depths layer at ``--mod-capacity``."""
+    cfg = copy.deepcopy(cfg)
+    cfg.mod.capacity, cfg.mod.first, cfg.mod.every = args.mod_capacity, 1, 1
     return cfg
 
 
@@ -177,6 +200,7 @@ def measure(args, cfg, device: torch.device) -> dict:
     from megafusion.models.dense import dense_layer_spec
     from megafusion.models.moma import manifest_keys, moma_layer_spec
     from megafusion.models.mot import mot_layer_spec
+    from megafusion.models.registry import layer_spec
     from megafusion.models.transformer_config import build_transformer_config
 
     mcfg = moma_cfg(cfg, args)
@@ -188,9 +212,10 @@ def measure(args, cfg, device: torch.device) -> dict:
         "dense": build_layer(dense_layer_spec(cfg), tconfig, device, args.seed),
         "mot": build_layer(mot_layer_spec(cfg), tconfig, device, args.seed),
         "moma": build_layer(moma_layer_spec(mcfg), moma_tconfig, device, args.seed),
+        "mod": build_layer(layer_spec(mod_cfg(cfg, args), 1), tconfig, device, args.seed),
     }
     inputs = make_inputs(args, cfg, tconfig, device)
-    cases = {name: layer_step(layers[name], inputs) for name in CASES}
+    cases = {name: layer_step(layers[name], inputs) for name in (*CASES, "mod")}
     cases.update({f"mlp_{name}": mlp_step(layers[name].mlp, inputs) for name in CASES})
     cases["router"] = router_step(layers["moma"].mlp.router, inputs, device)
 
@@ -198,7 +223,7 @@ def measure(args, cfg, device: torch.device) -> dict:
     shape = layer_shape(args, cfg, tconfig, inputs.modality_ids)
     # Every MoT / MoMa module reads the routing; the dense layer ignores it.
     with modality_routing(inputs.routing):
-        counted = {name: count_flops(*cases[name]) for name in (*CASES, "mlp_dense", "mlp_moma")}
+        counted = {name: count_flops(*cases[name]) for name in (*CASES, "mod", "mlp_dense", "mlp_moma")}
         if counted["dense"] != counted["mot"]:
             raise RuntimeError(
                 f"FlopCounterMode counts {counted['mot']} FLOPs for the MoT layer but {counted['dense']} for "
@@ -283,6 +308,37 @@ def measure(args, cfg, device: torch.device) -> dict:
             "max_ratio": GPU_TARGET_RATIO,
             "met": None if device.type != "cuda" else ratio("moma", "dense") <= GPU_TARGET_RATIO,
         },
+        "mod": mod_result(args, cfg, stats, counted, device),
+    }
+
+
+def mod_result(args, cfg, stats: dict, counted: dict, device: torch.device) -> dict:
+    """The Mixture-of-Depths case: its time and FLOPs against dense's, and the GPU target.
+
+    Expected FLOPs: the dense layer's on the ``k`` picked tokens of each row (math-kernel attention
+    over ``k x k``) plus the router (``h -> 1`` per token, x3: its weight and input get gradients)."""
+    from megafusion.accounting.flops import BACKWARD_FACTOR
+    from megafusion.accounting.image_modules import MATMUL_FLOPS_PER_MAC
+
+    c = args.mod_capacity
+    ratio = round(stats["mod"]["median"] / stats["dense"]["median"], 4)
+    picked = math.floor(round(c * args.seq, 9))
+    router = MATMUL_FLOPS_PER_MAC * (1 + BACKWARD_FACTOR) * args.hidden * args.seq * args.batch
+    expected = layer_flops(cfg, args.batch, picked)[0] + router
+    return {
+        "capacity": c,
+        "picked_per_row": picked,
+        "expected_flops": expected,
+        "matches_expected": expected == counted["mod"],
+        "layer_ms": stats["mod"],
+        "ratio": ratio,
+        "ratio_over_capacity": round(ratio / c, 4),
+        "flops": counted["mod"],
+        "flops_ratio": round(counted["mod"] / counted["dense"], 6),
+        "gpu_target": {
+            "max_error": MOD_TARGET_ERROR,
+            "met": None if device.type != "cuda" else abs(ratio / c - 1) <= MOD_TARGET_ERROR,
+        },
     }
 
 
@@ -305,6 +361,12 @@ def _experts(shape: dict) -> str:
     return text
 
 
+def _mod_cells(mod: dict | None) -> str:
+    if not mod:
+        return "- | -"
+    return f"{mod['capacity']:g} | {mod['ratio']:.3f} ({mod['ratio_over_capacity']:.2f}, {mod['flops_ratio']:.4f})"
+
+
 def render_table(results_dir: Path) -> str:
     """Markdown table, one row per ``moma_layer_*.json`` in ``results_dir``."""
     results = []
@@ -321,11 +383,15 @@ def render_table(results_dir: Path) -> str:
         "H heads, f ffn (dense MLP and every expert), s sequence, b batch, img image fraction; experts: 4t4i =",
         "4 text + 4 image experts, expert-choice at capacity 1/E unless c= says. FLOPs = MoMa / dense",
         f"(FlopCounterMode; the router and ceil rounding only). GPU target: MoMa/dense <= {GPU_TARGET_RATIO}.",
+        "MoD c: the dense layer as a Mixture-of-Depths layer at capacity c (each row's top floor(c x s) tokens",
+        "run it); MoD/dense: its time over dense's, with (in brackets) that ratio over c and FlopCounterMode's",
+        f"MoD/dense FLOPs. GPU target: MoD/dense within {MOD_TARGET_ERROR:.0%} of c. '-': measured before the",
+        "MoD case existed.",
         "Rows marked (quick) are tiny smoke-test sizes, not results.",
         "",
         "| device | commit | date (UTC) | shape | experts | dtype, ops | dense ms | MoT ms | MoMa ms | MoT/dense "
-        "| MoMa/dense | MLP MoMa/dense | FLOPs | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MoMa/dense | MLP MoMa/dense | FLOPs | MoD c | MoD/dense (/c, FLOPs) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["device"]["name"], r["date"])):
         sh = r["shape"]
@@ -337,7 +403,8 @@ def render_table(results_dir: Path) -> str:
             f"| {device} | {r['commit']} | {r['date']} | {shape} | {_experts(sh)} | "
             f"{r['dtype']}, {r.get('ops_backend', 'torch')} | "
             f"{_ms(ms['dense'])} | {_ms(ms['mot'])} | {_ms(ms['moma'])} | {r['mot_ratio']:.3f} | "
-            f"{r['ratio']:.3f} | {r['mlp_ratio']:.3f} | {r['flops']['ratio']:.4f} | `{command}` |"
+            f"{r['ratio']:.3f} | {r['mlp_ratio']:.3f} | {r['flops']['ratio']:.4f} | {_mod_cells(r.get('mod'))} | "
+            f"`{command}` |"
         )
     return "\n".join(lines) + "\n"
 
@@ -366,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{lm['moma']['median']:.3f} ms (x{result['ratio']:.3f}); MLP dense {mm['dense']['median']:.3f} ms, MoMa "
         f"{mm['moma']['median']:.3f} ms (x{result['mlp_ratio']:.3f}); router alone "
         f"{result['router_ms']['median']:.3f} ms; FLOPs MoMa/dense x{fl['ratio']:.4f}"
-        f"{' (router + rounding, as expected)' if fl['matches_expected'] else ' (NOT the expected count)'}"
+        f"{' (router + rounding, as expected)' if fl['matches_expected'] else ' (NOT the expected count)'}; MoD "
+        f"c={result['mod']['capacity']:g} {result['mod']['layer_ms']['median']:.3f} ms (x{result['mod']['ratio']:.3f} "
+        f"dense, x{result['mod']['ratio_over_capacity']:.2f} of c; FLOPs x{result['mod']['flops_ratio']:.4f})"
     )
     mot_layer.save_result(args, result, BENCHMARK, write_table)
     return 0

@@ -36,7 +36,13 @@ from tests.helpers import assert_recompute_ran, assert_same_training, run_train
 pytestmark = pytest.mark.torchrun
 
 CONFIG = "tests/configs/mixed_small.yaml"
-MOMA = ["model.arch=moma", "train.steps=5", "moe.experts={text: 4, image: 4}", "moe.router_noise=1.0"]
+MOMA = [
+    "model.arch=moma",
+    "train.steps=5",
+    "moe.experts={text: 4, image: 4}",
+    "moe.router_noise=1.0",
+    "moe.aux_router=true",  # trained jointly: its gradients and its loss must match too
+]
 FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
     "ep2": (2, ["parallel.ep=2", FULL]),
@@ -62,6 +68,12 @@ def step_margins(run_dir: Path) -> list[float]:
     return [r.get("moe/min_margin", math.inf) for r in lines if "loss" in r]
 
 
+def step_aux_losses(run_dir: Path) -> list[float]:
+    """Each training step's aux/loss (the auxiliary routers' BCE, summed over every rank)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["aux/loss"] for r in lines if "loss" in r]
+
+
 def steps_before_a_near_tie(*margins: list[float]) -> int:
     """How many leading steps every run chose with all margins above NEAR_TIE; at least 1 (the
     first step starts from the same weights in every layout)."""
@@ -79,9 +91,10 @@ def reference(tmp_path_factory):
     losses, grads, _ = run_train(tmp, 1, CONFIG, MOMA, "single")
     experts = [n for n in grads if ".mlp.experts." in n]
     assert len(experts) == 4 * 8 * 2 and any(".mlp.router." in n for n in grads)
+    assert sum(".mlp.aux_router." in n for n in grads) == 4 * 2
     margins = step_margins(tmp / "single")
     assert len(margins) == 5 and all(0 <= m < math.inf for m in margins), margins
-    return losses, grads, margins
+    return losses, grads, margins, step_aux_losses(tmp / "single")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -90,10 +103,12 @@ def test_moma_layout_matches_single_process(layout, reference, tmp_path):
     losses, grads, out = run_train(tmp_path, nproc, CONFIG, MOMA + overrides, layout)
     assert len(losses) == 5
     assert_recompute_ran(out, overrides)
-    ref_losses, ref_grads, ref_margins = reference
+    ref_losses, ref_grads, ref_margins, _ = reference
     exact = steps_before_a_near_tie(ref_margins, step_margins(tmp_path / layout))
     print(f"{layout}: margins {ref_margins}; losses compared on steps 1-{exact}")
     assert_same_training((ref_losses[:exact], ref_grads), (losses[:exact], grads), layout, REL_TOL)
+    aux, want = step_aux_losses(tmp_path / layout)[:exact], reference[3][:exact]
+    assert all(abs(a - b) <= REL_TOL * abs(b) for a, b in zip(aux, want)), (layout, aux, want)
 
 
 def test_moma_stopped_under_ep2_resumes_under_tp2_sp(reference, tmp_path):

@@ -79,12 +79,19 @@ def test_quick_run_writes_result_and_table(tmp_path):
     assert r["router_ms"]["median"] > 0
     assert r["params"]["moma"] > r["params"]["mot"] > r["params"]["dense"]
     assert r["gpu_target"]["max_ratio"] == 1.05
+    # Mixture-of-Depths: the dense layer on each row's floor(c x s) picked tokens, plus the router.
+    mod = r["mod"]
+    assert mod["capacity"] == 0.125 and mod["picked_per_row"] == sh["seq"] // 8
+    assert mod["flops"] == mod["expected_flops"] and mod["matches_expected"], mod
+    assert mod["flops_ratio"] < 0.125 + 0.05 and mod["layer_ms"]["median"] > 0
+    assert (mod["gpu_target"]["met"] is None) == (r["device"]["type"] != "cuda")
     assert (r["gpu_target"]["met"] is None) == (r["device"]["type"] != "cuda")
 
     table = (tmp_path / TABLE_NAME).read_text()
     assert table == render_table(tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "(quick)" in line]
     assert len(rows) == 1 and r["commit"] in rows[0] and f"`{r['command']}`" in rows[0] and "| 4t4i |" in rows[0]
+    assert f"| 0.125 | {mod['ratio']:.3f} (" in rows[0]
 
 
 def test_parse_groups():
