@@ -74,6 +74,7 @@ def runs(tmp_path):
     write_run(out / "moe_8x", linear(dict.fromkeys(("overall", "text", "image"), 0.01)), step_time=0.3)
     write_run(out / "mod", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.1, causal_cost=0.25)
     write_run(out / "moma_4t4i_mod", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.2, causal_cost=0.5)
+    write_run(out / "moma_4t4i_mod_pm", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.2, causal_cost=0.4)
     # Upcycled from MoT's step 40: its own steps 1..60 (global 41..100); image loss 3.0 at its
     # step 20 (global 60, an evaluation point) -> 60% of dense's FLOPs.
     own = lambda m, step: {"text": 2.0, "overall": 2.5, "image": 4.0 - 0.05 * step}[m]  # noqa: E731
@@ -101,7 +102,16 @@ def runs(tmp_path):
 def test_fractions_and_step_times_on_known_curves(runs, tmp_path):
     result = analyze.write_results(runs, tmp_path / "results")
     val, r = result["validation"], result["runs"]
-    assert set(val) == {"mot", "moma_1t1i", "moma_4t4i", "moe_8x", "mod", "moma_4t4i_mod", analyze.UPCYCLED}
+    assert set(val) == {
+        "mot",
+        "moma_1t1i",
+        "moma_4t4i",
+        "moe_8x",
+        "mod",
+        "moma_4t4i_mod",
+        "moma_4t4i_mod_pm",
+        analyze.UPCYCLED,
+    }
     assert val["mot"]["text"]["reference_final"] == pytest.approx(3.0)
     assert val["mot"]["text"]["step"] == pytest.approx(50) and val["mot"]["text"]["flops_fraction"] == pytest.approx(
         0.5
@@ -243,7 +253,7 @@ def test_run_py_quick_end_to_end(tmp_path):
     assert (
         p["moma_4t4i"]["active"] - p["dense"]["active"] == 32 * 8 + aux == p["moe_8x"]["active"] - p["dense"]["active"]
     )
-    for name in ("moma_4t4i", "moe_8x", "mod", "moma_4t4i_mod"):  # trained with auxiliary routers
+    for name in ("moma_4t4i", "moe_8x", "mod", "moma_4t4i_mod", "moma_4t4i_mod_pm"):  # trained with auxiliary routers
         assert set(result["runs"][name]["causal"]) == set(analyze.MODALITIES), name
         assert 0 <= result["runs"][name]["aux"]["accuracy"] <= 1, name
     assert "model.num_layers=2" in result["train_commands"]["mod"]

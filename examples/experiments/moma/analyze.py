@@ -71,6 +71,13 @@ RUNS = {
     "moma_4t4i_mod": Run(
         "MoMa 4t4i + MoD", ("model.arch=moma", "moe.experts={text: 4, image: 4}", AUX, *MOD), mod=True
     ),
+    # MoD's selection per modality (each modality's own floor(c x n_m) of a row): the counts the experts
+    # then see are known on the host, where the paper's selection (above) costs a device sync per MoD layer.
+    "moma_4t4i_mod_pm": Run(
+        "MoMa 4t4i + MoD per modality",
+        ("model.arch=moma", "moe.experts={text: 4, image: 4}", AUX, *MOD, "mod.split=per_modality"),
+        mod=True,
+    ),
 }
 REFERENCE = "dense"
 # MoMa 4t4i started from MoT's checkpoint part-way (run.py's upcycle step), to the same total steps.
@@ -344,6 +351,7 @@ COLOURS = {
     "moe_8x": "tab:purple",
     "mod": "tab:olive",
     "moma_4t4i_mod": "tab:cyan",
+    "moma_4t4i_mod_pm": "tab:pink",
     UPCYCLED: "tab:brown",
 }
 

@@ -73,6 +73,7 @@ RESERVED = (
     "moe.aux_router",
     "mod.capacity",
     "mod.aux_router",
+    "mod.split",
     "checkpoint.init_from",
 )
 UPCYCLE_INIT = "upcycle_init"  # OUT/<this>: the converted MoMa weights the upcycled run starts from
