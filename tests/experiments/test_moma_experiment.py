@@ -20,9 +20,18 @@ STEPS, EVAL_EVERY, STEP_FLOPS = 100, 20, 1e9
 UPCYCLE_AT = 40
 
 
-def write_run(run_dir, loss, step_time: float, steps: int = STEPS, step_flops: float = STEP_FLOPS, batch: int = 4):
+def write_run(
+    run_dir,
+    loss,
+    step_time: float,
+    steps: int = STEPS,
+    step_flops: float = STEP_FLOPS,
+    batch: int = 4,
+    causal_cost: float | None = None,
+):
     """A metrics.jsonl as megafusion train writes it: a training line per step, an evaluation line every
-    EVAL_EVERY steps; ``loss(modality, step)`` gives every loss (training ones too)."""
+    EVAL_EVERY steps; ``loss(modality, step)`` gives every loss (training ones too). ``causal_cost``: the
+    run has auxiliary routers, its causal-routing validation loss is this much above the teacher-forced one."""
     run_dir.mkdir(parents=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
@@ -39,6 +48,10 @@ def write_run(run_dir, loss, step_time: float, steps: int = STEPS, step_flops: f
             if step % EVAL_EVERY == 0:
                 val = {"step": step, "val/loss": loss("overall", step)}
                 val.update({f"val/loss/{m}": loss(m, step) for m in ("text", "image")})
+                if causal_cost is not None:
+                    val["val_causal/loss"] = loss("overall", step) + causal_cost
+                    val.update({f"val_causal/loss/{m}": loss(m, step) + causal_cost for m in ("text", "image")})
+                    val.update({"val/aux/accuracy": 0.99, "val/aux/precision": 0.9, "val/aux/recall": 0.8})
                 f.write(json.dumps(val) + "\n")
 
 
@@ -59,6 +72,9 @@ def runs(tmp_path):
     # clock (its steps take twice dense's), and 2% more FLOPs per step (the router).
     write_run(out / "moma_4t4i", linear(dict.fromkeys(("overall", "text", "image"), 0.08)), 0.2, step_flops=1.02e9)
     write_run(out / "moe_8x", linear(dict.fromkeys(("overall", "text", "image"), 0.01)), step_time=0.3)
+    write_run(out / "mod", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.1, causal_cost=0.25)
+    write_run(out / "moma_4t4i_mod", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.2, causal_cost=0.5)
+    write_run(out / "moma_4t4i_mod_pm", linear(dict.fromkeys(("overall", "text", "image"), 0.02)), 0.2, causal_cost=0.4)
     # Upcycled from MoT's step 40: its own steps 1..60 (global 41..100); image loss 3.0 at its
     # step 20 (global 60, an evaluation point) -> 60% of dense's FLOPs.
     own = lambda m, step: {"text": 2.0, "overall": 2.5, "image": 4.0 - 0.05 * step}[m]  # noqa: E731
@@ -86,7 +102,16 @@ def runs(tmp_path):
 def test_fractions_and_step_times_on_known_curves(runs, tmp_path):
     result = analyze.write_results(runs, tmp_path / "results")
     val, r = result["validation"], result["runs"]
-    assert set(val) == {"mot", "moma_1t1i", "moma_4t4i", "moe_8x", analyze.UPCYCLED}  # each vs dense
+    assert set(val) == {
+        "mot",
+        "moma_1t1i",
+        "moma_4t4i",
+        "moe_8x",
+        "mod",
+        "moma_4t4i_mod",
+        "moma_4t4i_mod_pm",
+        analyze.UPCYCLED,
+    }
     assert val["mot"]["text"]["reference_final"] == pytest.approx(3.0)
     assert val["mot"]["text"]["step"] == pytest.approx(50) and val["mot"]["text"]["flops_fraction"] == pytest.approx(
         0.5
@@ -130,6 +155,14 @@ def test_fractions_and_step_times_on_known_curves(runs, tmp_path):
     assert "| MoMa 4t4i | 100 | ? | ? | 1.02e+11 | 1.020x | 20.0 | 0.200 | 2.00x |" in table
     assert "| MoMa 4t4i upcycled | 2.5000 | 2.0000 | 1.0000 |" in table
     assert "MoT's checkpoint at step 40 -> MoMa 4t4i" in table and "restarted from the first batch" in table
+    # Causal routing: only the runs with auxiliary routers, their last evaluation (dense's 3.0 + the cost).
+    assert "causal" not in r["moma_4t4i"] and r["mod"]["causal"]["text"] == pytest.approx(3.25)
+    assert r["moma_4t4i_mod"]["aux"] == {"accuracy": 0.99, "precision": 0.9, "recall": 0.8}
+    assert (
+        "| MoMa 4t4i + MoD | 3.0000 / 3.5000 (+0.5000) | 3.0000 / 3.5000 (+0.5000) | 3.0000 / 3.5000 (+0.5000) "
+        "| 0.9900 | 0.9000 | 0.8000 |" in table
+    )
+    assert "| MoT | 3.0000" not in table.split("## Causal routing")[1].split("##")[0]
     assert base.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -161,6 +194,9 @@ def test_run_py_plan():
     assert run.default_upcycle_step(400, 25) == 100 and run.default_upcycle_step(6, 2) == 2
     assert run.default_upcycle_step(10, 0) == 2  # no evaluations between: a quarter
     assert run.experts_value("moma_4t4i") == "{text: 4, image: 4}"
+    # MoD depth at equal active FLOPs: 4 plain layers = 3 plain + 4 at capacity 0.25 (every other from 1).
+    assert run.mod_depth(4, 0.25, 2, 1) == 7 and run.mod_depth(4, 0.125, 2, 1) == 7  # 3.5 vs 4.5: the shallower
+    assert run.mod_depth(1, 0.25, 2, 1) == 2 and run.mod_depth(3, 0.5, 1, 1) == 6
     assert run.command_line(["train", "--config", "c.yaml"])[1:] == [
         "-m",
         "megafusion.train",
@@ -211,8 +247,16 @@ def test_run_py_quick_end_to_end(tmp_path):
         assert {"flops_fraction", "wall_fraction", "reached"} <= set(result["validation"][name]["image"])
     p = result["parameters"]
     assert p["dense"]["total"] == p["dense"]["active"] == p["mot"]["active"]
-    # MoMa's active parameters: one expert's FFN, as dense's, and the router (hidden x experts per layer).
-    assert p["moma_4t4i"]["active"] - p["dense"]["active"] == 32 * 8 == p["moe_8x"]["active"] - p["dense"]["active"]
+    # MoMa's active parameters: one expert's FFN, as dense's, the router (hidden x experts per layer) and
+    # the auxiliary router (hidden x hidden/2 + hidden/2 x experts).
+    aux = 32 * 16 + 16 * 8
+    assert (
+        p["moma_4t4i"]["active"] - p["dense"]["active"] == 32 * 8 + aux == p["moe_8x"]["active"] - p["dense"]["active"]
+    )
+    for name in ("moma_4t4i", "moe_8x", "mod", "moma_4t4i_mod", "moma_4t4i_mod_pm"):  # trained with auxiliary routers
+        assert set(result["runs"][name]["causal"]) == set(analyze.MODALITIES), name
+        assert 0 <= result["runs"][name]["aux"]["accuracy"] <= 1, name
+    assert "model.num_layers=2" in result["train_commands"]["mod"]
     assert p["moma_4t4i"]["total"] > p["moma_1t1i"]["total"] > p["moma_1t1i"]["active"]
     if upcycle:
         up = result["upcycle"]

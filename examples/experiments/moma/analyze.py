@@ -48,17 +48,36 @@ class Run:
 
     label: str
     overrides: tuple[str, ...]
+    # Mixture-of-Depths: run.py sets model.num_layers so that the run's active FLOPs per token match
+    # dense's (``mod_depth``): a MoD layer at capacity c costs ~c of a layer.
+    mod: bool = False
 
 
 # In run order. Every run has the config's width, depth and ffn_hidden_size: MoT's token meets its
 # modality's FFN, a MoMa token on average one expert of that width (moe.capacity null = 1 / experts
 # of the group), so the active FLOPs per token are (nearly: the router, ceil of the capacity) equal.
+# The runs with routing that is not causal (expert choice, MoD's top-k) also train auxiliary routers
+# (stop-gradient: the main model trains as without them), so validation reports their losses under
+# causal routing too (val_causal/...), as generation routes.
+AUX = "moe.aux_router=true"
+MOD = ("mod.capacity=0.25", "mod.aux_router=true")  # every other layer from layer 1 (mod.every=2, mod.first=1)
 RUNS = {
     "dense": Run("dense", ("model.arch=dense",)),
     "mot": Run("MoT", ("model.arch=mot",)),
     "moma_1t1i": Run("MoMa 1t1i", ("model.arch=moma", "moe.experts={text: 1, image: 1}")),
-    "moma_4t4i": Run("MoMa 4t4i", ("model.arch=moma", "moe.experts={text: 4, image: 4}")),
-    "moe_8x": Run("MoE-8x", ("model.arch=moma", "moe.experts={mixed: 8}")),
+    "moma_4t4i": Run("MoMa 4t4i", ("model.arch=moma", "moe.experts={text: 4, image: 4}", AUX)),
+    "moe_8x": Run("MoE-8x", ("model.arch=moma", "moe.experts={mixed: 8}", AUX)),
+    "mod": Run("MoD", ("model.arch=dense", *MOD), mod=True),
+    "moma_4t4i_mod": Run(
+        "MoMa 4t4i + MoD", ("model.arch=moma", "moe.experts={text: 4, image: 4}", AUX, *MOD), mod=True
+    ),
+    # MoD's selection per modality (each modality's own floor(c x n_m) of a row): the counts the experts
+    # then see are known on the host, where the paper's selection (above) costs a device sync per MoD layer.
+    "moma_4t4i_mod_pm": Run(
+        "MoMa 4t4i + MoD per modality",
+        ("model.arch=moma", "moe.experts={text: 4, image: 4}", AUX, *MOD, "mod.split=per_modality"),
+        mod=True,
+    ),
 }
 REFERENCE = "dense"
 # MoMa 4t4i started from MoT's checkpoint part-way (run.py's upcycle step), to the same total steps.
@@ -112,6 +131,23 @@ def load_runs(out_dir: Path, info: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the comparison
+AUX_STATS = ("accuracy", "precision", "recall")
+
+
+def causal_summary(run: dict) -> dict:
+    """The last evaluation's validation loss under causal routing (``val_causal/...``: every token
+    routed by the auxiliary routers from its own state, as generation routes) per modality, and the
+    auxiliary routers' accuracy, precision and recall against the training routing (``val/aux/...``);
+    empty for a run without auxiliary routers."""
+    last = run["eval"][-1] if run["eval"] else {}
+    if "val_causal/loss" not in last:
+        return {}
+    return {
+        "causal": {m: last.get(base._key(m, "val_causal/loss", SETTING), math.nan) for m in MODALITIES},
+        "aux": {k: last.get(f"val/aux/{k}", math.nan) for k in AUX_STATS},
+    }
+
+
 def _median(values: list[float]) -> float:
     values = sorted(values)
     return values[len(values) // 2]
@@ -125,7 +161,7 @@ def analyze_runs(out_dir: Path) -> dict:
     base.check_image_loss(runs, SETTING)
     val = {n: base.val_curves(r, SETTING) for n, r in runs.items()}
     smooth = {n: base.train_curves(r, SETTING) for n, r in runs.items()}
-    summary = {n: {"label": LABELS[n], **base.run_summary(runs[n], val[n])} for n in runs}
+    summary = {n: {"label": LABELS[n], **base.run_summary(runs[n], val[n]), **causal_summary(runs[n])} for n in runs}
     ref = summary[REFERENCE]
     for s in summary.values():
         # FLOPs ratio ~1 is the "equal active FLOPs" check; the step-time ratio is the cost of the
@@ -245,6 +281,7 @@ def markdown(result: dict) -> str:
     finals = {n: result["curves"]["validation"][n] for n in r}
     for n in r:
         lines.append(f"| {LABELS[n]} | " + " | ".join(fmt_loss(finals[n][m][-1]) for m in MODALITIES) + " |")
+    lines += causal_lines(result, finals, labels)
     for title, key in (
         ("Validation loss: fraction of dense's FLOPs (wall clock) to reach dense's final loss", "validation"),
         (
@@ -273,12 +310,48 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def causal_lines(result: dict, finals: dict, labels: list[str]) -> list[str]:
+    """The table of the runs with auxiliary routers: final validation loss under teacher-forced routing
+    (as trained) and under causal routing (as generated), their difference, and the routers' scores."""
+    rows = {n: s for n, s in result["runs"].items() if s.get("causal")}
+    if not rows:
+        return []
+    head = " | ".join(f"{label}: forced / causal (cost)" for label in labels)
+    lines = [
+        "",
+        "## Causal routing: final validation loss, teacher-forced (training routing) / causal (auxiliary routers)",
+        "",
+        f"| run | {head} | aux accuracy | precision | recall |",
+        "|---|" + "---|" * (len(labels) + 3),
+    ]
+    for n, s in rows.items():
+        cells = []
+        for m in MODALITIES:
+            forced, causal = finals[n][m][-1], s["causal"][m]
+            cells.append(f"{fmt_loss(forced)} / {fmt_loss(causal)} ({causal - forced:+.4f})")
+        aux = " | ".join(f"{s['aux'][k]:.4f}" for k in AUX_STATS)
+        lines.append(f"| {LABELS[n]} | " + " | ".join(cells) + f" | {aux} |")
+    lines += [
+        "",
+        "Teacher-forced: expert choice (and MoD's top-k) over the whole microbatch, as the model trained, so a "
+        "token's routing depends on later tokens (and other rows). Causal: each token routed from its own state "
+        "by the auxiliary routers (an expert / a MoD layer takes it iff the router's predicted probability is "
+        "above 0.5), as `megafusion generate` routes. The routers' accuracy, precision and recall are against "
+        "the teacher-forced choices on the same held-out rows. The MoMa paper reports that MoD's gains shrink "
+        "most under causal inference, and ~99% auxiliary-router accuracy (MoD paper).",
+    ]
+    return lines
+
+
 COLOURS = {
     "dense": "tab:blue",
     "mot": "tab:orange",
     "moma_1t1i": "tab:green",
     "moma_4t4i": "tab:red",
     "moe_8x": "tab:purple",
+    "mod": "tab:olive",
+    "moma_4t4i_mod": "tab:cyan",
+    "moma_4t4i_mod_pm": "tab:pink",
     UPCYCLED: "tab:brown",
 }
 

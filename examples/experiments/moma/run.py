@@ -1,5 +1,6 @@
-"""Train dense, MoT, MoMa 1t1i, MoMa 4t4i, the modality-blind MoE-8x and MoMa 4t4i upcycled from MoT
-on one config at equal active FLOPs per token, one after the other; then compare them (analyze.py).
+"""Train dense, MoT, MoMa 1t1i, MoMa 4t4i, the modality-blind MoE-8x, Mixture-of-Depths (MoD), MoMa 4t4i
++ MoD and MoMa 4t4i upcycled from MoT on one config at equal active FLOPs per token, one after the
+other; then compare them (analyze.py).
 
 ``python -m examples.experiments.moma.run [--quick] [--steps N] [--upcycle-step K] [--no-upcycle]
 [--upcycle-router-noise X] [--out-dir DIR] [--results DIR] [--config FILE]
@@ -26,7 +27,7 @@ Upcycling, the last step (``--no-upcycle`` leaves it out), is MoMa's recipe star
    front of it, so its curve ends at the same total steps.
 
 Without ``megafusion convert upcycle`` (:func:`upcycle_unavailable`) the script stops before
-training anything and asks for ``--no-upcycle``; if the step fails, the five other runs are
+training anything and asks for ``--no-upcycle``; if the step fails, the other runs are
 still analysed and the script exits with 1.
 
 Every run gets one torch thread (``OMP_NUM_THREADS=1``) unless the environment sets
@@ -64,7 +65,17 @@ from examples.experiments.moma import analyze  # noqa: E402
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config.yaml"
 # Set per run by this script: overriding them would break the like-for-like comparison.
-RESERVED = ("model.arch", "logging.out_dir", "moe.experts", "moe.capacity", "checkpoint.init_from")
+RESERVED = (
+    "model.arch",
+    "logging.out_dir",
+    "moe.experts",
+    "moe.capacity",
+    "moe.aux_router",
+    "mod.capacity",
+    "mod.aux_router",
+    "mod.split",
+    "checkpoint.init_from",
+)
 UPCYCLE_INIT = "upcycle_init"  # OUT/<this>: the converted MoMa weights the upcycled run starts from
 # Gumbel-sigmoid noise on the upcycled run's router logits while experts choose their tokens: at
 # scale 1 (temperature 1) it outweighs a fresh router's logits, so the experts, all copies of one
@@ -149,6 +160,20 @@ def experts_value(name: str) -> str:
     return value
 
 
+def mod_depth(layers: int, capacity: float, every: int, first: int) -> int:
+    """The depth of a Mixture-of-Depths model whose active FLOPs per token are closest to those of
+    ``layers`` plain layers (the shallower one on a tie): a MoD layer (``first``, ``first + every``,
+    ...) runs ``capacity`` of the tokens, so it counts ``capacity`` of a layer (its router and the
+    attention over the picked subset aside: the report's FLOPs column shows the difference).
+    4 layers at capacity 0.25, every other layer from the first: 7 (3 plain + 4 x 0.25)."""
+
+    def equivalent(depth: int) -> float:
+        routed = sum(1 for layer in range(first, depth + 1, every))
+        return depth - routed + capacity * routed
+
+    return min(range(1, 4 * layers + 1), key=lambda depth: (abs(equivalent(depth) - layers), depth))
+
+
 def train_args(config: Path, overrides: list[str], run: list[str], run_dir: Path) -> list[str]:
     return ["train", "--config", shown(config), *overrides, *run, f"logging.out_dir={shown(run_dir)}"]
 
@@ -166,8 +191,9 @@ class Runner:
     """Runs megafusion steps one after the other under ``out_dir``, recording each in ``info``
     (run_info.json, rewritten after every step)."""
 
-    def __init__(self, out_dir: Path, config: Path, overrides: list[str], info: dict, launcher: str):
+    def __init__(self, out_dir: Path, config: Path, overrides: list[str], info: dict, launcher: str, cfg):
         self.out_dir, self.config, self.overrides, self.info, self.launcher = out_dir, config, overrides, info, launcher
+        self.cfg = cfg  # the shared config with the overrides (what every run starts from)
 
     def save_info(self) -> None:
         (self.out_dir / "run_info.json").write_text(json.dumps(self.info, indent=1) + "\n")
@@ -184,11 +210,16 @@ class Runner:
 
 
 def run_main(runner: Runner, upcycle_step: int | None) -> None:
-    """The five runs of analyze.RUNS, one after the other (never side by side: the wall clocks are
+    """The runs of analyze.RUNS, one after the other (never side by side: the wall clocks are
     compared); the MoT one also keeps the checkpoint the upcycling starts from."""
     total = runner.info["steps"]
+    cfg = runner.cfg
     for name, run in analyze.RUNS.items():
         extra = []
+        if run.mod:
+            capacity = float(next(o.split("=", 1)[1] for o in run.overrides if o.startswith("mod.capacity=")))
+            depth = mod_depth(cfg.model.num_layers, capacity, cfg.mod.every, cfg.mod.first)
+            extra.append(f"model.num_layers={depth}")
         if name == analyze.UPCYCLED_SOURCE and upcycle_step is not None:
             # Checkpoints every K steps, all kept, so that step K is there for the upcycling.
             extra = [
@@ -204,7 +235,7 @@ def run_main(runner: Runner, upcycle_step: int | None) -> None:
 def run_upcycle(runner: Runner, upcycle_step: int, router_noise: float) -> None:
     """The upcycling step: MoT's step-K checkpoint -> MoMa 4t4i (``convert upcycle``), trained for the
     remaining steps as a new run. Its own function so that it can be left out (--no-upcycle) or
-    fail without losing the five runs' report."""
+    fail without losing the other runs' report."""
     from megafusion.checkpoint.io import step_dir
 
     out_dir, total = runner.out_dir, runner.info["steps"]
@@ -317,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_upcycle:
             why = upcycle_unavailable()
             if why:
-                parser.error(f"{why}: pass --no-upcycle to run the other five runs without it")
+                parser.error(f"{why}: pass --no-upcycle to run the other runs without it")
             upcycle_step = args.upcycle_step
             if upcycle_step is None:
                 upcycle_step = default_upcycle_step(total_steps, cfg.eval.interval)
@@ -344,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             "upcycle": None,
             "upcycle_skipped": "--no-upcycle" if args.no_upcycle else None,
         }
-        runner = Runner(out_dir, config, overrides, info, args.launcher)
+        runner = Runner(out_dir, config, overrides, info, args.launcher, cfg)
         try:
             run_main(runner, upcycle_step)
         except StepFailed as err:
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_upcycle(runner, upcycle_step, args.upcycle_router_noise)
             except StepFailed as err:
-                # The five runs are complete: report them, and say what went wrong with the sixth.
+                # The other runs are complete: report them, and say what went wrong with the upcycling.
                 print(f"[moma] the upcycling step failed: {err}", file=sys.stderr)
                 info["upcycle_skipped"] = f"the upcycling step failed: {err}"
                 runner.save_info()
