@@ -240,7 +240,9 @@ def test_run_py_quick_end_to_end(tmp_path):
         assert all(math.isfinite(result["curves"]["validation"][name][m][-1]) for m in analyze.MODALITIES)
         # The same width, depth and FFN: MoMa's FLOPs per step are dense's up to the router, the
         # rounding of the capacity and the padding nobody routes (plenty in this tiny data set).
-        assert 0.7 < result["runs"][name]["flops_vs_dense"] < 1.1, name
+        # MoD runs: the depth nearest to equal active FLOPs (1 layer here -> 2, one of them at c = 0.25).
+        mod = name in analyze.RUNS and analyze.RUNS[name].mod
+        assert 0.7 < result["runs"][name]["flops_vs_dense"] < (1.3 if mod else 1.1), name
     assert "moe.experts={mixed: 8}" in result["train_commands"]["moe_8x"]
     for name in names[1:]:
         assert set(result["validation"][name]) == set(analyze.MODALITIES)
