@@ -79,20 +79,20 @@ forward:
   in ``dense``. Under ``train.trainable=aux_routers`` the count is the joint one (the frozen
   weights' gradients are not computed there: an overestimate of what runs).
 
-Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input,
-and every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
+Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input, and
+every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
 microbatch's routable tokens per modality (``document_ids != PAD_DOCUMENT_ID``, the tokens the
 router ranks; in a Mixture-of-Depths layer the tokens it picked, ``LayerCost.block_routable``: exact
-with ``mod.split=per_modality`` or a ``mixed`` group, each modality's share of a row's picks
-charged in proportion with ``mod.split=global``, see docs/mod.md); key ``experts``, while ``dense``
-keeps every token's own matmuls (attention projections, router, output layer). Per modality: a modality group's experts are charged to that
-modality; the ``mixed`` group's are split in proportion to each modality's routable tokens, i.e.
-every routable token is charged the group's mean cost ``E * k / n`` expert FFNs (which tokens the
-experts took is known only inside the step, per layer, after this count), rounded cumulatively so
-the split sums exactly to the group's FLOPs. The per-token functions (:func:`dense_flops_per_token`,
-:func:`flops_per_token`) use the nominal ``E_g * c_g`` experts per token
-(:func:`~megafusion.accounting.params.experts_per_token`: 1 at the default capacity), exact for a
-microbatch whenever every ``c_g * n_g`` is whole.
+with ``mod.split=per_modality`` or a ``mixed`` group, each modality's share of a row's picks charged
+in proportion with ``mod.split=global``, see docs/mod.md); key ``experts``, while ``dense`` keeps
+every token's own matmuls (attention projections, router, output layer). Per modality: a modality
+group's experts are charged to that modality; the ``mixed`` group's are split in proportion to each
+modality's routable tokens, i.e. every routable token is charged the group's mean cost ``E * k / n``
+expert FFNs (which tokens the experts took is known only inside the step, per layer, after this
+count), rounded cumulatively so the split sums exactly to the group's FLOPs. The per-token functions
+(:func:`dense_flops_per_token`, :func:`flops_per_token`) use the nominal ``E_g * c_g`` experts per
+token (:func:`~megafusion.accounting.params.experts_per_token`: 1 at the default capacity), exact
+for a microbatch whenever every ``c_g * n_g`` is whole.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def _token_matmul_flops(cfg, documents: torch.Tensor, modalities: torch.Tensor, 
     return {
         "tokens": tokens_m,
         "routable": routable_m,
+        "routable_rows": rows,
         "dense": [per_token[i] * tokens_m[i] for i in range(NUM_MODALITIES)],
         "experts": expert_flops(cfg, routable_m, forward_only, rows),
     }
@@ -314,7 +315,8 @@ def batch_flops(
     Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``experts`` (0 without)
     + ``attention`` + ``image_modules``; ``tokens``, ``images``, ``per_modality``,
     ``attention_per_modality``, ``experts_per_modality``, ``tokens_per_modality``,
-    ``routable_tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
+    ``routable_tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), ``routable_tokens_per_row``
+    (``[b][modality]``, what ``LayerCost.block_routable`` reads), the float
     ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
     """
     if attention not in ATTENTION_MODES:
@@ -364,6 +366,7 @@ def batch_flops(
         "experts_per_modality": {n: expert_m[i] for i, n in enumerate(MODALITY_NAMES)},
         "tokens_per_modality": {n: matmuls["tokens"][i] for i, n in enumerate(MODALITY_NAMES)},
         "routable_tokens_per_modality": {n: matmuls["routable"][i] for i, n in enumerate(MODALITY_NAMES)},
+        "routable_tokens_per_row": matmuls["routable_rows"],
         "forward_only": forward_only,
         "attention_mode": attention,
     }
