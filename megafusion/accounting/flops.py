@@ -79,18 +79,20 @@ forward:
   in ``dense``. Under ``train.trainable=aux_routers`` the count is the joint one (the frozen
   weights' gradients are not computed there: an overestimate of what runs).
 
-Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input,
-and every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
+Backward = 2 x forward for both: the gates carry the router's gradient to its weight and input, and
+every expert's input and weight get theirs. :func:`batch_flops` counts this exactly from the
 microbatch's routable tokens per modality (``document_ids != PAD_DOCUMENT_ID``, the tokens the
-router ranks); key ``experts``, while ``dense`` keeps every token's own matmuls (attention
-projections, router, output layer). Per modality: a modality group's experts are charged to that
-modality; the ``mixed`` group's are split in proportion to each modality's routable tokens, i.e.
-every routable token is charged the group's mean cost ``E * k / n`` expert FFNs (which tokens the
-experts took is known only inside the step, per layer, after this count), rounded cumulatively so
-the split sums exactly to the group's FLOPs. The per-token functions (:func:`dense_flops_per_token`,
-:func:`flops_per_token`) use the nominal ``E_g * c_g`` experts per token
-(:func:`~megafusion.accounting.params.experts_per_token`: 1 at the default capacity), exact for a
-microbatch whenever every ``c_g * n_g`` is whole.
+router ranks; in a Mixture-of-Depths layer the tokens it picked, ``LayerCost.block_routable``: exact
+with ``mod.split=per_modality`` or a ``mixed`` group, each modality's share of a row's picks charged
+in proportion with ``mod.split=global``, see docs/mod.md); key ``experts``, while ``dense`` keeps
+every token's own matmuls (attention projections, router, output layer). Per modality: a modality
+group's experts are charged to that modality; the ``mixed`` group's are split in proportion to each
+modality's routable tokens, i.e. every routable token is charged the group's mean cost ``E * k / n``
+expert FFNs (which tokens the experts took is known only inside the step, per layer, after this
+count), rounded cumulatively so the split sums exactly to the group's FLOPs. The per-token functions
+(:func:`dense_flops_per_token`, :func:`flops_per_token`) use the nominal ``E_g * c_g`` experts per
+token (:func:`~megafusion.accounting.params.experts_per_token`: 1 at the default capacity), exact
+for a microbatch whenever every ``c_g * n_g`` is whole.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def token_flops_without_experts(cfg, forward_only: bool = False, modality: int |
     return MATMUL_FLOPS_PER_MAC * (weights * _passes(forward_only) + aux_router_macs(cfg, forward_only))
 
 
-def expert_flops(cfg, routable_tokens, forward_only: bool = False) -> list[int]:
+def expert_flops(cfg, routable_tokens, forward_only: bool = False, routable_rows=None) -> list[int]:
     """Model FLOPs of the routed FFNs of one microbatch, per modality (``Modality`` order), exactly.
 
     ``routable_tokens``: the microbatch's non-padding tokens per modality, which the routers rank.
@@ -178,16 +180,20 @@ def expert_flops(cfg, routable_tokens, forward_only: bool = False) -> list[int]:
     group ``g`` runs ``E_g x k_g`` expert MLPs; a modality-blind group's runs are shared in
     proportion to the modalities' routable tokens, as Fractions); the sum over layers is rounded
     cumulatively over the modalities, whole FLOPs that add up exactly to the total. All zeros
-    without routed FFNs.
+    without routed FFNs. A layer that routes only some tokens into its block (Mixture-of-Depths,
+    ``LayerCost.block_routable``) runs its FFN on those, from ``routable_rows`` (``[b][modality]``:
+    the routable tokens per row; absent, the microbatch is taken as one row).
     """
     counts = [int(n) for n in routable_tokens]
     if len(counts) != NUM_MODALITIES:
         raise ValueError(f"routable_tokens: one count per modality ({', '.join(MODALITY_NAMES)}), got {counts}")
+    rows = [counts] if routable_rows is None else [[int(n) for n in row] for row in routable_rows]
     per_run = MATMUL_FLOPS_PER_MAC * _matmul_parts(cfg)["mlp"] * _passes(forward_only)
     exact = [Fraction(0)] * NUM_MODALITIES
     for cost in layer_costs(cfg):
         if cost.ffn_runs is not None:
-            exact = [e + per_run * Fraction(r) for e, r in zip(exact, cost.ffn_runs(counts))]
+            met = counts if cost.block_routable is None else cost.block_routable(rows)
+            exact = [e + per_run * Fraction(r) for e, r in zip(exact, cost.ffn_runs(met))]
     # Cumulative rounding: modality m gets floor(F_0 + .. + F_m) - (what the earlier got), each
     # within one FLOP of its exact share.
     out, seen, given = [], Fraction(0), 0
@@ -204,12 +210,17 @@ def _token_matmul_flops(cfg, documents: torch.Tensor, modalities: torch.Tensor, 
     routable = flat[documents.reshape(-1) != PAD_DOCUMENT_ID]
     tokens_m = torch.bincount(flat, minlength=NUM_MODALITIES).tolist()
     routable_m = torch.bincount(routable, minlength=NUM_MODALITIES).tolist()
+    rows = [
+        torch.bincount(m[d != PAD_DOCUMENT_ID], minlength=NUM_MODALITIES).tolist()
+        for d, m in zip(documents, modalities)
+    ]
     per_token = [token_flops_without_experts(cfg, forward_only, m) for m in Modality]
     return {
         "tokens": tokens_m,
         "routable": routable_m,
+        "routable_rows": rows,
         "dense": [per_token[i] * tokens_m[i] for i in range(NUM_MODALITIES)],
-        "experts": expert_flops(cfg, routable_m, forward_only),
+        "experts": expert_flops(cfg, routable_m, forward_only, rows),
     }
 
 
@@ -304,7 +315,8 @@ def batch_flops(
     Returns ints: ``total`` = ``dense`` (the transformer's per-token matmuls) + ``experts`` (0 without)
     + ``attention`` + ``image_modules``; ``tokens``, ``images``, ``per_modality``,
     ``attention_per_modality``, ``experts_per_modality``, ``tokens_per_modality``,
-    ``routable_tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), the float
+    ``routable_tokens_per_modality`` (dicts keyed by ``MODALITY_NAMES``), ``routable_tokens_per_row``
+    (``[b][modality]``, what ``LayerCost.block_routable`` reads), the float
     ``mean_attended_keys``, and ``loss_tokens_per_modality`` when a loss mask is given.
     """
     if attention not in ATTENTION_MODES:
@@ -354,6 +366,7 @@ def batch_flops(
         "experts_per_modality": {n: expert_m[i] for i, n in enumerate(MODALITY_NAMES)},
         "tokens_per_modality": {n: matmuls["tokens"][i] for i, n in enumerate(MODALITY_NAMES)},
         "routable_tokens_per_modality": {n: matmuls["routable"][i] for i, n in enumerate(MODALITY_NAMES)},
+        "routable_tokens_per_row": matmuls["routable_rows"],
         "forward_only": forward_only,
         "attention_mode": attention,
     }

@@ -104,8 +104,17 @@ def _routing_lines(cfg, stats: dict) -> list[str]:
     routable = [stats["routable_tokens_per_modality"][name] for name in MODALITY_NAMES]
     said = []
     for cost in params.layer_costs(cfg):
-        if cost.explain is not None and cost.explain(routable) not in said:
-            said.append(cost.explain(routable))
+        if cost.explain is None:
+            continue
+        if cost.block_routable is None:
+            line = ("other layers: " if any(c.block_routable for c in params.layer_costs(cfg)) else "") + cost.explain(
+                routable
+            )
+        else:  # a Mixture-of-Depths layer routes only the tokens it picked
+            picked = cost.block_routable(stats["routable_tokens_per_row"])
+            line = f"MoD layers, of the picked tokens: {cost.explain(picked)}"
+        if line not in said:
+            said.append(line)
     if not said:
         return []
     padding = stats["tokens"] - sum(routable)

@@ -311,7 +311,7 @@ class MoDLayerMixin:
             )
         if sp:
             y = gather_from_sequence_parallel_region(y, False, group)
-        weight = torch.sigmoid(logits).reshape(-1)[flat.reshape(-1)].view(sel.slots, b, 1)
+        weight = self._weights(logits, causal).reshape(-1)[flat.reshape(-1)].view(sel.slots, b, 1)
         new = y + (weight - 1).to(y.dtype) * (y - packed)  # = packed + w (y - packed); y where w == 1
         new, index = new.reshape(-1, h), flat.reshape(-1)
         if real is not None:
@@ -331,6 +331,15 @@ class MoDLayerMixin:
         if not causal or x.dtype == torch.float64:
             return self.router_logits(x)
         return self.router_logits(x.double()).to(torch.promote_types(x.dtype, torch.float32))
+
+    @staticmethod
+    def _weights(logits: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``sigmoid(r)``; under causal routing in float64, rounded back: on CPU an fp32 sigmoid takes a
+        vectorised path for most elements and a scalar one for a tensor's last few, which round
+        differently, so a token's weight would depend on how many tokens (other rows) follow it."""
+        if not causal or logits.dtype == torch.float64:
+            return torch.sigmoid(logits)
+        return torch.sigmoid(logits.double()).to(logits.dtype)
 
     def _aux_loss(self, x: torch.Tensor, flat: torch.Tensor, real, routing) -> torch.Tensor:
         """The auxiliary router's BCE on every routable token of ``x`` ``[s, b, h]`` (the whole
@@ -382,7 +391,7 @@ class MoDLayerMixin:
         start, first_row = context.sequence_len_offset, context.batch_size_offset
         cache = ModLayerCache.of(context, self.layer_number)
         picks = self._causal_picks(x, routing)
-        weight = torch.sigmoid(self._logits(x, True))  # [s, b]
+        weight = self._weights(self._logits(x, True), True)  # [s, b]
         runs = picks.t().tolist()  # which run tokens each row routes here: one device-to-host copy
         modality = routing.token_modality.view(s, b).t().tolist() if self.MOD.routed else None
         kwargs = {k: v for k, v in kwargs.items() if k != "sequence_len_offset"}

@@ -11,6 +11,13 @@ per-modality matmuls run on the local weight shards through :func:`megafusion.op
 each token through its own modality's weight only, read in modality order and written back in
 token order by the grouped GEMM itself.
 
+Under causal routing (``ModalityRouting.causal``: generation, causal evaluation) each modality's
+rows are padded to a multiple of :data:`CAUSAL_ROW_BUCKET` (copies of row 0 written to a spare
+output row, :func:`modality_groups`): a GEMM's result for one row can depend on how many rows it
+multiplies, and a modality's row count is the whole microbatch's, so without it a sequence's
+logits would change with the other rows batched beside it. Training (expert choice, teacher
+forcing) is untouched: the padding exists only under causal routing.
+
 Communication mirrors megatron's linears exactly (so TP / SP parity holds):
 
 ========================  ==================================  =================================
@@ -24,6 +31,8 @@ tensor parallel, no SP    identity (bwd: all-reduce)          all-reduce (bwd: i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -36,6 +45,10 @@ from megatron.core.transformer.module import MegatronModule
 
 from megafusion import ops
 from megafusion.layers.routing import ModalityRouting, current_routing
+
+# Causal routing: each modality's rows padded to a multiple of this, as MoMa's experts' and MoD's
+# picked rows are (:data:`megafusion.layers.expert_choice_layer.CAUSAL_ROW_BUCKET`).
+CAUSAL_ROW_BUCKET = 16
 
 
 def enter_tensor_parallel(x: torch.Tensor, config, tp_group) -> torch.Tensor:
@@ -56,6 +69,42 @@ def exit_tensor_parallel(y: torch.Tensor, config, tp_group) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(y, group=tp_group)
 
 
+@dataclass(frozen=True)
+class ModalityGroups:
+    """The row groups of a per-modality grouped GEMM over ``[s * b]`` tokens (keywords of
+    :func:`megafusion.ops.grouped_linear`); ``out_rows`` set: take the output's first ``s * b`` rows."""
+
+    counts: tuple[int, ...]
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    out_rows: int | None = None
+    gather_permutes: bool = True
+
+    def keep(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.out_rows is None else y[: self.out_rows - 1]
+
+
+def modality_groups(routing: ModalityRouting) -> ModalityGroups:
+    """The tokens in modality order; under causal routing each modality's rows padded to a multiple
+    of :data:`CAUSAL_ROW_BUCKET` with copies of row 0 that land in a spare output row (made once
+    per microbatch, kept in the routing's cache)."""
+    if not routing.causal:
+        return ModalityGroups(routing.counts, routing.order, routing.order)
+    key = ("modality_groups", CAUSAL_ROW_BUCKET)
+    if key not in routing.cache:
+        order, n = routing.order, routing.order.numel()
+        gather, scatter, counts, start = [], [], [], 0
+        for count in routing.counts:
+            pad = -count % CAUSAL_ROW_BUCKET
+            part = order[start : start + count]
+            gather += [part, part.new_zeros(pad)]
+            scatter += [part, part.new_full((pad,), n)]
+            counts.append(count + pad)
+            start += count
+        routing.cache[key] = ModalityGroups(tuple(counts), torch.cat(gather), torch.cat(scatter), n + 1, False)
+    return routing.cache[key]
+
+
 def grouped(x: torch.Tensor, weights, routing: ModalityRouting) -> torch.Tensor:
     """Each token of ``x`` (``[s, b, k]``) times its modality's weight, in token order.
 
@@ -64,8 +113,17 @@ def grouped(x: torch.Tensor, weights, routing: ModalityRouting) -> torch.Tensor:
     """
     s, b = x.shape[0], x.shape[1]
     rows = x.reshape(s * b, -1)
-    y = ops.grouped_linear(rows, weights, routing.counts, gather=routing.order, scatter=routing.order)
-    return y.view(s, b, -1)
+    g = modality_groups(routing)
+    y = ops.grouped_linear(
+        rows,
+        weights,
+        g.counts,
+        gather=g.gather,
+        scatter=g.scatter,
+        out_rows=g.out_rows,
+        gather_permutes=g.gather_permutes,
+    )
+    return g.keep(y).view(s, b, -1)
 
 
 class _ModalityLinear(MegatronModule):

@@ -18,7 +18,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
 from megafusion.layers.grouped_swiglu import check_swiglu, grouped_swiglu
-from megafusion.layers.modality_linear import enter_tensor_parallel, exit_tensor_parallel
+from megafusion.layers.modality_linear import enter_tensor_parallel, exit_tensor_parallel, modality_groups
 from megafusion.layers.routing import current_routing
 
 
@@ -37,12 +37,16 @@ class ModalityMLP(MegatronModule):
         x = enter_tensor_parallel(hidden_states, self.config, self.tp_group)
         s, b = x.shape[0], x.shape[1]
         mlps = [getattr(self, name) for name in self.modalities]
+        g = modality_groups(routing)  # padded row groups under causal routing (batch invariance)
         y = grouped_swiglu(
             x.reshape(s * b, -1),
             mlps,
-            routing.counts,
+            g.counts,
             self.config.activation_func,
-            gather=routing.order,
-            scatter=routing.order,
+            gather=g.gather,
+            scatter=g.scatter,
+            out_rows=g.out_rows,
+            gather_permutes=g.gather_permutes,
         )
+        y = g.keep(y)
         return exit_tensor_parallel(y.view(s, b, -1), self.config, self.tp_group), None

@@ -12,10 +12,11 @@ Options and checks: :mod:`megafusion.models.mod_options` (the ``mod`` section).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megafusion.layers.mod_layer import ModSettings, mod_layer_class
+from megafusion.layers.mod_layer import ModSettings, mod_layer_class, picked_count
 from megafusion.models.mod_options import OPTIONS, has_aux_routers, is_mod_layer
 from megafusion.models.spec import LayerCost, LayerExtension
 
@@ -34,10 +35,34 @@ def wrap_spec(cfg, layer: int, spec: ModuleSpec, family) -> ModuleSpec:
     )
 
 
+def picked_routable(capacity: float, split: str, rows: list[list[int]]) -> list[int]:
+    """The picked tokens per modality of a microbatch with ``rows[b][m]`` routable tokens (what a
+    routed block, MoMa's experts, ranks). ``per_modality``: ``sum_b floor(c x n_{b,m})``, exact.
+    ``global``: row ``b`` picks ``k_b = floor(c x n_b)``, exact, but which modalities they are is the
+    router's (a device value): charged in proportion to the row's routable tokens, rounded
+    cumulatively so each row's charges add up to ``k_b`` (each modality within one token of its
+    share of the row)."""
+    out = [0] * (len(rows[0]) if rows else 0)
+    for row in rows:
+        if split == "per_modality":
+            picked = [picked_count(capacity, n) for n in row]
+        else:
+            n, k = sum(row), picked_count(capacity, sum(row))
+            seen, given, picked = 0, 0, []
+            for count in row:
+                seen += count
+                picked.append(k * seen // n - given if n else 0)
+                given += picked[-1]
+        out = [a + p for a, p in zip(out, picked)]
+    return out
+
+
 def wrap_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
     """A MoD layer: its router (``h`` weights) meets every token; the block (attention projections,
     norms, FFN or experts and their router) a fraction ``c`` of them, attention ``c^2`` of the pairs
-    (nominal: exact per microbatch where every row's ``c x n`` is whole and there is no padding)."""
+    (nominal: exact per microbatch where every row's ``c x n`` is whole and there is no padding).
+    A routed FFN inside (MoMa's experts) runs on the picked tokens (``block_routable``:
+    :func:`picked_routable`)."""
     if not is_mod_layer(cfg, layer):
         return cost
     c = float(cfg.mod.capacity)
@@ -52,6 +77,7 @@ def wrap_cost(cfg, layer: int, cost: LayerCost) -> LayerCost:
         block_aux_router=cost.aux_router,
         block_fraction=c,
         attention_fraction=c * c,
+        block_routable=partial(picked_routable, c, cfg.mod.split),
         describe=f"{cost.describe}; {note}" if cost.describe else note,
     )
 

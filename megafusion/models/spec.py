@@ -84,7 +84,10 @@ class LayerCost:
     - ``block_aux_router``: the part of ``aux_router`` inside the block (MoMa's, under MoD), which
       only the tokens that run the block meet; the rest (MoD's own) meets every token;
     - ``attention_fraction``: the fraction of the attended (query, key) pairs this layer computes
-      (1; MoD: ``c^2`` at the nominal routing, picked queries over picked keys).
+      (1; MoD: ``c^2`` at the nominal routing, picked queries over picked keys);
+    - ``block_routable(rows)``: the routable tokens per modality that reach the block's routing, from
+      a microbatch's routable tokens per row and modality (``rows[b][m]``); ``ffn_runs`` is given these.
+      None: all of them (MoD: the picked ones, exact where the selection's counts are host ints).
     """
 
     copies: Mapping[str, int] = field(default_factory=dict)
@@ -99,6 +102,7 @@ class LayerCost:
     block_router: int = 0
     block_aux_router: int = 0
     attention_fraction: float = 1
+    block_routable: Callable[[list[list[int]]], list[int]] | None = None
 
     def copies_of(self, part: str) -> int:
         return self.copies.get(part, 1)

@@ -44,6 +44,10 @@ the linear inputs run on the sequence shard):
 - MLP: pre-MLP RMSNorm ``4 (2 h_s) + 4 r``, fc1 input ``a h_s``, fc1 output, SiLU output, the
   gated product and the fc2 input ``a 5 f / t``; each further FFN a token runs on the same input
   (``LayerCost.ffn_per_token`` above 1 without per-modality copies) ``a 4 f / t``;
+- a Mixture-of-Depths layer (``LayerCost.block_fraction`` c): all of the above for the picked c of
+  the tokens (the mask's for c^2 of the pairs), plus per token ``4 h + 4`` (the router's fp32
+  input and sigmoid) and per picked token ``a h + a + 24`` (the combine's operands and the
+  gather / scatter indices); its auxiliary router's are not counted;
 - a layer with per-modality copies of some part (``LayerCost.copies``: MoT, MoMa) or experts: the
   per-modality gathers and scatters of the grouped linears and
   norms add ``a (6 h_s + (H d + G d - f) / t) + 5`` (fitted to the saved tensors at h 32 / 64,
@@ -302,7 +306,21 @@ def layer_activation_bytes(
     # -2% at mixed_small).
     if _split_by_modality(cost):
         parts["by_modality"] = tokens * (a * (6 * hs + (heads * d + groups * d - f) / t) + 5)
+    if cost.block_fraction != 1:
+        parts = _mod_layer(parts, cost.block_fraction, tokens, h, a)
     return parts
+
+
+def _mod_layer(parts: dict, c: float, tokens: int, h: int, a: int) -> dict:
+    """A Mixture-of-Depths layer (``LayerCost.block_fraction`` = c): the block runs on the picked
+    ``c`` of the tokens (its mask on ``c^2`` of the pairs); the router saves, for every token of the
+    whole microbatch (gathered under SP), its fp32 input ``4 h`` (a view of the layer input in fp32
+    runs) and ``sigmoid(r)`` ``4``; each picked token the combine's ``y - x`` ``a h`` and ``w - 1``
+    ``a``, and three int64 indices (the gather of the picked rows and of their weights, the scatter
+    back) ``24``. The rotary table, per microbatch, stays."""
+    scaled = {k: v * (c * c if k == "mask" else 1 if k == "rope" else c) for k, v in parts.items()}
+    scaled["mod"] = tokens * (FP32 * h + FP32) + c * tokens * (a * h + a + 3 * 8)
+    return scaled
 
 
 def chunk_activation_bytes(

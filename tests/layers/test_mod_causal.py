@@ -4,7 +4,8 @@ in one process (MoD on dense, on MoT, and MoMa + MoD with MoMa's auxiliary route
 - Causality: under causal routing, changing the tokens after position ``i`` leaves every logit at
   positions ``<= i`` bit-identical (batch of 1 and 2, with padding, 3 layers of which 2 are MoD);
   control: the teacher-forced top-k selection over the same rows changes an earlier logit.
-- Batch invariance: a sequence's causal logits are bit-identical alone and batched with another.
+- Batch invariance: a sequence's causal logits are bit-identical alone and batched with another
+  (dense, MoT, MoMa with shared or untied attention; MoT without MoD too).
 - Causal picks are the auxiliary router's predictions (float64 reference: score > 0.5, never
   padding); the auxiliary routers are used: zeroing them changes the causal logits (no token runs
   a MoD layer then).
@@ -23,7 +24,7 @@ import torch
 
 from megafusion.core.modality import MODALITY_NAMES, PAD_DOCUMENT_ID
 from megafusion.layers import aux_router as aux_module
-from megafusion.layers import expert_choice_layer, mod_layer
+from megafusion.layers import expert_choice_layer, mod_layer, modality_linear
 from megafusion.layers.aux_router import aux_routers_of, take_stats
 from megafusion.layers.masks import dense_mask
 from megafusion.layers.mod_layer import MoDLayerMixin, cache_lengths
@@ -118,25 +119,50 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("arch", ["dense", "moma"])
-def test_a_sequence_alone_and_batched_is_bit_identical(runtime, arch, one_thread, monkeypatch):
-    # MoMa with shared attention and norms (untie=none): MoT's per-modality linears group each
-    # modality's rows of the whole microbatch, whose counts depend on the other rows (a MoT layer
-    # is not batch-invariant to the bit without MoD either).
+@pytest.mark.parametrize("arch,untie", [("dense", "all"), ("mot", "all"), ("moma", "none"), ("moma", "all")])
+def test_a_sequence_alone_and_batched_is_bit_identical(runtime, arch, untie, one_thread, monkeypatch):
+    # MoT's (and MoMa's untied) per-modality linears group each modality's rows of the whole
+    # microbatch: under causal routing those groups are padded to 16 rows (modality_linear).
     cfg = aux_cfg(arch)
-    cfg.model.untie = "none" if arch == "moma" else cfg.model.untie
+    cfg.model.untie = untie
     model = aux_model(runtime, cfg)
-    pair = make_batch(2, seed=3, pad=4)
+    pair = few_images_first(make_batch(2, seed=3, pad=4))
     alone = {k: v[:1] for k, v in pair.items()}
     both = logits_of(model, pair, True)
     assert torch.equal(both[:1], logits_of(model, alone, True))
     last = {k: v[1:] for k, v in pair.items()}
     assert torch.equal(both[1:, : S - 4], logits_of(model, last, True)[:, : S - 4])
-    # Control: with the MoD router's fp32 matrix-vector product (a token's logit depends on its
-    # row index there) and unbucketed row counts, the other row changes this one's logits.
+    # Control: with the MoD router's fp32 matrix-vector product and sigmoid (a token's result
+    # depends on its index there) and unbucketed row counts, the other row changes this one's logits.
     monkeypatch.setattr(MoDLayerMixin, "_logits", lambda self, x, causal: self.router_logits(x))
+    monkeypatch.setattr(MoDLayerMixin, "_weights", staticmethod(lambda logits, causal: torch.sigmoid(logits)))
     monkeypatch.setattr(mod_layer, "CAUSAL_ROW_BUCKET", 1)
     monkeypatch.setattr(expert_choice_layer, "CAUSAL_ROW_BUCKET", 1)
+    monkeypatch.setattr(modality_linear, "CAUSAL_ROW_BUCKET", 1)
+    assert not torch.equal(logits_of(model, pair, True)[:1], logits_of(model, alone, True))
+
+
+def few_images_first(batch: dict) -> dict:
+    """Row 0 all text but 3 image tokens: alone, its image GEMMs have 3 rows (another kernel than
+    for the pair's count, on CPU), unless the row groups are padded."""
+    batch["modality_ids"][0] = 0
+    batch["modality_ids"][0, 3:6] = 1
+    return batch
+
+
+def test_mot_alone_and_batched_is_bit_identical_only_with_padded_groups(runtime, one_thread, monkeypatch):
+    """MoT without MoD under causal routing: a sequence's logits are bit-identical alone and batched
+    (its per-modality GEMMs see bucketed row counts); control: unbucketed, the other row changes them.
+    Teacher-forced routing keeps the unpadded GEMMs (training numerics unchanged)."""
+    cfg = aux_cfg("mot")
+    cfg.mod.capacity = None
+    model = build(cfg, runtime)
+    pair = few_images_first(make_batch(2, seed=3, pad=4))
+    alone = {k: v[:1] for k, v in pair.items()}
+    assert torch.equal(logits_of(model, pair, True)[:1], logits_of(model, alone, True))
+    groups = modality_linear.modality_groups(routing_of(pair, False))
+    assert groups.out_rows is None and groups.counts == routing_of(pair, False).counts
+    monkeypatch.setattr(modality_linear, "CAUSAL_ROW_BUCKET", 1)
     assert not torch.equal(logits_of(model, pair, True)[:1], logits_of(model, alone, True))
 
 

@@ -124,11 +124,12 @@ def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.torchrun  # ~20 s on 2 cores (4 runs in one launch)
+@pytest.mark.torchrun  # ~25 s on 2 cores (6 runs in one launch)
 def test_planned_memory_of_a_plugin_family_and_of_kl_latents_matches_a_real_run(tmp_path, monkeypatch):
     """A family from outside the package with two kinds of layers (``toy_twin``: its twin layers
-    hold two FFNs, as its ``LayerCost`` says) and Transfusion on ``kl`` latents (4 channels, the
-    autoencoder's shape, not the 3 of pixels): the planner asks the family and the objective."""
+    hold two FFNs, as its ``LayerCost`` says), Transfusion on ``kl`` latents (4 channels, the
+    autoencoder's shape, not the 3 of pixels) and Mixture-of-Depths layers on dense and MoT
+    (``LayerCost.block_fraction``): the planner asks the family, the objective and the extension."""
     from tests.helpers import save_tiny_vae
 
     plugin = {"MEGAFUSION_PLUGINS": "tests.distributed.test_new_family"}
@@ -141,8 +142,20 @@ def test_planned_memory_of_a_plugin_family_and_of_kl_latents_matches_a_real_run(
         {"name": "twin_tp2_sp", "config": "tests/configs/parity.yaml", "overrides": twin + LAYOUTS["tp2_sp"]},
         {"name": "transfusion_kl_pp2", "config": TRANSFUSION, "overrides": kl + LAYOUTS["pp2"]},
         {"name": "transfusion_kl_tp2", "config": TRANSFUSION, "overrides": kl + LAYOUTS["tp2"]},
+        # Mixture-of-Depths (layers 1 and 3 run a quarter of each row's tokens): the planner
+        # scales those layers' activations by the picked fraction and adds the router's.
+        {"name": "dense_mod_pp2", "config": MIXED, "overrides": ["mod.capacity=0.25"] + LAYOUTS["pp2"]},
+        {
+            "name": "mot_mod_tp2_sp",
+            "config": MIXED,
+            "overrides": ["model.arch=mot", "mod.capacity=0.25"] + LAYOUTS["tp2_sp"],
+        },
     ]
     measured = _measure(tmp_path, cases, env=plugin)
     assert measured["transfusion_kl_pp2"][0]["latent_shape"][0] == 4  # the autoencoder's channels
     failures = _compare(cases, measured)
     assert not failures, "\n".join(failures)
+    # Control: MoD layers planned as plain layers miss by more than the tolerance (+37% to +63%).
+    monkeypatch.setattr(mem, "_mod_layer", lambda parts, *args: parts)
+    mod_cases = [case for case in cases if "_mod_" in case["name"]]
+    assert len(_compare(mod_cases, measured)) == sum(len(measured[case["name"]]) for case in mod_cases)
