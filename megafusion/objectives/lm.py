@@ -80,6 +80,7 @@ class LanguageModelling(Objective):
 
     name = "lm"
     options = OPTIONS
+    image_tokens = True  # the data's image codes are ids of the vocabulary it predicts
 
     def prepare_step(self, cfg, source, first_sample, batches, training):
         # Caption dropout trains the unconditional view; evaluation keeps every caption, and a run
