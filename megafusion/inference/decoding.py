@@ -193,3 +193,20 @@ class Decoder:
         """(the generated text, the images' pixels) of :meth:`sample`."""
         _, text_ids, images = self.sample(prompt, args, gen)
         return self.tokenizer.decode_text(text_ids), images
+
+
+def refuse_unless(generator, source) -> None:
+    """CheckpointError unless ``generator`` (a class, or a tuple of them) samples the images of the
+    checkpoint ``source`` (a :class:`~megafusion.inference.load.CheckpointRun`), asked of its
+    objective's spec."""
+    from megafusion import checkpoint as ck
+    from megafusion.objectives.registry import get_objective, objective_names
+
+    generators = generator if isinstance(generator, tuple) else (generator,)
+    name = source.cfg.objective.name
+    if not any(g.generates(get_objective(name)) for g in generators):
+        able = ", ".join(n for n in objective_names() if any(g.generates(get_objective(n)) for g in generators))
+        raise ck.CheckpointError(
+            f"{source.path} was trained with objective.name={name!r}; images can only be "
+            f"sampled from checkpoints of an objective that generates them ({able})"
+        )
