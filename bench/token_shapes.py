@@ -9,7 +9,8 @@ setting) and record how well the images it samples follow their captions:
 1. ``megafusion train --config CONFIG [overrides]`` from scratch, timed, into a new directory
    ``runs/token_shapes/<UTC time>`` (unless ``logging.out_dir`` is overridden); ``--ckpt``
    skips training and evaluates that checkpoint instead, recording what its run directory says of
-   its training (``run.json``'s start and config, ``metrics.jsonl``'s last ``elapsed_s``);
+   its training (``run.json``'s start, ``metrics.jsonl``'s last ``elapsed_s``) and the commit and
+   command it was trained with (``--train-commit``, ``--train-command``: as given);
 2. ``megafusion eval`` on its last checkpoint: per-modality validation loss, the caption
    consistency of images sampled token by token from held-out captions (a seed training never
    drew), read back by the ``read_shape`` checker, against chance, and the token caption gap;
@@ -26,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.provenance import ROOT, git_commit, machine, recorded_command
+from bench.provenance import ROOT, git_commit, machine, recorded_command, repo_relative
 from bench.transfusion_shapes import _config_cell, _run, recorded
 
 DEFAULT_CONFIG = "examples/configs/tiny_mixed_long.yaml"
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint of a finished run instead of training")
+    p.add_argument("--train-commit", default=None, help="with --ckpt: its run's commit (as given)")
+    p.add_argument("--train-command", default=None, help="with --ckpt: the command that trained it (recorded as given)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
     p.add_argument("overrides", nargs="*", help="section.key=value for training")
     return p
@@ -50,11 +53,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_record(ckpt: str) -> dict:
     """What the run directory of checkpoint dir ``ckpt`` says of its training: start, steps, wall seconds."""
-    run = Path(ckpt).resolve().parent
+    run = Path(ckpt).parent
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     metrics = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
     last = json.loads(metrics[-1]) if metrics else {}
-    return {"run_dir": str(run), "started": info.get("started"), "elapsed_s": last.get("elapsed_s")}
+    return {"run_dir": repo_relative(str(run)), "started": info.get("started"), "elapsed_s": last.get("elapsed_s")}
 
 
 def markdown(results: list[dict]) -> str:
@@ -88,7 +91,10 @@ def markdown(results: list[dict]) -> str:
             train = f"train: `{r['train_command']}`; "
         else:
             t = r.get("trained_run") or {}
-            train = f"(a finished run's checkpoint: {t.get('run_dir')}, started {t.get('started')}); "
+            train = (
+                f"(a finished run's checkpoint: `{t.get('run_dir')}`, started {t.get('started')} at "
+                f"`{t.get('commit')}` by `{t.get('command')}`); "
+            )
         lines.append(f"- `{r['commit']}`: `{r['command']}`; {train}eval: `{r['eval_command']}`")
     return "\n".join(lines) + "\n"
 
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt is None:
         _, train_seconds = _run(train_cmd)
     else:
-        trained_run = run_record(args.ckpt)
+        trained_run = {**run_record(args.ckpt), "commit": args.train_commit, "command": args.train_command}
         train_seconds = trained_run["elapsed_s"]
     eval_cmd = [sys.executable, "-m", "megafusion", "eval", "--ckpt", ckpt, "--samples", str(args.samples)]
     eval_cmd += ["--cfg", str(args.cfg), "--temperature", str(args.temperature), "--top-k", str(args.top_k)]
