@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from bench.provenance import ROOT, git_commit, machine, recorded_command, repo_relative
-from bench.transfusion_shapes import _config_cell, _run, recorded
+from bench.transfusion_shapes import _config_cell, _run, append_result, eval_fields
 
 DEFAULT_CONFIG = "examples/configs/tiny_mixed_long.yaml"
 DEFAULT_OUT = "bench/results/token_shapes.json"
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     eval_cmd += ["--top-p", str(args.top_p), "--seed", str(args.seed), "--out", str(Path(ckpt).parent / "eval")]
     stdout, _ = _run(eval_cmd)
     report = json.loads(stdout[stdout.index("{") :])
-    consistency = report["caption_consistency"]
     result = {
         "commit": git_commit(),
         "machine": machine(),
@@ -135,22 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         "trained_run": trained_run,
         "eval_command": shlex.join(eval_cmd[1:]),
         "train_seconds": train_seconds,
-        "step": report["step"],
-        "validation": report["validation"],
-        "samples": consistency["samples"],
-        "accuracy": consistency["accuracy"],
-        "chance": consistency["chance"],
-        "sampling": report["sampling"],
-        "caption_gap": report["caption_gap"],
+        **eval_fields(report),
     }
     print(json.dumps(result, indent=1))
-    path = ROOT / args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results = [*recorded(path), result]
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(results))
-    md = path.with_suffix(".md")
-    print(f"[token_shapes] added a result to {args.out} ({len(results)} in all) and re-rendered {md}")
+    count = append_result(ROOT / args.out, result, markdown)
+    md = Path(args.out).with_suffix(".md")
+    print(f"[token_shapes] added a result to {args.out} ({count} in all) and re-rendered {md}")
     return 0
 
 
