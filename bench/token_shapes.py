@@ -52,12 +52,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_record(ckpt: str) -> dict:
-    """What the run directory of checkpoint dir ``ckpt`` says of its training: start, steps, wall seconds."""
-    run = Path(ckpt).parent
+    """What the run directory of checkpoint ``ckpt`` (a step directory or ``checkpoint.dir``, inside
+    ``<logging.out_dir>/checkpoints``) says of its training up to that checkpoint's step: the run's
+    start and the wall seconds its ``metrics.jsonl`` logged at that step."""
+    from megafusion.checkpoint import read_manifest, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(ckpt)
+    step = int(read_manifest(step_dir).get("step", 0))
+    run = Path(step_dir).parent.parent
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    metrics = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    last = json.loads(metrics[-1]) if metrics else {}
-    return {"run_dir": repo_relative(str(run)), "started": info.get("started"), "elapsed_s": last.get("elapsed_s")}
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    at_step = [m for m in map(json.loads, lines) if m.get("step") == step and "elapsed_s" in m]
+    elapsed = at_step[-1]["elapsed_s"] if at_step else None
+    return {"run_dir": repo_relative(str(run)), "started": info.get("started"), "step": step, "elapsed_s": elapsed}
 
 
 def markdown(results: list[dict]) -> str:
