@@ -64,7 +64,19 @@ def run_record(ckpt: str) -> dict:
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
     at_step = [m for m in map(json.loads, lines) if m.get("step") == step and "elapsed_s" in m]
     elapsed = at_step[-1]["elapsed_s"] if at_step else None
-    return {"run_dir": repo_relative(str(run)), "started": info.get("started"), "step": step, "elapsed_s": elapsed}
+    total = info.get("config", {}).get("train", {}).get("steps")
+    return {
+        "run_dir": repo_relative(str(run)),
+        "started": info.get("started"),
+        "step": step,
+        "total_steps": total,
+        "elapsed_s": elapsed,
+    }
+
+
+def report_tag(args) -> str:
+    """Where a run's evaluation PNGs go: named by the sampling settings, so evaluations do not mix."""
+    return f"cfg{args.cfg:g}_t{args.temperature:g}_k{args.top_k}_p{args.top_p:g}_s{args.seed}"
 
 
 def markdown(results: list[dict]) -> str:
@@ -98,9 +110,10 @@ def markdown(results: list[dict]) -> str:
             train = f"train: `{r['train_command']}`; "
         else:
             t = r.get("trained_run") or {}
+            of = f" of {t['total_steps']}" if t.get("total_steps") else ""
             train = (
-                f"(a finished run's checkpoint: `{t.get('run_dir')}`, started {t.get('started')} at "
-                f"`{t.get('commit')}` by `{t.get('command')}`); "
+                f"(the step-{t.get('step', r['step'])}{of} checkpoint of the run in `{t.get('run_dir')}`, started "
+                f"{t.get('started')} at `{t.get('commit')}` by `{t.get('command')}`); "
             )
         lines.append(f"- `{r['commit']}`: `{r['command']}`; {train}eval: `{r['eval_command']}`")
     return "\n".join(lines) + "\n"
@@ -127,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = trained_run["elapsed_s"]
     eval_cmd = [sys.executable, "-m", "megafusion", "eval", "--ckpt", ckpt, "--samples", str(args.samples)]
     eval_cmd += ["--cfg", str(args.cfg), "--temperature", str(args.temperature), "--top-k", str(args.top_k)]
-    eval_cmd += ["--top-p", str(args.top_p), "--seed", str(args.seed), "--out", str(Path(ckpt).parent / "eval")]
+    out_dir = Path(cfg.logging.out_dir) if args.ckpt is None else Path(trained_run["run_dir"])
+    eval_cmd += ["--top-p", str(args.top_p), "--seed", str(args.seed)]
+    eval_cmd += ["--out", str(out_dir / f"eval_{report_tag(args)}")]
     stdout, _ = _run(eval_cmd)
     report = json.loads(stdout[stdout.index("{") :])
     result = {
