@@ -109,6 +109,30 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def eval_fields(report: dict) -> dict:
+    """The numbers of a ``megafusion eval`` report that a result keeps."""
+    consistency = report["caption_consistency"]
+    return {
+        "step": report["step"],
+        "validation": report["validation"],
+        "samples": consistency["samples"],
+        "accuracy": consistency["accuracy"],
+        "chance": consistency["chance"],
+        "sampling": report["sampling"],
+        "caption_gap": report["caption_gap"],
+    }
+
+
+def append_result(path: Path, result: dict, render) -> int:
+    """Append ``result`` to the results in ``path`` (JSON) and re-render ``render(results)`` beside
+    it as ``.md``; the number of results now recorded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = [*recorded(path), result]
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(results))
+    return len(results)
+
+
 def recorded(path: Path) -> list[dict]:
     """The results already in ``path`` (none if it does not exist; a single-result file is one)."""
     if not path.exists():
@@ -171,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     stdout, _ = _run(eval_cmd)
     report = json.loads(stdout[stdout.index("{") :])
-    consistency = report["caption_consistency"]
     result = {
         "commit": git_commit(),
         "machine": machine(),
@@ -182,24 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "train_command": shlex.join(train_cmd[1:]) if args.ckpt is None else None,
         "eval_command": shlex.join(eval_cmd[1:]),
         "train_seconds": train_seconds,
-        "step": report["step"],
-        "validation": report["validation"],
-        "samples": consistency["samples"],
-        "accuracy": consistency["accuracy"],
-        "chance": consistency["chance"],
-        "sampling": report["sampling"],
-        "caption_gap": report["caption_gap"],
+        **eval_fields(report),
     }
     print(json.dumps(result, indent=1))
     out = args.out or (None if args.quick else DEFAULT_OUT)
     if out:
-        path = ROOT / out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        results = [*recorded(path), result]
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        path.with_suffix(".md").write_text(markdown(results))
+        count = append_result(ROOT / out, result, markdown)
         print(
-            f"[transfusion_shapes] added a result to {out} ({len(results)} in all) and re-rendered "
+            f"[transfusion_shapes] added a result to {out} ({count} in all) and re-rendered "
             f"{Path(out).with_suffix('.md')}"
         )
     return 0

@@ -121,3 +121,12 @@ def save_tiny_vae(path: Path):
     )
     vae.save_pretrained(path)
     return vae
+
+
+def token_image_checkpoint(tmp_path: Path) -> Path:
+    """A tiny LM checkpoint with discrete image tokens (the built-in shapes as 36 pixel-patch codes),
+    trained for two steps with caption dropout: what the generation and evaluation tests load."""
+    ckpt = tmp_path / "ckpt"
+    overrides = ["train.steps=2", "objective.caption_dropout=0.5", "checkpoint.save=true", f"checkpoint.dir={ckpt}"]
+    run_train(tmp_path, 1, "tests/configs/mixed_small.yaml", [*overrides, "logging.dump_grads=null"], "train")
+    return ckpt

@@ -1,12 +1,14 @@
 """``megafusion eval``: the command lines of the evaluations.
 
-    megafusion eval --ckpt CKPT [--samples 60] [--steps 25] [--cfg 3.0] [--sampler ddim]
-        [--seed 0] [--output DIR]
+    megafusion eval --ckpt CKPT [--samples 60] [--cfg 3.0] [--steps 25] [--sampler ddim]
+        [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--output DIR]
     [torchrun --nproc-per-node N -m megafusion] eval --ckpt CKPT --text FILE
         [--tokenizer PATH] [--seq-length N] [--batch 4] [--loss-vocab N] [section.key=value ...]
 
-Without ``--text``: validation loss and caption consistency of a Transfusion checkpoint trained on
-the built-in shapes (:mod:`megafusion.evaluation.captions`); with it: the mean next-token loss of
+Without ``--text``: validation loss and caption consistency of a checkpoint trained on the
+built-in shapes whose images are generated (Transfusion's latents: ``--steps`` / ``--sampler``;
+discrete image tokens of the LM objective: ``--temperature`` / ``--top-k`` / ``--top-p``)
+(:mod:`megafusion.evaluation.captions`); with it: the mean next-token loss of
 any LM or Transfusion checkpoint on a plain text file (:mod:`megafusion.evaluation.text`). Each
 prints one JSON object on stdout. ``--out`` is still accepted for ``--output``.
 """
@@ -17,7 +19,7 @@ import argparse
 import json
 import sys
 
-from megafusion.commands.generate import IMAGE_SAMPLERS
+from megafusion.commands.generate import IMAGE_SAMPLERS, add_token_sampling, check_sampling
 from megafusion.commands.main import run
 from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, command_parser
 from megafusion.core.errors import UsageError
@@ -29,15 +31,16 @@ PROG = "megafusion eval"
 TOKENIZER_KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or the directory holding it"
 
 DESCRIPTION = """\
-Evaluate a Transfusion checkpoint trained on the built-in shapes: the held-out loss per modality,
-the caption consistency of images generated from held-out captions (colour, shape, position vs
-chance) and caption_gap. With --text FILE instead: the mean next-token loss of any LM or
-Transfusion checkpoint on a plain text file (options: megafusion eval --text FILE --help).
-Prints one JSON object."""
+Evaluate a checkpoint trained on the built-in shapes (Transfusion, or LM with discrete image
+tokens): the held-out loss per modality, the caption consistency of images generated from
+held-out captions (colour, shape, position vs chance) and caption_gap. With --text FILE instead:
+the mean next-token loss of any LM or Transfusion checkpoint on a plain text file (options:
+megafusion eval --text FILE --help). Prints one JSON object."""
 
 EXAMPLES = (
     "megafusion eval --ckpt runs/tiny_transfusion/checkpoints --samples 90 --sampler ddpm --steps 50",
     "megafusion eval --ckpt runs/tiny_transfusion/checkpoints --output runs/tiny_transfusion/eval_samples",
+    "megafusion eval --ckpt runs/tiny_mixed_long/checkpoints --samples 90 --cfg 3",
     "megafusion eval --ckpt runs/llama_init --text sample.txt",
 )
 TEXT_EXAMPLES = (
@@ -49,11 +52,12 @@ TEXT_EXAMPLES = (
 
 def _parser() -> argparse.ArgumentParser:
     p = command_parser(PROG, DESCRIPTION, EXAMPLES)
-    add_ckpt(p, "a Transfusion checkpoint trained on data.builtin=shapes")
+    add_ckpt(p, "a Transfusion or LM checkpoint trained on data.builtin=shapes")
     p.add_argument("--samples", type=int, default=60, help="generated images to check (default 60)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (latents; default 25)")
+    p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim", help="denoising sampler (latents)")
+    add_token_sampling(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     # dest "out": megafusion.evaluation.captions reads args.out.
     add_output(p, "directory to keep the generated PNGs in (default: not kept)", "--out", required=False, dest="out")
@@ -102,8 +106,11 @@ def eval_command(argv: list[str]) -> int:
     if _wants_text(argv):
         return text_command(argv)
     args = _parser().parse_args(argv)
-    if args.samples < 1 or args.steps < 1:
-        raise UsageError("--samples and --steps must be >= 1")
+    problems = check_sampling(args)
+    if min(args.samples, args.steps) < 1:
+        problems.append("--samples and --steps must be >= 1")
+    if problems:
+        raise UsageError("; ".join(problems))
     if args.out is not None:  # before the checkpoint is loaded: an output that cannot be written fails now
         ensure_writable_dir(args.out, "--output")
     check_ckpt(args.ckpt)

@@ -259,7 +259,8 @@ def _section_classes(owned: tuple) -> dict[str, type]:
         seen: dict[str, type] = {}
         for base in bases:
             for f in dataclasses.fields(base):
-                if f.name in seen:
+                # A key two owners inherit from one declaration is one key (caption_dropout).
+                if f.name in seen and _declaring(seen[f.name], f.name) is not _declaring(base, f.name):
                     raise TypeError(
                         f"{section}.{f.name} is declared by both {seen[f.name].__name__} and {base.__name__}: "
                         f"rename one of them"
@@ -276,6 +277,11 @@ def _section_classes(owned: tuple) -> dict[str, type]:
         else:
             classes[section] = bases[0]
     return classes
+
+
+def _declaring(cls: type, key: str) -> type:
+    """The class of ``cls``'s hierarchy that declares the field ``key``."""
+    return next(c for c in cls.__mro__ if key in vars(c).get("__annotations__", {}))
 
 
 def dict_forms() -> dict[str, str]:

@@ -33,7 +33,7 @@ OBJECTIVES = Registry(
     },
     attribute="OBJECTIVE",
     register_hint="megafusion.objectives.registry.register_objective",
-    options={"transfusion": "megafusion.objectives.transfusion_options"},
+    options={"lm": "megafusion.objectives.lm_options", "transfusion": "megafusion.objectives.transfusion_options"},
 )
 
 

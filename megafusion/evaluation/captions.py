@@ -10,17 +10,21 @@ With ``--text``: the mean next-token loss of any LM or Transfusion checkpoint (d
 parallel layout) on a plain text file, e.g. to check a Hugging Face import against
 transformers; see :mod:`megafusion.evaluation.text`, which runs it. Without it:
 
-For a Transfusion checkpoint trained on the built-in captioned shapes: the validation loss of
-its held-out split (text LM loss and diffusion loss, ``eval.batches`` global batches), then
-``--samples`` captions drawn from the shapes generator with a seed the training data did not
-use; for each, an image is generated from the caption (``megafusion generate``'s sampler with
-classifier-free guidance) and read back by ``read_shape`` (a checker, not a learned model:
-nearest palette colour, mass distribution, centroid cell). Accuracy is the fraction of images
-whose colour / shape / position (and all three) match the caption, with the chance levels of
-each attribute beside them. ``caption_gap``: the diffusion loss of the same held-out images
-under their own caption and under another's, at a few noise levels, without sampling (a model
-that ignores its captions scores the same under both). One JSON object goes to stdout;
-``--output`` also keeps the PNGs.
+For a checkpoint trained on the built-in captioned shapes whose objective generates images
+(Transfusion's denoised latents, or the LM objective's discrete image tokens: the generator is
+picked by :mod:`megafusion.inference.generators`): the validation loss of its held-out split per
+modality (text and image LM loss, or text LM loss and diffusion loss; ``eval.batches`` global
+batches), then ``--samples`` captions drawn from the shapes generator with a seed the training
+data did not use; for each, an image is generated from the caption (``megafusion generate``'s
+sampler with classifier-free guidance: ``--sampler`` / ``--steps`` for latents, ``--temperature``
+/ ``--top-k`` / ``--top-p`` for tokens) and read back by ``read_shape`` (a checker, not a learned
+model: nearest palette colour, mass distribution, centroid cell). Accuracy is the fraction of
+images whose colour / shape / position (and all three) match the caption, with the chance levels
+of each attribute beside them. ``caption_gap``, without sampling (a model that ignores its
+captions scores the same under each): for latents, the diffusion loss of the same held-out images
+under their own caption and under another's, at a few noise levels; for tokens, the mean
+negative log-likelihood per image token of their codes under their own caption, another's, and
+none (the unconditional view). One JSON object goes to stdout; ``--output`` also keeps the PNGs.
 """
 
 from __future__ import annotations
@@ -98,17 +102,45 @@ def consistency(pairs, generate_image, out: Path | None = None) -> dict:
     return {"samples": len(pairs), "accuracy": {k: v / n for k, v in hits.items()}, "chance": chance}
 
 
+def token_caption_gap(generator, samples, image_size: int) -> dict:
+    """Mean negative log-likelihood per image token of held-out images (their codes under the
+    run's codec) after their own caption, after the next sample's caption, and in the
+    unconditional view (the caption hidden, as caption dropout trains it): the discrete-token
+    counterpart of :func:`caption_gap` (a model that ignores its captions scores the same under
+    all three; one forward each, no sampling)."""
+    from megafusion.data.builtin.shapes import render_shape
+
+    tok = generator.tokenizer
+    sums = {"matching": 0.0, "mismatched": 0.0, "unconditional": 0.0}
+    for i, (spec, caption) in enumerate(samples):
+        codes = tok.encode_image(render_shape(spec, image_size)) - tok.image_offset
+        other = samples[(i + 1) % len(samples)][1]
+        sums["matching"] += generator.image_nll(caption, codes)
+        sums["mismatched"] += generator.image_nll(other, codes)
+        sums["unconditional"] += generator.image_nll(caption, codes, hide=True)
+    return {key: total / max(len(samples), 1) for key, total in sums.items()}
+
+
+def latent_caption_gap(generator, samples, image_size: int, seed: int) -> dict:
+    """:func:`caption_gap` of a generator of denoised latents."""
+    from megafusion.data.builtin.shapes import render_shape
+
+    encode = lambda spec: generator.latent.encode(render_shape(spec, image_size))  # noqa: E731
+    return caption_gap(generator.image_prediction, encode, samples, generator.schedule, seed=seed)
+
+
 def evaluate(args) -> dict:
     """The report ``megafusion eval`` prints; ``args``: its options (``ckpt``, ``samples``, ``steps``,
-    ``cfg``, ``sampler``, ``seed``, ``out``)."""
+    ``cfg``, ``sampler``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``out``)."""
     from megafusion import checkpoint as ck
-    from megafusion.data.builtin.shapes import render_shape
-    from megafusion.inference.generate import Generator, image_checkpoint
-    from megafusion.inference.load import model_from_checkpoint
+    from megafusion.inference.generate import Generator
+    from megafusion.inference.generators import generator_class
+    from megafusion.inference.load import checkpoint_config, model_from_checkpoint
     from megafusion.runtime.seed import seed_everything
     from megafusion.training.trainer import Trainer
 
-    source = image_checkpoint(args.ckpt, ["logging.wandb=false", "checkpoint.save=false"])
+    source = checkpoint_config(args.ckpt, ["logging.wandb=false", "checkpoint.save=false"])
+    generator_type = generator_class(source)  # refuses a checkpoint whose objective samples no images
     path, cfg = source.path, source.cfg
     if "shapes" not in cfg.data.builtin or cfg.data.source != "builtin":
         raise ck.CheckpointError(
@@ -128,9 +160,16 @@ def evaluate(args) -> dict:
     trainer, runtime, step = trainers[0], loaded.runtime, loaded.step
     val = trainer.evaluate(step) or {}
     model = trainer.model[0].module
-    generator = Generator(cfg, runtime, trainer.data.tokenizer, model.eval())
+    generator = generator_type(cfg, runtime, trainer.data.tokenizer, model.eval())
     options = argparse.Namespace(
-        image=True, max_new_tokens=0, temperature=0.0, sampler=args.sampler, steps=args.steps, cfg=args.cfg
+        image=True,
+        max_new_tokens=0,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
     )
 
     def generate_image(i: int, text: str):
@@ -142,19 +181,19 @@ def evaluate(args) -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     result = consistency(held_out_captions(args.samples, cfg.train.seed), generate_image, out)
-    encode = lambda spec: generator.latent.encode(render_shape(spec, cfg.data.image_size))  # noqa: E731
-    gap = caption_gap(
-        generator.image_prediction,
-        encode,
-        held_out_samples(args.samples, cfg.train.seed),
-        generator.schedule,
-        seed=args.seed,
-    )
+    samples, size = held_out_samples(args.samples, cfg.train.seed), cfg.data.image_size
+    if generator_type is Generator:  # denoised latents: diffusion loss at noise levels; sampler options
+        gap = latent_caption_gap(generator, samples, size, args.seed)
+        sampling = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}
+    else:  # discrete tokens: their likelihood; token sampling options
+        gap = token_caption_gap(generator, samples, size)
+        sampling = {"cfg": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        sampling["seed"] = args.seed
     return {
         "checkpoint": str(path),
         "step": step,
         "validation": {k: v for k, v in val.items() if k != "step"},
         "caption_consistency": result,
         "caption_gap": gap,
-        "sampling": {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed},
+        "sampling": sampling,
     }

@@ -3,11 +3,12 @@ generate`` runs (its command line: :mod:`megafusion.commands.generate`).
 
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]
         --output DIR [--image] [--sampler ddim|ddpm|euler] [--steps 50] [--cfg 3.0]
-        [--max-new-tokens 32] [--temperature 0] [--seed 0] [--no-kv-cache]
+        [--max-new-tokens 32] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--no-kv-cache]
 
 For each prompt: ``<bos>`` + the prompt's pieces, then text is decoded token by token
-(greedy, or sampled with ``--temperature``) until ``<eos>``, the token budget, or ``<boi>``
-(``--image`` forces ``<boi>`` right after the prompt). On ``<boi>`` the image's placeholder
+(greedy, or sampled with ``--temperature``, ``--top-k``, ``--top-p``: text ids and ``<boi>``
+only) until ``<eos>``, the token budget, or ``<boi>`` (``--image`` forces ``<boi>`` right
+after the prompt; the loop is :class:`~megafusion.inference.decoding.Decoder`'s). On ``<boi>`` the image's placeholder
 positions are appended and its latent is sampled by iterative denoising (DDPM / DDIM, or
 Euler for flow) with classifier-free guidance: the unconditional branch is the same sequence
 with the caption hidden from the patches and from their ``<boi>``, exactly the view caption
@@ -24,78 +25,35 @@ text reads the same keys as a full recomputation would give; ``--no-kv-cache`` d
 recomputation at every step (the reference the cache is tested against).
 
 The checkpoint may come from any parallel layout (dist_checkpointing reshards into TP = PP =
-1); any objective whose spec says ``image_latents`` (Transfusion) generates images.
+1); any objective whose spec says ``image_latents`` (Transfusion) generates images here (discrete
+image tokens: :mod:`megafusion.inference.token_images`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 
-
-def image_checkpoint(ckpt: str, overrides: list[str] | tuple = ()):
-    """The checkpoint ``ckpt`` names and its run config (a :class:`~megafusion.inference.load.CheckpointRun`);
-    refuses checkpoints whose objective does not sample images."""
-    from megafusion import checkpoint as ck
-    from megafusion.inference.load import checkpoint_config, objective_names_with
-    from megafusion.objectives.registry import get_objective
-
-    source = checkpoint_config(ckpt, overrides)
-    name = source.cfg.objective.name
-    if not get_objective(name).image_latents:
-        able = ", ".join(objective_names_with("image_latents"))
-        raise ck.CheckpointError(
-            f"{source.path} was trained with objective.name={name!r}; images can only be "
-            f"sampled from checkpoints of an objective that generates them ({able})"
-        )
-    return source
+from megafusion.inference.decoding import Decoder
+from megafusion.inference.decoding import Sequence as _Sequence  # noqa: F401  (the tests' name for it)
 
 
-class Generator:
+class Generator(Decoder):
     """A Transfusion model (an unwrapped ``TransfusionGPTModel``), its tokenizer and latent codec."""
 
+    bidirectional_images = True  # an image's patches are denoised together
+
     def __init__(self, cfg, runtime, tokenizer, model, kv_cache: bool = True):
-        from megafusion.models.registry import causal_routing
         from megafusion.objectives.transfusion import schedule_for
 
-        if not causal_routing(cfg):
-            # E.g. expert choice ranks a microbatch's tokens against each other (later ones included):
-            # one decoded token would be taken by every expert of its group.
-            raise ValueError(
-                f"model.arch={cfg.model.arch}: its routing is not causal (a token's computation depends on "
-                f"later tokens), so it cannot generate token by token; train it with a causal router "
-                f"(MoMa: moe.aux_router=true, or train.trainable=aux_routers from this checkpoint)"
-            )
-
-        self.cfg, self.runtime, self.tokenizer, self.model = cfg, runtime, tokenizer, model
-        self.kv_cache = kv_cache
+        super().__init__(cfg, runtime, tokenizer, model, kv_cache)
         self.latent = tokenizer.codec.latent_codec
         self.schedule = schedule_for(cfg.objective)
-        self.patches = tokenizer.codec.tokens_per_image
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: str, kv_cache: bool = True) -> Generator:
-        from megafusion.inference.load import model_from_checkpoint
-
-        loaded = model_from_checkpoint(image_checkpoint(ckpt), data=True)
-        return cls(loaded.cfg, loaded.runtime, loaded.data.tokenizer, loaded.chunks[0], kv_cache)
+    @staticmethod
+    def generates(objective) -> bool:
+        return bool(objective.image_latents)
 
     # --- one forward pass over the uncached part of a sequence ---------------------------------
-
-    def new_cache(self):
-        """A megatron-core static KV cache for one sequence of up to ``model.seq_length`` positions
-        (None when the generator recomputes everything)."""
-        if not self.kv_cache:
-            return None
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=self.cfg.model.seq_length)
-        # The image head reads every image position's hidden state, not only the last token's.
-        context.materialize_only_last_token_logits = False
-        return context
 
     def _forward(self, seq: _Sequence, start: int, cache, current=None, hide: int | None = None):
         """Run positions ``start ..`` of ``seq`` (keys: every position ``<=`` the last one).
@@ -108,23 +66,9 @@ class Generator:
         unconditional view, what caption dropout trains). Returns (logits of the last position, image
         predictions of the images in the run part, in order).
         """
-        from megafusion.core.modality import Modality
-        from megafusion.layers.masks import dense_mask
-        from megafusion.layers.routing import routing_for
-        from megafusion.models.registry import routed as needs_routing
         from megafusion.models.transfusion import ImageInputs
 
-        if cache is None and start:
-            raise ValueError("without a KV cache every forward starts at position 0")
-        device, s = self.runtime.device, len(seq.tokens)
-        image_ids = torch.full((1, s), -1, dtype=torch.int64)
-        first_key = torch.zeros_like(image_ids)
-        for k, (a, b) in enumerate(seq.spans):
-            image_ids[0, a:b] = k
-            if k == hide:
-                first_key[0, a - 1 : b] = a - 1  # the image's <boi> and patches start at that <boi>
-        # The run positions' rows of the full mask, against every key up to the last one.
-        mask = dense_mask(torch.zeros_like(image_ids), image_ids, first_key, first_query=start).to(device)
+        image_ids, mask = self._view(seq, start, hide)
         image_ids = image_ids[:, start:]
         run = [k for k, (a, _) in enumerate(seq.spans) if a >= start]
         images = None
@@ -134,6 +78,7 @@ class Generator:
                 x, t = current if current is not None and k == len(seq.spans) - 1 else (seq.latents[k], torch.zeros(1))
                 latents.append(x)
                 times.append(t.cpu().float().reshape(1))
+            device = self.runtime.device
             positions = (image_ids.reshape(-1) >= 0).nonzero().flatten()
             images = ImageInputs(
                 image_ids=(image_ids - run[0]).clamp(min=-1).to(device),
@@ -142,18 +87,7 @@ class Generator:
                 count=len(run),
                 positions=positions.to(device),
             )
-        modality = torch.where(image_ids >= 0, int(Modality.IMAGE), int(Modality.TEXT))
-        ids = torch.tensor([seq.tokens[start:]], dtype=torch.int64, device=device)
-        position_ids = torch.arange(start, s, device=device)[None]
-        routed = needs_routing(self.cfg)
-        if cache is not None:
-            cache.sequence_len_offset = start
-        # Causal routing: each token is routed from its own state, as when it was generated.
-        routing = routing_for({"modality_ids": modality}, device, causal=True)
-        with torch.no_grad(), routing if routed else contextlib.nullcontext():
-            logits, prediction = self.model(
-                ids, position_ids, mask, labels=None, images=images, inference_context=cache, runtime_gather_output=True
-            )
+        logits, prediction = self._run(seq, start, cache, mask, image_ids, images=images)
         return logits[0, -1], (None if prediction is None else prediction.float())  # the sampler works in fp32
 
     def image_prediction(self, caption: str, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
@@ -166,17 +100,14 @@ class Generator:
 
     # --- sampling --------------------------------------------------------------------------------
 
-    def _next_token(self, logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-        logits = logits[: self.tokenizer.vocab_size].float().clone()  # never the vocabulary's padding rows
-        logits[self.tokenizer.image_offset] = float("-inf")  # placeholders only follow <boi>
-        if temperature <= 0:
-            return int(logits.argmax())
-        return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-
-    def _image(self, seq: _Sequence, cache, args, gen) -> torch.Tensor:
-        """Sample the latent of the last image of ``seq`` (its patches are the last positions)."""
+    def _image(self, seq: _Sequence, cache, args, gen):
+        """Append the image's placeholders after its ``<boi>``, sample its latent, append ``<eoi>``."""
         from megafusion.objectives.diffusion import make_sampler
 
+        tok = self.tokenizer
+        start = len(seq.tokens)
+        seq.tokens += [tok.image_offset] * self.patches
+        seq.spans.append((start, len(seq.tokens)))
         kind = "euler" if self.schedule.is_flow else args.sampler
         # Pixel latents live in [-1, 1]: clip the x0 estimates there (VAE latents have no fixed range).
         clip = 1.0 if self.cfg.objective.latent_codec == "pixels" else None
@@ -192,53 +123,12 @@ class Generator:
         def predict(x, t, hide=None):
             return self._forward(seq, start, cache, current=(x, t), hide=hide)[1][-1:].cpu()
 
-        return denoise_image(predict, (1, *self.latent.latent_shape), sampler, gen, args.cfg, k)
-
-    def generate(self, prompt: str, args, gen: torch.Generator) -> tuple[str, list[np.ndarray]]:
-        tok = self.tokenizer
-        seq = _Sequence([tok.bos_id, *tok.encode_text(prompt)])
-        cache = self.new_cache()
-        images, text_ids = [], []
-        force_image = args.image
-        for _ in range(args.max_new_tokens + 1):
-            if force_image:
-                token, force_image = tok.boi_id, False
-            else:
-                logits = self._forward(seq, seq.cached, cache)[0]
-                seq.cached = len(seq.tokens) if cache is not None else 0
-                token = self._next_token(logits, args.temperature, gen)
-            if token == tok.eos_id or len(seq.tokens) >= self.cfg.model.seq_length - self.patches - 2:
-                break
-            seq.tokens.append(token)
-            if token != tok.boi_id:
-                text_ids.append(token)
-                continue
-            start = len(seq.tokens)
-            seq.tokens += [tok.image_offset] * self.patches
-            seq.spans.append((start, len(seq.tokens)))
-            x0 = self._image(seq, cache, args, gen)
-            # The cache holds the last denoising step's keys there: the clean image is run again
-            # (at t = 0, with its <eoi>) before the next token.
-            seq.latents.append(x0)
-            images.append(self.latent.decode(x0[0].numpy()))
-            seq.tokens.append(tok.eoi_id)
-        return tok.decode_text([t for t in text_ids if t < tok.text_vocab_size]), images
-
-
-@dataclass
-class _Sequence:
-    """One generation's state: its tokens, image spans ``(start, end)``, finished image latents
-    ``[1, C, H, W]``, and how many leading positions hold valid keys in the KV cache."""
-
-    tokens: list[int]
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    latents: list[torch.Tensor] = field(default_factory=list)
-    cached: int = 0
-
-    def prefix(self, n: int) -> _Sequence:
-        """The first ``n`` positions (images that end by then, with their latents)."""
-        spans = [span for span in self.spans if span[1] <= n]
-        return _Sequence(self.tokens[:n], spans, self.latents[: len(spans)])
+        x0 = denoise_image(predict, (1, *self.latent.latent_shape), sampler, gen, args.cfg, k)
+        # The cache holds the last denoising step's keys there: the clean image is run again
+        # (at t = 0, with its <eoi>) before the next token.
+        seq.latents.append(x0)
+        seq.tokens.append(tok.eoi_id)
+        return self.latent.decode(x0[0].numpy())
 
 
 def denoise_image(predict, shape, sampler, gen, guidance: float, hide_index: int) -> torch.Tensor:

@@ -167,10 +167,11 @@ def image_spans_from_modality(modality_ids: torch.Tensor, document_ids: torch.Te
 def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device: torch.device):
     """None (plain causal, the fast path), a dense boolean mask, or a FlexAttention BlockMask.
 
-    Transfusion batches (``image_ids``) always get a mask: patches of one image see each other.
+    Transfusion batches (``image_ids``) always get a mask: patches of one image see each other;
+    so do batches with caption dropout (``first_key``).
     """
     image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
-    if not packs_documents and backend != "flex" and image_ids is None:
+    if not packs_documents and backend != "flex" and image_ids is None and first_key is None:
         return None
     doc_ids = batch["document_ids"].to(device)
     image_ids = None if image_ids is None else image_ids.to(device)

@@ -9,6 +9,10 @@ sum all-reduce of ``exp(logits - max)``.
 Returned values are sums over unmasked tokens, not means: megatron-core's schedules with
 ``calculate_per_token_loss`` divide by the token count of the whole global batch, which
 makes the loss exactly the same whatever the microbatch / data-parallel split.
+
+Caption dropout (``objective.caption_dropout``, default 0 here): a captioned image's tokens and its
+``<boi>`` train without seeing the caption (the batch's ``first_key``; the image stays causal),
+the unconditional view that classifier-free guidance of ``megafusion generate`` samples from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from megafusion.objectives.caption_options import caption_dropout_rate
+from megafusion.objectives.lm_options import DEFAULT_CAPTION_DROPOUT, OPTIONS
 from megafusion.objectives.spec import Objective
 
 
@@ -73,6 +79,34 @@ class LanguageModelling(Objective):
     the LM loss every objective trains, and nothing more."""
 
     name = "lm"
+    options = OPTIONS
+    image_tokens = True  # the data's image codes are ids of the vocabulary it predicts
+
+    def prepare_step(self, cfg, source, first_sample, batches, training):
+        # Caption dropout trains the unconditional view; evaluation keeps every caption, and a run
+        # without dropout keeps its batches as they were (no mask key: the same attention path).
+        rate = caption_dropout_rate(cfg.objective, DEFAULT_CAPTION_DROPOUT) if training else 0.0
+        if rate <= 0:
+            return
+        from megafusion.layers.masks import image_spans_from_modality
+        from megafusion.objectives.captions import caption_dropout
+
+        for batch in batches:
+            # Only to find each image's tokens: the batch carries no image_ids (its images are causal).
+            spans = image_spans_from_modality(batch["modality_ids"], batch["document_ids"])
+            batch["first_key"] = caption_dropout(batch, cfg.train.seed, rate, spans)
+
+    def flops_inputs(self, batch):
+        if "first_key" not in batch:
+            return super().flops_inputs(batch)
+        from megafusion.layers.attended_keys import attended_keys
+
+        # A dropped position p (first_key f = its <boi>) sees its document's first token and
+        # f .. p: p - f + 2 keys; every other query keeps its causal count.
+        first_key = batch["first_key"]
+        position = torch.arange(first_key.shape[1])[None]
+        causal = attended_keys(batch["document_ids"])
+        return {"keys": torch.where(first_key > 0, position - first_key + 2, causal)}
 
 
 OBJECTIVE = LanguageModelling()

@@ -37,7 +37,10 @@ What the tools that run a checkpoint ask of it (instead of its name):
   latent's shape ``[C, H, W]``: ``megafusion generate`` and ``megafusion eval`` sample images from
   its checkpoints only, and a tool that builds its model without the
   run's data (the logits tool, ``eval --text``) reads that shape off the checkpoint's config
-  (:mod:`megafusion.inference.load`).
+  (:mod:`megafusion.inference.load`);
+- ``image_tokens``: its images are discrete codes of the data's image codec in the joint
+  vocabulary, trained by the LM loss (the Chameleon setting): ``megafusion generate`` and
+  ``megafusion eval`` sample them token by token (:mod:`megafusion.inference.token_images`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Objective:
     # the output layer), which the planner charges its parameters to
     module_stages: dict[str, str] = {}
     image_latents = False
+    image_tokens = False
 
     def model_class(self, cfg, latent_shape: tuple[int, int, int] | None):
         from megatron.core.models.gpt import GPTModel

@@ -17,15 +17,15 @@ numbers for the same image, which is what lets TP / PP / DP runs match one proce
 from __future__ import annotations
 
 import functools
-import zlib
 
 import torch
 
-from megafusion.core.modality import Modality
 from megafusion.models.transfusion import IMAGE_MODULES, ImageInputs
+from megafusion.objectives.caption_options import caption_dropout_rate
+from megafusion.objectives.captions import caption_dropout, captioned, image_generator
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 from megafusion.objectives.spec import Objective
-from megafusion.objectives.transfusion_options import OPTIONS
+from megafusion.objectives.transfusion_options import DEFAULT_CAPTION_DROPOUT, OPTIONS
 
 DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
@@ -39,51 +39,6 @@ def _schedule(kind: str, timesteps: int, prediction: str) -> NoiseSchedule:
     # One per setting: the forward step asks for it every microbatch, and building diffusers'
     # scheduler each time would be host work on the step's critical path.
     return NoiseSchedule(kind, timesteps, prediction)
-
-
-def _image_generator(seed: int, sample: int, image: int, salt: str = "noise") -> torch.Generator:
-    key = zlib.crc32(f"{salt}:{seed}:{sample}:{image}".encode())
-    return torch.Generator().manual_seed(key)
-
-
-def captioned(batch: dict, row: int, image: int) -> bool:
-    """Whether image ``image`` of ``row`` has text of its own document before it (besides the
-    document's first token and the image's begin marker): the caption-first case."""
-    image_ids, docs, mods = batch["image_ids"][row], batch["document_ids"][row], batch["modality_ids"][row]
-    start = int((image_ids == image).nonzero()[0])
-    doc = docs[start]
-    before = (docs[: start - 1] == doc) & (mods[: start - 1] == int(Modality.TEXT))
-    return int(before.sum()) > 1  # the document's first token (bos) is always there
-
-
-def caption_dropout(batch: dict, seed: int, rate: float) -> torch.Tensor:
-    """``first_key`` ``[b, s]`` for :func:`megafusion.layers.masks.dense_mask`: 0, except for a
-    dropped image's patches and its ``<boi>``, whose first visible key (besides the document's
-    ``<bos>``) is that ``<boi>``.
-
-    Hiding the caption from the patches alone is not enough: ``<boi>`` is a text token that reads
-    the caption causally, and from the second layer on its keys and values would carry the caption
-    to the patches. With ``<boi>`` restricted too, every position a dropped patch reads, directly
-    or through any chain of layers, sees only ``<bos>``, ``<boi>`` and the image: the unconditional
-    prompt ``<bos> <boi>`` at every layer (the caption's length still sets the RoPE offsets, as it
-    does in generation's unconditional pass). Later text still reads the caption directly.
-
-    Each captioned image is dropped with probability ``rate``, from a generator keyed by (seed,
-    sample, image) like its noise, so every layout drops the same images.
-    """
-    image_ids = batch["image_ids"]
-    first_key = torch.zeros_like(image_ids)
-    if rate <= 0:
-        return first_key
-    for row, count in enumerate((image_ids.max(dim=1).values + 1).tolist()):
-        for k in range(count):
-            gen = _image_generator(seed, int(batch["sample_ids"][row]), k, salt="caption-dropout")
-            if torch.rand((), generator=gen) < rate and captioned(batch, row, k):
-                patches = image_ids[row] == k
-                boi = int(patches.nonzero()[0]) - 1
-                first_key[row][patches] = boi
-                first_key[row, boi] = boi  # <boi> sees <bos> and itself
-    return first_key
 
 
 def attended_keys(batch: dict) -> torch.Tensor:
@@ -112,7 +67,7 @@ def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch
     noise, steps = [], []
     for row, count in enumerate(counts):
         for k in range(count):
-            gen = _image_generator(seed, int(batch["sample_ids"][row]), k)
+            gen = image_generator(seed, int(batch["sample_ids"][row]), k)
             cap = None if uncaptioned_max_t < 0 or captioned(batch, row, k) else uncaptioned_max_t
             steps.append(schedule.sample_timesteps(1, generator=gen, max_t=cap))
             noise.append(torch.randn(latents.shape[1:], generator=gen))
@@ -187,7 +142,7 @@ class Transfusion(Objective):
             else 0.0,
         }
         # Caption dropout trains the unconditional branch; evaluation keeps every caption.
-        rate = cfg.objective.caption_dropout if training else 0.0
+        rate = caption_dropout_rate(cfg.objective, DEFAULT_CAPTION_DROPOUT) if training else 0.0
         for batch in batches:
             batch.update(counts, first_key=caption_dropout(batch, cfg.train.seed, rate))
 

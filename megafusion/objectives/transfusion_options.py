@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from megafusion.config.checks import at_least, near, one_of
 from megafusion.core.choices import LATENT_CODECS, UNET_CHANNELS
 from megafusion.core.options import Options
+from megafusion.objectives.caption_options import CaptionDropoutConfig, caption_dropout_problems
+
+DEFAULT_CAPTION_DROPOUT = 0.1  # objective.caption_dropout=null: the Transfusion paper's rate
 
 
 @dataclass
-class TransfusionConfig:
+class TransfusionConfig(CaptionDropoutConfig):
     # Text keeps the next-token loss, images are continuous latents trained with a diffusion loss
     # in the same sequence (data.source=builtin, or indexed from `data prepare --latent-codec`).
     diffusion_weight: float = 5.0  # lambda in loss = LM + lambda * diffusion (Transfusion: 5)
@@ -30,9 +33,8 @@ class TransfusionConfig:
     # Images with no text before them in their document get timesteps <= this (Transfusion: 500
     # of 1000), so that captioning an image trains on mostly-clean images; -1 = no cap.
     uncaptioned_max_t: int = 500
-    # Fraction of captioned images trained without their caption (their patches see only <bos>
-    # <boi> and the image): the unconditional branch of classifier-free guidance.
-    caption_dropout: float = 0.1
+    # objective.caption_dropout (megafusion.objectives.caption_options) is inherited: here its
+    # null default means DEFAULT_CAPTION_DROPOUT.
 
 
 def transfusion_problems(cfg) -> list[str]:
@@ -56,8 +58,7 @@ def transfusion_problems(cfg) -> list[str]:
             "data.source=builtin, or data.source=indexed with a dataset from `megafusion data "
             "prepare ... --latent-codec pixels|kl`"
         )
-    if not 0 <= o.caption_dropout < 1:
-        problems.append(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1): e.g. 0.1")
+    problems += caption_dropout_problems(cfg)
     if not -1 <= o.uncaptioned_max_t < o.train_timesteps:
         problems.append(
             f"objective.uncaptioned_max_t={o.uncaptioned_max_t} must be -1 (no cap) or a timestep "
