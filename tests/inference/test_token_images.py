@@ -41,8 +41,14 @@ def tokenizer(tmp_path_factory):
 
 
 def generator(runtime, tokenizer, arch: str = "dense", layers: int = 2, kv_cache: bool = True, seed: int = 0):
+    """``arch`` a family, or ``moma+mod``: MoMa 2t2i with MoD on layer 1, both with (untrained) auxiliary
+    routers, which generation routes by."""
     cfg = Config()
     m = cfg.model
+    if arch == "moma+mod":
+        arch = "moma"
+        cfg.moe.experts, cfg.moe.aux_router = {"text": 2, "image": 2}, True
+        cfg.mod.capacity, cfg.mod.aux_router = 0.5, True
     m.arch, m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = arch, layers, 32, 4, 2
     m.ffn_hidden_size, m.vocab_size, m.seq_length, m.init_std = 64, 128, 64, 0.2
     torch.manual_seed(seed)
@@ -71,7 +77,7 @@ def spans_of(tok, tokens: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-@pytest.mark.parametrize("arch", ["dense", "mot"])
+@pytest.mark.parametrize("arch", ["dense", "mot", "moma+mod"])
 def test_the_kv_cache_gives_the_same_tokens_as_recomputing(runtime, tokenizer, arch):
     for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=5)):  # greedy, and one seed's draws
         runs = []
