@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.core.modality import MODALITY_NAMES, PAD_DOCUMENT_ID
+from megafusion.core.modality import PAD_DOCUMENT_ID
 from megafusion.layers import aux_router as aux_module
 from megafusion.layers import expert_choice_layer, mod_layer, modality_linear
 from megafusion.layers.aux_router import aux_routers_of, take_stats
@@ -30,12 +30,17 @@ from megafusion.layers.masks import dense_mask
 from megafusion.layers.mod_layer import MoDLayerMixin, cache_lengths
 from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.models.registry import causal_routing
+from tests.causal_helpers import NUM_MODALITIES, assert_causal_and_control_leaks, aux_model, logits_of, routing_of
+from tests.causal_helpers import make_batch as _make_batch
 from tests.layers.test_mod import mod_cfg
 from tests.models.test_mot import build
 
-NUM_MODALITIES = len(MODALITY_NAMES)
 S = 24
 ARCHS = ["dense", "mot", "moma"]
+
+
+def make_batch(b: int, seed: int = 0, pad: int = 0) -> dict:
+    return _make_batch(b, S, seed, pad)
 
 
 def aux_cfg(arch: str, layers: int = 3, aux: bool = True):
@@ -47,67 +52,15 @@ def aux_cfg(arch: str, layers: int = 3, aux: bool = True):
     return cfg
 
 
-def aux_model(runtime, cfg, scale: float = 10.0):
-    """A model whose auxiliary routers pick a mix of tokens (init scaled up from 0.2 std)."""
-    model = build(cfg, runtime)
-    with torch.no_grad():
-        for r in aux_routers_of([model]):
-            r.fc2.weight.mul_(scale)
-    return model
-
-
 def mod_layers(model) -> list:
     return [layer for layer in model.decoder.layers if isinstance(layer, MoDLayerMixin)]
-
-
-def make_batch(b: int, seed: int = 0, pad: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(64, (b, S), generator=gen)
-    modality = torch.randint(NUM_MODALITIES, (b, S), generator=gen)
-    docs = torch.zeros(b, S, dtype=torch.int64)
-    if pad:
-        docs[-1, S - pad :] = PAD_DOCUMENT_ID
-    return {"tokens": tokens, "modality_ids": modality, "document_ids": docs}
-
-
-def routing_of(batch, causal: bool):
-    padding = batch["document_ids"] == PAD_DOCUMENT_ID
-    return ModalityRouting.from_modality_ids(
-        batch["modality_ids"], None, torch.device("cpu"), NUM_MODALITIES, padding, causal=causal
-    )
-
-
-def logits_of(model, batch, causal: bool):
-    positions = torch.arange(S)[None].expand_as(batch["tokens"])
-    with torch.no_grad(), modality_routing(routing_of(batch, causal)):
-        return model(batch["tokens"], positions, dense_mask(batch["document_ids"]), labels=None)
-
-
-def changed_after(batch, i: int, seed: int = 5):
-    """``batch`` with every token after position ``i`` of every row replaced by another."""
-    other = {k: v.clone() for k, v in batch.items()}
-    shift = torch.randint(1, 64, other["tokens"].shape, generator=torch.Generator().manual_seed(seed))
-    later = torch.zeros_like(shift, dtype=torch.bool)
-    later[:, i + 1 :] = True
-    other["tokens"] = torch.where(later, (batch["tokens"] + shift) % 64, batch["tokens"])
-    return other
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("rows,pad", [(1, 0), (2, 0), (2, 5)])
 def test_causal_routing_is_causal_and_top_k_is_not(runtime, arch, rows, pad):
-    model = aux_model(runtime, aux_cfg(arch))
-    batch = make_batch(rows, pad=pad)
-    leaked = 0
-    for i in (4, 9, 15):
-        later = changed_after(batch, i)
-        causal, causal_later = logits_of(model, batch, True), logits_of(model, later, True)
-        assert torch.equal(causal[:, : i + 1], causal_later[:, : i + 1]), f"{arch}: position <= {i} changed"
-        assert not torch.equal(causal[:, i + 1 :], causal_later[:, i + 1 :])  # the change reached later logits
-        # Control: the teacher-forced top-k ranks each token against the later ones of its row.
-        top_k, top_k_later = logits_of(model, batch, False), logits_of(model, later, False)
-        leaked += not torch.equal(top_k[:, : i + 1], top_k_later[:, : i + 1])
-    assert leaked >= 2
+    # Control: the teacher-forced top-k ranks each token against the later ones of its row.
+    assert_causal_and_control_leaks(aux_model(runtime, aux_cfg(arch)), make_batch(rows, pad=pad), (4, 9, 15), arch)
 
 
 @pytest.fixture

@@ -16,17 +16,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.core.modality import MODALITY_NAMES, PAD_DOCUMENT_ID
+from megafusion.core.modality import PAD_DOCUMENT_ID
 from megafusion.layers import aux_router as aux_module
 from megafusion.layers.aux_router import aux_routers_of, take_stats
 from megafusion.layers.masks import dense_mask
 from megafusion.layers.routing import ModalityRouting, modality_routing
 from megafusion.models.registry import get_family
+from tests.causal_helpers import NUM_MODALITIES, assert_causal_and_control_leaks, logits_of
+from tests.causal_helpers import aux_model as _aux_model
+from tests.causal_helpers import make_batch as _make_batch
 from tests.models.test_moma import moma_cfg
 from tests.models.test_mot import build
 
-NUM_MODALITIES = len(MODALITY_NAMES)
 S = 16
+
+
+def make_batch(b: int, seed: int = 0, pad: int = 0) -> dict:
+    """``b`` rows of ``S`` tokens (:func:`tests.causal_helpers.make_batch`)."""
+    return _make_batch(b, S, seed, pad)
+
+
+def aux_model(runtime, cfg=None, scale: float = 10.0):
+    """A MoMa model whose auxiliary routers pick a mix of tokens."""
+    return _aux_model(runtime, cfg or aux_cfg(), scale)
 
 
 def aux_cfg(layers: int = 3):
@@ -37,64 +49,10 @@ def aux_cfg(layers: int = 3):
     return cfg
 
 
-def aux_model(runtime, cfg=None, scale: float = 10.0):
-    """A MoMa model whose auxiliary routers pick a mix of tokens (init scaled up from 0.2 std)."""
-    model = build(cfg or aux_cfg(), runtime)
-    with torch.no_grad():
-        for r in aux_routers_of([model]):
-            r.fc2.weight.mul_(scale)
-    return model
-
-
-def make_batch(b: int, seed: int = 0, pad: int = 0):
-    """``b`` rows of ``S`` tokens, mixed modalities, one document; the last ``pad`` positions of the
-    last row are padding."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(64, (b, S), generator=gen)
-    modality = torch.randint(NUM_MODALITIES, (b, S), generator=gen)
-    docs = torch.zeros(b, S, dtype=torch.int64)
-    if pad:
-        docs[-1, S - pad :] = PAD_DOCUMENT_ID
-    return {"tokens": tokens, "modality_ids": modality, "document_ids": docs}
-
-
-def logits_of(model, batch, causal: bool):
-    padding = batch["document_ids"] == PAD_DOCUMENT_ID
-    routing = ModalityRouting.from_modality_ids(
-        batch["modality_ids"], None, torch.device("cpu"), NUM_MODALITIES, padding, causal=causal
-    )
-    positions = torch.arange(S)[None].expand_as(batch["tokens"])
-    with torch.no_grad(), modality_routing(routing):
-        return model(batch["tokens"], positions, dense_mask(batch["document_ids"]), labels=None)
-
-
-def changed_after(batch, i: int, seed: int = 5):
-    """``batch`` with every real token after position ``i`` of every row replaced."""
-    other = {k: v.clone() for k, v in batch.items()}
-    gen = torch.Generator().manual_seed(seed)
-    fresh = torch.randint(64, other["tokens"].shape, generator=gen)
-    later = torch.zeros_like(fresh, dtype=torch.bool)
-    later[:, i + 1 :] = True
-    other["tokens"] = torch.where(later & (fresh != other["tokens"]), fresh, (other["tokens"] + 1) % 64 * later.long())
-    other["tokens"] = torch.where(later, other["tokens"], batch["tokens"])
-    assert (other["tokens"][:, i + 1 :] != batch["tokens"][:, i + 1 :]).all()
-    return other
-
-
 @pytest.mark.parametrize("rows,pad", [(1, 0), (2, 0), (2, 5)])
 def test_causal_routing_is_causal_and_expert_choice_is_not(runtime, rows, pad):
-    model = aux_model(runtime)
-    batch = make_batch(rows, pad=pad)
-    leaked = 0
-    for i in (3, 7, 10):
-        later = changed_after(batch, i)
-        causal, causal_later = logits_of(model, batch, True), logits_of(model, later, True)
-        assert torch.equal(causal[:, : i + 1], causal_later[:, : i + 1]), f"position <= {i} changed"
-        assert not torch.equal(causal[:, i + 1 :], causal_later[:, i + 1 :])  # the change reached later logits
-        # Control: expert choice ranks each token against the later ones.
-        ec, ec_later = logits_of(model, batch, False), logits_of(model, later, False)
-        leaked += not torch.equal(ec[:, : i + 1], ec_later[:, : i + 1])
-    assert leaked >= 2
+    # Control: expert choice ranks each token against the later ones.
+    assert_causal_and_control_leaks(aux_model(runtime), make_batch(rows, pad=pad), (3, 7, 10), "moma")
 
 
 def test_a_sequence_alone_and_batched_is_bit_identical(runtime):
