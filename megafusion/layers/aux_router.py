@@ -125,6 +125,11 @@ def attach(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     ``MoEAuxLossAutoScaler``: the gradient of ``output`` passes through untouched)."""
     if not torch.is_grad_enabled() or not loss.requires_grad:
         return output
+    if MoEAuxLossAutoScaler.main_loss_backward_scale is None:
+        # megatron's schedules set this scale (a [1] tensor, copied into afterwards) only for models with
+        # num_moe_experts; its backward would otherwise create a [] one, into which a later MoE model's
+        # schedule in the same process cannot copy. 1 is what the schedules set with per-token loss.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=loss.device))
     return MoEAuxLossAutoScaler.apply(output, loss)
 
 

@@ -79,8 +79,9 @@ def test_invalid_layout_fails_before_training_with_actionable_message():
     assert "world size 1" in proc.stderr and "step" not in proc.stdout
 
 
-def test_flex_attention_training_off_cuda_is_refused_with_the_fix():
+def test_flex_attention_training_off_cuda_is_refused_with_the_fix(tmp_path):
     # No GPU visible (also on a GPU machine): the run is on CPU, where FlexAttention cannot train.
+    # Its own out_dir: a run the user left in runs/tiny_dense must not decide what this test sees.
     proc = subprocess.run(
         [
             sys.executable,
@@ -90,6 +91,7 @@ def test_flex_attention_training_off_cuda_is_refused_with_the_fix():
             "examples/configs/tiny_dense.yaml",
             "model.attention_backend=flex",
             "logging.wandb=false",
+            f"logging.out_dir={tmp_path / 'run'}",
             "checkpoint.save=false",
         ],
         cwd=ROOT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +93,25 @@ def test_routable_mask_and_causal_flag():
     assert routing.causal
     expect = (docs != PAD_DOCUMENT_ID).t().reshape(-1)
     assert torch.equal(routing.routable_mask(), expect)
+
+
+def test_a_backward_outside_megatrons_schedule_leaves_its_loss_scale_settable(monkeypatch):
+    """A model without experts (dense + MoD) runs no schedule code that sets megatron's aux-loss scale;
+    its backward must not leave a scale that a later MoE model's schedule (``set_loss_scale`` of a
+    ``[1]`` tensor) cannot copy into, in the same process."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megafusion.layers.aux_router import attach
+
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    x = torch.ones(3, requires_grad=True)
+    w = torch.ones((), requires_grad=True)
+    attach(x * 2, (w * 5).sum()).sum().backward()
+    assert w.grad == 5.0 and torch.equal(x.grad, torch.full((3,), 2.0))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # what megatron's schedule does for an MoE model
+    # Control: megatron's own default (created in its backward) is a [] tensor the schedule cannot copy into.
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    y = torch.ones((), requires_grad=True)
+    MoEAuxLossAutoScaler.apply(x * 2, y * 5).sum().backward()
+    with pytest.raises(RuntimeError, match="broadcast shape"):
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
