@@ -18,6 +18,7 @@ keys would otherwise carry it to the image from the second layer on): they see `
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class Sequence:
         return Sequence(self.tokens[:n], spans, self.latents[: len(spans)])
 
 
-class Decoder:
+class Decoder(abc.ABC):
     """A model (an unwrapped ``GPTModel`` of one process), its joint tokenizer and config; a
     generator subclasses it with its image step (:meth:`_image`) and :meth:`_forward`."""
 
@@ -67,9 +68,9 @@ class Decoder:
         self.patches = tokenizer.codec.tokens_per_image  # sequence positions per image
 
     @staticmethod
+    @abc.abstractmethod
     def generates(objective) -> bool:
         """Whether this generator samples the images of checkpoints of ``objective`` (its spec)."""
-        raise NotImplementedError
 
     @classmethod
     def from_checkpoint(cls, ckpt, kv_cache: bool = True):
@@ -144,14 +145,14 @@ class Decoder:
                 ids, position_ids, mask, labels=None, inference_context=cache, runtime_gather_output=True, **extra
             )
 
+    @abc.abstractmethod
     def _forward(self, seq: Sequence, start: int, cache, hide: int | None = None):
         """``(logits of the last position, what the generator adds)`` of positions ``start ..``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _image(self, seq: Sequence, cache, args, gen: torch.Generator):
         """Append one image after the ``<boi>`` that ends ``seq`` (its positions and ``<eoi>``);
         return its pixels (uint8 ``[H, W, 3]``)."""
-        raise NotImplementedError
 
     # --- the text loop ---------------------------------------------------------------------------
 
