@@ -253,3 +253,58 @@ def test_good_selections_pass_validation():
         validate(load_config(None, ["data.source=builtin", *extra]), 1)
     blend = "data.blend=[{path: d/a, weight: 1}, {path: d/b, weight: 1, name: bee}]"
     validate(load_config(None, ["data.source=indexed", blend, "data.domains=bee"]), 1)
+
+
+# --- indexed data: the domains are the datasets of data.blend ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def blend_dir(tmp_path_factory):
+    """Two prepared datasets, shapes (captioned images) and sums (text only), one tokenizer."""
+    from megafusion.data.builtin.shapes import shapes_documents
+    from megafusion.data.codecs.registry import build_codec
+    from megafusion.data.formats.shards import write_jsonl_shard
+    from megafusion.data.prepare import prepare
+    from megafusion.data.tokenizers.joint import builtin_tokenizer
+
+    root = tmp_path_factory.mktemp("domains_blend")
+    sets = {"shapes": shapes_documents(40, 0, 16), "sums": arithmetic_documents(80, 0)}
+    texts = [s.text for docs in sets.values() for d in docs for s in d.segments if isinstance(s, TextSegment)]
+    spm = builtin_tokenizer(str(root / "cache"), texts, 96)
+    codec = build_codec("pixel", image_size=16, patch_size=4, levels=4)
+    for name, docs in sets.items():
+        prepare([write_jsonl_shard(docs, str(root / f"{name}.jsonl"))], spm, str(root / name), codec)
+    return root, spm
+
+
+def _indexed(blend_dir, *extra):
+    from megafusion.data.sources import build_data
+
+    root, spm = blend_dir
+    blend = f"data.blend=[{{path: {root / 'shapes'}, weight: 0.7}}, {{path: {root / 'sums'}, weight: 0.3}}]"
+    cfg = load_config(
+        None,
+        ["data.source=indexed", blend, f"data.tokenizer={spm}", "model.seq_length=64", "data.val_fraction=0.1", *extra],
+    )
+    validate(cfg, 1)
+    return build_data(cfg)
+
+
+def test_indexed_domains_select_and_reweight_blend_entries(blend_dir):
+    null = _indexed(blend_dir)
+    sums = _indexed(blend_dir, "data.domains=sums")
+    listed = _indexed(blend_dir, "data.domains=sums,shapes")
+    weighted = _indexed(blend_dir, "data.domains={shapes: 1, sums: 3}")
+    batch = sums.train.microbatch(0, 16)
+    assert int(batch["modality_counts"][int(Modality.IMAGE)]) == 0 and sums.train.names == ["sums"]
+    assert np.allclose(listed.train.token_shares, [0.3, 0.7])  # the blend's weights, in the given order
+    assert np.allclose(weighted.train.token_shares, [0.25, 0.75]) and weighted.train.share_group == "domain"
+    assert null.train.share_group == "blend"
+    for bundle in (sums, listed, weighted):
+        assert bundle.meta == null.meta and list(bundle.val_domains) == ["shapes", "sums"]
+        for name, source in bundle.val_domains.items():
+            assert np.array_equal(source.microbatch(0, 4)["tokens"], null.val_domains[name].microbatch(0, 4)["tokens"])
+        assert np.array_equal(bundle.val.microbatch(0, 6)["tokens"], null.val.microbatch(0, 6)["tokens"])
+    # A selected dataset serves the rows of the blend's own source for it, sample for sample.
+    own = null.train.sources[1].microbatch(3, 5)
+    assert np.array_equal(sums.train.microbatch(3, 5)["tokens"], own["tokens"])
