@@ -9,7 +9,8 @@ report (analyze.py).
 The steps, one after the other (their wall clocks are recorded), each a megafusion command in the
 repository root with this folder's ``config.yaml`` and the overrides (which apply to every run):
 
-1. ``seed``: a dense model on the mixture of every domain (``data.builtin``), saved;
+1. ``seed``: a dense model on the mixture of every domain (``data.builtin``, each at its natural
+   share: ``data.domains`` names them all), saved;
 2. ``branch_<domain>``, one per domain: ``checkpoint.init_from`` the seed, trained on that domain
    alone (``data.domains=<domain>``), saved; no communication between branches;
 3. ``megafusion convert btx-merge --seed ... --branch ... [--keep-seed-expert] --output OUT/merged``:
@@ -136,7 +137,10 @@ class Runner:
 
 def run_experiment(runner: Runner, domains: list[str], steps: dict, seed_expert: bool) -> None:
     out = runner.out_dir
-    seed = runner.train("seed", ["model.arch=dense", f"train.steps={steps['seed']}"], save=True)
+    # Every domain at its natural share: the same rows as data.domains=null, and every evaluation
+    # reports each domain's held-out loss (val/domain/<domain>/...), as the branches' do.
+    mixture = f"data.domains={','.join(domains)}"
+    seed = runner.train("seed", ["model.arch=dense", mixture, f"train.steps={steps['seed']}"], save=True)
     branches = []
     for d in domains:
         run = ["model.arch=dense", f"data.domains={d}", f"train.steps={steps['branch']}"]
@@ -150,7 +154,7 @@ def run_experiment(runner: Runner, domains: list[str], steps: dict, seed_expert:
     (out / "logs").mkdir(exist_ok=True)
     runner.step("merge", merge, out / "logs" / "merge.log")
     experts = len(domains) + seed_expert
-    btx = ["model.arch=btx", f"btx.experts={{mixed: {experts}}}", f"checkpoint.init_from={shown(merged)}"]
+    btx = ["model.arch=btx", f"btx.experts={{mixed: {experts}}}", mixture, f"checkpoint.init_from={shown(merged)}"]
     # The merged model as it is: one step at learning rate 0 changes no weight (AdamW's update and
     # its weight decay both scale with the rate), and the run's final evaluation is of the merge.
     frozen = ["train.steps=1", "train.lr=0", "train.min_lr=0", "train.warmup_steps=0"]
@@ -161,7 +165,7 @@ def run_experiment(runner: Runner, domains: list[str], steps: dict, seed_expert:
     n = dense_steps(spent, sum(seed_flops) / len(seed_flops))
     runner.info["dense_steps"] = n
     runner.info["matched_flops"] = spent
-    runner.train("dense", ["model.arch=dense", f"train.steps={n}"])
+    runner.train("dense", ["model.arch=dense", mixture, f"train.steps={n}"])
 
 
 def main(argv: list[str] | None = None) -> int:
