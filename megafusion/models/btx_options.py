@@ -64,6 +64,11 @@ def btx_problems(cfg) -> list[str]:
             f"btx.topk={b.topk!r} must be a whole number in [1, {smallest}] (a token picks that many "
             f"experts of its group; the smallest group of btx.experts={b.experts!r} has {smallest})"
         )
+    if b.topk == 1 and b.pre_softmax is False:
+        problems.append(
+            "btx.topk=1 needs btx.pre_softmax=true: a softmax over the one picked expert is 1, so the "
+            "router would learn from the balancing loss only (megatron-core refuses it too)"
+        )
     if isinstance(b.aux_loss_coeff, bool) or not isinstance(b.aux_loss_coeff, (int, float)) or b.aux_loss_coeff < 0:
         problems.append(f"btx.aux_loss_coeff={b.aux_loss_coeff!r} must be a number >= 0 (0.01 in the paper; 0 = off)")
     if not isinstance(b.pre_softmax, bool):
