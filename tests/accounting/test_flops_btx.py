@@ -175,3 +175,14 @@ def test_plan_accepts_btx_with_expert_parallelism():
     same = [r for r in result["rows"] if (r["tp"], r["pp"], r["dp"]) == (1, 1, 4) and not r["distributed_optimizer"]]
     held = {r["ep"]: r["check"]["params_on_rank"] for r in same}
     assert held[1] > held[2] > held[4], held
+    # Each of a token's k routed copies travels in the all-to-all: top-2 sends twice top-1's.
+    cfg.btx.topk, cfg.btx.pre_softmax = 1, True
+    top1 = plan(cfg, 4, hardware("h100"), recompute=["none"], micro_batch_sizes=[2])
+    a2a = {
+        k: {
+            (r["tp"], r["pp"], r["dp"], r["ep"], r["distributed_optimizer"]): r["time_s"]["ep_a2a"] for r in res["rows"]
+        }
+        for k, res in ((2, result), (1, top1))
+    }
+    key = (1, 1, 4, 2, False)
+    assert a2a[2][key] == pytest.approx(2 * a2a[1][key]) and a2a[1][key] > 0
