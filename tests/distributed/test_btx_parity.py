@@ -21,6 +21,7 @@ EP=1 exactly where the uninterrupted run is, from megatron's expert-sharded chec
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,9 @@ def reference(tmp_path_factory):
     assert all(1.0 <= a < 2.0 for a in aux), aux  # 1 is perfect balance
     shares = step_values(tmp / "single", "moe/share/text.2")
     assert all(0 < s < 1 for s in shares), shares
-    return losses, grads, margins, aux, shares
+    entropy = step_values(tmp / "single", "moe/share_entropy")
+    assert all(0 < h < math.log(3) for h in entropy), entropy  # 3 experts per group
+    return losses, grads, margins, aux, (shares, entropy)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -83,9 +86,11 @@ def test_btx_layout_matches_single_process(layout, reference, tmp_path):
     assert_same_training((ref_losses[:exact], ref_grads), (losses[:exact], grads), layout, REL_TOL)
     aux = step_values(tmp_path / layout, "moe/aux_loss")[:exact]
     assert all(abs(a - b) <= REL_TOL * abs(b) for a, b in zip(aux, ref_aux)), (layout, aux, ref_aux)
-    # The routing itself: an expert's share of its group's slots, counted over every rank.
-    shares = step_values(tmp_path / layout, "moe/share/text.2")[:exact]
-    assert shares == pytest.approx(ref_shares[:exact], rel=1e-12, abs=0), (layout, shares, ref_shares)
+    # The routing itself: an expert's share of its group's slots and each layer's entropy of the
+    # shares (layers by their global number, on any pipeline stage), counted over every rank.
+    for key, want in zip(("moe/share/text.2", "moe/share_entropy"), ref_shares):
+        got = step_values(tmp_path / layout, key)[:exact]
+        assert got == pytest.approx(want[:exact], rel=1e-12, abs=0), (layout, key, got, want)
 
 
 def test_btx_stopped_under_ep2_resumes_under_ep1(reference, tmp_path):

@@ -366,3 +366,37 @@ def test_kv_cached_decoding_equals_the_full_forward(runtime):
         assert ((cached - full).abs().max() / full.abs().max()).item() < 1e-5
         tokens = torch.cat([tokens, full.argmax().view(1, 1)], dim=1)
         cached = step(tokens, tokens.shape[1] - 1, cache)
+
+
+def test_summary_of_step_statistics_by_hand():
+    """Two layers of 2 text + 2 image experts, top-1 (k = 1): shares within each group over the
+    layers, entropy per layer weighted by the groups' tokens, the loss a token-weighted mean."""
+    cfg = btx_cfg({"text": 2, "image": 2}, 1, pre_softmax=True)
+    groups = expert_groups(cfg)  # global ids: text 0, 2; image 1, 3
+    # [L x n summed, c_0 .. c_3]: layer 1 text 3 / 1, image 2 / 2; layer 2 text 4 / 0, image 1 / 3.
+    stats = torch.tensor([[4.0, 3, 2, 1, 2], [8.0, 4, 1, 0, 3]], dtype=torch.float64)
+    got = load_balance.summarize(stats, groups, 1)
+    assert got["moe/aux_loss"] == pytest.approx(12 / 16)  # sum of L x n over sum of n (8 tokens a layer)
+    assert got["moe/share/text.0"] == pytest.approx(7 / 8) and got["moe/share/text.1"] == pytest.approx(1 / 8)
+    assert got["moe/share/image.0"] == pytest.approx(3 / 8) and got["moe/share/image.1"] == pytest.approx(5 / 8)
+
+    def h(*p):
+        return -sum(x * math.log(x) for x in p if x)
+
+    layer1 = (4 * h(3 / 4, 1 / 4) + 4 * h(1 / 2, 1 / 2)) / 8
+    layer2 = (4 * h(1.0, 0.0) + 4 * h(1 / 4, 3 / 4)) / 8
+    assert got["moe/share_entropy"] == pytest.approx((layer1 + layer2) / 2)
+    assert load_balance.summarize(torch.zeros(2, 5, dtype=torch.float64), groups, 1) == {}
+
+
+def test_evaluation_records_nothing(runtime):
+    cfg = btx_cfg({"mixed": 4}, 2)
+    _, layer = moe_layer(cfg, runtime)
+    layer.eval()
+    x, routing, _ = inputs(2)
+    with torch.no_grad():
+        run(layer, x, routing)
+    assert layer.router.balance_stats is None and layer.router.min_margin is None
+    layer.train()
+    run(layer, x, routing)
+    assert layer.router.balance_stats is not None and layer.router.min_margin is not None
