@@ -71,7 +71,7 @@ RESERVED = (
     "checkpoint.save",
     "checkpoint.dir",
 )
-STEPS = {"seed": 100, "branch": 100, "finetune": 100}
+STEPS = {"seed": 150, "branch": 150, "finetune": 150}
 QUICK_STEPS = {"seed": 4, "branch": 3, "finetune": 3}
 QUICK = [
     "model.num_layers=1",
