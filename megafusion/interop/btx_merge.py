@@ -52,6 +52,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from megafusion import checkpoint as ck
 from megafusion.core.errors import ConfigError
@@ -302,7 +303,7 @@ def btx_merge(seed: str, branches: list[str], out: str, keep_seed_expert: bool =
     # Sources: the branches in --branch order, then the seed (an expert and averaged only with --keep-seed-expert).
     merged = [*branch_sources, *([seed_source] if keep_seed_expert else [])]
     cfg = btx_config(seed_cfg, expert_groups(seed_cfg, len(merged)))
-    groups = ExpertGroups.from_config(getattr(cfg, SECTION))
+    groups = ExpertGroups.from_config(SimpleNamespace(experts=getattr(cfg, SECTION).experts, capacity=None))
     loaded = model_from_checkpoint(seed_run)
     try:
         runtime, model = loaded.runtime, loaded.chunks
