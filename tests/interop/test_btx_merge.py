@@ -3,17 +3,17 @@
 Tiny runs make the inputs: a dense seed and a MoT seed (1 step each); branches started from them
 with ``checkpoint.init_from`` (1 step, different learning rates so they differ), one of the dense
 branches trained under TP=2 (the one torchrun launch) and one resumed for a second step; an
-LMFusion seed (from the dense seed) and two LMFusion branches. The merges run as a user runs them,
-and are checked against the branch checkpoints read independently
-(``dist_checkpointing.load_plain_tensors``: whole tensors, whatever layout saved them):
+LMFusion seed (from the dense seed) and two LMFusion branches; a bf16 seed and three bf16
+branches. The merges run as a user runs them, and are checked against the branch checkpoints read
+independently (``dist_checkpointing.load_plain_tensors``: whole tensors, whatever layout saved them):
 
 - lineage: recorded by ``init_from`` (the same seed identity under TP=1 and TP=2), kept on resume,
   a new seed's own identity when the seed itself has a lineage;
 - each expert is bit-equal to its branch's FFN (the TP=2 branch's too; per modality from a MoT);
 - every other tensor is the fp32 mean of the branches' (with ``--keep-seed-expert``: and the
-  seed's), bit for bit; the merged keys are exactly the branches' minus their FFN plus the experts
-  and routers (every key once, nothing left over); LMFusion's frozen text is copied, its deltas
-  added into the rows;
+  seed's), bit for bit, also for bf16 branches (where mergoo's running bf16 mean differs); the
+  merged keys are exactly the branches' minus their FFN plus the experts and routers (every key
+  once, nothing left over); LMFusion's frozen text is copied, its deltas added into the rows;
 - K copies of one branch give that branch's logits (fp32, 1e-6) for random routers, and do not
   with ``btx.pre_softmax=true`` (the control); routing forced to expert i gives branch i's FFN;
 - refusals name the checkpoint and the key; the printed overrides start a run.
@@ -52,6 +52,7 @@ MERGES = {
     "copies": ("seed", ["a", "a", "a"], []),
     "mot": ("mot_seed", ["mot_a", "mot_b"], []),
     "lmfusion": ("lmf_seed", ["lmf_a", "lmf_b"], []),
+    "bf16": ("bf16_seed", ["bf16_a", "bf16_b", "bf16_c"], []),  # bf16 weights: averaged in fp32 all the same
 }
 
 
@@ -86,9 +87,16 @@ def runs(tmp_path_factory):
     """SimpleNamespace(tmp, ck={tag: checkpoint dir}, merged={name: (dir, stdout)})."""
     tmp = tmp_path_factory.mktemp("btx")
     ckpt = {tag: tmp / tag / "ck" for tag in ("seed", "mot_seed", "a", "b_tp2", "mot_a", "mot_b")}
-    ckpt.update({tag: tmp / tag / "ck" for tag in ("lmf_seed", "lmf_a", "lmf_b")})
-    mot, lmf = ["model.arch=mot"], ["model.arch=mot", "model.freeze_text=true"]
-    finish({"seed": launch(tmp, "seed", []), "mot_seed": launch(tmp, "mot_seed", mot)})
+    ckpt.update({tag: tmp / tag / "ck" for tag in ("lmf_seed", "lmf_a", "lmf_b", "bf16_seed", "bf16_a", "bf16_b")})
+    ckpt["bf16_c"] = tmp / "bf16_c" / "ck"
+    mot, lmf, bf16 = ["model.arch=mot"], ["model.arch=mot", "model.freeze_text=true"], ["model.params_dtype=bf16"]
+    finish(
+        {
+            "seed": launch(tmp, "seed", []),
+            "mot_seed": launch(tmp, "mot_seed", mot),
+            "bf16_seed": launch(tmp, "bf16_seed", bf16),
+        }
+    )
     from_seed, from_mot = f"checkpoint.init_from={ckpt['seed']}", f"checkpoint.init_from={ckpt['mot_seed']}"
     finish(
         {
@@ -99,13 +107,17 @@ def runs(tmp_path_factory):
             "lmf_seed": launch(tmp, "lmf_seed", [*lmf, from_seed]),
         }
     )
-    from_lmf = f"checkpoint.init_from={ckpt['lmf_seed']}"
+    from_lmf, from_bf16 = f"checkpoint.init_from={ckpt['lmf_seed']}", f"checkpoint.init_from={ckpt['bf16_seed']}"
     finish(
         {
             # A resume (a second step in the same directory): it keeps the run's lineage.
             "a_resumed": launch(tmp, "a", [from_seed, "train.steps=2"]),
             "lmf_a": launch(tmp, "lmf_a", [*lmf, from_lmf]),
             "lmf_b": launch(tmp, "lmf_b", [*lmf, from_lmf, "train.lr=1e-2"]),
+            **{
+                tag: launch(tmp, tag, [*bf16, from_bf16, f"train.lr={lr}"])
+                for tag, lr in (("bf16_a", 3e-3), ("bf16_b", 1e-2), ("bf16_c", 2e-2))
+            },
         }
     )
     procs = {}
@@ -159,7 +171,7 @@ def test_lineage_is_recorded_by_init_from_and_kept_on_resume(runs):
     assert lmf_id != seed_id and ck.recorded_lineage(ck.read_manifest(runs.ck["lmf_a"]))["seed"] == lmf_id
 
 
-@pytest.mark.parametrize("name", ["dense", "keep_seed", "mot", "lmfusion"])
+@pytest.mark.parametrize("name", ["dense", "keep_seed", "mot", "lmfusion", "bf16"])
 def test_every_expert_is_its_branch_ffn_bit_for_bit(runtime, runs, name):
     merged_path = runs.merged[name][0]
     merged = model_tensors(merged_path)
@@ -182,7 +194,7 @@ def test_every_expert_is_its_branch_ffn_bit_for_bit(runtime, runs, name):
     assert router.shape[1] == groups.total and router.std() > 0  # seeded fresh init, not zeros
 
 
-@pytest.mark.parametrize("name", ["dense", "keep_seed", "mot", "lmfusion"])
+@pytest.mark.parametrize("name", ["dense", "keep_seed", "mot", "lmfusion", "bf16"])
 def test_every_other_tensor_is_the_fp32_mean_of_the_branches(runtime, runs, name):
     merged_path = runs.merged[name][0]
     merged = model_tensors(merged_path)
@@ -207,7 +219,7 @@ def test_every_other_tensor_is_the_fp32_mean_of_the_branches(runtime, runs, name
             rows[first:] += torch.stack([s[delta] for s in sources]).float().mean(0)
             folded[target] = rows.to(seed[target].dtype)
             assert torch.equal(merged[target][:first], seed[target][:first])
-    averaged = 0
+    averaged = running = 0
     for key, got in merged.items():
         if key in new:
             continue
@@ -219,7 +231,16 @@ def test_every_other_tensor_is_the_fp32_mean_of_the_branches(runtime, runs, name
             want = torch.stack([s[key] for s in sources]).float().mean(0).to(got.dtype)
             assert torch.equal(got, want), f"{name}: {key} is not the fp32 mean of the branches"
             averaged += not all(torch.equal(sources[0][key], s[key]) for s in sources[1:])
+            # mergoo's running mean in the stored dtype (prev + x / n): what the fp32 mean avoids.
+            mean = sources[0][key] / len(sources)
+            for s in sources[1:]:
+                mean = mean + s[key] / len(sources)
+            running += not torch.equal(mean, got)
     assert averaged >= 5, "too few tensors differ between the branches: the check is vacuous"
+    if name == "bf16":
+        assert all(v.dtype == torch.bfloat16 for v in merged.values() if v.dtype != torch.float32)
+        assert merged["decoder.final_layernorm.weight"].dtype == torch.bfloat16
+        assert running >= 5, "a bf16 running mean would pass the check: it cannot tell"
     origin = manifest["origin"]
     seed_tag, branches, extra = MERGES[name]
     assert origin["conversion"] == "btx-merge" and origin["keep_seed_expert"] == bool(extra)
