@@ -10,6 +10,9 @@ benchmarks (``python -m bench.<name>``)::
 - launching: :func:`run_logged` runs a process in the repository root with its output shown, kept
   in a log and returned; :func:`run_inprocess` runs ``megafusion <args>`` in this process the same
   way (the quick runs: no ~10 s of imports per step); :class:`Tee` is the stream behind both;
+  :func:`run_megafusion` runs one step either way (:func:`command_line` is its process, a failure
+  :class:`StepFailed`), :func:`load_config` reads the shared config, :func:`clean` deletes what an
+  earlier run left;
 - paths as results record them: :func:`shown` / :func:`shown_arg` (relative to the repository
   root), :func:`recorded_command` (the command a run records);
 - reports: :class:`AnalysisError` (one line, then exit code 2: :func:`finish`), :func:`read_run_info`,
@@ -25,8 +28,10 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from io import StringIO
@@ -98,6 +103,49 @@ def run_inprocess(args: list[str], log) -> tuple[int, str]:
     finally:
         os.chdir(cwd)
     return int(rc or 0), captured.getvalue()
+
+
+class StepFailed(RuntimeError):
+    """A step of an experiment (a training run, a conversion) failed; the message names its log."""
+
+
+def command_line(args: list[str]) -> list[str]:
+    """The process that runs ``megafusion <args>``: training as ``python -m megafusion.train``."""
+    if args[0] == "train":
+        return [shown(sys.executable), "-m", "megafusion.train", *args[1:]]
+    return [shown(sys.executable), "-m", "megafusion", *args]
+
+
+def run_megafusion(args: list[str], log_path: Path, launcher: str, tag: str) -> float:
+    """Run ``megafusion <args>`` to completion (``launcher``: one process, or ``inprocess``), echoing
+    and logging its output; return its wall time. StepFailed (naming the log) when it fails."""
+    print(f"{tag} {shlex.join(command_line(args))}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        rc, _ = run_logged(command_line(args), log) if launcher == "subprocess" else run_inprocess(args, log)
+    elapsed = time.perf_counter() - start
+    if rc != 0:
+        raise StepFailed(f"`megafusion {args[0]}` failed (exit code {rc}); its output is in {shown(log_path)}")
+    return elapsed
+
+
+def load_config(config: Path, overrides: list[str]):
+    """The experiment's shared config with ``overrides``; ValueError (the config's message) when bad."""
+    from megafusion.config import ConfigError, load_config
+
+    try:
+        return load_config(str(config), overrides)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
+def clean(path: Path) -> None:
+    """Delete what an earlier run left at ``path`` (MetricsLogger appends to metrics.jsonl, and a run
+    refuses a checkpoint folder of another run)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- paths as shown

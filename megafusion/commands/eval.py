@@ -32,7 +32,7 @@ TOKENIZER_KINDS = "a SentencePiece .model, a Hugging Face tokenizer.json, or the
 
 DESCRIPTION = """\
 Evaluate a checkpoint trained on the built-in shapes (Transfusion, or LM with discrete image
-tokens): the held-out loss per modality, the caption consistency of images generated from
+tokens): the held-out loss per modality and per data domain, the caption consistency of images generated from
 held-out captions (colour, shape, position vs chance) and caption_gap. With --text FILE instead:
 the mean next-token loss of any LM or Transfusion checkpoint on a plain text file (options:
 megafusion eval --text FILE --help). Prints one JSON object."""

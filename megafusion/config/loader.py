@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from .schema import Config, ConfigError, dict_forms, field_types, section_classes, split_optional
+from .schema import Config, ConfigError, alternatives, dict_forms, field_types, section_classes, split_optional
 
 # Spellings accepted as "no value" for Optional fields. YAML already maps
 # null/~ to None; "none" is added because people type it on the command line.
@@ -61,8 +61,9 @@ def strict_yaml(text: str):
 
 
 def _type_name(tp) -> str:
-    base, optional = split_optional(tp)
-    return f"{base.__name__} or null" if optional else base.__name__
+    _, optional = split_optional(tp)
+    names = " or ".join(a.__name__ for a in alternatives(tp))
+    return f"{names} or null" if optional else names
 
 
 def _unknown(kind: str, name: str, valid: list[str], prefix: str = "") -> ConfigError:
@@ -84,6 +85,8 @@ def coerce(value, tp, key: str):
         raise ConfigError(f"{key}: got null, expected {_type_name(tp)}")
 
     bad = ConfigError(f"{key}: cannot use {value!r} (a {type(value).__name__}), expected {_type_name(tp)}")
+    if base is not dict and dict in alternatives(tp) and isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}  # a str | dict field given its mapping form
     # bool is checked first and excluded below because bool is a subclass of int:
     # `parallel.tp=true` must not silently become tp=1.
     if base is bool:
@@ -183,11 +186,13 @@ def _parse_value(raw: str, tp):
         if raw.strip().lower() in _NULL_WORDS:
             # "none" is a choice of some string keys (train.recompute=none): null only where allowed.
             return None if optional else raw
-        try:
-            parsed = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            return raw
-        return parsed if isinstance(parsed, str) else raw
+        # A str | dict field given its mapping form (`data.domains={shapes: 1}`): read as YAML below.
+        if not (dict in alternatives(tp) and raw.lstrip().startswith("{")):
+            try:
+                parsed = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                return raw
+            return parsed if isinstance(parsed, str) else raw
     try:
         return strict_yaml(raw)
     except DuplicateKeyError:

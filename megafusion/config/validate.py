@@ -22,11 +22,13 @@ from megafusion.core.choices import (
 from megafusion.core.registries import EXTENSIONS, FAMILIES, OBJECTIVES, known_options
 
 from .checks import at_least, braces, divisors, is_int, near, one_of
+from .domains import domain_problems
 from .schema import (
     CORE_SECTIONS,
     MOT_PARTS,
     Config,
     ConfigError,
+    alternatives,
     dict_forms,
     field_types,
     section_classes,
@@ -83,8 +85,8 @@ _TYPE_OK = {
 
 @functools.cache
 def _declared(cls: type) -> tuple:
-    """(name, base type, allows None) of each field (the planner validates thousands of configs)."""
-    return tuple((name, *split_optional(tp)) for name, tp in field_types(cls).items())
+    """(name, the types it may take, allows None) of each field (the planner validates thousands of configs)."""
+    return tuple((name, alternatives(tp), split_optional(tp)[1]) for name, tp in field_types(cls).items())
 
 
 def _type_problems(cfg: Config) -> list[str]:
@@ -92,15 +94,16 @@ def _type_problems(cfg: Config) -> list[str]:
     problems = []
     for section, cls in section_classes().items():
         obj = getattr(cfg, section)
-        for name, base, optional in _declared(cls):
+        for name, bases, optional in _declared(cls):
             v = getattr(obj, name)
             if v is None and optional:
                 continue
-            if not _TYPE_OK.get(base, lambda v: True)(v):
+            if not any(_TYPE_OK.get(base, lambda v: True)(v) for base in bases):
                 key = f"{section}.{name}"
                 forms = dict_forms()
-                fix = f"write it as {forms[key]}" if key in forms else f"set it to a {base.__name__} value"
-                expected = f"{base.__name__}{' or null' if optional else ''}"
+                names = " or ".join(base.__name__ for base in bases)
+                fix = f"write it as {forms[key]}" if key in forms else f"set it to a {names} value"
+                expected = f"{names}{' or null' if optional else ''}"
                 problems.append(f"{key}={v!r} is a {type(v).__name__}, expected {expected}: {fix}")
     return problems
 
@@ -292,6 +295,7 @@ def _data_problems(cfg: Config) -> list[str]:
             "VQModel (as written by VQModel.save_pretrained)"
         )
     problems += _blend_problems(d)
+    problems += domain_problems(d)
     if m.seq_length >= 2 and d.docs_per_sequence > m.seq_length // 2:
         problems.append(
             f"data.docs_per_sequence={d.docs_per_sequence} exceeds model.seq_length // 2 = "

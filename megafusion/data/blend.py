@@ -69,10 +69,20 @@ def _concat(parts: list[PackedRows], order: np.ndarray) -> PackedRows:
 class BlendedSource:
     """Samples drawn from several ``MicrobatchSource`` s at fixed token shares (module doc)."""
 
-    def __init__(self, sources: list[MicrobatchSource], weights: list[float], names: list[str], name: str):
+    def __init__(
+        self,
+        sources: list[MicrobatchSource],
+        weights: list[float],
+        names: list[str],
+        name: str,
+        key: str = "data.blend",
+        share_group: str = "blend",
+    ):
+        """``key``: the config key that set the weights (in messages); ``share_group``: the trainer
+        logs the realised shares as ``data/<share_group>/<name>/share``."""
         if len(sources) != len(weights) or not sources:
             raise ValueError("BlendedSource: one weight per source, at least one source")
-        self.sources, self.names, self.name = sources, names, name
+        self.sources, self.names, self.name, self.share_group = sources, names, name, share_group
         weights = np.asarray(weights, dtype=np.float64)
         self.token_shares = weights / weights.sum()
         fill = np.array([sum(s.tokens_per_modality().values()) / s.num_rows for s in sources])
@@ -82,8 +92,8 @@ class BlendedSource:
         starved = [n for n, c in zip(names, self.counts) if c == 0]
         if starved:
             raise DataError(
-                f"data.blend: {', '.join(starved)} would get no sample in {PERIOD} (weight below "
-                f"{1 / PERIOD:g} of the blend's): raise its weight or drop it from data.blend"
+                f"{key}: {', '.join(starved)} would get no sample in {PERIOD} (weight below "
+                f"{1 / PERIOD:g} of the blend's): raise its weight or drop it from {key}"
             )
         self._which, self._rank = schedule(self.counts)
 

@@ -53,6 +53,12 @@ def held_out(scores: np.ndarray, val_fraction: float) -> np.ndarray:
     return held
 
 
+def held_documents(docs: list[TokenizedDocument], val_fraction: float, seed: int) -> np.ndarray:
+    """Which of ``docs`` ``split_documents`` holds out (bool ``[len(docs)]``)."""
+    scores = np.array([content_score(d.tokens, d.modalities, seed) for d in docs], dtype=np.uint64)
+    return held_out(scores, val_fraction)
+
+
 def split_documents(
     docs: list[TokenizedDocument], val_fraction: float, seed: int
 ) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
@@ -63,8 +69,7 @@ def split_documents(
     (if there is one); with ``val_fraction > 0`` and at least two documents ``val`` gets at least
     one.
     """
-    scores = np.array([content_score(d.tokens, d.modalities, seed) for d in docs], dtype=np.uint64)
-    held = held_out(scores, val_fraction)
+    held = held_documents(docs, val_fraction, seed)
     train = [d for i, d in enumerate(docs) if not held[i]]
     val = [d for i, d in enumerate(docs) if held[i]]
     return train, val
@@ -191,4 +196,12 @@ class MicrobatchSource:
         )
 
 
-__all__ = ["split_documents", "content_score", "held_out", "epoch_permutation", "to_microbatch", "MicrobatchSource"]
+__all__ = [
+    "split_documents",
+    "held_documents",
+    "content_score",
+    "held_out",
+    "epoch_permutation",
+    "to_microbatch",
+    "MicrobatchSource",
+]

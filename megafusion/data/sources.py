@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megafusion.config.domains import blend_names
 from megafusion.core.errors import DataError
 from megafusion.core.modality import NUM_MODALITIES
 from megafusion.data.builtin.synthetic import synthetic_microbatch
@@ -71,6 +72,9 @@ class DataBundle:
     vocab_size: int  # the model's (padded) vocabulary
     meta: dict = field(default_factory=dict)  # what made the tokens: stored with checkpoints
     tokenizer: object | None = None
+    # Each domain's held-out documents alone ({name: source}; data.domains, docs/data.md "Domains"):
+    # every set of data.builtin / dataset of data.blend that has some. Empty for synthetic data.
+    val_domains: dict = field(default_factory=dict)
 
     def set_model_vocabulary(self, model_cfg) -> None:
         """The data decides the model's vocabulary: ``vocab_size`` and, for LMFusion
@@ -89,6 +93,8 @@ class DataBundle:
         lines = [f"train   {self.train.describe()}"]
         if self.val is not None:
             lines.append(f"val     {self.val.describe()}")
+        if getattr(self.train, "share_group", None) == "domain":  # data.domains: validation is per domain
+            lines += [f"val     domain {name}: {source.describe()}" for name, source in self.val_domains.items()]
         return "\n".join(lines)
 
 
@@ -106,18 +112,28 @@ def padded_vocab(tokenizer_vocab: int, requested: int | None, tp: int) -> int:
     return requested
 
 
-def _builtin_documents(cfg):
+def _builtin_sets(cfg) -> list[tuple[str, list]]:
+    """(set name, its documents) of each set named in ``data.builtin``, in order."""
+    from megafusion.data.builtin.arithmetic import arithmetic_documents
     from megafusion.data.builtin.digits import digits_documents
     from megafusion.data.builtin.shapes import shapes_documents
 
     d = cfg.data
-    docs = []
+    sets = []
     for name in (x.strip() for x in d.builtin.split(",") if x.strip()):
         if name == "shapes":
-            docs += shapes_documents(d.num_samples, cfg.train.seed, d.image_size)
+            sets.append((name, shapes_documents(d.num_samples, cfg.train.seed, d.image_size)))
         elif name == "digits":
-            docs += digits_documents(d.image_size)
-    return docs
+            sets.append((name, digits_documents(d.image_size)))
+        elif name == "arithmetic":
+            sets.append((name, arithmetic_documents(d.num_samples, cfg.train.seed)))
+    return sets
+
+
+def _builtin_documents(cfg):
+    """Every document of ``data.builtin``'s sets (what the tokenizer and codec are made from,
+    whatever ``data.domains`` trains)."""
+    return [doc for _, docs in _builtin_sets(cfg) for doc in docs]
 
 
 def _tokenizer(
@@ -302,21 +318,16 @@ def _open_indexed(cfg, path: str, transfusion: bool, is_first_rank: bool, barrie
 def blend_entries(cfg) -> list[tuple[str, float, str]]:
     """``(path, weight, name)`` of every dataset of the run: ``data.blend``, or ``data.path`` alone."""
     d = cfg.data
+    names = blend_names(d.blend, d.path)
     if not d.blend:
-        return [(d.path, 1.0, os.path.basename(d.path))]
-    entries, seen = [], {}
-    for entry in d.blend:
-        name = str(entry.get("name") or os.path.basename(str(entry["path"])))
-        seen[name] = seen.get(name, 0) + 1
-        entries.append(
-            (str(entry["path"]), float(entry["weight"]), name if seen[name] == 1 else f"{name}#{seen[name]}")
-        )
-    return entries
+        return [(d.path, 1.0, names[0])]
+    return [(str(entry["path"]), float(entry["weight"]), name) for entry, name in zip(d.blend, names)]
 
 
 def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier: Callable[[], None]) -> DataBundle:
     """The streamed sources of ``data.path`` or the blend of ``data.blend`` (one tokenizer for all)."""
     from megafusion.data.blend import BlendedSource
+    from megafusion.data.domains import indexed_domain_train
     from megafusion.data.streaming import streamed_sources
 
     seed = cfg.train.seed
@@ -341,11 +352,13 @@ def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier:
     _, _, codec, tokenizer = first
     vocab = padded_vocab(tokenizer.vocab_size, cfg.model.vocab_size, tp)
     meta = {"tokenizer": tokenizer.config(), "codec": codec.config(), "vocab_size": vocab}
+    val_domains = {name: v for name, v in zip(names, vals) if v is not None}
+    selected = indexed_domain_train(cfg, trains, weights, names)  # None without data.domains
     if not cfg.data.blend:
         meta["source"] = f"indexed:{cfg.data.path}"
-        return DataBundle(trains[0], vals[0], vocab, meta, tokenizer)
+        return DataBundle(selected or trains[0], vals[0], vocab, meta, tokenizer, val_domains)
     meta["source"] = "blend:" + ",".join(f"{p}={w:g}" for p, w, _ in blend_entries(cfg))
-    train = BlendedSource(trains, weights, names, "blend train")
+    train = selected or BlendedSource(trains, weights, names, "blend train")
     with_val = [k for k, v in enumerate(vals) if v is not None]
     val = (
         BlendedSource(
@@ -354,7 +367,7 @@ def _indexed_data(cfg, tp: int, transfusion: bool, is_first_rank: bool, barrier:
         if with_val
         else None
     )
-    return DataBundle(train, val, vocab, meta, tokenizer)
+    return DataBundle(train, val, vocab, meta, tokenizer, val_domains)
 
 
 def _check_same_vocabulary(first, path: str, meta: dict) -> None:
@@ -380,21 +393,27 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         make = lambda s: SyntheticSource(s, m.seq_length, vocab, d.docs_per_sequence)  # noqa: E731
         return DataBundle(make(seed), make(seed + 1_000_000), vocab, {"source": "synthetic", "vocab_size": vocab})
 
-    from megafusion.data.loader import MicrobatchSource, split_documents
+    from megafusion.data.domains import builtin_domain_sources
+    from megafusion.data.loader import MicrobatchSource, held_documents
     from megafusion.data.packing import pack_documents
     from megafusion.data.transfusion_data import encode_transfusion_document
     from megafusion.objectives.registry import get_objective
 
     transfusion = get_objective(cfg.objective.name).image_latents  # images as latents beside the tokens
     if d.source == "builtin":
-        documents = _builtin_documents(cfg)
+        sets = _builtin_sets(cfg)
+        documents = [doc for _, docs in sets for doc in docs]
+        labels = [name for name, docs in sets for _ in docs]  # each document's domain
         codec, tokenizer = _builtin_tokenizer(cfg, documents, transfusion, is_first_rank, barrier)
         encode = (lambda doc: encode_transfusion_document(tokenizer, doc)) if transfusion else tokenizer.encode_document
         tokenized = [encode(doc) for doc in documents]
         where = f"builtin:{d.builtin}"
     else:  # indexed: streamed from disk
         return _indexed_data(cfg, tp, transfusion, is_first_rank, barrier)
-    train_docs, val_docs = split_documents(tokenized, d.val_fraction, seed)
+    # Held out over every set together, by content: the same documents whatever data.domains trains.
+    held = held_documents(tokenized, d.val_fraction, seed)
+    train_docs = [doc for doc, h in zip(tokenized, held) if not h]
+    val_docs = [doc for doc, h in zip(tokenized, held) if h]
     vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)
     train = MicrobatchSource(pack_documents(train_docs, m.seq_length, tokenizer.pad_id), seed, f"{where} train")
     val = (
@@ -402,5 +421,6 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         if val_docs
         else None
     )
+    selected, val_domains = builtin_domain_sources(cfg, tokenized, labels, held, tokenizer.pad_id)
     meta = {"source": where, "vocab_size": vocab, "tokenizer": tokenizer.config(), "codec": codec.config()}
-    return DataBundle(train, val, vocab, meta, tokenizer)
+    return DataBundle(selected or train, val, vocab, meta, tokenizer, val_domains)

@@ -14,7 +14,8 @@ For a checkpoint trained on the built-in captioned shapes whose objective genera
 (Transfusion's denoised latents, or the LM objective's discrete image tokens: the generator is
 picked by :mod:`megafusion.inference.generators`): the validation loss of its held-out split per
 modality (text and image LM loss, or text LM loss and diffusion loss; ``eval.batches`` global
-batches), then ``--samples`` captions drawn from the shapes generator with a seed the training
+batches) and each domain's (``domains``: every set of ``data.builtin``, its held-out documents
+alone, docs/data.md "Domains"), then ``--samples`` captions drawn from the shapes generator with a seed the training
 data did not use; for each, an image is generated from the caption (``megafusion generate``'s
 sampler with classifier-free guidance: ``--sampler`` / ``--steps`` for latents, ``--temperature``
 / ``--top-k`` / ``--top-p`` for tokens) and read back by ``read_shape`` (a checker, not a learned
@@ -129,6 +130,17 @@ def latent_caption_gap(generator, samples, image_size: int, seed: int) -> dict:
     return caption_gap(generator.image_prediction, encode, samples, generator.schedule, seed=seed)
 
 
+def domain_report(val: dict) -> dict:
+    """``{domain: {"loss": ..., "loss/<modality>": ..., "tokens": ...}}`` from an evaluation's
+    ``val/domain/<domain>/...`` keys."""
+    out: dict[str, dict] = {}
+    for key, value in val.items():
+        if key.startswith("val/domain/"):
+            name, metric = key.removeprefix("val/domain/").split("/", 1)
+            out.setdefault(name, {})[metric] = value
+    return out
+
+
 def evaluate(args) -> dict:
     """The report ``megafusion eval`` prints; ``args``: its options (``ckpt``, ``samples``, ``steps``,
     ``cfg``, ``sampler``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``out``)."""
@@ -159,6 +171,9 @@ def evaluate(args) -> dict:
     loaded = model_from_checkpoint(source, build=with_trainer)
     trainer, runtime, step = trainers[0], loaded.runtime, loaded.step
     val = trainer.evaluate(step) or {}
+    # Every domain's held-out loss (data.domains' runs log it as val/domain/...; the others are
+    # evaluated once more, domain by domain, so that a mixture's checkpoint reports it too).
+    per_domain = val if cfg.data.domains else trainer.evaluate(step, per_domain=True) or {}
     model = trainer.model[0].module
     generator = generator_type(cfg, runtime, trainer.data.tokenizer, model.eval())
     options = argparse.Namespace(
@@ -193,6 +208,7 @@ def evaluate(args) -> dict:
         "checkpoint": str(path),
         "step": step,
         "validation": {k: v for k, v in val.items() if k != "step"},
+        "domains": domain_report(per_domain),
         "caption_consistency": result,
         "caption_gap": gap,
         "sampling": sampling,

@@ -33,6 +33,7 @@ _STREAM_DATA_KEYS = (
     "image_codec",
     "vq_codebook_size",
     "val_fraction",
+    "domains",  # which domains train (and at what weights): other tokens at sample i
 )
 REFUSED = {("model", "seq_length"), ("train", "seed"), *(("data", k) for k in _STREAM_DATA_KEYS)}
 QUIET_SECTIONS = ("logging", "eval", "checkpoint")

@@ -243,30 +243,51 @@ class Trainer:
         dist.all_reduce(margin, op=dist.ReduceOp.MIN)
         return margin
 
-    def evaluate(self, step: int) -> dict | None:
+    def evaluate(self, step: int, per_domain: bool | None = None) -> dict | None:
         """Validation losses (``val/...``) under the training routing; with auxiliary routers also
         their precision, recall and accuracy against it (``val/aux/...``) and the losses under
-        causal routing (``val_causal/...``: each token routed from its own state, as in generation)."""
-        if self.data.val is None:
+        causal routing (``val_causal/...``: each token routed from its own state, as in generation).
+
+        ``per_domain`` (default: whether ``data.domains`` is set): every domain's held-out documents
+        evaluated alone, ``eval.batches`` batches each (``val/domain/<name>/loss``, per modality,
+        ``.../tokens``), the trained domains and the others; ``val/loss`` is then the token-weighted
+        loss over them all. Otherwise the held-out documents of all the data, packed together."""
+        per_domain = bool(self.cfg.data.domains) if per_domain is None else per_domain
+        sources = self.data.val_domains if per_domain else {"": self.data.val} if self.data.val is not None else {}
+        if not sources:
             return None
         for chunk in self.model:
             chunk.eval()
         take_stats(self.aux_routers, self.rt.device)  # what training left: not validation's
-        total = self._validation(self.forward_step)
-        record = {"step": step, "val/loss": total["total"] / total["tokens"], "val/tokens": int(total["tokens"])}
-        record.update(self._per_modality(total, "val/loss"))
+        record = {"step": step, **self._domain_losses(self.forward_step, sources, "val")}
         if self.aux_routers:
             record.update(summarize(self._aux_stats().tolist(), "val/aux"))
         if self.causal_eval:
-            causal = self._validation(make_forward_step(self.cfg, self.rt.device, causal=True))
-            record["val_causal/loss"] = causal["total"] / causal["tokens"]
-            record.update(self._per_modality(causal, "val_causal/loss"))
+            causal = make_forward_step(self.cfg, self.rt.device, causal=True)
+            record.update(self._domain_losses(causal, sources, "val_causal", tokens=False))
         for chunk in self.model:
             chunk.train()
         return record
 
-    def _validation(self, forward_step) -> dict:
-        """The reports of ``eval.batches`` validation batches, summed."""
+    def _domain_losses(self, forward_step, sources: dict, prefix: str, tokens: bool = True) -> dict:
+        """``<prefix>/loss`` (+ per modality) over all ``sources`` ({domain: source}; one unnamed
+        source: no per-domain keys) and each named domain's ``<prefix>/domain/<name>/loss``."""
+        reports = {name: self._validation(forward_step, source) for name, source in sources.items()}
+        total = {k: sum(r[k] for r in reports.values()) for k in self.fields}
+        record = {f"{prefix}/loss": total["total"] / total["tokens"]}
+        if tokens:
+            record[f"{prefix}/tokens"] = int(total["tokens"])
+        record.update(self._per_modality(total, f"{prefix}/loss"))
+        for name, r in reports.items():
+            if name:
+                record[f"{prefix}/domain/{name}/loss"] = r["total"] / r["tokens"]
+                record.update(self._per_modality(r, f"{prefix}/domain/{name}/loss"))
+                if tokens:
+                    record[f"{prefix}/domain/{name}/tokens"] = int(r["tokens"])
+        return record
+
+    def _validation(self, forward_step, source) -> dict:
+        """The reports of ``eval.batches`` batches of the validation ``source``, summed."""
         total, train_step = None, self.forward_step
         self.forward_step = forward_step
         try:
@@ -274,7 +295,7 @@ class Trainer:
                 for b in range(self.cfg.eval.batches):
                     first = b * self.cfg.train.global_batch_size
                     r = self._reduce(
-                        self._run(self._microbatches(self.data.val, first, training=False), forward_only=True),
+                        self._run(self._microbatches(source, first, training=False), forward_only=True),
                         torch.zeros(0),
                     )
                     total = r if total is None else {k: total[k] + r[k] for k in self.fields}
@@ -308,12 +329,13 @@ def _served_tokens(microbatches: list[dict], source) -> torch.Tensor:
 
 
 def _token_shares(counts: list[float], source) -> dict:
-    """``data/share/<modality>`` and, for a blend, ``data/blend/<dataset>/share``: the realised
-    token shares of the step (all ranks); sum the ``.../tokens`` counts over steps for any longer
-    window."""
+    """``data/share/<modality>`` and, for a blend, ``data/blend/<dataset>/share`` (with data.domains
+    ``data/domain/<domain>/share``): the realised token shares of the step (all ranks); sum the
+    ``.../tokens`` counts over steps for any longer window."""
     m = len(MODALITY_NAMES)
     keys = [(f"data/tokens/{n}", f"data/share/{n}") for n in MODALITY_NAMES]
-    keys += [(f"data/blend/{n}/tokens", f"data/blend/{n}/share") for n in getattr(source, "names", ())]
+    group = getattr(source, "share_group", "blend")
+    keys += [(f"data/{group}/{n}/tokens", f"data/{group}/{n}/share") for n in getattr(source, "names", ())]
     out = {}
     for group in (slice(0, m), slice(m, len(keys))):
         total = sum(counts[group]) or 1.0

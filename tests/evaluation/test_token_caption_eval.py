@@ -28,6 +28,10 @@ def test_eval_of_an_lm_checkpoint_reports_loss_per_modality_consistency_and_gap(
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["validation"]["val/loss/text"] > 0 and report["validation"]["val/loss/image"] > 0
+    # Every domain's held-out loss, for a checkpoint trained without data.domains too.
+    domains = report["domains"]
+    assert list(domains) == ["shapes"] and domains["shapes"]["loss"] > 0 and domains["shapes"]["tokens"] > 0
+    assert set(domains["shapes"]) == {"loss", "loss/text", "loss/image", "tokens"}
     consistency = report["caption_consistency"]
     assert consistency["samples"] == 3 and set(consistency["accuracy"]) == {"colour", "shape", "position", "all"}
     assert consistency["chance"] == pytest.approx({"colour": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "all": 1 / 162})

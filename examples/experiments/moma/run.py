@@ -45,10 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
 import sys
-import time
 from pathlib import Path
 
 # One torch thread per run unless the environment says otherwise, set before torch is imported (the
@@ -59,7 +56,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402
-from examples.experiments.harness import finish, recorded_command, run_inprocess, run_logged, shown  # noqa: E402
+from examples.experiments.harness import (  # noqa: E402
+    StepFailed,
+    clean,
+    command_line,
+    finish,
+    load_config,
+    recorded_command,
+    run_megafusion,
+    shown,
+)
 from examples.experiments.moma import analyze  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -81,6 +87,7 @@ UPCYCLE_INIT = "upcycle_init"  # OUT/<this>: the converted MoMa weights the upcy
 # scale 1 (temperature 1) it outweighs a fresh router's logits, so the experts, all copies of one
 # FFN, first see different tokens and drift apart; it fades in weight as the router's logits grow.
 UPCYCLE_ROUTER_NOISE = 1.0
+TAG = "[moma]"
 QUICK = [
     "model.num_layers=1",
     "model.hidden_size=32",
@@ -101,31 +108,6 @@ QUICK = [
 ]
 
 
-class StepFailed(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- launching
-def command_line(args: list[str]) -> list[str]:
-    """The process that runs ``megafusion <args>``: training as ``python -m megafusion.train``."""
-    if args[0] == "train":
-        return [shown(sys.executable), "-m", "megafusion.train", *args[1:]]
-    return [shown(sys.executable), "-m", "megafusion", *args]
-
-
-def run_megafusion(args: list[str], log_path: Path, launcher: str) -> float:
-    """Run ``megafusion <args>`` to completion (one process, or in this one), echoing and logging its
-    output; return its wall time. StepFailed (naming the log) when it fails."""
-    print(f"[moma] {shlex.join(command_line(args))}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        rc, _ = run_logged(command_line(args), log) if launcher == "subprocess" else run_inprocess(args, log)
-    elapsed = time.perf_counter() - start
-    if rc != 0:
-        raise StepFailed(f"`megafusion {args[0]}` failed (exit code {rc}); its output is in {shown(log_path)}")
-    return elapsed
-
-
 # --------------------------------------------------------------------------- the plan
 def upcycle_unavailable() -> str | None:
     """Why the upcycling step cannot run with this megafusion, or None when it can."""
@@ -134,15 +116,6 @@ def upcycle_unavailable() -> str | None:
     if "upcycle" not in getattr(convert, "SUBCOMMANDS", ()):
         return "`megafusion convert` has no upcycle subcommand (MoT checkpoint -> MoMa) in this checkout"
     return None
-
-
-def load_config(config: Path, overrides: list[str]):
-    from megafusion.config import ConfigError, load_config
-
-    try:
-        return load_config(str(config), overrides)
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
 
 
 def default_upcycle_step(steps: int, eval_interval: int) -> int:
@@ -178,15 +151,6 @@ def train_args(config: Path, overrides: list[str], run: list[str], run_dir: Path
     return ["train", "--config", shown(config), *overrides, *run, f"logging.out_dir={shown(run_dir)}"]
 
 
-def clean(path: Path) -> None:
-    """Delete what an earlier run left at ``path`` (MetricsLogger appends to metrics.jsonl, and a run
-    refuses a checkpoint folder of another run)."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 class Runner:
     """Runs megafusion steps one after the other under ``out_dir``, recording each in ``info``
     (run_info.json, rewritten after every step)."""
@@ -204,7 +168,7 @@ class Runner:
         run_dir.mkdir(parents=True)
         cmd = train_args(self.config, self.overrides, run, run_dir)
         self.info["train_commands"][name] = command_line(cmd)
-        self.info["run_seconds"][name] = run_megafusion(cmd, run_dir / "train.log", self.launcher)
+        self.info["run_seconds"][name] = run_megafusion(cmd, run_dir / "train.log", self.launcher, TAG)
         print(f"[moma] {name} took {self.info['run_seconds'][name]:.1f} s", flush=True)
         self.save_info()
 
@@ -258,7 +222,7 @@ def run_upcycle(runner: Runner, upcycle_step: int, router_noise: float) -> None:
     (out_dir / "logs").mkdir(exist_ok=True)
     runner.info["convert_command"] = command_line(convert)
     runner.info["run_seconds"]["upcycle_convert"] = run_megafusion(
-        convert, out_dir / "logs" / "upcycle.log", runner.launcher
+        convert, out_dir / "logs" / "upcycle.log", runner.launcher, TAG
     )
     runner.save_info()
     runner.train(
