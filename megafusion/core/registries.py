@@ -19,10 +19,15 @@ FAMILIES = Registry(
         "dense": "megafusion.models.dense",
         "mot": "megafusion.models.mot",
         "moma": "megafusion.models.moma",
+        "btx": "megafusion.models.btx",
     },
     attribute="FAMILY",
     register_hint="megafusion.models.registry.register_family",
-    options={"mot": "megafusion.models.mot_options", "moma": "megafusion.models.moma_options"},
+    options={
+        "mot": "megafusion.models.mot_options",
+        "moma": "megafusion.models.moma_options",
+        "btx": "megafusion.models.btx_options",
+    },
 )
 
 OBJECTIVES = Registry(

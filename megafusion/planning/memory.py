@@ -43,7 +43,8 @@ the linear inputs run on the sequence shard):
   (packed documents or images, any backend but flex) the additive float mask ``a b s^2``;
 - MLP: pre-MLP RMSNorm ``4 (2 h_s) + 4 r``, fc1 input ``a h_s``, fc1 output, SiLU output, the
   gated product and the fc2 input ``a 5 f / t``; each further FFN a token runs on the same input
-  (``LayerCost.ffn_per_token`` above 1 without per-modality copies) ``a 4 f / t``;
+  (``LayerCost.ffn_per_token`` above 1 without per-modality copies, or experts' nominal runs where
+  every modality's are equal: top-k token choice's ``k``; not measured for experts) ``a 4 f / t``;
 - a Mixture-of-Depths layer (``LayerCost.block_fraction`` c): all of the above for the picked c of
   the tokens (the mask's for c^2 of the pairs), plus per token ``4 h + 4`` (the router's fp32
   input and sigmoid) and per picked token ``a h + a + 24`` (the combine's operands and the
@@ -292,8 +293,13 @@ def layer_activation_bytes(
     cost = (costs or layer_costs(cfg))[layer - 1]
     # A further FFN run on the same input (a layer whose token runs two FFNs) saves its fc1 output
     # (2f), SiLU output and gated product (f each): 4f, measured (tests/planning/
-    # test_plan_memory_measured.py, the plugin family); experts count as one run per token (below).
-    runs = 1 if cost.experts or _split_by_modality(cost) else _ffns_met(cost, None)
+    # test_plan_memory_measured.py, the plugin family); experts count their nominal runs per token
+    # where every modality's is the same (MoMa's default capacity: 1; top-k token choice: k), else one.
+    uniform = len({cost.ffn_per_token(int(m)) for m in Modality}) == 1
+    if cost.experts:
+        runs = _ffns_met(cost, None) if uniform else 1
+    else:
+        runs = 1 if _split_by_modality(cost) else _ffns_met(cost, None)
     mlp = norm + a * hs + a * 5 * f / t + a * 4 * f / t * (runs - 1)
     parts = {
         "attention": tokens * attn,

@@ -21,8 +21,10 @@ direction in bytes/s. Nothing overlaps (the trainer runs DDP with ``overlap_grad
 - DP gradient reduce of the fp32 grad buffer (``4 N`` bytes, :func:`memory.buffer_numel`):
   all-reduce ``2 (D - 1) / D x 4 N / B_dp``; distributed optimizer: reduce-scatter ``(D - 1) / D x
   4 N / B_dp`` + all-gather of the updated parameters ``(D - 1) / D x p N / B_dp``;
-- expert all-to-all (MoMa, EP > 1), per MoE layer and microbatch: dispatch and combine forward and
-  backward, ``4 x (EP - 1) / EP x T h a / B_ep``;
+- expert all-to-all (MoMa, Branch-Train-MiX; EP > 1), per MoE layer and microbatch: dispatch and
+  combine forward and backward, ``4 x (EP - 1) / EP x r T h a / B_ep`` with ``r`` the layer's nominal
+  expert runs per token (``LayerCost.ffn_per_token``: MoMa 1 at the default capacity, top-k ``k``;
+  1 where the modalities' differ): each routed copy of a token travels;
 - optimizer: reads and writes the states, main params, params and grads once: ``2 x (optimizer +
   params + grads bytes) / HBM bandwidth``.
 """
@@ -33,6 +35,7 @@ from dataclasses import replace
 
 from megafusion.accounting.flops import attention_flops_per_key
 from megafusion.accounting.params import _matmul_parts, layer_costs, layer_weights_per_token
+from megafusion.core.modality import Modality
 from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes
 
 
@@ -54,7 +57,8 @@ def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
     """Model FLOPs (forward + backward) per token of the heaviest pipeline stage, before dividing by
     TP: ``layers`` (its layers incl. attention, each as its ``LayerCost`` says at the nominal
     routing), ``output`` (the output layer, on the last stage only), ``attention`` (its layers'
-    attention), ``expert_layers`` (its layers with experts, each an all-to-all over EP)."""
+    attention), ``expert_layers`` (its layers with experts, each an all-to-all over EP, weighted by
+    its nominal expert runs per token)."""
     parts, costs = _matmul_parts(cfg), layer_costs(cfg)
     output = 3 * 2 * (parts["output"] + parts["new_rows"])  # LMFusion's output delta sits beside it
     attention_per_layer = attention_flops_per_key(cfg) * mean_attended_keys(cfg) / cfg.model.num_layers
@@ -78,11 +82,17 @@ def stage_flops_per_token(cfg, rank: Rank) -> dict[str, float]:
                 "layers": total,
                 "output": output if p == rank.pp - 1 else 0.0,
                 "attention": attention_per_layer * len(layers),
-                "expert_layers": sum(1 for layer in layers if costs[layer - 1].experts),
+                "expert_layers": sum(_routed_copies(costs[layer - 1]) for layer in layers if costs[layer - 1].experts),
                 "count": len(layers),
             }
         )
     return max(stages, key=lambda st: (st["layers"] + st["output"], st["output"]))
+
+
+def _routed_copies(cost) -> float:
+    """Copies of a token an expert layer dispatches at the nominal routing (1 where modalities differ)."""
+    runs = {cost.ffn_per_token(int(m)) for m in Modality}
+    return runs.pop() if len(runs) == 1 else 1
 
 
 def ring(n: int) -> float:

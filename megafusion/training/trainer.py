@@ -31,8 +31,10 @@ from megafusion.accounting.recompute import recompute_flops
 from megafusion.core.errors import NumericsError
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.data.sources import build_data
+from megafusion.layers import load_balance
 from megafusion.layers.aux_router import aux_routers_of, summarize, take_stats
 from megafusion.layers.expert_choice_router import routers_of, take_min_margin
+from megafusion.layers.token_choice_router import token_choice_routers_of
 from megafusion.models.registry import causal_routing
 from megafusion.models.transformer_config import build_transformer_config
 from megafusion.objectives.build import build_model_chunks
@@ -91,7 +93,14 @@ class Trainer:
         self.lineage: dict | None = None  # the seed of checkpoint.init_from, recorded in every save (kept on resume)
         self.last_spike: int | None = None
         # Layers with a router: the routers whose smallest selection margin a step reports.
-        self.routers = routers_of(self.model) if any(c.router for c in layer_costs(cfg)) else None
+        self.routers = None
+        if any(c.router for c in layer_costs(cfg)):
+            self.routers = routers_of(self.model) + token_choice_routers_of(self.model)
+        # Top-k token choice (megatron's aux_loss balancing, the same config on every rank): its
+        # load-balancing loss and expert shares, summed over every rank once per step.
+        self.balance = token_choice_routers_of(self.model)
+        tc = self.tconfig
+        self.logs_balance = bool(tc.num_moe_experts) and tc.moe_router_load_balancing_type == "aux_loss"
         # Auxiliary routers (causal predictors of a non-causal router): their BCE and accuracy are
         # logged; evaluation then reports the losses under causal routing too.
         self.aux_routers = aux_routers_of(self.model)
@@ -163,6 +172,7 @@ class Trainer:
         store = self._run(microbatches, forward_only=False)
         margin = self._min_margin()
         aux = self._aux_stats()
+        balance = self._balance_stats()
         if dump_grads:
             _dump_gradients(self.model, self.cfg.parallel.distributed_optimizer, dump_grads)
         # Step the schedule first, so that step k trains at lr(k): warmup starts at lr/warmup, not 0.
@@ -221,6 +231,8 @@ class Trainer:
             record["moe/min_margin"] = smallest
         if aux is not None:
             record.update(summarize(aux.tolist(), "aux"))
+        if balance is not None and self.balance:
+            record.update(load_balance.summarize(balance.cpu(), self.balance[0].groups, self.balance[0].topk))
         if skipped:
             record["skipped"] = skipped
         return record
@@ -231,6 +243,17 @@ class Trainer:
         if not self.aux_routers:
             return None
         stats = take_stats(self.aux_routers, self.rt.device)
+        dist.all_reduce(stats)
+        return stats
+
+    def _balance_stats(self) -> torch.Tensor | None:
+        """The token-choice routers' statistics of the step by layer, summed over every rank (one
+        all-reduce; :mod:`megafusion.layers.load_balance`); None without such routers."""
+        if not self.logs_balance:
+            return None
+        stats = load_balance.take_stats(
+            self.balance, self.cfg.model.num_layers, self.tconfig.num_moe_experts, self.rt.device
+        )
         dist.all_reduce(stats)
         return stats
 

@@ -42,14 +42,14 @@ def test_defaults_and_to_dict():
     from megafusion.core.registries import FAMILIES, OBJECTIVES, known_options
 
     core = {"parallel", "model", "train", "data", "objective", "checkpoint", "eval", "logging", "ops"}
-    # MoMa's moe section, and those of any plugin registered in this process (tests register some)
+    # MoMa's moe section, Branch-Train-MiX's btx, and those of any plugin registered in this process
     plugins = {
         s
         for key, name, o in known_options()
         if name not in {*FAMILIES.builtin, *OBJECTIVES.builtin}
         for s in o.sections
     }
-    assert set(d) == core | {"moe"} | plugins
+    assert set(d) == core | {"moe", "btx"} | plugins
     assert cfg.model.effective_ffn_hidden_size() == 4 * cfg.model.hidden_size
     assert cfg.model.effective_num_query_groups() == cfg.model.num_attention_heads
     assert cfg.data_parallel_size(8) == 8
@@ -418,7 +418,7 @@ def test_what_validation_knows_of_a_family_it_asks_its_options():
         msg = problems_of(make("model.arch=plugin_dense", "moe.router_noise=1.0"), 1, known_archs=known)
         assert_all_in(msg, "model.arch=plugin_dense ignores the moe section", "model.arch=moma/plugin_moe", "no way")
         msg = problems_of(make("model.arch=plugin_dense", "parallel.ep=2"), 2, known_archs=known)
-        assert_all_in(msg, "expert parallelism needs a model with experts (model.arch=moma/plugin_moe)")
+        assert_all_in(msg, "expert parallelism needs a model with experts (model.arch=moma/btx/plugin_moe)")
         validate(make("model.arch=plugin_moe", "moe.router_noise=1.0", "parallel.ep=2"), 2, known_archs=known)
     finally:
         FAMILIES._registered.pop("plugin_moe", None)
