@@ -16,6 +16,7 @@ The package by concern:
 - ``manifest``: what ``megafusion.json`` records (the model keys a resume compares, asked of the
   model family and the objective), reading it, and the run config a tool rebuilds a model from;
 - ``integrity``: checksums of every file, recorded at save and verified before a load;
+- ``lineage``: the seed a run started from (``checkpoint.init_from``), recorded in its manifests;
 - ``warm_start``: ``checkpoint.init_from`` (which differences a new run may bridge, and how);
 - ``mcore_patches``: the megatron-core 0.16.1 workarounds, with the version check.
 
@@ -48,6 +49,7 @@ _WHERE = {
         ("LATEST", "MANIFEST", "check_compatible", "data_position", "model_keys", "read_manifest", "run_config"),
         "megafusion.checkpoint.manifest",
     ),
+    **dict.fromkeys(("identity", "recorded_lineage", "seed_lineage"), "megafusion.checkpoint.lineage"),
     "WarmStart": "megafusion.checkpoint.warm_start",
 }
 __all__ = sorted(_WHERE)

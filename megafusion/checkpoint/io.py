@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing
 
 from megafusion.checkpoint import integrity, mcore_patches
 from megafusion.checkpoint.directory import latest_size, step_dir
+from megafusion.checkpoint.lineage import LINEAGE
 from megafusion.checkpoint.manifest import LATEST, MANIFEST, new_manifest, read_manifest, write_manifest
 from megafusion.checkpoint.warm_start import WarmStart
 from megafusion.core.errors import CheckpointError
@@ -100,6 +101,7 @@ def save_checkpoint(
     keep_last: int,
     progress: dict | None = None,
     pinned=(),
+    lineage: dict | None = None,
 ) -> Path:
     """Save on every rank; returns the step directory (complete and verified when this returns).
 
@@ -108,7 +110,8 @@ def save_checkpoint(
     removed and ``latest`` keeps naming the last complete checkpoint. ``progress``: what the run
     keeps besides the step and the consumed samples (FLOPs so far, recent losses), given back by
     :func:`load_checkpoint`. ``pinned``: step directories pruning must keep (the last one before a
-    loss spike)."""
+    loss spike). ``lineage``: the seed the run started from (:mod:`megafusion.checkpoint.lineage`),
+    recorded in the manifest when given."""
     root = Path(root)
     path = step_dir(root, step)
     mcore_patches.no_writer_manager()
@@ -134,7 +137,8 @@ def save_checkpoint(
             _fault_point("after_shards", step)
             files = integrity.record_files(path)
             if dist.get_rank() == 0:
-                manifest = new_manifest(cfg, data_meta, step, consumed_samples, **{integrity.FILES_KEY: files})
+                extra = {integrity.FILES_KEY: files, **({LINEAGE: lineage} if lineage else {})}
+                manifest = new_manifest(cfg, data_meta, step, consumed_samples, **extra)
                 _complete(root, path, manifest, keep_last, pinned)
         except BaseException as err:  # torch DCP's CheckpointException is a BaseException
             if isinstance(err, (KeyboardInterrupt, SystemExit)):

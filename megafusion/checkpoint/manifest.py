@@ -2,8 +2,9 @@
 
 Written last by rank 0 (its presence marks a complete checkpoint): ``format_version``, ``step``,
 ``consumed_samples``, ``model`` (the keys below), ``data`` (tokenizer and codec description),
-``config`` (the whole run config) and, for weights-only checkpoints, ``weights_only`` and
-``origin``.
+``config`` (the whole run config), for weights-only checkpoints ``weights_only`` and
+``origin``, and for a run started with ``checkpoint.init_from`` its ``lineage`` (the seed's
+identity: :mod:`megafusion.checkpoint.lineage`).
 
 ``model_keys(cfg)``: the shapes every family shares, plus what the model family
 (``ModelFamily.manifest_keys``, e.g. MoT's untied parts) and the objective

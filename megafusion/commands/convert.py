@@ -2,12 +2,15 @@
 
     megafusion convert dense-to-mot --ckpt CKPT --output DIR [--untie all]
     megafusion convert upcycle --ckpt CKPT --output DIR [--experts E] [--capacity C] [--untie U] [--keep-data-order]
+    megafusion convert btx-merge --seed CKPT --branch CKPT [--branch CKPT ...] --output DIR [--keep-seed-expert]
     megafusion convert hf-to-mf --hf DIR --output CKPT_DIR [--config-out FILE.yaml] [--vocab-size N]
     megafusion convert mf-to-hf --ckpt CKPT --output DIR [--vocab-size N]
 
 ``dense-to-mot`` warm-starts a Mixture-of-Transformers from a dense checkpoint
 (:mod:`megafusion.interop.dense_to_mot`); ``upcycle`` starts a MoMa from a MoT or dense checkpoint,
-every expert a copy of its modality's FFN (:mod:`megafusion.interop.upcycle`); ``hf-to-mf`` /
+every expert a copy of its modality's FFN (:mod:`megafusion.interop.upcycle`); ``btx-merge``
+merges the branches of one seed into a Branch-Train-MiX MoE, every branch's FFN an expert and
+the rest averaged (:mod:`megafusion.interop.btx_merge`); ``hf-to-mf`` /
 ``mf-to-hf`` import and export Hugging Face ``LlamaForCausalLM`` checkpoints
 (:mod:`megafusion.interop.hf_io`). ``CKPT`` is a step directory or a run's checkpoint directory
 (its ``latest`` step), saved in any parallel layout. ``--input`` is still accepted for ``--ckpt``.
@@ -24,7 +27,7 @@ from megafusion.commands.parsing import add_ckpt, add_output, check_ckpt, comman
 from megafusion.core.io import ensure_exists, ensure_writable_dir, ensure_writable_file_parent
 
 PROG = "megafusion convert"
-SUBCOMMANDS = ("dense-to-mot", "upcycle", "hf-to-mf", "mf-to-hf")
+SUBCOMMANDS = ("dense-to-mot", "upcycle", "btx-merge", "hf-to-mf", "mf-to-hf")
 
 
 D2M_EXAMPLES = (
@@ -35,6 +38,12 @@ UPCYCLE_EXAMPLES = (
     "megafusion convert upcycle --ckpt runs/tiny_mot/checkpoints --output runs/moma_init",
     "megafusion convert upcycle --ckpt runs/tiny_mot/checkpoints --output runs/moma_2t2i "
     '--experts "{text: 2, image: 2}" --keep-data-order',
+)
+BTX_EXAMPLES = (
+    "megafusion convert btx-merge --seed runs/seed/checkpoints --branch runs/math/checkpoints "
+    "--branch runs/code/checkpoints --output runs/btx_init",
+    "megafusion convert btx-merge --seed runs/seed/checkpoints --branch runs/math/checkpoints "
+    "--branch runs/code/checkpoints --branch runs/wiki/checkpoints --keep-seed-expert --output runs/btx_4x",
 )
 H2M_EXAMPLES = (
     "megafusion convert hf-to-mf --hf path/to/Llama-3.2-1B --output runs/llama_init --config-out runs/llama_init.yaml",
@@ -102,6 +111,41 @@ def _parser() -> argparse.ArgumentParser:
         help="record in the output's megafusion.json that the upcycled run is to continue the source run's data "
         "stream (origin.keep_data_order; origin.consumed_samples, where the source stopped, is always recorded)",
     )
+    btx = subcommand(
+        commands,
+        "btx-merge",
+        "a Branch-Train-MiX MoE from branches of one seed: each branch's FFN an expert, the rest averaged",
+        "Merge branches (runs started with checkpoint.init_from=SEED, each on its own data) into one\n"
+        "token-choice MoE (model.arch=btx): in every layer expert j is branch j's FFN (--branch order;\n"
+        "a MoT seed with an untied FFN: one expert group per modality), every other tensor the fp32 mean\n"
+        "of the branches' (LMFusion's frozen text weights: checked equal and copied), the routers freshly\n"
+        "initialised. Branches that do not descend from --seed (megafusion.json lineage) or differ from it\n"
+        "in architecture, tokenizer or vocabulary are refused. A weights-only checkpoint: train it with the\n"
+        "overrides this prints and checkpoint.init_from=DIR (step 0, fresh optimizer and LR schedule).",
+        BTX_EXAMPLES,
+        notes="--keep-seed-expert adds the seed's FFN as the last expert and the seed to the average (the paper's "
+        "4-expert model: three branches and the seed); without it the average is over the branches only.",
+    )
+    btx.add_argument(
+        "--seed",
+        required=True,
+        metavar="CKPT",
+        help="the seed the branches started from (step directory or checkpoint.dir)",
+    )
+    btx.add_argument(
+        "--branch",
+        required=True,
+        action="append",
+        metavar="CKPT",
+        help="a branch (step directory or checkpoint.dir, any parallel layout); repeat it, one per expert, "
+        "in expert order",
+    )
+    add_output(btx, "new, empty directory for the merged weights")
+    btx.add_argument(
+        "--keep-seed-expert",
+        action="store_true",
+        help="the seed's FFN is one more expert (the last), and the seed joins the average of the other tensors",
+    )
     h2m = subcommand(
         commands,
         "hf-to-mf",
@@ -154,6 +198,9 @@ def convert_command(argv: list[str]) -> int:
     # Then the input, before torch is imported.
     if args.command == "hf-to-mf":
         ensure_exists(args.hf, "--hf", "a Hugging Face model directory (config.json and *.safetensors)", kind="dir")
+    elif args.command == "btx-merge":
+        for flag, ckpt in (("--seed", args.seed), *(("--branch", b) for b in args.branch)):
+            check_ckpt(ckpt, flag)
     else:
         check_ckpt(args.ckpt)
     if args.command == "dense-to-mot":
@@ -175,6 +222,18 @@ def convert_command(argv: list[str]) -> int:
             f"the {origin['source_arch']} checkpoint, routers initialised): train with "
             f"{' '.join(train_overrides(cfg))} checkpoint.init_from={args.output} "
             f"(a new run: step 0, fresh optimizer and LR schedule)" + (kept if args.keep_data_order else "")
+        )
+        return 0
+    if args.command == "btx-merge":
+        from megafusion.interop.btx_merge import btx_merge, train_overrides
+
+        cfg, origin = btx_merge(args.seed, args.branch, args.output, args.keep_seed_expert)
+        experts = ", ".join(f"{k} {v}" for k, v in origin["experts"].items())
+        print(
+            f"[megafusion] wrote BTX weights to {args.output} ({len(origin['branches'])} branches"
+            f"{' and the seed' if args.keep_seed_expert else ''} merged: experts {experts}, routers initialised): "
+            f"train with {' '.join(train_overrides(cfg, origin))} checkpoint.init_from={args.output} "
+            f"(a new run: step 0, fresh optimizer and LR schedule)"
         )
         return 0
     from megafusion.interop import hf_io

@@ -66,6 +66,10 @@ COMMANDS = {
         (
             ("dense-to-mot --ckpt CKPT --output DIR", "MoT weights copied from a dense checkpoint"),
             ("upcycle --ckpt CKPT --output DIR [--experts E]", "MoMa experts copied from a MoT / dense checkpoint"),
+            (
+                "btx-merge --seed CKPT --branch CKPT ... --output DIR",
+                "BTX: branches' FFNs as experts, the rest averaged",
+            ),
             ("hf-to-mf --hf DIR --output CKPT [--config-out F]", "import a Hugging Face Llama (safetensors)"),
             ("mf-to-hf --ckpt CKPT --output DIR", "export a dense checkpoint as a Hugging Face Llama"),
         )

@@ -68,12 +68,13 @@ def subcommand(
 CKPT = "a step directory or a run's checkpoint.dir"
 
 
-def check_ckpt(path: str) -> None:
-    """``--ckpt`` exists and is a directory: told before torch is imported (what it holds is checked on load)."""
+def check_ckpt(path: str, flag: str = "--ckpt") -> None:
+    """``--ckpt`` (or ``flag``) exists and is a directory: told before torch is imported (what it
+    holds is checked on load)."""
     from megafusion.core.errors import CheckpointError
     from megafusion.core.io import ensure_exists
 
-    ensure_exists(path, "--ckpt", CKPT, kind="dir", error=CheckpointError)
+    ensure_exists(path, flag, CKPT, kind="dir", error=CheckpointError)
 
 
 def add_ckpt(parser: argparse.ArgumentParser, help: str, *old: str, required: bool = True) -> None:

@@ -90,6 +90,7 @@ class Trainer:
         self.flops_seen = 0.0  # model FLOPs trained so far (restored on resume)
         self.spikes = numerics.SpikeWatch(cfg.train.spike_factor)  # its recent losses are restored on resume
         self.pinned: list[Path] = []  # the last checkpoint before each loss spike: never pruned (kept on resume)
+        self.lineage: dict | None = None  # the seed of checkpoint.init_from, recorded in every save (kept on resume)
         self.last_spike: int | None = None
         # Layers with a router: the routers whose smallest selection margin a step reports.
         self.routers = None
@@ -427,6 +428,8 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
             # run's stream is meaningful.
             warm = ckpt.check_compatible(init, manifest, cfg, trainer.data.meta, weights_only=True)
             checked = ckpt.load_weights(init, trainer.model, warm, verify=cfg.checkpoint.verify)
+            # After the load verified it: the seed's identity, which every checkpoint of this run records.
+            trainer.lineage = ckpt.seed_lineage(init, manifest)
             # Mixed-precision optimizers keep fp32 main copies made at build time: refresh them,
             # or the first step would write the random init back over the loaded weights.
             trainer.optimizer.reload_model_params()
@@ -437,7 +440,8 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
             return (
                 0,
                 first,
-                f"initialised from {init} (model weights only: step 0, fresh optimizer{how}{data}; {checked})",
+                f"initialised from {init} (model weights only: step 0, fresh optimizer{how}{data}; {checked}; "
+                f"lineage seed {trainer.lineage['seed'][:12]})",
                 [],
             )
         if cfg.model.freeze_text:
@@ -457,6 +461,7 @@ def _resume(trainer: Trainer, path: Path | None) -> tuple[int, int, str | None, 
     trainer.flops_seen = float(progress.get("flops_total", 0.0))
     trainer.spikes.recent.extend(progress.get("recent_losses", ()))  # none in checkpoints from before
     trainer.pinned = [path.parent / name for name in progress.get("pinned", ()) if (path.parent / name).is_dir()]
+    trainer.lineage = ckpt.recorded_lineage(manifest)  # the same run: the same seed (none if it had none)
     return progress["step"], progress["consumed_samples"], f"resumed from {path} ({progress['verified']})", changes
 
 
@@ -568,6 +573,7 @@ def _save(trainer: Trainer, root: Path, step: int, consumed: int, saved_at: int 
             "pinned": [p.name for p in trainer.pinned],
         },
         pinned=trainer.pinned,
+        lineage=trainer.lineage,
     )
 
 
