@@ -37,7 +37,9 @@ def runs(tmp_path):
     write_run(out / "seed", 10, 1e9, {"shapes": 2.0, "digits": 2.0, "arithmetic": 2.0})
     for d in DOMAINS:
         write_run(out / f"branch_{d}", 10, 1e9, {x: 1.0 if x == d else 2.5 for x in DOMAINS})
-    write_run(out / "merged", 1, 1.5e9, {x: 3.0 for x in DOMAINS}, eval_every=1)
+    (out / "merged").mkdir()
+    merged = {"validation": {"loss": 3.0}, "domains": {x: {"loss": 3.0, "tokens": 10} for x in DOMAINS}}
+    (out / "merged" / analyze.EVAL_FILE).write_text(json.dumps(merged))
     write_run(out / "btx", 10, 1.5e9, {x: 1.1 for x in DOMAINS})
     write_run(out / "dense", 55, 1e9, {x: 1.5 for x in DOMAINS})
     info = {
@@ -84,6 +86,7 @@ def test_missing_domain_loss_is_explained(runs, tmp_path):
 
 def test_run_py_plan():
     assert run.dense_steps(55e9, 1e9) == 55 and run.dense_steps(1.0, 1e9) == 1
+    assert run.printed_json('log line\n{\n "a": {\n  "b": 1\n }\n}\n') == {"a": {"b": 1}}
     refused = run_module(RUN, "--quick", "data.domains=shapes", timeout=60)
     assert refused.returncode == 2 and "data.domains" in refused.stderr
 
@@ -102,3 +105,4 @@ def test_run_py_quick_end_to_end(tmp_path):
     spent = flops("seed") + sum(flops(f"branch_{d}") for d in DOMAINS) + flops("btx")
     assert abs(flops("dense") - spent) <= flops("seed") / len(run.run_flops(out / "seed"))
     assert (results / "btx.md").read_text().startswith("# Branch-Train-MiX")
+    assert set(result["rows"]["merged"]["loss"]) == set(DOMAINS)

@@ -30,6 +30,7 @@ from examples.experiments.mot_vs_dense import analyze as base
 RESULT_NAME = "btx"
 RUN_COMMAND = "python -m examples.experiments.btx.run"
 DOMAIN_KEY = "val/domain/{}/loss"
+EVAL_FILE = "eval.json"  # OUT/merged/<this>: `megafusion eval`'s result for the merge before fine-tuning
 
 
 def run_names(domains: list[str]) -> list[str]:
@@ -57,6 +58,22 @@ def domain_losses(record: dict, domains: list[str], path: str) -> dict[str, floa
     return {d: float(record[DOMAIN_KEY.format(d)]) for d in domains}
 
 
+def merged_losses(path: Path, domains: list[str]) -> dict[str, float]:
+    """The merge's held-out loss per domain, from ``megafusion eval``'s result (``domains``)."""
+    import json
+
+    try:
+        found = json.loads(path.read_text()).get("domains") or {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise AnalysisError(
+            f"{path}: cannot read the merged model's evaluation ({err}): rerun `{RUN_COMMAND}`"
+        ) from None
+    missing = [d for d in domains if "loss" not in found.get(d, {})]
+    if missing:
+        raise AnalysisError(f"{path} has no held-out loss for {', '.join(missing)}: rerun `{RUN_COMMAND}`")
+    return {d: float(found[d]["loss"]) for d in domains}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -69,26 +86,28 @@ def analyze_runs(out_dir: Path) -> dict:
     if not info.get("domains"):
         raise AnalysisError(f"{out_dir}/run_info.json is missing or names no domains: run `{RUN_COMMAND}`")
     domains = list(info["domains"])
-    runs = {n: base.load_run(out_dir / n, RUN_COMMAND) for n in run_names(domains)}
+    runs = {n: base.load_run(out_dir / n, RUN_COMMAND) for n in run_names(domains) if n != "merged"}
     own_flops = {n: sum(float(r["flops"]) for r in run["train"]) for n, run in runs.items()}
     branch_flops = sum(own_flops[f"branch_{d}"] for d in domains)
     behind = {
         "seed": own_flops["seed"],
         **{f"branch_{d}": own_flops["seed"] + own_flops[f"branch_{d}"] for d in domains},
-        # The merge's one evaluation step at learning rate 0 changes nothing: it is not training.
         "merged": own_flops["seed"] + branch_flops,
         "btx": own_flops["seed"] + branch_flops + own_flops["btx"],
         "dense": own_flops["dense"],
     }
     names = labels(domains)
     rows = {}
-    for n, run in runs.items():
-        losses = domain_losses(run["eval"][-1], domains, run["path"])
+    for n in run_names(domains):
+        if n == "merged":
+            losses, steps = merged_losses(out_dir / n / EVAL_FILE, domains), 0
+        else:
+            losses, steps = domain_losses(runs[n]["eval"][-1], domains, runs[n]["path"]), runs[n]["train"][-1]["step"]
         rows[n] = {
             "label": names[n],
             "loss": losses,
             "mean": _mean(losses.values()),
-            "steps": run["train"][-1]["step"],
+            "steps": steps,
             "training_flops": behind[n],
             "wall_clock_s": (info.get("run_seconds") or {}).get(n),
         }

@@ -16,8 +16,8 @@ repository root with this folder's ``config.yaml`` and the overrides (which appl
 3. ``megafusion convert btx-merge --seed ... --branch ... [--keep-seed-expert] --output OUT/merged``:
    every branch's FFN (and the seed's, as the paper's fourth "generalist" expert, unless
    ``--no-seed-expert``) becomes one expert per layer; every other tensor is their fp32 mean;
-4. ``merged``: the merged model evaluated before any fine-tuning (a one-step run at learning rate 0
-   from it: the weights are unchanged, and the run's evaluation is the merged model's);
+4. ``merged``: the merged model before any fine-tuning, evaluated by ``megafusion eval`` (its
+   held-out loss per domain, ``OUT/merged/eval.json``);
 5. ``btx``: the merged model fine-tuned on the mixture (``model.arch=btx``: top-2 token choice, load
    balancing 0.01), a new run from ``OUT/merged``;
 6. ``dense``: a dense model trained from scratch on the mixture for as many steps as the seed,
@@ -25,8 +25,9 @@ repository root with this folder's ``config.yaml`` and the overrides (which appl
    divided by the seed's mean FLOPs per step, rounded).
 
 Every run evaluates every domain's held-out documents (``val/domain/<domain>/...``). Each run's
-console output is kept in ``OUT/<run>/train.log`` (``OUT/logs/merge.log`` for the merge); the
-commands and wall clocks go to ``OUT/run_info.json``, rewritten after every step.
+console output is kept in ``OUT/<run>/train.log`` (``OUT/logs/merge.log`` for the merge,
+``OUT/merged/eval.log`` for its evaluation); the commands and wall clocks go to
+``OUT/run_info.json``, rewritten after every step.
 
 ``--quick``: tiny models and a few steps, in this process by default; runs go to ``runs/btx_quick``
 and the report to ``runs/btx_quick/results``, so a smoke run never replaces ``bench/results/btx.*``.
@@ -89,7 +90,7 @@ QUICK = [
     "eval.interval=2",
     "eval.batches=1",
 ]
-MERGED = "merged"  # OUT/<this>: the merged weights (convert btx-merge's output)
+MERGED = "merged_weights"  # OUT/<this>: the merged weights (convert btx-merge's output)
 
 
 def domains_of(cfg) -> list[str]:
@@ -100,6 +101,34 @@ def domains_of(cfg) -> list[str]:
 def dense_steps(flops: float, step_flops: float) -> int:
     """Steps of the compute-matched dense run: ``flops`` in steps of ``step_flops``, rounded, at least 1."""
     return max(1, round(flops / step_flops))
+
+
+def merged_overrides(merged: Path) -> list[str]:
+    """What a run from the merged weights sets to load them (the keys a warm start compares): the
+    merge's ``model.arch``, ``model.untie`` and ``btx.experts``, and ``checkpoint.init_from``."""
+    from megafusion.checkpoint.directory import resolve_checkpoint
+    from megafusion.checkpoint.manifest import run_config
+
+    cfg = run_config(resolve_checkpoint(merged))
+    experts = "{" + ", ".join(f"{k}: {v}" for k, v in cfg.btx.experts.items()) + "}"
+    return [
+        f"model.arch={cfg.model.arch}",
+        f"model.untie={cfg.model.untie}",
+        f"btx.experts={experts}",
+        f"checkpoint.init_from={shown(merged)}",
+    ]
+
+
+def printed_json(output: str) -> dict:
+    """The JSON object a command printed last (``megafusion eval`` prints one, indented)."""
+    lines = output.splitlines()
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[start:]))
+            except json.JSONDecodeError:
+                continue
+    raise StepFailed("megafusion eval printed no JSON result")
 
 
 def run_flops(run_dir: Path) -> list[float]:
@@ -153,13 +182,14 @@ def run_experiment(runner: Runner, domains: list[str], steps: dict, seed_expert:
     merge += [*(["--keep-seed-expert"] if seed_expert else []), "--output", shown(merged)]
     (out / "logs").mkdir(exist_ok=True)
     runner.step("merge", merge, out / "logs" / "merge.log")
-    experts = len(domains) + seed_expert
-    btx = ["model.arch=btx", f"btx.experts={{mixed: {experts}}}", mixture, f"checkpoint.init_from={shown(merged)}"]
-    # The merged model as it is: one step at learning rate 0 changes no weight (AdamW's update and
-    # its weight decay both scale with the rate), and the run's final evaluation is of the merge.
-    frozen = ["train.steps=1", "train.lr=0", "train.min_lr=0", "train.warmup_steps=0"]
-    runner.train("merged", [*btx, *frozen])
-    runner.train("btx", [*btx, f"train.steps={steps['finetune']}"])
+    # The merged model as it is: `megafusion eval` reports its held-out loss per domain (one image
+    # sampled for the caption check, which the report does not use).
+    evaluated = out / "merged"
+    clean(evaluated)
+    evaluated.mkdir()
+    runner.step("merged", ["eval", "--ckpt", shown(merged), "--samples", "1"], evaluated / "eval.log")
+    (evaluated / analyze.EVAL_FILE).write_text(json.dumps(printed_json((evaluated / "eval.log").read_text())))
+    runner.train("btx", [*merged_overrides(merged), mixture, f"train.steps={steps['finetune']}"])
     seed_flops = run_flops(out / "seed")
     spent = sum(seed_flops) + sum(sum(run_flops(out / f"branch_{d}")) for d in domains) + sum(run_flops(out / "btx"))
     n = dense_steps(spent, sum(seed_flops) / len(seed_flops))
