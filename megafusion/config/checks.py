@@ -30,3 +30,23 @@ def at_least(key: str, v, low: int) -> list[str]:
 
 def one_of(key: str, v, allowed) -> list[str]:
     return [] if v in allowed else [f"{key}={v!r} is not one of {', '.join(allowed)}: set {key} to one of them"]
+
+
+def expert_layout_problems(cfg, key: str, experts, total: int) -> list[str]:
+    """What megatron-core's MoE layer asks of the layout, for a family whose ``key`` (e.g.
+    ``moe.experts``, value ``experts``) holds ``total`` experts: ``parallel.ep`` divides them, and
+    tensor parallelism comes with sequence parallelism."""
+    p = cfg.parallel
+    problems = []
+    if total and p.ep >= 1 and total % p.ep:
+        problems.append(
+            f"{key}={experts!r} holds {total} experts, not divisible by parallel.ep={p.ep} (every "
+            f"expert-parallel rank holds the same number of experts): choose parallel.ep in "
+            f"{braces(divisors(total))} or change {key}"
+        )
+    if p.tp > 1 and not p.sp:
+        problems.append(
+            f"model.arch={cfg.model.arch} with parallel.tp={p.tp} needs parallel.sp=true (megatron-core's "
+            f"MoE layer refuses tensor parallelism without sequence parallelism in training)"
+        )
+    return problems

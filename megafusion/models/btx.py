@@ -133,6 +133,11 @@ FAMILY = ModelFamily(
     name="btx",
     layer_spec=btx_layer_spec,
     layer_cost=btx_layer_cost,
+    # A dense or MoT checkpoint is a seed or a branch: the merge of a seed's branches starts the family.
+    conversions=dict.fromkeys(
+        ("dense", "mot"),
+        "megafusion convert btx-merge --seed SEED --branch {ckpt} [--branch CKPT ...] --output DIR",
+    ),
     routed=True,
     causal_routing=True,  # a token's experts depend on its own hidden state only
     manifest_keys=manifest_keys,

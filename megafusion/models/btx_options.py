@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megafusion.config.checks import braces, divisors, is_int
+from megafusion.config.checks import expert_layout_problems, is_int
 from megafusion.core.choices import MOE_DISPATCHERS
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.options import Options
@@ -46,7 +46,7 @@ def total_experts(cfg) -> int:
 
 def btx_problems(cfg) -> list[str]:
     """The ``btx`` section, and the layouts megatron's MoE layer accepts."""
-    b, p = cfg.btx, cfg.parallel
+    b = cfg.btx
     example = "e.g. btx.experts={mixed: 4} (merged from dense branches) or btx.experts={text: 2, image: 2}"
     keys = set(b.experts)
     if not keys or not (keys == {"mixed"} or keys == set(MODALITY_NAMES)):
@@ -75,19 +75,7 @@ def btx_problems(cfg) -> list[str]:
         problems.append(f"btx.pre_softmax={b.pre_softmax!r} must be true or false (BTX: false)")
     if b.dispatcher not in MOE_DISPATCHERS:
         problems.append(f"btx.dispatcher={b.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
-    total = total_experts(cfg)
-    if total and p.ep >= 1 and total % p.ep:
-        problems.append(
-            f"btx.experts={b.experts!r} holds {total} experts, not divisible by parallel.ep={p.ep} (every "
-            f"expert-parallel rank holds the same number of experts): choose parallel.ep in "
-            f"{braces(divisors(total))} or change btx.experts"
-        )
-    if p.tp > 1 and not p.sp:
-        problems.append(
-            f"model.arch=btx with parallel.tp={p.tp} needs parallel.sp=true (megatron-core's MoE layer "
-            f"refuses tensor parallelism without sequence parallelism in training)"
-        )
-    return problems
+    return problems + expert_layout_problems(cfg, "btx.experts", b.experts, total_experts(cfg))
 
 
 OPTIONS = Options(sections={"btx": BTXConfig}, problems=btx_problems, dict_forms=DICT_FORMS, experts=total_experts)

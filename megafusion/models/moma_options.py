@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megafusion.config.checks import braces, divisors, is_int
+from megafusion.config.checks import expert_layout_problems, is_int
 from megafusion.core.choices import MOE_DISPATCHERS
 from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.options import Options
@@ -89,21 +89,7 @@ def _section_problems(moe) -> list[str]:
 
 
 def _layout_problems(cfg) -> list[str]:
-    p, experts = cfg.parallel, cfg.moe.experts
-    problems = []
-    total = total_experts(cfg)
-    if total and p.ep >= 1 and total % p.ep:
-        problems.append(
-            f"moe.experts={experts!r} holds {total} experts, not divisible by parallel.ep={p.ep} (every "
-            f"expert-parallel rank holds the same number of experts): choose parallel.ep in "
-            f"{braces(divisors(total))} or change moe.experts"
-        )
-    if p.tp > 1 and not p.sp:
-        problems.append(
-            f"model.arch={cfg.model.arch} with parallel.tp={p.tp} needs parallel.sp=true (megatron-core's "
-            f"MoE layer refuses tensor parallelism without sequence parallelism in training)"
-        )
-    return problems
+    return expert_layout_problems(cfg, "moe.experts", cfg.moe.experts, total_experts(cfg))
 
 
 def has_aux_routers(cfg) -> bool:
