@@ -69,11 +69,18 @@ def test_report_on_known_runs(runs, tmp_path):
     assert all(d["branch_beats_seed_on_own_domain"].values())
     assert d["btx_minus_best_branch"] == pytest.approx({x: 0.1 for x in DOMAINS})
     assert d["btx_beats_dense_on_mean"] and d["merge_worse_before_finetuning"]
+    assert d["dense_reaches_btx_at_flops_fraction"] is None  # dense's curve stays at 1.5 > 1.1
     # The fine-tuning's curve starts after the seed's and the branches' FLOPs.
     assert result["curves"]["btx"]["flops"][0] == pytest.approx(40e9 + 2 * 1.5e9)
     table = (tmp_path / "results" / "btx.md").read_text()
     assert "| BTX (merged + fine-tuned) | 1.1000 | 1.1000 | 1.1000 | 1.1000 | 10 |" in table
     assert "- commit: `abc`" in table
+
+
+def test_first_reach_interpolates_between_evaluations():
+    curve = {"flops": [10.0, 20.0, 30.0], "mean": [2.0, 1.0, 0.5]}
+    assert analyze.first_reach(curve, 1.5) == pytest.approx(15.0)
+    assert analyze.first_reach(curve, 3.0) == 10.0 and analyze.first_reach(curve, 0.1) is None
 
 
 def test_missing_domain_loss_is_explained(runs, tmp_path):

@@ -121,6 +121,10 @@ def analyze_runs(out_dir: Path) -> dict:
         "flops_dense_over_btx": dense["training_flops"] / btx["training_flops"],
     }
     curves = {n: mean_curve(runs[n], domains, behind[n] - own_flops[n]) for n in ("btx", "dense")}
+    # Where dense's curve first reaches the fine-tuned merge's final mean loss, as a fraction of the
+    # merge's training FLOPs (None: not within dense's run); below 1, dense got there with less compute.
+    reached = first_reach(curves["dense"], btx["mean"])
+    directions["dense_reaches_btx_at_flops_fraction"] = None if reached is None else reached / btx["training_flops"]
     return {
         "domains": domains,
         "seed_expert": info.get("seed_expert"),
@@ -130,6 +134,19 @@ def analyze_runs(out_dir: Path) -> dict:
         "directions": directions,
         "curves": curves,
     }
+
+
+def first_reach(curve: dict, target: float) -> float | None:
+    """The FLOPs at which ``curve`` (``flops``, ``mean``) first reaches ``target`` (linear between
+    evaluation points; the first point's FLOPs if it starts there), or None if it never does."""
+    points = list(zip(curve["flops"], curve["mean"]))
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+    return None
 
 
 def mean_curve(run: dict, domains: list[str], offset: float) -> dict:
@@ -176,7 +193,13 @@ def markdown(result: dict) -> str:
         f"- the fine-tuned merge against the best branch per domain (loss difference): {gap}",
         f"- the fine-tuned merge beats the dense model of the same total training FLOPs on the mean: "
         f"{'yes' if d['btx_beats_dense_on_mean'] else 'no'} ({fmt_loss(rows['btx']['mean'])} vs "
-        f"{fmt_loss(rows['dense']['mean'])}; dense's FLOPs / BTX's: {d['flops_dense_over_btx']:.3f})",
+        f"{fmt_loss(rows['dense']['mean'])}; dense's FLOPs / BTX's: {d['flops_dense_over_btx']:.3f}); dense "
+        + (
+            "never reaches the fine-tuned merge's mean loss"
+            if d["dense_reaches_btx_at_flops_fraction"] is None
+            else f"reaches the fine-tuned merge's mean loss with {100 * d['dense_reaches_btx_at_flops_fraction']:.1f}% "
+            "of its training FLOPs"
+        ),
         f"- merging before fine-tuning is worse than after: {'yes' if d['merge_worse_before_finetuning'] else 'no'} "
         f"({fmt_loss(rows['merged']['mean'])} vs {fmt_loss(rows['btx']['mean'])})",
         "",
