@@ -50,3 +50,25 @@ def expert_layout_problems(cfg, key: str, experts, total: int) -> list[str]:
             f"MoE layer refuses tensor parallelism without sequence parallelism in training)"
         )
     return problems
+
+
+def expert_groups_problems(key: str, experts: dict, example: str) -> list[str]:
+    """An experts-per-group setting (``moe.experts``, ``btx.experts``): every modality named with its
+    count, or only ``mixed``; counts whole and >= 1. ``example`` ends each line."""
+    from megafusion.core.modality import MODALITY_NAMES
+
+    if not group_names_ok(experts):
+        return [
+            f"{key}={experts!r} must name every modality ({', '.join(MODALITY_NAMES)}) with its "
+            f"expert count, or only 'mixed' (one modality-blind group): {example}"
+        ]
+    bad = {k: v for k, v in experts.items() if not is_int(v) or v < 1}
+    return [f"{key}: {bad} must be whole numbers >= 1 (experts in the group): {example}"] if bad else []
+
+
+def group_names_ok(experts: dict) -> bool:
+    """Whether an experts-per-group setting names every modality, or only ``mixed``."""
+    from megafusion.core.modality import MODALITY_NAMES
+
+    names = set(experts)
+    return names == {"mixed"} or names == set(MODALITY_NAMES)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megafusion.config.checks import expert_layout_problems, is_int
+from megafusion.config.checks import expert_groups_problems, expert_layout_problems, group_names_ok, is_int
 from megafusion.core.choices import MOE_DISPATCHERS
-from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.options import Options
 
 
@@ -48,16 +47,9 @@ def btx_problems(cfg) -> list[str]:
     """The ``btx`` section, and the layouts megatron's MoE layer accepts."""
     b = cfg.btx
     example = "e.g. btx.experts={mixed: 4} (merged from dense branches) or btx.experts={text: 2, image: 2}"
-    keys = set(b.experts)
-    if not keys or not (keys == {"mixed"} or keys == set(MODALITY_NAMES)):
-        return [
-            f"btx.experts={b.experts!r} must name every modality ({', '.join(MODALITY_NAMES)}) with its "
-            f"expert count, or only 'mixed' (one modality-blind group): {example}"
-        ]
-    problems = []
-    bad = {k: v for k, v in b.experts.items() if not is_int(v) or v < 1}
-    if bad:
-        problems.append(f"btx.experts: {bad} must be whole numbers >= 1 (experts in the group): {example}")
+    problems = expert_groups_problems("btx.experts", b.experts, example)
+    if not group_names_ok(b.experts):
+        return problems
     smallest = min((v for v in b.experts.values() if is_int(v)), default=1)
     if not is_int(b.topk) or not 1 <= b.topk <= smallest:
         problems.append(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megafusion.config.checks import expert_layout_problems, is_int
+from megafusion.config.checks import expert_groups_problems, expert_layout_problems, group_names_ok, is_int
 from megafusion.core.choices import MOE_DISPATCHERS
-from megafusion.core.modality import MODALITY_NAMES
 from megafusion.core.options import Options
 
 
@@ -57,16 +56,10 @@ def moe_problems(cfg) -> list[str]:
 
 def _section_problems(moe) -> list[str]:
     example = "e.g. moe.experts={text: 4, image: 4} (MoMa 4t4i) or moe.experts={mixed: 8}"
+    problems = expert_groups_problems("moe.experts", moe.experts, example)
+    if not group_names_ok(moe.experts):
+        return problems
     keys = set(moe.experts)
-    if not keys or not (keys == {"mixed"} or keys == set(MODALITY_NAMES)):
-        return [
-            f"moe.experts={moe.experts!r} must name every modality ({', '.join(MODALITY_NAMES)}) with its "
-            f"expert count, or only 'mixed' (one modality-blind group): {example}"
-        ]
-    problems = []
-    bad = {k: v for k, v in moe.experts.items() if not is_int(v) or v < 1}
-    if bad:
-        problems.append(f"moe.experts: {bad} must be whole numbers >= 1 (experts in the group): {example}")
     if moe.capacity is not None:
         if set(moe.capacity) != keys:
             problems.append(
