@@ -450,6 +450,28 @@ def _model_shape_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _context_parallel_problems(cfg: Config) -> list[str]:
+    """``parallel.cp`` > 1: rows cut into 2 x cp chunks (each split again over TP under SP), and
+    megafusion's own attention (Transformer Engine's CP takes no document or image masks)."""
+    p, m = cfg.parallel, cfg.model
+    problems = []
+    unit = 2 * p.cp * (p.tp if p.sp else 1)
+    if m.seq_length % unit:
+        what = f"2 x parallel.cp x parallel.tp = 2 x {p.cp} x {p.tp}" if p.sp else f"2 x parallel.cp = 2 x {p.cp}"
+        sp = " and sequence parallelism each rank's share into tp slices" if p.sp else ""
+        problems.append(
+            f"model.seq_length={m.seq_length} is not divisible by {what} = {unit}: context parallelism cuts "
+            f"each row into 2 x cp equal chunks{sp}; "
+            f"choose a multiple of {unit}"
+        )
+    if m.attention_backend == "te":
+        problems.append(
+            "parallel.cp>1 with model.attention_backend=te: Transformer Engine's context parallelism "
+            "takes causal or no masks only (no documents, no image spans): set model.attention_backend=sdpa or flex"
+        )
+    return problems
+
+
 def _layout_problems(cfg: Config, world_size: int) -> list[str]:
     """Process-grid, pipeline and batch checks, assuming all values are positive."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
@@ -459,8 +481,8 @@ def _layout_problems(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             "parallel.sp=true (sequence parallel) needs parallel.tp>1: set parallel.tp=2 or more, or parallel.sp=false"
         )
-    if p.cp != 1:
-        problems.append(f"parallel.cp={p.cp}: context parallelism is reserved, not implemented yet: set parallel.cp=1")
+    if p.cp > 1:
+        problems += _context_parallel_problems(cfg)
     experts = FAMILIES.options(m.arch).experts(cfg)
     if p.ep > 1 and experts is None:
         with_experts = [a for a in FAMILIES.names() if FAMILIES.options(a).experts(cfg) is not None]

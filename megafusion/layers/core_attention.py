@@ -13,6 +13,17 @@ microbatch (see :mod:`megafusion.layers.masks`) and runs it through
 Grouped-query attention is handled by the kernels (``enable_gqa``), never by copying K/V.
 Shapes follow megatron-core: q ``[sq, b, heads/tp, d]``, k/v ``[sk, b, groups/tp, d]``,
 output ``[sq, b, heads/tp * d]``.
+
+Context parallelism (``parallel.cp`` > 1; :mod:`megafusion.runtime.context_parallel`): each rank
+holds its share of the row's queries and all-gathers keys and values over the context-parallel
+group (megatron-core's sequence-parallel all-gather on that group: backward reduce-scatters their
+gradients), the shape torch's context-parallel FlexAttention and Transformer Engine's
+``all_gather`` CP take. Only the ``groups`` K/V heads travel (GQA keeps it small:
+``2 s groups d`` elements per layer). The mask holds this rank's query rows against every key in
+gathered order (the forward step cuts it from the whole row's metadata), so any mask works: documents,
+bidirectional image spans, caption dropout, padding. A ring (p2p) exchange would save the gathered
+K/V's memory; with GQA it is small next to the activations, and all-gather keeps arbitrary masks
+simple.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -57,8 +70,10 @@ class MaskedCoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("MaskedCoreAttention does not support context parallelism (parallel.cp=1)")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            cp = getattr(pg_collection, "cp", None)
+            self.cp_group = cp if cp is not None else ps.get_context_parallel_group()
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
@@ -77,6 +92,14 @@ class MaskedCoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("MaskedCoreAttention takes masks, not attention_bias/packed_seq_params")
         sq, b = query.shape[0], query.shape[1]
+        if self.cp_group is not None:
+            if attention_mask is None:
+                raise ValueError(
+                    "context parallelism needs an explicit mask (this rank's query rows against the "
+                    "gathered keys): megafusion's forward step builds it; pass one when calling the model"
+                )
+            key = gather_from_sequence_parallel_region(key, True, group=self.cp_group)
+            value = gather_from_sequence_parallel_region(value, True, group=self.cp_group)
         # [s, b, h, d] -> [b, h, s, d], the layout both kernels want.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         gqa = q.shape[1] != k.shape[1]

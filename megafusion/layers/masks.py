@@ -179,3 +179,16 @@ def attention_mask_for(batch: dict, backend: str, packs_documents: bool, device:
     if backend == "flex":
         return block_mask(doc_ids, image_ids, first_key=first_key)
     return dense_mask(doc_ids, image_ids, first_key)
+
+
+def context_mask(batch: dict, backend: str, device: torch.device, query_index: torch.Tensor, key_index: torch.Tensor):
+    """One context-parallel rank's mask: the rows of its queries (row positions ``query_index``)
+    against every key in gathered order (``key_index``), cut from the whole row's metadata
+    (:mod:`megafusion.runtime.context_parallel`). A row of one document with no images is the
+    plain causal mask, built here too: a rank's queries are not a prefix of the row."""
+    doc_ids = batch["document_ids"].to(device)
+    image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
+    image_ids = None if image_ids is None else image_ids.to(device)
+    first_key = None if first_key is None else first_key.to(device)
+    full = dense_mask(doc_ids, image_ids, first_key)
+    return full[:, :, query_index.to(device)][:, :, :, key_index.to(device)]

@@ -7,7 +7,13 @@ loss mask and the modality of each label. Metadata travels with the
 batch; no stage asks another.
 
 The loss function reports one vector per microbatch (``report_fields``), summed over the
-step's microbatches and data-parallel ranks by the loop.
+step's microbatches and data-parallel (and context-parallel) ranks by the loop.
+
+Context parallelism (``parallel.cp`` > 1, :mod:`megafusion.runtime.context_parallel`): the
+objective's inputs (Transfusion's noise and timesteps) and this rank's rows of the mask are made
+from the whole microbatch, then every per-token tensor is sharded ("shift, then shard"); RoPE
+reads each token's true position; the loss sums this rank's tokens, and megatron-core divides by
+the global token count summed over data x context ranks.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from functools import partial
 import torch
 
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
-from megafusion.layers.masks import attention_mask_for
+from megafusion.layers.masks import attention_mask_for, context_mask
 from megafusion.layers.routing import routing_for
 from megafusion.models.registry import routed as needs_routing
+from megafusion.models.token_positions import token_positions
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
+from megafusion.runtime.context_parallel import current_shard, shard_batch
 
 LM_FIELDS = (
     "total",
@@ -67,11 +75,22 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
     routed = needs_routing(cfg)
     objective = get_objective(cfg.objective.name)
 
+    shard = current_shard(cfg.model.seq_length)
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        mask = attention_mask_for(batch, backend, packs, device)
         extra, context = objective.forward_inputs(cfg, batch, device)
-        with routing_for(batch, device, causal) if routed else contextlib.nullcontext():
+        if shard is None:
+            mask, positions = attention_mask_for(batch, backend, packs, device), None
+        else:  # shift (done: the batch and the objective's inputs are the whole row's), then shard
+            mask = context_mask(batch, backend, device, shard.positions, shard.key_positions)
+            batch = shard_batch(batch, shard)
+            positions = shard.positions.to(device)[None].expand(batch["tokens"].shape[0], -1)
+        with contextlib.ExitStack() as stack:
+            if routed:
+                stack.enter_context(routing_for(batch, device, causal))
+            if positions is not None:
+                stack.enter_context(token_positions(positions))
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
         if batch.get("inject_nan"):  # test hook of the trainer (MEGAFUSION_FAULT=nan:<step>:<microbatch>)
             output = (output[0] * float("nan"), output[1]) if isinstance(output, tuple) else output * float("nan")

@@ -130,7 +130,8 @@ class Trainer:
         return store
 
     def _reduce(self, store, extra: torch.Tensor) -> dict[str, float]:
-        """Sum the loss reports over microbatches and DP ranks (+ ``extra``, summed over DP)."""
+        """Sum the loss reports over microbatches and DP (and CP) ranks (+ ``extra``, summed over DP:
+        context-parallel ranks count the same whole microbatches)."""
         report = torch.zeros(len(self.fields), device=self.rt.device, dtype=torch.float64)  # FLOPs need 64 bits
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for item in store:
@@ -140,6 +141,8 @@ class Trainer:
         # DP and then PP (stages without the loss add zeros).
         dist.all_reduce(vec, group=ps.get_data_parallel_group())
         report = vec[: len(self.fields)]
+        if ps.get_context_parallel_world_size() > 1:  # each context-parallel rank reports its own tokens
+            dist.all_reduce(report, group=ps.get_context_parallel_group())
         dist.all_reduce(report, group=ps.get_pipeline_model_parallel_group())
         out = dict(zip(self.fields, report.tolist()))
         out["extra"] = vec[len(self.fields) :].tolist()
