@@ -398,6 +398,7 @@ def _banner(trainer: Trainer, log: MetricsLogger, ckpt_root, origin) -> None:
         f"{' per token' if params['experts'] else ''}{frozen}), "
         f"vocab {cfg.model.vocab_size} | "
         f"world {rt.world_size} = tp {rt.tp} x pp {rt.pp}{f' (vpp {rt.vpp})' if rt.vpp else ''} x dp {rt.dp}"
+        f"{f' x cp {cfg.parallel.cp}' if cfg.parallel.cp > 1 else ''}"
         f"{' | sequence parallel' if cfg.parallel.sp else ''}"
         f"{' | distributed optimizer' if cfg.parallel.distributed_optimizer else ''}"
         f"{f' | recompute {cfg.train.recompute}' if cfg.train.recompute != 'none' else ''} | "
