@@ -19,6 +19,12 @@ megatron's ``MoELayer`` (router -> dispatcher -> experts -> combine) with three 
    ``t``-th of ``T`` contiguous shares of each expert's tokens (in position order), whose sizes
    are host ints; the reduce-scatter sums the shares back onto the ranks that hold the tokens.
 
+   Context parallelism does the same over the context-parallel group
+   (:func:`~megafusion.layers.context_rows.gather_rows`: after the TP gather, the CP gather and the
+   permutation to row order), routes under the whole microbatch's routing (``routing.whole``), so
+   the choice is one process's, ties included; CP rank ``c`` and TP rank ``t`` dispatch share
+   ``c x tp + t`` of ``cp x tp``, and the output is reduce-scattered back over CP, then TP.
+
 5. an auxiliary router (``aux_router``: :mod:`megafusion.layers.aux_router`, one output per
    expert) learns to predict the router's choices from each token alone: in training and
    teacher-forced evaluation it reads this rank's (sequence-parallel) slice of the layer's input and
@@ -35,17 +41,16 @@ does MoT's ``ModalityMLP``. The layer takes megatron's default process groups ei
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 
 from megafusion.layers.aux_router import AuxRouter, attach, sequence_rows
+from megafusion.layers.context_rows import gather_rows, scatter_rows
 from megafusion.layers.expert_dispatch import DISPATCHERS, sorted_by_counts
 from megafusion.layers.grouped_swiglu import grouped_swiglu
-from megafusion.layers.routing import current_routing
+from megafusion.layers.routing import current_routing, modality_routing
 from megafusion.runtime.distributed import all_gather_host_ints
 
 CAUSAL_ROW_BUCKET = 16  # causal routing: each expert's rows padded to a multiple of this
@@ -86,17 +91,25 @@ class ExpertChoiceMoELayer(MoELayer):
         return self.config.sequence_parallel and self.tp_group.size() > 1
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        whole = self._whole_microbatch()
-        local = hidden_states  # this rank's sequence-parallel slice: what the auxiliary router learns on
-        if whole:  # [s/tp, b, h] -> [s, b, h]; its backward reduce-scatters the gradient
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
-        if self.skip_dispatch:
-            output, bias = self._local_forward(hidden_states), None
-        else:
-            output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
-        if whole:  # each rank holds its shares' outputs for the whole microbatch: sum, keep its slice
-            output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
-        if self.aux_router is not None and not current_routing().causal:
+        routing = current_routing()
+        shard = routing.shard  # context parallelism: this rank's rows of the microbatch
+        tp_group = self.tp_group if self._whole_microbatch() else None
+        tp = 1 if tp_group is None else tp_group.size()
+        cp_rank, cp = (0, 1) if shard is None else (shard.rank, shard.size)
+        self.router.share = (cp_rank * tp + (0 if tp_group is None else tp_group.rank()), cp * tp)
+        local = hidden_states  # this rank's (sequence-parallel) rows: what the auxiliary router learns on
+        if tp_group is not None or shard is not None:
+            # [s/cp/tp, b, h] -> [s, b, h] in row order; its backward reduce-scatters the gradient
+            hidden_states = gather_rows(hidden_states, shard, tp_group)
+        with modality_routing(routing.whole) if shard is not None else contextlib.nullcontext():
+            if self.skip_dispatch:
+                output, bias = self._local_forward(hidden_states), None
+            else:
+                output, bias = super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if tp_group is not None or shard is not None:
+            # each rank holds its shares' outputs for the whole microbatch: sum, keep its rows
+            output = scatter_rows(output, shard, tp_group)
+        if self.aux_router is not None and not routing.causal:
             output = attach(output, self._aux_loss(local))
         return output, bias
 
@@ -105,7 +118,12 @@ class ExpertChoiceMoELayer(MoELayer):
         whole-microbatch selection (statistics recorded)."""
         routing = current_routing()
         rows, b = local.shape[0], routing.micro_batch_size
-        targets = sequence_rows(self.router.selection, rows, routing.seq_length, b)
+        selection = self.router.selection
+        if routing.shard is not None:  # the whole microbatch's selection, row order: this rank's rows
+            n = routing.whole.seq_length
+            selection = selection.view(n, b, -1).index_select(0, routing.shard.positions.to(selection.device))
+            selection = selection.reshape(-1, selection.shape[-1])
+        targets = sequence_rows(selection, rows, routing.seq_length, b)
         valid = sequence_rows(routing.routable_mask(), rows, routing.seq_length, b)
         return self.aux_router.loss(local, targets, valid, key=routing)
 
@@ -154,8 +172,6 @@ class ExpertChoiceMoELayer(MoELayer):
         return out[:n]
 
     def route(self, hidden_states, padding_mask=None):
-        if self._whole_microbatch():
-            self.router.share = (self.tp_group.rank(), self.tp_group.size())
         if current_routing().causal:
             if self.aux_router is None:
                 raise ValueError(

@@ -32,11 +32,19 @@ flattening the first two dims gives token ``i = pos * b + row``):
 Under sequence parallelism each tensor-parallel rank holds a contiguous slice of the
 sequence between the linears; :meth:`ModalityRouting.modality_of` returns the modality of
 exactly the tokens a tensor holds.
+
+Under context parallelism (``parallel.cp`` > 1, :mod:`megafusion.runtime.context_parallel`) the
+routing describes this rank's shard of the microbatch (per-token routing, MoT, needs nothing
+more) and carries ``shard`` and ``whole``, the routing of the whole microbatch in row order:
+what routing that ranks tokens against each other (MoMa's expert choice, Mixture-of-Depths'
+top-c, BTX's load-balancing statistics) reads after gathering the rows
+(:mod:`megafusion.layers.context_rows`), so it decides exactly as one process does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +74,10 @@ class ModalityRouting:
     # Host-side facts derived from the microbatch once and shared by its layers (MoMa's
     # expert-parallel dispatch counts, :mod:`megafusion.layers.expert_choice_layer`).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # Context parallelism: this rank's shard of the rows (a ContextShard) and the whole
+    # microbatch's routing (row order, ``whole.shard`` None); both None without it.
+    shard: object = None
+    whole: ModalityRouting | None = None
 
     def routable(self, modality: int) -> int:
         return self.counts[modality] if self.routable_counts is None else self.routable_counts[modality]
@@ -180,12 +192,11 @@ def current_routing() -> ModalityRouting:
     return _ACTIVE[-1]
 
 
-def routing_for(batch: dict, device: torch.device, causal: bool = False):
-    """The modality routing of a microbatch, as a context for the model call (MoT families);
-    ``causal``: every routed layer routes each token from its own state only (inference)."""
+def routing_of(batch: dict, device: torch.device, causal: bool = False) -> ModalityRouting:
+    """The modality routing of a microbatch (``[b, s]`` host tensors)."""
     documents = batch.get("document_ids")
     padding = None if documents is None else documents == PAD_DOCUMENT_ID
-    routing = ModalityRouting.from_modality_ids(
+    return ModalityRouting.from_modality_ids(
         batch["modality_ids"],
         batch.get("modality_counts"),
         device,
@@ -194,4 +205,13 @@ def routing_for(batch: dict, device: torch.device, causal: bool = False):
         batch.get("sample_ids"),
         causal,
     )
+
+
+def routing_for(batch: dict, device: torch.device, causal: bool = False, shard=None, whole: dict | None = None):
+    """The modality routing of a microbatch, as a context for the model call (MoT families);
+    ``causal``: every routed layer routes each token from its own state only (inference).
+    Context parallelism: ``batch`` is this rank's ``shard`` of the microbatch ``whole``."""
+    routing = routing_of(batch, device, causal)
+    if shard is not None:
+        routing = dataclasses.replace(routing, shard=shard, whole=routing_of(whole, device, causal))
     return modality_routing(routing)

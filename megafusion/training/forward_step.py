@@ -80,6 +80,7 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         extra, context = objective.forward_inputs(cfg, batch, device)
+        whole = batch
         if shard is None:
             mask, positions = attention_mask_for(batch, backend, packs, device), None
         else:  # shift (done: the batch and the objective's inputs are the whole row's), then shard
@@ -88,7 +89,7 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
             positions = shard.positions.to(device)[None].expand(batch["tokens"].shape[0], -1)
         with contextlib.ExitStack() as stack:
             if routed:
-                stack.enter_context(routing_for(batch, device, causal))
+                stack.enter_context(routing_for(batch, device, causal, shard, whole))
             if positions is not None:
                 stack.enter_context(token_positions(positions))
             output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
