@@ -22,7 +22,10 @@ unfused) plus what megafusion's microbatches need:
    rank routes its own tokens (as megatron does) and the per-expert counts are summed over the
    tensor-parallel group (one device all-reduce per layer); the multiplier is the microbatch's
    routable count ``n`` on every rank (megatron multiplies by the rank's local token count, which
-   under SP makes the ranks' parts add up to ``L x n / tp``).
+   under SP makes the ranks' parts add up to ``L x n / tp``). Context parallelism likewise: each
+   rank routes its shard's tokens, the counts are summed over the context-parallel group too and
+   ``n`` is the whole microbatch's (``routing.whole``), so the logged loss and shares are one
+   process's.
 
 The router hands its layer ``dispatch_counts``, the tokens it sends to each expert, as host ints:
 token choice makes them device values, read with one device-to-host copy per layer forward
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import TopKRouter
 
 import megafusion.layers.expert_choice_router  # noqa: F401 - its te_general_gemm shim for the router GEMM
@@ -75,11 +79,15 @@ class TokenChoiceRouter(TopKRouter):
         counts = routing_map.sum(dim=0)
         self.dispatch_counts = counts.tolist()  # the one device-to-host copy of the layer
         if self.training:
-            n_groups = self._routable_per_group(routing)
+            # The microbatch's routable tokens: under context parallelism the whole one's.
+            n_groups = self._routable_per_group(routing if routing.whole is None else routing.whole)
             total = counts
             if self.tp_group.size() > 1 and logits.shape[0] * self.tp_group.size() == routing.token_modality.numel():
                 total = counts.clone()  # sequence parallelism: the microbatch's counts
                 dist.all_reduce(total, group=self.tp_group)
+            if routing.shard is not None:  # context parallelism: every context rank's tokens too
+                total = total.clone()
+                dist.all_reduce(total, group=ps.get_context_parallel_group())
             loss = load_balance.balance_loss(scores, total, self.groups, self.topk, n_groups)
             self.last_loss = loss.detach()
             load_balance.record(self, loss, sum(n_groups), counts, routing)
@@ -142,8 +150,6 @@ def _local_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
     rank holds: all of them, or its sequence-parallel slice (contiguous in megatron's order)."""
     if flat.shape[0] == rows:
         return flat
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     if rows * tp != flat.shape[0]:
         raise ValueError(f"{rows} tokens match neither the microbatch ({flat.shape[0]}) nor its SP slice")
