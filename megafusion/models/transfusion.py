@@ -24,6 +24,17 @@ states entering the output layer are captured (a forward pre-hook), gathered to 
 sequence under SP, and the image rows go through the head. The model returns
 ``(logits, prediction)``; ``prediction`` is None without images or on other stages.
 
+Context parallelism (``parallel.cp`` > 1, :mod:`megafusion.runtime.context_parallel`): the
+objective draws noise and timesteps for the whole microbatch before sharding, and every
+context-parallel rank embeds every image (the image modules are small); ``_image_delta`` is
+made for the whole ``[s, b, h]`` grid and each rank keeps its own rows. An image may straddle
+the ranks' chunks, so the head reads whole images: the final hidden states are gathered over the
+context-parallel group (backward: reduce-scatter) and put back in row order
+(:func:`~megafusion.layers.context_rows.gather_rows`), and every context-parallel rank runs the
+head on every image; the objective counts the diffusion loss ``1 / cp`` on each rank (and
+reports its sums on context rank 0 only), so the gradients summed over data x context ranks are
+one process's.
+
 Patch order: latents are in (row, image) order (``MicrobatchSource``), which is the order in
 which a row-by-row scan of the ``[b, s]`` grid meets the images, so ``ImageInputs.positions``
 (that scan's image positions, computed on the host) lists patch ``j`` of image ``k`` at
@@ -35,15 +46,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
+from megafusion.layers.context_rows import gather_rows, local_rows
 from megafusion.layers.patchify import LinearPatchEmbed, LinearPatchHead, UNetPatchEmbed, UNetPatchHead
 from megafusion.layers.timestep import TimestepEmbedding
 from megafusion.runtime import stage_channel
+from megafusion.runtime.context_parallel import current_shard
 
 IMAGE_MODULES = ("image_time_embed", "image_patch_embed", "image_patch_head")  # attribute names
 
@@ -146,6 +157,9 @@ class TransfusionGPTModel(GPTModel):
         if self.pre_process and images is not None and images.count:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
             delta = self._image_delta(images).to(decoder_input.dtype)
+            shard = current_shard(images.image_ids.shape[1])
+            if shard is not None:  # this rank's rows of the whole microbatch's delta
+                delta = local_rows(delta, shard)
             if self.config.sequence_parallel:
                 delta = scatter_to_sequence_parallel_region(delta)
             decoder_input = decoder_input + delta
@@ -158,9 +172,10 @@ class TransfusionGPTModel(GPTModel):
             return logits, None
         hidden = self._final_hidden
         self._final_hidden = None
-        if self.config.sequence_parallel:
-            # Every TP rank runs the head on the full sequence; backward keeps each rank's own slice.
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        # Every TP rank runs the head on the full sequence (backward keeps each rank's own slice),
+        # and every context-parallel rank on the whole microbatch in row order (backward sums).
+        tp_group = ps.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
+        hidden = gather_rows(hidden, current_shard(images.image_ids.shape[1]), tp_group, tp_summed=False)
         rows = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, images.positions)
         rows = rows.view(images.count, -1, hidden.shape[-1])
         _, height, width = self.latent_shape

@@ -26,6 +26,7 @@ from megafusion.objectives.captions import caption_dropout, captioned, image_gen
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 from megafusion.objectives.spec import Objective
 from megafusion.objectives.transfusion_options import DEFAULT_CAPTION_DROPOUT, OPTIONS
+from megafusion.runtime.context_parallel import current_shard
 
 DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
@@ -90,9 +91,20 @@ def noised_images(batch: dict, schedule: NoiseSchedule, seed: int, device: torch
 
 
 def combined_loss(
-    lm_total: torch.Tensor, prediction, target, weight: float, step_lm_tokens: float, step_image_elements: float
+    lm_total: torch.Tensor,
+    prediction,
+    target,
+    weight: float,
+    step_lm_tokens: float,
+    step_image_elements: float,
+    context_parallel: tuple[int, int] = (0, 1),
 ):
-    """``(loss sum for megatron, diffusion sum, diffusion elements)`` of one microbatch."""
+    """``(loss sum for megatron, diffusion sum, diffusion elements)`` of one microbatch.
+
+    ``context_parallel`` = (rank, size): under context parallelism every context rank predicts
+    every image of the microbatch (:mod:`megafusion.models.transfusion`), so each counts the
+    diffusion loss ``1 / size`` (the gradients summed over the ranks are one process's) and only
+    rank 0 reports the sums (the trainer sums reports over the context ranks)."""
     if prediction is None:
         zero = lm_total.new_zeros(())
         return lm_total, zero, zero
@@ -102,8 +114,14 @@ def combined_loss(
             "a Transfusion step without any text token to predict cannot be normalised: "
             "every document needs a caption (the LM loss averages over text tokens)"
         )
+    rank, size = context_parallel
     scale = weight * step_lm_tokens / step_image_elements
-    return lm_total + scale * sums["diffusion"], sums["diffusion"].detach(), sums["elements"].float()
+    diffusion, elements = sums["diffusion"].detach(), sums["elements"].float()
+    if size > 1:
+        scale = scale / size
+        if rank:
+            diffusion, elements = torch.zeros_like(diffusion), torch.zeros_like(elements)
+    return lm_total + scale * sums["diffusion"], diffusion, elements
 
 
 class Transfusion(Objective):
@@ -148,8 +166,18 @@ class Transfusion(Objective):
 
     def forward_inputs(self, cfg, batch, device):
         o = cfg.objective
+        # The whole microbatch's images (the forward step shards the batch after this); the model
+        # reads whole images on every context-parallel rank, and the loss counts them 1 / cp.
         images, target = noised_images(batch, schedule_for(o), cfg.train.seed, device, o.uncaptioned_max_t)
-        return {"images": images}, (target, o.diffusion_weight, batch["step_lm_tokens"], batch["step_image_elements"])
+        shard = current_shard(cfg.model.seq_length)
+        cp = (0, 1) if shard is None else (shard.rank, shard.size)
+        return {"images": images}, (
+            target,
+            o.diffusion_weight,
+            batch["step_lm_tokens"],
+            batch["step_image_elements"],
+            cp,
+        )
 
     def loss(self, lm_total, extra_output, context):
         total, diffusion, elements = combined_loss(lm_total, extra_output, *context)
