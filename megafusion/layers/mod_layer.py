@@ -49,6 +49,7 @@ selection again (the scores are the same).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_viewles
 
 from megafusion.core.modality import NUM_MODALITIES, Modality
 from megafusion.layers.aux_router import AuxRouter, attach
+from megafusion.layers.context_rows import gather_rows, local_rows, row_order
 from megafusion.layers.routing import ModalityRouting, active_routing, modality_routing
+from megafusion.runtime.context_parallel import ContextShard
 
 SPLITS = ("global", "per_modality")
 # Causal routing: the picked microbatch's slots, and each modality's picked rows (fillers
@@ -182,13 +185,14 @@ def subset_mask(attention_mask, positions: torch.Tensor, fillers: torch.Tensor |
 
 
 def subset_routing(
-    routing: ModalityRouting | None, flat: torch.Tensor, sel: Selection, fillers, split: str, bucket: int = 1
+    routing: ModalityRouting | None, flat: torch.Tensor, sel: Selection | None, fillers, split: str, bucket: int = 1
 ):
     """The :class:`ModalityRouting` of the picked tokens ``[k_max, b]`` (``flat``: their indices in
     the microbatch's megatron order); fillers are padding, never routed: text, or with ``bucket``
     > 1 (causal routing) first as many of each other modality as round its count up to a
-    multiple of ``bucket``, so that every modality's GEMMs run a bucketed row count."""
-    k, b = sel.positions.shape
+    multiple of ``bucket``, so that every modality's GEMMs run a bucketed row count. ``sel`` None
+    (a context-parallel rank's share of the slots, ``bucket`` 1): counts read from the device."""
+    k, b = flat.shape
     device = flat.device
     if routing is None:
         modality = torch.zeros(k * b, dtype=torch.int64, device=device)
@@ -197,15 +201,15 @@ def subset_routing(
     filler = torch.zeros(k * b, dtype=torch.bool, device=device) if fillers is None else fillers.reshape(-1)
     if fillers is not None:
         modality = modality.masked_fill(filler, int(Modality.TEXT))
-    n_fillers = k * b - sum(sel.picked)
-    if split == "per_modality" or routing is None:  # host ints: per row, the modality groups' picks
-        counts = [0] * NUM_MODALITIES
+    if sel is not None and (split == "per_modality" or routing is None):
+        counts = [0] * NUM_MODALITIES  # host ints: per row, the modality groups' picks
         for groups in sel.groups:
             for m, n in enumerate(groups if len(groups) == NUM_MODALITIES else (groups[0],)):
                 counts[m] += n
-    else:  # the paper's global selection: each modality's share of the picks is a device value
+    else:  # the paper's global selection (or a context-parallel share of the slots): device values
         counts = torch.bincount(modality.masked_fill(filler, NUM_MODALITIES), minlength=NUM_MODALITIES + 1)
         counts = counts[:NUM_MODALITIES].tolist()  # the one device-to-host sync of this layer
+    n_fillers = k * b - sum(counts)
     routable = tuple(counts)
     if bucket > 1 and n_fillers:
         spare = torch.tensor(_filler_slots(sel), device=device)  # slot-major, like flat
@@ -275,41 +279,67 @@ class MoDLayerMixin:
         tp = ps.get_tensor_model_parallel_world_size()
         sp = self.config.sequence_parallel and tp > 1
         group = self._tp_group()
-        # The whole microbatch on every rank; its gradient is split back, not summed (every rank
-        # computes the same selection and output).
-        x = gather_from_sequence_parallel_region(hidden_states, False, group) if sp else hidden_states
-        s, b, h = x.shape
         routing = active_routing()
+        # Context parallelism: this rank holds `shard`'s rows; the selection reads the whole
+        # microbatch (its routing, mask and rotary angles, in row order) like one process.
+        shard = None if routing is None else routing.shard
+        local, routing = (routing, routing) if shard is None else (routing, routing.whole)
+        # The whole microbatch on every rank; its gradient is split back over TP, not summed (every
+        # TP rank computes the same selection and output), and summed over CP (each context rank
+        # backpropagates its own rows' output and its own share of the picked tokens).
+        if shard is None:
+            x = gather_from_sequence_parallel_region(hidden_states, False, group) if sp else hidden_states
+        else:
+            x = gather_rows(hidden_states, shard, group if sp else None, tp_summed=False)
+        s, b, h = x.shape
         causal = routing is not None and routing.causal
+        # Slots: a multiple of TP (sequence parallelism), and of 2 x CP head-tail chunks whose
+        # ranks' shares split again over TP.
+        multiple = tp if sp else 1
+        if shard is not None:
+            multiple = math.lcm(2 * shard.size, shard.size * multiple)
         logits = self._logits(x, causal)  # [s, b]
         if causal:
             sel = causal_select(
-                self._causal_picks(x, routing).t(), self._modality(routing, s, b), settings.routed, tp if sp else 1
+                self._causal_picks(x, routing).t(), self._modality(routing, s, b), settings.routed, multiple
             )
         else:
-            sel = self._select(logits.detach(), routing, s, b, tp if sp else 1)
+            sel = self._select(logits.detach(), routing, s, b, multiple)
         flat = sel.positions * b + torch.arange(b, device=x.device)[None, :]  # [k, b] megatron order
         fillers = sel.filler_mask(x.device)
         real = self._real_slots(sel, x.device) if fillers is not None else None
-        aux = None if causal or self.mod_aux_router is None else self._aux_loss(x, flat, real, routing)
+        aux = None
+        if not causal and self.mod_aux_router is not None:
+            aux = self._aux_loss(x, flat, real, routing, shard, local)
         if sel.slots == 0:  # nothing picked: the block is skipped for every token
             return (hidden_states if aux is None else attach(hidden_states, aux)), kwargs.get("context")
         rows = x.reshape(s * b, h)
         packed = rows[flat.reshape(-1)].view(sel.slots, b, h)
         if fillers is not None:
             packed = packed.masked_fill(fillers[..., None], 0)
+        if shard is not None:
+            attention_mask = self._whole(attention_mask, shard, local, "mask")
+            rotary_pos_emb = self._whole(rotary_pos_emb, shard, local, "rotary")
         mask = subset_mask(attention_mask, sel.positions, fillers)
         rotary = None if rotary_pos_emb is None else self._gather_rotary(rotary_pos_emb, sel.positions)
-        inner = scatter_to_sequence_parallel_region(packed, group) if sp else packed
         sub = None
         if settings.routed:
             split, bucket = ("per_modality", CAUSAL_ROW_BUCKET) if causal else (settings.split, 1)
             sub = subset_routing(routing, flat, sel, fillers, split, bucket)
+        slots = None if shard is None else ContextShard(shard.rank, shard.size, sel.slots)
+        if slots is None:
+            inner = packed
+        else:  # this rank's head-tail share of the slots; the attention gathers the others' keys
+            inner, mask, rotary, sub = self._slot_share(slots, packed, mask, rotary, sub, routing, flat, fillers)
+        if sp:
+            inner = scatter_to_sequence_parallel_region(inner, group)
         with modality_routing(sub) if sub is not None else contextlib.nullcontext():
             y, context = super().forward(
                 hidden_states=inner, attention_mask=mask, rotary_pos_emb=rotary, inference_context=None, **kwargs
             )
-        if sp:
+        if slots is not None:
+            y = gather_rows(y, slots, group if sp else None, tp_summed=False)
+        elif sp:
             y = gather_from_sequence_parallel_region(y, False, group)
         weight = self._weights(logits, causal).reshape(-1)[flat.reshape(-1)].view(sel.slots, b, 1)
         new = y + (weight - 1).to(y.dtype) * (y - packed)  # = packed + w (y - packed); y where w == 1
@@ -319,9 +349,52 @@ class MoDLayerMixin:
         out = rows.index_copy(0, index, new).view(s, b, h)
         if aux is not None:
             out = attach(out, aux)
-        if sp:
+        if shard is not None:
+            out = local_rows(out, shard, group if sp else None)
+        elif sp:
             out = scatter_to_sequence_parallel_region(out, group)
         return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True), context
+
+    @staticmethod
+    def _slot_share(slots, packed, mask, rotary, sub, routing, flat, fillers):
+        """Context parallelism: this rank's share ``slots`` (head-tail chunks of the picked slots) of
+        the block's input, its mask rows against every slot in gathered order, its rotary angles and
+        the routing of its slots (``whole``: every slot's, which a routed block ranking tokens
+        against each other reads after gathering them)."""
+        index = slots.positions.to(packed.device)
+        keys = slots.key_positions.to(packed.device)
+        mask = mask.index_select(2, index).index_select(3, keys)
+        if rotary is not None:
+            rotary = _map_rotary(rotary, lambda r: r.index_select(0, index))
+        if sub is not None:
+            own = None if fillers is None else fillers.index_select(0, index)
+            local = subset_routing(routing, flat.index_select(0, index), None, own, "global")
+            sub = dataclasses.replace(local, shard=slots, whole=sub)
+        return packed.index_select(0, index), mask, rotary, sub
+
+    @staticmethod
+    def _whole(value, shard, routing, what: str):
+        """The whole microbatch's attention mask (``[b or 1, 1, s, s]``) or rotary angles (``[s, b or
+        1, 1, d]``, or a tuple of them) in row order from this context rank's (its query rows
+        against every key in gathered order / its rows), gathered over the context-parallel group
+        once per microbatch (kept on its routing; no gradient flows through either)."""
+        if value is None:
+            return None
+        key = ("mod_whole", what)
+        if key not in routing.cache:
+            group = ps.get_context_parallel_group()
+            order = row_order(shard, shard.positions.device)
+
+            def whole(t: torch.Tensor) -> torch.Tensor:
+                dim = 2 if what == "mask" else 0
+                send = t.to(torch.uint8) if t.dtype == torch.bool else t
+                parts = [torch.empty_like(send) for _ in range(shard.size)]
+                torch.distributed.all_gather(parts, send.contiguous(), group=group)
+                out = torch.cat(parts, dim=dim).to(t.dtype).index_select(dim, order.to(t.device))
+                return out.index_select(3, order.to(t.device)) if what == "mask" else out
+
+            routing.cache[key] = whole(value) if what == "mask" else _map_rotary(value, whole)
+        return routing.cache[key]
 
     def _logits(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         """The router logits; under causal routing computed in float64 and rounded to fp32: the
@@ -341,13 +414,18 @@ class MoDLayerMixin:
             return torch.sigmoid(logits)
         return torch.sigmoid(logits.double()).to(logits.dtype)
 
-    def _aux_loss(self, x: torch.Tensor, flat: torch.Tensor, real, routing) -> torch.Tensor:
+    def _aux_loss(self, x: torch.Tensor, flat: torch.Tensor, real, routing, shard=None, local=None) -> torch.Tensor:
         """The auxiliary router's BCE on every routable token of ``x`` ``[s, b, h]`` (the whole
-        microbatch) against this layer's picks (statistics recorded once per microbatch)."""
+        microbatch) against this layer's picks (statistics recorded once per microbatch); under
+        context parallelism on this rank's rows only (``shard``, whose routing is ``local``)."""
         s, b, _ = x.shape
         index = flat.reshape(-1) if real is None else flat.reshape(-1)[real]
         targets = torch.zeros(s * b, 1, dtype=torch.bool, device=x.device)
         targets[index] = True
+        if shard is not None:
+            own = shard.positions.to(x.device)
+            x, targets = x.index_select(0, own), targets.view(s, b, 1).index_select(0, own)
+            return self.mod_aux_router.loss(x, targets, local.routable_mask(), key=local)
         valid = None if routing is None else routing.routable_mask()
         return self.mod_aux_router.loss(x, targets, valid, key=routing)
 
@@ -441,10 +519,13 @@ class MoDLayerMixin:
 
     @staticmethod
     def _gather_rotary(rotary_pos_emb, positions: torch.Tensor):
-        """Each picked token's own RoPE angles: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (never truncated)."""
+        """Each picked token's own RoPE angles: ``[s, 1, 1, d]`` (by position) or ``[s, b, 1, d]``
+        (per token) -> ``[k, b, 1, d]`` (never truncated)."""
         if isinstance(rotary_pos_emb, tuple):
             return tuple(MoDLayerMixin._gather_rotary(r, positions) for r in rotary_pos_emb)
-        return rotary_pos_emb[:, 0][positions]
+        if rotary_pos_emb.shape[1] == 1:
+            return rotary_pos_emb[:, 0][positions]
+        return rotary_pos_emb[positions, torch.arange(positions.shape[1], device=positions.device)[None, :]]
 
     def _select(self, scores: torch.Tensor, routing, s: int, b: int, multiple: int) -> Selection:
         settings = self.MOD
@@ -468,6 +549,11 @@ class MoDLayerMixin:
         else:
             members = [routable & (modality == m) for m in range(NUM_MODALITIES)]
         return select(scores.t(), members, ks, multiple)
+
+
+def _map_rotary(rotary, fn):
+    """``fn`` on a rotary tensor, or on each of a tuple of them."""
+    return tuple(fn(r) for r in rotary) if isinstance(rotary, tuple) else fn(rotary)
 
 
 @dataclass
