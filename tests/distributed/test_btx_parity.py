@@ -14,8 +14,10 @@ the first step whose margin falls below ``NEAR_TIE`` in either run, the first st
 Layouts: EP=2 (with full recomputation: the layer routes and exchanges counts again), EP=2 x TP=2
 with sequence parallelism (4 processes: each rank routes its own tokens, the counts of the
 balancing loss summed over the TP pair; selective recomputation), EP=2 x PP=2 (all-gather
-dispatcher), and DP=2 with the distributed optimizer (EP=1). A run stopped under EP=2 resumes under
-EP=1 exactly where the uninterrupted run is, from megatron's expert-sharded checkpoint.
+dispatcher), and CP=2 with the distributed optimizer (EP=1; each context rank routes its share of
+the rows, the balancing loss's counts summed over the context pair and its ``n`` the whole
+microbatch's, so the logged loss and shares are one process's; DP=2 trains in ep2). A run stopped
+under EP=2 resumes under EP=1 exactly where the uninterrupted run is, from megatron's expert-sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ LAYOUTS = {
     "ep2": (2, ["parallel.ep=2", FULL]),
     "ep2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true", SELECTIVE]),
     "ep2_pp2_allgather": (4, ["parallel.ep=2", "parallel.pp=2", "btx.dispatcher=allgather"]),
-    "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
+    "cp2_distopt": (2, ["parallel.cp=2", "parallel.distributed_optimizer=true"]),
 }
 REL_TOL = 1e-5
 

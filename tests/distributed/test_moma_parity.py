@@ -13,6 +13,10 @@ are slightly different trainings. So the losses are compared up to the first ste
 in either run, falls below ``NEAR_TIE``; the first step always.
 ep2_tp2_sp is EP=2 x DP=2 (4 processes, EP over the TP x DP ranks: two expert-data-parallel
 replicas, each data-parallel rank with its own microbatches); ep2 and ep2_pp2 have DP=2 too.
+cp2_ep2_allgather_distopt is context parallelism (CP=2, EP=2 over the context pair, the all-gather
+dispatcher, the distributed optimizer sharded over the data x context ranks): each rank gathers the
+whole microbatch in row order and selects under its whole routing, exactly one process's choice
+(a different choice at step 1 would move the routers' first-step gradients far beyond 1e-5).
 A run stopped under EP=2 resumes under TP=2 with sequence parallelism (EP=1) exactly where the
 uninterrupted run is, from megatron's expert-sharded checkpoint, with the same noise.
 
@@ -46,9 +50,9 @@ MOMA = [
 FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
     "ep2": (2, ["parallel.ep=2", FULL]),
-    "ep2_allgather_dp2_distopt": (
+    "cp2_ep2_allgather_distopt": (
         2,
-        ["parallel.ep=2", "moe.dispatcher=allgather", "parallel.distributed_optimizer=true"],
+        ["parallel.cp=2", "parallel.ep=2", "moe.dispatcher=allgather", "parallel.distributed_optimizer=true"],
     ),
     # EP=2 x DP=2: 4 processes, EP over the TP x DP ranks
     "ep2_tp2_sp": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true", SELECTIVE]),

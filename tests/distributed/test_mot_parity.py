@@ -6,9 +6,13 @@ parameter's first-step full gradient (``mlp.image.linear_fc1.weight`` and so on)
 the single-process run.
 
 Activation recomputation rides on the same launches, against the same reference: tp2_sp and
-dp2_distopt run ``train.recompute=full`` (each layer's forward again in the backward pass, which
+cp2_distopt run ``train.recompute=full`` (each layer's forward again in the backward pass, which
 must re-enter the microbatch's modality routing), pp2_vpp2 ``selective``; tp2, the post-norm and
 the Triton runs none.
+
+cp2_distopt is context parallelism (each rank routes its head-tail share of the rows, packed with
+two documents and their images each) with the distributed optimizer sharded over the data x
+context ranks; MoT under DP=2 trains in LMFusion's dp2_distopt (``tests/models/test_lmfusion.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", FULL]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", SELECTIVE]),
-    "dp2_distopt": (2, ["parallel.distributed_optimizer=true", FULL]),
+    "cp2_distopt": (2, ["parallel.cp=2", "parallel.distributed_optimizer=true", FULL]),
 }
 REL_TOL = 1e-5
 
