@@ -7,9 +7,15 @@ parameter's first-step full gradient (the MoD routers' included) must match the 
 (1e-5). The selection is made on each microbatch's whole rows on every tensor-parallel rank
 (sequence parallelism gathers first; the picked tokens are split again, with fillers to a
 multiple of TP), so it does not depend on the layout. Layouts: TP=2 + SP, PP=2 x VPP=2 (dense),
-EP=2, TP=2 + SP and PP=2 x VPP=2 (MoMa + MoD per modality), EP=2 x TP=2 + SP (MoMa + MoD with the
-paper's global selection, whose per-modality counts are read from the device). The MoMa + MoD models
-train both auxiliary routers jointly, whose gradients are compared too.
+CP=2 x EP=2, TP=2 + SP and PP=2 x VPP=2 (MoMa + MoD per modality), EP=2 x TP=2 + SP (MoMa + MoD with
+the paper's global selection, whose per-modality counts are read from the device). The MoMa + MoD
+models train both auxiliary routers jointly, whose gradients are compared too.
+
+Under context parallelism (moma_cp2_ep2: EP over the context pair) the MoD layer gathers the whole
+microbatch in row order and selects as one process; the block runs on each rank's head-tail share
+of the picked slots (its attention gathers the other rank's picked keys; the mask and rotary angles
+are the whole microbatch's at the picked positions), and MoMa's experts inside select over every
+picked slot (gathered again under the picked tokens' whole routing).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ MODELS = {
 LAYOUTS = {
     "dense_tp2_sp": ("dense", 2, ["parallel.tp=2", "parallel.sp=true"]),
     "dense_pp2_vpp2": ("dense", 2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "moma_ep2": ("moma", 2, ["parallel.ep=2"]),
+    "moma_cp2_ep2": ("moma", 2, ["parallel.cp=2", "parallel.ep=2"]),
     "moma_tp2_sp": ("moma", 2, ["parallel.tp=2", "parallel.sp=true"]),
     "moma_pp2_vpp2": ("moma", 2, ["parallel.pp=2", "parallel.vpp=2"]),
     "moma_global_ep2_tp2_sp": ("moma_global", 4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"]),

@@ -1,10 +1,16 @@
 """Transfusion training: every layout computes the combined loss of one process; no images = the LM model.
 
 Activation recomputation rides on the same launches, against the same references: tp2_sp and
-unet_pp2_vpp2 run ``train.recompute=selective``, dp2_distopt, the MoT-layer tp2 run (whose
-recomputed layers re-enter the routing) and unet_pp2 ``full``; pp2_vpp2 and unet_tp2_sp_pp2 none.
-The noise and timesteps are drawn by the objective before the model call, outside the
-recomputed layers.
+unet_pp2_vpp2 run ``train.recompute=selective``, cp2_distopt, the MoT-layer tp2 run (whose
+recomputed layers re-enter the routing) and unet_pp2 ``full``; pp2_vpp2, unet_cp2 and
+unet_tp2_sp_pp2 none. The noise and timesteps are drawn by the objective before the model call,
+outside the recomputed layers.
+
+Context parallelism (cp2_distopt, unet_cp2): the rows hold four documents each and images that
+straddle the two ranks' head-tail chunks (:func:`test_cp_rows_hold_documents_and_straddling_images`
+checks the data), the patch head reads whole images on both ranks and the diffusion loss counts
+1 / cp on each, so losses, gradients and the logged diffusion loss are one process's. The
+Transfusion objective under DP=2 trains in LMFusion's dp2_distopt (``tests/models/test_lmfusion.py``).
 """
 
 from __future__ import annotations
@@ -21,23 +27,29 @@ from megafusion.models.transformer_config import build_transformer_config
 from megafusion.models.transfusion import ImageInputs
 from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.lm import lm_loss_sums
-from tests.helpers import assert_recompute_ran, assert_same_training, run_train
+from tests.helpers import ROOT, assert_recompute_ran, assert_same_training, run_train
 
 CONFIG = "tests/configs/transfusion_small.yaml"
 FULL, SELECTIVE = "train.recompute=full", "train.recompute=selective"
 LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true", SELECTIVE]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "dp2_distopt": (2, ["parallel.distributed_optimizer=true", FULL]),
+    "cp2_distopt": (2, ["parallel.cp=2", "parallel.distributed_optimizer=true", FULL]),
 }
 REL_TOL = 1e-5
 
 
+def _diffusion_losses(out_dir) -> list[float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/diffusion"] for r in records if "loss" in r]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    losses, grads, out = run_train(tmp_path_factory.mktemp("tf_ref"), 1, CONFIG, [], "single")
+    tmp = tmp_path_factory.mktemp("tf_ref")
+    losses, grads, out = run_train(tmp, 1, CONFIG, [], "single")
     assert "diffusion" in out and any(name.startswith("image_patch_head") for name in grads)
-    return losses, grads
+    return losses, grads, _diffusion_losses(tmp / "single")
 
 
 @pytest.mark.torchrun
@@ -46,7 +58,32 @@ def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     losses, grads, out = run_train(tmp_path, nproc, CONFIG, overrides, layout)
     assert_recompute_ran(out, overrides)
-    assert_same_training(reference, (losses, grads), layout, REL_TOL)
+    assert_same_training(reference[:2], (losses, grads), layout, REL_TOL)
+    # The logged diffusion loss: summed over the ranks once (not once per context rank).
+    for got, want in zip(_diffusion_losses(tmp_path / layout), reference[2], strict=True):
+        assert abs(got - want) <= REL_TOL * abs(want), (layout, got, want)
+
+
+def test_cp_rows_hold_documents_and_straddling_images():
+    """The data the CP layouts train on: every row of the first step packs several documents, and
+    some images span both CP=2 ranks' head-tail chunks (rank 0: positions 0-31 and 96-127 of 128)."""
+    from megafusion.config import load_config
+    from megafusion.data.sources import build_data
+    from megafusion.runtime.context_parallel import head_tail_positions
+
+    cfg = load_config(str(ROOT / CONFIG), [])
+    batch = build_data(cfg).train.microbatch(0, cfg.train.global_batch_size)
+    s = cfg.model.seq_length
+    assert all(int(row.max()) >= 1 for row in batch["document_ids"])  # >= 2 documents per row
+    owner = torch.zeros(s, dtype=torch.int64)
+    owner[head_tail_positions(s, 2, 1)] = 1
+    straddling = [
+        (row, k)
+        for row, ids in enumerate(batch["image_ids"])
+        for k in range(int(ids.max()) + 1)
+        if owner[ids == k].unique().numel() == 2
+    ]
+    assert len(straddling) >= 2, straddling
 
 
 @pytest.mark.torchrun
@@ -66,6 +103,8 @@ UNET_LAYOUTS = {
     "unet_pp2": (2, ["parallel.pp=2", FULL]),
     "unet_pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", SELECTIVE]),
     "unet_tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
+    # context parallelism: the U-Net head on whole images (skips and temb on the same stage)
+    "unet_cp2": (2, ["parallel.cp=2"]),
 }
 
 
@@ -84,7 +123,7 @@ def unet_reference(tmp_path_factory):
 
 @pytest.mark.torchrun
 @pytest.mark.parametrize("layout", list(UNET_LAYOUTS))
-def test_unet_transfusion_under_pipeline_parallelism_matches_single_process(layout, unet_reference, tmp_path):
+def test_unet_transfusion_layout_matches_single_process(layout, unet_reference, tmp_path):
     nproc, overrides = UNET_LAYOUTS[layout]
     losses, grads, out = run_train(tmp_path, nproc, CONFIG, [*UNET, *overrides], layout)
     assert_recompute_ran(out, overrides)

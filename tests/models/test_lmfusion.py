@@ -5,7 +5,7 @@
 - optimizer state (plain and distributed optimizer) exists for the trainable parameters only;
 - a dense Transfusion checkpoint warm-starts LMFusion (image copies = the dense modules); a few
   steps leave every text tensor bit-identical and the text logits exactly as they were, and
-  DP=2 with the distributed optimizer, PP=2 and TP=2+SP train exactly like one process;
+  DP=2 with the distributed optimizer, PP=2, TP=2+SP and CP=2 train exactly like one process;
 - from a tiny random Hugging Face Llama (imported with a smaller vocabulary, grown at load),
   the trained LMFusion model's text logits equal transformers' to 1e-5, and ``mf-to-hf`` exports its
   text path as that Llama, bit for bit.
@@ -161,6 +161,7 @@ LAYOUTS = {
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
     "pp2": (2, ["parallel.pp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "cp2": (2, ["parallel.cp=2"]),
 }
 
 
