@@ -24,13 +24,14 @@ from functools import partial
 import torch
 
 from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
+from megafusion.layers.attended_keys import attended_keys
 from megafusion.layers.masks import attention_mask_for, context_mask
 from megafusion.layers.routing import routing_for
 from megafusion.models.registry import routed as needs_routing
 from megafusion.models.token_positions import token_positions
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
-from megafusion.runtime.context_parallel import current_shard, shard_batch
+from megafusion.runtime.context_parallel import active_shard, context_parallel_size, shard_batch, shard_for
 
 LM_FIELDS = (
     "total",
@@ -63,6 +64,15 @@ def _loss_func(labels, loss_mask, label_modality_ids, z_loss_weight, objective, 
     return total, sums["tokens"], {"report": report}
 
 
+def keys_per_query(objective, batch: dict) -> torch.Tensor:
+    """``[b, s]``: the keys each query attends under the microbatch's mask, as FLOPs accounting
+    counts them (the objective's own count where its mask differs: caption dropout)."""
+    inputs = objective.flops_inputs(batch)
+    if "keys" in inputs:
+        return inputs["keys"]
+    return attended_keys(batch["document_ids"], inputs.get("image_ids"))
+
+
 def make_forward_step(cfg, device: torch.device, causal: bool = False):
     """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
 
@@ -75,11 +85,12 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
     routed = needs_routing(cfg)
     objective = get_objective(cfg.objective.name)
 
-    shard = current_shard(cfg.model.seq_length)
+    cp = context_parallel_size()
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         extra, context = objective.forward_inputs(cfg, batch, device)
+        shard = None if cp == 1 else shard_for(batch, keys_per_query(objective, batch), cp)
         if shard is None:
             mask, positions = attention_mask_for(batch, backend, packs, device), None
         else:  # shift (done: the batch and the objective's inputs are the whole row's), then shard
@@ -87,6 +98,7 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
             batch = shard_batch(batch, shard)
             positions = shard.positions.to(device)[None].expand(batch["tokens"].shape[0], -1)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(active_shard(shard))
             if routed:
                 stack.enter_context(routing_for(batch, device, causal))
             if positions is not None:
