@@ -2,12 +2,13 @@
 
 For each mask case and dtype, every rank computes the whole row's attention (forward and the
 gradients of q, k, v for a fixed upstream gradient) with :class:`MaskedCoreAttention` and no
-context parallelism, then its own shard (megatron's head-tail split, or chunks balanced by cost) with ``parallel.cp`` = 2 (ranks {0, 1} and {2, 3}) and 4:
-its query rows, keys and values of its own positions, the mask cut from the whole row's metadata
+context parallelism, then its own shard (megatron's head-tail split, or chunks balanced by cost)
+with ``parallel.cp`` = 2 (ranks {0, 1} and {2, 3}) and 4: its query rows, keys and values of its
+own positions, the mask made from the whole row's metadata
 (:func:`megafusion.layers.masks.context_mask`). The shard's output and gradients must equal the
-reference's rows at the shard's positions. Rank 0 writes ``{case: largest relative error}`` (the worst
-rank's) to ``argv[1]``; ``control_causal_mask`` shards packed documents with a plain causal mask, which
-must differ.
+reference's rows at the shard's positions. Rank 0 writes ``{case: largest relative error}`` (the
+worst rank's) to ``argv[1]``; ``control_causal_mask`` shards packed documents with a plain causal
+mask, which must differ.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def cases() -> dict[str, dict]:
         "padding": {"document_ids": padded},
         "image_spans": {"document_ids": two_docs, "image_ids": images},
         "caption_dropout": {"document_ids": two_docs, "image_ids": images, "first_key": first_key},
+        # data.attention=causal: across documents, images bidirectional in their span, pads never keys
+        "cross_document": {"document_ids": padded, "image_ids": images, "cross_document": True},
     }
 
 
@@ -78,7 +81,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 4, "run with --nproc-per-node 4"
     groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])], 4: [dist.new_group([0, 1, 2, 3])]}
-    errors = {}
+    errors, cpu = {}, torch.device("cpu")
     for dtype in (torch.float64, torch.float32):
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(S, B, HEADS, DIM, generator=gen, dtype=dtype)
@@ -87,22 +90,22 @@ def main() -> None:
         grad = torch.randn(S, B, HEADS * DIM, generator=gen, dtype=dtype)
         for name, batch in cases().items():
             everything = torch.arange(S)
-            full = context_mask(batch, "sdpa", torch.device("cpu"), everything, everything)
+            cross = batch.get("cross_document", False)
+            full = context_mask(batch, "sdpa", cpu, everything, everything, cross)
             ref = run(attention(), q, k, v, full, grad)
             for size, group_list in groups.items():
                 group = group_list[rank // size] if size == 2 else group_list[0]
                 # The causal row: megatron's head-tail split; the rest: chunks balanced by their keys
                 # (2-token chunks under CP=2, single positions under CP=4: scattered shards).
-                cost = None if name == "causal" else attended_keys(batch["document_ids"], batch.get("image_ids")).sum(0)
+                keys = attended_keys(batch["document_ids"], batch.get("image_ids"), cross_document=cross)
+                cost = None if name == "causal" else keys.sum(0)
                 shard = ContextShard(rank % size, size, S, cost)
-                mask = context_mask(batch, "sdpa", torch.device("cpu"), shard.positions, shard.key_positions)
+                mask = context_mask(batch, "sdpa", cpu, shard.positions, shard.key_positions, cross)
                 local = [shard.shard(t, dim=0) for t in (q, k, v, grad)]
                 got = run(attention(group, size), *local[:3], mask, local[3])
                 errors[f"{name}/cp{size}/{str(dtype).split('.')[-1]}"] = relative_error(got, ref, shard)
                 if name == "documents":  # the control: a plain causal mask on packed documents is wrong
-                    causal = context_mask(
-                        cases()["causal"], "sdpa", torch.device("cpu"), shard.positions, shard.key_positions
-                    )
+                    causal = context_mask(cases()["causal"], "sdpa", cpu, shard.positions, shard.key_positions)
                     wrong = run(attention(group, size), *local[:3], causal, local[3])
                     errors[f"control_causal_mask/cp{size}/{str(dtype).split('.')[-1]}"] = relative_error(
                         wrong, ref, shard

@@ -8,9 +8,9 @@ Activation recomputation (``train.recompute``) rides on the same launches, again
 reference: tp2, pp2_vpp2, tp2_pp2 and cp2 run ``full`` (each layer recomputed), tp2_sp, pp2_1f1b and
 cp2_tp2_sp ``selective`` (core attention), dp2_distopt and cp2_pp2_distopt none. Context parallelism
 (``parallel.cp``) shards each row's positions over ranks (chunks balanced by attended keys) and
-all-gathers keys and values; its gradients are reduced over data x context ranks. Without recomputation every layout is also
-trained by a sibling test (MoT, Transfusion, MoMa, LMFusion); ``tests/training/test_recompute.py``
-shows all three modes bit-identical in one process.
+all-gathers keys and values; its gradients are reduced over data x context ranks. Without
+recomputation every layout is also trained by a sibling test (MoT, Transfusion, MoMa, LMFusion);
+``tests/training/test_recompute.py`` shows all three modes bit-identical in one process.
 """
 
 from __future__ import annotations
