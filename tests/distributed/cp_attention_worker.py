@@ -104,6 +104,12 @@ def main() -> None:
                 local = [shard.shard(t, dim=0) for t in (q, k, v, grad)]
                 got = run(attention(group, size), *local[:3], mask, local[3])
                 errors[f"{name}/cp{size}/{str(dtype).split('.')[-1]}"] = relative_error(got, ref, shard)
+                if name in ("image_spans", "cross_document"):  # the FlexAttention block mask, same rows
+                    block = context_mask(batch, "flex", cpu, shard.positions, shard.key_positions, cross)
+                    with torch.no_grad():  # FlexAttention has no backward on CPU: the forward only
+                        flex = attention(group, size)(*local[:3], block)
+                    err = float((flex - shard.shard(ref[0], dim=0)).abs().max() / ref[0].abs().max())
+                    errors[f"{name}_block_mask/cp{size}/{str(dtype).split('.')[-1]}"] = err
                 if name == "documents":  # the control: a plain causal mask on packed documents is wrong
                     causal = context_mask(cases()["causal"], "sdpa", cpu, shard.positions, shard.key_positions)
                     wrong = run(attention(group, size), *local[:3], causal, local[3])

@@ -87,7 +87,9 @@ def test_context_parallel_config_checks():
 def test_attention_under_cp2_and_cp4_equals_one_process(tmp_path):
     """Forward and every input gradient, fp64 within 1e-12 and fp32 within 1e-6 (relative), for a
     causal row, packed documents, padding, image spans crossing the chunk boundaries, caption
-    dropout; a plain causal mask on packed documents (the mistake a CP hook can make) differs."""
+    dropout, cross-document attention (``data.attention=causal``); the FlexAttention block mask's
+    output too (its backward does not run on CPU); a plain causal mask on packed documents (the
+    mistake a CP hook can make) differs."""
     out = tmp_path / "errors.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     proc = subprocess.run(
@@ -101,7 +103,8 @@ def test_attention_under_cp2_and_cp4_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(out.read_text())
     cases = {key.split("/")[0] for key in errors}
-    assert {"causal", "documents", "padding", "image_spans", "caption_dropout"} <= cases
+    assert {"causal", "documents", "padding", "image_spans", "caption_dropout", "cross_document"} <= cases
+    assert {"image_spans_block_mask", "cross_document_block_mask"} <= cases  # FlexAttention (forward)
     for key, err in errors.items():
         if key.startswith("control"):
             assert err > 0.5, f"{key}: the wrong mask went unnoticed ({err:.2e})"
