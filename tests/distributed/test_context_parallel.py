@@ -131,3 +131,12 @@ def test_stopped_under_cp2_resumes_under_cp1_exactly(tmp_path):
     assert len(resumed) == 3
     for got, want in zip(resumed, ref[3:]):  # CP sums attention and losses in another order: rounding only
         assert abs(got - want) <= 1e-6 * abs(want), (resumed, ref)
+
+
+def test_inference_refuses_context_parallelism():
+    """Logits, text evaluation and generation feed whole rows: parallel.cp>1 is refused by name."""
+    from megafusion.inference.load import CheckpointRun, model_from_checkpoint
+
+    cfg = load_config(str(ROOT / "tests/configs/parity.yaml"), ["parallel.cp=2"])
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is for training"):
+        model_from_checkpoint(CheckpointRun(ROOT / "no-checkpoint", {}, cfg), rows=(1, 32))
