@@ -229,7 +229,9 @@ def _expected_bytes(root: Path, model) -> int:
 
         total = total.to(_collective_device())
         dist.all_reduce(total)
-        total = total.cpu() / ps.get_data_parallel_world_size(with_context_parallel=True)  # every data (x context) replica holds the model
+        total = total.cpu() / ps.get_data_parallel_world_size(
+            with_context_parallel=True
+        )  # every data (x context) replica holds the model
     return int(total.item())
 
 

@@ -12,11 +12,13 @@ from megafusion.core.choices import (
     ATTENTION_BACKENDS,
     BUILTIN_SETS,
     DATA_SOURCES,
+    DOCUMENT_ATTENTION,
     IMAGE_CODECS,
     OPS_BACKENDS,
     PARAMS_DTYPES,
     RECOMPUTE_MODES,
     STOP_SIGNALS,
+    TOKEN_POSITIONS,
     TRAINABLE,
 )
 from megafusion.core.registries import EXTENSIONS, FAMILIES, OBJECTIVES, known_options
@@ -272,6 +274,8 @@ def _data_problems(cfg: Config) -> list[str]:
         problems += at_least(f"data.{key}", getattr(d, key), low)
     problems += one_of("data.source", d.source, DATA_SOURCES)
     problems += one_of("data.image_codec", d.image_codec, IMAGE_CODECS)
+    problems += one_of("data.attention", d.attention, DOCUMENT_ATTENTION)
+    problems += one_of("data.positions", d.positions, TOKEN_POSITIONS)
     problems += one_of("ops.backend", cfg.ops.backend, OPS_BACKENDS)
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")

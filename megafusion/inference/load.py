@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megafusion import checkpoint as ck
+from megafusion.core.errors import ConfigError
 
 
 @dataclass
@@ -94,6 +95,14 @@ def model_from_checkpoint(
 
     source = ckpt if isinstance(ckpt, CheckpointRun) else checkpoint_config(ckpt)
     cfg = apply_overrides(source.cfg, list(overrides))
+    if cfg.parallel.cp > 1 and build is None:
+        # Text logits, windows and generation feed the model whole rows (or one new token at a time
+        # with a KV cache): context parallelism shards training rows only (validation uses it too).
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp}: context parallelism is for training and validation loss; "
+            "logits, text evaluation and generation run with parallel.cp=1 (parallel.tp / parallel.pp "
+            "split the model)"
+        )
     if rows is not None:
         batch, seq_length = rows
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -57,7 +57,7 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
             **extra,
         )
         apply_rope_scaling(model, cfg.model.rope_scaling)
-        install_token_positions(model)
+        install_token_positions(model)  # RoPE at given positions inside token_positions(...)
         if cfg.model.freeze_text:
             attach_new_token_rows(model, frozen_vocab_rows(cfg))
         chunks.append(model.to(runtime.device))

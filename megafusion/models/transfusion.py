@@ -157,7 +157,7 @@ class TransfusionGPTModel(GPTModel):
         if self.pre_process and images is not None and images.count:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
             delta = self._image_delta(images).to(decoder_input.dtype)
-            shard = current_shard(images.image_ids.shape[1])
+            shard = current_shard()
             if shard is not None:  # this rank's rows of the whole microbatch's delta
                 delta = local_rows(delta, shard)
             if self.config.sequence_parallel:
@@ -175,7 +175,7 @@ class TransfusionGPTModel(GPTModel):
         # Every TP rank runs the head on the full sequence (backward keeps each rank's own slice),
         # and every context-parallel rank on the whole microbatch in row order (backward sums).
         tp_group = ps.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
-        hidden = gather_rows(hidden, current_shard(images.image_ids.shape[1]), tp_group, tp_summed=False)
+        hidden = gather_rows(hidden, current_shard(), tp_group, tp_summed=False)
         rows = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, images.positions)
         rows = rows.view(images.count, -1, hidden.shape[-1])
         _, height, width = self.latent_shape

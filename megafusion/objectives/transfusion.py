@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from megatron.core import parallel_state
 
 from megafusion.models.transfusion import IMAGE_MODULES, ImageInputs
 from megafusion.objectives.caption_options import caption_dropout_rate
@@ -26,7 +27,7 @@ from megafusion.objectives.captions import caption_dropout, captioned, image_gen
 from megafusion.objectives.diffusion import NoiseSchedule, diffusion_loss_sums
 from megafusion.objectives.spec import Objective
 from megafusion.objectives.transfusion_options import DEFAULT_CAPTION_DROPOUT, OPTIONS
-from megafusion.runtime.context_parallel import current_shard
+from megafusion.runtime.context_parallel import context_parallel_size
 
 DIFFUSION_FIELDS = ("diffusion", "diffusion_elements")
 
@@ -42,12 +43,13 @@ def _schedule(kind: str, timesteps: int, prediction: str) -> NoiseSchedule:
     return NoiseSchedule(kind, timesteps, prediction)
 
 
-def attended_keys(batch: dict) -> torch.Tensor:
-    """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
+def attended_keys(batch: dict, cross_document: bool = False) -> torch.Tensor:
+    """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout
+    (``cross_document``: ``data.attention=causal``; a dropped image sees the same keys in both)."""
     from megafusion.layers.attended_keys import attended_keys as mixed_keys
 
     image_ids = batch["image_ids"]
-    keys = mixed_keys(batch["document_ids"], image_ids)
+    keys = mixed_keys(batch["document_ids"], image_ids, cross_document)
     dropped = batch["first_key"] > 0
     if dropped.any():
         # A dropped patch sees <bos>, <boi> and every patch of its image; a dropped <boi> sees
@@ -169,8 +171,8 @@ class Transfusion(Objective):
         # The whole microbatch's images (the forward step shards the batch after this); the model
         # reads whole images on every context-parallel rank, and the loss counts them 1 / cp.
         images, target = noised_images(batch, schedule_for(o), cfg.train.seed, device, o.uncaptioned_max_t)
-        shard = current_shard(cfg.model.seq_length)
-        cp = (0, 1) if shard is None else (shard.rank, shard.size)
+        size = context_parallel_size()
+        cp = (0, 1) if size == 1 else (parallel_state.get_context_parallel_rank(), size)
         return {"images": images}, (
             target,
             o.diffusion_weight,
@@ -188,8 +190,11 @@ class Transfusion(Objective):
             return {f"{prefix}/diffusion": sums["diffusion"] / sums["diffusion_elements"]}
         return {}
 
-    def flops_inputs(self, batch):
-        out = {"keys": attended_keys(batch)} if "first_key" in batch else super().flops_inputs(batch)
+    def flops_inputs(self, batch, cross_document=False):
+        if "first_key" in batch:
+            out = {"keys": attended_keys(batch, cross_document)}
+        else:
+            out = super().flops_inputs(batch, cross_document)
         if "latents" in batch:
             out["num_images"] = batch["latents"].shape[0]
         return out

@@ -41,8 +41,9 @@ from megafusion.objectives.build import build_model_chunks
 from megafusion.objectives.registry import get_objective
 from megafusion.runtime import initialize, seed_everything, stage_channel
 from megafusion.runtime.children import die_with_parent
+from megafusion.runtime.context_parallel import ContextShard
 from megafusion.training import numerics, resume_changes, run_dir
-from megafusion.training.forward_step import make_forward_step, report_fields
+from megafusion.training.forward_step import keys_per_query, make_forward_step, report_fields
 from megafusion.training.grads import full_gradients
 from megafusion.training.metrics import MetricsLogger, duration, memory_gb
 from megafusion.training.optim import build_optimizer
@@ -148,6 +149,19 @@ class Trainer:
         out["extra"] = vec[len(self.fields) :].tolist()
         return out
 
+    def _context_pairs(self, microbatches: list[dict]) -> list[int] | None:
+        """Unmasked query-key pairs each context-parallel rank computes over these microbatches
+        (the forward step's balanced shards), None without context parallelism."""
+        cp = self.cfg.parallel.cp
+        if cp == 1:
+            return None
+        total = [0] * cp
+        for mb in microbatches:
+            keys = keys_per_query(self.objective, mb, self.cfg.data.cross_document())
+            shard = ContextShard(0, cp, keys.shape[1], keys.sum(0))
+            total = [t + p for t, p in zip(total, shard.pairs(keys))]
+        return total
+
     def train_step(self, step: int, consumed: int, dump_grads: str | None) -> dict:
         """One optimizer step. A step whose loss or gradient norm is not finite updates nothing and
         comes back with ``skipped`` (what was not finite, and where); the loop applies train.on_nan."""
@@ -162,13 +176,15 @@ class Trainer:
         for mb in microbatches:
             # The objective's mask and extra modules (Transfusion: each image's time embedding,
             # patch embedding and head) are counted too.
-            inputs = {"latent_shape": self.latent_shape, **self.objective.flops_inputs(mb)}
+            keys = self.objective.flops_inputs(mb, self.cfg.data.cross_document())
+            inputs = {"latent_shape": self.latent_shape, **keys}
             counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)
             again = recompute_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)["total"]
             flops += torch.tensor(
                 [counted["total"], *(counted["per_modality"][m] for m in MODALITY_NAMES), again], dtype=torch.float64
             )
         flops = torch.cat([flops, _served_tokens(microbatches, self.data.train)])
+        pairs = self._context_pairs(microbatches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -230,6 +246,8 @@ class Trainer:
         )
         record.update({f"flops/{m}": v for m, v in zip(MODALITY_NAMES, r["extra"][1 : 1 + len(MODALITY_NAMES)])})
         record.update(_token_shares(r["extra"][2 + len(MODALITY_NAMES) :], self.data.train))
+        if pairs is not None:  # the most loaded context-parallel rank over the mean (this rank's microbatches)
+            record["cp/pair_imbalance"] = max(pairs) * len(pairs) / max(sum(pairs), 1)
         if margin is not None and math.isfinite(smallest := margin.item()):  # after _reduce's sync: no wait
             record["moe/min_margin"] = smallest
         if aux is not None:
