@@ -66,24 +66,27 @@ def test_transfusion_layout_matches_single_process(layout, reference, tmp_path):
 
 def test_cp_rows_hold_documents_and_straddling_images():
     """The data the CP layouts train on: every row of the first step packs several documents, and
-    some images span both CP=2 ranks' head-tail chunks (rank 0: positions 0-31 and 96-127 of 128)."""
+    images span both CP=2 ranks' shares, as the forward step balances them (each microbatch's
+    chunks dealt by attended keys, caption dropout included)."""
     from megafusion.config import load_config
     from megafusion.data.sources import build_data
-    from megafusion.runtime.context_parallel import head_tail_positions
+    from megafusion.objectives.registry import get_objective
+    from megafusion.runtime.context_parallel import ContextShard
+    from megafusion.training.forward_step import keys_per_query
 
     cfg = load_config(str(ROOT / CONFIG), [])
-    batch = build_data(cfg).train.microbatch(0, cfg.train.global_batch_size)
-    s = cfg.model.seq_length
-    assert all(int(row.max()) >= 1 for row in batch["document_ids"])  # >= 2 documents per row
-    owner = torch.zeros(s, dtype=torch.int64)
-    owner[head_tail_positions(s, 2, 1)] = 1
-    straddling = [
-        (row, k)
-        for row, ids in enumerate(batch["image_ids"])
-        for k in range(int(ids.max()) + 1)
-        if owner[ids == k].unique().numel() == 2
-    ]
-    assert len(straddling) >= 2, straddling
+    source, objective = build_data(cfg).train, get_objective(cfg.objective.name)
+    mbs, s = cfg.train.micro_batch_size, cfg.model.seq_length
+    batches = [source.microbatch(i, mbs) for i in range(0, cfg.train.global_batch_size, mbs)]
+    objective.prepare_step(cfg, source, 0, batches, training=True)
+    straddling = []
+    for n, batch in enumerate(batches):
+        assert all(int(row.max()) >= 1 for row in batch["document_ids"])  # >= 2 documents per row
+        owner = torch.zeros(s, dtype=torch.int64)
+        owner[ContextShard(0, 2, s, keys_per_query(objective, batch).sum(0)).by_rank[1]] = 1
+        for row, ids in enumerate(batch["image_ids"]):
+            straddling += [(n, row, k) for k in range(int(ids.max()) + 1) if owner[ids == k].unique().numel() == 2]
+    assert len(straddling) >= 4, straddling
 
 
 @pytest.mark.torchrun
