@@ -3,7 +3,8 @@
 Every number is bytes on one rank. ``p`` = bytes of a parameter element (``model.params_dtype``:
 4 for fp32, 2 for bf16), ``a`` = bytes of an activation element (same dtype), 4 for fp32
 tensors. Notation: h hidden, H heads, G kv groups, d = h / H head dim, f ffn, V vocabulary,
-s sequence, b micro-batch size, t TP, P PP, v VPP chunks per stage, D data-parallel size.
+s sequence, b micro-batch size, t TP, P PP, v VPP chunks per stage, c CP, D the data-parallel
+size megatron's DDP and distributed optimizer use: DP x CP (its ``with_context_parallel`` group).
 
 Parameters, gradients, optimizer states (exact: they follow megatron-core 0.16.1's allocations)
 ---------------------------------------------------------------------------------------------
@@ -60,6 +61,17 @@ the linear inputs run on the sequence shard):
 - last stage, last chunk: final norm ``4 (2 h_s) + 4`` (per-modality norms ``+ a h``), output-layer
   input ``a h_s``, fp32 logits ``4 (1 + [z-loss]) V / t``, loss ``4 * 3 + 1 + 8``; the extra
   modules' per image token (Transfusion: the head's input ``a h``).
+
+Context parallelism (``parallel.cp`` = c > 1, :mod:`megafusion.runtime.context_parallel`): a
+rank holds ``s / c`` of each row's tokens, so every per-token term above counts ``s b / c``
+tokens and RoPE's table is this rank's positions per sequence ``4 * 4 (s b / c) d``; the mask is
+this rank's query rows against every key, ``a b (s / c) s`` (and ``b (s / c) s`` kept by
+recompute); the attention kernel saves the all-gathered keys and values of the whole row, ``2 a b
+s G d / t`` per layer and microbatch (:func:`kv_row_bytes`), instead of this rank's RoPE'd keys
+(``a G d / t`` per token less). Selective recompute keeps core attention's inputs, this rank's q,
+k, v, and not the gathered ones. Parameters are whole on every CP rank; gradients and optimizer
+states follow the buffers and shards over D = DP x CP. Measured: dense (with the distributed
+optimizer, and with selective / full recompute) and MoT at CP=2, fp32.
 
 Recompute (``train.recompute``, megatron-core's ``recompute_granularity``): ``full`` keeps a
 layer's input ``a h_s`` per token per layer and re-runs one layer in the backward (its
@@ -324,7 +336,7 @@ def layer_activation_bytes(
         "mlp": tokens * mlp,
     }
     if cp > 1:
-        parts["kv_gathered"] = gathered_kv_bytes(cfg, rank, a, b)
+        parts["kv_gathered"] = kv_row_bytes(cfg, t, a, b)
     # Per-modality copies: the grouped linears' and norms' gathers and scatters (an expert FFN is
     # counted as MoT's, one expert per token at the default capacity, checked on one CPU run only:
     # -2% at mixed_small).
@@ -335,14 +347,12 @@ def layer_activation_bytes(
     return parts
 
 
-def gathered_kv_bytes(cfg, rank: Rank, a: int, micro_batch: int) -> float:
-    """Context parallelism: the keys and values one layer all-gathers over the context-parallel
-    group for one microbatch, the whole row's (``2 b s G d / t`` elements), which the attention
-    kernel saves for its backward (:mod:`megafusion.layers.core_attention`)."""
-    if rank.cp == 1:
-        return 0.0
+def kv_row_bytes(cfg, tp: int, a: int, micro_batch: int) -> float:
+    """The keys and values of a whole row for one layer and microbatch on one TP rank, ``2 b s (G /
+    t) d a`` bytes: what context parallelism all-gathers (and the kernel then saves for its
+    backward, :mod:`megafusion.layers.core_attention`); only GQA's ``G`` key / value heads."""
     h, heads, groups, _ = _dims(cfg)
-    return a * 2 * micro_batch * cfg.model.seq_length * groups * (h // heads) / rank.tp
+    return a * 2 * micro_batch * cfg.model.seq_length * groups * (h // heads) / tp
 
 
 def _mod_layer(parts: dict, c: float, tokens: int, h: int, a: int) -> dict:
@@ -379,7 +389,7 @@ def chunk_activation_bytes(
     kept, transient, ends, mask = 0.0, 0.0, 0.0, 0.0
     # Selective recompute checkpoints core attention: under CP its inputs are this rank's q, k, v
     # (the gather runs again inside), so the gathered K/V go and the RoPE'd local keys stay.
-    local_keys = tokens * a * _dims(cfg)[2] * (h // _dims(cfg)[1]) / t if rank.cp > 1 else 0.0
+    local_keys = kv_row_bytes(cfg, t, a, b) / 2 / rank.cp if rank.cp > 1 else 0.0
     costs = layer_costs(cfg)
     made: dict[int, dict[str, float]] = {}  # one layer's bytes, per distinct LayerCost
     for layer in chunk_layers(cfg, rank, chunk):
