@@ -10,9 +10,9 @@ redo the sums by hand (GB = 1e9 bytes, seconds).
 Context parallelism (``parallel.cp``): the sizes given (``megafusion plan --cp 1,2,4``), else
 automatic: CP 1, and the powers of two from 2 up to a node's GPUs that divide the GPU count when
 a row holds at least :data:`LONG_ROW` tokens (where the ``s^2`` masks and the activations of a
-whole row per GPU dominate) or when no layout without CP fits. CP only pays when memory needs it
-or the pipeline's bubble shrinks with the smaller microbatches: at equal GPUs it adds the K/V
-all-gathers to the same compute and gradient traffic as DP.
+whole row per GPU dominate) or when no layout without CP fits. At equal GPUs the model prices CP as DP
+plus the K/V all-gathers, less pipeline bubble (each microbatch is ``1 / cp`` of the rows): it pays
+where memory needs it or where the bubble shrinks by more than the gathers cost.
 """
 
 from __future__ import annotations
