@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from bench.provenance import cpu_cores, git_commit, machine, recorded_command, utc_now
+from bench.provenance import cpu_cores, cpu_name, git_commit, machine, recorded_command, utc_now
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -392,7 +392,8 @@ def run(args, argv: list[str]) -> dict:
         "benchmark": "cp_attention",
         "quick": args.quick,
         "preset": "quick" if args.quick else "gpu" if args.gpu else "cpu",
-        "device": machine(),
+        # the ranks' machine (the launcher's own torch threads say nothing: each rank runs one)
+        "device": machine() if torch.cuda.is_available() else f"{cpu_name()}, {cpu_cores()} cores",
         "device_type": "cuda" if torch.cuda.is_available() else "cpu",
         "ranks_without_sharing": units,
         "threads_per_rank": None if torch.cuda.is_available() else 1,
