@@ -238,7 +238,9 @@ def _case(args, cp: int, rank: int, seq: int, mask_name: str, device, counts: di
     dtype, b, H, G, d = dtype_of(args.dtype), args.batch, args.heads, args.groups, args.head_dim
     cfg, attention = _attention(args, seq, cp, device)
     meta = row_metadata(mask_name, b, seq, args.seed)
-    shard = ContextShard(rank, cp, seq)
+    # The forward step's shards: chunks balanced by the keys each query attends.
+    attended = attended_keys(meta["document_ids"], meta.get("image_ids"))
+    shard = ContextShard(rank, cp, seq, attended.sum(0))
     positions = shard.positions if cp > 1 else torch.arange(seq)
     keys = shard.key_positions if cp > 1 else torch.arange(seq)
     # The forward step's own call; with CP=1 the identity cut gives the whole row's mask in the same form.
@@ -288,7 +290,8 @@ def _case(args, cp: int, rank: int, seq: int, mask_name: str, device, counts: di
     step_ms = timed(step)
     comm_ms = timed(comm) if cp > 1 else None
 
-    pairs = query_key_pairs(attended_keys(meta["document_ids"], meta.get("image_ids")), cp)
+    pairs = shard.pairs(attended)
+    head_tail = query_key_pairs(attended, cp)  # megatron's split, for comparison
     kv = cp_bytes_per_layer(cfg, 1, args.dtype, b)
     return {
         "seq": seq,
@@ -301,6 +304,7 @@ def _case(args, cp: int, rank: int, seq: int, mask_name: str, device, counts: di
         "predicted_bytes_per_rank": {"all_gather": ring(cp) * kv, "reduce_scatter": ring(cp) * kv},
         "query_key_pairs": pairs,
         "pair_imbalance": round(max(pairs) / (sum(pairs) / len(pairs)), 4),
+        "head_tail_pair_imbalance": round(max(head_tail) / (sum(head_tail) / len(head_tail)), 4),
         "max_error": error,
     }
 
@@ -435,7 +439,8 @@ def render_table(results_dir: Path) -> str:
         "gradients, the slowest rank's median (p10-p90) ms; comm: the all-gather + reduce-scatter alone. Bytes:",
         "per rank and layer, all-gather received + reduce-scatter sent, measured at megatron-core's collectives,",
         "and the planner's `2 s b (G/t) d a x (c-1)/c` each. Efficiency: time(CP=1) / (c x time(CP=c)).",
-        "Pairs: unmasked query-key pairs of the busiest rank over the mean. Error: |CP - one process| / max.",
+        "Pairs: unmasked query-key pairs of the busiest rank over the mean, with the forward step's shards (chunks",
+        "balanced by attended keys) and with megatron's head-tail split. Error: |CP - one process| / max.",
         "",
     ]
     for path in sorted(Path(results_dir).glob(RESULT_GLOB)):
@@ -455,7 +460,7 @@ def render_table(results_dir: Path) -> str:
             + f"; load average {r['load_average_1min']['start']} -> {r['load_average_1min']['end']}",
             "",
             "| seq | mask | CP | step ms | comm ms | efficiency | bytes/rank MB (measured) | bytes/rank MB (planner) "
-            "| pairs max/mean | error | mask |",
+            "| pairs max/mean (balanced; head-tail) | error | mask |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
@@ -466,7 +471,8 @@ def render_table(results_dir: Path) -> str:
                 f"| {row['seq']} | {row['mask']} | {row['cp']}{oversubscribed}"
                 f" | {_ms(row['step_ms'])} | {_ms(row['comm_ms'])} | {'-' if eff is None else f'{eff:.3f}'} | "
                 f"{_mb(got['all_gather'])} + {_mb(got['reduce_scatter'])} | "
-                f"{_mb(want['all_gather'])} + {_mb(want['reduce_scatter'])} | {row['pair_imbalance']:.3f} | "
+                f"{_mb(want['all_gather'])} + {_mb(want['reduce_scatter'])} | {row['pair_imbalance']:.3f}; "
+                f"{row.get('head_tail_pair_imbalance', row['pair_imbalance']):.3f} | "
                 f"{'-' if err is None else format(err, '.1e')} | {row['mask_kind']} |"
             )
         lines.append("")
