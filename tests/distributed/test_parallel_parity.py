@@ -63,11 +63,12 @@ def test_layouts_are_not_trivially_equal(reference, tmp_path):
 
 def test_cross_document_attention_at_document_positions_trains_and_pipelines(tmp_path):
     """``data.attention=causal`` + ``data.positions=document`` (packed synthetic documents; padding and
-    images are the in-process tests'): the loss falls step by step, and PP=2 (each stage makes its
-    own rotary table at the batch's document positions) matches one process."""
+    images are the in-process tests'): the loss falls step by step, and PP=2 x CP=2 (each stage makes
+    its own rotary table at the document positions of its context shard, and the cross-document mask's
+    rows are cut for the shard) matches one process."""
     overrides = ["train.steps=3", "train.global_batch_size=4", "model.num_layers=2", "data.attention=causal"]
     overrides += ["data.positions=document"]
     losses, grads, _ = run_train(tmp_path, 1, CONFIG, overrides, "causal_single")
     assert losses[0] > losses[1] > losses[2], losses
-    pp = run_train(tmp_path, 2, CONFIG, [*overrides, "parallel.pp=2"], "causal_pp2")[:2]
-    assert_same_training((losses, grads), pp, "pp2 causal document", REL_TOL)
+    pp = run_train(tmp_path, 4, CONFIG, [*overrides, "parallel.pp=2", "parallel.cp=2"], "causal_pp2_cp2")[:2]
+    assert_same_training((losses, grads), pp, "pp2 x cp2 causal document", REL_TOL)
