@@ -3,7 +3,8 @@
 # kernels checked in bf16 against the per-group loop and timed against one dense GEMM
 # (bench.kernels), then one MoT layer and one MoMa layer against dense, with the Triton kernels and
 # with the torch reference (bench.mot_layer / bench.moma_layer, which need megatron-core: wheels
-# in .whl/ are installed first, for a machine without a package index). Results (JSON + logs) go to $OUT, default
+# in .whl/ are installed first, for a machine without a package index), and, on 2+ GPUs, the
+# context-parallel attention at 32k tokens (bench.cp_attention --gpu). Results (JSON + logs) go to $OUT, default
 # bench/results/gpu; copy them into bench/results and re-render the tables with --table-only.
 #   bash bench/gpu_suite.sh            # on the GPU machine, from the repository root
 set -euo pipefail
@@ -28,4 +29,12 @@ if python3 -c "import megatron.core" 2> /dev/null; then
 else
   echo "megatron-core is not importable: layer benchmarks skipped (put its wheels in .whl/)" |
     tee "$OUT/layers_skipped.txt"
+fi
+# 3. context-parallel attention at 8k-32k tokens (bf16, flex): one rank per GPU, so only where the
+#    machine has 2 or more (a one-GPU machine cannot run CP=2; the script says so and goes on)
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && python3 -c "import megatron.core" 2> /dev/null; then
+  python3 -m bench.cp_attention --gpu --out "$OUT/cp_attention_gpu.json" 2>&1 | tee "$OUT/cp_attention.log"
+else
+  echo "bench.cp_attention --gpu skipped: it needs 2+ GPUs (one per CP rank) and megatron-core" |
+    tee "$OUT/cp_attention_skipped.txt"
 fi

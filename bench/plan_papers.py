@@ -43,11 +43,11 @@ def worked_example(row: dict, result: dict) -> list[str]:
         c["last_stage_layer_flops_per_token"],
         c["output_layer_flops_per_token"],
     )
-    per_mb = (t["compute"] + t["tp_comm"] + t["pp_p2p"] + t["ep_a2a"]) / M
+    per_mb = (t["compute"] + t["tp_comm"] + t["cp_comm"] + t["pp_p2p"] + t["ep_a2a"]) / M
     held = c["buffer_numel"] if dist else c["params_on_rank"]
     share = f"/ DP = {row['dp']}" if dist else "all"
     parts = " + ".join(
-        f"{t[k]:.3f}" for k in ("compute", "tp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")
+        f"{t[k]:.3f}" for k in ("compute", "tp_comm", "cp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")
     )
     full = " (x 4/3 on the layers for full recompute)" if row["recompute"] == "full" else ""
     return [

@@ -21,11 +21,12 @@ from megafusion.core.io import ensure_writable_file_parent
 PROG = "megafusion plan"
 
 DESCRIPTION = """\
-Every parallel layout (TP, SP, PP, VPP, DP, EP, distributed optimizer, recompute, micro-batch size)
-of a config that validates on N GPUs, with the predicted memory of its fullest GPU (parameters,
-gradients, optimizer states, activations) and its step time (compute, TP / pipeline / DP / expert
-communication, bubble, optimizer), ranked fastest first; layouts that do not fit are marked. The
-GPU numbers and the efficiency are printed and can be overridden."""
+Every parallel layout (TP, SP, CP, PP, VPP, DP, EP, distributed optimizer, recompute, micro-batch
+size) of a config that validates on N GPUs, with the predicted memory of its fullest GPU (parameters,
+gradients, optimizer states, activations) and its step time (compute, TP / CP / pipeline / DP /
+expert communication, bubble, optimizer), ranked fastest first; layouts that do not fit are marked.
+The GPU numbers and the efficiency are printed and can be overridden. Context parallelism is tried
+for rows of 8192 tokens or more, or when nothing fits without it (--cp picks the sizes)."""
 
 EXAMPLES = (
     "megafusion plan --config examples/configs/papers/mot_7b.yaml --gpus 64 --gpu h100",
@@ -56,6 +57,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-shape", metavar="C,H,W", help="Transfusion: one image latent's shape")
     p.add_argument("--recompute", help="only these train.recompute modes (comma-separated)")
     p.add_argument("--micro-batch-sizes", metavar="LIST", help="micro-batch sizes to try (default 1,2,4,8)")
+    p.add_argument(
+        "--cp",
+        metavar="LIST",
+        help="context-parallel sizes to try (default: 1, and 2, 4, 8 up to a node's GPUs for rows of 8192 "
+        "tokens or more or when nothing fits without)",
+    )
     p.add_argument("--top", type=int, default=20, help="rows per group in the table (0: all)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--json", metavar="FILE", help="also write every layout and the assumptions as JSON")
@@ -95,6 +102,9 @@ def plan_command(argv: list[str]) -> int:
         )
     if micro_batch_sizes is not None and min(micro_batch_sizes) < 1:
         raise UsageError(f"--micro-batch-sizes {args.micro_batch_sizes}: expected positive integers")
+    cp_sizes = _ints(args.cp, "--cp")
+    if cp_sizes is not None and min(cp_sizes) < 1:
+        raise UsageError(f"--cp {args.cp}: expected positive integers (context-parallel sizes, 1 = none)")
     if args.json:  # an output that cannot be written fails now, not after the search
         ensure_writable_file_parent(args.json, "--json")
     from megafusion.planning.hardware import hardware
@@ -142,6 +152,7 @@ def plan_command(argv: list[str]) -> int:
             image_fraction=args.image_fraction,
             recompute=modes,
             micro_batch_sizes=micro_batch_sizes,
+            cp_sizes=cp_sizes,
         )
     except ValueError as err:  # a config the formulas cannot count (e.g. a latent the patch size does not divide)
         raise UsageError(str(err)) from err

@@ -3,7 +3,8 @@
 Every number is bytes on one rank. ``p`` = bytes of a parameter element (``model.params_dtype``:
 4 for fp32, 2 for bf16), ``a`` = bytes of an activation element (same dtype), 4 for fp32
 tensors. Notation: h hidden, H heads, G kv groups, d = h / H head dim, f ffn, V vocabulary,
-s sequence, b micro-batch size, t TP, P PP, v VPP chunks per stage, D data-parallel size.
+s sequence, b micro-batch size, t TP, P PP, v VPP chunks per stage, c CP, D the data-parallel
+size megatron's DDP and distributed optimizer use: DP x CP (its ``with_context_parallel`` group).
 
 Parameters, gradients, optimizer states (exact: they follow megatron-core 0.16.1's allocations)
 ---------------------------------------------------------------------------------------------
@@ -61,6 +62,17 @@ the linear inputs run on the sequence shard):
   input ``a h_s``, fp32 logits ``4 (1 + [z-loss]) V / t``, loss ``4 * 3 + 1 + 8``; the extra
   modules' per image token (Transfusion: the head's input ``a h``).
 
+Context parallelism (``parallel.cp`` = c > 1, :mod:`megafusion.runtime.context_parallel`): a
+rank holds ``s / c`` of each row's tokens, so every per-token term above counts ``s b / c``
+tokens and RoPE's table is this rank's positions per sequence ``4 * 4 (s b / c) d``; the mask is
+this rank's query rows against every key, ``a b (s / c) s`` (and ``b (s / c) s`` kept by
+recompute); the attention kernel saves the all-gathered keys and values of the whole row, ``2 a b
+s G d / t`` per layer and microbatch (:func:`kv_row_bytes`), instead of this rank's RoPE'd keys
+(``a G d / t`` per token less). Selective recompute keeps core attention's inputs, this rank's q,
+k, v, and not the gathered ones. Parameters are whole on every CP rank; gradients and optimizer
+states follow the buffers and shards over D = DP x CP. Measured: dense (with the distributed
+optimizer, and with selective / full recompute) and MoT at CP=2, fp32.
+
 Recompute (``train.recompute``, megatron-core's ``recompute_granularity``): ``full`` keeps a
 layer's input ``a h_s`` per token per layer and re-runs one layer in the backward (its
 activations added once); ``selective`` recomputes core attention: its log-sum-exp and float mask
@@ -110,6 +122,18 @@ class Rank:
     dp_rank: int = 0
     sp: bool = False
     ep: int = 1
+    cp: int = 1
+    cp_rank: int = 0
+
+    @property
+    def dp_cp(self) -> int:
+        """The group megatron's DDP and distributed optimizer reduce and shard over: data x context."""
+        return self.dp * self.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's place in that group (megatron's order tp-cp-ep-dp-pp: context ranks fastest)."""
+        return self.cp_rank + self.cp * self.dp_rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +252,8 @@ def state_bytes(cfg, rank: Rank, params_dtype: str, latent_shape=None) -> dict[s
     """``params``, ``grads``, ``optimizer`` bytes on this rank (see the module docstring)."""
     p = dtype_bytes(params_dtype)
     dist = cfg.parallel.distributed_optimizer
-    expert_dp = rank.tp * rank.dp // rank.ep  # expert tensor parallel size 1: experts span TP x DP
+    # expert tensor parallel size 1: experts span TP x CP x DP (megatron's expert generator has no CP)
+    expert_dp = rank.tp * rank.dp_cp // rank.ep
     totals = {"params": 0, "grads": 0, "optimizer": 0}
     for chunk in range(rank.vpp):
         tensors = chunk_parameters(cfg, rank, chunk, latent_shape)
@@ -236,12 +261,12 @@ def state_bytes(cfg, rank: Rank, params_dtype: str, latent_shape=None) -> dict[s
             if not numels:
                 continue
             elem = FP32 if kind == "fp32" else p
-            dp = expert_dp if kind == "expert" else rank.dp
+            dp = expert_dp if kind == "expert" else rank.dp_cp
             n = buffer_numel(numels, dp, dist)
             totals["grads"] += FP32 * n
             if dist:
                 totals["params"] += elem * n
-                owned = shard_elements(numels, dp, rank.dp_rank % dp)
+                owned = shard_elements(numels, dp, rank.dp_cp_rank % dp)
             else:
                 totals["params"] += elem * sum(numels)
                 owned = sum(numels)
@@ -280,16 +305,18 @@ def layer_activation_bytes(
     h, heads, groups, f = _dims(cfg)
     d, s = h // heads, cfg.model.seq_length
     b = micro_batch or cfg.train.micro_batch_size
-    t, a = rank.tp, dtype_bytes(params_dtype)
+    t, a, cp = rank.tp, dtype_bytes(params_dtype), rank.cp
     sp = rank.sp and t > 1
     hs, r = (h / t, 1 / t) if sp else (h, 1)
-    tokens = s * b
+    tokens = s * b / cp  # this rank's share of the microbatch (context parallelism: s / cp of each row)
     norm = FP32 * 2 * hs + FP32 * r
     attn = norm + a * hs + a * (heads + 2 * groups) * d / t
     if cfg.model.qk_norm:
         k_input = 0 if a == FP32 else groups * d
         attn += FP32 * (2 * heads * d + groups * d + k_input) / t + FP32 * (heads + groups) / t
     attn += a * (heads + groups) * d / t + a * heads * d / t + FP32 * heads / t
+    if cp > 1:  # the kernel saves the gathered keys (counted below), not this rank's RoPE'd ones
+        attn -= a * groups * d / t
     cost = (costs or layer_costs(cfg))[layer - 1]
     # A further FFN run on the same input (a layer whose token runs two FFNs) saves its fc1 output
     # (2f), SiLU output and gated product (f each): 4f, measured (tests/planning/
@@ -303,10 +330,13 @@ def layer_activation_bytes(
     mlp = norm + a * hs + a * 5 * f / t + a * 4 * f / t * (runs - 1)
     parts = {
         "attention": tokens * attn,
-        "rope": FP32 * 4 * s * d,
-        "mask": a * b * s * s if _has_dense_mask(cfg) else 0,
+        # one table for the row; under CP the rows of this rank's positions, per sequence
+        "rope": FP32 * 4 * (s if cp == 1 else tokens) * d,
+        "mask": a * b * (s / cp) * s if _has_dense_mask(cfg) else 0,
         "mlp": tokens * mlp,
     }
+    if cp > 1:
+        parts["kv_gathered"] = kv_row_bytes(cfg, t, a, b)
     # Per-modality copies: the grouped linears' and norms' gathers and scatters (an expert FFN is
     # counted as MoT's, one expert per token at the default capacity, checked on one CPU run only:
     # -2% at mixed_small).
@@ -315,6 +345,14 @@ def layer_activation_bytes(
     if cost.block_fraction != 1:
         parts = _mod_layer(parts, cost.block_fraction, tokens, h, a)
     return parts
+
+
+def kv_row_bytes(cfg, tp: int, a: int, micro_batch: int) -> float:
+    """The keys and values of a whole row for one layer and microbatch on one TP rank, ``2 b s (G /
+    t) d a`` bytes: what context parallelism all-gathers (and the kernel then saves for its
+    backward, :mod:`megafusion.layers.core_attention`); only GQA's ``G`` key / value heads."""
+    h, heads, groups, _ = _dims(cfg)
+    return a * 2 * micro_batch * cfg.model.seq_length * groups * (h // heads) / tp
 
 
 def _mod_layer(parts: dict, c: float, tokens: int, h: int, a: int) -> dict:
@@ -344,11 +382,14 @@ def chunk_activation_bytes(
     last stage) and ``transient`` (full recompute: one layer's activations rebuilt in the backward)."""
     h, _, _, _ = _dims(cfg)
     b = micro_batch or cfg.train.micro_batch_size
-    tokens = cfg.model.seq_length * b
+    tokens = cfg.model.seq_length * b / rank.cp
     t, a = rank.tp, dtype_bytes(params_dtype)
     sp = rank.sp and t > 1
     hs = h / t if sp else h
     kept, transient, ends, mask = 0.0, 0.0, 0.0, 0.0
+    # Selective recompute checkpoints core attention: under CP its inputs are this rank's q, k, v
+    # (the gather runs again inside), so the gathered K/V go and the RoPE'd local keys stay.
+    local_keys = kv_row_bytes(cfg, t, a, b) / 2 / rank.cp if rank.cp > 1 else 0.0
     costs = layer_costs(cfg)
     made: dict[int, dict[str, float]] = {}  # one layer's bytes, per distinct LayerCost
     for layer in chunk_layers(cfg, rank, chunk):
@@ -361,7 +402,8 @@ def chunk_activation_bytes(
             kept += tokens * a * hs
             transient = max(transient, one_layer)
         elif recompute == "selective":
-            kept += one_layer - mask - tokens * FP32 * cfg.model.num_attention_heads / t
+            lse = tokens * FP32 * cfg.model.num_attention_heads / t
+            kept += one_layer - mask - lse - parts.get("kv_gathered", 0.0) + local_keys
         else:
             kept += one_layer
     objective = get_objective(cfg.objective.name)
@@ -370,7 +412,7 @@ def chunk_activation_bytes(
     if recompute != "none" and mask:
         # The checkpointed regions keep their arguments, the boolean mask among them: one tensor
         # for every layer of the chunk, 1 byte per element.
-        ends += b * cfg.model.seq_length**2
+        ends += b * cfg.model.seq_length**2 / rank.cp  # this rank's query rows under CP
     if rank.pp_rank == 0 and chunk == 0:
         ends += 8 * tokens + image_tokens * per_image_token["first"]
     tail = 0.0

@@ -6,6 +6,13 @@ pipeline stages; DP rank 0) and its step time (:mod:`megafusion.planning.step_ti
 that fit (``total + reserve <= GPU memory``) come first, fastest first; those that do not follow,
 marked, smallest first. :func:`format_table` prints them with every column a reader needs to
 redo the sums by hand (GB = 1e9 bytes, seconds).
+
+Context parallelism (``parallel.cp``): the sizes given (``megafusion plan --cp 1,2,4``), else
+automatic: CP 1, and the powers of two from 2 up to a node's GPUs that divide the GPU count when
+a row holds at least :data:`LONG_ROW` tokens (where the ``s^2`` masks and the activations of a
+whole row per GPU dominate) or when no layout without CP fits. At equal GPUs the model prices CP as DP
+plus the K/V all-gathers, less pipeline bubble (each microbatch is ``1 / cp`` of the rows): it pays
+where memory needs it or where the bubble shrinks by more than the gathers cost.
 """
 
 from __future__ import annotations
@@ -15,9 +22,17 @@ from megafusion.core.errors import UsageError
 from megafusion.objectives.registry import get_objective
 from megafusion.planning import memory as mem
 from megafusion.planning.search import layouts
-from megafusion.planning.step_time import bubble_fraction, mean_attended_keys, stage_flops_per_token, step_time
+from megafusion.planning.step_time import (
+    bubble_fraction,
+    cp_bytes_per_layer,
+    mean_attended_keys,
+    stage_flops_per_token,
+    step_time,
+)
 
 GB = 1e9
+# Rows of at least this many tokens: the automatic search tries context parallelism too.
+LONG_ROW = 8192
 
 
 def _rank(layout, pp_rank: int) -> mem.Rank:
@@ -30,6 +45,7 @@ def _rank(layout, pp_rank: int) -> mem.Rank:
         dp_rank=0,
         sp=layout.sp,
         ep=layout.ep,
+        cp=layout.cp,
     )
 
 
@@ -60,16 +76,17 @@ def evaluate(cfg, layout, hw, params_dtype, efficiency, reserve_gb, latent_shape
     numel = buffer = 0
     for chunk in range(layout.vpp):
         for kind, numels in mem.chunk_parameters(run_cfg, worst_rank, chunk, latent_shape).items():
-            dp = layout.tp * layout.dp // layout.ep if kind == "expert" else layout.dp
+            dp = layout.tp * layout.dp * layout.cp // layout.ep if kind == "expert" else layout.dp * layout.cp
             numel += sum(numels)
             buffer += mem.buffer_numel(numels, dp, layout.distributed_optimizer)
     flops = stage_flops_per_token(run_cfg, last)
     model_flops = tokens * flops_per_token(run_cfg, mean_attended_keys(run_cfg))
-    world = layout.tp * layout.pp * layout.dp
+    world = layout.tp * layout.pp * layout.dp * layout.cp
     return {
         "layout": layout.label(),
         "tp": layout.tp,
         "sp": layout.sp,
+        "cp": layout.cp,
         "pp": layout.pp,
         "vpp": layout.vpp,
         "dp": layout.dp,
@@ -84,7 +101,12 @@ def evaluate(cfg, layout, hw, params_dtype, efficiency, reserve_gb, latent_shape
         "check": {
             "params_on_rank": numel,
             "buffer_numel": buffer,
-            "tokens_per_microbatch": t.micro_batch_size * run_cfg.model.seq_length,
+            # on one rank: s b / CP
+            "tokens_per_microbatch": t.micro_batch_size * run_cfg.model.seq_length // layout.cp,
+            # one layer's K/V all-gather under CP (whole row, this TP rank's kv heads); 0 without CP
+            "cp_bytes_per_layer": cp_bytes_per_layer(run_cfg, layout.tp, params_dtype, t.micro_batch_size)
+            if layout.cp > 1
+            else 0.0,
             "last_stage_layer_flops_per_token": flops["layers"],
             "output_layer_flops_per_token": flops["output"],
         },
@@ -106,8 +128,10 @@ def plan(
     image_fraction: float = 0.5,
     recompute=None,
     micro_batch_sizes=None,
+    cp_sizes=None,
 ) -> dict:
-    """The assumptions and every layout's row, ranked (see the module docstring)."""
+    """The assumptions and every layout's row, ranked (see the module docstring); ``cp_sizes``: the
+    context-parallel sizes to try, None for the automatic choice."""
     if cfg.model.vocab_size is None:
         raise UsageError(
             "model.vocab_size is unset: the plan needs it; set model.vocab_size=N (the padded vocabulary a run takes "
@@ -115,13 +139,32 @@ def plan(
         )
     if not 0 < efficiency <= 1:
         raise UsageError(f"--efficiency {efficiency}: must be in (0, 1]")
-    found = layouts(cfg, world_size, hw.gpus_per_node, recompute, micro_batch_sizes)
-    if not found:
+
+    def rows_for(sizes) -> list[dict]:
+        found = layouts(cfg, world_size, hw.gpus_per_node, recompute, micro_batch_sizes, sizes)
+        return [
+            evaluate(cfg, lay, hw, params_dtype, efficiency, reserve_gb, latent_shape, image_fraction) for lay in found
+        ]
+
+    if cp_sizes is not None:
+        tried, why = sorted(set(cp_sizes)), "--cp"
+        rows = rows_for(tried)
+    else:
+        more = [c for c in auto_cp_sizes(hw.gpus_per_node) if world_size % c == 0]
+        if cfg.model.seq_length >= LONG_ROW and more:
+            tried, why = [1, *more], f"automatic: rows of {cfg.model.seq_length} >= {LONG_ROW} tokens"
+            rows = rows_for(tried)
+        else:
+            tried, why = [1], f"automatic: rows of {cfg.model.seq_length} < {LONG_ROW} tokens"
+            rows = rows_for(tried)
+            if more and not any(r["fits"] for r in rows):
+                tried, why = [1, *more], "automatic: no layout without context parallelism fits"
+                rows += rows_for(more)
+    if not rows:
         raise UsageError(
             f"no layout of this config validates on {world_size} GPUs: check train.global_batch_size, "
             "model.num_layers and the head counts (megafusion train --dry-run shows why)"
         )
-    rows = [evaluate(cfg, lay, hw, params_dtype, efficiency, reserve_gb, latent_shape, image_fraction) for lay in found]
     rows.sort(key=lambda r: (not r["fits"], r["time_s"]["step"] if r["fits"] else r["memory_bytes"]["total"]))
     return {
         "world_size": world_size,
@@ -132,6 +175,8 @@ def plan(
             "reserve_gb": reserve_gb,
             "image_fraction": image_fraction if get_objective(cfg.objective.name).extra_modules else None,
             "mean_attended_keys": mean_attended_keys(cfg),
+            "cp_sizes": tried,
+            "cp_sizes_why": why,
         },
         "model": {
             "arch": cfg.model.arch,
@@ -149,6 +194,15 @@ def plan(
     }
 
 
+def auto_cp_sizes(gpus_per_node: int) -> list[int]:
+    """The context-parallel sizes above 1 the automatic search tries: powers of two up to a node."""
+    sizes, c = [], 2
+    while c <= gpus_per_node:
+        sizes.append(c)
+        c *= 2
+    return sizes
+
+
 def describe_assumptions(result: dict) -> list[str]:
     a, m = result["assumptions"], result["model"]
     lines = [
@@ -162,6 +216,7 @@ def describe_assumptions(result: dict) -> list[str]:
         f"dtype {a['params_dtype']} (fp32 grads, fp32 Adam states); attention: mean {a['mean_attended_keys']:g} "
         "keys per query"
         + (f"; image share of tokens {a['image_fraction']:g}" if a["image_fraction"] is not None else ""),
+        f"context parallel sizes tried: {', '.join(map(str, a['cp_sizes']))} ({a['cp_sizes_why']})",
     ]
     return lines
 
@@ -184,7 +239,7 @@ def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> 
     shown = (fit[:top] + unfit[:top]) if top else rows
     header = [
         "#", "layout", "dopt", "recomp", "mbs", "M", "bubble", "params", "grads", "optim", "activ", "total GB",
-        "fits", "compute", "tp comm", "pp p2p", "bubble s", "dp comm", "ep a2a", "optim s", "step s",
+        "fits", "compute", "tp comm", "cp comm", "pp p2p", "bubble s", "dp comm", "ep a2a", "optim s", "step s",
         "tok/s/GPU", "MFU",
     ]  # fmt: skip
     table = []
@@ -205,7 +260,10 @@ def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> 
                 _gb(mb["activations"]),
                 _gb(mb["total"]),
                 "yes" if r["fits"] else "NO",
-                *(_s(ts[k]) for k in ("compute", "tp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")),
+                *(
+                    _s(ts[k])
+                    for k in ("compute", "tp_comm", "cp_comm", "pp_p2p", "bubble", "dp_comm", "ep_a2a", "optimizer")
+                ),
                 _s(ts["step"]),
                 f"{r['tokens_per_s_per_gpu']:.0f}",
                 f"{r['mfu']:.3f}",
@@ -215,8 +273,8 @@ def format_table(result: dict, top: int | None = 20, markdown: bool = False) -> 
     lines += describe_assumptions(result)
     lines.append(
         "memory: the fullest pipeline stage's rank (GB = 1e9 bytes; total = params + grads + optim + activ, fits if "
-        "total + reserve <= HBM); time: seconds per optimizer step, step = compute + tp comm + pp p2p + bubble + "
-        "dp comm + ep a2a + optim s"
+        "total + reserve <= HBM); time: seconds per optimizer step, step = compute + tp comm + cp comm + pp p2p + "
+        "bubble + dp comm + ep a2a + optim s"
     )
     if len(shown) < len(rows):
         lines.append(

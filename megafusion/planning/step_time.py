@@ -17,8 +17,16 @@ direction in bytes/s. Nothing overlaps (the trainer runs DDP with ``overlap_grad
 - pipeline: per microbatch one send forward and one backward of ``T h a / (t if SP)`` bytes per
   chunk boundary: ``2 v T h a / B_pp``; the bubble: ``(P - 1) / v`` microbatch times (1F1B v = 1;
   interleaved v chunks);
-- step = ``(M + (P - 1) / v) x (compute + tp + p2p + a2a per microbatch)`` + DP + optimizer;
-- DP gradient reduce of the fp32 grad buffer (``4 N`` bytes, :func:`memory.buffer_numel`):
+- step = ``(M + (P - 1) / v) x (compute + tp + p2p + a2a + cp per microbatch)`` + DP + optimizer;
+- context parallelism (``c`` = CP > 1): every per-token term above runs on the rank's ``T / c``
+  tokens (compute, TP, pipeline, expert traffic; head-tail shards give each rank ``1 / c`` of the
+  attention's query-key pairs); per layer and microbatch the attention all-gathers the keys and
+  values forward and reduce-scatters their gradients backward (:func:`cp_bytes_per_layer`: ``2 s b
+  (G / t) d a`` bytes for the whole row, of which each rank receives ``(c - 1) / c``), ring cost
+  ``(c - 1) / c x 2 s b (G / t) d a / B_cp`` each, one all-gather more when recompute re-runs
+  core attention (selective or full);
+- DP gradient reduce of the fp32 grad buffer (``4 N`` bytes, :func:`memory.buffer_numel`) over the
+  data x context ranks (``D`` here is DP x CP, megatron's ``with_context_parallel`` group):
   all-reduce ``2 (D - 1) / D x 4 N / B_dp``; distributed optimizer: reduce-scatter ``(D - 1) / D x
   4 N / B_dp`` + all-gather of the updated parameters ``(D - 1) / D x p N / B_dp``;
 - expert all-to-all (MoMa, Branch-Train-MiX; EP > 1), per MoE layer and microbatch: dispatch and
@@ -36,7 +44,7 @@ from dataclasses import replace
 from megafusion.accounting.flops import attention_flops_per_key
 from megafusion.accounting.params import _matmul_parts, layer_costs, layer_weights_per_token
 from megafusion.core.modality import Modality
-from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes
+from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes, kv_row_bytes
 
 
 def mean_attended_keys(cfg) -> float:
@@ -106,6 +114,20 @@ def bubble_fraction(pp: int, vpp: int, num_microbatches: int) -> float:
     return (pp - 1) / (vpp * num_microbatches)
 
 
+def cp_bytes_per_layer(cfg, tp: int, params_dtype: str, micro_batch: int) -> float:
+    """Bytes of one layer's context-parallel K/V all-gather for one microbatch: the whole row's keys
+    and values, ``2 s b (G / t) d a`` (:func:`memory.kv_row_bytes`; GQA's ``G`` heads only); each
+    rank receives ``(c - 1) / c`` of them, and the backward's reduce-scatter of their gradients
+    moves as much."""
+    return kv_row_bytes(cfg, tp, dtype_bytes(params_dtype), micro_batch)
+
+
+def cp_collectives(recompute: str) -> int:
+    """K/V collectives per layer and microbatch: the forward all-gather, the backward reduce-scatter
+    and, when recompute re-runs core attention (selective or full), the all-gather again."""
+    return 2 + (1 if recompute in ("selective", "full") else 0)
+
+
 def step_time(
     cfg,
     rank: Rank,
@@ -120,8 +142,8 @@ def step_time(
     :func:`memory.state_bytes` (its optimizer, params, grads)."""
     a = dtype_bytes(params_dtype)
     h, s, b = cfg.model.hidden_size, cfg.model.seq_length, cfg.train.micro_batch_size
-    t, P, v, M, D = rank.tp, rank.pp, rank.vpp, num_microbatches, rank.dp
-    tokens = s * b
+    t, P, v, M, D, c = rank.tp, rank.pp, rank.vpp, num_microbatches, rank.dp_cp, rank.cp
+    tokens = s * b / c  # this rank's share of a microbatch
     rate = hw.peak_tflops * 1e12 * efficiency
     per_node = hw.gpus_per_node
     nvlink, nodes = hw.nvlink_gbps * 1e9, hw.nodes_gbps * 1e9
@@ -135,8 +157,10 @@ def step_time(
     stage = layer_flops + flops["output"]
     compute = tokens * stage / t / rate
 
-    # Megatron's order tp-cp-ep-dp-pp: TP groups are consecutive ranks, DP strides by TP, PP by TP x DP.
+    # Megatron's order tp-cp-ep-dp-pp: TP groups are consecutive ranks, CP strides by TP, DP (with
+    # CP) spans TP x CP x DP consecutive ranks, PP strides by all of them.
     b_tp = nvlink if t <= per_node else nodes
+    b_cp = nvlink if t * c <= per_node else nodes
     b_dp = nvlink if t * D <= per_node else nodes
     b_pp = nvlink if t * D * P <= per_node else nodes
     layers_here = flops["count"]
@@ -147,7 +171,8 @@ def step_time(
     if rank.ep > 1:
         b_ep = nvlink if t * rank.ep <= per_node else nodes
         a2a = flops["expert_layers"] * 4 * ring(rank.ep) * tokens * h * a / b_ep
-    per_microbatch = compute + tp_comm + p2p + a2a
+    cp_comm = layers_here * cp_collectives(recompute) * ring(c) * cp_bytes_per_layer(cfg, t, params_dtype, b) / b_cp
+    per_microbatch = compute + tp_comm + p2p + a2a + cp_comm
     bubble = (P - 1) / v * per_microbatch
 
     grads_numel = state["grads"] / 4
@@ -164,6 +189,7 @@ def step_time(
         "tp_comm": M * tp_comm,
         "pp_p2p": M * p2p,
         "ep_a2a": M * a2a,
+        "cp_comm": M * cp_comm,
         "bubble": bubble,
         "dp_comm": dp_comm,
         "optimizer": optimizer,

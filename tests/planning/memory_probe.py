@@ -31,7 +31,10 @@ def measure(case: dict) -> dict:
         trainer.train_step(0, 0, None)
     out = state_bytes(trainer.model, trainer.optimizer)
     out["activations"] = saved.peak
+    from megatron.core import parallel_state as ps
+
     out.update(rank=dist.get_rank(), tp_rank=runtime.tp_rank, pp_rank=runtime.pp_rank, dp_rank=runtime.dp_rank)
+    out.update(cp_rank=ps.get_context_parallel_rank())
     # What the planner takes as inputs: the data's vocabulary, the latent shape, the image share.
     batches = trainer._microbatches(trainer.data.train, 0)
     image = sum(int((mb["modality_ids"] == 1).sum()) for mb in batches)

@@ -1,7 +1,7 @@
 """The planner's memory against what real runs allocate (2 gloo ranks, one torchrun launch).
 
 For dense, MoT and Transfusion under TP=2 (with and without SP), PP=2 1F1B, PP=2 interleaved
-(VPP=2), and DP=2 with the distributed optimizer, and again with
+(VPP=2), and DP=2 with the distributed optimizer, dense and MoT under CP=2, and again with
 ``train.recompute`` selective / full, ``tests/planning/memory_probe.py`` builds each
 run (model, megatron DDP, optimizer, data), takes one training step and reports per rank the
 bytes of the DDP buffers / parameters, the optimizer's states and the peak bytes saved for
@@ -40,6 +40,12 @@ CASES = [
     for layout in LAYOUTS
     if not (model != "dense" and layout in ("tp2_sp", "dp2_dopt"))
 ]
+# Context parallelism (parallel.cp=2): each rank holds half of every row's queries and saves the
+# gathered keys and values; the distributed optimizer shards over data x context ranks.
+CASES += [
+    {"name": "dense_cp2_dopt", "config": MIXED, "overrides": ["parallel.cp=2", "parallel.distributed_optimizer=true"]},
+    {"name": "mot_cp2", "config": MIXED, "overrides": ["model.arch=mot", "parallel.cp=2"]},
+]
 # Recompute on (train.recompute): selective under TP=2 and interleaved PP, full under 1F1B and
 # interleaved PP, for each model; a launch of its own.
 RECOMPUTE_CASES = [
@@ -50,6 +56,9 @@ RECOMPUTE_CASES = [
     }
     for model in MODELS
     for layout, mode in (("tp2", "selective"), ("vpp2", "selective"), ("pp2", "full"), ("vpp2", "full"))
+] + [
+    {"name": f"dense_cp2_{mode}", "config": MIXED, "overrides": ["parallel.cp=2", f"train.recompute={mode}"]}
+    for mode in ("selective", "full")
 ]
 ACTIVATION_TOLERANCE = 0.10
 
@@ -62,11 +71,13 @@ def _predict(case: dict, row: dict, world: int) -> dict:
         tp=p.tp,
         pp=p.pp,
         vpp=p.vpp_size(),
-        dp=world // (p.tp * p.pp),
+        dp=world // (p.tp * p.pp * p.cp),
         pp_rank=row["pp_rank"],
         dp_rank=row["dp_rank"],
         sp=p.sp,
         ep=p.ep,
+        cp=p.cp,
+        cp_rank=row["cp_rank"],
     )
     latent = tuple(row["latent_shape"]) if row["latent_shape"] else None
     return mem.memory(cfg, rank, "fp32", row["num_microbatches"], cfg.train.recompute, latent, row["image_fraction"])
@@ -111,13 +122,13 @@ def _compare(cases: list[dict], measured: dict) -> list[str]:
     return failures
 
 
-@pytest.mark.torchrun  # ~24 s on 2 cores (13 runs in one launch; ~55 s when other jobs share the cores)
+@pytest.mark.torchrun  # ~26 s on 2 cores (15 runs in one launch; ~55 s when other jobs share the cores)
 def test_planned_memory_matches_a_real_run(tmp_path):
     failures = _compare(CASES, _measure(tmp_path, CASES))
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.torchrun  # ~22 s on 2 cores (12 runs in one launch)
+@pytest.mark.torchrun  # ~24 s on 2 cores (14 runs in one launch)
 def test_planned_memory_with_recompute_matches_a_real_run(tmp_path):
     measured = _measure(tmp_path, RECOMPUTE_CASES)
     failures = _compare(RECOMPUTE_CASES, measured)
