@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from bench.provenance import cpu_cores, cpu_name, git_commit, machine, recorded_command, utc_now
+from bench.provenance import write_table as write_results_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -480,9 +481,7 @@ def render_table(results_dir: Path) -> str:
 
 
 def write_table(results_dir: Path) -> Path:
-    path = Path(results_dir) / TABLE_NAME
-    path.write_text(render_table(results_dir))
-    return path
+    return write_results_table(results_dir, TABLE_NAME, render_table)
 
 
 def main(argv: list[str] | None = None) -> int:

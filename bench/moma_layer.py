@@ -69,6 +69,7 @@ from bench.mot_layer import (
     summary,
     time_cases,
 )
+from bench.provenance import write_table as write_results_table
 
 BENCHMARK = "moma_layer"
 RESULTS = mot_layer.RESULTS
@@ -410,10 +411,7 @@ def render_table(results_dir: Path) -> str:
 
 
 def write_table(results_dir: Path) -> Path:
-    path = Path(results_dir) / TABLE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_table(results_dir))
-    return path
+    return write_results_table(results_dir, TABLE_NAME, render_table)
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from bench.provenance import cpu_cores, cpu_name, git_commit
+from bench.provenance import write_table as write_results_table
 from megafusion import ops
 from megafusion.core.choices import OPS_BACKENDS
 from megafusion.core.errors import MegafusionError
@@ -523,10 +524,7 @@ def render_table(results_dir: Path) -> str:
 
 
 def write_table(results_dir: Path) -> Path:
-    path = Path(results_dir) / TABLE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_table(results_dir))
-    return path
+    return write_results_table(results_dir, TABLE_NAME, render_table)
 
 
 # ---------------------------------------------------------------------------- entry point

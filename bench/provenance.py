@@ -112,3 +112,11 @@ def recorded_command(module: str, argv: list[str]) -> str:
         key, eq, value = arg.rpartition("=") if "=" in arg else ("", "", arg)
         args.append(f"{key}{eq}{repo_relative(value)}")
     return shlex.join(["python", "-m", module, *args])
+
+
+def write_table(results_dir, table_name: str, render_table) -> Path:
+    """Write ``render_table(results_dir)`` (the markdown of every result there) to ``table_name`` in it."""
+    path = Path(results_dir) / table_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_table(results_dir))
+    return path
