@@ -291,8 +291,9 @@ def batch_flops(
 ) -> dict:
     """Model FLOPs of one microbatch (forward + backward unless ``forward_only``), exactly.
 
-    ``attention="mask"`` counts each query's real keys (causal, same document, plus the
-    bidirectional image spans when ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
+    ``attention="mask"`` counts each query's real keys (causal, same document or, with
+    ``data.attention=causal``, the whole row, plus the bidirectional image spans when
+    ``image_ids`` ``[b, s]`` is given: see :func:`attended_keys`;
     pass ``keys`` ``[b, s]`` instead for another mask, e.g. from :func:`attended_keys_from_mask`);
     ``"full"`` counts every query against all ``s`` keys, as a mask-ignoring counter does. Every
     token is charged its own dense matmuls (output layer included) and its attention, and the split
@@ -341,7 +342,7 @@ def batch_flops(
         nkeys = torch.as_tensor(keys).detach().cpu().to(torch.int64).reshape(b, s)
     else:
         img = None if image_ids is None else torch.as_tensor(image_ids).detach().cpu()
-        nkeys = attended_keys(doc, img)
+        nkeys = attended_keys(doc, img, cross_document=cfg.data.cross_document())
 
     per_key = attention_flops_per_key(cfg, forward_only)
     images = _count_images(cfg, num_images, image_ids, mod)

@@ -43,7 +43,11 @@ def flops_report(cfg, batch: dict) -> str:
     images = _images(batch)
     objective = get_objective(cfg.objective.name)
     stats = F.batch_flops(
-        cfg, doc, batch.get("modality_ids"), batch.get("loss_mask"), **{**objective.flops_inputs(batch), **images}
+        cfg,
+        doc,
+        batch.get("modality_ids"),
+        batch.get("loss_mask"),
+        **{**objective.flops_inputs(batch, cfg.data.cross_document()), **images},
     )
     full = F.batch_flops(cfg, doc, batch.get("modality_ids"), attention="full", **images)
     n = params.parameter_counts(cfg, images["latent_shape"])
@@ -52,7 +56,8 @@ def flops_report(cfg, batch: dict) -> str:
     six_n = 6 * n["active"] * tokens
     lines = [
         f"microbatch [{b} x {s}] = {tokens} tokens, mean {stats['mean_attended_keys']:.2f} keys per query "
-        f"(causal, same document{', bidirectional within each image' if 'image_ids' in batch else ''})",
+        f"(causal, {'across documents' if cfg.data.cross_document() else 'same document'}"
+        f"{', bidirectional within each image' if 'image_ids' in batch else ''})",
         f"  {'modality':<10}{'tokens':>10}{'FLOPs/token':>14}{'attention':>11}{'share':>8}",
     ]
     for name in MODALITY_NAMES:
@@ -75,7 +80,9 @@ def flops_report(cfg, batch: dict) -> str:
         f"  mask ignored (every query x all {s} keys, the mask-blind count of FlopCounterMode): "
         f"{_n(full['total'])} ({full['total'] / stats['total']:.3f}x)",
     ]
-    lines.append(_recompute_line(cfg, batch, stats, {**objective.flops_inputs(batch), **images}))
+    lines.append(
+        _recompute_line(cfg, batch, stats, {**objective.flops_inputs(batch, cfg.data.cross_document()), **images})
+    )
     if "loss_tokens_per_modality" in stats:
         loss = ", ".join(f"{k} {v:g}" for k, v in stats["loss_tokens_per_modality"].items())
         diffusion = "; image patches train through the diffusion loss" if objective.image_latents else ""

@@ -176,10 +176,23 @@ class DataConfig:
     vqgan_path: str | None = None  # vqgan: local directory of a diffusers VQModel (save_pretrained)
     val_fraction: float = 0.05  # documents held out for evaluation
     cache_dir: str = "runs/cache"  # where built-in tokenizers and packed data are cached
+    # What a token attends across the documents packed in its row (megafusion/layers/masks.py):
+    # isolated = only its own document; causal = every earlier token of the row (In-Context
+    # Pretraining, arXiv 2310.10638: pair it with `megafusion data prepare --order icp`; over
+    # randomly ordered documents it hurts, arXiv 2402.13991). Images stay bidirectional inside
+    # their span either way, and padding is never a key.
+    attention: str = "isolated"
+    # Each token's RoPE position: row = its index in the packed row; document = its position
+    # within its document (restarting at 0 for each document: the batch's position_ids).
+    positions: str = "row"
 
     def packs_documents(self) -> bool:
         """Whether rows can hold several documents, i.e. attention needs the document mask."""
         return self.source != "synthetic" or self.docs_per_sequence > 1
+
+    def cross_document(self) -> bool:
+        """Whether a token attends the earlier documents of its row (``attention=causal``)."""
+        return self.attention == "causal"
 
 
 @dataclass

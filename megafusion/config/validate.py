@@ -13,11 +13,13 @@ from megafusion.core.choices import (
     BUILTIN_SETS,
     DATA_ORDERS,
     DATA_SOURCES,
+    DOCUMENT_ATTENTION,
     IMAGE_CODECS,
     OPS_BACKENDS,
     PARAMS_DTYPES,
     RECOMPUTE_MODES,
     STOP_SIGNALS,
+    TOKEN_POSITIONS,
     TRAINABLE,
 )
 from megafusion.core.registries import EXTENSIONS, FAMILIES, OBJECTIVES, known_options
@@ -274,6 +276,8 @@ def _data_problems(cfg: Config) -> list[str]:
         problems += at_least(f"data.{key}", getattr(d, key), low)
     problems += one_of("data.source", d.source, DATA_SOURCES)
     problems += one_of("data.image_codec", d.image_codec, IMAGE_CODECS)
+    problems += one_of("data.attention", d.attention, DOCUMENT_ATTENTION)
+    problems += one_of("data.positions", d.positions, TOKEN_POSITIONS)
     problems += one_of("data.order", d.order, DATA_ORDERS)
     if d.order != "input" and d.source != "builtin":
         how = (

@@ -2,9 +2,10 @@
 
 Packing (``megafusion.data.packing``) fills each row with documents in the order they are written,
 so a dataset whose neighbouring documents are related gives the model context windows of related
-documents. (Caveat: megafusion's attention never crosses documents, ``megafusion.layers.masks``,
-so today the order decides which documents share a row, not what a token attends to; the paper's
-gains come from causal attention across the documents of a window.) The paper builds that order
+documents. (The order decides which documents share a row; what a token attends to is
+``data.attention``: the default ``isolated`` never crosses documents, so the order alone changes
+little; the paper's gains come from causal attention across the documents of a window,
+``data.attention=causal``, see :mod:`megafusion.layers.masks`.) The paper builds that order
 in three steps, all here, on CPU:
 
 1. **Embedding** (``BagOfPieces`` + ``tfidf_embedding``): a document is the bag of its *text pieces*

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megafusion.core.modality import NO_IMAGE
+from megafusion.core.modality import NO_IMAGE, PAD_DOCUMENT_ID
 
 
 def _rank_in_group(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,18 +29,24 @@ def _rank_in_group(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rank, size
 
 
-def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+def attended_keys(
+    document_ids: torch.Tensor, image_ids: torch.Tensor | None = None, cross_document: bool = False
+) -> torch.Tensor:
     """Keys each query attends under the mask of :mod:`megafusion.layers.masks`: ``[b, s]`` int64.
 
-    Query i attends key j iff ``document_ids[j] == document_ids[i]`` and (j <= i, or both are
-    patches of one image: ``image_ids[i] == image_ids[j] != -1``). So the count is
+    Isolated (the default): query i attends key j iff ``document_ids[j] == document_ids[i]`` and
+    (j <= i, or both are patches of one image: ``image_ids[i] == image_ids[j] != -1``). So the
+    count is
 
         (tokens of i's document up to and including i)
         + (patches of i's image in i's document that come after i),
 
     i.e. its position within the document + 1 for contiguous packed documents, plus the rest of
     its image; still exact if a document or image id reappears later in the row.
-    ``image_ids=None`` (or all -1) is causal + same document. Vectorised, no ``s x s`` tensor: a
+    ``cross_document`` (the causal mode): the first term becomes the non-padding tokens of the
+    row up to and including i (its row position + 1 when no padding comes before it); a padding
+    query attends itself only (1).
+    ``image_ids=None`` (or all -1) is the text-only mask. Vectorised, no ``s x s`` tensor: a
     stable sort per (row, document) and per (row, document, image) gives ranks and group sizes,
     O(b s log(b s)).
     """
@@ -58,12 +64,17 @@ def attended_keys(document_ids: torch.Tensor, image_ids: torch.Tensor | None = N
     if doc.numel() == 0:
         return torch.zeros(b, s, dtype=torch.int64, device=doc.device)
     row = torch.arange(b, dtype=torch.int64, device=doc.device)[:, None].expand(b, s).reshape(-1)
-    counts, _ = _rank_in_group(row, doc.reshape(-1))
+    if cross_document:
+        counts = (doc != PAD_DOCUMENT_ID).to(torch.int64).cumsum(dim=1).reshape(-1)
+    else:
+        counts, _ = _rank_in_group(row, doc.reshape(-1))
     if image_ids is not None:
         flat_img = img.reshape(-1)
         rank, size = _rank_in_group(row, doc.reshape(-1), flat_img)
         is_patch = flat_img != NO_IMAGE
         counts = counts + torch.where(is_patch, size - rank, torch.zeros_like(rank))
+    if cross_document:
+        counts = torch.where(doc.reshape(-1) == PAD_DOCUMENT_ID, torch.ones_like(counts), counts)
     return counts.view(b, s)
 
 

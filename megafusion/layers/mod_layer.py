@@ -19,7 +19,8 @@ stay the family's; the router adds ``mod_router.weight`` ``[1, h]``, fp32). Per 
    of the tensor-parallel size under sequence parallelism; the slots a row does not fill are
    *fillers*: zeros that see only themselves, are never routed to an expert and are thrown
    away). The parent layer runs on it with each token's **original RoPE position** (megatron's
-   ``rotary_pos_emb`` ``[s, 1, 1, d]`` gathered per token to ``[k_max, b, 1, d]``) and the
+   ``rotary_pos_emb`` ``[s, 1, 1, d]``, or per row ``[s, b, 1, d]`` under ``data.positions=document``,
+   gathered per token to ``[k_max, b, 1, d]``) and the
    microbatch's **mask restricted to the picked rows and columns** (megatron's convention,
    True = blocked; None = causal). Unpicked tokens are neither queries nor keys here. A routed
    family's layer (MoT, MoMa) gets a :class:`~megafusion.layers.routing.ModalityRouting` of the
@@ -409,7 +410,7 @@ class MoDLayerMixin:
             else:
                 rows_mask = attention_mask[r if attention_mask.shape[0] == b else 0, 0]  # [s, keys]
                 blocked = rows_mask[run][:, absolute]
-            rotary = None if rotary_pos_emb is None else self._gather_rotary(rotary_pos_emb, absolute[:, None])
+            rotary = None if rotary_pos_emb is None else self._gather_rotary(rotary_pos_emb, absolute[:, None], r)
             sub = None
             if self.MOD.routed:
                 counts = [0] * NUM_MODALITIES
@@ -440,11 +441,17 @@ class MoDLayerMixin:
         return torch.tensor([i * b + r for i in range(sel.slots) for r in range(b) if i < sel.picked[r]], device=device)
 
     @staticmethod
-    def _gather_rotary(rotary_pos_emb, positions: torch.Tensor):
-        """Each picked token's own RoPE angles: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (never truncated)."""
+    def _gather_rotary(rotary_pos_emb, positions: torch.Tensor, row: int | None = None):
+        """Each picked token's own RoPE angles: ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` (never truncated).
+        A table per batch row ``[s, b, 1, d]`` (:mod:`megafusion.models.token_positions`) is read at
+        each slot's own row (or at batch row ``row``, for positions ``[k, 1]`` of that row)."""
         if isinstance(rotary_pos_emb, tuple):
-            return tuple(MoDLayerMixin._gather_rotary(r, positions) for r in rotary_pos_emb)
-        return rotary_pos_emb[:, 0][positions]
+            return tuple(MoDLayerMixin._gather_rotary(r, positions, row) for r in rotary_pos_emb)
+        if rotary_pos_emb.shape[1] == 1:
+            return rotary_pos_emb[:, 0][positions]
+        if row is not None:
+            return rotary_pos_emb[:, row][positions]
+        return rotary_pos_emb[positions, torch.arange(positions.shape[1], device=positions.device)[None, :]]
 
     def _select(self, scores: torch.Tensor, routing, s: int, b: int, multiple: int) -> Selection:
         settings = self.MOD

@@ -21,6 +21,7 @@ from megafusion.models.init import initialize_weights
 from megafusion.models.lmfusion import attach_new_token_rows, freeze_text
 from megafusion.models.registry import layer_spec
 from megafusion.models.rope import apply_rope_scaling, rotary_base
+from megafusion.models.token_positions import install as install_token_positions
 
 
 def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: dict | None = None) -> list[GPTModel]:
@@ -56,6 +57,7 @@ def assemble_chunks(cfg, tconfig, runtime, model_cls: type = GPTModel, extra: di
             **extra,
         )
         apply_rope_scaling(model, cfg.model.rope_scaling)
+        install_token_positions(model)  # RoPE at given positions inside token_positions(...)
         if cfg.model.freeze_text:
             attach_new_token_rows(model, frozen_vocab_rows(cfg))
         chunks.append(model.to(runtime.device))

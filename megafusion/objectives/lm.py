@@ -96,16 +96,16 @@ class LanguageModelling(Objective):
             spans = image_spans_from_modality(batch["modality_ids"], batch["document_ids"])
             batch["first_key"] = caption_dropout(batch, cfg.train.seed, rate, spans)
 
-    def flops_inputs(self, batch):
+    def flops_inputs(self, batch, cross_document=False):
         if "first_key" not in batch:
-            return super().flops_inputs(batch)
+            return super().flops_inputs(batch, cross_document)
         from megafusion.layers.attended_keys import attended_keys
 
         # A dropped position p (first_key f = its <boi>) sees its document's first token and
-        # f .. p: p - f + 2 keys; every other query keeps its causal count.
+        # f .. p: p - f + 2 keys, in either attention mode; every other query keeps its causal count.
         first_key = batch["first_key"]
         position = torch.arange(first_key.shape[1])[None]
-        causal = attended_keys(batch["document_ids"])
+        causal = attended_keys(batch["document_ids"], cross_document=cross_document)
         return {"keys": torch.where(first_key > 0, position - first_key + 2, causal)}
 
 

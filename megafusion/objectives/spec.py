@@ -17,8 +17,9 @@ text (and discrete image) tokens; what it adds:
   the loss needs; ``loss(lm_total, extra_output, context)``: the loss to backpropagate and
   the sums behind ``report_fields`` (reduced over microbatches and ranks by the trainer);
   ``metrics(sums, prefix)``: the ``metrics.jsonl`` values made from them;
-- ``flops_inputs(batch)``: what accounting needs to count a microbatch exactly (the keys each
-  query attends under the objective's mask, the images that run the extra modules);
+- ``flops_inputs(batch, cross_document)``: what accounting needs to count a microbatch exactly
+  (the keys each query attends under the objective's mask, in the ``data.attention`` mode, the
+  images that run the extra modules);
   ``accounting_modules(cfg, latent_shape)``: name -> ``(module, run)``, each extra module built
   on the meta device and ``run()`` one image's forward through it (data inputs without gradient,
   as in the model), which accounting measures (:mod:`megafusion.accounting.image_modules`);
@@ -84,8 +85,9 @@ class Objective:
     def metrics(self, sums: dict, prefix: str) -> dict:
         return {}
 
-    def flops_inputs(self, batch: dict) -> dict:
-        """Keywords for :func:`megafusion.accounting.flops.batch_flops` beyond tokens and modalities."""
+    def flops_inputs(self, batch: dict, cross_document: bool = False) -> dict:
+        """Keywords for :func:`megafusion.accounting.flops.batch_flops` beyond tokens and modalities
+        (``cross_document``: ``data.attention=causal``, for keys counted here)."""
         return {"image_ids": batch["image_ids"]} if "image_ids" in batch else {}
 
     def accounting_modules(self, cfg, latent_shape: tuple[int, int, int] | None) -> dict:

@@ -41,12 +41,13 @@ def _schedule(kind: str, timesteps: int, prediction: str) -> NoiseSchedule:
     return NoiseSchedule(kind, timesteps, prediction)
 
 
-def attended_keys(batch: dict) -> torch.Tensor:
-    """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout."""
+def attended_keys(batch: dict, cross_document: bool = False) -> torch.Tensor:
+    """Keys per query ``[b, s]`` under the Transfusion mask with the batch's caption dropout
+    (``cross_document``: ``data.attention=causal``; a dropped image sees the same keys in both)."""
     from megafusion.layers.attended_keys import attended_keys as mixed_keys
 
     image_ids = batch["image_ids"]
-    keys = mixed_keys(batch["document_ids"], image_ids)
+    keys = mixed_keys(batch["document_ids"], image_ids, cross_document)
     dropped = batch["first_key"] > 0
     if dropped.any():
         # A dropped patch sees <bos>, <boi> and every patch of its image; a dropped <boi> sees
@@ -160,8 +161,11 @@ class Transfusion(Objective):
             return {f"{prefix}/diffusion": sums["diffusion"] / sums["diffusion_elements"]}
         return {}
 
-    def flops_inputs(self, batch):
-        out = {"keys": attended_keys(batch)} if "first_key" in batch else super().flops_inputs(batch)
+    def flops_inputs(self, batch, cross_document=False):
+        if "first_key" in batch:
+            out = {"keys": attended_keys(batch, cross_document)}
+        else:
+            out = super().flops_inputs(batch, cross_document)
         if "latents" in batch:
             out["num_images"] = batch["latents"].shape[0]
         return out

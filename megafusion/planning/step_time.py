@@ -42,9 +42,10 @@ from megafusion.planning.memory import Rank, chunk_layers, dtype_bytes
 def mean_attended_keys(cfg) -> float:
     """Keys per query, ``(s_doc + 1) / 2``: causal over documents of ``s / data.docs_per_sequence``
     tokens for synthetic data, else causal over the whole row (an upper bound for packed documents:
-    a query attends only its own document)."""
+    a query attends only its own document); with ``data.attention=causal`` always the whole row."""
     s = cfg.model.seq_length
-    docs = cfg.data.docs_per_sequence if cfg.data.source == "synthetic" else 1
+    isolated = cfg.data.source == "synthetic" and not cfg.data.cross_document()
+    docs = cfg.data.docs_per_sequence if isolated else 1
     return (s / docs + 1) / 2
 
 

@@ -21,6 +21,7 @@ from megafusion.core.modality import MODALITY_NAMES, NUM_MODALITIES
 from megafusion.layers.masks import attention_mask_for
 from megafusion.layers.routing import routing_for
 from megafusion.models.registry import routed as needs_routing
+from megafusion.models.token_positions import token_positions
 from megafusion.objectives.lm import lm_loss_sums
 from megafusion.objectives.registry import get_objective
 
@@ -59,20 +60,28 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
     """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
 
     Packed real data always needs the document mask; synthetic data only when it packs
-    several documents per row. Families that route by modality get the microbatch's routing
-    around the model call (``causal``: each token routed from its own state, evaluation's causal
-    column); the objective adds its model inputs and its loss.
+    several documents per row (``data.attention=causal``: a mask only for images, caption dropout
+    or padding). ``data.positions=document`` rotates each token at its position within its
+    document (the batch's ``position_ids``, :mod:`megafusion.models.token_positions`). Families
+    that route by modality get the microbatch's routing around the model call (``causal``: each
+    token routed from its own state, evaluation's causal column); the objective adds its model
+    inputs and its loss.
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
+    cross_document, by_document = cfg.data.cross_document(), cfg.data.positions == "document"
     routed = needs_routing(cfg)
     objective = get_objective(cfg.objective.name)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        mask = attention_mask_for(batch, backend, packs, device)
+        mask = attention_mask_for(batch, backend, packs, device, cross_document)
         extra, context = objective.forward_inputs(cfg, batch, device)
-        with routing_for(batch, device, causal) if routed else contextlib.nullcontext():
-            output = model(batch["tokens"].to(device), batch["position_ids"].to(device), mask, labels=None, **extra)
+        positions = batch["position_ids"].to(device)
+        with (
+            routing_for(batch, device, causal) if routed else contextlib.nullcontext(),
+            token_positions(positions) if by_document else contextlib.nullcontext(),
+        ):
+            output = model(batch["tokens"].to(device), positions, mask, labels=None, **extra)
         if batch.get("inject_nan"):  # test hook of the trainer (MEGAFUSION_FAULT=nan:<step>:<microbatch>)
             output = (output[0] * float("nan"), output[1]) if isinstance(output, tuple) else output * float("nan")
         loss = partial(

@@ -6,6 +6,9 @@ compares it with the resuming run's, key by key:
 - **refused**: what changes which tokens sample i of the run holds (``model.seq_length``,
   ``train.seed`` and the data settings that build the sample stream): the run would not continue
   its data, so it is refused with the way out (keep the value, or a new run from these weights);
+- **applied and said, with what it changes**: ``data.attention`` and ``data.positions`` (what each
+  token attends, where RoPE puts it: the weights were trained under the checkpoint's, so the loss
+  may jump; a checkpoint from before these keys existed counts as ``isolated`` / ``row``);
 - **applied and said**: the schedule (``train.steps``, ``lr``, ``min_lr``, ``warmup_steps``,
   ``weight_decay``: the LR scheduler is rebuilt from the run's config at the saved step, since
   megatron-core's would otherwise keep the checkpoint's; each parameter group's ``max_lr`` /
@@ -41,6 +44,12 @@ REFUSED = {("model", "seq_length"), ("train", "seed"), *(("data", k) for k in _S
 QUIET_SECTIONS = ("logging", "eval", "checkpoint")
 QUIET_TRAIN_KEYS = ("on_nan", "nan_skip_limit", "spike_factor", "stop_signals", "stop_deadline_s")
 SCHEDULE_KEYS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay")
+# What the model computes from the same tokens: applied, said with the consequence. A checkpoint
+# written before a key existed was trained with its default (the old behaviour).
+SEMANTIC_DATA_KEYS = {
+    "attention": ("isolated", "what each token attends across the documents of its row changes"),
+    "positions": ("row", "each token's RoPE position changes"),
+}
 
 
 def _changes(saved: dict, now: dict) -> list[tuple[str, str, object, object]]:
@@ -49,6 +58,8 @@ def _changes(saved: dict, now: dict) -> list[tuple[str, str, object, object]]:
         if section in QUIET_SECTIONS or not isinstance(values, dict):
             continue
         before = saved.get(section, {})
+        if section == "data":
+            before = {**{k: default for k, (default, _) in SEMANTIC_DATA_KEYS.items()}, **before}
         for key, value in values.items():
             quiet = (section == "train" and key in QUIET_TRAIN_KEYS) or (section, key) == ("data", "cache_dir")
             if key in before and before[key] != value and not quiet:
@@ -76,6 +87,11 @@ def review(path, saved_config: dict, cfg) -> list[str]:
             "model": "applied (the weights are unchanged)",
             "data": "the run continues at its next sample in these files: they must hold the same data",
         }.get(s, "applied")
+        if s == "data" and k in SEMANTIC_DATA_KEYS:
+            what = (
+                f"applied from the next step: {SEMANTIC_DATA_KEYS[k][1]}, the weights were trained with "
+                f"{a!r}; for a clean comparison start a new run with checkpoint.init_from"
+            )
         lines.append(f"{s}.{k}: {a!r} -> {b!r} ({what})")
     if any(s == "train" and k in SCHEDULE_KEYS for s, k, _, _ in changes):
         t = cfg.train

@@ -159,7 +159,8 @@ class Trainer:
         for mb in microbatches:
             # The objective's mask and extra modules (Transfusion: each image's time embedding,
             # patch embedding and head) are counted too.
-            inputs = {"latent_shape": self.latent_shape, **self.objective.flops_inputs(mb)}
+            keys = self.objective.flops_inputs(mb, self.cfg.data.cross_document())
+            inputs = {"latent_shape": self.latent_shape, **keys}
             counted = batch_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)
             again = recompute_flops(self.cfg, mb["document_ids"], mb["modality_ids"], **inputs)["total"]
             flops += torch.tensor(

@@ -148,21 +148,33 @@ def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
                 hidden = first_key[r, i] > 0 and j < first_key[r, i] and not starts[r, j]
                 assert bool(mask[r, 0, i, j]) == (bool(plain[r, 0, i, j]) or hidden)
     # Through any chain of layers: everything a dropped patch reads, directly or through what it
-    # reads, is its document's first token, its <boi> or its image (the transitive closure).
-    allowed = (~mask[:, 0]).to(torch.int64)
-    reach = allowed.clone()
-    while True:
-        grown = reach | ((reach @ allowed) > 0).to(torch.int64)
-        if torch.equal(grown, reach):
-            break
-        reach = grown
-    for r, i in patches.nonzero().tolist():
-        boi = int(first_key[r, i])
-        own = starts[r] & (doc[r] == doc[r, i])
-        own[boi:] |= (img[r, boi:] == img[r, i]) | (torch.arange(s - boi) == 0)
-        assert reach[r, i].bool().equal(own), f"row {r}: dropped patch {i} reaches past its <bos> <boi> image"
-    assert torch.equal(attended_keys(batch), attended_keys_from_mask(mask))
-    flex = block_mask(doc, img, block_size=32, first_key=first_key)
-    q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    for r in range(b):
-        assert torch.equal(flex.mask_mod(torch.tensor(r), torch.tensor(0), q, kv), ~mask[r, 0])
+    # reads, is its document's first token, its <boi> or its image (the transitive closure). With
+    # cross-document attention (data.attention=causal) that first token has read the earlier
+    # documents of the row, so they are reached too: never its own caption, nor a later token.
+    from megafusion.objectives.registry import get_objective
+
+    assert (doc.amax(dim=1) > 0).all(), "rows of several documents: the cross-document closure is not vacuous"
+    for cross in (False, True):
+        mask = dense_mask(doc, img, first_key, cross_document=cross)
+        allowed = (~mask[:, 0]).to(torch.int64)
+        reach = allowed.clone()
+        while True:
+            grown = reach | ((reach @ allowed) > 0).to(torch.int64)
+            if torch.equal(grown, reach):
+                break
+            reach = grown
+        for r, i in patches.nonzero().tolist():
+            boi = int(first_key[r, i])
+            own = starts[r] & (doc[r] == doc[r, i])
+            own[boi:] |= (img[r, boi:] == img[r, i]) | (torch.arange(s - boi) == 0)
+            if cross:
+                own |= (torch.arange(s) < int(own.nonzero()[0])) & (doc[r] != -1)  # what its <bos> read
+            assert reach[r, i].bool().equal(own), f"row {r}: dropped patch {i} reaches past its <bos> <boi> image"
+        assert torch.equal(attended_keys(batch, cross), attended_keys_from_mask(mask))
+        flex = block_mask(doc, img, block_size=32, first_key=first_key, cross_document=cross)
+        q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        for r in range(b):
+            assert torch.equal(flex.mask_mod(torch.tensor(r), torch.tensor(0), q, kv), ~mask[r, 0])
+        # The LM objective's caption dropout (images causal) counts its mask's keys too.
+        lm_keys = get_objective("lm").flops_inputs({"document_ids": doc, "first_key": first_key}, cross)["keys"]
+        assert torch.equal(lm_keys, attended_keys_from_mask(dense_mask(doc, None, first_key, cross_document=cross)))

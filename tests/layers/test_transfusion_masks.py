@@ -262,3 +262,144 @@ def test_image_spans_from_modality_random_rows():
     assert torch.equal(spans, brute_force_spans(mod, doc))
     # Derived ids feed the mask like explicit ones (adjacent explicit images merge into one span here).
     assert torch.equal(dense_mask(doc, spans), brute_force_blocked(doc, spans))
+
+
+# --- cross-document attention (data.attention=causal) and index subsets ---------------------------
+
+
+def brute_force_cross(doc: torch.Tensor, img: torch.Tensor | None, first_key: torch.Tensor | None = None):
+    """``data.attention=causal``, pair by pair on Python ints (True = blocked): a real query sees every
+    real key up to itself and the rest of its own image, a dropped one (``first_key``) only its own
+    document's first token and keys from ``first_key`` on; a pad query sees itself only."""
+    b, s = doc.shape
+    d = doc.tolist()
+    m = img.tolist() if img is not None else [[NO_IMAGE] * s for _ in range(b)]
+    f = first_key.tolist() if first_key is not None else [[0] * s for _ in range(b)]
+    out = torch.ones(b, 1, s, s, dtype=torch.bool)
+    for r in range(b):
+        starts = {j for j in range(s) if j == 0 or d[r][j] != d[r][j - 1]}
+        for i in range(s):
+            for j in range(s):
+                if d[r][i] == -1:
+                    ok = i == j
+                else:
+                    image = m[r][i] != NO_IMAGE and m[r][i] == m[r][j] and d[r][i] == d[r][j]
+                    shown = j >= f[r][i] or (j in starts and d[r][j] == d[r][i])
+                    ok = d[r][j] != -1 and (j <= i or image) and shown
+                out[r, 0, i, j] = not ok
+    return out
+
+
+def random_first_key(doc: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Caption dropout's shape: some queries hide every key before a random earlier position."""
+    b, s = doc.shape
+    pos = torch.arange(s).expand(b, s)
+    hide = torch.randint(0, 3, (b, s), generator=gen) == 0
+    return torch.where(hide, (pos * torch.rand(b, s, generator=gen)).long(), torch.zeros_like(pos))
+
+
+def materialise_at(bm, b: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``materialise`` for a block mask over ``len(queries) x len(keys)`` (its own indices)."""
+    q, kv, h = torch.arange(len(queries))[:, None], torch.arange(len(keys))[None, :], torch.tensor(0)
+    allowed = torch.stack([bm.mask_mod(torch.tensor(r), h, q, kv).expand(len(queries), len(keys)) for r in range(b)])
+    return ~allowed[:, None]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cross_document_mask_matches_brute_force_and_its_properties(seed):
+    gen = torch.Generator().manual_seed(200 + seed)
+    doc, img, _ = random_layout(4, 36, gen, text_only_rows=(1,))
+    doc[2, 30:], img[2, 30:] = -1, NO_IMAGE  # padding ends this row, whatever random_layout drew
+    first_key = random_first_key(doc, gen)
+    assert (doc == -1).any() and (img != NO_IMAGE).any()
+    for image_ids in (img, None):
+        want = brute_force_cross(doc, image_ids)
+        assert torch.equal(dense_mask(doc, image_ids, cross_document=True), want)
+        assert torch.equal(materialise(block_mask(doc, image_ids, block_size=16, cross_document=True), 4, 36), want)
+        for start in (1, 20, 35):
+            assert torch.equal(dense_mask(doc, image_ids, first_query=start, cross_document=True), want[:, :, start:])
+    dropped = brute_force_cross(doc, img, first_key)
+    assert torch.equal(dense_mask(doc, img, first_key, cross_document=True), dropped)
+    assert torch.equal(materialise(block_mask(doc, img, 16, first_key, cross_document=True), 4, 36), dropped)
+
+    allowed, isolated = ~dense_mask(doc, img, cross_document=True)[:, 0], ~dense_mask(doc, img)[:, 0]
+    i, j = torch.arange(36)[:, None], torch.arange(36)[None, :]
+    pad_q, pad_k = (doc == -1)[:, :, None], (doc == -1)[:, None, :]
+    same_image = (img[:, :, None] == img[:, None, :]) & (img != NO_IMAGE)[:, :, None]
+    same_image &= doc[:, :, None] == doc[:, None, :]
+    assert not (allowed & (j > i) & ~same_image).any(), "a token attends a later token outside its own image"
+    assert torch.equal(allowed & (j > i), same_image & (j > i)), "images are bidirectional inside their span"
+    assert not (allowed & pad_k & ~(i == j)).any(), "padding is a key only of itself"
+    assert torch.equal(allowed & pad_q, pad_q & (i == j)), "a pad query sees itself only"
+    real = ~pad_q & ~pad_k
+    assert torch.equal(allowed & real & (j <= i), real & (j <= i)), "every earlier real token, across documents"
+    assert torch.equal(isolated & allowed & ~pad_q, isolated & ~pad_q), "causal mode only adds keys to a real query"
+    assert (allowed & ~isolated).any(), "and it adds some: other documents"
+    # Keys per query, without the s x s mask.
+    assert torch.equal(
+        attended.attended_keys(doc, img, cross_document=True), attended.attended_keys_from_mask(~allowed[:, None])
+    )
+    assert torch.equal(
+        attended.attended_keys(doc, cross_document=True),
+        attended.attended_keys_from_mask(dense_mask(doc, cross_document=True)),
+    )
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_index_subsets_equal_the_sliced_full_mask(cross):
+    """Any rows and columns (a context-parallel rank's share, permuted) from the full row's metadata."""
+    gen = torch.Generator().manual_seed(31)
+    b, s = 3, 40
+    doc, img, _ = random_layout(b, s, gen)
+    first_key = random_first_key(doc, gen)
+    for queries, keys in [
+        (torch.randperm(s, generator=gen)[:13], torch.arange(s)),
+        (torch.cat([torch.arange(0, 10), torch.arange(30, 40)]), torch.randperm(s, generator=gen)),  # head-tail
+        (torch.tensor([39, 0, 17]), torch.tensor([5, 39, 0, 17, 22])),
+    ]:
+        for image_ids, fk in [(None, None), (img, None), (img, first_key)]:
+            full = dense_mask(doc, image_ids, fk, cross_document=cross)
+            want = full[:, :, queries][:, :, :, keys]
+            got = dense_mask(doc, image_ids, fk, cross_document=cross, query_index=queries, key_index=keys)
+            assert torch.equal(got, want)
+            bm = block_mask(doc, image_ids, 8, fk, cross_document=cross, query_index=queries, key_index=keys)
+            assert torch.equal(materialise_at(bm, b, queries, keys), want)
+    with pytest.raises(ValueError, match="first_query or query_index"):
+        dense_mask(doc, first_query=3, query_index=torch.arange(4))
+    with pytest.raises(ValueError, match="query_index must be a 1-D integer"):
+        dense_mask(doc, query_index=torch.ones(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_masked_core_attention_dense_and_block_agree_with_float64(cross):
+    """MaskedCoreAttention (what the model runs) with the dense mask (SDPA) and the block mask (eager
+    FlexAttention) gives the attention of a float64 reference over the brute-force mask."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megafusion.layers.core_attention import MaskedCoreAttention
+
+    gen = torch.Generator().manual_seed(5)
+    b, s, heads, groups, d = 2, 48, 4, 2, 8
+    doc, img, _ = random_layout(b, s, gen)
+    doc[1, 40:], img[1, 40:] = -1, NO_IMAGE
+    blocked = brute_force_cross(doc, img) if cross else brute_force_blocked(doc, img)
+    q = torch.randn(s, b, heads, d, generator=gen)
+    k, v = (torch.randn(s, b, groups, d, generator=gen) for _ in range(2))
+    config = SimpleNamespace(context_parallel_size=1, attention_dropout=0.0, kv_channels=d)
+    attention = MaskedCoreAttention(config, 1, AttnMaskType.causal)
+    dense = attention(q, k, v, dense_mask(doc, img, cross_document=cross))
+    block = attention(q, k, v, block_mask(doc, img, block_size=16, cross_document=cross))
+    # float64 reference: softmax over the allowed keys only.
+    qd, kd, vd = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(heads // groups, 1), vd.repeat_interleave(heads // groups, 1)
+    scores = (qd @ kd.transpose(-1, -2)) * d**-0.5
+    ref = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1) @ vd
+    ref = ref.permute(2, 0, 1, 3).reshape(s, b, -1)
+    for got in (dense, block):
+        assert (got.double() - ref).abs().max() < 1e-6
+    other = brute_force_blocked(doc, img) if cross else brute_force_cross(doc, img)
+    assert (
+        torch.softmax(scores.masked_fill(other, float("-inf")), -1) @ vd - ref.view(s, b, heads, d).permute(1, 2, 0, 3)
+    ).abs().max() > 1e-2

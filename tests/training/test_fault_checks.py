@@ -56,6 +56,21 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
         "ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), ["train.recompute=full"])
     )
     assert recompute == ["train.recompute: 'none' -> 'full' (applied from the next step)"]
+    # What tokens attend and where RoPE puts them: applied, said with the consequence; a checkpoint
+    # from before these keys existed was trained with their defaults.
+    attention = load_config(
+        str(ROOT / "tests/configs/parity.yaml"), ["data.attention=causal", "data.positions=document"]
+    )
+    for before in (
+        saved,
+        {**saved, "data": {k: v for k, v in saved["data"].items() if k not in ("attention", "positions")}},
+    ):
+        said = resume_changes.review("ckpt", before, attention)
+        assert [line.split(" (")[0] for line in said] == [
+            "data.attention: 'isolated' -> 'causal'",
+            "data.positions: 'row' -> 'document'",
+        ]
+        assert "what each token attends" in said[0] and "checkpoint.init_from" in said[1]
     unreported = ["logging.log_interval=5", "train.on_nan=skip", "data.cache_dir=elsewhere"]
     quiet = load_config(str(ROOT / "tests/configs/parity.yaml"), unreported)
     assert resume_changes.review("ckpt", saved, quiet) == []

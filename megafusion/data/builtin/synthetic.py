@@ -8,12 +8,15 @@ same samples, and a run can be resumed at any sample.
 
 A microbatch is a dict of ``[b, s]`` tensors: ``tokens``, ``labels``, ``loss_mask`` (0 where
 the label is the first token of the next document: no prediction across documents),
-``document_ids`` and ``position_ids``.
+``document_ids`` and ``position_ids`` (each token's position within its document, as packed real
+data gives it; RoPE reads it under ``data.positions=document``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from megafusion.layers.masks import document_positions
 
 
 def synthetic_sample(index: int, seed: int, seq_length: int, vocab_size: int, docs: int):
@@ -39,7 +42,7 @@ def synthetic_microbatch(first_index: int, size: int, seed: int, seq_length: int
     tokens, labels = seq[:, :-1], seq[:, 1:]
     document_ids = doc[:, :-1]
     loss_mask = (doc[:, 1:] == document_ids).float()
-    position_ids = torch.arange(seq_length).expand(size, -1)
+    position_ids = document_positions(document_ids)  # restart at 0 in each packed document
     return {
         "tokens": tokens.contiguous(),
         "labels": labels.contiguous(),
