@@ -7,9 +7,14 @@ picks by asking the checkpoint's objective.
     megafusion generate --ckpt CKPT --prompt "a red circle at the top left." [--prompt ...]
         --output DIR [--image] [--cfg 3.0] [--max-new-tokens 32] [--temperature 0]
         [--top-k 0] [--top-p 1] [--seed 0] [--no-kv-cache] [--sampler ddim|ddpm|euler] [--steps 50]
+        [--context "an earlier document." ...]
 
 (``--sampler`` and ``--steps``: the denoising of latents; discrete image tokens are sampled with
 ``--temperature`` / ``--top-k`` / ``--top-p``, as text is.)
+
+``--context``: texts of earlier documents, each ``<bos> text <eos>``, before every prompt's own
+``<bos>``: the multi-document prompt of a checkpoint trained with ``data.attention=causal`` (a
+checkpoint whose documents are isolated refuses it: they would change nothing).
 
 Images go to ``DIR/<prompt index>_<image>.png``; one JSON line per prompt on stdout lists the
 text and the image files. ``--out`` is still accepted for ``--output``, which is checked to be
@@ -69,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     p = command_parser(PROG, DESCRIPTION, EXAMPLES)
     add_ckpt(p, "a Transfusion or LM checkpoint with images (step directory or checkpoint.dir)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        help="an earlier document's text, placed before every prompt's own document (repeatable, in order; "
+        "read by checkpoints trained with data.attention=causal)",
+    )
     add_output(p, "directory for the PNG files", "--out")
     p.add_argument("--image", action="store_true", help="start an image right after the prompt")
     p.add_argument("--sampler", choices=IMAGE_SAMPLERS, default="ddim", help="denoising sampler (latent images)")
@@ -100,6 +112,12 @@ def generate_command(argv: list[str]) -> int:
     from megafusion.inference.generators import load_generator
 
     generator = load_generator(args.ckpt, args.kv_cache)
+    if args.context and not generator.cfg.data.cross_document():
+        raise UsageError(
+            f"--context: {args.ckpt} was trained with data.attention={generator.cfg.data.attention}, so a document "
+            "never attends the documents before it and the context would change nothing: drop --context, or use "
+            "a checkpoint trained with data.attention=causal"
+        )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(args.prompt):

@@ -14,6 +14,14 @@ keys would otherwise carry it to the image from the second layer on): they see `
 ``<boi>`` and the image only, exactly what caption dropout trains
 (:func:`megafusion.objectives.captions.caption_dropout`, :func:`megafusion.layers.masks.dense_mask`'s
 ``first_key``).
+
+Several documents. A sequence may hold several documents, each starting at its ``<bos>``
+(``sample``'s ``args.context``: earlier documents, each ``<bos> text <eos>``, before the prompt's
+own). Both views follow the checkpoint's ``data.attention`` (:mod:`megafusion.layers.masks`):
+``isolated``, a document sees only itself (the earlier ones change nothing); ``causal``, every
+earlier token of the sequence, as the model was trained. ``data.positions=document`` rotates each
+token at its position within its document (:mod:`megafusion.models.token_positions`), with or
+without the KV cache (the cache's table is read at all of its slots' positions).
 """
 
 from __future__ import annotations
@@ -105,6 +113,11 @@ class Decoder(abc.ABC):
 
     # --- one forward pass over the uncached part of a sequence ---------------------------------
 
+    def _documents(self, seq: Sequence) -> torch.Tensor:
+        """``[1, s]`` document ids of ``seq``: a new document at each ``<bos>`` (0 before the first)."""
+        bos = torch.tensor([seq.tokens]) == self.tokenizer.bos_id
+        return (bos.to(torch.int64).cumsum(dim=1) - 1).clamp(min=0)
+
     def _view(self, seq: Sequence, start: int, hide: int | None):
         """``(image ids [1, s] (-1 outside images), mask rows of positions start .. s-1)`` of ``seq``
         in the conditional view, or the unconditional view of image ``hide``."""
@@ -118,7 +131,8 @@ class Decoder(abc.ABC):
             if k == hide:
                 first_key[0, a - 1 : b] = a - 1  # the image's <boi> and its positions start at that <boi>
         bidirectional = image_ids if self.bidirectional_images else None
-        mask = dense_mask(torch.zeros_like(image_ids), bidirectional, first_key, first_query=start)
+        cross = self.cfg.data.cross_document()
+        mask = dense_mask(self._documents(seq), bidirectional, first_key, first_query=start, cross_document=cross)
         return image_ids, mask.to(self.runtime.device)
 
     def _run(self, seq: Sequence, start: int, cache, mask, image_ids, **extra):
@@ -127,8 +141,10 @@ class Decoder(abc.ABC):
         into it, overwriting; without one ``start`` must be 0). ``image_ids`` ``[1, s - start]``
         gives each run position's modality (routed families read it)."""
         from megafusion.core.modality import Modality
+        from megafusion.layers.masks import document_positions
         from megafusion.layers.routing import routing_for
         from megafusion.models.registry import routed
+        from megafusion.models.token_positions import token_positions
 
         if cache is None and start:
             raise ValueError("without a KV cache every forward starts at position 0")
@@ -140,7 +156,13 @@ class Decoder(abc.ABC):
             cache.sequence_len_offset = start
         # Causal routing: each token is routed from its own state, as when it was generated.
         routing = routing_for({"modality_ids": modality}, device, causal=True) if routed(self.cfg) else None
-        with torch.no_grad(), routing or contextlib.nullcontext():
+        positions = None
+        if self.cfg.data.positions == "document":
+            positions = document_positions(self._documents(seq))
+            if cache is not None:  # megatron reads the table at the cache's slots: one position per slot
+                positions = torch.nn.functional.pad(positions, (0, cache.max_sequence_length - s))
+            positions = positions.to(device)
+        with torch.no_grad(), routing or contextlib.nullcontext(), token_positions(positions):
             return self.model(
                 ids, position_ids, mask, labels=None, inference_context=cache, runtime_gather_output=True, **extra
             )
@@ -167,12 +189,16 @@ class Decoder(abc.ABC):
 
     def sample(self, prompt: str, args, gen: torch.Generator) -> tuple[Sequence, list[int], list]:
         """``<bos>`` + ``prompt``, continued token by token (``args``: ``max_new_tokens``,
-        ``image`` (force ``<boi>`` right after the prompt), ``temperature``, ``top_k``, ``top_p``
-        and the generator's image options) until ``<eos>``, the token budget or the sequence's
+        ``image`` (force ``<boi>`` right after the prompt), ``temperature``, ``top_k``, ``top_p``,
+        optionally ``context`` (texts of earlier documents, each ``<bos> text <eos>`` before the
+        prompt's document) and the generator's image options) until ``<eos>``, the token budget or the sequence's
         room runs out; each ``<boi>`` is followed by one image. Returns (the sequence, its
         generated text ids, the images' pixels)."""
         tok = self.tokenizer
-        seq = Sequence([tok.bos_id, *tok.encode_text(prompt)])
+        earlier = [
+            t for text in getattr(args, "context", None) or () for t in (tok.bos_id, *tok.encode_text(text), tok.eos_id)
+        ]
+        seq = Sequence([*earlier, tok.bos_id, *tok.encode_text(prompt)])
         cache = self.new_cache()
         images, text_ids = [], []
         force_image = args.image

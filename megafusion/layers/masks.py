@@ -255,17 +255,14 @@ def attention_mask_for(
 
     Transfusion batches (``image_ids``) always get a mask: patches of one image see each other;
     so do batches with caption dropout (``first_key``). ``cross_document`` (``data.attention=causal``):
-    the causal mode, which is plain causal (None) for a batch without images, caption dropout or
-    padding, whatever its documents.
+    the causal mode. None only where the model's layers are built plain causal (a row holds one
+    document: ``models/dense.py`` builds them for an arbitrary mask otherwise, and None would then
+    mean no mask at all), so cross-document rows get a dense mask too (it also hides padding).
     """
     image_ids, first_key = batch.get("image_ids"), batch.get("first_key")
-    doc_ids = batch["document_ids"]
-    if backend != "flex" and image_ids is None and first_key is None:
-        if not cross_document and not packs_documents:
-            return None
-        if cross_document and not bool((doc_ids == PAD_DOCUMENT_ID).any()):  # host tensor: no device sync
-            return None
-    doc_ids = doc_ids.to(device)
+    if not packs_documents and backend != "flex" and image_ids is None and first_key is None:
+        return None
+    doc_ids = batch["document_ids"].to(device)
     image_ids = None if image_ids is None else image_ids.to(device)
     first_key = None if first_key is None else first_key.to(device)  # caption dropout (Transfusion)
     if backend == "flex":

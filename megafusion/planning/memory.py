@@ -257,9 +257,7 @@ def _has_dense_mask(cfg) -> bool:
     if cfg.model.attention_backend == "flex":
         return False
     # Continuous image latents attend bidirectionally inside their span (Transfusion's mask).
-    # Cross-document attention needs a mask only for padding, which synthetic rows never have.
-    documents = cfg.data.source != "synthetic" if cfg.data.cross_document() else cfg.data.packs_documents()
-    return documents or get_objective(cfg.objective.name).image_latents
+    return cfg.data.packs_documents() or get_objective(cfg.objective.name).image_latents
 
 
 def _split_by_modality(cost) -> bool:

@@ -60,12 +60,11 @@ def make_forward_step(cfg, device: torch.device, causal: bool = False):
     """``forward_step(data_iterator, model)`` for megatron-core's ``get_forward_backward_func``.
 
     Packed real data always needs the document mask; synthetic data only when it packs
-    several documents per row (``data.attention=causal``: a mask only for images, caption dropout
-    or padding). ``data.positions=document`` rotates each token at its position within its
-    document (the batch's ``position_ids``, :mod:`megafusion.models.token_positions`). Families
-    that route by modality get the microbatch's routing around the model call (``causal``: each
-    token routed from its own state, evaluation's causal column); the objective adds its model
-    inputs and its loss.
+    several documents per row (in either ``data.attention`` mode). ``data.positions=document``
+    rotates each token at its position within its document (the batch's ``position_ids``,
+    :mod:`megafusion.models.token_positions`). Families that route by modality get the
+    microbatch's routing around the model call (``causal``: each token routed from its own state,
+    evaluation's causal column); the objective adds its model inputs and its loss.
     """
     backend, z_weight, packs = cfg.model.attention_backend, cfg.model.z_loss_weight, cfg.data.packs_documents()
     cross_document, by_document = cfg.data.cross_document(), cfg.data.positions == "document"

@@ -54,3 +54,15 @@ def test_layouts_are_not_trivially_equal(reference, tmp_path):
     assert abs(losses[0] - ref_losses[0]) > REL_TOL * abs(ref_losses[0])
     name = "decoder.layers.0.mlp.linear_fc1.weight"
     assert ((grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()).item() > 1e-2
+
+
+def test_cross_document_attention_at_document_positions_trains_and_pipelines(tmp_path):
+    """``data.attention=causal`` + ``data.positions=document`` (packed synthetic documents; padding and
+    images are the in-process tests'): the loss falls step by step, and PP=2 (each stage makes its
+    own rotary table at the batch's document positions) matches one process."""
+    overrides = ["train.steps=3", "train.global_batch_size=4", "model.num_layers=2", "data.attention=causal"]
+    overrides += ["data.positions=document"]
+    losses, grads, _ = run_train(tmp_path, 1, CONFIG, overrides, "causal_single")
+    assert losses[0] > losses[1] > losses[2], losses
+    pp = run_train(tmp_path, 2, CONFIG, [*overrides, "parallel.pp=2"], "causal_pp2")[:2]
+    assert_same_training((losses, grads), pp, "pp2 causal document", REL_TOL)

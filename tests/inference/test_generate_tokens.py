@@ -45,3 +45,7 @@ def test_images_from_an_lm_checkpoint_are_pngs_and_the_kv_cache_changes_nothing(
 def test_generate_refuses_a_checkpoint_without_images_and_bad_options(checkpoint, tmp_path):
     proc = generate("--ckpt", checkpoint, "--prompt", "x", "--output", tmp_path, "--temperature", -1)
     assert proc.returncode == 2 and "--temperature -1.0 must be >= 0" in proc.stderr
+    # Earlier documents mean nothing to a checkpoint whose documents never see each other: refused.
+    proc = generate("--ckpt", checkpoint, "--prompt", "x", "--context", "y", "--output", tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--context" in proc.stderr and "data.attention=isolated" in proc.stderr and "Traceback" not in proc.stderr

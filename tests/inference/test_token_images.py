@@ -3,7 +3,9 @@
 (random weights, a SentencePiece model trained on a few captions, 4x4-pixel images of 4 codes).
 
 - the KV cache changes nothing: greedy generation (text, then an image under guidance, then text)
-  gives the same tokens with and without it, and so does sampling with one seed;
+  gives the same tokens with and without it, and so does sampling with one seed; over a prompt of
+  several documents too, in each ``data.attention`` / ``data.positions`` mode, whose full forward
+  is the training forward of that row;
 - outside images only text ids and ``<boi>`` are generated, even when image ids and ``<eoi>`` are
   made the most likely; every image is ``<boi>``, exactly ``tokens_per_image`` image ids, ``<eoi>``;
 - the unconditional view reads no caption at any layer: its logits at the image positions are
@@ -111,6 +113,68 @@ def test_cached_logits_equal_recomputed_ones_in_both_views(runtime, tokenizer):
             err = ((got - want).abs().max() / want.abs().max()).item()
             assert err < 1e-5, f"step {j} hide={hide}: cached differs from recomputed by {err:.2e}"
         seq.tokens.append(code)
+
+
+@pytest.mark.parametrize("attention,positions", [("isolated", "row"), ("causal", "row"), ("causal", "document")])
+def test_a_multi_document_prompt_follows_the_models_attention_with_and_without_the_cache(
+    runtime, tokenizer, attention, positions
+):
+    """Earlier documents (one with an image) before the prompt's: the full forward is the training
+    forward of that row (data.attention's mask, data.positions' RoPE), the cache gives its logits in
+    both views (1e-5), and only cross-document attention lets the earlier documents matter."""
+    import contextlib
+
+    from megafusion.layers.masks import attention_mask_for, document_positions
+    from megafusion.models.token_positions import token_positions
+
+    g = generator(runtime, tokenizer, "dense", layers=2)
+    g.cfg.data.attention, g.cfg.data.positions = attention, positions
+    g.cfg.model.seq_length = 128  # the KV cache's slots: room for three documents
+    tok = g.tokenizer
+    old = [tok.image_offset + c for c in (1, 4, 6, 2)]
+    first = [tok.bos_id, *tok.encode_text(CAPTIONS[0]), tok.boi_id, *old, tok.eoi_id, tok.eos_id]
+    earlier = [*first, tok.bos_id, *tok.encode_text(CAPTIONS[2]), tok.eos_id]
+    prompt = [tok.bos_id, *tok.encode_text(CAPTIONS[1]), tok.boi_id]
+    codes = [tok.image_offset + c for c in (3, 0, 7, 5)]
+    boi = len(earlier) + len(prompt) - 1
+    spans = [(first.index(tok.boi_id) + 1, first.index(tok.eoi_id)), (boi + 1, boi + 1 + len(codes))]
+    seq = Sequence([*earlier, *prompt, *codes, tok.eoi_id, *tok.encode_text("a")], spans)
+
+    # The full forward is the training forward of the same row.
+    documents = g._documents(seq)
+    assert documents.max() == 2 and documents[0, len(first)] == 1
+    image_ids, mask = g._view(seq, 0, None)
+    logits = g._run(seq, 0, None, mask, image_ids)
+    batch = {"tokens": torch.tensor([seq.tokens]), "document_ids": documents}
+    batch["position_ids"] = document_positions(documents)
+    train_mask = attention_mask_for(
+        batch, g.cfg.model.attention_backend, True, torch.device("cpu"), attention == "causal"
+    )
+    by_document = positions == "document"
+    with torch.no_grad(), token_positions(batch["position_ids"]) if by_document else contextlib.nullcontext():
+        want = g.model(batch["tokens"], batch["position_ids"], train_mask, labels=None)
+    assert torch.equal(logits, want)
+
+    # The cache, token by token from the prompt's <boi>, in both views.
+    cond, hidden = g.new_cache(), g.new_cache()
+    step = Sequence(seq.tokens[: boi + 1], spans)
+    g._forward(step.prefix(boi), 0, cond)
+    g._forward(step.prefix(boi), 0, hidden)
+    for j, token in enumerate(seq.tokens[boi + 1 :]):
+        start = len(step.tokens) - 1
+        for cache, hide in ((cond, None), (hidden, 1)):
+            got, full = g._forward(step, start, cache, hide)[0], g._forward(step, 0, None, hide)[0]
+            err = ((got - full).abs().max() / full.abs().max()).item()
+            assert err < 1e-5, f"step {j} hide={hide}: cached differs from recomputed by {err:.2e}"
+        step.tokens.append(token)
+
+    # The earlier documents change the prompt's logits only with cross-document attention.
+    alone = Sequence(seq.tokens[len(earlier) :], [(a - len(earlier), b - len(earlier)) for a, b in spans[1:]])
+    own = logits[0, len(earlier) :]
+    image_ids, mask = g._view(alone, 0, None)
+    by_itself = g._run(alone, 0, None, mask, image_ids)[0]
+    gap = ((own - by_itself).abs().max() / by_itself.abs().max()).item()
+    assert (gap > 1e-3) if attention == "causal" else (gap < 1e-5), gap
 
 
 def test_outside_images_only_text_and_boi_and_every_image_is_whole(runtime, tokenizer):

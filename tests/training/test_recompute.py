@@ -1,8 +1,9 @@
 """Activation recomputation (``train.recompute``) changes no loss and no gradient, in one process.
 
-For dense, MoT, MoMa (with Gumbel router noise), Transfusion (MoT layers; the U-Net patchify) and
-LMFusion, two layers and two optimizer steps of two microbatches each are trained with ``none``,
-``selective`` and ``full``; every step's loss and every parameter's gradient must equal the run
+For dense (also with ``data.attention=causal`` and ``data.positions=document``), MoT, MoMa (with
+Gumbel router noise), Transfusion (MoT layers; the U-Net patchify) and LMFusion, two layers and
+two optimizer steps of two microbatches each are trained with ``none``, ``selective`` and
+``full``; every step's loss and every parameter's gradient must equal the run
 without recomputation bit for bit (fp32; recomputation reruns the same kernels on the same inputs,
 which the CPU runs deterministically; the issue asks for 1e-6). Two layers, so that a routing or
 mask error in the second layer (whose input depends on the first) shows. The parity tests
@@ -29,6 +30,9 @@ MIXED, TRANSFUSION = "tests/configs/mixed_small.yaml", "tests/configs/transfusio
 SMALL = ["model.num_layers=2", "train.steps=2", "train.global_batch_size=4", "eval.interval=0"]
 CASES = {
     "dense": ("tests/configs/parity.yaml", []),
+    # Cross-document attention and RoPE at document positions: the recomputed layers get the table
+    # the forward made inside token_positions (the backward runs outside it).
+    "dense_cross_document": ("tests/configs/parity.yaml", ["data.attention=causal", "data.positions=document"]),
     "mot": (MIXED, ["model.arch=mot"]),
     "moma": (MIXED, ["model.arch=moma", "moe.experts={text: 2, image: 2}", "moe.router_noise=1.0"]),
     "transfusion_mot": (TRANSFUSION, ["model.arch=mot"]),
