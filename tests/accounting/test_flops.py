@@ -216,6 +216,28 @@ def test_batch_flops_attention_matches_brute_force_mask_count():
     assert one_doc["total"] == pytest.approx(12 * flops.flops_per_token(cfg, flops.causal_mean_attended_keys(12)))
 
 
+def test_cross_document_attention_counts_every_earlier_real_token_of_the_row():
+    """``data.attention=causal``: a query attends its row position + 1 keys (padding: itself only), as
+    the mask counts; the planner's mean is then the whole row's, whatever the documents per row."""
+    from megafusion.planning.step_time import mean_attended_keys
+
+    cfg = small_cfg(groups=2)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1, -1]])
+    isolated = flops.batch_flops(cfg, doc)
+    cfg.data.attention = "causal"
+    keys = attended.attended_keys_from_mask(dense_mask(doc, cross_document=True))
+    assert keys.tolist() == [list(range(1, 13)), [*range(1, 9), 1, 1, 1, 1]]
+    assert torch.equal(attended.attended_keys(doc, cross_document=True), keys)
+    stats = flops.batch_flops(cfg, doc)
+    assert stats["attention"] == flops.attention_flops_per_key(cfg) * int(keys.sum()) > isolated["attention"]
+    assert stats["dense"] == isolated["dense"]
+    s = cfg.model.seq_length
+    cfg.data.docs_per_sequence = 4
+    assert mean_attended_keys(cfg) == (s + 1) / 2
+    cfg.data.attention = "isolated"
+    assert mean_attended_keys(cfg) == (s / 4 + 1) / 2
+
+
 def test_longer_document_costs_more_attention_than_two_halves():
     cfg = small_cfg()
     one = flops.batch_flops(cfg, torch.zeros(1, 64, dtype=torch.long))

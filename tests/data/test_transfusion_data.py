@@ -156,10 +156,10 @@ def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
     assert (doc.amax(dim=1) > 0).all(), "rows of several documents: the cross-document closure is not vacuous"
     for cross in (False, True):
         mask = dense_mask(doc, img, first_key, cross_document=cross)
-        allowed = (~mask[:, 0]).to(torch.int64)
+        allowed = (~mask[:, 0]).float()  # 0/1 products and sums of at most s terms: exact in fp32 (BLAS)
         reach = allowed.clone()
         while True:
-            grown = reach | ((reach @ allowed) > 0).to(torch.int64)
+            grown = ((reach + reach @ allowed) > 0).float()
             if torch.equal(grown, reach):
                 break
             reach = grown
@@ -171,10 +171,11 @@ def test_caption_dropout_hides_the_caption_from_dropped_images_only(setup):
                 own |= (torch.arange(s) < int(own.nonzero()[0])) & (doc[r] != -1)  # what its <bos> read
             assert reach[r, i].bool().equal(own), f"row {r}: dropped patch {i} reaches past its <bos> <boi> image"
         assert torch.equal(attended_keys(batch, cross), attended_keys_from_mask(mask))
-        flex = block_mask(doc, img, block_size=32, first_key=first_key, cross_document=cross)
-        q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        for r in range(b):
-            assert torch.equal(flex.mask_mod(torch.tensor(r), torch.tensor(0), q, kv), ~mask[r, 0])
+        if not cross:  # the block mask of the causal mode: tests/layers/test_transfusion_masks.py
+            flex = block_mask(doc, img, block_size=32, first_key=first_key)
+            q, kv = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+            for r in range(b):
+                assert torch.equal(flex.mask_mod(torch.tensor(r), torch.tensor(0), q, kv), ~mask[r, 0])
         # The LM objective's caption dropout (images causal) counts its mask's keys too.
         lm_keys = get_objective("lm").flops_inputs({"document_ids": doc, "first_key": first_key}, cross)["keys"]
         assert torch.equal(lm_keys, attended_keys_from_mask(dense_mask(doc, None, first_key, cross_document=cross)))
