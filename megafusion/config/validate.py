@@ -11,6 +11,7 @@ import functools
 from megafusion.core.choices import (
     ATTENTION_BACKENDS,
     BUILTIN_SETS,
+    DATA_ORDERS,
     DATA_SOURCES,
     DOCUMENT_ATTENTION,
     IMAGE_CODECS,
@@ -270,12 +271,22 @@ def _data_problems(cfg: Config) -> list[str]:
         ("patch_size", 1),
         ("pixel_levels", 2),
         ("vq_codebook_size", 2),
+        ("icp_neighbors", 1),
     ]:
         problems += at_least(f"data.{key}", getattr(d, key), low)
     problems += one_of("data.source", d.source, DATA_SOURCES)
     problems += one_of("data.image_codec", d.image_codec, IMAGE_CODECS)
     problems += one_of("data.attention", d.attention, DOCUMENT_ATTENTION)
     problems += one_of("data.positions", d.positions, TOKEN_POSITIONS)
+    problems += one_of("data.order", d.order, DATA_ORDERS)
+    if d.order != "input" and d.source != "builtin":
+        how = (
+            "an indexed dataset is packed in the order it was written: prepare it with `megafusion data prepare "
+            "--order icp`"
+            if d.source == "indexed"
+            else "synthetic rows have no documents to order"
+        )
+        problems.append(f"data.order={d.order} is for data.source=builtin ({how}): set data.order=input")
     problems += one_of("ops.backend", cfg.ops.backend, OPS_BACKENDS)
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1): e.g. data.val_fraction=0.05")

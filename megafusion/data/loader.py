@@ -3,7 +3,8 @@
 - ``split_documents`` holds out a deterministic fraction of documents for validation. Which
   documents are held out depends on ``seed`` and each document's *content* (a hash of its
   tokens and modalities), not on its position, so reordering or adding input shards does not
-  reshuffle the split of the documents that were already there.
+  reshuffle the split of the documents that were already there. Documents of a group
+  (``Document.group``: a built-in set's related documents) are held out together.
 - ``MicrobatchSource`` maps sample ``i`` of the run (0, 1, 2, ... forever) to a packed row
   through a fresh permutation per epoch (``epoch = i // num_rows``, permutation drawn from a
   numpy Generator seeded with ``(seed, epoch)``). Sample ``i`` depends only on
@@ -53,10 +54,34 @@ def held_out(scores: np.ndarray, val_fraction: float) -> np.ndarray:
     return held
 
 
-def held_documents(docs: list[TokenizedDocument], val_fraction: float, seed: int) -> np.ndarray:
-    """Which of ``docs`` ``split_documents`` holds out (bool ``[len(docs)]``)."""
+def group_score(group: str, seed: int) -> int:
+    """``hash(seed, group)``: what decides whether a group of documents is held out."""
+    h = hashlib.blake2b(digest_size=8, person=b"group")
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(group.encode("utf-8"))
+    return int.from_bytes(h.digest(), "little")
+
+
+def held_documents(
+    docs: list[TokenizedDocument], val_fraction: float, seed: int, groups: list[str] | None = None
+) -> np.ndarray:
+    """Which of ``docs`` ``split_documents`` holds out (bool ``[len(docs)]``).
+
+    ``groups`` (one per document, "" for none; ``Document.group``): the documents of a group are
+    held out together. A grouped document is scored by its group's key instead of its content, so
+    a group's documents sort together; a group the cut goes through is held out whole (the split
+    then holds out up to a group more than ``round(len(docs) * val_fraction)``), unless that
+    would leave nothing to train on.
+    """
     scores = np.array([content_score(d.tokens, d.modalities, seed) for d in docs], dtype=np.uint64)
-    return held_out(scores, val_fraction)
+    if groups is None or not any(groups):
+        return held_out(scores, val_fraction)
+    keys = np.asarray(groups, dtype=object)
+    grouped = keys != ""
+    scores[grouped] = [group_score(g, seed) for g in keys[grouped]]
+    held = held_out(scores, val_fraction)
+    whole = held | (grouped & np.isin(keys, keys[held & grouped]))
+    return whole if not whole.all() else held
 
 
 def split_documents(
@@ -200,6 +225,7 @@ __all__ = [
     "split_documents",
     "held_documents",
     "content_score",
+    "group_score",
     "held_out",
     "epoch_permutation",
     "to_microbatch",

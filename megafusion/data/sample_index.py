@@ -11,7 +11,9 @@ The split and the packing are exactly those of the in-memory path
 (:func:`megafusion.data.loader.split_documents`, :func:`megafusion.data.packing.pack_documents`):
 the held-out documents are those with the smallest ``hash(seed, content)``, the rest are packed
 next-fit in dataset order. The same documents therefore give the same rows whichever path reads
-them.
+them. A dataset written in In-Context Pretraining order (``data prepare --order icp``) packs its
+held-out documents in the ICP order of the held-out documents among themselves (``_val_order``),
+so that its held-out rows hold related documents as its training rows do.
 
 Cache layout, under ``data.index_cache`` (default ``PREFIX.index/``), one folder per dataset
 content (the checksums in its meta), written by the first rank under a temporary name and renamed
@@ -174,7 +176,7 @@ def _build_plan(documents: IndexedDocuments, folder: str, scores, val_fraction: 
     tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     os.makedirs(tmp)
     stats = {}
-    for split, docs in (("train", np.flatnonzero(~held)), ("val", np.flatnonzero(held))):
+    for split, docs in (("train", np.flatnonzero(~held)), ("val", _val_order(documents, np.flatnonzero(held)))):
         rows = next_fit_rows(lengths[docs], width, lambda i, docs=docs: documents.source(int(docs[i])))
         _save(tmp, f"{split}_docs.npy", docs.astype(np.int64))
         _save(tmp, f"{split}_rows.npy", rows)
@@ -186,6 +188,24 @@ def _build_plan(documents: IndexedDocuments, folder: str, scores, val_fraction: 
     with open(os.path.join(tmp, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     _publish(tmp, folder)
+
+
+def _val_order(documents: IndexedDocuments, docs: np.ndarray) -> np.ndarray:
+    """The held-out documents in the order their rows take: the dataset's, or, for a dataset
+    written in In-Context Pretraining order, the ICP order of the held-out documents among
+    themselves (held out by content, they come from all over the walk; their neighbours in the
+    dataset are training documents), so that held-out rows are windows of related documents as
+    the training rows are (:mod:`megafusion.data.order`)."""
+    order = documents.meta.get("order") or {}
+    if order.get("name") != "icp" or docs.size < 2:
+        return docs
+    from megafusion.data.order import icp_of
+    from megafusion.data.types import TokenizedDocument
+
+    meta = documents.meta
+    exclude = [meta[k] for k in ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id")]
+    held = [TokenizedDocument(*documents.document(int(d))) for d in docs]
+    return docs[icp_of(held, exclude, meta["vocab_size"], int(order["neighbors"])).order]
 
 
 def cache_permutations(split: SplitIndex, seed: int, epochs: int) -> None:
@@ -200,7 +220,10 @@ def cache_permutations(split: SplitIndex, seed: int, epochs: int) -> None:
 
 
 def plan_folder(documents: IndexedDocuments, root: str, seed: int, val_fraction: float, seq_length: int) -> str:
-    key = hashlib.blake2b(f"{seed}:{val_fraction!r}:{seq_length}".encode(), digest_size=6).hexdigest()
+    plan = f"{seed}:{val_fraction!r}:{seq_length}"
+    if (documents.meta.get("order") or {}).get("name") == "icp":
+        plan += ":icp-val"  # its held-out rows are ICP windows (_val_order); earlier plans were not
+    key = hashlib.blake2b(plan.encode(), digest_size=6).hexdigest()
     return os.path.join(root, data_id(documents), f"plan-{key}")
 
 

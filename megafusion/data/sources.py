@@ -18,7 +18,9 @@ evaluation use. Three sources:
   never loaded, its rows made per microbatch from a cached sample index
   (:mod:`megafusion.data.streaming`, :mod:`megafusion.data.sample_index`).
 
-Documents are split into train / validation by content hash, packed whole into rows of
+Documents are split into train / validation by content hash (a ``Document.group`` whole), each
+split put in ``data.order`` (built-in sets: input, random, or In-Context Pretraining's;
+:mod:`megafusion.data.order`), packed whole into rows of
 ``model.seq_length + 1`` tokens, and served by ``MicrobatchSource`` (sample i of the run is a
 pure function of i and the seed, so the loader's state is the consumed-sample count). The
 built-in sets are generated in memory and take the same split and packing in memory.
@@ -95,6 +97,20 @@ class DataBundle:
             lines.append(f"val     {self.val.describe()}")
         if getattr(self.train, "share_group", None) == "domain":  # data.domains: validation is per domain
             lines += [f"val     domain {name}: {source.describe()}" for name, source in self.val_domains.items()]
+        order = self.meta.get("order") or {}
+        if order.get("name") == "icp":  # what the walk did to each split (megafusion.data.order)
+            done = [
+                f"{split} {c['input']:.3f} -> {c['icp']:.3f} ({order[split]['paths']} paths)"
+                for split in ("train", "val")
+                if split in order
+                for c in [order[split]["adjacent_cosine"]]
+            ]
+            lines.append(
+                f"order   icp, {order['neighbors']} neighbours: mean cosine similarity of adjacent documents, "
+                f"input order -> ICP order: {', '.join(done)}"
+            )
+        elif order:
+            lines.append(f"order   {order['name']}")
         return "\n".join(lines)
 
 
@@ -116,6 +132,7 @@ def _builtin_sets(cfg) -> list[tuple[str, list]]:
     """(set name, its documents) of each set named in ``data.builtin``, in order."""
     from megafusion.data.builtin.arithmetic import arithmetic_documents
     from megafusion.data.builtin.digits import digits_documents
+    from megafusion.data.builtin.facts import facts_documents
     from megafusion.data.builtin.shapes import shapes_documents
 
     d = cfg.data
@@ -127,6 +144,8 @@ def _builtin_sets(cfg) -> list[tuple[str, list]]:
             sets.append((name, digits_documents(d.image_size)))
         elif name == "arithmetic":
             sets.append((name, arithmetic_documents(d.num_samples, cfg.train.seed)))
+        elif name == "facts":
+            sets.append((name, facts_documents(d.num_samples, cfg.train.seed)))
     return sets
 
 
@@ -395,6 +414,7 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
 
     from megafusion.data.domains import builtin_domain_sources
     from megafusion.data.loader import MicrobatchSource, held_documents
+    from megafusion.data.order import special_ids, split_order
     from megafusion.data.packing import pack_documents
     from megafusion.data.transfusion_data import encode_transfusion_document
     from megafusion.objectives.registry import get_objective
@@ -410,8 +430,15 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
         where = f"builtin:{d.builtin}"
     else:  # indexed: streamed from disk
         return _indexed_data(cfg, tp, transfusion, is_first_rank, barrier)
-    # Held out over every set together, by content: the same documents whatever data.domains trains.
-    held = held_documents(tokenized, d.val_fraction, seed)
+    # Held out over every set together, by content (a group whole): the same documents whatever
+    # data.domains trains and data.order packs.
+    held = held_documents(tokenized, d.val_fraction, seed, [doc.group for doc in documents])
+    # Each split in data.order, ordered on its own (megafusion.data.order: ICP windows).
+    ids = special_ids(tokenizer)
+    perm, order_meta = split_order(
+        tokenized, held, d.order, seed, d.icp_neighbors, ids, tokenizer.vocab_size, d.cache_dir, is_first_rank, barrier
+    )
+    tokenized, labels, held = [tokenized[i] for i in perm], [labels[i] for i in perm], held[perm]
     train_docs = [doc for doc, h in zip(tokenized, held) if not h]
     val_docs = [doc for doc, h in zip(tokenized, held) if h]
     vocab = padded_vocab(tokenizer.vocab_size, m.vocab_size, tp)
@@ -423,4 +450,6 @@ def build_data(cfg, tp: int = 1, is_first_rank: bool = True, barrier: Callable[[
     )
     selected, val_domains = builtin_domain_sources(cfg, tokenized, labels, held, tokenizer.pad_id)
     meta = {"source": where, "vocab_size": vocab, "tokenizer": tokenizer.config(), "codec": codec.config()}
+    if d.order != "input":  # what decides which documents share a row (runs before data.order: none)
+        meta["order"] = order_meta
     return DataBundle(selected or train, val, vocab, meta, tokenizer, val_domains)

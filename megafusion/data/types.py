@@ -3,7 +3,8 @@
 - ``Modality``: integer ids carried per token (text = 0, image = 1; speech will be 2).
   Begin/end-of-image markers are *text* tokens: they are predicted by the text side.
 - ``Document`` = ordered ``TextSegment`` / ``ImageSegment`` list plus ``source`` (where it came
-  from: ``file.jsonl:12`` or ``builtin:shapes:41``), used in every error message.
+  from: ``file.jsonl:12`` or ``builtin:shapes:41``), used in every error message, and ``group``
+  (documents that belong together: the held-out split keeps a group whole).
 - ``ImageCodec``: turns an RGB ``uint8 [H, W, 3]`` image into ``tokens_per_image`` discrete codes
   in ``[0, vocab_size)`` and back.
 - ``TokenizedDocument``: the flat ``tokens`` (int64) and per-token ``modalities`` (uint8) of one
@@ -45,6 +46,9 @@ Segment = TextSegment | ImageSegment
 class Document:
     segments: list[Segment]
     source: str = ""
+    # Documents that belong together (a built-in set's related documents, e.g. builtin:facts):
+    # the held-out split keeps a group whole. "" = none.
+    group: str = ""
 
 
 @dataclass

@@ -37,6 +37,8 @@ _STREAM_DATA_KEYS = (
     "vq_codebook_size",
     "val_fraction",
     "domains",  # which domains train (and at what weights): other tokens at sample i
+    "order",  # which documents share a row
+    "icp_neighbors",
 )
 REFUSED = {("model", "seq_length"), ("train", "seed"), *(("data", k) for k in _STREAM_DATA_KEYS)}
 QUIET_SECTIONS = ("logging", "eval", "checkpoint")

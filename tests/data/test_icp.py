@@ -213,6 +213,47 @@ def test_icp_order_puts_documents_of_a_group_next_to_each_other(data, name, leas
     assert not list(root.glob("*.tmp-*"))  # the input-order copy is gone
 
 
+def test_held_out_rows_of_an_icp_dataset_are_windows_too(tmp_path, capsys):
+    """The sample index packs the held-out documents of an ICP dataset in their own ICP order: held
+    out by content, in the dataset's order they sit next to documents from further along the walk."""
+    from megafusion.data.builtin.facts import facts_documents
+    from megafusion.data.formats.indexed_reader import IndexedDocuments
+    from megafusion.data.icp import BagOfPieces, adjacent_cosine
+    from megafusion.data.loader import content_score, held_out
+    from megafusion.data.sample_index import build_sample_index
+    from megafusion.data.types import TokenizedDocument
+
+    # The probe set's groups of 2 or 3 documents: related documents come in small clusters.
+    docs = facts_documents(2000, SEED)
+    shard = write_jsonl_shard(docs, str(tmp_path / "facts.jsonl"))
+    model = train_sentencepiece([s.text for doc in docs for s in doc.segments], 200, str(tmp_path / "sp"))
+    d = {"shard": shard, "model": model, "size": 12}
+    assert prepare(d, tmp_path / "windows", "--order", "icp") == 0
+    documents = IndexedDocuments(str(tmp_path / "windows"))
+    splits = build_sample_index(documents, str(tmp_path / "index"), 3, 0.1, 64, True, lambda: None)
+    scores = [content_score(*documents.document(i), 3) for i in range(documents.num_documents)]
+    plain = np.flatnonzero(held_out(np.array(scores, dtype=np.uint64), 0.1))  # the held-out ones, as written
+    val = np.asarray(splits["val"].docs)
+    assert sorted(val.tolist()) == plain.tolist() and val.size == 200
+    # Similarity of the held-out documents next to each other, by the embedding the order uses.
+    meta = documents.meta
+    bag = BagOfPieces(exclude=[meta[k] for k in ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id")])
+    for i in plain:
+        bag.add(TokenizedDocument(*documents.document(int(i))))
+    emb = tfidf_embedding(bag.matrix(meta["vocab_size"]))
+    position = {int(doc): k for k, doc in enumerate(plain)}
+    windows = adjacent_cosine(emb, np.array([position[int(i)] for i in val]))
+    as_written = adjacent_cosine(emb, np.arange(plain.size))
+    rnd = adjacent_cosine(emb, np.random.default_rng(0).permutation(plain.size))
+    with capsys.disabled():
+        print(
+            f"\nheld-out facts, adjacent cosine: windows {windows:.3f}, as written {as_written:.3f}, random {rnd:.3f}"
+        )
+    assert windows > as_written + 0.15 and windows > 2 * rnd
+    # The training rows keep the dataset's order: the walk, less the held-out documents.
+    np.testing.assert_array_equal(splits["train"].docs, np.setdiff1d(np.arange(documents.num_documents), plain))
+
+
 def test_icp_prepare_is_deterministic(data):
     d = data["shapes"]
     root = data["root"] / "shapes"

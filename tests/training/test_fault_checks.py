@@ -42,7 +42,14 @@ def test_resume_review_applies_the_schedule_and_refuses_the_stream():
     assert any(line.startswith("train.steps: 5 -> 50") for line in lines)
     assert any("parallel.tp: 1 -> 2 (resharded on load)" in line for line in lines)
     assert any("cosine decay to 0.0003 at step 50" in line for line in lines)
-    for change in ("model.seq_length=16", "train.seed=1", "data.docs_per_sequence=3", "data.domains=shapes"):
+    for change in (
+        "model.seq_length=16",
+        "train.seed=1",
+        "data.docs_per_sequence=3",
+        "data.domains=shapes",
+        "data.order=icp",
+        "data.icp_neighbors=4",
+    ):
         with pytest.raises(CheckpointError, match=change.split("=")[0].replace(".", r"\.")):
             resume_changes.review("ckpt", saved, load_config(str(ROOT / "tests/configs/parity.yaml"), [change]))
     recompute = resume_changes.review(
