@@ -25,7 +25,8 @@ class ParallelConfig:
     vpp: int | None = None  # virtual pipeline chunks per stage; None or 1 = off
     sp: bool = False  # sequence parallel (needs tp > 1)
     ep: int = 1  # expert parallel (model.arch=moma): experts split over this many data-parallel ranks
-    cp: int = 1  # context parallel; reserved, must be 1
+    # context parallel: each rank holds seq_length / cp positions of every row (docs/context_parallel.md)
+    cp: int = 1
     distributed_optimizer: bool = False
 
     def vpp_size(self) -> int:

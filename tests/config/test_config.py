@@ -465,9 +465,11 @@ def test_sp_seq_length_divisible_by_tp():
     validate(make("parallel.tp=4", "model.seq_length=66"), 4)  # fine without sp
 
 
-def test_cp_reserved():
-    msg = problems_of(make("parallel.cp=2"), 2)
-    assert_all_in(msg, "parallel.cp=2", "not implemented", "set parallel.cp=1")
+def test_cp_rows_must_cut_into_chunks():
+    """Context parallelism cuts rows into 2 x cp (x tp under SP) chunks; Transformer Engine's CP
+    takes no masks. (More in tests/distributed/test_context_parallel.py.)"""
+    msg = problems_of(make("parallel.cp=2", "model.seq_length=30", "model.attention_backend=te"), 2)
+    assert_all_in(msg, "model.seq_length=30", "2 x parallel.cp", "model.attention_backend=te")
 
 
 def test_unknown_arch():
@@ -519,11 +521,12 @@ def test_all_problems_reported_at_once():
         "parallel.sp=true",
         "model.vocab_size=255",
         "parallel.cp=2",
+        "model.seq_length=60",
     )
     with pytest.raises(ConfigError) as info:
         validate(cfg, 6)
     msg = str(info.value)
-    assert_all_in(msg, "model.num_attention_heads=6", "model.vocab_size=255", "parallel.cp=2", "world size 6")
+    assert_all_in(msg, "model.num_attention_heads=6", "model.vocab_size=255", "model.seq_length=60", "world size 6")
     assert len(info.value.problems) >= 4
     assert msg.count("\n  - ") == len(info.value.problems)
 
