@@ -5,10 +5,11 @@ every parameter's first-step gradient gathered to full shape, must match the sin
 run (fp32, relative difference <= 1e-5). Layouts run as real ``torchrun`` jobs on gloo.
 
 Activation recomputation (``train.recompute``) rides on the same launches, against the same
-reference: tp2, pp2_vpp2, tp2_pp2 and cp2 run ``full`` (each layer recomputed), tp2_sp, pp2_1f1b and
+reference: tp2, pp2_vpp2 and tp2_pp2 run ``full`` (each layer recomputed), tp2_sp, pp2_1f1b and
 cp2_tp2_sp ``selective`` (core attention), dp2_distopt and cp2_pp2_distopt none. Context parallelism
 (``parallel.cp``) shards each row's positions over ranks (chunks balanced by attended keys) and
-all-gathers keys and values; its gradients are reduced over data x context ranks. Without
+all-gathers keys and values; its gradients are reduced over data x context ranks (CP=2 alone with
+full recomputation trains in ``test_mot_parity.py``'s cp2_distopt). Without
 recomputation every layout is also trained by a sibling test (MoT, Transfusion, MoMa, LMFusion);
 ``tests/training/test_recompute.py`` shows all three modes bit-identical in one process.
 """
@@ -30,7 +31,6 @@ LAYOUTS = {
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", FULL]),
     "dp2_distopt": (2, ["parallel.distributed_optimizer=true"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", FULL]),
-    "cp2": (2, ["parallel.cp=2", FULL]),
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", SELECTIVE]),
     "cp2_pp2_distopt": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.distributed_optimizer=true"]),
 }
