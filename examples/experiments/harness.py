@@ -23,6 +23,7 @@ benchmarks (``python -m bench.<name>``)::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -239,3 +240,43 @@ def finish(tag: str, write: Callable[[], dict], markdown: Callable[[dict], str],
     print(markdown(result))
     print(f"{tag} wrote {shown(base(result))}.json, .md, .png")
     return 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str, config: Path) -> None:
+    """The options every experiment's ``run.py`` takes after its own: where runs and results go, the
+    shared config, the launcher, analysis only, and ``section.key=value`` overrides for every run."""
+    parser.add_argument(
+        "--out-dir", default=None, help=f"one folder per run (default: runs/{name}, with --quick runs/{name}_quick)"
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help=f"where {name}.{{json,md,png}} go (default: bench/results, with --quick runs/{name}_quick/results)",
+    )
+    parser.add_argument("--config", default=str(config), help="the shared config (default: this folder's config.yaml)")
+    parser.add_argument(
+        "--launcher",
+        choices=("subprocess", "inprocess"),
+        default=None,
+        help="one process per step (default) or all in this one (default with --quick)",
+    )
+    parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: list[str], name: str, reserved) -> tuple:
+    """``(args, out_dir, results)``: the parsed options (``args.launcher`` defaulted), overrides that set
+    none of ``reserved`` (the script sets those per run) and an existing ``--config``, else a usage error."""
+    args = parser.parse_intermixed_args(argv)
+    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in reserved]
+    if bad:
+        parser.error(
+            f"{', '.join(bad)}: overrides must be section.key=value and may not set "
+            f"{', '.join(reserved)} (this script sets them per run; use --out-dir)"
+        )
+    out_dir = Path(args.out_dir or (f"runs/{name}_quick" if args.quick else f"runs/{name}")).resolve()
+    results = Path(args.results or (out_dir / "results" if args.quick else "bench/results")).resolve()
+    if not args.analyze_only and not Path(args.config).resolve().is_file():
+        parser.error(f"--config {args.config}: no such file")
+    args.launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
+    return args, out_dir, results

@@ -49,10 +49,12 @@ from bench.provenance import git_commit, machine, utc_now  # noqa: E402
 from examples.experiments.btx import analyze  # noqa: E402
 from examples.experiments.harness import (  # noqa: E402
     StepFailed,
+    add_run_arguments,
     clean,
     command_line,
     finish,
     load_config,
+    parse_run_arguments,
     recorded_command,
     run_megafusion,
     shown,
@@ -207,26 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-seed-expert", action="store_true", help="merge the branches only (default: the seed is an expert too)"
     )
-    parser.add_argument("--out-dir", default=None, help="one folder per run (default runs/btx, --quick runs/btx_quick)")
-    parser.add_argument("--results", default=None, help="where btx.{json,md,png} go (default bench/results)")
-    parser.add_argument("--config", default=str(CONFIG), help="the shared config (default: this folder's config.yaml)")
-    parser.add_argument("--launcher", choices=("subprocess", "inprocess"), default=None)
-    parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
-    args = parser.parse_intermixed_args(argv)
-    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in RESERVED]
-    if bad:
-        parser.error(
-            f"{', '.join(bad)}: overrides must be section.key=value and may not set {', '.join(RESERVED)} "
-            "(this script sets them per run)"
-        )
-    out_dir = Path(args.out_dir or ("runs/btx_quick" if args.quick else "runs/btx")).resolve()
-    results = Path(args.results or (out_dir / "results" if args.quick else "bench/results")).resolve()
+    add_run_arguments(parser, "btx", CONFIG)
+    args, out_dir, results = parse_run_arguments(parser, argv, "btx", RESERVED)
     if not args.analyze_only:
-        config = Path(args.config).resolve()
-        if not config.is_file():
-            parser.error(f"--config {args.config}: no such file")
-        launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
+        config, launcher = Path(args.config).resolve(), args.launcher
         overrides = [*(QUICK + [f"data.cache_dir={shown(out_dir / 'cache')}"] if args.quick else []), *args.overrides]
         steps = dict(QUICK_STEPS if args.quick else STEPS)
         for key in STEPS:

@@ -47,10 +47,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from bench.provenance import ROOT, git_commit, machine, utc_now  # noqa: E402
 from examples.experiments.harness import (  # noqa: E402
     StepFailed,
+    add_run_arguments,
     clean,
     command_line,
     finish,
     load_config,
+    parse_run_arguments,
     recorded_command,
     run_inprocess,
     shown,
@@ -206,26 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (the smoke test)")
     parser.add_argument("--jobs", type=int, default=None, help="processes side by side (default 2; --quick: 1)")
-    parser.add_argument("--out-dir", default=None, help="one folder per run (default runs/icp, --quick runs/icp_quick)")
-    parser.add_argument("--results", default=None, help="where icp.{json,md,png} go (default bench/results)")
-    parser.add_argument("--config", default=str(CONFIG), help="the shared config (default: this folder's config.yaml)")
-    parser.add_argument("--launcher", choices=("subprocess", "inprocess"), default=None)
-    parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
-    args = parser.parse_intermixed_args(argv)
-    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in RESERVED]
-    if bad:
-        parser.error(
-            f"{', '.join(bad)}: overrides must be section.key=value and may not set {', '.join(RESERVED)} "
-            "(this script sets them per run)"
-        )
-    out_dir = Path(args.out_dir or ("runs/icp_quick" if args.quick else "runs/icp")).resolve()
-    results = Path(args.results or (out_dir / "results" if args.quick else "bench/results")).resolve()
+    add_run_arguments(parser, "icp", CONFIG)
+    args, out_dir, results = parse_run_arguments(parser, argv, "icp", RESERVED)
     if not args.analyze_only:
-        config = Path(args.config).resolve()
-        if not config.is_file():
-            parser.error(f"--config {args.config}: no such file")
-        launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
+        config, launcher = Path(args.config).resolve(), args.launcher
         jobs = args.jobs or (1 if launcher == "inprocess" else 2)
         if jobs < 1 or (launcher == "inprocess" and jobs != 1):
             parser.error(f"--jobs {jobs}: give 1 or more (and 1 with --launcher inprocess: one run at a time)")

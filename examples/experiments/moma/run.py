@@ -58,10 +58,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from bench.provenance import git_commit, machine, utc_now  # noqa: E402
 from examples.experiments.harness import (  # noqa: E402
     StepFailed,
+    add_run_arguments,
     clean,
     command_line,
     finish,
     load_config,
+    parse_run_arguments,
     recorded_command,
     run_megafusion,
     shown,
@@ -265,38 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         default=UPCYCLE_ROUTER_NOISE,
         help="moe.router_noise of the upcycled run (default: %(default)s)",
     )
-    parser.add_argument(
-        "--out-dir", default=None, help="one folder per run (default: runs/moma, with --quick runs/moma_quick)"
-    )
-    parser.add_argument(
-        "--results",
-        default=None,
-        help="where moma.{json,md,png} go (default: bench/results, with --quick runs/moma_quick/results)",
-    )
-    parser.add_argument("--config", default=str(CONFIG), help="the shared config (default: this folder's config.yaml)")
-    parser.add_argument(
-        "--launcher",
-        choices=("subprocess", "inprocess"),
-        default=None,
-        help="one process per step (default) or all in this one (default with --quick)",
-    )
-    parser.add_argument("--analyze-only", action="store_true", help="skip training; analyse the runs in --out-dir")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
-    args = parser.parse_intermixed_args(argv)
-    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in RESERVED]
-    if bad:
-        parser.error(
-            f"{', '.join(bad)}: overrides must be section.key=value and may not set "
-            f"{', '.join(RESERVED)} (this script sets them per run; use --out-dir)"
-        )
-    out_dir = Path(args.out_dir or ("runs/moma_quick" if args.quick else "runs/moma")).resolve()
-    results = Path(args.results or (out_dir / "results" if args.quick else "bench/results")).resolve()
+    add_run_arguments(parser, "moma", CONFIG)
+    args, out_dir, results = parse_run_arguments(parser, argv, "moma", RESERVED)
     failed = False
     if not args.analyze_only:
         config = Path(args.config).resolve()
-        if not config.is_file():
-            parser.error(f"--config {args.config}: no such file")
-        args.launcher = args.launcher or ("inprocess" if args.quick else "subprocess")
         # The tiny settings first: the user's overrides win over them, --steps over both.
         overrides = [*(QUICK + [f"data.cache_dir={shown(out_dir / 'cache')}"] if args.quick else []), *args.overrides]
         if args.steps is not None:
